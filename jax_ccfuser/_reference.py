@@ -1,0 +1,46 @@
+"""`reference_moe`: the ground truth, one (token, k) pair at a time in plain `jax.numpy`."""
+
+import jax
+import jax.numpy as jnp
+
+from jax_ccfuser._ffn import expert_ffn
+from jax_ccfuser._validation import check_moe_args
+
+
+def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
+                  activation="swiglu", plan=None):
+  """`y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`, computed naively.
+
+  Inside `jax.shard_map` the experts' weights are gathered over `axis_name` (this is a checker,
+  not a fast path). `plan` is accepted for signature parity and ignored: a plan never changes
+  results.
+
+  Args:
+    x: `[T, H]` float32/bfloat16/float16, this device's tokens.
+    expert_ids: `[T, K]` int32, global expert ids in `[0, D * E_local)`.
+    expert_weights: `[T, K]`, x's dtype or float32.
+    w_in: `[E_local, H, 2F]` (gated) or `[E_local, H, F]`.
+    w_out: `[E_local, F, H]`.
+    axis_name: the expert-parallel mesh axis, or `None`.
+    activation: "swiglu", "geglu", "gelu", "relu" or "silu".
+    plan: ignored.
+
+  Returns:
+    `[T, H]`, x's dtype.
+
+  Examples:
+    >>> y = reference_moe(x, ids, weights, w_in, w_out, activation="gelu")
+  """
+  del plan
+  check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
+                 axis_name=axis_name)
+  if axis_name is not None:
+    w_in = jax.lax.all_gather(w_in, axis_name, axis=0, tiled=True)
+    w_out = jax.lax.all_gather(w_out, axis_name, axis=0, tiled=True)
+
+  def one_pair(e, xt):  # e: [], xt: [H] -> [H] float32
+    return expert_ffn(xt[None], w_in[e], w_out[e], activation)[0]
+
+  per_k = jax.vmap(jax.vmap(one_pair, in_axes=(0, None)), in_axes=(0, 0))(expert_ids, x)
+  y = jnp.einsum("tk,tkh->th", expert_weights.astype(jnp.float32), per_k)
+  return y.astype(x.dtype)

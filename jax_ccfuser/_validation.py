@@ -1,0 +1,98 @@
+"""Argument checks shared by every MoE path; each fault is a `ValueError` at trace time."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ccfuser._ffn import ACTIVATIONS
+
+_X_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class MoeDims(NamedTuple):
+  """Static sizes of one MoE call, per device."""
+  tokens: int         # T
+  hidden: int         # H
+  k: int              # K
+  ffn: int            # F
+  experts_local: int  # E_local
+  num_devices: int    # D, the size of the expert-parallel axis (1 without one)
+  gated: bool
+
+  @property
+  def num_experts(self) -> int:
+    return self.num_devices * self.experts_local
+
+
+def axis_size(axis_name) -> int:
+  """Size of `axis_name` in the enclosing `shard_map` (1 for `None`), or a clear error."""
+  if axis_name is None:
+    return 1
+  try:
+    return int(jax.lax.axis_size(axis_name))
+  except NameError:
+    raise ValueError(
+        f"axis_name={axis_name!r} is not bound here: call this inside jax.shard_map over a mesh "
+        "with that axis, or pass axis_name=None when one device holds all experts") from None
+
+
+def check_num_experts(num_experts: int, num_devices: int) -> int:
+  """Returns experts per device; `num_experts` must split evenly over the devices."""
+  if num_experts <= 0 or num_experts % num_devices:
+    raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel axis "
+                     f"size {num_devices}")
+  return num_experts // num_devices
+
+
+def _dtype_name(a) -> str:
+  return np.dtype(a.dtype).name
+
+
+def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: str,
+                   axis_name) -> MoeDims:
+  """Checks the arguments of `fused_moe`/`reference_moe`/`all_to_all_moe` (the API contract).
+
+  Returns:
+    The call's `MoeDims`.
+  """
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+  gated = ACTIVATIONS[activation].gated
+  for name, a, rank in (("x", x, 2), ("expert_ids", expert_ids, 2),
+                        ("expert_weights", expert_weights, 2), ("w_in", w_in, 3),
+                        ("w_out", w_out, 3)):
+    if np.ndim(a) != rank:
+      raise ValueError(f"{name} must have rank {rank}, got shape {tuple(np.shape(a))}")
+  if x.dtype not in _X_DTYPES:
+    raise ValueError(f"x must be float32, bfloat16 or float16, got {_dtype_name(x)}")
+  if expert_ids.dtype != jnp.int32:
+    raise ValueError(f"expert_ids must be int32, got {_dtype_name(expert_ids)}")
+  if expert_weights.dtype not in (x.dtype, jnp.float32):
+    raise ValueError(f"expert_weights must be float32 or x's dtype ({_dtype_name(x)}), "
+                     f"got {_dtype_name(expert_weights)}")
+  for name, w in (("w_in", w_in), ("w_out", w_out)):
+    if w.dtype not in _X_DTYPES:
+      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {_dtype_name(w)}")
+  t, h = x.shape
+  if expert_ids.shape[0] != t:
+    raise ValueError(f"expert_ids has {expert_ids.shape[0]} rows but x has {t} tokens")
+  if expert_weights.shape != expert_ids.shape:
+    raise ValueError(f"expert_weights shape {expert_weights.shape} != expert_ids shape "
+                     f"{expert_ids.shape}")
+  k = expert_ids.shape[1]
+  if k < 1:
+    raise ValueError("expert_ids must route each token to at least one expert (K >= 1)")
+  e_local, f, h_out = w_out.shape
+  if h_out != h:
+    raise ValueError(f"w_out must be [E_local, F, H={h}], got {w_out.shape}")
+  want_in = (e_local, h, 2 * f if gated else f)
+  if w_in.shape != want_in:
+    raise ValueError(f"w_in must be {list(want_in)} for activation {activation!r} "
+                     f"({'gated: [E_local, H, 2F]' if gated else '[E_local, H, F]'}), "
+                     f"got {list(w_in.shape)}")
+  if e_local < 1 or f < 1:
+    raise ValueError(f"w_out {w_out.shape} has no experts or an empty FFN")
+  return MoeDims(tokens=t, hidden=h, k=k, ffn=f, experts_local=e_local,
+                 num_devices=axis_size(axis_name), gated=gated)

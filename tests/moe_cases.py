@@ -1,0 +1,78 @@
+"""Random MoE problems and the shard_map harness shared by the tests."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, PartitionSpec as P
+
+from jax_ccfuser._ffn import ACTIVATIONS
+
+# Forward/gradient tolerances (rtol, atol) per compute dtype, against reference_moe in float32.
+TOLERANCES = {
+    jnp.float32: (2e-4, 2e-5),
+    jnp.bfloat16: (3e-2, 3e-2),
+    jnp.float16: (5e-3, 5e-3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  devices: int = 4
+  tokens: int = 13          # per device; deliberately not a multiple of any tile
+  hidden: int = 16
+  ffn: int = 24
+  experts_local: int = 2
+  k: int = 2
+  dtype: type = jnp.float32
+  activation: str = "swiglu"
+  skew: float = 0.0         # 0: uniform routing; 1: almost every row to expert 0
+  seed: int = 0
+
+  @property
+  def num_experts(self):
+    return self.devices * self.experts_local
+
+
+def make_inputs(case: Case):
+  """Global arrays (device d's shard is the d-th block of rows / experts).
+
+  Returns:
+    x `[D*T, H]`, expert_ids `[D*T, K]` int32, expert_weights `[D*T, K]` float32,
+    w_in `[E, H, 2F or F]`, w_out `[E, F, H]`.
+  """
+  rng = np.random.default_rng(case.seed)
+  n = case.devices * case.tokens
+  e = case.num_experts
+  g = 2 if ACTIVATIONS[case.activation].gated else 1
+  x = rng.standard_normal((n, case.hidden), dtype=np.float32)
+  logits = rng.standard_normal((n, e)) + np.where(np.arange(e) == 0, 8.0 * case.skew, 0.0)
+  gumbel = -np.log(-np.log(rng.uniform(size=(n, case.k, e))))
+  ids = np.argmax(logits[:, None, :] + gumbel, axis=-1).astype(np.int32)
+  weights = rng.uniform(0.1, 1.0, size=(n, case.k)).astype(np.float32)
+  w_in = rng.standard_normal((e, case.hidden, g * case.ffn), dtype=np.float32) / np.sqrt(case.hidden)
+  w_out = rng.standard_normal((e, case.ffn, case.hidden), dtype=np.float32) / np.sqrt(case.ffn)
+  cast = lambda a: jnp.asarray(a, case.dtype)
+  return cast(x), jnp.asarray(ids), jnp.asarray(weights), cast(w_in), cast(w_out)
+
+
+def ep_mesh(devices: int):
+  return jax.make_mesh((devices,), ("ep",), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:devices])
+
+
+def sharded(moe_fn, devices: int, **kwargs):
+  """`moe_fn` (a contract-shaped MoE function) run under `shard_map` over axis "ep", jitted.
+
+  The returned function takes the global arrays of `make_inputs`.
+  """
+  body = functools.partial(moe_fn, axis_name="ep", **kwargs)
+  return jax.jit(jax.shard_map(body, mesh=ep_mesh(devices), in_specs=P("ep"), out_specs=P("ep")))
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+  rtol, atol = TOLERANCES[dtype]
+  np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                             rtol=rtol * scale, atol=atol * scale)
