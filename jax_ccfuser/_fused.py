@@ -1,0 +1,186 @@
+"""`fused_moe`: the MoE layer as XLA FFI custom calls that read peers' memory directly.
+
+Python -> `jax.ffi.ffi_call("ccf_moe_fwd" / "ccf_moe_bwd")` -> xla_ffi/ handlers -> kernels.
+"""
+
+import functools
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+
+from jax_ccfuser import _extension  # noqa: F401  (registers the FFI targets)
+from jax_ccfuser._config import peer_timeout_ms
+from jax_ccfuser._validation import check_moe_args
+
+# The `activation` attribute's codes; xla_ffi/activation.h spells the same enum.
+_ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3, "silu": 4}
+
+# Each traced call gets its own pair of sites (forward, backward): the key under which the
+# devices of one group find each other's buffers. Every device runs the same traced program,
+# so they agree on it.
+_sites = itertools.count(1)
+
+
+class _Static(NamedTuple):
+  """The custom calls' attributes; hashable, so it can be a `custom_vjp` static argument."""
+  site: int
+  num_devices: int
+  emulated: bool
+  activation: str
+  timeout_ms: int
+
+  def attrs(self, backward: bool):
+    return dict(site=np.uint64(2 * self.site + backward), num_devices=np.int32(self.num_devices),
+                emulated=np.int32(self.emulated),
+                activation=np.int32(_ACTIVATION_CODES[self.activation]),
+                timeout_ms=np.int64(self.timeout_ms))
+
+
+def _slots(static: _Static, k: int) -> int:
+  return min(k, static.num_devices)
+
+
+def _varying_alike(*args):
+  """`args` made varying over the union of their manual mesh axes (inside `shard_map`).
+
+  Each device's custom call reads all its operands, so its results vary wherever any operand
+  does; typing every operand and result alike keeps `shard_map`'s checks exact.
+  """
+  axes = frozenset().union(*(jax.typeof(a).mat.varying for a in args))
+  return tuple(jax.lax.pcast(a, tuple(axes - jax.typeof(a).mat.varying), to="varying")
+               for a in args)
+
+
+def _result(like, shape, dtype):
+  """A custom-call result type: `shape`/`dtype`, varying over the same axes as `like`."""
+  return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype))
+
+
+def _forward_call(static, x, ids, weights, w_in, w_out, rank, group):
+  args = _varying_alike(x, ids, weights, w_in, w_out, rank, group)
+  t, h = x.shape
+  call = jax.ffi.ffi_call(
+      "ccf_moe_fwd",
+      (_result(args[0], x.shape, x.dtype),
+       _result(args[0], (t, _slots(static, ids.shape[1]), h), jnp.float32)),
+      vmap_method="sequential")
+  y, _ = call(*args, **static.attrs(backward=False))
+  return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(static, x, ids, weights, w_in, w_out, rank, group):
+  return _forward_call(static, x, ids, weights, w_in, w_out, rank, group)
+
+
+def _fused_fwd(static, x, ids, weights, w_in, w_out, rank, group):
+  # The residuals are the inputs themselves: no dispatched rows, activations or expert outputs
+  # are kept; the backward call re-reads the rows from the peers and recomputes them.
+  y = _forward_call(static, x, ids, weights, w_in, w_out, rank, group)
+  return y, (x, ids, weights, w_in, w_out, rank, group)
+
+
+def _fused_bwd(static, residuals, dy):
+  x, ids, weights, w_in, w_out, rank, group = residuals
+  if dy.shape != x.shape:
+    raise ValueError(f"cotangent shape {dy.shape} != output shape {x.shape}")
+  args = _varying_alike(x, ids, weights, w_in, w_out, dy.astype(x.dtype), rank, group)
+  t, h = x.shape
+  like = args[0]
+  call = jax.ffi.ffi_call(
+      "ccf_moe_bwd",
+      (_result(like, x.shape, x.dtype), _result(like, weights.shape, weights.dtype),
+       _result(like, w_in.shape, w_in.dtype), _result(like, w_out.shape, w_out.dtype),
+       _result(like, (t, _slots(static, ids.shape[1]), h), jnp.float32)),
+      vmap_method="sequential")
+  dx, dweights, dw_in, dw_out, _ = call(*args, **static.attrs(backward=True))
+  int_zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return dx, int_zero(ids), dweights, dw_in, dw_out, int_zero(rank), int_zero(group)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _position(axis_name):
+  """This device's rank on `axis_name` and the index of its group over the other manual axes.
+
+  Returns:
+    Two int32 scalars.
+  """
+  if axis_name is None:
+    return jnp.int32(0), jnp.int32(0)
+  rank = jax.lax.axis_index(axis_name)
+  ep_axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  mesh = jax.sharding.get_abstract_mesh()
+  group = jnp.int32(0)
+  for name, kind in zip(mesh.axis_names, mesh.axis_types):
+    if kind == AxisType.Manual and name not in ep_axes:
+      group = group * mesh.shape[name] + jax.lax.axis_index(name)
+  return rank.astype(jnp.int32), group.astype(jnp.int32)
+
+
+def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
+              activation="swiglu", plan=None):
+  """The MoE FFN with expert parallelism and no all-to-all.
+
+  `y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`. Inside `jax.shard_map`
+  over `axis_name` (size D), each device computes the rows routed to its own experts by reading
+  them straight out of the other devices' `x`, and each device sums the K contributions to its
+  tokens in a fixed order (deterministic, dropless). Gradients flow to `x`, `expert_weights`,
+  `w_in` and `w_out`; the backward pass keeps no dispatched rows (its residuals are the inputs:
+  x `[T, H]`, the routing `[T, K]` and the weights) and re-reads the rows from the peers.
+
+  Args:
+    x: `[T, H]` float32/bfloat16/float16, this device's tokens.
+    expert_ids: `[T, K]` int32, global expert ids in `[0, D * E_local)`. An id outside that
+      range raises an error naming the id and the device.
+    expert_weights: `[T, K]`, x's dtype or float32: the combine weights.
+    w_in: `[E_local, H, 2F]` for gated activations (gate half first), `[E_local, H, F]`
+      otherwise; device d owns experts `d * E_local ... (d + 1) * E_local - 1`.
+    w_out: `[E_local, F, H]`.
+    axis_name: the expert-parallel mesh axis of the enclosing `shard_map`, or `None` when one
+      device holds all experts.
+    activation: "swiglu", "geglu", "gelu" (exact erf form), "relu" or "silu".
+    plan: `None`, or a plan from `jax_ccfuser.reassign` for the same `expert_ids`.
+
+  Returns:
+    `[T, H]`, x's dtype.
+
+  Examples:
+    >>> def layer(x, ids, weights, w_in, w_out):
+    ...   return jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out, axis_name="ep")
+    >>> y = jax.shard_map(layer, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))(
+    ...     x, ids, weights, w_in, w_out)
+  """
+  dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
+                        axis_name=axis_name)
+  if plan is not None:
+    raise NotImplementedError("fused_moe does not execute reassignment plans yet")
+  static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
+                   activation=activation, timeout_ms=peer_timeout_ms())
+  rank, group = _position(axis_name)
+  return _fused(static, x, expert_ids, expert_weights, w_in, w_out, rank, group)
+
+
+def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_devices: int,
+                       activation="swiglu"):
+  """`fused_moe` for `num_devices` emulated peers whose buffers all live on one device.
+
+  The operands stack the D devices' blocks along their leading axis, as the global arrays of
+  a `shard_map` over D devices would: x `[D*T, H]`, expert_ids/expert_weights `[D*T, K]`, w_in
+  `[D*E_local, H, G*F]`, w_out `[D*E_local, F, H]`. The same handler and kernels run, with the
+  peer table pointing into these blocks, so the remote-read path is exercised (and timed) on a
+  single device. Results equal `fused_moe` over D real devices.
+  """
+  if x.shape[0] % num_devices or w_out.shape[0] % num_devices:
+    raise ValueError(f"x rows {x.shape[0]} and experts {w_out.shape[0]} must split evenly over "
+                     f"{num_devices} emulated devices")
+  check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
+                 axis_name=None)
+  static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
+                   activation=activation, timeout_ms=peer_timeout_ms())
+  return _fused(static, x, expert_ids, expert_weights, w_in, w_out, jnp.int32(0), jnp.int32(0))

@@ -1,0 +1,82 @@
+// Row-major float32 GEMM panels on the host: OpenBLAS (the scipy-openblas32 wheel) kernels,
+// spread over XLA's intra-op thread pool by column blocks.
+//
+// OpenBLAS runs single-threaded in the calling thread (`UseCallerThreadOnly`): the simulated
+// devices already call it concurrently, and XLA's pool, not a second pool of OpenBLAS's own,
+// decides how the cores are shared.
+#pragma once
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ccf {
+
+inline void UseCallerThreadOnly() { scipy_openblas_set_num_threads(1); }
+
+// `num_workers` threads of XLA's pool (the caller being one of them) for this handler call.
+class Workers {
+ public:
+  Workers(xla::ffi::ThreadPool* pool, int num_workers)
+      : pool_(pool), num_workers_(std::max(1, num_workers)) {}
+
+  int num_workers() const { return num_workers_; }
+
+  // Runs fn(i) for i in [0, n). The caller claims work too, so this finishes even if no pool
+  // thread ever picks a task up; tasks that start late find nothing left and touch only `state`.
+  template <typename F>
+  void ParallelFor(int64_t n, const F& fn) const {
+    if (num_workers_ == 1 || n <= 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    struct State {
+      std::atomic<int64_t> next{0}, done{0};
+    };
+    auto state = std::make_shared<State>();
+    auto work = [state, n, &fn] {
+      for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+        fn(i);
+        state->done.fetch_add(1, std::memory_order_release);
+      }
+    };
+    for (int w = 1; w < std::min<int64_t>(num_workers_, n); ++w) {
+      auto task = work;
+      pool_->Schedule(std::move(task));
+    }
+    work();
+    while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  }
+
+ private:
+  xla::ffi::ThreadPool* pool_;
+  int num_workers_;
+};
+
+// C[m, n] = alpha * op(A) @ op(B) + beta * C, all row-major (op transposes when asked). The
+// column blocks depend only on the worker count, so results are bitwise reproducible.
+inline void Gemm(const Workers& workers, bool trans_a, bool trans_b, int64_t m, int64_t n,
+                 int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                 float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  constexpr int64_t kMinBlock = 64;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(workers.num_workers(), n / kMinBlock));
+  const int64_t width = (n + blocks - 1) / blocks;
+  workers.ParallelFor(blocks, [&](int64_t blk) {
+    const int64_t j0 = blk * width, cols = std::min(width, n - j0);
+    scipy_cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                      trans_b ? CblasTrans : CblasNoTrans, static_cast<blasint>(m),
+                      static_cast<blasint>(cols), static_cast<blasint>(k), alpha, a,
+                      static_cast<blasint>(lda), trans_b ? b + j0 * ldb : b + j0,
+                      static_cast<blasint>(ldb), beta, c + j0, static_cast<blasint>(ldc));
+  });
+}
+
+}  // namespace ccf

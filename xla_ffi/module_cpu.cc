@@ -1,0 +1,31 @@
+// The nanobind module `jax_ccfuser._ccfuser_cpu`: hands the CPU handlers to Python.
+#include <nanobind/nanobind.h>
+
+#include "xla_ffi/cpu_gemm.h"
+#include "xla_ffi/moe_cpu.h"
+#include "xla_ffi/peer_group.h"
+
+namespace nb = nanobind;
+
+namespace {
+// Must equal jax_ccfuser/_extension.py's ABI_VERSION.
+constexpr int kAbiVersion = 1;
+
+template <typename T>
+nb::capsule Capsule(T* fn) {
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+}  // namespace
+
+NB_MODULE(_ccfuser_cpu, m) {
+  ccf::UseCallerThreadOnly();
+  m.def("abi_version", [] { return kAbiVersion; });
+  m.def("registrations", [] {
+    nb::dict d;
+    d["ccf_moe_fwd"] = Capsule(CcfMoeForwardCpu);
+    d["ccf_moe_bwd"] = Capsule(CcfMoeBackwardCpu);
+    return d;
+  });
+  m.def("peer_group_count", &ccf::PeerGroupCount,
+        "Live (call site, group) entries of the peer registry.");
+}

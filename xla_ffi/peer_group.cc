@@ -1,0 +1,63 @@
+#include "xla_ffi/peer_group.h"
+
+#include <map>
+#include <sstream>
+#include <utility>
+
+namespace ccf {
+
+PeerGroup::PeerGroup(int num_devices) : num_devices_(num_devices), peers_(num_devices) {
+  for (Barrier& b : barriers_) b.present.assign(num_devices, false);
+}
+
+std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
+  static constexpr const char* kPhaseNames[] = {"publish", "compute"};
+  Barrier& b = barriers_[static_cast<int>(phase)];
+  std::unique_lock<std::mutex> lock(b.mu);
+  const uint64_t generation = b.generation;
+  b.present[rank] = true;
+  if (++b.arrived == num_devices_) {
+    b.arrived = 0;
+    b.present.assign(num_devices_, false);
+    ++b.generation;
+    b.cv.notify_all();
+    return {};
+  }
+  if (b.cv.wait_for(lock, timeout, [&] { return b.generation != generation; })) return {};
+  // Withdraw, so this call does not count as an arrival in the next one.
+  --b.arrived;
+  b.present[rank] = false;
+  std::ostringstream msg;
+  msg << "jax_ccfuser: device " << rank << " of " << num_devices_ << " waited "
+      << timeout.count() << " ms at the " << kPhaseNames[static_cast<int>(phase)]
+      << " barrier; these peers never arrived:";
+  for (int r = 0; r < num_devices_; ++r)
+    if (r != rank && !b.present[r]) msg << ' ' << r;
+  msg << ". Every device of the expert-parallel axis must make the same fused_moe calls "
+         "(raise the limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow).";
+  return msg.str();
+}
+
+namespace {
+std::mutex registry_mu;
+std::map<std::pair<uint64_t, int32_t>, std::shared_ptr<PeerGroup>>& Registry() {
+  static auto* registry = new std::map<std::pair<uint64_t, int32_t>, std::shared_ptr<PeerGroup>>;
+  return *registry;
+}
+}  // namespace
+
+std::shared_ptr<PeerGroup> FindPeerGroup(uint64_t site, int32_t group, int num_devices) {
+  // Held only for the lookup: never while waiting at a barrier.
+  std::lock_guard<std::mutex> lock(registry_mu);
+  std::shared_ptr<PeerGroup>& slot = Registry()[{site, group}];
+  if (!slot) slot = std::make_shared<PeerGroup>(num_devices);
+  if (slot->num_devices() != num_devices) return nullptr;
+  return slot;
+}
+
+int64_t PeerGroupCount() {
+  std::lock_guard<std::mutex> lock(registry_mu);
+  return static_cast<int64_t>(Registry().size());
+}
+
+}  // namespace ccf

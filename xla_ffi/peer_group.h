@@ -1,0 +1,74 @@
+// The peer-buffer registry and barrier protocol shared by every handler of one process.
+//
+// The devices of one expert-parallel group run one call site's handler concurrently, each on
+// its own thread, in no fixed order. Each publishes the addresses of its buffers in the
+// `PeerGroup` of (call site, group), then meets the others at a barrier; after it, every device
+// reads its peers' buffers directly. A barrier has a timeout, so a peer that never arrives gives
+// an error instead of a hang, and a device that gives up withdraws its arrival, so the next call
+// starts clean.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace ccf {
+
+// The addresses one device publishes for one call. Peers only read through them after the
+// publish barrier and stop before the barrier that ends the call.
+struct PeerBuffers {
+  const void* x = nullptr;        // [T, H]
+  const int32_t* ids = nullptr;   // [T, K]
+  const void* weights = nullptr;  // [T, K]
+  const void* w_in = nullptr;     // [E_local, H, G*F]
+  const void* w_out = nullptr;    // [E_local, F, H]
+  const void* dy = nullptr;       // [T, H], backward only
+  float* staging = nullptr;       // [T, S, H]: peers accumulate this device's partial sums here
+  void* d_weights = nullptr;      // [T, K], backward only: peers write d expert_weights here
+  // (T, H, K, F, E_local, dtype codes): every peer must agree, checked after the barrier.
+  std::array<int64_t, 8> signature{};
+};
+
+// The phases of one call at which all peers meet.
+enum class Phase : int { kPublished = 0, kComputed = 1, kNumPhases = 2 };
+
+class PeerGroup {
+ public:
+  explicit PeerGroup(int num_devices);
+
+  int num_devices() const { return num_devices_; }
+
+  void Publish(int rank, const PeerBuffers& buffers) { peers_[rank] = buffers; }
+  const PeerBuffers& peer(int rank) const { return peers_[rank]; }
+
+  // Waits until all devices arrived at `phase`. On timeout the arrival is withdrawn and a
+  // message naming the missing ranks is returned; an empty string means success.
+  std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout);
+
+ private:
+  struct Barrier {
+    std::mutex mu;
+    std::condition_variable cv;
+    uint64_t generation = 0;
+    std::vector<bool> present;
+    int arrived = 0;
+  };
+
+  const int num_devices_;
+  std::vector<PeerBuffers> peers_;
+  std::array<Barrier, static_cast<int>(Phase::kNumPhases)> barriers_;
+};
+
+// The group of (call site, group index), created on first use. `num_devices` must agree with
+// the group's; otherwise returns nullptr.
+std::shared_ptr<PeerGroup> FindPeerGroup(uint64_t site, int32_t group, int num_devices);
+
+// Number of live groups, for tests that check the registry does not grow.
+int64_t PeerGroupCount();
+
+}  // namespace ccf
