@@ -1,0 +1,281 @@
+"""fused_moe on CPU against reference_moe: forward, gradients, protocol, composition."""
+
+import functools
+import re
+
+import jax
+import jax.test_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_ccfuser as ccf
+from jax_ccfuser import _extension
+from jax_ccfuser._fused import fused_moe_emulated
+from moe_cases import Case, assert_close, ep_mesh, make_inputs, sharded
+
+
+def _loss(moe_fn, devices, **kwargs):
+  """A scalar loss with a random-projection cotangent, differentiable in x, weights, w_in, w_out."""
+  f = sharded(moe_fn, devices, **kwargs) if devices else jax.jit(functools.partial(moe_fn, **kwargs))
+
+  def loss(x, ids, weights, w_in, w_out, proj):
+    return jnp.sum(f(x, ids, weights, w_in, w_out).astype(jnp.float32) * proj)
+
+  return loss
+
+
+def _check_against_reference(case: Case, *, grads=True, scale=1.0):
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  proj = jnp.asarray(np.random.default_rng(case.seed + 1).standard_normal(x.shape), jnp.float32)
+  kwargs = dict(activation=case.activation)
+  ref_args = [a.astype(jnp.float32) for a in (x, ids, weights, w_in, w_out)]
+  ref_args[1] = ids
+  y = sharded(ccf.fused_moe, case.devices, **kwargs)(x, ids, weights, w_in, w_out)
+  y_ref = sharded(ccf.reference_moe, case.devices, **kwargs)(*ref_args)
+  assert y.dtype == x.dtype and y.shape == x.shape
+  assert_close(y, y_ref, case.dtype, scale)
+  if not grads:
+    return
+  argnums = (0, 2, 3, 4)
+  g = jax.grad(_loss(ccf.fused_moe, case.devices, **kwargs), argnums)(x, ids, weights, w_in,
+                                                                     w_out, proj)
+  g_ref = jax.grad(_loss(ccf.reference_moe, case.devices, **kwargs), argnums)(*ref_args, proj)
+  for name, a, b in zip(("dx", "d_weights", "dw_in", "dw_out"), g, g_ref):
+    assert a.dtype == {"d_weights": weights.dtype}.get(name, x.dtype), name
+    # Gradients sum over many rows; scale the tolerance with the reference's magnitude.
+    assert_close(a, b, case.dtype, scale * max(1.0, float(jnp.max(jnp.abs(b))) / 4))
+
+
+@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_matches_reference(devices, activation):
+  _check_against_reference(Case(devices=devices, activation=activation, seed=devices))
+
+
+@pytest.mark.parametrize("activation", ["geglu", "relu", "silu"])
+def test_other_activations(activation):
+  _check_against_reference(Case(devices=4, activation=activation, seed=7))
+
+
+@pytest.mark.parametrize("k,experts_local", [(1, 1), (3, 2), (8, 4), (8, 1)])
+def test_k_and_experts(k, experts_local):
+  _check_against_reference(Case(devices=4, k=k, experts_local=experts_local, tokens=29,
+                                seed=k * 10 + experts_local))
+
+
+def test_skewed_routing_crosses_tiles():
+  # Most of 8 * 70 * 2 rows go to expert 0: one device computes several 128-row panels.
+  _check_against_reference(Case(devices=8, tokens=70, skew=1.0, seed=3))
+
+
+def test_empty_experts_and_one_destination():
+  """Every row goes to device 2's experts; all other experts (and devices) get no rows."""
+  case = Case(devices=4, tokens=21, k=3, experts_local=2, seed=5)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  ids = jnp.asarray(np.random.default_rng(0).integers(4, 6, size=ids.shape), jnp.int32)
+  y = sharded(ccf.fused_moe, 4)(x, ids, weights, w_in, w_out)
+  assert_close(y, sharded(ccf.reference_moe, 4)(x, ids, weights, w_in, w_out), jnp.float32)
+  g = jax.grad(_loss(ccf.fused_moe, 4), (3, 4))(x, ids, weights, w_in, w_out, x)
+  g_ref = jax.grad(_loss(ccf.reference_moe, 4), (3, 4))(x, ids, weights, w_in, w_out, x)
+  for a, b in zip(g, g_ref):
+    assert_close(a, b, jnp.float32, 4.0)
+    # Experts that received no rows get exactly zero weight gradient.
+    assert not np.any(np.asarray(a)[[0, 1, 2, 3, 6, 7]])
+
+
+def test_repeated_id_counts_twice():
+  case = Case(devices=2, k=2, seed=11)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  ids = jnp.stack([ids[:, 0], ids[:, 0]], axis=1)
+  y = sharded(ccf.fused_moe, 2)(x, ids, weights, w_in, w_out)
+  merged = jnp.stack([weights.sum(1), jnp.zeros_like(weights[:, 0])], axis=1)
+  y_merged = sharded(ccf.reference_moe, 2)(x, ids, merged, w_in, w_out)
+  assert_close(y, y_merged, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision(dtype):
+  _check_against_reference(Case(devices=4, dtype=dtype, seed=2))
+
+
+def test_bf16_with_float32_weights_and_bf16_combine_weights():
+  case = Case(devices=2, dtype=jnp.bfloat16, seed=9)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  for wts in (weights, weights.astype(jnp.bfloat16)):
+    y = sharded(ccf.fused_moe, 2)(x, ids, wts, w_in, w_out)
+    y_ref = sharded(ccf.reference_moe, 2)(*(a.astype(jnp.float32) for a in (x,)), ids,
+                                          wts.astype(jnp.float32), w_in.astype(jnp.float32),
+                                          w_out.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16
+    assert_close(y, y_ref, jnp.bfloat16)
+    dw = jax.grad(_loss(ccf.fused_moe, 2), 2)(x, ids, wts, w_in, w_out, x.astype(jnp.float32))
+    assert dw.dtype == wts.dtype
+
+
+def test_no_axis_name():
+  case = Case(devices=1, experts_local=5, tokens=31, k=3, seed=4)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  y = jax.jit(ccf.fused_moe)(x, ids, weights, w_in, w_out)
+  assert_close(y, ccf.reference_moe(x, ids, weights, w_in, w_out), jnp.float32)
+  g = jax.grad(_loss(ccf.fused_moe, 0), (0, 2, 3, 4))(x, ids, weights, w_in, w_out, x)
+  g_ref = jax.grad(_loss(ccf.reference_moe, 0), (0, 2, 3, 4))(x, ids, weights, w_in, w_out, x)
+  for a, b in zip(g, g_ref):
+    assert_close(a, b, jnp.float32, 4.0)
+
+
+def test_check_grads_numerically():
+  """Reverse-mode gradients against finite differences (float32, tiny problem)."""
+  case = Case(devices=1, tokens=4, hidden=4, ffn=3, experts_local=3, activation="gelu", seed=8)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  jax.test_util.check_grads(lambda x, w, a, b: ccf.fused_moe(x, ids, w, a, b, activation="gelu"),
+                            (x, weights, w_in, w_out), order=1, modes=["rev"], atol=5e-2,
+                            rtol=5e-2, eps=1e-2)
+
+
+def test_emulated_peers_match_real_devices():
+  case = Case(devices=4, tokens=19, k=3, seed=12)
+  args = make_inputs(case)
+  y_real = sharded(ccf.fused_moe, 4)(*args)
+  emulated = jax.jit(functools.partial(fused_moe_emulated, num_devices=4))
+  np.testing.assert_array_equal(np.asarray(emulated(*args)), np.asarray(y_real))
+  g_real = jax.grad(_loss(ccf.fused_moe, 4), (0, 2, 3, 4))(*args, args[0])
+  g_emul = jax.grad(lambda *a: jnp.sum(emulated(*a[:5]) * a[5]), (0, 2, 3, 4))(*args, args[0])
+  for a, b in zip(g_emul, g_real):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_deterministic_bitwise():
+  case = Case(devices=8, tokens=40, k=4, skew=0.7, seed=6)
+  args = make_inputs(case)
+  loss = _loss(ccf.fused_moe, 8)
+  grad = jax.jit(jax.value_and_grad(loss, (0, 2, 3, 4)))
+  first = jax.tree.map(np.asarray, grad(*args, args[0]))
+  for _ in range(3):
+    again = jax.tree.map(np.asarray, grad(*args, args[0]))
+    jax.tree.map(np.testing.assert_array_equal, again, first)
+
+
+def test_hlo_has_no_all_to_all_or_all_gather():
+  args = make_inputs(Case(devices=4))
+
+  def forward_and_backward(x, ids, weights, w_in, w_out, dy, axis_name):
+    y, vjp = jax.vjp(lambda *a: ccf.fused_moe(a[0], ids, *a[1:], axis_name=axis_name),
+                     x, weights, w_in, w_out)
+    return (y, *vjp(dy))
+
+  hlo = sharded(forward_and_backward, 4).lower(*args, args[0]).compile().as_text()
+  assert "ccf_moe_fwd" in hlo and "ccf_moe_bwd" in hlo
+  for op in ("all-to-all", "all-gather", "all-reduce", "collective-permute"):
+    assert op not in hlo, op
+  # The baseline does use all-to-all: the check above can fail.
+  baseline = sharded(ccf.all_to_all_moe, 4).lower(*args).compile().as_text()
+  assert "all-to-all" in baseline
+
+
+def test_out_of_range_id_raises_and_next_call_works():
+  case = Case(devices=4, seed=13)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  f = sharded(ccf.fused_moe, 4)
+  for bad in (case.num_experts, -1):
+    bad_ids = ids.at[2 * case.tokens + 5, 1].set(bad)  # device 2, token 5, k 1
+    with pytest.raises(Exception, match=re.escape(
+        f"expert_ids[5, 1] = {bad} on device 2 is outside [0, {case.num_experts})")):
+      jax.block_until_ready(f(x, bad_ids, weights, w_in, w_out))
+  assert_close(f(x, ids, weights, w_in, w_out),
+               sharded(ccf.reference_moe, 4)(x, ids, weights, w_in, w_out), jnp.float32)
+
+
+def test_bad_id_in_backward_raises():
+  case = Case(devices=2, seed=14)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  bad_ids = ids.at[3, 0].set(1000)
+  with pytest.raises(Exception, match="is outside"):
+    jax.block_until_ready(jax.grad(_loss(ccf.fused_moe, 2), 0)(x, bad_ids, weights, w_in,
+                                                               w_out, x))
+
+
+def test_missing_peer_times_out_and_next_call_works():
+  """Device 0 takes another branch and never calls: the others raise after the timeout."""
+  case = Case(devices=4, seed=15)
+  args = make_inputs(case)
+
+  def body(x, ids, weights, w_in, w_out, axis_name):
+    skip = jax.lax.axis_index(axis_name) == 0
+    return jax.lax.cond(skip, lambda: x,
+                        lambda: ccf.fused_moe(x, ids, weights, w_in, w_out, axis_name=axis_name))
+
+  with ccf.peer_timeout(1.0):
+    f = sharded(body, 4)
+    with pytest.raises(Exception, match=r"waited 1000 ms at the publish barrier.*never arrived: 0"):
+      jax.block_until_ready(f(*args))
+    g = sharded(ccf.fused_moe, 4)
+    assert_close(g(*args), sharded(ccf.reference_moe, 4)(*args), jnp.float32)
+
+
+def test_composes_with_checkpoint_scan_and_two_sites():
+  """Two layers scanned, each rematerialised, plus a second call site, over several steps."""
+  case = Case(devices=4, tokens=16, hidden=16, ffn=8, experts_local=2, seed=16)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  w_in2, w_out2 = jnp.stack([w_in, 0.5 * w_in]), jnp.stack([w_out, -w_out])
+
+  def model(moe_fn):
+    def body(x, ids, weights, w_in2, w_out2, axis_name):
+      def layer(h, w):
+        y = jax.checkpoint(lambda h: moe_fn(h, ids, weights, w[0], w[1], axis_name=axis_name))(h)
+        return h + y, None
+      h, _ = jax.lax.scan(layer, x, (w_in2, w_out2))
+      side = moe_fn(x, ids, weights, w_in2[1], w_out2[0], axis_name=axis_name)
+      return h + side
+    mesh = ep_mesh(4)
+    spec = (P("ep"), P("ep"), P("ep"), P(None, "ep"), P(None, "ep"))
+    f = jax.shard_map(functools.partial(body, axis_name="ep"), mesh=mesh, in_specs=spec,
+                      out_specs=P("ep"))
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.tanh(f(*a))), argnums=(0, 3, 4)))
+
+  fused, ref = model(ccf.fused_moe), model(ccf.reference_moe)
+  for step in range(3):
+    scale = 1.0 + 0.1 * step
+    (l, g), (l_ref, g_ref) = (m(x * scale, ids, weights, w_in2, w_out2) for m in (fused, ref))
+    assert_close(l, l_ref, jnp.float32, 10.0)
+    for a, b in zip(g, g_ref):
+      assert_close(a, b, jnp.float32, 10.0)
+
+
+def test_vmap_runs_each_batch_element():
+  case = Case(devices=1, tokens=7, experts_local=3, seed=17)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  xs = jnp.stack([x, 2 * x])
+  y = jax.vmap(lambda x: ccf.fused_moe(x, ids, weights, w_in, w_out))(xs)
+  for i in range(2):
+    assert_close(y[i], ccf.reference_moe(xs[i], ids, weights, w_in, w_out), jnp.float32)
+
+
+def test_registry_does_not_grow_with_steps():
+  args = make_inputs(Case(devices=4, seed=18))
+  f = sharded(ccf.fused_moe, 4)
+  jax.block_until_ready(f(*args))
+  count = _extension.cpu.peer_group_count()
+  for _ in range(5):
+    jax.block_until_ready(f(*args))
+  assert _extension.cpu.peer_group_count() == count
+
+
+def test_mesh_with_data_axis_forms_independent_groups():
+  """A 2 x 4 (data, expert) mesh: two expert-parallel groups run the same site at once."""
+  case = Case(devices=8, tokens=11, seed=19)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  e = case.num_experts // 2  # experts of one group of 4 devices
+  ids = ids % e
+  w_in, w_out = w_in[:e], w_out[:e]
+  mesh = jax.make_mesh((2, 4), ("data", "ep"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec_tok, spec_w = P(("data", "ep")), P("ep")
+
+  def run(moe_fn):
+    body = functools.partial(moe_fn, axis_name="ep")
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec_tok, spec_tok, spec_tok,
+                                                            spec_w, spec_w),
+                                 out_specs=spec_tok))(x, ids, weights, w_in, w_out)
+
+  assert_close(run(ccf.fused_moe), run(ccf.reference_moe), jnp.float32)
