@@ -14,6 +14,7 @@ from jax.sharding import AxisType
 
 from jax_ccfuser import _extension  # noqa: F401  (registers the FFI targets)
 from jax_ccfuser._config import peer_timeout_ms
+from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_moe_args
 
 # The `activation` attribute's codes; xla_ffi/activation.h spells the same enum.
@@ -60,8 +61,8 @@ def _result(like, shape, dtype):
   return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype))
 
 
-def _forward_call(static, x, ids, weights, w_in, w_out, rank, group):
-  args = _varying_alike(x, ids, weights, w_in, w_out, rank, group)
+def _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
+  args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, rank, group)
   t, h = x.shape
   call = jax.ffi.ffi_call(
       "ccf_moe_fwd",
@@ -73,22 +74,22 @@ def _forward_call(static, x, ids, weights, w_in, w_out, rank, group):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(static, x, ids, weights, w_in, w_out, rank, group):
-  return _forward_call(static, x, ids, weights, w_in, w_out, rank, group)
+def _fused(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
+  return _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group)
 
 
-def _fused_fwd(static, x, ids, weights, w_in, w_out, rank, group):
+def _fused_fwd(static, *operands):
   # The residuals are the inputs themselves: no dispatched rows, activations or expert outputs
   # are kept; the backward call re-reads the rows from the peers and recomputes them.
-  y = _forward_call(static, x, ids, weights, w_in, w_out, rank, group)
-  return y, (x, ids, weights, w_in, w_out, rank, group)
+  return _forward_call(static, *operands), operands
 
 
 def _fused_bwd(static, residuals, dy):
-  x, ids, weights, w_in, w_out, rank, group = residuals
+  x, ids, weights, w_in, w_out, workers, bounds, rank, group = residuals
   if dy.shape != x.shape:
     raise ValueError(f"cotangent shape {dy.shape} != output shape {x.shape}")
-  args = _varying_alike(x, ids, weights, w_in, w_out, dy.astype(x.dtype), rank, group)
+  args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, dy.astype(x.dtype), rank,
+                        group)
   t, h = x.shape
   like = args[0]
   call = jax.ffi.ffi_call(
@@ -99,7 +100,8 @@ def _fused_bwd(static, residuals, dy):
       vmap_method="sequential")
   dx, dweights, dw_in, dw_out, _ = call(*args, **static.attrs(backward=True))
   int_zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
-  return dx, int_zero(ids), dweights, dw_in, dw_out, int_zero(rank), int_zero(group)
+  return (dx, int_zero(ids), dweights, dw_in, dw_out, int_zero(workers), int_zero(bounds),
+          int_zero(rank), int_zero(group))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -121,6 +123,17 @@ def _position(axis_name):
     if kind == AxisType.Manual and name not in ep_axes:
       group = group * mesh.shape[name] + jax.lax.axis_index(name)
   return rank.astype(jnp.int32), group.astype(jnp.int32)
+
+
+def _plan_operands(plan, num_experts, num_devices):
+  """The plan's `(workers [E, S + 1], bounds [E, S + 2])`, or the trivial plan's."""
+  if plan is None:
+    return identity_workers(num_experts, num_devices)
+  if not isinstance(plan, Plan):
+    raise ValueError(f"plan must come from jax_ccfuser.reassign, got {type(plan).__name__}")
+  if plan.workers.shape[0] != num_experts:
+    raise ValueError(f"plan is for {plan.workers.shape[0]} experts, this call has {num_experts}")
+  return plan.workers, plan.bounds
 
 
 def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
@@ -158,16 +171,15 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   """
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
-  if plan is not None:
-    raise NotImplementedError("fused_moe does not execute reassignment plans yet")
+  workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms())
   rank, group = _position(axis_name)
-  return _fused(static, x, expert_ids, expert_weights, w_in, w_out, rank, group)
+  return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 
 
 def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_devices: int,
-                       activation="swiglu"):
+                       activation="swiglu", plan=None):
   """`fused_moe` for `num_devices` emulated peers whose buffers all live on one device.
 
   The operands stack the D devices' blocks along their leading axis, as the global arrays of
@@ -181,6 +193,8 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
                      f"{num_devices} emulated devices")
   check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                  axis_name=None)
+  workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, timeout_ms=peer_timeout_ms())
-  return _fused(static, x, expert_ids, expert_weights, w_in, w_out, jnp.int32(0), jnp.int32(0))
+  return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
+                jnp.int32(0), jnp.int32(0))

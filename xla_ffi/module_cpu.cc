@@ -9,7 +9,7 @@ namespace nb = nanobind;
 
 namespace {
 // Must equal jax_ccfuser/_extension.py's ABI_VERSION.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 template <typename T>
 nb::capsule Capsule(T* fn) {

@@ -2,16 +2,17 @@
 //
 // Per call, on each device of the expert-parallel group (DESIGN.md section 4):
 //   publish  its buffers in the (call site, group) PeerGroup and meet the peers;
-//   plan     the rows routed to its experts, read straight from every peer's expert_ids, in
-//            one fixed order (local expert, source device, token, k);
-//   compute  tiles of those rows: gather x rows from the peers (the dispatch), GEMM with w_in,
-//            activation, GEMM with w_out, and accumulate the weighted result into the SOURCE
-//            device's staging row for (token, slot) (the combine), one slot per destination
-//            device of the token, so each staging row has exactly one writer;
+//   plan     the rows it computes, read straight from every peer's expert_ids, in one fixed
+//            order, split between owners and helpers by the reassignment plan (work_list.h);
+//   compute  tiles of those rows (expert_cpu.h): gather x rows from the peers (the dispatch),
+//            GEMM, activation, GEMM, and accumulate the weighted result into the SOURCE
+//            device's staging row for (token, slot) (the combine);
 //   combine  after the second barrier, each device sums its own staging slots in slot order.
-// The backward pass mirrors it, re-reading rows from the peers (nothing is kept from forward).
+// The backward pass mirrors it, re-reading rows from the peers (nothing is kept from forward);
+// owners add their helpers' weight-gradient partials in slot order before a last barrier.
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -21,35 +22,46 @@
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/activation.h"
 #include "xla_ffi/cpu_gemm.h"
+#include "xla_ffi/expert_cpu.h"
 #include "xla_ffi/host_dtype.h"
 #include "xla_ffi/moe_cpu.h"
+#include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
+#include "xla_ffi/work_list.h"
 
 namespace ffi = xla::ffi;
 
 namespace ccf {
-namespace {
 
-// Rows per GEMM panel: large enough for OpenBLAS to run at full rate, small enough that the
-// panel's activations stay in cache between the two GEMMs.
-constexpr int64_t kTileRows = 128;
+// Weight gradients for the experts a device helped with: owners read and add them.
+struct HelpedGradients {
+  struct Expert {
+    int64_t expert;
+    std::vector<float> dw_in, dw_out;  // [H, G*F], [F, H]
+  };
+  std::vector<Expert> experts;
+
+  const Expert* Find(int64_t expert) const {
+    for (const Expert& e : experts)
+      if (e.expert == expert) return &e;
+    return nullptr;
+  }
+};
+
+namespace {
 
 // Spelled once: template commas cannot appear inside the binding macros.
 using ScalarS32 = ffi::Buffer<ffi::S32, 0>;
+using PlanArray = ffi::Buffer<ffi::S32, 2>;
 using Staging = ffi::Buffer<ffi::F32, 3>;
-
-// Static sizes of one call, per (possibly emulated) device.
-struct MoeDims {
-  int64_t tokens, hidden, k, ffn, experts_local, gate_ffn;  // gate_ffn = G * F
-  int num_devices, slots;
-  Activation activation;
-  ffi::DataType x_type, weights_type, w_type;
-
-  int64_t num_experts() const { return experts_local * num_devices; }
-};
 
 ffi::Error InvalidArgument(const std::string& msg) {
   return ffi::Error::InvalidArgument("jax_ccfuser: " + msg);
+}
+
+// A peer that never arrived at a barrier.
+ffi::Error PeerTimeout(const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, msg);
 }
 
 template <typename Buffer>
@@ -124,216 +136,6 @@ std::array<int64_t, 8> Signature(const MoeDims& d) {
           static_cast<int64_t>(d.weights_type), static_cast<int64_t>(d.activation)};
 }
 
-// One routed (token, k) pair of some source device, computed by this device.
-struct WorkRow {
-  int32_t src, token, k, slot;
-};
-
-// The rows routed to `me`'s experts, grouped by local expert (`offsets[e]..offsets[e+1]`), in
-// (source, token, k) order within an expert. Also checks every id of every peer, so all devices
-// reach the same verdict on bad input; returns the message for the first bad id, or "".
-std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d, int me,
-                          std::vector<WorkRow>* rows, std::vector<int64_t>* offsets) {
-  const int64_t num_experts = d.num_experts();
-  offsets->assign(d.experts_local + 1, 0);
-  for (int src = 0; src < d.num_devices; ++src) {
-    const int32_t* ids = peers[src].ids;
-    for (int64_t i = 0; i < d.tokens * d.k; ++i) {
-      const int32_t e = ids[i];
-      if (e < 0 || e >= num_experts)
-        return "expert_ids[" + std::to_string(i / d.k) + ", " + std::to_string(i % d.k) +
-               "] = " + std::to_string(e) + " on device " + std::to_string(src) +
-               " is outside [0, " + std::to_string(num_experts) + ")";
-      if (e / d.experts_local == me) ++(*offsets)[e % d.experts_local + 1];
-    }
-  }
-  for (int64_t e = 0; e < d.experts_local; ++e) (*offsets)[e + 1] += (*offsets)[e];
-  rows->resize(offsets->back());
-  std::vector<int64_t> fill(offsets->begin(), offsets->end() - 1);
-  for (int src = 0; src < d.num_devices; ++src) {
-    const int32_t* ids = peers[src].ids;
-    for (int64_t t = 0; t < d.tokens; ++t) {
-      const int32_t* row = ids + t * d.k;
-      for (int64_t k = 0; k < d.k; ++k) {
-        if (row[k] / d.experts_local != me) continue;
-        // The slot of `me` for this token: how many of its distinct devices come before `me`.
-        int32_t slot = 0;
-        for (int64_t j = 0; j < d.k; ++j) {
-          const int64_t dev = row[j] / d.experts_local;
-          if (dev >= me) continue;
-          bool first = true;
-          for (int64_t i = 0; i < j; ++i) first &= row[i] / d.experts_local != dev;
-          slot += first;
-        }
-        (*rows)[fill[row[k] % d.experts_local]++] = {src, static_cast<int32_t>(t),
-                                                     static_cast<int32_t>(k), slot};
-      }
-    }
-  }
-  return {};
-}
-
-// An expert's weights as float32 row-major panels: the buffers themselves for float32, a
-// converted copy otherwise.
-struct ExpertWeights {
-  const float* w_in;   // [H, G*F]
-  const float* w_out;  // [F, H]
-  std::vector<float> w_in_copy, w_out_copy;
-
-  ExpertWeights(const PeerBuffers& owner, const MoeDims& d, int64_t e) {
-    const int64_t n_in = d.hidden * d.gate_ffn, n_out = d.ffn * d.hidden;
-    if (d.w_type == ffi::DataType::F32) {
-      w_in = static_cast<const float*>(owner.w_in) + e * n_in;
-      w_out = static_cast<const float*>(owner.w_out) + e * n_out;
-      return;
-    }
-    w_in_copy.resize(n_in);
-    w_out_copy.resize(n_out);
-    LoadFloats(owner.w_in, d.w_type, e * n_in, n_in, w_in_copy.data());
-    LoadFloats(owner.w_out, d.w_type, e * n_out, n_out, w_out_copy.data());
-    w_in = w_in_copy.data();
-    w_out = w_out_copy.data();
-  }
-};
-
-// a[i, j] = act(h[i, j]) (gated: act(h[i, j]) * h[i, F + j]); h [m, G*F] -> a [m, F].
-void ActivationForward(const MoeDims& d, int64_t m, const float* h, float* a) {
-  for (int64_t i = 0; i < m; ++i) {
-    const float* hi = h + i * d.gate_ffn;
-    float* ai = a + i * d.ffn;
-    if (IsGated(d.activation)) {
-      for (int64_t j = 0; j < d.ffn; ++j) ai[j] = ActForward(d.activation, hi[j]) * hi[d.ffn + j];
-    } else {
-      for (int64_t j = 0; j < d.ffn; ++j) ai[j] = ActForward(d.activation, hi[j]);
-    }
-  }
-}
-
-// dh = d a / d h applied to da; h [m, G*F], da [m, F] -> dh [m, G*F].
-void ActivationBackward(const MoeDims& d, int64_t m, const float* h, const float* da, float* dh) {
-  for (int64_t i = 0; i < m; ++i) {
-    const float* hi = h + i * d.gate_ffn;
-    const float* dai = da + i * d.ffn;
-    float* dhi = dh + i * d.gate_ffn;
-    if (IsGated(d.activation)) {
-      for (int64_t j = 0; j < d.ffn; ++j) {
-        const float g = hi[j], u = hi[d.ffn + j];
-        dhi[j] = dai[j] * u * ActDerivative(d.activation, g);
-        dhi[d.ffn + j] = dai[j] * ActForward(d.activation, g);
-      }
-    } else {
-      for (int64_t j = 0; j < d.ffn; ++j) dhi[j] = dai[j] * ActDerivative(d.activation, hi[j]);
-    }
-  }
-}
-
-// out[i, :] = float(peer[rows[i].src].field[rows[i].token, :]) for a tile of rows.
-void GatherRows(const std::vector<PeerBuffers>& peers, const void* PeerBuffers::*field,
-                ffi::DataType type, const MoeDims& d, const WorkRow* rows, int64_t m, float* out) {
-  for (int64_t i = 0; i < m; ++i)
-    LoadFloats(peers[rows[i].src].*field, type, rows[i].token * d.hidden, d.hidden,
-               out + i * d.hidden);
-}
-
-float RowWeight(const std::vector<PeerBuffers>& peers, const MoeDims& d, const WorkRow& r) {
-  return LoadFloat(peers[r.src].weights, d.weights_type, r.token * d.k + r.k);
-}
-
-// staging[src][token, slot, :] += scale_i * rows_i, the combine write into the source device.
-void AccumulateIntoSources(const std::vector<PeerBuffers>& peers, const MoeDims& d,
-                           const WorkRow* rows, int64_t m, const float* values,
-                           const float* scales) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* dst = peers[rows[i].src].staging + (rows[i].token * d.slots + rows[i].slot) * d.hidden;
-    const float* v = values + i * d.hidden;
-    const float s = scales ? scales[i] : 1.0f;
-    for (int64_t j = 0; j < d.hidden; ++j) dst[j] += s * v[j];
-  }
-}
-
-// Forward compute of device `me`: every tile of its work list, results into the sources.
-void ComputeForward(const Workers& workers, const std::vector<PeerBuffers>& peers, const MoeDims& d, int me,
-                    const std::vector<WorkRow>& rows, const std::vector<int64_t>& offsets) {
-  std::vector<float> x(kTileRows * d.hidden), h(kTileRows * d.gate_ffn), a(kTileRows * d.ffn),
-      y(kTileRows * d.hidden), scale(kTileRows);
-  for (int64_t e = 0; e < d.experts_local; ++e) {
-    if (offsets[e] == offsets[e + 1]) continue;
-    ExpertWeights w(peers[me], d, e);
-    for (int64_t r0 = offsets[e]; r0 < offsets[e + 1]; r0 += kTileRows) {
-      const int64_t m = std::min(kTileRows, offsets[e + 1] - r0);
-      const WorkRow* tile = rows.data() + r0;
-      GatherRows(peers, &PeerBuffers::x, d.x_type, d, tile, m, x.data());          // (m, H)
-      Gemm(workers, false, false, m, d.gate_ffn, d.hidden, 1.0f, x.data(), d.hidden, w.w_in,
-           d.gate_ffn, 0.0f, h.data(), d.gate_ffn);                                  // (m, G*F)
-      ActivationForward(d, m, h.data(), a.data());                                   // (m, F)
-      Gemm(workers, false, false, m, d.hidden, d.ffn, 1.0f, a.data(), d.ffn, w.w_out, d.hidden, 0.0f,
-           y.data(), d.hidden);                                                      // (m, H)
-      for (int64_t i = 0; i < m; ++i) scale[i] = RowWeight(peers, d, tile[i]);
-      AccumulateIntoSources(peers, d, tile, m, y.data(), scale.data());
-    }
-  }
-}
-
-// Backward compute of device `me`: recomputes each tile's forward from re-gathered rows, writes
-// d expert_weights and dx partial sums into the sources, and accumulates its experts' weight
-// gradients in row order into dw_in_acc [E_local, H, G*F] / dw_out_acc [E_local, F, H].
-void ComputeBackward(const Workers& workers, const std::vector<PeerBuffers>& peers, const MoeDims& d, int me,
-                     const std::vector<WorkRow>& rows, const std::vector<int64_t>& offsets,
-                     float* dw_in_acc, float* dw_out_acc) {
-  std::vector<float> x(kTileRows * d.hidden), h(kTileRows * d.gate_ffn), a(kTileRows * d.ffn),
-      y(kTileRows * d.hidden), g(kTileRows * d.hidden), da(kTileRows * d.ffn),
-      dh(kTileRows * d.gate_ffn), dx(kTileRows * d.hidden);
-  for (int64_t e = 0; e < d.experts_local; ++e) {
-    float* dw_in = dw_in_acc + e * d.hidden * d.gate_ffn;
-    float* dw_out = dw_out_acc + e * d.ffn * d.hidden;
-    if (offsets[e] == offsets[e + 1]) continue;
-    ExpertWeights w(peers[me], d, e);
-    for (int64_t r0 = offsets[e]; r0 < offsets[e + 1]; r0 += kTileRows) {
-      const int64_t m = std::min(kTileRows, offsets[e + 1] - r0);
-      const WorkRow* tile = rows.data() + r0;
-      GatherRows(peers, &PeerBuffers::x, d.x_type, d, tile, m, x.data());          // (m, H)
-      GatherRows(peers, &PeerBuffers::dy, d.x_type, d, tile, m, g.data());         // (m, H)
-      Gemm(workers, false, false, m, d.gate_ffn, d.hidden, 1.0f, x.data(), d.hidden, w.w_in,
-           d.gate_ffn, 0.0f, h.data(), d.gate_ffn);                                  // (m, G*F)
-      ActivationForward(d, m, h.data(), a.data());                                   // (m, F)
-      Gemm(workers, false, false, m, d.hidden, d.ffn, 1.0f, a.data(), d.ffn, w.w_out, d.hidden, 0.0f,
-           y.data(), d.hidden);                                                      // (m, H)
-      for (int64_t i = 0; i < m; ++i) {
-        const WorkRow& r = tile[i];
-        float* gi = g.data() + i * d.hidden;
-        const float* yi = y.data() + i * d.hidden;
-        float dot = 0.0f;
-        for (int64_t j = 0; j < d.hidden; ++j) dot += gi[j] * yi[j];
-        StoreFloats(&dot, 1, peers[r.src].d_weights, d.weights_type, r.token * d.k + r.k);
-        const float s = RowWeight(peers, d, r);
-        for (int64_t j = 0; j < d.hidden; ++j) gi[j] *= s;  // g = w * dy
-      }
-      Gemm(workers, false, true, m, d.ffn, d.hidden, 1.0f, g.data(), d.hidden, w.w_out, d.hidden, 0.0f,
-           da.data(), d.ffn);                                                        // (m, F)
-      Gemm(workers, true, false, d.ffn, d.hidden, m, 1.0f, a.data(), d.ffn, g.data(), d.hidden, 1.0f,
-           dw_out, d.hidden);                                                        // (F, H)
-      ActivationBackward(d, m, h.data(), da.data(), dh.data());                     // (m, G*F)
-      Gemm(workers, true, false, d.hidden, d.gate_ffn, m, 1.0f, x.data(), d.hidden, dh.data(),
-           d.gate_ffn, 1.0f, dw_in, d.gate_ffn);                                     // (H, G*F)
-      Gemm(workers, false, true, m, d.hidden, d.gate_ffn, 1.0f, dh.data(), d.gate_ffn, w.w_in,
-           d.gate_ffn, 0.0f, dx.data(), d.hidden);                                   // (m, H)
-      AccumulateIntoSources(peers, d, tile, m, dx.data(), nullptr);
-    }
-  }
-}
-
-// out[t, :] = sum over slots of staging[t, slot, :], in slot order.
-void SumSlots(const MoeDims& d, const float* staging, void* out, int64_t out_offset) {
-  std::vector<float> row(d.hidden);
-  for (int64_t t = 0; t < d.tokens; ++t) {
-    const float* s = staging + t * d.slots * d.hidden;
-    std::copy(s, s + d.hidden, row.begin());
-    for (int slot = 1; slot < d.slots; ++slot)
-      for (int64_t j = 0; j < d.hidden; ++j) row[j] += s[slot * d.hidden + j];
-    StoreFloats(row.data(), d.hidden, out, d.x_type, out_offset + t * d.hidden);
-  }
-}
-
 // The devices this call runs for and their buffers. A real group has one device per handler
 // call (`ranks` = {rank}); an emulated one runs all D in this call over stacked buffers.
 struct Peers {
@@ -386,8 +188,7 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
   PeerBuffers published = own;
   published.signature = Signature(d);
   peers->group->Publish(rank, published);
-  if (std::string err = peers->Arrive(Phase::kPublished); !err.empty())
-    return ffi::Error::Internal(err);
+  if (std::string err = peers->Arrive(Phase::kPublished); !err.empty()) return PeerTimeout(err);
   for (int dev = 0; dev < d.num_devices; ++dev) {
     peers->buffers.push_back(peers->group->peer(dev));
     if (peers->buffers.back().signature != published.signature)
@@ -398,21 +199,33 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
   return ffi::Error::Success();
 }
 
-// Plans and runs `compute(me, rows, offsets)` for each device of this call, then meets the
-// peers after compute. A bad id is found identically by every device, which all still meet at
-// the barrier (so nobody frees buffers a peer is reading) before returning the error.
+// Decodes the plan operands: workers [E, S], bounds [E, S + 1].
+ffi::Error DecodePlan(const PlanArray& workers, const PlanArray& bounds, const MoeDims& d,
+                      PlanView* plan) {
+  const auto w = workers.dimensions(), b = bounds.dimensions();
+  if (w[0] != d.num_experts() || b[0] != d.num_experts() || w[1] < 1 || b[1] != w[1] + 1)
+    return InvalidArgument("plan arrays must be workers [E, S] and bounds [E, S + 1] with E = " +
+                           std::to_string(d.num_experts()) + "; got " + ShapeString(workers) +
+                           " and " + ShapeString(bounds));
+  *plan = {workers.typed_data(), bounds.typed_data(), w[1]};
+  if (std::string err = CheckPlan(*plan, d); !err.empty()) return InvalidArgument(err);
+  return ffi::Error::Success();
+}
+
+// Builds each device's work list and runs `compute(me, work)` for the devices of this call,
+// then meets the peers after compute. A bad id is found identically by every device, which
+// all still meet at the barrier (so nobody frees buffers a peer is reading) before returning.
 template <typename Compute>
-ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, Compute compute) {
+ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& plan,
+                          Compute compute) {
   std::string bad;
-  std::vector<WorkRow> rows;
-  std::vector<int64_t> offsets;
+  std::vector<ExpertWork> work;
   for (int me : peers.ranks) {
-    bad = BuildWorkList(peers.buffers, d, me, &rows, &offsets);
+    bad = BuildWorkList(peers.buffers, d, plan, me, &work);
     if (!bad.empty()) break;
-    compute(me, rows, offsets);
+    compute(me, work);
   }
-  if (std::string err = peers.Arrive(Phase::kComputed); !err.empty())
-    return ffi::Error::Internal(err);
+  if (std::string err = peers.Arrive(Phase::kComputed); !err.empty()) return PeerTimeout(err);
   if (!bad.empty()) return InvalidArgument(bad);
   return ffi::Error::Success();
 }
@@ -423,10 +236,35 @@ Workers ShareOfPool(const Peers& peers, const MoeDims& d, ffi::ThreadPool& pool)
   return Workers(&pool, static_cast<int>(pool.num_threads() / concurrent));
 }
 
+// out[t, :] = sum over slots of staging[t, slot, :], in slot order.
+void SumSlots(const MoeDims& d, const float* staging, void* out, int64_t out_offset) {
+  std::vector<float> row(d.hidden);
+  for (int64_t t = 0; t < d.tokens; ++t) {
+    const float* s = staging + t * d.slots * d.hidden;
+    std::copy(s, s + d.hidden, row.begin());
+    for (int slot = 1; slot < d.slots; ++slot)
+      for (int64_t j = 0; j < d.hidden; ++j) row[j] += s[slot * d.hidden + j];
+    StoreFloats(row.data(), d.hidden, out, d.x_type, out_offset + t * d.hidden);
+  }
+}
+
+PeerBuffers OwnBuffers(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
+                       const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
+                       const ffi::AnyBuffer& w_out, Staging& staging) {
+  PeerBuffers own;
+  own.x = x.untyped_data();
+  own.ids = ids.typed_data();
+  own.weights = weights.untyped_data();
+  own.w_in = w_in.untyped_data();
+  own.w_out = w_out.untyped_data();
+  own.staging = staging.typed_data();
+  return own;
+}
+
 ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
                           ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
-                          ScalarS32 rank, ScalarS32 group,
-                          uint64_t site, int32_t num_devices, int32_t emulated,
+                          PlanArray plan_workers, PlanArray plan_bounds, ScalarS32 rank,
+                          ScalarS32 group, uint64_t site, int32_t num_devices, int32_t emulated,
                           int32_t activation, int64_t timeout_ms, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<Staging> staging) {
   MoeDims d;
@@ -434,30 +272,29 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                                   activation, &d);
       err.failure())
     return err;
+  PlanView plan;
+  if (ffi::Error err = DecodePlan(plan_workers, plan_bounds, d, &plan); err.failure()) return err;
   if (y->element_type() != d.x_type || y->element_count() != x.element_count() ||
       staging->element_count() != x.element_count() / d.hidden * d.slots * d.hidden)
     return InvalidArgument("outputs must be y [T, H] in x's dtype and staging [T, S, H] float32");
   // Peers accumulate into this device's staging as soon as the publish barrier passes.
   std::memset(staging->typed_data(), 0, staging->size_bytes());
-  PeerBuffers own;
-  own.x = x.untyped_data();
-  own.ids = ids.typed_data();
-  own.weights = weights.untyped_data();
-  own.w_in = w_in.untyped_data();
-  own.w_out = w_out.untyped_data();
-  own.staging = staging->typed_data();
   Peers peers;
   const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
-  if (ffi::Error err = ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0], own,
-                                    &peers);
+  if (ffi::Error err = ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0],
+                                    OwnBuffers(x, ids, weights, w_in, w_out, *staging), &peers);
       err.failure())
     return err;
   const Workers workers = ShareOfPool(peers, d, pool);
-  if (ffi::Error err = PlanAndCompute(peers, d,
-                                      [&](int me, const std::vector<WorkRow>& rows,
-                                          const std::vector<int64_t>& offsets) {
-                                        ComputeForward(workers, peers.buffers, d, me, rows, offsets);
-                                      });
+  if (ffi::Error err = PlanAndCompute(
+          peers, d, plan,
+          [&](int, const std::vector<ExpertWork>& work) {
+            for (const ExpertWork& ew : work) {
+              const ExpertWeights w(peers.buffers[d.owner(ew.expert)], d,
+                                    ew.expert % d.experts_local);
+              ExpertForward(workers, peers.buffers, d, ew, w);
+            }
+          });
       err.failure())
     return err;
   for (int me : peers.ranks)
@@ -468,8 +305,8 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 
 ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
                            ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
-                           ffi::AnyBuffer dy, ScalarS32 rank,
-                           ScalarS32 group, uint64_t site, int32_t num_devices,
+                           PlanArray plan_workers, PlanArray plan_bounds, ffi::AnyBuffer dy,
+                           ScalarS32 rank, ScalarS32 group, uint64_t site, int32_t num_devices,
                            int32_t emulated, int32_t activation, int64_t timeout_ms,
                            ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_weights,
                            ffi::Result<ffi::AnyBuffer> dw_in, ffi::Result<ffi::AnyBuffer> dw_out,
@@ -479,6 +316,8 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
                                   activation, &d);
       err.failure())
     return err;
+  PlanView plan;
+  if (ffi::Error err = DecodePlan(plan_workers, plan_bounds, d, &plan); err.failure()) return err;
   if (dy.element_type() != d.x_type || dy.element_count() != x.element_count() ||
       dx->element_type() != d.x_type || d_weights->element_type() != d.weights_type ||
       dw_in->element_type() != d.w_type || dw_out->element_type() != d.w_type ||
@@ -490,35 +329,68 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   // Every (token, k) of a valid call is written by exactly one device; zero it anyway so a
   // failed call leaves no uninitialised memory behind.
   std::memset(d_weights->untyped_data(), 0, d_weights->size_bytes());
-  PeerBuffers own;
-  own.x = x.untyped_data();
-  own.ids = ids.typed_data();
-  own.weights = weights.untyped_data();
-  own.w_in = w_in.untyped_data();
-  own.w_out = w_out.untyped_data();
+  // One per device of this call; peers read them between the compute and release barriers.
+  std::vector<HelpedGradients> helped(emulated ? d.num_devices : 1);
+  PeerBuffers own = OwnBuffers(x, ids, weights, w_in, w_out, *staging);
   own.dy = dy.untyped_data();
-  own.staging = staging->typed_data();
   own.d_weights = d_weights->untyped_data();
+  own.helped = helped.data();
   Peers peers;
   const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
-  if (ffi::Error err = ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0], own,
-                                    &peers);
+  if (ffi::Error err =
+          ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0], own, &peers);
       err.failure())
     return err;
+  if (!peers.group)
+    for (int dev = 0; dev < d.num_devices; ++dev) peers.buffers[dev].helped = &helped[dev];
   // Weight gradients accumulate in float32 here, then round once into the outputs.
-  std::vector<float> dw_in_acc(w_in.element_count(), 0.0f), dw_out_acc(w_out.element_count(), 0.0f);
-  const int64_t per_in = d.experts_local * d.hidden * d.gate_ffn;
-  const int64_t per_out = d.experts_local * d.ffn * d.hidden;
+  const int64_t n_in = d.hidden * d.gate_ffn, n_out = d.ffn * d.hidden;
+  std::vector<float> dw_in_acc(w_in.element_count(), 0.0f);
+  std::vector<float> dw_out_acc(w_out.element_count(), 0.0f);
   const Workers workers = ShareOfPool(peers, d, pool);
-  if (ffi::Error err = PlanAndCompute(
-          peers, d,
-          [&](int me, const std::vector<WorkRow>& rows, const std::vector<int64_t>& offsets) {
-            const int64_t block = peers.group ? 0 : me;
-            ComputeBackward(workers, peers.buffers, d, me, rows, offsets,
-                            dw_in_acc.data() + block * per_in, dw_out_acc.data() + block * per_out);
-          });
-      err.failure())
-    return err;
+  ffi::Error status = PlanAndCompute(
+      peers, d, plan, [&](int me, const std::vector<ExpertWork>& work) {
+        HelpedGradients& mine = helped[peers.group ? 0 : me];
+        for (const ExpertWork& ew : work) {
+          const int owner = d.owner(ew.expert);
+          const int64_t local = ew.expert % d.experts_local;
+          const ExpertWeights w(peers.buffers[owner], d, local);
+          float *acc_in, *acc_out;
+          if (owner == me) {
+            // Emulated devices' accumulators are stacked like the outputs.
+            const int64_t block = (peers.group ? 0 : me) * d.experts_local + local;
+            acc_in = dw_in_acc.data() + block * n_in;
+            acc_out = dw_out_acc.data() + block * n_out;
+          } else {
+            mine.experts.push_back({ew.expert, std::vector<float>(n_in, 0.0f),
+                                    std::vector<float>(n_out, 0.0f)});
+            acc_in = mine.experts.back().dw_in.data();
+            acc_out = mine.experts.back().dw_out.data();
+          }
+          ExpertBackward(workers, peers.buffers, d, ew, w, acc_in, acc_out);
+        }
+      });
+  if (status.success()) {
+    // Owners add their helpers' partial weight gradients, in plan slot order.
+    for (int me : peers.ranks) {
+      for (int64_t local = 0; local < d.experts_local; ++local) {
+        const int64_t e = me * d.experts_local + local;
+        const int64_t block = (peers.group ? 0 : me) * d.experts_local + local;
+        for (int64_t s = 1; s < plan.num_slots; ++s) {
+          const int helper = plan.workers[e * plan.num_slots + s];
+          if (helper < 0 || helper == me) continue;
+          const HelpedGradients::Expert* part = peers.buffers[helper].helped->Find(e);
+          if (!part) continue;  // the helper's slice held no rows
+          for (int64_t i = 0; i < n_in; ++i) dw_in_acc[block * n_in + i] += part->dw_in[i];
+          for (int64_t i = 0; i < n_out; ++i) dw_out_acc[block * n_out + i] += part->dw_out[i];
+        }
+      }
+    }
+  }
+  // After a timeout the peers are gone: waiting at another barrier would only time out again.
+  if (status.errc() == ffi::ErrorCode::kDeadlineExceeded) return status;
+  if (std::string err = peers.Arrive(Phase::kReleased); !err.empty()) return PeerTimeout(err);
+  if (status.failure()) return status;
   for (int me : peers.ranks)
     SumSlots(d, peers.buffers[me].staging, dx->untyped_data(),
              peers.group ? 0 : me * d.tokens * d.hidden);
@@ -533,41 +405,45 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeForwardCpu, ccf::MoeForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // x [T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // expert_ids [T, K]
-                                  .Arg<ffi::AnyBuffer>()           // expert_weights [T, K]
-                                  .Arg<ffi::AnyBuffer>()           // w_in [E_local, H, G*F]
-                                  .Arg<ffi::AnyBuffer>()           // w_out [E_local, F, H]
-                                  .Arg<ccf::ScalarS32>() // rank in the EP group
-                                  .Arg<ccf::ScalarS32>() // which EP group
-                                  .Attr<uint64_t>("site")          // unique per call site
-                                  .Attr<int32_t>("num_devices")    // D
-                                  .Attr<int32_t>("emulated")       // D devices in one call
-                                  .Attr<int32_t>("activation")     // ccf::Activation
-                                  .Attr<int64_t>("timeout_ms")     // barrier timeout
-                                  .Ret<ffi::AnyBuffer>()           // y [T, H]
-                                  .Ret<ccf::Staging>() // staging [T, S, H]
+                                  .Arg<ffi::AnyBuffer>()         // x [T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids [T, K]
+                                  .Arg<ffi::AnyBuffer>()         // expert_weights [T, K]
+                                  .Arg<ffi::AnyBuffer>()         // w_in [E_local, H, G*F]
+                                  .Arg<ffi::AnyBuffer>()         // w_out [E_local, F, H]
+                                  .Arg<ccf::PlanArray>()         // plan workers [E, S]
+                                  .Arg<ccf::PlanArray>()         // plan bounds [E, S + 1]
+                                  .Arg<ccf::ScalarS32>()         // rank in the EP group
+                                  .Arg<ccf::ScalarS32>()         // which EP group
+                                  .Attr<uint64_t>("site")        // unique per call site
+                                  .Attr<int32_t>("num_devices")  // D
+                                  .Attr<int32_t>("emulated")     // D devices in one call
+                                  .Attr<int32_t>("activation")   // ccf::Activation
+                                  .Attr<int64_t>("timeout_ms")   // barrier timeout
+                                  .Ret<ffi::AnyBuffer>()         // y [T, H]
+                                  .Ret<ccf::Staging>()           // staging [T, S, H]
 );
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeBackwardCpu, ccf::MoeBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // x [T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()    // expert_ids [T, K]
-                                  .Arg<ffi::AnyBuffer>()           // expert_weights [T, K]
-                                  .Arg<ffi::AnyBuffer>()           // w_in [E_local, H, G*F]
-                                  .Arg<ffi::AnyBuffer>()           // w_out [E_local, F, H]
-                                  .Arg<ffi::AnyBuffer>()           // dy [T, H]
-                                  .Arg<ccf::ScalarS32>() // rank in the EP group
-                                  .Arg<ccf::ScalarS32>() // which EP group
-                                  .Attr<uint64_t>("site")          // unique per call site
-                                  .Attr<int32_t>("num_devices")    // D
-                                  .Attr<int32_t>("emulated")       // D devices in one call
-                                  .Attr<int32_t>("activation")     // ccf::Activation
-                                  .Attr<int64_t>("timeout_ms")     // barrier timeout
-                                  .Ret<ffi::AnyBuffer>()           // dx [T, H]
-                                  .Ret<ffi::AnyBuffer>()           // d expert_weights [T, K]
-                                  .Ret<ffi::AnyBuffer>()           // dw_in [E_local, H, G*F]
-                                  .Ret<ffi::AnyBuffer>()           // dw_out [E_local, F, H]
-                                  .Ret<ccf::Staging>() // staging [T, S, H]
+                                  .Arg<ffi::AnyBuffer>()         // x [T, H]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids [T, K]
+                                  .Arg<ffi::AnyBuffer>()         // expert_weights [T, K]
+                                  .Arg<ffi::AnyBuffer>()         // w_in [E_local, H, G*F]
+                                  .Arg<ffi::AnyBuffer>()         // w_out [E_local, F, H]
+                                  .Arg<ccf::PlanArray>()         // plan workers [E, S]
+                                  .Arg<ccf::PlanArray>()         // plan bounds [E, S + 1]
+                                  .Arg<ffi::AnyBuffer>()         // dy [T, H]
+                                  .Arg<ccf::ScalarS32>()         // rank in the EP group
+                                  .Arg<ccf::ScalarS32>()         // which EP group
+                                  .Attr<uint64_t>("site")        // unique per call site
+                                  .Attr<int32_t>("num_devices")  // D
+                                  .Attr<int32_t>("emulated")     // D devices in one call
+                                  .Attr<int32_t>("activation")   // ccf::Activation
+                                  .Attr<int64_t>("timeout_ms")   // barrier timeout
+                                  .Ret<ffi::AnyBuffer>()         // dx [T, H]
+                                  .Ret<ffi::AnyBuffer>()         // d expert_weights [T, K]
+                                  .Ret<ffi::AnyBuffer>()         // dw_in [E_local, H, G*F]
+                                  .Ret<ffi::AnyBuffer>()         // dw_out [E_local, F, H]
+                                  .Ret<ccf::Staging>()           // staging [T, S, H]
 );

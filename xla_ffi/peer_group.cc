@@ -11,7 +11,7 @@ PeerGroup::PeerGroup(int num_devices) : num_devices_(num_devices), peers_(num_de
 }
 
 std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
-  static constexpr const char* kPhaseNames[] = {"publish", "compute"};
+  static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
   Barrier& b = barriers_[static_cast<int>(phase)];
   std::unique_lock<std::mutex> lock(b.mu);
   const uint64_t generation = b.generation;

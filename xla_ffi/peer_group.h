@@ -19,6 +19,9 @@
 
 namespace ccf {
 
+// Weight gradients a device computed for experts it helped with (defined by the handlers).
+struct HelpedGradients;
+
 // The addresses one device publishes for one call. Peers only read through them after the
 // publish barrier and stop before the barrier that ends the call.
 struct PeerBuffers {
@@ -30,12 +33,15 @@ struct PeerBuffers {
   const void* dy = nullptr;       // [T, H], backward only
   float* staging = nullptr;       // [T, S, H]: peers accumulate this device's partial sums here
   void* d_weights = nullptr;      // [T, K], backward only: peers write d expert_weights here
+  const HelpedGradients* helped = nullptr;  // backward only: owners read them after compute
   // (T, H, K, F, E_local, dtype codes): every peer must agree, checked after the barrier.
   std::array<int64_t, 8> signature{};
 };
 
 // The phases of one call at which all peers meet.
-enum class Phase : int { kPublished = 0, kComputed = 1, kNumPhases = 2 };
+// kReleased (backward only) keeps helpers' weight-gradient partials alive until every owner has
+// summed them.
+enum class Phase : int { kPublished = 0, kComputed = 1, kReleased = 2, kNumPhases = 3 };
 
 class PeerGroup {
  public:

@@ -1,0 +1,154 @@
+#include "xla_ffi/expert_cpu.h"
+
+#include <algorithm>
+
+#include "xla_ffi/activation.h"
+#include "xla_ffi/host_dtype.h"
+
+namespace ccf {
+namespace {
+
+// Rows per GEMM panel: large enough for OpenBLAS to run near full rate, small enough that the
+// panel's activations stay in cache between the two GEMMs.
+constexpr int64_t kTileRows = 128;
+
+// a[i, j] = act(h[i, j]) (gated: act(h[i, j]) * h[i, F + j]); h [m, G*F] -> a [m, F].
+void ActivationForward(const MoeDims& d, int64_t m, const float* h, float* a) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* hi = h + i * d.gate_ffn;
+    float* ai = a + i * d.ffn;
+    if (IsGated(d.activation)) {
+      for (int64_t j = 0; j < d.ffn; ++j) ai[j] = ActForward(d.activation, hi[j]) * hi[d.ffn + j];
+    } else {
+      for (int64_t j = 0; j < d.ffn; ++j) ai[j] = ActForward(d.activation, hi[j]);
+    }
+  }
+}
+
+// dh = (d a / d h)^T da; h [m, G*F], da [m, F] -> dh [m, G*F].
+void ActivationBackward(const MoeDims& d, int64_t m, const float* h, const float* da, float* dh) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* hi = h + i * d.gate_ffn;
+    const float* dai = da + i * d.ffn;
+    float* dhi = dh + i * d.gate_ffn;
+    if (IsGated(d.activation)) {
+      for (int64_t j = 0; j < d.ffn; ++j) {
+        const float g = hi[j], u = hi[d.ffn + j];
+        dhi[j] = dai[j] * u * ActDerivative(d.activation, g);
+        dhi[d.ffn + j] = dai[j] * ActForward(d.activation, g);
+      }
+    } else {
+      for (int64_t j = 0; j < d.ffn; ++j) dhi[j] = dai[j] * ActDerivative(d.activation, hi[j]);
+    }
+  }
+}
+
+// out[i, :] = float(peers[rows[i].src].*field[rows[i].token, :]) for a tile of rows.
+void GatherRows(const std::vector<PeerBuffers>& peers, const void* PeerBuffers::*field,
+                const MoeDims& d, const WorkRow* rows, int64_t m, float* out) {
+  for (int64_t i = 0; i < m; ++i)
+    LoadFloats(peers[rows[i].src].*field, d.x_type, rows[i].token * d.hidden, d.hidden,
+               out + i * d.hidden);
+}
+
+float RowWeight(const std::vector<PeerBuffers>& peers, const MoeDims& d, const WorkRow& r) {
+  return LoadFloat(peers[r.src].weights, d.weights_type, r.token * d.k + r.k);
+}
+
+// staging[src][token, slot, :] += scale_i * values[i, :]: the combine write into the source.
+void AccumulateIntoSources(const std::vector<PeerBuffers>& peers, const MoeDims& d,
+                           const WorkRow* rows, int64_t m, const float* values,
+                           const float* scales) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* dst = peers[rows[i].src].staging + (rows[i].token * d.slots + rows[i].slot) * d.hidden;
+    const float* v = values + i * d.hidden;
+    const float s = scales ? scales[i] : 1.0f;
+    for (int64_t j = 0; j < d.hidden; ++j) dst[j] += s * v[j];
+  }
+}
+
+// The forward of one tile: x (m, H) gathered -> h (m, G*F) -> a (m, F) -> y (m, H).
+struct TileForward {
+  std::vector<float> x, h, a, y;
+  explicit TileForward(const MoeDims& d)
+      : x(kTileRows * d.hidden), h(kTileRows * d.gate_ffn), a(kTileRows * d.ffn),
+        y(kTileRows * d.hidden) {}
+
+  void Run(const Workers& workers, const std::vector<PeerBuffers>& peers, const MoeDims& d,
+           const ExpertWeights& w, const WorkRow* tile, int64_t m) {
+    GatherRows(peers, &PeerBuffers::x, d, tile, m, x.data());                  // (m, H)
+    Gemm(workers, false, false, m, d.gate_ffn, d.hidden, 1.0f, x.data(), d.hidden, w.w_in(),
+         d.gate_ffn, 0.0f, h.data(), d.gate_ffn);                                // (m, G*F)
+    ActivationForward(d, m, h.data(), a.data());                                 // (m, F)
+    Gemm(workers, false, false, m, d.hidden, d.ffn, 1.0f, a.data(), d.ffn, w.w_out(), d.hidden,
+         0.0f, y.data(), d.hidden);                                              // (m, H)
+  }
+};
+
+}  // namespace
+
+ExpertWeights::ExpertWeights(const PeerBuffers& owner, const MoeDims& d, int64_t local_expert) {
+  const int64_t n_in = d.hidden * d.gate_ffn, n_out = d.ffn * d.hidden;
+  if (d.w_type == xla::ffi::DataType::F32) {
+    w_in_ = static_cast<const float*>(owner.w_in) + local_expert * n_in;
+    w_out_ = static_cast<const float*>(owner.w_out) + local_expert * n_out;
+    return;
+  }
+  w_in_copy_.resize(n_in);
+  w_out_copy_.resize(n_out);
+  LoadFloats(owner.w_in, d.w_type, local_expert * n_in, n_in, w_in_copy_.data());
+  LoadFloats(owner.w_out, d.w_type, local_expert * n_out, n_out, w_out_copy_.data());
+  w_in_ = w_in_copy_.data();
+  w_out_ = w_out_copy_.data();
+}
+
+void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers,
+                   const MoeDims& d, const ExpertWork& work, const ExpertWeights& w) {
+  TileForward fwd(d);
+  std::vector<float> scale(kTileRows);
+  const int64_t n = static_cast<int64_t>(work.rows.size());
+  for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
+    const int64_t m = std::min(kTileRows, n - r0);
+    const WorkRow* tile = work.rows.data() + r0;
+    fwd.Run(workers, peers, d, w, tile, m);
+    for (int64_t i = 0; i < m; ++i) scale[i] = RowWeight(peers, d, tile[i]);
+    AccumulateIntoSources(peers, d, tile, m, fwd.y.data(), scale.data());
+  }
+}
+
+void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peers,
+                    const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
+                    float* dw_in, float* dw_out) {
+  TileForward fwd(d);
+  std::vector<float> g(kTileRows * d.hidden), da(kTileRows * d.ffn), dh(kTileRows * d.gate_ffn),
+      dx(kTileRows * d.hidden);
+  const int64_t n = static_cast<int64_t>(work.rows.size());
+  for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
+    const int64_t m = std::min(kTileRows, n - r0);
+    const WorkRow* tile = work.rows.data() + r0;
+    fwd.Run(workers, peers, d, w, tile, m);
+    GatherRows(peers, &PeerBuffers::dy, d, tile, m, g.data());                 // (m, H)
+    for (int64_t i = 0; i < m; ++i) {
+      const WorkRow& r = tile[i];
+      float* gi = g.data() + i * d.hidden;
+      const float* yi = fwd.y.data() + i * d.hidden;
+      float dot = 0.0f;
+      for (int64_t j = 0; j < d.hidden; ++j) dot += gi[j] * yi[j];
+      StoreFloats(&dot, 1, peers[r.src].d_weights, d.weights_type, r.token * d.k + r.k);
+      const float s = RowWeight(peers, d, r);
+      for (int64_t j = 0; j < d.hidden; ++j) gi[j] *= s;                      // g = w * dy
+    }
+    Gemm(workers, false, true, m, d.ffn, d.hidden, 1.0f, g.data(), d.hidden, w.w_out(),
+         d.hidden, 0.0f, da.data(), d.ffn);                                      // (m, F)
+    Gemm(workers, true, false, d.ffn, d.hidden, m, 1.0f, fwd.a.data(), d.ffn, g.data(), d.hidden,
+         1.0f, dw_out, d.hidden);                                                // (F, H)
+    ActivationBackward(d, m, fwd.h.data(), da.data(), dh.data());               // (m, G*F)
+    Gemm(workers, true, false, d.hidden, d.gate_ffn, m, 1.0f, fwd.x.data(), d.hidden, dh.data(),
+         d.gate_ffn, 1.0f, dw_in, d.gate_ffn);                                   // (H, G*F)
+    Gemm(workers, false, true, m, d.hidden, d.gate_ffn, 1.0f, dh.data(), d.gate_ffn, w.w_in(),
+         d.gate_ffn, 0.0f, dx.data(), d.hidden);                                 // (m, H)
+    AccumulateIntoSources(peers, d, tile, m, dx.data(), nullptr);
+  }
+}
+
+}  // namespace ccf

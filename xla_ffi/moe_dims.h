@@ -1,0 +1,23 @@
+// Static sizes of one fused-MoE call, per (possibly emulated) device.
+#pragma once
+
+#include <cstdint>
+
+#include "xla/ffi/api/ffi.h"
+#include "xla_ffi/activation.h"
+
+namespace ccf {
+
+struct MoeDims {
+  int64_t tokens, hidden, k, ffn, experts_local;
+  int64_t gate_ffn;  // G * F: the width of x @ w_in (G = 2 for gated activations)
+  int num_devices;
+  int slots;         // staging rows per token: one per distinct computing device, min(K, D)
+  Activation activation;
+  xla::ffi::DataType x_type, weights_type, w_type;
+
+  int64_t num_experts() const { return experts_local * num_devices; }
+  int owner(int64_t expert) const { return static_cast<int>(expert / experts_local); }
+};
+
+}  // namespace ccf

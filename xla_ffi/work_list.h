@@ -1,0 +1,47 @@
+// Which routed rows a device computes: read from every peer's expert_ids, split by the plan.
+//
+// The rows of expert e are ordered (source device, token, k); worker slot s of e computes the
+// rows [bounds[e, s], bounds[e, s + 1]) of that order (slot 0 is the owner; the last slot in
+// use is open-ended). Without reassignment the plan is one slot, the owner, for every expert.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "xla_ffi/moe_dims.h"
+#include "xla_ffi/peer_group.h"
+
+namespace ccf {
+
+// A reassignment plan: workers [E, S] (device ids, -1 unused), bounds [E, S + 1].
+struct PlanView {
+  const int32_t* workers;
+  const int32_t* bounds;
+  int64_t num_slots;  // S
+
+  int WorkerOf(const MoeDims& d, int64_t expert, int64_t position) const;
+};
+
+// "" or a message saying what is wrong with the plan.
+std::string CheckPlan(const PlanView& plan, const MoeDims& d);
+
+// One routed (token, k) pair of a source device. `slot` is the computing device's staging row
+// for that token: its rank among the token's distinct computing devices, so each staging row
+// of the source has exactly one writer.
+struct WorkRow {
+  int32_t src, token, k, slot;
+};
+
+// The rows of one expert that this device computes, in (source, token, k) order.
+struct ExpertWork {
+  int64_t expert;  // global id
+  std::vector<WorkRow> rows;
+};
+
+// `me`'s work, ascending in expert id. Checks every id of every peer, so all devices reach the
+// same verdict on bad input: returns the message for the first bad id, or "".
+std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d,
+                          const PlanView& plan, int me, std::vector<ExpertWork>* work);
+
+}  // namespace ccf
