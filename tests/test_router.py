@@ -1,0 +1,139 @@
+"""route: top-k ids and weights, the auxiliary losses against numpy, gradients, pmean."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+from jax_ccfuser import route
+from moe_cases import ep_mesh
+
+
+def _logits(tokens, experts, *, seed):
+  # Spread out so that small perturbations never change the top-k choice.
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(3 * rng.standard_normal((tokens, experts)), jnp.float32)
+
+
+def _numpy_route(logits, k):
+  """Independent float64 top-k, load-balancing loss, z-loss and counts."""
+  logits = np.asarray(logits, np.float64)
+  t, e = logits.shape
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  ids = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+  counts = np.bincount(ids.ravel(), minlength=e)
+  load_balancing = e * np.sum(counts / (t * k) * probs.mean(axis=0))
+  lse = np.log(np.exp(logits).sum(axis=1))
+  return ids, np.take_along_axis(probs, ids, axis=1), load_balancing, np.mean(lse ** 2), counts
+
+
+def test_hand_computed_losses():
+  # Equal logits: every probability is 1/4 and top-1 ties go to expert 0, so f = [1, 0, 0, 0],
+  # P = [1/4] * 4, load balancing = 4 * (1 * 1/4) = 1 and z = log(4 * e^2)^2 = (2 + log 4)^2.
+  ids, weights, aux = route(jnp.full((3, 4), 2.0), 1)
+  np.testing.assert_array_equal(ids, np.zeros((3, 1)))
+  np.testing.assert_allclose(weights, 1.0)
+  np.testing.assert_allclose(aux.load_balancing_loss, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(aux.z_loss, (2 + np.log(4)) ** 2, rtol=1e-6)
+  np.testing.assert_array_equal(aux.counts, [3, 0, 0, 0])
+  # Two tokens, two experts, k=1: p = softmax([log 3, 0]) = [3/4, 1/4] for both tokens, so
+  # f = [1, 0], P = [3/4, 1/4], load balancing = 2 * 3/4 = 3/2, z = log(4)^2.
+  _, weights, aux = route(jnp.log(jnp.array([[3.0, 1.0], [3.0, 1.0]])), 1, renormalize=False)
+  np.testing.assert_allclose(weights, 0.75, rtol=1e-6)
+  np.testing.assert_allclose(aux.load_balancing_loss, 1.5, rtol=1e-6)
+  np.testing.assert_allclose(aux.z_loss, np.log(4) ** 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens,experts,k", [(7, 8, 1), (9, 6, 2), (5, 16, 4)])
+def test_matches_numpy(tokens, experts, k):
+  logits = _logits(tokens, experts, seed=tokens)
+  ids, weights, aux = route(logits, k, renormalize=False)
+  want_ids, want_weights, want_lb, want_z, want_counts = _numpy_route(logits, k)
+  assert ids.dtype == jnp.int32 and ids.shape == (tokens, k)
+  assert weights.dtype == jnp.float32 and weights.shape == (tokens, k)
+  assert aux.counts.dtype == jnp.int32 and aux.counts.shape == (experts,)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(aux.load_balancing_loss, want_lb, rtol=1e-5)
+  np.testing.assert_allclose(aux.z_loss, want_z, rtol=1e-5)
+  np.testing.assert_array_equal(aux.counts, want_counts)
+
+
+def test_renormalize():
+  logits = _logits(11, 8, seed=1)
+  ids, weights, _ = route(logits, 3)
+  ids_raw, weights_raw, _ = route(logits, 3, renormalize=False)
+  np.testing.assert_array_equal(ids, ids_raw)
+  np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-6)
+  assert np.all(weights_raw.sum(axis=1) < 1 - 1e-4)
+  np.testing.assert_allclose(weights, weights_raw / weights_raw.sum(axis=1, keepdims=True),
+                             rtol=1e-6)
+
+
+def test_bfloat16_logits_computed_in_float32():
+  logits = _logits(6, 8, seed=2).astype(jnp.bfloat16)
+  ids, weights, aux = route(logits, 2, renormalize=False)
+  want_ids, want_weights, want_lb, want_z, _ = _numpy_route(logits.astype(jnp.float32), 2)
+  assert weights.dtype == jnp.float32 and aux.z_loss.dtype == jnp.float32
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-5)
+  np.testing.assert_allclose(aux.load_balancing_loss, want_lb, rtol=1e-5)
+  np.testing.assert_allclose(aux.z_loss, want_z, rtol=1e-5)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_gradients_reach_logits(renormalize):
+  logits = _logits(5, 6, seed=3)
+
+  def outputs(logits):
+    _, weights, aux = route(jnp.asarray(logits), 2, renormalize=renormalize)
+    return weights, aux.load_balancing_loss, aux.z_loss
+
+  check_grads(outputs, (logits,), order=1, modes=("rev",), eps=1e-2)
+  r = jnp.asarray(np.random.default_rng(4).standard_normal((5, 2)), jnp.float32)
+  for term in (lambda w, lb, z: jnp.sum(w * r), lambda w, lb, z: lb, lambda w, lb, z: z):
+    g = jax.grad(lambda l: term(*outputs(l)))(logits)
+    assert np.abs(np.asarray(g)).max() > 1e-4
+
+
+def test_pmean_over_axis_equals_global():
+  devices, tokens, experts, k = 4, 5, 8, 2
+  logits = _logits(devices * tokens, experts, seed=5)
+  # Skew the shards differently so per-device statistics differ from the global ones.
+  logits = logits.at[:tokens, 0].add(4.0)
+
+  def loss(logits, axis_name):
+    _, _, aux = route(logits, k, axis_name=axis_name)
+    return aux.load_balancing_loss + 0.1 * aux.z_loss
+
+  sharded = jax.jit(jax.shard_map(
+      lambda l: route(l, k, axis_name="ep"), mesh=ep_mesh(devices), in_specs=P("ep"),
+      out_specs=(P("ep"), P("ep"), P())))
+  ids, weights, aux = sharded(logits)
+  want_ids, want_weights, want_aux = route(logits, k)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-6)
+  np.testing.assert_allclose(aux.load_balancing_loss, want_aux.load_balancing_loss, rtol=1e-5)
+  np.testing.assert_allclose(aux.z_loss, want_aux.z_loss, rtol=1e-5)
+  np.testing.assert_array_equal(aux.counts, want_aux.counts)
+  local = route(logits[:tokens], k)[2]
+  assert abs(float(local.load_balancing_loss - want_aux.load_balancing_loss)) > 1e-2
+
+  grad_sharded = jax.jit(jax.grad(jax.shard_map(
+      lambda l: loss(l, "ep"), mesh=ep_mesh(devices), in_specs=P("ep"), out_specs=P())))
+  grad_global = jax.grad(lambda l: loss(l, None))
+  np.testing.assert_allclose(grad_sharded(logits), grad_global(logits), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("logits,k,match", [
+    (jnp.zeros((2, 3, 4)), 1, "logits must have rank 2"),
+    (jnp.zeros((3, 4), jnp.int32), 1, "logits must be a float array"),
+    (jnp.zeros((3, 4)), 0, "k=0 must be between 1 and the number of experts 4"),
+    (jnp.zeros((3, 4)), 5, "k=5 must be between 1 and the number of experts 4"),
+])
+def test_bad_arguments(logits, k, match):
+  with pytest.raises(ValueError, match=match):
+    route(logits, k)

@@ -1,0 +1,117 @@
+"""Every argument fault of the MoE entry points is a ValueError that says what is wrong."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jax_ccfuser import all_to_all_moe, reference_moe
+from jax_ccfuser._validation import axis_size, check_num_experts
+from moe_cases import Case, ep_mesh, make_inputs
+
+MOE_FNS = [reference_moe, all_to_all_moe]
+
+# T=3, H=4, F=5, E_local=2, K=2, swiglu: w_in [2, 4, 10], w_out [2, 5, 4].
+_CASE = Case(devices=1, tokens=3, hidden=4, ffn=5, experts_local=2, k=2)
+
+
+def _replace(**changes):
+  names = ("x", "expert_ids", "expert_weights", "w_in", "w_out")
+  args = dict(zip(names, make_inputs(_CASE)))
+  args.update(changes)
+  return args
+
+
+_rng = np.random.default_rng(0)
+
+
+def _array(shape, dtype=jnp.float32):
+  return jnp.asarray(_rng.standard_normal(shape), dtype)
+
+
+# (id, changed arguments, options, expected message regex)
+FAULTS = [
+    ("activation", {}, {"activation": "tanh"}, r"unknown activation 'tanh'; expected one of"),
+    ("x_rank", {"x": _array((1, 3, 4))}, {}, r"x must have rank 2, got shape \(1, 3, 4\)"),
+    ("ids_rank", {"expert_ids": jnp.zeros(3, jnp.int32)}, {},
+     r"expert_ids must have rank 2, got shape \(3,\)"),
+    ("weights_rank", {"expert_weights": _array((3, 2, 1))}, {},
+     r"expert_weights must have rank 2"),
+    ("w_in_rank", {"w_in": _array((4, 10))}, {}, r"w_in must have rank 3, got shape \(4, 10\)"),
+    ("w_out_rank", {"w_out": _array((5, 4))}, {}, r"w_out must have rank 3"),
+    ("x_dtype", {"x": jnp.ones((3, 4), jnp.int32)}, {},
+     r"x must be float32, bfloat16 or float16, got int32"),
+    ("ids_dtype", {"expert_ids": jnp.zeros((3, 2), jnp.float32)}, {},
+     r"expert_ids must be int32, got float32"),
+    ("ids_int16", {"expert_ids": jnp.zeros((3, 2), jnp.int16)}, {},
+     r"expert_ids must be int32, got int16"),
+    ("weights_dtype", {"expert_weights": _array((3, 2), jnp.float16)}, {},
+     r"expert_weights must be float32 or x's dtype \(float32\), got float16"),
+    ("w_in_dtype", {"w_in": jnp.ones((2, 4, 10), jnp.int32)}, {},
+     r"w_in must be float32, bfloat16 or float16, got int32"),
+    ("w_out_dtype", {"w_out": jnp.ones((2, 5, 4), jnp.int8)}, {},
+     r"w_out must be float32, bfloat16 or float16, got int8"),
+    ("ids_rows", {"expert_ids": jnp.zeros((4, 2), jnp.int32)}, {},
+     r"expert_ids has 4 rows but x has 3 tokens"),
+    ("weights_shape", {"expert_weights": _array((3, 1))}, {},
+     r"expert_weights shape \(3, 1\) != expert_ids shape \(3, 2\)"),
+    ("k_zero", {"expert_ids": jnp.zeros((3, 0), jnp.int32), "expert_weights": _array((3, 0))}, {},
+     r"at least one expert \(K >= 1\)"),
+    ("w_out_hidden", {"w_out": _array((2, 5, 6))}, {}, r"w_out must be \[E_local, F, H=4\]"),
+    ("w_in_not_gated_width", {"w_in": _array((2, 4, 5))}, {},
+     r"w_in must be \[2, 4, 10\] for activation 'swiglu' \(gated: \[E_local, H, 2F\]\), "
+     r"got \[2, 4, 5\]"),
+    ("w_in_gated_width", {}, {"activation": "gelu"},
+     r"w_in must be \[2, 4, 5\] for activation 'gelu' \(\[E_local, H, F\]\), got \[2, 4, 10\]"),
+    ("w_in_experts", {"w_in": _array((3, 4, 10))}, {}, r"w_in must be \[2, 4, 10\]"),
+    ("w_in_hidden", {"w_in": _array((2, 6, 10))}, {}, r"w_in must be \[2, 4, 10\]"),
+    ("no_experts", {"w_in": _array((0, 4, 10)), "w_out": _array((0, 5, 4))}, {},
+     r"no experts or an empty FFN"),
+    ("empty_ffn", {"w_in": _array((2, 4, 0)), "w_out": _array((2, 0, 4))}, {},
+     r"no experts or an empty FFN"),
+    ("unbound_axis", {}, {"axis_name": "ep"},
+     r"axis_name='ep' is not bound here: call this inside jax.shard_map"),
+]
+
+
+@pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("changes,options,match", [f[1:] for f in FAULTS],
+                         ids=[f[0] for f in FAULTS])
+def test_bad_arguments(moe_fn, changes, options, match):
+  with pytest.raises(ValueError, match=match):
+    moe_fn(**_replace(**changes), **options)
+
+
+@pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
+def test_faults_found_at_trace_time(moe_fn):
+  traced = jax.jit(functools.partial(moe_fn, activation="gelu"))
+  with pytest.raises(ValueError, match=r"w_in must be \[2, 4, 5\]"):
+    traced(**_replace())
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, -1.25, float("nan")])
+def test_bad_capacity_factor(capacity_factor):
+  with pytest.raises(ValueError, match="capacity_factor must be a positive float or None"):
+    all_to_all_moe(**_replace(), capacity_factor=capacity_factor)
+
+
+def test_axis_size():
+  assert axis_size(None) == 1
+  sizes = jax.shard_map(lambda x: jnp.full((1,), axis_size("ep")), mesh=ep_mesh(4),
+                        in_specs=P("ep"), out_specs=P("ep"))(jnp.zeros(4))
+  np.testing.assert_array_equal(sizes, [4, 4, 4, 4])
+  with pytest.raises(ValueError, match=r"axis_name='ep' is not bound here"):
+    axis_size("ep")
+
+
+def test_check_num_experts():
+  assert check_num_experts(8, 4) == 2
+  assert check_num_experts(3, 1) == 3
+  with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the expert-parallel "
+                                       r"axis size 4"):
+    check_num_experts(6, 4)
+  with pytest.raises(ValueError, match=r"num_experts=0 is not divisible"):
+    check_num_experts(0, 2)
