@@ -32,6 +32,7 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     >>> y = reference_moe(x, ids, weights, w_in, w_out, activation="gelu")
   """
   del plan
+  w_in, w_out = jnp.asarray(w_in), jnp.asarray(w_out)  # indexed by traced ids below
   check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                  axis_name=axis_name)
   if axis_name is not None:

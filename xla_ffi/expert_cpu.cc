@@ -43,12 +43,11 @@ void ActivationBackward(const MoeDims& d, int64_t m, const float* h, const float
   }
 }
 
-// out[i, :] = float(peers[rows[i].src].*field[rows[i].token, :]) for a tile of rows.
-void GatherRows(const std::vector<PeerBuffers>& peers, const void* PeerBuffers::*field,
-                const MoeDims& d, const WorkRow* rows, int64_t m, float* out) {
+// out[i, :] = fetched[rows[i].fetched, :] for a tile of rows: a local copy into the panel.
+void GatherRows(const float* fetched, const MoeDims& d, const WorkRow* rows, int64_t m,
+                float* out) {
   for (int64_t i = 0; i < m; ++i)
-    LoadFloats(peers[rows[i].src].*field, d.x_type, rows[i].token * d.hidden, d.hidden,
-               out + i * d.hidden);
+    std::copy_n(fetched + rows[i].fetched * d.hidden, d.hidden, out + i * d.hidden);
 }
 
 float RowWeight(const std::vector<PeerBuffers>& peers, const MoeDims& d, const WorkRow& r) {
@@ -74,9 +73,9 @@ struct TileForward {
       : x(kTileRows * d.hidden), h(kTileRows * d.gate_ffn), a(kTileRows * d.ffn),
         y(kTileRows * d.hidden) {}
 
-  void Run(const Workers& workers, const std::vector<PeerBuffers>& peers, const MoeDims& d,
-           const ExpertWeights& w, const WorkRow* tile, int64_t m) {
-    GatherRows(peers, &PeerBuffers::x, d, tile, m, x.data());                  // (m, H)
+  void Run(const Workers& workers, const MoeDims& d, const ExpertWeights& w,
+           const float* x_rows, const WorkRow* tile, int64_t m) {
+    GatherRows(x_rows, d, tile, m, x.data());                                    // (m, H)
     Gemm(workers, false, false, m, d.gate_ffn, d.hidden, 1.0f, x.data(), d.hidden, w.w_in(),
          d.gate_ffn, 0.0f, h.data(), d.gate_ffn);                                // (m, G*F)
     ActivationForward(d, m, h.data(), a.data());                                 // (m, F)
@@ -102,15 +101,23 @@ ExpertWeights::ExpertWeights(const PeerBuffers& owner, const MoeDims& d, int64_t
   w_out_ = w_out_copy_.data();
 }
 
+void FetchTokens(const std::vector<PeerBuffers>& peers, const void* PeerBuffers::*field,
+                 const MoeDims& d, const WorkList& work, float* out) {
+  for (size_t i = 0; i < work.tokens.size(); ++i)
+    LoadFloats(peers[work.tokens[i].src].*field, d.x_type, work.tokens[i].token * d.hidden,
+               d.hidden, out + i * d.hidden);
+}
+
 void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers,
-                   const MoeDims& d, const ExpertWork& work, const ExpertWeights& w) {
+                   const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
+                   const float* x_rows) {
   TileForward fwd(d);
   std::vector<float> scale(kTileRows);
   const int64_t n = static_cast<int64_t>(work.rows.size());
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t m = std::min(kTileRows, n - r0);
     const WorkRow* tile = work.rows.data() + r0;
-    fwd.Run(workers, peers, d, w, tile, m);
+    fwd.Run(workers, d, w, x_rows, tile, m);
     for (int64_t i = 0; i < m; ++i) scale[i] = RowWeight(peers, d, tile[i]);
     AccumulateIntoSources(peers, d, tile, m, fwd.y.data(), scale.data());
   }
@@ -118,7 +125,7 @@ void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers
 
 void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                     const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
-                    float* dw_in, float* dw_out) {
+                    const float* x_rows, const float* dy_rows, float* dw_in, float* dw_out) {
   TileForward fwd(d);
   std::vector<float> g(kTileRows * d.hidden), da(kTileRows * d.ffn), dh(kTileRows * d.gate_ffn),
       dx(kTileRows * d.hidden);
@@ -126,8 +133,8 @@ void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peer
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t m = std::min(kTileRows, n - r0);
     const WorkRow* tile = work.rows.data() + r0;
-    fwd.Run(workers, peers, d, w, tile, m);
-    GatherRows(peers, &PeerBuffers::dy, d, tile, m, g.data());                 // (m, H)
+    fwd.Run(workers, d, w, x_rows, tile, m);
+    GatherRows(dy_rows, d, tile, m, g.data());                                   // (m, H)
     for (int64_t i = 0; i < m; ++i) {
       const WorkRow& r = tile[i];
       float* gi = g.data() + i * d.hidden;

@@ -26,15 +26,22 @@ class ExpertWeights {
   std::vector<float> w_in_copy_, w_out_copy_;
 };
 
-// Forward: staging[src][token, slot] += weight[src][token, k] * FFN(x[src][token]) per row.
-void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers,
-                   const MoeDims& d, const ExpertWork& work, const ExpertWeights& w);
+// The dispatch: out [U, H] = float(peers[src].*field[token, :]) for the list's distinct
+// (source, token) rows, one read from the source each.
+void FetchTokens(const std::vector<PeerBuffers>& peers, const void* PeerBuffers::*field,
+                 const MoeDims& d, const WorkList& work, float* out);
 
-// Backward: recomputes the forward of each row from re-gathered x; writes
+// Forward: staging[src][token, slot] += weight[src][token, k] * FFN(x) per row, with x the
+// row's fetched token (`x_rows` [U, H] from FetchTokens).
+void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers,
+                   const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
+                   const float* x_rows);
+
+// Backward: recomputes the forward of each row from the fetched x; writes
 // d_weights[src][token, k]; accumulates dx partial sums into staging[src][token, slot] and the
 // weight gradients, in row order, into dw_in [H, G*F] and dw_out [F, H].
 void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                     const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
-                    float* dw_in, float* dw_out);
+                    const float* x_rows, const float* dy_rows, float* dw_in, float* dw_out);
 
 }  // namespace ccf

@@ -4,6 +4,7 @@
 #include "xla_ffi/cpu_gemm.h"
 #include "xla_ffi/moe_cpu.h"
 #include "xla_ffi/peer_group.h"
+#include "xla_ffi/traffic.h"
 
 namespace nb = nanobind;
 
@@ -28,4 +29,23 @@ NB_MODULE(_ccfuser_cpu, m) {
   });
   m.def("peer_group_count", &ccf::PeerGroupCount,
         "Live (call site, group) entries of the peer registry.");
+  m.def(
+      "traffic_records",
+      [](bool clear) {
+        nb::list out;
+        for (const ccf::Traffic& t : ccf::TrafficRecords(clear)) {
+          nb::dict r;
+          r["site"] = t.site;
+          r["rank"] = t.rank;
+          r["backward"] = t.backward;
+          r["pairs"] = t.pairs;
+          r["remote_rows_read"] = t.remote_rows_read;
+          r["remote_bytes_read"] = t.remote_bytes_read;
+          r["remote_rows_written"] = t.remote_rows_written;
+          r["remote_bytes_written"] = t.remote_bytes_written;
+          out.append(r);
+        }
+        return out;
+      },
+      nb::arg("clear") = false, "The latest call's traffic per (site, direction, rank).");
 }

@@ -27,6 +27,7 @@
 #include "xla_ffi/moe_cpu.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
+#include "xla_ffi/traffic.h"
 #include "xla_ffi/work_list.h"
 
 namespace ffi = xla::ffi;
@@ -212,6 +213,22 @@ ffi::Error DecodePlan(const PlanArray& workers, const PlanArray& bounds, const M
   return ffi::Error::Success();
 }
 
+// Records what `me` moved: `rows_per_token` token rows read per fetched remote token (x, and
+// dy backward) and one float32 partial-sum row written back per remote token.
+void Record(uint64_t site, int me, bool backward, const MoeDims& d, const WorkList& work,
+            int rows_per_token) {
+  Traffic t;
+  t.site = site;
+  t.rank = me;
+  t.backward = backward;
+  for (const ExpertWork& ew : work.experts) t.pairs += static_cast<int64_t>(ew.rows.size());
+  t.remote_rows_read = rows_per_token * work.remote_tokens;
+  t.remote_bytes_read = t.remote_rows_read * d.hidden * ffi::ByteWidth(d.x_type);
+  t.remote_rows_written = work.remote_tokens;
+  t.remote_bytes_written = t.remote_rows_written * d.hidden * sizeof(float);
+  RecordTraffic(t);
+}
+
 // Builds each device's work list and runs `compute(me, work)` for the devices of this call,
 // then meets the peers after compute. A bad id is found identically by every device, which
 // all still meet at the barrier (so nobody frees buffers a peer is reading) before returning.
@@ -219,7 +236,7 @@ template <typename Compute>
 ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& plan,
                           Compute compute) {
   std::string bad;
-  std::vector<ExpertWork> work;
+  WorkList work;
   for (int me : peers.ranks) {
     bad = BuildWorkList(peers.buffers, d, plan, me, &work);
     if (!bad.empty()) break;
@@ -288,12 +305,15 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   const Workers workers = ShareOfPool(peers, d, pool);
   if (ffi::Error err = PlanAndCompute(
           peers, d, plan,
-          [&](int, const std::vector<ExpertWork>& work) {
-            for (const ExpertWork& ew : work) {
+          [&](int me, const WorkList& work) {
+            std::vector<float> x_rows(work.tokens.size() * d.hidden);
+            FetchTokens(peers.buffers, &PeerBuffers::x, d, work, x_rows.data());
+            for (const ExpertWork& ew : work.experts) {
               const ExpertWeights w(peers.buffers[d.owner(ew.expert)], d,
                                     ew.expert % d.experts_local);
-              ExpertForward(workers, peers.buffers, d, ew, w);
+              ExpertForward(workers, peers.buffers, d, ew, w, x_rows.data());
             }
+            Record(site, me, /*backward=*/false, d, work, 1);
           });
       err.failure())
     return err;
@@ -349,9 +369,12 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   std::vector<float> dw_out_acc(w_out.element_count(), 0.0f);
   const Workers workers = ShareOfPool(peers, d, pool);
   ffi::Error status = PlanAndCompute(
-      peers, d, plan, [&](int me, const std::vector<ExpertWork>& work) {
+      peers, d, plan, [&](int me, const WorkList& work) {
         HelpedGradients& mine = helped[peers.group ? 0 : me];
-        for (const ExpertWork& ew : work) {
+        std::vector<float> x_rows(work.tokens.size() * d.hidden), dy_rows(x_rows.size());
+        FetchTokens(peers.buffers, &PeerBuffers::x, d, work, x_rows.data());
+        FetchTokens(peers.buffers, &PeerBuffers::dy, d, work, dy_rows.data());
+        for (const ExpertWork& ew : work.experts) {
           const int owner = d.owner(ew.expert);
           const int64_t local = ew.expert % d.experts_local;
           const ExpertWeights w(peers.buffers[owner], d, local);
@@ -367,8 +390,10 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
             acc_in = mine.experts.back().dw_in.data();
             acc_out = mine.experts.back().dw_out.data();
           }
-          ExpertBackward(workers, peers.buffers, d, ew, w, acc_in, acc_out);
+          ExpertBackward(workers, peers.buffers, d, ew, w, x_rows.data(), dy_rows.data(), acc_in,
+                         acc_out);
         }
+        Record(site, me, /*backward=*/true, d, work, 2);
       });
   if (status.success()) {
     // Owners add their helpers' partial weight gradients, in plan slot order.

@@ -32,7 +32,7 @@ std::string CheckPlan(const PlanView& plan, const MoeDims& d) {
 }
 
 std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d,
-                          const PlanView& plan, int me, std::vector<ExpertWork>* work) {
+                          const PlanView& plan, int me, WorkList* work) {
   const int64_t num_experts = d.num_experts();
   // rows_before[src * E + e]: rows of expert e from sources before `src`: where src's rows of
   // e start in e's (source, token, k) order.
@@ -51,6 +51,8 @@ std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& 
     }
   }
   std::vector<std::vector<WorkRow>> by_expert(num_experts);
+  work->tokens.clear();
+  work->remote_tokens = 0;
   std::vector<int64_t> position(num_experts);
   std::vector<int> device(d.k);
   for (int src = 0; src < d.num_devices; ++src) {
@@ -70,14 +72,18 @@ std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& 
         if (device[j] >= me) continue;
         slot += std::find(device.begin(), device.begin() + j, device[j]) == device.begin() + j;
       }
+      const int32_t fetched = static_cast<int32_t>(work->tokens.size());
+      work->tokens.push_back({src, static_cast<int32_t>(t)});
+      work->remote_tokens += src != me;
       for (int64_t k = 0; k < d.k; ++k)
         if (device[k] == me)
-          by_expert[row[k]].push_back({src, static_cast<int32_t>(t), static_cast<int32_t>(k), slot});
+          by_expert[row[k]].push_back(
+              {src, static_cast<int32_t>(t), static_cast<int32_t>(k), slot, fetched});
     }
   }
-  work->clear();
+  work->experts.clear();
   for (int64_t e = 0; e < num_experts; ++e)
-    if (!by_expert[e].empty()) work->push_back({e, std::move(by_expert[e])});
+    if (!by_expert[e].empty()) work->experts.push_back({e, std::move(by_expert[e])});
   return {};
 }
 

@@ -28,9 +28,9 @@ std::string CheckPlan(const PlanView& plan, const MoeDims& d);
 
 // One routed (token, k) pair of a source device. `slot` is the computing device's staging row
 // for that token: its rank among the token's distinct computing devices, so each staging row
-// of the source has exactly one writer.
+// of the source has exactly one writer. `fetched` indexes the device's fetched token rows.
 struct WorkRow {
-  int32_t src, token, k, slot;
+  int32_t src, token, k, slot, fetched;
 };
 
 // The rows of one expert that this device computes, in (source, token, k) order.
@@ -39,9 +39,23 @@ struct ExpertWork {
   std::vector<WorkRow> rows;
 };
 
-// `me`'s work, ascending in expert id. Checks every id of every peer, so all devices reach the
-// same verdict on bad input: returns the message for the first bad id, or "".
+struct SourceToken {
+  int32_t src, token;
+};
+
+// Everything one device computes in a call.
+struct WorkList {
+  std::vector<ExpertWork> experts;  // ascending expert id
+  // The distinct (source, token) rows the experts need, in (source, token) order: each is read
+  // from its source once however many of the token's K experts are here, and the results go
+  // back as one partial-sum row per (token, device).
+  std::vector<SourceToken> tokens;
+  int64_t remote_tokens = 0;  // of those, rows on other devices
+};
+
+// `me`'s work. Checks every id of every peer, so all devices reach the same verdict on bad
+// input: returns the message for the first bad id, or "".
 std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d,
-                          const PlanView& plan, int me, std::vector<ExpertWork>* work);
+                          const PlanView& plan, int me, WorkList* work);
 
 }  // namespace ccf
