@@ -6,13 +6,27 @@ the other devices' memory and hand results back through shared memory.
 
 from jax_ccfuser import _extension  # registers the FFI targets
 from jax_ccfuser._all_to_all import all_to_all_moe
+from jax_ccfuser._config import peer_timeout
+from jax_ccfuser._fused import fused_moe
+from jax_ccfuser._reassign import Plan
+from jax_ccfuser._reassign import plan_loads
+from jax_ccfuser._reassign import reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import route
+from jax_ccfuser._traffic import all_to_all_bytes
+from jax_ccfuser._traffic import peer_traffic
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "fused_moe",
+    "Plan",
+    "plan_loads",
+    "reassign",
+    "peer_timeout",
     "all_to_all_moe",
     "reference_moe",
     "route",
+    "all_to_all_bytes",
+    "peer_traffic",
 ]
