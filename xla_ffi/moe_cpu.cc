@@ -190,6 +190,8 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
   published.signature = Signature(d);
   peers->group->Publish(rank, published);
   if (std::string err = peers->Arrive(Phase::kPublished); !err.empty()) return PeerTimeout(err);
+  if (TakeInjectedFault(rank))
+    return ffi::Error::Internal("jax_ccfuser: injected fault on device " + std::to_string(rank));
   for (int dev = 0; dev < d.num_devices; ++dev) {
     peers->buffers.push_back(peers->group->peer(dev));
     if (peers->buffers.back().signature != published.signature)

@@ -1,5 +1,6 @@
 #include "xla_ffi/peer_group.h"
 
+#include <atomic>
 #include <map>
 #include <sstream>
 #include <utility>
@@ -53,6 +54,17 @@ std::shared_ptr<PeerGroup> FindPeerGroup(uint64_t site, int32_t group, int num_d
   if (!slot) slot = std::make_shared<PeerGroup>(num_devices);
   if (slot->num_devices() != num_devices) return nullptr;
   return slot;
+}
+
+namespace {
+std::atomic<int> injected_fault_rank{-1};
+}  // namespace
+
+void FailNextCallForTesting(int rank) { injected_fault_rank.store(rank); }
+
+bool TakeInjectedFault(int rank) {
+  int expected = rank;
+  return injected_fault_rank.compare_exchange_strong(expected, -1);
 }
 
 int64_t PeerGroupCount() {

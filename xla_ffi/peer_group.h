@@ -77,4 +77,9 @@ std::shared_ptr<PeerGroup> FindPeerGroup(uint64_t site, int32_t group, int num_d
 // Number of live groups, for tests that check the registry does not grow.
 int64_t PeerGroupCount();
 
+// Fault injection for tests: the next call on device `rank` of a real group fails right after
+// publishing its buffers, as a peer that crashes midway would.
+void FailNextCallForTesting(int rank);
+bool TakeInjectedFault(int rank);
+
 }  // namespace ccf
