@@ -1,0 +1,251 @@
+// Launchers of the CUDA kernels of jax_ccfuser's fused MoE, and the plain structs they take.
+//
+// This header is included by host C++ (xla_ffi/moe_cuda.cc, compiled without nvcc): it declares
+// no device code. A kernel and its launcher share a name; each stage lives in one .cu file.
+//
+// Pipeline of one forward call on one device (the handler enqueues it on XLA's stream; the host
+// never waits for the device):
+//
+//   0. The handler zeroes this device's staging and, with real peers, runs `barrier` (signal.cu):
+//      each device's inputs are ready and its staging zeroed before any peer touches them.
+//   1. work_list.cu builds the device's work list from every source's expert_ids (read straight
+//      out of peer memory): `count_pairs` classifies each (source, token, k) pair (local expert?
+//      which staging slot? id in range?) and counts pairs per (expert, chunk of pairs);
+//      `scan_counts` turns the counts into per-chunk offsets; `fill_work_list` places every local
+//      pair at its position in the fixed order (expert, source, token, k) and derives the GEMM
+//      M-tile table. No host round trip, no atomics on positions: the order is fixed.
+//   2. expert_gemm.cu runs the grouped GEMMs over that list (CuTe; persistent CTAs walk the tiles):
+//      GEMM1 gathers the A rows from the peers' x through the work list (these loads ARE the
+//      dispatch), multiplies by w_in[e] and applies the activation in its epilogue (gated: gate
+//      and up halves of one tile), writing `a` [pairs, F]; GEMM2 multiplies `a` by w_out[e] into
+//      float32 rows [pairs, H].
+//   3. combine.cu `scatter_slots` sums, for every source token with pairs here, its rows in k
+//      order times expert_weights and writes the sum into the SOURCE's staging[t, slot] (one
+//      remote row write per (token, destination device): the send-once-per-device idea).
+//   4. `barrier` again, then `combine_slots` sums this device's staging slots in slot order into y.
+//
+// The backward call recomputes on the expert's device (nothing from the forward is stored):
+// h = x @ w_in (float32); u = dy @ w_out^T with an epilogue that forms a = act(h), da = w * u,
+// dh = act'(h) * da (gated: d gate, d up), w * a for dW_out and per-tile partial dot(a, u) for
+// d_expert_weights; dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh as grouped GEMMs whose reduction
+// runs over the re-gathered rows in work-list order; dx rows = dh @ w_in^T; `scatter_slots` sends
+// the dx rows to the sources' dx staging and d_expert_weights straight into the sources' output;
+// `barrier`; `combine_slots` sums the dx slots.
+//
+// Single-GPU emulation of D devices uses the very same kernels with a peer table of D pointers
+// into stacked buffers and one work list over all D * E_local experts; stream order replaces the
+// barriers.
+//
+// Determinism: every output element is produced by one thread in a fixed order (no float
+// atomics); integer counts only decide positions.
+//
+// NOT RUN: this code was written and compiled (nvcc 13.0, sm_90a and sm_80) on a machine without
+// a GPU. No kernel here has ever executed: correctness, the memory-ordering of the peer barrier,
+// performance and the occupancy/shared-memory settings are all unverified.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "cuda/config.cuh"
+
+namespace ccf::cuda {
+
+enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// Faults found on the device. The first one wins (atomicCAS on `code`); the handler copies the
+// record back asynchronously and reports it from a later call (see xla_ffi/moe_cuda.cc).
+
+enum DeviceErrorCode : int32_t {
+  kDeviceOk = 0,
+  kBadExpertId = 1,     // source, token, k, value = the id, limit = the number of experts
+  kBarrierTimeout = 2,  // source = the peer's rank, value = its last flag, limit = the epoch
+  kRankMismatch = 3,    // value = the rank or group on the device, limit = the cached one
+};
+
+struct DeviceError {
+  int32_t code;
+  int32_t source;
+  int32_t token;
+  int32_t k;
+  int64_t value;
+  int64_t limit;
+};
+
+// ---------------------------------------------------------------------------------------------
+// work_list.cu
+
+// The routed pairs, seen from the device that builds the work list.
+struct Routing {
+  const int32_t* ids[kMaxPeers];  // each source's expert_ids [num_tokens, top_k]
+  int32_t num_sources;            // D
+  int32_t num_tokens;             // T, per source
+  int32_t top_k;                  // K
+  int32_t experts_per_device;     // E_local: device d owns experts d*E_local ... (d+1)*E_local-1
+  int32_t first_expert;           // the first expert this work list covers
+  int32_t num_experts_here;       // how many: E_local, or D * E_local when emulating
+};
+
+// One pair of the work list.
+struct WorkItem {
+  int32_t source;
+  int32_t token;
+  int32_t k;
+};
+
+// The work list and its scratch, in the device's workspace. P = D * T * K pairs.
+struct WorkList {
+  int32_t* pair_code;      // [P] local expert * kMaxPeers + staging slot, or -1 (not here/bad)
+  int32_t* pair_pos;       // [P] position in `items` (local pairs only)
+  int32_t* chunk_counts;   // [E_here, num_chunks] counts, then exclusive offsets within expert
+  int32_t* expert_count;   // [E_here]
+  int32_t* expert_offset;  // [E_here + 1] first position of each expert's pairs
+  int32_t* tile_offset;    // [E_here + 1] first GEMM M-tile of each expert
+  WorkItem* items;         // [P] in (expert, source, token, k) order
+};
+
+// Chunks of pairs the work-list kernels split P pairs into.
+int work_list_chunks(int64_t num_pairs);
+
+cudaError_t count_pairs(const Routing& routing, const WorkList& list, DeviceError* error,
+                        cudaStream_t stream);
+cudaError_t scan_counts(const Routing& routing, const WorkList& list, cudaStream_t stream);
+// `tile_m`: the M tile of the GEMMs that will walk the list (expert_gemm_tile_m).
+cudaError_t fill_work_list(const Routing& routing, const WorkList& list, int tile_m,
+                           cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// expert_gemm.cu: grouped GEMMs, one group per expert of the work list.
+
+// Which dimension runs over the expert's pairs.
+enum class GemmShape : int32_t {
+  kPairRows = 0,       // C[pair, n] = sum_k A[pair, k] B[k, n]      (M = the expert's pairs)
+  kPairReduction = 1,  // C[e][m, n] = sum_pair A[m, pair] B[pair, n] (K = the expert's pairs)
+};
+
+// Where an operand's memory rows come from. Operands are row-major in memory; a K-major operand's
+// memory rows are its M (A) or N (B) index, an MN-major operand's are its K index.
+enum class RowSource : int32_t {
+  kExpert = 0,    // row r of expert e's matrix: data + e * expert_stride + r * ld
+  kPair = 1,      // pair row: data + (work-list position) * ld
+  kGathered = 2,  // pair row read from its source: peers[item.source] + item.token * ld
+};
+
+struct GemmOperand {
+  RowSource source;
+  const void* data;              // kExpert, kPair
+  const void* peers[kMaxPeers];  // kGathered: each source's [num_tokens, ld] buffer
+  int64_t ld;                    // elements per memory row
+  int64_t expert_stride;         // kExpert: elements between experts' matrices
+};
+
+enum class Major : int32_t { kK = 0, kMN = 1 };
+
+enum class Epilogue : int32_t {
+  kActivation = 0,          // out[pair, j] = act(C) in the input dtype (gated: act(gate) * up)
+  kStoreF32 = 1,            // out[pair, n] = C, float32
+  kActivationBackward = 2,  // C = u = dy @ w_out^T: writes w*a, dh, partial dot(a, u)
+  kStoreExpert = 3,         // out[e][m, n] = C in the input dtype (weight gradients)
+};
+
+struct GemmParams {
+  GemmShape shape;
+  int32_t m, n, k;  // the fixed extents; the pair extent comes from the work list
+  // Gated GEMM1: B's columns j and n_split + j (gate and up) land in one tile, C's columns
+  // [0, BN/2) and [BN/2, BN); 0 for a plain GEMM.
+  int32_t n_split;
+  GemmOperand a, b;
+
+  // The work list (work_list.cu).
+  const WorkItem* items;
+  const int32_t* expert_offset;
+  const int32_t* tile_offset;
+  int32_t num_experts_here;
+
+  Epilogue epilogue;
+  int32_t activation;  // ccf::Activation
+  void* out;
+  int64_t out_ld;
+  int64_t out_expert_stride;  // kStoreExpert
+
+  // kActivationBackward.
+  const float* h;       // [pairs, G*F] the recomputed x @ w_in
+  void* aw;             // [pairs, F] w * act(h), input dtype
+  void* dh;             // [pairs, G*F] input dtype
+  float* dot_partial;   // [pairs, n tiles] partial dot(a, u) of each N tile
+  int32_t gated;
+  const void* weights[kMaxPeers];  // each source's expert_weights [num_tokens, top_k]
+  int32_t weights_f32;             // else the input dtype
+  int32_t top_k;
+};
+
+// The M and N tile of the GEMMs of a dtype (the same for every major combination).
+int expert_gemm_tile_m(DType dtype);
+int expert_gemm_tile_n(DType dtype);
+
+// Supported (a_major, b_major): (kK, kMN), (kK, kK), (kMN, kMN); N-major B is Major::kMN.
+cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmParams& params,
+                        int num_sms, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// combine.cu
+
+struct ScatterParams {
+  const int32_t* pair_code;  // WorkList::pair_code
+  const int32_t* pair_pos;   // WorkList::pair_pos
+  int32_t num_sources, num_tokens, top_k, hidden, num_slots;
+  const float* rows;                // [pairs, hidden] by work-list position
+  int32_t weighted;                 // multiply each row by expert_weights[t, k]
+  const void* weights[kMaxPeers];   // each source's expert_weights [num_tokens, top_k]
+  int32_t weights_f32;              // else `dtype`
+  float* staging[kMaxPeers];        // each source's staging [num_tokens, num_slots, hidden]
+  // Backward only (else null): d expert_weights[t, k] = sum of the pair's dot partials.
+  const float* dot_partial;         // [pairs, num_partials]
+  int32_t num_partials;
+  void* d_weights[kMaxPeers];       // each source's d_expert_weights [num_tokens, top_k]
+};
+
+// For every (source, token) with pairs on this device: staging[source][token, slot] = the sum of
+// its rows in k order (times the weights when `weighted`), and in the backward its
+// d_expert_weights. Ends with a system-scope fence (the rows go to peer memory).
+cudaError_t scatter_slots(DType dtype, const ScatterParams& params, cudaStream_t stream);
+
+struct CombineParams {
+  const int32_t* ids;    // [num_tokens, top_k] this device's expert_ids
+  const float* staging;  // [num_tokens, num_slots, hidden]
+  void* out;             // [num_tokens, hidden] y or dx
+  int32_t num_tokens, top_k, hidden, num_slots;
+  int32_t experts_per_device, num_experts;
+  void* d_weights;       // backward: d_expert_weights [num_tokens, top_k] (NaN at bad ids), or null
+  int32_t weights_f32;
+};
+
+// out[t] = sum of t's slots in slot order, cast to `dtype`; a token with an out-of-range id gets
+// NaN (the id is also reported through DeviceError by count_pairs).
+cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// signal.cu
+
+struct BarrierParams {
+  uint64_t* signals[kMaxPeers];  // each member's signal buffer [kMaxDevices]
+  int32_t ordinals[kMaxPeers];   // each member's device ordinal: its flag in the others' buffers
+  int32_t num_members;
+  int32_t rank;                  // this device's index in signals/ordinals
+  uint64_t epoch;                // the flag value of this barrier; rises monotonically
+  int64_t timeout_ns;
+  DeviceError* error;
+  // Optional (null to skip): check that the rank/group operands on the device still hold the
+  // values the handler cached for this call site.
+  const int32_t* rank_value;
+  const int32_t* group_value;
+  int32_t expected_group;
+};
+
+// Every member stores `epoch` into each member's flag for it (system-scope release) and waits
+// until every member's flag in its own buffer reaches `epoch` (acquire), or records a timeout.
+cudaError_t barrier(const BarrierParams& params, cudaStream_t stream);
+
+}  // namespace ccf::cuda

@@ -1,0 +1,163 @@
+// The two halves of the combine: the expert side sends each source token one summed row per
+// destination device (scatter_slots), the source side sums its slots (combine_slots).
+//
+// One warp per token; lanes stride over the hidden dimension, so every output element is summed
+// by one thread in a fixed order.
+#include <cmath>
+
+#include <cutlass/numeric_types.h>
+
+#include "cuda/api.cuh"
+#include "cuda/exception.cuh"
+
+namespace ccf::cuda {
+namespace {
+
+template <class T>
+__device__ __forceinline__ float load_weight(const void* base, int64_t index, int32_t is_f32) {
+  return is_f32 ? static_cast<const float*>(base)[index]
+                : static_cast<float>(static_cast<const T*>(base)[index]);
+}
+
+template <class T>
+__device__ __forceinline__ void store_weight(void* base, int64_t index, float value,
+                                             int32_t is_f32) {
+  if (is_f32) {
+    static_cast<float*>(base)[index] = value;
+  } else {
+    static_cast<T*>(base)[index] = T(value);
+  }
+}
+
+__device__ __forceinline__ int32_t warp_token() {
+  return blockIdx.x * kTokenWarps + threadIdx.x / 32;
+}
+
+int token_blocks(int64_t num_tokens) {
+  return static_cast<int>((num_tokens + kTokenWarps - 1) / kTokenWarps);
+}
+
+}  // namespace
+
+template <class T>
+__global__ void __launch_bounds__(kTokenThreads) scatter_slots(const ScatterParams p) {
+  const int32_t lane = threadIdx.x % 32;
+  const int32_t g = warp_token();  // source * num_tokens + token
+  if (g < p.num_sources * p.num_tokens) {
+    const int32_t source = g / p.num_tokens, token = g - source * p.num_tokens;
+    const int64_t first = static_cast<int64_t>(g) * p.top_k;  // the token's first pair
+    int32_t slot = -1;  // every pair of the token here shares this device's slot
+    for (int32_t k = 0; k < p.top_k && slot < 0; ++k) {
+      const int32_t code = p.pair_code[first + k];
+      if (code >= 0) slot = code % kMaxPeers;
+    }
+    if (slot >= 0) {
+      float* dst = p.staging[source] + (static_cast<int64_t>(token) * p.num_slots + slot) * p.hidden;
+      const int64_t weight_row = static_cast<int64_t>(token) * p.top_k;
+      for (int32_t h = lane; h < p.hidden; h += 32) {
+        float sum = 0.0f;
+        for (int32_t k = 0; k < p.top_k; ++k) {
+          if (p.pair_code[first + k] < 0) continue;
+          const float row = p.rows[static_cast<int64_t>(p.pair_pos[first + k]) * p.hidden + h];
+          sum += p.weighted ? load_weight<T>(p.weights[source], weight_row + k, p.weights_f32) * row
+                            : row;
+        }
+        dst[h] = sum;
+      }
+      if (p.dot_partial != nullptr) {
+        for (int32_t k = lane; k < p.top_k; k += 32) {
+          if (p.pair_code[first + k] < 0) continue;
+          const float* partial =
+              p.dot_partial + static_cast<int64_t>(p.pair_pos[first + k]) * p.num_partials;
+          float dot = 0.0f;
+          for (int32_t j = 0; j < p.num_partials; ++j) dot += partial[j];
+          store_weight<T>(p.d_weights[source], weight_row + k, dot, p.weights_f32);
+        }
+      }
+    }
+  }
+  // The rows went to peer memory: order them before this device's next barrier signal.
+  __threadfence_system();
+}
+
+template <class T>
+__global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombineParams p) {
+  const int32_t lane = threadIdx.x % 32;
+  const int32_t t = warp_token();
+  if (t >= p.num_tokens) return;
+  const int32_t* row = p.ids + static_cast<int64_t>(t) * p.top_k;
+
+  // Slots in use = distinct destination devices of the token's ids; a bad id poisons the row.
+  int32_t num_used = 0;
+  bool bad = false;
+  for (int32_t k = 0; k < p.top_k; ++k) {
+    const int32_t id = row[k];
+    if (id < 0 || id >= p.num_experts) {
+      bad = true;
+      continue;
+    }
+    bool first = true;
+    for (int32_t j = 0; j < k && first; ++j) {
+      const int32_t other = row[j];
+      first = !(other >= 0 && other < p.num_experts &&
+                other / p.experts_per_device == id / p.experts_per_device);
+    }
+    num_used += first;
+  }
+
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.hidden;
+  const float* slots = p.staging + static_cast<int64_t>(t) * p.num_slots * p.hidden;
+  for (int32_t h = lane; h < p.hidden; h += 32) {
+    float sum = NAN;
+    if (!bad) {
+      sum = slots[h];
+      for (int32_t s = 1; s < num_used; ++s) sum += slots[static_cast<int64_t>(s) * p.hidden + h];
+    }
+    out[h] = T(sum);
+  }
+  if (p.d_weights != nullptr) {
+    for (int32_t k = lane; k < p.top_k; k += 32) {
+      if (row[k] < 0 || row[k] >= p.num_experts) {
+        store_weight<T>(p.d_weights, static_cast<int64_t>(t) * p.top_k + k, NAN, p.weights_f32);
+      }
+    }
+  }
+}
+
+namespace {
+
+template <class T>
+cudaError_t launch_scatter(const ScatterParams& p, cudaStream_t stream) {
+  scatter_slots<T><<<token_blocks(static_cast<int64_t>(p.num_sources) * p.num_tokens),
+                     kTokenThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
+  combine_slots<T><<<token_blocks(p.num_tokens), kTokenThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t scatter_slots(DType dtype, const ScatterParams& params, cudaStream_t stream) {
+  CCF_HOST_ASSERT(params.num_sources > 0 && params.num_sources <= kMaxPeers);
+  switch (dtype) {
+    case DType::kF32: return launch_scatter<float>(params, stream);
+    case DType::kBF16: return launch_scatter<cutlass::bfloat16_t>(params, stream);
+    case DType::kF16: return launch_scatter<cutlass::half_t>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kF32: return launch_combine<float>(params, stream);
+    case DType::kBF16: return launch_combine<cutlass::bfloat16_t>(params, stream);
+    case DType::kF16: return launch_combine<cutlass::half_t>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace ccf::cuda

@@ -1,0 +1,550 @@
+// Grouped GEMMs over the work list, one group per expert, with gathered operand rows and fused
+// epilogues. CuTe builds the tiles, copies and MMAs (SM80 style: cp.async multistage pipeline,
+// ldmatrix + mma.sync for bf16/f16, which also runs on sm_90a; SIMT FMA for float32, no TF32).
+//
+// Every operand is a row-major matrix in memory whose rows may come from anywhere: an expert's
+// weight matrix, a pair's scratch row, or a pair's row read from its source device's buffer (the
+// gather: these loads are the dispatch). The gmem->smem copy therefore computes one row pointer
+// per 16-byte vector; everything after it is a plain CuTe tile pipeline.
+//
+// A persistent grid walks the tiles: (M-tile of an expert's pairs, N-tile) for GemmShape::
+// kPairRows, whose count is only known on the device (work_list.cu's tile_offset), and
+// (expert, M-tile, N-tile) for kPairReduction (weight gradients: the reduction runs over the
+// expert's pairs in work-list order, so it is deterministic).
+//
+// The epilogue goes through shared memory: the accumulator tile is stored as float32, then each
+// warp owns one row at a time and its lanes walk the columns, so stores are coalesced, gated
+// activations find the gate and up halves of a row side by side, and row reductions (the
+// d_expert_weights partial dot) have a fixed order.
+#include <algorithm>
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+
+#include "cuda/api.cuh"
+#include "cuda/exception.cuh"
+#include "xla_ffi/activation.h"
+
+namespace ccf::cuda {
+namespace {
+
+using namespace cute;
+
+// ---------------------------------------------------------------------------------------------
+// Host-side configurations: tile shape, pipeline depth, copies and MMA, as types.
+
+template <class MnCount, int kTileK, int kStages, class Atom>
+using PipelinedSmem = decltype(tile_to_shape(Atom{}, Shape<MnCount, Int<kTileK>, Int<kStages>>{}));
+
+// bf16/f16 on tensor cores: 128x128x32 CTA tile, 2x2 warps of SM80 16x8x16 MMAs (each warp
+// 64x64), 3-stage cp.async pipeline with 16-byte vectors, ldmatrix (.trans for MN-major tiles).
+template <class T, Major kA, Major kB>
+struct TensorCoreConfig {
+  using Element = T;
+  static constexpr Major kAMajor = kA, kBMajor = kB;
+  static constexpr int kTileM = 128, kTileN = 128, kTileK = 32, kStages = 3, kThreads = 128;
+
+  using MmaOp = std::conditional_t<std::is_same_v<T, bfloat16_t>, SM80_16x8x16_F32BF16BF16F32_TN,
+                                   SM80_16x8x16_F32F16F16F32_TN>;
+  using TiledMma =
+      decltype(make_tiled_mma(MmaOp{}, Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _16>{}));
+
+  // K-major: 8 rows of 32 elements (64 B), 16-byte chunks xor-swizzled by row pair, so the 8 rows
+  // an ldmatrix reads hit 8 distinct bank groups. MN-major: 8 k-rows of 64 elements (128 B).
+  using KMajorAtom = decltype(composition(Swizzle<2, 3, 3>{}, Layout<Shape<_8, _32>, Stride<_32, _1>>{}));
+  using MnMajorAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_64, _8>, Stride<_1, _64>>{}));
+  template <Major kMajor>
+  using SmemAtom = std::conditional_t<kMajor == Major::kK, KMajorAtom, MnMajorAtom>;
+  using SmemLayoutA = PipelinedSmem<Int<kTileM>, kTileK, kStages, SmemAtom<kAMajor>>;  // (BLK_M,BLK_K,PIPE)
+  using SmemLayoutB = PipelinedSmem<Int<kTileN>, kTileK, kStages, SmemAtom<kBMajor>>;  // (BLK_N,BLK_K,PIPE)
+
+  // gmem -> smem: one 16-byte cp.async per vector along the contiguous dimension.
+  using G2SVector = uint128_t;
+  using G2SOp = SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<G2SVector>;
+  template <Major kMajor>
+  using G2SCopy = decltype(make_tiled_copy(
+      Copy_Atom<G2SOp, T>{},
+      std::conditional_t<kMajor == Major::kK, Layout<Shape<_32, _4>, Stride<_4, _1>>,    // 32 rows x 4 vectors
+                         Layout<Shape<_16, _8>, Stride<_1, _16>>>{},                     // 16 vectors x 8 k-rows
+      std::conditional_t<kMajor == Major::kK, Layout<Shape<_1, _8>>, Layout<Shape<_8, _1>>>{}));
+  using G2SCopyA = G2SCopy<kAMajor>;
+  using G2SCopyB = G2SCopy<kBMajor>;
+
+  template <Major kMajor>
+  using S2RAtom = Copy_Atom<std::conditional_t<kMajor == Major::kK, SM75_U32x4_LDSM_N, SM75_U16x8_LDSM_T>, T>;
+  using S2RAtomA = S2RAtom<kAMajor>;
+  using S2RAtomB = S2RAtom<kBMajor>;
+};
+
+// float32 on CUDA cores: 128x128x8 CTA tile, 16x16 threads of FMA (8x8 outputs each), 3 stages of
+// 4-byte cp.async (no alignment demands beyond the element), smem always MN-major so the FMA
+// operands are read along M/N without bank conflicts (padded when filled from K-major rows).
+template <Major kA, Major kB>
+struct SimtConfig {
+  using Element = float;
+  static constexpr Major kAMajor = kA, kBMajor = kB;
+  static constexpr int kTileM = 128, kTileN = 128, kTileK = 8, kStages = 3, kThreads = 256;
+
+  using TiledMma = decltype(make_tiled_mma(UniversalFMA<float, float, float, float>{},
+                                           Layout<Shape<_16, _16, _1>>{}));
+
+  template <Major kMajor, int kRows>
+  using SmemAtom = std::conditional_t<kMajor == Major::kK,
+                                      Layout<Shape<Int<kRows>, Int<kTileK>>, Stride<_1, Int<kRows + 1>>>,
+                                      Layout<Shape<Int<kRows>, Int<kTileK>>, Stride<_1, Int<kRows>>>>;
+  using SmemLayoutA = PipelinedSmem<Int<kTileM>, kTileK, kStages, SmemAtom<kAMajor, kTileM>>;  // (BLK_M,BLK_K,PIPE)
+  using SmemLayoutB = PipelinedSmem<Int<kTileN>, kTileK, kStages, SmemAtom<kBMajor, kTileN>>;  // (BLK_N,BLK_K,PIPE)
+
+  using G2SVector = float;
+  using G2SOp = SM80_CP_ASYNC_CACHEALWAYS_ZFILL<G2SVector>;
+  template <Major kMajor>
+  using G2SCopy = decltype(make_tiled_copy(
+      Copy_Atom<G2SOp, float>{},
+      std::conditional_t<kMajor == Major::kK, Layout<Shape<_32, _8>, Stride<_8, _1>>,    // 32 rows x 8 k
+                         Layout<Shape<_128, _2>, Stride<_1, _128>>>{},                   // 128 mn x 2 k-rows
+      Layout<Shape<_1, _1>>{}));
+  using G2SCopyA = G2SCopy<kAMajor>;
+  using G2SCopyB = G2SCopy<kBMajor>;
+
+  using S2RAtomA = Copy_Atom<UniversalCopy<float>, float>;
+  using S2RAtomB = Copy_Atom<UniversalCopy<float>, float>;
+};
+
+template <class T, Major kAMajor, Major kBMajor>
+using GemmConfig = std::conditional_t<std::is_same_v<T, float>, SimtConfig<kAMajor, kBMajor>,
+                                      TensorCoreConfig<T, kAMajor, kBMajor>>;
+
+// What every configuration shares: the float32 epilogue tile (rows padded by 4 floats) and the
+// dynamic shared memory, reused by the epilogue after the main loop.
+template <class Config>
+struct GemmTraits {
+  static constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN;
+  using SmemLayoutC = Layout<Shape<Int<kTileM>, Int<kTileN>>, Stride<Int<kTileN + 4>, _1>>;  // (BLK_M,BLK_N)
+  static constexpr int kMainloopBytes =
+      int(sizeof(typename Config::Element)) *
+      int(cosize_v<typename Config::SmemLayoutA> + cosize_v<typename Config::SmemLayoutB>);
+  static constexpr int kEpilogueBytes = int(sizeof(float)) * int(cosize_v<SmemLayoutC>);
+  static constexpr int kSmemBytes = std::max(kMainloopBytes, kEpilogueBytes);
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tiles.
+
+struct GemmTile {
+  int32_t expert;
+  int32_t pair_begin;  // the expert's first work-list position
+  int32_t m0;          // first M index of the tile
+  int32_t n_tile;
+  int32_t m_extent;    // valid M indices: [0, m_extent)
+  int32_t k_extent;
+};
+
+// C columns of a tile -> B's N index. Gated GEMM1 puts gate columns j in the first half of the
+// tile and up columns n_split + j in the second; otherwise the map is n_tile * BN + n.
+struct ColumnMap {
+  int32_t half, base, split, extent;
+
+  __device__ __forceinline__ bool valid(int n) const { return base + n % half < extent; }
+  __device__ __forceinline__ int64_t index(int n) const {
+    return base + n % half + static_cast<int64_t>(n / half) * split;
+  }
+};
+
+template <int kTileN>
+__device__ __forceinline__ int32_t columns_per_tile(const GemmParams& p) {
+  return p.n_split != 0 ? kTileN / 2 : kTileN;
+}
+
+template <int kTileM, int kTileN>
+__device__ __forceinline__ int64_t num_units(const GemmParams& p) {
+  if (p.shape == GemmShape::kPairRows) {
+    const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
+    return static_cast<int64_t>(p.tile_offset[p.num_experts_here]) * n_tiles;
+  }
+  return static_cast<int64_t>(p.num_experts_here) * ceil_div(p.m, kTileM) * ceil_div(p.n, kTileN);
+}
+
+template <int kTileM, int kTileN>
+__device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
+  GemmTile t;
+  if (p.shape == GemmShape::kPairRows) {
+    const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
+    const int32_t m_tile = static_cast<int32_t>(unit / n_tiles);
+    t.n_tile = static_cast<int32_t>(unit % n_tiles);
+    // The last expert whose first tile is <= m_tile (experts without pairs own no tile).
+    int32_t lo = 0, hi = p.num_experts_here - 1;
+    while (lo < hi) {
+      const int32_t mid = (lo + hi + 1) / 2;
+      if (p.tile_offset[mid] <= m_tile) lo = mid; else hi = mid - 1;
+    }
+    t.expert = lo;
+    t.pair_begin = p.expert_offset[lo];
+    t.m0 = (m_tile - p.tile_offset[lo]) * kTileM;
+    t.m_extent = p.expert_offset[lo + 1] - t.pair_begin;
+    t.k_extent = p.k;
+  } else {
+    const int32_t m_tiles = ceil_div(p.m, kTileM), n_tiles = ceil_div(p.n, kTileN);
+    t.expert = static_cast<int32_t>(unit / (m_tiles * n_tiles));
+    const int32_t rest = static_cast<int32_t>(unit % (m_tiles * n_tiles));
+    t.m0 = rest / n_tiles * kTileM;
+    t.n_tile = rest % n_tiles;
+    t.pair_begin = p.expert_offset[t.expert];
+    t.m_extent = p.m;
+    t.k_extent = p.expert_offset[t.expert + 1] - t.pair_begin;
+  }
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operand loads.
+
+// A valid, aligned global address for predicated-off cp.async (which then reads 0 bytes).
+__device__ uint4 zero_fill_source;
+
+template <class T>
+__device__ __forceinline__ const T* operand_row(const GemmOperand& op, const GemmParams& p,
+                                                const GemmTile& tile, int64_t row) {
+  switch (op.source) {
+    case RowSource::kExpert:
+      return static_cast<const T*>(op.data) + tile.expert * op.expert_stride + row * op.ld;
+    case RowSource::kPair:
+      return static_cast<const T*>(op.data) + (tile.pair_begin + row) * op.ld;
+    case RowSource::kGathered: break;
+  }
+  const WorkItem item = p.items[tile.pair_begin + row];
+  return static_cast<const T*>(op.peers[item.source]) + static_cast<int64_t>(item.token) * op.ld;
+}
+
+// Issues the cp.async of one k-tile of one operand into one pipeline stage. `tXsX` and `tXcX`
+// are the thread's (CPY,CPY_MN,CPY_K) partitions of the smem stage and of the tile's (mn, k)
+// coordinates; `mn` maps tile-relative M/N indices to operand indices.
+template <class Config, Major kMajor, class MnMap, class SmemTensor, class CoordTensor>
+__device__ __forceinline__ void load_operand(const GemmParams& p, const GemmOperand& op,
+                                             const GemmTile& tile, const MnMap& mn, int32_t k0,
+                                             SmemTensor&& tXsX, const CoordTensor& tXcX) {
+  using T = typename Config::Element;
+  using Vector = typename Config::G2SVector;
+  CUTE_UNROLL
+  for (int i = 0; i < size<1>(tXsX); ++i) {
+    CUTE_UNROLL
+    for (int j = 0; j < size<2>(tXsX); ++j) {
+      const auto coord = tXcX(0, i, j);  // (mn, k) of the vector's first element
+      const int32_t k = k0 + get<1>(coord);
+      const bool valid = mn.valid(get<0>(coord)) && k < tile.k_extent;
+      const void* src = &zero_fill_source;
+      if (valid) {
+        const int64_t index = mn.index(get<0>(coord));
+        src = kMajor == Major::kK ? operand_row<T>(op, p, tile, index) + k
+                                  : operand_row<T>(op, p, tile, k) + index;
+      }
+      Config::G2SOp::copy(*static_cast<const Vector*>(src),
+                          *reinterpret_cast<Vector*>(&tXsX(0, i, j)), valid);
+    }
+  }
+}
+
+// Row indices of A: m0 + m, valid below the tile's M extent.
+struct RowMap {
+  int32_t base, extent;
+  __device__ __forceinline__ bool valid(int m) const { return base + m < extent; }
+  __device__ __forceinline__ int64_t index(int m) const { return base + m; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Epilogues: one warp per tile row, lanes over columns, reading the float32 tile from smem.
+
+template <class T>
+__device__ __forceinline__ float load_weight(const GemmParams& p, const WorkItem& item) {
+  const int64_t index = static_cast<int64_t>(item.token) * p.top_k + item.k;
+  return p.weights_f32 ? static_cast<const float*>(p.weights[item.source])[index]
+                       : static_cast<float>(static_cast<const T*>(p.weights[item.source])[index]);
+}
+
+// a = act(h) from the recomputed h; u = (dy @ w_out^T)[pos, j]. Writes w*a and dh, and returns
+// the row's dot(a, u) over this lane's columns (a rounded to the input dtype, as the forward
+// multiplies it into w_out).
+template <class T, int kTileN, class SmemC>
+__device__ __forceinline__ void activation_backward_row(const GemmParams& p, const GemmTile& tile,
+                                                        const SmemC& sC, int r, int64_t pos,
+                                                        int lane) {
+  const Activation act = static_cast<Activation>(p.activation);
+  const WorkItem item = p.items[pos];
+  const float w = load_weight<T>(p, item);
+  const int32_t f = p.n;                     // F
+  const int64_t gf = p.gated ? 2 * f : f;    // row length of h and dh
+  const float* h = p.h + pos * gf;
+  T* dh = static_cast<T*>(p.dh) + pos * gf;
+  T* aw = static_cast<T*>(p.aw) + pos * f;
+  float dot = 0.0f;
+  for (int c = lane; c < kTileN; c += 32) {
+    const int32_t j = tile.n_tile * kTileN + c;
+    if (j >= f) break;
+    const float u = sC(r, c);
+    const float da = w * u;
+    float a;
+    if (p.gated) {
+      const float gate = h[j], up = h[f + j];
+      const float act_gate = ActForward(act, gate);
+      a = act_gate * up;
+      dh[j] = T(da * up * ActDerivative(act, gate));
+      dh[f + j] = T(da * act_gate);
+    } else {
+      a = ActForward(act, h[j]);
+      dh[j] = T(da * ActDerivative(act, h[j]));
+    }
+    const float a_rounded = static_cast<float>(T(a));
+    aw[j] = T(w * a_rounded);
+    dot += a_rounded * u;
+  }
+  // Fixed butterfly: the same inputs give the same sum.
+  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+  if (lane == 0) {
+    p.dot_partial[pos * ceil_div(f, kTileN) + tile.n_tile] = dot;
+  }
+}
+
+// The epilogues each operand layout serves, so that a kernel compiles only its own: the forward
+// GEMMs and the backward recompute of h are (K, MN), the backward u and dx GEMMs (K, K), the
+// weight gradients (MN, MN).
+template <Major kAMajor, Major kBMajor>
+constexpr bool serves(Epilogue e) {
+  if (kAMajor == Major::kMN) return e == Epilogue::kStoreExpert;
+  if (kBMajor == Major::kK) return e == Epilogue::kActivationBackward || e == Epilogue::kStoreF32;
+  return e == Epilogue::kActivation || e == Epilogue::kStoreF32;
+}
+
+template <class Config, class SmemC>
+__device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC& sC) {
+  using T = typename Config::Element;
+  constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN, kWarps = Config::kThreads / 32;
+  constexpr Major kA = Config::kAMajor, kB = Config::kBMajor;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const Activation act = static_cast<Activation>(p.activation);
+  for (int r = warp; r < kTileM; r += kWarps) {
+    const int32_t row = tile.m0 + r;
+    if (row >= tile.m_extent) break;  // rows ascend with r
+    const int64_t pos = static_cast<int64_t>(tile.pair_begin) + row;  // kPairRows
+    switch (p.epilogue) {
+      case Epilogue::kActivation:
+        if constexpr (serves<kA, kB>(Epilogue::kActivation)) {
+          const int32_t cols = columns_per_tile<kTileN>(p);
+          T* out = static_cast<T*>(p.out) + pos * p.out_ld;
+          for (int c = lane; c < cols; c += 32) {
+            const int32_t j = tile.n_tile * cols + c;
+            if (j >= p.n) break;
+            const float v = p.n_split != 0 ? ActForward(act, sC(r, c)) * sC(r, c + cols)
+                                           : ActForward(act, sC(r, c));
+            out[j] = T(v);
+          }
+        }
+        break;
+      case Epilogue::kStoreF32:
+        if constexpr (serves<kA, kB>(Epilogue::kStoreF32)) {
+          float* out = static_cast<float*>(p.out) + pos * p.out_ld;
+          for (int c = lane; c < kTileN; c += 32) {
+            const int32_t j = tile.n_tile * kTileN + c;
+            if (j >= p.n) break;
+            out[j] = sC(r, c);
+          }
+        }
+        break;
+      case Epilogue::kActivationBackward:
+        if constexpr (serves<kA, kB>(Epilogue::kActivationBackward)) {
+          activation_backward_row<T, kTileN>(p, tile, sC, r, pos, lane);
+        }
+        break;
+      case Epilogue::kStoreExpert:
+        if constexpr (serves<kA, kB>(Epilogue::kStoreExpert)) {
+          T* out = static_cast<T*>(p.out) + tile.expert * p.out_expert_stride +
+                   static_cast<int64_t>(row) * p.out_ld;
+          for (int c = lane; c < kTileN; c += 32) {
+            const int32_t j = tile.n_tile * kTileN + c;
+            if (j >= p.n) break;
+            out[j] = T(sC(r, c));
+          }
+        }
+        break;
+    }
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The kernel.
+
+template <class Config>
+__global__ void __launch_bounds__(Config::kThreads)
+    expert_gemm(const __grid_constant__ GemmParams p) {
+  using T = typename Config::Element;
+  using Traits = GemmTraits<Config>;
+  using TiledMma = typename Config::TiledMma;
+  constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN, kTileK = Config::kTileK;
+  constexpr int kStages = Config::kStages;
+  using SmemLayoutA = typename Config::SmemLayoutA;
+  using SmemLayoutB = typename Config::SmemLayoutB;
+  using SmemLayoutC = typename Traits::SmemLayoutC;
+
+  CUTE_STATIC_ASSERT_V(size(TiledMma{}) == Int<Config::kThreads>{});
+  CUTE_STATIC_ASSERT_V(size(typename Config::G2SCopyA{}) == Int<Config::kThreads>{});
+  CUTE_STATIC_ASSERT_V(size(typename Config::G2SCopyB{}) == Int<Config::kThreads>{});
+  CUTE_STATIC_ASSERT_V(size<0>(SmemLayoutA{}) == Int<kTileM>{});  // BLK_M
+  CUTE_STATIC_ASSERT_V(size<0>(SmemLayoutB{}) == Int<kTileN>{});  // BLK_N
+  CUTE_STATIC_ASSERT_V(size<1>(SmemLayoutA{}) == Int<kTileK>{});  // BLK_K
+  CUTE_STATIC_ASSERT_V(size<1>(SmemLayoutB{}) == Int<kTileK>{});  // BLK_K
+  static_assert(kStages >= 2, "the pipeline needs a stage to fill while one is read");
+  static_assert(kTileN % 64 == 0, "gated halves hold whole 16-byte vectors and 32-lane rows");
+  static_assert(Config::kThreads % 32 == 0, "the epilogue works in warps");
+
+  extern __shared__ __align__(128) uint8_t smem[];
+  T* smem_a = reinterpret_cast<T*>(smem);
+  Tensor sA = make_tensor(make_smem_ptr(smem_a), SmemLayoutA{});                            // (BLK_M,BLK_K,PIPE)
+  Tensor sB = make_tensor(make_smem_ptr(smem_a + cosize_v<SmemLayoutA>), SmemLayoutB{});   // (BLK_N,BLK_K,PIPE)
+  Tensor sC = make_tensor(make_smem_ptr(reinterpret_cast<float*>(smem)), SmemLayoutC{});   // (BLK_M,BLK_N)
+
+  // gmem -> smem partitions, with the (mn, k) coordinate of every element.
+  typename Config::G2SCopyA g2s_copy_a;
+  ThrCopy g2s_a = g2s_copy_a.get_thread_slice(threadIdx.x);
+  Tensor tAsA = g2s_a.partition_D(sA);                                                      // (CPY,CPY_M,CPY_K,PIPE)
+  Tensor tAcA = g2s_a.partition_D(make_identity_tensor(Shape<Int<kTileM>, Int<kTileK>>{}));  // (CPY,CPY_M,CPY_K)
+  typename Config::G2SCopyB g2s_copy_b;
+  ThrCopy g2s_b = g2s_copy_b.get_thread_slice(threadIdx.x);
+  Tensor tBsB = g2s_b.partition_D(sB);                                                      // (CPY,CPY_N,CPY_K,PIPE)
+  Tensor tBcB = g2s_b.partition_D(make_identity_tensor(Shape<Int<kTileN>, Int<kTileK>>{}));  // (CPY,CPY_N,CPY_K)
+  static_assert(decltype(size<0>(tAsA))::value * sizeof(T) == sizeof(typename Config::G2SVector),
+                "one cp.async per A vector");
+  static_assert(decltype(size<0>(tBsB))::value * sizeof(T) == sizeof(typename Config::G2SVector),
+                "one cp.async per B vector");
+
+  // MMA partitions and the smem -> register copies that feed them.
+  TiledMma mma;
+  ThrMMA thr_mma = mma.get_slice(threadIdx.x);
+  Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));                   // (MMA,MMA_M,MMA_K)
+  Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));                   // (MMA,MMA_N,MMA_K)
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kTileM>, Int<kTileN>>{});  // (MMA,MMA_M,MMA_N)
+  Tensor tCsC = thr_mma.partition_C(sC);                                     // (MMA,MMA_M,MMA_N)
+  CUTE_STATIC_ASSERT_V(size(acc) == size(tCsC));
+
+  TiledCopy s2r_copy_a = make_tiled_copy_A(typename Config::S2RAtomA{}, mma);
+  ThrCopy s2r_a = s2r_copy_a.get_thread_slice(threadIdx.x);
+  Tensor tXsA = s2r_a.partition_S(sA);  // (CPY,MMA_M,MMA_K,PIPE)
+  Tensor tXrA = s2r_a.retile_D(tCrA);   // (CPY,MMA_M,MMA_K)
+  TiledCopy s2r_copy_b = make_tiled_copy_B(typename Config::S2RAtomB{}, mma);
+  ThrCopy s2r_b = s2r_copy_b.get_thread_slice(threadIdx.x);
+  Tensor tXsB = s2r_b.partition_S(sB);  // (CPY,MMA_N,MMA_K,PIPE)
+  Tensor tXrB = s2r_b.retile_D(tCrB);   // (CPY,MMA_N,MMA_K)
+  constexpr int kBlocksK = decltype(size<2>(tCrA))::value;
+
+  const int64_t units = num_units<kTileM, kTileN>(p);
+  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
+    const RowMap a_rows{tile.m0, tile.m_extent};
+    ColumnMap b_cols;
+    b_cols.half = columns_per_tile<kTileN>(p);
+    b_cols.base = tile.n_tile * b_cols.half;
+    b_cols.split = p.n_split;
+    b_cols.extent = p.n;
+    auto load_stage = [&](int k_tile, int stage) {
+      load_operand<Config, Config::kAMajor>(p, p.a, tile, a_rows, k_tile * kTileK, tAsA(_, _, _, stage), tAcA);
+      load_operand<Config, Config::kBMajor>(p, p.b, tile, b_cols, k_tile * kTileK, tBsB(_, _, _, stage), tBcB);
+    };
+
+    // Main loop: kStages-1 k-tiles in flight while one is multiplied.
+    clear(acc);
+    const int k_tiles = ceil_div(tile.k_extent, kTileK);
+    CUTE_UNROLL
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (s < k_tiles) load_stage(s, s);
+      cp_async_fence();
+    }
+    for (int k_tile = 0; k_tile < k_tiles; ++k_tile) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // k_tile has landed for every thread; k_tile-1's stage is free
+      const int next = k_tile + kStages - 1;
+      if (next < k_tiles) load_stage(next, next % kStages);
+      cp_async_fence();
+      const int stage = k_tile % kStages;
+      CUTE_UNROLL
+      for (int k_block = 0; k_block < kBlocksK; ++k_block) {
+        copy(s2r_copy_a, tXsA(_, _, k_block, stage), tXrA(_, _, k_block));
+        copy(s2r_copy_b, tXsB(_, _, k_block, stage), tXrB(_, _, k_block));
+        gemm(mma, tCrA(_, _, k_block), tCrB(_, _, k_block), acc);
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the epilogue reuses the pipeline's shared memory
+
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); ++i) tCsC(i) = acc(i);
+    __syncthreads();
+    epilogue<Config>(p, tile, sC);
+    __syncthreads();  // the next tile's loads overwrite sC
+  }
+}
+
+namespace {
+
+template <class T, Major kAMajor, Major kBMajor>
+cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
+  using Config = GemmConfig<T, kAMajor, kBMajor>;
+  constexpr int kSmemBytes = GemmTraits<Config>::kSmemBytes;
+  CCF_HOST_ASSERT((serves<kAMajor, kBMajor>(p.epilogue)));
+  auto* kernel = &expert_gemm<Config>;
+  CCF_CUDA_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  int per_sm = 0;
+  CCF_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, kernel, Config::kThreads, kSmemBytes));
+  CCF_HOST_ASSERT(per_sm > 0);
+  int64_t grid = static_cast<int64_t>(num_sms) * per_sm;
+  if (p.shape == GemmShape::kPairReduction) {
+    const int64_t units = static_cast<int64_t>(p.num_experts_here) *
+                          ((p.m + Config::kTileM - 1) / Config::kTileM) *
+                          ((p.n + Config::kTileN - 1) / Config::kTileN);
+    grid = std::min(grid, units);
+  }
+  if (grid == 0) return cudaSuccess;
+  kernel<<<static_cast<unsigned>(grid), Config::kThreads, kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_majors(Major a_major, Major b_major, const GemmParams& p, int num_sms,
+                          cudaStream_t stream) {
+  if (a_major == Major::kK && b_major == Major::kMN) {
+    return launch_gemm<T, Major::kK, Major::kMN>(p, num_sms, stream);
+  }
+  if (a_major == Major::kK && b_major == Major::kK) {
+    return launch_gemm<T, Major::kK, Major::kK>(p, num_sms, stream);
+  }
+  if (a_major == Major::kMN && b_major == Major::kMN) {
+    return launch_gemm<T, Major::kMN, Major::kMN>(p, num_sms, stream);
+  }
+  return cudaErrorNotSupported;
+}
+
+}  // namespace
+
+int expert_gemm_tile_m(DType dtype) {
+  return dtype == DType::kF32 ? SimtConfig<Major::kK, Major::kK>::kTileM
+                              : TensorCoreConfig<bfloat16_t, Major::kK, Major::kK>::kTileM;
+}
+
+int expert_gemm_tile_n(DType dtype) {
+  return dtype == DType::kF32 ? SimtConfig<Major::kK, Major::kK>::kTileN
+                              : TensorCoreConfig<bfloat16_t, Major::kK, Major::kK>::kTileN;
+}
+
+cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmParams& params,
+                        int num_sms, cudaStream_t stream) {
+  CCF_HOST_ASSERT(num_sms > 0);
+  CCF_HOST_ASSERT(params.num_experts_here > 0 && params.num_experts_here <= kMaxExpertsHere);
+  switch (dtype) {
+    case DType::kF32: return launch_majors<float>(a_major, b_major, params, num_sms, stream);
+    case DType::kBF16: return launch_majors<bfloat16_t>(a_major, b_major, params, num_sms, stream);
+    case DType::kF16: return launch_majors<half_t>(a_major, b_major, params, num_sms, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace ccf::cuda

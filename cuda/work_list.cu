@@ -1,0 +1,241 @@
+// The device-built work list: every (source, token, k) pair routed to an expert of this device,
+// in the fixed order (expert, source, token, k), without a host round trip.
+//
+// The P = D * T * K pairs, flattened as i = (source * T + token) * K + k, are split into chunks of
+// kPairsPerChunk; one warp owns a chunk in all three kernels. A pair's position is
+//   expert_offset[e] + (pairs of e in earlier chunks) + (pairs of e before it in its chunk),
+// so positions depend on the data only, never on scheduling.
+#include <cub/block/block_scan.cuh>
+
+#include "cuda/api.cuh"
+#include "cuda/exception.cuh"
+
+namespace ccf::cuda {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+struct PairIndex {
+  int32_t source, token, k;
+};
+
+__device__ __forceinline__ PairIndex decode_pair(const Routing& r, int32_t i) {
+  const int32_t per_source = r.num_tokens * r.top_k;
+  PairIndex p;
+  p.source = i / per_source;
+  const int32_t rest = i - p.source * per_source;
+  p.token = rest / r.top_k;
+  p.k = rest - p.token * r.top_k;
+  return p;
+}
+
+// The pair's code: local expert * kMaxPeers + slot, or -1 when its expert is elsewhere or its id
+// is out of range (recorded in `error`). The slot is the rank of this pair's device among the
+// token's distinct destination devices, ascending; out-of-range ids of the row are skipped.
+__device__ int32_t classify_pair(const Routing& r, int32_t i, DeviceError* error) {
+  const PairIndex p = decode_pair(r, i);
+  const int32_t* row = r.ids[p.source] + static_cast<int64_t>(p.token) * r.top_k;
+  const int32_t num_experts = r.num_sources * r.experts_per_device;
+  const int32_t id = row[p.k];
+  if (id < 0 || id >= num_experts) {
+    record_device_error(error, kBadExpertId, p.source, p.token, p.k, id, num_experts);
+    return -1;
+  }
+  const int32_t local = id - r.first_expert;
+  if (local < 0 || local >= r.num_experts_here) return -1;
+
+  const int32_t device = id / r.experts_per_device;
+  int32_t slot = 0;
+  for (int32_t j = 0; j < r.top_k; ++j) {
+    const int32_t idj = row[j];
+    if (idj < 0 || idj >= num_experts) continue;
+    const int32_t dj = idj / r.experts_per_device;
+    if (dj >= device) continue;
+    bool first = true;  // count each device once: at its first occurrence in the row
+    for (int32_t j2 = 0; j2 < j && first; ++j2) {
+      const int32_t id2 = row[j2];
+      first = !(id2 >= 0 && id2 < num_experts && id2 / r.experts_per_device == dj);
+    }
+    slot += first;
+  }
+  return local * kMaxPeers + slot;
+}
+
+__device__ __forceinline__ int32_t num_pairs(const Routing& r) {
+  return r.num_sources * r.num_tokens * r.top_k;
+}
+
+__device__ __forceinline__ int32_t local_expert(int32_t code) {
+  return code >= 0 ? code / kMaxPeers : -1;
+}
+
+}  // namespace
+
+int work_list_chunks(int64_t num_pairs) {
+  return static_cast<int>((num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
+}
+
+// Classifies every pair and counts each chunk's pairs per local expert.
+__global__ void __launch_bounds__(kListThreads)
+    count_pairs(const Routing r, const WorkList list, int32_t num_chunks, DeviceError* error) {
+  extern __shared__ int32_t s_counts[];  // [kListWarps, E_here]
+  const int32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int32_t* counts = s_counts + warp * r.num_experts_here;
+  const int32_t chunk = blockIdx.x * kListWarps + warp;
+  if (chunk >= num_chunks) return;  // warp-uniform; no block-wide sync below
+
+  for (int32_t e = lane; e < r.num_experts_here; e += 32) counts[e] = 0;
+  __syncwarp();
+  const int32_t total = num_pairs(r);
+  for (int32_t round = 0; round < kPairsPerChunk / 32; ++round) {
+    const int32_t i = chunk * kPairsPerChunk + round * 32 + lane;
+    int32_t e = -1;
+    if (i < total) {
+      const int32_t code = classify_pair(r, i, error);
+      list.pair_code[i] = code;
+      e = local_expert(code);
+    }
+    const unsigned same = __match_any_sync(kFullMask, e);
+    if (e >= 0 && lane == __ffs(same) - 1) counts[e] += __popc(same);
+    __syncwarp();
+  }
+  for (int32_t e = lane; e < r.num_experts_here; e += 32) {
+    list.chunk_counts[static_cast<int64_t>(e) * num_chunks + chunk] = counts[e];
+  }
+}
+
+// One block per expert: its chunk counts become exclusive offsets, its total expert_count.
+__global__ void __launch_bounds__(kListThreads)
+    scan_counts(const WorkList list, int32_t num_chunks) {
+  using BlockScan = cub::BlockScan<int32_t, kListThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  const int32_t e = blockIdx.x;
+  int32_t* counts = list.chunk_counts + static_cast<int64_t>(e) * num_chunks;
+  int32_t running = 0;
+  for (int32_t base = 0; base < num_chunks; base += kListThreads) {
+    const int32_t c = base + threadIdx.x;
+    int32_t value = c < num_chunks ? counts[c] : 0;
+    int32_t block_total;
+    BlockScan(temp).ExclusiveSum(value, value, block_total);
+    if (c < num_chunks) counts[c] = running + value;
+    running += block_total;
+    __syncthreads();  // `temp` is reused by the next round
+  }
+  if (threadIdx.x == 0) list.expert_count[e] = running;
+}
+
+// Places every local pair at its position. Each block first derives the expert offsets (a scan
+// of E_here counts, cheaper to redo than to launch for); block 0 publishes them and the M-tile
+// table for the GEMMs.
+__global__ void __launch_bounds__(kListThreads)
+    fill_work_list(const Routing r, const WorkList list, int32_t num_chunks, int32_t tile_m) {
+  constexpr int kItems = kMaxExpertsHere / kListThreads;
+  static_assert(kMaxExpertsHere % kListThreads == 0, "experts split evenly over the threads");
+  using BlockScan = cub::BlockScan<int32_t, kListThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  __shared__ int32_t s_offset[kMaxExpertsHere];
+  extern __shared__ int32_t s_run[];  // [kListWarps, E_here] next position per expert
+
+  const int32_t experts = r.num_experts_here;
+  int32_t values[kItems];
+  for (int j = 0; j < kItems; ++j) {
+    const int32_t e = threadIdx.x * kItems + j;
+    values[j] = e < experts ? list.expert_count[e] : 0;
+  }
+  int32_t total;
+  BlockScan(temp).ExclusiveSum(values, values, total);
+  for (int j = 0; j < kItems; ++j) {
+    const int32_t e = threadIdx.x * kItems + j;
+    if (e < experts) s_offset[e] = values[j];
+  }
+  if (blockIdx.x == 0) {
+    for (int j = 0; j < kItems; ++j) {
+      const int32_t e = threadIdx.x * kItems + j;
+      if (e < experts) {
+        list.expert_offset[e] = values[j];
+        const int32_t count = list.expert_count[e];
+        values[j] = (count + tile_m - 1) / tile_m;
+      } else {
+        values[j] = 0;
+      }
+    }
+    __syncthreads();  // `temp` is reused
+    int32_t total_tiles;
+    BlockScan(temp).ExclusiveSum(values, values, total_tiles);
+    for (int j = 0; j < kItems; ++j) {
+      const int32_t e = threadIdx.x * kItems + j;
+      if (e < experts) list.tile_offset[e] = values[j];
+    }
+    if (threadIdx.x == 0) {
+      list.expert_offset[experts] = total;
+      list.tile_offset[experts] = total_tiles;
+    }
+  }
+  __syncthreads();
+
+  const int32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int32_t chunk = blockIdx.x * kListWarps + warp;
+  if (chunk >= num_chunks) return;
+  int32_t* run = s_run + warp * experts;
+  for (int32_t e = lane; e < experts; e += 32) {
+    run[e] = s_offset[e] + list.chunk_counts[static_cast<int64_t>(e) * num_chunks + chunk];
+  }
+  __syncwarp();
+  const int32_t all = num_pairs(r);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int32_t round = 0; round < kPairsPerChunk / 32; ++round) {
+    const int32_t i = chunk * kPairsPerChunk + round * 32 + lane;
+    const int32_t e = i < all ? local_expert(list.pair_code[i]) : -1;
+    const unsigned same = __match_any_sync(kFullMask, e);
+    const int32_t rank = __popc(same & lanes_below);
+    if (e >= 0) {
+      const int32_t pos = run[e] + rank;
+      const PairIndex p = decode_pair(r, i);
+      list.items[pos] = WorkItem{p.source, p.token, p.k};
+      list.pair_pos[i] = pos;
+    }
+    __syncwarp();
+    if (e >= 0 && rank == 0) run[e] += __popc(same);
+    __syncwarp();
+  }
+}
+
+namespace {
+
+int list_blocks(int num_chunks) { return (num_chunks + kListWarps - 1) / kListWarps; }
+
+size_t run_bytes(const Routing& r) {
+  return sizeof(int32_t) * static_cast<size_t>(kListWarps) * r.num_experts_here;
+}
+
+}  // namespace
+
+cudaError_t count_pairs(const Routing& routing, const WorkList& list, DeviceError* error,
+                        cudaStream_t stream) {
+  CCF_HOST_ASSERT(routing.num_experts_here > 0 && routing.num_experts_here <= kMaxExpertsHere);
+  CCF_HOST_ASSERT(routing.num_sources > 0 && routing.num_sources <= kMaxPeers);
+  const int num_chunks = work_list_chunks(static_cast<int64_t>(routing.num_sources) *
+                                          routing.num_tokens * routing.top_k);
+  count_pairs<<<list_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
+      routing, list, num_chunks, error);
+  return cudaGetLastError();
+}
+
+cudaError_t scan_counts(const Routing& routing, const WorkList& list, cudaStream_t stream) {
+  const int num_chunks = work_list_chunks(static_cast<int64_t>(routing.num_sources) *
+                                          routing.num_tokens * routing.top_k);
+  scan_counts<<<routing.num_experts_here, kListThreads, 0, stream>>>(list, num_chunks);
+  return cudaGetLastError();
+}
+
+cudaError_t fill_work_list(const Routing& routing, const WorkList& list, int tile_m,
+                           cudaStream_t stream) {
+  CCF_HOST_ASSERT(tile_m > 0);
+  const int num_chunks = work_list_chunks(static_cast<int64_t>(routing.num_sources) *
+                                          routing.num_tokens * routing.top_k);
+  fill_work_list<<<list_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
+      routing, list, num_chunks, tile_m);
+  return cudaGetLastError();
+}
+
+}  // namespace ccf::cuda
