@@ -1,0 +1,121 @@
+"""The math the Flax MoE layers share: route, then run one MoE path over the expert-parallel axis.
+
+`jax_ccfuser.nnx.MoE` and `jax_ccfuser.linen.MoE` hold the parameters; both call `MoESpec` with
+them, so the two layers compute the same function by construction.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec as P
+
+from jax_ccfuser._all_to_all import all_to_all_moe
+from jax_ccfuser._ffn import ACTIVATIONS
+from jax_ccfuser._fused import fused_moe
+from jax_ccfuser._reference import reference_moe
+from jax_ccfuser._router import RouterAux, route
+
+DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": reference_moe}
+
+
+def expert_axis(axis_name):
+  """How a layer with expert axis `axis_name` runs where it is called.
+
+  Returns:
+    `None` when there is nothing to map over (no axis, or no mesh set: one device holds all
+    experts); `"manual"` inside a `jax.shard_map` that already maps `axis_name`; `"map"` when a
+    mesh with that axis is set (`jax.set_mesh`) and the layer must enter `shard_map` itself.
+  """
+  if axis_name is None:
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  if axis_name not in mesh.axis_names:
+    raise ValueError(f"the mesh in context has axes {mesh.axis_names}, not the expert axis "
+                     f"{axis_name!r}; set a mesh with that axis or pass axis_name=None")
+  kind = mesh.axis_types[mesh.axis_names.index(axis_name)]
+  return "manual" if kind == AxisType.Manual else "map"
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+  """The static options of an MoE layer, checked once when the layer is built.
+
+  Attributes:
+    num_experts: E, all experts of the layer (split evenly over the expert axis).
+    k: experts per token.
+    activation: "swiglu", "geglu", "gelu", "relu" or "silu".
+    dispatch: "fused" (`fused_moe`), "all_to_all" (`all_to_all_moe`) or "reference"
+      (`reference_moe`).
+    capacity_factor: `None` (dropless) or a positive float; only for dispatch="all_to_all".
+    axis_name: the expert-parallel mesh axis, or `None`.
+    renormalize: rescale each token's k router weights to sum to 1.
+  """
+  num_experts: int
+  k: int
+  activation: str
+  dispatch: str
+  capacity_factor: float | None
+  axis_name: str | None
+  renormalize: bool
+
+  def __post_init__(self):
+    if not 1 <= self.k <= self.num_experts:
+      raise ValueError(f"k={self.k} must be between 1 and num_experts={self.num_experts}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {self.activation!r}; expected one of "
+                       f"{sorted(ACTIVATIONS)}")
+    if self.dispatch not in DISPATCH:
+      raise ValueError(f"unknown dispatch {self.dispatch!r}; expected one of {sorted(DISPATCH)}")
+    if self.capacity_factor is not None and self.dispatch != "all_to_all":
+      raise ValueError(f"capacity_factor applies to dispatch='all_to_all' only, not "
+                       f"{self.dispatch!r} (the fused and reference paths are dropless)")
+
+  @property
+  def gated(self) -> bool:
+    return ACTIVATIONS[self.activation].gated
+
+  def expert_sharding(self) -> tuple:
+    """Partitioning of w_in / w_out: the expert dimension over `axis_name`, the rest whole."""
+    return (self.axis_name, None, None)
+
+  def _local(self, x, logits, w_in, w_out, *, axis_name):
+    """One device's share: `x` [T, H], `logits` [T, E] float32 -> (y [T, H], RouterAux)."""
+    ids, weights, aux = route(logits, self.k, renormalize=self.renormalize, axis_name=axis_name)
+    options = {} if self.capacity_factor is None else {"capacity_factor": self.capacity_factor}
+    y = DISPATCH[self.dispatch](x, ids, weights, w_in, w_out, axis_name=axis_name,
+                                activation=self.activation, **options)
+    return y, aux
+
+  def __call__(self, x, logits, w_in, w_out):
+    """Routes every token and runs the experts.
+
+    Args:
+      x: `[..., H]` in the compute dtype, the tokens (when mapped: split over the expert axis
+        along the flattened leading dimensions).
+      logits: `[..., E]` float32, the router's output for `x`.
+      w_in: `[E, H, 2F]` (gated) or `[E, H, F]`, the compute dtype.
+      w_out: `[E, F, H]`, the compute dtype.
+
+    Returns:
+      `(y, aux)`: y `[..., H]` in x's dtype and the `RouterAux` of the whole batch.
+    """
+    lead, h = x.shape[:-1], x.shape[-1]
+    x, logits = x.reshape(-1, h), logits.reshape(-1, self.num_experts)
+    mode = expert_axis(self.axis_name)
+    if mode == "map":
+      size = jax.sharding.get_abstract_mesh().shape[self.axis_name]
+      if x.shape[0] % size:
+        raise ValueError(f"{x.shape[0]} tokens do not split evenly over the {size} devices of "
+                         f"expert axis {self.axis_name!r}")
+      axis = P(self.axis_name)
+      body = functools.partial(self._local, axis_name=self.axis_name)
+      y, aux = jax.shard_map(body, in_specs=(axis, axis, axis, axis),
+                             out_specs=(axis, RouterAux(P(), P(), P())))(x, logits, w_in, w_out)
+    else:
+      y, aux = self._local(x, logits, w_in, w_out,
+                           axis_name=self.axis_name if mode == "manual" else None)
+    return y.reshape(*lead, h), aux

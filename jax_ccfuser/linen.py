@@ -1,0 +1,90 @@
+"""Flax Linen Mixture-of-Experts layer: the twin of `jax_ccfuser.nnx.MoE`, same math and parameters.
+
+Examples:
+  >>> from jax_ccfuser.linen import MoE
+  >>> layer = MoE(num_experts=16, ffn=128, k=2)
+  >>> variables = layer.init(jax.random.key(0), x)   # x [B, S, H]
+  >>> y, aux = layer.apply(variables, x)
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.typing import Dtype, Initializer
+
+from jax_ccfuser._moe_layer import MoESpec
+from jax_ccfuser._router import RouterAux
+
+# Fan-in scaling per expert: dimension 0 indexes experts, so it counts toward neither fan.
+default_expert_init = nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class MoE(nn.Module):
+  """A top-k routed Mixture-of-Experts FFN with expert parallelism (Linen).
+
+  Parameters, as in `jax_ccfuser.nnx.MoE`: `router/kernel` `[H, E]`, `w_in` `[E, H, 2F]` (gated,
+  gate half first) or `[E, H, F]`, `w_out` `[E, F, H]`; H is read from the input. With an
+  `axis_name` the expert weights are boxed as `nn.Partitioned` over `(axis_name, None, None)`
+  (`nn.get_partition_spec(variables)` gives their specs). Calls run exactly as the NNX layer's:
+  under `jax.shard_map` over `axis_name` when a mesh with that axis is set, directly inside a
+  `shard_map` that maps it already, and on one device otherwise. The router computes in float32.
+
+  `__call__` returns `(y, aux)`: y `[..., H]` and a `RouterAux` (`load_balancing_loss`, `z_loss`:
+  float32 scalars of the whole batch, unscaled; `counts`: `[E]` int32 expert load).
+
+  Attributes:
+    num_experts: E, divisible by the size of the expert axis.
+    ffn: F, each expert's hidden width.
+    k: experts per token.
+    activation: "swiglu", "geglu", "gelu", "relu" or "silu".
+    dispatch: "fused", "all_to_all" or "reference".
+    capacity_factor: for dispatch="all_to_all": `None` (dropless) or a positive float.
+    axis_name: the expert-parallel mesh axis, or `None`.
+    renormalize: rescale each token's k router weights to sum to 1.
+    dtype: the experts' compute dtype; `None` promotes the input and parameter dtypes.
+    param_dtype: the parameters' storage dtype.
+    kernel_init: initializer of `w_in` and `w_out`.
+    router_init: initializer of the router kernel.
+
+  Examples:
+    >>> layer = MoE(num_experts=4, ffn=32, axis_name=None)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 5, 16)))
+    >>> y, aux = layer.apply(variables, jnp.ones((2, 5, 16)))
+  """
+  num_experts: int
+  ffn: int
+  k: int = 2
+  activation: str = "swiglu"
+  dispatch: str = "fused"
+  capacity_factor: float | None = None
+  axis_name: str | None = "expert"
+  renormalize: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = default_expert_init
+  router_init: Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterAux]:
+    """Runs the layer.
+
+    Args:
+      x: `[..., H]` float32/bfloat16, the tokens.
+
+    Returns:
+      `(y, aux)`: y `[..., H]` in the compute dtype and the layer's `RouterAux`.
+    """
+    spec = MoESpec(num_experts=self.num_experts, k=self.k, activation=self.activation,
+                   dispatch=self.dispatch, capacity_factor=self.capacity_factor,
+                   axis_name=self.axis_name, renormalize=self.renormalize)
+    h, e, g = x.shape[-1], self.num_experts, 2 if spec.gated else 1
+    init = self.kernel_init
+    if self.axis_name is not None:
+      init = nn.with_partitioning(init, spec.expert_sharding())
+    w_in = self.param("w_in", init, (e, h, g * self.ffn), self.param_dtype)
+    w_out = self.param("w_out", init, (e, self.ffn, h), self.param_dtype)
+    logits = nn.Dense(e, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
+                      kernel_init=self.router_init, name="router")(x)
+    x, w_in, w_out = nn.dtypes.promote_dtype(x, w_in, w_out, dtype=self.dtype)
+    return spec(x, logits, w_in, w_out)

@@ -1,0 +1,106 @@
+"""Flax NNX Mixture-of-Experts layer: a router and expert FFNs sharded over an expert-parallel axis.
+
+Examples:
+  >>> from flax import nnx
+  >>> from jax_ccfuser.nnx import MoE
+  >>> mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  >>> with jax.set_mesh(mesh):
+  ...   moe = MoE(64, 128, 16, k=2, rngs=nnx.Rngs(0))  # w_in/w_out split 2 experts per device
+  ...   y, aux = nnx.jit(lambda m, x: m(x))(moe, x)     # x [B, S, 64]; B*S divisible by 8
+  >>> loss = task_loss + 1e-2 * aux.load_balancing_loss + 1e-3 * aux.z_loss
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, Initializer
+
+from jax_ccfuser._moe_layer import MoESpec, expert_axis
+from jax_ccfuser._router import RouterAux
+
+# Fan-in scaling per expert: dimension 0 indexes experts, so it counts toward neither fan.
+default_expert_init = nnx.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class MoE(nnx.Module):
+  """A top-k routed Mixture-of-Experts FFN with expert parallelism.
+
+  Parameters: `router.kernel` `[H, E]` (replicated), `w_in` `[E, H, 2F]` for gated activations
+  (gate half first) or `[E, H, F]`, and `w_out` `[E, F, H]`. The expert weights carry
+  `out_sharding=(axis_name, None, None)`: made under a mesh with that axis (`jax.set_mesh`) they
+  are placed as they are created (Flax's eager sharding), device d holding experts
+  `d * E / D ... (d + 1) * E / D - 1`; made without one they keep the annotation for later use
+  (`nnx.get_partition_spec`) and stay where they are.
+
+  When called with such a mesh set, the layer enters `jax.shard_map` over `axis_name`: the
+  tokens (the leading dimensions of `x`, flattened) are split evenly over that axis and each
+  device routes its own tokens and serves its own experts. Inside a `shard_map` that already maps
+  `axis_name`, it calls the MoE op directly on the shards it is given. With `axis_name=None`, or
+  no mesh set, one device holds all experts.
+
+  The router computes in float32 whatever `dtype` is (the top-k choice and the z-loss are
+  sensitive to rounding); the experts compute in `dtype`.
+
+  Returns of `__call__`: `(y, aux)`, the router's auxiliary losses returned rather than sown so
+  that a loss function adds them without collecting state (`RouterAux`: `load_balancing_loss`
+  and `z_loss`, float32 scalars of the whole batch, unscaled; `counts`, `[E]` int32, the
+  (token, k) assignments per expert, the layer's expert load).
+
+  Args:
+    hidden: H, the model width.
+    ffn: F, each expert's hidden width.
+    num_experts: E, divisible by the size of the expert axis.
+    k: experts per token.
+    activation: "swiglu", "geglu", "gelu", "relu" or "silu".
+    dispatch: "fused" (`jax_ccfuser.fused_moe`), "all_to_all" (`jax_ccfuser.all_to_all_moe`)
+      or "reference" (`jax_ccfuser.reference_moe`). The parameters do not depend on it.
+    capacity_factor: for dispatch="all_to_all": `None` (dropless) or a positive float.
+    axis_name: the expert-parallel mesh axis, or `None`.
+    renormalize: rescale each token's k router weights to sum to 1.
+    dtype: the experts' compute dtype; `None` promotes the input and parameter dtypes.
+    param_dtype: the parameters' storage dtype.
+    kernel_init: initializer of `w_in` and `w_out`.
+    router_init: initializer of the router kernel.
+    rngs: the `params` stream initializes the weights.
+
+  Examples:
+    >>> moe = MoE(16, 32, 4, k=2, axis_name=None, rngs=nnx.Rngs(0))
+    >>> y, aux = moe(jnp.ones((2, 5, 16)))  # y [2, 5, 16]; aux.counts [4], sums to 2 * 5 * 2
+  """
+
+  def __init__(self, hidden: int, ffn: int, num_experts: int, *, k: int = 2,
+               activation: str = "swiglu", dispatch: str = "fused",
+               capacity_factor: float | None = None, axis_name: str | None = "expert",
+               renormalize: bool = True, dtype: Dtype | None = None,
+               param_dtype: Dtype = jnp.float32, kernel_init: Initializer = default_expert_init,
+               router_init: Initializer = nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
+    self.spec = MoESpec(
+        num_experts=num_experts, k=k, activation=activation, dispatch=dispatch,
+        capacity_factor=capacity_factor, axis_name=axis_name, renormalize=renormalize)
+    self.dtype = dtype
+    self.router = nnx.Linear(hidden, num_experts, use_bias=False, dtype=jnp.float32,
+                             param_dtype=param_dtype, kernel_init=router_init, rngs=rngs)
+    g = 2 if self.spec.gated else 1
+    # Annotated always; placed now only when a mesh with the axis is set (eager sharding needs one).
+    sharding = {} if axis_name is None else {
+        "out_sharding": self.spec.expert_sharding(),
+        "eager_sharding": expert_axis(axis_name) is not None}
+    self.w_in = nnx.Param(kernel_init(rngs.params(), (num_experts, hidden, g * ffn), param_dtype),
+                          **sharding)
+    self.w_out = nnx.Param(kernel_init(rngs.params(), (num_experts, ffn, hidden), param_dtype),
+                           **sharding)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterAux]:
+    """Runs the layer.
+
+    Args:
+      x: `[..., H]` float32/bfloat16, the tokens.
+
+    Returns:
+      `(y, aux)`: y `[..., H]` in the compute dtype; aux a `RouterAux` (see the class docstring).
+    """
+    logits = self.router(x)
+    x, w_in, w_out = nnx.nn.dtypes.promote_dtype((x, self.w_in[...], self.w_out[...]),
+                                                 dtype=self.dtype)
+    return self.spec(x, logits, w_in, w_out)

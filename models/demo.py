@@ -1,0 +1,193 @@
+"""`python -m models.demo`: train the MoE LM with expert parallelism, fused path vs all-to-all.
+
+On `--devices` simulated CPU devices (one mesh axis, "expert": each device holds E / D experts and
+B / D sequences), trains `MoeLM` on the standard library's `.py` sources with
+`dispatch="fused"`, then the same steps from the same initialization with
+`dispatch="all_to_all"`, prints how closely the two loss curves agree and a generated sample,
+and writes `<out>/metrics.json` and `<out>/report.png`. Checkpoints go to
+`<out>/checkpoints/<dispatch>`; `--resume` continues from them (without it a run starts afresh).
+"""
+
+import argparse
+import json
+import pathlib
+import shutil
+
+import jax
+import matplotlib
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType
+from tqdm import tqdm
+
+matplotlib.use("Agg")  # the report is a file; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+from models.moe_lm import LMConfig, MoeLM
+from models.train import (TrainConfig, batch_placer, checkpoint_manager, evaluate, generate,
+                          load_corpus, make_optimizer, restore, train)
+
+DISPATCHES = ("fused", "all_to_all")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m models.demo", description=__doc__,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--steps", type=int, default=100, help="training steps per path")
+  p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (the EP group)")
+  p.add_argument("--experts", type=int, default=8, help="experts per MoE block")
+  p.add_argument("--k", type=int, default=2, help="experts per token")
+  p.add_argument("--layers", type=int, default=2, help="transformer blocks")
+  p.add_argument("--hidden", type=int, default=64, help="model width")
+  p.add_argument("--heads", type=int, default=4, help="attention heads")
+  p.add_argument("--ffn", type=int, default=128, help="hidden width of each expert")
+  p.add_argument("--seq-len", type=int, default=128, help="context length in bytes")
+  p.add_argument("--batch", type=int, default=16, help="sequences per step")
+  p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+  p.add_argument("--seed", type=int, default=0, help="initialization and data order")
+  p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+  p.add_argument("--eval-batches", type=int, default=8, help="validation batches")
+  p.add_argument("--max-corpus-bytes", type=int, default=None,
+                 help="read at most this much of the standard library (default: all of it)")
+  p.add_argument("--prompt", default="def ", help="start of the generated sample")
+  p.add_argument("--sample-bytes", type=int, default=200, help="length of the generated sample")
+  p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0: greedy")
+  p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo_out"),
+                 help="where metrics.json, report.png and checkpoints go")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the checkpoints in --out instead of starting afresh")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  args = p.parse_args(argv)
+  if args.experts % args.devices:
+    p.error(f"--experts {args.experts} must be divisible by --devices {args.devices}")
+  if args.batch % args.devices:
+    p.error(f"--batch {args.batch} must be divisible by --devices {args.devices}")
+  if args.steps < 1:
+    p.error("--steps must be at least 1")
+  return args
+
+
+def run_path(dispatch: str, args, corpus, mesh) -> dict:
+  """Trains one path from the seed's initialization (or its checkpoint) and evaluates it.
+
+  Returns:
+    `{"history", "val_loss", "model"}`: the per-step records of `train`, the validation
+    cross-entropy and the trained model.
+  """
+  config = LMConfig(seq_len=args.seq_len, hidden=args.hidden, heads=args.heads,
+                    layers=args.layers, ffn=args.ffn, num_experts=args.experts, k=args.k,
+                    dispatch=dispatch)
+  train_config = TrainConfig(batch=args.batch, learning_rate=args.lr, total_steps=args.steps,
+                             warmup_steps=min(20, args.steps // 5), seed=args.seed)
+  directory = args.out / "checkpoints" / dispatch
+  if not args.resume:
+    shutil.rmtree(directory, ignore_errors=True)
+  place = batch_placer(mesh, config.axis_name)
+  with jax.set_mesh(mesh):
+    model = MoeLM(config, rngs=nnx.Rngs(args.seed))
+    optimizer = make_optimizer(model, train_config)
+    checkpoints = checkpoint_manager(directory, every=args.checkpoint_every)
+    history = restore(checkpoints, model, optimizer)
+    tokens_per_step = args.batch * args.seq_len
+    bar = tqdm(total=args.steps, initial=len(history), desc=f"{dispatch:>10}", unit="step",
+               disable=args.no_progress, dynamic_ncols=True)
+
+    def on_step(record):
+      bar.update(1)
+      rate = "compiling" if record["seconds"] is None else f"{tokens_per_step / record['seconds']:,.0f}"
+      bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=rate)
+
+    history = train(model, optimizer, corpus.train, train_config, steps=args.steps, place=place,
+                    history=history, checkpoints=checkpoints, on_step=on_step)
+    bar.close()
+    checkpoints.close()
+    val_loss = evaluate(model, corpus.validation, batches=args.eval_batches, batch=args.batch,
+                        place=place)
+  return {"history": history, "val_loss": val_loss, "model": model}
+
+
+def summarize(run: dict, args) -> dict:
+  """The metrics of one path: first/last/validation loss, throughput and expert load."""
+  history = run["history"]
+  timed = [r["seconds"] for r in history if r["seconds"] is not None]
+  counts = np.asarray([r["expert_counts"] for r in history], np.float64)  # [steps, L, E]
+  assignments = args.batch * args.seq_len * args.k
+  return {
+      "loss_first": history[0]["loss"],
+      "loss_last": history[-1]["loss"],
+      "val_loss": run["val_loss"],
+      "tokens_per_s": (len(timed) * args.batch * args.seq_len / sum(timed)) if timed else None,
+      "losses": [r["loss"] for r in history],
+      # [L][E]: the share of (token, k) assignments each expert got, averaged over the run.
+      "expert_load": (counts.mean(axis=0) / assignments).round(4).tolist(),
+  }
+
+
+def plot_report(path: pathlib.Path, runs: dict, metrics: dict, args) -> None:
+  """Both loss curves, and the fused path's expert load per layer over the steps."""
+  layers = args.layers
+  fig = plt.figure(figsize=(12, 2.2 * max(2, layers) + 1), constrained_layout=True)
+  grid = fig.add_gridspec(layers, 2)
+  ax = fig.add_subplot(grid[:, 0])
+  for dispatch, style in zip(DISPATCHES, ("-", "--")):
+    losses = metrics[dispatch]["losses"]
+    ax.plot(np.arange(1, len(losses) + 1), losses, style,
+            label=f"{dispatch} (val {metrics[dispatch]['val_loss']:.3f})")
+  ax.set(xlabel="step", ylabel="cross-entropy (nats / byte)",
+         title=f"training loss; max |fused - all_to_all| = {metrics['max_loss_diff']:.2e}")
+  ax.legend()
+  ax.grid(alpha=0.3)
+
+  counts = np.asarray([r["expert_counts"] for r in runs["fused"]["history"]], np.float64)
+  share = counts / (args.batch * args.seq_len * args.k)  # [steps, L, E]
+  for layer in range(layers):
+    hax = fig.add_subplot(grid[layer, 1])
+    image = hax.imshow(share[:, layer].T, aspect="auto", origin="lower", cmap="viridis",
+                       extent=(0.5, len(share) + 0.5, -0.5, args.experts - 0.5))
+    hax.set(ylabel="expert", title=f"block {layer}: share of assignments (fused)")
+    if layer == layers - 1:
+      hax.set_xlabel("step")
+    fig.colorbar(image, ax=hax)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  # Before the first use of a backend, which creates the devices.
+  jax.config.update("jax_num_cpu_devices", args.devices)
+  args.out.mkdir(parents=True, exist_ok=True)
+  mesh = jax.make_mesh((args.devices,), ("expert",), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:args.devices])
+  corpus = load_corpus(max_bytes=args.max_corpus_bytes)
+  print(f"corpus: {len(corpus.train):,} training and {len(corpus.validation):,} validation bytes "
+        f"of the standard library; {args.devices} devices, {args.experts} experts per block "
+        f"(top-{args.k}), {args.layers} blocks")
+
+  runs = {dispatch: run_path(dispatch, args, corpus, mesh) for dispatch in DISPATCHES}
+  metrics = {dispatch: summarize(runs[dispatch], args) for dispatch in DISPATCHES}
+  diffs = np.abs(np.subtract(metrics["fused"]["losses"], metrics["all_to_all"]["losses"]))
+  metrics["max_loss_diff"] = float(diffs.max())
+  for dispatch in DISPATCHES:
+    m = metrics[dispatch]
+    rate = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f} tokens/s"
+    print(f"{dispatch:>10}: loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, "
+          f"validation {m['val_loss']:.3f}, {rate}")
+  print(f"largest loss difference between the paths over {len(diffs)} steps: "
+        f"{metrics['max_loss_diff']:.2e}")
+
+  with jax.set_mesh(mesh):
+    sample = generate(runs["fused"]["model"], args.prompt.encode(), length=args.sample_bytes,
+                      temperature=args.temperature, seed=args.seed)
+  text = (args.prompt.encode() + sample).decode("utf-8", errors="replace")
+  metrics["sample"] = text
+  print(f"sample (temperature {args.temperature}):\n{text}\n")
+
+  (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+  plot_report(args.out / "report.png", runs, metrics, args)
+  print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.png'}")
+  return metrics
+
+
+if __name__ == "__main__":
+  main()
