@@ -66,12 +66,11 @@ void AccumulateIntoSources(const std::vector<PeerBuffers>& peers, const MoeDims&
   }
 }
 
-// The forward of one tile: x (m, H) gathered -> h (m, G*F) -> a (m, F) -> y (m, H).
-struct TileForward {
-  std::vector<float> x, h, a, y;
-  explicit TileForward(const MoeDims& d)
-      : x(kTileRows * d.hidden), h(kTileRows * d.gate_ffn), a(kTileRows * d.ffn),
-        y(kTileRows * d.hidden) {}
+// The first half of a tile's forward: x (m, H) gathered -> h (m, G*F) -> a (m, F).
+struct TileHidden {
+  std::vector<float> x, h, a;
+  explicit TileHidden(const MoeDims& d)
+      : x(kTileRows * d.hidden), h(kTileRows * d.gate_ffn), a(kTileRows * d.ffn) {}
 
   void Run(const Workers& workers, const MoeDims& d, const ExpertWeights& w,
            const float* x_rows, const WorkRow* tile, int64_t m) {
@@ -79,8 +78,6 @@ struct TileForward {
     Gemm(workers, false, false, m, d.gate_ffn, d.hidden, 1.0f, x.data(), d.hidden, w.w_in(),
          d.gate_ffn, 0.0f, h.data(), d.gate_ffn);                                // (m, G*F)
     ActivationForward(d, m, h.data(), a.data());                                 // (m, F)
-    Gemm(workers, false, false, m, d.hidden, d.ffn, 1.0f, a.data(), d.ffn, w.w_out(), d.hidden,
-         0.0f, y.data(), d.hidden);                                              // (m, H)
   }
 };
 
@@ -111,46 +108,52 @@ void FetchTokens(const std::vector<PeerBuffers>& peers, const void* PeerBuffers:
 void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                    const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
                    const float* x_rows) {
-  TileForward fwd(d);
-  std::vector<float> scale(kTileRows);
+  TileHidden hid(d);
+  std::vector<float> y(kTileRows * d.hidden), scale(kTileRows);
   const int64_t n = static_cast<int64_t>(work.rows.size());
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t m = std::min(kTileRows, n - r0);
     const WorkRow* tile = work.rows.data() + r0;
-    fwd.Run(workers, d, w, x_rows, tile, m);
+    hid.Run(workers, d, w, x_rows, tile, m);
+    Gemm(workers, false, false, m, d.hidden, d.ffn, 1.0f, hid.a.data(), d.ffn, w.w_out(),
+         d.hidden, 0.0f, y.data(), d.hidden);                                    // (m, H)
     for (int64_t i = 0; i < m; ++i) scale[i] = RowWeight(peers, d, tile[i]);
-    AccumulateIntoSources(peers, d, tile, m, fwd.y.data(), scale.data());
+    AccumulateIntoSources(peers, d, tile, m, y.data(), scale.data());
   }
 }
 
 void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                     const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
                     const float* x_rows, const float* dy_rows, float* dw_in, float* dw_out) {
-  TileForward fwd(d);
+  TileHidden hid(d);
   std::vector<float> g(kTileRows * d.hidden), da(kTileRows * d.ffn), dh(kTileRows * d.gate_ffn),
       dx(kTileRows * d.hidden);
   const int64_t n = static_cast<int64_t>(work.rows.size());
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t m = std::min(kTileRows, n - r0);
     const WorkRow* tile = work.rows.data() + r0;
-    fwd.Run(workers, d, w, x_rows, tile, m);
+    hid.Run(workers, d, w, x_rows, tile, m);
     GatherRows(dy_rows, d, tile, m, g.data());                                   // (m, H)
-    for (int64_t i = 0; i < m; ++i) {
-      const WorkRow& r = tile[i];
-      float* gi = g.data() + i * d.hidden;
-      const float* yi = fwd.y.data() + i * d.hidden;
-      float dot = 0.0f;
-      for (int64_t j = 0; j < d.hidden; ++j) dot += gi[j] * yi[j];
-      StoreFloats(&dot, 1, peers[r.src].d_weights, d.weights_type, r.token * d.k + r.k);
-      const float s = RowWeight(peers, d, r);
-      for (int64_t j = 0; j < d.hidden; ++j) gi[j] *= s;                      // g = w * dy
-    }
+    // d a = (w * dy) @ w_out^T; with da_raw = dy @ w_out^T first, d weight = <dy, a @ w_out>
+    // = <da_raw, a> needs no recomputed expert output.
     Gemm(workers, false, true, m, d.ffn, d.hidden, 1.0f, g.data(), d.hidden, w.w_out(),
          d.hidden, 0.0f, da.data(), d.ffn);                                      // (m, F)
-    Gemm(workers, true, false, d.ffn, d.hidden, m, 1.0f, fwd.a.data(), d.ffn, g.data(), d.hidden,
+    for (int64_t i = 0; i < m; ++i) {
+      const WorkRow& r = tile[i];
+      float* dai = da.data() + i * d.ffn;
+      const float* ai = hid.a.data() + i * d.ffn;
+      float dot = 0.0f;
+      for (int64_t j = 0; j < d.ffn; ++j) dot += dai[j] * ai[j];
+      StoreFloats(&dot, 1, peers[r.src].d_weights, d.weights_type, r.token * d.k + r.k);
+      const float s = RowWeight(peers, d, r);
+      for (int64_t j = 0; j < d.ffn; ++j) dai[j] *= s;                        // da
+      float* gi = g.data() + i * d.hidden;
+      for (int64_t j = 0; j < d.hidden; ++j) gi[j] *= s;                      // g = w * dy
+    }
+    Gemm(workers, true, false, d.ffn, d.hidden, m, 1.0f, hid.a.data(), d.ffn, g.data(), d.hidden,
          1.0f, dw_out, d.hidden);                                                // (F, H)
-    ActivationBackward(d, m, fwd.h.data(), da.data(), dh.data());               // (m, G*F)
-    Gemm(workers, true, false, d.hidden, d.gate_ffn, m, 1.0f, fwd.x.data(), d.hidden, dh.data(),
+    ActivationBackward(d, m, hid.h.data(), da.data(), dh.data());               // (m, G*F)
+    Gemm(workers, true, false, d.hidden, d.gate_ffn, m, 1.0f, hid.x.data(), d.hidden, dh.data(),
          d.gate_ffn, 1.0f, dw_in, d.gate_ffn);                                   // (H, G*F)
     Gemm(workers, false, true, m, d.hidden, d.gate_ffn, 1.0f, dh.data(), d.gate_ffn, w.w_in(),
          d.gate_ffn, 0.0f, dx.data(), d.hidden);                                 // (m, H)

@@ -37,7 +37,7 @@ void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers
                    const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
                    const float* x_rows);
 
-// Backward: recomputes the forward of each row from the fetched x; writes
+// Backward: recomputes each row's hidden activation from the fetched x; writes
 // d_weights[src][token, k]; accumulates dx partial sums into staging[src][token, slot] and the
 // weight gradients, in row order, into dw_in [H, G*F] and dw_out [F, H].
 void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peers,
