@@ -5,6 +5,7 @@ the loop is the plain `nnx.Optimizer` + `optax.chain(clip, adamw)` one a dense m
 """
 
 import dataclasses
+import functools
 import pathlib
 import sysconfig
 import time
@@ -36,24 +37,31 @@ def load_corpus(*, max_bytes: int | None = None, validation_every: int = 10) -> 
   with the same Python.
 
   Args:
-    max_bytes: stop reading once this many bytes are in (both splits together); `None`: all.
+    max_bytes: read about this many bytes in all, `1 / validation_every` of them for validation
+      (a split stops taking files once it has its share); `None`: everything.
     validation_every: about one file in this many is held out.
 
   Returns:
     A `Corpus`.
   """
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  parts = {True: [], False: []}
-  total = 0
-  for path in sorted(root.rglob("*.py")):
+  # Installed packages live under the library root too; they are not the standard library.
+  tops = [p for p in root.iterdir() if p.name not in ("site-packages", "dist-packages")]
+  paths = sorted(f for top in tops for f in ([top] if top.is_file() else top.rglob("*")))
+  share = {True: 1 / validation_every, False: 1 - 1 / validation_every}
+  parts, sizes = {True: [], False: []}, {True: 0, False: 0}
+  for path in paths:
+    if path.suffix != ".py":
+      continue
     relative = path.relative_to(root).as_posix()
-    if relative.split("/")[0] in ("site-packages", "dist-packages"):
+    held_out = zlib.crc32(relative.encode()) % validation_every == 0
+    if max_bytes is not None and sizes[held_out] >= share[held_out] * max_bytes:
+      if all(sizes[s] >= share[s] * max_bytes for s in sizes):
+        break
       continue
     text = path.read_bytes() + b"\n\n"
-    parts[zlib.crc32(relative.encode()) % validation_every == 0].append(text)
-    total += len(text)
-    if max_bytes is not None and total >= max_bytes:
-      break
+    parts[held_out].append(text)
+    sizes[held_out] += len(text)
   as_array = lambda chunks: np.frombuffer(b"".join(chunks), np.uint8)
   return Corpus(train=as_array(parts[False]), validation=as_array(parts[True]))
 
@@ -66,6 +74,8 @@ def batch_at(data: np.ndarray, step: int, *, batch: int, seq_len: int, seed: int
   Returns:
     `[batch, seq_len + 1]` int32 bytes (inputs are `[:, :-1]`, targets `[:, 1:]`).
   """
+  if len(data) < seq_len + 2:
+    raise ValueError(f"{len(data)} bytes of data are too few for windows of {seq_len + 1}")
   rng = np.random.default_rng([seed, step])
   starts = rng.integers(0, len(data) - seq_len - 1, size=batch)
   return np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int32)
@@ -101,14 +111,20 @@ class TrainConfig:
       raise ValueError(f"need batch >= 1 and 0 <= warmup_steps <= total_steps, got {self}")
 
 
-def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
-  """AdamW with global-norm clipping over every `nnx.Param` of `model`."""
+# One transformation object per config: it is static in the optimizer's graph, so optimizers
+# built from equal configs then share `train_step`'s compilation instead of retracing it.
+@functools.cache
+def _transformation(config: TrainConfig) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, config.warmup_steps, config.total_steps,
       end_value=0.1 * config.learning_rate)
-  tx = optax.chain(optax.clip_by_global_norm(config.clip_norm),
-                   optax.adamw(schedule, weight_decay=config.weight_decay))
-  return nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                     optax.adamw(schedule, weight_decay=config.weight_decay))
+
+
+def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
+  """AdamW with global-norm clipping over every `nnx.Param` of `model`."""
+  return nnx.Optimizer(model, _transformation(config), wrt=nnx.Param)
 
 
 def cross_entropy(model: nnx.Module, tokens: jax.Array):
