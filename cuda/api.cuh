@@ -232,9 +232,12 @@ cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t
 struct BarrierParams {
   uint64_t* signals[kMaxPeers];  // each member's signal buffer [kMaxDevices]
   int32_t ordinals[kMaxPeers];   // each member's device ordinal: its flag in the others' buffers
+  // Per member: how many barriers this device has now passed with that member's device. Both
+  // sides of a pair count the same barriers in the same (program) order, so they agree without
+  // talking, and the values only rise.
+  uint64_t epochs[kMaxPeers];
   int32_t num_members;
-  int32_t rank;                  // this device's index in signals/ordinals
-  uint64_t epoch;                // the flag value of this barrier; rises monotonically
+  int32_t rank;                  // this device's index in the arrays above
   int64_t timeout_ns;
   DeviceError* error;
   // Optional (null to skip): check that the rank/group operands on the device still hold the
@@ -244,8 +247,9 @@ struct BarrierParams {
   int32_t expected_group;
 };
 
-// Every member stores `epoch` into each member's flag for it (system-scope release) and waits
-// until every member's flag in its own buffer reaches `epoch` (acquire), or records a timeout.
+// Every member stores its epoch into its flag in each member's buffer (system-scope release) and
+// waits until each member's flag in its own buffer reaches that member's epoch (acquire), or
+// records a timeout.
 cudaError_t barrier(const BarrierParams& params, cudaStream_t stream);
 
 }  // namespace ccf::cuda

@@ -1,10 +1,11 @@
 // The device-side barrier between the GPUs of an expert-parallel group.
 //
 // Each GPU owns a signal buffer of kMaxDevices uint64 flags, one per possible writer (indexed by
-// the writer's device ordinal, so groups that share a GPU never share a flag). A barrier has an
-// epoch that every member agreed on at the host meeting; epochs only rise, so a flag left by an
-// earlier barrier can never satisfy a later one, and a fast peer that already moved on has only
-// raised the flag further. The host never waits: the kernel spins (acquire) on the device.
+// the writer's device ordinal, so groups that share a GPU never share a flag). The value a
+// device writes into a peer's flag is the number of barriers the two have passed together; it
+// only rises, so a flag left by an earlier barrier can never satisfy a later one, and a fast
+// peer that already moved on has only raised it further. The host never waits: the kernel spins
+// (acquire) on the device.
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 
@@ -44,15 +45,15 @@ __global__ void __launch_bounds__(kMaxPeers) barrier(const BarrierParams p) {
   // Everything this device wrote before (earlier kernels on the stream, peer memory included)
   // becomes visible system-wide before the flag does.
   __threadfence_system();
-  store_release_system(p.signals[i] + p.ordinals[p.rank], p.epoch);
+  store_release_system(p.signals[i] + p.ordinals[p.rank], p.epochs[i]);
 
   const uint64_t* flag = p.signals[p.rank] + p.ordinals[i];
   const uint64_t start = global_timer_ns();
   uint64_t seen;
-  while ((seen = load_acquire_system(flag)) < p.epoch) {
+  while ((seen = load_acquire_system(flag)) < p.epochs[i]) {
     if (global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
       record_device_error(p.error, kBarrierTimeout, i, -1, -1, static_cast<int64_t>(seen),
-                          static_cast<int64_t>(p.epoch));
+                          static_cast<int64_t>(p.epochs[i]));
       return;
     }
     __nanosleep(128);
