@@ -1,0 +1,187 @@
+"""An analytic model of one MoE layer on D GPUs of a node: all_to_all baselines vs the fused op.
+
+Per layer (per device; the slowest device sets the pace, so every term is taken on the busiest
+one). With `R` the GEMM rate, `B` the achieved peer bandwidth per direction, `M` the HBM
+bandwidth, `row = H * bytes`, `flop = 2 * H * 3F` per routed row (gated FFN):
+
+- Routing skew `s` (the benchmark's definition): a share `s` of every device's tokens sends one
+  of its K rows to one hot expert, the rest spread evenly. The hot expert's device then computes
+  `rows_hot = T*K + s*T*(D-1)` rows instead of `T*K`.
+- all_to_all + grouped GEMM, dropless (exact-size exchanges, as DeepEP does; the strongest
+  dropless baseline): dispatch and combine are collectives, each
+  `L_coll + rows * (D-1)/D * row / B`; the grouped GEMM `rows * flop / R`; the permute before
+  and unpermute after are memory passes, `2 * 2 * rows * row / M`. Nothing overlaps.
+  Backward: two more exchanges (dy out, dx back), twice the GEMM, the permutes again.
+- all_to_all with capacity factor c: every buffer is padded to `c*T*K` rows, whatever the
+  routing: fixed cost, and under skew it drops rows instead of slowing down.
+- fused: the busiest device's gathers (remote share `(D-1)/D` of its rows, in over the link)
+  and its combine writes (out over the link) overlap its GEMMs, so it takes
+  `max(GEMM, in, out)`, plus filling the pipeline (one tile's remote read), one link latency
+  per barrier, and the final sum of each token's `min(K, D)` float32 partial rows from HBM.
+  Backward re-reads x and dy (twice the inbound volume), writes dx, and recomputes the forward
+  products (no activations kept): three times the forward GEMM.
+
+Not modelled: kernel launch gaps, the router, the activation function's memory traffic (both
+sides alike), and NVLink contention between the D devices (a switched node gives each its
+full per-direction bandwidth).
+"""
+
+import dataclasses
+import json
+import pathlib
+import statistics
+
+# Rows per fused-kernel tile, whose remote read is exposed before compute starts.
+_TILE_ROWS = 128
+_PHASES = {"forward": 0, "forward_backward": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+  """One node of D GPUs; rates are achieved ones, not datasheet peaks."""
+  name: str
+  devices: int
+  gemm_tflops: float        # R: grouped-GEMM rate per GPU (bf16)
+  hbm_gbps: float           # M: HBM bandwidth per GPU
+  link_gbps: float          # B: peer bandwidth achieved per GPU per direction
+  link_latency_us: float    # one peer flag or small load: a barrier step
+  collective_latency_us: float  # fixed cost of one all_to_all (launch and synchronisation)
+  fused_efficiency: float = 1.0  # fused kernel's GEMM rate / R (gathered A-operand loads)
+  basis: str = "nominal"    # where the rates come from, for the README
+
+  def __post_init__(self):
+    if self.devices < 1 or min(self.gemm_tflops, self.hbm_gbps, self.link_gbps,
+                               self.fused_efficiency) <= 0:
+      raise ValueError(f"node needs positive devices and rates: {self}")
+    if min(self.link_latency_us, self.collective_latency_us) < 0:
+      raise ValueError(f"latencies cannot be negative: {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One MoE layer's sizes, per device."""
+  name: str
+  tokens: int      # T per device
+  hidden: int      # H
+  ffn: int         # F
+  experts: int     # E
+  k: int           # K
+  bytes_per_element: int = 2
+  skew: float = 0.0
+
+
+# DESIGN.md section 5: ~800 TFLOP/s bf16 measured on an 8192^3 product, ~3 TB/s HBM, NVLink 4
+# at ~450 GB/s per direction of which DeepEP's intranode dispatch achieves ~150-160 GB/s.
+# Latencies are assumptions: ~1 us for a peer flag over NVLink, ~20 us for an all_to_all's
+# launch and synchronisation.
+H100 = Node(name="8xH100 SXM (NVLink 4)", devices=8, gemm_tflops=800.0, hbm_gbps=3000.0,
+            link_gbps=155.0, link_latency_us=1.0, collective_latency_us=20.0,
+            basis="nominal: DESIGN.md section 5")
+# A100 SXM4 datasheet: 312 TFLOP/s bf16 dense, 2.0 TB/s HBM2e, NVLink 3 at 300 GB/s per
+# direction; scaled by the H100's achieved/nominal ratios (800/989 for GEMMs, 155/450 for the
+# links), the same latencies.
+A100 = Node(name="8xA100 SXM (NVLink 3)", devices=8, gemm_tflops=312.0 * 800 / 989,
+            hbm_gbps=2000.0, link_gbps=300.0 * 155 / 450, link_latency_us=1.0,
+            collective_latency_us=20.0,
+            basis="nominal: A100 datasheet scaled by the H100's achieved/nominal ratios")
+
+# Layer shapes of public MoE models (hidden, expert FFN, experts, top-k).
+SHAPES = (
+    Layer("Mixtral-8x7B", tokens=4096, hidden=4096, ffn=14336, experts=8, k=2),
+    Layer("DeepSeek-V3", tokens=4096, hidden=7168, ffn=2048, experts=256, k=8),
+    Layer("Qwen3-30B-A3B", tokens=4096, hidden=2048, ffn=768, experts=128, k=8),
+)
+
+
+def _rows_hot(node: Node, layer: Layer) -> float:
+  return layer.tokens * layer.k + layer.skew * layer.tokens * (node.devices - 1)
+
+
+def _gemm_s(node: Node, rows: float, layer: Layer, efficiency: float = 1.0) -> float:
+  return rows * 2.0 * layer.hidden * 3 * layer.ffn / (node.gemm_tflops * 1e12 * efficiency)
+
+
+def _link_s(node: Node, rows: float, layer: Layer) -> float:
+  """Seconds to move the remote share of `rows` rows one way over the busiest device's link."""
+  remote = rows * (node.devices - 1) / node.devices
+  return remote * layer.hidden * layer.bytes_per_element / (node.link_gbps * 1e9)
+
+
+def all_to_all_ms(node: Node, layer: Layer, *, capacity_factor: float | None = None,
+                  backward: bool = False) -> float:
+  """Modelled layer time of all_to_all + grouped GEMM + all_to_all, in milliseconds.
+
+  `capacity_factor=None` is dropless with exact-size exchanges; a float pads every buffer to
+  `capacity_factor * T * K` rows (and drops what exceeds it).
+  """
+  if capacity_factor is None:
+    rows = _rows_hot(node, layer)
+  else:
+    rows = min(capacity_factor, layer.experts) * layer.tokens * layer.k
+  exchange = node.collective_latency_us * 1e-6 + _link_s(node, rows, layer)
+  permute = 2 * 2 * rows * layer.hidden * layer.bytes_per_element / (node.hbm_gbps * 1e9)
+  seconds = 2 * exchange + _gemm_s(node, rows, layer) + permute
+  if backward:
+    seconds += 2 * exchange + 2 * _gemm_s(node, rows, layer) + permute
+  return 1e3 * seconds
+
+
+def fused_ms(node: Node, layer: Layer, *, backward: bool = False) -> float:
+  """Modelled layer time of the fused op (remote reads and writes under compute), in ms."""
+  rows = _rows_hot(node, layer)
+  gemm = _gemm_s(node, rows, layer, node.fused_efficiency)
+  transfer = _link_s(node, rows, layer)
+  fill = (node.link_latency_us * 1e-6
+          + min(_TILE_ROWS, rows) * layer.hidden * layer.bytes_per_element
+          / (node.link_gbps * 1e9))
+  barriers = 3 * node.link_latency_us * 1e-6
+  partial_sums = (layer.tokens * min(layer.k, node.devices) * layer.hidden * 4
+                  / (node.hbm_gbps * 1e9))
+  # Gathers come in and combine writes go out over the two directions of the link, each
+  # `transfer` forward; backward brings in x and dy (2x) and sends dx out (1x).
+  seconds = max(gemm, transfer) + fill + barriers + partial_sums
+  if backward:
+    seconds += max(3 * gemm, 2 * transfer) + fill + barriers + partial_sums
+  return 1e3 * seconds
+
+
+def calibrate(node: Node, results_dir: pathlib.Path) -> Node:
+  """`node` with rates measured on its GPU kind, where `results_dir` holds such records.
+
+  From `latest-gpu.json` records whose device names the node's GPU (e.g. "H100"): the dense
+  roof's forward rate becomes the GEMM rate, and the fused op's median forward rate over it
+  the fused efficiency. Without such records the node is returned unchanged (nominal rates).
+  """
+  path = results_dir / "latest-gpu.json"
+  if not path.exists():
+    return node
+  gpu = node.name.split("x", 1)[1].split()[0]  # "8xH100 SXM ..." -> "H100"
+  rates = {}
+  for r in json.loads(path.read_text()):
+    if gpu in r["device"] and r["impl"] in ("roof", "fused"):
+      rates.setdefault(r["impl"], []).append(r["useful_gflop"] / r["fwd_ms"])  # TFLOP/s
+  if "roof" not in rates:
+    return node
+  roof = statistics.median(rates["roof"])
+  fused = statistics.median(rates["fused"]) / roof if "fused" in rates else 1.0
+  return dataclasses.replace(node, gemm_tflops=roof, fused_efficiency=min(fused, 1.0),
+                             basis=f"calibrated on {path.name}")
+
+
+def table(nodes, shapes=SHAPES, skews=(0.0, 0.5)) -> list[dict]:
+  """Model rows for every node, shape and skew: `{impl: (forward ms, forward+backward ms)}`."""
+  impls = {
+      "all_to_all": lambda node, layer, backward: all_to_all_ms(node, layer, backward=backward),
+      "all_to_all_cf1.25": lambda node, layer, backward: all_to_all_ms(
+          node, layer, capacity_factor=1.25, backward=backward),
+      "fused": fused_ms,
+  }
+  rows = []
+  for node in nodes:
+    for shape in shapes:
+      for skew in skews:
+        layer = dataclasses.replace(shape, skew=skew)
+        rows.append(dict(node=node.name, basis=node.basis, layer=layer, ms={
+            name: (fn(node, layer, backward=False), fn(node, layer, backward=True))
+            for name, fn in impls.items()}))
+  return rows

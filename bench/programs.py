@@ -1,0 +1,146 @@
+"""The implementations a benchmark compares, each as a forward and a forward+backward program.
+
+CPU (the simulated devices of one process, `jax.shard_map` over an "ep" axis of D devices):
+`fused` (`jax_ccfuser.fused_moe`), `all_to_all` (`all_to_all_moe`, dropless),
+`all_to_all_cf1.25` (`all_to_all_moe(capacity_factor=1.25)`) and `roof`.
+GPU (one device): `fused` (`fused_moe_emulated` over D emulated peers), `ragged_dot`
+(`bench.ragged`) and `roof`.
+
+The roof is one dense matmul per device with the layer's useful FLOPs, `[T*K, H] @ [H, 3F]`:
+what the expert FFNs would cost with perfect routing and no gather, activation or combine.
+Forward+backward programs take `jax.grad` of `0.5 * sum(y**2)` (so `dy = y`) with respect to
+every float input: x, expert_weights, w_in and w_out (a and b for the roof).
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import jax_ccfuser as ccf
+from jax_ccfuser._fused import fused_moe_emulated
+
+from bench.problem import ACTIVATION, Config, make_inputs
+from bench.ragged import ragged_dot_moe
+
+CAPACITY_FACTOR = 1.25
+CPU_IMPLS = ("fused", "all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}", "roof")
+GPU_IMPLS = ("fused", "ragged_dot", "roof")
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One implementation of one configuration, ready to compile and time."""
+  forward: Callable           # jitted, on `inputs(i)`
+  forward_backward: Callable  # jitted, on `inputs(i)`; returns the gradients
+  inputs: Callable[[int], tuple]  # fresh (perturbed) arguments for sample i
+  dropped: float = 0.0        # share of routed rows the implementation drops
+
+
+def _half_square_grad(fn, argnums):
+  """`jax.grad` of `0.5 * sum(fn(*args)**2)` in float32 with respect to `argnums`."""
+  def loss(*args):
+    y = fn(*args).astype(jnp.float32)
+    return 0.5 * jnp.vdot(y, y)
+  return jax.grad(loss, argnums=argnums)
+
+
+def _perturbed(arrays, perturb_argnums):
+  """`inputs(i)`: `arrays` with the ones at `perturb_argnums` scaled by `1 + 1e-3 * i`.
+
+  Scaling keeps the routing and hence the work identical, while every sample gets new buffers.
+  """
+  @jax.jit
+  def scale(i, *args):
+    factor = 1.0 + 1e-3 * i
+    return tuple((a * factor).astype(a.dtype) if n in perturb_argnums else a
+                 for n, a in enumerate(args))
+  return lambda i: scale(jnp.float32(i), *arrays)
+
+
+def _dropped_share(expert_ids: np.ndarray, config: Config, capacity_factor: float) -> float:
+  """Share of routed rows `all_to_all_moe(capacity_factor=...)` drops for these ids.
+
+  Each source device serves at most `ceil(c * T * K / E)` rows per expert (the baseline's
+  documented capacity rule), so the drops are what exceeds it, device by device.
+  """
+  capacity = math.ceil(min(capacity_factor, config.experts) * config.tokens * config.k
+                       / config.experts)
+  per_device = expert_ids.reshape(config.devices, config.tokens * config.k)
+  counts = np.stack([np.bincount(row, minlength=config.experts) for row in per_device])
+  return float(np.maximum(counts - capacity, 0).sum() / config.pairs)
+
+
+def _ep_mesh(devices: int):
+  if len(jax.devices()) < devices:
+    raise ValueError(f"{devices} devices asked for, {len(jax.devices())} present; on CPU set "
+                     "jax_num_cpu_devices before jax starts")
+  return jax.make_mesh((devices,), ("ep",), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:devices])
+
+
+def _roof_operands(config: Config, *, groups: int):
+  """`a [groups*T*K, H]` and `b [groups*H, 3F]` (or `[H, 3F]` when `groups` is 1), unit scale."""
+  rng = np.random.default_rng(1)
+  dtype = jnp.dtype(config.dtype)
+  a = jnp.asarray(rng.standard_normal((config.pairs, config.hidden), dtype=np.float32), dtype)
+  b = jnp.asarray(rng.standard_normal((groups * config.hidden, 3 * config.ffn),
+                                      dtype=np.float32) / np.sqrt(config.hidden), dtype)
+  return a, b
+
+
+def cpu_programs(config: Config) -> dict[str, Program]:
+  """`CPU_IMPLS` under `jax.shard_map` over the first `config.devices` devices."""
+  mesh = _ep_mesh(config.devices)
+  shard = NamedSharding(mesh, P("ep"))
+  arrays = jax.device_put(make_inputs(config), shard)
+
+  def sharded(fn):
+    return jax.shard_map(fn, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+
+  programs = {}
+  moe_fns = {
+      "fused": ccf.fused_moe,
+      "all_to_all": ccf.all_to_all_moe,
+      f"all_to_all_cf{CAPACITY_FACTOR}": functools.partial(ccf.all_to_all_moe,
+                                                          capacity_factor=CAPACITY_FACTOR),
+  }
+  dropped = _dropped_share(np.asarray(arrays[1]), config, CAPACITY_FACTOR)
+  for name, moe in moe_fns.items():
+    layer = sharded(functools.partial(moe, axis_name="ep", activation=ACTIVATION))
+    programs[name] = Program(
+        forward=jax.jit(layer),
+        forward_backward=jax.jit(_half_square_grad(layer, (0, 2, 3, 4))),
+        inputs=_perturbed(arrays, (0, 2)),
+        dropped=dropped if "cf" in name else 0.0)
+  dense = sharded(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  roof_args = jax.device_put(_roof_operands(config, groups=config.devices), shard)
+  programs["roof"] = Program(forward=jax.jit(dense),
+                             forward_backward=jax.jit(_half_square_grad(dense, (0, 1))),
+                             inputs=_perturbed(roof_args, (0,)))
+  return programs
+
+
+def gpu_programs(config: Config) -> dict[str, Program]:
+  """`GPU_IMPLS` on the first device; `fused` emulates `config.devices` peers on it."""
+  arrays = jax.device_put(make_inputs(config), jax.devices()[0])
+  fused = functools.partial(fused_moe_emulated, num_devices=config.devices,
+                            activation=ACTIVATION)
+  ragged = functools.partial(ragged_dot_moe, activation=ACTIVATION)
+  programs = {
+      name: Program(forward=jax.jit(fn),
+                    forward_backward=jax.jit(_half_square_grad(fn, (0, 2, 3, 4))),
+                    inputs=_perturbed(arrays, (0, 2)))
+      for name, fn in (("fused", fused), ("ragged_dot", ragged))
+  }
+  dense = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+  roof_args = jax.device_put(_roof_operands(config, groups=1), jax.devices()[0])
+  programs["roof"] = Program(forward=jax.jit(dense),
+                             forward_backward=jax.jit(_half_square_grad(dense, (0, 1))),
+                             inputs=_perturbed(roof_args, (0,)))
+  return programs

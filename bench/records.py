@@ -1,0 +1,88 @@
+"""Result records: where they live, what each must hold, and the run's provenance."""
+
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+
+RESULTS_DIR = pathlib.Path(__file__).parent / "results"
+
+# Every record has these; `config` has CONFIG_FIELDS.
+REQUIRED_FIELDS = ("platform", "device", "commit", "date", "config", "impl", "fwd_ms",
+                   "fwd_bwd_ms", "peak_bytes")
+CONFIG_FIELDS = ("devices", "tokens", "hidden", "ffn", "experts", "k", "dtype", "skew")
+
+
+def platform() -> str:
+  """"cpu" or "gpu" (XLA's name for CUDA), from the default backend's devices."""
+  return jax.devices()[0].platform
+
+
+def device_description() -> str:
+  """What ran the benchmark, e.g. "NVIDIA H100 80GB HBM3" or "8 simulated CPU devices on 2
+  cores (AMD EPYC ...)"."""
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    return dev.device_kind
+  model = "unknown CPU"
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  if cpuinfo.exists():
+    for line in cpuinfo.read_text().splitlines():
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  return (f"{len(jax.devices())} simulated CPU devices on {len(os.sched_getaffinity(0))} "
+          f"cores ({model})")
+
+
+def commit() -> str:
+  """The checked-out commit (short hash), with "+dirty" when tracked files differ from it."""
+  repo = pathlib.Path(__file__).parent.parent
+  git = lambda *args: subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+  head = git("rev-parse", "--short", "HEAD")
+  if head.returncode:
+    return "unknown"
+  dirty = git("diff", "--quiet", "HEAD").returncode != 0
+  return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def now() -> str:
+  """UTC date and time, ISO 8601 to the second."""
+  return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def check(record: dict) -> None:
+  """Raises `ValueError` unless `record` has every required field and positive times."""
+  missing = [f for f in REQUIRED_FIELDS if f not in record]
+  missing += [f"config.{f}" for f in CONFIG_FIELDS if f not in record.get("config", {})]
+  if missing:
+    raise ValueError(f"record lacks {missing}: {record}")
+  if not (record["fwd_ms"] > 0 and record["fwd_bwd_ms"] > 0 and record["peak_bytes"] > 0):
+    raise ValueError(f"record has a non-positive time or size: {record}")
+
+
+def write(records: list[dict], out_dir: pathlib.Path) -> pathlib.Path:
+  """Writes `<platform>-<date>-<commit>.json` and its copy `latest-<platform>.json`.
+
+  Returns:
+    The dated file's path.
+  """
+  for r in records:
+    check(r)
+  first = records[0]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  name = f"{first['platform']}-{first['date'][:10]}-{first['commit'].split('+')[0]}.json"
+  path = out_dir / name
+  path.write_text(json.dumps(records, indent=1) + "\n")
+  shutil.copyfile(path, out_dir / f"latest-{first['platform']}.json")
+  return path
+
+
+def load_latest(out_dir: pathlib.Path = RESULTS_DIR) -> dict[str, list[dict]]:
+  """`{platform: records}` from every `latest-<platform>.json` in `out_dir`."""
+  return {p.stem.removeprefix("latest-"): json.loads(p.read_text())
+          for p in sorted(out_dir.glob("latest-*.json"))}

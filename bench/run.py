@@ -1,0 +1,222 @@
+"""`python -m bench.run` (what `make bench` runs): fused_moe against the baselines, one run.
+
+On CPU (no GPU present) the D = 8 simulated devices of one process run, side by side and
+interleaved sample by sample:
+
+- `fused`: `jax_ccfuser.fused_moe`;
+- `all_to_all`: `all_to_all_moe`, dropless (buffers padded to the worst case);
+- `all_to_all_cf1.25`: `all_to_all_moe(capacity_factor=1.25)`, which drops rows;
+- `roof`: a dense matmul per device with the same useful FLOPs;
+
+forward and forward+backward, over sweeps of tokens per device, experts, K and routing skew.
+Each configuration prints one line per implementation (ms, useful GFLOP/s, % of the roof by
+wall clock and by process CPU time, XLA's per-device activation bytes) and the run writes `bench/results/<platform>-<date>-
+<commit>.json` plus `latest-<platform>.json`, then regenerates the plots and the README table
+(`bench.report`).
+
+On a GPU the same script times `fused_moe_emulated` (D peers emulated on the one device)
+against sort + `jax.lax.ragged_dot` + unsort (`bench.ragged`) and the dense roof, at
+Mixtral-8x7B-, DeepSeek-V3- and Qwen3-30B-A3B-shaped layers in bfloat16. That path is kept
+small and has not been run yet: no GPU was available where it was written.
+
+Examples:
+  python -m bench.run                      # the full CPU sweep (~10 minutes on 2 cores)
+  python -m bench.run --quick              # tiny shapes, one sample each, into a temp dir
+  python -m bench.run --sweeps tokens,skew --tokens 128,256
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+import tempfile
+
+import jax
+from tqdm import tqdm
+
+from bench import records
+from bench.problem import Config
+from bench.timing import compile_program, interleaved_medians
+
+_KINDS = ("forward", "forward_backward")
+
+_CPU_BASE = Config(devices=8, tokens=128, hidden=256, ffn=512, experts=8, k=2)
+_CPU_QUICK = Config(devices=8, tokens=16, hidden=32, ffn=64, experts=8, k=2)
+# Sweep name -> (field, values); each varies one field of the base configuration.
+_CPU_SWEEPS = {
+    "tokens": ("tokens", (64, 128, 256, 512)),
+    "experts": ("experts", (8, 16, 32)),
+    "k": ("k", (1, 2, 4)),
+    "skew": ("skew", (0.0, 0.5, 1.0)),
+}
+_CPU_QUICK_SWEEPS = {
+    "tokens": ("tokens", (8, 16)),
+    "experts": ("experts", (8, 16)),
+    "k": ("k", (1, 2)),
+    "skew": ("skew", (0.0, 1.0)),
+}
+# GPU: one sweep per model shape, over tokens per device; D peers emulated on one device.
+_GPU_SHAPES = {
+    "mixtral-8x7b": Config(devices=8, tokens=1024, hidden=4096, ffn=14336, experts=8, k=2,
+                           dtype="bfloat16"),
+    "deepseek-v3": Config(devices=8, tokens=1024, hidden=7168, ffn=2048, experts=256, k=8,
+                          dtype="bfloat16"),
+    "qwen3-30b-a3b": Config(devices=8, tokens=1024, hidden=2048, ffn=768, experts=128, k=8,
+                            dtype="bfloat16"),
+}
+_GPU_TOKENS = (256, 1024)
+_GPU_QUICK_TOKENS = (128,)
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny shapes and one sample each; writes to a temporary directory "
+                           "unless --out is given, and regenerates no plots or README")
+  parser.add_argument("--sweeps", default=None,
+                      help="comma-separated sweeps to run (CPU: tokens,experts,k,skew; GPU: "
+                           "model shapes); default: all")
+  parser.add_argument("--tokens", default=None,
+                      help="comma-separated tokens per device for the tokens sweep (GPU: for "
+                           "every shape)")
+  parser.add_argument("--min-samples", type=int, default=None,
+                      help="timed samples kept per program, at least (default 3; quick 1)")
+  parser.add_argument("--max-samples", type=int, default=None,
+                      help="timed samples kept per program, at most (default 10; quick 1)")
+  parser.add_argument("--budget", type=float, default=20.0,
+                      help="seconds of timed calls per configuration after which sampling "
+                           "stops once every program has --min-samples")
+  parser.add_argument("--out", type=pathlib.Path, default=None,
+                      help=f"results directory (default {records.RESULTS_DIR})")
+  parser.add_argument("--no-report", action="store_true",
+                      help="do not regenerate the plots and the README table")
+  args = parser.parse_args(argv)
+  args.min_samples = args.min_samples or (1 if args.quick else 3)
+  args.max_samples = max(args.min_samples, args.max_samples or (1 if args.quick else 10))
+  if args.out is None:
+    args.out = (pathlib.Path(tempfile.mkdtemp(prefix="ccf-bench-")) if args.quick
+                else records.RESULTS_DIR)
+  return args
+
+
+def _csv(text, cast):
+  return None if text is None else tuple(cast(v) for v in text.split(","))
+
+
+def _select(sweeps: dict, names) -> dict:
+  if names is None:
+    return sweeps
+  unknown = set(names) - set(sweeps)
+  if unknown:
+    raise SystemExit(f"unknown sweeps {sorted(unknown)}; choose from {sorted(sweeps)}")
+  return {n: sweeps[n] for n in names}
+
+
+def _cpu_plan(args) -> dict[Config, list[str]]:
+  """`{config: [sweeps it belongs to]}`, in run order; shared configurations run once."""
+  base = _CPU_QUICK if args.quick else _CPU_BASE
+  sweeps = dict(_CPU_QUICK_SWEEPS if args.quick else _CPU_SWEEPS)
+  if args.tokens:
+    sweeps["tokens"] = ("tokens", _csv(args.tokens, int))
+  plan = {}
+  for name, (field, values) in _select(sweeps, _csv(args.sweeps, str)).items():
+    for v in values:
+      plan.setdefault(dataclasses.replace(base, **{field: v}), []).append(name)
+  return plan
+
+
+def _gpu_plan(args) -> dict[Config, list[str]]:
+  tokens = _csv(args.tokens, int) or (_GPU_QUICK_TOKENS if args.quick else _GPU_TOKENS)
+  return {dataclasses.replace(shape, tokens=t): [name]
+          for name, shape in _select(_GPU_SHAPES, _csv(args.sweeps, str)).items()
+          for t in tokens}
+
+
+def measure(config: Config, programs: dict, *, min_samples: int, max_samples: int,
+            budget_s: float) -> dict[str, dict]:
+  """Times and sizes every program of one configuration.
+
+  Returns:
+    `{impl: fields}` with the record's measured fields: fwd_ms, fwd_bwd_ms (wall clock),
+    fwd_cpu_ms, fwd_bwd_cpu_ms (process CPU time), peak_bytes (forward+backward program),
+    activation_bytes (its XLA temp bytes), fwd_peak_bytes, fwd_activation_bytes, samples, and
+    the derived useful_gflop (forward), GFLOP/s, roof fractions (roof time / this time:
+    fwd_roof_fraction, roof_fraction for forward+backward, cpu_roof_fraction for its CPU time)
+    and dropped_fraction.
+  """
+  compiled, memory = {}, {}
+  for impl, program in programs.items():
+    for kind in _KINDS:
+      compiled[impl, kind], memory[impl, kind] = compile_program(getattr(program, kind),
+                                                                 program.inputs(0))
+  times = interleaved_medians(
+      {key: (c, programs[key[0]].inputs) for key, c in compiled.items()},
+      min_samples=min_samples, max_samples=max_samples, budget_s=budget_s)
+  roof = {kind: times["roof", kind] for kind in _KINDS}
+  useful = {kind: config.useful_flop(kind == "forward_backward") for kind in _KINDS}
+  fields = {}
+  for impl, program in programs.items():
+    t = {kind: times[impl, kind] for kind in _KINDS}
+    ms = {kind: t[kind].ms for kind in _KINDS}
+    fwd_mem, bwd_mem = memory[impl, "forward"], memory[impl, "forward_backward"]
+    fields[impl] = dict(
+        fwd_ms=ms["forward"], fwd_bwd_ms=ms["forward_backward"],
+        fwd_cpu_ms=t["forward"].cpu_ms, fwd_bwd_cpu_ms=t["forward_backward"].cpu_ms,
+        peak_bytes=bwd_mem.peak, activation_bytes=bwd_mem.temp,
+        fwd_peak_bytes=fwd_mem.peak, fwd_activation_bytes=fwd_mem.temp,
+        useful_gflop=useful["forward"] / 1e9,
+        fwd_gflops=useful["forward"] / ms["forward"] / 1e6,
+        fwd_bwd_gflops=useful["forward_backward"] / ms["forward_backward"] / 1e6,
+        fwd_roof_fraction=roof["forward"].ms / ms["forward"],
+        roof_fraction=roof["forward_backward"].ms / ms["forward_backward"],
+        cpu_roof_fraction=roof["forward_backward"].cpu_ms / t["forward_backward"].cpu_ms,
+        dropped_fraction=program.dropped,
+        samples=min(t[kind].samples for kind in _KINDS))
+  return fields
+
+
+def _line(config: Config, impl: str, f: dict) -> str:
+  return (f"T={config.tokens:<5d} E={config.experts:<3d} K={config.k} skew={config.skew:.2f} "
+          f"{impl:<18s} fwd {f['fwd_ms']:9.2f} ms {f['fwd_gflops']:7.1f} GFLOP/s "
+          f"{100 * f['fwd_roof_fraction']:5.1f}% roof | fwd+bwd {f['fwd_bwd_ms']:9.2f} ms "
+          f"{f['fwd_bwd_gflops']:7.1f} GFLOP/s {100 * f['roof_fraction']:5.1f}% roof "
+          f"(CPU time {100 * f['cpu_roof_fraction']:5.1f}%) | "
+          f"act {f['activation_bytes'] / 2**20:7.2f} MiB"
+          + (f" | drops {100 * f['dropped_fraction']:.1f}%" if f["dropped_fraction"] else ""))
+
+
+def main(argv=None) -> list[dict]:
+  """Runs the benchmark; returns the records it wrote."""
+  args = _parse_args(argv)
+  if jax.config.jax_num_cpu_devices < _CPU_BASE.devices:
+    # Only effective before the CPU backend starts, which nothing above has done.
+    jax.config.update("jax_num_cpu_devices", _CPU_BASE.devices)
+  # Imported here: they build on the library, whose devices must come up after the line above.
+  from bench.programs import cpu_programs, gpu_programs
+  plat = records.platform()
+  plan = _gpu_plan(args) if plat == "gpu" else _cpu_plan(args)
+  build = gpu_programs if plat == "gpu" else cpu_programs
+  provenance = dict(platform=plat, device=records.device_description(),
+                    commit=records.commit(), date=records.now())
+  tqdm.write(f"{provenance['device']}, commit {provenance['commit']}: {len(plan)} "
+             f"configurations")
+  results = []
+  for config, sweeps in tqdm(plan.items(), desc="configurations", unit="config",
+                             file=sys.stderr):
+    fields = measure(config, build(config), min_samples=args.min_samples,
+                     max_samples=args.max_samples, budget_s=args.budget)
+    for impl, f in fields.items():
+      tqdm.write(_line(config, impl, f))
+      results.append(dict(provenance, config=dataclasses.asdict(config), impl=impl,
+                          sweeps=sweeps, **f))
+  path = records.write(results, args.out)
+  tqdm.write(f"wrote {path}")
+  if not (args.quick or args.no_report):
+    from bench import report
+    report.regenerate(args.out)
+  return results
+
+
+if __name__ == "__main__":
+  main()
