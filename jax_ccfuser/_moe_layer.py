@@ -8,7 +8,6 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser._all_to_all import all_to_all_moe
@@ -18,6 +17,11 @@ from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import RouterAux, route
 
 DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": reference_moe}
+
+# w_in / w_out's default: fan-in scaling per expert (dimension 0 indexes experts, so it counts
+# toward neither fan).
+default_expert_init = jax.nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
 def expert_axis(axis_name):

@@ -12,12 +12,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import MoESpec
+from jax_ccfuser._moe_layer import MoESpec, default_expert_init
 from jax_ccfuser._router import RouterAux
-
-# Fan-in scaling per expert: dimension 0 indexes experts, so it counts toward neither fan.
-default_expert_init = nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
 class MoE(nn.Module):

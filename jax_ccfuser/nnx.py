@@ -15,12 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import MoESpec, expert_axis
+from jax_ccfuser._moe_layer import MoESpec, default_expert_init, expert_axis
 from jax_ccfuser._router import RouterAux
-
-# Fan-in scaling per expert: dimension 0 indexes experts, so it counts toward neither fan.
-default_expert_init = nnx.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
 
 
 class MoE(nnx.Module):
@@ -42,8 +38,8 @@ class MoE(nnx.Module):
   The router computes in float32 whatever `dtype` is (the top-k choice and the z-loss are
   sensitive to rounding); the experts compute in `dtype`.
 
-  Returns of `__call__`: `(y, aux)`, the router's auxiliary losses returned rather than sown so
-  that a loss function adds them without collecting state (`RouterAux`: `load_balancing_loss`
+  `__call__` returns `(y, aux)`: the router's auxiliary losses are returned rather than sown, so
+  a loss function adds them without collecting state (`RouterAux`: `load_balancing_loss`
   and `z_loss`, float32 scalars of the whole batch, unscaled; `counts`, `[E]` int32, the
   (token, k) assignments per expert, the layer's expert load).
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import pathlib
 import shutil
+import time
 
 import jax
 import matplotlib
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--ffn", type=int, default=128, help="hidden width of each expert")
   p.add_argument("--seq-len", type=int, default=128, help="context length in bytes")
   p.add_argument("--batch", type=int, default=16, help="sequences per step")
-  p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+  p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
   p.add_argument("--seed", type=int, default=0, help="initialization and data order")
   p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
   p.add_argument("--eval-batches", type=int, default=8, help="validation batches")
@@ -55,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo_out"),
                  help="where metrics.json, report.png and checkpoints go")
   p.add_argument("--resume", action="store_true",
-                 help="continue from the checkpoints in --out instead of starting afresh")
+                 help="continue from the checkpoints in --out instead of starting afresh (with "
+                 "the same settings: the learning-rate schedule spans --steps)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
   if args.experts % args.devices:
@@ -71,8 +73,9 @@ def run_path(dispatch: str, args, corpus, mesh) -> dict:
   """Trains one path from the seed's initialization (or its checkpoint) and evaluates it.
 
   Returns:
-    `{"history", "val_loss", "model"}`: the per-step records of `train`, the validation
-    cross-entropy and the trained model.
+    `{"history", "val_loss", "train_s", "model"}`: the per-step records of `train`, the
+    validation cross-entropy, this session's training wall time (compilation included) and the
+    trained model.
   """
   config = LMConfig(seq_len=args.seq_len, hidden=args.hidden, heads=args.heads,
                     layers=args.layers, ffn=args.ffn, num_experts=args.experts, k=args.k,
@@ -94,16 +97,19 @@ def run_path(dispatch: str, args, corpus, mesh) -> dict:
 
     def on_step(record):
       bar.update(1)
-      rate = "compiling" if record["seconds"] is None else f"{tokens_per_step / record['seconds']:,.0f}"
+      seconds = record["seconds"]
+      rate = "compiling" if seconds is None else f"{tokens_per_step / seconds:,.0f}"
       bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=rate)
 
+    began = time.perf_counter()
     history = train(model, optimizer, corpus.train, train_config, steps=args.steps, place=place,
                     history=history, checkpoints=checkpoints, on_step=on_step)
+    train_s = time.perf_counter() - began
     bar.close()
     checkpoints.close()
     val_loss = evaluate(model, corpus.validation, batches=args.eval_batches, batch=args.batch,
                         place=place)
-  return {"history": history, "val_loss": val_loss, "model": model}
+  return {"history": history, "val_loss": val_loss, "train_s": train_s, "model": model}
 
 
 def summarize(run: dict, args) -> dict:
@@ -116,7 +122,9 @@ def summarize(run: dict, args) -> dict:
       "loss_first": history[0]["loss"],
       "loss_last": history[-1]["loss"],
       "val_loss": run["val_loss"],
+      # Steady state: the first step of a session, which compiles, is left out.
       "tokens_per_s": (len(timed) * args.batch * args.seq_len / sum(timed)) if timed else None,
+      "train_s": run["train_s"],
       "losses": [r["loss"] for r in history],
       # [L][E]: the share of (token, k) assignments each expert got, averaged over the run.
       "expert_load": (counts.mean(axis=0) / assignments).round(4).tolist(),
@@ -165,14 +173,16 @@ def main(argv=None) -> dict:
         f"(top-{args.k}), {args.layers} blocks")
 
   runs = {dispatch: run_path(dispatch, args, corpus, mesh) for dispatch in DISPATCHES}
-  metrics = {dispatch: summarize(runs[dispatch], args) for dispatch in DISPATCHES}
+  metrics = {"settings": {name: str(value) if isinstance(value, pathlib.Path) else value
+                          for name, value in vars(args).items()}}
+  metrics.update({dispatch: summarize(runs[dispatch], args) for dispatch in DISPATCHES})
   diffs = np.abs(np.subtract(metrics["fused"]["losses"], metrics["all_to_all"]["losses"]))
   metrics["max_loss_diff"] = float(diffs.max())
   for dispatch in DISPATCHES:
     m = metrics[dispatch]
     rate = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f} tokens/s"
     print(f"{dispatch:>10}: loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, "
-          f"validation {m['val_loss']:.3f}, {rate}")
+          f"validation {m['val_loss']:.3f}, {rate}, {m['train_s']:.0f} s training")
   print(f"largest loss difference between the paths over {len(diffs)} steps: "
         f"{metrics['max_loss_diff']:.2e}")
 

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
-from jax_ccfuser._router import RouterAux
 from jax_ccfuser.nnx import MoE
 
 
@@ -114,7 +113,7 @@ class MoeLM(nnx.Module):
     self.head = nnx.Linear(config.hidden, config.vocab, use_bias=False, dtype=config.dtype,
                            rngs=rngs)
 
-  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, tuple[RouterAux, ...]]:
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, tuple]:
     """Next-byte logits.
 
     Args:
