@@ -39,8 +39,14 @@
 // Determinism: every output element is produced by one thread in a fixed order (no float
 // atomics); integer counts only decide positions.
 //
+// Limits of this first version: the scratch ([pairs, F] and [pairs, H] rows forward, more
+// backward) is sized for the worst case, every pair of the group on this device (D * T * K
+// rows); a token row routed to two experts of one device is read from its source twice (the CPU
+// path fetches it once); tiles run in work-list order, local and remote rows are not
+// interleaved on purpose; reassignment plans with helper slots are rejected by the handler.
+//
 // NOT RUN: this code was written and compiled (nvcc 13.0, sm_90a and sm_80) on a machine without
-// a GPU. No kernel here has ever executed: correctness, the memory-ordering of the peer barrier,
+// a GPU. No kernel here has ever executed: correctness, the memory ordering of the peer barrier,
 // performance and the occupancy/shared-memory settings are all unverified.
 #pragma once
 

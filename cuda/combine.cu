@@ -9,25 +9,10 @@
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
+#include "cuda/numeric.cuh"
 
 namespace ccf::cuda {
 namespace {
-
-template <class T>
-__device__ __forceinline__ float load_weight(const void* base, int64_t index, int32_t is_f32) {
-  return is_f32 ? static_cast<const float*>(base)[index]
-                : static_cast<float>(static_cast<const T*>(base)[index]);
-}
-
-template <class T>
-__device__ __forceinline__ void store_weight(void* base, int64_t index, float value,
-                                             int32_t is_f32) {
-  if (is_f32) {
-    static_cast<float*>(base)[index] = value;
-  } else {
-    static_cast<T*>(base)[index] = T(value);
-  }
-}
 
 __device__ __forceinline__ int32_t warp_token() {
   return blockIdx.x * kTokenWarps + threadIdx.x / 32;
@@ -59,7 +44,7 @@ __global__ void __launch_bounds__(kTokenThreads) scatter_slots(const ScatterPara
         for (int32_t k = 0; k < p.top_k; ++k) {
           if (p.pair_code[first + k] < 0) continue;
           const float row = p.rows[static_cast<int64_t>(p.pair_pos[first + k]) * p.hidden + h];
-          sum += p.weighted ? load_weight<T>(p.weights[source], weight_row + k, p.weights_f32) * row
+          sum += p.weighted ? load_float<T>(p.weights[source], weight_row + k, p.weights_f32) * row
                             : row;
         }
         dst[h] = sum;
@@ -71,7 +56,7 @@ __global__ void __launch_bounds__(kTokenThreads) scatter_slots(const ScatterPara
               p.dot_partial + static_cast<int64_t>(p.pair_pos[first + k]) * p.num_partials;
           float dot = 0.0f;
           for (int32_t j = 0; j < p.num_partials; ++j) dot += partial[j];
-          store_weight<T>(p.d_weights[source], weight_row + k, dot, p.weights_f32);
+          store_float<T>(p.d_weights[source], weight_row + k, dot, p.weights_f32);
         }
       }
     }
@@ -118,7 +103,7 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   if (p.d_weights != nullptr) {
     for (int32_t k = lane; k < p.top_k; k += 32) {
       if (row[k] < 0 || row[k] >= p.num_experts) {
-        store_weight<T>(p.d_weights, static_cast<int64_t>(t) * p.top_k + k, NAN, p.weights_f32);
+        store_float<T>(p.d_weights, static_cast<int64_t>(t) * p.top_k + k, NAN, p.weights_f32);
       }
     }
   }

@@ -1,4 +1,4 @@
-// Error handling of the CUDA path: host-side launcher checks and device-side assertions.
+// Error handling of the CUDA path: host-side launcher checks and device-side fault records.
 //
 // Launchers never throw (they run under an XLA FFI handler): a failed precondition or CUDA call
 // returns a cudaError_t, which the handler turns into an ffi::Error. Data-dependent faults found
@@ -30,16 +30,6 @@
     if (ccf_status_ != cudaSuccess) {       \
       return ccf_status_;                   \
     }                                       \
-  } while (0)
-
-// Device: a broken internal invariant (a bug, never bad input): print and trap.
-#define CCF_DEVICE_ASSERT(cond)                                                        \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      printf("jax_ccfuser: device assertion failed at %s:%d: %s\n", __FILE__, __LINE__, \
-             #cond);                                                                   \
-      __trap();                                                                        \
-    }                                                                                  \
   } while (0)
 
 #if defined(__CUDACC__)

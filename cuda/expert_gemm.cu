@@ -23,6 +23,7 @@
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
+#include "cuda/numeric.cuh"
 #include "xla_ffi/activation.h"
 
 namespace ccf::cuda {
@@ -253,23 +254,17 @@ struct RowMap {
 // ---------------------------------------------------------------------------------------------
 // Epilogues: one warp per tile row, lanes over columns, reading the float32 tile from smem.
 
-template <class T>
-__device__ __forceinline__ float load_weight(const GemmParams& p, const WorkItem& item) {
-  const int64_t index = static_cast<int64_t>(item.token) * p.top_k + item.k;
-  return p.weights_f32 ? static_cast<const float*>(p.weights[item.source])[index]
-                       : static_cast<float>(static_cast<const T*>(p.weights[item.source])[index]);
-}
-
-// a = act(h) from the recomputed h; u = (dy @ w_out^T)[pos, j]. Writes w*a and dh, and returns
-// the row's dot(a, u) over this lane's columns (a rounded to the input dtype, as the forward
-// multiplies it into w_out).
+// One row of the backward activation: u = (dy @ w_out^T)[pos, j] from the tile, a = act(h) from
+// the recomputed h. Writes w*a and dh, and the row's dot(a, u) over this tile's columns into
+// dot_partial (a rounded to the input dtype, as the forward multiplies it into w_out).
 template <class T, int kTileN, class SmemC>
 __device__ __forceinline__ void activation_backward_row(const GemmParams& p, const GemmTile& tile,
                                                         const SmemC& sC, int r, int64_t pos,
                                                         int lane) {
   const Activation act = static_cast<Activation>(p.activation);
   const WorkItem item = p.items[pos];
-  const float w = load_weight<T>(p, item);
+  const float w = load_float<T>(p.weights[item.source],
+                                static_cast<int64_t>(item.token) * p.top_k + item.k, p.weights_f32);
   const int32_t f = p.n;                     // F
   const int64_t gf = p.gated ? 2 * f : f;    // row length of h and dh
   const float* h = p.h + pos * gf;

@@ -97,34 +97,49 @@ std::map<int, std::unique_ptr<DeviceState>>& States() {
   return *states;
 }
 
-// The state of GPU `ordinal`, created on its first call. Creation zeroes the signal buffer and
-// waits for it (once per process and GPU): a peer may signal as soon as this GPU has published.
+// Makes the state of GPU `ordinal`: zeroes the signal buffer and waits for that (once per process
+// and GPU), since a peer may signal as soon as this GPU has published.
+ffi::Error CreateDeviceState(int ordinal, cudaStream_t stream, std::unique_ptr<DeviceState>* out) {
+  if (ordinal < 0 || ordinal >= cuda::kMaxDevices)
+    return Unimplemented("device ordinal " + std::to_string(ordinal) + " is beyond the " +
+                         std::to_string(cuda::kMaxDevices) + " GPUs a signal buffer covers");
+  auto s = std::make_unique<DeviceState>();
+  s->ordinal = ordinal;
+  // XLA runs this handler with `ordinal` current already; the allocations below need it so.
+  cudaError_t st = cudaSetDevice(ordinal);
+  if (st == cudaSuccess)
+    st = cudaDeviceGetAttribute(&s->num_sms, cudaDevAttrMultiProcessorCount, ordinal);
+  if (st == cudaSuccess) st = cudaMalloc(&s->signal, sizeof(uint64_t) * cuda::kMaxDevices);
+  if (st == cudaSuccess) st = cudaMalloc(&s->error, sizeof(cuda::DeviceError));
+  if (st == cudaSuccess)
+    st = cudaHostAlloc(&s->error_host, sizeof(cuda::DeviceError), cudaHostAllocDefault);
+  if (st == cudaSuccess) st = cudaEventCreateWithFlags(&s->error_copied, cudaEventDisableTiming);
+  if (st == cudaSuccess)
+    st = cudaMemsetAsync(s->signal, 0, sizeof(uint64_t) * cuda::kMaxDevices, stream);
+  if (st == cudaSuccess) st = cudaMemsetAsync(s->error, 0, sizeof(cuda::DeviceError), stream);
+  if (st == cudaSuccess) st = cudaStreamSynchronize(stream);
+  if (st != cudaSuccess) return CudaFailure("setting up GPU " + std::to_string(ordinal), st);
+  *s->error_host = {};
+  *out = std::move(s);
+  return ffi::Error::Success();
+}
+
+// The state of GPU `ordinal`, made on its first call. The registry lock is not held while the
+// device is set up (XLA runs one GPU's calls one after another, so only one thread makes it).
 ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, DeviceState** out) {
+  {
+    std::lock_guard<std::mutex> lock(states_mu);
+    auto it = States().find(ordinal);
+    if (it != States().end()) {
+      *out = it->second.get();
+      return ffi::Error::Success();
+    }
+  }
+  std::unique_ptr<DeviceState> made;
+  if (ffi::Error err = CreateDeviceState(ordinal, stream, &made); err.failure()) return err;
   std::lock_guard<std::mutex> lock(states_mu);
   std::unique_ptr<DeviceState>& slot = States()[ordinal];
-  if (!slot) {
-    if (ordinal < 0 || ordinal >= cuda::kMaxDevices)
-      return Unimplemented("device ordinal " + std::to_string(ordinal) + " is beyond the " +
-                           std::to_string(cuda::kMaxDevices) + " GPUs a signal buffer covers");
-    auto s = std::make_unique<DeviceState>();
-    s->ordinal = ordinal;
-    // XLA runs this handler with `ordinal` current already; allocations below need it so.
-    cudaError_t st = cudaSetDevice(ordinal);
-    if (st == cudaSuccess)
-      st = cudaDeviceGetAttribute(&s->num_sms, cudaDevAttrMultiProcessorCount, ordinal);
-    if (st == cudaSuccess) st = cudaMalloc(&s->signal, sizeof(uint64_t) * cuda::kMaxDevices);
-    if (st == cudaSuccess) st = cudaMalloc(&s->error, sizeof(cuda::DeviceError));
-    if (st == cudaSuccess)
-      st = cudaHostAlloc(&s->error_host, sizeof(cuda::DeviceError), cudaHostAllocDefault);
-    if (st == cudaSuccess) st = cudaEventCreateWithFlags(&s->error_copied, cudaEventDisableTiming);
-    if (st == cudaSuccess)
-      st = cudaMemsetAsync(s->signal, 0, sizeof(uint64_t) * cuda::kMaxDevices, stream);
-    if (st == cudaSuccess) st = cudaMemsetAsync(s->error, 0, sizeof(cuda::DeviceError), stream);
-    if (st == cudaSuccess) st = cudaStreamSynchronize(stream);
-    if (st != cudaSuccess) return CudaFailure("setting up GPU " + std::to_string(ordinal), st);
-    *s->error_host = {};
-    slot = std::move(s);
-  }
+  if (!slot) slot = std::move(made);
   *out = slot.get();
   return ffi::Error::Success();
 }
@@ -138,8 +153,9 @@ DeviceState* FindDeviceState(int ordinal) {
 
 std::string DescribeDeviceError(const cuda::DeviceError& e, int ordinal) {
   const std::string where = " (found on GPU " + std::to_string(ordinal) +
-                            " by an earlier fused_moe call; the CUDA path reports faults found on "
-                            "the device at the next call on that GPU)";
+                            " by an earlier fused_moe call: the CUDA path reports faults found on "
+                            "the device from a later call on that GPU, once the faulty call's "
+                            "work has finished)";
   switch (e.code) {
     case cuda::kBadExpertId:
       return "expert_ids[" + std::to_string(e.token) + ", " + std::to_string(e.k) + "] = " +
@@ -159,7 +175,8 @@ std::string DescribeDeviceError(const cuda::DeviceError& e, int ordinal) {
   }
 }
 
-// Returns a fault an earlier call recorded, if its copy has landed; never waits.
+// Returns a fault an earlier call recorded, if its copy has landed (never waits), and clears the
+// record on the device ahead of this call's kernels.
 ffi::Error TakeDeviceError(DeviceState& s, cudaStream_t stream) {
   std::lock_guard<std::mutex> lock(s.mu);
   if (!s.error_copy_pending) return ffi::Error::Success();
@@ -849,15 +866,25 @@ PeerBuffers OwnBuffers(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids
   return own;
 }
 
-// The steps every handler takes before its launches: the GPU's state, an earlier call's device
-// fault, the peers.
+// The steps every handler takes before its launches: the GPU's state, a fault an earlier call
+// recorded (returned in `earlier`, to be reported only after this call has met its peers and
+// enqueued its barriers, so that no peer waits for a GPU that bailed out), the peers.
 ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
                    const ScalarS32& rank, const ScalarS32& group, const PeerBuffers& own,
-                   DeviceState** state, Call* call) {
+                   DeviceState** state, ffi::Error* earlier, Call* call) {
   cudaGetLastError();  // a stale error of someone else's on this thread is not ours
   if (ffi::Error err = GetDeviceState(ordinal, stream, state); err.failure()) return err;
-  if (ffi::Error err = TakeDeviceError(**state, stream); err.failure()) return err;
+  *earlier = TakeDeviceError(**state, stream);
   return Connect(attrs, **state, rank, group, own, stream, call);
+}
+
+// What a handler returns once its launches are enqueued: the first failure among them, this
+// GPU's earlier device fault, or success with the fault record's copy scheduled.
+ffi::Error Finish(DeviceState& state, const Launcher& launcher, ffi::Error earlier,
+                  cudaStream_t stream) {
+  if (ffi::Error err = launcher.Result(); err.failure()) return err;
+  if (earlier.failure()) return earlier;
+  return ScheduleErrorCopy(state, stream);
 }
 
 template <typename Scratch, Scratch (*kCarve)(const Call&, Arena&)>
@@ -895,8 +922,10 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
 
   const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
   DeviceState* state;
+  ffi::Error earlier;
   if (ffi::Error err = Prepare(attrs, ordinal, stream, rank, group,
-                               OwnBuffers(x, ids, weights, w_in, w_out, *staging), &state, &call);
+                               OwnBuffers(x, ids, weights, w_in, w_out, *staging), &state,
+                               &earlier, &call);
       err.failure())
     return err;
   ForwardScratch scratch;
@@ -910,8 +939,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
     DeviceBarrier(call, *state, nullptr, nullptr, stream, launcher);
     return carved;
   }
-  if (ffi::Error err = launcher.Result(); err.failure()) return err;
-  return ScheduleErrorCopy(*state, stream);
+  return Finish(*state, launcher, std::move(earlier), stream);
 }
 
 ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
@@ -947,7 +975,8 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
   own.d_weights = d_weights->untyped_data();
   const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
   DeviceState* state;
-  if (ffi::Error err = Prepare(attrs, ordinal, stream, rank, group, own, &state, &call);
+  ffi::Error earlier;
+  if (ffi::Error err = Prepare(attrs, ordinal, stream, rank, group, own, &state, &earlier, &call);
       err.failure())
     return err;
   BackwardScratch scratch;
@@ -962,8 +991,7 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
     DeviceBarrier(call, *state, nullptr, nullptr, stream, launcher);
     return carved;
   }
-  if (ffi::Error err = launcher.Result(); err.failure()) return err;
-  return ScheduleErrorCopy(*state, stream);
+  return Finish(*state, launcher, std::move(earlier), stream);
 }
 
 }  // namespace
