@@ -96,10 +96,10 @@ def run_path(dispatch: str, args, corpus, mesh) -> dict:
                disable=args.no_progress, dynamic_ncols=True)
 
     def on_step(record):
-      bar.update(1)
       seconds = record["seconds"]
       rate = "compiling" if seconds is None else f"{tokens_per_step / seconds:,.0f}"
-      bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=rate)
+      bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=rate, refresh=False)
+      bar.update(1)
 
     began = time.perf_counter()
     history = train(model, optimizer, corpus.train, train_config, steps=args.steps, place=place,
