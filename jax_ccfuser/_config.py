@@ -11,7 +11,7 @@ _state = threading.local()
 
 def peer_timeout_ms() -> int:
   """The timeout in force for calls traced now, in milliseconds."""
-  return int(1000 * getattr(_state, "seconds", _DEFAULT_S))
+  return max(1, round(1000 * getattr(_state, "seconds", _DEFAULT_S)))
 
 
 @contextlib.contextmanager

@@ -10,9 +10,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <thread>
+#include <mutex>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -38,13 +39,17 @@ class Workers {
       return;
     }
     struct State {
-      std::atomic<int64_t> next{0}, done{0};
+      std::atomic<int64_t> next{0};
+      std::mutex mu;
+      std::condition_variable cv;
+      int64_t done = 0;  // guarded by mu
     };
     auto state = std::make_shared<State>();
     auto work = [state, n, &fn] {
       for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
         fn(i);
-        state->done.fetch_add(1, std::memory_order_release);
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (++state->done == n) state->cv.notify_all();
       }
     };
     for (int w = 1; w < std::min<int64_t>(num_workers_, n); ++w) {
@@ -52,7 +57,10 @@ class Workers {
       pool_->Schedule(std::move(task));
     }
     work();
-    while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+    // Sleep rather than spin: with several devices per core a spinning waiter steals the core
+    // from the worker it waits for.
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->cv.wait(lock, [&] { return state->done == n; });
   }
 
  private:

@@ -13,34 +13,58 @@ namespace {
 constexpr int64_t kTileRows = 128;
 
 // a[i, j] = act(h[i, j]) (gated: act(h[i, j]) * h[i, F + j]); h [m, G*F] -> a [m, F].
-void ActivationForward(const MoeDims& d, int64_t m, const float* h, float* a) {
+// The activation is a template argument so each inner loop is branch-free and vectorises.
+template <Activation A>
+void ActivationForwardT(const MoeDims& d, int64_t m, const float* h, float* a) {
   for (int64_t i = 0; i < m; ++i) {
     const float* hi = h + i * d.gate_ffn;
     float* ai = a + i * d.ffn;
-    if (IsGated(d.activation)) {
-      for (int64_t j = 0; j < d.ffn; ++j) ai[j] = ActForward(d.activation, hi[j]) * hi[d.ffn + j];
+    if constexpr (IsGated(A)) {
+      for (int64_t j = 0; j < d.ffn; ++j) ai[j] = ActForward(A, hi[j]) * hi[d.ffn + j];
     } else {
-      for (int64_t j = 0; j < d.ffn; ++j) ai[j] = ActForward(d.activation, hi[j]);
+      for (int64_t j = 0; j < d.ffn; ++j) ai[j] = ActForward(A, hi[j]);
     }
   }
 }
 
 // dh = (d a / d h)^T da; h [m, G*F], da [m, F] -> dh [m, G*F].
-void ActivationBackward(const MoeDims& d, int64_t m, const float* h, const float* da, float* dh) {
+template <Activation A>
+void ActivationBackwardT(const MoeDims& d, int64_t m, const float* h, const float* da,
+                         float* dh) {
   for (int64_t i = 0; i < m; ++i) {
     const float* hi = h + i * d.gate_ffn;
     const float* dai = da + i * d.ffn;
     float* dhi = dh + i * d.gate_ffn;
-    if (IsGated(d.activation)) {
+    if constexpr (IsGated(A)) {
       for (int64_t j = 0; j < d.ffn; ++j) {
         const float g = hi[j], u = hi[d.ffn + j];
-        dhi[j] = dai[j] * u * ActDerivative(d.activation, g);
-        dhi[d.ffn + j] = dai[j] * ActForward(d.activation, g);
+        dhi[j] = dai[j] * u * ActDerivative(A, g);
+        dhi[d.ffn + j] = dai[j] * ActForward(A, g);
       }
     } else {
-      for (int64_t j = 0; j < d.ffn; ++j) dhi[j] = dai[j] * ActDerivative(d.activation, hi[j]);
+      for (int64_t j = 0; j < d.ffn; ++j) dhi[j] = dai[j] * ActDerivative(A, hi[j]);
     }
   }
+}
+
+// Calls `fn.template operator()<A>()` with the call's activation as a compile-time constant.
+template <typename Fn>
+void WithActivation(Activation a, Fn fn) {
+  switch (a) {
+    case Activation::kSwiglu: return fn.template operator()<Activation::kSwiglu>();
+    case Activation::kGeglu: return fn.template operator()<Activation::kGeglu>();
+    case Activation::kGelu: return fn.template operator()<Activation::kGelu>();
+    case Activation::kRelu: return fn.template operator()<Activation::kRelu>();
+    case Activation::kSilu: return fn.template operator()<Activation::kSilu>();
+  }
+}
+
+void ActivationForward(const MoeDims& d, int64_t m, const float* h, float* a) {
+  WithActivation(d.activation, [&]<Activation A>() { ActivationForwardT<A>(d, m, h, a); });
+}
+
+void ActivationBackward(const MoeDims& d, int64_t m, const float* h, const float* da, float* dh) {
+  WithActivation(d.activation, [&]<Activation A>() { ActivationBackwardT<A>(d, m, h, da, dh); });
 }
 
 // out[i, :] = fetched[rows[i].fetched, :] for a tile of rows: a local copy into the panel.

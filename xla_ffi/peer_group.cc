@@ -8,7 +8,7 @@
 namespace ccf {
 
 PeerGroup::PeerGroup(int num_devices) : num_devices_(num_devices), peers_(num_devices) {
-  for (Barrier& b : barriers_) b.present.assign(num_devices, false);
+  for (Barrier& b : barriers_) b.seen.assign(num_devices, false);
 }
 
 std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
@@ -16,24 +16,24 @@ std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds t
   Barrier& b = barriers_[static_cast<int>(phase)];
   std::unique_lock<std::mutex> lock(b.mu);
   const uint64_t generation = b.generation;
-  b.present[rank] = true;
+  b.seen[rank] = true;
   if (++b.arrived == num_devices_) {
     b.arrived = 0;
-    b.present.assign(num_devices_, false);
+    b.seen.assign(num_devices_, false);
     ++b.generation;
     b.cv.notify_all();
     return {};
   }
   if (b.cv.wait_for(lock, timeout, [&] { return b.generation != generation; })) return {};
   // Withdraw, so this call does not count as an arrival in the next one.
-  --b.arrived;
-  b.present[rank] = false;
+  std::vector<bool> seen = b.seen;
+  if (--b.arrived == 0) b.seen.assign(num_devices_, false);
   std::ostringstream msg;
   msg << "jax_ccfuser: device " << rank << " of " << num_devices_ << " waited "
       << timeout.count() << " ms at the " << kPhaseNames[static_cast<int>(phase)]
       << " barrier; these peers never arrived:";
   for (int r = 0; r < num_devices_; ++r)
-    if (r != rank && !b.present[r]) msg << ' ' << r;
+    if (!seen[r]) msg << ' ' << r;
   msg << ". Every device of the expert-parallel axis must make the same fused_moe calls "
          "(raise the limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow).";
   return msg.str();

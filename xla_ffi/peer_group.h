@@ -61,8 +61,10 @@ class PeerGroup {
     std::mutex mu;
     std::condition_variable cv;
     uint64_t generation = 0;
-    std::vector<bool> present;
-    int arrived = 0;
+    int arrived = 0;  // waiting now
+    // Devices that reached this barrier since it last opened, including ones that gave up
+    // waiting: a timeout names only the devices that never came.
+    std::vector<bool> seen;
   };
 
   const int num_devices_;
