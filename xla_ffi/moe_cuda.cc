@@ -595,8 +595,9 @@ void BuildWorkList(const Call& c, const cuda::WorkList& list, cuda::DeviceError*
                [&] { return cuda::fill_work_list(routing, list, tile_m, stream); });
 }
 
-// The start (check_position) or end barrier of a real group.
-void DeviceBarrier(Call& c, DeviceState& me, const ScalarS32* rank, const ScalarS32* group,
+// The start barrier (which also checks the cached rank and group) or the end barrier of a real
+// group; nothing when emulating, where stream order does the job.
+void DeviceBarrier(const Call& c, DeviceState& me, const ScalarS32* rank, const ScalarS32* group,
                    cudaStream_t stream, Launcher& launcher) {
   if (!c.synchronized) return;
   cuda::BarrierParams b = c.barrier;
@@ -704,7 +705,7 @@ ForwardScratch CarveForward(const Call& c, Arena& arena) {
   return s;
 }
 
-void RunForward(Call& c, DeviceState& me, const ForwardScratch& s, const ScalarS32& rank,
+void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const ScalarS32& rank,
                 const ScalarS32& group, void* y, cudaStream_t stream, Launcher& launcher) {
   const MoeDims& d = c.d;
   const cuda::DType dtype = ToDType(d.x_type);
@@ -769,7 +770,7 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena) {
   return s;
 }
 
-void RunBackward(Call& c, DeviceState& me, const BackwardScratch& s, const ScalarS32& rank,
+void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const ScalarS32& rank,
                  const ScalarS32& group, void* dx, void* d_weights, void* dw_in, void* dw_out,
                  cudaStream_t stream, Launcher& launcher) {
   const MoeDims& d = c.d;
@@ -887,6 +888,17 @@ ffi::Error Finish(DeviceState& state, const Launcher& launcher, ffi::Error earli
   return ScheduleErrorCopy(state, stream);
 }
 
+// After the peers met, a call that cannot run still sends this GPU's two device barriers: the
+// peers wait for them, and the end barrier keeps this call's buffers alive (stream-ordered)
+// until the peers have stopped writing into them.
+ffi::Error Abandon(const Call& call, DeviceState& state, const ScalarS32& rank,
+                   const ScalarS32& group, cudaStream_t stream, ffi::Error why) {
+  Launcher launcher;
+  DeviceBarrier(call, state, &rank, &group, stream, launcher);
+  DeviceBarrier(call, state, nullptr, nullptr, stream, launcher);
+  return why;
+}
+
 template <typename Scratch, Scratch (*kCarve)(const Call&, Arena&)>
 ffi::Error Carve(DeviceState& state, const Call& call, cudaStream_t stream, Scratch* scratch) {
   Arena sizing{nullptr};
@@ -929,16 +941,11 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
       err.failure())
     return err;
   ForwardScratch scratch;
-  ffi::Error carved = Carve<ForwardScratch, CarveForward>(*state, call, stream, &scratch);
+  if (ffi::Error err = Carve<ForwardScratch, CarveForward>(*state, call, stream, &scratch);
+      err.failure())
+    return Abandon(call, *state, rank, group, stream, std::move(err));
   Launcher launcher;
-  if (carved.success()) {
-    RunForward(call, *state, scratch, rank, group, y->untyped_data(), stream, launcher);
-  } else {
-    // Met peers wait for this GPU's barriers: send them, then report.
-    DeviceBarrier(call, *state, &rank, &group, stream, launcher);
-    DeviceBarrier(call, *state, nullptr, nullptr, stream, launcher);
-    return carved;
-  }
+  RunForward(call, *state, scratch, rank, group, y->untyped_data(), stream, launcher);
   return Finish(*state, launcher, std::move(earlier), stream);
 }
 
@@ -980,17 +987,12 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
       err.failure())
     return err;
   BackwardScratch scratch;
-  ffi::Error carved = Carve<BackwardScratch, CarveBackward>(*state, call, stream, &scratch);
+  if (ffi::Error err = Carve<BackwardScratch, CarveBackward>(*state, call, stream, &scratch);
+      err.failure())
+    return Abandon(call, *state, rank, group, stream, std::move(err));
   Launcher launcher;
-  if (carved.success()) {
-    RunBackward(call, *state, scratch, rank, group, dx->untyped_data(),
-                d_weights->untyped_data(), dw_in->untyped_data(), dw_out->untyped_data(), stream,
-                launcher);
-  } else {
-    DeviceBarrier(call, *state, &rank, &group, stream, launcher);
-    DeviceBarrier(call, *state, nullptr, nullptr, stream, launcher);
-    return carved;
-  }
+  RunBackward(call, *state, scratch, rank, group, dx->untyped_data(), d_weights->untyped_data(),
+              dw_in->untyped_data(), dw_out->untyped_data(), stream, launcher);
   return Finish(*state, launcher, std::move(earlier), stream);
 }
 
