@@ -6,15 +6,18 @@ them, so the two layers compute the same function by construction.
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._ffn import ACTIVATIONS
 from jax_ccfuser._fused import fused_moe
+from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
-from jax_ccfuser._router import RouterAux, route
+from jax_ccfuser._router import route
 
 DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": reference_moe}
 
@@ -44,6 +47,15 @@ def expert_axis(axis_name):
   return "manual" if kind == AxisType.Manual else "map"
 
 
+class MoEAux(NamedTuple):
+  """What an MoE layer reports besides its output (whole batch, identical on every device)."""
+  load_balancing_loss: jax.Array  # [] float32, Switch/GShard auxiliary loss, unscaled
+  z_loss: jax.Array               # [] float32, router z-loss, unscaled
+  counts: jax.Array               # [E] int32, (token, k) assignments per expert
+  device_loads: jax.Array         # [2, D] int32, rows each device computes without / with the
+                                  # reassignment plan (equal rows when reassign=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class MoESpec:
   """The static options of an MoE layer, checked once when the layer is built.
@@ -57,6 +69,8 @@ class MoESpec:
     capacity_factor: `None` (dropless) or a positive float; only for dispatch="all_to_all".
     axis_name: the expert-parallel mesh axis, or `None`.
     renormalize: rescale each token's k router weights to sum to 1.
+    reassign: let idle devices take over slices of hot experts (`jax_ccfuser.reassign`; fused
+      dispatch only). The layer computes the same function either way.
   """
   num_experts: int
   k: int
@@ -65,6 +79,7 @@ class MoESpec:
   capacity_factor: float | None
   axis_name: str | None
   renormalize: bool
+  reassign: bool = False
 
   def __post_init__(self):
     if not 1 <= self.k <= self.num_experts:
@@ -74,6 +89,8 @@ class MoESpec:
                        f"{sorted(ACTIVATIONS)}")
     if self.dispatch not in DISPATCH:
       raise ValueError(f"unknown dispatch {self.dispatch!r}; expected one of {sorted(DISPATCH)}")
+    if self.reassign and self.dispatch != "fused":
+      raise ValueError(f"reassign=True needs dispatch='fused', not {self.dispatch!r}")
     if self.capacity_factor is not None and self.dispatch != "all_to_all":
       raise ValueError(f"capacity_factor applies to dispatch='all_to_all' only, not "
                        f"{self.dispatch!r} (the fused and reference paths are dropless)")
@@ -87,12 +104,18 @@ class MoESpec:
     return (self.axis_name, None, None)
 
   def _local(self, x, logits, w_in, w_out, *, axis_name):
-    """One device's share: `x` [T, H], `logits` [T, E] float32 -> (y [T, H], RouterAux)."""
+    """One device's share: `x` [T, H], `logits` [T, E] float32 -> (y [T, H], MoEAux)."""
     ids, weights, aux = route(logits, self.k, renormalize=self.renormalize, axis_name=axis_name)
     options = {} if self.capacity_factor is None else {"capacity_factor": self.capacity_factor}
+    if self.reassign:
+      options["plan"] = reassign(ids, self.num_experts, axis_name=axis_name)
+      loads = jnp.stack(plan_loads(options["plan"]))
+    else:
+      num_devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
+      loads = jnp.tile(aux.counts.reshape(num_devices, -1).sum(1), (2, 1))
     y = DISPATCH[self.dispatch](x, ids, weights, w_in, w_out, axis_name=axis_name,
                                 activation=self.activation, **options)
-    return y, aux
+    return y, MoEAux(*aux, device_loads=loads.astype(jnp.int32))
 
   def __call__(self, x, logits, w_in, w_out):
     """Routes every token and runs the experts.
@@ -105,7 +128,7 @@ class MoESpec:
       w_out: `[E, F, H]`, the compute dtype.
 
     Returns:
-      `(y, aux)`: y `[..., H]` in x's dtype and the `RouterAux` of the whole batch.
+      `(y, aux)`: y `[..., H]` in x's dtype and the `MoEAux` of the whole batch.
     """
     lead, h = x.shape[:-1], x.shape[-1]
     x, logits = x.reshape(-1, h), logits.reshape(-1, self.num_experts)
@@ -118,7 +141,7 @@ class MoESpec:
       axis = P(self.axis_name)
       body = functools.partial(self._local, axis_name=self.axis_name)
       y, aux = jax.shard_map(body, in_specs=(axis, axis, axis, axis),
-                             out_specs=(axis, RouterAux(P(), P(), P())))(x, logits, w_in, w_out)
+                             out_specs=(axis, MoEAux(P(), P(), P(), P())))(x, logits, w_in, w_out)
     else:
       y, aux = self._local(x, logits, w_in, w_out,
                            axis_name=self.axis_name if mode == "manual" else None)

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import MoESpec, default_expert_init
-from jax_ccfuser._router import RouterAux
+from jax_ccfuser._moe_layer import MoEAux, MoESpec, default_expert_init
 
 
 class MoE(nn.Module):
@@ -26,8 +25,9 @@ class MoE(nn.Module):
   under `jax.shard_map` over `axis_name` when a mesh with that axis is set, directly inside a
   `shard_map` that maps it already, and on one device otherwise. The router computes in float32.
 
-  `__call__` returns `(y, aux)`: y `[..., H]` and a `RouterAux` (`load_balancing_loss`, `z_loss`:
-  float32 scalars of the whole batch, unscaled; `counts`: `[E]` int32 expert load).
+  `__call__` returns `(y, aux)`: y `[..., H]` and a `MoEAux` (`load_balancing_loss`, `z_loss`:
+  float32 scalars of the whole batch, unscaled; `counts`: `[E]` int32 expert load;
+  `device_loads`: `[2, D]` int32 rows per device without / with reassignment).
 
   Attributes:
     num_experts: E, divisible by the size of the expert axis.
@@ -38,6 +38,7 @@ class MoE(nn.Module):
     capacity_factor: for dispatch="all_to_all": `None` (dropless) or a positive float.
     axis_name: the expert-parallel mesh axis, or `None`.
     renormalize: rescale each token's k router weights to sum to 1.
+    reassign: let idle devices take over slices of hot experts (fused dispatch only).
     dtype: the experts' compute dtype; `None` promotes the input and parameter dtypes.
     param_dtype: the parameters' storage dtype.
     kernel_init: initializer of `w_in` and `w_out`.
@@ -56,24 +57,26 @@ class MoE(nn.Module):
   capacity_factor: float | None = None
   axis_name: str | None = "expert"
   renormalize: bool = True
+  reassign: bool = False
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_expert_init
   router_init: Initializer = nn.initializers.lecun_normal()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterAux]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
     """Runs the layer.
 
     Args:
       x: `[..., H]` float32/bfloat16, the tokens.
 
     Returns:
-      `(y, aux)`: y `[..., H]` in the compute dtype and the layer's `RouterAux`.
+      `(y, aux)`: y `[..., H]` in the compute dtype and the layer's `MoEAux`.
     """
     spec = MoESpec(num_experts=self.num_experts, k=self.k, activation=self.activation,
                    dispatch=self.dispatch, capacity_factor=self.capacity_factor,
-                   axis_name=self.axis_name, renormalize=self.renormalize)
+                   axis_name=self.axis_name, renormalize=self.renormalize,
+                   reassign=self.reassign)
     h, e, g = x.shape[-1], self.num_experts, 2 if spec.gated else 1
     init = self.kernel_init
     if self.axis_name is not None:

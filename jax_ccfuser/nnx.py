@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import MoESpec, default_expert_init, expert_axis
-from jax_ccfuser._router import RouterAux
+from jax_ccfuser._moe_layer import MoEAux, MoESpec, default_expert_init, expert_axis
 
 
 class MoE(nnx.Module):
@@ -39,9 +38,10 @@ class MoE(nnx.Module):
   sensitive to rounding); the experts compute in `dtype`.
 
   `__call__` returns `(y, aux)`: the router's auxiliary losses are returned rather than sown, so
-  a loss function adds them without collecting state (`RouterAux`: `load_balancing_loss`
+  a loss function adds them without collecting state (`MoEAux`: `load_balancing_loss`
   and `z_loss`, float32 scalars of the whole batch, unscaled; `counts`, `[E]` int32, the
-  (token, k) assignments per expert, the layer's expert load).
+  (token, k) assignments per expert, the layer's expert load; `device_loads`, `[2, D]` int32,
+  the rows each device computes without and with reassignment).
 
   Args:
     hidden: H, the model width.
@@ -54,6 +54,8 @@ class MoE(nnx.Module):
     capacity_factor: for dispatch="all_to_all": `None` (dropless) or a positive float.
     axis_name: the expert-parallel mesh axis, or `None`.
     renormalize: rescale each token's k router weights to sum to 1.
+    reassign: let idle devices take over slices of hot experts (fused dispatch only); the
+      layer computes the same function either way.
     dtype: the experts' compute dtype; `None` promotes the input and parameter dtypes.
     param_dtype: the parameters' storage dtype.
     kernel_init: initializer of `w_in` and `w_out`.
@@ -68,12 +70,13 @@ class MoE(nnx.Module):
   def __init__(self, hidden: int, ffn: int, num_experts: int, *, k: int = 2,
                activation: str = "swiglu", dispatch: str = "fused",
                capacity_factor: float | None = None, axis_name: str | None = "expert",
-               renormalize: bool = True, dtype: Dtype | None = None,
+               renormalize: bool = True, reassign: bool = False, dtype: Dtype | None = None,
                param_dtype: Dtype = jnp.float32, kernel_init: Initializer = default_expert_init,
                router_init: Initializer = nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
     self.spec = MoESpec(
         num_experts=num_experts, k=k, activation=activation, dispatch=dispatch,
-        capacity_factor=capacity_factor, axis_name=axis_name, renormalize=renormalize)
+        capacity_factor=capacity_factor, axis_name=axis_name, renormalize=renormalize,
+        reassign=reassign)
     self.dtype = dtype
     self.router = nnx.Linear(hidden, num_experts, use_bias=False, dtype=jnp.float32,
                              param_dtype=param_dtype, kernel_init=router_init, rngs=rngs)
@@ -87,14 +90,14 @@ class MoE(nnx.Module):
     self.w_out = nnx.Param(kernel_init(rngs.params(), (num_experts, ffn, hidden), param_dtype),
                            **sharding)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterAux]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
     """Runs the layer.
 
     Args:
       x: `[..., H]` float32/bfloat16, the tokens.
 
     Returns:
-      `(y, aux)`: y `[..., H]` in the compute dtype; aux a `RouterAux` (see the class docstring).
+      `(y, aux)`: y `[..., H]` in the compute dtype; aux a `MoEAux` (see the class docstring).
     """
     logits = self.router(x)
     x, w_in, w_out = nnx.nn.dtypes.promote_dtype((x, self.w_in[...], self.w_out[...]),

@@ -79,6 +79,24 @@ def test_fused_equals_all_to_all():
   assert_close(fused, baseline, jnp.float32)
 
 
+def test_reassign_flag_balances_devices_and_keeps_the_function():
+  # Tokens shifted off-centre so the router favours a few experts.
+  x = _tokens(shape=(8, 16, HIDDEN)) + 2.0
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    plain, plain_aux = _apply(_layer(), x)
+    moved, aux = _apply(_layer(reassign=True), x)
+    grads = [nnx.state(nnx.grad(_objective)(_layer(reassign=r), x), nnx.Param)
+             for r in (False, True)]
+  assert_close(moved, plain, jnp.float32)
+  jax.tree.map(lambda a, b: assert_close(a, b, jnp.float32, 10.0), *grads)
+  before, after = np.asarray(aux.device_loads)
+  np.testing.assert_array_equal(before, np.asarray(plain_aux.device_loads)[1])
+  assert before.sum() == after.sum() == 8 * 16 * K
+  assert after.max() < before.max()
+  with pytest.raises(ValueError, match="reassign=True needs dispatch='fused'"):
+    _layer(reassign=True, dispatch="all_to_all")
+
+
 def test_without_a_mesh():
   # With no mesh set the expert axis is only an annotation: one device runs every expert.
   layer = _layer()
