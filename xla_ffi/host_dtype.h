@@ -72,12 +72,6 @@ inline uint16_t FloatToF16(float f) {
 
 }  // namespace dtype_detail
 
-// Whether a float element type this library handles.
-inline bool IsFloatType(xla::ffi::DataType t) {
-  using xla::ffi::DataType;
-  return t == DataType::F32 || t == DataType::BF16 || t == DataType::F16;
-}
-
 // out[i] = float(in[offset + i]) for i < n.
 inline void LoadFloats(const void* in, xla::ffi::DataType t, int64_t offset, int64_t n, float* out) {
   using xla::ffi::DataType;

@@ -24,6 +24,7 @@
 #include "xla_ffi/cpu_gemm.h"
 #include "xla_ffi/expert_cpu.h"
 #include "xla_ffi/host_dtype.h"
+#include "xla_ffi/moe_call.h"
 #include "xla_ffi/moe_cpu.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
@@ -51,90 +52,9 @@ struct HelpedGradients {
 
 namespace {
 
-// Spelled once: template commas cannot appear inside the binding macros.
-using ScalarS32 = ffi::Buffer<ffi::S32, 0>;
-using PlanArray = ffi::Buffer<ffi::S32, 2>;
-using Staging = ffi::Buffer<ffi::F32, 3>;
-
-ffi::Error InvalidArgument(const std::string& msg) {
-  return ffi::Error::InvalidArgument("jax_ccfuser: " + msg);
-}
-
 // A peer that never arrived at a barrier.
 ffi::Error PeerTimeout(const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, msg);
-}
-
-template <typename Buffer>
-std::string ShapeString(const Buffer& b) {
-  std::string s = "[";
-  auto dims = b.dimensions();
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
-// Decodes and checks the operands shared by the forward and backward handlers. With
-// `emulated`, the leading dimension of every operand stacks the D devices' blocks.
-ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
-                      const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
-                      const ffi::AnyBuffer& w_out, int32_t num_devices, bool emulated,
-                      int32_t activation, MoeDims* dims) {
-  if (num_devices < 1) return InvalidArgument("num_devices must be >= 1");
-  if (!IsValidActivation(activation))
-    return InvalidArgument("unknown activation code " + std::to_string(activation));
-  if (x.dimensions().size() != 2 || ids.dimensions().size() != 2 ||
-      weights.dimensions().size() != 2 || w_in.dimensions().size() != 3 ||
-      w_out.dimensions().size() != 3)
-    return InvalidArgument("expected x [T, H], expert_ids [T, K], expert_weights [T, K], "
-                           "w_in [E_local, H, G*F], w_out [E_local, F, H]; got x " +
-                           ShapeString(x) + ", w_in " + ShapeString(w_in) + ", w_out " +
-                           ShapeString(w_out));
-  for (const ffi::AnyBuffer* b : {&x, &weights, &w_in, &w_out})
-    if (!IsFloatType(b->element_type()))
-      return InvalidArgument("x, expert_weights, w_in and w_out must be float32, bfloat16 or "
-                             "float16");
-  if (w_in.element_type() != x.element_type() || w_out.element_type() != x.element_type())
-    return InvalidArgument("w_in and w_out must have x's dtype");
-  const int64_t split = emulated ? num_devices : 1;
-  MoeDims d;
-  d.num_devices = num_devices;
-  d.activation = static_cast<Activation>(activation);
-  d.x_type = x.element_type();
-  d.weights_type = weights.element_type();
-  d.w_type = w_in.element_type();
-  d.hidden = x.dimensions()[1];
-  d.k = ids.dimensions()[1];
-  d.experts_local = w_out.dimensions()[0] / split;
-  d.ffn = w_out.dimensions()[1];
-  d.gate_ffn = (IsGated(d.activation) ? 2 : 1) * d.ffn;
-  d.tokens = x.dimensions()[0] / split;
-  d.slots = static_cast<int>(std::min<int64_t>(d.k, num_devices));
-  if (x.dimensions()[0] % split || w_out.dimensions()[0] % split)
-    return InvalidArgument("emulating " + std::to_string(num_devices) +
-                           " devices needs x and the weights stacked in equal blocks");
-  if (ids.dimensions()[0] != x.dimensions()[0] || weights.dimensions()[0] != x.dimensions()[0] ||
-      weights.dimensions()[1] != d.k || d.k < 1)
-    return InvalidArgument("expert_ids and expert_weights must be [T, K] with x's T; got " +
-                           ShapeString(ids) + " and " + ShapeString(weights));
-  if (w_in.dimensions()[0] != w_out.dimensions()[0] || w_in.dimensions()[1] != d.hidden ||
-      w_in.dimensions()[2] != d.gate_ffn || w_out.dimensions()[2] != d.hidden)
-    return InvalidArgument("w_in " + ShapeString(w_in) + " and w_out " + ShapeString(w_out) +
-                           " do not fit H=" + std::to_string(d.hidden) + " and the activation");
-  *dims = d;
-  return ffi::Error::Success();
-}
-
-// Byte offset helpers for the stacked (emulated) layout.
-const void* Offset(const void* base, ffi::DataType t, int64_t elements) {
-  return static_cast<const char*>(base) + elements * ffi::ByteWidth(t);
-}
-void* Offset(void* base, ffi::DataType t, int64_t elements) {
-  return static_cast<char*>(base) + elements * ffi::ByteWidth(t);
-}
-
-std::array<int64_t, 8> Signature(const MoeDims& d) {
-  return {d.tokens, d.hidden, d.k, d.ffn, d.experts_local, static_cast<int64_t>(d.x_type),
-          static_cast<int64_t>(d.weights_type), static_cast<int64_t>(d.activation)};
 }
 
 // The devices this call runs for and their buffers. A real group has one device per handler
@@ -151,28 +71,13 @@ struct Peers {
   }
 };
 
-struct CallAttrs {
-  uint64_t site;
-  int32_t num_devices, emulated, activation;
-  int64_t timeout_ms;
-};
-
 // Builds the peer table: publishes `own` (this call's buffers, element offsets of device 0
 // when emulated) and meets the peers, or lays out the emulated devices over the stacked blocks.
 ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, int32_t group,
                         const PeerBuffers& own, Peers* peers) {
   if (attrs.emulated || d.num_devices == 1) {
     for (int dev = 0; dev < d.num_devices; ++dev) {
-      PeerBuffers b;
-      b.x = Offset(own.x, d.x_type, dev * d.tokens * d.hidden);
-      b.ids = own.ids + dev * d.tokens * d.k;
-      b.weights = Offset(own.weights, d.weights_type, dev * d.tokens * d.k);
-      b.w_in = Offset(own.w_in, d.w_type, dev * d.experts_local * d.hidden * d.gate_ffn);
-      b.w_out = Offset(own.w_out, d.w_type, dev * d.experts_local * d.ffn * d.hidden);
-      if (own.dy) b.dy = Offset(own.dy, d.x_type, dev * d.tokens * d.hidden);
-      b.staging = own.staging + dev * d.tokens * d.slots * d.hidden;
-      if (own.d_weights) b.d_weights = Offset(own.d_weights, d.weights_type, dev * d.tokens * d.k);
-      peers->buffers.push_back(b);
+      peers->buffers.push_back(EmulatedPeer(own, d, dev));
       peers->ranks.push_back(dev);
     }
     return ffi::Error::Success();
@@ -265,19 +170,6 @@ void SumSlots(const MoeDims& d, const float* staging, void* out, int64_t out_off
       for (int64_t j = 0; j < d.hidden; ++j) row[j] += s[slot * d.hidden + j];
     StoreFloats(row.data(), d.hidden, out, d.x_type, out_offset + t * d.hidden);
   }
-}
-
-PeerBuffers OwnBuffers(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
-                       const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
-                       const ffi::AnyBuffer& w_out, Staging& staging) {
-  PeerBuffers own;
-  own.x = x.untyped_data();
-  own.ids = ids.typed_data();
-  own.weights = weights.untyped_data();
-  own.w_in = w_in.untyped_data();
-  own.w_out = w_out.untyped_data();
-  own.staging = staging.typed_data();
-  return own;
 }
 
 ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
@@ -430,47 +322,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
 }  // namespace ccf
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeForwardCpu, ccf::MoeForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // x [T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids [T, K]
-                                  .Arg<ffi::AnyBuffer>()         // expert_weights [T, K]
-                                  .Arg<ffi::AnyBuffer>()         // w_in [E_local, H, G*F]
-                                  .Arg<ffi::AnyBuffer>()         // w_out [E_local, F, H]
-                                  .Arg<ccf::PlanArray>()         // plan workers [E, S]
-                                  .Arg<ccf::PlanArray>()         // plan bounds [E, S + 1]
-                                  .Arg<ccf::ScalarS32>()         // rank in the EP group
-                                  .Arg<ccf::ScalarS32>()         // which EP group
-                                  .Attr<uint64_t>("site")        // unique per call site
-                                  .Attr<int32_t>("num_devices")  // D
-                                  .Attr<int32_t>("emulated")     // D devices in one call
-                                  .Attr<int32_t>("activation")   // ccf::Activation
-                                  .Attr<int64_t>("timeout_ms")   // barrier timeout
-                                  .Ret<ffi::AnyBuffer>()         // y [T, H]
-                                  .Ret<ccf::Staging>()           // staging [T, S, H]
-);
+                              ccf::BindForward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeBackwardCpu, ccf::MoeBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // x [T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids [T, K]
-                                  .Arg<ffi::AnyBuffer>()         // expert_weights [T, K]
-                                  .Arg<ffi::AnyBuffer>()         // w_in [E_local, H, G*F]
-                                  .Arg<ffi::AnyBuffer>()         // w_out [E_local, F, H]
-                                  .Arg<ccf::PlanArray>()         // plan workers [E, S]
-                                  .Arg<ccf::PlanArray>()         // plan bounds [E, S + 1]
-                                  .Arg<ffi::AnyBuffer>()         // dy [T, H]
-                                  .Arg<ccf::ScalarS32>()         // rank in the EP group
-                                  .Arg<ccf::ScalarS32>()         // which EP group
-                                  .Attr<uint64_t>("site")        // unique per call site
-                                  .Attr<int32_t>("num_devices")  // D
-                                  .Attr<int32_t>("emulated")     // D devices in one call
-                                  .Attr<int32_t>("activation")   // ccf::Activation
-                                  .Attr<int64_t>("timeout_ms")   // barrier timeout
-                                  .Ret<ffi::AnyBuffer>()         // dx [T, H]
-                                  .Ret<ffi::AnyBuffer>()         // d expert_weights [T, K]
-                                  .Ret<ffi::AnyBuffer>()         // dw_in [E_local, H, G*F]
-                                  .Ret<ffi::AnyBuffer>()         // dw_out [E_local, F, H]
-                                  .Ret<ccf::Staging>()           // staging [T, S, H]
-);
+                              ccf::BindBackward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));

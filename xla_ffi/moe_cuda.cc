@@ -35,6 +35,7 @@
 #include "cuda/api.cuh"
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/activation.h"
+#include "xla_ffi/moe_call.h"
 #include "xla_ffi/host_dtype.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
@@ -44,15 +45,6 @@ namespace ffi = xla::ffi;
 namespace ccf {
 namespace {
 
-// Spelled once: template commas cannot appear inside the binding macros.
-using ScalarS32 = ffi::Buffer<ffi::S32, 0>;
-using PlanArray = ffi::Buffer<ffi::S32, 2>;
-using Staging = ffi::Buffer<ffi::F32, 3>;
-
-ffi::Error InvalidArgument(const std::string& msg) {
-  return ffi::Error::InvalidArgument("jax_ccfuser: " + msg);
-}
-
 ffi::Error Unimplemented(const std::string& msg) {
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "jax_ccfuser (CUDA): " + msg);
 }
@@ -60,14 +52,6 @@ ffi::Error Unimplemented(const std::string& msg) {
 ffi::Error CudaFailure(const std::string& what, cudaError_t status) {
   return ffi::Error::Internal("jax_ccfuser: " + what + " failed: " + cudaGetErrorName(status) +
                               " (" + cudaGetErrorString(status) + ")");
-}
-
-template <typename Buffer>
-std::string ShapeString(const Buffer& b) {
-  std::string s = "[";
-  auto dims = b.dimensions();
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -238,59 +222,6 @@ cuda::DType ToDType(ffi::DataType t) {
                                     : cuda::DType::kF16;
 }
 
-// Decodes and checks the operands shared by the forward and backward handlers. With
-// `emulated`, the leading dimension of every operand stacks the D devices' blocks.
-ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
-                      const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
-                      const ffi::AnyBuffer& w_out, int32_t num_devices, bool emulated,
-                      int32_t activation, MoeDims* dims) {
-  if (num_devices < 1) return InvalidArgument("num_devices must be >= 1");
-  if (!IsValidActivation(activation))
-    return InvalidArgument("unknown activation code " + std::to_string(activation));
-  if (x.dimensions().size() != 2 || ids.dimensions().size() != 2 ||
-      weights.dimensions().size() != 2 || w_in.dimensions().size() != 3 ||
-      w_out.dimensions().size() != 3)
-    return InvalidArgument("expected x [T, H], expert_ids [T, K], expert_weights [T, K], "
-                           "w_in [E_local, H, G*F], w_out [E_local, F, H]; got x " +
-                           ShapeString(x) + ", w_in " + ShapeString(w_in) + ", w_out " +
-                           ShapeString(w_out));
-  for (const ffi::AnyBuffer* b : {&x, &weights, &w_in, &w_out})
-    if (!IsFloatType(b->element_type()))
-      return InvalidArgument("x, expert_weights, w_in and w_out must be float32, bfloat16 or "
-                             "float16");
-  if (w_in.element_type() != x.element_type() || w_out.element_type() != x.element_type())
-    return InvalidArgument("w_in and w_out must have x's dtype");
-  if (weights.element_type() != x.element_type() && weights.element_type() != ffi::DataType::F32)
-    return InvalidArgument("expert_weights must be float32 or x's dtype");
-  const int64_t split = emulated ? num_devices : 1;
-  MoeDims d;
-  d.num_devices = num_devices;
-  d.activation = static_cast<Activation>(activation);
-  d.x_type = x.element_type();
-  d.weights_type = weights.element_type();
-  d.w_type = w_in.element_type();
-  d.hidden = x.dimensions()[1];
-  d.k = ids.dimensions()[1];
-  d.experts_local = w_out.dimensions()[0] / split;
-  d.ffn = w_out.dimensions()[1];
-  d.gate_ffn = (IsGated(d.activation) ? 2 : 1) * d.ffn;
-  d.tokens = x.dimensions()[0] / split;
-  d.slots = static_cast<int>(std::min<int64_t>(d.k, num_devices));
-  if (x.dimensions()[0] % split || w_out.dimensions()[0] % split)
-    return InvalidArgument("emulating " + std::to_string(num_devices) +
-                           " devices needs x and the weights stacked in equal blocks");
-  if (ids.dimensions()[0] != x.dimensions()[0] || weights.dimensions()[0] != x.dimensions()[0] ||
-      weights.dimensions()[1] != d.k || d.k < 1)
-    return InvalidArgument("expert_ids and expert_weights must be [T, K] with x's T; got " +
-                           ShapeString(ids) + " and " + ShapeString(weights));
-  if (w_in.dimensions()[0] != w_out.dimensions()[0] || w_in.dimensions()[1] != d.hidden ||
-      w_in.dimensions()[2] != d.gate_ffn || w_out.dimensions()[2] != d.hidden)
-    return InvalidArgument("w_in " + ShapeString(w_in) + " and w_out " + ShapeString(w_out) +
-                           " do not fit H=" + std::to_string(d.hidden) + " and the activation");
-  *dims = d;
-  return ffi::Error::Success();
-}
-
 // What the CUDA kernels support beyond the contract's checks.
 ffi::Error CheckCudaLimits(const MoeDims& d, bool emulated, const PlanArray& workers,
                            const PlanArray& bounds, std::initializer_list<const void*> vectors) {
@@ -324,11 +255,6 @@ ffi::Error CheckCudaLimits(const MoeDims& d, bool emulated, const PlanArray& wor
   return ffi::Error::Success();
 }
 
-std::array<int64_t, 8> Signature(const MoeDims& d) {
-  return {d.tokens, d.hidden, d.k, d.ffn, d.experts_local, static_cast<int64_t>(d.x_type),
-          static_cast<int64_t>(d.weights_type), static_cast<int64_t>(d.activation)};
-}
-
 // ---------------------------------------------------------------------------------------------
 // The peer table: device pointers of every (possibly emulated) device's buffers, the one
 // structure both modes fill and every kernel reads through.
@@ -348,19 +274,6 @@ struct Call {
   bool synchronized = false;
   cuda::BarrierParams barrier{};
 };
-
-struct CallAttrs {
-  uint64_t site;
-  int32_t num_devices, emulated, activation;
-  int64_t timeout_ms;
-};
-
-const void* Offset(const void* base, ffi::DataType t, int64_t elements) {
-  return static_cast<const char*>(base) + elements * ffi::ByteWidth(t);
-}
-void* Offset(void* base, ffi::DataType t, int64_t elements) {
-  return static_cast<char*>(base) + elements * ffi::ByteWidth(t);
-}
 
 // This GPU's rank and group for `site`: read from the operands on its first call (the one
 // host-device synchronisation of the path), then cached; the start barrier checks the cached
@@ -486,18 +399,7 @@ ffi::Error Connect(const CallAttrs& attrs, DeviceState& me, const ScalarS32& ran
   call->own_staging = own.staging;
   if (!attrs.emulated && d.num_devices > 1)
     return ConnectRealPeers(attrs, me, rank, group, own, stream, call);
-  for (int dev = 0; dev < d.num_devices; ++dev) {
-    PeerBuffers b;
-    b.x = Offset(own.x, d.x_type, dev * d.tokens * d.hidden);
-    b.ids = own.ids + dev * d.tokens * d.k;
-    b.weights = Offset(own.weights, d.weights_type, dev * d.tokens * d.k);
-    b.w_in = Offset(own.w_in, d.w_type, dev * d.experts_local * d.hidden * d.gate_ffn);
-    b.w_out = Offset(own.w_out, d.w_type, dev * d.experts_local * d.ffn * d.hidden);
-    if (own.dy) b.dy = Offset(own.dy, d.x_type, dev * d.tokens * d.hidden);
-    b.staging = own.staging + dev * d.tokens * d.slots * d.hidden;
-    if (own.d_weights) b.d_weights = Offset(own.d_weights, d.weights_type, dev * d.tokens * d.k);
-    call->peers.push_back(b);
-  }
+  for (int dev = 0; dev < d.num_devices; ++dev) call->peers.push_back(EmulatedPeer(own, d, dev));
   call->first_expert = 0;
   call->experts_here = static_cast<int32_t>(d.num_experts());
   call->own_tokens = d.num_devices * d.tokens;
@@ -854,19 +756,6 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
 // ---------------------------------------------------------------------------------------------
 // Tier 2: decode, validate, connect, lay out the workspace, launch.
 
-PeerBuffers OwnBuffers(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
-                       const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
-                       const ffi::AnyBuffer& w_out, Staging& staging) {
-  PeerBuffers own;
-  own.x = x.untyped_data();
-  own.ids = ids.typed_data();
-  own.weights = weights.untyped_data();
-  own.w_in = w_in.untyped_data();
-  own.w_out = w_out.untyped_data();
-  own.staging = staging.typed_data();
-  return own;
-}
-
 // The steps every handler takes before its launches: the GPU's state, a fault an earlier call
 // recorded (returned in `earlier`, to be reported only after this call has met its peers and
 // enqueued its barriers, so that no peer waits for a GPU that bailed out), the peers.
@@ -1002,50 +891,12 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
 // ---------------------------------------------------------------------------------------------
 // Tier 3: the bindings.
 
+// XLA's stream and this GPU's ordinal, then the operands both platforms take.
+#define CCF_CUDA_CONTEXT \
+  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeForwardCuda, ccf::MoeForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()  // XLA's stream
-                                  .Ctx<ffi::DeviceOrdinal>()     // this GPU
-                                  .Arg<ffi::AnyBuffer>()         // x [T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids [T, K]
-                                  .Arg<ffi::AnyBuffer>()         // expert_weights [T, K]
-                                  .Arg<ffi::AnyBuffer>()         // w_in [E_local, H, G*F]
-                                  .Arg<ffi::AnyBuffer>()         // w_out [E_local, F, H]
-                                  .Arg<ccf::PlanArray>()         // plan workers [E, S]
-                                  .Arg<ccf::PlanArray>()         // plan bounds [E, S + 1]
-                                  .Arg<ccf::ScalarS32>()         // rank in the EP group
-                                  .Arg<ccf::ScalarS32>()         // which EP group
-                                  .Attr<uint64_t>("site")        // unique per call site
-                                  .Attr<int32_t>("num_devices")  // D
-                                  .Attr<int32_t>("emulated")     // D devices in one call
-                                  .Attr<int32_t>("activation")   // ccf::Activation
-                                  .Attr<int64_t>("timeout_ms")   // barrier timeout
-                                  .Ret<ffi::AnyBuffer>()         // y [T, H]
-                                  .Ret<ccf::Staging>()           // staging [T, S, H]
-);
+                              ccf::BindForward(CCF_CUDA_CONTEXT));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeBackwardCuda, ccf::MoeBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()  // XLA's stream
-                                  .Ctx<ffi::DeviceOrdinal>()     // this GPU
-                                  .Arg<ffi::AnyBuffer>()         // x [T, H]
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // expert_ids [T, K]
-                                  .Arg<ffi::AnyBuffer>()         // expert_weights [T, K]
-                                  .Arg<ffi::AnyBuffer>()         // w_in [E_local, H, G*F]
-                                  .Arg<ffi::AnyBuffer>()         // w_out [E_local, F, H]
-                                  .Arg<ccf::PlanArray>()         // plan workers [E, S]
-                                  .Arg<ccf::PlanArray>()         // plan bounds [E, S + 1]
-                                  .Arg<ffi::AnyBuffer>()         // dy [T, H]
-                                  .Arg<ccf::ScalarS32>()         // rank in the EP group
-                                  .Arg<ccf::ScalarS32>()         // which EP group
-                                  .Attr<uint64_t>("site")        // unique per call site
-                                  .Attr<int32_t>("num_devices")  // D
-                                  .Attr<int32_t>("emulated")     // D devices in one call
-                                  .Attr<int32_t>("activation")   // ccf::Activation
-                                  .Attr<int64_t>("timeout_ms")   // barrier timeout
-                                  .Ret<ffi::AnyBuffer>()         // dx [T, H]
-                                  .Ret<ffi::AnyBuffer>()         // d expert_weights [T, K]
-                                  .Ret<ffi::AnyBuffer>()         // dw_in [E_local, H, G*F]
-                                  .Ret<ffi::AnyBuffer>()         // dw_out [E_local, F, H]
-                                  .Ret<ccf::Staging>()           // staging [T, S, H]
-);
+                              ccf::BindBackward(CCF_CUDA_CONTEXT));

@@ -1,0 +1,106 @@
+#include "xla_ffi/moe_call.h"
+
+namespace ccf {
+
+namespace ffi = xla::ffi;
+
+namespace {
+bool IsFloatType(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
+}
+
+const void* Offset(const void* base, ffi::DataType t, int64_t elements) {
+  return static_cast<const char*>(base) + elements * ffi::ByteWidth(t);
+}
+void* Offset(void* base, ffi::DataType t, int64_t elements) {
+  return static_cast<char*>(base) + elements * ffi::ByteWidth(t);
+}
+}  // namespace
+
+ffi::Error InvalidArgument(const std::string& msg) {
+  return ffi::Error::InvalidArgument("jax_ccfuser: " + msg);
+}
+
+// Decodes and checks the operands shared by the forward and backward handlers. With
+// `emulated`, the leading dimension of every operand stacks the D devices' blocks.
+ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
+                      const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
+                      const ffi::AnyBuffer& w_out, int32_t num_devices, bool emulated,
+                      int32_t activation, MoeDims* dims) {
+  if (num_devices < 1) return InvalidArgument("num_devices must be >= 1");
+  if (!IsValidActivation(activation))
+    return InvalidArgument("unknown activation code " + std::to_string(activation));
+  if (x.dimensions().size() != 2 || ids.dimensions().size() != 2 ||
+      weights.dimensions().size() != 2 || w_in.dimensions().size() != 3 ||
+      w_out.dimensions().size() != 3)
+    return InvalidArgument("expected x [T, H], expert_ids [T, K], expert_weights [T, K], "
+                           "w_in [E_local, H, G*F], w_out [E_local, F, H]; got x " +
+                           ShapeString(x) + ", w_in " + ShapeString(w_in) + ", w_out " +
+                           ShapeString(w_out));
+  for (const ffi::AnyBuffer* b : {&x, &weights, &w_in, &w_out})
+    if (!IsFloatType(b->element_type()))
+      return InvalidArgument("x, expert_weights, w_in and w_out must be float32, bfloat16 or "
+                             "float16");
+  if (w_in.element_type() != x.element_type() || w_out.element_type() != x.element_type())
+    return InvalidArgument("w_in and w_out must have x's dtype");
+  const int64_t split = emulated ? num_devices : 1;
+  MoeDims d;
+  d.num_devices = num_devices;
+  d.activation = static_cast<Activation>(activation);
+  d.x_type = x.element_type();
+  d.weights_type = weights.element_type();
+  d.w_type = w_in.element_type();
+  d.hidden = x.dimensions()[1];
+  d.k = ids.dimensions()[1];
+  d.experts_local = w_out.dimensions()[0] / split;
+  d.ffn = w_out.dimensions()[1];
+  d.gate_ffn = (IsGated(d.activation) ? 2 : 1) * d.ffn;
+  d.tokens = x.dimensions()[0] / split;
+  d.slots = static_cast<int>(std::min<int64_t>(d.k, num_devices));
+  if (x.dimensions()[0] % split || w_out.dimensions()[0] % split)
+    return InvalidArgument("emulating " + std::to_string(num_devices) +
+                           " devices needs x and the weights stacked in equal blocks");
+  if (ids.dimensions()[0] != x.dimensions()[0] || weights.dimensions()[0] != x.dimensions()[0] ||
+      weights.dimensions()[1] != d.k || d.k < 1)
+    return InvalidArgument("expert_ids and expert_weights must be [T, K] with x's T; got " +
+                           ShapeString(ids) + " and " + ShapeString(weights));
+  if (w_in.dimensions()[0] != w_out.dimensions()[0] || w_in.dimensions()[1] != d.hidden ||
+      w_in.dimensions()[2] != d.gate_ffn || w_out.dimensions()[2] != d.hidden)
+    return InvalidArgument("w_in " + ShapeString(w_in) + " and w_out " + ShapeString(w_out) +
+                           " do not fit H=" + std::to_string(d.hidden) + " and the activation");
+  *dims = d;
+  return ffi::Error::Success();
+}
+
+std::array<int64_t, 8> Signature(const MoeDims& d) {
+  return {d.tokens, d.hidden, d.k, d.ffn, d.experts_local, static_cast<int64_t>(d.x_type),
+          static_cast<int64_t>(d.weights_type), static_cast<int64_t>(d.activation)};
+}
+
+PeerBuffers OwnBuffers(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
+                       const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
+                       const ffi::AnyBuffer& w_out, Staging& staging) {
+  PeerBuffers own;
+  own.x = x.untyped_data();
+  own.ids = ids.typed_data();
+  own.weights = weights.untyped_data();
+  own.w_in = w_in.untyped_data();
+  own.w_out = w_out.untyped_data();
+  own.staging = staging.typed_data();
+  return own;
+}
+
+PeerBuffers EmulatedPeer(const PeerBuffers& own, const MoeDims& d, int dev) {
+  PeerBuffers b;
+  b.x = Offset(own.x, d.x_type, dev * d.tokens * d.hidden);
+  b.ids = own.ids + dev * d.tokens * d.k;
+  b.weights = Offset(own.weights, d.weights_type, dev * d.tokens * d.k);
+  b.w_in = Offset(own.w_in, d.w_type, dev * d.experts_local * d.hidden * d.gate_ffn);
+  b.w_out = Offset(own.w_out, d.w_type, dev * d.experts_local * d.ffn * d.hidden);
+  if (own.dy) b.dy = Offset(own.dy, d.x_type, dev * d.tokens * d.hidden);
+  b.staging = own.staging + dev * d.tokens * d.slots * d.hidden;
+  if (own.d_weights) b.d_weights = Offset(own.d_weights, d.weights_type, dev * d.tokens * d.k);
+  return b;
+}
+
+}  // namespace ccf

@@ -1,0 +1,98 @@
+// One fused-MoE call's operands, for the CPU and CUDA handlers alike: decoding and checks,
+// the stacked layout of emulated devices, and the signature peers compare.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+#include "xla_ffi/moe_dims.h"
+#include "xla_ffi/peer_group.h"
+
+namespace ccf {
+
+// Spelled once: template commas cannot appear inside the binding macros.
+using ScalarS32 = xla::ffi::Buffer<xla::ffi::S32, 0>;
+using PlanArray = xla::ffi::Buffer<xla::ffi::S32, 2>;
+using Staging = xla::ffi::Buffer<xla::ffi::F32, 3>;
+
+// The attributes every handler is bound with.
+struct CallAttrs {
+  uint64_t site;
+  int32_t num_devices, emulated, activation;
+  int64_t timeout_ms;
+};
+
+xla::ffi::Error InvalidArgument(const std::string& msg);
+
+template <typename Buffer>
+std::string ShapeString(const Buffer& b) {
+  std::string s = "[";
+  auto dims = b.dimensions();
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// Decodes and checks the operands shared by the forward and backward handlers. With
+// `emulated`, the leading dimension of every operand stacks the D devices' blocks.
+xla::ffi::Error DecodeDims(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<xla::ffi::S32>& ids,
+                           const xla::ffi::AnyBuffer& weights, const xla::ffi::AnyBuffer& w_in,
+                           const xla::ffi::AnyBuffer& w_out, int32_t num_devices, bool emulated,
+                           int32_t activation, MoeDims* dims);
+
+// What peers must agree on: (T, H, K, F, E_local, x dtype, weights dtype, activation).
+std::array<int64_t, 8> Signature(const MoeDims& d);
+
+// This call's own buffers (forward operands; the backward adds dy and d_weights).
+PeerBuffers OwnBuffers(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<xla::ffi::S32>& ids,
+                       const xla::ffi::AnyBuffer& weights, const xla::ffi::AnyBuffer& w_in,
+                       const xla::ffi::AnyBuffer& w_out, Staging& staging);
+
+// Emulated device `dev`'s buffers: block `dev` of each stacked operand of `own`.
+PeerBuffers EmulatedPeer(const PeerBuffers& own, const MoeDims& d, int dev);
+
+// The bound operands, attributes and results of "ccf_moe_fwd" / "ccf_moe_bwd", appended to a
+// platform's context arguments: both platforms' handlers take exactly these.
+template <typename Binding>
+auto BindOperands(Binding&& binding) {
+  return std::move(binding).template Arg<xla::ffi::AnyBuffer>()  // x [T, H]
+      .template Arg<xla::ffi::Buffer<xla::ffi::S32>>()         // expert_ids [T, K]
+      .template Arg<xla::ffi::AnyBuffer>()                     // expert_weights [T, K]
+      .template Arg<xla::ffi::AnyBuffer>()                     // w_in [E_local, H, G*F]
+      .template Arg<xla::ffi::AnyBuffer>()                     // w_out [E_local, F, H]
+      .template Arg<PlanArray>()                               // plan workers [E, S]
+      .template Arg<PlanArray>();                              // plan bounds [E, S + 1]
+}
+
+template <typename Binding>
+auto BindPositionAndAttrs(Binding&& binding) {
+  return std::move(binding).template Arg<ScalarS32>()          // rank in the EP group
+      .template Arg<ScalarS32>()                               // which EP group
+      .template Attr<uint64_t>("site")                         // unique per call site
+      .template Attr<int32_t>("num_devices")                   // D
+      .template Attr<int32_t>("emulated")                      // D devices in one call
+      .template Attr<int32_t>("activation")                    // ccf::Activation
+      .template Attr<int64_t>("timeout_ms");                   // barrier timeout
+}
+
+template <typename Binding>
+auto BindForward(Binding&& binding) {
+  return BindPositionAndAttrs(BindOperands(std::move(binding)))
+      .template Ret<xla::ffi::AnyBuffer>()                     // y [T, H]
+      .template Ret<Staging>();                                // staging [T, S, H]
+}
+
+template <typename Binding>
+auto BindBackward(Binding&& binding) {
+  return BindPositionAndAttrs(
+             BindOperands(std::move(binding)).template Arg<xla::ffi::AnyBuffer>())  // dy
+      .template Ret<xla::ffi::AnyBuffer>()                     // dx [T, H]
+      .template Ret<xla::ffi::AnyBuffer>()                     // d expert_weights [T, K]
+      .template Ret<xla::ffi::AnyBuffer>()                     // dw_in [E_local, H, G*F]
+      .template Ret<xla::ffi::AnyBuffer>()                     // dw_out [E_local, F, H]
+      .template Ret<Staging>();                                // staging [T, S, H]
+}
+
+}  // namespace ccf
