@@ -5,6 +5,7 @@ the other devices' memory and hand results back through shared memory.
 """
 
 from jax_ccfuser import _extension  # registers the FFI targets
+from jax_ccfuser import placement
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._config import peer_timeout
 from jax_ccfuser._fused import fused_moe
@@ -29,4 +30,5 @@ __all__ = [
     "route",
     "all_to_all_bytes",
     "peer_traffic",
+    "placement",
 ]

@@ -1,0 +1,255 @@
+"""Expert placement: routing counts against numpy, the ILP against greedy and known optima, and
+a live model whose experts are moved computing and training exactly as before."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jax_ccfuser import linen as ccf_linen
+from jax_ccfuser import placement
+from models.moe_lm import LMConfig, MoeLM
+from models.train import TrainConfig, batch_placer, make_optimizer, train_step
+from moe_cases import ep_mesh
+
+DEVICES = 4
+LM = LMConfig(seq_len=16, hidden=32, heads=2, layers=2, ffn=32, num_experts=8, axis_name="ep")
+TRAIN = TrainConfig(batch=4, learning_rate=1e-2, warmup_steps=1, total_steps=10)
+# Moving experts changes only the float32 summation order (router columns, kernel tiles).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _numpy_stats(ids, source, num_devices, num_experts):
+  """The counts of `routing_stats`, one (token, k) or (token, k, k') at a time."""
+  rows = np.zeros((len(ids), num_devices, num_experts), np.int64)
+  transitions = np.zeros((len(ids) - 1, num_experts, num_experts), np.int64)
+  for layer, layer_ids in enumerate(ids):
+    for token, experts in enumerate(layer_ids):
+      for e in experts:
+        rows[layer, source[token], e] += 1
+      if layer + 1 < len(ids):
+        for i in experts:
+          for j in ids[layer + 1][token]:
+            transitions[layer, i, j] += 1
+  return rows, transitions
+
+
+def test_stats_match_a_numpy_count():
+  rng = np.random.default_rng(0)
+  n, e, d = 48, 8, 4
+  steps = [[rng.integers(0, e, (n, k)).astype(np.int32) for k in (2, 1, 3)] for _ in range(2)]
+  source = rng.integers(0, d, n).astype(np.int32)
+  update = jax.jit(lambda stats, ids, source: stats.update(ids, source=source))
+  stats = placement.RoutingStats.zeros(3, d, e)
+  for ids in steps:
+    stats = update(stats, ids, source)
+  want = [_numpy_stats(ids, source, d, e) for ids in steps]
+  np.testing.assert_array_equal(stats.rows, want[0][0] + want[1][0])
+  np.testing.assert_array_equal(stats.transitions, want[0][1] + want[1][1])
+  assert stats.rows.dtype == jnp.int32 and stats.transitions.shape == (2, e, e)
+
+  # Default source: the tokens split evenly in order, as the expert-parallel layer splits them.
+  step = placement.routing_stats(steps[0], num_experts=e, num_devices=d)
+  np.testing.assert_array_equal(step.rows, _numpy_stats(steps[0], np.arange(n) // (n // d), d, e)[0])
+
+
+def test_stats_skip_out_of_range_ids():
+  ids = [jnp.array([[0, -1], [3, 4]], jnp.int32)]
+  stats = placement.routing_stats(ids, num_experts=4, num_devices=2)
+  np.testing.assert_array_equal(stats.rows[0], [[1, 0, 0, 0], [0, 0, 0, 1]])
+  assert stats.transitions.shape == (0, 4, 4)
+
+
+def _stats(rows, transitions=None):
+  rows = np.asarray(rows, np.int32)
+  if transitions is None:
+    transitions = np.zeros((rows.shape[0] - 1, rows.shape[2], rows.shape[2]), np.int32)
+  return placement.RoutingStats(jnp.asarray(rows), jnp.asarray(transitions, jnp.int32))
+
+
+def test_locality_optimum_is_found():
+  # Device 0 sends everything to experts 2 and 3, device 1 to experts 0 and 1: swapping the two
+  # halves makes every row local, the identity makes every row remote.
+  stats = _stats([[[0, 0, 50, 40], [30, 60, 0, 0]]])
+  identity = placement.score(stats)
+  assert identity.remote_fraction[0] == 1.0
+  for method in placement.METHODS:
+    solution = placement.solve(stats, 2, method=method)
+    np.testing.assert_array_equal(solution.perms, [[2, 3, 0, 1]])
+    assert solution.methods == (method,)
+    assert placement.score(stats, solution.perms).remote_fraction[0] == 0.0
+
+
+def test_balance_optimum_beats_greedy_and_identity():
+  # Two hot experts that device 0 sends slightly more of: greedy (and the identity) put both on
+  # device 0 (200 of 220 rows there: 1.82 x the mean); the optimum pairs each with a cold one.
+  stats = _stats([[[60, 60, 5, 5], [40, 40, 5, 5]]])
+  greedy = placement.score(stats, placement.solve(stats, 2, method="greedy").perms)
+  ilp = placement.score(stats, placement.solve(stats, 2, method="ilp").perms)
+  identity = placement.score(stats)
+  np.testing.assert_allclose([greedy.max_load[0], identity.max_load[0]], 200 / 110)
+  assert ilp.max_load[0] == 1.0
+  assert ilp.remote_fraction[0] == 0.5  # the rows it gives up: 110 of 220
+
+
+def test_cross_layer_term_colocates_consecutive_experts():
+  # No locality and equal loads, so only the transitions matter: expert i of layer 0 always
+  # hands its tokens to expert (i + 3) % 8 of layer 1, which the identity puts elsewhere.
+  e, d = 8, 4
+  rows = np.full((2, d, e), 10)
+  transitions = np.zeros((1, e, e), np.int32)
+  transitions[0, np.arange(e), (np.arange(e) + 3) % e] = 25
+  stats = _stats(rows, transitions)
+  assert placement.score(stats).cross_fraction[0] == 1.0
+  solution = placement.solve(stats, d, transition_weight=1.0)
+  assert placement.score(stats, solution.perms).cross_fraction[0] == 0.0
+  assert placement.score(stats, placement.solve(stats, d, transition_weight=0.0).perms
+                         ).cross_fraction[0] > 0
+
+
+def _synthetic(seed, *, layers=3, devices=4, experts=16, tokens=2048, k=2):
+  """Routing with a Zipf-like expert popularity and a per-device preference, like skewed data."""
+  rng = np.random.default_rng(seed)
+  popularity = rng.zipf(1.6, experts).clip(max=40).astype(float)
+  preference = rng.dirichlet(np.ones(experts), size=devices) * popularity
+  preference /= preference.sum(axis=1, keepdims=True)
+  source = np.arange(tokens) // (tokens // devices)
+  ids = [np.stack([(rng.random((tokens, 1)) > np.cumsum(preference[source], axis=1)).sum(axis=1)
+                   for _ in range(k)], axis=1).astype(np.int32) for _ in range(layers)]
+  return placement.routing_stats(ids, num_experts=experts, num_devices=devices)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ilp_beats_or_equals_greedy(seed):
+  stats = _synthetic(seed)
+  greedy = placement.score(stats, placement.solve(stats, 4, method="greedy").perms)
+
+  def ilp(**weights):
+    solution = placement.solve(stats, 4, gap=1e-6, **weights)
+    assert set(solution.methods) == {"ilp"}
+    return placement.score(stats, solution.perms)
+
+  # The objective it minimises (per layer, in units of the layer's rows): never above greedy's.
+  both = ilp(balance_weight=1.0, transition_weight=0.0)
+  np.testing.assert_array_less(both.remote_fraction + both.max_load,
+                               greedy.remote_fraction + greedy.max_load + 1e-9)
+  # Each criterion alone: remote rows (no balance term), busiest device (balance dominating).
+  np.testing.assert_array_less(ilp(balance_weight=0.0, transition_weight=0.0).remote_fraction,
+                               greedy.remote_fraction + 1e-9)
+  np.testing.assert_array_less(ilp(balance_weight=1e3, transition_weight=0.0).max_load,
+                               greedy.max_load + 1e-9)
+
+
+def test_time_out_falls_back_to_greedy():
+  stats = _synthetic(0, devices=8, experts=64)
+  solution = placement.solve(stats, 8, time_limit=1e-9)
+  assert solution.methods == ("greedy",) * 3
+  np.testing.assert_array_equal(solution.perms, placement.solve(stats, 8, method="greedy").perms)
+
+
+def test_bad_arguments():
+  stats = _stats([[[1, 2, 3, 4], [4, 3, 2, 1]]])
+  with pytest.raises(ValueError, match="unknown method"):
+    placement.solve(stats, 2, method="anneal")
+  with pytest.raises(ValueError, match="recorded over 2 devices"):
+    placement.solve(stats, 4)
+  with pytest.raises(ValueError, match="not a permutation"):
+    placement.score(stats, [[0, 0, 1, 2]])
+  with pytest.raises(ValueError, match="3 layers"):
+    placement.RoutingStats.zeros(3, 2, 4).update([jnp.zeros((4, 2), jnp.int32)])
+
+
+def _tokens(seed, batch=TRAIN.batch):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (batch, LM.seq_len + 1)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """A model and optimizer after one step (so Adam's moments are not zero), on a 4-device mesh."""
+  mesh = ep_mesh(DEVICES)
+  with jax.set_mesh(mesh):
+    model = MoeLM(LM, rngs=nnx.Rngs(0))
+    optimizer = make_optimizer(model, TRAIN)
+    train_step(model, optimizer, batch_placer(mesh, "ep")(_tokens(0)), config=TRAIN)
+  return mesh, model, optimizer
+
+
+def _perms():
+  rng = np.random.default_rng(7)
+  return np.stack([rng.permutation(LM.num_experts) for _ in range(LM.layers)])
+
+
+def test_capture_expert_ids_matches_the_router(trained):
+  mesh, model, _ = trained
+  with jax.set_mesh(mesh):
+    forward = nnx.jit(placement.capture_expert_ids(lambda m, t: m(t)))
+    (_, auxes), ids = forward(model, batch_placer(mesh, "ep")(_tokens(1)[:, :-1]))
+  assert placement.moe_layers(model) == (("blocks", 0, "ffn"), ("blocks", 1, "ffn"))
+  stats = placement.routing_stats(ids, num_experts=LM.num_experts, num_devices=DEVICES)
+  for layer, aux in enumerate(auxes):
+    assert ids[layer].shape == (TRAIN.batch * LM.seq_len, LM.k)
+    np.testing.assert_array_equal(stats.rows[layer].sum(axis=0), aux.counts)
+
+
+def test_apply_keeps_outputs_and_training(trained):
+  mesh, model, optimizer = trained
+  perms = _perms()
+  place = batch_placer(mesh, "ep")
+  with jax.set_mesh(mesh):
+    moved, moved_optimizer = nnx.clone(model), nnx.clone(optimizer)
+    placement.apply(moved, moved_optimizer, perms)
+    forward = nnx.jit(lambda m, t: m(t))
+    tokens = place(_tokens(2)[:, :-1])
+    (logits, auxes), (moved_logits, moved_auxes) = forward(model, tokens), forward(moved, tokens)
+    np.testing.assert_allclose(moved_logits, logits, rtol=RTOL, atol=ATOL)
+    for layer, (aux, moved_aux) in enumerate(zip(auxes, moved_auxes)):
+      np.testing.assert_array_equal(moved_aux.counts, np.asarray(aux.counts)[perms[layer]])
+
+    w_in = moved.blocks[1].ffn.w_in[...]
+    np.testing.assert_array_equal(w_in, np.asarray(model.blocks[1].ffn.w_in[...])[perms[1]])
+    assert w_in.sharding == model.blocks[1].ffn.w_in[...].sharding
+
+    # A step after moving equals the moved image of the step taken without moving.
+    step = place(_tokens(3))
+    metrics = train_step(model, optimizer, step, config=TRAIN)
+    moved_metrics = train_step(moved, moved_optimizer, step, config=TRAIN)
+  np.testing.assert_allclose(moved_metrics["loss"], metrics["loss"], rtol=RTOL)
+  layers = placement.moe_layers(model)
+  for before, after in ((model, moved), (optimizer, moved_optimizer)):
+    want = placement.permute(nnx.to_pure_dict(nnx.state(before)), perms, layers=layers)
+    jax.tree.map(lambda w, g: np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL),
+                 want, nnx.to_pure_dict(nnx.state(after)))
+
+
+def test_apply_rejects_a_model_without_those_layers(trained):
+  _, model, optimizer = trained
+  with pytest.raises(ValueError, match="no parameter"):
+    placement.apply(nnx.clone(model), None, _perms()[:1], layers=[("blocks", 0, "attention")])
+
+
+def test_permute_plain_linen_and_optax_pytrees():
+  moe = ccf_linen.MoE(num_experts=8, ffn=16, k=2, axis_name=None, dispatch="reference")
+  x = jax.random.normal(jax.random.key(0), (24, 16))
+  # Random parameters of the layer's shapes (compiling `moe.init` alone takes seconds).
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
+                        jax.eval_shape(moe.init, jax.random.key(1), x))
+  tx = optax.adam(1e-2)
+  perms = _perms()[:1]
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(lambda p: jnp.sum(moe.apply(p, x)[0] ** 2))(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  params, opt_state = step(params, tx.init(params))
+  moved = placement.permute((params, opt_state), perms, layers=[("params",)])
+  forward = jax.jit(lambda p: moe.apply(p, x)[0])
+  np.testing.assert_allclose(forward(moved[0]), forward(params), rtol=RTOL, atol=ATOL)
+  want = placement.permute(step(params, opt_state), perms, layers=[("params",)])
+  jax.tree.map(lambda w, g: np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL),
+               want, step(*moved))
