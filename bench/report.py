@@ -262,14 +262,15 @@ def section(results_dir: pathlib.Path) -> str:
   return "\n".join(parts)
 
 
-def rewrite_readme(text: str, body: str) -> str:
+def rewrite_readme(text: str, body: str, *, start: str = START, end: str = END,
+                   heading: str = "Benchmarks") -> str:
   """`text` with everything between the markers replaced by `body`; the markers (under a
-  "## Benchmarks" heading) are appended when absent."""
-  if START not in text or END not in text:
-    text = text.rstrip("\n") + f"\n\n## Benchmarks\n\n{START}\n{END}\n"
-  head, rest = text.split(START, 1)
-  _, tail = rest.split(END, 1)
-  return f"{head}{START}\n{body.strip()}\n{END}{tail}"
+  "## {heading}" heading) are appended when absent."""
+  if start not in text or end not in text:
+    text = text.rstrip("\n") + f"\n\n## {heading}\n\n{start}\n{end}\n"
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  return f"{head}{start}\n{body.strip()}\n{end}{tail}"
 
 
 def regenerate(results_dir: pathlib.Path = records.RESULTS_DIR,

@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0: greedy")
   p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo_out"),
                  help="where metrics.json, report.png and checkpoints go")
+  p.add_argument("--reassign", action="store_true",
+                 help="fused path: idle devices take over slices of hot experts (reports rows "
+                      "per device before and after)")
   p.add_argument("--resume", action="store_true",
                  help="continue from the checkpoints in --out instead of starting afresh (with "
                  "the same settings: the learning-rate schedule spans --steps)")
@@ -79,7 +82,7 @@ def run_path(dispatch: str, args, corpus, mesh) -> dict:
   """
   config = LMConfig(seq_len=args.seq_len, hidden=args.hidden, heads=args.heads,
                     layers=args.layers, ffn=args.ffn, num_experts=args.experts, k=args.k,
-                    dispatch=dispatch)
+                    dispatch=dispatch, reassign=args.reassign and dispatch == "fused")
   train_config = TrainConfig(batch=args.batch, learning_rate=args.lr, total_steps=args.steps,
                              warmup_steps=min(20, args.steps // 5), seed=args.seed)
   directory = args.out / "checkpoints" / dispatch
@@ -128,7 +131,14 @@ def summarize(run: dict, args) -> dict:
       "losses": [r["loss"] for r in history],
       # [L][E]: the share of (token, k) assignments each expert got, averaged over the run.
       "expert_load": (counts.mean(axis=0) / assignments).round(4).tolist(),
+      # [L][2]: max / mean rows per device, without and with reassignment, averaged over steps.
+      "device_imbalance": _imbalance(history).round(3).tolist(),
   }
+
+
+def _imbalance(history) -> np.ndarray:
+  loads = np.asarray([r["device_loads"] for r in history], np.float64)  # [steps, L, 2, D]
+  return (loads.max(-1) / np.maximum(loads.mean(-1), 1)).mean(0)
 
 
 def plot_report(path: pathlib.Path, runs: dict, metrics: dict, args) -> None:
@@ -183,6 +193,10 @@ def main(argv=None) -> dict:
     rate = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f} tokens/s"
     print(f"{dispatch:>10}: loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, "
           f"validation {m['val_loss']:.3f}, {rate}, {m['train_s']:.0f} s training")
+  if args.reassign:
+    for layer, (before, after) in enumerate(metrics["fused"]["device_imbalance"]):
+      print(f"layer {layer}: max/mean rows per device {before:.2f} without reassignment, "
+            f"{after:.2f} with it")
   print(f"largest loss difference between the paths over {len(diffs)} steps: "
         f"{metrics['max_loss_diff']:.2e}")
 

@@ -32,6 +32,8 @@ class LMConfig:
     dispatch: "fused", "all_to_all" or "reference"; the parameters do not depend on it, so two
       models built from the same seed with different dispatch start identical.
     capacity_factor: `None` (dropless) or a float, for dispatch="all_to_all".
+    reassign: let idle devices take over slices of hot experts (dispatch="fused"); the model
+      computes the same function either way.
     axis_name: the expert-parallel mesh axis (also the batch axis), or `None`.
     dtype: compute dtype; parameters are float32.
   """
@@ -46,6 +48,7 @@ class LMConfig:
   activation: str = "swiglu"
   dispatch: str = "fused"
   capacity_factor: float | None = None
+  reassign: bool = False
   axis_name: str | None = "expert"
   dtype: Dtype = jnp.float32
 
@@ -81,7 +84,7 @@ class Block(nnx.Module):
     if c.num_experts:
       self.ffn = MoE(c.hidden, c.ffn, c.num_experts, k=c.k, activation=c.activation,
                      dispatch=c.dispatch, capacity_factor=c.capacity_factor,
-                     axis_name=c.axis_name, dtype=c.dtype, rngs=rngs)
+                     reassign=c.reassign, axis_name=c.axis_name, dtype=c.dtype, rngs=rngs)
     else:
       self.ffn = DenseFFN(c.hidden, c.ffn, dtype=c.dtype, rngs=rngs)
 

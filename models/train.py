@@ -139,8 +139,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, *
 
   Returns:
     Metrics: `loss` (cross-entropy, float32 `[]`), `aux_loss` (the weighted router losses, `[]`)
-    and `expert_counts` (`[L, E]` int32, (token, k) assignments per MoE block and expert; `[0, 0]`
-    for a dense model).
+    `expert_counts` (`[L, E]` int32, (token, k) assignments per MoE block and expert; `[0, 0]`
+    for a dense model) and `device_loads` (`[L, 2, D]` int32, rows each device computes without
+    and with reassignment; `[0, 2, 0]` for a dense model).
   """
   def objective(model):
     loss, auxes = cross_entropy(model, tokens)
@@ -151,7 +152,9 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, *
   grads, (loss, aux_loss, auxes) = nnx.grad(objective, has_aux=True)(model)
   optimizer.update(model, grads)
   counts = (jnp.stack([a.counts for a in auxes]) if auxes else jnp.zeros((0, 0), jnp.int32))
-  return {"loss": loss, "aux_loss": aux_loss, "expert_counts": counts}
+  loads = (jnp.stack([a.device_loads for a in auxes]) if auxes
+           else jnp.zeros((0, 2, 0), jnp.int32))
+  return {"loss": loss, "aux_loss": aux_loss, "expert_counts": counts, "device_loads": loads}
 
 
 @nnx.jit
@@ -195,7 +198,7 @@ def train(model: nnx.Module, optimizer: nnx.Optimizer, data: np.ndarray, config:
 
   Returns:
     The history: one record per step, `{"step", "loss", "aux_loss", "expert_counts" ([L][E]),
-    "seconds"}`; `seconds` is `None` for the first step of a session (it includes compilation).
+    "device_loads" ([L][2][D]), "seconds"}`; `seconds` is `None` for the first step of a session (it includes compilation).
   """
   history = [] if history is None else history
   start = int(optimizer.step[...])
@@ -208,6 +211,7 @@ def train(model: nnx.Module, optimizer: nnx.Optimizer, data: np.ndarray, config:
     record = {"step": step, "loss": float(metrics["loss"]),
               "aux_loss": float(metrics["aux_loss"]),
               "expert_counts": metrics["expert_counts"].tolist(),
+              "device_loads": metrics["device_loads"].tolist(),
               "seconds": None if step == start else seconds}
     history.append(record)
     if on_step is not None:
