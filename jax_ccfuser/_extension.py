@@ -9,8 +9,8 @@ import importlib.util
 
 import jax
 
-# Bumped whenever the FFI signatures change; the native modules report the value they were built
-# with, so a stale build fails here with instructions instead of deep inside XLA.
+# Bumped whenever the FFI signatures change (xla_ffi/ffi_module.h holds the native side's copy);
+# the native modules report the value they were built with, so a stale build fails here with instructions instead of deep inside XLA.
 ABI_VERSION = 2
 
 _REBUILD = ("rebuild it from the repository root with `make install` "

@@ -2,31 +2,16 @@
 #include <nanobind/nanobind.h>
 
 #include "xla_ffi/cpu_gemm.h"
+#include "xla_ffi/ffi_module.h"
 #include "xla_ffi/moe_cpu.h"
 #include "xla_ffi/peer_group.h"
 #include "xla_ffi/traffic.h"
 
 namespace nb = nanobind;
 
-namespace {
-// Must equal jax_ccfuser/_extension.py's ABI_VERSION.
-constexpr int kAbiVersion = 2;
-
-template <typename T>
-nb::capsule Capsule(T* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn));
-}
-}  // namespace
-
 NB_MODULE(_ccfuser_cpu, m) {
   ccf::UseCallerThreadOnly();
-  m.def("abi_version", [] { return kAbiVersion; });
-  m.def("registrations", [] {
-    nb::dict d;
-    d["ccf_moe_fwd"] = Capsule(CcfMoeForwardCpu);
-    d["ccf_moe_bwd"] = Capsule(CcfMoeBackwardCpu);
-    return d;
-  });
+  ccf::DefineRegistrations(m, CcfMoeForwardCpu, CcfMoeBackwardCpu);
   m.def("peer_group_count", &ccf::PeerGroupCount,
         "Live (call site, group) entries of the peer registry.");
   m.def("fail_next_call_for_testing", &ccf::FailNextCallForTesting, nb::arg("rank"),
