@@ -6,6 +6,9 @@ B / D sequences), trains `MoeLM` on the standard library's `.py` sources with
 `dispatch="all_to_all"`, prints how closely the two loss curves agree and a generated sample,
 and writes `<out>/metrics.json` and `<out>/report.png`. Checkpoints go to
 `<out>/checkpoints/<dispatch>`; `--resume` continues from them (without it a run starts afresh).
+With `--replace-every N`, both paths move their experts between devices every N steps
+(`jax_ccfuser.placement`: an ILP on the routing of the latest batches) without changing what the
+model computes, and report remote rows and device load before and after each move.
 """
 
 import argparse
@@ -24,11 +27,16 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # the report is a file; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from jax_ccfuser import placement
 from models.moe_lm import LMConfig, MoeLM
+from models.placement_report import record
 from models.train import (TrainConfig, batch_placer, checkpoint_manager, evaluate, generate,
                           load_corpus, make_optimizer, restore, train)
 
 DISPATCHES = ("fused", "all_to_all")
+# Batches whose routing a re-placement is solved from (the latest of the window): enough for
+# stable counts, few enough that the extra forward passes stay a small part of a window.
+PLACEMENT_BATCHES = 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--reassign", action="store_true",
                  help="fused path: idle devices take over slices of hot experts (reports rows "
                       "per device before and after)")
+  p.add_argument("--replace-every", type=int, default=0, metavar="N",
+                 help="every N steps, re-place experts on devices from the latest routing and "
+                      "report remote rows and device load before and after (the load can only "
+                      "change with several experts per device); 0: never")
   p.add_argument("--resume", action="store_true",
                  help="continue from the checkpoints in --out instead of starting afresh (with "
                  "the same settings: the learning-rate schedule spans --steps)")
@@ -69,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--batch {args.batch} must be divisible by --devices {args.devices}")
   if args.steps < 1:
     p.error("--steps must be at least 1")
+  if args.replace_every < 0:
+    p.error("--replace-every must be 0 (never) or positive")
   return args
 
 
@@ -105,14 +119,53 @@ def run_path(dispatch: str, args, corpus, mesh) -> dict:
       bar.update(1)
 
     began = time.perf_counter()
-    history = train(model, optimizer, corpus.train, train_config, steps=args.steps, place=place,
-                    history=history, checkpoints=checkpoints, on_step=on_step)
+    # Train up to each re-placement in turn (a resumed run starts at its checkpoint's step).
+    moves = (range(args.replace_every, args.steps, args.replace_every) if args.replace_every
+             else range(0))
+    placements = []
+    for stop in [s for s in moves if s >= len(history)] + [args.steps]:
+      history = train(model, optimizer, corpus.train, train_config, steps=stop, place=place,
+                      history=history, checkpoints=checkpoints, on_step=on_step)
+      if stop < args.steps:
+        placements.append(replace_experts(model, optimizer, corpus.train, stop, args, place))
+        bar.write(f"{dispatch:>10}: step {stop}: {_describe(placements[-1])}")
     train_s = time.perf_counter() - began
     bar.close()
     checkpoints.close()
     val_loss = evaluate(model, corpus.validation, batches=args.eval_batches, batch=args.batch,
                         place=place)
-  return {"history": history, "val_loss": val_loss, "train_s": train_s, "model": model}
+  return {"history": history, "val_loss": val_loss, "train_s": train_s, "model": model,
+          "placements": placements}
+
+
+def replace_experts(model, optimizer, data, step: int, args, place) -> dict:
+  """Moves every MoE layer's experts to the ILP placement for the latest batches' routing.
+
+  The routing is recorded with the model as it is now, on the training batches of the
+  `PLACEMENT_BATCHES` steps before `step`; the same counts score the old and the new placement.
+
+  Returns:
+    `{"step", "methods", "solve_s", "remote_before", "remote_after", "load_before",
+    "load_after"}`: remote-row fraction and busiest device's rows over the mean, averaged over
+    the layers, under the old and the new placement.
+  """
+  stats = record(model, data, range(max(0, step - PLACEMENT_BATCHES), step), batch=args.batch,
+                 seed=args.seed, num_devices=args.devices, place=place)
+  solution = placement.solve(stats, args.devices)
+  before, after = placement.score(stats), placement.score(stats, solution.perms)
+  placement.apply(model, optimizer, solution.perms)
+  return {"step": step, "methods": list(solution.methods), "solve_s": sum(solution.seconds),
+          "remote_before": float(before.remote_fraction.mean()),
+          "remote_after": float(after.remote_fraction.mean()),
+          "load_before": float(before.max_load.mean()),
+          "load_after": float(after.max_load.mean())}
+
+
+def _describe(move: dict) -> str:
+  return (f"experts re-placed ({', '.join(sorted(set(move['methods'])))}, "
+          f"{move['solve_s']:.1f} s): remote rows {move['remote_before']:.3f} -> "
+          f"{move['remote_after']:.3f}, max device load {move['load_before']:.2f} -> "
+          f"{move['load_after']:.2f}")
 
 
 def summarize(run: dict, args) -> dict:
@@ -133,6 +186,8 @@ def summarize(run: dict, args) -> dict:
       "expert_load": (counts.mean(axis=0) / assignments).round(4).tolist(),
       # [L][2]: max / mean rows per device, without and with reassignment, averaged over steps.
       "device_imbalance": _imbalance(history).round(3).tolist(),
+      # One record per re-placement (`replace_experts`).
+      "placements": run["placements"],
   }
 
 
