@@ -13,6 +13,7 @@ from jax_ccfuser._reassign import Plan
 from jax_ccfuser._reassign import plan_loads
 from jax_ccfuser._reassign import reassign
 from jax_ccfuser._reference import reference_moe
+from jax_ccfuser._router import RouterAux
 from jax_ccfuser._router import route
 from jax_ccfuser._traffic import all_to_all_bytes
 from jax_ccfuser._traffic import peer_traffic
@@ -28,6 +29,7 @@ __all__ = [
     "all_to_all_moe",
     "reference_moe",
     "route",
+    "RouterAux",
     "all_to_all_bytes",
     "peer_traffic",
     "placement",
