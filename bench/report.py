@@ -144,8 +144,9 @@ def measured_section(plat: str, recs: list[dict]) -> str:
   ]
   if plat == "cpu":
     lines += [
-        "The cores were shared with other work while this ran, so absolute times are noisy; "
-        "the ratios compare implementations measured side by side in the same rounds.",
+        "Eight simulated devices share two cores (and whatever else the machine runs), so "
+        "absolute times are noisy; the ratios compare implementations measured side by side "
+        "in the same rounds.",
         "",
     ]
   f, cf = largest[_FUSED], largest.get(baselines[-1]) if baselines else None

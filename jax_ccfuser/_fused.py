@@ -45,15 +45,21 @@ def _slots(static: _Static, k: int) -> int:
   return min(k, static.num_devices)
 
 
+def _varying_axes(a) -> frozenset:
+  """The manual mesh axes `a` varies over (`.mat.varying` since JAX 0.10, `.vma` before)."""
+  aval = jax.typeof(a)
+  mat = getattr(aval, "mat", None)
+  return frozenset(mat.varying if mat is not None else aval.vma)
+
+
 def _varying_alike(*args):
   """`args` made varying over the union of their manual mesh axes (inside `shard_map`).
 
   Each device's custom call reads all its operands, so its results vary wherever any operand
   does; typing every operand and result alike keeps `shard_map`'s checks exact.
   """
-  axes = frozenset().union(*(jax.typeof(a).mat.varying for a in args))
-  return tuple(jax.lax.pcast(a, tuple(axes - jax.typeof(a).mat.varying), to="varying")
-               for a in args)
+  axes = frozenset().union(*(_varying_axes(a) for a in args))
+  return tuple(jax.lax.pcast(a, tuple(axes - _varying_axes(a)), to="varying") for a in args)
 
 
 def _result(like, shape, dtype):
