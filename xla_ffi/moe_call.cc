@@ -72,6 +72,34 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
   return ffi::Error::Success();
 }
 
+namespace {
+bool StagingFits(const MoeDims& d, const ffi::AnyBuffer& x, const Staging& staging) {
+  return staging.element_count() == x.element_count() / d.hidden * d.slots * d.hidden;
+}
+}  // namespace
+
+ffi::Error CheckForwardResults(const MoeDims& d, const ffi::AnyBuffer& x,
+                               const ffi::AnyBuffer& y, const Staging& staging) {
+  if (y.element_type() != d.x_type || y.element_count() != x.element_count() ||
+      !StagingFits(d, x, staging))
+    return InvalidArgument("outputs must be y [T, H] in x's dtype and staging [T, S, H] float32");
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckBackwardBuffers(const MoeDims& d, const ffi::AnyBuffer& x,
+                                const ffi::AnyBuffer& w_in, const ffi::AnyBuffer& w_out,
+                                const ffi::AnyBuffer& dy, const ffi::AnyBuffer& dx,
+                                const ffi::AnyBuffer& d_weights, const ffi::AnyBuffer& dw_in,
+                                const ffi::AnyBuffer& dw_out, const Staging& staging) {
+  if (dy.element_type() != d.x_type || dy.element_count() != x.element_count() ||
+      dx.element_type() != d.x_type || d_weights.element_type() != d.weights_type ||
+      dw_in.element_type() != d.w_type || dw_out.element_type() != d.w_type ||
+      dw_in.element_count() != w_in.element_count() ||
+      dw_out.element_count() != w_out.element_count() || !StagingFits(d, x, staging))
+    return InvalidArgument("backward operands and outputs do not match the forward's");
+  return ffi::Error::Success();
+}
+
 std::array<int64_t, 8> Signature(const MoeDims& d) {
   return {d.tokens, d.hidden, d.k, d.ffn, d.experts_local, static_cast<int64_t>(d.x_type),
           static_cast<int64_t>(d.weights_type), static_cast<int64_t>(d.activation)};

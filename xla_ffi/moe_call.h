@@ -42,6 +42,19 @@ xla::ffi::Error DecodeDims(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<
                            const xla::ffi::AnyBuffer& w_out, int32_t num_devices, bool emulated,
                            int32_t activation, MoeDims* dims);
 
+// Checks the forward's results: y [T, H] in x's dtype, staging [T, S, H] float32.
+xla::ffi::Error CheckForwardResults(const MoeDims& d, const xla::ffi::AnyBuffer& x,
+                                    const xla::ffi::AnyBuffer& y, const Staging& staging);
+
+// Checks the backward's extra operand dy and its results against the forward's operands.
+xla::ffi::Error CheckBackwardBuffers(const MoeDims& d, const xla::ffi::AnyBuffer& x,
+                                     const xla::ffi::AnyBuffer& w_in,
+                                     const xla::ffi::AnyBuffer& w_out,
+                                     const xla::ffi::AnyBuffer& dy, const xla::ffi::AnyBuffer& dx,
+                                     const xla::ffi::AnyBuffer& d_weights,
+                                     const xla::ffi::AnyBuffer& dw_in,
+                                     const xla::ffi::AnyBuffer& dw_out, const Staging& staging);
+
 // What peers must agree on: (T, H, K, F, E_local, x dtype, weights dtype, activation).
 std::array<int64_t, 8> Signature(const MoeDims& d);
 

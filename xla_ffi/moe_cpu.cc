@@ -107,9 +107,17 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
   return ffi::Error::Success();
 }
 
-// Decodes the plan operands: workers [E, S], bounds [E, S + 1].
-ffi::Error DecodePlan(const PlanArray& workers, const PlanArray& bounds, const MoeDims& d,
-                      PlanView* plan) {
+// Decodes the operands both handlers share and the plan (workers [E, S], bounds [E, S + 1]).
+ffi::Error DecodeCall(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
+                      const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
+                      const ffi::AnyBuffer& w_out, const PlanArray& workers,
+                      const PlanArray& bounds, int32_t num_devices, int32_t emulated,
+                      int32_t activation, MoeDims* dims, PlanView* plan) {
+  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, num_devices, emulated,
+                                  activation, dims);
+      err.failure())
+    return err;
+  const MoeDims& d = *dims;
   const auto w = workers.dimensions(), b = bounds.dimensions();
   if (w[0] != d.num_experts() || b[0] != d.num_experts() || w[1] < 1 || b[1] != w[1] + 1)
     return InvalidArgument("plan arrays must be workers [E, S] and bounds [E, S + 1] with E = " +
@@ -179,15 +187,12 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                           int32_t activation, int64_t timeout_ms, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<Staging> staging) {
   MoeDims d;
-  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, num_devices, emulated,
-                                  activation, &d);
+  PlanView plan;
+  if (ffi::Error err = DecodeCall(x, ids, weights, w_in, w_out, plan_workers, plan_bounds,
+                                  num_devices, emulated, activation, &d, &plan);
       err.failure())
     return err;
-  PlanView plan;
-  if (ffi::Error err = DecodePlan(plan_workers, plan_bounds, d, &plan); err.failure()) return err;
-  if (y->element_type() != d.x_type || y->element_count() != x.element_count() ||
-      staging->element_count() != x.element_count() / d.hidden * d.slots * d.hidden)
-    return InvalidArgument("outputs must be y [T, H] in x's dtype and staging [T, S, H] float32");
+  if (ffi::Error err = CheckForwardResults(d, x, *y, *staging); err.failure()) return err;
   // Peers accumulate into this device's staging as soon as the publish barrier passes.
   std::memset(staging->typed_data(), 0, staging->size_bytes());
   Peers peers;
@@ -226,19 +231,15 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
                            ffi::Result<ffi::AnyBuffer> dw_in, ffi::Result<ffi::AnyBuffer> dw_out,
                            ffi::Result<Staging> staging) {
   MoeDims d;
-  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, num_devices, emulated,
-                                  activation, &d);
+  PlanView plan;
+  if (ffi::Error err = DecodeCall(x, ids, weights, w_in, w_out, plan_workers, plan_bounds,
+                                  num_devices, emulated, activation, &d, &plan);
       err.failure())
     return err;
-  PlanView plan;
-  if (ffi::Error err = DecodePlan(plan_workers, plan_bounds, d, &plan); err.failure()) return err;
-  if (dy.element_type() != d.x_type || dy.element_count() != x.element_count() ||
-      dx->element_type() != d.x_type || d_weights->element_type() != d.weights_type ||
-      dw_in->element_type() != d.w_type || dw_out->element_type() != d.w_type ||
-      dw_in->element_count() != w_in.element_count() ||
-      dw_out->element_count() != w_out.element_count() ||
-      staging->element_count() != x.element_count() / d.hidden * d.slots * d.hidden)
-    return InvalidArgument("backward operands and outputs do not match the forward's");
+  if (ffi::Error err = CheckBackwardBuffers(d, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
+                                            *dw_out, *staging);
+      err.failure())
+    return err;
   std::memset(staging->typed_data(), 0, staging->size_bytes());
   // Every (token, k) of a valid call is written by exactly one device; zero it anyway so a
   // failed call leaves no uninitialised memory behind.

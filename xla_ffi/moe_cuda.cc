@@ -816,9 +816,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
                                         w_out.untyped_data()});
       err.failure())
     return err;
-  if (y->element_type() != call.d.x_type || y->element_count() != x.element_count() ||
-      staging->element_count() != x.element_count() / call.d.hidden * call.d.slots * call.d.hidden)
-    return InvalidArgument("outputs must be y [T, H] in x's dtype and staging [T, S, H] float32");
+  if (ffi::Error err = CheckForwardResults(call.d, x, *y, *staging); err.failure()) return err;
   if (x.element_count() == 0) return ffi::Error::Success();
 
   const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
@@ -857,13 +855,10 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
                                         w_out.untyped_data()});
       err.failure())
     return err;
-  if (dy.element_type() != d.x_type || dy.element_count() != x.element_count() ||
-      dx->element_type() != d.x_type || d_weights->element_type() != d.weights_type ||
-      dw_in->element_type() != d.w_type || dw_out->element_type() != d.w_type ||
-      dw_in->element_count() != w_in.element_count() ||
-      dw_out->element_count() != w_out.element_count() ||
-      staging->element_count() != x.element_count() / d.hidden * d.slots * d.hidden)
-    return InvalidArgument("backward operands and outputs do not match the forward's");
+  if (ffi::Error err = CheckBackwardBuffers(d, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
+                                            *dw_out, *staging);
+      err.failure())
+    return err;
   if (x.element_count() == 0) return ffi::Error::Success();
 
   PeerBuffers own = OwnBuffers(x, ids, weights, w_in, w_out, *staging);
