@@ -331,8 +331,8 @@ def test_readme_error_table():
 
 
 # ---------------------------------------------------------------------------------------------
-# Missing and failing peers: the others raise after the timeout, nothing hangs, the next call
-# works.
+# Missing and failing peers: the others raise (for a missing one, after the timeout), nothing
+# hangs, the next call works.
 
 
 def _failing_then_following(failing, following):
@@ -427,8 +427,9 @@ def test_failing_peer_in_forward(rank):
 
 
 def test_failing_peer_in_backward():
-  """The forward ran; device 2's backward call fails after publishing, the others time out
-  at the compute barrier, and the same backward then runs correctly."""
+  """The forward ran; device 2's backward call fails after publishing, the others learn it at
+  the compute barrier (which device 2 still meets, so its buffers outlive their reads) and
+  raise the same error, and the same backward then runs correctly."""
   x, ids, weights, w_in, w_out, dy = args = _peer_args()
   following_dy = 2 * dy[::-1]
   with ccf.peer_timeout(_TEST_PEER_TIMEOUT_S):

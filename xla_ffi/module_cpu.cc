@@ -15,7 +15,7 @@ NB_MODULE(_ccfuser_cpu, m) {
   m.def("peer_group_count", &ccf::PeerGroupCount,
         "Live (call site, group) entries of the peer registry.");
   m.def("fail_next_call_for_testing", &ccf::FailNextCallForTesting, nb::arg("rank"),
-        "Makes the next call on device `rank` fail after publishing, like a crashed peer.");
+        "Makes the next call on device `rank` fail after publishing, as a call going wrong midway.");
   m.def(
       "traffic_records",
       [](bool clear) {

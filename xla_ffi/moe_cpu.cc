@@ -64,6 +64,7 @@ struct Peers {
   std::vector<int> ranks;
   std::shared_ptr<PeerGroup> group;  // null unless peers live in other handler calls
   std::chrono::milliseconds timeout{0};
+  std::string failure;  // this device's call failed after publishing: compute nothing
 
   // Meets the peers at `phase`; "" on success.
   std::string Arrive(Phase phase) const {
@@ -96,7 +97,7 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
   peers->group->Publish(rank, published);
   if (std::string err = peers->Arrive(Phase::kPublished); !err.empty()) return PeerTimeout(err);
   if (TakeInjectedFault(rank))
-    return ffi::Error::Internal("jax_ccfuser: injected fault on device " + std::to_string(rank));
+    peers->failure = "jax_ccfuser: injected fault on device " + std::to_string(rank);
   for (int dev = 0; dev < d.num_devices; ++dev) {
     peers->buffers.push_back(peers->group->peer(dev));
     if (peers->buffers.back().signature != published.signature)
@@ -145,20 +146,27 @@ void Record(uint64_t site, int me, bool backward, const MoeDims& d, const WorkLi
 }
 
 // Builds each device's work list and runs `compute(me, work)` for the devices of this call,
-// then meets the peers after compute. A bad id is found identically by every device, which
-// all still meet at the barrier (so nobody frees buffers a peer is reading) before returning.
+// then meets the peers after compute. A bad id is found identically by every device, and a
+// device whose call failed reports it to the group; either way all still meet at the barrier
+// (so nobody frees buffers a peer is reading) and then return the same error.
 template <typename Compute>
 ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& plan,
                           Compute compute) {
   std::string bad;
   WorkList work;
-  for (int me : peers.ranks) {
-    bad = BuildWorkList(peers.buffers, d, plan, me, &work);
-    if (!bad.empty()) break;
-    compute(me, work);
+  if (peers.failure.empty()) {
+    for (int me : peers.ranks) {
+      bad = BuildWorkList(peers.buffers, d, plan, me, &work);
+      if (!bad.empty()) break;
+      compute(me, work);
+    }
+  } else {
+    peers.group->ReportFailure(peers.failure);
   }
   if (std::string err = peers.Arrive(Phase::kComputed); !err.empty()) return PeerTimeout(err);
   if (!bad.empty()) return InvalidArgument(bad);
+  if (std::string failed = peers.group ? peers.group->Failure() : ""; !failed.empty())
+    return ffi::Error::Internal(failed);
   return ffi::Error::Success();
 }
 

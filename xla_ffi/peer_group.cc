@@ -11,6 +11,16 @@ PeerGroup::PeerGroup(int num_devices) : num_devices_(num_devices), peers_(num_de
   for (Barrier& b : barriers_) b.seen.assign(num_devices, false);
 }
 
+void PeerGroup::ReportFailure(const std::string& msg) {
+  std::lock_guard<std::mutex> lock(failure_mu_);
+  if (failure_.empty()) failure_ = msg;
+}
+
+std::string PeerGroup::Failure() {
+  std::lock_guard<std::mutex> lock(failure_mu_);
+  return failure_;
+}
+
 std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
   static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
   Barrier& b = barriers_[static_cast<int>(phase)];
@@ -18,6 +28,10 @@ std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds t
   const uint64_t generation = b.generation;
   b.seen[rank] = true;
   if (++b.arrived == num_devices_) {
+    if (phase == Phase::kPublished) {
+      std::lock_guard<std::mutex> failure_lock(failure_mu_);
+      failure_.clear();
+    }
     b.arrived = 0;
     b.seen.assign(num_devices_, false);
     ++b.generation;

@@ -52,6 +52,13 @@ class PeerGroup {
   void Publish(int rank, const PeerBuffers& buffers) { peers_[rank] = buffers; }
   const PeerBuffers& peer(int rank) const { return peers_[rank]; }
 
+  // A device whose call fails after publishing says so here, then still meets its peers at the
+  // compute barrier, so they never touch its buffers after it returns; after that barrier every
+  // device reads `Failure()` and returns the same error. Cleared when the next call's publish
+  // barrier opens (by then every device has read it).
+  void ReportFailure(const std::string& msg);
+  std::string Failure();
+
   // Waits until all devices arrived at `phase`. On timeout the arrival is withdrawn and a
   // message naming the missing ranks is returned; an empty string means success.
   std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout);
@@ -69,6 +76,8 @@ class PeerGroup {
 
   const int num_devices_;
   std::vector<PeerBuffers> peers_;
+  std::mutex failure_mu_;
+  std::string failure_;  // guarded by failure_mu_
   std::array<Barrier, static_cast<int>(Phase::kNumPhases)> barriers_;
 };
 
@@ -80,7 +89,7 @@ std::shared_ptr<PeerGroup> FindPeerGroup(uint64_t site, int32_t group, int num_d
 int64_t PeerGroupCount();
 
 // Fault injection for tests: the next call on device `rank` of a real group fails right after
-// publishing its buffers, as a peer that crashes midway would.
+// publishing its buffers, as a peer whose call goes wrong midway would.
 void FailNextCallForTesting(int rank);
 bool TakeInjectedFault(int rank);
 
