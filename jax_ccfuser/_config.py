@@ -1,20 +1,38 @@
-"""How long a device waits for its peers before `fused_moe` raises instead of hanging."""
+"""Settings fixed when a `fused_moe` call is traced: the peer timeout and the transport."""
 
 import contextlib
 import os
 import threading
 
 # Generous by default: with many simulated devices on few cores a peer can lag a whole layer.
-_DEFAULT_S = float(os.environ.get("JAX_CCFUSER_PEER_TIMEOUT", "300"))
+_DEFAULTS = {"seconds": float(os.environ.get("JAX_CCFUSER_PEER_TIMEOUT", "300")),
+             "transport": os.environ.get("JAX_CCFUSER_TRANSPORT", "auto")}
+TRANSPORTS = ("auto", "shared_memory", "collectives")
 _state = threading.local()
+
+
+def _current(name):
+  return getattr(_state, name, _DEFAULTS[name])
+
+
+@contextlib.contextmanager
+def _setting(name, value):
+  previous = getattr(_state, name, None)
+  setattr(_state, name, value)
+  try:
+    yield
+  finally:
+    if previous is None:
+      delattr(_state, name)
+    else:
+      setattr(_state, name, previous)
 
 
 def peer_timeout_ms() -> int:
   """The timeout in force for calls traced now, in milliseconds."""
-  return max(1, round(1000 * getattr(_state, "seconds", _DEFAULT_S)))
+  return max(1, round(1000 * _current("seconds")))
 
 
-@contextlib.contextmanager
 def peer_timeout(seconds: float):
   """Sets how long `fused_moe` calls traced inside the block wait for a missing peer.
 
@@ -28,12 +46,34 @@ def peer_timeout(seconds: float):
   """
   if not seconds > 0:
     raise ValueError(f"peer_timeout must be positive, got {seconds}")
-  previous = getattr(_state, "seconds", None)
-  _state.seconds = float(seconds)
-  try:
-    yield
-  finally:
-    if previous is None:
-      del _state.seconds
-    else:
-      _state.seconds = previous
+  return _setting("seconds", float(seconds))
+
+
+def transport_in_force() -> str:
+  """The transport in force for calls traced now."""
+  kind = _current("transport")
+  if kind not in TRANSPORTS:
+    raise ValueError(f"JAX_CCFUSER_TRANSPORT must be one of {TRANSPORTS}, got {kind!r}")
+  return kind
+
+
+def transport(kind: str):
+  """Forces how `fused_moe` calls traced inside the block reach devices of other processes.
+
+  - "auto" (the default, or the environment variable `JAX_CCFUSER_TRANSPORT`): processes that
+    report the same host (`JAX_CCFUSER_HOST`, else the host name) share memory; rows for experts
+    on other hosts go through XLA collectives.
+  - "shared_memory": every process is on one host (checked): all rows go through shared memory.
+  - "collectives": each process is a host of its own: rows for experts in other processes go
+    through XLA collectives, devices of one process still read each other's memory.
+
+  Within one process every transport is the same. Fixed when a call is traced, like
+  `peer_timeout`.
+
+  Examples:
+    >>> with jax_ccfuser.transport("collectives"):
+    ...   y = jax.jit(step)(x)
+  """
+  if kind not in TRANSPORTS:
+    raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
+  return _setting("transport", kind)

@@ -1,6 +1,8 @@
 """`fused_moe`: the MoE layer as XLA FFI custom calls that read peers' memory directly.
 
 Python -> `jax.ffi.ffi_call("ccf_moe_fwd" / "ccf_moe_bwd")` -> xla_ffi/ handlers -> kernels.
+Across hosts, the rows travel between hosts by XLA collectives and each host runs the custom
+calls over its own devices (`_across_hosts`).
 """
 
 import functools
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType
 
-from jax_ccfuser import _extension  # noqa: F401  (registers the FFI targets)
+from jax_ccfuser import _extension, _topology, _workspace
 from jax_ccfuser._config import peer_timeout_ms
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_moe_args
@@ -33,12 +35,26 @@ class _Static(NamedTuple):
   emulated: bool
   activation: str
   timeout_ms: int
+  # Valid ids are [0, num_experts); a group computes the first num_devices * E_local of them
+  # (a host of a call across hosts sees its own experts first) and skips the others.
+  num_experts: int
+  # Peers in other processes: every group's devices [G * D]; () when they share this process.
+  devices: tuple = ()
 
-  def attrs(self, backward: bool):
+  def attrs(self, backward: bool, x, ids, weights):
+    workspace, offset = -1, 0
+    if self.devices:
+      t, k = ids.shape
+      nbytes = _extension.cpu.shared_region_bytes(t, x.shape[1], k, _slots(self, k),
+                                                  x.dtype.itemsize, weights.dtype.itemsize,
+                                                  backward)
+      workspace, offset = _workspace.region((self.site, backward), nbytes, self.timeout_ms)
     return dict(site=np.uint64(2 * self.site + backward), num_devices=np.int32(self.num_devices),
                 emulated=np.int32(self.emulated),
                 activation=np.int32(_ACTIVATION_CODES[self.activation]),
-                timeout_ms=np.int64(self.timeout_ms))
+                timeout_ms=np.int64(self.timeout_ms), num_experts=np.int64(self.num_experts),
+                workspace=np.int32(workspace), workspace_offset=np.int64(offset),
+                devices=np.asarray(self.devices or (-1,), np.int32))
 
 
 def _slots(static: _Static, k: int) -> int:
@@ -75,7 +91,7 @@ def _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, g
       (_result(args[0], x.shape, x.dtype),
        _result(args[0], (t, _slots(static, ids.shape[1]), h), jnp.float32)),
       vmap_method="sequential")
-  y, _ = call(*args, **static.attrs(backward=False))
+  y, _ = call(*args, **static.attrs(False, x, ids, weights))
   return y
 
 
@@ -104,7 +120,7 @@ def _fused_bwd(static, residuals, dy):
        _result(like, w_in.shape, w_in.dtype), _result(like, w_out.shape, w_out.dtype),
        _result(like, (t, _slots(static, ids.shape[1]), h), jnp.float32)),
       vmap_method="sequential")
-  dx, dweights, dw_in, dw_out, _ = call(*args, **static.attrs(backward=True))
+  dx, dweights, dw_in, dw_out, _ = call(*args, **static.attrs(True, x, ids, weights))
   int_zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
   return (dx, int_zero(ids), dweights, dw_in, dw_out, int_zero(workers), int_zero(bounds),
           int_zero(rank), int_zero(group))
@@ -177,11 +193,52 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   """
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
+  split = _topology.split(axis_name, dims.num_devices)
+  if plan is not None and (split.num_hosts > 1 or split.shared):
+    raise NotImplementedError("reassignment plans do not run across processes yet; call "
+                              "fused_moe with plan=None here")
+  if split.num_hosts > 1:
+    return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, axis_name=axis_name,
+                         activation=activation, split=split)
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
-                   activation=activation, timeout_ms=peer_timeout_ms())
+                   activation=activation, timeout_ms=peer_timeout_ms(),
+                   num_experts=dims.num_experts, devices=split.devices)
   rank, group = _position(axis_name)
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
+
+
+def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, *, axis_name, activation, split):
+  """`fused_moe` over several hosts: collectives between hosts, shared memory within each.
+
+  Every token goes to every host of its group once (an `all_gather` over the devices with the
+  same rank in each host's block: with static shapes that is the worst case of a dropless
+  dispatch, and far less than the `[D, T*K]` of a dropless `all_to_all`). Each host runs the
+  custom calls over its own devices for the pairs of its own experts, and an `all_to_all`
+  hands each token's per-host partial sums back, summed in host order.
+  """
+  n, per_host = split.num_hosts, split.per_host
+  t, h = x.shape
+  e_local = w_out.shape[0]
+  num_experts = n * per_host * e_local
+  same_place = [[b * per_host + r for b in range(n)] for r in range(per_host)]
+  gather = lambda a: jax.lax.all_gather(a, axis_name, axis_index_groups=same_place).reshape(
+      (n * t,) + a.shape[1:])
+  rank, group = _position(axis_name)
+  block = rank // per_host
+  ids = gather(expert_ids)
+  # Rotate so this host's experts come first; out-of-range ids stay as they are, to be reported.
+  valid = (ids >= 0) & (ids < num_experts)
+  ids = jnp.where(valid, (ids - block * per_host * e_local) % num_experts, ids)
+  workers, bounds = identity_workers(per_host * e_local, per_host)
+  static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
+                   activation=activation, timeout_ms=peer_timeout_ms(),
+                   num_experts=num_experts, devices=split.devices)
+  partial = _fused(static, gather(x), ids, gather(expert_weights), w_in, w_out, workers, bounds,
+                   rank % per_host, group * n + block)
+  back = jax.lax.all_to_all(partial.reshape(n, t, h), axis_name, 0, 0,
+                            axis_index_groups=same_place)
+  return jnp.sum(back.astype(jnp.float32), axis=0).astype(x.dtype)
 
 
 def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_devices: int,
@@ -201,6 +258,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
                  axis_name=None)
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
-                   activation=activation, timeout_ms=peer_timeout_ms())
+                   activation=activation, timeout_ms=peer_timeout_ms(),
+                   num_experts=w_out.shape[0])
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                 jnp.int32(0), jnp.int32(0))

@@ -6,7 +6,7 @@
 namespace ccf {
 
 // Must equal jax_ccfuser/_extension.py's ABI_VERSION; bumped when an FFI signature changes.
-constexpr int kAbiVersion = 2;
+constexpr int kAbiVersion = 3;
 
 // Defines `abi_version()` and `registrations()` ({target name: handler capsule}) on `m`.
 template <typename Handler>

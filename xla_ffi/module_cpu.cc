@@ -1,10 +1,13 @@
 // The nanobind module `jax_ccfuser._ccfuser_cpu`: hands the CPU handlers to Python.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
 #include "xla_ffi/cpu_gemm.h"
 #include "xla_ffi/ffi_module.h"
 #include "xla_ffi/moe_cpu.h"
 #include "xla_ffi/peer_group.h"
+#include "xla_ffi/shared_group.h"
+#include "xla_ffi/shared_memory.h"
 #include "xla_ffi/traffic.h"
 
 namespace nb = nanobind;
@@ -14,6 +17,20 @@ NB_MODULE(_ccfuser_cpu, m) {
   ccf::DefineRegistrations(m, CcfMoeForwardCpu, CcfMoeBackwardCpu);
   m.def("peer_group_count", &ccf::PeerGroupCount,
         "Live (call site, group) entries of the peer registry.");
+  m.def("map_segment", &ccf::MapSegment, nb::arg("name"), nb::arg("bytes"), nb::arg("create"),
+        nb::arg("device"), nb::arg("chunk"),
+        "Creates or opens shared-memory segment `name` as (device, chunk)'s workspace; \"\" or why not.");
+  m.def("unlink_segment", &ccf::UnlinkSegment, nb::arg("name"),
+        "Removes a segment's name (its mappings stay); \"\" or why not.");
+  m.def(
+      "shared_region_bytes",
+      [](int64_t tokens, int64_t hidden, int64_t k, int64_t slots, int64_t x_bytes,
+         int64_t weights_bytes, bool backward) {
+        return ccf::LayoutRegion(tokens, hidden, k, slots, x_bytes, weights_bytes, backward).bytes;
+      },
+      nb::arg("tokens"), nb::arg("hidden"), nb::arg("k"), nb::arg("slots"), nb::arg("x_bytes"),
+      nb::arg("weights_bytes"), nb::arg("backward"),
+      "Bytes of one device's region of a shared-memory call site.");
   m.def("fail_next_call_for_testing", &ccf::FailNextCallForTesting, nb::arg("rank"),
         "Makes the next call on device `rank` fail after publishing, as a call going wrong midway.");
   m.def(

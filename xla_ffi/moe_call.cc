@@ -25,8 +25,9 @@ ffi::Error InvalidArgument(const std::string& msg) {
 // `emulated`, the leading dimension of every operand stacks the D devices' blocks.
 ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
                       const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
-                      const ffi::AnyBuffer& w_out, int32_t num_devices, bool emulated,
-                      int32_t activation, MoeDims* dims) {
+                      const ffi::AnyBuffer& w_out, const CallAttrs& attrs, MoeDims* dims) {
+  const int32_t num_devices = attrs.num_devices, activation = attrs.activation;
+  const bool emulated = attrs.emulated;
   if (num_devices < 1) return InvalidArgument("num_devices must be >= 1");
   if (!IsValidActivation(activation))
     return InvalidArgument("unknown activation code " + std::to_string(activation));
@@ -68,6 +69,10 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
       w_in.dimensions()[2] != d.gate_ffn || w_out.dimensions()[2] != d.hidden)
     return InvalidArgument("w_in " + ShapeString(w_in) + " and w_out " + ShapeString(w_out) +
                            " do not fit H=" + std::to_string(d.hidden) + " and the activation");
+  d.experts_total = attrs.num_experts;
+  if (d.experts_total < d.num_experts())
+    return InvalidArgument("num_experts " + std::to_string(d.experts_total) + " < the " +
+                           std::to_string(d.num_experts()) + " experts of this group");
   *dims = d;
   return ffi::Error::Success();
 }
@@ -100,8 +105,9 @@ ffi::Error CheckBackwardBuffers(const MoeDims& d, const ffi::AnyBuffer& x,
   return ffi::Error::Success();
 }
 
-std::array<int64_t, 8> Signature(const MoeDims& d) {
-  return {d.tokens, d.hidden, d.k, d.ffn, d.experts_local, static_cast<int64_t>(d.x_type),
+std::array<int64_t, 9> Signature(const MoeDims& d) {
+  return {d.tokens, d.hidden, d.k, d.ffn, d.experts_local, d.experts_total,
+          static_cast<int64_t>(d.x_type),
           static_cast<int64_t>(d.weights_type), static_cast<int64_t>(d.activation)};
 }
 

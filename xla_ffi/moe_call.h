@@ -22,7 +22,13 @@ using Staging = xla::ffi::Buffer<xla::ffi::F32, 3>;
 struct CallAttrs {
   uint64_t site;
   int32_t num_devices, emulated, activation;
-  int64_t timeout_ms;
+  int64_t timeout_ms, num_experts;
+  // workspace >= 0: peers live in other processes of the host and meet in this chunk of the
+  // devices' shared workspaces, at `workspace_offset`; `devices` [G * D] names each group's
+  // devices by global id. -1: peers share this process's address space.
+  int32_t workspace;
+  int64_t workspace_offset;
+  xla::ffi::Span<const int32_t> devices;
 };
 
 xla::ffi::Error InvalidArgument(const std::string& msg);
@@ -39,8 +45,8 @@ std::string ShapeString(const Buffer& b) {
 // `emulated`, the leading dimension of every operand stacks the D devices' blocks.
 xla::ffi::Error DecodeDims(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<xla::ffi::S32>& ids,
                            const xla::ffi::AnyBuffer& weights, const xla::ffi::AnyBuffer& w_in,
-                           const xla::ffi::AnyBuffer& w_out, int32_t num_devices, bool emulated,
-                           int32_t activation, MoeDims* dims);
+                           const xla::ffi::AnyBuffer& w_out, const CallAttrs& attrs,
+                           MoeDims* dims);
 
 // Checks the forward's results: y [T, H] in x's dtype, staging [T, S, H] float32.
 xla::ffi::Error CheckForwardResults(const MoeDims& d, const xla::ffi::AnyBuffer& x,
@@ -55,8 +61,8 @@ xla::ffi::Error CheckBackwardBuffers(const MoeDims& d, const xla::ffi::AnyBuffer
                                      const xla::ffi::AnyBuffer& dw_in,
                                      const xla::ffi::AnyBuffer& dw_out, const Staging& staging);
 
-// What peers must agree on: (T, H, K, F, E_local, x dtype, weights dtype, activation).
-std::array<int64_t, 8> Signature(const MoeDims& d);
+// What peers must agree on: (T, H, K, F, E_local, E, x dtype, weights dtype, activation).
+std::array<int64_t, 9> Signature(const MoeDims& d);
 
 // This call's own buffers (forward operands; the backward adds dy and d_weights).
 PeerBuffers OwnBuffers(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<xla::ffi::S32>& ids,
@@ -87,7 +93,11 @@ auto BindPositionAndAttrs(Binding&& binding) {
       .template Attr<int32_t>("num_devices")                   // D
       .template Attr<int32_t>("emulated")                      // D devices in one call
       .template Attr<int32_t>("activation")                    // ccf::Activation
-      .template Attr<int64_t>("timeout_ms");                   // barrier timeout
+      .template Attr<int64_t>("timeout_ms")                    // barrier timeout
+      .template Attr<int64_t>("num_experts")                   // valid ids: [0, E)
+      .template Attr<int32_t>("workspace")                     // shared chunk, or -1
+      .template Attr<int64_t>("workspace_offset")              // this site's region
+      .template Attr<xla::ffi::Span<const int32_t>>("devices");  // [G * D] device ids
 }
 
 template <typename Binding>

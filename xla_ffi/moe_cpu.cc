@@ -28,6 +28,8 @@
 #include "xla_ffi/moe_cpu.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
+#include "xla_ffi/shared_group.h"
+#include "xla_ffi/shared_memory.h"
 #include "xla_ffi/traffic.h"
 #include "xla_ffi/work_list.h"
 
@@ -62,7 +64,9 @@ ffi::Error PeerTimeout(const std::string& msg) {
 struct Peers {
   std::vector<PeerBuffers> buffers;
   std::vector<int> ranks;
-  std::shared_ptr<PeerGroup> group;  // null unless peers live in other handler calls
+  std::shared_ptr<Rendezvous> group;  // null unless peers live in other handler calls
+  int concurrent = 1;  // devices of this process running this call at once
+  bool shared = false;  // peers' buffers are their regions of the shared workspaces
   std::chrono::milliseconds timeout{0};
   std::string failure;  // this device's call failed after publishing: compute nothing
 
@@ -72,10 +76,106 @@ struct Peers {
   }
 };
 
-// Builds the peer table: publishes `own` (this call's buffers, element offsets of device 0
-// when emulated) and meets the peers, or lays out the emulated devices over the stacked blocks.
+// Checks the other devices' signatures against `mine` once they have published.
+ffi::Error CheckSignatures(const Peers& peers, int rank,
+                           const std::array<int64_t, 9>& mine,
+                           const std::vector<std::array<int64_t, 9>>& theirs) {
+  for (size_t dev = 0; dev < theirs.size(); ++dev)
+    if (theirs[dev] != mine)
+      return ffi::Error::Internal(
+          "jax_ccfuser: device " + std::to_string(dev) +
+          " called this site with other shapes or dtypes than device " + std::to_string(rank));
+  return ffi::Error::Success();
+}
+
+// Peers in this process: publishes `own` in the (site, group) PeerGroup and meets them.
+ffi::Error ConnectInProcess(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
+                            int32_t group, const PeerBuffers& own, Peers* peers) {
+  std::shared_ptr<PeerGroup> peer_group = FindPeerGroup(attrs.site, group, d.num_devices);
+  if (!peer_group)
+    return InvalidArgument("call site " + std::to_string(attrs.site) +
+                           " is already in use by a group of another size");
+  peers->group = peer_group;
+  peers->concurrent = d.num_devices;
+  PeerBuffers published = own;
+  published.signature = Signature(d);
+  peer_group->Publish(rank, published);
+  if (std::string err = peers->Arrive(Phase::kPublished); !err.empty()) return PeerTimeout(err);
+  std::vector<std::array<int64_t, 9>> signatures;
+  for (int dev = 0; dev < d.num_devices; ++dev) {
+    peers->buffers.push_back(peer_group->peer(dev));
+    signatures.push_back(peers->buffers.back().signature);
+  }
+  return CheckSignatures(*peers, rank, published.signature, signatures);
+}
+
+// Peers in other processes of the host: stages `own` into this device's region of the shared
+// workspace (the one local copy peers read), lays out every peer's region and meets them in
+// rank 0's. Weights stay in XLA's buffers: only their owner reads them without helpers.
+ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank, int32_t group,
+                         const PeerBuffers& own, const PlanView& plan, Peers* peers) {
+  const int64_t n = d.num_devices;
+  if (group < 0 || (group + 1) * n > static_cast<int64_t>(attrs.devices.size()))
+    return InvalidArgument("group " + std::to_string(group) + " outside the device table");
+  if (HasHelpers(plan, d))
+    return InvalidArgument("reassignment plans with helpers do not run across processes yet");
+  const bool backward = own.dy != nullptr;
+  const RegionLayout at = LayoutRegion(d.tokens, d.hidden, d.k, d.slots, ffi::ByteWidth(d.x_type),
+                                       ffi::ByteWidth(d.weights_type), backward);
+  std::vector<RegionHeader*> headers;
+  peers->concurrent = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t device = attrs.devices[group * n + r];
+    const Segment* seg = FindSegment(device, attrs.workspace);
+    if (!seg || (r == rank && !seg->owned))
+      return ffi::Error::Internal(
+          "jax_ccfuser: device " + std::to_string(device) + " (rank " + std::to_string(r) +
+          ") has no shared workspace " + (seg ? "owned by" : "mapped in") +
+          " this process; the mesh the call was traced for places devices differently (pass "
+          "it with jax.set_mesh)");
+    if (attrs.workspace_offset + at.bytes > seg->bytes)
+      return ffi::Error::Internal("jax_ccfuser: call site region exceeds the shared workspace");
+    peers->concurrent += seg->owned;
+    char* base = seg->base + attrs.workspace_offset;
+    headers.push_back(reinterpret_cast<RegionHeader*>(base));
+    PeerBuffers b;
+    b.x = base + at.x;
+    b.ids = reinterpret_cast<const int32_t*>(base + at.ids);
+    b.weights = base + at.weights;
+    b.staging = reinterpret_cast<float*>(base + at.staging);
+    if (backward) {
+      b.dy = base + at.dy;
+      b.d_weights = base + at.d_weights;
+    }
+    peers->buffers.push_back(b);
+  }
+  PeerBuffers& mine = peers->buffers[rank];
+  const int64_t x_bytes = d.tokens * d.hidden * ffi::ByteWidth(d.x_type);
+  const int64_t weights_bytes = d.tokens * d.k * ffi::ByteWidth(d.weights_type);
+  std::memcpy(const_cast<void*>(mine.x), own.x, x_bytes);
+  std::memcpy(const_cast<int32_t*>(mine.ids), own.ids, d.tokens * d.k * sizeof(int32_t));
+  std::memcpy(const_cast<void*>(mine.weights), own.weights, weights_bytes);
+  std::memset(mine.staging, 0, d.tokens * d.slots * d.hidden * sizeof(float));
+  if (backward) {
+    std::memcpy(const_cast<void*>(mine.dy), own.dy, x_bytes);
+    std::memset(mine.d_weights, 0, weights_bytes);
+  }
+  mine.w_in = own.w_in;
+  mine.w_out = own.w_out;
+  headers[rank]->signature = Signature(d);
+  peers->group = std::make_shared<SharedGroup>(headers);
+  peers->shared = true;
+  if (std::string err = peers->Arrive(Phase::kPublished); !err.empty()) return PeerTimeout(err);
+  std::vector<std::array<int64_t, 9>> signatures;
+  for (RegionHeader* h : headers) signatures.push_back(h->signature);
+  return CheckSignatures(*peers, rank, headers[rank]->signature, signatures);
+}
+
+// Builds the peer table from `own` (this call's buffers, element offsets of device 0 when
+// emulated): the emulated devices over the stacked blocks, or the real peers once they have
+// published theirs.
 ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, int32_t group,
-                        const PeerBuffers& own, Peers* peers) {
+                        const PeerBuffers& own, const PlanView& plan, Peers* peers) {
   if (attrs.emulated || d.num_devices == 1) {
     for (int dev = 0; dev < d.num_devices; ++dev) {
       peers->buffers.push_back(EmulatedPeer(own, d, dev));
@@ -86,25 +186,15 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
   if (rank < 0 || rank >= d.num_devices)
     return InvalidArgument("rank " + std::to_string(rank) + " outside the group of " +
                            std::to_string(d.num_devices) + " devices");
-  peers->group = FindPeerGroup(attrs.site, group, d.num_devices);
-  if (!peers->group)
-    return InvalidArgument("call site " + std::to_string(attrs.site) +
-                           " is already in use by a group of another size");
   peers->ranks = {rank};
   peers->timeout = std::chrono::milliseconds(attrs.timeout_ms);
-  PeerBuffers published = own;
-  published.signature = Signature(d);
-  peers->group->Publish(rank, published);
-  if (std::string err = peers->Arrive(Phase::kPublished); !err.empty()) return PeerTimeout(err);
+  if (ffi::Error err = attrs.workspace >= 0
+                           ? ConnectShared(attrs, d, rank, group, own, plan, peers)
+                           : ConnectInProcess(attrs, d, rank, group, own, peers);
+      err.failure())
+    return err;
   if (TakeInjectedFault(rank))
     peers->failure = "jax_ccfuser: injected fault on device " + std::to_string(rank);
-  for (int dev = 0; dev < d.num_devices; ++dev) {
-    peers->buffers.push_back(peers->group->peer(dev));
-    if (peers->buffers.back().signature != published.signature)
-      return ffi::Error::Internal(
-          "jax_ccfuser: device " + std::to_string(dev) +
-          " called this site with other shapes or dtypes than device " + std::to_string(rank));
-  }
   return ffi::Error::Success();
 }
 
@@ -112,11 +202,9 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
 ffi::Error DecodeCall(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
                       const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
                       const ffi::AnyBuffer& w_out, const PlanArray& workers,
-                      const PlanArray& bounds, int32_t num_devices, int32_t emulated,
-                      int32_t activation, MoeDims* dims, PlanView* plan) {
-  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, num_devices, emulated,
-                                  activation, dims);
-      err.failure())
+                      const PlanArray& bounds, const CallAttrs& attrs, MoeDims* dims,
+                      PlanView* plan) {
+  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, dims); err.failure())
     return err;
   const MoeDims& d = *dims;
   const auto w = workers.dimensions(), b = bounds.dimensions();
@@ -171,9 +259,8 @@ ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& 
 }
 
 // This handler's share of XLA's pool: the devices of a real group run at once and split it.
-Workers ShareOfPool(const Peers& peers, const MoeDims& d, ffi::ThreadPool& pool) {
-  const int64_t concurrent = peers.group ? d.num_devices : 1;
-  return Workers(&pool, static_cast<int>(pool.num_threads() / concurrent));
+Workers ShareOfPool(const Peers& peers, ffi::ThreadPool& pool) {
+  return Workers(&pool, static_cast<int>(pool.num_threads() / std::max(1, peers.concurrent)));
 }
 
 // out[t, :] = sum over slots of staging[t, slot, :], in slot order.
@@ -192,24 +279,28 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                           ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
                           PlanArray plan_workers, PlanArray plan_bounds, ScalarS32 rank,
                           ScalarS32 group, uint64_t site, int32_t num_devices, int32_t emulated,
-                          int32_t activation, int64_t timeout_ms, ffi::Result<ffi::AnyBuffer> y,
+                          int32_t activation, int64_t timeout_ms, int64_t num_experts,
+                          int32_t workspace, int64_t workspace_offset,
+                          ffi::Span<const int32_t> devices, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<Staging> staging) {
+  const CallAttrs attrs{site,        num_devices, emulated,         activation, timeout_ms,
+                        num_experts, workspace,   workspace_offset, devices};
   MoeDims d;
   PlanView plan;
-  if (ffi::Error err = DecodeCall(x, ids, weights, w_in, w_out, plan_workers, plan_bounds,
-                                  num_devices, emulated, activation, &d, &plan);
+  if (ffi::Error err =
+          DecodeCall(x, ids, weights, w_in, w_out, plan_workers, plan_bounds, attrs, &d, &plan);
       err.failure())
     return err;
   if (ffi::Error err = CheckForwardResults(d, x, *y, *staging); err.failure()) return err;
   // Peers accumulate into this device's staging as soon as the publish barrier passes.
   std::memset(staging->typed_data(), 0, staging->size_bytes());
   Peers peers;
-  const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
-  if (ffi::Error err = ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0],
-                                    OwnBuffers(x, ids, weights, w_in, w_out, *staging), &peers);
+  if (ffi::Error err =
+          ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0],
+                       OwnBuffers(x, ids, weights, w_in, w_out, *staging), plan, &peers);
       err.failure())
     return err;
-  const Workers workers = ShareOfPool(peers, d, pool);
+  const Workers workers = ShareOfPool(peers, pool);
   if (ffi::Error err = PlanAndCompute(
           peers, d, plan,
           [&](int me, const WorkList& work) {
@@ -235,13 +326,17 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
                            PlanArray plan_workers, PlanArray plan_bounds, ffi::AnyBuffer dy,
                            ScalarS32 rank, ScalarS32 group, uint64_t site, int32_t num_devices,
                            int32_t emulated, int32_t activation, int64_t timeout_ms,
-                           ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_weights,
+                           int64_t num_experts, int32_t workspace, int64_t workspace_offset,
+                           ffi::Span<const int32_t> devices, ffi::Result<ffi::AnyBuffer> dx,
+                           ffi::Result<ffi::AnyBuffer> d_weights,
                            ffi::Result<ffi::AnyBuffer> dw_in, ffi::Result<ffi::AnyBuffer> dw_out,
                            ffi::Result<Staging> staging) {
+  const CallAttrs attrs{site,        num_devices, emulated,         activation, timeout_ms,
+                        num_experts, workspace,   workspace_offset, devices};
   MoeDims d;
   PlanView plan;
-  if (ffi::Error err = DecodeCall(x, ids, weights, w_in, w_out, plan_workers, plan_bounds,
-                                  num_devices, emulated, activation, &d, &plan);
+  if (ffi::Error err =
+          DecodeCall(x, ids, weights, w_in, w_out, plan_workers, plan_bounds, attrs, &d, &plan);
       err.failure())
     return err;
   if (ffi::Error err = CheckBackwardBuffers(d, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
@@ -259,9 +354,8 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   own.d_weights = d_weights->untyped_data();
   own.helped = helped.data();
   Peers peers;
-  const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
   if (ffi::Error err =
-          ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0], own, &peers);
+          ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0], own, plan, &peers);
       err.failure())
     return err;
   if (!peers.group)
@@ -270,7 +364,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   const int64_t n_in = d.hidden * d.gate_ffn, n_out = d.ffn * d.hidden;
   std::vector<float> dw_in_acc(w_in.element_count(), 0.0f);
   std::vector<float> dw_out_acc(w_out.element_count(), 0.0f);
-  const Workers workers = ShareOfPool(peers, d, pool);
+  const Workers workers = ShareOfPool(peers, pool);
   ffi::Error status = PlanAndCompute(
       peers, d, plan, [&](int me, const WorkList& work) {
         HelpedGradients& mine = helped[peers.group ? 0 : me];
@@ -322,6 +416,9 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   for (int me : peers.ranks)
     SumSlots(d, peers.buffers[me].staging, dx->untyped_data(),
              peers.group ? 0 : me * d.tokens * d.hidden);
+  if (peers.shared)  // peers wrote d expert_weights into this device's region
+    std::memcpy(d_weights->untyped_data(), peers.buffers[peers.ranks[0]].d_weights,
+                d_weights->size_bytes());
   StoreFloats(dw_in_acc.data(), dw_in_acc.size(), dw_in->untyped_data(), d.w_type, 0);
   StoreFloats(dw_out_acc.data(), dw_out_acc.size(), dw_out->untyped_data(), d.w_type, 0);
   return ffi::Error::Success();

@@ -223,6 +223,17 @@ cuda::DType ToDType(ffi::DataType t) {
 }
 
 // What the CUDA kernels support beyond the contract's checks.
+// The GPU handlers serve the GPUs of one process, each group computing all its experts: CUDA IPC
+// workspaces (peers in other processes) and hierarchical calls are CPU-only so far.
+ffi::Error CheckSingleProcess(const CallAttrs& attrs, const MoeDims& d) {
+  if (attrs.workspace >= 0 || d.experts_total != d.num_experts())
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      "jax_ccfuser: fused_moe over GPUs of several processes or hosts is not "
+                      "implemented yet; on GPU its expert-parallel axis must stay within one "
+                      "process");
+  return ffi::Error::Success();
+}
+
 ffi::Error CheckCudaLimits(const MoeDims& d, bool emulated, const PlanArray& workers,
                            const PlanArray& bounds, std::initializer_list<const void*> vectors) {
   const auto w = workers.dimensions(), b = bounds.dimensions();
@@ -805,12 +816,15 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
                           ffi::AnyBuffer w_out, PlanArray plan_workers, PlanArray plan_bounds,
                           ScalarS32 rank, ScalarS32 group, uint64_t site, int32_t num_devices,
                           int32_t emulated, int32_t activation, int64_t timeout_ms,
-                          ffi::Result<ffi::AnyBuffer> y, ffi::Result<Staging> staging) {
+                          int64_t num_experts, int32_t workspace, int64_t workspace_offset,
+                          ffi::Span<const int32_t> devices, ffi::Result<ffi::AnyBuffer> y,
+                          ffi::Result<Staging> staging) {
+  const CallAttrs attrs{site,        num_devices, emulated,         activation, timeout_ms,
+                        num_experts, workspace,   workspace_offset, devices};
   Call call;
-  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, num_devices, emulated,
-                                  activation, &call.d);
-      err.failure())
+  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
+  if (ffi::Error err = CheckSingleProcess(attrs, call.d); err.failure()) return err;
   if (ffi::Error err = CheckCudaLimits(call.d, emulated, plan_workers, plan_bounds,
                                        {x.untyped_data(), w_in.untyped_data(),
                                         w_out.untyped_data()});
@@ -819,7 +833,6 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
   if (ffi::Error err = CheckForwardResults(call.d, x, *y, *staging); err.failure()) return err;
   if (x.element_count() == 0) return ffi::Error::Success();
 
-  const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
   DeviceState* state;
   ffi::Error earlier;
   if (ffi::Error err = Prepare(attrs, ordinal, stream, rank, group,
@@ -841,14 +854,17 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
                            ffi::AnyBuffer w_out, PlanArray plan_workers, PlanArray plan_bounds,
                            ffi::AnyBuffer dy, ScalarS32 rank, ScalarS32 group, uint64_t site,
                            int32_t num_devices, int32_t emulated, int32_t activation,
-                           int64_t timeout_ms, ffi::Result<ffi::AnyBuffer> dx,
-                           ffi::Result<ffi::AnyBuffer> d_weights, ffi::Result<ffi::AnyBuffer> dw_in,
-                           ffi::Result<ffi::AnyBuffer> dw_out, ffi::Result<Staging> staging) {
+                           int64_t timeout_ms, int64_t num_experts, int32_t workspace,
+                           int64_t workspace_offset, ffi::Span<const int32_t> devices,
+                           ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_weights,
+                           ffi::Result<ffi::AnyBuffer> dw_in, ffi::Result<ffi::AnyBuffer> dw_out,
+                           ffi::Result<Staging> staging) {
+  const CallAttrs attrs{site,        num_devices, emulated,         activation, timeout_ms,
+                        num_experts, workspace,   workspace_offset, devices};
   Call call;
-  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, num_devices, emulated,
-                                  activation, &call.d);
-      err.failure())
+  if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
+  if (ffi::Error err = CheckSingleProcess(attrs, call.d); err.failure()) return err;
   const MoeDims& d = call.d;
   if (ffi::Error err = CheckCudaLimits(d, emulated, plan_workers, plan_bounds,
                                        {x.untyped_data(), dy.untyped_data(), w_in.untyped_data(),
@@ -864,7 +880,6 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
   PeerBuffers own = OwnBuffers(x, ids, weights, w_in, w_out, *staging);
   own.dy = dy.untyped_data();
   own.d_weights = d_weights->untyped_data();
-  const CallAttrs attrs{site, num_devices, emulated, activation, timeout_ms};
   DeviceState* state;
   ffi::Error earlier;
   if (ffi::Error err = Prepare(attrs, ordinal, stream, rank, group, own, &state, &earlier, &call);

@@ -10,6 +10,9 @@ namespace ccf {
 
 struct MoeDims {
   int64_t tokens, hidden, k, ffn, experts_local;
+  // Valid ids are [0, experts_total); those from num_experts() on belong to experts another
+  // group computes (the hosts of a hierarchical call), so this group skips them.
+  int64_t experts_total;
   int64_t gate_ffn;  // G * F: the width of x @ w_in (G = 2 for gated activations)
   int num_devices;
   int slots;         // staging rows per token: one per distinct computing device, min(K, D)

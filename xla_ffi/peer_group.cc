@@ -22,7 +22,6 @@ std::string PeerGroup::Failure() {
 }
 
 std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
-  static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
   Barrier& b = barriers_[static_cast<int>(phase)];
   std::unique_lock<std::mutex> lock(b.mu);
   const uint64_t generation = b.generation;
@@ -42,12 +41,19 @@ std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds t
   // Withdraw, so this call does not count as an arrival in the next one.
   std::vector<bool> seen = b.seen;
   if (--b.arrived == 0) b.seen.assign(num_devices_, false);
+  return BarrierTimeout(rank, phase, timeout, seen);
+}
+
+std::string BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds timeout,
+                           const std::vector<bool>& arrived) {
+  static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
+  const int n = static_cast<int>(arrived.size());
   std::ostringstream msg;
-  msg << "jax_ccfuser: device " << rank << " of " << num_devices_ << " waited "
-      << timeout.count() << " ms at the " << kPhaseNames[static_cast<int>(phase)]
+  msg << "jax_ccfuser: device " << rank << " of " << n << " waited " << timeout.count()
+      << " ms at the " << kPhaseNames[static_cast<int>(phase)]
       << " barrier; these peers never arrived:";
-  for (int r = 0; r < num_devices_; ++r)
-    if (!seen[r]) msg << ' ' << r;
+  for (int r = 0; r < n; ++r)
+    if (!arrived[r]) msg << ' ' << r;
   msg << ". Every device of the expert-parallel axis must make the same fused_moe calls "
          "(raise the limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow).";
   return msg.str();

@@ -34,8 +34,9 @@ struct PeerBuffers {
   float* staging = nullptr;       // [T, S, H]: peers accumulate this device's partial sums here
   void* d_weights = nullptr;      // [T, K], backward only: peers write d expert_weights here
   const HelpedGradients* helped = nullptr;  // backward only: owners read them after compute
-  // (T, H, K, F, E_local, dtype codes): every peer must agree, checked after the barrier.
-  std::array<int64_t, 8> signature{};
+  // (T, H, K, F, E_local, E, dtype codes, activation): every peer must agree, checked after
+  // the barrier.
+  std::array<int64_t, 9> signature{};
 };
 
 // The phases of one call at which all peers meet.
@@ -43,7 +44,28 @@ struct PeerBuffers {
 // summed them.
 enum class Phase : int { kPublished = 0, kComputed = 1, kReleased = 2, kNumPhases = 3 };
 
-class PeerGroup {
+// Where the devices of one call meet: in this process (`PeerGroup`) or in shared memory
+// between the processes of a host (`SharedGroup`, shared_group.h).
+class Rendezvous {
+ public:
+  virtual ~Rendezvous() = default;
+
+  // Waits until all devices arrived at `phase`. On timeout the arrival is withdrawn and a
+  // message naming the missing ranks is returned; an empty string means success.
+  virtual std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) = 0;
+
+  // A device whose call fails after publishing says so here, then still meets its peers at the
+  // compute barrier, so they never touch its buffers after it returns; after that barrier every
+  // device reads `Failure()` and returns the same error.
+  virtual void ReportFailure(const std::string& msg) = 0;
+  virtual std::string Failure() = 0;
+};
+
+// The message of a barrier timeout; `arrived[r]` says whether rank r came.
+std::string BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds timeout,
+                           const std::vector<bool>& arrived);
+
+class PeerGroup final : public Rendezvous {
  public:
   explicit PeerGroup(int num_devices);
 
@@ -52,16 +74,12 @@ class PeerGroup {
   void Publish(int rank, const PeerBuffers& buffers) { peers_[rank] = buffers; }
   const PeerBuffers& peer(int rank) const { return peers_[rank]; }
 
-  // A device whose call fails after publishing says so here, then still meets its peers at the
-  // compute barrier, so they never touch its buffers after it returns; after that barrier every
-  // device reads `Failure()` and returns the same error. Cleared when the next call's publish
-  // barrier opens (by then every device has read it).
-  void ReportFailure(const std::string& msg);
-  std::string Failure();
+  // The failure is cleared when the next call's publish barrier opens (by then every device has
+  // read it).
+  void ReportFailure(const std::string& msg) override;
+  std::string Failure() override;
 
-  // Waits until all devices arrived at `phase`. On timeout the arrival is withdrawn and a
-  // message naming the missing ranks is returned; an empty string means success.
-  std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout);
+  std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
 
  private:
   struct Barrier {

@@ -31,6 +31,13 @@ std::string CheckPlan(const PlanView& plan, const MoeDims& d) {
   return {};
 }
 
+bool HasHelpers(const PlanView& plan, const MoeDims& d) {
+  for (int64_t e = 0; e < d.num_experts(); ++e)
+    for (int64_t s = 1; s < plan.num_slots; ++s)
+      if (plan.workers[e * plan.num_slots + s] >= 0) return true;
+  return false;
+}
+
 std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d,
                           const PlanView& plan, int me, WorkList* work) {
   const int64_t num_experts = d.num_experts();
@@ -43,11 +50,11 @@ std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& 
     std::copy(next - num_experts, next, next);
     for (int64_t i = 0; i < d.tokens * d.k; ++i) {
       const int32_t e = ids[i];
-      if (e < 0 || e >= num_experts)
+      if (e < 0 || e >= d.experts_total)
         return "expert_ids[" + std::to_string(i / d.k) + ", " + std::to_string(i % d.k) +
                "] = " + std::to_string(e) + " on device " + std::to_string(src) +
-               " is outside [0, " + std::to_string(num_experts) + ")";
-      ++next[e];
+               " is outside [0, " + std::to_string(d.experts_total) + ")";
+      if (e < num_experts) ++next[e];
     }
   }
   std::vector<std::vector<WorkRow>> by_expert(num_experts);
@@ -62,14 +69,15 @@ std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& 
       const int32_t* row = ids + t * d.k;
       bool mine = false;
       for (int64_t k = 0; k < d.k; ++k) {
-        device[k] = plan.WorkerOf(d, row[k], position[row[k]]++);
+        // -1: another group's expert.
+        device[k] = row[k] < num_experts ? plan.WorkerOf(d, row[k], position[row[k]]++) : -1;
         mine |= device[k] == me;
       }
       if (!mine) continue;
       // The token's distinct computing devices before `me` give `me`'s staging slot.
       int32_t slot = 0;
       for (int64_t j = 0; j < d.k; ++j) {
-        if (device[j] >= me) continue;
+        if (device[j] < 0 || device[j] >= me) continue;
         slot += std::find(device.begin(), device.begin() + j, device[j]) == device.begin() + j;
       }
       const int32_t fetched = static_cast<int32_t>(work->tokens.size());

@@ -26,6 +26,9 @@ struct PlanView {
 // "" or a message saying what is wrong with the plan.
 std::string CheckPlan(const PlanView& plan, const MoeDims& d);
 
+// Whether any expert's rows are split with a helper device.
+bool HasHelpers(const PlanView& plan, const MoeDims& d);
+
 // One routed (token, k) pair of a source device. `slot` is the computing device's staging row
 // for that token: its rank among the token's distinct computing devices, so each staging row
 // of the source has exactly one writer. `fetched` indexes the device's fetched token rows.

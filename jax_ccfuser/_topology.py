@@ -1,0 +1,110 @@
+"""Where the devices of an expert-parallel axis live, and how a `fused_moe` call spans them.
+
+Within one process every device reads its peers' memory. Across processes, `split` cuts each
+expert-parallel group into blocks of consecutive ranks on one host: the devices of a block meet
+in shared memory (`shared` when the block spans processes), and the blocks exchange rows through
+XLA collectives. Hosts come from the processes themselves (`JAX_CCFUSER_HOST`, else the host
+name), exchanged once through `jax.distributed`'s key-value store; `jax_ccfuser.transport`
+overrides them.
+"""
+
+import functools
+import os
+import socket
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from jax._src import distributed
+from jax._src import mesh as mesh_lib
+from jax.sharding import AxisType
+
+from jax_ccfuser._config import peer_timeout_ms, transport_in_force
+
+
+class Split(NamedTuple):
+  """How one traced call runs over its expert-parallel axis of `num_hosts * per_host` ranks.
+
+  Ranks `[b * per_host, (b + 1) * per_host)` of every group share a host (block b); blocks
+  exchange rows through collectives. `devices` lists the global device ids of every block,
+  `[G * num_hosts * per_host]` in (group, block, rank in block) order, where blocks span
+  processes (`shared`), and is empty otherwise.
+  """
+  num_hosts: int
+  per_host: int
+  shared: bool
+  devices: tuple
+
+
+def key_value_client():
+  """`jax.distributed`'s key-value store (jax.distributed.initialize must have run)."""
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError("fused_moe across processes needs jax.distributed.initialize() first")
+  return client
+
+
+def exchange(key: str, value: str, timeout_ms: int) -> list:
+  """Every process's `value` for `key`, by process index (a collective over processes)."""
+  client = key_value_client()
+  client.key_value_set(f"jax_ccfuser/{key}/{jax.process_index()}", value)
+  return [client.blocking_key_value_get(f"jax_ccfuser/{key}/{p}", timeout_ms)
+          for p in range(jax.process_count())]
+
+
+@functools.cache
+def host_names() -> tuple:
+  """Each process's host, by process index: processes naming the same one share memory."""
+  mine = os.environ.get("JAX_CCFUSER_HOST") or socket.gethostname()
+  return tuple(exchange("host", mine, peer_timeout_ms()))
+
+
+def _process_hosts(kind: str) -> np.ndarray:
+  """Host index of each process under transport `kind`."""
+  if kind == "collectives":
+    return np.arange(jax.process_count())
+  names = host_names()
+  if kind == "shared_memory" and len(set(names)) > 1:
+    raise ValueError(f"transport('shared_memory') needs every process on one host; processes "
+                     f"report hosts {list(names)}")
+  return np.unique(np.asarray(names), return_inverse=True)[1]
+
+
+def _group_devices(axis_name) -> np.ndarray:
+  """The concrete devices of every expert-parallel group, `[G, D]`, as `fused_moe` ranks them."""
+  abstract = jax.sharding.get_abstract_mesh()
+  mesh = mesh_lib.get_concrete_mesh()
+  if mesh.empty or mesh.axis_names != abstract.axis_names or \
+      tuple(mesh.axis_sizes) != tuple(abstract.axis_sizes):
+    raise ValueError(
+        "fused_moe across processes must know where each device of the mesh lives: trace it "
+        "under `jax.set_mesh(mesh)` with the mesh of the enclosing shard_map")
+  ep_axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  manual = [n for n, t in zip(abstract.axis_names, abstract.axis_types) if t == AxisType.Manual]
+  auto = [n for n in abstract.axis_names if n not in manual and abstract.shape[n] > 1]
+  if auto:
+    raise ValueError(f"fused_moe across processes needs a shard_map over every mesh axis of "
+                     f"size > 1; {auto} are not manual")
+  # Groups are numbered over the other manual axes in mesh order, ranks over `axis_name`.
+  others = [n for n in manual if n not in ep_axes]
+  order = [abstract.axis_names.index(n) for n in others + list(ep_axes)]
+  rest = [i for i in range(len(abstract.axis_names)) if i not in order]
+  devices = np.transpose(mesh.devices, order + rest)
+  d = int(np.prod([abstract.shape[n] for n in ep_axes]))
+  return devices.reshape(-1, d)
+
+
+def split(axis_name, num_devices: int) -> Split:
+  """How a call over `axis_name` (D = `num_devices`) spans hosts and processes."""
+  if axis_name is None or jax.process_count() == 1:
+    return Split(1, num_devices, False, ())
+  devices = _group_devices(axis_name)
+  processes = np.vectorize(lambda dev: dev.process_index)(devices)
+  hosts = _process_hosts(transport_in_force())[processes]
+  # The largest block of consecutive ranks on one host, alike in every group.
+  per_host = max(size for size in range(1, num_devices + 1) if num_devices % size == 0 and
+                 (hosts.reshape(len(hosts), -1, size) == hosts.reshape(len(hosts), -1, size)[..., :1]).all())
+  blocks = processes.reshape(len(processes), -1, per_host)
+  shared = bool((blocks != blocks[..., :1]).any())
+  ids = tuple(int(dev.id) for dev in devices.flat) if shared else ()
+  return Split(num_devices // per_host, per_host, shared, ids)

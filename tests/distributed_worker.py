@@ -1,0 +1,126 @@
+"""One process of a multi-process fused_moe run (tests/test_distributed.py starts several).
+
+    python tests/distributed_worker.py PROCESS NUM_PROCESSES PORT DEVICES SCENARIO
+
+Each process has DEVICES simulated CPU devices; together they form one expert-parallel axis.
+`JAX_CCFUSER_HOST` (set by the test) says which processes share a host. Prints one JSON line:
+  check: the largest error of fused_moe against reference_moe (forward and every gradient)
+    relative to the dtype's tolerance (<= 1 passes), the collectives and shared-memory
+    workspaces the compiled program uses, and the errors of three bad calls (no mesh set, a
+    reassignment plan, an out-of-range expert id);
+  crash: the last process dies before the second call; the others report the error they get.
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+PROCESS, NUM_PROCESSES, PORT, DEVICES = map(int, sys.argv[1:5])
+SCENARIO = sys.argv[5]
+jax.config.update("jax_num_cpu_devices", DEVICES)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=NUM_PROCESSES, process_id=PROCESS)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jax_ccfuser as ccf  # noqa: E402
+from moe_cases import TOLERANCES, Case, make_inputs  # noqa: E402
+
+
+def global_array(mesh, a):
+  a = np.asarray(a)
+  return jax.make_array_from_callback(a.shape, NamedSharding(mesh, P("ep")), lambda i: a[i])
+
+
+def loss_and_grads(moe, mesh, case):
+  def loss(x, weights, w_in, w_out, ids, cotangent):
+    y = jax.shard_map(lambda *a: moe(*a, axis_name="ep", activation=case.activation),
+                      mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))(x, ids, weights, w_in, w_out)
+    return jnp.sum(y.astype(jnp.float32) * cotangent), y
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+def check(mesh, case):
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  cot = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+  args = [global_array(mesh, a) for a in (x, weights, w_in, w_out, ids, cot)]
+  step = loss_and_grads(ccf.fused_moe, mesh, case)
+  hlo = step.lower(*args).compile().as_text()
+  (_, y), grads = step(*args)
+  fused = [multihost_utils.process_allgather(a, tiled=True) for a in (y, *grads)]
+
+  def reference(x, weights, w_in, w_out):
+    y = ccf.reference_moe(x, ids, weights, w_in, w_out, activation=case.activation)
+    return jnp.sum(y.astype(jnp.float32) * cot), y
+  (_, y_ref), grads_ref = jax.value_and_grad(reference, argnums=(0, 1, 2, 3), has_aux=True)(
+      x, weights, w_in, w_out)
+  rtol, atol = TOLERANCES[case.dtype]
+  worst = 0.0
+  for got, want in zip(fused, (y_ref, *grads_ref)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    worst = max(worst, float(np.max(np.abs(got - want) / (atol + rtol * np.abs(want)))))
+  return dict(worst=worst, all_gather=hlo.count("all-gather"), all_to_all=hlo.count("all-to-all"),
+              shared="workspace = 0" in hlo)
+
+
+def error_of(fn, *args):
+  try:
+    jax.block_until_ready(fn(*args))
+  except Exception as e:  # noqa: BLE001  (reported to the test)
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def layer(mesh, **kwargs):
+  body = lambda x, ids, weights, w_in, w_out: ccf.fused_moe(x, ids, weights, w_in, w_out,
+                                                            axis_name="ep", **kwargs)
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+
+
+def bad_calls(mesh, case):
+  """The errors of calls that must fail (with the mesh set): a plan, an out-of-range id."""
+  args = [global_array(mesh, a) for a in make_inputs(case)]
+  plan = lambda x, ids, *rest: ccf.fused_moe(
+      x, ids, *rest, axis_name="ep", plan=ccf.reassign(ids, case.num_experts, axis_name="ep"))
+  with_plan = error_of(jax.jit(jax.shard_map(plan, mesh=mesh, in_specs=P("ep"),
+                                             out_specs=P("ep"))), *args)
+  bad = np.asarray(make_inputs(case)[1]).copy()
+  bad[3, 1] = case.num_experts + 5
+  args[1] = global_array(mesh, bad)
+  return dict(plan=with_plan, bad_id=error_of(layer(mesh), *args))
+
+
+def main():
+  mesh = jax.make_mesh((NUM_PROCESSES * DEVICES,), ("ep",))
+  case = Case(devices=NUM_PROCESSES * DEVICES, tokens=9, hidden=16, ffn=24, experts_local=2, k=2,
+              dtype=jnp.bfloat16 if SCENARIO.endswith("bf16") else jnp.float32, seed=PROCESS * 0)
+  out = dict(process=PROCESS, pid=os.getpid())
+  if SCENARIO.startswith("check"):
+    # Traced without jax.set_mesh: fused_moe cannot tell where the devices live.
+    out["no_mesh"] = error_of(layer(mesh), *(global_array(mesh, a) for a in make_inputs(case)))
+  with jax.set_mesh(mesh):
+    if SCENARIO.startswith("check"):
+      out.update(check(mesh, case))
+      out.update(bad_calls(mesh, case))
+    elif SCENARIO == "crash":
+      args = [global_array(mesh, a) for a in make_inputs(case)]
+      with ccf.peer_timeout(3.0):
+        call = layer(mesh)
+        jax.block_until_ready(call(*args))
+      if PROCESS == NUM_PROCESSES - 1:
+        os._exit(17)  # dies without a word, as a crashed process does
+      start = time.monotonic()
+      out["error"] = error_of(call, *args)
+      out["waited_s"] = time.monotonic() - start
+      print(json.dumps(out), flush=True)
+      os._exit(0)  # the coordination service would wait for the dead process at shutdown
+  print(json.dumps(out), flush=True)
+
+
+main()

@@ -1,0 +1,112 @@
+#include "xla_ffi/shared_group.h"
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstring>
+#include <ctime>
+
+namespace ccf {
+
+namespace {
+constexpr int64_t kAlign = 64;
+
+int64_t RoundUp(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Not FUTEX_PRIVATE: the word lives in memory shared with other processes.
+void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::nanoseconds wait) {
+  timespec ts{static_cast<time_t>(wait.count() / 1000000000), static_cast<long>(wait.count() % 1000000000)};
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &ts, nullptr, 0);
+}
+
+void FutexWakeAll(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+}  // namespace
+
+RegionLayout LayoutRegion(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
+                          int64_t x_bytes, int64_t weights_bytes, bool backward) {
+  RegionLayout l;
+  int64_t at = RoundUp(sizeof(RegionHeader));
+  auto take = [&](int64_t bytes) {
+    const int64_t offset = at;
+    at += RoundUp(bytes);
+    return offset;
+  };
+  l.x = take(tokens * hidden * x_bytes);
+  l.ids = take(tokens * k * sizeof(int32_t));
+  l.weights = take(tokens * k * weights_bytes);
+  l.staging = take(tokens * slots * hidden * sizeof(float));
+  l.dy = backward ? take(tokens * hidden * x_bytes) : -1;
+  l.d_weights = backward ? take(tokens * k * weights_bytes) : -1;
+  l.bytes = at;
+  return l;
+}
+
+std::string SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
+  const int p = static_cast<int>(phase);
+  const uint32_t n = static_cast<uint32_t>(headers_.size());
+  RegionHeader::Barrier& b = headers_[0]->barriers[p];
+  uint64_t s = b.state.load(std::memory_order_acquire);
+  uint32_t generation;
+  for (;;) {
+    generation = static_cast<uint32_t>(s >> 32);
+    const bool last = static_cast<uint32_t>(s) + 1 == n;
+    const uint64_t next = last ? static_cast<uint64_t>(generation + 1) << 32 : s + 1;
+    if (b.state.compare_exchange_weak(s, next, std::memory_order_acq_rel)) {
+      if (!last) break;
+      b.generation.store(generation + 1, std::memory_order_release);
+      FutexWakeAll(&b.generation);
+      return {};
+    }
+  }
+  headers_[rank]->arrived_for[p].store(generation + 1, std::memory_order_relaxed);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (b.generation.load(std::memory_order_acquire) == generation) {
+    const auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= std::chrono::nanoseconds(0)) break;
+    // Woken by the last arrival; the cap only bounds a wake-up lost to a dying peer.
+    FutexWait(&b.generation, generation,
+              std::min<std::chrono::nanoseconds>(left, std::chrono::milliseconds(100)));
+  }
+  // Withdraw unless the barrier opened meanwhile, so this call is no arrival in the next one.
+  s = b.state.load(std::memory_order_acquire);
+  for (;;) {
+    if (static_cast<uint32_t>(s >> 32) != generation) return {};
+    if (b.state.compare_exchange_weak(s, s - 1, std::memory_order_acq_rel)) break;
+  }
+  std::vector<bool> arrived(n);
+  for (uint32_t r = 0; r < n; ++r)
+    arrived[r] = headers_[r]->arrived_for[p].load(std::memory_order_relaxed) == generation + 1;
+  return BarrierTimeout(rank, phase, timeout, arrived);
+}
+
+void SharedGroup::ReportFailure(const std::string& msg) {
+  RegionHeader& h = *headers_[0];
+  // The compute barrier this call is about to meet at opens as generation `at`.
+  const uint32_t at =
+      headers_[0]->barriers[static_cast<int>(Phase::kComputed)].generation.load(
+          std::memory_order_acquire) + 1;
+  uint32_t seen = h.failed_at.load(std::memory_order_acquire);
+  while (seen != at)
+    if (h.failed_at.compare_exchange_weak(seen, at, std::memory_order_acq_rel)) {
+      // The first to report writes the message; the barrier publishes it.
+      const size_t len = std::min(msg.size(), sizeof(h.failure) - 1);
+      std::memcpy(h.failure, msg.data(), len);
+      h.failure[len] = '\0';
+      return;
+    }
+}
+
+std::string SharedGroup::Failure() {
+  const RegionHeader& h = *headers_[0];
+  const uint32_t opened =
+      h.barriers[static_cast<int>(Phase::kComputed)].generation.load(std::memory_order_acquire);
+  if (h.failed_at.load(std::memory_order_acquire) != opened) return {};
+  return std::string(h.failure);
+}
+
+}  // namespace ccf

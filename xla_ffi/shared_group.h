@@ -1,0 +1,61 @@
+// The fused-MoE protocol between processes of one host, over their shared workspaces.
+//
+// Each device of a call site owns a region of its workspace (shared_memory.h) at the same
+// offset on every device: a header, then the copies of its operands that peers read (x, ids,
+// weights, dy: the one local copy that stages them) and the buffers peers write into (staging,
+// d expert_weights). Rank 0's header holds the group's barriers, so peers meet without any
+// process-local state; peers wait on them with futexes, which work across processes.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "xla_ffi/peer_group.h"
+
+namespace ccf {
+
+// Byte offsets inside one device's region. `dy` and `d_weights` only exist backward (-1).
+struct RegionLayout {
+  int64_t x, ids, weights, dy, staging, d_weights, bytes;
+};
+
+// The region of a call with these sizes (item sizes in bytes). Python sizes workspaces with it.
+RegionLayout LayoutRegion(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
+                          int64_t x_bytes, int64_t weights_bytes, bool backward);
+
+struct RegionHeader {
+  static constexpr int kPhases = static_cast<int>(Phase::kNumPhases);
+  // Rank 0's only.
+  struct alignas(64) Barrier {
+    std::atomic<uint64_t> state;       // (generation << 32) | devices waiting
+    std::atomic<uint32_t> generation;  // times opened: the word waiters sleep on
+  };
+  Barrier barriers[kPhases];
+  std::atomic<uint32_t> failed_at;  // the compute barrier's generation whose call failed
+  char failure[512];
+  // Every rank's own.
+  std::atomic<uint32_t> arrived_for[kPhases];  // 1 + the generation it last came to
+  std::array<int64_t, 9> signature;
+};
+static_assert(std::atomic<uint64_t>::is_always_lock_free &&
+                  std::atomic<uint32_t>::is_always_lock_free,
+              "barriers in shared memory need lock-free atomics");
+
+class SharedGroup final : public Rendezvous {
+ public:
+  // `headers[r]`: rank r's region header, mapped in this process.
+  explicit SharedGroup(std::vector<RegionHeader*> headers) : headers_(std::move(headers)) {}
+
+  std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
+  void ReportFailure(const std::string& msg) override;
+  std::string Failure() override;
+
+ private:
+  std::vector<RegionHeader*> headers_;
+};
+
+}  // namespace ccf

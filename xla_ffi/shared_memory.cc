@@ -1,0 +1,67 @@
+#include "xla_ffi/shared_memory.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace ccf {
+
+namespace {
+std::mutex segments_mu;
+std::map<std::pair<int32_t, int32_t>, Segment>& Segments() {
+  static auto* segments = new std::map<std::pair<int32_t, int32_t>, Segment>;
+  return *segments;
+}
+
+std::string Failed(const char* what, const std::string& name) {
+  return std::string("jax_ccfuser: ") + what + " shared-memory segment " + name + ": " +
+         std::strerror(errno);
+}
+}  // namespace
+
+std::string MapSegment(const std::string& name, int64_t bytes, bool create, int32_t device,
+                       int32_t chunk) {
+  std::lock_guard<std::mutex> lock(segments_mu);
+  if (Segments().count({device, chunk}))
+    return "jax_ccfuser: workspace chunk " + std::to_string(chunk) + " of device " +
+           std::to_string(device) + " is already mapped";
+  const int fd = shm_open(name.c_str(), create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
+  if (fd < 0) return Failed(create ? "cannot create" : "cannot open", name);
+  if (create && ftruncate(fd, bytes) != 0) {
+    const std::string err = Failed("cannot size", name);
+    close(fd);
+    shm_unlink(name.c_str());
+    return err;
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size < bytes) {
+    close(fd);
+    return "jax_ccfuser: shared-memory segment " + name + " is smaller than " +
+           std::to_string(bytes) + " bytes";
+  }
+  void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  close(fd);  // the mapping keeps the memory
+  if (base == MAP_FAILED) return Failed("cannot map", name);
+  Segments()[{device, chunk}] = Segment{static_cast<char*>(base), bytes, create};
+  return {};
+}
+
+std::string UnlinkSegment(const std::string& name) {
+  if (shm_unlink(name.c_str()) != 0 && errno != ENOENT) return Failed("cannot unlink", name);
+  return {};
+}
+
+const Segment* FindSegment(int32_t device, int32_t chunk) {
+  std::lock_guard<std::mutex> lock(segments_mu);
+  auto it = Segments().find({device, chunk});
+  return it == Segments().end() ? nullptr : &it->second;
+}
+
+}  // namespace ccf
