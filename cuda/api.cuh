@@ -66,7 +66,7 @@ enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 enum DeviceErrorCode : int32_t {
   kDeviceOk = 0,
-  kBadExpertId = 1,     // source, token, k, value = the id, limit = the number of experts
+  kBadExpertId = 1,     // source, token, k, value = the id, limit = the number of valid ids
   kBarrierTimeout = 2,  // source = the peer's rank, value = its last flag, limit = the epoch
   kRankMismatch = 3,    // value = the rank or group on the device, limit = the cached one
 };
@@ -92,6 +92,9 @@ struct Routing {
   int32_t experts_per_device;     // E_local: device d owns experts d*E_local ... (d+1)*E_local-1
   int32_t first_expert;           // the first expert this work list covers
   int32_t num_experts_here;       // how many: E_local, or D * E_local when emulating
+  // Valid ids are [0, experts_total); those from D * E_local on belong to experts another group
+  // computes (a hierarchical call): their pairs get no work and no staging slot here.
+  int64_t experts_total;
 };
 
 // One pair of the work list.
@@ -223,13 +226,16 @@ struct CombineParams {
   const float* staging;  // [num_tokens, num_slots, hidden]
   void* out;             // [num_tokens, hidden] y or dx
   int32_t num_tokens, top_k, hidden, num_slots;
-  int32_t experts_per_device, num_experts;
-  void* d_weights;       // backward: d_expert_weights [num_tokens, top_k] (NaN at bad ids), or null
+  int32_t experts_per_device, num_experts;  // this group's: D * E_local
+  int64_t experts_total;                    // valid ids are [0, experts_total), as in Routing
+  // Backward: d_expert_weights [num_tokens, top_k], or null. NaN at bad ids; the pairs of
+  // another group's experts keep the handler's zeros (the caller sums over groups).
+  void* d_weights;
   int32_t weights_f32;
 };
 
-// out[t] = sum of t's slots in slot order, cast to `dtype`; a token with an out-of-range id gets
-// NaN (the id is also reported through DeviceError by count_pairs).
+// out[t] = sum of t's slots in slot order, cast to `dtype`; a token with an id outside
+// [0, experts_total) gets NaN (the id is also reported through DeviceError by count_pairs).
 cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ __device__ __forceinline__ int32_t warp_token() {
   return blockIdx.x * kTokenWarps + threadIdx.x / 32;
 }
 
+// The device of this group that computes expert `id`, or -1: another group's expert or a bad id.
+__device__ __forceinline__ int32_t computing_device(const CombineParams& p, int32_t id) {
+  return id >= 0 && id < p.num_experts ? id / p.experts_per_device : -1;
+}
+
 int token_blocks(int64_t num_tokens) {
   return static_cast<int>((num_tokens + kTokenWarps - 1) / kTokenWarps);
 }
@@ -72,21 +77,17 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   if (t >= p.num_tokens) return;
   const int32_t* row = p.ids + static_cast<int64_t>(t) * p.top_k;
 
-  // Slots in use = distinct destination devices of the token's ids; a bad id poisons the row.
+  // Slots in use = the distinct computing devices of this group among the token's ids (as
+  // classify_pair counts them); a bad id poisons the row.
   int32_t num_used = 0;
   bool bad = false;
   for (int32_t k = 0; k < p.top_k; ++k) {
     const int32_t id = row[k];
-    if (id < 0 || id >= p.num_experts) {
-      bad = true;
-      continue;
-    }
+    bad |= id < 0 || id >= p.experts_total;
+    const int32_t device = computing_device(p, id);
+    if (device < 0) continue;
     bool first = true;
-    for (int32_t j = 0; j < k && first; ++j) {
-      const int32_t other = row[j];
-      first = !(other >= 0 && other < p.num_experts &&
-                other / p.experts_per_device == id / p.experts_per_device);
-    }
+    for (int32_t j = 0; j < k && first; ++j) first = computing_device(p, row[j]) != device;
     num_used += first;
   }
 
@@ -95,6 +96,8 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   for (int32_t h = lane; h < p.hidden; h += 32) {
     float sum = NAN;
     if (!bad) {
+      // A token whose pairs all go to other groups has no slot in use: slot 0 is still the
+      // handler's zeros.
       sum = slots[h];
       for (int32_t s = 1; s < num_used; ++s) sum += slots[static_cast<int64_t>(s) * p.hidden + h];
     }
@@ -102,7 +105,7 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   }
   if (p.d_weights != nullptr) {
     for (int32_t k = lane; k < p.top_k; k += 32) {
-      if (row[k] < 0 || row[k] >= p.num_experts) {
+      if (row[k] < 0 || row[k] >= p.experts_total) {
         store_float<T>(p.d_weights, static_cast<int64_t>(t) * p.top_k + k, NAN, p.weights_f32);
       }
     }

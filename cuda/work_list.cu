@@ -29,16 +29,21 @@ __device__ __forceinline__ PairIndex decode_pair(const Routing& r, int32_t i) {
   return p;
 }
 
-// The pair's code: local expert * kMaxPeers + slot, or -1 when its expert is elsewhere or its id
-// is out of range (recorded in `error`). The slot is the rank of this pair's device among the
-// token's distinct destination devices, ascending; out-of-range ids of the row are skipped.
+// The device of this group that computes expert `id`, or -1: another group's expert or a bad id.
+__device__ __forceinline__ int32_t computing_device(const Routing& r, int32_t id) {
+  return id >= 0 && id < r.num_sources * r.experts_per_device ? id / r.experts_per_device : -1;
+}
+
+// The pair's code: local expert * kMaxPeers + slot, or -1 when another device or group computes
+// it or its id is out of range (recorded in `error`). The slot is the rank of this pair's device
+// among the token's distinct computing devices of this group, ascending: the source's
+// combine_slots counts the same devices.
 __device__ int32_t classify_pair(const Routing& r, int32_t i, DeviceError* error) {
   const PairIndex p = decode_pair(r, i);
   const int32_t* row = r.ids[p.source] + static_cast<int64_t>(p.token) * r.top_k;
-  const int32_t num_experts = r.num_sources * r.experts_per_device;
   const int32_t id = row[p.k];
-  if (id < 0 || id >= num_experts) {
-    record_device_error(error, kBadExpertId, p.source, p.token, p.k, id, num_experts);
+  if (id < 0 || id >= r.experts_total) {
+    record_device_error(error, kBadExpertId, p.source, p.token, p.k, id, r.experts_total);
     return -1;
   }
   const int32_t local = id - r.first_expert;
@@ -47,15 +52,10 @@ __device__ int32_t classify_pair(const Routing& r, int32_t i, DeviceError* error
   const int32_t device = id / r.experts_per_device;
   int32_t slot = 0;
   for (int32_t j = 0; j < r.top_k; ++j) {
-    const int32_t idj = row[j];
-    if (idj < 0 || idj >= num_experts) continue;
-    const int32_t dj = idj / r.experts_per_device;
-    if (dj >= device) continue;
+    const int32_t dj = computing_device(r, row[j]);
+    if (dj < 0 || dj >= device) continue;
     bool first = true;  // count each device once: at its first occurrence in the row
-    for (int32_t j2 = 0; j2 < j && first; ++j2) {
-      const int32_t id2 = row[j2];
-      first = !(id2 >= 0 && id2 < num_experts && id2 / r.experts_per_device == dj);
-    }
+    for (int32_t j2 = 0; j2 < j && first; ++j2) first = computing_device(r, row[j2]) != dj;
     slot += first;
   }
   return local * kMaxPeers + slot;

@@ -1,13 +1,15 @@
 """jax_ccfuser: Mixture-of-Experts with expert parallelism and no all-to-all.
 
 `fused_moe` runs the expert FFN as XLA FFI custom calls that read routed tokens straight from
-the other devices' memory and hand results back through shared memory.
+the other devices' memory and hand results back through shared memory; across processes of a
+host through shared-memory workspaces, across hosts through XLA collectives.
 """
 
 from jax_ccfuser import _extension  # registers the FFI targets
 from jax_ccfuser import placement
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._config import peer_timeout
+from jax_ccfuser._config import transport
 from jax_ccfuser._fused import fused_moe
 from jax_ccfuser._reassign import Plan
 from jax_ccfuser._reassign import plan_loads
@@ -26,6 +28,7 @@ __all__ = [
     "plan_loads",
     "reassign",
     "peer_timeout",
+    "transport",
     "all_to_all_moe",
     "reference_moe",
     "route",

@@ -223,14 +223,14 @@ cuda::DType ToDType(ffi::DataType t) {
 }
 
 // What the CUDA kernels support beyond the contract's checks.
-// The GPU handlers serve the GPUs of one process, each group computing all its experts: CUDA IPC
-// workspaces (peers in other processes) and hierarchical calls are CPU-only so far.
-ffi::Error CheckSingleProcess(const CallAttrs& attrs, const MoeDims& d) {
-  if (attrs.workspace >= 0 || d.experts_total != d.num_experts())
+// The GPU handlers serve the GPUs of one process: peers in other processes of the host would need
+// CUDA IPC workspaces, CPU-only so far.
+ffi::Error CheckSingleProcess(const CallAttrs& attrs) {
+  if (attrs.workspace >= 0)
     return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                      "jax_ccfuser: fused_moe over GPUs of several processes or hosts is not "
-                      "implemented yet; on GPU its expert-parallel axis must stay within one "
-                      "process");
+                      "jax_ccfuser: fused_moe over GPUs of several processes sharing memory is not "
+                      "implemented yet (CUDA IPC workspaces); on GPU drive a host's devices from "
+                      "one process, or use jax_ccfuser.transport(\"collectives\")");
   return ffi::Error::Success();
 }
 
@@ -495,6 +495,7 @@ cuda::Routing MakeRouting(const Call& c) {
   r.experts_per_device = static_cast<int32_t>(c.d.experts_local);
   r.first_expert = c.first_expert;
   r.num_experts_here = c.experts_here;
+  r.experts_total = c.d.experts_total;
   return r;
 }
 
@@ -598,6 +599,7 @@ cuda::CombineParams CombineOver(const Call& c, void* out, void* d_weights) {
   p.num_slots = c.d.slots;
   p.experts_per_device = static_cast<int32_t>(c.d.experts_local);
   p.num_experts = static_cast<int32_t>(c.d.num_experts());
+  p.experts_total = c.d.experts_total;
   p.d_weights = d_weights;
   p.weights_f32 = c.d.weights_type == ffi::DataType::F32;
   return p;
@@ -824,7 +826,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
-  if (ffi::Error err = CheckSingleProcess(attrs, call.d); err.failure()) return err;
+  if (ffi::Error err = CheckSingleProcess(attrs); err.failure()) return err;
   if (ffi::Error err = CheckCudaLimits(call.d, emulated, plan_workers, plan_bounds,
                                        {x.untyped_data(), w_in.untyped_data(),
                                         w_out.untyped_data()});
@@ -864,7 +866,7 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
-  if (ffi::Error err = CheckSingleProcess(attrs, call.d); err.failure()) return err;
+  if (ffi::Error err = CheckSingleProcess(attrs); err.failure()) return err;
   const MoeDims& d = call.d;
   if (ffi::Error err = CheckCudaLimits(d, emulated, plan_workers, plan_bounds,
                                        {x.untyped_data(), dy.untyped_data(), w_in.untyped_data(),

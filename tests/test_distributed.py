@@ -1,0 +1,148 @@
+"""fused_moe across real processes: jax.distributed on 127.0.0.1, several CPU devices each.
+
+Each run starts the processes of tests/distributed_worker.py; `JAX_CCFUSER_HOST` groups them
+into hosts, so one machine plays one host (all shared memory), a host per process (all
+collectives) and mixtures of both.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import jax_ccfuser as ccf
+from jax_ccfuser import _extension
+
+WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
+SHM = pathlib.Path("/dev/shm")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _segments() -> set:
+  return {p.name for p in SHM.glob("jax_ccfuser.*")}
+
+
+def run(hosts, scenario="check", devices=2, env=None, timeout=300):
+  """Starts one worker per entry of `hosts` (its host name); returns their JSON reports."""
+  port = _free_port()
+  procs = []
+  for p, host in enumerate(hosts):
+    penv = dict(os.environ, JAX_CCFUSER_HOST=host, **(env or {}))
+    penv.pop("XLA_FLAGS", None)
+    procs.append(subprocess.Popen(
+        [sys.executable, str(WORKER), str(p), str(len(hosts)), str(port), str(devices), scenario],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=penv,
+        cwd=WORKER.parent))
+  reports = []
+  try:
+    for proc in procs:
+      out, err = proc.communicate(timeout=timeout)
+      lines = [line for line in out.splitlines() if line.startswith("{")]
+      reports.append((proc.returncode, json.loads(lines[-1]) if lines else None, err))
+  finally:
+    for proc in procs:
+      proc.kill()
+  return reports
+
+
+def _checked(reports):
+  for code, report, err in reports:
+    assert code == 0 and report is not None, err[-3000:]
+  return [r for _, r, _ in reports]
+
+
+# (hosts of the processes, the path the rows take): "shared" in shared memory between processes,
+# "collectives" through XLA's all-gather/all-to-all between hosts.
+GROUPINGS = [
+    (["a", "a"], {"shared"}),
+    (["a", "b"], {"collectives"}),
+    (["a", "a", "a", "a"], {"shared"}),
+    (["a", "b", "c", "d"], {"collectives"}),
+    (["a", "a", "b", "b"], {"shared", "collectives"}),
+]
+
+
+@pytest.mark.parametrize("hosts,paths", GROUPINGS, ids=["-".join(g) for g, _ in GROUPINGS])
+def test_matches_reference_in_every_grouping(hosts, paths):
+  before = _segments()
+  reports = _checked(run(hosts))
+  for r in reports:
+    # Forward and all four gradients within float32 tolerance of reference_moe.
+    assert r["worst"] <= 1.0, r
+    assert r["shared"] == ("shared" in paths), r
+    assert (r["all_gather"] > 0 and r["all_to_all"] > 0) == ("collectives" in paths), r
+    assert "jax.set_mesh" in r["no_mesh"]
+    assert "plans do not run across processes" in r["plan"]
+    e = 2 * 2 * len(hosts)  # experts: 2 per device, 2 devices per process
+    assert f"expert_ids[3, 1] = {e + 5} on device 0 is outside [0, {e})" in r["bad_id"], r
+  # Every segment was unlinked once mapped: nothing is left behind.
+  assert _segments() <= before
+
+
+def test_bfloat16_across_hosts_and_processes():
+  for r in _checked(run(["a", "a", "b", "b"], scenario="check_bf16")):
+    assert r["worst"] <= 1.0, r
+
+
+def test_transport_can_be_forced():
+  for r in _checked(run(["a", "a"], env={"JAX_CCFUSER_TRANSPORT": "collectives"})):
+    assert r["worst"] <= 1.0 and not r["shared"] and r["all_to_all"] > 0, r
+  reports = run(["a", "b"], env={"JAX_CCFUSER_TRANSPORT": "shared_memory"})
+  for code, _, err in reports:
+    assert code != 0 and "needs every process on one host" in err
+
+
+def test_a_crashed_process_gives_the_others_an_error_after_the_timeout():
+  reports = run(["a", "a"], scenario="crash")
+  (code0, survivor, err), (code1, dead, _) = reports
+  assert code1 == 17 and dead is None
+  assert code0 == 0, err[-3000:]
+  assert "DEADLINE_EXCEEDED" in survivor["error"] and "never arrived: 2 3" in survivor["error"]
+  assert 2.9 <= survivor["waited_s"] < 60
+  pids = {str(survivor["pid"])}
+  assert not {s for s in _segments() if s.split(".")[1] in pids}
+
+
+def test_segments_of_dead_processes_are_swept():
+  # A process that dies while a workspace chunk is being set up leaves its name behind; the
+  # next process that sets one up removes it.
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  stale = SHM / f"jax_ccfuser.{dead.pid}.deadbeef.0.0"
+  stale.write_bytes(b"\0" * 4096)
+  try:
+    _checked(run(["a", "a"]))
+    assert not stale.exists()
+  finally:
+    stale.unlink(missing_ok=True)
+
+
+def test_transport_names_are_checked():
+  with pytest.raises(ValueError, match="transport must be one of"):
+    ccf.transport("nvlink")
+  with ccf.transport("collectives"):  # one process: every transport is the same
+    assert jax.process_count() == 1
+
+
+def test_segments_refuse_what_they_cannot_do():
+  name = f"/jax_ccfuser.{os.getpid()}.unit.0.0"
+  missing = _extension.cpu.map_segment(name, 4096, False, 900, 0)
+  assert "cannot open" in missing and name in missing
+  try:
+    assert _extension.cpu.map_segment(name, 4096, True, 900, 0) == ""
+    assert "already mapped" in _extension.cpu.map_segment(name, 4096, False, 900, 0)
+    assert "cannot create" in _extension.cpu.map_segment(name, 4096, True, 901, 0)
+    assert _extension.cpu.map_segment(name, 8192, False, 902, 0).endswith("smaller than 8192 bytes")
+  finally:
+    assert _extension.cpu.unlink_segment(name) == ""
+  assert not (SHM / name[1:]).exists()
