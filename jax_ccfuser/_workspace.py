@@ -13,6 +13,8 @@ removed by the next process that starts one, or exits.
 import atexit
 import os
 import secrets
+import threading
+import time
 
 import jax
 
@@ -23,6 +25,7 @@ _PREFIX = "jax_ccfuser."
 _SHM = "/dev/shm"
 _ALIGN = 4096
 _MIN_CHUNK = 1 << 22
+_STALE_S = 60
 
 
 def _name(pid: int, job: str, device: int, chunk: int) -> str:
@@ -40,18 +43,23 @@ def _alive(pid: int) -> bool:
 
 
 def sweep(own: bool = False) -> None:
-  """Removes segment names whose creating process is gone (and this process's, with `own`)."""
+  """Removes segment names whose creating process is gone (and this process's, with `own`).
+
+  Only names older than a minute: a process in another PID namespace sharing /dev/shm looks
+  dead from here, and its names live only for the seconds its chunk takes to set up.
+  """
   if not os.path.isdir(_SHM):
     return
-  for entry in os.listdir(_SHM):
-    if not entry.startswith(_PREFIX):
+  for entry in os.scandir(_SHM):
+    if not entry.name.startswith(_PREFIX):
       continue
     try:
-      pid = int(entry[len(_PREFIX):].split(".")[0])
-    except ValueError:
+      pid = int(entry.name[len(_PREFIX):].split(".")[0])
+      age = time.time() - entry.stat().st_mtime
+    except (ValueError, OSError):
       continue
-    if (own and pid == os.getpid()) or not _alive(pid):
-      _extension.cpu.unlink_segment("/" + entry)
+    if (own and pid == os.getpid()) or (age > _STALE_S and not _alive(pid)):
+      _extension.cpu.unlink_segment("/" + entry.name)
 
 
 class _Workspaces:
@@ -118,11 +126,13 @@ def _check(error: str) -> None:
 
 
 _workspaces = None
+_lock = threading.Lock()  # tracing may run in several threads
 
 
 def region(key, nbytes: int, timeout_ms: int):
   """The `(chunk, offset)` of call site `key` in every device's workspace (see module doc)."""
   global _workspaces
-  if _workspaces is None:
-    _workspaces = _Workspaces(timeout_ms)
-  return _workspaces.region(key, nbytes, timeout_ms)
+  with _lock:
+    if _workspaces is None:
+      _workspaces = _Workspaces(timeout_ms)
+    return _workspaces.region(key, nbytes, timeout_ms)

@@ -11,6 +11,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
@@ -120,6 +121,8 @@ def test_segments_of_dead_processes_are_swept():
   dead.wait()
   stale = SHM / f"jax_ccfuser.{dead.pid}.deadbeef.0.0"
   stale.write_bytes(b"\0" * 4096)
+  an_hour_ago = time.time() - 3600
+  os.utime(stale, (an_hour_ago, an_hour_ago))
   try:
     _checked(run(["a", "a"]))
     assert not stale.exists()

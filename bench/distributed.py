@@ -1,0 +1,154 @@
+"""fused_moe across processes: `python -m bench.distributed`.
+
+Starts two processes with four simulated CPU devices each (`jax.distributed` on 127.0.0.1, gloo
+collectives) and one expert-parallel axis of 8 over both, then times forward+backward side by
+side, round-robin, in the same rounds:
+  - `fused_shared_memory`: the two processes as one host (shared-memory workspaces);
+  - `fused_collectives`: each process a host of its own (all_gather / all_to_all between them,
+    direct reads within each);
+  - `all_to_all` and `all_to_all_cf1.25`: the baseline (gloo all_to_all), dropless and capped;
+  - `roof`: a dense matmul of the layer's useful FLOPs per device.
+Writes `bench/results/distributed-cpu.json` and rewrites README.md between
+`<!-- distributed:start -->` and `<!-- distributed:end -->`.
+"""
+
+import argparse
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+PROCESSES, DEVICES_PER_PROCESS = 2, 4
+START, END = "<!-- distributed:start -->", "<!-- distributed:end -->"
+
+
+def _worker(process: int, port: int, config_json: str, samples: int) -> None:
+  import jax
+  jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=PROCESSES, process_id=process)
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  import jax_ccfuser as ccf
+  from bench import records
+  from bench.problem import ACTIVATION, Config, make_inputs
+  from bench.programs import CAPACITY_FACTOR, _half_square_grad, _perturbed, _roof_operands
+  from bench.timing import interleaved_medians
+
+  config = Config(**json.loads(config_json))
+  mesh = jax.make_mesh((config.devices,), ("ep",))
+  shard = NamedSharding(mesh, P("ep"))
+  put = lambda arrays: tuple(jax.make_array_from_callback(a.shape, shard, lambda i, a=a: a[i])
+                             for a in map(np.asarray, arrays))
+  layer = lambda moe: jax.shard_map(functools.partial(moe, axis_name="ep", activation=ACTIVATION),
+                                    mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+  inputs = _perturbed(put(make_inputs(config)), (0, 2))
+  runs = {}
+  with jax.set_mesh(mesh):
+    for name, kind in (("fused_shared_memory", "shared_memory"),
+                       ("fused_collectives", "collectives")):
+      with ccf.transport(kind):
+        step = jax.jit(_half_square_grad(layer(ccf.fused_moe), (0, 2, 3, 4)))
+        runs[name] = (step.lower(*inputs(0)).compile(), inputs)
+    for name, cf in (("all_to_all", None), (f"all_to_all_cf{CAPACITY_FACTOR}", CAPACITY_FACTOR)):
+      step = jax.jit(_half_square_grad(layer(functools.partial(ccf.all_to_all_moe,
+                                                               capacity_factor=cf)),
+                                       (0, 2, 3, 4)))
+      runs[name] = (step.lower(*inputs(0)).compile(), inputs)
+    dense = jax.shard_map(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
+                          mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
+    roof_inputs = _perturbed(put(_roof_operands(config, groups=config.devices)), (0,))
+    runs["roof"] = (jax.jit(_half_square_grad(dense, (0, 1))).lower(*roof_inputs(0)).compile(),
+                    roof_inputs)
+    # A fixed number of rounds: every process must run the same programs in the same order.
+    timings = interleaved_medians(runs, min_samples=samples, max_samples=samples, budget_s=0)
+  if process == 0:
+    print(json.dumps({
+        "platform": records.platform(), "device": records.device_description(),
+        "commit": records.commit(), "date": records.now(), "config": config_json,
+        "processes": PROCESSES, "devices_per_process": DEVICES_PER_PROCESS,
+        "fwd_bwd_ms": {k: t.ms for k, t in timings.items()},
+        "samples": min(t.samples for t in timings.values())}), flush=True)
+
+
+def measure(config, samples: int, timeout_s: float = 1200) -> dict:
+  """Runs the two worker processes and returns process 0's record."""
+  import dataclasses
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_CCFUSER_HOST="bench-host")
+  env.pop("XLA_FLAGS", None)
+  config_json = json.dumps(dataclasses.asdict(config))
+  procs = [subprocess.Popen([sys.executable, "-m", "bench.distributed", "--worker", str(p),
+                             str(port), config_json, str(samples)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for p in range(PROCESSES)]
+  try:
+    outs = [p.communicate(timeout=timeout_s) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outs):
+    if p.returncode:
+      raise RuntimeError(f"bench worker failed ({p.returncode}):\n{err[-4000:]}")
+  record = json.loads([line for line in outs[0][0].splitlines() if line.startswith("{")][-1])
+  record["config"] = json.loads(record["config"])
+  return record
+
+
+def section(rec: dict) -> str:
+  c, t = rec["config"], rec["fwd_bwd_ms"]
+  baseline = t["all_to_all_cf1.25"]
+  lines = [
+      "_Generated by `python -m bench.distributed` (medians of rounds run side by side)._",
+      "",
+      f"Commit `{rec['commit']}`, {rec['date']}; {rec['device']}; {rec['processes']} processes x "
+      f"{rec['devices_per_process']} simulated CPU devices, one expert-parallel axis of "
+      f"{c['devices']}; float32, T={c['tokens']} per device, H={c['hidden']}, F={c['ffn']}, "
+      f"E={c['experts']}, K={c['k']}; forward+backward, {rec['samples']} samples each.",
+      "",
+      "| implementation | ms | vs all_to_all cf 1.25 | roof / time |",
+      "|---|---|---|---|",
+  ]
+  for name, ms in t.items():
+    lines.append(f"| {name} | {ms:.1f} | {baseline / ms:.2f}x | {t['roof'] / ms:.0%} |")
+  lines += ["", "Both processes share the machine's 2 cores, so these are ratios of one "
+            "machine's work, not of hosts with cores of their own."]
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--worker", nargs=4, metavar=("PROCESS", "PORT", "CONFIG", "SAMPLES"))
+  parser.add_argument("--samples", type=int, default=7)
+  parser.add_argument("--tokens", type=int, default=256)
+  parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+  args = parser.parse_args(argv)
+  if args.worker:
+    process, port, config_json, samples = args.worker
+    _worker(int(process), int(port), config_json, int(samples))
+    return {}
+  import pathlib
+
+  from bench import records, report
+  from bench.problem import Config
+  config = Config(devices=PROCESSES * DEVICES_PER_PROCESS, tokens=args.tokens, hidden=256,
+                  ffn=512, experts=16, k=2)
+  rec = measure(config, args.samples)
+  print(json.dumps(rec))
+  out = pathlib.Path(args.out) if args.out else records.RESULTS_DIR
+  (out / "distributed-cpu.json").write_text(json.dumps(rec, indent=1))
+  if args.out is None:
+    report.README.write_text(report.rewrite_readme(
+        report.README.read_text(), section(rec), start=START, end=END,
+        heading="Across processes: measured"))
+  return rec
+
+
+if __name__ == "__main__":
+  main()
