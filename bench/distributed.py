@@ -31,7 +31,7 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=PROCESSES, process_id=process)
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
   import jax_ccfuser as ccf
   from bench import records
@@ -40,7 +40,7 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
   from bench.timing import interleaved_medians
 
   config = Config(**json.loads(config_json))
-  mesh = jax.make_mesh((config.devices,), ("ep",))
+  mesh = jax.make_mesh((config.devices,), ("ep",), axis_types=(AxisType.Auto,))
   shard = NamedSharding(mesh, P("ep"))
   put = lambda arrays: tuple(jax.make_array_from_callback(a.shape, shard, lambda i, a=a: a[i])
                              for a in map(np.asarray, arrays))

@@ -7,7 +7,10 @@
 // never waits for the device):
 //
 //   0. The handler zeroes this device's staging and, with real peers, runs `barrier` (signal.cu):
-//      each device's inputs are ready and its staging zeroed before any peer touches them.
+//      each device's inputs are ready and its staging zeroed before any peer touches them. Peers
+//      in other processes of the host read no XLA buffer: each device first copies x, expert_ids,
+//      expert_weights (and dy) into its region of the call site in the CUDA IPC workspaces
+//      (xla_ffi/ipc_memory.h), where its staging, d_expert_weights and barrier flags live too.
 //   1. work_list.cu builds the device's work list from every source's expert_ids (read straight
 //      out of peer memory): `count_pairs` classifies each (source, token, k) pair (local expert?
 //      which staging slot? id in range?) and counts pairs per (expert, chunk of pairs);
@@ -48,6 +51,33 @@
 // NOT RUN: this code was written and compiled (nvcc 13.0, sm_90a and sm_80) on a machine without
 // a GPU. No kernel here has ever executed: correctness, the memory ordering of the peer barrier,
 // performance and the occupancy/shared-memory settings are all unverified.
+//
+// GPU checklist for peers in other processes (CUDA IPC workspaces, also never run):
+//   - Two processes under jax.distributed on one machine, each owning one GPU
+//     (CUDA_VISIBLE_DEVICES=0 and =1, or local_device_ids), EP group of 2 across them: forward and
+//     every gradient against reference_moe, f32 and bf16, repeated calls of one site (the flags
+//     and the `passed` counts in the regions must keep rising in step), forward and backward
+//     sites, two sites alternating, a hierarchical call (ids of another group's experts).
+//   - Without a second GPU, two processes on one GPU (both CUDA_VISIBLE_DEVICES=0): IPC between
+//     processes of one device is allowed, but their kernels time-slice rather than run together,
+//     so the spinning barrier only passes once the other context gets the GPU: check it passes
+//     (correctness only, no timings) and how long it takes.
+//   - ipc_allocate / ipc_open: the handle round trip through the key-value store, that the chunk
+//     reads back zero in the other process, that reopening a handle or re-registering a chunk
+//     returns the "already mapped" error, and that the device guard leaves the Python thread's
+//     current GPU as it was (and creates no context on GPU 0 of a process that does not use it).
+//   - A peer that never calls: the barrier times out on the device and a LATER call reports
+//     kBarrierTimeout (not DEADLINE_EXCEEDED as on CPU); a peer process that dies mid-run: the
+//     survivors must not crash on its unmapped memory.
+//   - The handler's errors: a mesh traced differently (rank's device not owned, or on another
+//     GPU), a plan with helper slots (InvalidArgument), a process running two members of a
+//     group spanning processes (Unimplemented), and, unchecked today, a process running devices
+//     of two groups that span processes (its peers' chunks are opened on one GPU only: does the
+//     other GPU read them through peer access, or fault?).
+//   - Memory ordering: the staging copies (cudaMemcpyAsync) and the scatter's writes into peer
+//     regions become visible before the barrier flag (st.release.sys after a system fence), also
+//     when the peer is another process's IPC mapping; timings against the in-process path and
+//     against collectives (bench/distributed.py).
 #pragma once
 
 #include <cstdint>
@@ -242,12 +272,19 @@ cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t
 // signal.cu
 
 struct BarrierParams {
-  uint64_t* signals[kMaxPeers];  // each member's signal buffer [kMaxDevices]
-  int32_t ordinals[kMaxPeers];   // each member's device ordinal: its flag in the others' buffers
+  // Each member's flags: its GPU's signal buffer [kMaxDevices] (peers in one process), or the
+  // flags [kMaxPeers] in its region of the call site (peers in other processes, ipc_memory.h).
+  uint64_t* signals[kMaxPeers];
+  // Each member's flag in the others' flags: its device ordinal, or its rank in a region.
+  int32_t slots[kMaxPeers];
   // Per member: how many barriers this device has now passed with that member's device. Both
   // sides of a pair count the same barriers in the same (program) order, so they agree without
   // talking, and the values only rise.
   uint64_t epochs[kMaxPeers];
+  // Flags in regions (else null): the barriers this device has passed at the call site, kept in
+  // its region. Every member of a site passes each of its barriers, so this one count is the
+  // epoch with every member; the kernel reads it instead of `epochs` and raises it.
+  uint64_t* passed;
   int32_t num_members;
   int32_t rank;                  // this device's index in the arrays above
   int64_t timeout_ns;

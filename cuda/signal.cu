@@ -6,6 +6,11 @@
 // only rises, so a flag left by an earlier barrier can never satisfy a later one, and a fast
 // peer that already moved on has only raised it further. The host never waits: the kernel spins
 // (acquire) on the device.
+//
+// Peers in other processes (CUDA IPC workspaces) have no common ordinals and no host-side count
+// to share, so their flags live in each member's region of the call site, one per rank, and the
+// count of barriers passed at the site lives there too, raised by this kernel: the regions start
+// zeroed and every member passes the same barriers at a site.
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 
@@ -40,20 +45,25 @@ __global__ void __launch_bounds__(kMaxPeers) barrier(const BarrierParams p) {
       record_device_error(p.error, kRankMismatch, p.rank, -1, -1, *p.group_value, p.expected_group);
     }
   }
+  // Every thread reads the count before thread 0 raises it.
+  const uint64_t epoch =
+      p.passed != nullptr ? *p.passed + 1 : (i < p.num_members ? p.epochs[i] : 0);
+  __syncthreads();
+  if (i == 0 && p.passed != nullptr) *p.passed = epoch;
   if (i >= p.num_members) return;
 
   // Everything this device wrote before (earlier kernels on the stream, peer memory included)
   // becomes visible system-wide before the flag does.
   __threadfence_system();
-  store_release_system(p.signals[i] + p.ordinals[p.rank], p.epochs[i]);
+  store_release_system(p.signals[i] + p.slots[p.rank], epoch);
 
-  const uint64_t* flag = p.signals[p.rank] + p.ordinals[i];
+  const uint64_t* flag = p.signals[p.rank] + p.slots[i];
   const uint64_t start = global_timer_ns();
   uint64_t seen;
-  while ((seen = load_acquire_system(flag)) < p.epochs[i]) {
+  while ((seen = load_acquire_system(flag)) < epoch) {
     if (global_timer_ns() - start > static_cast<uint64_t>(p.timeout_ns)) {
       record_device_error(p.error, kBarrierTimeout, i, -1, -1, static_cast<int64_t>(seen),
-                          static_cast<int64_t>(p.epochs[i]));
+                          static_cast<int64_t>(epoch));
       return;
     }
     __nanosleep(128);

@@ -40,14 +40,17 @@ class _Static(NamedTuple):
   num_experts: int
   # Peers in other processes: every group's devices [G * D]; () when they share this process.
   devices: tuple = ()
+  plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
 
-  def attrs(self, backward: bool, x, ids, weights):
+  def attrs(self, backward: bool, x, ids, weights, w_in, w_out):
     workspace, offset = -1, 0
     if self.devices:
       t, k = ids.shape
-      nbytes = _extension.cpu.shared_region_bytes(t, x.shape[1], k, _slots(self, k),
-                                                  x.dtype.itemsize, weights.dtype.itemsize,
-                                                  backward)
+      nbytes = _extension.cpu.shared_region_bytes(
+          tokens=t, hidden=x.shape[1], k=k, slots=_slots(self, k), x_bytes=x.dtype.itemsize,
+          weights_bytes=weights.dtype.itemsize, experts_local=w_out.shape[0],
+          expert_elements=w_in[0].size + w_out[0].size, w_bytes=w_in.dtype.itemsize,
+          plan_slots=self.plan_slots, backward=backward)
       workspace, offset = _workspace.region((self.site, backward), nbytes, self.timeout_ms)
     return dict(site=np.uint64(2 * self.site + backward), num_devices=np.int32(self.num_devices),
                 emulated=np.int32(self.emulated),
@@ -91,7 +94,7 @@ def _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, g
       (_result(args[0], x.shape, x.dtype),
        _result(args[0], (t, _slots(static, ids.shape[1]), h), jnp.float32)),
       vmap_method="sequential")
-  y, _ = call(*args, **static.attrs(False, x, ids, weights))
+  y, _ = call(*args, **static.attrs(False, x, ids, weights, w_in, w_out))
   return y
 
 
@@ -120,7 +123,8 @@ def _fused_bwd(static, residuals, dy):
        _result(like, w_in.shape, w_in.dtype), _result(like, w_out.shape, w_out.dtype),
        _result(like, (t, _slots(static, ids.shape[1]), h), jnp.float32)),
       vmap_method="sequential")
-  dx, dweights, dw_in, dw_out, _ = call(*args, **static.attrs(True, x, ids, weights))
+  attrs = static.attrs(True, x, ids, weights, w_in, w_out)
+  dx, dweights, dw_in, dw_out, _ = call(*args, **attrs)
   int_zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
   return (dx, int_zero(ids), dweights, dw_in, dw_out, int_zero(workers), int_zero(bounds),
           int_zero(rank), int_zero(group))
@@ -169,6 +173,10 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   `w_in` and `w_out`; the backward pass keeps no dispatched rows (its residuals are the inputs:
   x `[T, H]`, the routing `[T, K]` and the weights) and re-reads the rows from the peers.
 
+  Across processes (`jax.distributed`), trace it under `jax.set_mesh(mesh)`: devices of one
+  host meet in shared-memory workspaces, hosts exchange rows through XLA collectives (see
+  `jax_ccfuser.transport`).
+
   Args:
     x: `[T, H]` float32/bfloat16/float16, this device's tokens.
     expert_ids: `[T, K]` int32, global expert ids in `[0, D * E_local)`. An id outside that
@@ -194,16 +202,17 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
   split = _topology.split(axis_name, dims.num_devices)
-  if plan is not None and (split.num_hosts > 1 or split.shared):
-    raise NotImplementedError("reassignment plans do not run across processes yet; call "
-                              "fused_moe with plan=None here")
   if split.num_hosts > 1:
+    if plan is not None:
+      raise NotImplementedError("reassignment plans do not run across hosts yet (helpers would "
+                                "read weights on another host); call fused_moe with plan=None")
     return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, axis_name=axis_name,
                          activation=activation, split=split)
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
-                   num_experts=dims.num_experts, devices=split.devices)
+                   num_experts=dims.num_experts, devices=split.devices,
+                   plan_slots=workers.shape[1])
   rank, group = _position(axis_name)
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 

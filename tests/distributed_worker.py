@@ -6,11 +6,13 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
 `JAX_CCFUSER_HOST` (set by the test) says which processes share a host. Prints one JSON line:
   check: the largest error of fused_moe against reference_moe (forward and every gradient)
     relative to the dtype's tolerance (<= 1 passes), the collectives and shared-memory
-    workspaces the compiled program uses, and the errors of three bad calls (no mesh set, a
-    reassignment plan, an out-of-range expert id);
+    workspaces the compiled program uses, the same check with a reassignment plan on skewed
+    routing (or the error across hosts), and the errors of a call traced without the mesh set
+    and of an out-of-range expert id;
   crash: the last process dies before the second call; the others report the error they get.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -46,11 +48,11 @@ def loss_and_grads(moe, mesh, case):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
 
 
-def check(mesh, case):
+def check(mesh, case, moe=ccf.fused_moe):
   x, ids, weights, w_in, w_out = make_inputs(case)
   cot = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
   args = [global_array(mesh, a) for a in (x, weights, w_in, w_out, ids, cot)]
-  step = loss_and_grads(ccf.fused_moe, mesh, case)
+  step = loss_and_grads(moe, mesh, case)
   hlo = step.lower(*args).compile().as_text()
   (_, y), grads = step(*args)
   fused = [multihost_utils.process_allgather(a, tiled=True) for a in (y, *grads)]
@@ -83,17 +85,30 @@ def layer(mesh, **kwargs):
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
 
 
-def bad_calls(mesh, case):
-  """The errors of calls that must fail (with the mesh set): a plan, an out-of-range id."""
+def with_plan(mesh, case):
+  """fused_moe with a reassignment plan on skewed routing: its check, or the error it raises,
+  and the busiest device's rows over the mean without and with the plan."""
+  plan = lambda ids: ccf.reassign(ids, case.num_experts, axis_name="ep", tile=1, max_helpers=3)
+  moe = lambda x, ids, *rest, **kw: ccf.fused_moe(x, ids, *rest, plan=plan(ids), **kw)
+  loads = jax.jit(jax.shard_map(lambda ids: jnp.stack(ccf.plan_loads(plan(ids))), mesh=mesh,
+                                in_specs=P("ep"), out_specs=P("ep")))
+  before, after = multihost_utils.process_allgather(
+      loads(global_array(mesh, make_inputs(case)[1])), tiled=True)[:2]
+  out = dict(imbalance=[float(v.max() / v.mean()) for v in (before, after)])
+  try:
+    out["worst"] = check(mesh, case, moe)["worst"]
+  except NotImplementedError as e:
+    out["error"] = str(e)
+  return out
+
+
+def bad_id(mesh, case):
+  """The error of a call with an out-of-range expert id."""
   args = [global_array(mesh, a) for a in make_inputs(case)]
-  plan = lambda x, ids, *rest: ccf.fused_moe(
-      x, ids, *rest, axis_name="ep", plan=ccf.reassign(ids, case.num_experts, axis_name="ep"))
-  with_plan = error_of(jax.jit(jax.shard_map(plan, mesh=mesh, in_specs=P("ep"),
-                                             out_specs=P("ep"))), *args)
   bad = np.asarray(make_inputs(case)[1]).copy()
   bad[3, 1] = case.num_experts + 5
   args[1] = global_array(mesh, bad)
-  return dict(plan=with_plan, bad_id=error_of(layer(mesh), *args))
+  return error_of(layer(mesh), *args)
 
 
 def main():
@@ -107,7 +122,8 @@ def main():
   with jax.set_mesh(mesh):
     if SCENARIO.startswith("check"):
       out.update(check(mesh, case))
-      out.update(bad_calls(mesh, case))
+      out["plan"] = with_plan(mesh, dataclasses.replace(case, skew=0.9))
+      out["bad_id"] = bad_id(mesh, case)  # last: the failed call is not rerun
     elif SCENARIO == "crash":
       args = [global_array(mesh, a) for a in make_inputs(case)]
       with ccf.peer_timeout(3.0):

@@ -25,11 +25,15 @@ NB_MODULE(_ccfuser_cpu, m) {
   m.def(
       "shared_region_bytes",
       [](int64_t tokens, int64_t hidden, int64_t k, int64_t slots, int64_t x_bytes,
-         int64_t weights_bytes, bool backward) {
-        return ccf::LayoutRegion(tokens, hidden, k, slots, x_bytes, weights_bytes, backward).bytes;
+         int64_t weights_bytes, int64_t experts_local, int64_t expert_elements, int64_t w_bytes,
+         int64_t plan_slots, bool backward) {
+        return ccf::LayoutRegion({tokens, hidden, k, slots, x_bytes, weights_bytes, experts_local,
+                                  expert_elements, w_bytes, plan_slots, backward})
+            .bytes;
       },
       nb::arg("tokens"), nb::arg("hidden"), nb::arg("k"), nb::arg("slots"), nb::arg("x_bytes"),
-      nb::arg("weights_bytes"), nb::arg("backward"),
+      nb::arg("weights_bytes"), nb::arg("experts_local"), nb::arg("expert_elements"),
+      nb::arg("w_bytes"), nb::arg("plan_slots"), nb::arg("backward"),
       "Bytes of one device's region of a shared-memory call site.");
   m.def("fail_next_call_for_testing", &ccf::FailNextCallForTesting, nb::arg("rank"),
         "Makes the next call on device `rank` fail after publishing, as a call going wrong midway.");

@@ -1,9 +1,19 @@
 // The nanobind module `jax_ccfuser._ccfuser_cuda`: hands the CUDA handlers to Python, which
-// registers them for platform "CUDA" under the same target names as the CPU ones.
+// registers them for platform "CUDA" under the same target names as the CPU ones, and the CUDA
+// IPC workspaces shared by the processes of a host (ipc_memory.h).
+#include <cstring>
+#include <string>
+#include <utility>
+
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/ffi_module.h"
+#include "xla_ffi/ipc_memory.h"
+
+namespace nb = nanobind;
 
 // Defined in moe_cuda.cc.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CcfMoeForwardCuda);
@@ -11,4 +21,39 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(CcfMoeBackwardCuda);
 
 NB_MODULE(_ccfuser_cuda, m) {
   ccf::DefineRegistrations(m, CcfMoeForwardCuda, CcfMoeBackwardCuda);
+  m.def(
+      "ipc_allocate",
+      [](int ordinal, int64_t bytes, int32_t device, int32_t chunk) {
+        cudaIpcMemHandle_t handle{};
+        std::string err = ccf::IpcAllocate(ordinal, bytes, device, chunk, &handle);
+        return std::make_pair(nb::bytes(handle.reserved, err.empty() ? sizeof(handle) : 0),
+                              std::move(err));
+      },
+      nb::arg("ordinal"), nb::arg("bytes"), nb::arg("device"), nb::arg("chunk"),
+      "Allocates a zeroed workspace chunk on local GPU `ordinal` as (device, chunk)'s; (its "
+      "CUDA IPC handle, \"\") or (b\"\", why not).");
+  m.def(
+      "ipc_open",
+      [](int ordinal, nb::bytes handle, int64_t bytes, int32_t device, int32_t chunk) {
+        cudaIpcMemHandle_t h;
+        if (handle.size() != sizeof(h))
+          return "jax_ccfuser: a CUDA IPC handle has " + std::to_string(sizeof(h)) +
+                 " bytes; got " + std::to_string(handle.size());
+        std::memcpy(h.reserved, handle.c_str(), sizeof(h));
+        return ccf::IpcOpen(ordinal, h, bytes, device, chunk);
+      },
+      nb::arg("ordinal"), nb::arg("handle"), nb::arg("bytes"), nb::arg("device"),
+      nb::arg("chunk"),
+      "Opens another process's workspace chunk (device, chunk) from its CUDA IPC handle on "
+      "local GPU `ordinal`; \"\" or why not.");
+  m.def(
+      "shared_region_bytes",
+      [](int64_t tokens, int64_t hidden, int64_t k, int64_t slots, int64_t x_bytes,
+         int64_t weights_bytes, bool backward) {
+        return ccf::LayoutIpcRegion(tokens, hidden, k, slots, x_bytes, weights_bytes, backward)
+            .bytes;
+      },
+      nb::arg("tokens"), nb::arg("hidden"), nb::arg("k"), nb::arg("slots"), nb::arg("x_bytes"),
+      nb::arg("weights_bytes"), nb::arg("backward"),
+      "Bytes of one device's region of a call site in the CUDA IPC workspaces.");
 }

@@ -76,6 +76,25 @@ struct Peers {
   }
 };
 
+// Elements of one expert's weights: w_in [H, G*F] then w_out [F, H].
+int64_t ExpertElements(const MoeDims& d) { return d.hidden * d.gate_ffn + d.ffn * d.hidden; }
+
+// Where the helper in plan slot `slot` (>= 1) of `expert` puts its partial weight gradients
+// when peers live in other processes: its area of the owner's region.
+float* HelperPartial(const PeerBuffers& owner, const MoeDims& d, const PlanView& plan,
+                     int64_t expert, int64_t slot) {
+  const int64_t local = expert % d.experts_local;
+  return owner.partials + (local * (plan.num_slots - 1) + slot - 1) * ExpertElements(d);
+}
+
+// The first plan slot of `expert` that names `helper`: a helper named twice computes both
+// slices in one pass and writes them there (the owner's zeroed other area adds nothing).
+int64_t SlotOf(const PlanView& plan, int64_t expert, int helper) {
+  int64_t slot = 1;
+  while (plan.workers[expert * plan.num_slots + slot] != helper) ++slot;
+  return slot;
+}
+
 // Checks the other devices' signatures against `mine` once they have published.
 ffi::Error CheckSignatures(const Peers& peers, int rank,
                            const std::array<int64_t, 9>& mine,
@@ -117,11 +136,11 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
   const int64_t n = d.num_devices;
   if (group < 0 || (group + 1) * n > static_cast<int64_t>(attrs.devices.size()))
     return InvalidArgument("group " + std::to_string(group) + " outside the device table");
-  if (HasHelpers(plan, d))
-    return InvalidArgument("reassignment plans with helpers do not run across processes yet");
   const bool backward = own.dy != nullptr;
-  const RegionLayout at = LayoutRegion(d.tokens, d.hidden, d.k, d.slots, ffi::ByteWidth(d.x_type),
-                                       ffi::ByteWidth(d.weights_type), backward);
+  const int64_t w_bytes = ffi::ByteWidth(d.w_type);
+  const RegionLayout at = LayoutRegion(
+      {d.tokens, d.hidden, d.k, d.slots, ffi::ByteWidth(d.x_type), ffi::ByteWidth(d.weights_type),
+       d.experts_local, ExpertElements(d), w_bytes, plan.num_slots, backward});
   std::vector<RegionHeader*> headers;
   peers->concurrent = 0;
   for (int64_t r = 0; r < n; ++r) {
@@ -147,6 +166,11 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
       b.dy = base + at.dy;
       b.d_weights = base + at.d_weights;
     }
+    if (at.w >= 0) {  // a helper reads the owner's staged weights
+      b.w_in = base + at.w;
+      b.w_out = base + at.w + d.experts_local * d.hidden * d.gate_ffn * w_bytes;
+    }
+    if (at.partials >= 0) b.partials = reinterpret_cast<float*>(base + at.partials);
     peers->buffers.push_back(b);
   }
   PeerBuffers& mine = peers->buffers[rank];
@@ -160,6 +184,17 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
     std::memcpy(const_cast<void*>(mine.dy), own.dy, x_bytes);
     std::memset(mine.d_weights, 0, weights_bytes);
   }
+  if (HasHelpers(plan, d)) {
+    const int64_t in_bytes = d.experts_local * d.hidden * d.gate_ffn * w_bytes;
+    std::memcpy(const_cast<void*>(mine.w_in), own.w_in, in_bytes);
+    std::memcpy(const_cast<void*>(mine.w_out), own.w_out,
+                d.experts_local * d.ffn * d.hidden * w_bytes);
+    // A helper with no rows for its slice writes nothing: its partials must read as zero.
+    if (mine.partials)
+      std::memset(mine.partials, 0,
+                  d.experts_local * (plan.num_slots - 1) * ExpertElements(d) * sizeof(float));
+  }
+  // This device reads its own weights where XLA keeps them.
   mine.w_in = own.w_in;
   mine.w_out = own.w_out;
   headers[rank]->signature = Signature(d);
@@ -381,6 +416,10 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
             const int64_t block = (peers.group ? 0 : me) * d.experts_local + local;
             acc_in = dw_in_acc.data() + block * n_in;
             acc_out = dw_out_acc.data() + block * n_out;
+          } else if (peers.shared) {
+            acc_in = HelperPartial(peers.buffers[owner], d, plan, ew.expert,
+                                   SlotOf(plan, ew.expert, me));
+            acc_out = acc_in + n_in;
           } else {
             mine.experts.push_back({ew.expert, std::vector<float>(n_in, 0.0f),
                                     std::vector<float>(n_out, 0.0f)});
@@ -401,10 +440,18 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
         for (int64_t s = 1; s < plan.num_slots; ++s) {
           const int helper = plan.workers[e * plan.num_slots + s];
           if (helper < 0 || helper == me) continue;
-          const HelpedGradients::Expert* part = peers.buffers[helper].helped->Find(e);
-          if (!part) continue;  // the helper's slice held no rows
-          for (int64_t i = 0; i < n_in; ++i) dw_in_acc[block * n_in + i] += part->dw_in[i];
-          for (int64_t i = 0; i < n_out; ++i) dw_out_acc[block * n_out + i] += part->dw_out[i];
+          const float *part_in, *part_out;
+          if (peers.shared) {
+            part_in = HelperPartial(peers.buffers[me], d, plan, e, s);
+            part_out = part_in + n_in;
+          } else {
+            const HelpedGradients::Expert* part = peers.buffers[helper].helped->Find(e);
+            if (!part) continue;  // the helper's slice held no rows
+            part_in = part->dw_in.data();
+            part_out = part->dw_out.data();
+          }
+          for (int64_t i = 0; i < n_in; ++i) dw_in_acc[block * n_in + i] += part_in[i];
+          for (int64_t i = 0; i < n_out; ++i) dw_out_acc[block * n_out + i] += part_out[i];
         }
       }
     }

@@ -9,9 +9,13 @@
 //            ready), the work list built on the device from every peer's expert_ids, the
 //            gather-GEMMs that read rows straight out of peer memory, the scatter of partial
 //            sums into the sources' staging, a second device barrier, the sum of its own slots.
-// The host never waits for the device on this path. Single-GPU emulation of D devices
-// (`emulated`, or D == 1) fills the same peer table with D blocks of the stacked operands and
-// runs the same kernels; stream order replaces the barriers.
+// The host never waits for the device on this path. Peers in other processes of the host
+// (`workspace` >= 0) meet in their regions of the call site in the CUDA IPC workspaces
+// (ipc_memory.h) instead: no host meeting, the region addresses come from the registry; this GPU
+// copies its operands into its region on the stream and the device barriers' flags live in the
+// regions. Single-GPU emulation of D devices (`emulated`, or D == 1) fills the same peer table
+// with D blocks of the stacked operands and runs the same kernels; stream order replaces the
+// barriers.
 //
 // Faults the device finds (an expert id out of range, a device barrier timeout, a changed rank)
 // are recorded in device memory and copied back asynchronously; the first handler call on that
@@ -37,8 +41,10 @@
 #include "xla_ffi/activation.h"
 #include "xla_ffi/moe_call.h"
 #include "xla_ffi/host_dtype.h"
+#include "xla_ffi/ipc_memory.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
+#include "xla_ffi/shared_memory.h"
 
 namespace ffi = xla::ffi;
 
@@ -223,31 +229,23 @@ cuda::DType ToDType(ffi::DataType t) {
 }
 
 // What the CUDA kernels support beyond the contract's checks.
-// The GPU handlers serve the GPUs of one process: peers in other processes of the host would need
-// CUDA IPC workspaces, CPU-only so far.
-ffi::Error CheckSingleProcess(const CallAttrs& attrs) {
-  if (attrs.workspace >= 0)
-    return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                      "jax_ccfuser: fused_moe over GPUs of several processes sharing memory is not "
-                      "implemented yet (CUDA IPC workspaces); on GPU drive a host's devices from "
-                      "one process, or use jax_ccfuser.transport(\"collectives\")");
-  return ffi::Error::Success();
-}
-
-ffi::Error CheckCudaLimits(const MoeDims& d, bool emulated, const PlanArray& workers,
+ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanArray& workers,
                            const PlanArray& bounds, std::initializer_list<const void*> vectors) {
   const auto w = workers.dimensions(), b = bounds.dimensions();
   if (w[0] != d.num_experts() || b[0] != d.num_experts() || w[1] < 1 || b[1] != w[1] + 1)
     return InvalidArgument("plan arrays must be workers [E, S] and bounds [E, S + 1] with E = " +
                            std::to_string(d.num_experts()) + "; got " + ShapeString(workers) +
                            " and " + ShapeString(bounds));
+  // The plan lives on the device: its helper slots are what the host can see of its helpers.
+  if (w[1] != 1 && attrs.workspace >= 0)
+    return InvalidArgument("reassignment plans with helpers do not run across processes yet");
   if (w[1] != 1)
     return Unimplemented("reassignment plans (helper slots: workers " + ShapeString(workers) +
                          ") are not implemented on GPU yet; call fused_moe with plan=None");
   if (d.num_devices > cuda::kMaxPeers)
     return Unimplemented("expert-parallel groups of up to " + std::to_string(cuda::kMaxPeers) +
                          " devices; got " + std::to_string(d.num_devices));
-  const int64_t here = emulated ? d.num_experts() : d.experts_local;
+  const int64_t here = attrs.emulated ? d.num_experts() : d.experts_local;
   if (here > cuda::kMaxExpertsHere)
     return Unimplemented(std::to_string(here) + " experts in one work list; at most " +
                          std::to_string(cuda::kMaxExpertsHere));
@@ -280,7 +278,17 @@ struct Call {
   const void* w_out = nullptr;
   const int32_t* own_ids = nullptr;
   float* own_staging = nullptr;
+  // Backward: where peers write this device's d expert_weights (the output, or its region).
+  void* own_d_weights = nullptr;
   int64_t own_tokens = 0;
+  // Peers in other processes: this device's operands, copied into its region (where they read
+  // them) ahead of the start barrier.
+  struct Staged {
+    void* to;
+    const void* from;
+    size_t bytes;
+  };
+  std::vector<Staged> staged;
   // Real peers only: the device barriers' members; `synchronized` false when emulating.
   bool synchronized = false;
   cuda::BarrierParams barrier{};
@@ -318,12 +326,54 @@ ffi::Error Position(DeviceState& s, uint64_t site, const ScalarS32& rank, const 
   return ffi::Error::Success();
 }
 
-// Meets the peers of a real group and fills the peer table and the barrier members.
+// Lets this GPU's kernels reach GPU `peer`'s memory (XLA has usually done so already).
+ffi::Error EnablePeerAccess(DeviceState& me, int peer) {
+  if (peer < 0 || peer >= cuda::kMaxDevices)
+    return Unimplemented("GPU " + std::to_string(peer) + " is beyond the " +
+                         std::to_string(cuda::kMaxDevices) + " GPUs peer access is tracked for");
+  std::lock_guard<std::mutex> lock(me.mu);
+  if (peer == me.ordinal || me.peer_access[peer]) return ffi::Error::Success();
+  if (cudaError_t st = cudaSetDevice(me.ordinal); st != cudaSuccess)  // current already (XLA)
+    return CudaFailure("selecting GPU " + std::to_string(me.ordinal), st);
+  int can = 0;
+  cudaError_t st = cudaDeviceCanAccessPeer(&can, me.ordinal, peer);
+  if (st != cudaSuccess) return CudaFailure("querying peer access", st);
+  if (!can)
+    return Unimplemented("GPU " + std::to_string(me.ordinal) + " cannot access GPU " +
+                         std::to_string(peer) + "'s memory (no peer-to-peer path)");
+  st = cudaDeviceEnablePeerAccess(peer, 0);
+  if (st == cudaErrorPeerAccessAlreadyEnabled) {
+    cudaGetLastError();  // XLA enabled it already
+  } else if (st != cudaSuccess) {
+    return CudaFailure("enabling peer access to GPU " + std::to_string(peer), st);
+  }
+  me.peer_access[peer] = true;
+  return ffi::Error::Success();
+}
+
+// Completes a real group's call once the members' flags are in `call->barrier`: the rest of the
+// barrier members, and the experts and tokens this device handles.
+void JoinGroup(const CallAttrs& attrs, DeviceState& me, int32_t rank, int32_t group, Call* call) {
+  const MoeDims& d = call->d;
+  cuda::BarrierParams& b = call->barrier;
+  b.num_members = d.num_devices;
+  b.rank = rank;
+  b.timeout_ns = attrs.timeout_ms * 1000000;
+  b.error = me.error;
+  b.expected_group = group;
+  call->synchronized = true;
+  call->first_expert = rank * static_cast<int32_t>(d.experts_local);
+  call->experts_here = static_cast<int32_t>(d.experts_local);
+  call->own_tokens = d.tokens;
+}
+
+// Meets the peers of a real group in this process and fills the peer table and the barrier
+// members.
 ffi::Error ConnectRealPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank_op,
                             const ScalarS32& group_op, const PeerBuffers& own, cudaStream_t stream,
                             Call* call) {
   const MoeDims& d = call->d;
-  int32_t rank, group_index;
+  int32_t rank = 0, group_index = 0;
   if (ffi::Error err = Position(me, attrs.site, rank_op, group_op, d.num_devices, stream, &rank,
                                 &group_index);
       err.failure())
@@ -351,11 +401,6 @@ ffi::Error ConnectRealPeers(const CallAttrs& attrs, DeviceState& me, const Scala
 
   // The barrier members: each peer's GPU (from where its buffers live) and signal buffer.
   cuda::BarrierParams& b = call->barrier;
-  b.num_members = d.num_devices;
-  b.rank = rank;
-  b.timeout_ns = attrs.timeout_ms * 1000000;
-  b.error = me.error;
-  b.expected_group = group_index;
   for (int dev = 0; dev < d.num_devices; ++dev) {
     cudaPointerAttributes where;
     if (cudaError_t st = cudaPointerGetAttributes(&where, call->peers[dev].ids); st != cudaSuccess)
@@ -365,41 +410,110 @@ ffi::Error ConnectRealPeers(const CallAttrs& attrs, DeviceState& me, const Scala
       return ffi::Error::Internal("jax_ccfuser: device " + std::to_string(dev) +
                                   "'s expert_ids are not in the memory of a GPU running this op");
     b.signals[dev] = peer->signal;
-    b.ordinals[dev] = where.device;
+    b.slots[dev] = where.device;
     for (int other = 0; other < dev; ++other)
-      if (b.ordinals[other] == where.device)
+      if (b.slots[other] == where.device)
         return InvalidArgument("devices " + std::to_string(other) + " and " + std::to_string(dev) +
                                " of the group are the same GPU " + std::to_string(where.device));
   }
-  std::lock_guard<std::mutex> lock(me.mu);
-  if (cudaError_t st = cudaSetDevice(me.ordinal); st != cudaSuccess)  // current already (XLA)
-    return CudaFailure("selecting GPU " + std::to_string(me.ordinal), st);
-  for (int dev = 0; dev < d.num_devices; ++dev) {
-    const int peer = b.ordinals[dev];
-    if (peer == me.ordinal || me.peer_access[peer]) continue;
-    int can = 0;
-    cudaError_t st = cudaDeviceCanAccessPeer(&can, me.ordinal, peer);
-    if (st != cudaSuccess) return CudaFailure("querying peer access", st);
-    if (!can)
-      return Unimplemented("GPU " + std::to_string(me.ordinal) + " cannot access GPU " +
-                           std::to_string(peer) + "'s memory (no peer-to-peer path)");
-    st = cudaDeviceEnablePeerAccess(peer, 0);
-    if (st == cudaErrorPeerAccessAlreadyEnabled) {
-      cudaGetLastError();  // XLA enabled it already
-    } else if (st != cudaSuccess) {
-      return CudaFailure("enabling peer access to GPU " + std::to_string(peer), st);
+  for (int dev = 0; dev < d.num_devices; ++dev)
+    if (ffi::Error err = EnablePeerAccess(me, b.slots[dev]); err.failure()) return err;
+  JoinGroup(attrs, me, rank, group_index, call);
+  return ffi::Error::Success();
+}
+
+// The error of a call whose devices are not where the mesh it was traced for put them.
+ffi::Error Misplaced(int32_t device, int64_t rank, const std::string& why) {
+  return ffi::Error::Internal("jax_ccfuser: device " + std::to_string(device) + " (rank " +
+                              std::to_string(rank) + ") " + why +
+                              "; the mesh the call was traced for places devices differently "
+                              "(pass it with jax.set_mesh)");
+}
+
+// Meets peers in other processes of the host through the call site's regions in the CUDA IPC
+// workspaces: every member's buffers are its region (registry + offset + layout), this device's
+// operands are staged into its own on the stream, and the device barriers' flags and counts are
+// in the regions. Nothing is exchanged on the host, so there is no host meeting either.
+ffi::Error ConnectShared(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank_op,
+                         const ScalarS32& group_op, const PeerBuffers& own, cudaStream_t stream,
+                         Call* call) {
+  const MoeDims& d = call->d;
+  const int64_t n = d.num_devices;
+  int32_t rank = 0, group = 0;
+  if (ffi::Error err =
+          Position(me, attrs.site, rank_op, group_op, d.num_devices, stream, &rank, &group);
+      err.failure())
+    return err;
+  if (group < 0 || (group + 1) * n > static_cast<int64_t>(attrs.devices.size()))
+    return InvalidArgument("group " + std::to_string(group) + " outside the device table");
+  // The kernels move 16-byte vectors through the regions.
+  if (attrs.workspace_offset % cuda::kWorkspaceAlignment)
+    return ffi::Error::Internal("jax_ccfuser: call site region at offset " +
+                                std::to_string(attrs.workspace_offset) + " is not " +
+                                std::to_string(cuda::kWorkspaceAlignment) + "-byte aligned");
+  const bool backward = own.dy != nullptr;
+  const IpcRegionLayout at =
+      LayoutIpcRegion(d.tokens, d.hidden, d.k, d.slots, ffi::ByteWidth(d.x_type),
+                      ffi::ByteWidth(d.weights_type), backward);
+  char* mine = nullptr;
+  std::vector<int> local_gpus;  // where the members this process runs keep their regions
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t device = attrs.devices[group * n + r];
+    const Segment* seg = FindSegment(device, attrs.workspace);
+    if (!seg || (r == rank && !seg->owned))
+      return Misplaced(device, r,
+                       std::string("has no shared workspace ") +
+                           (seg ? "owned by" : "mapped in") + " this process");
+    if (attrs.workspace_offset + at.bytes > seg->bytes)
+      return ffi::Error::Internal("jax_ccfuser: call site region exceeds the shared workspace");
+    char* base = seg->base + attrs.workspace_offset;
+    if (seg->owned) {
+      cudaPointerAttributes where;
+      if (cudaError_t st = cudaPointerGetAttributes(&where, seg->base); st != cudaSuccess)
+        return CudaFailure("locating device " + std::to_string(device) + "'s workspace", st);
+      if (r == rank && where.device != me.ordinal)
+        return Misplaced(device, r,
+                         "has its shared workspace on GPU " + std::to_string(where.device) +
+                             " but runs on GPU " + std::to_string(me.ordinal));
+      local_gpus.push_back(where.device);
     }
-    me.peer_access[peer] = true;
+    if (r == rank) mine = base;
+    PeerBuffers b;
+    b.x = base + at.x;
+    b.ids = reinterpret_cast<const int32_t*>(base + at.ids);
+    b.weights = base + at.weights;
+    b.staging = reinterpret_cast<float*>(base + at.staging);
+    if (backward) {
+      b.dy = base + at.dy;
+      b.d_weights = base + at.d_weights;
+    }
+    call->peers.push_back(b);
+    call->barrier.signals[r] = reinterpret_cast<uint64_t*>(base + at.signals);
+    call->barrier.slots[r] = static_cast<int32_t>(r);
   }
-  call->synchronized = true;
-  call->first_expert = rank * static_cast<int32_t>(d.experts_local);
-  call->experts_here = static_cast<int32_t>(d.experts_local);
-  call->own_tokens = d.tokens;
+  // A peer's mapping opened from its IPC handle is read by the one GPU it was opened on.
+  if (local_gpus.size() > 1 && static_cast<int64_t>(local_gpus.size()) < n)
+    return Unimplemented("this process runs " + std::to_string(local_gpus.size()) + " of the " +
+                         std::to_string(n) + " devices of a group that spans processes; across "
+                         "processes each runs one device of a group (one process per GPU)");
+  for (int gpu : local_gpus)
+    if (ffi::Error err = EnablePeerAccess(me, gpu); err.failure()) return err;
+
+  const size_t x_bytes = d.tokens * d.hidden * ffi::ByteWidth(d.x_type);
+  const size_t weights_bytes = d.tokens * d.k * ffi::ByteWidth(d.weights_type);
+  call->staged = {{mine + at.x, own.x, x_bytes},
+                  {mine + at.ids, own.ids, d.tokens * d.k * sizeof(int32_t)},
+                  {mine + at.weights, own.weights, weights_bytes}};
+  if (backward) call->staged.push_back({mine + at.dy, own.dy, x_bytes});
+  call->own_staging = call->peers[rank].staging;
+  call->own_d_weights = call->peers[rank].d_weights;
+  call->barrier.passed = reinterpret_cast<uint64_t*>(mine + at.passed);
+  JoinGroup(attrs, me, rank, group, call);
   return ffi::Error::Success();
 }
 
 // Builds the call: the emulated (or single) devices over the stacked blocks of this call's
-// buffers, or a real group met through the registry.
+// buffers, or a real group met through the registry or the shared workspaces.
 ffi::Error Connect(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank,
                    const ScalarS32& group, const PeerBuffers& own, cudaStream_t stream,
                    Call* call) {
@@ -408,8 +522,10 @@ ffi::Error Connect(const CallAttrs& attrs, DeviceState& me, const ScalarS32& ran
   call->w_out = own.w_out;
   call->own_ids = own.ids;
   call->own_staging = own.staging;
+  call->own_d_weights = own.d_weights;
   if (!attrs.emulated && d.num_devices > 1)
-    return ConnectRealPeers(attrs, me, rank, group, own, stream, call);
+    return attrs.workspace >= 0 ? ConnectShared(attrs, me, rank, group, own, stream, call)
+                                : ConnectRealPeers(attrs, me, rank, group, own, stream, call);
   for (int dev = 0; dev < d.num_devices; ++dev) call->peers.push_back(EmulatedPeer(own, d, dev));
   call->first_expert = 0;
   call->experts_here = static_cast<int32_t>(d.num_experts());
@@ -417,10 +533,11 @@ ffi::Error Connect(const CallAttrs& attrs, DeviceState& me, const ScalarS32& ran
   return ffi::Error::Success();
 }
 
-// The epochs of this GPU's next device barrier with the call's members.
+// The epochs of this GPU's next device barrier with the call's members (in this process, where
+// the slots are the members' ordinals).
 void NextEpochs(DeviceState& me, cuda::BarrierParams* b) {
   std::lock_guard<std::mutex> lock(me.mu);
-  for (int i = 0; i < b->num_members; ++i) b->epochs[i] = ++me.barriers_with[b->ordinals[i]];
+  for (int i = 0; i < b->num_members; ++i) b->epochs[i] = ++me.barriers_with[b->slots[i]];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -515,10 +632,33 @@ void DeviceBarrier(const Call& c, DeviceState& me, const ScalarS32* rank, const 
                    cudaStream_t stream, Launcher& launcher) {
   if (!c.synchronized) return;
   cuda::BarrierParams b = c.barrier;
-  NextEpochs(me, &b);
+  if (b.passed == nullptr) NextEpochs(me, &b);  // flags in regions count on the device
   b.rank_value = rank ? rank->typed_data() : nullptr;
   b.group_value = group ? group->typed_data() : nullptr;
   launcher.Always("barrier", [&] { return cuda::barrier(b, stream); });
+}
+
+// The start of a call: this device's operands staged where peers in other processes read them,
+// the buffers peers write into zeroed (they may as soon as the start barrier opens), the start
+// barrier.
+void OpenCall(const Call& c, DeviceState& me, const ScalarS32& rank, const ScalarS32& group,
+              cudaStream_t stream, Launcher& launcher) {
+  for (const Call::Staged& copy : c.staged)
+    launcher.Run("staging operands into the shared region", [&] {
+      return cudaMemcpyAsync(copy.to, copy.from, copy.bytes, cudaMemcpyDeviceToDevice, stream);
+    });
+  launcher.Run("zeroing staging", [&] {
+    return cudaMemsetAsync(c.own_staging, 0, sizeof(float) * c.own_tokens * c.d.slots * c.d.hidden,
+                           stream);
+  });
+  // Backward: every (token, k) with a valid id is written by its expert's GPU; zero them anyway
+  // so a failed call leaves no uninitialised memory behind.
+  if (c.own_d_weights != nullptr)
+    launcher.Run("zeroing d_expert_weights", [&] {
+      return cudaMemsetAsync(c.own_d_weights, 0,
+                             ffi::ByteWidth(c.d.weights_type) * c.own_tokens * c.d.k, stream);
+    });
+  DeviceBarrier(c, me, &rank, &group, stream, launcher);
 }
 
 cuda::GemmOperand Gathered(const Call& c, const void* PeerBuffers::*field, int64_t ld) {
@@ -625,10 +765,7 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   const MoeDims& d = c.d;
   const cuda::DType dtype = ToDType(d.x_type);
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
-  launcher.Run("zeroing staging", [&] {
-    return cudaMemsetAsync(c.own_staging, 0, sizeof(float) * c.own_tokens * d.slots * h, stream);
-  });
-  DeviceBarrier(c, me, &rank, &group, stream, launcher);
+  OpenCall(c, me, rank, group, stream, launcher);
   BuildWorkList(c, s.list, me.error, stream, launcher);
 
   // GEMM1: gather x rows from their sources, @ w_in[e], activation (gated: gate and up columns
@@ -691,16 +828,7 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   const MoeDims& d = c.d;
   const cuda::DType dtype = ToDType(d.x_type);
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
-  launcher.Run("zeroing staging", [&] {
-    return cudaMemsetAsync(c.own_staging, 0, sizeof(float) * c.own_tokens * d.slots * h, stream);
-  });
-  // Every (token, k) with a valid id is written by its expert's GPU; zero them anyway so a failed
-  // call leaves no uninitialised memory behind.
-  launcher.Run("zeroing d_expert_weights", [&] {
-    return cudaMemsetAsync(d_weights, 0, ffi::ByteWidth(d.weights_type) * c.own_tokens * d.k,
-                           stream);
-  });
-  DeviceBarrier(c, me, &rank, &group, stream, launcher);
+  OpenCall(c, me, rank, group, stream, launcher);
   BuildWorkList(c, s.list, me.error, stream, launcher);
 
   // h = x @ w_in[e], float32.
@@ -762,8 +890,14 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   launcher.Run("scatter_slots", [&] { return cuda::scatter_slots(dtype, scatter, stream); });
   DeviceBarrier(c, me, nullptr, nullptr, stream, launcher);
   launcher.Run("combine_slots", [&] {
-    return cuda::combine_slots(dtype, CombineOver(c, dx, d_weights), stream);
+    return cuda::combine_slots(dtype, CombineOver(c, dx, c.own_d_weights), stream);
   });
+  if (c.own_d_weights != d_weights)  // peers wrote them into this device's region
+    launcher.Run("copying d_expert_weights out of the region", [&] {
+      return cudaMemcpyAsync(d_weights, c.own_d_weights,
+                             ffi::ByteWidth(d.weights_type) * c.own_tokens * d.k,
+                             cudaMemcpyDeviceToDevice, stream);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -826,8 +960,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
-  if (ffi::Error err = CheckSingleProcess(attrs); err.failure()) return err;
-  if (ffi::Error err = CheckCudaLimits(call.d, emulated, plan_workers, plan_bounds,
+  if (ffi::Error err = CheckCudaLimits(call.d, attrs, plan_workers, plan_bounds,
                                        {x.untyped_data(), w_in.untyped_data(),
                                         w_out.untyped_data()});
       err.failure())
@@ -866,9 +999,8 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer 
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
-  if (ffi::Error err = CheckSingleProcess(attrs); err.failure()) return err;
   const MoeDims& d = call.d;
-  if (ffi::Error err = CheckCudaLimits(d, emulated, plan_workers, plan_bounds,
+  if (ffi::Error err = CheckCudaLimits(d, attrs, plan_workers, plan_bounds,
                                        {x.untyped_data(), dy.untyped_data(), w_in.untyped_data(),
                                         w_out.untyped_data()});
       err.failure())

@@ -34,6 +34,9 @@ struct PeerBuffers {
   float* staging = nullptr;       // [T, S, H]: peers accumulate this device's partial sums here
   void* d_weights = nullptr;      // [T, K], backward only: peers write d expert_weights here
   const HelpedGradients* helped = nullptr;  // backward only: owners read them after compute
+  // Peers in other processes, backward with helpers: [E_local, S - 1, H*G*F + F*H] float32,
+  // where the helper in plan slot s of local expert e writes its partial weight gradients.
+  float* partials = nullptr;
   // (T, H, K, F, E_local, E, dtype codes, activation): every peer must agree, checked after
   // the barrier.
   std::array<int64_t, 9> signature{};

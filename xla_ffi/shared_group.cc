@@ -27,21 +27,25 @@ void FutexWakeAll(std::atomic<uint32_t>* word) {
 }
 }  // namespace
 
-RegionLayout LayoutRegion(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
-                          int64_t x_bytes, int64_t weights_bytes, bool backward) {
+RegionLayout LayoutRegion(const RegionShape& s) {
   RegionLayout l;
   int64_t at = RoundUp(sizeof(RegionHeader));
-  auto take = [&](int64_t bytes) {
+  auto take = [&](bool exists, int64_t bytes) -> int64_t {
+    if (!exists) return -1;
     const int64_t offset = at;
     at += RoundUp(bytes);
     return offset;
   };
-  l.x = take(tokens * hidden * x_bytes);
-  l.ids = take(tokens * k * sizeof(int32_t));
-  l.weights = take(tokens * k * weights_bytes);
-  l.staging = take(tokens * slots * hidden * sizeof(float));
-  l.dy = backward ? take(tokens * hidden * x_bytes) : -1;
-  l.d_weights = backward ? take(tokens * k * weights_bytes) : -1;
+  const bool helpers = s.plan_slots > 1;
+  l.x = take(true, s.tokens * s.hidden * s.x_bytes);
+  l.ids = take(true, s.tokens * s.k * sizeof(int32_t));
+  l.weights = take(true, s.tokens * s.k * s.weights_bytes);
+  l.staging = take(true, s.tokens * s.slots * s.hidden * sizeof(float));
+  l.dy = take(s.backward, s.tokens * s.hidden * s.x_bytes);
+  l.d_weights = take(s.backward, s.tokens * s.k * s.weights_bytes);
+  l.w = take(helpers, s.experts_local * s.expert_elements * s.w_bytes);
+  l.partials = take(helpers && s.backward, s.experts_local * (s.plan_slots - 1) *
+                                               s.expert_elements * sizeof(float));
   l.bytes = at;
   return l;
 }

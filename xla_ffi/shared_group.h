@@ -18,14 +18,24 @@
 
 namespace ccf {
 
-// Byte offsets inside one device's region. `dy` and `d_weights` only exist backward (-1).
-struct RegionLayout {
-  int64_t x, ids, weights, dy, staging, d_weights, bytes;
+// The sizes a region depends on (item sizes in bytes).
+struct RegionShape {
+  int64_t tokens, hidden, k, slots, x_bytes, weights_bytes;
+  int64_t experts_local, expert_elements, w_bytes;  // expert_elements: H * G*F + F * H
+  int64_t plan_slots;  // S of the reassignment plan: S > 1 reserves room for helpers
+  bool backward;
 };
 
-// The region of a call with these sizes (item sizes in bytes). Python sizes workspaces with it.
-RegionLayout LayoutRegion(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
-                          int64_t x_bytes, int64_t weights_bytes, bool backward);
+// Byte offsets inside one device's region; -1 where a section does not exist. With a plan the
+// owner stages its experts' weights for helpers to read (`w`: w_in then w_out per expert), and
+// backward the helpers write their float32 partial weight gradients into the owner's region
+// (`partials` [E_local, S - 1, expert_elements]), which the owner sums in slot order.
+struct RegionLayout {
+  int64_t x, ids, weights, dy, staging, d_weights, w, partials, bytes;
+};
+
+// Python sizes workspaces with it too (`shared_region_bytes`).
+RegionLayout LayoutRegion(const RegionShape& s);
 
 struct RegionHeader {
   static constexpr int kPhases = static_cast<int>(Phase::kNumPhases);

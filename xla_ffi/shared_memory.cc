@@ -20,6 +20,13 @@ std::map<std::pair<int32_t, int32_t>, Segment>& Segments() {
   return *segments;
 }
 
+// Why (device, chunk) cannot be registered, or "". The caller holds segments_mu.
+std::string Taken(int32_t device, int32_t chunk) {
+  if (!Segments().count({device, chunk})) return {};
+  return "jax_ccfuser: workspace chunk " + std::to_string(chunk) + " of device " +
+         std::to_string(device) + " is already mapped";
+}
+
 std::string Failed(const char* what, const std::string& name) {
   return std::string("jax_ccfuser: ") + what + " shared-memory segment " + name + ": " +
          std::strerror(errno);
@@ -29,9 +36,7 @@ std::string Failed(const char* what, const std::string& name) {
 std::string MapSegment(const std::string& name, int64_t bytes, bool create, int32_t device,
                        int32_t chunk) {
   std::lock_guard<std::mutex> lock(segments_mu);
-  if (Segments().count({device, chunk}))
-    return "jax_ccfuser: workspace chunk " + std::to_string(chunk) + " of device " +
-           std::to_string(device) + " is already mapped";
+  if (std::string err = Taken(device, chunk); !err.empty()) return err;
   const int fd = shm_open(name.c_str(), create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
   if (fd < 0) return Failed(create ? "cannot create" : "cannot open", name);
   if (create && ftruncate(fd, bytes) != 0) {
@@ -50,6 +55,13 @@ std::string MapSegment(const std::string& name, int64_t bytes, bool create, int3
   close(fd);  // the mapping keeps the memory
   if (base == MAP_FAILED) return Failed("cannot map", name);
   Segments()[{device, chunk}] = Segment{static_cast<char*>(base), bytes, create};
+  return {};
+}
+
+std::string RegisterSegment(int32_t device, int32_t chunk, const Segment& segment) {
+  std::lock_guard<std::mutex> lock(segments_mu);
+  if (std::string err = Taken(device, chunk); !err.empty()) return err;
+  Segments()[{device, chunk}] = segment;
   return {};
 }
 

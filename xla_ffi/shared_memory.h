@@ -25,6 +25,10 @@ std::string MapSegment(const std::string& name, int64_t bytes, bool create, int3
 // Removes the name; the memory stays mapped wherever it is. Returns "" or why not.
 std::string UnlinkSegment(const std::string& name);
 
+// Registers a mapping made elsewhere as (device, chunk), in the registry MapSegment fills: the
+// CUDA IPC workspaces (ipc_memory.h), whose `base` is GPU memory. Returns "" or why not.
+std::string RegisterSegment(int32_t device, int32_t chunk, const Segment& segment);
+
 // The mapping of (device, chunk), or nullptr.
 const Segment* FindSegment(int32_t device, int32_t chunk);
 

@@ -1,0 +1,112 @@
+#include "xla_ffi/ipc_memory.h"
+
+#include "cuda/config.cuh"
+#include "xla_ffi/shared_memory.h"
+
+namespace ccf {
+
+namespace {
+
+std::string Failed(const std::string& what, cudaError_t status) {
+  return "jax_ccfuser: " + what + " failed: " + cudaGetErrorName(status) + " (" +
+         cudaGetErrorString(status) + ")";
+}
+
+// Makes GPU `ordinal` current for the scope: these run on a Python thread, whose current GPU is
+// someone else's choice.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int ordinal) {
+    status_ = cudaGetDevice(&previous_);
+    if (status_ == cudaSuccess && previous_ != ordinal) {
+      status_ = cudaSetDevice(ordinal);
+      restore_ = status_ == cudaSuccess;
+    }
+  }
+  ~DeviceGuard() {
+    if (restore_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+  cudaError_t status() const { return status_; }
+
+ private:
+  int previous_ = 0;
+  bool restore_ = false;
+  cudaError_t status_;
+};
+
+int64_t RoundUp(int64_t n) {
+  return (n + cuda::kWorkspaceAlignment - 1) / cuda::kWorkspaceAlignment *
+         cuda::kWorkspaceAlignment;
+}
+
+}  // namespace
+
+std::string IpcAllocate(int ordinal, int64_t bytes, int32_t device, int32_t chunk,
+                        cudaIpcMemHandle_t* handle) {
+  const DeviceGuard guard(ordinal);
+  if (guard.status() != cudaSuccess)
+    return Failed("selecting GPU " + std::to_string(ordinal), guard.status());
+  void* base = nullptr;
+  if (cudaError_t st = cudaMalloc(&base, bytes); st != cudaSuccess)
+    return Failed("allocating a " + std::to_string(bytes) + "-byte workspace chunk on GPU " +
+                      std::to_string(ordinal),
+                  st);
+  // The barrier flags and counts in the chunk's regions start at zero. Zeroed on a stream of its
+  // own, so nothing XLA has enqueued on the GPU is waited for.
+  cudaStream_t stream = nullptr;
+  cudaError_t st = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  if (st == cudaSuccess) st = cudaMemsetAsync(base, 0, bytes, stream);
+  if (st == cudaSuccess) st = cudaStreamSynchronize(stream);
+  if (stream != nullptr) cudaStreamDestroy(stream);
+  if (st == cudaSuccess) st = cudaIpcGetMemHandle(handle, base);
+  std::string err =
+      st == cudaSuccess
+          ? RegisterSegment(device, chunk, Segment{static_cast<char*>(base), bytes, true})
+          : Failed("zeroing and exporting a workspace chunk on GPU " + std::to_string(ordinal),
+                   st);
+  if (!err.empty()) cudaFree(base);
+  return err;
+}
+
+std::string IpcOpen(int ordinal, const cudaIpcMemHandle_t& handle, int64_t bytes, int32_t device,
+                    int32_t chunk) {
+  const DeviceGuard guard(ordinal);
+  if (guard.status() != cudaSuccess)
+    return Failed("selecting GPU " + std::to_string(ordinal), guard.status());
+  void* base = nullptr;
+  // The chunk lives on another GPU (or on this one, emulating): its kernels read it peer to peer.
+  if (cudaError_t st = cudaIpcOpenMemHandle(&base, handle, cudaIpcMemLazyEnablePeerAccess);
+      st != cudaSuccess)
+    return Failed("opening workspace chunk " + std::to_string(chunk) + " of device " +
+                      std::to_string(device) + " on GPU " + std::to_string(ordinal),
+                  st);
+  std::string err = RegisterSegment(device, chunk, Segment{static_cast<char*>(base), bytes, false});
+  if (!err.empty()) cudaIpcCloseMemHandle(base);  // reopening a handle only took a reference
+  return err;
+}
+
+IpcRegionLayout LayoutIpcRegion(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
+                                int64_t x_bytes, int64_t weights_bytes, bool backward) {
+  IpcRegionLayout l;
+  int64_t at = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t offset = at;
+    at += RoundUp(bytes);
+    return offset;
+  };
+  l.signals = take(sizeof(uint64_t) * cuda::kMaxPeers);
+  l.passed = take(sizeof(uint64_t));
+  l.x = take(tokens * hidden * x_bytes);
+  l.ids = take(tokens * k * sizeof(int32_t));
+  l.weights = take(tokens * k * weights_bytes);
+  l.staging = take(tokens * slots * hidden * sizeof(float));
+  l.dy = backward ? take(tokens * hidden * x_bytes) : -1;
+  l.d_weights = backward ? take(tokens * k * weights_bytes) : -1;
+  l.bytes = at;
+  return l;
+}
+
+}  // namespace ccf

@@ -1,0 +1,43 @@
+// Workspaces shared between the processes of one host on GPU: the CUDA counterpart of
+// shared_memory.h. The process that runs a device allocates each of its chunks in that GPU's
+// memory and hands out a CUDA IPC handle; Python passes the handles through jax.distributed's
+// key-value store, and every other process of the host opens them. Both end up in the registry
+// of shared_memory.h as (device, chunk), so the handler finds a peer's region as the CPU one does.
+// Mappings last as long as the process: compiled programs keep referring to them.
+//
+// An opened mapping is read by the GPU it was opened on, and the registry holds one mapping per
+// (device, chunk): a process that runs a device of a group spanning processes runs that group's
+// rank alone (one process per GPU), and opens its peers' chunks on that GPU.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <cuda_runtime.h>
+
+namespace ccf {
+
+// Allocates a zeroed `bytes` buffer on local GPU `ordinal` as (device, chunk)'s workspace and
+// stores its IPC handle in `handle`. Returns "" or why not.
+std::string IpcAllocate(int ordinal, int64_t bytes, int32_t device, int32_t chunk,
+                        cudaIpcMemHandle_t* handle);
+
+// Opens another process's `bytes` workspace chunk (device, chunk) from its `handle`, on local GPU
+// `ordinal`. Returns "" or why not.
+std::string IpcOpen(int ordinal, const cudaIpcMemHandle_t& handle, int64_t bytes, int32_t device,
+                    int32_t chunk);
+
+// Byte offsets inside one device's region of a call site; `dy` and `d_weights` only exist
+// backward (-1). Its own layout, not shared_group.h's: the barriers are the device barrier's
+// flags (cuda/signal.cu), which peers write, and the count of barriers the device has passed.
+struct IpcRegionLayout {
+  int64_t signals;  // uint64 [kMaxPeers]: flag r is written by rank r
+  int64_t passed;   // uint64: barriers this device has passed at the call site
+  int64_t x, ids, weights, staging, dy, d_weights, bytes;
+};
+
+// The region of a call with these sizes (item sizes in bytes). Python sizes workspaces with it.
+IpcRegionLayout LayoutIpcRegion(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
+                                int64_t x_bytes, int64_t weights_bytes, bool backward);
+
+}  // namespace ccf
