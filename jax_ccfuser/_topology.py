@@ -94,6 +94,12 @@ def _group_devices(axis_name) -> np.ndarray:
   return devices.reshape(-1, d)
 
 
+def _uniform_blocks(table: np.ndarray, size: int) -> bool:
+  """Whether each block of `size` consecutive ranks of every group (row) holds one value."""
+  blocks = table.reshape(table.shape[0], -1, size)
+  return bool((blocks == blocks[..., :1]).all())
+
+
 def split(axis_name, num_devices: int) -> Split:
   """How a call over `axis_name` (D = `num_devices`) spans hosts and processes."""
   if axis_name is None or jax.process_count() == 1:
@@ -102,9 +108,8 @@ def split(axis_name, num_devices: int) -> Split:
   processes = np.vectorize(lambda dev: dev.process_index)(devices)
   hosts = _process_hosts(transport_in_force())[processes]
   # The largest block of consecutive ranks on one host, alike in every group.
-  per_host = max(size for size in range(1, num_devices + 1) if num_devices % size == 0 and
-                 (hosts.reshape(len(hosts), -1, size) == hosts.reshape(len(hosts), -1, size)[..., :1]).all())
-  blocks = processes.reshape(len(processes), -1, per_host)
-  shared = bool((blocks != blocks[..., :1]).any())
+  per_host = max(size for size in range(1, num_devices + 1)
+                 if num_devices % size == 0 and _uniform_blocks(hosts, size))
+  shared = not _uniform_blocks(processes, per_host)
   ids = tuple(int(dev.id) for dev in devices.flat) if shared else ()
   return Split(num_devices // per_host, per_host, shared, ids)
