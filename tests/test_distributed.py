@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 import jax_ccfuser as ccf
@@ -93,6 +94,15 @@ def test_matches_reference_in_every_grouping(hosts, paths):
     assert f"expert_ids[3, 1] = {e + 5} on device 0 is outside [0, {e})" in r["bad_id"], r
   # Every segment was unlinked once mapped: nothing is left behind.
   assert _segments() <= before
+
+
+def test_optax_training_runs_unchanged_across_processes():
+  # models/: the Flax LM and its Optax loop, only the mesh now spans two processes.
+  for r in _checked(run(["a", "a"], scenario="train")):
+    losses = r["losses"]
+    assert losses["fused_calls"] > 0
+    np.testing.assert_allclose(losses["fused"], losses["all_to_all"], rtol=1e-5)
+    assert len(losses["fused"]) == 3 and all(np.isfinite(losses["fused"]))
 
 
 def test_bfloat16_across_hosts_and_processes():
