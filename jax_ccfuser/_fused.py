@@ -38,20 +38,27 @@ class _Static(NamedTuple):
   # Valid ids are [0, num_experts); a group computes the first num_devices * E_local of them
   # (a host of a call across hosts sees its own experts first) and skips the others.
   num_experts: int
-  # Peers in other processes: every group's devices [G * D]; () when they share this process.
+  # Peers in other processes: every group's devices [G * D] and their platform; () when they
+  # share this process.
   devices: tuple = ()
+  platform: str = ""
   plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
 
   def attrs(self, backward: bool, x, ids, weights, w_in, w_out):
     workspace, offset = -1, 0
     if self.devices:
       t, k = ids.shape
-      nbytes = _extension.cpu.shared_region_bytes(
-          tokens=t, hidden=x.shape[1], k=k, slots=_slots(self, k), x_bytes=x.dtype.itemsize,
-          weights_bytes=weights.dtype.itemsize, experts_local=w_out.shape[0],
-          expert_elements=w_in[0].size + w_out[0].size, w_bytes=w_in.dtype.itemsize,
-          plan_slots=self.plan_slots, backward=backward)
-      workspace, offset = _workspace.region((self.site, backward), nbytes, self.timeout_ms)
+      shape = dict(tokens=t, hidden=x.shape[1], k=k, slots=_slots(self, k),
+                   x_bytes=x.dtype.itemsize, weights_bytes=weights.dtype.itemsize,
+                   backward=backward)
+      if self.platform == "cpu":
+        nbytes = _extension.cpu.shared_region_bytes(
+            **shape, experts_local=w_out.shape[0], expert_elements=w_in[0].size + w_out[0].size,
+            w_bytes=w_in.dtype.itemsize, plan_slots=self.plan_slots)
+      else:  # the CUDA handler refuses plans with helpers across processes
+        nbytes = _extension.cuda.shared_region_bytes(**shape)
+      workspace, offset = _workspace.region((self.site, backward), nbytes, self.timeout_ms,
+                                            self.platform)
     return dict(site=np.uint64(2 * self.site + backward), num_devices=np.int32(self.num_devices),
                 emulated=np.int32(self.emulated),
                 activation=np.int32(_ACTIVATION_CODES[self.activation]),
@@ -212,7 +219,7 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
                    num_experts=dims.num_experts, devices=split.devices,
-                   plan_slots=workers.shape[1])
+                   platform=split.platform, plan_slots=workers.shape[1])
   rank, group = _position(axis_name)
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 
@@ -242,7 +249,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, *, axis_name, acti
   workers, bounds = identity_workers(per_host * e_local, per_host)
   static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
-                   num_experts=num_experts, devices=split.devices)
+                   num_experts=num_experts, devices=split.devices, platform=split.platform)
   partial = _fused(static, gather(x), ids, gather(expert_weights), w_in, w_out, workers, bounds,
                    rank % per_host, group * n + block)
   back = jax.lax.all_to_all(partial.reshape(n, t, h), axis_name, 0, 0,

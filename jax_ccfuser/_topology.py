@@ -28,12 +28,13 @@ class Split(NamedTuple):
   Ranks `[b * per_host, (b + 1) * per_host)` of every group share a host (block b); blocks
   exchange rows through collectives. `devices` lists the global device ids of every block,
   `[G * num_hosts * per_host]` in (group, block, rank in block) order, where blocks span
-  processes (`shared`), and is empty otherwise.
+  processes (`shared`), and is empty otherwise; `platform` is theirs ("cpu" or "gpu").
   """
   num_hosts: int
   per_host: int
   shared: bool
   devices: tuple
+  platform: str = ""
 
 
 def key_value_client():
@@ -112,4 +113,4 @@ def split(axis_name, num_devices: int) -> Split:
                  if num_devices % size == 0 and _uniform_blocks(hosts, size))
   shared = not _uniform_blocks(processes, per_host)
   ids = tuple(int(dev.id) for dev in devices.flat) if shared else ()
-  return Split(num_devices // per_host, per_host, shared, ids)
+  return Split(num_devices // per_host, per_host, shared, ids, devices.flat[0].platform)

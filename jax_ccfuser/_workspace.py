@@ -1,13 +1,16 @@
-"""Shared-memory workspaces: one per device, mapped by every process of its host.
+"""Shared workspaces: one per device, mapped by every process of its host.
 
 A call site whose peers live in other processes of the host gets a region at the same offset of
 every device's workspace when it is traced (every process traces the same program in the same
 order, so they agree on it without talking). A workspace grows in chunks: each new chunk is
-created by the processes that run the devices, mapped by the other processes of the host once
-`jax.distributed`'s key-value store says it exists, and unlinked as soon as every process has
-mapped it, so the kernel frees it when the last process exits, however it exits. Names carry the
+created by the process that runs the device and mapped by the other processes of the host once
+`jax.distributed`'s key-value store says it exists.
+
+On CPU a chunk is a POSIX shared-memory segment, unlinked as soon as every process has mapped
+it, so the kernel frees it when the last process exits, however it exits. Names carry the
 creating process id: one left behind by a process that died while a chunk was being set up is
-removed by the next process that starts one, or exits.
+removed by the next process that sets one up, or exits. On GPU a chunk is device memory shared
+through its CUDA IPC handle, which the key-value store carries.
 """
 
 import atexit
@@ -62,8 +65,8 @@ def sweep(own: bool = False) -> None:
       _extension.cpu.unlink_segment("/" + entry.name)
 
 
-class _Workspaces:
-  """This process's view of the job's workspaces: chunks and the regions handed out in them."""
+class _Job:
+  """What every process of the job agrees on once: a name, process ids, who shares the host."""
 
   def __init__(self, timeout_ms: int):
     sweep()
@@ -71,11 +74,18 @@ class _Workspaces:
     client = key_value_client()
     if jax.process_index() == 0:
       client.key_value_set("jax_ccfuser/job", secrets.token_hex(4))
-    self.job = client.blocking_key_value_get("jax_ccfuser/job", timeout_ms)
-    self.pids = [int(p) for p in exchange(f"{self.job}/pid", str(os.getpid()), timeout_ms)]
+    self.name = client.blocking_key_value_get("jax_ccfuser/job", timeout_ms)
+    self.pids = [int(p) for p in exchange(f"{self.name}/pid", str(os.getpid()), timeout_ms)]
     hosts = host_names()
     mine = hosts[jax.process_index()]
     self.neighbours = [p for p, h in enumerate(hosts) if h == mine and p != jax.process_index()]
+
+
+class _Workspaces:
+  """This process's view of one platform's workspaces: chunks and the regions handed out."""
+
+  def __init__(self, job: _Job, platform: str):
+    self.job, self.platform = job, platform
     self.chunks = []  # bytes of each
     self.used = 0     # of the last chunk
     self.regions = {}
@@ -85,15 +95,24 @@ class _Workspaces:
     if key not in self.regions:
       nbytes = -(-nbytes // _ALIGN) * _ALIGN
       if not self.chunks or self.used + nbytes > self.chunks[-1]:
-        self._grow(max(nbytes, 2 * (self.chunks[-1] if self.chunks else 0), _MIN_CHUNK),
-                   timeout_ms)
+        size = max(nbytes, 2 * (self.chunks[-1] if self.chunks else 0), _MIN_CHUNK)
+        grow = self._grow_shared_memory if self.platform == "cpu" else self._grow_ipc
+        grow(len(self.chunks), size, timeout_ms)
+        self.chunks.append(size)
+        self.used = 0
       self.regions[key] = (len(self.chunks) - 1, self.used)
       self.used += nbytes
     return self.regions[key]
 
-  def _grow(self, nbytes: int, timeout_ms: int) -> None:
-    chunk = len(self.chunks)
-    local = [d.id for d in jax.local_devices()]
+  def _barrier(self, chunk: int, step: str, timeout_ms: int) -> None:
+    key_value_client().wait_at_barrier(
+        f"jax_ccfuser/{self.job.name}/{self.platform}/{chunk}/{step}", timeout_ms)
+
+  def _neighbour_devices(self):
+    return [d for d in jax.devices(self.platform) if d.process_index in self.job.neighbours]
+
+  def _grow_shared_memory(self, chunk: int, nbytes: int, timeout_ms: int) -> None:
+    local = [d.id for d in jax.local_devices(backend=self.platform)]
     free = os.statvfs(_SHM).f_bavail * os.statvfs(_SHM).f_frsize if os.path.isdir(_SHM) else 0
     if free < nbytes * len(local):
       raise RuntimeError(
@@ -103,21 +122,37 @@ class _Workspaces:
     created = []
     try:
       for device in local:
-        name = "/" + _name(os.getpid(), self.job, device, chunk)
+        name = "/" + _name(os.getpid(), self.job.name, device, chunk)
         _check(_extension.cpu.map_segment(name, nbytes, True, device, chunk))
         created.append(name)
-      client = key_value_client()
-      client.wait_at_barrier(f"jax_ccfuser/{self.job}/{chunk}/created", timeout_ms)
-      for p in self.neighbours:
-        for device in (d.id for d in jax.devices() if d.process_index == p):
-          _check(_extension.cpu.map_segment("/" + _name(self.pids[p], self.job, device, chunk),
-                                            nbytes, False, device, chunk))
-      client.wait_at_barrier(f"jax_ccfuser/{self.job}/{chunk}/mapped", timeout_ms)
+      self._barrier(chunk, "created", timeout_ms)
+      for d in self._neighbour_devices():
+        name = "/" + _name(self.job.pids[d.process_index], self.job.name, d.id, chunk)
+        _check(_extension.cpu.map_segment(name, nbytes, False, d.id, chunk))
+      self._barrier(chunk, "mapped", timeout_ms)
     finally:
       for name in created:
         _extension.cpu.unlink_segment(name)
-    self.chunks.append(nbytes)
-    self.used = 0
+
+  def _grow_ipc(self, chunk: int, nbytes: int, timeout_ms: int) -> None:
+    """CUDA IPC: the owner's allocation, its handle through the key-value store (compiled, not
+    yet run on a GPU: see cuda/api.cuh)."""
+    local = jax.local_devices(backend=self.platform)
+    if len(local) != 1:
+      raise NotImplementedError(
+          "fused_moe across processes of a host on GPU needs one GPU per process (CUDA IPC "
+          f"workspaces); this process drives {len(local)}: use "
+          "jax_ccfuser.transport('collectives')")
+    cuda, client, mine = _extension.cuda, key_value_client(), local[0]
+    key = lambda device: f"jax_ccfuser/{self.job.name}/ipc/{chunk}/{device}"
+    handle, error = cuda.ipc_allocate(mine.local_hardware_id, nbytes, mine.id, chunk)
+    _check(error)
+    client.key_value_set_bytes(key(mine.id), handle)
+    for d in self._neighbour_devices():
+      _check(cuda.ipc_open(mine.local_hardware_id,
+                           client.blocking_key_value_get_bytes(key(d.id), timeout_ms), nbytes,
+                           d.id, chunk))
+    self._barrier(chunk, "opened", timeout_ms)
 
 
 def _check(error: str) -> None:
@@ -125,14 +160,17 @@ def _check(error: str) -> None:
     raise RuntimeError(error)
 
 
-_workspaces = None
+_job = None
+_workspaces = {}
 _lock = threading.Lock()  # tracing may run in several threads
 
 
-def region(key, nbytes: int, timeout_ms: int):
-  """The `(chunk, offset)` of call site `key` in every device's workspace (see module doc)."""
-  global _workspaces
+def region(key, nbytes: int, timeout_ms: int, platform: str):
+  """The `(chunk, offset)` of call site `key` in every `platform` device's workspace."""
+  global _job
   with _lock:
-    if _workspaces is None:
-      _workspaces = _Workspaces(timeout_ms)
-    return _workspaces.region(key, nbytes, timeout_ms)
+    if _job is None:
+      _job = _Job(timeout_ms)
+    if platform not in _workspaces:
+      _workspaces[platform] = _Workspaces(_job, platform)
+    return _workspaces[platform].region(key, nbytes, timeout_ms)

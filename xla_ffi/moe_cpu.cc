@@ -138,9 +138,11 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
     return InvalidArgument("group " + std::to_string(group) + " outside the device table");
   const bool backward = own.dy != nullptr;
   const int64_t w_bytes = ffi::ByteWidth(d.w_type);
-  const RegionLayout at = LayoutRegion(
-      {d.tokens, d.hidden, d.k, d.slots, ffi::ByteWidth(d.x_type), ffi::ByteWidth(d.weights_type),
-       d.experts_local, ExpertElements(d), w_bytes, plan.num_slots, backward});
+  const RegionLayout at = LayoutRegion({d.tokens, d.hidden, d.k, d.slots,
+                                        static_cast<int64_t>(ffi::ByteWidth(d.x_type)),
+                                        static_cast<int64_t>(ffi::ByteWidth(d.weights_type)),
+                                        d.experts_local, ExpertElements(d), w_bytes,
+                                        plan.num_slots, backward});
   std::vector<RegionHeader*> headers;
   peers->concurrent = 0;
   for (int64_t r = 0; r < n; ++r) {

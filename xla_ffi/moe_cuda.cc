@@ -237,8 +237,6 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
                            std::to_string(d.num_experts()) + "; got " + ShapeString(workers) +
                            " and " + ShapeString(bounds));
   // The plan lives on the device: its helper slots are what the host can see of its helpers.
-  if (w[1] != 1 && attrs.workspace >= 0)
-    return InvalidArgument("reassignment plans with helpers do not run across processes yet");
   if (w[1] != 1)
     return Unimplemented("reassignment plans (helper slots: workers " + ShapeString(workers) +
                          ") are not implemented on GPU yet; call fused_moe with plan=None");
