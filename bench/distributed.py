@@ -8,8 +8,8 @@ side, round-robin, in the same rounds:
     direct reads within each);
   - `all_to_all` and `all_to_all_cf1.25`: the baseline (gloo all_to_all), dropless and capped;
   - `roof`: a dense matmul of the layer's useful FLOPs per device.
-Writes `bench/results/distributed-cpu.json` and rewrites README.md between
-`<!-- distributed:start -->` and `<!-- distributed:end -->`.
+Writes `bench/results/distributed-cpu.json` and `distributed-cpu.png` and rewrites README.md
+between `<!-- distributed:start -->` and `<!-- distributed:end -->`.
 """
 
 import argparse
@@ -101,6 +101,27 @@ def measure(config, samples: int, timeout_s: float = 1200) -> dict:
   return record
 
 
+def plot(rec: dict, path) -> None:
+  """A bar per implementation (forward+backward ms), the roof as a line."""
+  from bench.report import plt
+  t = rec["fwd_bwd_ms"]
+  names = [n for n in t if n != "roof"]
+  fig, ax = plt.subplots(figsize=(6.4, 3.4))
+  ax.barh(names, [t[n] for n in names], color=["C0" if n.startswith("fused") else "C7"
+                                              for n in names])
+  ax.axvline(t["roof"], color="k", ls="--", lw=1, label=f"roof {t['roof']:.0f} ms")
+  ax.set_xscale("log")
+  ax.set_xlabel("forward+backward ms (median)")
+  ax.invert_yaxis()
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis="x")
+  fig.suptitle(f"{rec['processes']} processes x {rec['devices_per_process']} CPU devices, "
+               f"commit {rec['commit']}", fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def section(rec: dict) -> str:
   c, t = rec["config"], rec["fwd_bwd_ms"]
   baseline = t["all_to_all_cf1.25"]
@@ -111,6 +132,8 @@ def section(rec: dict) -> str:
       f"{rec['devices_per_process']} simulated CPU devices, one expert-parallel axis of "
       f"{c['devices']}; float32, T={c['tokens']} per device, H={c['hidden']}, F={c['ffn']}, "
       f"E={c['experts']}, K={c['k']}; forward+backward, {rec['samples']} samples each.",
+      "",
+      "![forward+backward time per implementation](bench/results/distributed-cpu.png)",
       "",
       "| implementation | ms | vs all_to_all cf 1.25 | roof / time |",
       "|---|---|---|---|",
@@ -143,6 +166,7 @@ def main(argv=None) -> dict:
   print(json.dumps(rec))
   out = pathlib.Path(args.out) if args.out else records.RESULTS_DIR
   (out / "distributed-cpu.json").write_text(json.dumps(rec, indent=1))
+  plot(rec, out / "distributed-cpu.png")
   if args.out is None:
     report.README.write_text(report.rewrite_readme(
         report.README.read_text(), section(rec), start=START, end=END,

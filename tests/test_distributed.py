@@ -170,6 +170,7 @@ def test_bench_runs_across_processes(tmp_path):
   from bench import distributed
   rec = distributed.main(["--tokens", "16", "--samples", "1", "--out", str(tmp_path)])
   assert json.loads((tmp_path / "distributed-cpu.json").read_text()) == rec
+  assert (tmp_path / "distributed-cpu.png").stat().st_size > 0
   assert set(rec["fwd_bwd_ms"]) == {"fused_shared_memory", "fused_collectives", "all_to_all",
                                     "all_to_all_cf1.25", "roof"}
   assert all(ms > 0 for ms in rec["fwd_bwd_ms"].values()) and rec["samples"] == 1
