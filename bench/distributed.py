@@ -110,7 +110,11 @@ def plot(rec: dict, path) -> None:
   ax.barh(names, [t[n] for n in names], color=["C0" if n.startswith("fused") else "C7"
                                               for n in names])
   ax.axvline(t["roof"], color="k", ls="--", lw=1, label=f"roof {t['roof']:.0f} ms")
+  for y, name in enumerate(names):
+    ax.text(t[name], y, f" {t[name]:.0f} ms", va="center", fontsize=8)
   ax.set_xscale("log")
+  ax.set_xlim(0.5 * t["roof"], 3 * max(t.values()))
+  ax.xaxis.set_minor_formatter(plt.NullFormatter())
   ax.set_xlabel("forward+backward ms (median)")
   ax.invert_yaxis()
   ax.legend(fontsize=8)
