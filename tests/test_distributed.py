@@ -129,6 +129,13 @@ def test_a_crashed_process_gives_the_others_an_error_after_the_timeout():
   assert not {s for s in _segments() if s.split(".")[1] in pids}
 
 
+def test_a_crashed_host_breaks_the_collectives_at_once():
+  # Across hosts the rows travel by gloo, whose connections to the dead process fail.
+  (code0, survivor, err), (code1, _, _) = run(["a", "b"], scenario="crash")
+  assert code1 == 17 and code0 == 0, err[-3000:]
+  assert "Gloo" in survivor["error"] and survivor["waited_s"] < 60
+
+
 def test_segments_of_dead_processes_are_swept():
   # A process that dies while a workspace chunk is being set up leaves its name behind; the
   # next process that sets one up removes it.
