@@ -209,13 +209,10 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
   split = _topology.split(axis_name, dims.num_devices)
-  if split.num_hosts > 1:
-    if plan is not None:
-      raise NotImplementedError("reassignment plans do not run across hosts yet (helpers would "
-                                "read weights on another host); call fused_moe with plan=None")
-    return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, axis_name=axis_name,
-                         activation=activation, split=split)
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
+  if split.num_hosts > 1:
+    return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
+                         axis_name=axis_name, activation=activation, split=split)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
                    num_experts=dims.num_experts, devices=split.devices,
@@ -224,14 +221,17 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 
 
-def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, *, axis_name, activation, split):
+def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *, axis_name,
+                  activation, split):
   """`fused_moe` over several hosts: collectives between hosts, shared memory within each.
 
   Every token goes to every host of its group once (an `all_gather` over the devices with the
   same rank in each host's block: with static shapes that is the worst case of a dropless
   dispatch, and far less than the `[D, T*K]` of a dropless `all_to_all`). Each host runs the
   custom calls over its own devices for the pairs of its own experts, and an `all_to_all`
-  hands each token's per-host partial sums back, summed in host order.
+  hands each token's per-host partial sums back, summed in host order. A reassignment plan
+  (`reassign` keeps helpers on their expert's host) runs as each host's part of it: a slot's
+  rows are then counted in the host's own order, which splits them differently but as evenly.
   """
   n, per_host = split.num_hosts, split.per_host
   t, h = x.shape
@@ -246,10 +246,14 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, *, axis_name, acti
   # Rotate so this host's experts come first; out-of-range ids stay as they are, to be reported.
   valid = (ids >= 0) & (ids < num_experts)
   ids = jnp.where(valid, (ids - block * per_host * e_local) % num_experts, ids)
-  workers, bounds = identity_workers(per_host * e_local, per_host)
+  here = per_host * e_local
+  workers = jax.lax.dynamic_slice_in_dim(workers, block * here, here)
+  workers = jnp.where(workers >= 0, workers - block * per_host, -1)
+  bounds = jax.lax.dynamic_slice_in_dim(bounds, block * here, here)
   static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
-                   num_experts=num_experts, devices=split.devices, platform=split.platform)
+                   num_experts=num_experts, devices=split.devices, platform=split.platform,
+                   plan_slots=workers.shape[1])
   partial = _fused(static, gather(x), ids, gather(expert_weights), w_in, w_out, workers, bounds,
                    rank % per_host, group * n + block)
   back = jax.lax.all_to_all(partial.reshape(n, t, h), axis_name, 0, 0,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ccfuser import _topology
 from jax_ccfuser._validation import axis_size, check_num_experts
 
 
@@ -118,7 +119,8 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
     expert_ids: `[T, K]` int32, this device's routing.
     num_experts: E, a multiple of the axis size D.
     axis_name: the expert-parallel mesh axis, or `None` (one device: nothing to move).
-    max_helpers: the most devices that may help one expert (S); default D - 1.
+    max_helpers: the most devices that may help one expert (S); default D - 1. Across hosts
+      only the devices of the expert's host help (at most their number - 1).
     threshold: nothing moves from a device whose load is at most `threshold` times the mean.
     tile: helpers' slices are whole multiples of this many rows (the kernels' tile).
     previous: a plan from an earlier step; its slices (as fractions of each expert's rows) are
@@ -146,7 +148,18 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   counts = _expert_counts(expert_ids, num_experts, axis_name)
   owner = jnp.arange(num_experts, dtype=jnp.int32) // experts_local
   loads_before = jnp.zeros(num_devices, jnp.int32).at[owner].add(counts)
-  workers, sizes = _balance(counts, num_devices, max_helpers, threshold, tile)
+  split = _topology.split(axis_name, num_devices)
+  if split.num_hosts > 1:
+    # A helper reads the owner's weights from memory: only devices of the owner's host can help,
+    # so each host balances its own experts.
+    max_helpers = min(max_helpers, split.per_host - 1)
+    workers, sizes = jax.vmap(lambda c: _balance(c, split.per_host, max_helpers, threshold, tile))(
+        counts.reshape(split.num_hosts, -1))
+    first = (jnp.arange(split.num_hosts, dtype=jnp.int32) * split.per_host)[:, None, None]
+    workers = jnp.where(workers >= 0, workers + first, -1).reshape(num_experts, -1)
+    sizes = sizes.reshape(num_experts, -1)
+  else:
+    workers, sizes = _balance(counts, num_devices, max_helpers, threshold, tile)
   if previous is not None:
     if previous.workers.shape != workers.shape:
       raise ValueError(f"previous plan has shape {previous.workers.shape}, this one "
