@@ -235,8 +235,8 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *
   """
   n, per_host = split.num_hosts, split.per_host
   t, h = x.shape
-  e_local = w_out.shape[0]
-  num_experts = n * per_host * e_local
+  here = per_host * w_out.shape[0]  # experts per host
+  num_experts = n * here
   same_place = [[b * per_host + r for b in range(n)] for r in range(per_host)]
   gather = lambda a: jax.lax.all_gather(a, axis_name, axis_index_groups=same_place).reshape(
       (n * t,) + a.shape[1:])
@@ -245,8 +245,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *
   ids = gather(expert_ids)
   # Rotate so this host's experts come first; out-of-range ids stay as they are, to be reported.
   valid = (ids >= 0) & (ids < num_experts)
-  ids = jnp.where(valid, (ids - block * per_host * e_local) % num_experts, ids)
-  here = per_host * e_local
+  ids = jnp.where(valid, (ids - block * here) % num_experts, ids)
   workers = jax.lax.dynamic_slice_in_dim(workers, block * here, here)
   workers = jnp.where(workers >= 0, workers - block * per_host, -1)
   bounds = jax.lax.dynamic_slice_in_dim(bounds, block * here, here)
