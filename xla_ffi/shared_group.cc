@@ -18,7 +18,9 @@ int64_t RoundUp(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 // Not FUTEX_PRIVATE: the word lives in memory shared with other processes.
 void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::nanoseconds wait) {
-  timespec ts{static_cast<time_t>(wait.count() / 1000000000), static_cast<long>(wait.count() % 1000000000)};
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(wait);
+  timespec ts{static_cast<time_t>(seconds.count()),
+              static_cast<long>((wait - seconds).count())};
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &ts, nullptr, 0);
 }
 
