@@ -99,12 +99,8 @@ IpcRegionLayout LayoutIpcRegion(int64_t tokens, int64_t hidden, int64_t k, int64
   };
   l.signals = take(sizeof(uint64_t) * cuda::kMaxPeers);
   l.passed = take(sizeof(uint64_t));
-  l.x = take(tokens * hidden * x_bytes);
-  l.ids = take(tokens * k * sizeof(int32_t));
-  l.weights = take(tokens * k * weights_bytes);
-  l.staging = take(tokens * slots * hidden * sizeof(float));
-  l.dy = backward ? take(tokens * hidden * x_bytes) : -1;
-  l.d_weights = backward ? take(tokens * k * weights_bytes) : -1;
+  l.operands = LayoutOperands(tokens, hidden, k, slots, x_bytes, weights_bytes, backward,
+                              cuda::kWorkspaceAlignment, &at);
   l.bytes = at;
   return l;
 }

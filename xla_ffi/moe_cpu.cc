@@ -134,8 +134,6 @@ ffi::Error ConnectInProcess(const CallAttrs& attrs, const MoeDims& d, int32_t ra
 ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank, int32_t group,
                          const PeerBuffers& own, const PlanView& plan, Peers* peers) {
   const int64_t n = d.num_devices;
-  if (group < 0 || (group + 1) * n > static_cast<int64_t>(attrs.devices.size()))
-    return InvalidArgument("group " + std::to_string(group) + " outside the device table");
   const bool backward = own.dy != nullptr;
   const int64_t w_bytes = ffi::ByteWidth(d.w_type);
   const RegionLayout at = LayoutRegion({d.tokens, d.hidden, d.k, d.slots,
@@ -146,28 +144,13 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
   std::vector<RegionHeader*> headers;
   peers->concurrent = 0;
   for (int64_t r = 0; r < n; ++r) {
-    const int32_t device = attrs.devices[group * n + r];
-    const Segment* seg = FindSegment(device, attrs.workspace);
-    if (!seg || (r == rank && !seg->owned))
-      return ffi::Error::Internal(
-          "jax_ccfuser: device " + std::to_string(device) + " (rank " + std::to_string(r) +
-          ") has no shared workspace " + (seg ? "owned by" : "mapped in") +
-          " this process; the mesh the call was traced for places devices differently (pass "
-          "it with jax.set_mesh)");
-    if (attrs.workspace_offset + at.bytes > seg->bytes)
-      return ffi::Error::Internal("jax_ccfuser: call site region exceeds the shared workspace");
+    const Segment* seg;
+    if (ffi::Error err = FindRegion(attrs, group, n, r, r == rank, at.bytes, &seg); err.failure())
+      return err;
     peers->concurrent += seg->owned;
     char* base = seg->base + attrs.workspace_offset;
     headers.push_back(reinterpret_cast<RegionHeader*>(base));
-    PeerBuffers b;
-    b.x = base + at.x;
-    b.ids = reinterpret_cast<const int32_t*>(base + at.ids);
-    b.weights = base + at.weights;
-    b.staging = reinterpret_cast<float*>(base + at.staging);
-    if (backward) {
-      b.dy = base + at.dy;
-      b.d_weights = base + at.d_weights;
-    }
+    PeerBuffers b = RegionPeer(base, at.operands);
     if (at.w >= 0) {  // a helper reads the owner's staged weights
       b.w_in = base + at.w;
       b.w_out = base + at.w + d.experts_local * d.hidden * d.gate_ffn * w_bytes;

@@ -420,14 +420,6 @@ ffi::Error ConnectRealPeers(const CallAttrs& attrs, DeviceState& me, const Scala
   return ffi::Error::Success();
 }
 
-// The error of a call whose devices are not where the mesh it was traced for put them.
-ffi::Error Misplaced(int32_t device, int64_t rank, const std::string& why) {
-  return ffi::Error::Internal("jax_ccfuser: device " + std::to_string(device) + " (rank " +
-                              std::to_string(rank) + ") " + why +
-                              "; the mesh the call was traced for places devices differently "
-                              "(pass it with jax.set_mesh)");
-}
-
 // Meets peers in other processes of the host through the call site's regions in the CUDA IPC
 // workspaces: every member's buffers are its region (registry + offset + layout), this device's
 // operands are staged into its own on the stream, and the device barriers' flags and counts are
@@ -442,8 +434,6 @@ ffi::Error ConnectShared(const CallAttrs& attrs, DeviceState& me, const ScalarS3
           Position(me, attrs.site, rank_op, group_op, d.num_devices, stream, &rank, &group);
       err.failure())
     return err;
-  if (group < 0 || (group + 1) * n > static_cast<int64_t>(attrs.devices.size()))
-    return InvalidArgument("group " + std::to_string(group) + " outside the device table");
   // The kernels move 16-byte vectors through the regions.
   if (attrs.workspace_offset % cuda::kWorkspaceAlignment)
     return ffi::Error::Internal("jax_ccfuser: call site region at offset " +
@@ -456,14 +446,10 @@ ffi::Error ConnectShared(const CallAttrs& attrs, DeviceState& me, const ScalarS3
   char* mine = nullptr;
   std::vector<int> local_gpus;  // where the members this process runs keep their regions
   for (int64_t r = 0; r < n; ++r) {
+    const Segment* seg;
+    if (ffi::Error err = FindRegion(attrs, group, n, r, r == rank, at.bytes, &seg); err.failure())
+      return err;
     const int32_t device = attrs.devices[group * n + r];
-    const Segment* seg = FindSegment(device, attrs.workspace);
-    if (!seg || (r == rank && !seg->owned))
-      return Misplaced(device, r,
-                       std::string("has no shared workspace ") +
-                           (seg ? "owned by" : "mapped in") + " this process");
-    if (attrs.workspace_offset + at.bytes > seg->bytes)
-      return ffi::Error::Internal("jax_ccfuser: call site region exceeds the shared workspace");
     char* base = seg->base + attrs.workspace_offset;
     if (seg->owned) {
       cudaPointerAttributes where;
@@ -476,16 +462,7 @@ ffi::Error ConnectShared(const CallAttrs& attrs, DeviceState& me, const ScalarS3
       local_gpus.push_back(where.device);
     }
     if (r == rank) mine = base;
-    PeerBuffers b;
-    b.x = base + at.x;
-    b.ids = reinterpret_cast<const int32_t*>(base + at.ids);
-    b.weights = base + at.weights;
-    b.staging = reinterpret_cast<float*>(base + at.staging);
-    if (backward) {
-      b.dy = base + at.dy;
-      b.d_weights = base + at.d_weights;
-    }
-    call->peers.push_back(b);
+    call->peers.push_back(RegionPeer(base, at.operands));
     call->barrier.signals[r] = reinterpret_cast<uint64_t*>(base + at.signals);
     call->barrier.slots[r] = static_cast<int32_t>(r);
   }
@@ -499,10 +476,11 @@ ffi::Error ConnectShared(const CallAttrs& attrs, DeviceState& me, const ScalarS3
 
   const size_t x_bytes = d.tokens * d.hidden * ffi::ByteWidth(d.x_type);
   const size_t weights_bytes = d.tokens * d.k * ffi::ByteWidth(d.weights_type);
-  call->staged = {{mine + at.x, own.x, x_bytes},
-                  {mine + at.ids, own.ids, d.tokens * d.k * sizeof(int32_t)},
-                  {mine + at.weights, own.weights, weights_bytes}};
-  if (backward) call->staged.push_back({mine + at.dy, own.dy, x_bytes});
+  const OperandOffsets& o = at.operands;
+  call->staged = {{mine + o.x, own.x, x_bytes},
+                  {mine + o.ids, own.ids, d.tokens * d.k * sizeof(int32_t)},
+                  {mine + o.weights, own.weights, weights_bytes}};
+  if (backward) call->staged.push_back({mine + o.dy, own.dy, x_bytes});
   call->own_staging = call->peers[rank].staging;
   call->own_d_weights = call->peers[rank].d_weights;
   call->barrier.passed = reinterpret_cast<uint64_t*>(mine + at.passed);

@@ -32,6 +32,8 @@ void FutexWakeAll(std::atomic<uint32_t>* word) {
 RegionLayout LayoutRegion(const RegionShape& s) {
   RegionLayout l;
   int64_t at = RoundUp(sizeof(RegionHeader));
+  l.operands = LayoutOperands(s.tokens, s.hidden, s.k, s.slots, s.x_bytes, s.weights_bytes,
+                              s.backward, kAlign, &at);
   auto take = [&](bool exists, int64_t bytes) -> int64_t {
     if (!exists) return -1;
     const int64_t offset = at;
@@ -39,12 +41,6 @@ RegionLayout LayoutRegion(const RegionShape& s) {
     return offset;
   };
   const bool helpers = s.plan_slots > 1;
-  l.x = take(true, s.tokens * s.hidden * s.x_bytes);
-  l.ids = take(true, s.tokens * s.k * sizeof(int32_t));
-  l.weights = take(true, s.tokens * s.k * s.weights_bytes);
-  l.staging = take(true, s.tokens * s.slots * s.hidden * sizeof(float));
-  l.dy = take(s.backward, s.tokens * s.hidden * s.x_bytes);
-  l.d_weights = take(s.backward, s.tokens * s.k * s.weights_bytes);
   l.w = take(helpers, s.experts_local * s.expert_elements * s.w_bytes);
   l.partials = take(helpers && s.backward, s.experts_local * (s.plan_slots - 1) *
                                                s.expert_elements * sizeof(float));

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "xla_ffi/moe_call.h"
 #include "xla_ffi/peer_group.h"
 
 namespace ccf {
@@ -26,12 +27,14 @@ struct RegionShape {
   bool backward;
 };
 
-// Byte offsets inside one device's region; -1 where a section does not exist. With a plan the
-// owner stages its experts' weights for helpers to read (`w`: w_in then w_out per expert), and
-// backward the helpers write their float32 partial weight gradients into the owner's region
-// (`partials` [E_local, S - 1, expert_elements]), which the owner sums in slot order.
+// Byte offsets inside one device's region, after its RegionHeader; -1 where a section does not
+// exist. With a plan the owner stages its experts' weights for helpers to read (`w`: w_in then
+// w_out per expert), and backward the helpers write their float32 partial weight gradients into
+// the owner's region (`partials` [E_local, S - 1, expert_elements]), which the owner sums in
+// slot order.
 struct RegionLayout {
-  int64_t x, ids, weights, dy, staging, d_weights, w, partials, bytes;
+  OperandOffsets operands;
+  int64_t w, partials, bytes;
 };
 
 // Python sizes workspaces with it too (`shared_region_bytes`).
