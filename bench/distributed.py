@@ -172,9 +172,8 @@ def main(argv=None) -> dict:
   (out / "distributed-cpu.json").write_text(json.dumps(rec, indent=1))
   plot(rec, out / "distributed-cpu.png")
   if args.out is None:
-    report.README.write_text(report.rewrite_readme(
-        report.README.read_text(), section(rec), start=START, end=END,
-        heading="Across processes: measured"))
+    report.write_section(section(rec), start=START, end=END,
+                         heading="Across processes: measured")
   return rec
 
 

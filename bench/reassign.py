@@ -90,9 +90,7 @@ def main() -> list[dict]:
   for r in recs:
     print(json.dumps(r))
   (records.RESULTS_DIR / "reassign-cpu.json").write_text(json.dumps(recs, indent=1))
-  report.README.write_text(report.rewrite_readme(
-      report.README.read_text(), section(recs), start=START, end=END,
-      heading="Expert reassignment"))
+  report.write_section(section(recs), start=START, end=END, heading="Expert reassignment")
   return recs
 
 

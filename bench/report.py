@@ -274,12 +274,19 @@ def rewrite_readme(text: str, body: str, *, start: str = START, end: str = END,
   return f"{head}{start}\n{body.strip()}\n{end}{tail}"
 
 
+def write_section(body: str, *, start: str = START, end: str = END,
+                  heading: str = "Benchmarks", readme: pathlib.Path = README) -> None:
+  """Rewrites `readme`'s section between the markers with `body` (see `rewrite_readme`)."""
+  readme.write_text(rewrite_readme(readme.read_text(), body, start=start, end=end,
+                                   heading=heading))
+
+
 def regenerate(results_dir: pathlib.Path = records.RESULTS_DIR,
                readme: pathlib.Path = README) -> None:
   """Plots for every platform with results, and the README section."""
   for plat, recs in records.load_latest(results_dir).items():
     plot(plat, recs, results_dir)
-  readme.write_text(rewrite_readme(readme.read_text(), section(results_dir)))
+  write_section(section(results_dir), readme=readme)
 
 
 if __name__ == "__main__":

@@ -92,9 +92,7 @@ def main() -> list[dict]:
   for r in recs:
     print(json.dumps({k: r[k] for k in ("config", "bytes", "activation_bytes")}))
   (records.RESULTS_DIR / "traffic-cpu.json").write_text(json.dumps(recs, indent=1))
-  readme = report.README
-  readme.write_text(report.rewrite_readme(readme.read_text(), section(recs), start=START,
-                                          end=END, heading="Traffic and memory"))
+  report.write_section(section(recs), start=START, end=END, heading="Traffic and memory")
   return recs
 
 

@@ -113,7 +113,10 @@ class _Workspaces:
 
   def _grow_shared_memory(self, chunk: int, nbytes: int, timeout_ms: int) -> None:
     local = [d.id for d in jax.local_devices(backend=self.platform)]
-    free = os.statvfs(_SHM).f_bavail * os.statvfs(_SHM).f_frsize if os.path.isdir(_SHM) else 0
+    free = 0
+    if os.path.isdir(_SHM):
+      fs = os.statvfs(_SHM)
+      free = fs.f_bavail * fs.f_frsize
     if free < nbytes * len(local):
       raise RuntimeError(
           f"jax_ccfuser: {nbytes * len(local) >> 20} MiB of shared memory needed for the "

@@ -102,10 +102,10 @@ def with_plan(mesh, case):
 
 def bad_id(mesh, case):
   """The error of a call with an out-of-range expert id."""
-  args = [global_array(mesh, a) for a in make_inputs(case)]
-  bad = np.asarray(make_inputs(case)[1]).copy()
+  inputs = make_inputs(case)
+  bad = np.asarray(inputs[1]).copy()
   bad[3, 1] = case.num_experts + 5
-  args[1] = global_array(mesh, bad)
+  args = [global_array(mesh, a) for a in (inputs[0], bad, *inputs[2:])]
   return error_of(layer(mesh), *args)
 
 
