@@ -68,42 +68,73 @@ def _sizes_from_shares(shares, counts):
   return sizes.at[:, 0].add(counts - sizes.sum(1))
 
 
+def _whole_tiles_from(position, count, tile):
+  """The first row position at or after `position` from which `count` rows are whole tiles."""
+  return count - (count - position) // tile * tile
+
+
 def _balance(counts, num_devices, max_helpers, threshold, tile):
-  """Greedy: hottest experts first, an overloaded owner hands slices to the least-loaded devices.
+  """Water-filling: overloaded devices shed rows down to the mean, idle ones fill up to it.
+
+  Every device with more than `threshold` times the mean keeps its smallest experts whole up to
+  `target` (the mean rounded up) and sheds the rest, largest experts first. The shed rows, laid
+  end to end (largest shed first), are cut into the spare room of the devices below `target`
+  (most room first). Each cut moves to the nearest tile boundary counted from its expert's last
+  row, so all of an expert's slices but one are whole tiles and no device ends `tile` or more
+  rows over `target`. No loop over experts: sorts and cumulative sums over `[E]`, one `[E, D]`
+  overlap.
+
+  Args:
+    counts: `[E]` int32, rows per expert; expert e lives on device `e // (E / D)`.
 
   Returns:
-    `(workers [E, S + 1], sizes [E, S + 1])`.
+    `(workers [E, S + 1], sizes [E, S + 1])`, S = `max_helpers`: an expert keeps its
+    `max_helpers` largest slices; its owner computes the rest.
   """
   e_total = counts.shape[0]
   owner = jnp.arange(e_total, dtype=jnp.int32) // (e_total // num_devices)
-  load = jnp.zeros(num_devices, jnp.int32).at[owner].add(counts)
+  per_device = counts.reshape(num_devices, -1)
+  load = per_device.sum(1)
   mean = counts.sum() / num_devices
-  target = jnp.ceil(mean).astype(jnp.int32)
-  workers = jnp.full((e_total, max_helpers + 1), -1, jnp.int32).at[:, 0].set(owner)
-  sizes = jnp.zeros((e_total, max_helpers + 1), jnp.int32).at[:, 0].set(counts)
-  order = jnp.argsort(-counts, stable=True)
+  target = -(-counts.sum() // num_devices)  # the mean rounded up, in exact integers
 
-  def move(i, state):
-    load, workers, sizes = state
-    e = order[i]
-    d = owner[e]
-    used = jnp.int32(0)
-    for _ in range(max_helpers):
-      h = jnp.argmin(load).astype(jnp.int32)  # ties: the lowest device id
-      kept = sizes[e, 0]
-      amount = jnp.minimum(jnp.minimum(load[d] - target, target - load[h]), kept)
-      # Slices are whole tiles, except one that takes all the owner still keeps.
-      amount = jnp.where(amount < kept, amount // tile * tile, amount)
-      ok = (load[d] > threshold * mean) & (h != d) & (amount > 0)
-      amount = jnp.where(ok, amount, 0)
-      slot = used + 1  # helpers fill the slots in order, so the first -1 ends the list
-      workers = workers.at[e, slot].set(jnp.where(ok, h, workers[e, slot]))
-      sizes = sizes.at[e, slot].add(amount).at[e, 0].add(-amount)
-      load = load.at[h].add(amount).at[d].add(-amount)
-      used = used + ok
-    return load, workers, sizes
+  # What each owner keeps: its smaller experts whole, then the one the target cuts up to a tile
+  # boundary (at most tile - 1 rows over the target), none of the larger ones.
+  smallest_first = jnp.argsort(per_device, axis=1, stable=True)
+  ranked = jnp.take_along_axis(per_device, smallest_first, 1)
+  keep = jnp.clip(target - (jnp.cumsum(ranked, 1) - ranked), 0, ranked)
+  keep = jnp.where((keep > 0) & (keep < ranked), _whole_tiles_from(keep, ranked, tile), keep)
+  keep = jnp.where((load > threshold * mean)[:, None], keep, ranked)
+  rows = jnp.arange(num_devices)[:, None]
+  keep = jnp.zeros_like(per_device).at[rows, smallest_first].set(keep).reshape(-1)
+  shed = counts - keep
 
-  _, workers, sizes = jax.lax.fori_loop(0, e_total, move, (load, workers, sizes))
+  # The shed rows of every expert end to end, and the room of the devices below the target.
+  pieces = jnp.argsort(-shed, stable=True)
+  piece_end = jnp.cumsum(shed[pieces])
+  piece_start = piece_end - shed[pieces]
+  room = jnp.maximum(target - load, 0)
+  helpers = jnp.argsort(-room, stable=True).astype(jnp.int32)
+  cut = jnp.cumsum(room[helpers])  # [D] where each helper's room ends
+  # A cut inside an expert's piece moves to the nearest tile boundary of that expert (not before
+  # the piece): each helper ends less than a tile over its room, since both its cuts move by at
+  # most half a tile.
+  i = jnp.minimum(jnp.searchsorted(piece_end, cut, side="left"), e_total - 1)
+  e = pieces[i]
+  at = keep[e] + cut - piece_start[i]  # the cut's row in expert e
+  up = _whole_tiles_from(at, counts[e], tile)
+  at = jnp.where(2 * (up - at) <= tile, up, jnp.maximum(up - tile, keep[e]))
+  cut = jnp.where(cut < piece_end[-1], piece_start[i] + at - keep[e], piece_end[-1])
+  start = jnp.concatenate([jnp.zeros(1, cut.dtype), cut[:-1]])
+  overlap = jnp.minimum(piece_end[:, None], cut) - jnp.maximum(piece_start[:, None], start)
+  amount = jnp.zeros((e_total, num_devices), jnp.int32).at[pieces].set(jnp.maximum(overlap, 0))
+
+  # Slots: an expert's largest slices, the rest stays with its owner.
+  largest = jnp.argsort(-amount, axis=1, stable=True)[:, :max_helpers]
+  sizes = jnp.take_along_axis(amount, largest, 1)
+  workers = jnp.where(sizes > 0, helpers[largest], -1)
+  workers = jnp.concatenate([owner[:, None], workers], 1)
+  sizes = jnp.concatenate([(counts - sizes.sum(1))[:, None], sizes], 1)
   return workers, sizes
 
 
@@ -115,17 +146,32 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   `expert_ids`; every device derives the same plan from the global per-expert counts (one
   `[E]` int32 all-reduce). Jittable; static shapes.
 
+  A device computing more than `threshold` times the mean rows sheds rows down to the mean, its
+  largest experts first; the devices below the mean take them in slices cut at tile boundaries
+  (water-filling, no loop over experts).
+
+  Guarantee: with `max_helpers` at least the number of devices per host - 1 (the default), every
+  device computes at most `max(threshold * mean, ceil(mean) + tile - 1)` rows, `mean` being the
+  average over the devices of its host; with the defaults that is within
+  `max(1.1 * mean, mean + tile)`, for any routing. An expert hands out at most `max_helpers`
+  slices (its largest) and its owner computes the rest, so with fewer helpers the bound holds
+  only when no expert's shed rows span more helpers than that; no plan at all can meet it when
+  an expert has more than `(max_helpers + 1)` times the bound rows.
+
   Args:
     expert_ids: `[T, K]` int32, this device's routing.
     num_experts: E, a multiple of the axis size D.
     axis_name: the expert-parallel mesh axis, or `None` (one device: nothing to move).
     max_helpers: the most devices that may help one expert (S); default D - 1. Across hosts
       only the devices of the expert's host help (at most their number - 1).
-    threshold: nothing moves from a device whose load is at most `threshold` times the mean.
-    tile: helpers' slices are whole multiples of this many rows (the kernels' tile).
+    threshold: nothing moves from a device whose load is at most `threshold` times the mean
+      (>= 1.0).
+    tile: the kernels' tile: all of an expert's slices but at most one are whole multiples of
+      this many rows (splitting an expert adds no partial tile); a device may end up to
+      `tile - 1` rows over the mean rounded up.
     previous: a plan from an earlier step; its slices (as fractions of each expert's rows) are
-      kept while they hold every device within `threshold` of the mean, so plans change only
-      when the routing has moved.
+      kept while they hold every device within the bound above, so plans change only when the
+      routing has moved.
 
   Returns:
     A `Plan` (a pytree of arrays) for `fused_moe(..., plan=plan)`.
@@ -136,7 +182,7 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
     >>> before, after = jax_ccfuser.plan_loads(plan)
   """
   num_devices = axis_size(axis_name)
-  experts_local = check_num_experts(num_experts, num_devices)
+  check_num_experts(num_experts, num_devices)
   if expert_ids.ndim != 2 or expert_ids.dtype != jnp.int32:
     raise ValueError(f"expert_ids must be [T, K] int32, got {expert_ids.dtype} {expert_ids.shape}")
   max_helpers = num_devices - 1 if max_helpers is None else max_helpers
@@ -146,27 +192,35 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   if tile < 1 or threshold < 1.0:
     raise ValueError(f"tile must be >= 1 and threshold >= 1.0, got {tile} and {threshold}")
   counts = _expert_counts(expert_ids, num_experts, axis_name)
-  owner = jnp.arange(num_experts, dtype=jnp.int32) // experts_local
+  return _plan(counts, _topology.split(axis_name, num_devices), max_helpers=max_helpers,
+               threshold=threshold, tile=tile, previous=previous)
+
+
+def _plan(counts, split, *, max_helpers, threshold, tile, previous):
+  """`reassign`'s plan for the global `counts [E]` int32 over the hosts of `split`."""
+  num_experts = counts.shape[0]
+  num_devices = split.num_hosts * split.per_host
+  owner = jnp.arange(num_experts, dtype=jnp.int32) // (num_experts // num_devices)
   loads_before = jnp.zeros(num_devices, jnp.int32).at[owner].add(counts)
-  split = _topology.split(axis_name, num_devices)
-  if split.num_hosts > 1:
-    # A helper reads the owner's weights from memory: only devices of the owner's host can help,
-    # so each host balances its own experts.
-    max_helpers = min(max_helpers, split.per_host - 1)
-    workers, sizes = jax.vmap(lambda c: _balance(c, split.per_host, max_helpers, threshold, tile))(
-        counts.reshape(split.num_hosts, -1))
-    first = (jnp.arange(split.num_hosts, dtype=jnp.int32) * split.per_host)[:, None, None]
-    workers = jnp.where(workers >= 0, workers + first, -1).reshape(num_experts, -1)
-    sizes = sizes.reshape(num_experts, -1)
-  else:
-    workers, sizes = _balance(counts, num_devices, max_helpers, threshold, tile)
+  # A helper reads the owner's weights from memory: only devices of the owner's host can help,
+  # so each host balances its own experts (one host: the whole axis).
+  max_helpers = min(max_helpers, split.per_host - 1)
+  workers, sizes = jax.vmap(lambda c: _balance(c, split.per_host, max_helpers, threshold, tile))(
+      counts.reshape(split.num_hosts, -1))
+  first = (jnp.arange(split.num_hosts, dtype=jnp.int32) * split.per_host)[:, None, None]
+  workers = jnp.where(workers >= 0, workers + first, -1).reshape(num_experts, -1)
+  sizes = sizes.reshape(num_experts, -1)
   if previous is not None:
     if previous.workers.shape != workers.shape:
       raise ValueError(f"previous plan has shape {previous.workers.shape}, this one "
                        f"{workers.shape}: same num_experts and max_helpers are needed")
     kept = _sizes_from_shares(previous.shares, counts)
     kept_loads = _device_loads(kept, owner, previous.workers, num_devices)
-    reuse = kept_loads.max() <= threshold * counts.sum() / num_devices
+    # Kept while every host's devices stay within `reassign`'s bound for that host.
+    kept_loads = kept_loads.reshape(split.num_hosts, -1)
+    total = kept_loads.sum(1, keepdims=True)
+    bound = jnp.maximum(threshold * total / split.per_host, -(-total // split.per_host) + tile - 1)
+    reuse = jnp.all(kept_loads <= bound)
     workers = jnp.where(reuse, previous.workers, workers)
     sizes = jnp.where(reuse, kept, sizes)
   bounds = jnp.concatenate([jnp.zeros((num_experts, 1), jnp.int32), jnp.cumsum(sizes, 1)], 1)
