@@ -5,7 +5,11 @@ the other devices' memory and hand results back through shared memory; across pr
 host through shared-memory workspaces, across hosts through XLA collectives.
 """
 
-from jax_ccfuser import _extension  # registers the FFI targets
+from jax_ccfuser import _cpu_threads
+
+_cpu_threads.reserve_pool()  # before anything starts a backend
+
+from jax_ccfuser import _extension  # registers the FFI targets  # noqa: E402
 from jax_ccfuser import placement
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._config import peer_timeout

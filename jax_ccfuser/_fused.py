@@ -12,9 +12,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters.ad import JVPTracer  # what forward mode traces with; no public name
 from jax.sharding import AxisType
 
-from jax_ccfuser import _extension, _topology, _workspace
+from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
 from jax_ccfuser._config import peer_timeout_ms
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_moe_args
@@ -93,6 +94,20 @@ def _result(like, shape, dtype):
   return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype))
 
 
+def _refuse_forward_mode(*operands):
+  """Raises a TypeError naming what works if forward-mode autodiff traces `operands`.
+
+  The backward pass is its own custom call (rows re-read from the peers, nothing kept), which
+  JAX cannot run forward or differentiate again; left to JAX, jvp fails with messages that do
+  not name the op (inside `shard_map`: "unhashable type: 'Unhashable'").
+  """
+  if any(isinstance(a, JVPTracer) for a in jax.tree.leaves(operands)):
+    raise TypeError(
+        "jax_ccfuser.fused_moe supports reverse-mode differentiation only (jax.grad, jax.vjp, "
+        "jax.value_and_grad, jax.jacrev, once); forward mode (jax.jvp, jax.linearize, "
+        "jax.jacfwd, jax.hessian) and differentiating its gradient again are not supported.")
+
+
 def _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, rank, group)
   t, h = x.shape
@@ -111,12 +126,14 @@ def _fused(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
 
 
 def _fused_fwd(static, *operands):
+  _refuse_forward_mode(operands)
   # The residuals are the inputs themselves: no dispatched rows, activations or expert outputs
   # are kept; the backward call re-reads the rows from the peers and recomputes them.
   return _forward_call(static, *operands), operands
 
 
 def _fused_bwd(static, residuals, dy):
+  _refuse_forward_mode(residuals, dy)
   x, ids, weights, w_in, w_out, workers, bounds, rank, group = residuals
   if dy.shape != x.shape:
     raise ValueError(f"cotangent shape {dy.shape} != output shape {x.shape}")
@@ -208,7 +225,10 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   """
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
+  _refuse_forward_mode(x, expert_weights, w_in, w_out)
   split = _topology.split(axis_name, dims.num_devices)
+  if dims.num_devices > 1 and jax.default_backend() == "cpu":
+    _cpu_threads.check_pool(jax.local_device_count())
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
   if split.num_hosts > 1:
     return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
@@ -275,6 +295,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
                      f"{num_devices} emulated devices")
   check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                  axis_name=None)
+  _refuse_forward_mode(x, expert_weights, w_in, w_out)
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, timeout_ms=peer_timeout_ms(),

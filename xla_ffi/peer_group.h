@@ -64,13 +64,13 @@ class Rendezvous {
   virtual std::string Failure() = 0;
 };
 
-// The message of a barrier timeout; `arrived[r]` says whether rank r came.
-std::string BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds timeout,
+// The message of a barrier timeout after waiting `waited`; `arrived[r]` says whether rank r came.
+std::string BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
                            const std::vector<bool>& arrived);
 
 class PeerGroup final : public Rendezvous {
  public:
-  explicit PeerGroup(int num_devices);
+  PeerGroup(int32_t group, int num_devices);
 
   int num_devices() const { return num_devices_; }
 
@@ -82,6 +82,10 @@ class PeerGroup final : public Rendezvous {
   void ReportFailure(const std::string& msg) override;
   std::string Failure() override;
 
+  // Waits up to `timeout`, and less for a peer a timeout already named missing that has not
+  // reached any barrier of its group since: once it has been silent for `timeout`, the call
+  // fails at once. So the calls queued behind one that timed out fail within about one timeout
+  // in all, while a peer that merely skipped a call is waited for as usual.
   std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
 
  private:
@@ -90,11 +94,13 @@ class PeerGroup final : public Rendezvous {
     std::condition_variable cv;
     uint64_t generation = 0;
     int arrived = 0;  // waiting now
+    std::vector<bool> waiting;
     // Devices that reached this barrier since it last opened, including ones that gave up
     // waiting: a timeout names only the devices that never came.
     std::vector<bool> seen;
   };
 
+  const int32_t group_;
   const int num_devices_;
   std::vector<PeerBuffers> peers_;
   std::mutex failure_mu_;
