@@ -421,7 +421,9 @@ def test_failing_peer_in_forward(rank):
   error, following = _bounded(lambda: _failing_then_following(lambda: step(*args),
                                                               lambda: step(*following_args)))
   assert isinstance(error, jax.errors.JaxRuntimeError)
-  assert f"injected fault on device {rank}" in str(error) or rank in _missing_ranks(error)
+  # The failing device still meets its peers at the compute barrier: they all learn its fault,
+  # never a timeout.
+  assert re.match(rf"INTERNAL: .*jax_ccfuser: injected fault on device {rank}$", str(error)), str(error)
   _assert_matches_reference(following, following_args, 4, "swiglu", jnp.float32)
   _assert_matches_reference(step(*args), args, 4, "swiglu", jnp.float32)
 
@@ -443,7 +445,7 @@ def test_failing_peer_in_backward():
   error, following = _bounded(lambda: _failing_then_following(lambda: pullback(dy),
                                                               lambda: pullback(following_dy)))
   assert isinstance(error, jax.errors.JaxRuntimeError)
-  assert "injected fault on device 2" in str(error) or 2 in _missing_ranks(error)
+  assert re.match(r"INTERNAL: .*jax_ccfuser: injected fault on device 2$", str(error)), str(error)
   _assert_matches_reference((y, following), (*args[:5], following_dy), 4, "swiglu", jnp.float32)
   _assert_matches_reference((y, pullback(dy)), args, 4, "swiglu", jnp.float32)
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jax_ccfuser import all_to_all_moe, reference_moe
+from jax_ccfuser import all_to_all_moe, fused_moe, reference_moe
 from jax_ccfuser._validation import axis_size, check_num_experts
 from moe_cases import Case, ep_mesh, make_inputs
 
-MOE_FNS = [reference_moe, all_to_all_moe]
+MOE_FNS = [reference_moe, all_to_all_moe, fused_moe]
 
 # T=3, H=4, F=5, E_local=2, K=2, swiglu: w_in [2, 4, 10], w_out [2, 5, 4].
 _CASE = Case(devices=1, tokens=3, hidden=4, ffn=5, experts_local=2, k=2)

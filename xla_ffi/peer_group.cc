@@ -112,17 +112,23 @@ std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds t
     if (Clock::now() < deadline) continue;
     // Withdraw, so this call does not count as an arrival in the next one.
     b.waiting[rank] = false;
-    std::vector<bool> seen = b.seen;
+    const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(
+        std::max(deadline, start) - start);
+    // A full timeout names the devices that never came; an early one only those given up on.
+    std::vector<bool> came = b.seen;
+    if (waited < timeout)
+      for (int r = 0; r < num_devices_; ++r)
+        came[r] = b.waiting[r] || Devices().GiveUpAt(group_, r, timeout) > deadline;
     if (--b.arrived == 0) b.seen.assign(num_devices_, false);
     lock.unlock();
     for (int r = 0; r < num_devices_; ++r)
-      if (!seen[r]) Devices().Missing(group_, r);
+      if (!came[r]) Devices().Missing(group_, r);
     Devices().Left(group_, rank);
-    const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - start);
-    std::string msg = BarrierTimeout(rank, phase, waited, seen);
+    std::string msg = BarrierTimeout(rank, phase, waited, came);
     if (waited < timeout)
-      msg += " An earlier call's timeout named them missing and they have not reached any "
-             "barrier for " + std::to_string(timeout.count()) + " ms since.";
+      msg += " A timeout " + std::to_string(timeout.count()) +
+             " ms ago or earlier named them missing, and they have not reached any barrier "
+             "since.";
     return msg;
   }
   lock.unlock();

@@ -1,0 +1,158 @@
+"""Loops that never wait: deep asynchronous dispatch runs, queued failures fail fast, and
+forward-mode autodiff says what works.
+
+Ordinary JAX loops dispatch step after step without waiting; XLA:CPU then holds dozens of
+calls in flight per device. These tests run such loops to the end and compare them bitwise with
+the same loop waiting on every step.
+"""
+
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import jax_ccfuser as ccf
+from jax_ccfuser import _cpu_threads
+from jax_ccfuser.nnx import MoE
+from moe_cases import Case, ep_mesh, make_inputs, sharded
+
+DEVICES = 8
+
+
+def test_pool_reserved_for_the_devices():
+  """Imported after the tests configured 8 devices: XLA got 2 threads per device."""
+  assert int(os.environ["PJRT_NPROC"]) >= 2 * DEVICES or _cpu_threads._cores() >= 2 * DEVICES
+
+
+def test_small_pool_warns(monkeypatch):
+  monkeypatch.setenv("PJRT_NPROC", "3")
+  monkeypatch.setattr(_cpu_threads, "_warned", set())
+  with pytest.warns(RuntimeWarning, match=r"PJRT_NPROC=10"):
+    _cpu_threads.check_pool(5)
+  monkeypatch.setenv("PJRT_NPROC", "10")
+  monkeypatch.setattr(_cpu_threads, "_warned", set())
+  _cpu_threads.check_pool(5)  # enough: no warning (pytest's filter turns one into an error)
+
+
+def _train(dispatch: str, steps: int, wait_every_step: bool):
+  """An Optax loop of the NNX layer on 8 devices; returns its final parameters as numpy."""
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    layer = MoE(32, 48, 16, k=2, dispatch=dispatch, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(layer, optax.adamw(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(layer, optimizer, x):
+      def loss(layer):
+        y, aux = layer(x)
+        return ((y - x) ** 2).mean() + 1e-2 * aux.load_balancing_loss
+      value, grads = nnx.value_and_grad(loss)(layer)
+      optimizer.update(layer, grads)
+      return value
+
+    x = jax.random.normal(jax.random.key(1), (DEVICES, 16, 32))
+    for _ in range(steps):
+      value = step(layer, optimizer, x)
+      if wait_every_step:
+        value.block_until_ready()
+    return jax.tree.map(np.asarray, nnx.state(layer, nnx.Param)), float(value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["fused", "all_to_all"])
+def test_training_loop_without_waiting_equals_waiting(dispatch):
+  """500 steps dispatched back to back (the baseline's XLA collectives too: they stop after
+  about 50 steps in flight when XLA:CPU has only one thread per device) end bitwise where the
+  loop that waits on every step ends."""
+  free, free_loss = _train(dispatch, 500, wait_every_step=False)
+  waited, waited_loss = _train(dispatch, 500, wait_every_step=True)
+  assert np.isfinite(free_loss) and free_loss == waited_loss
+  jax.tree.map(np.testing.assert_array_equal, free, waited)
+
+
+@pytest.mark.slow
+def test_thousand_forward_calls_in_flight():
+  x, ids, weights, w_in, w_out = make_inputs(Case(devices=DEVICES, tokens=16, seed=31))
+  layer = sharded(ccf.fused_moe, DEVICES)
+  step = jax.jit(lambda x: jnp.tanh(layer(x, ids, weights, w_in, w_out)))
+  results = []
+  for wait in (False, True):
+    y = x
+    for _ in range(1000):
+      y = step(y)
+      if wait:
+        y.block_until_ready()
+    results.append(np.asarray(y))
+  assert np.abs(results[0]).max() > 0.1  # a live signal, not one that decayed to zero
+  np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_queued_calls_fail_within_one_timeout_in_all():
+  """Device 5 never makes the call: the first of 20 queued calls raises after the timeout and
+  the rest at once, each naming device 5."""
+  case = Case(devices=DEVICES, tokens=8, seed=32)
+  args = make_inputs(case)
+
+  def body(x, ids, weights, w_in, w_out, axis_name):
+    return jax.lax.cond(jax.lax.axis_index(axis_name) == 5, lambda: x,
+                        lambda: ccf.fused_moe(x, ids, weights, w_in, w_out, axis_name=axis_name))
+
+  with ccf.peer_timeout(1.0):
+    f = jax.jit(sharded(body, DEVICES))
+    f.lower(*args).compile()
+    start = time.monotonic()
+    results = [f(*args) for _ in range(20)]  # independent calls, queued back to back
+    errors = []
+    for y in results:
+      with pytest.raises(jax.errors.JaxRuntimeError) as failure:
+        y.block_until_ready()
+      errors.append(str(failure.value))
+    elapsed = time.monotonic() - start
+  # XLA joins the devices' messages; every one names device 5 and only it.
+  named = [re.findall(r"never arrived:((?: \d+)+)\.", e) for e in errors]
+  assert all(n and set(n) == {" 5"} for n in named), named
+  assert "waited 1000 ms" in errors[0]
+  # One timeout for the first, nothing more for the queued ones (not 20 s): the rest is slack.
+  assert elapsed < 5.0, elapsed
+
+
+def _layer_fn(args):
+  """The fused layer over 4 devices as a function of x, not jitted (eager shard_map)."""
+  x, ids, weights, w_in, w_out = args
+  layer = jax.shard_map(lambda *a: ccf.fused_moe(*a, axis_name="ep"), mesh=ep_mesh(4),
+                        in_specs=P("ep"), out_specs=P("ep"))
+  return lambda x: layer(x, ids, weights, w_in, w_out)
+
+
+@pytest.mark.parametrize("transform", [
+    lambda f, x: jax.jvp(f, (x,), (x,)),
+    lambda f, x: jax.jacfwd(lambda x: f(x).sum())(x),
+    lambda f, x: jax.hessian(lambda x: f(x).sum())(x),
+], ids=["jvp", "jacfwd", "hessian"])
+def test_forward_mode_says_what_works(transform):
+  args = make_inputs(Case(devices=4, tokens=2, seed=33))
+  with pytest.raises(TypeError, match=r"fused_moe supports reverse-mode differentiation only "
+                                      r"\(jax.grad, jax.vjp"):
+    transform(_layer_fn(args), args[0])
+
+
+def test_forward_mode_through_jit_is_a_type_error():
+  """Through `jax.jit` JAX differentiates the traced program, past the Python that could say
+  more: JAX's own TypeError."""
+  args = make_inputs(Case(devices=4, tokens=2, seed=33))
+  f = jax.jit(_layer_fn(args))
+  with pytest.raises(TypeError, match=r"forward-mode autodiff \(jvp\)"):
+    jax.jvp(f, (args[0],), (args[0],))
+
+
+def test_reverse_mode_still_works():
+  args = make_inputs(Case(devices=4, tokens=2, seed=33))
+  expected = jax.grad(lambda x: sharded(ccf.reference_moe, 4)(x, *args[1:]).sum())(args[0])
+  np.testing.assert_allclose(jax.grad(lambda x: _layer_fn(args)(x).sum())(args[0]), expected,
+                             rtol=2e-4, atol=2e-5)
