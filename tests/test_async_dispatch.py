@@ -44,7 +44,7 @@ def test_small_pool_warns(monkeypatch):
 def _train(dispatch: str, steps: int, wait_every_step: bool):
   """An Optax loop of the NNX layer on 8 devices; returns its final parameters as numpy."""
   with jax.set_mesh(ep_mesh(DEVICES)):
-    layer = MoE(32, 48, 16, k=2, axis_name="ep", dispatch=dispatch, rngs=nnx.Rngs(0))
+    layer = MoE(64, 128, 16, k=2, axis_name="ep", dispatch=dispatch, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(layer, optax.adamw(1e-3), wrt=nnx.Param)
 
     @nnx.jit
@@ -56,7 +56,8 @@ def _train(dispatch: str, steps: int, wait_every_step: bool):
       optimizer.update(layer, grads)
       return value
 
-    x = jax.random.normal(jax.random.key(1), (DEVICES, 16, 32))
+    # A step long enough that dispatch runs far ahead of execution.
+    x = jax.random.normal(jax.random.key(1), (DEVICES, 32, 64))
     for _ in range(steps):
       value = step(layer, optimizer, x)
       if wait_every_step:
@@ -94,8 +95,8 @@ def test_thousand_forward_calls_in_flight():
 
 
 def test_queued_calls_fail_within_one_timeout_in_all():
-  """Device 5 never makes the call: the first of 20 queued calls raises after the timeout and
-  the rest at once, each naming device 5."""
+  """Device 5 never makes the call: the first of 20 queued calls raises after the timeout, the
+  rest within half a timeout more, each naming device 5."""
   case = Case(devices=DEVICES, tokens=8, seed=32)
   args = make_inputs(case)
 
@@ -118,7 +119,7 @@ def test_queued_calls_fail_within_one_timeout_in_all():
   named = [re.findall(r"never arrived:((?: \d+)+)\.", e) for e in errors]
   assert all(n and set(n) == {" 5"} for n in named), named
   assert "waited 1000 ms" in errors[0]
-  # One timeout for the first, nothing more for the queued ones (not 20 s): the rest is slack.
+  # 1.5 s for all (not 20 s): the rest is slack for a busy machine.
   assert elapsed < 5.0, elapsed
 
 

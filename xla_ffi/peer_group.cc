@@ -12,44 +12,29 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// What the barriers of every call site know of each device of a group (group index, rank): when
-// it last came to or left one, whether it waits at one now, and whether a timeout has named it
-// missing since. A device missing for a whole timeout after that is gone: waiting for it again
-// would only add one timeout per queued call.
+// When each device of a group (group index, rank) last came to or left a barrier of any call
+// site, and whether it waits at one now: a device that does either is alive.
 class Liveness {
  public:
   void Arrived(int32_t group, int rank) { Set(group, rank, /*waiting=*/true); }
   void Left(int32_t group, int rank) { Set(group, rank, /*waiting=*/false); }
 
-  // Marks `rank` missing as of now, unless a timeout already did and it has not been heard
-  // from since.
-  void Missing(int32_t group, int rank) {
-    std::lock_guard<std::mutex> lock(mu_);
-    Device& d = devices_[{group, rank}];
-    if (d.suspect) return;
-    d.heard = Clock::now();
-    d.suspect = true;
-  }
-
-  // When waiting for `rank` becomes pointless: `timeout` after a timeout named it missing, if it
-  // has not come to or left a barrier since and waits at none; otherwise never.
-  Clock::time_point GiveUpAt(int32_t group, int rank, std::chrono::milliseconds timeout) {
+  // Whether `rank` came to or left a barrier at `since` or later, or waits at one now.
+  bool HeardSince(int32_t group, int rank, Clock::time_point since) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = devices_.find({group, rank});
-    if (it == devices_.end() || !it->second.suspect || it->second.waiting)
-      return Clock::time_point::max();
-    return it->second.heard + timeout;
+    return it != devices_.end() && (it->second.waiting || it->second.heard >= since);
   }
 
  private:
   struct Device {
-    Clock::time_point heard;  // last came to or left a barrier, or was named missing
-    bool waiting = false, suspect = false;
+    Clock::time_point heard;
+    bool waiting;
   };
 
   void Set(int32_t group, int rank, bool waiting) {
     std::lock_guard<std::mutex> lock(mu_);
-    devices_[{group, rank}] = {Clock::now(), waiting, false};
+    devices_[{group, rank}] = {Clock::now(), waiting};
   }
 
   std::mutex mu_;
@@ -64,11 +49,11 @@ Liveness& Devices() {
 }  // namespace
 
 PeerGroup::PeerGroup(int32_t group, int num_devices)
-    : group_(group), num_devices_(num_devices), peers_(num_devices) {
-  for (Barrier& b : barriers_) {
-    b.seen.assign(num_devices, false);
-    b.waiting.assign(num_devices, false);
-  }
+    : group_(group),
+      num_devices_(num_devices),
+      peers_(num_devices),
+      gone_since_(num_devices, Clock::time_point::max()) {
+  for (Barrier& b : barriers_) b.seen.assign(num_devices, false);
 }
 
 void PeerGroup::ReportFailure(const std::string& msg) {
@@ -94,46 +79,46 @@ std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds t
     }
     b.arrived = 0;
     b.seen.assign(num_devices_, false);
-    b.waiting.assign(num_devices_, false);
     ++b.generation;
     b.cv.notify_all();
     lock.unlock();
     Devices().Left(group_, rank);
     return {};
   }
-  b.waiting[rank] = true;
+  // A peer found gone at an earlier call of this site and silent ever since is waited for only
+  // until half a timeout after that: calls queued behind the failed one then fail at once,
+  // while a peer that was merely silent (it skipped a call) has time to come back.
   const Clock::time_point start = Clock::now();
-  const auto opened = [&] { return b.generation != generation; };
-  while (!opened()) {
-    Clock::time_point deadline = start + timeout;
-    for (int r = 0; r < num_devices_; ++r)
-      if (!b.waiting[r]) deadline = std::min(deadline, Devices().GiveUpAt(group_, r, timeout));
-    if (b.cv.wait_until(lock, deadline, opened)) break;
-    if (Clock::now() < deadline) continue;
-    // Withdraw, so this call does not count as an arrival in the next one.
-    b.waiting[rank] = false;
-    const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(
-        std::max(deadline, start) - start);
-    // A full timeout names the devices that never came; an early one only those given up on.
-    std::vector<bool> came = b.seen;
-    if (waited < timeout)
-      for (int r = 0; r < num_devices_; ++r)
-        came[r] = b.waiting[r] || Devices().GiveUpAt(group_, r, timeout) > deadline;
-    if (--b.arrived == 0) b.seen.assign(num_devices_, false);
-    lock.unlock();
-    for (int r = 0; r < num_devices_; ++r)
-      if (!came[r]) Devices().Missing(group_, r);
-    Devices().Left(group_, rank);
-    std::string msg = BarrierTimeout(rank, phase, waited, came);
-    if (waited < timeout)
-      msg += " A timeout " + std::to_string(timeout.count()) +
-             " ms ago or earlier named them missing, and they have not reached any barrier "
-             "since.";
-    return msg;
+  Clock::time_point deadline = start + timeout;
+  std::vector<bool> gone(num_devices_, false);
+  {
+    std::lock_guard<std::mutex> gone_lock(gone_mu_);
+    for (int r = 0; r < num_devices_; ++r) {
+      gone[r] = !b.seen[r] && gone_since_[r] != Clock::time_point::max() &&
+                !Devices().HeardSince(group_, r, gone_since_[r]);
+      if (gone[r]) deadline = std::min(deadline, gone_since_[r] + timeout / 2);
+    }
   }
+  const bool opened = b.cv.wait_until(lock, deadline, [&] { return b.generation != generation; });
+  std::vector<bool> came = b.seen;
+  // Withdraw, so this call does not count as an arrival in the next one.
+  if (!opened && --b.arrived == 0) b.seen.assign(num_devices_, false);
   lock.unlock();
   Devices().Left(group_, rank);
-  return {};
+  if (opened) return {};
+  const auto waited =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::max(deadline, start) - start);
+  if (waited < timeout) {  // name the gone peers that kept others from waiting longer
+    for (int r = 0; r < num_devices_; ++r) came[r] = came[r] || !gone[r];
+    return BarrierTimeout(rank, phase, waited, came) +
+           " They have reached no barrier since an earlier call of this site waited " +
+           std::to_string(timeout.count()) + " ms for them.";
+  }
+  // A peer that showed no sign of life at any barrier while this device waited is gone.
+  std::lock_guard<std::mutex> gone_lock(gone_mu_);
+  for (int r = 0; r < num_devices_; ++r)
+    if (!came[r] && !Devices().HeardSince(group_, r, start)) gone_since_[r] = Clock::now();
+  return BarrierTimeout(rank, phase, waited, came);
 }
 
 std::string BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,

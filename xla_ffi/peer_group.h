@@ -82,10 +82,11 @@ class PeerGroup final : public Rendezvous {
   void ReportFailure(const std::string& msg) override;
   std::string Failure() override;
 
-  // Waits up to `timeout`, and less for a peer a timeout already named missing that has not
-  // reached any barrier of its group since: once it has been silent for `timeout`, the call
-  // fails at once. So the calls queued behind one that timed out fail within about one timeout
-  // in all, while a peer that merely skipped a call is waited for as usual.
+  // Waits up to `timeout`. A peer that never came and showed no sign of life at any barrier of
+  // any site while this device waited is gone: later calls of this site wait for it only until
+  // half a timeout after that while it stays silent, so the calls queued behind one that timed
+  // out all fail within about 1.5 timeouts in all, and a peer that merely skipped a call has
+  // time to come back.
   std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
 
  private:
@@ -94,7 +95,6 @@ class PeerGroup final : public Rendezvous {
     std::condition_variable cv;
     uint64_t generation = 0;
     int arrived = 0;  // waiting now
-    std::vector<bool> waiting;
     // Devices that reached this barrier since it last opened, including ones that gave up
     // waiting: a timeout names only the devices that never came.
     std::vector<bool> seen;
@@ -106,6 +106,9 @@ class PeerGroup final : public Rendezvous {
   std::mutex failure_mu_;
   std::string failure_;  // guarded by failure_mu_
   std::array<Barrier, static_cast<int>(Phase::kNumPhases)> barriers_;
+  std::mutex gone_mu_;
+  // Per rank: when a timeout of this site found it gone; max() while it is not.
+  std::vector<std::chrono::steady_clock::time_point> gone_since_;  // guarded by gone_mu_
 };
 
 // The group of (call site, group index), created on first use. `num_devices` must agree with
