@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -279,8 +280,12 @@ ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& 
 }
 
 // This handler's share of XLA's pool: the devices of a real group run at once and split it.
+// The pool may hold more threads than the cores (jax_ccfuser asks XLA for 2 per device so deep
+// asynchronous dispatch never runs out of them); the kernels split only the cores.
 Workers ShareOfPool(const Peers& peers, ffi::ThreadPool& pool) {
-  return Workers(&pool, static_cast<int>(pool.num_threads() / std::max(1, peers.concurrent)));
+  const int64_t threads =
+      std::min<int64_t>(pool.num_threads(), std::max(1u, std::thread::hardware_concurrency()));
+  return Workers(&pool, static_cast<int>(threads / std::max(1, peers.concurrent)));
 }
 
 // out[t, :] = sum over slots of staging[t, slot, :], in slot order.
