@@ -3,9 +3,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-NATIVE := CMakeLists.txt pyproject.toml $(wildcard xla_ffi/*) $(wildcard cuda/*)
+# What the editable install bakes in: the extensions, and the version from jax_ccfuser/__init__.py.
+INSTALLED := CMakeLists.txt pyproject.toml jax_ccfuser/__init__.py $(wildcard xla_ffi/*) \
+	$(wildcard cuda/*) $(wildcard common/*)
 
-.PHONY: all install test demo bench clean
+.PHONY: all install test test-fast demo bench clean
 
 all: install
 
@@ -15,7 +17,7 @@ $(VENV)/.deps: requirements.lock
 	$(PY) -m pip install -q -r requirements.lock
 	touch $@
 
-$(VENV)/.built: $(VENV)/.deps $(NATIVE)
+$(VENV)/.built: $(VENV)/.deps $(INSTALLED)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -23,6 +25,10 @@ install: $(VENV)/.built
 
 test: install
 	$(PY) -m pytest -q tests
+
+# Everything but the soak and multi-process tests (`slow`); `make test` and CI run those too.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: install
 	$(PY) -m models.demo
