@@ -63,13 +63,18 @@ def ep_mesh(devices: int):
                        devices=jax.devices()[:devices])
 
 
+def shard_ep(body, devices: int, in_specs=P("ep"), out_specs=P("ep")):
+  """`body(*args, axis_name="ep")` under `shard_map` over the first `devices` devices."""
+  return jax.shard_map(functools.partial(body, axis_name="ep"), mesh=ep_mesh(devices),
+                       in_specs=in_specs, out_specs=out_specs)
+
+
 def sharded(moe_fn, devices: int, **kwargs):
   """`moe_fn` (a contract-shaped MoE function) run under `shard_map` over axis "ep", jitted.
 
   The returned function takes the global arrays of `make_inputs`.
   """
-  body = functools.partial(moe_fn, axis_name="ep", **kwargs)
-  return jax.jit(jax.shard_map(body, mesh=ep_mesh(devices), in_specs=P("ep"), out_specs=P("ep")))
+  return jax.jit(shard_ep(functools.partial(moe_fn, **kwargs), devices))
 
 
 def assert_close(actual, expected, dtype, scale=1.0):

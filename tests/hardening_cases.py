@@ -1,0 +1,119 @@
+"""What the stress tests of fused_moe share: a bound on every peer wait, the forward and
+backward step under `shard_map`, its comparison with reference_moe, and the 4-device problem the
+peer tests perturb."""
+
+import functools
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_ccfuser as ccf
+from moe_cases import Case, assert_close, make_inputs, shard_ep
+
+# A missing or failing peer must surface within this many seconds of wall time (the peer timeout
+# of these tests is 1 s; the rest is slack for compiling on busy cores). Only a hang exceeds it.
+NO_HANG_S = 30.0
+TEST_PEER_TIMEOUT_S = 1.0
+
+
+def bounded(fn):
+  """`fn()`, traced under the tests' peer timeout, run on a daemon thread.
+
+  Returns what `fn` returns and raises what it raises; fails the test if `fn` still runs after
+  `NO_HANG_S` seconds, so a hang is a failure, not a stuck test run.
+  """
+  outcome = {}
+
+  def target():
+    try:
+      with ccf.peer_timeout(TEST_PEER_TIMEOUT_S):
+        outcome["value"] = fn()
+    except Exception as e:  # noqa: BLE001 (raised again in the test's thread)
+      outcome["error"] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(NO_HANG_S)
+  assert not thread.is_alive(), f"still running after {NO_HANG_S} s: a peer wait hangs"
+  if "error" in outcome:
+    raise outcome["error"]
+  return outcome["value"]
+
+
+def error_of(result):
+  """The run-time error computing `result` raised, or None."""
+  try:
+    jax.block_until_ready(result)
+  except jax.errors.JaxRuntimeError as e:
+    return e
+  return None
+
+
+def make_forward_and_grads(moe_fn, devices: int, activation: str = "swiglu",
+                           with_plan: bool = False):
+  """A jitted `(x, ids, weights, w_in, w_out, dy) -> (y, (dx, d_weights, dw_in, dw_out))`.
+
+  The peer timeout in force when it is first called stays with it (see `ccf.peer_timeout`).
+  """
+  def moe(x, ids, weights, w_in, w_out, axis_name):
+    plan = None
+    if with_plan:
+      num_experts = w_out.shape[0] * jax.lax.axis_size(axis_name)
+      plan = ccf.reassign(ids, num_experts, axis_name=axis_name, tile=4)
+    return moe_fn(x, ids, weights, w_in, w_out, axis_name=axis_name, activation=activation,
+                  plan=plan)
+
+  layer = shard_ep(moe, devices)
+
+  def run(x, ids, weights, w_in, w_out, dy):
+    y, pullback = jax.vjp(lambda x, w, a, b: layer(x, ids, w, a, b), x, weights, w_in, w_out)
+    return y, pullback(dy.astype(y.dtype))
+
+  return jax.jit(run)
+
+
+# One per static configuration, traced under the default peer timeout: jit then keeps one
+# executable per shape, so repeated shapes compile once.
+forward_and_grads = functools.lru_cache(maxsize=None)(make_forward_and_grads)
+
+
+def _float32(*arrays):
+  """The float arrays cast to float32 (the reference's precision), int32 ids as they are."""
+  return [a if a.dtype == jnp.int32 else a.astype(jnp.float32) for a in arrays]
+
+
+def _assert_grads_close(grads, grads_ref, dtype, names):
+  """Each gradient against the reference's, named in the failure message."""
+  for name, a, b in zip(names, grads, grads_ref, strict=True):
+    try:
+      # Gradients sum over many rows: the tolerance grows with the reference's magnitude.
+      assert_close(a, b, dtype, max(1.0, float(jnp.max(jnp.abs(b))) / 4))
+    except AssertionError as e:
+      raise AssertionError(f"{name}: {e}") from None
+
+
+def assert_loss_and_grads_close(out, out_ref, names):
+  """`(loss, grads)` of a float32 step against the reference step's."""
+  assert_close(out[0], out_ref[0], jnp.float32, 10.0)
+  _assert_grads_close(out[1], out_ref[1], jnp.float32, names)
+
+
+def assert_matches_reference(fused_out, args, devices, activation, dtype):
+  """`fused_out` (y and grads of `forward_and_grads`) against reference_moe in float32."""
+  y, grads = fused_out
+  y_ref, grads_ref = forward_and_grads(ccf.reference_moe, devices, activation)(*_float32(*args))
+  assert y.dtype == args[0].dtype
+  assert_close(y, y_ref, dtype)
+  _assert_grads_close(grads, grads_ref, dtype, ("dx", "d_weights", "dw_in", "dw_out"))
+
+
+PEER_CASE = Case(devices=4, tokens=12, seed=21)
+
+
+def peer_args(case=PEER_CASE):
+  """`make_inputs(case)` and a cotangent dy `[D*T, H]` float32."""
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  dy = jnp.asarray(np.random.default_rng(case.seed).standard_normal(x.shape), jnp.float32)
+  return x, ids, weights, w_in, w_out, dy
