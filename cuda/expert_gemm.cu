@@ -24,7 +24,7 @@
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/numeric.cuh"
-#include "xla_ffi/activation.h"
+#include "common/activation.h"
 
 namespace ccf::cuda {
 namespace {

@@ -11,7 +11,7 @@ import jax
 
 # Bumped whenever the FFI signatures change (xla_ffi/ffi_module.h holds the native side's copy);
 # the native modules report the value they were built with, so a stale build fails here with instructions instead of deep inside XLA.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _REBUILD = ("rebuild it from the repository root with `make install` "
             "(or `pip install --no-build-isolation -e .` in an environment with the build "
@@ -37,6 +37,9 @@ def _register(ext, platform: str) -> None:
 
 cpu = _load("_ccfuser_cpu")
 _register(cpu, "cpu")
+
+# {activation name: the custom calls' `activation` attribute}, from common/activation.h.
+ACTIVATION_CODES = cpu.activation_codes()
 
 # Built only where nvcc was found; without it the CPU targets are all there is.
 cuda = None

@@ -20,9 +20,6 @@ from jax_ccfuser._config import peer_timeout_ms
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_moe_args
 
-# The `activation` attribute's codes; xla_ffi/activation.h spells the same enum.
-_ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3, "silu": 4}
-
 # Each traced call gets its own pair of sites (forward, backward): the key under which the
 # devices of one group find each other's buffers. Every device runs the same traced program,
 # so they agree on it.
@@ -62,7 +59,7 @@ class _Static(NamedTuple):
                                             self.platform)
     return dict(site=np.uint64(2 * self.site + backward), num_devices=np.int32(self.num_devices),
                 emulated=np.int32(self.emulated),
-                activation=np.int32(_ACTIVATION_CODES[self.activation]),
+                activation=np.int32(_extension.ACTIVATION_CODES[self.activation]),
                 timeout_ms=np.int64(self.timeout_ms), num_experts=np.int64(self.num_experts),
                 workspace=np.int32(workspace), workspace_offset=np.int64(offset),
                 devices=np.asarray(self.devices or (-1,), np.int32))

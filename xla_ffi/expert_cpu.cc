@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include "xla_ffi/activation.h"
+#include "common/activation.h"
 #include "xla_ffi/host_dtype.h"
 
 namespace ccf {

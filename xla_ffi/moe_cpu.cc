@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ffi/activation.h"
+#include "common/activation.h"
 #include "xla_ffi/cpu_gemm.h"
 #include "xla_ffi/expert_cpu.h"
 #include "xla_ffi/host_dtype.h"

@@ -38,7 +38,7 @@
 
 #include "cuda/api.cuh"
 #include "xla/ffi/api/ffi.h"
-#include "xla_ffi/activation.h"
+#include "common/activation.h"
 #include "xla_ffi/moe_call.h"
 #include "xla_ffi/host_dtype.h"
 #include "xla_ffi/ipc_memory.h"

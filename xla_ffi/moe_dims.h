@@ -4,7 +4,7 @@
 #include <cstdint>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ffi/activation.h"
+#include "common/activation.h"
 
 namespace ccf {
 

@@ -16,14 +16,20 @@
 
 namespace ccf {
 
-// The values of the `activation` FFI attribute; jax_ccfuser/_fused.py spells the same table.
+// The values of the `activation` FFI attribute.
 enum class Activation : int32_t { kSwiglu = 0, kGeglu = 1, kGelu = 2, kRelu = 3, kSilu = 4 };
+
+// Python's names, indexed by code: the native modules hand Python this table
+// (`activation_codes()`), so the codes are spelled only here.
+inline constexpr const char* kActivationNames[] = {"swiglu", "geglu", "gelu", "relu", "silu"};
+inline constexpr int32_t kNumActivations = sizeof(kActivationNames) / sizeof(kActivationNames[0]);
+static_assert(static_cast<int32_t>(Activation::kSilu) + 1 == kNumActivations);
 
 constexpr bool IsGated(Activation a) {
   return a == Activation::kSwiglu || a == Activation::kGeglu;
 }
 
-constexpr bool IsValidActivation(int32_t a) { return a >= 0 && a <= 4; }
+constexpr bool IsValidActivation(int32_t a) { return a >= 0 && a < kNumActivations; }
 
 namespace act_detail {
 constexpr float kInvSqrt2 = 0.70710678118654752f;
