@@ -1,6 +1,10 @@
 """Expert placement: routing counts against numpy, the ILP against greedy and known optima, and
 a live model whose experts are moved computing and training exactly as before."""
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +163,38 @@ def test_bad_arguments():
     placement.score(stats, [[0, 0, 1, 2]])
   with pytest.raises(ValueError, match="3 layers"):
     placement.RoutingStats.zeros(3, 2, 4).update([jnp.zeros((4, 2), jnp.int32)])
+
+
+# Counts, places and permutes with `placement`'s Flax-free names; `result` holds what they give.
+_FLAX_FREE_STEPS = """
+ids = [np.array([[0, 1], [2, 3], [0, 2], [1, 3]], np.int32),
+       np.array([[1, 2], [3, 0], [2, 1], [0, 3]], np.int32)]
+stats = placement.RoutingStats.zeros(2, 2, 4).update(ids)
+solution = placement.solve(stats, 2, method="greedy")
+tree = {"moe": {"w_in": np.arange(4.0), "router": {"kernel": np.eye(4)}}}
+moved = placement.permute(tree, solution.perms[:1], layers=[("moe",)])
+result = [stats.rows.tolist(), solution.perms.tolist(),
+          placement.score(stats, solution.perms).remote_fraction.tolist(),
+          jax.tree.map(lambda a: np.asarray(a).tolist(), moved)]
+"""
+
+
+def test_flax_free_part_imports_and_runs_without_flax_and_scipy():
+  """As installed without the `flax` extra: a None in `sys.modules` makes `import flax` (and
+  `import scipy`, which only the ILP needs) raise ImportError. Only the NNX names then fail."""
+  child = ("import sys\n"
+           "sys.modules['flax'] = sys.modules['scipy'] = None\n"
+           "import json, jax, numpy as np\n"
+           "from jax_ccfuser import placement\n"
+           + _FLAX_FREE_STEPS +
+           "print(json.dumps(result))\n"
+           "try:\n  placement.apply\nexcept ImportError:\n  print('no flax')\n")
+  run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr
+  here = {"np": np, "jax": jax, "placement": placement}
+  exec(_FLAX_FREE_STEPS, here)
+  assert run.stdout.splitlines() == [json.dumps(here["result"]), "no flax"]
 
 
 def _tokens(seed, batch=TRAIN.batch):

@@ -1,0 +1,66 @@
+"""Expert placement: which device holds which expert, chosen from recorded routing statistics.
+
+Three steps, each usable on its own:
+
+1. **Record.** `RoutingStats` counts, per MoE layer, the (token, k) rows each source device sends
+   to each expert, and across consecutive layers the expert(l) -> expert(l + 1) transitions of
+   every token. `routing_stats` counts one step (jittable); `RoutingStats.update` adds a step to
+   running totals; `capture_expert_ids` gets the ids out of an NNX model's
+   `jax_ccfuser.nnx.MoE` layers inside a jitted training step.
+2. **Solve.** `solve` picks a permutation of each layer's experts, by an integer linear program
+   over load balance, rows that leave their device and the cross-layer term (MoETuner), or
+   greedily, each expert near the devices that send it most rows (CCFuser). `score` measures any
+   placement on statistics.
+3. **Apply.** `apply` moves the experts of a live NNX model and of its optimizer state, and the
+   router's output columns with them, so the model computes exactly the same function; `permute`
+   does the same to plain pytrees (Linen params, Optax states, `nnx.State`).
+
+Layout: a layer's expert (slot) `s` lives on device `s // E_local`, `E_local = E / D`, as in
+`jax_ccfuser.fused_moe`. A permutation `perm` `[E]` says which old expert goes to each new slot:
+`new_w_in[s] = old_w_in[perm[s]]`.
+
+Examples:
+  >>> stats = placement.RoutingStats.zeros(num_layers=4, num_devices=8, num_experts=64)
+  >>> stats = stats.update(expert_ids_per_layer)  # in the training step; [N, K] int32 each
+  >>> solution = placement.solve(stats, 8, method="ilp", time_limit=5.0)
+  >>> placement.apply(model, optimizer, solution.perms)
+
+Modules: `_stats` (recording), `_solve` (placing) and `_permute` (applying to pytrees) need
+neither Flax nor SciPy (the ILP imports SciPy when it runs); `_nnx` (the NNX model helpers)
+imports Flax and is loaded on first use of `moe_layers`, `capture_expert_ids` or `apply`.
+"""
+
+from jax_ccfuser.placement._permute import permute
+from jax_ccfuser.placement._solve import METHODS
+from jax_ccfuser.placement._solve import Score
+from jax_ccfuser.placement._solve import Solution
+from jax_ccfuser.placement._solve import score
+from jax_ccfuser.placement._solve import solve
+from jax_ccfuser.placement._stats import RoutingStats
+from jax_ccfuser.placement._stats import routing_stats
+
+# Flax is an optional dependency: these names load the NNX adapter, and Flax with it, on first
+# use, so the rest of the package works without Flax.
+_NNX_NAMES = ("apply", "capture_expert_ids", "moe_layers")
+
+
+def __getattr__(name: str):
+  if name in _NNX_NAMES:
+    from jax_ccfuser.placement import _nnx
+    return getattr(_nnx, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "RoutingStats",
+    "routing_stats",
+    "capture_expert_ids",
+    "moe_layers",
+    "METHODS",
+    "Solution",
+    "Score",
+    "solve",
+    "score",
+    "permute",
+    "apply",
+]

@@ -1,0 +1,109 @@
+"""The NNX adapter: recording an `nnx.Module`'s routing and moving its experts in place.
+
+Imports Flax, an optional dependency; `jax_ccfuser.placement` loads this module only when one of
+its names is used.
+"""
+
+from typing import Callable, Sequence
+
+import jax
+from flax import nnx
+
+from jax_ccfuser._router import route
+from jax_ccfuser.nnx import MoE
+from jax_ccfuser.placement._permute import check_perms, permute_with_moves
+
+# What every MoE layer of a model must have for its function to survive a permutation.
+_REQUIRED = (("w_in",), ("w_out",), ("router", "kernel"))
+
+
+def _moe_modules(model) -> list:
+  """`(path, module)` of every `jax_ccfuser.nnx.MoE` in `model`, in `nnx.iter_modules` order."""
+  return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, MoE)]
+
+
+def moe_layers(model) -> tuple[tuple, ...]:
+  """Paths of the `jax_ccfuser.nnx.MoE` layers of an NNX model, in `nnx.iter_modules` order.
+
+  That is attribute and list order (for `models.moe_lm.MoeLM`, block 0 first), and the layer
+  order of `capture_expert_ids`, `apply` and the `layers` of `permute`.
+
+  Examples:
+    >>> moe_layers(model)
+    (('blocks', 0, 'ffn'), ('blocks', 1, 'ffn'))
+  """
+  return tuple(path for path, _ in _moe_modules(model))
+
+
+def capture_expert_ids(fn: Callable) -> Callable:
+  """Wraps `fn(model, *args, **kwargs)` to also return the experts every MoE layer chose.
+
+  The wrapped function returns `(fn's result, expert_ids)`, expert_ids a tuple with one `[N, K]`
+  int32 array per `moe_layers(model)` entry: the ids of the layer's N tokens (its input's leading
+  dimensions, flattened), exactly as the layer routed them. They are recomputed from the
+  router's output (captured with `nnx.capture`), so the layers need no change; under `jax.jit`
+  the extra work is one top-k per layer. Each layer must run exactly once per call.
+  Usable inside `nnx.jit` and `nnx.grad` (the ids are then part of the auxiliary output).
+
+  Examples:
+    >>> def loss_fn(model, tokens): ...
+    >>> loss, ids = capture_expert_ids(loss_fn)(model, tokens)
+    >>> stats = stats.update(ids)
+  """
+  def wrapped(model, *args, **kwargs):
+    layers = _moe_modules(model)
+    result, captured = nnx.capture(fn, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+        model, *args, **kwargs)
+    outputs = dict(nnx.to_flat_state(captured))
+    ids = []
+    for path, moe in layers:
+      calls = outputs.get(path + ("router", "__call__"))
+      calls = () if calls is None else calls.get_value()
+      if len(calls) != 1:
+        raise ValueError(f"the MoE layer at {path} ran {len(calls)} times; "
+                         f"capture_expert_ids needs each layer to run exactly once")
+      logits = calls[0].reshape(-1, moe.spec.num_experts)
+      ids.append(route(logits, moe.spec.k, renormalize=moe.spec.renormalize)[0])
+    return result, tuple(ids)
+
+  return wrapped
+
+
+def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> None:
+  """Moves the experts of a live NNX model, and of its optimizer state, to a new placement.
+
+  In place: each MoE layer's `w_in`, `w_out` and router output columns (kernel, and bias when
+  there is one) are permuted together with `perms`, and so are the matching entries of
+  `optimizer`'s state (Adam's moments, ...), so the model computes exactly the same function and
+  the next training step is the permuted image of the step it would have taken. What the layers
+  report per expert (`RouterAux.counts`, and ids from `capture_expert_ids`) is then in the new
+  order. Every array keeps its sharding: an expert whose slot moved to another device has its
+  weights and moments copied there.
+
+  Args:
+    model: an `nnx.Module` holding `jax_ccfuser.nnx.MoE` layers.
+    optimizer: the model's `nnx.Optimizer` (or any NNX object holding its state), or `None`.
+    perms: `[L, E]` integer, one permutation per layer of `layers` (`Solution.perms`).
+    layers: paths of the MoE layers in `model`; `None`: `moe_layers(model)`.
+
+  Examples:
+    >>> solution = placement.solve(stats, 8)
+    >>> placement.apply(model, optimizer, solution.perms)
+    >>> stats = placement.RoutingStats.zeros(*stats.rows.shape)  # counts restart in the new ids
+  """
+  layers = moe_layers(model) if layers is None else [tuple(layer) for layer in layers]
+  perms = check_perms(perms, len(layers))
+  for target in (model, optimizer):
+    if target is None:
+      continue
+    state = nnx.state(target)
+    new, moved = permute_with_moves(state, perms, layers)
+    if target is model:
+      missing = [(layers[i], p) for i in range(len(layers)) for p in _REQUIRED
+                 if (i, p) not in moved]
+      if missing:
+        raise ValueError(f"the model has no parameter at these (layer, name) paths: {missing}")
+    # A permuted array is a gather's output; give it back the sharding its variable had.
+    nnx.update(target, jax.tree.map(
+        lambda n, o: jax.device_put(n, o.sharding) if isinstance(o, jax.Array) else n,
+        new, state))

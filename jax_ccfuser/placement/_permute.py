@@ -1,0 +1,99 @@
+"""Applying a placement to plain pytrees: parameters and optimizer state, Linen, Optax or NNX."""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The parameters of an MoE layer that are indexed by expert, relative to the layer's path, and the
+# axis of each that counts experts: the expert weights along their first, the router's outputs
+# along their last.
+_EXPERT_AXES = {("w_in",): 0, ("w_out",): 0, ("router", "kernel"): -1, ("router", "bias"): -1}
+
+
+def check_perms(perms, num_layers: int, num_experts: int | None = None) -> np.ndarray:
+  """`perms` as an `[L, E]` int32 array of permutations, or a ValueError."""
+  perms = np.asarray(perms)
+  if perms.ndim != 2 or perms.shape[0] != num_layers or not np.issubdtype(perms.dtype, np.integer):
+    raise ValueError(f"perms must be an integer [L={num_layers}, E] array, got "
+                     f"{perms.dtype.name}{list(perms.shape)}")
+  if num_experts is not None and perms.shape[1] != num_experts:
+    raise ValueError(f"perms has {perms.shape[1]} experts per layer, expected {num_experts}")
+  for layer, p in enumerate(perms):
+    if not np.array_equal(np.sort(p), np.arange(len(p))):
+      raise ValueError(f"perms[{layer}] is not a permutation of 0..{len(p) - 1}: {p.tolist()}")
+  return perms.astype(np.int32)
+
+
+def _key(entry):
+  """A pytree key path entry (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey) as a value."""
+  for attribute in ("key", "name", "idx"):
+    if hasattr(entry, attribute):
+      return getattr(entry, attribute)
+  raise TypeError(f"unsupported pytree key {entry!r}")
+
+
+def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple]):
+  """`permute`, also returning the set of (layer, parameter) pairs it moved."""
+  layers = [tuple(layer) for layer in layers]
+  moved = set()
+
+  def find(path):
+    """(layer, parameter, axis) of the leaf at `path`, or None when no expert axis is in it."""
+    keys = tuple(_key(k) for k in path)
+    hits = []
+    for index, layer in enumerate(layers):
+      for parameter, axis in _EXPERT_AXES.items():
+        pattern = layer + parameter
+        for start in range(len(keys) - len(pattern) + 1):
+          rest = path[start + len(pattern):]
+          # Only attribute steps into a box (an NNX Variable's value) may follow the name.
+          if (keys[start:start + len(pattern)] == pattern
+              and all(isinstance(k, jax.tree_util.GetAttrKey) for k in rest)):
+            hits.append((index, parameter, axis))
+    if len(hits) > 1:
+      raise ValueError(f"{jax.tree_util.keystr(path)} belongs to more than one of the layers "
+                       f"{layers}")
+    return hits[0] if hits else None
+
+  def move(path, leaf):
+    hit = find(path)
+    if hit is None:
+      return leaf
+    index, parameter, axis = hit
+    if np.ndim(leaf) == 0 or np.shape(leaf)[axis] != perms.shape[1]:
+      raise ValueError(f"{jax.tree_util.keystr(path)} has shape {list(np.shape(leaf))}; its "
+                       f"axis {axis} should count the {perms.shape[1]} experts")
+    moved.add((index, parameter))
+    return jnp.take(leaf, perms[index], axis=axis)
+
+  return jax.tree_util.tree_map_with_path(move, tree), moved
+
+
+def permute(tree, perms, *, layers: Sequence[tuple]):
+  """Permutes the experts of MoE layers in any pytree of parameters or of optimizer state.
+
+  Every leaf whose key path contains `layers[l] + ("w_in",)` or `("w_out",)` (followed by nothing
+  but attribute steps, such as an NNX Variable's `.value`) is taken along its first axis, and
+  every leaf under `layers[l] + ("router", "kernel")` or `("router", "bias")` along its last, in
+  the order `perms[l]`. Because the layer path may appear anywhere in the key path, this moves an
+  Optax state's per-parameter entries (Adam's `mu` and `nu`) with their parameters; other leaves
+  are returned as they are. Pure and jittable.
+
+  Args:
+    tree: a pytree: Linen `params`, an `nnx.State`, an Optax state, a dict of them.
+    perms: `[L, E]` integer, `perms[l, s]` the old expert that slot s of layer l gets
+      (`Solution.perms`).
+    layers: the key path of each MoE layer's parameters, e.g. `("blocks", 0, "ffn")` for an
+      `nnx.State` or `("params", "Block_0", "MoE_0")` for Linen; `moe_layers(model)` lists an
+      NNX model's.
+
+  Returns:
+    The tree with the same structure and the expert axes permuted.
+
+  Examples:
+    >>> params = permute(params, solution.perms, layers=[("params", "moe")])
+    >>> opt_state = permute(opt_state, solution.perms, layers=[("params", "moe")])  # mu, nu too
+  """
+  return permute_with_moves(tree, check_perms(perms, len(layers)), layers)[0]

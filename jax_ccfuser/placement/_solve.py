@@ -1,0 +1,263 @@
+"""Choosing a placement from statistics: the per-layer ILP (HiGHS), greedy, and their score."""
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from jax_ccfuser.placement._permute import check_perms
+from jax_ccfuser.placement._stats import RoutingStats
+
+METHODS = ("ilp", "greedy")
+
+
+class Solution(NamedTuple):
+  """A placement of every layer's experts, from `solve`."""
+  perms: np.ndarray             # [L, E] int32: perms[l, s] = the old expert that new slot s gets
+  methods: tuple[str, ...]      # [L] "ilp", "ilp (time limit)" or "greedy" (see `solve`)
+  seconds: tuple[float, ...]    # [L] wall time spent placing each layer
+
+
+class Score(NamedTuple):
+  """How a placement fares on routing statistics, per layer."""
+  remote_fraction: np.ndarray  # [L] float64: share of rows computed on another device than theirs
+  max_load: np.ndarray         # [L] float64: rows of the busiest device over the mean (1: even)
+  cross_fraction: np.ndarray   # [L - 1] float64: share of transitions that change device
+
+
+def _devices_of(perm: np.ndarray, num_devices: int) -> np.ndarray:
+  """`[E]`: the device that holds each old expert under `perm`."""
+  devices = np.empty_like(perm)
+  devices[perm] = np.arange(len(perm)) // (len(perm) // num_devices)
+  return devices
+
+
+def _share(part, whole) -> float:
+  return float(part / whole) if whole else 0.0
+
+
+def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
+  """Measures a placement on `stats`: remote rows, device load and separated transitions.
+
+  Args:
+    stats: `RoutingStats` with `[L, D, E]` rows.
+    perms: `[L, E]` integer, `perms[l, s]` the old expert placed at slot s (`Solution.perms`);
+      `None`: the identity (the placement the statistics were recorded under).
+
+  Returns:
+    A `Score` (per-layer numpy arrays).
+
+  Examples:
+    >>> before, after = score(stats), score(stats, solve(stats, 8).perms)
+    >>> print(before.remote_fraction.mean(), after.remote_fraction.mean())
+  """
+  rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
+  num_layers, d, e = rows.shape
+  perms = (np.tile(np.arange(e), (num_layers, 1)) if perms is None
+           else check_perms(perms, num_layers, e))
+  devices = [_devices_of(p, d) for p in perms]
+  remote, max_load, cross = [], [], []
+  for layer in range(num_layers):
+    r = rows[layer]
+    local = r[devices[layer], np.arange(e)].sum()
+    remote.append(1.0 - _share(local, r.sum()))
+    loads = np.bincount(devices[layer], weights=r.sum(axis=0), minlength=d)
+    max_load.append(_share(loads.max(), loads.mean()))
+  for layer in range(num_layers - 1):
+    separated = devices[layer][:, None] != devices[layer + 1][None, :]
+    cross.append(_share(transitions[layer][separated].sum(), transitions[layer].sum()))
+  return Score(np.asarray(remote), np.asarray(max_load), np.asarray(cross))
+
+
+def _greedy(rows: np.ndarray, experts_local: int) -> np.ndarray:
+  """CCFuser's placement: hottest expert first, onto the open device that sends it most rows.
+
+  Args:
+    rows: `[D, E]` float64, rows per (source device, expert).
+    experts_local: how many experts each device holds.
+
+  Returns:
+    `[E]`: each expert's device.
+  """
+  d, e = rows.shape
+  devices, free, load = np.empty(e, np.int64), np.full(d, experts_local), np.zeros(d)
+  for expert in np.argsort(-rows.sum(axis=0), kind="stable"):
+    candidates = np.flatnonzero(free)
+    # Most rows first; ties to the least loaded device, then the lowest index.
+    best = candidates[np.lexsort((candidates, load[candidates], -rows[candidates, expert]))[0]]
+    devices[expert] = best
+    free[best] -= 1
+    load[best] += rows[:, expert].sum()
+  return devices
+
+
+def _objective(cost: np.ndarray, load: np.ndarray, devices: np.ndarray, *,
+               balance_weight: float) -> float:
+  """The ILP's objective (`_ilp`) at a placement `devices` `[E]`."""
+  d = cost.shape[1]
+  busiest = np.bincount(devices, weights=load, minlength=d).max()
+  return float(cost[np.arange(len(devices)), devices].sum() + balance_weight * d * busiest)
+
+
+def _ilp(cost: np.ndarray, load: np.ndarray, experts_local: int, *, balance_weight: float,
+         time_limit: float, gap: float) -> tuple[np.ndarray | None, bool]:
+  """Solves one layer's placement with HiGHS.
+
+  Binary `x[e, d]` (expert e on device d) with `sum_d x[e, d] = 1` and
+  `sum_e x[e, d] = E_local`; continuous `z >= sum_e load[e] * x[e, d]` for every d. Minimises
+  `sum cost[e, d] * x[e, d] + balance_weight * D * z`.
+
+  Args:
+    cost: `[E, D]` float64, what putting expert e on device d costs.
+    load: `[E]` float64, rows per expert.
+    experts_local: E_local.
+    balance_weight: weight of `D * z`.
+    time_limit: seconds HiGHS may take.
+    gap: relative optimality gap at which HiGHS may stop.
+
+  Returns:
+    `(devices, optimal)`: each expert's device `[E]` (`None` when HiGHS found no placement in
+    time) and whether HiGHS proved it within `gap` of the optimum.
+  """
+  # scipy.optimize takes about a second to import; only this solver needs it.
+  from scipy import optimize, sparse
+
+  e, d = cost.shape
+  n = e * d  # x[e, d] is variable e * d + d; z is variable n
+  scale = max(load.sum(), 1.0)  # objective in units of the layer's rows, near 1
+  objective = np.append(cost.ravel(), balance_weight * d) / scale
+  experts, devices = np.divmod(np.arange(n), d)
+  once = sparse.csr_array((np.ones(n), (experts, np.arange(n))), shape=(e, n + 1))
+  per_device = sparse.csr_array((np.ones(n), (devices, np.arange(n))), shape=(d, n + 1))
+  device_load = sparse.csr_array(
+      (np.append(load[experts], -np.ones(d)), (np.append(devices, np.arange(d)),
+                                               np.append(np.arange(n), np.full(d, n)))),
+      shape=(d, n + 1))
+  result = optimize.milp(
+      objective, integrality=np.append(np.ones(n), 0),
+      bounds=optimize.Bounds(np.zeros(n + 1), np.append(np.ones(n), np.inf)),
+      constraints=[optimize.LinearConstraint(once, 1, 1),
+                   optimize.LinearConstraint(per_device, experts_local, experts_local),
+                   optimize.LinearConstraint(device_load, -np.inf, 0)],
+      options={"time_limit": time_limit, "mip_rel_gap": gap, "disp": False})
+  # Status 0: solved within the gap; 1: stopped at the time limit, with the best placement found
+  # so far in `x` if it found one. The model is always feasible and bounded.
+  if result.x is None:
+    return None, False
+  return np.argmax(result.x[:n].reshape(e, d), axis=1), result.status == 0
+
+
+def _layer_cost(rows: np.ndarray, transitions: np.ndarray, devices: list, layer: int, *,
+                transition_weight: float) -> np.ndarray:
+  """`[E, D]` float64: what putting each expert of `layer` on each device costs, given the
+  placements `devices` (`[E]` or `None` each) of the other layers: its rows that start elsewhere,
+  plus `transition_weight` times its transitions from and to placed neighbours that would change
+  device."""
+  r = rows[layer]
+  d = r.shape[0]
+  cost = r.sum(axis=0)[:, None] - r.T
+  if layer > 0 and devices[layer - 1] is not None:
+    t = transitions[layer - 1]  # [E_prev, E]
+    staying = (np.eye(d)[devices[layer - 1]].T @ t).T  # [E, D]: from experts on d into e
+    cost += transition_weight * (t.sum(axis=0)[:, None] - staying)
+  if layer + 1 < len(devices) and devices[layer + 1] is not None:
+    t = transitions[layer]  # [E, E_next]
+    staying = t @ np.eye(d)[devices[layer + 1]]  # [E, D]: from e into experts on d
+    cost += transition_weight * (t.sum(axis=1)[:, None] - staying)
+  return cost
+
+
+def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_limit: float = 10.0,
+          gap: float = 1e-3, balance_weight: float = 1.0, transition_weight: float = 0.5,
+          sweeps: int = 3) -> Solution:
+  """Places every layer's experts on the devices from routing statistics.
+
+  `method="ilp"` (MoETuner-style) minimises, over binary `x_l[e, d]` (each expert on exactly one
+  device, each device exactly E_local experts),
+
+      sum_l  remote rows                    sum_{e, d} sum_{src != d} rows_l[src, e] * x_l[e, d]
+           + balance_weight * D * z_l       (continuous z_l >= sum_e rows_l[:, e].sum() * x_l[e, d])
+           + transition_weight * the transitions of l -> l + 1 whose two experts differ in device
+
+  The busiest device's rows count D times because every device waits for it. The cross-layer
+  term couples the layers; instead of linearising it with `E * E * D` more variables per layer
+  pair, the layers are solved one at a time as integer programs of `E * D` binaries, each given
+  the current placement of its neighbours (for which the term is linear): a first pass in
+  layer order sees only the layer before, then up to `sweeps` more passes re-solve every layer
+  given both neighbours and keep a placement only if it lowers that layer's cost (block
+  coordinate descent: the total never rises, it stops when a pass changes nothing). It reaches
+  a placement no single layer can improve, not necessarily the joint optimum.
+
+  HiGHS stops once it proves a placement within `gap` (relative) of the optimum of the layer's
+  program. Where it reaches `time_limit` first, the layer gets HiGHS's best placement so far if
+  that costs less than the greedy one, and the greedy one otherwise (also when HiGHS found
+  none); `Solution.methods` says which.
+
+  `method="greedy"` (CCFuser-style): hottest expert first, each onto the device with a free slot
+  that sends it most rows (ties to the least loaded). It ignores the balance and cross-layer
+  weights.
+
+  Within a device, experts keep their old order, so the identity is returned where nothing moves.
+
+  Args:
+    stats: `RoutingStats` recorded under the current placement, over `num_devices` devices.
+    num_devices: D, the expert-parallel group; must equal the statistics' and divide E.
+    method: "ilp" or "greedy".
+    time_limit: seconds HiGHS may spend on each layer's program.
+    gap: relative optimality gap at which HiGHS stops (proving the last fraction of a percent
+      of a min-max objective can take orders of magnitude longer than finding it).
+    balance_weight: weight of D times the busiest device's rows.
+    transition_weight: weight of each cross-layer transition that changes device (counted once
+      per (k, k') pair of a token); 0 makes the layers independent.
+    sweeps: passes over the layers after the first (only with the cross-layer term).
+
+  Returns:
+    A `Solution`: `perms` `[L, E]` int32 (`perms[l, s]` the old expert for new slot s, slot s on
+    device `s // E_local`); per layer, the method that placed it ("ilp": proven within `gap`;
+    "ilp (time limit)": HiGHS's best when time ran out; "greedy") and the seconds spent on it.
+
+  Examples:
+    >>> solution = solve(stats, 8, method="ilp", time_limit=5.0)
+    >>> solution.methods  # ("ilp", "ilp", ...); "greedy" where a layer fell back
+    >>> score(stats, solution.perms).remote_fraction
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+  num_layers, d, e = stats.rows.shape
+  if num_devices != d:
+    raise ValueError(f"the statistics were recorded over {d} devices, not num_devices="
+                     f"{num_devices}")
+  if e % d:
+    raise ValueError(f"{e} experts do not split evenly over {d} devices")
+  if time_limit <= 0 or gap < 0 or balance_weight < 0 or transition_weight < 0 or sweeps < 0:
+    raise ValueError(f"need time_limit > 0 and a non-negative gap, weights and sweeps, got "
+                     f"time_limit={time_limit}, gap={gap}, balance_weight={balance_weight}, "
+                     f"transition_weight={transition_weight}, sweeps={sweeps}")
+  rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
+  experts_local = e // d
+  devices = [None] * num_layers  # [E] each: the device of every expert, once placed
+  methods, seconds = ["greedy"] * num_layers, [0.0] * num_layers
+  passes = 1 + (sweeps if method == "ilp" and transition_weight and num_layers > 1 else 0)
+  for sweep in range(passes):
+    changed = False
+    for layer in range(num_layers):
+      began = time.perf_counter()
+      load = rows[layer].sum(axis=0)
+      if devices[layer] is None:
+        devices[layer], changed = _greedy(rows[layer], experts_local), True
+      if method == "ilp":
+        cost = _layer_cost(rows, transitions, devices, layer, transition_weight=transition_weight)
+        value = lambda p: _objective(cost, load, p, balance_weight=balance_weight)
+        found, optimal = _ilp(cost, load, experts_local, balance_weight=balance_weight,
+                              time_limit=time_limit, gap=gap)
+        # The first pass takes a proven placement outright; later ones only a cheaper one.
+        take = optimal and sweep == 0
+        if found is not None and (take or value(found) < value(devices[layer])):
+          devices[layer], changed = found, True
+          methods[layer] = "ilp" if optimal else "ilp (time limit)"
+      seconds[layer] += time.perf_counter() - began
+    if not changed:
+      break
+  # Sorting by device keeps the old order within a device (a stable sort).
+  perms = np.stack([np.argsort(p, kind="stable") for p in devices]).astype(np.int32)
+  return Solution(perms=perms, methods=tuple(methods), seconds=tuple(seconds))

@@ -1,0 +1,123 @@
+"""Routing statistics: rows per (source device, expert) and cross-layer expert transitions."""
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+class RoutingStats(NamedTuple):
+  """Routing counts of L consecutive MoE layers, summed over the steps recorded so far.
+
+  A pytree of two int32 arrays (exact up to 2**31 - 1 per entry), so it can be carried through a
+  jitted training loop and summed across steps with `update`.
+  """
+  rows: jax.Array         # [L, D, E] int32: (token, k) rows source device d sent to expert e
+  transitions: jax.Array  # [L - 1, E, E] int32: (token, k, k') pairs, expert i in l, j in l + 1
+
+  @classmethod
+  def zeros(cls, num_layers: int, num_devices: int, num_experts: int) -> "RoutingStats":
+    """Empty totals for `num_layers` layers of `num_experts` experts over `num_devices` devices."""
+    if num_layers < 1 or num_devices < 1 or num_experts < 1:
+      raise ValueError(f"need at least one layer, device and expert, got num_layers="
+                       f"{num_layers}, num_devices={num_devices}, num_experts={num_experts}")
+    return cls(rows=jnp.zeros((num_layers, num_devices, num_experts), jnp.int32),
+               transitions=jnp.zeros((num_layers - 1, num_experts, num_experts), jnp.int32))
+
+  @property
+  def num_layers(self) -> int:
+    return self.rows.shape[0]
+
+  @property
+  def num_devices(self) -> int:
+    return self.rows.shape[1]
+
+  @property
+  def num_experts(self) -> int:
+    return self.rows.shape[2]
+
+  def update(self, expert_ids: Sequence[jax.Array], *,
+             source: jax.Array | None = None) -> "RoutingStats":
+    """These totals plus the counts of one step (`routing_stats`); jittable.
+
+    Args:
+      expert_ids: one `[N, K]` integer array per layer, `L` of them, the same N tokens in the
+        same order in every layer.
+      source: `[N]` int32, the device each token lives on; `None`: the N tokens split evenly in
+        order over the D devices (token `t` on device `t // (N / D)`), as the expert-parallel
+        layers split a batch.
+
+    Returns:
+      The updated `RoutingStats`.
+
+    Examples:
+      >>> stats = RoutingStats.zeros(2, 4, 8)
+      >>> stats = stats.update([ids_layer0, ids_layer1])  # [N, 2] int32 each
+    """
+    if len(expert_ids) != self.num_layers:
+      raise ValueError(f"these statistics have {self.num_layers} layers, got expert ids of "
+                       f"{len(expert_ids)}")
+    step = routing_stats(expert_ids, num_experts=self.num_experts, num_devices=self.num_devices,
+                         source=source)
+    return RoutingStats(rows=self.rows + step.rows, transitions=self.transitions + step.transitions)
+
+
+def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devices: int,
+                  source: jax.Array | None = None) -> RoutingStats:
+  """Counts one step's routing: rows per (source device, expert) and cross-layer transitions.
+
+  Every (token, k) assignment of layer l adds one to `rows[l, source[token], expert]`; every pair
+  of a token's k-th expert `i` in layer l and k'-th expert `j` in layer l + 1 adds one to
+  `transitions[l, i, j]` (K * K' pairs per token). Ids outside `[0, E)` and sources outside
+  `[0, D)` are not counted. Jittable (one `bincount` per layer and per layer pair).
+
+  Args:
+    expert_ids: one `[N, K]` integer array per layer (K may differ between layers), the same N
+      tokens in the same order in every layer.
+    num_experts: E.
+    num_devices: D.
+    source: `[N]` integer, the device each token lives on; `None`: token `t` on device
+      `t // (N / D)` (N divisible by D), the split of `jax_ccfuser.nnx.MoE` over its expert axis.
+
+  Returns:
+    A `RoutingStats` with rows `[L, D, E]` and transitions `[L - 1, E, E]`, int32.
+
+  Examples:
+    >>> ids = [jnp.array([[0, 1], [2, 3]]), jnp.array([[1, 2], [3, 0]])]
+    >>> s = routing_stats(ids, num_experts=4, num_devices=2)
+    >>> s.rows[0]  # [[1, 1, 0, 0], [0, 0, 1, 1]]: device 0 sent experts 0, 1 a row each
+    >>> s.transitions[0, 0, 1]  # 1: token 0 went from expert 0 in layer 0 to expert 1 in layer 1
+  """
+  ids = [jnp.asarray(i) for i in expert_ids]
+  if not ids:
+    raise ValueError("expert_ids must hold at least one layer")
+  for layer, i in enumerate(ids):
+    if i.ndim != 2 or not jnp.issubdtype(i.dtype, jnp.integer):
+      raise ValueError(f"expert_ids[{layer}] must be an [N, K] integer array, got "
+                       f"{i.dtype.name}{list(i.shape)}")
+    if i.shape[0] != ids[0].shape[0]:
+      raise ValueError(f"every layer must route the same tokens: expert_ids[0] has "
+                       f"{ids[0].shape[0]} rows, expert_ids[{layer}] has {i.shape[0]}")
+  n, e, d = ids[0].shape[0], num_experts, num_devices
+  if source is None:
+    if n % d:
+      raise ValueError(f"{n} tokens do not split evenly over {d} devices; pass source=")
+    source = jnp.arange(n, dtype=jnp.int32) // (n // d)
+  source = jnp.asarray(source)
+  if source.shape != (n,):
+    raise ValueError(f"source must be [N={n}], got {list(source.shape)}")
+
+  def count(index, valid, length):
+    # bincount clips negative values into bin 0, so invalid entries go past the end instead.
+    return jnp.bincount(jnp.where(valid, index, length).ravel(), length=length).astype(jnp.int32)
+
+  in_range = lambda a, size: (a >= 0) & (a < size)
+  from_device = in_range(source, d)[:, None]
+  rows = jnp.stack([count(source[:, None] * e + i, from_device & in_range(i, e), d * e)
+                    for i in ids]).reshape(len(ids), d, e)
+  pairs = [count(a[:, :, None] * e + b[:, None, :],
+                 in_range(a, e)[:, :, None] & in_range(b, e)[:, None, :], e * e)
+           for a, b in zip(ids, ids[1:])]
+  transitions = (jnp.stack(pairs).reshape(-1, e, e) if pairs
+                 else jnp.zeros((0, e, e), jnp.int32))
+  return RoutingStats(rows=rows, transitions=transitions)
