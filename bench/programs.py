@@ -3,8 +3,8 @@
 CPU (the simulated devices of one process, `jax.shard_map` over an "ep" axis of D devices):
 `fused` (`jax_ccfuser.fused_moe`), `all_to_all` (`all_to_all_moe`, dropless),
 `all_to_all_cf1.25` (`all_to_all_moe(capacity_factor=1.25)`) and `roof`.
-GPU (one device): `fused` (`fused_moe_emulated` over D emulated peers), `ragged_dot`
-(`bench.ragged`) and `roof`.
+GPU (one device): `fused` (`jax_ccfuser.experimental.fused_moe_emulated` over D emulated
+peers), `ragged_dot` (`bench.ragged`) and `roof`.
 
 The roof is one dense matmul per device with the layer's useful FLOPs, `[T*K, H] @ [H, 3F]`:
 what the expert FFNs would cost with perfect routing and no gather, activation or combine.
@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jax_ccfuser as ccf
-from jax_ccfuser._fused import fused_moe_emulated
+from jax_ccfuser.experimental import fused_moe_emulated
 
 from bench.problem import ACTIVATION, Config, make_inputs
 from bench.ragged import ragged_dot_moe

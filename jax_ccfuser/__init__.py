@@ -10,6 +10,7 @@ from jax_ccfuser import _cpu_threads
 _cpu_threads.reserve_pool()  # before anything starts a backend
 
 from jax_ccfuser import _extension  # registers the FFI targets  # noqa: E402
+from jax_ccfuser import experimental
 from jax_ccfuser import placement
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._config import peer_timeout
@@ -40,4 +41,5 @@ __all__ = [
     "all_to_all_bytes",
     "peer_traffic",
     "placement",
+    "experimental",
 ]

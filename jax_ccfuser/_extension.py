@@ -11,7 +11,7 @@ import jax
 
 # Bumped whenever the FFI signatures change (xla_ffi/ffi_module.h holds the native side's copy);
 # the native modules report the value they were built with, so a stale build fails here with instructions instead of deep inside XLA.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _REBUILD = ("rebuild it from the repository root with `make install` "
             "(or `pip install --no-build-isolation -e .` in an environment with the build "
@@ -38,7 +38,9 @@ def _register(ext, platform: str) -> None:
 cpu = _load("_ccfuser_cpu")
 _register(cpu, "cpu")
 
-# {activation name: the custom calls' `activation` attribute}, from common/activation.h.
+# The call contract as the native side defines it: {attribute name: numpy dtype name, "[]" after
+# an array's} (xla_ffi/moe_call.h) and {activation name: `activation` value} (common/activation.h).
+CALL_ATTRIBUTES = cpu.call_attributes()
 ACTIVATION_CODES = cpu.activation_codes()
 
 # Built only where nvcc was found; without it the CPU targets are all there is.

@@ -27,7 +27,7 @@ _sites = itertools.count(1)
 
 
 class _Static(NamedTuple):
-  """The custom calls' attributes; hashable, so it can be a `custom_vjp` static argument."""
+  """What a traced call fixes; hashable, so it can be a `custom_vjp` static argument."""
   site: int
   num_devices: int
   emulated: bool
@@ -42,27 +42,61 @@ class _Static(NamedTuple):
   platform: str = ""
   plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
 
-  def attrs(self, backward: bool, x, ids, weights, w_in, w_out):
-    workspace, offset = -1, 0
-    if self.devices:
-      t, k = ids.shape
-      shape = dict(tokens=t, hidden=x.shape[1], k=k, slots=_slots(self, k),
-                   x_bytes=x.dtype.itemsize, weights_bytes=weights.dtype.itemsize,
-                   backward=backward)
-      if self.platform == "cpu":
-        nbytes = _extension.cpu.shared_region_bytes(
-            **shape, experts_local=w_out.shape[0], expert_elements=w_in[0].size + w_out[0].size,
-            w_bytes=w_in.dtype.itemsize, plan_slots=self.plan_slots)
-      else:  # the CUDA handler refuses plans with helpers across processes
-        nbytes = _extension.cuda.shared_region_bytes(**shape)
-      workspace, offset = _workspace.region((self.site, backward), nbytes, self.timeout_ms,
-                                            self.platform)
-    return dict(site=np.uint64(2 * self.site + backward), num_devices=np.int32(self.num_devices),
-                emulated=np.int32(self.emulated),
-                activation=np.int32(_extension.ACTIVATION_CODES[self.activation]),
-                timeout_ms=np.int64(self.timeout_ms), num_experts=np.int64(self.num_experts),
-                workspace=np.int32(workspace), workspace_offset=np.int64(offset),
-                devices=np.asarray(self.devices or (-1,), np.int32))
+
+class _CallAttrs(NamedTuple):
+  """The custom calls' attributes, named as xla_ffi/moe_call.h's CCF_CALL_ATTRS names them."""
+  site: int
+  num_devices: int
+  emulated: int
+  activation: int
+  timeout_ms: int
+  num_experts: int
+  workspace: int
+  workspace_offset: int
+  devices: tuple
+
+  def as_ffi(self) -> dict:
+    """`ffi_call`'s keyword attributes, typed as the native module declares them."""
+    return {name: _typed(getattr(self, name), kind)
+            for name, kind in _extension.CALL_ATTRIBUTES.items()}
+
+
+def _typed(value, kind: str):
+  if kind.endswith("[]"):
+    return np.asarray(value, kind[:-2])
+  return np.dtype(kind).type(value)
+
+
+def _reserve_region(static: _Static, backward: bool, x, ids, weights, w_in, w_out):
+  """The `(workspace chunk, offset)` of this call's region in the shared workspaces.
+
+  Reserved while tracing, the first time a site's direction is traced; setting up a new chunk
+  waits for the other processes of the host at key-value-store barriers. `(-1, 0)` when the
+  peers share this process.
+  """
+  if not static.devices:
+    return -1, 0
+  t, k = ids.shape
+  shape = dict(tokens=t, hidden=x.shape[1], k=k, slots=_slots(static, k),
+               x_bytes=x.dtype.itemsize, weights_bytes=weights.dtype.itemsize, backward=backward)
+  if static.platform == "cpu":
+    nbytes = _extension.cpu.shared_region_bytes(
+        **shape, experts_local=w_out.shape[0], expert_elements=w_in[0].size + w_out[0].size,
+        w_bytes=w_in.dtype.itemsize, plan_slots=static.plan_slots)
+  else:  # the CUDA handler refuses plans with helpers across processes
+    nbytes = _extension.cuda.shared_region_bytes(**shape)
+  return _workspace.region((static.site, backward), nbytes, static.timeout_ms, static.platform)
+
+
+def _call_attrs(static: _Static, backward: bool, region) -> _CallAttrs:
+  """The attributes of `static`'s forward or backward call, whose region `_reserve_region` gave."""
+  workspace, offset = region
+  return _CallAttrs(site=2 * static.site + backward, num_devices=static.num_devices,
+                    emulated=int(static.emulated),
+                    activation=_extension.ACTIVATION_CODES[static.activation],
+                    timeout_ms=static.timeout_ms, num_experts=static.num_experts,
+                    workspace=workspace, workspace_offset=offset,
+                    devices=static.devices or (-1,))
 
 
 def _slots(static: _Static, k: int) -> int:
@@ -113,7 +147,8 @@ def _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, g
       (_result(args[0], x.shape, x.dtype),
        _result(args[0], (t, _slots(static, ids.shape[1]), h), jnp.float32)),
       vmap_method="sequential")
-  y, _ = call(*args, **static.attrs(False, x, ids, weights, w_in, w_out))
+  region = _reserve_region(static, False, x, ids, weights, w_in, w_out)
+  y, _ = call(*args, **_call_attrs(static, False, region).as_ffi())
   return y
 
 
@@ -144,8 +179,8 @@ def _fused_bwd(static, residuals, dy):
        _result(like, w_in.shape, w_in.dtype), _result(like, w_out.shape, w_out.dtype),
        _result(like, (t, _slots(static, ids.shape[1]), h), jnp.float32)),
       vmap_method="sequential")
-  attrs = static.attrs(True, x, ids, weights, w_in, w_out)
-  dx, dweights, dw_in, dw_out, _ = call(*args, **attrs)
+  region = _reserve_region(static, True, x, ids, weights, w_in, w_out)
+  dx, dweights, dw_in, dw_out, _ = call(*args, **_call_attrs(static, True, region).as_ffi())
   int_zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
   return (dx, int_zero(ids), dweights, dw_in, dw_out, int_zero(workers), int_zero(bounds),
           int_zero(rank), int_zero(group))

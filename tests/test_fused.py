@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import jax_ccfuser as ccf
 from jax_ccfuser import _extension
-from jax_ccfuser._fused import fused_moe_emulated
+from jax_ccfuser.experimental import fused_moe_emulated
 from moe_cases import Case, assert_close, ep_mesh, make_inputs, sharded
 
 

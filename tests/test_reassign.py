@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jax_ccfuser as ccf
-from jax_ccfuser._fused import fused_moe_emulated
+from jax_ccfuser.experimental import fused_moe_emulated
 from jax_ccfuser._reassign import _plan
 from jax_ccfuser._topology import Split
 from jax.sharding import PartitionSpec as P

@@ -19,17 +19,26 @@ using ScalarS32 = xla::ffi::Buffer<xla::ffi::S32, 0>;
 using PlanArray = xla::ffi::Buffer<xla::ffi::S32, 2>;
 using Staging = xla::ffi::Buffer<xla::ffi::F32, 3>;
 
-// The attributes every handler is bound with.
+// The attributes of "ccf_moe_fwd" / "ccf_moe_bwd", X(type, name) each, SEP between them: the one
+// list that CallAttrs, its decoding and the table Python builds its attribute dict from
+// (`call_attributes()`) expand. workspace >= 0: peers live in other processes of the host and
+// meet in this chunk of the devices' shared workspaces, at `workspace_offset`; `devices` names
+// each group's devices by global id. -1: peers share this process's address space.
+#define CCF_CALL_ATTRS(X, SEP)                                                            \
+  X(uint64_t, site) SEP                         /* unique per call site */                \
+  X(int32_t, num_devices) SEP                   /* D */                                   \
+  X(int32_t, emulated) SEP                      /* D devices stacked in one call */       \
+  X(int32_t, activation) SEP                    /* ccf::Activation */                     \
+  X(int64_t, timeout_ms) SEP                    /* barrier timeout */                     \
+  X(int64_t, num_experts) SEP                   /* valid ids: [0, num_experts) */         \
+  X(int32_t, workspace) SEP                     /* shared chunk, or -1 */                 \
+  X(int64_t, workspace_offset) SEP              /* this site's region */                  \
+  X(xla::ffi::Span<const int32_t>, devices)     /* [G * D] device ids */
+
 struct CallAttrs {
-  uint64_t site;
-  int32_t num_devices, emulated, activation;
-  int64_t timeout_ms, num_experts;
-  // workspace >= 0: peers live in other processes of the host and meet in this chunk of the
-  // devices' shared workspaces, at `workspace_offset`; `devices` [G * D] names each group's
-  // devices by global id. -1: peers share this process's address space.
-  int32_t workspace;
-  int64_t workspace_offset;
-  xla::ffi::Span<const int32_t> devices;
+#define CCF_CALL_ATTR_FIELD(type, name) type name;
+  CCF_CALL_ATTRS(CCF_CALL_ATTR_FIELD, )
+#undef CCF_CALL_ATTR_FIELD
 };
 
 xla::ffi::Error InvalidArgument(const std::string& msg);
@@ -113,15 +122,7 @@ template <typename Binding>
 auto BindPositionAndAttrs(Binding&& binding) {
   return std::move(binding).template Arg<ScalarS32>()          // rank in the EP group
       .template Arg<ScalarS32>()                               // which EP group
-      .template Attr<uint64_t>("site")                         // unique per call site
-      .template Attr<int32_t>("num_devices")                   // D
-      .template Attr<int32_t>("emulated")                      // D devices in one call
-      .template Attr<int32_t>("activation")                    // ccf::Activation
-      .template Attr<int64_t>("timeout_ms")                    // barrier timeout
-      .template Attr<int64_t>("num_experts")                   // valid ids: [0, E)
-      .template Attr<int32_t>("workspace")                     // shared chunk, or -1
-      .template Attr<int64_t>("workspace_offset")              // this site's region
-      .template Attr<xla::ffi::Span<const int32_t>>("devices");  // [G * D] device ids
+      .template Attrs<CallAttrs>();                            // CCF_CALL_ATTRS
 }
 
 template <typename Binding>
@@ -143,3 +144,10 @@ auto BindBackward(Binding&& binding) {
 }
 
 }  // namespace ccf
+
+#define CCF_CALL_ATTR_MEMBER(type, name) ::xla::ffi::StructMember<type>(#name)
+#define CCF_COMMA ,
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(::ccf::CallAttrs,
+                                      CCF_CALL_ATTRS(CCF_CALL_ATTR_MEMBER, CCF_COMMA));
+#undef CCF_COMMA
+#undef CCF_CALL_ATTR_MEMBER

@@ -303,13 +303,8 @@ void SumSlots(const MoeDims& d, const float* staging, void* out, int64_t out_off
 ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
                           ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
                           PlanArray plan_workers, PlanArray plan_bounds, ScalarS32 rank,
-                          ScalarS32 group, uint64_t site, int32_t num_devices, int32_t emulated,
-                          int32_t activation, int64_t timeout_ms, int64_t num_experts,
-                          int32_t workspace, int64_t workspace_offset,
-                          ffi::Span<const int32_t> devices, ffi::Result<ffi::AnyBuffer> y,
+                          ScalarS32 group, CallAttrs attrs, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<Staging> staging) {
-  const CallAttrs attrs{site,        num_devices, emulated,         activation, timeout_ms,
-                        num_experts, workspace,   workspace_offset, devices};
   MoeDims d;
   PlanView plan;
   if (ffi::Error err =
@@ -336,7 +331,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                                     ew.expert % d.experts_local);
               ExpertForward(workers, peers.buffers, d, ew, w, x_rows.data());
             }
-            Record(site, me, /*backward=*/false, d, work, 1);
+            Record(attrs.site, me, /*backward=*/false, d, work, 1);
           });
       err.failure())
     return err;
@@ -349,15 +344,10 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
                            ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
                            PlanArray plan_workers, PlanArray plan_bounds, ffi::AnyBuffer dy,
-                           ScalarS32 rank, ScalarS32 group, uint64_t site, int32_t num_devices,
-                           int32_t emulated, int32_t activation, int64_t timeout_ms,
-                           int64_t num_experts, int32_t workspace, int64_t workspace_offset,
-                           ffi::Span<const int32_t> devices, ffi::Result<ffi::AnyBuffer> dx,
-                           ffi::Result<ffi::AnyBuffer> d_weights,
+                           ScalarS32 rank, ScalarS32 group, CallAttrs attrs,
+                           ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_weights,
                            ffi::Result<ffi::AnyBuffer> dw_in, ffi::Result<ffi::AnyBuffer> dw_out,
                            ffi::Result<Staging> staging) {
-  const CallAttrs attrs{site,        num_devices, emulated,         activation, timeout_ms,
-                        num_experts, workspace,   workspace_offset, devices};
   MoeDims d;
   PlanView plan;
   if (ffi::Error err =
@@ -373,7 +363,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   // failed call leaves no uninitialised memory behind.
   std::memset(d_weights->untyped_data(), 0, d_weights->size_bytes());
   // One per device of this call; peers read them between the compute and release barriers.
-  std::vector<HelpedGradients> helped(emulated ? d.num_devices : 1);
+  std::vector<HelpedGradients> helped(attrs.emulated ? d.num_devices : 1);
   PeerBuffers own = OwnBuffers(x, ids, weights, w_in, w_out, *staging);
   own.dy = dy.untyped_data();
   own.d_weights = d_weights->untyped_data();
@@ -419,7 +409,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
           ExpertBackward(workers, peers.buffers, d, ew, w, x_rows.data(), dy_rows.data(), acc_in,
                          acc_out);
         }
-        Record(site, me, /*backward=*/true, d, work, 2);
+        Record(attrs.site, me, /*backward=*/true, d, work, 2);
       });
   if (status.success()) {
     // Owners add their helpers' partial weight gradients, in plan slot order.

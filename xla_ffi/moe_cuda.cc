@@ -926,13 +926,8 @@ ffi::Error Carve(DeviceState& state, const Call& call, cudaStream_t stream, Scra
 ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
                           ffi::Buffer<ffi::S32> ids, ffi::AnyBuffer weights, ffi::AnyBuffer w_in,
                           ffi::AnyBuffer w_out, PlanArray plan_workers, PlanArray plan_bounds,
-                          ScalarS32 rank, ScalarS32 group, uint64_t site, int32_t num_devices,
-                          int32_t emulated, int32_t activation, int64_t timeout_ms,
-                          int64_t num_experts, int32_t workspace, int64_t workspace_offset,
-                          ffi::Span<const int32_t> devices, ffi::Result<ffi::AnyBuffer> y,
-                          ffi::Result<Staging> staging) {
-  const CallAttrs attrs{site,        num_devices, emulated,         activation, timeout_ms,
-                        num_experts, workspace,   workspace_offset, devices};
+                          ScalarS32 rank, ScalarS32 group, CallAttrs attrs,
+                          ffi::Result<ffi::AnyBuffer> y, ffi::Result<Staging> staging) {
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
@@ -963,15 +958,10 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x
 ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::AnyBuffer x,
                            ffi::Buffer<ffi::S32> ids, ffi::AnyBuffer weights, ffi::AnyBuffer w_in,
                            ffi::AnyBuffer w_out, PlanArray plan_workers, PlanArray plan_bounds,
-                           ffi::AnyBuffer dy, ScalarS32 rank, ScalarS32 group, uint64_t site,
-                           int32_t num_devices, int32_t emulated, int32_t activation,
-                           int64_t timeout_ms, int64_t num_experts, int32_t workspace,
-                           int64_t workspace_offset, ffi::Span<const int32_t> devices,
+                           ffi::AnyBuffer dy, ScalarS32 rank, ScalarS32 group, CallAttrs attrs,
                            ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_weights,
                            ffi::Result<ffi::AnyBuffer> dw_in, ffi::Result<ffi::AnyBuffer> dw_out,
                            ffi::Result<Staging> staging) {
-  const CallAttrs attrs{site,        num_devices, emulated,         activation, timeout_ms,
-                        num_experts, workspace,   workspace_offset, devices};
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;

@@ -1,0 +1,83 @@
+"""The call contract between `fused_moe`'s Python side and its native handlers.
+
+The attributes and the activation codes are defined natively (xla_ffi/moe_call.h's
+CCF_CALL_ATTRS, common/activation.h); Python's attribute record and activation names must be
+exactly those, in both native modules.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_ccfuser as ccf
+from jax_ccfuser import _extension, _fused
+from jax_ccfuser._ffn import ACTIVATIONS
+
+NATIVE = [m for m in (_extension.cpu, _extension.cuda) if m is not None]
+
+
+@pytest.mark.parametrize("module", NATIVE, ids=lambda m: m.__name__)
+def test_python_attribute_record_is_the_natives(module):
+  native = module.call_attributes()
+  assert list(native) == list(_fused._CallAttrs._fields)
+  assert native == {
+      "site": "uint64", "num_devices": "int32", "emulated": "int32", "activation": "int32",
+      "timeout_ms": "int64", "num_experts": "int64", "workspace": "int32",
+      "workspace_offset": "int64", "devices": "int32[]"}
+
+
+@pytest.mark.parametrize("module", NATIVE, ids=lambda m: m.__name__)
+def test_activation_codes_are_the_natives(module):
+  codes = module.activation_codes()
+  assert codes == _extension.ACTIVATION_CODES
+  assert set(codes) == set(ACTIVATIONS)
+  assert sorted(codes.values()) == list(range(len(codes)))
+
+
+def test_attributes_are_typed_as_declared():
+  static = _fused._Static(site=7, num_devices=2, emulated=True, activation="geglu",
+                          timeout_ms=1234, num_experts=8)
+  attrs = _fused._call_attrs(static, True, (-1, 0))
+  ffi = attrs.as_ffi()
+  assert list(ffi) == list(_extension.CALL_ATTRIBUTES)
+  for name, kind in _extension.CALL_ATTRIBUTES.items():
+    assert ffi[name].dtype == np.dtype(kind.removesuffix("[]")), name
+    assert np.ndim(ffi[name]) == kind.endswith("[]"), name
+  assert ffi["site"] == 15 and ffi["activation"] == _extension.ACTIVATION_CODES["geglu"]
+  assert (ffi["workspace"], ffi["workspace_offset"]) == (-1, 0)
+  assert ffi["devices"].tolist() == [-1]
+
+
+def test_no_region_without_peers_in_other_processes():
+  # Peers in this process meet in the registry: nothing is reserved, nothing waits.
+  static = _fused._Static(site=1, num_devices=4, emulated=False, activation="swiglu",
+                          timeout_ms=1000, num_experts=8)
+  assert _fused._reserve_region(static, False, None, None, None, None, None) == (-1, 0)
+
+
+def test_every_attribute_reaches_the_handler():
+  """A call the handler decodes: its attribute set is exactly the bound one (the decoder
+  refuses a missing or extra attribute), and an unknown activation code is refused by name."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, 2, (4, 2)), jnp.int32)
+  weights = jnp.full((4, 2), 0.5, jnp.float32)
+  w_in = jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32)
+  w_out = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+  y = ccf.fused_moe(x, ids, weights, w_in, w_out)
+  np.testing.assert_allclose(y, ccf.reference_moe(x, ids, weights, w_in, w_out), rtol=1e-5,
+                             atol=1e-5)
+
+  workers, bounds = _fused._plan_operands(None, 2, 1)
+  static = _fused._Static(site=next(_fused._sites), num_devices=1, emulated=False,
+                          activation="swiglu", timeout_ms=1000, num_experts=2)
+  good = _fused._call_attrs(static, False, (-1, 0))
+  call = jax.ffi.ffi_call("ccf_moe_fwd", (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          jax.ShapeDtypeStruct((4, 1, 8), jnp.float32)))
+  operands = (x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0))
+  np.testing.assert_array_equal(call(*operands, **good.as_ffi())[0], y)
+  with pytest.raises(Exception, match="unknown activation code 9"):
+    call(*operands, **good._replace(activation=9).as_ffi())[0].block_until_ready()
+  with pytest.raises(Exception, match="attributes"):
+    call(*operands, **{**good.as_ffi(), "extra": np.int32(0)})[0].block_until_ready()
