@@ -123,7 +123,7 @@ ExpertWeights::ExpertWeights(const PeerBuffers& owner, const MoeDims& d, int64_t
 }
 
 void FetchTokens(const std::vector<PeerBuffers>& peers, const void* PeerBuffers::*field,
-                 const MoeDims& d, const WorkList& work, float* out) {
+                 const MoeDims& d, const HostWorkList& work, float* out) {
   for (size_t i = 0; i < work.tokens.size(); ++i)
     LoadFloats(peers[work.tokens[i].src].*field, d.x_type, work.tokens[i].token * d.hidden,
                d.hidden, out + i * d.hidden);

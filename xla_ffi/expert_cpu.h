@@ -29,7 +29,7 @@ class ExpertWeights {
 // The dispatch: out [U, H] = float(peers[src].*field[token, :]) for the list's distinct
 // (source, token) rows, one read from the source each.
 void FetchTokens(const std::vector<PeerBuffers>& peers, const void* PeerBuffers::*field,
-                 const MoeDims& d, const WorkList& work, float* out);
+                 const MoeDims& d, const HostWorkList& work, float* out);
 
 // Forward: staging[src][token, slot] += weight[src][token, k] * FFN(x) per row, with x the
 // row's fetched token (`x_rows` [U, H] from FetchTokens).

@@ -1,6 +1,5 @@
 #include "xla_ffi/ipc_memory.h"
 
-#include "cuda/config.cuh"
 #include "xla_ffi/shared_memory.h"
 
 namespace ccf {
@@ -36,11 +35,6 @@ class DeviceGuard {
   bool restore_ = false;
   cudaError_t status_;
 };
-
-int64_t RoundUp(int64_t n) {
-  return (n + cuda::kWorkspaceAlignment - 1) / cuda::kWorkspaceAlignment *
-         cuda::kWorkspaceAlignment;
-}
 
 }  // namespace
 
@@ -86,23 +80,6 @@ std::string IpcOpen(int ordinal, const cudaIpcMemHandle_t& handle, int64_t bytes
   std::string err = RegisterSegment(device, chunk, Segment{static_cast<char*>(base), bytes, false});
   if (!err.empty()) cudaIpcCloseMemHandle(base);  // reopening a handle only took a reference
   return err;
-}
-
-IpcRegionLayout LayoutIpcRegion(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
-                                int64_t x_bytes, int64_t weights_bytes, bool backward) {
-  IpcRegionLayout l;
-  int64_t at = 0;
-  auto take = [&](int64_t bytes) {
-    const int64_t offset = at;
-    at += RoundUp(bytes);
-    return offset;
-  };
-  l.signals = take(sizeof(uint64_t) * cuda::kMaxPeers);
-  l.passed = take(sizeof(uint64_t));
-  l.operands = LayoutOperands(tokens, hidden, k, slots, x_bytes, weights_bytes, backward,
-                              cuda::kWorkspaceAlignment, &at);
-  l.bytes = at;
-  return l;
 }
 
 }  // namespace ccf

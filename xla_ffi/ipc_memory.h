@@ -15,8 +15,6 @@
 
 #include <cuda_runtime.h>
 
-#include "xla_ffi/moe_call.h"
-
 namespace ccf {
 
 // Allocates a zeroed `bytes` buffer on local GPU `ordinal` as (device, chunk)'s workspace and
@@ -28,19 +26,5 @@ std::string IpcAllocate(int ordinal, int64_t bytes, int32_t device, int32_t chun
 // `ordinal`. Returns "" or why not.
 std::string IpcOpen(int ordinal, const cudaIpcMemHandle_t& handle, int64_t bytes, int32_t device,
                     int32_t chunk);
-
-// Byte offsets inside one device's region of a call site. Its barrier state is not
-// shared_group.h's: the device barrier's flags (cuda/signal.cu), which peers write, and the count
-// of barriers the device has passed; the operands follow as on CPU.
-struct IpcRegionLayout {
-  int64_t signals;  // uint64 [kMaxPeers]: flag r is written by rank r
-  int64_t passed;   // uint64: barriers this device has passed at the call site
-  OperandOffsets operands;
-  int64_t bytes;
-};
-
-// The region of a call with these sizes (item sizes in bytes). Python sizes workspaces with it.
-IpcRegionLayout LayoutIpcRegion(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
-                                int64_t x_bytes, int64_t weights_bytes, bool backward);
 
 }  // namespace ccf

@@ -6,7 +6,7 @@
 #include "xla_ffi/ffi_module.h"
 #include "xla_ffi/moe_cpu.h"
 #include "xla_ffi/peer_group.h"
-#include "xla_ffi/shared_group.h"
+#include "xla_ffi/region_layout.h"
 #include "xla_ffi/shared_memory.h"
 #include "xla_ffi/traffic.h"
 

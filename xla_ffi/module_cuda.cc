@@ -12,6 +12,7 @@
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/ffi_module.h"
 #include "xla_ffi/ipc_memory.h"
+#include "xla_ffi/region_layout.h"
 
 namespace nb = nanobind;
 

@@ -70,9 +70,9 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
     return InvalidArgument("w_in " + ShapeString(w_in) + " and w_out " + ShapeString(w_out) +
                            " do not fit H=" + std::to_string(d.hidden) + " and the activation");
   d.experts_total = attrs.num_experts;
-  if (d.experts_total < d.num_experts())
+  if (d.experts_total < d.group_experts())
     return InvalidArgument("num_experts " + std::to_string(d.experts_total) + " < the " +
-                           std::to_string(d.num_experts()) + " experts of this group");
+                           std::to_string(d.group_experts()) + " experts of this group");
   *dims = d;
   return ffi::Error::Success();
 }
@@ -135,59 +135,6 @@ PeerBuffers EmulatedPeer(const PeerBuffers& own, const MoeDims& d, int dev) {
   b.staging = own.staging + dev * d.tokens * d.slots * d.hidden;
   if (own.d_weights) b.d_weights = Offset(own.d_weights, d.weights_type, dev * d.tokens * d.k);
   return b;
-}
-
-OperandOffsets LayoutOperands(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
-                              int64_t x_bytes, int64_t weights_bytes, bool backward,
-                              int64_t align, int64_t* at) {
-  auto take = [&](bool exists, int64_t bytes) -> int64_t {
-    if (!exists) return -1;
-    const int64_t offset = *at;
-    *at += (bytes + align - 1) / align * align;
-    return offset;
-  };
-  OperandOffsets o;
-  o.x = take(true, tokens * hidden * x_bytes);
-  o.ids = take(true, tokens * k * static_cast<int64_t>(sizeof(int32_t)));
-  o.weights = take(true, tokens * k * weights_bytes);
-  o.staging = take(true, tokens * slots * hidden * static_cast<int64_t>(sizeof(float)));
-  o.dy = take(backward, tokens * hidden * x_bytes);
-  o.d_weights = take(backward, tokens * k * weights_bytes);
-  return o;
-}
-
-PeerBuffers RegionPeer(char* base, const OperandOffsets& at) {
-  PeerBuffers b;
-  b.x = base + at.x;
-  b.ids = reinterpret_cast<const int32_t*>(base + at.ids);
-  b.weights = base + at.weights;
-  b.staging = reinterpret_cast<float*>(base + at.staging);
-  if (at.dy >= 0) b.dy = base + at.dy;
-  if (at.d_weights >= 0) b.d_weights = base + at.d_weights;
-  return b;
-}
-
-ffi::Error Misplaced(int32_t device, int64_t rank, const std::string& why) {
-  return ffi::Error::Internal("jax_ccfuser: device " + std::to_string(device) + " (rank " +
-                              std::to_string(rank) + ") " + why +
-                              "; the mesh the call was traced for places devices differently "
-                              "(pass it with jax.set_mesh)");
-}
-
-ffi::Error FindRegion(const CallAttrs& attrs, int32_t group, int64_t num_devices, int64_t rank,
-                      bool mine, int64_t bytes, const Segment** segment) {
-  if (group < 0 || (group + 1) * num_devices > static_cast<int64_t>(attrs.devices.size()))
-    return InvalidArgument("group " + std::to_string(group) + " outside the device table");
-  const int32_t device = attrs.devices[group * num_devices + rank];
-  const Segment* seg = FindSegment(device, attrs.workspace);
-  if (!seg || (mine && !seg->owned))
-    return Misplaced(device, rank,
-                     std::string("has no shared workspace ") +
-                         (seg ? "owned by" : "mapped in") + " this process");
-  if (attrs.workspace_offset + bytes > seg->bytes)
-    return ffi::Error::Internal("jax_ccfuser: call site region exceeds the shared workspace");
-  *segment = seg;
-  return ffi::Error::Success();
 }
 
 }  // namespace ccf

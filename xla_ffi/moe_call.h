@@ -10,7 +10,6 @@
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
-#include "xla_ffi/shared_memory.h"
 
 namespace ccf {
 
@@ -81,29 +80,6 @@ PeerBuffers OwnBuffers(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<xla:
 
 // Emulated device `dev`'s buffers: block `dev` of each stacked operand of `own`.
 PeerBuffers EmulatedPeer(const PeerBuffers& own, const MoeDims& d, int dev);
-
-// A device's region of a call site whose peers live in other processes: the copies of its
-// operands that peers read and the buffers they write, as byte offsets (dy and d_weights exist
-// backward only, -1 otherwise). Each platform puts its own barrier state around them.
-struct OperandOffsets {
-  int64_t x, ids, weights, staging, dy, d_weights;
-};
-
-// Lays those sections out from byte `*at` on, each rounded up to `align`; advances `*at`.
-OperandOffsets LayoutOperands(int64_t tokens, int64_t hidden, int64_t k, int64_t slots,
-                              int64_t x_bytes, int64_t weights_bytes, bool backward,
-                              int64_t align, int64_t* at);
-
-// The buffers of the region at `base`.
-PeerBuffers RegionPeer(char* base, const OperandOffsets& at);
-
-// The error of a call whose devices are not where the mesh it was traced for put them.
-xla::ffi::Error Misplaced(int32_t device, int64_t rank, const std::string& why);
-
-// Rank `rank`'s `bytes` region: at attrs.workspace_offset of the workspace chunk of its device
-// (attrs.devices[group * num_devices + rank]), which this process must own when `mine`.
-xla::ffi::Error FindRegion(const CallAttrs& attrs, int32_t group, int64_t num_devices,
-                           int64_t rank, bool mine, int64_t bytes, const Segment** segment);
 
 // The bound operands, attributes and results of "ccf_moe_fwd" / "ccf_moe_bwd", appended to a
 // platform's context arguments: both platforms' handlers take exactly these.

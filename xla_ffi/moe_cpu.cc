@@ -29,6 +29,7 @@
 #include "xla_ffi/moe_cpu.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
+#include "xla_ffi/region_layout.h"
 #include "xla_ffi/shared_group.h"
 #include "xla_ffi/shared_memory.h"
 #include "xla_ffi/traffic.h"
@@ -229,18 +230,17 @@ ffi::Error DecodeCall(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
     return err;
   const MoeDims& d = *dims;
   const auto w = workers.dimensions(), b = bounds.dimensions();
-  if (w[0] != d.num_experts() || b[0] != d.num_experts() || w[1] < 1 || b[1] != w[1] + 1)
+  if (w[0] != d.group_experts() || b[0] != d.group_experts() || w[1] < 1 || b[1] != w[1] + 1)
     return InvalidArgument("plan arrays must be workers [E, S] and bounds [E, S + 1] with E = " +
-                           std::to_string(d.num_experts()) + "; got " + ShapeString(workers) +
+                           std::to_string(d.group_experts()) + "; got " + ShapeString(workers) +
                            " and " + ShapeString(bounds));
   *plan = {workers.typed_data(), bounds.typed_data(), w[1]};
-  if (std::string err = CheckPlan(*plan, d); !err.empty()) return InvalidArgument(err);
-  return ffi::Error::Success();
+  return CheckPlan(*plan, d);
 }
 
 // Records what `me` moved: `rows_per_token` token rows read per fetched remote token (x, and
 // dy backward) and one float32 partial-sum row written back per remote token.
-void Record(uint64_t site, int me, bool backward, const MoeDims& d, const WorkList& work,
+void Record(uint64_t site, int me, bool backward, const MoeDims& d, const HostWorkList& work,
             int rows_per_token) {
   Traffic t;
   t.site = site;
@@ -261,19 +261,19 @@ void Record(uint64_t site, int me, bool backward, const MoeDims& d, const WorkLi
 template <typename Compute>
 ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& plan,
                           Compute compute) {
-  std::string bad;
-  WorkList work;
+  ffi::Error bad = ffi::Error::Success();
+  HostWorkList work;
   if (peers.failure.empty()) {
     for (int me : peers.ranks) {
-      bad = BuildWorkList(peers.buffers, d, plan, me, &work);
-      if (!bad.empty()) break;
+      bad = BuildHostWorkList(peers.buffers, d, plan, me, &work);
+      if (bad.failure()) break;
       compute(me, work);
     }
   } else {
     peers.group->ReportFailure(peers.failure);
   }
   if (std::string err = peers.Arrive(Phase::kComputed); !err.empty()) return PeerTimeout(err);
-  if (!bad.empty()) return InvalidArgument(bad);
+  if (bad.failure()) return bad;
   if (std::string failed = peers.group ? peers.group->Failure() : ""; !failed.empty())
     return ffi::Error::Internal(failed);
   return ffi::Error::Success();
@@ -323,7 +323,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   const Workers workers = ShareOfPool(peers, pool);
   if (ffi::Error err = PlanAndCompute(
           peers, d, plan,
-          [&](int me, const WorkList& work) {
+          [&](int me, const HostWorkList& work) {
             std::vector<float> x_rows(work.tokens.size() * d.hidden);
             FetchTokens(peers.buffers, &PeerBuffers::x, d, work, x_rows.data());
             for (const ExpertWork& ew : work.experts) {
@@ -381,7 +381,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   std::vector<float> dw_out_acc(w_out.element_count(), 0.0f);
   const Workers workers = ShareOfPool(peers, pool);
   ffi::Error status = PlanAndCompute(
-      peers, d, plan, [&](int me, const WorkList& work) {
+      peers, d, plan, [&](int me, const HostWorkList& work) {
         HelpedGradients& mine = helped[peers.group ? 0 : me];
         std::vector<float> x_rows(work.tokens.size() * d.hidden), dy_rows(x_rows.size());
         FetchTokens(peers.buffers, &PeerBuffers::x, d, work, x_rows.data());

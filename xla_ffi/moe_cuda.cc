@@ -44,6 +44,7 @@
 #include "xla_ffi/ipc_memory.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
+#include "xla_ffi/region_layout.h"
 #include "xla_ffi/shared_memory.h"
 
 namespace ffi = xla::ffi;
@@ -232,9 +233,9 @@ cuda::DType ToDType(ffi::DataType t) {
 ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanArray& workers,
                            const PlanArray& bounds, std::initializer_list<const void*> vectors) {
   const auto w = workers.dimensions(), b = bounds.dimensions();
-  if (w[0] != d.num_experts() || b[0] != d.num_experts() || w[1] < 1 || b[1] != w[1] + 1)
+  if (w[0] != d.group_experts() || b[0] != d.group_experts() || w[1] < 1 || b[1] != w[1] + 1)
     return InvalidArgument("plan arrays must be workers [E, S] and bounds [E, S + 1] with E = " +
-                           std::to_string(d.num_experts()) + "; got " + ShapeString(workers) +
+                           std::to_string(d.group_experts()) + "; got " + ShapeString(workers) +
                            " and " + ShapeString(bounds));
   // The plan lives on the device: its helper slots are what the host can see of its helpers.
   if (w[1] != 1)
@@ -243,7 +244,7 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
   if (d.num_devices > cuda::kMaxPeers)
     return Unimplemented("expert-parallel groups of up to " + std::to_string(cuda::kMaxPeers) +
                          " devices; got " + std::to_string(d.num_devices));
-  const int64_t here = attrs.emulated ? d.num_experts() : d.experts_local;
+  const int64_t here = attrs.emulated ? d.group_experts() : d.experts_local;
   if (here > cuda::kMaxExpertsHere)
     return Unimplemented(std::to_string(here) + " experts in one work list; at most " +
                          std::to_string(cuda::kMaxExpertsHere));
@@ -367,7 +368,7 @@ void JoinGroup(const CallAttrs& attrs, DeviceState& me, int32_t rank, int32_t gr
 
 // Meets the peers of a real group in this process and fills the peer table and the barrier
 // members.
-ffi::Error ConnectRealPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank_op,
+ffi::Error ConnectInProcess(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank_op,
                             const ScalarS32& group_op, const PeerBuffers& own, cudaStream_t stream,
                             Call* call) {
   const MoeDims& d = call->d;
@@ -424,7 +425,7 @@ ffi::Error ConnectRealPeers(const CallAttrs& attrs, DeviceState& me, const Scala
 // workspaces: every member's buffers are its region (registry + offset + layout), this device's
 // operands are staged into its own on the stream, and the device barriers' flags and counts are
 // in the regions. Nothing is exchanged on the host, so there is no host meeting either.
-ffi::Error ConnectShared(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank_op,
+ffi::Error ConnectIpc(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank_op,
                          const ScalarS32& group_op, const PeerBuffers& own, cudaStream_t stream,
                          Call* call) {
   const MoeDims& d = call->d;
@@ -490,9 +491,9 @@ ffi::Error ConnectShared(const CallAttrs& attrs, DeviceState& me, const ScalarS3
 
 // Builds the call: the emulated (or single) devices over the stacked blocks of this call's
 // buffers, or a real group met through the registry or the shared workspaces.
-ffi::Error Connect(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank,
-                   const ScalarS32& group, const PeerBuffers& own, cudaStream_t stream,
-                   Call* call) {
+ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank,
+                        const ScalarS32& group, const PeerBuffers& own, cudaStream_t stream,
+                        Call* call) {
   const MoeDims& d = call->d;
   call->w_in = own.w_in;
   call->w_out = own.w_out;
@@ -500,11 +501,11 @@ ffi::Error Connect(const CallAttrs& attrs, DeviceState& me, const ScalarS32& ran
   call->own_staging = own.staging;
   call->own_d_weights = own.d_weights;
   if (!attrs.emulated && d.num_devices > 1)
-    return attrs.workspace >= 0 ? ConnectShared(attrs, me, rank, group, own, stream, call)
-                                : ConnectRealPeers(attrs, me, rank, group, own, stream, call);
+    return attrs.workspace >= 0 ? ConnectIpc(attrs, me, rank, group, own, stream, call)
+                                : ConnectInProcess(attrs, me, rank, group, own, stream, call);
   for (int dev = 0; dev < d.num_devices; ++dev) call->peers.push_back(EmulatedPeer(own, d, dev));
   call->first_expert = 0;
-  call->experts_here = static_cast<int32_t>(d.num_experts());
+  call->experts_here = static_cast<int32_t>(d.group_experts());
   call->own_tokens = d.num_devices * d.tokens;
   return ffi::Error::Success();
 }
@@ -592,8 +593,8 @@ cuda::Routing MakeRouting(const Call& c) {
   return r;
 }
 
-void BuildWorkList(const Call& c, const cuda::WorkList& list, cuda::DeviceError* error,
-                   cudaStream_t stream, Launcher& launcher) {
+void LaunchWorkList(const Call& c, const cuda::WorkList& list, cuda::DeviceError* error,
+                    cudaStream_t stream, Launcher& launcher) {
   const cuda::Routing routing = MakeRouting(c);
   const int tile_m = cuda::expert_gemm_tile_m(ToDType(c.d.x_type));
   launcher.Run("count_pairs", [&] { return cuda::count_pairs(routing, list, error, stream); });
@@ -714,7 +715,7 @@ cuda::CombineParams CombineOver(const Call& c, void* out, void* d_weights) {
   p.hidden = static_cast<int32_t>(c.d.hidden);
   p.num_slots = c.d.slots;
   p.experts_per_device = static_cast<int32_t>(c.d.experts_local);
-  p.num_experts = static_cast<int32_t>(c.d.num_experts());
+  p.num_experts = static_cast<int32_t>(c.d.group_experts());
   p.experts_total = c.d.experts_total;
   p.d_weights = d_weights;
   p.weights_f32 = c.d.weights_type == ffi::DataType::F32;
@@ -742,7 +743,7 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   const cuda::DType dtype = ToDType(d.x_type);
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, rank, group, stream, launcher);
-  BuildWorkList(c, s.list, me.error, stream, launcher);
+  LaunchWorkList(c, s.list, me.error, stream, launcher);
 
   // GEMM1: gather x rows from their sources, @ w_in[e], activation (gated: gate and up columns
   // side by side in one tile).
@@ -805,7 +806,7 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   const cuda::DType dtype = ToDType(d.x_type);
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, rank, group, stream, launcher);
-  BuildWorkList(c, s.list, me.error, stream, launcher);
+  LaunchWorkList(c, s.list, me.error, stream, launcher);
 
   // h = x @ w_in[e], float32.
   cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
@@ -888,7 +889,7 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   cudaGetLastError();  // a stale error of someone else's on this thread is not ours
   if (ffi::Error err = GetDeviceState(ordinal, stream, state); err.failure()) return err;
   *earlier = TakeDeviceError(**state, stream);
-  return Connect(attrs, **state, rank, group, own, stream, call);
+  return ConnectPeers(attrs, **state, rank, group, own, stream, call);
 }
 
 // What a handler returns once its launches are enqueued: the first failure among them, this

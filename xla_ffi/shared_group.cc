@@ -12,10 +12,6 @@
 namespace ccf {
 
 namespace {
-constexpr int64_t kAlign = 64;
-
-int64_t RoundUp(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
-
 // Not FUTEX_PRIVATE: the word lives in memory shared with other processes.
 void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::nanoseconds wait) {
   const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(wait);
@@ -28,25 +24,6 @@ void FutexWakeAll(std::atomic<uint32_t>* word) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
 }
 }  // namespace
-
-RegionLayout LayoutRegion(const RegionShape& s) {
-  RegionLayout l;
-  int64_t at = RoundUp(sizeof(RegionHeader));
-  l.operands = LayoutOperands(s.tokens, s.hidden, s.k, s.slots, s.x_bytes, s.weights_bytes,
-                              s.backward, kAlign, &at);
-  auto take = [&](bool exists, int64_t bytes) -> int64_t {
-    if (!exists) return -1;
-    const int64_t offset = at;
-    at += RoundUp(bytes);
-    return offset;
-  };
-  const bool helpers = s.plan_slots > 1;
-  l.w = take(helpers, s.experts_local * s.expert_elements * s.w_bytes);
-  l.partials = take(helpers && s.backward, s.experts_local * (s.plan_slots - 1) *
-                                               s.expert_elements * sizeof(float));
-  l.bytes = at;
-  return l;
-}
 
 std::string SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
   const int p = static_cast<int>(phase);

@@ -15,32 +15,34 @@ int PlanView::WorkerOf(const MoeDims& d, int64_t expert, int64_t position) const
   return worker;
 }
 
-std::string CheckPlan(const PlanView& plan, const MoeDims& d) {
-  for (int64_t e = 0; e < d.num_experts(); ++e) {
+xla::ffi::Error CheckPlan(const PlanView& plan, const MoeDims& d) {
+  for (int64_t e = 0; e < d.group_experts(); ++e) {
     const int32_t* w = plan.workers + e * plan.num_slots;
     const int32_t* b = plan.bounds + e * (plan.num_slots + 1);
     if (w[0] != d.owner(e) || b[0] != 0)
-      return "plan: slot 0 of expert " + std::to_string(e) + " must be its owner, device " +
-             std::to_string(d.owner(e)) + ", from row 0";
+      return InvalidArgument("plan: slot 0 of expert " + std::to_string(e) +
+                             " must be its owner, device " + std::to_string(d.owner(e)) +
+                             ", from row 0");
     for (int64_t s = 0; s < plan.num_slots; ++s) {
       if (w[s] < -1 || w[s] >= d.num_devices || b[s + 1] < b[s])
-        return "plan: expert " + std::to_string(e) + " slot " + std::to_string(s) +
-               " names device " + std::to_string(w[s]) + " or has decreasing bounds";
+        return InvalidArgument("plan: expert " + std::to_string(e) + " slot " +
+                               std::to_string(s) + " names device " + std::to_string(w[s]) +
+                               " or has decreasing bounds");
     }
   }
-  return {};
+  return xla::ffi::Error::Success();
 }
 
 bool HasHelpers(const PlanView& plan, const MoeDims& d) {
-  for (int64_t e = 0; e < d.num_experts(); ++e)
+  for (int64_t e = 0; e < d.group_experts(); ++e)
     for (int64_t s = 1; s < plan.num_slots; ++s)
       if (plan.workers[e * plan.num_slots + s] >= 0) return true;
   return false;
 }
 
-std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d,
-                          const PlanView& plan, int me, WorkList* work) {
-  const int64_t num_experts = d.num_experts();
+xla::ffi::Error BuildHostWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d,
+                                  const PlanView& plan, int me, HostWorkList* work) {
+  const int64_t num_experts = d.group_experts();
   // rows_before[src * E + e]: rows of expert e from sources before `src`: where src's rows of
   // e start in e's (source, token, k) order.
   std::vector<int64_t> rows_before((d.num_devices + 1) * num_experts, 0);
@@ -51,9 +53,10 @@ std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& 
     for (int64_t i = 0; i < d.tokens * d.k; ++i) {
       const int32_t e = ids[i];
       if (e < 0 || e >= d.experts_total)
-        return "expert_ids[" + std::to_string(i / d.k) + ", " + std::to_string(i % d.k) +
-               "] = " + std::to_string(e) + " on device " + std::to_string(src) +
-               " is outside [0, " + std::to_string(d.experts_total) + ")";
+        return InvalidArgument("expert_ids[" + std::to_string(i / d.k) + ", " +
+                               std::to_string(i % d.k) + "] = " + std::to_string(e) +
+                               " on device " + std::to_string(src) + " is outside [0, " +
+                               std::to_string(d.experts_total) + ")");
       if (e < num_experts) ++next[e];
     }
   }
@@ -92,7 +95,7 @@ std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& 
   work->experts.clear();
   for (int64_t e = 0; e < num_experts; ++e)
     if (!by_expert[e].empty()) work->experts.push_back({e, std::move(by_expert[e])});
-  return {};
+  return xla::ffi::Error::Success();
 }
 
 }  // namespace ccf

@@ -6,9 +6,10 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 #include <vector>
 
+#include "xla/ffi/api/ffi.h"
+#include "xla_ffi/moe_call.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
 
@@ -23,8 +24,8 @@ struct PlanView {
   int WorkerOf(const MoeDims& d, int64_t expert, int64_t position) const;
 };
 
-// "" or a message saying what is wrong with the plan.
-std::string CheckPlan(const PlanView& plan, const MoeDims& d);
+// InvalidArgument saying what is wrong with the plan, or success.
+xla::ffi::Error CheckPlan(const PlanView& plan, const MoeDims& d);
 
 // Whether any expert's rows are split with a helper device.
 bool HasHelpers(const PlanView& plan, const MoeDims& d);
@@ -46,8 +47,9 @@ struct SourceToken {
   int32_t src, token;
 };
 
-// Everything one device computes in a call.
-struct WorkList {
+// Everything one device computes in a call, worked out on the host (cuda::WorkList is the CUDA
+// handler's, built on the device).
+struct HostWorkList {
   std::vector<ExpertWork> experts;  // ascending expert id
   // The distinct (source, token) rows the experts need, in (source, token) order: each is read
   // from its source once however many of the token's K experts are here, and the results go
@@ -57,8 +59,8 @@ struct WorkList {
 };
 
 // `me`'s work. Checks every id of every peer, so all devices reach the same verdict on bad
-// input: returns the message for the first bad id, or "".
-std::string BuildWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d,
-                          const PlanView& plan, int me, WorkList* work);
+// input: returns InvalidArgument naming the first bad id, or success.
+xla::ffi::Error BuildHostWorkList(const std::vector<PeerBuffers>& peers, const MoeDims& d,
+                                  const PlanView& plan, int me, HostWorkList* work);
 
 }  // namespace ccf
