@@ -74,6 +74,7 @@ GROUPINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hosts,paths", GROUPINGS, ids=["-".join(g) for g, _ in GROUPINGS])
 def test_matches_reference_in_every_grouping(hosts, paths):
   before = _segments()
@@ -95,6 +96,7 @@ def test_matches_reference_in_every_grouping(hosts, paths):
   assert _segments() <= before
 
 
+@pytest.mark.slow
 def test_optax_training_runs_unchanged_across_processes():
   # models/: the Flax LM and its Optax loop, only the mesh now spans two processes.
   for r in _checked(run(["a", "a"], scenario="train")):
@@ -104,11 +106,13 @@ def test_optax_training_runs_unchanged_across_processes():
     assert len(losses["fused"]) == 3 and all(np.isfinite(losses["fused"]))
 
 
+@pytest.mark.slow
 def test_bfloat16_across_hosts_and_processes():
   for r in _checked(run(["a", "a", "b", "b"], scenario="check_bf16")):
     assert r["worst"] <= 1.0, r
 
 
+@pytest.mark.slow
 def test_transport_can_be_forced():
   for r in _checked(run(["a", "a"], env={"JAX_CCFUSER_TRANSPORT": "collectives"})):
     assert r["worst"] <= 1.0 and not r["shared"] and r["all_to_all"] > 0, r
@@ -117,6 +121,7 @@ def test_transport_can_be_forced():
     assert code != 0 and "needs every process on one host" in err
 
 
+@pytest.mark.slow
 def test_a_crashed_process_gives_the_others_an_error_after_the_timeout():
   reports = run(["a", "a"], scenario="crash")
   (code0, survivor, err), (code1, dead, _) = reports
@@ -128,6 +133,7 @@ def test_a_crashed_process_gives_the_others_an_error_after_the_timeout():
   assert not {s for s in _segments() if s.split(".")[1] in pids}
 
 
+@pytest.mark.slow
 def test_a_crashed_host_breaks_the_collectives_at_once():
   # Across hosts the rows travel by gloo, whose connections to the dead process fail.
   (code0, survivor, err), (code1, _, _) = run(["a", "b"], scenario="crash")
@@ -135,6 +141,7 @@ def test_a_crashed_host_breaks_the_collectives_at_once():
   assert "Gloo" in survivor["error"] and survivor["waited_s"] < 60
 
 
+@pytest.mark.slow
 def test_segments_of_dead_processes_are_swept():
   # A process that dies while a workspace chunk is being set up leaves its name behind; the
   # next process that sets one up removes it.
@@ -172,6 +179,7 @@ def test_segments_refuse_what_they_cannot_do():
   assert not (SHM / name[1:]).exists()
 
 
+@pytest.mark.slow
 def test_bench_runs_across_processes(tmp_path):
   from bench import distributed
   rec = distributed.main(["--tokens", "16", "--samples", "1", "--out", str(tmp_path)])

@@ -189,6 +189,7 @@ def test_linen_equals_nnx(on_mesh):
   jax.tree.map(np.testing.assert_array_equal, aux_linen, aux_nnx)
 
 
+@pytest.mark.slow
 def test_same_optax_loop_trains_dense_and_moe():
   # models.train.train knows nothing about experts: a dense and an MoE model go through it as is.
   mesh = ep_mesh(DEVICES)

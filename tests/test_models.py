@@ -102,6 +102,7 @@ def test_checkpoint_round_trip_and_resume(corpus, fused_run, tmp_path):
   np.testing.assert_array_equal(_losses(resumed), _losses(fused_run[2]))
 
 
+@pytest.mark.slow
 def test_demo_cli(tmp_path):
   out = tmp_path / "demo"
   command = [sys.executable, "-m", "models.demo", "--steps", "3", "--devices", "4",

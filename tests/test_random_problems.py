@@ -5,6 +5,7 @@ import hypothesis
 import hypothesis.strategies as st
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jax_ccfuser as ccf
 from hardening_cases import assert_matches_reference, forward_and_grads
@@ -38,6 +39,7 @@ def _route(ids, routing: str, case: Case):
   return ids
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=12, deadline=None, derandomize=True, database=None,
                      suppress_health_check=[hypothesis.HealthCheck.too_slow])
 @hypothesis.given(_problems())

@@ -275,6 +275,7 @@ def _check_plan(plan, counts, per_host, max_helpers, threshold, tile):
       assert _within_bound(after[devices], threshold, tile), (host, after)
 
 
+@pytest.mark.slow
 @settings(derandomize=True, max_examples=300, deadline=None)
 @given(data=st.data())
 def test_any_routing_ends_within_the_bound(data):

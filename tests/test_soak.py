@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import psutil
+import pytest
 from jax.sharding import PartitionSpec as P
 
 import jax_ccfuser as ccf
@@ -12,6 +13,7 @@ from jax_ccfuser import _extension
 from moe_cases import shard_ep
 
 
+@pytest.mark.slow
 def test_thousand_training_steps_keep_memory_flat():
   """1,000 Adam steps of a routed MoE layer: after warm-up, resident memory, live arrays, the
   peer registry and the traffic table stay put, and the loss goes down."""
