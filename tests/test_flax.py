@@ -79,6 +79,7 @@ def test_fused_equals_all_to_all():
   assert_close(fused, baseline, jnp.float32)
 
 
+@pytest.mark.slow
 def test_reassign_flag_balances_devices_and_keeps_the_function():
   # Tokens shifted off-centre so the router favours a few experts.
   x = _tokens(shape=(8, 16, HIDDEN)) + 2.0
