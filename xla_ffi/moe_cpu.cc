@@ -56,11 +56,6 @@ struct HelpedGradients {
 
 namespace {
 
-// A peer that never arrived at a barrier.
-ffi::Error PeerTimeout(const std::string& msg) {
-  return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, msg);
-}
-
 // The devices this call runs for and their buffers. A real group has one device per handler
 // call (`ranks` = {rank}); an emulated one runs all D in this call over stacked buffers.
 struct Peers {
@@ -72,9 +67,9 @@ struct Peers {
   std::chrono::milliseconds timeout{0};
   std::string failure;  // this device's call failed after publishing: compute nothing
 
-  // Meets the peers at `phase`; "" on success.
-  std::string Arrive(Phase phase) const {
-    return group ? group->Arrive(ranks[0], phase, timeout) : std::string();
+  // Meets the peers at `phase`.
+  ffi::Error Arrive(Phase phase) const {
+    return group ? group->Arrive(ranks[0], phase, timeout) : ffi::Error::Success();
   }
 };
 
@@ -121,7 +116,7 @@ ffi::Error ConnectInProcess(const CallAttrs& attrs, const MoeDims& d, int32_t ra
   PeerBuffers published = own;
   published.signature = Signature(d);
   peer_group->Publish(rank, published);
-  if (std::string err = peers->Arrive(Phase::kPublished); !err.empty()) return PeerTimeout(err);
+  if (ffi::Error err = peers->Arrive(Phase::kPublished); err.failure()) return err;
   std::vector<std::array<int64_t, 9>> signatures;
   for (int dev = 0; dev < d.num_devices; ++dev) {
     peers->buffers.push_back(peer_group->peer(dev));
@@ -187,7 +182,7 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
   headers[rank]->signature = Signature(d);
   peers->group = std::make_shared<SharedGroup>(headers);
   peers->shared = true;
-  if (std::string err = peers->Arrive(Phase::kPublished); !err.empty()) return PeerTimeout(err);
+  if (ffi::Error err = peers->Arrive(Phase::kPublished); err.failure()) return err;
   std::vector<std::array<int64_t, 9>> signatures;
   for (RegionHeader* h : headers) signatures.push_back(h->signature);
   return CheckSignatures(*peers, rank, headers[rank]->signature, signatures);
@@ -272,7 +267,7 @@ ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& 
   } else {
     peers.group->ReportFailure(peers.failure);
   }
-  if (std::string err = peers.Arrive(Phase::kComputed); !err.empty()) return PeerTimeout(err);
+  if (ffi::Error err = peers.Arrive(Phase::kComputed); err.failure()) return err;
   if (bad.failure()) return bad;
   if (std::string failed = peers.group ? peers.group->Failure() : ""; !failed.empty())
     return ffi::Error::Internal(failed);
@@ -438,7 +433,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   }
   // After a timeout the peers are gone: waiting at another barrier would only time out again.
   if (status.errc() == ffi::ErrorCode::kDeadlineExceeded) return status;
-  if (std::string err = peers.Arrive(Phase::kReleased); !err.empty()) return PeerTimeout(err);
+  if (ffi::Error err = peers.Arrive(Phase::kReleased); err.failure()) return err;
   if (status.failure()) return status;
   for (int me : peers.ranks)
     SumSlots(d, peers.buffers[me].staging, dx->untyped_data(),

@@ -385,13 +385,11 @@ ffi::Error ConnectInProcess(const CallAttrs& attrs, DeviceState& me, const Scala
   PeerBuffers published = own;
   published.signature = Signature(d);
   group->Publish(rank, published);
-  if (std::string err = group->Arrive(rank, Phase::kPublished, timeout); !err.empty())
-    return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, err);
+  if (ffi::Error err = group->Arrive(rank, Phase::kPublished, timeout); err.failure()) return err;
   for (int dev = 0; dev < d.num_devices; ++dev) call->peers.push_back(group->peer(dev));
   // The second host meeting: every device holds its copy of the table, so a fast device may
   // publish its next call's buffers (the kernels' own ordering is the device barriers').
-  if (std::string err = group->Arrive(rank, Phase::kComputed, timeout); !err.empty())
-    return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, err);
+  if (ffi::Error err = group->Arrive(rank, Phase::kComputed, timeout); err.failure()) return err;
   for (int dev = 0; dev < d.num_devices; ++dev)
     if (call->peers[dev].signature != published.signature)
       return ffi::Error::Internal(

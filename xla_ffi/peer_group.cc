@@ -66,7 +66,7 @@ std::string PeerGroup::Failure() {
   return failure_;
 }
 
-std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
+xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
   Devices().Arrived(group_, rank);
   Barrier& b = barriers_[static_cast<int>(phase)];
   std::unique_lock<std::mutex> lock(b.mu);
@@ -83,7 +83,7 @@ std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds t
     b.cv.notify_all();
     lock.unlock();
     Devices().Left(group_, rank);
-    return {};
+    return xla::ffi::Error::Success();
   }
   // A peer found gone at an earlier call of this site and silent ever since is waited for only
   // until half a timeout after that: calls queued behind the failed one then fail at once,
@@ -105,14 +105,14 @@ std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds t
   if (!opened && --b.arrived == 0) b.seen.assign(num_devices_, false);
   lock.unlock();
   Devices().Left(group_, rank);
-  if (opened) return {};
+  if (opened) return xla::ffi::Error::Success();
   const auto waited =
       std::chrono::duration_cast<std::chrono::milliseconds>(std::max(deadline, start) - start);
   if (waited < timeout) {  // name the gone peers that kept others from waiting longer
     for (int r = 0; r < num_devices_; ++r) came[r] = came[r] || !gone[r];
-    return BarrierTimeout(rank, phase, waited, came) +
-           " They have reached no barrier since an earlier call of this site waited " +
-           std::to_string(timeout.count()) + " ms for them.";
+    return BarrierTimeout(rank, phase, waited, came,
+                          " They have reached no barrier since an earlier call of this site "
+                          "waited " + std::to_string(timeout.count()) + " ms for them.");
   }
   // A peer that showed no sign of life at any barrier while this device waited is gone.
   std::lock_guard<std::mutex> gone_lock(gone_mu_);
@@ -121,8 +121,8 @@ std::string PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds t
   return BarrierTimeout(rank, phase, waited, came);
 }
 
-std::string BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
-                           const std::vector<bool>& arrived) {
+xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
+                               const std::vector<bool>& arrived, const std::string& why) {
   static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
   const int n = static_cast<int>(arrived.size());
   std::ostringstream msg;
@@ -132,8 +132,9 @@ std::string BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds wait
   for (int r = 0; r < n; ++r)
     if (!arrived[r]) msg << ' ' << r;
   msg << ". Every device of the expert-parallel axis must make the same fused_moe calls "
-         "(raise the limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow).";
-  return msg.str();
+         "(raise the limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow)."
+      << why;
+  return xla::ffi::Error(xla::ffi::ErrorCode::kDeadlineExceeded, msg.str());
 }
 
 namespace {

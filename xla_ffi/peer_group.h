@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "xla/ffi/api/ffi.h"
+
 namespace ccf {
 
 // Weight gradients a device computed for experts it helped with (defined by the handlers).
@@ -54,8 +56,8 @@ class Rendezvous {
   virtual ~Rendezvous() = default;
 
   // Waits until all devices arrived at `phase`. On timeout the arrival is withdrawn and a
-  // message naming the missing ranks is returned; an empty string means success.
-  virtual std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) = 0;
+  // DEADLINE_EXCEEDED error names the missing ranks.
+  virtual xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) = 0;
 
   // A device whose call fails after publishing says so here, then still meets its peers at the
   // compute barrier, so they never touch its buffers after it returns; after that barrier every
@@ -64,9 +66,10 @@ class Rendezvous {
   virtual std::string Failure() = 0;
 };
 
-// The message of a barrier timeout after waiting `waited`; `arrived[r]` says whether rank r came.
-std::string BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
-                           const std::vector<bool>& arrived);
+// The error of a barrier timeout after waiting `waited`; `arrived[r]` says whether rank r came,
+// `why` adds to the message.
+xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
+                               const std::vector<bool>& arrived, const std::string& why = "");
 
 class PeerGroup final : public Rendezvous {
  public:
@@ -87,7 +90,7 @@ class PeerGroup final : public Rendezvous {
   // half a timeout after that while it stays silent, so the calls queued behind one that timed
   // out all fail within about 1.5 timeouts in all, and a peer that merely skipped a call has
   // time to come back.
-  std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
+  xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
 
  private:
   struct Barrier {

@@ -25,7 +25,7 @@ void FutexWakeAll(std::atomic<uint32_t>* word) {
 }
 }  // namespace
 
-std::string SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
+xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
   const int p = static_cast<int>(phase);
   const uint32_t n = static_cast<uint32_t>(headers_.size());
   RegionHeader::Barrier& b = headers_[0]->barriers[p];
@@ -39,7 +39,7 @@ std::string SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds
       if (!last) break;
       b.generation.store(generation + 1, std::memory_order_release);
       FutexWakeAll(&b.generation);
-      return {};
+      return xla::ffi::Error::Success();
     }
   }
   headers_[rank]->arrived_for[p].store(generation + 1, std::memory_order_relaxed);
@@ -54,7 +54,7 @@ std::string SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds
   // Withdraw unless the barrier opened meanwhile, so this call is no arrival in the next one.
   s = b.state.load(std::memory_order_acquire);
   for (;;) {
-    if (static_cast<uint32_t>(s >> 32) != generation) return {};
+    if (static_cast<uint32_t>(s >> 32) != generation) return xla::ffi::Error::Success();
     if (b.state.compare_exchange_weak(s, s - 1, std::memory_order_acq_rel)) break;
   }
   std::vector<bool> arrived(n);

@@ -16,7 +16,7 @@ class SharedGroup final : public Rendezvous {
   // `headers[r]`: rank r's region header, mapped in this process.
   explicit SharedGroup(std::vector<RegionHeader*> headers) : headers_(std::move(headers)) {}
 
-  std::string Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
+  xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
   void ReportFailure(const std::string& msg) override;
   std::string Failure() override;
 
