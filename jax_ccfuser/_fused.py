@@ -153,7 +153,7 @@ def _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
+def _fused_vjp(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
   return _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group)
 
 
@@ -186,7 +186,13 @@ def _fused_bwd(static, residuals, dy):
           int_zero(rank), int_zero(group))
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused_vjp.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _fused(static, *operands):
+  """The op every entry point calls: `_fused_vjp`, refused by name under forward mode."""
+  _refuse_forward_mode(operands)
+  return _fused_vjp(static, *operands)
 
 
 def _position(axis_name):
@@ -257,7 +263,6 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   """
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
-  _refuse_forward_mode(x, expert_weights, w_in, w_out)
   split = _topology.split(axis_name, dims.num_devices)
   if dims.num_devices > 1 and jax.default_backend() == "cpu":
     _cpu_threads.check_pool(jax.local_device_count())
@@ -327,7 +332,6 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
                      f"{num_devices} emulated devices")
   check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                  axis_name=None)
-  _refuse_forward_mode(x, expert_weights, w_in, w_out)
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, timeout_ms=peer_timeout_ms(),
