@@ -1,0 +1,329 @@
+"""fused_moe on CUDA GPUs against reference_moe: emulated peers on one GPU, shard_map over every
+GPU, dtypes, activations, K, routing, plans, determinism, bad ids, repeated and queued calls.
+
+Marked `gpu` and skipped, with the reason, where no CUDA device is visible (`make test` here).
+`CCF_CUDA_TESTS_PLATFORM=cpu` runs the same tests on the CPU backend's 8 simulated devices
+(tests/conftest.py), which checks the tests themselves where no GPU exists:
+
+  CCF_CUDA_TESTS_PLATFORM=cpu pytest tests/test_cuda.py
+
+On a GPU machine `bench/gpu_check.sh` runs this module after building the CUDA extension.
+"""
+
+import dataclasses
+import functools
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_ccfuser as ccf
+from jax_ccfuser import _extension
+from jax_ccfuser.experimental import fused_moe_emulated
+from hardening_cases import assert_matches_reference, forward_and_grads, peer_args
+from moe_cases import Case, assert_close, make_inputs, sharded
+
+pytestmark = pytest.mark.gpu
+
+PLATFORM = os.environ.get("CCF_CUDA_TESTS_PLATFORM", "cuda")
+
+
+def _visible_devices():
+  try:
+    return jax.devices(PLATFORM)
+  except RuntimeError:  # jax has no such backend here
+    return []
+
+
+_DEVICES = _visible_devices()
+if not _DEVICES:
+  pytest.skip(f"no {PLATFORM} device visible (CCF_CUDA_TESTS_PLATFORM=cpu runs these tests on "
+              "the CPU backend)", allow_module_level=True)
+if _DEVICES[0].platform != jax.devices()[0].platform:
+  pytest.skip(f"{PLATFORM} is not JAX's default backend here; set JAX_PLATFORMS={PLATFORM}",
+              allow_module_level=True)
+if PLATFORM == "cuda" and _extension.cuda is None:
+  # A GPU without the CUDA handlers is a broken build, not a reason to skip.
+  raise ImportError("a CUDA device is visible but jax_ccfuser was built without its CUDA "
+                    "extension (no nvcc or CUTLASS headers at build time); rebuild with "
+                    "CCF_ENABLE_CUDA=ON")
+
+# The most devices one expert-parallel group of the CUDA path takes (cuda/config.cuh kMaxPeers).
+_MAX_GROUP = 8
+# Every device of a shard_map group, at most a group's worth.
+_GROUP = min(len(_DEVICES), _MAX_GROUP)
+_needs_devices = pytest.mark.skipif(
+    _GROUP < 2, reason=f"shard_map over devices needs 2 or more {PLATFORM} devices, "
+                       f"{len(_DEVICES)} visible")
+
+_ACTIVATIONS = sorted(_extension.ACTIVATION_CODES)  # the native table: every activation
+
+
+def _reference_precision():
+  """float32 products at full precision: XLA:GPU's default rounds them to TF32, further from
+  the truth than the fused kernels' own float32 arithmetic."""
+  return jax.default_matmul_precision("highest")
+
+
+def _check(out, args, activation, dtype):
+  """`out = (y, grads)` against reference_moe over the global arrays (one device)."""
+  with _reference_precision():
+    assert_matches_reference(out, args, 1, activation, dtype)
+
+
+def _emulated_plan(ids, num_experts, devices):
+  """`reassign`'s plan for `devices` emulated devices: each takes its block of `ids`, as under
+  `shard_map` (the same axis collectives, here over a named vmap axis)."""
+  plan = jax.vmap(lambda block: ccf.reassign(block, num_experts, axis_name="ep", tile=4),
+                  axis_name="ep")(ids.reshape(devices, -1, ids.shape[1]))
+  return jax.tree.map(lambda a: a[0], plan)
+
+
+@functools.cache
+def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = False):
+  """A jitted `(x, ids, weights, w_in, w_out, dy) -> (y, (dx, d_weights, dw_in, dw_out))` of
+  `fused_moe_emulated` over `devices` emulated devices, with a fresh plan if `with_plan`."""
+  def run(x, ids, weights, w_in, w_out, dy):
+    plan = _emulated_plan(ids, w_out.shape[0], devices) if with_plan else None
+    layer = functools.partial(fused_moe_emulated, num_devices=devices, activation=activation,
+                              plan=plan)
+    y, pullback = jax.vjp(lambda x, w, a, b: layer(x, ids, w, a, b), x, weights, w_in, w_out)
+    return y, pullback(dy.astype(y.dtype))
+
+  return jax.jit(run)
+
+
+def _args(case: Case, weights_in_x_dtype: bool = False):
+  """`peer_args(case)`: the global arrays and a cotangent; the combine weights in x's dtype if
+  asked (float32 otherwise)."""
+  x, ids, weights, w_in, w_out, dy = peer_args(case)
+  if weights_in_x_dtype:
+    weights = weights.astype(case.dtype)
+  return x, ids, weights, w_in, w_out, dy
+
+
+# (test id, case, combine weights in x's dtype): D = 1, 2, 8 in every dtype, then every
+# activation, K = 1 and 8, and skewed routing, each beside the defaults (swiglu, K = 2, uniform).
+_EMULATED = [
+    *((f"D{d}-{jnp.dtype(t).name}", Case(devices=d, dtype=t, seed=10 * d + i), False)
+      for d in (1, 2, 8) for i, t in enumerate((jnp.float32, jnp.bfloat16, jnp.float16))),
+    *((f"{a}-float32", Case(devices=8, activation=a, seed=40 + i), False)
+      for i, a in enumerate(_ACTIVATIONS) if a != "swiglu"),
+    ("gelu-bfloat16", Case(devices=2, activation="gelu", dtype=jnp.bfloat16, seed=50), False),
+    ("K1", Case(devices=8, k=1, seed=51), False),
+    # K = 8 over 16 experts in bfloat16 with bfloat16 combine weights.
+    ("K8-bfloat16", Case(devices=8, k=8, tokens=29, dtype=jnp.bfloat16, seed=52), True),
+    # K = 8 over 2 experts: every row repeats ids, and each repeat counts.
+    ("K8-repeats", Case(devices=2, k=8, experts_local=1, seed=53), False),
+    # Most of 8 * 70 * 2 rows on expert 0: one work list spans several 128-row tiles.
+    ("skewed-float32", Case(devices=8, tokens=70, skew=1.0, seed=54), False),
+    ("skewed-bfloat16", Case(devices=8, tokens=70, skew=1.0, dtype=jnp.bfloat16, seed=55), False),
+]
+
+
+@pytest.mark.parametrize("case,weights_in_x_dtype", [c[1:] for c in _EMULATED],
+                         ids=[c[0] for c in _EMULATED])
+def test_emulated_matches_reference(case, weights_in_x_dtype):
+  args = _args(case, weights_in_x_dtype)
+  out = _emulated_step(case.devices, case.activation)(*args)
+  assert out[1][1].dtype == args[2].dtype
+  _check(out, args, case.activation, case.dtype)
+
+
+@_needs_devices
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16],
+                         ids=lambda t: jnp.dtype(t).name)
+def test_every_device_matches_reference(dtype):
+  case = Case(devices=_GROUP, tokens=21, k=3, dtype=dtype, seed=60)
+  args = _args(case)
+  out = forward_and_grads(ccf.fused_moe, _GROUP, case.activation)(*args)
+  _check(out, args, case.activation, dtype)
+
+
+@_needs_devices
+def test_emulated_equals_every_device_bitwise():
+  """D emulated peers on one device compute what D devices compute, bit for bit."""
+  case = Case(devices=_GROUP, tokens=19, k=3, skew=0.5, seed=61)
+  args = _args(case)
+  real = forward_and_grads(ccf.fused_moe, _GROUP, case.activation)(*args)
+  emulated = _emulated_step(_GROUP, case.activation)(*args)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, emulated),
+               jax.tree.map(np.asarray, real))
+
+
+def _assert_plan_has_helpers(plan):
+  """The plan moves rows to helpers: otherwise a test with it checks nothing new."""
+  assert np.any(np.asarray(plan.workers)[:, 1:] >= 0), plan.workers
+
+
+@pytest.mark.parametrize("devices,dtype", [(8, jnp.float32), (2, jnp.bfloat16)],
+                         ids=["D8-float32", "D2-bfloat16"])
+def test_emulated_with_plan_matches_reference(devices, dtype):
+  case = Case(devices=devices, tokens=40, skew=1.0, dtype=dtype, seed=62)
+  args = _args(case)
+  _assert_plan_has_helpers(_emulated_plan(args[1], case.num_experts, devices))
+  out = _emulated_step(devices, case.activation, with_plan=True)(*args)
+  _check(out, args, case.activation, dtype)
+
+
+@_needs_devices
+def test_every_device_with_plan_matches_reference():
+  case = Case(devices=_GROUP, tokens=40, skew=1.0, seed=63)
+  args = _args(case)
+  _assert_plan_has_helpers(_emulated_plan(args[1], case.num_experts, _GROUP))
+  out = forward_and_grads(ccf.fused_moe, _GROUP, case.activation, True)(*args)
+  _check(out, args, case.activation, case.dtype)
+
+
+def _assert_bitwise_repeatable(step, args, runs=4):
+  first = jax.tree.map(np.asarray, step(*args))
+  for _ in range(runs - 1):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, step(*args)), first)
+
+
+def test_emulated_deterministic_bitwise():
+  case = Case(devices=8, tokens=40, k=4, skew=0.7, dtype=jnp.bfloat16, seed=64)
+  _assert_bitwise_repeatable(_emulated_step(8), _args(case))
+
+
+@_needs_devices
+def test_every_device_deterministic_bitwise():
+  case = Case(devices=_GROUP, tokens=40, k=4, skew=0.7, dtype=jnp.bfloat16, seed=65)
+  _assert_bitwise_repeatable(forward_and_grads(ccf.fused_moe, _GROUP, case.activation),
+                             _args(case))
+
+
+def _assert_bad_id_reported(layer, args, bad_args, row, message):
+  """A call with a bad expert id raises `message`; the calls after it run as before.
+
+  The CPU path raises from the call itself. The CUDA path records the fault on the device and
+  reports it from a later call on that GPU, once the faulty call's work has finished
+  (xla_ffi/moe_cuda.cc): the faulty call's outputs for the token are NaN and the next call
+  raises. Either way the fault is reported once, and the call after it is right.
+  """
+  try:
+    y_bad = jax.block_until_ready(layer(*bad_args))
+  except jax.errors.JaxRuntimeError as e:
+    assert re.search(message, str(e)), str(e)
+  else:
+    assert np.all(np.isnan(np.asarray(y_bad[row], np.float32))), y_bad[row]
+    with pytest.raises(jax.errors.JaxRuntimeError, match=message):
+      jax.block_until_ready(layer(*args))
+  y = layer(*args)
+  with _reference_precision():
+    assert_close(y, ccf.reference_moe(*args), jnp.float32)
+
+
+def _bad_id_message(token, k, bad, device, num_experts):
+  return re.escape(f"expert_ids[{token}, {k}] = {bad} on device {device} is outside "
+                   f"[0, {num_experts})")
+
+
+@pytest.mark.parametrize("bad", ["E", "-1"])
+def test_emulated_out_of_range_id_raises(bad):
+  case = Case(devices=2, seed=66)
+  args = make_inputs(case)
+  value = case.num_experts if bad == "E" else -1
+  row = case.tokens + 5  # emulated device 1, token 5
+  bad_args = (args[0], args[1].at[row, 1].set(value), *args[2:])
+  layer = jax.jit(functools.partial(fused_moe_emulated, num_devices=2))
+  _assert_bad_id_reported(layer, args, bad_args, row,
+                          _bad_id_message(5, 1, value, 1, case.num_experts))
+
+
+@_needs_devices
+def test_every_device_out_of_range_id_raises():
+  case = Case(devices=_GROUP, seed=67)
+  args = make_inputs(case)
+  device = _GROUP - 1
+  row = device * case.tokens + 3
+  bad_args = (args[0], args[1].at[row, 0].set(1000), *args[2:])
+  _assert_bad_id_reported(sharded(ccf.fused_moe, _GROUP), args, bad_args, row,
+                          _bad_id_message(3, 0, 1000, device, case.num_experts))
+
+
+def _input_sets(case: Case, count: int = 4):
+  """`count` problems of one shape with their own routing and values: a call that read another
+  call's rows or staging would give another set's result."""
+  return [make_inputs(dataclasses.replace(case, seed=case.seed + i)) for i in range(count)]
+
+
+def _checked_first_results(layer, sets):
+  """Each set's first result, checked against reference_moe."""
+  firsts = [np.asarray(layer(*args)) for args in sets]
+  with _reference_precision():
+    for y, args in zip(firsts, sets):
+      assert_close(y, ccf.reference_moe(*args), jnp.float32)
+  return firsts
+
+
+def _emulated_forward(devices):
+  """A fresh jitted forward: each is traced on its own, so each is its own call site."""
+  return jax.jit(functools.partial(fused_moe_emulated, num_devices=devices))
+
+
+def _forward_sites(emulated: bool):
+  """Two call sites of one shape: emulated over 8 peers, or over every device."""
+  if emulated:
+    return _emulated_forward(8), _emulated_forward(8), 8
+  return sharded(ccf.fused_moe, _GROUP), sharded(ccf.fused_moe, _GROUP), _GROUP
+
+
+_EMULATED_OR_EVERY_DEVICE = pytest.mark.parametrize(
+    "emulated", [True, pytest.param(False, marks=_needs_devices)],
+    ids=["emulated", "every-device"])
+
+
+@_EMULATED_OR_EVERY_DEVICE
+def test_one_site_hundred_calls(emulated):
+  site, _, devices = _forward_sites(emulated)
+  sets = _input_sets(Case(devices=devices, tokens=24, seed=70))
+  firsts = _checked_first_results(site, sets)
+  for i in range(100):
+    np.testing.assert_array_equal(np.asarray(site(*sets[i % 4])), firsts[i % 4], f"call {i}")
+
+
+@_EMULATED_OR_EVERY_DEVICE
+def test_two_sites_alternating(emulated):
+  site_a, site_b, devices = _forward_sites(emulated)
+  sets = _input_sets(Case(devices=devices, tokens=24, seed=71))
+  sites = (site_a, site_b)
+  firsts = [_checked_first_results(site, sets) for site in sites]
+  for i in range(100):
+    np.testing.assert_array_equal(np.asarray(sites[i % 2](*sets[i % 4])), firsts[i % 2][i % 4],
+                                  f"call {i}")
+
+
+@_EMULATED_OR_EVERY_DEVICE
+def test_two_hundred_calls_queued_then_one_wait(emulated):
+  site, _, devices = _forward_sites(emulated)
+  sets = _input_sets(Case(devices=devices, tokens=24, seed=72))
+  firsts = _checked_first_results(site, sets)
+  queued = [site(*sets[i % 4]) for i in range(200)]  # dispatched back to back, nothing waits
+  jax.block_until_ready(queued)
+  for i, y in enumerate(queued):
+    np.testing.assert_array_equal(np.asarray(y), firsts[i % 4], f"call {i}")
+
+
+# T=37, H=136, F=200: a multiple of no tile (bfloat16 and float16 need H and F multiples of 8).
+_ODD = Case(tokens=37, hidden=136, ffn=200, experts_local=3, k=3)
+
+
+@pytest.mark.parametrize("devices,dtype", [(2, jnp.float32), (2, jnp.bfloat16),
+                                           (8, jnp.float16)],
+                         ids=["D2-float32", "D2-bfloat16", "D8-float16"])
+def test_emulated_shape_off_every_tile(devices, dtype):
+  case = dataclasses.replace(_ODD, devices=devices, dtype=dtype, seed=73)
+  args = _args(case)
+  _check(_emulated_step(devices, case.activation)(*args), args, case.activation, dtype)
+
+
+@_needs_devices
+def test_every_device_shape_off_every_tile():
+  case = dataclasses.replace(_ODD, devices=_GROUP, dtype=jnp.bfloat16, seed=74)
+  args = _args(case)
+  out = forward_and_grads(ccf.fused_moe, _GROUP, case.activation)(*args)
+  _check(out, args, case.activation, case.dtype)
