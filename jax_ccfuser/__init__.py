@@ -22,6 +22,7 @@ from jax_ccfuser._reassign import reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import RouterAux
 from jax_ccfuser._router import route
+from jax_ccfuser._router import update_expert_bias
 from jax_ccfuser._traffic import all_to_all_bytes
 from jax_ccfuser._traffic import peer_traffic
 
@@ -38,6 +39,7 @@ __all__ = [
     "reference_moe",
     "route",
     "RouterAux",
+    "update_expert_bias",
     "all_to_all_bytes",
     "peer_traffic",
     "placement",

@@ -1,10 +1,17 @@
-"""`route`: top-k softmax routing with the Switch/GShard load-balancing and router z-losses."""
+"""`route`: top-k routing (softmax or sigmoid scores, optional expert groups and bias) with the
+Switch/GShard load-balancing and router z-losses; `update_expert_bias`: auxiliary-loss-free
+balancing."""
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+SCORES = ("softmax", "sigmoid")
+
+# A group's score is the sum of this many of its best biased expert scores (DeepSeek-V3).
+_GROUP_SCORE_EXPERTS = 2
 
 
 class RouterAux(NamedTuple):
@@ -14,14 +21,63 @@ class RouterAux(NamedTuple):
   counts: jax.Array               # [E] int32, (token, k) assignments per expert
 
 
-def route(logits, k: int, *, renormalize: bool = True, axis_name=None):
-  """Picks each token's top-k experts from `softmax(logits)` and computes the auxiliary losses.
+def check_router_options(num_experts: int, k: int, *, score: str = "softmax",
+                         num_groups: int = 1, top_groups: int | None = None,
+                         scale: float = 1.0) -> None:
+  """Raises a ValueError naming the offending values when the router options do not fit."""
+  if score not in SCORES:
+    raise ValueError(f"unknown score {score!r}; expected one of {list(SCORES)}")
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"k={k} must be between 1 and the number of experts {num_experts}")
+  if num_groups < 1 or num_experts % num_groups:
+    raise ValueError(f"num_groups={num_groups} must be positive and divide the number of "
+                     f"experts {num_experts}")
+  top_groups = num_groups if top_groups is None else top_groups
+  if not 1 <= top_groups <= num_groups:
+    raise ValueError(f"top_groups={top_groups} must be between 1 and num_groups={num_groups}")
+  reachable = top_groups * (num_experts // num_groups)
+  if k > reachable:
+    raise ValueError(f"k={k} is more than the {reachable} experts of top_groups={top_groups} "
+                     f"groups of {num_experts // num_groups}")
+  if not (np.isfinite(scale) and scale > 0):
+    raise ValueError(f"scale={scale} must be a positive finite number")
 
-  With `p[t, e] = softmax(logits[t])[e]` (float32), `N = T * K` assignments and `E` experts:
+
+def _limit_to_top_groups(choice, num_groups: int, top_groups: int):
+  """`choice` `[T, E]` with the experts outside each token's `top_groups` best groups at -inf.
+
+  Groups are consecutive runs of `E / num_groups` experts; a group's score is the sum of its
+  best two entries of `choice` (its best one when groups have a single expert).
+  """
+  t, e = choice.shape
+  grouped = choice.reshape(t, num_groups, e // num_groups)
+  best = jax.lax.top_k(grouped, min(_GROUP_SCORE_EXPERTS, e // num_groups))[0]
+  _, groups = jax.lax.top_k(best.sum(-1), top_groups)                       # [T, top_groups]
+  keep = jnp.any(groups[:, :, None] == jnp.arange(num_groups), axis=1)         # [T, G]
+  return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
+
+
+def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: str = "softmax",
+          num_groups: int = 1, top_groups: int | None = None, scale: float = 1.0,
+          expert_bias=None):
+  """Picks each token's top-k experts and computes the auxiliary losses.
+
+  Scores `s[t, e]` (float32) are `softmax(logits[t])[e]` (`score="softmax"`) or
+  `sigmoid(logits[t, e])` (`score="sigmoid"`, DeepSeek-V3). The experts are chosen by
+  `s[t] + expert_bias` (the bias shifts the choice only): with `num_groups > 1` the experts are
+  split into `num_groups` groups of consecutive ids, a group scores the sum of its two best
+  biased scores (DeepSeek-V3's rule), and each token picks among the experts of its
+  `top_groups` best groups only (ties go to the lower group). The combine weights are the chosen
+  experts' unbiased scores, rescaled to sum to 1 when `renormalize`, then times `scale` (the
+  routed scaling factor). With `num_groups` the size of the expert-parallel axis, a group is one
+  device's experts and each token reaches at most `top_groups` devices.
+
+  With `N = T * K` assignments and `E` experts:
 
   - `f_e = count_e / N`, where `count_e` is the number of (token, k) assignments to expert `e`
     (no gradient flows through `f_e`);
-  - `P_e = (1 / T) * sum_t p[t, e]`, the mean router probability of expert `e`;
+  - `P_e = (1 / T) * sum_t p[t, e]`, the mean router probability of expert `e`, with
+    `p[t] = s[t] / sum_e s[t, e]` (for softmax, `p = s`);
   - `load_balancing_loss = E * sum_e f_e * P_e` (1 when routing and probabilities are uniform);
   - `z_loss = (1 / T) * sum_t logsumexp(logits[t])^2`.
 
@@ -31,33 +87,57 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None):
 
   Args:
     logits: `[T, E]`, any float dtype; computed on in float32.
-    k: experts per token, `1 <= k <= E`.
-    renormalize: rescale each token's k weights to sum to 1; otherwise they are the raw
-      probabilities.
+    k: experts per token, `1 <= k <= E` (and at most the experts of `top_groups` groups).
+    renormalize: rescale each token's k weights to sum to 1; otherwise they are the raw scores.
     axis_name: a mesh axis of the enclosing `jax.shard_map` that splits the tokens, or `None`.
+    score: "softmax" or "sigmoid".
+    num_groups: groups of experts for group-limited routing; divides E. 1: no groups.
+    top_groups: groups each token may use, `1 <= top_groups <= num_groups`; `None`: all.
+    scale: the routed scaling factor, multiplied into the combine weights.
+    expert_bias: `[E]` float, added to the scores for the choice of experts only (and no
+      gradient reaches it), or `None`; see `update_expert_bias`.
 
   Returns:
-    `(expert_ids, expert_weights, aux)`: expert_ids `[T, K]` int32 in decreasing probability
+    `(expert_ids, expert_weights, aux)`: expert_ids `[T, K]` int32 in decreasing biased score
     (ties to the lower id), expert_weights `[T, K]` float32, and a `RouterAux`. Gradients reach
     `logits` through `expert_weights` and both losses.
 
   Examples:
     >>> ids, weights, aux = route(x @ w_router, 2)
     >>> loss = task_loss + 1e-2 * aux.load_balancing_loss + 1e-3 * aux.z_loss
+    >>> ids, weights, aux = route(x @ w_router, 8, score="sigmoid", num_groups=8, top_groups=4,
+    ...                           scale=2.5, expert_bias=bias)   # DeepSeek-V3's router
   """
   if np.ndim(logits) != 2:
     raise ValueError(f"logits must have rank 2 ([T, E]), got shape {tuple(np.shape(logits))}")
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise ValueError(f"logits must be a float array, got {np.dtype(logits.dtype).name}")
   t, e = logits.shape
-  if not 1 <= k <= e:
-    raise ValueError(f"k={k} must be between 1 and the number of experts {e}")
+  check_router_options(e, k, score=score, num_groups=num_groups, top_groups=top_groups,
+                       scale=scale)
+  if expert_bias is not None and np.shape(expert_bias) != (e,):
+    raise ValueError(f"expert_bias must have shape [E] = ({e},), got "
+                     f"{tuple(np.shape(expert_bias))}")
 
   logits = logits.astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
-  expert_weights, expert_ids = jax.lax.top_k(probs, k)
+  if score == "softmax":
+    probs = scores = jax.nn.softmax(logits, axis=-1)
+  else:
+    scores = jax.nn.sigmoid(logits)
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  choice = scores
+  if expert_bias is not None:
+    # The bias is moved by `update_expert_bias` from the loads, never by gradients.
+    choice = choice + jax.lax.stop_gradient(expert_bias.astype(jnp.float32))
+  if top_groups is not None and top_groups < num_groups:
+    choice = _limit_to_top_groups(choice, num_groups, top_groups)
+  expert_weights, expert_ids = jax.lax.top_k(choice, k)
+  if choice is not scores:
+    expert_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
   if renormalize:
     expert_weights = expert_weights / jnp.sum(expert_weights, axis=-1, keepdims=True)
+  if scale != 1:
+    expert_weights = expert_weights * scale
 
   counts = jnp.bincount(expert_ids.reshape(-1), length=e).astype(jnp.int32)
   fraction = counts.astype(jnp.float32) / (t * k)
@@ -68,3 +148,33 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None):
     counts = jax.lax.psum(counts, axis_name)
   aux = RouterAux(load_balancing_loss=e * jnp.sum(fraction * mean_prob), z_loss=z, counts=counts)
   return expert_ids.astype(jnp.int32), expert_weights, aux
+
+
+def update_expert_bias(expert_bias, counts, *, rate: float):
+  """One step of auxiliary-loss-free load balancing (DeepSeek-V3).
+
+  `expert_bias + rate * sign(mean(counts) - counts)`: an overloaded expert's bias falls by
+  `rate`, an underloaded one's rises by `rate`, so `route(..., expert_bias=...)` sends it fewer
+  (more) tokens at the next step; the combine weights never see the bias. Pure and jittable; it
+  runs outside the gradient, on the loads the forward pass reports (`RouterAux.counts`,
+  `MoEAux.counts`: whole-batch counts, the same on every device, so a replicated bias stays
+  replicated). For several layers, `jax.tree.map` it over matching trees of biases and counts.
+
+  Args:
+    expert_bias: `[E]` float32, the bias `route` adds to the scores to choose experts.
+    counts: `[E]` int, (token, k) assignments per expert at this step.
+    rate: the bias update speed (DeepSeek-V3 uses 1e-3).
+
+  Returns:
+    The new bias, `[E]`, expert_bias's dtype.
+
+  Examples:
+    >>> ids, weights, aux = route(logits, 2, expert_bias=bias)
+    >>> bias = update_expert_bias(bias, aux.counts, rate=1e-3)
+  """
+  if np.shape(expert_bias) != np.shape(counts) or np.ndim(counts) != 1:
+    raise ValueError(f"expert_bias and counts must both have shape [E], got "
+                     f"{tuple(np.shape(expert_bias))} and {tuple(np.shape(counts))}")
+  counts = jnp.asarray(counts, jnp.float32)
+  step = rate * jnp.sign(jnp.mean(counts) - counts)
+  return expert_bias + step.astype(expert_bias.dtype)

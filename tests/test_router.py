@@ -1,4 +1,5 @@
-"""route: top-k ids and weights, the auxiliary losses against numpy, gradients, pmean."""
+"""route: top-k ids and weights, the auxiliary losses against numpy, gradients, pmean; the router
+options (sigmoid scores, expert groups, scale, expert bias) and the bias update."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
-from jax_ccfuser import route
+from jax_ccfuser import route, update_expert_bias
 from moe_cases import ep_mesh
 
 
@@ -128,12 +129,132 @@ def test_pmean_over_axis_equals_global():
   np.testing.assert_allclose(grad_sharded(logits), grad_global(logits), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("logits,k,match", [
-    (jnp.zeros((2, 3, 4)), 1, "logits must have rank 2"),
-    (jnp.zeros((3, 4), jnp.int32), 1, "logits must be a float array"),
-    (jnp.zeros((3, 4)), 0, "k=0 must be between 1 and the number of experts 4"),
-    (jnp.zeros((3, 4)), 5, "k=5 must be between 1 and the number of experts 4"),
+@pytest.mark.parametrize("logits,k,options,match", [
+    (jnp.zeros((2, 3, 4)), 1, {}, "logits must have rank 2"),
+    (jnp.zeros((3, 4), jnp.int32), 1, {}, "logits must be a float array"),
+    (jnp.zeros((3, 4)), 0, {}, "k=0 must be between 1 and the number of experts 4"),
+    (jnp.zeros((3, 4)), 5, {}, "k=5 must be between 1 and the number of experts 4"),
+    (jnp.zeros((3, 4)), 1, {"score": "tanh"}, "unknown score 'tanh'"),
+    (jnp.zeros((3, 6)), 1, {"num_groups": 4}, "num_groups=4 must be positive and divide"),
+    (jnp.zeros((3, 8)), 1, {"num_groups": 4, "top_groups": 5},
+     "top_groups=5 must be between 1 and num_groups=4"),
+    (jnp.zeros((3, 8)), 5, {"num_groups": 4, "top_groups": 2},
+     "k=5 is more than the 4 experts of top_groups=2 groups of 2"),
+    (jnp.zeros((3, 8)), 1, {"scale": 0.0}, "scale=0.0 must be a positive finite number"),
+    (jnp.zeros((3, 8)), 1, {"expert_bias": jnp.zeros(4)}, r"expert_bias must have shape \[E\]"),
 ])
-def test_bad_arguments(logits, k, match):
+def test_bad_arguments(logits, k, options, match):
   with pytest.raises(ValueError, match=match):
-    route(logits, k)
+    route(logits, k, **options)
+
+
+def _numpy_route_with_options(logits, k, *, score, num_groups, top_groups, scale, bias,
+                              renormalize):
+  """Independent float64 routing with scores, groups (a group scores the sum of its two best
+  biased scores), bias and scale; returns ids, weights, load balancing, counts."""
+  logits = np.asarray(logits, np.float64)
+  t, e = logits.shape
+  if score == "softmax":
+    scores = np.exp(logits - logits.max(axis=1, keepdims=True))
+    scores /= scores.sum(axis=1, keepdims=True)
+  else:
+    scores = 1 / (1 + np.exp(-logits))
+  choice = scores + np.asarray(bias, np.float64)
+  size = e // num_groups
+  grouped = choice.reshape(t, num_groups, size)
+  group_scores = -np.sort(-grouped, axis=2)[:, :, :min(2, size)].sum(axis=2)
+  kept = np.argsort(-group_scores, axis=1, kind="stable")[:, :top_groups]
+  allowed = np.zeros((t, num_groups), bool)
+  np.put_along_axis(allowed, kept, True, axis=1)
+  choice = np.where(np.repeat(allowed, size, axis=1), choice, -np.inf)
+  ids = np.argsort(-choice, axis=1, kind="stable")[:, :k]
+  weights = np.take_along_axis(scores, ids, axis=1)
+  if renormalize:
+    weights /= weights.sum(axis=1, keepdims=True)
+  counts = np.bincount(ids.ravel(), minlength=e)
+  probs = scores / scores.sum(axis=1, keepdims=True)
+  load_balancing = e * np.sum(counts / (t * k) * probs.mean(axis=0))
+  return ids, scale * weights, load_balancing, counts
+
+
+# (score, num_groups, top_groups, scale, renormalize, k) on 16 experts.
+ROUTER_OPTIONS = [
+    ("softmax", 1, 1, 1.0, True, 2),     # the bias alone
+    ("sigmoid", 4, 2, 2.5, True, 3),     # DeepSeek-V3's router
+    ("sigmoid", 16, 3, 1.0, False, 3),   # groups of one expert
+    ("softmax", 8, 2, 0.5, False, 4),    # k fills both groups
+]
+
+
+@pytest.mark.parametrize("score,num_groups,top_groups,scale,renormalize,k", ROUTER_OPTIONS)
+def test_router_options_match_numpy(score, num_groups, top_groups, scale, renormalize, k):
+  tokens, experts = 24, 16
+  logits = _logits(tokens, experts, seed=num_groups)
+  # As large as the score differences, so the bias changes many choices.
+  bias = jnp.asarray(np.random.default_rng(6).uniform(-0.3, 0.3, experts), jnp.float32)
+  options = dict(score=score, num_groups=num_groups, top_groups=top_groups, scale=scale,
+                 renormalize=renormalize)
+  ids, weights, aux = jax.jit(lambda l, b: route(l, k, expert_bias=b, **options))(logits, bias)
+  want_ids, want_weights, want_lb, want_counts = _numpy_route_with_options(
+      logits, k, bias=bias, **options)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(aux.load_balancing_loss, want_lb, rtol=1e-5)
+  np.testing.assert_array_equal(aux.counts, want_counts)
+  # Each token stays inside its top groups, and the bias changed some choices.
+  groups_used = [len(set(row)) for row in np.asarray(ids) // (experts // num_groups)]
+  assert max(groups_used) <= top_groups
+  unbiased = _numpy_route_with_options(logits, k, bias=np.zeros(experts), **options)[0]
+  assert np.any(unbiased != want_ids)
+
+
+def test_neutral_options_change_nothing():
+  # A zero bias, all groups kept and scale 1 take other code paths to bitwise the same routing.
+  logits = _logits(9, 8, seed=7)
+  plain = jax.jit(lambda l: route(l, 2))(logits)
+  neutral = jax.jit(lambda l: route(l, 2, num_groups=4, top_groups=4, scale=1.0,
+                                    expert_bias=jnp.zeros(8)))(logits)
+  jax.tree.map(np.testing.assert_array_equal, neutral, plain)
+
+
+def test_bias_gets_no_gradient_and_options_differentiate():
+  logits = _logits(6, 8, seed=8)
+  bias = jnp.asarray(np.random.default_rng(9).uniform(-0.2, 0.2, 8), jnp.float32)
+  options = dict(score="sigmoid", num_groups=4, top_groups=2, scale=2.5)
+
+  def outputs(logits, bias):
+    _, weights, aux = route(logits, 3, expert_bias=bias, **options)
+    return weights, aux.load_balancing_loss
+
+  check_grads(lambda l: outputs(l, bias), (logits,), order=1, modes=("rev",), eps=1e-2)
+  total = lambda l, b: jnp.sum(jnp.sin(outputs(l, b)[0])) + outputs(l, b)[1]
+  d_logits, d_bias = jax.jit(jax.grad(total, argnums=(0, 1)))(logits, bias)
+  assert np.abs(np.asarray(d_logits)).max() > 1e-4
+  np.testing.assert_array_equal(d_bias, np.zeros(8))
+
+
+def test_update_expert_bias_by_hand():
+  # Mean load 3: expert 0 over it, expert 1 under it, experts 2 and 3 on it.
+  bias = jnp.array([0.5, -0.5, 0.25, 0.0], jnp.float32)
+  new = update_expert_bias(bias, jnp.array([5, 1, 3, 3], jnp.int32), rate=0.125)
+  np.testing.assert_array_equal(new, [0.375, -0.375, 0.25, 0.0])
+  with pytest.raises(ValueError, match=r"must both have shape \[E\]"):
+    update_expert_bias(bias, jnp.ones(3, jnp.int32), rate=0.1)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_bias_updates_even_out_a_skewed_router(score):
+  # Experts 0 and 1 favoured by every token; no gradient, only the bias moves.
+  tokens, experts, k, steps = 256, 8, 2, 40
+  logits = _logits(tokens, experts, seed=10) / 3 + jnp.where(jnp.arange(experts) < 2, 1.5, 0.0)
+
+  @jax.jit
+  def run(logits):
+    def step(bias, _):
+      counts = route(logits, k, score=score, expert_bias=bias)[2].counts
+      return update_expert_bias(bias, counts, rate=0.02), counts
+    return jax.lax.scan(step, jnp.zeros(experts), None, length=steps)[1]
+
+  imbalance = np.asarray(run(logits)).max(axis=1) / (tokens * k / experts)  # [steps]
+  assert imbalance[0] > 2.5, imbalance
+  assert imbalance[-5:].max() < 1.3, imbalance
