@@ -42,11 +42,18 @@
 // Determinism: every output element is produced by one thread in a fixed order (no float
 // atomics); integer counts only decide positions.
 //
-// Limits of this first version: the scratch ([pairs, F] and [pairs, H] rows forward, more
-// backward) is sized for the worst case, every pair of the group on this device (D * T * K
-// rows); a token row routed to two experts of one device is read from its source twice (the CPU
-// path fetches it once); tiles run in work-list order, local and remote rows are not
-// interleaved on purpose; reassignment plans with helper slots are rejected by the handler.
+// Limits of this version: the scratch ([pairs, F] and [pairs, H] rows forward, more backward)
+// comes from XLA's allocator but is sized for the worst case, every pair of the group on this
+// device (D * T * K rows); a token row routed to two experts of one device is read from its
+// source twice (the CPU path fetches it once); tiles run in work-list order, local and remote
+// rows are not interleaved on purpose; reassignment plans with helper slots are rejected by the
+// handler.
+//
+// Failure: a device barrier that times out, finds a peer out of step (more than one barrier
+// ahead, or one that gave up) or, across processes, with other shapes aborts the call on that
+// GPU: the later kernels read and write no peer memory (the work list comes out empty), the
+// outputs are NaN, and kAbortFlag in every member's flag breaks the group for good, so each
+// member's next barrier fails too instead of pairing with the wrong call.
 //
 // NOT RUN: this code was written and compiled (nvcc 13.0, sm_90a and sm_80) on a machine without
 // a GPU. No kernel here has ever executed: correctness, the memory ordering of the peer barrier,
@@ -66,9 +73,11 @@
 //     reads back zero in the other process, that reopening a handle or re-registering a chunk
 //     returns the "already mapped" error, and that the device guard leaves the Python thread's
 //     current GPU as it was (and creates no context on GPU 0 of a process that does not use it).
-//   - A peer that never calls: the barrier times out on the device and a LATER call reports
-//     kBarrierTimeout (not DEADLINE_EXCEEDED as on CPU); a peer process that dies mid-run: the
-//     survivors must not crash on its unmapped memory.
+//   - A peer that never calls: the barrier times out on the device, the call's outputs are NaN,
+//     a LATER call reports kBarrierTimeout (not DEADLINE_EXCEEDED as on CPU) and every call
+//     after it fails at once (the GPU is broken); the peer's next barrier reports kOutOfStep. A
+//     peer process that dies mid-run: the survivors must not crash on its unmapped memory. A
+//     process that traced other shapes: kShapeMismatch at the start barrier.
 //   - The handler's errors: a mesh traced differently (rank's device not owned, or on another
 //     GPU), a plan with helper slots (InvalidArgument), a process running two members of a
 //     group spanning processes (Unimplemented), and, unchecked today, a process running devices
@@ -99,16 +108,28 @@ enum DeviceErrorCode : int32_t {
   kBadExpertId = 1,     // source, token, k, value = the id, limit = the number of valid ids
   kBarrierTimeout = 2,  // source = the peer's rank, value = its last flag, limit = the epoch
   kRankMismatch = 3,    // value = the rank or group on the device, limit = the cached one
+  kOutOfStep = 4,       // source = the peer's rank, value = its flag, limit = the epoch
+  kShapeMismatch = 5,   // source = the peer's rank, value / limit = its / this signature
 };
 
+// `aborted` is set (and stays set until the handler has reported the fault) when a barrier of
+// the device timed out, found a peer out of step or with other shapes: every later kernel of the
+// call then leaves peer memory alone, since the peers' buffers may be unwritten or freed.
 struct DeviceError {
   int32_t code;
   int32_t source;
   int32_t token;
   int32_t k;
+  int32_t aborted;
+  int32_t unused;
   int64_t value;
   int64_t limit;
 };
+
+// A flag value no barrier count reaches: a device that aborts stores it into its flags at every
+// member, so each member's next barrier with it sees the group broken (kOutOfStep) instead of
+// passing, and the group stays broken.
+constexpr uint64_t kAbortFlag = ~uint64_t{0};
 
 // ---------------------------------------------------------------------------------------------
 // work_list.cu
@@ -125,6 +146,9 @@ struct Routing {
   // Valid ids are [0, experts_total); those from D * E_local on belong to experts another group
   // computes (a hierarchical call): their pairs get no work and no staging slot here.
   int64_t experts_total;
+  // DeviceError::aborted: once set, the list is empty, so no kernel of the call reads or writes
+  // peer memory through it.
+  const int32_t* aborted;
 };
 
 // One pair of the work list.
@@ -143,6 +167,7 @@ struct WorkList {
   int32_t* expert_offset;  // [E_here + 1] first position of each expert's pairs
   int32_t* tile_offset;    // [E_here + 1] first GEMM M-tile of each expert
   WorkItem* items;         // [P] in (expert, source, token, k) order
+  int32_t tile_m;          // the M tile of the GEMMs that walk it (expert_gemm_tile_m)
 };
 
 // Chunks of pairs the work-list kernels split P pairs into.
@@ -151,9 +176,7 @@ int work_list_chunks(int64_t num_pairs);
 cudaError_t count_pairs(const Routing& routing, const WorkList& list, DeviceError* error,
                         cudaStream_t stream);
 cudaError_t scan_counts(const Routing& routing, const WorkList& list, cudaStream_t stream);
-// `tile_m`: the M tile of the GEMMs that will walk the list (expert_gemm_tile_m).
-cudaError_t fill_work_list(const Routing& routing, const WorkList& list, int tile_m,
-                           cudaStream_t stream);
+cudaError_t fill_work_list(const Routing& routing, const WorkList& list, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // expert_gemm.cu: grouped GEMMs, one group per expert of the work list.
@@ -197,11 +220,13 @@ struct GemmParams {
   int32_t n_split;
   GemmOperand a, b;
 
-  // The work list (work_list.cu).
+  // The work list (work_list.cu), and the M tile it was built for (WorkList::tile_m): the
+  // launcher refuses a list built for another tile than the kernel's.
   const WorkItem* items;
   const int32_t* expert_offset;
   const int32_t* tile_offset;
   int32_t num_experts_here;
+  int32_t tile_m;
 
   Epilogue epilogue;
   int32_t activation;  // ccf::Activation
@@ -246,9 +271,12 @@ struct ScatterParams {
   void* d_weights[kMaxPeers];       // each source's d_expert_weights [num_tokens, top_k]
 };
 
-// For every (source, token) with pairs on this device: staging[source][token, slot] = the sum of
-// its rows in k order (times the weights when `weighted`), and in the backward its
-// d_expert_weights. Ends with a system-scope fence (the rows go to peer memory).
+// For every (source, token) with pairs on this device and every slot they use:
+// staging[source][token, slot] = the sum of that slot's rows in k order (times the weights when
+// `weighted`), and in the backward its d_expert_weights. A real device's pairs of a token share
+// one slot; an emulated group's work list holds every device's, so a token's pairs may use
+// several, each summed on its own as its device would. Ends with a system-scope fence (the rows
+// go to peer memory).
 cudaError_t scatter_slots(DType dtype, const ScatterParams& params, cudaStream_t stream);
 
 struct CombineParams {
@@ -262,28 +290,27 @@ struct CombineParams {
   // another group's experts keep the handler's zeros (the caller sums over groups).
   void* d_weights;
   int32_t weights_f32;
+  const int32_t* aborted;  // DeviceError::aborted: set, every output is NaN
 };
 
 // out[t] = sum of t's slots in slot order, cast to `dtype`; a token with an id outside
-// [0, experts_total) gets NaN (the id is also reported through DeviceError by count_pairs).
+// [0, experts_total) gets NaN (the id is also reported through DeviceError by count_pairs), and
+// so does every token of a call whose barrier aborted.
 cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // signal.cu
 
 struct BarrierParams {
-  // Each member's flags: its GPU's signal buffer [kMaxDevices] (peers in one process), or the
-  // flags [kMaxPeers] in its region of the call site (peers in other processes, ipc_memory.h).
+  // Each member's flags for the call site, [kMaxPeers] with flag r written by rank r: a buffer
+  // the handler keeps per (GPU, site) (peers in one process), or in its region of the site
+  // (peers in other processes, ipc_memory.h). Keyed by site, so two sites' barriers never share
+  // a flag, whatever order or streams their calls run in.
   uint64_t* signals[kMaxPeers];
-  // Each member's flag in the others' flags: its device ordinal, or its rank in a region.
-  int32_t slots[kMaxPeers];
-  // Per member: how many barriers this device has now passed with that member's device. Both
-  // sides of a pair count the same barriers in the same (program) order, so they agree without
-  // talking, and the values only rise.
-  uint64_t epochs[kMaxPeers];
-  // Flags in regions (else null): the barriers this device has passed at the call site, kept in
-  // its region. Every member of a site passes each of its barriers, so this one count is the
-  // epoch with every member; the kernel reads it instead of `epochs` and raises it.
+  // Every member passes every barrier of a site, so one count is the epoch with every member.
+  // Peers in one process: the handler's count (`epoch`, `passed` null). Peers in other processes:
+  // `passed`, the count in this device's region, which the kernel reads and raises.
+  uint64_t epoch;
   uint64_t* passed;
   int32_t num_members;
   int32_t rank;                  // this device's index in the arrays above
@@ -294,11 +321,19 @@ struct BarrierParams {
   const int32_t* rank_value;
   const int32_t* group_value;
   int32_t expected_group;
+  // Peers in other processes, start barrier only (else null): each member's signature word in
+  // its region. This device writes `signature` (a hash of the shapes it traced) into its own
+  // before signalling and compares each member's once that member has signalled.
+  uint64_t* signatures[kMaxPeers];
+  uint64_t signature;
 };
 
-// Every member stores its epoch into its flag in each member's buffer (system-scope release) and
-// waits until each member's flag in its own buffer reaches that member's epoch (acquire), or
-// records a timeout.
+// Every member stores the epoch into its flag in each member's buffer (system-scope release) and
+// waits until each member's flag in its own buffer reaches it (acquire). A flag
+// more than one barrier ahead (a correct run never has one: a peer cannot pass a barrier this
+// device has not signalled) is a group out of step; a wait past the timeout, a changed rank or
+// other shapes are faults too. On any of them the kernel records the fault, sets
+// DeviceError::aborted and stores kAbortFlag at every member, then returns.
 cudaError_t barrier(const BarrierParams& params, cudaStream_t stream);
 
 }  // namespace ccf::cuda

@@ -36,33 +36,40 @@ __global__ void __launch_bounds__(kTokenThreads) scatter_slots(const ScatterPara
   if (g < p.num_sources * p.num_tokens) {
     const int32_t source = g / p.num_tokens, token = g - source * p.num_tokens;
     const int64_t first = static_cast<int64_t>(g) * p.top_k;  // the token's first pair
-    int32_t slot = -1;  // every pair of the token here shares this device's slot
-    for (int32_t k = 0; k < p.top_k && slot < 0; ++k) {
-      const int32_t code = p.pair_code[first + k];
-      if (code >= 0) slot = code % kMaxPeers;
-    }
-    if (slot >= 0) {
-      float* dst = p.staging[source] + (static_cast<int64_t>(token) * p.num_slots + slot) * p.hidden;
-      const int64_t weight_row = static_cast<int64_t>(token) * p.top_k;
+    const int64_t weight_row = static_cast<int64_t>(token) * p.top_k;
+    // Each slot the token's pairs here use, at its first pair in k order.
+    for (int32_t k0 = 0; k0 < p.top_k; ++k0) {
+      const int32_t code0 = p.pair_code[first + k0];
+      if (code0 < 0) continue;
+      const int32_t slot = code0 % kMaxPeers;
+      bool first_of_slot = true;
+      for (int32_t j = 0; j < k0 && first_of_slot; ++j) {
+        const int32_t code = p.pair_code[first + j];
+        first_of_slot = code < 0 || code % kMaxPeers != slot;
+      }
+      if (!first_of_slot) continue;
+      float* dst =
+          p.staging[source] + (static_cast<int64_t>(token) * p.num_slots + slot) * p.hidden;
       for (int32_t h = lane; h < p.hidden; h += 32) {
         float sum = 0.0f;
-        for (int32_t k = 0; k < p.top_k; ++k) {
-          if (p.pair_code[first + k] < 0) continue;
+        for (int32_t k = k0; k < p.top_k; ++k) {
+          const int32_t code = p.pair_code[first + k];
+          if (code < 0 || code % kMaxPeers != slot) continue;
           const float row = p.rows[static_cast<int64_t>(p.pair_pos[first + k]) * p.hidden + h];
           sum += p.weighted ? load_float<T>(p.weights[source], weight_row + k, p.weights_f32) * row
                             : row;
         }
         dst[h] = sum;
       }
-      if (p.dot_partial != nullptr) {
-        for (int32_t k = lane; k < p.top_k; k += 32) {
-          if (p.pair_code[first + k] < 0) continue;
-          const float* partial =
-              p.dot_partial + static_cast<int64_t>(p.pair_pos[first + k]) * p.num_partials;
-          float dot = 0.0f;
-          for (int32_t j = 0; j < p.num_partials; ++j) dot += partial[j];
-          store_float<T>(p.d_weights[source], weight_row + k, dot, p.weights_f32);
-        }
+    }
+    if (p.dot_partial != nullptr) {
+      for (int32_t k = lane; k < p.top_k; k += 32) {
+        if (p.pair_code[first + k] < 0) continue;
+        const float* partial =
+            p.dot_partial + static_cast<int64_t>(p.pair_pos[first + k]) * p.num_partials;
+        float dot = 0.0f;
+        for (int32_t j = 0; j < p.num_partials; ++j) dot += partial[j];
+        store_float<T>(p.d_weights[source], weight_row + k, dot, p.weights_f32);
       }
     }
   }
@@ -91,11 +98,13 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
     num_used += first;
   }
 
+  // A call whose barrier aborted has slots its peers may never have written.
+  const bool aborted = *p.aborted != 0;
   T* out = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.hidden;
   const float* slots = p.staging + static_cast<int64_t>(t) * p.num_slots * p.hidden;
   for (int32_t h = lane; h < p.hidden; h += 32) {
     float sum = NAN;
-    if (!bad) {
+    if (!bad && !aborted) {
       // A token whose pairs all go to other groups has no slot in use: slot 0 is still the
       // handler's zeros.
       sum = slots[h];
@@ -105,7 +114,7 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   }
   if (p.d_weights != nullptr) {
     for (int32_t k = lane; k < p.top_k; k += 32) {
-      if (row[k] < 0 || row[k] >= p.experts_total) {
+      if (aborted || row[k] < 0 || row[k] >= p.experts_total) {
         store_float<T>(p.d_weights, static_cast<int64_t>(t) * p.top_k + k, NAN, p.weights_f32);
       }
     }

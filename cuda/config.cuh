@@ -10,7 +10,7 @@ namespace ccf::cuda {
 // tables passed by value to the kernels and the slot field of a work-list pair code.
 constexpr int kMaxPeers = 8;
 
-// Device ordinals a signal buffer has a flag for (a flag per possible writer).
+// GPU ordinals the handler keeps state and peer access for.
 constexpr int kMaxDevices = 64;
 
 // Experts one work list covers: E_local, or D * E_local when emulating D devices.

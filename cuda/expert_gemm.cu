@@ -484,6 +484,7 @@ cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
   using Config = GemmConfig<T, kAMajor, kBMajor>;
   constexpr int kSmemBytes = GemmTraits<Config>::kSmemBytes;
   CCF_HOST_ASSERT((serves<kAMajor, kBMajor>(p.epilogue)));
+  CCF_HOST_ASSERT(p.tile_m == Config::kTileM);  // the work list's M tiles are the kernel's
   auto* kernel = &expert_gemm<Config>;
   CCF_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));

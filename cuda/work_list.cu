@@ -75,7 +75,9 @@ int work_list_chunks(int64_t num_pairs) {
   return static_cast<int>((num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
 }
 
-// Classifies every pair and counts each chunk's pairs per local expert.
+// Classifies every pair and counts each chunk's pairs per local expert. After an aborted barrier
+// no peer's ids are read: every pair is "not here", so the list is empty and no later kernel of
+// the call touches peer memory through it.
 __global__ void __launch_bounds__(kListThreads)
     count_pairs(const Routing r, const WorkList list, int32_t num_chunks, DeviceError* error) {
   extern __shared__ int32_t s_counts[];  // [kListWarps, E_here]
@@ -83,6 +85,7 @@ __global__ void __launch_bounds__(kListThreads)
   int32_t* counts = s_counts + warp * r.num_experts_here;
   const int32_t chunk = blockIdx.x * kListWarps + warp;
   if (chunk >= num_chunks) return;  // warp-uniform; no block-wide sync below
+  const bool aborted = *r.aborted != 0;
 
   for (int32_t e = lane; e < r.num_experts_here; e += 32) counts[e] = 0;
   __syncwarp();
@@ -91,7 +94,7 @@ __global__ void __launch_bounds__(kListThreads)
     const int32_t i = chunk * kPairsPerChunk + round * 32 + lane;
     int32_t e = -1;
     if (i < total) {
-      const int32_t code = classify_pair(r, i, error);
+      const int32_t code = aborted ? -1 : classify_pair(r, i, error);
       list.pair_code[i] = code;
       e = local_expert(code);
     }
@@ -128,7 +131,7 @@ __global__ void __launch_bounds__(kListThreads)
 // of E_here counts, cheaper to redo than to launch for); block 0 publishes them and the M-tile
 // table for the GEMMs.
 __global__ void __launch_bounds__(kListThreads)
-    fill_work_list(const Routing r, const WorkList list, int32_t num_chunks, int32_t tile_m) {
+    fill_work_list(const Routing r, const WorkList list, int32_t num_chunks) {
   constexpr int kItems = kMaxExpertsHere / kListThreads;
   static_assert(kMaxExpertsHere % kListThreads == 0, "experts split evenly over the threads");
   using BlockScan = cub::BlockScan<int32_t, kListThreads>;
@@ -154,7 +157,7 @@ __global__ void __launch_bounds__(kListThreads)
       if (e < experts) {
         list.expert_offset[e] = values[j];
         const int32_t count = list.expert_count[e];
-        values[j] = (count + tile_m - 1) / tile_m;
+        values[j] = (count + list.tile_m - 1) / list.tile_m;
       } else {
         values[j] = 0;
       }
@@ -214,6 +217,7 @@ cudaError_t count_pairs(const Routing& routing, const WorkList& list, DeviceErro
                         cudaStream_t stream) {
   CCF_HOST_ASSERT(routing.num_experts_here > 0 && routing.num_experts_here <= kMaxExpertsHere);
   CCF_HOST_ASSERT(routing.num_sources > 0 && routing.num_sources <= kMaxPeers);
+  CCF_HOST_ASSERT(routing.aborted != nullptr);
   const int num_chunks = work_list_chunks(static_cast<int64_t>(routing.num_sources) *
                                           routing.num_tokens * routing.top_k);
   count_pairs<<<list_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
@@ -228,13 +232,12 @@ cudaError_t scan_counts(const Routing& routing, const WorkList& list, cudaStream
   return cudaGetLastError();
 }
 
-cudaError_t fill_work_list(const Routing& routing, const WorkList& list, int tile_m,
-                           cudaStream_t stream) {
-  CCF_HOST_ASSERT(tile_m > 0);
+cudaError_t fill_work_list(const Routing& routing, const WorkList& list, cudaStream_t stream) {
+  CCF_HOST_ASSERT(list.tile_m > 0);
   const int num_chunks = work_list_chunks(static_cast<int64_t>(routing.num_sources) *
                                           routing.num_tokens * routing.top_k);
   fill_work_list<<<list_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
-      routing, list, num_chunks, tile_m);
+      routing, list, num_chunks);
   return cudaGetLastError();
 }
 

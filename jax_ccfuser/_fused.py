@@ -18,6 +18,7 @@ from jax.sharding import AxisType
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
 from jax_ccfuser._config import peer_timeout_ms
 from jax_ccfuser._reassign import Plan, identity_workers
+from jax_ccfuser._validation import check_gpu_tiles
 from jax_ccfuser._validation import check_moe_args
 
 # Each traced call gets its own pair of sites (forward, backward): the key under which the
@@ -264,6 +265,8 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
   split = _topology.split(axis_name, dims.num_devices)
+  if _topology.platform(split) == "gpu":
+    check_gpu_tiles(dims, x.dtype)
   if dims.num_devices > 1 and jax.default_backend() == "cpu":
     _cpu_threads.check_pool(jax.local_device_count())
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
@@ -330,8 +333,10 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   if x.shape[0] % num_devices or w_out.shape[0] % num_devices:
     raise ValueError(f"x rows {x.shape[0]} and experts {w_out.shape[0]} must split evenly over "
                      f"{num_devices} emulated devices")
-  check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
-                 axis_name=None)
+  dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
+                        axis_name=None)
+  if _topology.platform() == "gpu":
+    check_gpu_tiles(dims, x.dtype)
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, timeout_ms=peer_timeout_ms(),

@@ -114,3 +114,12 @@ def split(axis_name, num_devices: int) -> Split:
   shared = not _uniform_blocks(processes, per_host)
   ids = tuple(int(dev.id) for dev in devices.flat) if shared else ()
   return Split(num_devices // per_host, per_host, shared, ids, devices.flat[0].platform)
+
+
+def platform(split: Split | None = None) -> str:
+  """The platform a call is traced for: its devices' across processes, else the mesh's, else
+  the default backend's."""
+  if split is not None and split.platform:
+    return split.platform
+  mesh = mesh_lib.get_concrete_mesh()
+  return mesh.devices.flat[0].platform if not mesh.empty else jax.default_backend()

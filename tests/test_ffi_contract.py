@@ -81,3 +81,23 @@ def test_every_attribute_reaches_the_handler():
     call(*operands, **good._replace(activation=9).as_ffi())[0].block_until_ready()
   with pytest.raises(Exception, match="attributes"):
     call(*operands, **{**good.as_ffi(), "extra": np.int32(0)})[0].block_until_ready()
+
+
+def test_handler_refuses_weights_of_a_third_dtype():
+  """The handlers read expert_weights as float32 or as x's dtype: a direct custom call with
+  another dtype (float16 weights for float32 x) is refused by the handler itself, not misread."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, 2, (4, 2)), jnp.int32)
+  weights = jnp.asarray(rng.random((4, 2)), jnp.float16)
+  w_in = jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32)
+  w_out = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+  workers, bounds = _fused._plan_operands(None, 2, 1)
+  static = _fused._Static(site=next(_fused._sites), num_devices=1, emulated=False,
+                          activation="swiglu", timeout_ms=1000, num_experts=2)
+  call = jax.ffi.ffi_call("ccf_moe_fwd", (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                          jax.ShapeDtypeStruct((4, 1, 8), jnp.float32)))
+  with pytest.raises(jax.errors.JaxRuntimeError,
+                     match="expert_weights must be float32 or x's dtype"):
+    call(x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0),
+         **_fused._call_attrs(static, False, (-1, 0)).as_ffi())[0].block_until_ready()

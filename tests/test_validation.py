@@ -92,6 +92,27 @@ def test_faults_found_at_trace_time(moe_fn):
     traced(**_replace())
 
 
+@pytest.mark.parametrize("entry", ["fused_moe", "fused_moe_emulated"])
+def test_gpu_tile_limit_found_at_trace_time(entry, monkeypatch):
+  """On GPU, bfloat16/float16 need H and F multiples of 8: a trace-time ValueError, not a
+  run-time error from the handler (the shapes are static). Traced for "gpu" by stubbing the
+  platform lookup: the check itself is plain Python, and the trace stops before any kernel."""
+  from jax_ccfuser import _topology
+  from jax_ccfuser.experimental import fused_moe_emulated
+  monkeypatch.setattr(_topology, "platform", lambda split=None: "gpu")
+  fn = fused_moe if entry == "fused_moe" else functools.partial(fused_moe_emulated,
+                                                                  num_devices=1)
+  args = _replace(**{name: a.astype(jnp.bfloat16) for name, a in _replace().items()
+                     if name in ("x", "w_in", "w_out")})
+  with pytest.raises(ValueError, match=r"on GPU needs H and F to be multiples of 8 for "
+                                       r"bfloat16; got H=4, F=5"):
+    jax.jit(fn).trace(**args)
+  # float32 has no such limit, and neither has the CPU.
+  jax.jit(fn).trace(**_replace())
+  monkeypatch.setattr(_topology, "platform", lambda split=None: "cpu")
+  jax.jit(fn).trace(**args)
+
+
 @pytest.mark.parametrize("capacity_factor", [0.0, -1.25, float("nan")])
 def test_bad_capacity_factor(capacity_factor):
   with pytest.raises(ValueError, match="capacity_factor must be a positive float or None"):

@@ -44,6 +44,8 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
                              "float16");
   if (w_in.element_type() != x.element_type() || w_out.element_type() != x.element_type())
     return InvalidArgument("w_in and w_out must have x's dtype");
+  if (weights.element_type() != x.element_type() && weights.element_type() != ffi::DataType::F32)
+    return InvalidArgument("expert_weights must be float32 or x's dtype");
   const int64_t split = emulated ? num_devices : 1;
   MoeDims d;
   d.num_devices = num_devices;

@@ -42,6 +42,10 @@ struct PeerBuffers {
   // (T, H, K, F, E_local, E, dtype codes, activation): every peer must agree, checked after
   // the barrier.
   std::array<int64_t, 9> signature{};
+  // CUDA: the GPU the device runs on, and its barrier flags for the call site, [kMaxPeers]
+  // written by each rank (cuda_device.h's SitePlace).
+  int32_t gpu = -1;
+  uint64_t* signals = nullptr;
 };
 
 // The phases of one call at which all peers meet.

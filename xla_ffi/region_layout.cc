@@ -66,6 +66,7 @@ IpcRegionLayout LayoutIpcRegion(int64_t tokens, int64_t hidden, int64_t k, int64
   IpcRegionLayout l;
   l.signals = sections.Take(true, sizeof(uint64_t) * cuda::kMaxPeers);
   l.passed = sections.Take(true, sizeof(uint64_t));
+  l.signature = sections.Take(true, sizeof(uint64_t));
   l.operands =
       LayoutOperands(tokens, hidden, k, slots, x_bytes, weights_bytes, backward, sections);
   l.bytes = sections.at;

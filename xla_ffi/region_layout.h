@@ -70,11 +70,12 @@ struct RegionLayout {
 RegionLayout LayoutRegion(const RegionShape& s);
 
 // CUDA: byte offsets inside one device's region. Its barrier state is the device barrier's flags
-// (cuda/signal.cu), which peers write, and the count of barriers the device has passed; the
-// operands follow as on CPU.
+// (cuda/signal.cu), which peers write, the count of barriers the device has passed and its shape
+// signature; the operands follow as on CPU.
 struct IpcRegionLayout {
-  int64_t signals;  // uint64 [kMaxPeers]: flag r is written by rank r
-  int64_t passed;   // uint64: barriers this device has passed at the call site
+  int64_t signals;    // uint64 [kMaxPeers]: flag r is written by rank r
+  int64_t passed;     // uint64: barriers this device has passed at the call site
+  int64_t signature;  // uint64: the hash of the shapes the device traced, which peers compare
   OperandOffsets operands;
   int64_t bytes;
 };

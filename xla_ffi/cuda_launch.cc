@@ -1,0 +1,318 @@
+#include "xla_ffi/cuda_launch.h"
+
+#include "common/activation.h"
+
+namespace ffi = xla::ffi;
+
+namespace ccf {
+namespace {
+
+cuda::DType ToDType(ffi::DataType t) {
+  return t == ffi::DataType::F32 ? cuda::DType::kF32
+         : t == ffi::DataType::BF16 ? cuda::DType::kBF16
+                                    : cuda::DType::kF16;
+}
+
+cuda::WorkList CarveWorkList(const Call& c, Arena& arena) {
+  const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
+  const int64_t chunks = cuda::work_list_chunks(pairs);
+  cuda::WorkList w;
+  w.pair_code = arena.Take<int32_t>(pairs);
+  w.pair_pos = arena.Take<int32_t>(pairs);
+  w.chunk_counts = arena.Take<int32_t>(c.experts_here * chunks);
+  w.expert_count = arena.Take<int32_t>(c.experts_here);
+  w.expert_offset = arena.Take<int32_t>(c.experts_here + 1);
+  w.tile_offset = arena.Take<int32_t>(c.experts_here + 1);
+  w.items = arena.Take<cuda::WorkItem>(pairs);
+  w.tile_m = cuda::expert_gemm_tile_m(ToDType(c.d.x_type));
+  return w;
+}
+
+cuda::Routing MakeRouting(const Call& c, DeviceState& me) {
+  cuda::Routing r{};
+  for (int dev = 0; dev < c.d.num_devices; ++dev) r.ids[dev] = c.peers[dev].ids;
+  r.num_sources = c.d.num_devices;
+  r.num_tokens = static_cast<int32_t>(c.d.tokens);
+  r.top_k = static_cast<int32_t>(c.d.k);
+  r.experts_per_device = static_cast<int32_t>(c.d.experts_local);
+  r.first_expert = c.first_expert;
+  r.num_experts_here = c.experts_here;
+  r.experts_total = c.d.experts_total;
+  r.aborted = &me.error->aborted;
+  return r;
+}
+
+void LaunchWorkList(const Call& c, const cuda::WorkList& list, DeviceState& me,
+                    cudaStream_t stream, Launcher& launcher) {
+  const cuda::Routing routing = MakeRouting(c, me);
+  launcher.Run("count_pairs", [&] { return cuda::count_pairs(routing, list, me.error, stream); });
+  launcher.Run("scan_counts", [&] { return cuda::scan_counts(routing, list, stream); });
+  launcher.Run("fill_work_list", [&] { return cuda::fill_work_list(routing, list, stream); });
+}
+
+// The start barrier (which also checks the cached rank and group) or the end barrier of a real
+// group; nothing when emulating, where stream order does the job.
+void DeviceBarrier(const Call& c, DeviceState& me, const ScalarS32* rank, const ScalarS32* group,
+                   cudaStream_t stream, Launcher& launcher) {
+  if (c.place == nullptr) return;
+  cuda::BarrierParams b = c.barrier;
+  if (b.passed == nullptr) b.epoch = NextBarrier(me, *c.place);  // else counted in the region
+  b.rank_value = rank ? rank->typed_data() : nullptr;
+  b.group_value = group ? group->typed_data() : nullptr;
+  if (rank == nullptr)  // peers compare signatures at the start barrier only
+    for (uint64_t*& word : b.signatures) word = nullptr;
+  launcher.Always("barrier", [&] { return cuda::barrier(b, stream); });
+}
+
+// The start of a call: this device's operands staged where peers in other processes read them,
+// the buffers peers write into zeroed (they may as soon as the start barrier opens), the start
+// barrier.
+void OpenCall(const Call& c, DeviceState& me, const ScalarS32& rank, const ScalarS32& group,
+              cudaStream_t stream, Launcher& launcher) {
+  for (const Call::Staged& copy : c.staged)
+    launcher.Run("staging operands into the shared region", [&] {
+      return cudaMemcpyAsync(copy.to, copy.from, copy.bytes, cudaMemcpyDeviceToDevice, stream);
+    });
+  launcher.Run("zeroing staging", [&] {
+    return cudaMemsetAsync(c.own_staging, 0, sizeof(float) * c.own_tokens * c.d.slots * c.d.hidden,
+                           stream);
+  });
+  // Backward: every (token, k) with a valid id is written by its expert's GPU; zero them anyway
+  // so a failed call leaves no uninitialised memory behind.
+  if (c.own_d_weights != nullptr)
+    launcher.Run("zeroing d_expert_weights", [&] {
+      return cudaMemsetAsync(c.own_d_weights, 0,
+                             ffi::ByteWidth(c.d.weights_type) * c.own_tokens * c.d.k, stream);
+    });
+  DeviceBarrier(c, me, &rank, &group, stream, launcher);
+}
+
+cuda::GemmOperand Gathered(const Call& c, const void* PeerBuffers::*field, int64_t ld) {
+  cuda::GemmOperand op{};
+  op.source = cuda::RowSource::kGathered;
+  for (int dev = 0; dev < c.d.num_devices; ++dev) op.peers[dev] = c.peers[dev].*field;
+  op.ld = ld;
+  return op;
+}
+
+cuda::GemmOperand PairRows(const void* data, int64_t ld) {
+  cuda::GemmOperand op{};
+  op.source = cuda::RowSource::kPair;
+  op.data = data;
+  op.ld = ld;
+  return op;
+}
+
+cuda::GemmOperand ExpertRows(const void* data, int64_t ld, int64_t expert_stride) {
+  cuda::GemmOperand op{};
+  op.source = cuda::RowSource::kExpert;
+  op.data = data;
+  op.ld = ld;
+  op.expert_stride = expert_stride;
+  return op;
+}
+
+cuda::GemmParams GemmOver(const Call& c, const cuda::WorkList& list, cuda::GemmShape shape,
+                          int64_t m, int64_t n, int64_t k, cuda::GemmOperand a,
+                          cuda::GemmOperand b, cuda::Epilogue epilogue) {
+  cuda::GemmParams p{};
+  p.shape = shape;
+  p.m = static_cast<int32_t>(m);
+  p.n = static_cast<int32_t>(n);
+  p.k = static_cast<int32_t>(k);
+  p.a = a;
+  p.b = b;
+  p.items = list.items;
+  p.expert_offset = list.expert_offset;
+  p.tile_offset = list.tile_offset;
+  p.num_experts_here = c.experts_here;
+  p.tile_m = list.tile_m;
+  p.epilogue = epilogue;
+  p.activation = static_cast<int32_t>(c.d.activation);
+  p.gated = IsGated(c.d.activation);
+  p.weights_f32 = c.d.weights_type == ffi::DataType::F32;
+  p.top_k = static_cast<int32_t>(c.d.k);
+  for (int dev = 0; dev < c.d.num_devices; ++dev) p.weights[dev] = c.peers[dev].weights;
+  return p;
+}
+
+cuda::ScatterParams ScatterOver(const Call& c, const cuda::WorkList& list, const float* rows) {
+  cuda::ScatterParams p{};
+  p.pair_code = list.pair_code;
+  p.pair_pos = list.pair_pos;
+  p.num_sources = c.d.num_devices;
+  p.num_tokens = static_cast<int32_t>(c.d.tokens);
+  p.top_k = static_cast<int32_t>(c.d.k);
+  p.hidden = static_cast<int32_t>(c.d.hidden);
+  p.num_slots = c.d.slots;
+  p.rows = rows;
+  p.weights_f32 = c.d.weights_type == ffi::DataType::F32;
+  for (int dev = 0; dev < c.d.num_devices; ++dev) {
+    p.weights[dev] = c.peers[dev].weights;
+    p.staging[dev] = c.peers[dev].staging;
+    p.d_weights[dev] = c.peers[dev].d_weights;
+  }
+  return p;
+}
+
+cuda::CombineParams CombineOver(const Call& c, DeviceState& me, void* out, void* d_weights) {
+  cuda::CombineParams p{};
+  p.ids = c.own_ids;
+  p.staging = c.own_staging;
+  p.out = out;
+  p.num_tokens = static_cast<int32_t>(c.own_tokens);
+  p.top_k = static_cast<int32_t>(c.d.k);
+  p.hidden = static_cast<int32_t>(c.d.hidden);
+  p.num_slots = c.d.slots;
+  p.experts_per_device = static_cast<int32_t>(c.d.experts_local);
+  p.num_experts = static_cast<int32_t>(c.d.group_experts());
+  p.experts_total = c.d.experts_total;
+  p.d_weights = d_weights;
+  p.weights_f32 = c.d.weights_type == ffi::DataType::F32;
+  p.aborted = &me.error->aborted;
+  return p;
+}
+
+}  // namespace
+
+ForwardScratch CarveForward(const Call& c, Arena& arena) {
+  const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
+  ForwardScratch s;
+  s.list = CarveWorkList(c, arena);
+  s.a = arena.Take<char>(pairs * c.d.ffn * ffi::ByteWidth(c.d.x_type));
+  s.rows = arena.Take<float>(pairs * c.d.hidden);
+  return s;
+}
+
+void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const ScalarS32& rank,
+                const ScalarS32& group, void* y, cudaStream_t stream, Launcher& launcher) {
+  const MoeDims& d = c.d;
+  const cuda::DType dtype = ToDType(d.x_type);
+  const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
+  OpenCall(c, me, rank, group, stream, launcher);
+  LaunchWorkList(c, s.list, me, stream, launcher);
+
+  // GEMM1: gather x rows from their sources, @ w_in[e], activation (gated: gate and up columns
+  // side by side in one tile).
+  cuda::GemmParams g1 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h,
+                                 Gathered(c, &PeerBuffers::x, h),
+                                 ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kActivation);
+  g1.n_split = IsGated(d.activation) ? static_cast<int32_t>(f) : 0;
+  g1.out = s.a;
+  g1.out_ld = f;
+  launcher.Run("GEMM1", [&] {
+    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kMN, g1, me.num_sms, stream);
+  });
+  // GEMM2: a @ w_out[e] into float32 rows.
+  cuda::GemmParams g2 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, f,
+                                 PairRows(s.a, f), ExpertRows(c.w_out, h, f * h),
+                                 cuda::Epilogue::kStoreF32);
+  g2.out = s.rows;
+  g2.out_ld = h;
+  launcher.Run("GEMM2", [&] {
+    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kMN, g2, me.num_sms, stream);
+  });
+  cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
+  scatter.weighted = 1;
+  launcher.Run("scatter_slots", [&] { return cuda::scatter_slots(dtype, scatter, stream); });
+  DeviceBarrier(c, me, nullptr, nullptr, stream, launcher);
+  launcher.Run("combine_slots", [&] {
+    return cuda::combine_slots(dtype, CombineOver(c, me, y, nullptr), stream);
+  });
+}
+
+
+BackwardScratch CarveBackward(const Call& c, Arena& arena) {
+  const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
+  const int64_t width = ffi::ByteWidth(c.d.x_type);
+  const int tile_n = cuda::expert_gemm_tile_n(ToDType(c.d.x_type));
+  BackwardScratch s;
+  s.list = CarveWorkList(c, arena);
+  s.num_partials = static_cast<int32_t>((c.d.ffn + tile_n - 1) / tile_n);
+  s.h = arena.Take<float>(pairs * c.d.gate_ffn);
+  s.aw = arena.Take<char>(pairs * c.d.ffn * width);
+  s.dh = arena.Take<char>(pairs * c.d.gate_ffn * width);
+  s.dot_partial = arena.Take<float>(pairs * s.num_partials);
+  s.rows = arena.Take<float>(pairs * c.d.hidden);
+  return s;
+}
+
+void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const ScalarS32& rank,
+                 const ScalarS32& group, void* dx, void* d_weights, void* dw_in, void* dw_out,
+                 cudaStream_t stream, Launcher& launcher) {
+  const MoeDims& d = c.d;
+  const cuda::DType dtype = ToDType(d.x_type);
+  const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
+  OpenCall(c, me, rank, group, stream, launcher);
+  LaunchWorkList(c, s.list, me, stream, launcher);
+
+  // h = x @ w_in[e], float32.
+  cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
+                                     Gathered(c, &PeerBuffers::x, h),
+                                     ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
+  h_gemm.out = s.h;
+  h_gemm.out_ld = gf;
+  launcher.Run("h = x @ w_in", [&] {
+    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kMN, h_gemm, me.num_sms,
+                             stream);
+  });
+  // u = dy @ w_out[e]^T; the epilogue forms w*a, dh and the partial dot(a, u).
+  cuda::GemmParams u_gemm =
+      GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h, Gathered(c, &PeerBuffers::dy, h),
+               ExpertRows(c.w_out, h, f * h), cuda::Epilogue::kActivationBackward);
+  u_gemm.h = s.h;
+  u_gemm.aw = s.aw;
+  u_gemm.dh = s.dh;
+  u_gemm.dot_partial = s.dot_partial;
+  launcher.Run("u = dy @ w_out^T", [&] {
+    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kK, u_gemm, me.num_sms, stream);
+  });
+  // dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh, reduced over the expert's pairs in order.
+  cuda::GemmParams dw_out_gemm =
+      GemmOver(c, s.list, cuda::GemmShape::kPairReduction, f, h, 0, PairRows(s.aw, f),
+               Gathered(c, &PeerBuffers::dy, h), cuda::Epilogue::kStoreExpert);
+  dw_out_gemm.out = dw_out;
+  dw_out_gemm.out_ld = h;
+  dw_out_gemm.out_expert_stride = f * h;
+  launcher.Run("dw_out", [&] {
+    return cuda::expert_gemm(dtype, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, me.num_sms,
+                             stream);
+  });
+  cuda::GemmParams dw_in_gemm =
+      GemmOver(c, s.list, cuda::GemmShape::kPairReduction, h, gf, 0,
+               Gathered(c, &PeerBuffers::x, h), PairRows(s.dh, gf), cuda::Epilogue::kStoreExpert);
+  dw_in_gemm.out = dw_in;
+  dw_in_gemm.out_ld = gf;
+  dw_in_gemm.out_expert_stride = h * gf;
+  launcher.Run("dw_in", [&] {
+    return cuda::expert_gemm(dtype, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, me.num_sms,
+                             stream);
+  });
+  // dx rows = dh @ w_in[e]^T.
+  cuda::GemmParams dx_gemm =
+      GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, gf, PairRows(s.dh, gf),
+               ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
+  dx_gemm.out = s.rows;
+  dx_gemm.out_ld = h;
+  launcher.Run("dx = dh @ w_in^T", [&] {
+    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kK, dx_gemm, me.num_sms,
+                             stream);
+  });
+  cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
+  scatter.weighted = 0;  // w is in dh already
+  scatter.dot_partial = s.dot_partial;
+  scatter.num_partials = s.num_partials;
+  launcher.Run("scatter_slots", [&] { return cuda::scatter_slots(dtype, scatter, stream); });
+  DeviceBarrier(c, me, nullptr, nullptr, stream, launcher);
+  launcher.Run("combine_slots", [&] {
+    return cuda::combine_slots(dtype, CombineOver(c, me, dx, c.own_d_weights), stream);
+  });
+  if (c.own_d_weights != d_weights)  // peers wrote them into this device's region
+    launcher.Run("copying d_expert_weights out of the region", [&] {
+      return cudaMemcpyAsync(d_weights, c.own_d_weights,
+                             ffi::ByteWidth(d.weights_type) * c.own_tokens * d.k,
+                             cudaMemcpyDeviceToDevice, stream);
+    });
+}
+
+}  // namespace ccf

@@ -1,0 +1,67 @@
+// Connecting one CUDA call to its peers: the peer table every kernel reads through (device
+// pointers of every, possibly emulated, device's buffers) and the device barrier's members.
+//
+// Three ways to fill it, as on CPU (moe_cpu.cc's ConnectPeers):
+//   emulated   D devices stacked in this call's own buffers on one GPU; stream order replaces
+//              the barriers;
+//   in process the GPUs of one process publish their buffers in the (site, group) PeerGroup and
+//              meet twice on the host; whatever can still fail once they know each other (shapes
+//              that differ, no path to a peer GPU, memory peers cannot read) is reported to the
+//              group before the second meeting, so either every member enqueues its barriers
+//              or none does, and the members' barrier counts stay equal;
+//   IPC        peers in other processes of the host meet in the call site's regions in the CUDA
+//              IPC workspaces (ipc_memory.h); there is no host meeting, so a device that fails
+//              after taking its place stops for good (MarkBroken) and its peers' barriers time
+//              out rather than pair with the wrong call.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "cuda/api.cuh"
+#include "xla/ffi/api/ffi.h"
+#include "xla_ffi/cuda_device.h"
+#include "xla_ffi/moe_call.h"
+#include "xla_ffi/moe_dims.h"
+#include "xla_ffi/peer_group.h"
+
+namespace ccf {
+
+struct Call {
+  MoeDims d;
+  std::vector<PeerBuffers> peers;  // one per device of the group
+  // The experts this call computes, [first_expert, first_expert + experts_here), their weights
+  // (stacked like the operands), and the tokens whose slots it sums.
+  int32_t first_expert = 0, experts_here = 0;
+  const void* w_in = nullptr;
+  const void* w_out = nullptr;
+  const int32_t* own_ids = nullptr;
+  float* own_staging = nullptr;
+  // Backward: where peers write this device's d expert_weights (the output, or its region).
+  void* own_d_weights = nullptr;
+  int64_t own_tokens = 0;
+  // Peers in other processes: this device's operands, copied into its region (where they read
+  // them) ahead of the start barrier.
+  struct Staged {
+    void* to;
+    const void* from;
+    size_t bytes;
+  };
+  std::vector<Staged> staged;
+  // Real peers only: the device barriers' members and this device's place at the site;
+  // `place` null when emulating.
+  SitePlace* place = nullptr;
+  cuda::BarrierParams barrier{};
+};
+
+// The experts one call's work list covers: the group's when emulating, else this device's.
+int32_t ExpertsHere(const CallAttrs& attrs, const MoeDims& d);
+
+// Fills `call` (whose dims are decoded) for this device, whose own buffers are `own`.
+xla::ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank,
+                             const ScalarS32& group, const PeerBuffers& own, cudaStream_t stream,
+                             Call* call);
+
+}  // namespace ccf
