@@ -66,9 +66,9 @@ void DeviceBarrier(const Call& c, DeviceState& me, const ScalarS32* rank, const 
 
 // The start of a call: this device's operands staged where peers in other processes read them,
 // the buffers peers write into zeroed (they may as soon as the start barrier opens), the start
-// barrier.
-void OpenCall(const Call& c, DeviceState& me, const ScalarS32& rank, const ScalarS32& group,
-              cudaStream_t stream, Launcher& launcher) {
+// barrier, the work list.
+void OpenCall(const Call& c, DeviceState& me, const cuda::WorkList& list, const ScalarS32& rank,
+              const ScalarS32& group, cudaStream_t stream, Launcher& launcher) {
   for (const Call::Staged& copy : c.staged)
     launcher.Run("staging operands into the shared region", [&] {
       return cudaMemcpyAsync(copy.to, copy.from, copy.bytes, cudaMemcpyDeviceToDevice, stream);
@@ -85,6 +85,15 @@ void OpenCall(const Call& c, DeviceState& me, const ScalarS32& rank, const Scala
                              ffi::ByteWidth(c.d.weights_type) * c.own_tokens * c.d.k, stream);
     });
   DeviceBarrier(c, me, &rank, &group, stream, launcher);
+  LaunchWorkList(c, list, me, stream, launcher);
+}
+
+void LaunchGemm(const char* what, const Call& c, const DeviceState& me, cuda::Major a_major,
+                cuda::Major b_major, const cuda::GemmParams& params, cudaStream_t stream,
+                Launcher& launcher) {
+  launcher.Run(what, [&] {
+    return cuda::expert_gemm(ToDType(c.d.x_type), a_major, b_major, params, me.num_sms, stream);
+  });
 }
 
 cuda::GemmOperand Gathered(const Call& c, const void* PeerBuffers::*field, int64_t ld) {
@@ -173,6 +182,19 @@ cuda::CombineParams CombineOver(const Call& c, DeviceState& me, void* out, void*
   return p;
 }
 
+// The end of a call: this device's rows scattered into their sources' staging, the end barrier
+// (the peers have written this device's slots and stopped reading its buffers), the sum of its
+// slots into `out` (and, backward, the NaN of d expert_weights at bad ids).
+void CloseCall(const Call& c, DeviceState& me, const cuda::ScatterParams& scatter, void* out,
+               void* d_weights, cudaStream_t stream, Launcher& launcher) {
+  const cuda::DType dtype = ToDType(c.d.x_type);
+  launcher.Run("scatter_slots", [&] { return cuda::scatter_slots(dtype, scatter, stream); });
+  DeviceBarrier(c, me, nullptr, nullptr, stream, launcher);
+  launcher.Run("combine_slots", [&] {
+    return cuda::combine_slots(dtype, CombineOver(c, me, out, d_weights), stream);
+  });
+}
+
 }  // namespace
 
 ForwardScratch CarveForward(const Call& c, Arena& arena) {
@@ -187,10 +209,8 @@ ForwardScratch CarveForward(const Call& c, Arena& arena) {
 void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const ScalarS32& rank,
                 const ScalarS32& group, void* y, cudaStream_t stream, Launcher& launcher) {
   const MoeDims& d = c.d;
-  const cuda::DType dtype = ToDType(d.x_type);
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
-  OpenCall(c, me, rank, group, stream, launcher);
-  LaunchWorkList(c, s.list, me, stream, launcher);
+  OpenCall(c, me, s.list, rank, group, stream, launcher);
 
   // GEMM1: gather x rows from their sources, @ w_in[e], activation (gated: gate and up columns
   // side by side in one tile).
@@ -200,27 +220,18 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   g1.n_split = IsGated(d.activation) ? static_cast<int32_t>(f) : 0;
   g1.out = s.a;
   g1.out_ld = f;
-  launcher.Run("GEMM1", [&] {
-    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kMN, g1, me.num_sms, stream);
-  });
+  LaunchGemm("GEMM1", c, me, cuda::Major::kK, cuda::Major::kMN, g1, stream, launcher);
   // GEMM2: a @ w_out[e] into float32 rows.
   cuda::GemmParams g2 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, f,
                                  PairRows(s.a, f), ExpertRows(c.w_out, h, f * h),
                                  cuda::Epilogue::kStoreF32);
   g2.out = s.rows;
   g2.out_ld = h;
-  launcher.Run("GEMM2", [&] {
-    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kMN, g2, me.num_sms, stream);
-  });
+  LaunchGemm("GEMM2", c, me, cuda::Major::kK, cuda::Major::kMN, g2, stream, launcher);
   cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
   scatter.weighted = 1;
-  launcher.Run("scatter_slots", [&] { return cuda::scatter_slots(dtype, scatter, stream); });
-  DeviceBarrier(c, me, nullptr, nullptr, stream, launcher);
-  launcher.Run("combine_slots", [&] {
-    return cuda::combine_slots(dtype, CombineOver(c, me, y, nullptr), stream);
-  });
+  CloseCall(c, me, scatter, y, nullptr, stream, launcher);
 }
-
 
 BackwardScratch CarveBackward(const Call& c, Arena& arena) {
   const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
@@ -241,10 +252,8 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
                  const ScalarS32& group, void* dx, void* d_weights, void* dw_in, void* dw_out,
                  cudaStream_t stream, Launcher& launcher) {
   const MoeDims& d = c.d;
-  const cuda::DType dtype = ToDType(d.x_type);
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
-  OpenCall(c, me, rank, group, stream, launcher);
-  LaunchWorkList(c, s.list, me, stream, launcher);
+  OpenCall(c, me, s.list, rank, group, stream, launcher);
 
   // h = x @ w_in[e], float32.
   cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
@@ -252,10 +261,7 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
                                      ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
   h_gemm.out = s.h;
   h_gemm.out_ld = gf;
-  launcher.Run("h = x @ w_in", [&] {
-    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kMN, h_gemm, me.num_sms,
-                             stream);
-  });
+  LaunchGemm("h = x @ w_in", c, me, cuda::Major::kK, cuda::Major::kMN, h_gemm, stream, launcher);
   // u = dy @ w_out[e]^T; the epilogue forms w*a, dh and the partial dot(a, u).
   cuda::GemmParams u_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h, Gathered(c, &PeerBuffers::dy, h),
@@ -264,9 +270,7 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   u_gemm.aw = s.aw;
   u_gemm.dh = s.dh;
   u_gemm.dot_partial = s.dot_partial;
-  launcher.Run("u = dy @ w_out^T", [&] {
-    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kK, u_gemm, me.num_sms, stream);
-  });
+  LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream, launcher);
   // dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh, reduced over the expert's pairs in order.
   cuda::GemmParams dw_out_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairReduction, f, h, 0, PairRows(s.aw, f),
@@ -274,39 +278,26 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   dw_out_gemm.out = dw_out;
   dw_out_gemm.out_ld = h;
   dw_out_gemm.out_expert_stride = f * h;
-  launcher.Run("dw_out", [&] {
-    return cuda::expert_gemm(dtype, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, me.num_sms,
-                             stream);
-  });
+  LaunchGemm("dw_out", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream, launcher);
   cuda::GemmParams dw_in_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairReduction, h, gf, 0,
                Gathered(c, &PeerBuffers::x, h), PairRows(s.dh, gf), cuda::Epilogue::kStoreExpert);
   dw_in_gemm.out = dw_in;
   dw_in_gemm.out_ld = gf;
   dw_in_gemm.out_expert_stride = h * gf;
-  launcher.Run("dw_in", [&] {
-    return cuda::expert_gemm(dtype, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, me.num_sms,
-                             stream);
-  });
+  LaunchGemm("dw_in", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream, launcher);
   // dx rows = dh @ w_in[e]^T.
   cuda::GemmParams dx_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, gf, PairRows(s.dh, gf),
                ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
   dx_gemm.out = s.rows;
   dx_gemm.out_ld = h;
-  launcher.Run("dx = dh @ w_in^T", [&] {
-    return cuda::expert_gemm(dtype, cuda::Major::kK, cuda::Major::kK, dx_gemm, me.num_sms,
-                             stream);
-  });
+  LaunchGemm("dx = dh @ w_in^T", c, me, cuda::Major::kK, cuda::Major::kK, dx_gemm, stream, launcher);
   cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
   scatter.weighted = 0;  // w is in dh already
   scatter.dot_partial = s.dot_partial;
   scatter.num_partials = s.num_partials;
-  launcher.Run("scatter_slots", [&] { return cuda::scatter_slots(dtype, scatter, stream); });
-  DeviceBarrier(c, me, nullptr, nullptr, stream, launcher);
-  launcher.Run("combine_slots", [&] {
-    return cuda::combine_slots(dtype, CombineOver(c, me, dx, c.own_d_weights), stream);
-  });
+  CloseCall(c, me, scatter, dx, c.own_d_weights, stream, launcher);
   if (c.own_d_weights != d_weights)  // peers wrote them into this device's region
     launcher.Run("copying d_expert_weights out of the region", [&] {
       return cudaMemcpyAsync(d_weights, c.own_d_weights,
