@@ -13,11 +13,11 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser._all_to_all import all_to_all_moe
-from jax_ccfuser._ffn import ACTIVATIONS
+from jax_ccfuser._ffn import ACTIVATIONS, expert_ffn
 from jax_ccfuser._fused import fused_moe
 from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
-from jax_ccfuser._router import route
+from jax_ccfuser._router import check_router_options, route
 
 DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": reference_moe}
 
@@ -25,6 +25,9 @@ DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": refer
 # toward neither fan).
 default_expert_init = jax.nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+# The shared experts' default: the same fan-in scaling, for one dense `[in, out]` matrix.
+default_shared_init = jax.nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1)
 
 
 def expert_axis(axis_name):
@@ -71,6 +74,9 @@ class MoESpec:
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (`jax_ccfuser.reassign`; fused
       dispatch only). The layer computes the same function either way.
+    score, num_groups, top_groups, scale: the router's options (`jax_ccfuser.route`).
+    num_shared_experts: S; the layer adds a dense FFN of hidden width S * F, the same
+      activation, seen by every token (DeepSeek's shared experts as one MLP). 0: none.
   """
   num_experts: int
   k: int
@@ -80,10 +86,19 @@ class MoESpec:
   axis_name: str | None
   renormalize: bool
   reassign: bool = False
+  score: str = "softmax"
+  num_groups: int = 1
+  top_groups: int | None = None
+  scale: float = 1.0
+  num_shared_experts: int = 0
 
   def __post_init__(self):
     if not 1 <= self.k <= self.num_experts:
       raise ValueError(f"k={self.k} must be between 1 and num_experts={self.num_experts}")
+    check_router_options(self.num_experts, self.k, score=self.score, num_groups=self.num_groups,
+                         top_groups=self.top_groups, scale=self.scale)
+    if self.num_shared_experts < 0:
+      raise ValueError(f"num_shared_experts={self.num_shared_experts} must be 0 or positive")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}; expected one of "
                        f"{sorted(ACTIVATIONS)}")
@@ -99,13 +114,33 @@ class MoESpec:
   def gated(self) -> bool:
     return ACTIVATIONS[self.activation].gated
 
+  @property
+  def group_limited(self) -> bool:
+    """Whether a token may use only some groups of experts (which depends on the expert ids)."""
+    return self.top_groups is not None and self.top_groups < self.num_groups
+
   def expert_sharding(self) -> tuple:
     """Partitioning of w_in / w_out: the expert dimension over `axis_name`, the rest whole."""
     return (self.axis_name, None, None)
 
-  def _local(self, x, logits, w_in, w_out, *, axis_name):
+  def shared_sharding(self) -> tuple:
+    """Partitioning of the shared experts' matrices: replicated.
+
+    The expert axis also splits the tokens, so a shared FFN split along F over it would need
+    every device's tokens (an all-gather per layer); replicated, it runs on each device's own
+    tokens like the router, and its gradient is summed over the axis like the router's.
+    """
+    return (None, None)
+
+  def route(self, logits, expert_bias=None, *, axis_name=None):
+    """`jax_ccfuser.route` with this layer's options: `logits` `[T, E]` float32."""
+    return route(logits, self.k, renormalize=self.renormalize, axis_name=axis_name,
+                 score=self.score, num_groups=self.num_groups, top_groups=self.top_groups,
+                 scale=self.scale, expert_bias=expert_bias)
+
+  def _local(self, x, logits, w_in, w_out, expert_bias, shared, *, axis_name):
     """One device's share: `x` [T, H], `logits` [T, E] float32 -> (y [T, H], MoEAux)."""
-    ids, weights, aux = route(logits, self.k, renormalize=self.renormalize, axis_name=axis_name)
+    ids, weights, aux = self.route(logits, expert_bias, axis_name=axis_name)
     options = {} if self.capacity_factor is None else {"capacity_factor": self.capacity_factor}
     if self.reassign:
       options["plan"] = reassign(ids, self.num_experts, axis_name=axis_name)
@@ -115,9 +150,11 @@ class MoESpec:
       loads = jnp.tile(aux.counts.reshape(num_devices, -1).sum(1), (2, 1))
     y = DISPATCH[self.dispatch](x, ids, weights, w_in, w_out, axis_name=axis_name,
                                 activation=self.activation, **options)
+    if shared is not None:
+      y = (y + expert_ffn(x, *shared, self.activation)).astype(x.dtype)
     return y, MoEAux(*aux, device_loads=loads.astype(jnp.int32))
 
-  def __call__(self, x, logits, w_in, w_out):
+  def __call__(self, x, logits, w_in, w_out, *, expert_bias=None, shared=None):
     """Routes every token and runs the experts.
 
     Args:
@@ -126,6 +163,9 @@ class MoESpec:
       logits: `[..., E]` float32, the router's output for `x`.
       w_in: `[E, H, 2F]` (gated) or `[E, H, F]`, the compute dtype.
       w_out: `[E, F, H]`, the compute dtype.
+      expert_bias: `[E]` float32, the router's expert bias, or `None`.
+      shared: `(shared_w_in [H, 2SF] or [H, SF], shared_w_out [SF, H])` in the compute dtype,
+        the shared experts, or `None`.
 
     Returns:
       `(y, aux)`: y `[..., H]` in x's dtype and the `MoEAux` of the whole batch.
@@ -140,9 +180,10 @@ class MoESpec:
                          f"expert axis {self.axis_name!r}")
       axis = P(self.axis_name)
       body = functools.partial(self._local, axis_name=self.axis_name)
-      y, aux = jax.shard_map(body, in_specs=(axis, axis, axis, axis),
-                             out_specs=(axis, MoEAux(P(), P(), P(), P())))(x, logits, w_in, w_out)
+      y, aux = jax.shard_map(body, in_specs=(axis, axis, axis, axis, P(), P()),
+                             out_specs=(axis, MoEAux(P(), P(), P(), P())))(
+                                 x, logits, w_in, w_out, expert_bias, shared)
     else:
-      y, aux = self._local(x, logits, w_in, w_out,
+      y, aux = self._local(x, logits, w_in, w_out, expert_bias, shared,
                            axis_name=self.axis_name if mode == "manual" else None)
     return y.reshape(*lead, h), aux

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import MoEAux, MoESpec, default_expert_init
+from jax_ccfuser._moe_layer import MoEAux, MoESpec, default_expert_init, default_shared_init
 
 
 class MoE(nn.Module):
@@ -29,6 +29,14 @@ class MoE(nn.Module):
   float32 scalars of the whole batch, unscaled; `counts`: `[E]` int32 expert load;
   `device_loads`: `[2, D]` int32 rows per device without / with reassignment).
 
+  With `expert_bias=True` the router's bias lives in the variable collection `"expert_bias"`
+  (`{"expert_bias": {"expert_bias": [E] float32}}`: the leaf named as the NNX layer's attribute;
+  zeros at init, not partitioned, so replicated): not in `params`, so gradients and the optimizer
+  never touch it; `jax_ccfuser.update_expert_bias` moves it from `aux.counts` after each step
+  (the NNX layer's `ExpertBias`; see there why a collection rather than an Optax
+  transformation). With `num_shared_experts=S`, `shared_w_in` `[H, 2SF]` (gated) or `[H, SF]`
+  and `shared_w_out` `[SF, H]` are boxed as replicated (`(None, None)`).
+
   Attributes:
     num_experts: E, divisible by the size of the expert axis.
     ffn: F, each expert's hidden width.
@@ -39,15 +47,27 @@ class MoE(nn.Module):
     axis_name: the expert-parallel mesh axis, or `None`.
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (fused dispatch only).
+    score: the router's scores, "softmax" or "sigmoid".
+    num_groups: groups of consecutive experts for group-limited routing (divides E); 1: none.
+    top_groups: groups each token may use; `None`: all.
+    scale: the routed scaling factor, multiplied into the combine weights.
+    expert_bias: keep a router bias in the `"expert_bias"` collection.
+    num_shared_experts: S, shared experts as one dense FFN of width S * F; 0: none.
     dtype: the experts' compute dtype; `None` promotes the input and parameter dtypes.
-    param_dtype: the parameters' storage dtype.
+    param_dtype: the parameters' storage dtype (the expert bias is float32 whatever it is).
     kernel_init: initializer of `w_in` and `w_out`.
     router_init: initializer of the router kernel.
+    shared_init: initializer of `shared_w_in` and `shared_w_out`.
 
   Examples:
     >>> layer = MoE(num_experts=4, ffn=32, axis_name=None)
     >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 5, 16)))
     >>> y, aux = layer.apply(variables, jnp.ones((2, 5, 16)))
+    >>> layer = MoE(num_experts=4, ffn=32, axis_name=None, expert_bias=True)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> y, aux = layer.apply(variables, x)
+    >>> variables["expert_bias"]["expert_bias"] = jax_ccfuser.update_expert_bias(
+    ...     variables["expert_bias"]["expert_bias"], aux.counts, rate=1e-3)
   """
   num_experts: int
   ffn: int
@@ -58,10 +78,17 @@ class MoE(nn.Module):
   axis_name: str | None = "expert"
   renormalize: bool = True
   reassign: bool = False
+  score: str = "softmax"
+  num_groups: int = 1
+  top_groups: int | None = None
+  scale: float = 1.0
+  expert_bias: bool = False
+  num_shared_experts: int = 0
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = default_expert_init
   router_init: Initializer = nn.initializers.lecun_normal()
+  shared_init: Initializer = default_shared_init
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
@@ -76,14 +103,27 @@ class MoE(nn.Module):
     spec = MoESpec(num_experts=self.num_experts, k=self.k, activation=self.activation,
                    dispatch=self.dispatch, capacity_factor=self.capacity_factor,
                    axis_name=self.axis_name, renormalize=self.renormalize,
-                   reassign=self.reassign)
+                   reassign=self.reassign, score=self.score, num_groups=self.num_groups,
+                   top_groups=self.top_groups, scale=self.scale,
+                   num_shared_experts=self.num_shared_experts)
     h, e, g = x.shape[-1], self.num_experts, 2 if spec.gated else 1
-    init = self.kernel_init
-    if self.axis_name is not None:
-      init = nn.with_partitioning(init, spec.expert_sharding())
+
+    def partitioned(init, sharding):
+      return init if self.axis_name is None else nn.with_partitioning(init, sharding)
+
+    init = partitioned(self.kernel_init, spec.expert_sharding())
     w_in = self.param("w_in", init, (e, h, g * self.ffn), self.param_dtype)
     w_out = self.param("w_out", init, (e, self.ffn, h), self.param_dtype)
+    shared = ()
+    if self.num_shared_experts:
+      width = self.num_shared_experts * self.ffn
+      init = partitioned(self.shared_init, spec.shared_sharding())
+      shared = (self.param("shared_w_in", init, (h, g * width), self.param_dtype),
+                self.param("shared_w_out", init, (width, h), self.param_dtype))
+    bias = None
+    if self.expert_bias:
+      bias = self.variable("expert_bias", "expert_bias", jnp.zeros, (e,), jnp.float32).value
     logits = nn.Dense(e, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
                       kernel_init=self.router_init, name="router")(x)
-    x, w_in, w_out = nn.dtypes.promote_dtype(x, w_in, w_out, dtype=self.dtype)
-    return spec(x, logits, w_in, w_out)
+    x, w_in, w_out, *shared = nn.dtypes.promote_dtype(x, w_in, w_out, *shared, dtype=self.dtype)
+    return spec(x, logits, w_in, w_out, expert_bias=bias, shared=tuple(shared) or None)

@@ -15,7 +15,20 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import MoEAux, MoESpec, default_expert_init, expert_axis
+from jax_ccfuser._moe_layer import (MoEAux, MoESpec, default_expert_init, default_shared_init,
+                                    expert_axis)
+
+
+@nnx.register_variable_name("expert_bias")
+class ExpertBias(nnx.Variable):
+  """A router's per-expert bias (`[E]` float32): it shifts which experts are chosen, not the
+  combine weights (`jax_ccfuser.route`'s `expert_bias`).
+
+  Not an `nnx.Param`: `nnx.grad` and `nnx.Optimizer(..., wrt=nnx.Param)` leave it alone, and
+  `jax_ccfuser.update_expert_bias` moves it from the loads the layer reports. It is saved with the
+  model's state (`nnx.state(model)`); `nnx.state(model, ExpertBias)` selects every layer's bias.
+  The Linen twin keeps it in the `"expert_bias"` collection, the name registered here for it.
+  """
 
 
 class MoE(nnx.Module):
@@ -43,6 +56,22 @@ class MoE(nnx.Module):
   (token, k) assignments per expert, the layer's expert load; `device_loads`, `[2, D]` int32,
   the rows each device computes without and with reassignment).
 
+  Router options are those of `jax_ccfuser.route` (sigmoid scores, group-limited routing, a
+  routed scaling factor). With `expert_bias=True` the layer also holds `expert_bias`, an
+  `ExpertBias` `[E]` (zeros at first, float32, replicated) for auxiliary-loss-free balancing
+  (DeepSeek-V3): it is a variable collection of its own rather than an Optax transformation
+  because what moves it is the step's expert load, which the forward pass reports
+  (`aux.counts`), not a gradient; outside the optimizer it needs no masking out of weight decay,
+  clipping or the gradient, and no optimizer state. After each step:
+
+      layer.expert_bias[...] = jax_ccfuser.update_expert_bias(layer.expert_bias[...],
+                                                              aux.counts, rate=1e-3)
+
+  With `num_shared_experts=S > 0` the layer adds a dense FFN of hidden width `S * F` and the same
+  activation to the routed output (DeepSeek's shared experts, as one MLP): `shared_w_in`
+  `[H, 2SF]` (gated, gate half first) or `[H, SF]` and `shared_w_out` `[SF, H]`, replicated over
+  the expert axis (which also splits the tokens: each device runs them on its own tokens).
+
   Args:
     hidden: H, the model width.
     ffn: F, each expert's hidden width.
@@ -56,39 +85,65 @@ class MoE(nnx.Module):
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (fused dispatch only); the
       layer computes the same function either way.
+    score: the router's scores, "softmax" or "sigmoid".
+    num_groups: groups of consecutive experts for group-limited routing (divides E); 1: none.
+    top_groups: groups each token may use; `None`: all.
+    scale: the routed scaling factor, multiplied into the combine weights.
+    expert_bias: hold an `ExpertBias` that shifts the choice of experts.
+    num_shared_experts: S, shared experts as one dense FFN of width S * F; 0: none.
     dtype: the experts' compute dtype; `None` promotes the input and parameter dtypes.
-    param_dtype: the parameters' storage dtype.
+    param_dtype: the parameters' storage dtype (the expert bias is float32 whatever it is).
     kernel_init: initializer of `w_in` and `w_out`.
     router_init: initializer of the router kernel.
+    shared_init: initializer of `shared_w_in` and `shared_w_out`.
     rngs: the `params` stream initializes the weights.
 
   Examples:
     >>> moe = MoE(16, 32, 4, k=2, axis_name=None, rngs=nnx.Rngs(0))
     >>> y, aux = moe(jnp.ones((2, 5, 16)))  # y [2, 5, 16]; aux.counts [4], sums to 2 * 5 * 2
+    >>> moe = MoE(16, 32, 8, k=2, score="sigmoid", num_groups=4, top_groups=2, scale=2.5,
+    ...           expert_bias=True, num_shared_experts=1, axis_name=None, rngs=nnx.Rngs(0))
   """
 
   def __init__(self, hidden: int, ffn: int, num_experts: int, *, k: int = 2,
                activation: str = "swiglu", dispatch: str = "fused",
                capacity_factor: float | None = None, axis_name: str | None = "expert",
-               renormalize: bool = True, reassign: bool = False, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, kernel_init: Initializer = default_expert_init,
-               router_init: Initializer = nnx.initializers.lecun_normal(), rngs: nnx.Rngs):
+               renormalize: bool = True, reassign: bool = False, score: str = "softmax",
+               num_groups: int = 1, top_groups: int | None = None, scale: float = 1.0,
+               expert_bias: bool = False, num_shared_experts: int = 0,
+               dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+               kernel_init: Initializer = default_expert_init,
+               router_init: Initializer = nnx.initializers.lecun_normal(),
+               shared_init: Initializer = default_shared_init, rngs: nnx.Rngs):
     self.spec = MoESpec(
         num_experts=num_experts, k=k, activation=activation, dispatch=dispatch,
         capacity_factor=capacity_factor, axis_name=axis_name, renormalize=renormalize,
-        reassign=reassign)
+        reassign=reassign, score=score, num_groups=num_groups, top_groups=top_groups,
+        scale=scale, num_shared_experts=num_shared_experts)
     self.dtype = dtype
     self.router = nnx.Linear(hidden, num_experts, use_bias=False, dtype=jnp.float32,
                              param_dtype=param_dtype, kernel_init=router_init, rngs=rngs)
     g = 2 if self.spec.gated else 1
-    # Annotated always; placed now only when a mesh with the axis is set (eager sharding needs one).
-    sharding = {} if axis_name is None else {
-        "out_sharding": self.spec.expert_sharding(),
-        "eager_sharding": expert_axis(axis_name) is not None}
+
+    def sharding(spec):
+      # Annotated always; placed now only under a mesh with the axis (eager sharding needs one).
+      if axis_name is None:
+        return {}
+      return {"out_sharding": spec, "eager_sharding": expert_axis(axis_name) is not None}
+
     self.w_in = nnx.Param(kernel_init(rngs.params(), (num_experts, hidden, g * ffn), param_dtype),
-                          **sharding)
+                          **sharding(self.spec.expert_sharding()))
     self.w_out = nnx.Param(kernel_init(rngs.params(), (num_experts, ffn, hidden), param_dtype),
-                           **sharding)
+                           **sharding(self.spec.expert_sharding()))
+    width = num_shared_experts * ffn
+    shared = lambda shape: nnx.Param(shared_init(rngs.params(), shape, param_dtype),
+                                     **sharding(self.spec.shared_sharding()))
+    self.shared_w_in = shared((hidden, g * width)) if num_shared_experts else None
+    self.shared_w_out = shared((width, hidden)) if num_shared_experts else None
+    # Replicated: every device routes with the whole bias, updated from whole-batch counts.
+    # float32 whatever param_dtype is: the updates are small steps that bfloat16 would round off.
+    self.expert_bias = (ExpertBias(jnp.zeros((num_experts,), jnp.float32), **sharding((None,)))
+                        if expert_bias else None)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
     """Runs the layer.
@@ -100,6 +155,8 @@ class MoE(nnx.Module):
       `(y, aux)`: y `[..., H]` in the compute dtype; aux a `MoEAux` (see the class docstring).
     """
     logits = self.router(x)
-    x, w_in, w_out = nnx.nn.dtypes.promote_dtype((x, self.w_in[...], self.w_out[...]),
-                                                 dtype=self.dtype)
-    return self.spec(x, logits, w_in, w_out)
+    shared = () if self.shared_w_in is None else (self.shared_w_in[...], self.shared_w_out[...])
+    x, w_in, w_out, *shared = nnx.nn.dtypes.promote_dtype(
+        (x, self.w_in[...], self.w_out[...], *shared), dtype=self.dtype)
+    bias = None if self.expert_bias is None else self.expert_bias[...]
+    return self.spec(x, logits, w_in, w_out, expert_bias=bias, shared=tuple(shared) or None)

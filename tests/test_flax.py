@@ -1,7 +1,8 @@
-"""The Flax MoE layers: NNX against the reference for each dispatch, gradients, Linen == NNX, Optax.
+"""The Flax MoE layers: NNX against the reference for each dispatch, gradients, Linen == NNX, Optax;
+router options, the expert bias and its update, shared experts.
 
-Each layer call is checked against `route` + `reference_moe` on the same weights, computed on one
-device without any mesh.
+Each layer call is checked against `route` + `reference_moe` (+ a jnp shared FFN) on the same
+weights, computed on one device without any mesh.
 """
 
 import contextlib
@@ -10,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import linen as nn
 from flax import nnx
@@ -17,13 +19,17 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ccfuser import linen as ccf_linen
 from jax_ccfuser import nnx as ccf_nnx
-from jax_ccfuser import reference_moe, route
+from jax_ccfuser import reference_moe, route, update_expert_bias
 from models.moe_lm import LMConfig, MoeLM
 from models.train import TrainConfig, batch_placer, make_optimizer, train
 from moe_cases import assert_close, ep_mesh
 
 DEVICES = 4
 HIDDEN, FFN, EXPERTS, K = 16, 24, 8, 2
+# DeepSeek-V3's router and shared experts, scaled down: 4 groups of 2 experts, 2 groups a token.
+DEEPSEEK = dict(score="sigmoid", num_groups=4, top_groups=2, scale=2.5, expert_bias=True,
+                num_shared_experts=2)
+ROUTER_OPTIONS = ("score", "num_groups", "top_groups", "scale")
 
 
 def _tokens(dtype=jnp.float32, *, shape=(4, 5, HIDDEN)):
@@ -37,17 +43,38 @@ def _layer(**options):
 
 
 def _expected(layer, x, activation="swiglu"):
-  """The layer's function from its weights: route + reference_moe on one device, float32."""
+  """The layer's function from its weights: route + reference_moe (+ the shared FFN) on one
+  device, float32."""
+  spec = layer.spec
+  options = {name: getattr(spec, name) for name in ROUTER_OPTIONS}
+  bias = None if layer.expert_bias is None else layer.expert_bias[...]
+  shared = None if layer.shared_w_in is None else (layer.shared_w_in[...],
+                                                   layer.shared_w_out[...])
   return _route_and_reference(x, layer.router.kernel[...], layer.w_in[...], layer.w_out[...],
-                              activation=activation)
+                              bias, shared, activation=activation, options=tuple(options.items()))
 
 
-@functools.partial(jax.jit, static_argnames="activation")
-def _route_and_reference(x, router_kernel, w_in, w_out, *, activation):
+@functools.partial(jax.jit, static_argnames=("activation", "options"))
+def _route_and_reference(x, router_kernel, w_in, w_out, bias, shared, *, activation,
+                         options=()):
   x2d = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  ids, weights, aux = route(x2d @ router_kernel, K)
+  ids, weights, aux = route(x2d @ router_kernel, K, expert_bias=bias, **dict(options))
   y = reference_moe(x2d, ids, weights, w_in, w_out, activation=activation)
+  if shared is not None:
+    y = y + _swiglu_ffn(x2d, *shared)
   return y.reshape(x.shape), aux
+
+
+def _swiglu_ffn(x, w_in, w_out):
+  """A dense SwiGLU MLP: `x` [N, H], `w_in` [H, 2F] (gate half first), `w_out` [F, H]."""
+  gate, up = jnp.split(x @ w_in, 2, axis=-1)
+  return (jax.nn.silu(gate) * up) @ w_out
+
+
+def _random_bias(layer, seed=3):
+  """Sets the layer's expert bias to values that move some choices (zeros move none)."""
+  bias = np.random.default_rng(seed).uniform(-0.2, 0.2, EXPERTS).astype(np.float32)
+  layer.expert_bias[...] = jax.device_put(bias, layer.expert_bias[...].sharding)
 
 
 def _apply(layer, x):
@@ -77,6 +104,26 @@ def test_fused_equals_all_to_all():
     fused, _ = _apply(_layer(dispatch="fused"), _tokens())
     baseline, _ = _apply(_layer(dispatch="all_to_all"), _tokens())
   assert_close(fused, baseline, jnp.float32)
+
+
+def test_router_options_and_shared_experts_match_reference():
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    layer = _layer(**DEEPSEEK)
+    # The shared experts and the bias are replicated; the routed experts stay split.
+    assert layer.shared_w_in[...].shape == (HIDDEN, 2 * 2 * FFN)
+    assert layer.shared_w_out[...].shape == (2 * FFN, HIDDEN)
+    for variable in (layer.shared_w_in, layer.shared_w_out, layer.expert_bias):
+      assert variable[...].sharding.is_fully_replicated, variable
+    assert layer.w_in[...].sharding.spec == P("ep", None, None)
+    _random_bias(layer)
+    y, aux = _apply(layer, _tokens())
+  want_y, want_aux = _expected(layer, _tokens())
+  assert_close(y, want_y, jnp.float32)
+  np.testing.assert_array_equal(aux.counts, want_aux.counts)
+  np.testing.assert_allclose(aux.load_balancing_loss, want_aux.load_balancing_loss, rtol=1e-5)
+  # The options matter: without the shared experts or the bias the output differs.
+  layer.shared_w_in[...] = jnp.zeros_like(layer.shared_w_in[...])
+  assert float(jnp.abs(_expected(layer, _tokens())[0] - want_y).max()) > 1e-2
 
 
 @pytest.mark.slow
@@ -138,6 +185,14 @@ def test_bfloat16_compute():
 def test_bad_options():
   with pytest.raises(ValueError, match="capacity_factor applies to dispatch='all_to_all'"):
     _layer(capacity_factor=1.25)
+  with pytest.raises(ValueError, match="unknown score 'relu'"):
+    _layer(score="relu")
+  with pytest.raises(ValueError, match="num_groups=3 must be positive and divide"):
+    _layer(num_groups=3)
+  with pytest.raises(ValueError, match="top_groups=1 groups of 1"):
+    _layer(num_groups=8, top_groups=1)
+  with pytest.raises(ValueError, match="num_shared_experts=-1 must be 0 or positive"):
+    _layer(num_shared_experts=-1)
   with pytest.raises(ValueError, match="unknown dispatch"):
     _layer(dispatch="nccl")
   with pytest.raises(ValueError, match="not the expert axis 'expert'"):
@@ -154,38 +209,84 @@ def _objective(layer, x):
   return jnp.sum(jnp.sin(y)) + aux.load_balancing_loss + 0.1 * aux.z_loss
 
 
-@pytest.mark.parametrize("dispatch", ["fused", "all_to_all"])
-def test_gradients_reach_router_and_experts(dispatch):
+@pytest.mark.parametrize("dispatch,options", [("fused", {}), ("all_to_all", {}),
+                                              ("fused", DEEPSEEK)])
+def test_gradients_reach_router_and_experts(dispatch, options):
   with jax.set_mesh(ep_mesh(DEVICES)):
-    layer = _layer(dispatch=dispatch)
+    layer = _layer(dispatch=dispatch, **options)
+    if layer.expert_bias is not None:
+      _random_bias(layer)
     grads = nnx.jit(nnx.grad(_objective))(layer, _tokens())
   local = ccf_nnx.MoE(HIDDEN, FFN, EXPERTS, k=K, dispatch="reference", axis_name=None,
-                      rngs=nnx.Rngs(0))
+                      rngs=nnx.Rngs(0), **options)
+  if local.expert_bias is not None:
+    _random_bias(local)
   want = nnx.jit(nnx.grad(_objective))(local, _tokens())
   got, want = nnx.to_pure_dict(grads), nnx.to_pure_dict(want)
-  for path in (("router", "kernel"), ("w_in",), ("w_out",)):
+  # Parameters only: the expert bias is no nnx.Param, so it gets no gradient.
+  params = {"router", "w_in", "w_out"} | ({"shared_w_in", "shared_w_out"} if options else set())
+  assert set(got) == set(want) == params
+  for path in [("router", "kernel")] + [(p,) for p in params - {"router"}]:
     g, w = functools.reduce(dict.__getitem__, path, got), functools.reduce(dict.__getitem__,
                                                                           path, want)
     assert float(jnp.abs(g).max()) > 0, path
     assert_close(g, w, jnp.float32)
 
 
-@pytest.mark.parametrize("on_mesh", [False, True])
-def test_linen_equals_nnx(on_mesh):
+def test_expert_bias_evens_out_the_load_without_the_aux_loss():
+  # A skewed router, a task loss alone (no load-balancing loss), SGD on the parameters and the
+  # bias stepped from each step's counts: the busiest expert's load falls towards the mean.
+  rate, steps = 0.02, 12
+  x = _tokens(shape=(8, 16, HIDDEN)) + 0.5
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    layer = _layer(expert_bias=True)
+    optimizer = nnx.Optimizer(layer, optax.sgd(1e-2, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(layer, optimizer, x):
+      (_, aux), grads = nnx.value_and_grad(lambda m: (jnp.mean(jnp.sin(m(x)[0])), m(x)[1]),
+                                           has_aux=True)(layer)
+      optimizer.update(layer, grads)
+      layer.expert_bias[...] = update_expert_bias(layer.expert_bias[...], aux.counts, rate=rate)
+      return aux.counts
+
+    counts = [np.asarray(train_step(layer, optimizer, x)) for _ in range(steps)]
+    assert layer.expert_bias[...].sharding.is_fully_replicated
+  # The optimizer holds no state for the bias; the bias moved by the rule alone.
+  momentum = nnx.to_pure_dict(nnx.state(optimizer))["opt_state"][0]["trace"]
+  assert set(momentum) == {"router", "w_in", "w_out"}
+  mean = 8 * 16 * K / EXPERTS
+  np.testing.assert_allclose(
+      layer.expert_bias[...], rate * np.sign(mean - np.asarray(counts)).sum(0), atol=1e-6)
+  imbalance = np.max(counts, axis=1) / mean
+  assert imbalance[0] > 2 and imbalance[-3:].max() < 1.4, imbalance
+
+
+@pytest.mark.parametrize("on_mesh,options", [(False, {}), (True, {}), (False, DEEPSEEK),
+                                              (True, DEEPSEEK)])
+def test_linen_equals_nnx(on_mesh, options):
   # Like Flax's TestLinenConsistency: the same weights in both layers give the same outputs.
   mesh = ep_mesh(DEVICES)
   with jax.set_mesh(mesh) if on_mesh else contextlib.nullcontext():
-    layer = _layer(dispatch="fused")
-    twin = ccf_linen.MoE(num_experts=EXPERTS, ffn=FFN, k=K, axis_name="ep", dispatch="fused")
+    layer = _layer(dispatch="fused", **options)
+    twin = ccf_linen.MoE(num_experts=EXPERTS, ffn=FFN, k=K, axis_name="ep", dispatch="fused",
+                         **options)
     boxed = twin.init(jax.random.key(1), _tokens())
     # Same tree, shapes and partitioning as the NNX layer.
     nnx_params = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
     linen_params = nn.unbox(boxed)["params"]
     assert (jax.tree.map(jnp.shape, linen_params) == jax.tree.map(jnp.shape, nnx_params))
-    assert nn.get_partition_spec(boxed)["params"]["w_in"] == P("ep", None, None)
-    assert nn.get_partition_spec(boxed)["params"]["w_out"] == P("ep", None, None)
+    specs = nn.get_partition_spec(boxed)["params"]
+    assert specs["w_in"] == specs["w_out"] == P("ep", None, None)
+    variables = {"params": nnx_params}
+    if options:
+      assert specs["shared_w_in"] == specs["shared_w_out"] == P(None, None)
+      np.testing.assert_array_equal(boxed["expert_bias"]["expert_bias"], np.zeros(EXPERTS))
+      _random_bias(layer)
+      variables["expert_bias"] = nnx.to_pure_dict(nnx.state(layer, ccf_nnx.ExpertBias))
+    assert set(boxed) == set(variables)
     y_nnx, aux_nnx = _apply(layer, _tokens())
-    y_linen, aux_linen = jax.jit(twin.apply)({"params": nnx_params}, _tokens())
+    y_linen, aux_linen = jax.jit(twin.apply)(variables, _tokens())
   np.testing.assert_array_equal(y_linen, y_nnx)
   jax.tree.map(np.testing.assert_array_equal, aux_linen, aux_nnx)
 

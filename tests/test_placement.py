@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from jax_ccfuser import linen as ccf_linen
+from jax_ccfuser import nnx as ccf_nnx
 from jax_ccfuser import placement
 from models.moe_lm import LMConfig, MoeLM
 from models.train import TrainConfig, batch_placer, make_optimizer, train_step
@@ -264,6 +265,28 @@ def test_apply_rejects_a_model_without_those_layers(trained):
   _, model, optimizer = trained
   with pytest.raises(ValueError, match="no parameter"):
     placement.apply(nnx.clone(model), None, _perms()[:1], layers=[("blocks", 0, "attention")])
+
+
+def test_apply_moves_the_expert_bias_and_refuses_expert_groups():
+  # The bias decides the routing here, so the outputs only match if it moves with its experts.
+  layer = ccf_nnx.MoE(16, 8, 8, k=2, score="sigmoid", expert_bias=True, dispatch="reference",
+                      axis_name=None, rngs=nnx.Rngs(0))
+  layer.expert_bias[...] = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, 8), jnp.float32)
+  x = jax.random.normal(jax.random.key(3), (12, 16))
+  forward = nnx.jit(placement.capture_expert_ids(lambda m, x: m(x)))
+  (y, aux), (ids,) = forward(layer, x)
+  np.testing.assert_array_equal(np.bincount(np.ravel(ids), minlength=8), aux.counts)
+  perm = _perms()[:1]
+  bias = np.asarray(layer.expert_bias[...])
+  placement.apply(layer, None, perm)
+  (moved_y, moved_aux), _ = forward(layer, x)
+  np.testing.assert_array_equal(layer.expert_bias[...], bias[perm[0]])
+  np.testing.assert_allclose(moved_y, y, rtol=RTOL, atol=ATOL)
+  np.testing.assert_array_equal(moved_aux.counts, np.asarray(aux.counts)[perm[0]])
+  grouped = ccf_nnx.MoE(16, 8, 8, k=2, num_groups=4, top_groups=2, axis_name=None,
+                        rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="group-limited routing"):
+    placement.apply(grouped, None, perm)
 
 
 def test_permute_plain_linen_and_optax_pytrees():

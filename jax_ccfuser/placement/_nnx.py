@@ -9,7 +9,6 @@ from typing import Callable, Sequence
 import jax
 from flax import nnx
 
-from jax_ccfuser._router import route
 from jax_ccfuser.nnx import MoE
 from jax_ccfuser.placement._permute import check_perms, permute_with_moves
 
@@ -63,7 +62,8 @@ def capture_expert_ids(fn: Callable) -> Callable:
         raise ValueError(f"the MoE layer at {path} ran {len(calls)} times; "
                          f"capture_expert_ids needs each layer to run exactly once")
       logits = calls[0].reshape(-1, moe.spec.num_experts)
-      ids.append(route(logits, moe.spec.k, renormalize=moe.spec.renormalize)[0])
+      bias = None if moe.expert_bias is None else moe.expert_bias[...]
+      ids.append(moe.spec.route(logits, bias)[0])
     return result, tuple(ids)
 
   return wrapped
@@ -72,8 +72,9 @@ def capture_expert_ids(fn: Callable) -> Callable:
 def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> None:
   """Moves the experts of a live NNX model, and of its optimizer state, to a new placement.
 
-  In place: each MoE layer's `w_in`, `w_out` and router output columns (kernel, and bias when
-  there is one) are permuted together with `perms`, and so are the matching entries of
+  In place: each MoE layer's `w_in`, `w_out`, router output columns (kernel, and bias when
+  there is one) and expert bias are permuted together with `perms`, and so are the matching
+  entries of
   `optimizer`'s state (Adam's moments, ...), so the model computes exactly the same function and
   the next training step is the permuted image of the step it would have taken. What the layers
   report per expert (`RouterAux.counts`, and ids from `capture_expert_ids`) is then in the new
@@ -93,6 +94,10 @@ def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> 
   """
   layers = moe_layers(model) if layers is None else [tuple(layer) for layer in layers]
   perms = check_perms(perms, len(layers))
+  grouped = [path for path, m in _moe_modules(model) if path in layers and m.spec.group_limited]
+  if grouped:
+    raise ValueError(f"the MoE layers at {grouped} use group-limited routing, whose groups are "
+                     f"runs of expert ids: moving experts would change their function")
   for target in (model, optimizer):
     if target is None:
       continue

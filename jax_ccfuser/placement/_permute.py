@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The parameters of an MoE layer that are indexed by expert, relative to the layer's path, and the
-# axis of each that counts experts: the expert weights along their first, the router's outputs
-# along their last.
-_EXPERT_AXES = {("w_in",): 0, ("w_out",): 0, ("router", "kernel"): -1, ("router", "bias"): -1}
+# The variables of an MoE layer that are indexed by expert, relative to the layer's path, and the
+# axis of each that counts experts: the expert weights and the expert bias along their first, the
+# router's outputs along their last.
+_EXPERT_AXES = {("w_in",): 0, ("w_out",): 0, ("expert_bias",): 0, ("router", "kernel"): -1,
+                ("router", "bias"): -1}
 
 
 def check_perms(perms, num_layers: int, num_experts: int | None = None) -> np.ndarray:
@@ -74,10 +75,13 @@ def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple]):
 def permute(tree, perms, *, layers: Sequence[tuple]):
   """Permutes the experts of MoE layers in any pytree of parameters or of optimizer state.
 
-  Every leaf whose key path contains `layers[l] + ("w_in",)` or `("w_out",)` (followed by nothing
-  but attribute steps, such as an NNX Variable's `.value`) is taken along its first axis, and
-  every leaf under `layers[l] + ("router", "kernel")` or `("router", "bias")` along its last, in
-  the order `perms[l]`. Because the layer path may appear anywhere in the key path, this moves an
+  Every leaf whose key path contains `layers[l] + ("w_in",)`, `("w_out",)` or `("expert_bias",)`
+  (followed by nothing but attribute steps, such as an NNX Variable's `.value`) is taken along
+  its first axis, and every leaf under `layers[l] + ("router", "kernel")` or `("router", "bias")`
+  along its last, in the order `perms[l]`. (A Linen layer keeps its expert bias in the
+  `"expert_bias"` collection: pass its path there, e.g. `("expert_bias", "moe")`, as the layer
+  path of a second call. Group-limited routing groups experts by id, so a permutation that moves
+  experts between groups changes such a layer's function.) Because the layer path may appear anywhere in the key path, this moves an
   Optax state's per-parameter entries (Adam's `mu` and `nu`) with their parameters; other leaves
   are returned as they are. Pure and jittable.
 
