@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := CMakeLists.txt pyproject.toml jax_ccfuser/__init__.py $(wildcard xla_ffi/*) \
 	$(wildcard cuda/*) $(wildcard common/*)
 
-.PHONY: all install test test-fast demo bench clean
+.PHONY: all install test test-fast demo bench gpu-wheels gpu-check clean
 
 all: install
 
@@ -35,6 +35,23 @@ demo: install
 
 bench: install
 	$(PY) -m bench.run
+
+# The lent GPU machine has Python 3.12 and no package registry: the wheels the build needs and
+# it lacks travel in .whl/ (requirements.lock's pins), with the commit stamp its report names
+# (.git does not travel). Run before each check; bench/gpu_check.sh's header has the `run` call.
+GPU_WHEELS = $(shell grep -E '^(nvidia-cutlass|scipy-openblas32|nanobind)==' requirements.lock)
+MANYLINUX = manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 \
+	manylinux_2_25_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(addprefix --platform ,$(MANYLINUX)) -d .whl $(GPU_WHEELS)
+	$(PYTHON) -m bench.gpu_check stamp .whl/COMMIT
+
+# On the GPU machine: build, CUDA tests, compute-sanitizer, benchmark, results file.
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) demo_out

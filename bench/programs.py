@@ -4,7 +4,9 @@ CPU (the simulated devices of one process, `jax.shard_map` over an "ep" axis of 
 `fused` (`jax_ccfuser.fused_moe`), `all_to_all` (`all_to_all_moe`, dropless),
 `all_to_all_cf1.25` (`all_to_all_moe(capacity_factor=1.25)`) and `roof`.
 GPU (one device): `fused` (`jax_ccfuser.experimental.fused_moe_emulated` over D emulated
-peers), `ragged_dot` (`bench.ragged`) and `roof`.
+peers), `ragged_dot` (`bench.ragged`) and `roof`; on request also `all_to_all` and
+`all_to_all_cf1.25` over the one device (`all_to_all_moe` with `axis_name=None`: no exchange, so
+what they time is the baseline's sort, padded buffers and grouped FFN).
 
 The roof is one dense matmul per device with the layer's useful FLOPs, `[T*K, H] @ [H, 3F]`:
 what the expert FFNs would cost with perfect routing and no gather, activation or combine.
@@ -31,6 +33,7 @@ from bench.ragged import ragged_dot_moe
 CAPACITY_FACTOR = 1.25
 CPU_IMPLS = ("fused", "all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}", "roof")
 GPU_IMPLS = ("fused", "ragged_dot", "roof")
+ONE_DEVICE_ALL_TO_ALL = ("all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,17 +129,30 @@ def cpu_programs(config: Config) -> dict[str, Program]:
   return programs
 
 
-def gpu_programs(config: Config) -> dict[str, Program]:
-  """`GPU_IMPLS` on the first device; `fused` emulates `config.devices` peers on it."""
+def gpu_programs(config: Config, *, all_to_all: bool = False) -> dict[str, Program]:
+  """`GPU_IMPLS` on the first device; `fused` emulates `config.devices` peers on it.
+
+  With `all_to_all`, also `ONE_DEVICE_ALL_TO_ALL` (before the roof): the baseline over the
+  whole problem on the one device, whose capacity rule then counts all `D * T` tokens as one
+  source's.
+  """
   arrays = jax.device_put(make_inputs(config), jax.devices()[0])
-  fused = functools.partial(fused_moe_emulated, num_devices=config.devices,
-                            activation=ACTIVATION)
-  ragged = functools.partial(ragged_dot_moe, activation=ACTIVATION)
+  moe_fns = {"fused": functools.partial(fused_moe_emulated, num_devices=config.devices,
+                                        activation=ACTIVATION),
+             "ragged_dot": functools.partial(ragged_dot_moe, activation=ACTIVATION)}
+  dropped = {}
+  if all_to_all:
+    dropless, capped = ONE_DEVICE_ALL_TO_ALL
+    moe_fns[dropless] = functools.partial(ccf.all_to_all_moe, activation=ACTIVATION)
+    moe_fns[capped] = functools.partial(ccf.all_to_all_moe, activation=ACTIVATION,
+                                        capacity_factor=CAPACITY_FACTOR)
+    one_source = dataclasses.replace(config, devices=1, tokens=config.devices * config.tokens)
+    dropped[capped] = _dropped_share(np.asarray(arrays[1]), one_source, CAPACITY_FACTOR)
   programs = {
       name: Program(forward=jax.jit(fn),
                     forward_backward=jax.jit(_half_square_grad(fn, (0, 2, 3, 4))),
-                    inputs=_perturbed(arrays, (0, 2)))
-      for name, fn in (("fused", fused), ("ragged_dot", ragged))
+                    inputs=_perturbed(arrays, (0, 2)), dropped=dropped.get(name, 0.0))
+      for name, fn in moe_fns.items()
   }
   dense = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
   roof_args = jax.device_put(_roof_operands(config, groups=1), jax.devices()[0])

@@ -1,4 +1,8 @@
-"""Result records: where they live, what each must hold, and the run's provenance."""
+"""Result records: where they live, what each must hold, and the run's provenance.
+
+jax is imported by the functions that ask it: bench/gpu_check.py reports the commit and date
+with this module where jax may not import at all.
+"""
 
 import datetime
 import json
@@ -6,8 +10,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-
-import jax
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 
@@ -19,12 +21,14 @@ CONFIG_FIELDS = ("devices", "tokens", "hidden", "ffn", "experts", "k", "dtype", 
 
 def platform() -> str:
   """"cpu" or "gpu" (XLA's name for CUDA), from the default backend's devices."""
+  import jax
   return jax.devices()[0].platform
 
 
 def device_description() -> str:
   """What ran the benchmark, e.g. "NVIDIA H100 80GB HBM3" or "8 simulated CPU devices on 2
   cores (AMD EPYC ...)"."""
+  import jax
   dev = jax.devices()[0]
   if dev.platform != "cpu":
     return dev.device_kind

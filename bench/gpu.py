@@ -1,0 +1,158 @@
+"""`python -m bench.gpu`: the one-GPU benchmark of bench/gpu_check.sh, small enough for a lease.
+
+On the first device, for a few bfloat16 layers, forward and forward+backward:
+
+- `fused`: `fused_moe_emulated` over D = 8 emulated peers (the remote-read path on one GPU);
+- `ragged_dot`: sort + `jax.lax.ragged_dot` + unsort (`bench.ragged`);
+- `all_to_all`, `all_to_all_cf1.25`: `all_to_all_moe` over the one device. The D-GPU
+  `all_to_all` cannot run on one GPU; this is its sort, padded buffers and grouped FFN without
+  the exchange (dropless pads every expert to all `D * T * K` rows);
+- `roof`: one dense matmul with the layer's useful FLOPs on the same device, the physical limit.
+
+Each program is compiled and run once before timing, so one that fails (out of memory, an op
+the backend refuses) is recorded with its error and the others are still timed. Medians of
+wall-clock samples around `block_until_ready`, programs interleaved sample by sample, fresh
+inputs for each (`bench.timing`). Writes one JSON document (`--out`) and prints a line per
+program. `--quick` runs tiny shapes, for checking the script on a CPU.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from bench import records
+from bench.problem import Config
+from bench.programs import gpu_programs
+from bench.timing import compile_program, interleaved_medians
+
+# Layers sized for a few seconds of set-up each: few large experts (Mixtral-like proportions,
+# F cut to 4096) and many small ones (Qwen3-30B-A3B-like). 8 * 512 tokens each.
+CONFIGS = {
+    "E8-K2": Config(devices=8, tokens=512, hidden=4096, ffn=4096, experts=8, k=2,
+                    dtype="bfloat16"),
+    "E64-K8": Config(devices=8, tokens=512, hidden=2048, ffn=768, experts=64, k=8,
+                     dtype="bfloat16"),
+}
+QUICK_CONFIGS = {
+    "quick": Config(devices=8, tokens=16, hidden=32, ffn=64, experts=8, k=2, dtype="bfloat16"),
+}
+_KINDS = {"fwd": "forward", "fwd_bwd": "forward_backward"}
+
+NOTES = {
+    "fused": "fused_moe_emulated: D emulated peers on one GPU (peer reads are local here)",
+    "ragged_dot": "sort + jax.lax.ragged_dot + unsort over all experts on one GPU",
+    "all_to_all": "all_to_all_moe(axis_name=None), dropless: the D-GPU exchange cannot run on "
+                  "one GPU; this times its sort, buffers padded to every expert x all rows, and "
+                  "grouped FFN",
+    "all_to_all_cf1.25": "all_to_all_moe(axis_name=None, capacity_factor=1.25): as all_to_all "
+                         "but capacity-padded buffers; drops rows (dropped_fraction)",
+    "roof": "one dense [pairs, H] @ [H, 3F] matmul: the layer's useful FLOPs, no routing",
+}
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def _relative_error(a, b) -> float:
+  """`||a - b|| / ||b||` in float32."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: float) -> dict:
+  """Times every program of `config`; returns its record (see `main`)."""
+  programs = gpu_programs(config, all_to_all=True)
+  runs, errors, peak = {}, {}, {}
+  first_outputs = {}
+  for impl, program in programs.items():
+    try:
+      for short, kind in _KINDS.items():
+        compiled, memory = compile_program(getattr(program, kind), program.inputs(0))
+        out = jax.block_until_ready(compiled(*program.inputs(0)))
+        runs[impl, short] = (compiled, program.inputs)
+        peak[impl, short] = memory.peak
+        if short == "fwd":
+          first_outputs[impl] = out
+    except Exception as e:  # noqa: BLE001 (recorded: the other programs still run)
+      errors[impl] = _first_line(e)
+      runs = {key: run for key, run in runs.items() if key[0] != impl}
+  times = interleaved_medians(runs, min_samples=min_samples, max_samples=max_samples,
+                              budget_s=budget_s)
+  useful = {short: config.useful_flop(short == "fwd_bwd") for short in _KINDS}
+  impls = {}
+  for impl, program in programs.items():
+    if impl in errors:
+      impls[impl] = {"error": errors[impl]}
+      continue
+    fields = {"samples": min(times[impl, short].samples for short in _KINDS),
+              "dropped_fraction": program.dropped}
+    for short in _KINDS:
+      ms = times[impl, short].ms
+      fields[f"{short}_ms"] = ms
+      fields[f"{short}_tflops"] = useful[short] / ms / 1e9
+      fields[f"{short}_peak_bytes"] = peak[impl, short]
+      if ("roof", short) in times:
+        fields[f"{short}_roof_fraction"] = times["roof", short].ms / ms
+    impls[impl] = fields
+  fused = impls.get("fused", {})
+  speedup = {impl: {short: f[f"{short}_ms"] / fused[f"{short}_ms"] for short in _KINDS}
+             for impl, f in impls.items()
+             if impl not in ("fused", "roof") and "error" not in f and "fwd_ms" in fused}
+  agreement = {impl: _relative_error(first_outputs["fused"], first_outputs[impl])
+               for impl in ("ragged_dot", "all_to_all")
+               if "fused" in first_outputs and impl in first_outputs}
+  return {"config": dataclasses.asdict(config), "useful_tflop": useful["fwd"] / 1e12,
+          "impls": impls, "baseline_ms_over_fused_ms": speedup,
+          "fused_forward_relative_error_vs": agreement}
+
+
+def _line(name: str, impl: str, f: dict) -> str:
+  if "error" in f:
+    return f"{name:<8s} {impl:<18s} not run: {f['error']}"
+  roof = lambda short: (f"{100 * f[f'{short}_roof_fraction']:5.1f}% roof"
+                        if f"{short}_roof_fraction" in f else "")
+  return (f"{name:<8s} {impl:<18s} fwd {f['fwd_ms']:8.3f} ms {f['fwd_tflops']:7.1f} TFLOP/s "
+          f"{roof('fwd')} | fwd+bwd {f['fwd_bwd_ms']:8.3f} ms {f['fwd_bwd_tflops']:7.1f} "
+          f"TFLOP/s {roof('fwd_bwd')}")
+
+
+def main(argv=None) -> dict:
+  """Runs the benchmark and writes its document; returns it.
+
+  The document: platform, device, jax version, date, notes per implementation, and per
+  configuration its sizes, useful TFLOP (forward), per implementation either its medians
+  (`fwd_ms`, `fwd_bwd_ms`), useful TFLOP/s, fraction of the roof, peak bytes, samples and
+  dropped fraction, or the error that stopped it, the baselines' times over fused's, and the
+  relative error of fused's forward against the baselines' (a wrong kernel shows here).
+  """
+  parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
+  parser.add_argument("--out", type=pathlib.Path, required=True, help="JSON file to write")
+  parser.add_argument("--quick", action="store_true", help="tiny shapes, a CPU will do")
+  parser.add_argument("--configs", default=None,
+                      help=f"comma-separated subset of {', '.join(CONFIGS)}")
+  args = parser.parse_args(argv)
+  configs = QUICK_CONFIGS if args.quick else CONFIGS
+  if args.configs:
+    configs = {name: configs[name] for name in args.configs.split(",")}
+  doc = {"platform": records.platform(), "device": records.device_description(),
+         "jax": jax.__version__, "date": records.now(), "activation": "swiglu",
+         "notes": NOTES, "configs": {}}
+  for name, config in configs.items():
+    record = measure(config, min_samples=1 if args.quick else 5,
+                     max_samples=1 if args.quick else 20, budget_s=8.0)
+    doc["configs"][name] = record
+    for impl, f in record["impls"].items():
+      print(_line(name, impl, f), flush=True)
+    # Written after each configuration: a stage stopped by its time limit keeps what it had.
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+  return doc
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,426 @@
+"""The Python side of bench/gpu_check.sh: commit stamp, machine facts, workload, report.
+
+The commit stamp, the machine's facts, the workload compute-sanitizer runs, and the results
+document with its summary table.
+
+`python -m bench.gpu_check SUBCOMMAND`, from the repository root:
+
+  stamp PATH         (here, by `make gpu-wheels`) the commit, and a fingerprint of the files
+                     that travel to the device machine, which has no .git to ask
+  env PATH           (device) device, driver, jax, Python, nvcc and commit, as JSON
+  workload           (device, under compute-sanitizer) a small emulated forward+backward
+  report STATE_DIR   the stages' outcomes in STATE_DIR as `gpu-<date>-<commit>.json` and its
+                     log, then the summary table
+
+Only the standard library is imported at module level: the report is written even where jax
+or the build is broken. The state directory gpu_check.sh fills: `stages.tsv` (one row per stage:
+name, status, exit code, seconds, limit, note), `<stage>.log` per stage, `env.json`,
+`junit.xml` (pytest), `compute-sanitizer-<tool>.log` (the tool's findings, apart from the
+workload's output) and `bench.json` (bench/gpu.py).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import xml.etree.ElementTree as ET
+
+from bench import records
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+STAMP = REPO / ".whl" / "COMMIT"  # `make gpu-wheels` writes it; .whl/ travels as a carried path
+SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
+# Report order; sanitizer rows are "sanitizer:<tool>".
+STAGES = ("env", "build", "tests", *(f"sanitizer:{t}" for t in SANITIZER_TOOLS), "benchmark")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commit stamp (here) and machine facts (there).
+
+def _fingerprint(root: pathlib.Path, files) -> str:
+  """sha256 over the files' paths and contents; a missing file counts as absent."""
+  digest = hashlib.sha256()
+  for name in sorted(files):
+    path = root / name
+    content = path.read_bytes() if path.is_file() else b"<missing>"
+    digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+  return digest.hexdigest()
+
+
+def _travelling_files(root: pathlib.Path) -> list[str]:
+  """What the device tool sends: tracked files and untracked ones git does not ignore."""
+  out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                       cwd=root, capture_output=True, check=True).stdout
+  return sorted({f for f in out.decode().split("\0") if f and (root / f).is_file()})
+
+
+def stamp(path: pathlib.Path, root: pathlib.Path = REPO) -> dict:
+  """Writes the commit, the date and the travelling files' fingerprint to `path` (JSON)."""
+  files = _travelling_files(root)
+  doc = {"commit": records.commit(), "date": records.now(), "files": files,
+         "fingerprint": _fingerprint(root, files)}
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(doc, indent=1) + "\n")
+  return doc
+
+
+def commit_of_tree(root: pathlib.Path, stamp_path: pathlib.Path) -> dict:
+  """The tree's commit: from git where .git travelled, else from the stamp (with whether the
+  tree still matches it), else `$CCF_COMMIT`, else "unknown".
+
+  Returns:
+    `{"commit", "commit_source", "stamp_matches_tree"}` (the last None without a stamp).
+  """
+  from_git = records.commit()
+  if from_git != "unknown":
+    return {"commit": from_git, "commit_source": "git", "stamp_matches_tree": None}
+  if stamp_path.is_file():
+    doc = json.loads(stamp_path.read_text())
+    return {"commit": doc["commit"], "commit_source": f"stamp of {doc['date']}",
+            "stamp_matches_tree": _fingerprint(root, doc["files"]) == doc["fingerprint"]}
+  return {"commit": os.environ.get("CCF_COMMIT", "unknown"), "commit_source": "environment",
+          "stamp_matches_tree": None}
+
+
+def _command_output(args, timeout=60.0):
+  """stdout of `args` stripped, or None if it is missing, fails or runs past `timeout`."""
+  try:
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  return done.stdout.strip() if done.returncode == 0 else None
+
+
+_JAX_PROBE = """
+import json, jax, jaxlib
+devices = jax.devices()
+print(json.dumps({"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+                  "backend": jax.default_backend(),
+                  "jax_devices": [d.device_kind for d in devices]}))
+"""
+
+
+def env(path: pathlib.Path, stamp_path: pathlib.Path) -> dict:
+  """Writes the machine's facts to `path`: each one that cannot be read is None."""
+  facts = {"date": records.now(), "dry_run": os.environ.get("CCF_GPU_CHECK_DRY", "0") == "1",
+           "hostname": socket.gethostname(), "python": platform.python_version(),
+           "cpus": os.cpu_count(), "cuda_arch": os.environ.get("CCF_CUDA_ARCH"),
+           # The extensions build against them (nanobind): a venv of a distribution's Python
+           # has them only where its -dev package is installed.
+           "python_headers": pathlib.Path(sysconfig.get_paths()["include"], "Python.h").is_file()}
+  facts.update(commit_of_tree(REPO, stamp_path))
+  smi = _command_output(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                         "--format=csv,noheader"])
+  gpus = [dict(zip(("name", "driver", "memory"), (v.strip() for v in line.split(","))))
+          for line in smi.splitlines()] if smi else []
+  facts["gpus"] = gpus
+  facts["device"] = gpus[0]["name"] if gpus else None
+  facts["driver"] = gpus[0]["driver"] if gpus else None
+  nvcc = _command_output(["nvcc", "--version"])
+  facts["nvcc"] = next((l for l in nvcc.splitlines() if "release" in l), nvcc) if nvcc else None
+  sanitizer = _command_output(["compute-sanitizer", "--version"])
+  facts["compute_sanitizer"] = sanitizer.splitlines()[-1] if sanitizer else None
+  probe = _command_output([sys.executable, "-c", _JAX_PROBE], timeout=120.0)
+  facts.update(json.loads(probe.splitlines()[-1]) if probe else
+               {"jax": None, "jaxlib": None, "backend": None, "jax_devices": []})
+  path.write_text(json.dumps(facts, indent=1) + "\n")
+  return facts
+
+
+# ---------------------------------------------------------------------------------------------
+# The workload compute-sanitizer checks.
+
+def workload() -> None:
+  """`fused_moe_emulated` forward and backward over 4 emulated peers, float32 and bfloat16, on a
+  shape off every tile; prints each result's relative error against reference_moe."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import jax_ccfuser as ccf
+  from jax_ccfuser.experimental import fused_moe_emulated
+  from bench.problem import Config, make_inputs
+
+  for dtype in ("float32", "bfloat16"):
+    config = Config(devices=4, tokens=37, hidden=64, ffn=40, experts=8, k=2, dtype=dtype,
+                    skew=0.5)
+    x, ids, weights, w_in, w_out = make_inputs(config)
+
+    def loss(moe, x, weights, w_in, w_out):
+      return jnp.sum(jnp.square(moe(x, ids, weights, w_in, w_out).astype(jnp.float32)))
+
+    fused = jax.jit(jax.value_and_grad(
+        lambda *a: loss(lambda *b: fused_moe_emulated(*b, num_devices=4), *a), (0, 1, 2, 3)))
+    reference = jax.jit(jax.value_and_grad(lambda *a: loss(ccf.reference_moe, *a), (0, 1, 2, 3)))
+    got = jax.block_until_ready(fused(x, weights, w_in, w_out))
+    with jax.default_matmul_precision("highest"):
+      want = reference(*(a.astype(jnp.float32) for a in (x, weights, w_in, w_out)))
+    errors = [float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+              for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+    print(f"workload {dtype}: relative error of loss, dx, d_weights, dw_in, dw_out: "
+          + ", ".join(f"{e:.2e}" for e in errors), flush=True)
+    if not np.all(np.isfinite(errors)):
+      raise SystemExit(f"workload {dtype}: non-finite results")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing the stages' outputs.
+
+def read_stages(state: pathlib.Path) -> list[dict]:
+  """`stages.tsv`'s rows in `STAGES` order (others after), the last row of a name winning."""
+  rows = {}
+  tsv = state / "stages.tsv"
+  for line in tsv.read_text().splitlines() if tsv.is_file() else []:
+    name, status, rc, seconds, limit, note = (line.split("\t") + [""] * 6)[:6]
+    rows[name] = {"name": name, "status": status, "rc": int(rc) if rc else None,
+                  "seconds": float(seconds) if seconds else None,
+                  "limit_s": float(limit) if limit else None, "note": note}
+  order = {name: i for i, name in enumerate(STAGES)}
+  return sorted(rows.values(), key=lambda r: order.get(r["name"], len(order)))
+
+
+_OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_STARTED = re.compile(r"^(\S+::\S+) *$")
+_SHORT_SUMMARY = re.compile(r"^(?:FAILED|ERROR) (\S+::\S+) - (.*)$")
+
+
+def parse_pytest(junit: pathlib.Path, log: pathlib.Path) -> dict:
+  """Counts and names from pytest's junit XML, else from its `-v` log (a run stopped early
+  writes no XML; the log then also names the test that was running).
+
+  Returns:
+    `{"source", "passed", "failed", "errors", "skipped", "failures": [{"name", "message"}],
+    "slowest": [{"name", "seconds"}], "running_when_stopped"}`; None if neither file exists.
+  """
+  if junit.is_file():
+    try:
+      return _parse_junit(junit)
+    except ET.ParseError:
+      pass
+  if not log.is_file():
+    return None
+  counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0, "XFAIL": 0, "XPASS": 0}
+  failures, last_started = {}, None
+  for line in log.read_text(errors="replace").splitlines():
+    if m := _OUTCOME.match(line):
+      counts[m[2]] += 1
+      last_started = None
+      if m[2] in ("FAILED", "ERROR"):
+        failures[m[1]] = ""
+    elif m := _STARTED.match(line):
+      last_started = m[1]
+    elif (m := _SHORT_SUMMARY.match(line)) and m[1] in failures:
+      failures[m[1]] = m[2][:300]
+  return {"source": "log", "passed": counts["PASSED"] + counts["XPASS"],
+          "failed": counts["FAILED"], "errors": counts["ERROR"],
+          "skipped": counts["SKIPPED"] + counts["XFAIL"],
+          "failures": [{"name": n, "message": m} for n, m in failures.items()], "slowest": [],
+          "running_when_stopped": last_started}
+
+
+def _parse_junit(path: pathlib.Path) -> dict:
+  counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+  failures, times = [], []
+  for case in ET.parse(path).getroot().iter("testcase"):
+    module = case.get("classname", "").replace(".", "/")
+    name = f"{module}.py::{case.get('name')}" if module else case.get("name", "")
+    times.append({"name": name, "seconds": float(case.get("time") or 0.0)})
+    outcome = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+    if outcome is None:
+      counts["passed"] += 1
+      continue
+    kind = {"failure": "failed", "error": "errors", "skipped": "skipped"}[outcome.tag]
+    counts[kind] += 1
+    if kind != "skipped":
+      message = (outcome.get("message") or outcome.text or "").strip()
+      failures.append({"name": name, "message": message.splitlines()[0][:300] if message else ""})
+  times.sort(key=lambda t: -t["seconds"])
+  return {"source": "junit", **counts, "failures": failures, "slowest": times[:5],
+          "running_when_stopped": None}
+
+
+def parse_sanitizer(log: pathlib.Path) -> dict:
+  """compute-sanitizer's findings in its `--log-file`.
+
+  Returns:
+    `{"findings": int or None (no summary: the run did not finish), "errors", "warnings",
+    "first": the first reported line}`; racecheck's summary gives hazards with their errors and
+    warnings, the other tools' "ERROR SUMMARY" errors.
+  """
+  text = log.read_text(errors="replace") if log.is_file() else ""
+  result = {"findings": None, "errors": None, "warnings": None, "first": None}
+  if m := re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, "
+                    r"(\d+) warnings?\)", text):
+    result.update(findings=int(m[1]), errors=int(m[2]), warnings=int(m[3]))
+  elif m := re.search(r"ERROR SUMMARY: (\d+) errors?", text):
+    result.update(findings=int(m[1]), errors=int(m[1]), warnings=0)
+  if m := re.search(r"^=+ (?!ERROR SUMMARY|RACECHECK SUMMARY|COMPUTE-SANITIZER)(\S.*)$", text,
+                    re.MULTILINE):
+    result["first"] = m[1][:300]
+  return result
+
+
+def _last_line(log: pathlib.Path) -> str:
+  lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()] \
+      if log.is_file() else []
+  return lines[-1][:160] if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The document and the summary.
+
+def _log_name(stage: str) -> str:
+  return stage.replace(":", "-") + ".log"
+
+
+def build_document(state: pathlib.Path) -> dict:
+  """The results document from the state directory; whatever is missing is None or absent."""
+  env_path = state / "env.json"
+  # Without the env stage's facts the commit is still known where git or the stamp is.
+  facts = (json.loads(env_path.read_text()) if env_path.is_file()
+           else commit_of_tree(REPO, STAMP))
+  stages = read_stages(state)
+  bench_path = state / "bench.json"
+  return {
+      "kind": "gpu-check",
+      "dry_run": facts.get("dry_run", os.environ.get("CCF_GPU_CHECK_DRY", "0") == "1"),
+      "date": facts.get("date") or records.now(),
+      "commit": facts.get("commit", "unknown"),
+      "commit_source": facts.get("commit_source"),
+      "stamp_matches_tree": facts.get("stamp_matches_tree"),
+      "device": facts.get("device"), "driver": facts.get("driver"),
+      "jax": facts.get("jax"), "jaxlib": facts.get("jaxlib"), "python": facts.get("python"),
+      "nvcc": facts.get("nvcc"), "compute_sanitizer": facts.get("compute_sanitizer"),
+      "cuda_arch": facts.get("cuda_arch"), "environment": facts,
+      "stages": stages,
+      "tests": parse_pytest(state / "junit.xml", state / _log_name("tests")),
+      "sanitizer": {tool: parse_sanitizer(state / f"compute-sanitizer-{tool}.log")
+                    for tool in SANITIZER_TOOLS
+                    if any(r["name"] == f"sanitizer:{tool}" for r in stages)},
+      "benchmark": json.loads(bench_path.read_text()) if bench_path.is_file() else None,
+  }
+
+
+def _detail(stage: dict, doc: dict, state: pathlib.Path) -> str:
+  """One line on what a stage found."""
+  name = stage["name"]
+  if stage["status"] == "skipped":
+    return stage["note"]
+  if name == "env":
+    return (f"{doc['device'] or 'no GPU'} | driver {doc['driver']} | jax {doc['jax']} | "
+            f"commit {doc['commit']}" + ("" if doc["stamp_matches_tree"] is not False
+                                         else " (tree differs from the stamp)"))
+  if name == "tests" and doc["tests"]:
+    t = doc["tests"]
+    text = (f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
+            f"{t['skipped']} skipped")
+    return text + (f"; stopped in {t['running_when_stopped']}" if t["running_when_stopped"]
+                   else "")
+  if name.startswith("sanitizer:"):
+    found = doc["sanitizer"].get(name.split(":")[1], {})
+    if found.get("findings") is not None:
+      return (f"{found['findings']} findings ({found['errors']} errors, "
+              f"{found['warnings']} warnings)")
+  if name == "benchmark" and doc["benchmark"]:
+    return _benchmark_detail(doc["benchmark"])
+  return "" if stage["status"] == "passed" else _last_line(state / _log_name(name))
+
+
+def _benchmark_detail(bench: dict) -> str:
+  parts = []
+  for config_name, record in bench.get("configs", {}).items():
+    fused = record["impls"].get("fused", {})
+    if "fwd_bwd_ms" not in fused:
+      parts.append(f"{config_name}: fused {fused.get('error', 'not run')}")
+      continue
+    ratios = ", ".join(f"{impl} {r['fwd_bwd']:.2f}x"
+                       for impl, r in record["baseline_ms_over_fused_ms"].items())
+    roof = fused.get("fwd_bwd_roof_fraction")
+    parts.append(f"{config_name}: fused fwd+bwd {fused['fwd_bwd_ms']:.2f} ms"
+                 + (f" ({100 * roof:.0f}% of roof)" if roof else "")
+                 + (f"; baseline/fused {ratios}" if ratios else ""))
+  return " | ".join(parts)
+
+
+def summary(doc: dict, state: pathlib.Path) -> str:
+  """Failing tests and sanitizer first findings, then the table of stages."""
+  lines = []
+  for f in (doc["tests"] or {}).get("failures", [])[:15]:
+    lines.append(f"FAILED {f['name']}" + (f": {f['message']}" if f["message"] else ""))
+  for tool, found in doc["sanitizer"].items():
+    if found.get("findings") and found.get("first"):
+      lines.append(f"{tool}: {found['first']}")
+  rows = [(s["name"], s["status"], "" if s["seconds"] is None else f"{s['seconds']:.0f}",
+           _detail(s, doc, state)) for s in doc["stages"]]
+  header = ("stage", "status", "s", "detail")
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+  for r in [header, *rows]:
+    lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
+  return "\n".join(lines)
+
+
+def report(state: pathlib.Path, results: pathlib.Path, out: pathlib.Path | None = None):
+  """Writes `gpu-<date>-<commit>.json` and `.log` (every stage's log, in order) into
+  `results`, copies both into `out` if given, and prints the summary last.
+
+  Returns:
+    The JSON file's path.
+  """
+  doc = build_document(state)
+  stem = f"gpu-{doc['date'][:10]}-{doc['commit'].split('+')[0]}"
+  doc["log"] = f"{stem}.log"
+  results.mkdir(parents=True, exist_ok=True)
+  json_path, log_path = results / f"{stem}.json", results / f"{stem}.log"
+  json_path.write_text(json.dumps(doc, indent=1) + "\n")
+  logs = [(s["name"], state / _log_name(s["name"])) for s in doc["stages"]]
+  logs += [(f"compute-sanitizer {t}", state / f"compute-sanitizer-{t}.log")
+           for t in SANITIZER_TOOLS]
+  with log_path.open("w") as f:
+    for title, path in logs:
+      if path.is_file():
+        f.write(f"\n===== {title} =====\n")
+        f.write(path.read_text(errors="replace"))
+  if out is not None:
+    out.mkdir(parents=True, exist_ok=True)
+    for path in (json_path, log_path):
+      shutil.copyfile(path, out / path.name)
+  print(summary(doc, state))
+  print(f"results: {json_path}" + (f" (and in {out})" if out is not None else ""))
+  return json_path
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m bench.gpu_check",
+                                   description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  sub.add_parser("stamp").add_argument("path", type=pathlib.Path)
+  env_parser = sub.add_parser("env")
+  env_parser.add_argument("path", type=pathlib.Path)
+  env_parser.add_argument("--stamp", type=pathlib.Path, default=STAMP)
+  sub.add_parser("workload")
+  report_parser = sub.add_parser("report")
+  report_parser.add_argument("state", type=pathlib.Path)
+  report_parser.add_argument("--results", type=pathlib.Path, default=records.RESULTS_DIR)
+  report_parser.add_argument("--out", type=pathlib.Path, default=None)
+  args = parser.parse_args(argv)
+  if args.command == "stamp":
+    doc = stamp(args.path)
+    print(f"{args.path}: commit {doc['commit']}, {len(doc['files'])} files")
+  elif args.command == "env":
+    print(json.dumps(env(args.path, args.stamp), indent=1))
+  elif args.command == "workload":
+    workload()
+  else:
+    report(args.state, args.results, args.out)
+
+
+if __name__ == "__main__":
+  main()

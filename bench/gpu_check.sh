@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# One command that checks a GPU machine end to end, in under 8 minutes, for the lent H200 as it
+# is (Python 3.12 with jax 0.11 and its CUDA plugin, nvcc, CMake, ninja, compute-sanitizer; no
+# package registry: what else the build needs travels in .whl/). Stages, each under its own
+# time limit inside one budget, each recorded whether it passes or not:
+#
+#   0 env        device, driver, jax, nvcc, commit (.whl/COMMIT where .git did not travel)
+#   1 build      the carried wheels into a scratch site, the extensions with CMake (CUDA for
+#                $CCF_CUDA_ARCH, default 90a), staged beside a copy of the package
+#   2 tests      pytest tests/test_cuda.py (junit XML, -v log; a per-test limit where
+#                pytest-timeout is installed)
+#   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck on a small
+#                emulated forward+backward (`python -m bench.gpu_check workload`), our kernels
+#                only; the four run beside stage 2 (nothing there is timed)
+#   4 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot vs all_to_all_moe
+#                on the one GPU vs the dense roof, bfloat16, forward and forward+backward
+#   5 report     bench/results/gpu-<date>-<commit>.json and its .log, copied into $OUT when
+#                set; a summary table printed last. Written whatever failed before.
+#
+# From the dev machine (the device tool's `run`; nothing else to install there):
+#   make gpu-wheels      # here first: wheels into .whl/ and the commit stamp .whl/COMMIT
+#   run  command: bash bench/gpu_check.sh
+#        carry:   [".whl"]
+#        timeout_s: 540
+# then copy the returned gpu-*.json and gpu-*.log from files_at into bench/results/.
+#
+# Environment: CCF_GPU_CHECK_DRY=1 rehearses on a machine without a GPU (the tests run on the
+# CPU backend via CCF_CUDA_TESTS_PLATFORM=cpu, no sanitizer, a tiny CPU benchmark; results go to
+# the state directory, never bench/results); CCF_GPU_CHECK_BUDGET_S (default 470) is the total
+# time; CCF_ENABLE_CUDA (default ON), CCF_CUDA_ARCH (default 90a); PYTHON (default python3).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-python3}
+DRY=${CCF_GPU_CHECK_DRY:-0}
+BUDGET=${CCF_GPU_CHECK_BUDGET_S:-470}
+export CCF_CUDA_ARCH=${CCF_CUDA_ARCH:-90a}
+CUDA_BUILD=${CCF_ENABLE_CUDA:-ON}
+CARRY=$REPO/.whl
+STATE=$(mktemp -d /tmp/ccf-gpu-check.XXXXXX)
+SITE=$STATE/site    # the carried wheels
+BUILD=$STATE/build  # CMake's tree
+PKG=$STATE/pkg      # a copy of jax_ccfuser/ with the built extensions: the tree stays untouched
+if [ "$DRY" = 1 ]; then
+  RESULTS=${CCF_GPU_CHECK_RESULTS:-$STATE/results}
+else
+  RESULTS=${CCF_GPU_CHECK_RESULTS:-$REPO/bench/results}
+fi
+START=$(date +%s)
+DEADLINE=$((START + BUDGET))
+
+# -P: the repository's own jax_ccfuser/ (no extensions in it) must not shadow the staged copy.
+export PYTHONPATH=$PKG:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+export CCF_GPU_CHECK_DRY=$DRY
+# Images often keep the CUDA tools outside PATH, and pip's cmake and ninja beside the Python.
+for dir in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer \
+  "$(dirname "$(command -v "$PY")")"; do
+  [ -d "$dir" ] && PATH=$PATH:$dir
+done
+export PATH
+
+echo "gpu_check: state in $STATE, budget ${BUDGET}s$([ "$DRY" = 1 ] && echo ', dry run')"
+
+# Seconds a stage may take: its own maximum, cut so that `reserve` seconds stay for the stages
+# after it; under 10 means it cannot run.
+limit_for() {
+  local max=$1 reserve=$2 left
+  left=$((DEADLINE - $(date +%s) - reserve))
+  echo $((left < max ? left : max))
+}
+
+record() {  # name status rc seconds limit note
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$STATE/stages.tsv"
+}
+
+skip() {  # name note
+  record "$1" skipped "" "" "" "$2"
+  echo "-- $1: skipped ($2)"
+}
+
+# run_stage NAME MAX_S RESERVE_S COMMAND...: runs COMMAND under its limit, output into
+# $STATE/NAME.log, and records the outcome.
+run_stage() {
+  local name=$1 max=$2 reserve=$3 limit start rc status ms seconds
+  shift 3
+  limit=$(limit_for "$max" "$reserve")
+  if [ "$limit" -lt 10 ]; then
+    skip "$name" "out of time (budget ${BUDGET}s)"
+    return 1
+  fi
+  echo "-- $name (limit ${limit}s)"
+  start=$(date +%s%N)
+  # timeout signals its whole process group: a stage's children stop with it.
+  timeout --kill-after=10 "$limit" "$@" >"$STATE/${name//:/-}.log" 2>&1
+  rc=$?
+  ms=$((($(date +%s%N) - start) / 1000000))
+  seconds=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
+  case $rc in
+    0) status=passed ;;
+    124 | 137) status="timed out" ;;
+    *) status=failed ;;
+  esac
+  record "$name" "$status" "$rc" "$seconds" "$limit" ""
+  echo "-- $name: $status after ${seconds%.*}s"
+  [ "$rc" = 0 ] || tail -n 15 "$STATE/${name//:/-}.log" | sed 's/^/   | /'
+  return "$rc"
+}
+
+build() {
+  if ls "$CARRY"/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "$CARRY"/*.whl || return
+  else
+    echo "no wheels in $CARRY: building with what the machine has"
+  fi
+  local generator=()
+  command -v ninja >/dev/null && generator=(-G Ninja)
+  cmake -S "$REPO" -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
+    -DCCF_ENABLE_CUDA="$CUDA_BUILD" -DCCF_CUDA_ARCHITECTURES="$CCF_CUDA_ARCH" \
+    -DPython_EXECUTABLE="$(command -v "$PY")" || return
+  cmake --build "$BUILD" -j "$(nproc)" || return
+  mkdir -p "$PKG"
+  cp -r "$REPO/jax_ccfuser" "$PKG/"
+  find "$PKG" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+  cp "$BUILD"/_ccfuser_*.so "$PKG/jax_ccfuser/"
+  "$PY" -P -c "
+import jax_ccfuser as ccf
+cuda = ccf._extension.cuda is not None
+print('jax_ccfuser from', ccf.__file__, '| CUDA extension:', cuda)
+assert cuda or '$CUDA_BUILD' != 'ON', 'built with CCF_ENABLE_CUDA=ON but no CUDA extension loads'"
+}
+
+tests() {
+  local per_test=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=120 --timeout-method=thread)
+  "$PY" -P -m pytest tests/test_cuda.py -v -rA -p no:cacheprovider \
+    --junitxml="$STATE/junit.xml" "${per_test[@]}"
+}
+
+sanitize() {  # tool
+  # Exact buffer bounds (no pooled allocator) and no preallocation, so the four runs and the
+  # tests share the GPU; our kernels only (namespace ccf: mangled "3ccf").
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
+    compute-sanitizer --tool "$1" --kernel-name kns=3ccf --print-limit 20 --error-exitcode 3 \
+    --target-processes application-only --log-file "$STATE/compute-sanitizer-$1.log" \
+    "$PY" -P -m bench.gpu_check workload
+}
+
+# The stages' shell functions run under `timeout` in a child bash.
+export REPO PY STATE SITE BUILD PKG CARRY CUDA_BUILD
+export -f build tests sanitize
+
+# 0 env
+run_stage env 120 0 "$PY" -P -m bench.gpu_check env "$STATE/env.json" --stamp "$CARRY/COMMIT"
+
+# 1 build
+# The build takes what it needs, leaving 150 s for the stages after it.
+run_stage build "$BUDGET" 150 bash -c build
+built=$?
+
+# 2 tests and 3 sanitizer, side by side
+if [ "$built" != 0 ]; then
+  skip tests "no build"
+  for tool in memcheck racecheck synccheck initcheck; do skip "sanitizer:$tool" "no build"; done
+else
+  if [ "$DRY" = 1 ]; then
+    CCF_CUDA_TESTS_PLATFORM=cpu JAX_PLATFORMS=cpu run_stage tests 200 100 bash -c tests &
+  else
+    XLA_PYTHON_CLIENT_PREALLOCATE=false run_stage tests 200 100 bash -c tests &
+  fi
+  for tool in memcheck racecheck synccheck initcheck; do
+    if [ "$DRY" = 1 ]; then
+      skip "sanitizer:$tool" "dry run"
+    elif ! command -v compute-sanitizer >/dev/null; then
+      skip "sanitizer:$tool" "compute-sanitizer not found"
+    else
+      run_stage "sanitizer:$tool" 200 100 bash -c "sanitize $tool" &
+    fi
+  done
+  wait
+fi
+
+# 4 benchmark
+if [ "$built" != 0 ]; then
+  skip benchmark "no build"
+elif [ "$DRY" = 1 ]; then
+  JAX_PLATFORMS=cpu run_stage benchmark 150 15 \
+    "$PY" -P -m bench.gpu --quick --out "$STATE/bench.json"
+else
+  run_stage benchmark 150 15 "$PY" -P -m bench.gpu --out "$STATE/bench.json"
+fi
+
+# 5 report
+echo "-- report"
+if ! "$PY" -P -m bench.gpu_check report "$STATE" --results "$RESULTS" ${OUT:+--out "$OUT"}; then
+  # The report itself broke: hand back the raw outcomes and logs instead.
+  [ -n "${OUT:-}" ] && tar --exclude=./site --exclude=./build --exclude=./pkg -C "$STATE" \
+    -czf "$OUT/gpu-check-state.tgz" .
+  cat "$STATE/stages.tsv"
+  exit 2
+fi
+echo "total $(($(date +%s) - START))s"
+# Exit status: 0 when every stage that ran passed.
+awk -F'\t' '$2 != "passed" && $2 != "skipped" { bad = 1 } END { exit bad }' "$STATE/stages.tsv"

@@ -1,0 +1,204 @@
+"""bench/gpu_check.py's reporting on fabricated stage outcomes (the reporting code, not GPU
+figures: nothing here was measured, and nothing is written outside a temporary directory), the
+commit stamp, the sanitizer's workload and bench/gpu.py's document, both run on the CPU."""
+
+import json
+import subprocess
+
+import pytest
+
+from bench import gpu, gpu_check, records
+
+
+def _write_stages(state, rows):
+  (state / "stages.tsv").write_text("".join("\t".join(map(str, r)) + "\n" for r in rows))
+
+
+_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
+<testsuites><testsuite name="pytest" errors="1" failures="1" skipped="1" tests="5">
+<testcase classname="tests.test_cuda" name="test_a[D1-float32]" time="2.5"/>
+<testcase classname="tests.test_cuda" name="test_b" time="9.0"/>
+<testcase classname="tests.test_cuda" name="test_c[bf16]" time="1.0">
+  <failure message="AssertionError: Not equal to tolerance&#10;second line">trace</failure>
+</testcase>
+<testcase classname="tests.test_cuda" name="test_d" time="0.0">
+  <skipped type="pytest.skip" message="needs 2 devices">skip</skipped>
+</testcase>
+<testcase classname="tests.test_cuda" name="test_e" time="0.1">
+  <error message="failed on setup with &quot;RuntimeError: boom&quot;">trace</error>
+</testcase>
+</testsuite></testsuites>
+"""
+
+# A fabricated benchmark document in bench/gpu.py's shape; its numbers are placeholders.
+_BENCH = {"platform": "gpu", "device": "fabricated", "configs": {"E8-K2": {
+    "impls": {"fused": {"fwd_ms": 1.0, "fwd_bwd_ms": 4.0, "fwd_bwd_roof_fraction": 0.5},
+              "ragged_dot": {"fwd_ms": 2.0, "fwd_bwd_ms": 6.0},
+              "all_to_all": {"error": "XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory"}},
+    "baseline_ms_over_fused_ms": {"ragged_dot": {"fwd": 2.0, "fwd_bwd": 1.5}}}}}
+
+
+@pytest.fixture
+def failed_run(tmp_path):
+  """A state directory as gpu_check.sh leaves it after a run with failures of every kind."""
+  state = tmp_path / "state"
+  state.mkdir()
+  _write_stages(state, [
+      ("env", "passed", 0, "2.000", 150, ""),
+      ("build", "passed", 0, "95.500", 300, ""),
+      # The sanitizer runs finish before the tests: the report restores the stage order.
+      ("sanitizer:memcheck", "passed", 0, "40.000", 200, ""),
+      ("sanitizer:racecheck", "timed out", 124, "200.000", 200, ""),
+      ("sanitizer:initcheck", "failed", 3, "41.000", 200, ""),
+      ("sanitizer:synccheck", "skipped", "", "", "", "compute-sanitizer not found"),
+      ("tests", "failed", 1, "120.000", 200, ""),
+      ("benchmark", "passed", 0, "80.000", 150, ""),
+  ])
+  (state / "env.json").write_text(json.dumps({
+      "date": "2026-12-01T10:00:00+00:00", "dry_run": False, "commit": "abc1234+dirty",
+      "commit_source": "stamp of 2026-12-01T09:00:00+00:00", "stamp_matches_tree": True,
+      "device": "fabricated GPU", "driver": "0.0", "jax": "0.11.2", "python": "3.12.3"}))
+  (state / "junit.xml").write_text(_JUNIT)
+  (state / "tests.log").write_text("tests/test_cuda.py::test_a[D1-float32] PASSED\n")
+  (state / "compute-sanitizer-memcheck.log").write_text(
+      "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
+  (state / "sanitizer-racecheck.log").write_text("workload float32: relative error ...\n")
+  (state / "compute-sanitizer-initcheck.log").write_text(
+      "========= COMPUTE-SANITIZER\n"
+      "========= Uninitialized __global__ memory read of size 4 bytes\n"
+      "=========     at ccf::cuda::combine_slots+0x90\n"
+      "========= ERROR SUMMARY: 2 errors\n")
+  (state / "bench.json").write_text(json.dumps(_BENCH))
+  return state
+
+
+def test_report_of_a_run_with_failures(failed_run, tmp_path, capsys):
+  results, out = tmp_path / "results", tmp_path / "out"
+  path = gpu_check.report(failed_run, results, out)
+  assert path == results / "gpu-2026-12-01-abc1234.json"
+  doc = json.loads(path.read_text())
+  assert (doc["commit"], doc["device"], doc["jax"]) == ("abc1234+dirty", "fabricated GPU", "0.11.2")
+  assert [s["name"] for s in doc["stages"]] == [
+      "env", "build", "tests", "sanitizer:memcheck", "sanitizer:racecheck",
+      "sanitizer:synccheck", "sanitizer:initcheck", "benchmark"]
+  assert {s["name"]: s["status"] for s in doc["stages"]}["sanitizer:racecheck"] == "timed out"
+  tests = doc["tests"]
+  assert (tests["passed"], tests["failed"], tests["errors"], tests["skipped"]) == (2, 1, 1, 1)
+  assert tests["failures"] == [
+      {"name": "tests/test_cuda.py::test_c[bf16]",
+       "message": "AssertionError: Not equal to tolerance"},
+      {"name": "tests/test_cuda.py::test_e",
+       "message": 'failed on setup with "RuntimeError: boom"'}]
+  assert tests["slowest"][0] == {"name": "tests/test_cuda.py::test_b", "seconds": 9.0}
+  assert doc["sanitizer"]["memcheck"]["findings"] == 0
+  assert doc["sanitizer"]["racecheck"]["findings"] is None  # stopped before its summary
+  assert doc["sanitizer"]["initcheck"] == {
+      "findings": 2, "errors": 2, "warnings": 0,
+      "first": "Uninitialized __global__ memory read of size 4 bytes"}
+  assert "synccheck" in doc["sanitizer"] and doc["benchmark"] == _BENCH
+  # The log holds every stage's output and the tools' own logs; both files went to $OUT too.
+  log = (results / doc["log"]).read_text()
+  assert "===== tests =====" in log and "Uninitialized __global__" in log
+  assert sorted(p.name for p in out.iterdir()) == [path.name, doc["log"]]
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0] == ("FAILED tests/test_cuda.py::test_c[bf16]: AssertionError: Not equal to "
+                        "tolerance")
+  table = printed[printed.index(next(l for l in printed if l.startswith("stage"))):]
+  assert [l.split()[0] for l in table[1:-1]] == [s["name"] for s in doc["stages"]]
+  row = dict((l.split()[0], l) for l in table[1:-1])
+  assert "2 passed, 1 failed, 1 errors, 1 skipped" in row["tests"]
+  assert "2 findings (2 errors, 0 warnings)" in row["sanitizer:initcheck"]
+  assert "compute-sanitizer not found" in row["sanitizer:synccheck"]
+  assert "E8-K2: fused fwd+bwd 4.00 ms (50% of roof); baseline/fused ragged_dot 1.50x" in \
+      row["benchmark"]
+  assert "fabricated GPU | driver 0.0 | jax 0.11.2 | commit abc1234+dirty" in row["env"]
+  assert table[-1] == f"results: {path} (and in {out})"
+
+
+def test_report_when_nothing_ran(tmp_path, capsys):
+  """No stage left anything (the machine broke at once): the document is still written, and
+  names the commit (git here; the stamp where .git did not travel)."""
+  state = tmp_path / "state"
+  state.mkdir()
+  path = gpu_check.report(state, tmp_path / "results")
+  doc = json.loads(path.read_text())
+  assert doc["commit"] == records.commit()
+  assert path.name == f"gpu-{doc['date'][:10]}-{doc['commit'].split('+')[0]}.json"
+  assert doc["stages"] == [] and doc["tests"] is None and doc["benchmark"] is None
+  assert capsys.readouterr().out.splitlines()[-1] == f"results: {path}"
+
+
+def test_pytest_log_of_a_run_stopped_midway(tmp_path):
+  """No junit XML (the stage's time limit killed pytest): counts from the -v log, and the test
+  that was running."""
+  log = tmp_path / "tests.log"
+  log.write_text(
+      "tests/test_cuda.py::test_a[D1-float32] PASSED                 [  2%]\n"
+      "tests/test_cuda.py::test_b FAILED                             [  4%]\n"
+      "tests/test_cuda.py::test_c SKIPPED (needs 2 devices)          [  7%]\n"
+      "FAILED tests/test_cuda.py::test_b - AssertionError: arrays differ\n"
+      "tests/test_cuda.py::test_d[every-device] \n")
+  tests = gpu_check.parse_pytest(tmp_path / "junit.xml", log)
+  assert (tests["source"], tests["passed"], tests["failed"], tests["skipped"]) == ("log", 1, 1, 1)
+  assert tests["failures"] == [{"name": "tests/test_cuda.py::test_b",
+                                "message": "AssertionError: arrays differ"}]
+  assert tests["running_when_stopped"] == "tests/test_cuda.py::test_d[every-device]"
+  assert gpu_check.parse_pytest(tmp_path / "junit.xml", tmp_path / "absent.log") is None
+
+
+def test_racecheck_summary(tmp_path):
+  log = tmp_path / "compute-sanitizer-racecheck.log"
+  log.write_text("========= COMPUTE-SANITIZER\n"
+                 "========= Error: Race reported between Write access at expert_gemm+0x10\n"
+                 "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n")
+  assert gpu_check.parse_sanitizer(log) == {
+      "findings": 3, "errors": 1, "warnings": 2,
+      "first": "Error: Race reported between Write access at expert_gemm+0x10"}
+
+
+def test_stamp_names_the_commit_while_the_tree_matches(tmp_path, monkeypatch):
+  """Where .git did not travel, the commit comes from the stamp, which says whether the files
+  changed since."""
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  git = lambda *args: subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+  git("init", "-q")
+  (repo / "a.py").write_text("a = 1\n")
+  (repo / "untracked.txt").write_text("travels too\n")
+  (repo / ".gitignore").write_text("/.whl/\n")
+  git("add", "a.py", ".gitignore")
+  monkeypatch.setattr(records, "commit", lambda: "abc1234")
+  doc = gpu_check.stamp(repo / ".whl" / "COMMIT", repo)
+  assert doc["files"] == [".gitignore", "a.py", "untracked.txt"]
+  monkeypatch.setattr(records, "commit", lambda: "unknown")  # the device: no .git
+  found = gpu_check.commit_of_tree(repo, repo / ".whl" / "COMMIT")
+  assert (found["commit"], found["stamp_matches_tree"]) == ("abc1234", True)
+  (repo / "a.py").write_text("a = 2\n")
+  assert gpu_check.commit_of_tree(repo, repo / ".whl" / "COMMIT")["stamp_matches_tree"] is False
+  monkeypatch.setenv("CCF_COMMIT", "def5678")
+  assert gpu_check.commit_of_tree(repo, repo / "absent")["commit"] == "def5678"
+
+
+def test_sanitizer_workload_runs(capsys):
+  """The program compute-sanitizer runs, here on the CPU: finite, close to the reference."""
+  gpu_check.workload()
+  lines = capsys.readouterr().out.splitlines()
+  assert [l.split(":")[0] for l in lines] == ["workload float32", "workload bfloat16"]
+  errors = [float(e) for e in lines[0].split(": ")[-1].split(", ")]
+  assert len(errors) == 5 and max(errors) < 1e-5
+
+
+def test_gpu_benchmark_document(tmp_path):
+  """bench/gpu.py's tiny configuration on the CPU: every program timed, ratios against fused."""
+  out = tmp_path / "bench.json"
+  doc = gpu.main(["--quick", "--out", str(out)])
+  assert json.loads(out.read_text()) == doc
+  record = doc["configs"]["quick"]
+  assert list(record["impls"]) == ["fused", "ragged_dot", "all_to_all", "all_to_all_cf1.25",
+                                   "roof"]
+  for impl, fields in record["impls"].items():
+    assert fields["fwd_ms"] > 0 and fields["fwd_bwd_ms"] > 0, impl
+  assert record["impls"]["roof"]["fwd_roof_fraction"] == pytest.approx(1.0)
+  assert set(record["baseline_ms_over_fused_ms"]) == {"ragged_dot", "all_to_all",
+                                                      "all_to_all_cf1.25"}
+  assert max(record["fused_forward_relative_error_vs"].values()) < 2e-2  # bfloat16
