@@ -8,10 +8,15 @@ and writes `<out>/metrics.json` and `<out>/report.png`. Checkpoints go to
 `<out>/checkpoints/<dispatch>`; `--resume` continues from them (without it a run starts afresh).
 With `--replace-every N`, both paths move their experts between devices every N steps
 (`jax_ccfuser.placement`: an ILP on the routing of the latest batches) without changing what the
-model computes, and report remote rows and device load before and after each move.
+model computes, and report remote rows and device load before and after each move. With
+`--balance bias` the routers balance their experts without the auxiliary loss (DeepSeek-V3): each
+carries a per-expert bias, stepped after every training step from the step's expert loads; the
+run prints how far the busiest expert is above the mean load early and late in training
+(`--balance none` shows the imbalance with neither).
 """
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -70,6 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="every N steps, re-place experts on devices from the latest routing and "
                       "report remote rows and device load before and after (the load can only "
                       "change with several experts per device); 0: never")
+  p.add_argument("--balance", choices=("loss", "bias", "none"), default="loss",
+                 help="expert load balancing: the Switch load-balancing loss, an expert bias "
+                      "updated from the loads with no auxiliary loss (DeepSeek-V3), or neither")
+  p.add_argument("--bias-rate", type=float, default=1e-2,
+                 help="with --balance bias: the bias update speed (DeepSeek-V3 used 1e-3 over "
+                      "far longer runs than a demo's)")
+  p.add_argument("--score", choices=("softmax", "sigmoid"), default="softmax",
+                 help="the routers' scores")
   p.add_argument("--resume", action="store_true",
                  help="continue from the checkpoints in --out instead of starting afresh (with "
                  "the same settings: the learning-rate schedule spans --steps)")
@@ -83,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--steps must be at least 1")
   if args.replace_every < 0:
     p.error("--replace-every must be 0 (never) or positive")
+  if args.bias_rate <= 0:
+    p.error("--bias-rate must be positive")
   return args
 
 
@@ -96,9 +111,13 @@ def run_path(dispatch: str, args, corpus, mesh) -> dict:
   """
   config = LMConfig(seq_len=args.seq_len, hidden=args.hidden, heads=args.heads,
                     layers=args.layers, ffn=args.ffn, num_experts=args.experts, k=args.k,
-                    dispatch=dispatch, reassign=args.reassign and dispatch == "fused")
+                    dispatch=dispatch, reassign=args.reassign and dispatch == "fused",
+                    score=args.score, expert_bias=args.balance == "bias")
   train_config = TrainConfig(batch=args.batch, learning_rate=args.lr, total_steps=args.steps,
-                             warmup_steps=min(20, args.steps // 5), seed=args.seed)
+                             warmup_steps=min(20, args.steps // 5), seed=args.seed,
+                             expert_bias_rate=args.bias_rate)
+  if args.balance != "loss":
+    train_config = dataclasses.replace(train_config, load_balancing_coef=0.0)
   directory = args.out / "checkpoints" / dispatch
   if not args.resume:
     shutil.rmtree(directory, ignore_errors=True)
@@ -184,11 +203,21 @@ def summarize(run: dict, args) -> dict:
       "losses": [r["loss"] for r in history],
       # [L][E]: the share of (token, k) assignments each expert got, averaged over the run.
       "expert_load": (counts.mean(axis=0) / assignments).round(4).tolist(),
+      # [L][2]: the busiest expert's load over the mean, averaged over the first and the last
+      # tenth of the steps.
+      "expert_imbalance": _expert_imbalance(counts).round(3).tolist(),
       # [L][2]: max / mean rows per device, without and with reassignment, averaged over steps.
       "device_imbalance": _imbalance(history).round(3).tolist(),
       # One record per re-placement (`replace_experts`).
       "placements": run["placements"],
   }
+
+
+def _expert_imbalance(counts) -> np.ndarray:
+  """`counts` `[steps, L, E]` -> `[L, 2]`: max / mean expert load, first and last tenth."""
+  ratio = counts.max(-1) / counts.mean(-1)  # [steps, L]
+  tenth = max(1, len(ratio) // 10)
+  return np.stack([ratio[:tenth].mean(0), ratio[-tenth:].mean(0)], axis=-1)
 
 
 def _imbalance(history) -> np.ndarray:
@@ -248,6 +277,11 @@ def main(argv=None) -> dict:
     rate = "n/a" if m["tokens_per_s"] is None else f"{m['tokens_per_s']:,.0f} tokens/s"
     print(f"{dispatch:>10}: loss {m['loss_first']:.3f} -> {m['loss_last']:.3f}, "
           f"validation {m['val_loss']:.3f}, {rate}, {m['train_s']:.0f} s training")
+  tenth = max(1, args.steps // 10)
+  imbalance = ", ".join(f"{first:.2f} -> {last:.2f}"
+                        for first, last in metrics["fused"]["expert_imbalance"])
+  print(f"busiest expert over the mean load, per layer, first {tenth} -> last {tenth} steps "
+        f"(--balance {args.balance}): {imbalance}")
   if args.reassign:
     for layer, (before, after) in enumerate(metrics["fused"]["device_imbalance"]):
       print(f"layer {layer}: max/mean rows per device {before:.2f} without reassignment, "

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
 
+from jax_ccfuser import update_expert_bias
 from jax_ccfuser.nnx import MoE
 
 
@@ -34,6 +35,10 @@ class LMConfig:
     capacity_factor: `None` (dropless) or a float, for dispatch="all_to_all".
     reassign: let idle devices take over slices of hot experts (dispatch="fused"); the model
       computes the same function either way.
+    score, num_groups, top_groups, scale: the routers' options (`jax_ccfuser.route`).
+    expert_bias: give every router an `ExpertBias` for auxiliary-loss-free balancing
+      (`MoeLM.update_expert_bias` steps them).
+    num_shared_experts: shared experts beside the routed ones in every MoE block.
     axis_name: the expert-parallel mesh axis (also the batch axis), or `None`.
     dtype: compute dtype; parameters are float32.
   """
@@ -49,6 +54,12 @@ class LMConfig:
   dispatch: str = "fused"
   capacity_factor: float | None = None
   reassign: bool = False
+  score: str = "softmax"
+  num_groups: int = 1
+  top_groups: int | None = None
+  scale: float = 1.0
+  expert_bias: bool = False
+  num_shared_experts: int = 0
   axis_name: str | None = "expert"
   dtype: Dtype = jnp.float32
 
@@ -84,7 +95,10 @@ class Block(nnx.Module):
     if c.num_experts:
       self.ffn = MoE(c.hidden, c.ffn, c.num_experts, k=c.k, activation=c.activation,
                      dispatch=c.dispatch, capacity_factor=c.capacity_factor,
-                     reassign=c.reassign, axis_name=c.axis_name, dtype=c.dtype, rngs=rngs)
+                     reassign=c.reassign, score=c.score, num_groups=c.num_groups,
+                     top_groups=c.top_groups, scale=c.scale, expert_bias=c.expert_bias,
+                     num_shared_experts=c.num_shared_experts, axis_name=c.axis_name,
+                     dtype=c.dtype, rngs=rngs)
     else:
       self.ffn = DenseFFN(c.hidden, c.ffn, dtype=c.dtype, rngs=rngs)
 
@@ -136,3 +150,16 @@ class MoeLM(nnx.Module):
       if aux is not None:
         auxes.append(aux)
     return self.head(self.norm(x)).astype(jnp.float32), tuple(auxes)
+
+  def update_expert_bias(self, auxes: tuple, *, rate: float) -> None:
+    """Steps every MoE block's expert bias from the load it reported (auxiliary-loss-free
+    balancing, `jax_ccfuser.update_expert_bias`); outside the gradient, after the optimizer.
+
+    Args:
+      auxes: the `MoEAux` per MoE block that `__call__` returned for this step's batch.
+      rate: the bias update speed; blocks without an expert bias are left as they are.
+    """
+    moes = [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
+    for moe, aux in zip(moes, auxes, strict=True):
+      if moe.expert_bias is not None:
+        moe.expert_bias[...] = update_expert_bias(moe.expert_bias[...], aux.counts, rate=rate)

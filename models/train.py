@@ -1,7 +1,9 @@
 """Training `MoeLM` on the standard library's sources: data, Optax loop, checkpoints, sampling.
 
-Nothing here knows about experts beyond adding the router's auxiliary losses to the task loss:
-the loop is the plain `nnx.Optimizer` + `optax.chain(clip, adamw)` one a dense model uses.
+Nothing here knows about experts beyond adding the router's auxiliary losses to the task loss
+and stepping the routers' expert biases (when the model has them) from the loads the forward
+pass reports: the loop is the plain `nnx.Optimizer` + `optax.chain(clip, adamw)` one a dense
+model uses.
 """
 
 import dataclasses
@@ -92,6 +94,8 @@ class TrainConfig:
     clip_norm: global gradient-norm clip.
     load_balancing_coef: weight of each MoE block's load-balancing loss.
     z_loss_coef: weight of each MoE block's router z-loss.
+    expert_bias_rate: the update speed of the routers' expert biases, for a model with them
+      (DeepSeek-V3's 1e-3 by default).
     seed: data order (model initialization has its own `nnx.Rngs`).
   """
   batch: int = 16
@@ -102,6 +106,7 @@ class TrainConfig:
   clip_norm: float = 1.0
   load_balancing_coef: float = 1e-2
   z_loss_coef: float = 1e-3
+  expert_bias_rate: float = 1e-3
   seed: int = 0
 
   def __post_init__(self):
@@ -135,7 +140,7 @@ def cross_entropy(model: nnx.Module, tokens: jax.Array):
 @nnx.jit(static_argnames="config")
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, *,
                config: TrainConfig) -> dict[str, jax.Array]:
-  """One AdamW step on `tokens` `[B, S + 1]` int32.
+  """One AdamW step on `tokens` `[B, S + 1]` int32, then one step of the expert biases.
 
   Returns:
     Metrics: `loss` (cross-entropy, float32 `[]`), `aux_loss` (the weighted router losses, `[]`)
@@ -151,6 +156,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, tokens: jax.Array, *
 
   grads, (loss, aux_loss, auxes) = nnx.grad(objective, has_aux=True)(model)
   optimizer.update(model, grads)
+  model.update_expert_bias(auxes, rate=config.expert_bias_rate)
   counts = (jnp.stack([a.counts for a in auxes]) if auxes else jnp.zeros((0, 0), jnp.int32))
   loads = (jnp.stack([a.device_loads for a in auxes]) if auxes
            else jnp.zeros((0, 2, 0), jnp.int32))

@@ -109,16 +109,18 @@ def test_demo_cli(tmp_path):
              "--experts", "4", "--layers", "1", "--hidden", "32", "--heads", "2", "--ffn", "32",
              "--seq-len", "16", "--batch", "4", "--eval-batches", "1", "--sample-bytes", "4",
              "--max-corpus-bytes", "100000", "--checkpoint-every", "2", "--no-progress",
-             "--out", str(out)]
+             "--balance", "bias", "--score", "sigmoid", "--out", str(out)]
   done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "largest loss difference" in done.stdout
+  assert "busiest expert over the mean load" in done.stdout
   metrics = json.loads((out / "metrics.json").read_text())
   for dispatch in ("fused", "all_to_all"):
     m = metrics[dispatch]
     assert len(m["losses"]) == 3
     assert {"loss_first", "loss_last", "val_loss", "tokens_per_s"} <= m.keys()
     assert np.asarray(m["expert_load"]).shape == (1, 4)
+    assert np.asarray(m["expert_imbalance"]).shape == (1, 2)
   assert metrics["max_loss_diff"] < 1e-3
   assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (out / "checkpoints" / "fused" / "3").is_dir()
