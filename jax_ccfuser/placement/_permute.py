@@ -78,12 +78,13 @@ def permute(tree, perms, *, layers: Sequence[tuple]):
   Every leaf whose key path contains `layers[l] + ("w_in",)`, `("w_out",)` or `("expert_bias",)`
   (followed by nothing but attribute steps, such as an NNX Variable's `.value`) is taken along
   its first axis, and every leaf under `layers[l] + ("router", "kernel")` or `("router", "bias")`
-  along its last, in the order `perms[l]`. (A Linen layer keeps its expert bias in the
-  `"expert_bias"` collection: pass its path there, e.g. `("expert_bias", "moe")`, as the layer
-  path of a second call. Group-limited routing groups experts by id, so a permutation that moves
-  experts between groups changes such a layer's function.) Because the layer path may appear anywhere in the key path, this moves an
-  Optax state's per-parameter entries (Adam's `mu` and `nu`) with their parameters; other leaves
-  are returned as they are. Pure and jittable.
+  along its last, in the order `perms[l]`. Because the layer path may appear anywhere in the key
+  path, this moves an Optax state's per-parameter entries (Adam's `mu` and `nu`) with their
+  parameters; other leaves are returned as they are. Pure and jittable.
+
+  A Linen layer keeps its expert bias in the `"expert_bias"` collection: its layer path there,
+  e.g. `("expert_bias", "moe")`, moves it. Group-limited routing groups experts by id, so a
+  permutation that moves experts between groups changes such a layer's function.
 
   Args:
     tree: a pytree: Linen `params`, an `nnx.State`, an Optax state, a dict of them.
