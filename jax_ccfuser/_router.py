@@ -66,11 +66,13 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
   `sigmoid(logits[t, e])` (`score="sigmoid"`, DeepSeek-V3). The experts are chosen by
   `s[t] + expert_bias` (the bias shifts the choice only): with `num_groups > 1` the experts are
   split into `num_groups` groups of consecutive ids, a group scores the sum of its two best
-  biased scores (DeepSeek-V3's rule), and each token picks among the experts of its
-  `top_groups` best groups only (ties go to the lower group). The combine weights are the chosen
-  experts' unbiased scores, rescaled to sum to 1 when `renormalize`, then times `scale` (the
-  routed scaling factor). With `num_groups` the size of the expert-parallel axis, a group is one
-  device's experts and each token reaches at most `top_groups` devices.
+  biased scores (DeepSeek-V3's rule; its one score when a group has a single expert), and each
+  token picks among the experts of its `top_groups` best groups only (ties go to the lower
+  group). The combine weights are the chosen experts' unbiased scores, rescaled to sum to 1 when
+  `renormalize`, then times `scale` (the routed scaling factor). With `num_groups` the size of
+  the expert-parallel axis, a group is one device's experts and each token reaches at most
+  `top_groups` devices. `num_groups=1`, `top_groups=None`, `scale=1` and no bias route exactly
+  as plain softmax (or sigmoid) top-k.
 
   With `N = T * K` assignments and `E` experts:
 
