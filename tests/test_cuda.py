@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# Before any backend starts (the device check below starts them): jax_ccfuser sizes XLA:CPU's
+# thread pool at import. Its CUDA handlers are optional (`_extension.cuda`), checked below.
 import jax_ccfuser as ccf
 from jax_ccfuser import _extension
 from jax_ccfuser.experimental import fused_moe_emulated
