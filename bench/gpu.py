@@ -149,8 +149,11 @@ def main(argv=None) -> dict:
     doc["configs"][name] = record
     for impl, f in record["impls"].items():
       print(_line(name, impl, f), flush=True)
-    # Written after each configuration: a stage stopped by its time limit keeps what it had.
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    # Written after each configuration, whole (renamed into place): a run stopped by its time
+    # limit leaves the configurations it finished.
+    partial = args.out.with_suffix(".partial")
+    partial.write_text(json.dumps(doc, indent=1) + "\n")
+    partial.replace(args.out)
   return doc
 
 
