@@ -27,8 +27,11 @@
 //      remote row write per (token, destination device): the send-once-per-device idea).
 //   4. `barrier` again, then `combine_slots` sums this device's staging slots in slot order into y.
 //
-// The backward call recomputes on the expert's device (nothing from the forward is stored):
-// h = x @ w_in (float32); u = dy @ w_out^T with an epilogue that forms a = act(h), da = w * u,
+// The backward call recomputes on the expert's device (no dispatched rows are stored):
+// h = x @ w_in (float32), unless the forward kept it (residuals="hidden": GEMM1's epilogue also
+// stores the float32 pre-activation of the first `kept_rows` pairs of each device's part of the
+// list, in the device's own buffer; the backward's h GEMM skips the tiles whose pairs are all
+// kept and reads their h from there); u = dy @ w_out^T with an epilogue that forms a = act(h), da = w * u,
 // dh = act'(h) * da (gated: d gate, d up), w * a for dW_out and per-tile partial dot(a, u) for
 // d_expert_weights; dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh as grouped GEMMs whose reduction
 // runs over the re-gathered rows in work-list order; dx rows = dh @ w_in^T; `scatter_slots` sends
@@ -58,6 +61,13 @@
 // NOT RUN: this code was written and compiled (nvcc 13.0, sm_90a and sm_80) on a machine without
 // a GPU. No kernel here has ever executed: correctness, the memory ordering of the peer barrier,
 // performance and the occupancy/shared-memory settings are all unverified.
+//
+// GPU check for residuals="hidden" (never run): `JAX_PLATFORMS=cuda pytest
+// tests/test_residuals.py` (one GPU runs the one-device and emulated cases) compares forward and
+// gradients bitwise with the recomputing backward. That holds if GEMM1's epilogue sees the same
+// float32 accumulator as the backward's h GEMM for each (pair, column): both sum over K in the
+// same k-tiles and MMAs, only the columns sit at other places in the tile. Then time the
+// backward of both (bench/residuals.py's settings over fused_moe_emulated).
 //
 // GPU checklist for peers in other processes (CUDA IPC workspaces, also never run):
 //   - Two processes under jax.distributed on one machine, each owning one GPU
@@ -233,6 +243,16 @@ struct GemmParams {
   void* out;
   int64_t out_ld;
   int64_t out_expert_stride;  // kStoreExpert
+
+  // Kept h rows (residuals="hidden"): pair `pos` of the (emulated) device whose experts its
+  // expert is, at index i among that device's pairs, keeps its float32 h = x @ w_in at
+  // kept + (device * kept_rows + i) * G*F when i < kept_rows. kActivation stores them,
+  // kActivationBackward reads them instead of `h`, and `skip_kept` (kStoreF32 over h) skips the
+  // tiles whose pairs are all kept. Null: nothing kept.
+  float* kept;
+  int64_t kept_rows;
+  int32_t experts_per_device;
+  int32_t skip_kept;
 
   // kActivationBackward.
   const float* h;       // [pairs, G*F] the recomputed x @ w_in

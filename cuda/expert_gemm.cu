@@ -252,10 +252,30 @@ struct RowMap {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Kept h rows (GemmParams::kept).
+
+// The row of `p.kept` where pair `pos` of `tile` keeps its h, or -1 when it keeps none.
+__device__ __forceinline__ int64_t kept_index(const GemmParams& p, const GemmTile& tile,
+                                              int64_t pos) {
+  if (p.kept == nullptr) return -1;
+  const int32_t device = tile.expert / p.experts_per_device;
+  const int64_t index = pos - p.expert_offset[device * p.experts_per_device];
+  return index < p.kept_rows ? device * p.kept_rows + index : -1;
+}
+
+// Whether every pair of a kPairRows tile keeps its h (its last pair does: a device's kept pairs
+// are the first of its part of the list, and a tile never spans two experts).
+template <int kTileM>
+__device__ __forceinline__ bool tile_kept(const GemmParams& p, const GemmTile& tile) {
+  const int32_t last = min(tile.m0 + kTileM, tile.m_extent) - 1;
+  return kept_index(p, tile, static_cast<int64_t>(tile.pair_begin) + last) >= 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Epilogues: one warp per tile row, lanes over columns, reading the float32 tile from smem.
 
 // One row of the backward activation: u = (dy @ w_out^T)[pos, j] from the tile, a = act(h) from
-// the recomputed h. Writes w*a and dh, and the row's dot(a, u) over this tile's columns into
+// the kept or the recomputed h. Writes w*a and dh, and the row's dot(a, u) over this tile's columns into
 // dot_partial (a rounded to the input dtype, as the forward multiplies it into w_out).
 template <class T, int kTileN, class SmemC>
 __device__ __forceinline__ void activation_backward_row(const GemmParams& p, const GemmTile& tile,
@@ -267,7 +287,8 @@ __device__ __forceinline__ void activation_backward_row(const GemmParams& p, con
                                 static_cast<int64_t>(item.token) * p.top_k + item.k, p.weights_f32);
   const int32_t f = p.n;                     // F
   const int64_t gf = p.gated ? 2 * f : f;    // row length of h and dh
-  const float* h = p.h + pos * gf;
+  const int64_t kept = kept_index(p, tile, pos);
+  const float* h = kept >= 0 ? p.kept + kept * gf : p.h + pos * gf;
   T* dh = static_cast<T*>(p.dh) + pos * gf;
   T* aw = static_cast<T*>(p.aw) + pos * f;
   float dot = 0.0f;
@@ -324,12 +345,19 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
         if constexpr (serves<kA, kB>(Epilogue::kActivation)) {
           const int32_t cols = columns_per_tile<kTileN>(p);
           T* out = static_cast<T*>(p.out) + pos * p.out_ld;
+          // h itself, float32, as the backward would recompute it; G*F = n + n_split.
+          const int64_t kept = kept_index(p, tile, pos);
+          float* keep = kept >= 0 ? p.kept + kept * (p.n + p.n_split) : nullptr;
           for (int c = lane; c < cols; c += 32) {
             const int32_t j = tile.n_tile * cols + c;
             if (j >= p.n) break;
             const float v = p.n_split != 0 ? ActForward(act, sC(r, c)) * sC(r, c + cols)
                                            : ActForward(act, sC(r, c));
             out[j] = T(v);
+            if (keep != nullptr) {
+              keep[j] = sC(r, c);
+              if (p.n_split != 0) keep[p.n_split + j] = sC(r, c + cols);
+            }
           }
         }
         break;
@@ -433,6 +461,7 @@ __global__ void __launch_bounds__(Config::kThreads)
   const int64_t units = num_units<kTileM, kTileN>(p);
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
     const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
+    if (p.skip_kept && tile_kept<kTileM>(p, tile)) continue;  // the same for the whole CTA
     const RowMap a_rows{tile.m0, tile.m_extent};
     ColumnMap b_cols;
     b_cols.half = columns_per_tile<kTileN>(p);

@@ -1,12 +1,16 @@
-"""Settings fixed when a `fused_moe` call is traced: the peer timeout and the transport."""
+"""Settings fixed when a `fused_moe` call is traced: the peer timeout, the transport and the
+residual budget."""
 
 import contextlib
 import os
 import threading
 
 # Generous by default: with many simulated devices on few cores a peer can lag a whole layer.
+# The residual budget: one layer's kept hidden rows of a Qwen3-30B-A3B-sized layer (T=4096, K=8,
+# 2F=1536: 192 MiB) fit, a DeepSeek-V3 or Mixtral-sized one's (512 / 896 MiB) do not.
 _DEFAULTS = {"seconds": float(os.environ.get("JAX_CCFUSER_PEER_TIMEOUT", "300")),
-             "transport": os.environ.get("JAX_CCFUSER_TRANSPORT", "auto")}
+             "transport": os.environ.get("JAX_CCFUSER_TRANSPORT", "auto"),
+             "residual_bytes": int(os.environ.get("JAX_CCFUSER_RESIDUAL_BUDGET", str(256 << 20)))}
 TRANSPORTS = ("auto", "shared_memory", "collectives")
 _state = threading.local()
 
@@ -77,3 +81,27 @@ def transport(kind: str):
   if kind not in TRANSPORTS:
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
   return _setting("transport", kind)
+
+
+def residual_budget_bytes() -> int:
+  """The per-device budget in force for `residuals="auto"` calls traced now, in bytes."""
+  return _current("residual_bytes")
+
+
+def residual_budget(nbytes: int):
+  """Sets how many bytes per device `fused_moe(..., residuals="auto")` may keep for the backward.
+
+  A call traced inside the block keeps its hidden activations (`residuals="hidden"`) when they
+  fit, `T * K * G * F * 4` bytes per device (float32 rows of `x @ w_in`, `G = 2` for gated
+  activations), and recomputes them otherwise (`residuals="inputs"`). The budget is per call:
+  a model with L such layers keeps up to L times it. Fixed when a call is traced, like
+  `peer_timeout`. The process-wide default is 256 MiB or the environment variable
+  `JAX_CCFUSER_RESIDUAL_BUDGET` (bytes).
+
+  Examples:
+    >>> with jax_ccfuser.residual_budget(1 << 30):
+    ...   grads = jax.jit(jax.grad(loss))(params, x)
+  """
+  if not nbytes >= 0 or nbytes != int(nbytes):
+    raise ValueError(f"residual_budget must be a whole number of bytes >= 0, got {nbytes!r}")
+  return _setting("residual_bytes", int(nbytes))

@@ -11,7 +11,7 @@ import jax
 
 # Bumped whenever the FFI signatures change (xla_ffi/ffi_module.h holds the native side's copy);
 # the native modules report the value they were built with, so a stale build fails here with instructions instead of deep inside XLA.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _REBUILD = ("rebuild it from the repository root with `make install` "
             "(or `pip install --no-build-isolation -e .` in an environment with the build "

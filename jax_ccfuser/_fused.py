@@ -16,7 +16,7 @@ from jax.interpreters.ad import JVPTracer  # what forward mode traces with; no p
 from jax.sharding import AxisType
 
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
-from jax_ccfuser._config import peer_timeout_ms
+from jax_ccfuser._config import peer_timeout_ms, residual_budget_bytes
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_gpu_tiles
 from jax_ccfuser._validation import check_moe_args
@@ -25,6 +25,11 @@ from jax_ccfuser._validation import check_moe_args
 # devices of one group find each other's buffers. Every device runs the same traced program,
 # so they agree on it.
 _sites = itertools.count(1)
+
+# What the backward starts from (`residuals=`): the inputs, recomputing each row's hidden
+# activation h = x @ w_in (lean), or the inputs and h kept from the forward (fewer FLOPs); "auto"
+# keeps h when it fits `jax_ccfuser.residual_budget`.
+RESIDUALS = ("inputs", "hidden", "auto")
 
 
 class _Static(NamedTuple):
@@ -42,6 +47,7 @@ class _Static(NamedTuple):
   devices: tuple = ()
   platform: str = ""
   plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
+  kept_rows: int = 0  # C: rows of h each device keeps for the backward; 0 recomputes them all
 
 
 class _CallAttrs(NamedTuple):
@@ -126,10 +132,31 @@ def _result(like, shape, dtype):
   return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype))
 
 
+def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int) -> int:
+  """C, the rows of h = x @ w_in each device keeps for the backward under `residuals`.
+
+  Where kept rows live: on the device that computed them, in its own forward result
+  `[C, G*F]` float32, C = T*K: the mean load. A device's load is data dependent (up to D*T*K
+  rows) while XLA's shapes are static, so a busier device keeps the GEMM tiles among the first
+  T*K rows of its work list and recomputes the rest (with a `reassign` plan every device is within
+  10% or a tile of the mean). h is kept in float32, exactly what the backward would recompute,
+  so results are bitwise those of `residuals="inputs"`. Keeping each row at its source instead
+  (`[T, K, G*F]` per device, written through peer memory like the staging rows) holds every row
+  in the same bytes, but moves G*F float32 per pair across the interconnect twice: for F = 4H
+  that is 16 times the bfloat16 dispatch of x, more time on GPUs than the GEMM it saves.
+  """
+  if residuals not in RESIDUALS:
+    raise ValueError(f"residuals must be one of {RESIDUALS}, got {residuals!r}")
+  rows = tokens * k
+  if residuals == "auto":
+    residuals = "hidden" if rows * gate_ffn * 4 <= residual_budget_bytes() else "inputs"
+  return rows if residuals == "hidden" else 0
+
+
 def _refuse_forward_mode(*operands):
   """Raises a TypeError naming what works if forward-mode autodiff traces `operands`.
 
-  The backward pass is its own custom call (rows re-read from the peers, nothing kept), which
+  The backward pass is its own custom call (rows re-read from the peers), which
   JAX cannot run forward or differentiate again; left to JAX, jvp fails with messages that do
   not name the op (inside `shard_map`: "unhashable type: 'Unhashable'").
   """
@@ -140,38 +167,47 @@ def _refuse_forward_mode(*operands):
         "jax.jacfwd, jax.hessian) and differentiating its gradient again are not supported.")
 
 
-def _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
+def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
+  """y `[T, H]` and the kept h rows `[C, G*F]` float32 (`[D*C, G*F]` emulated; no rows unless
+  `keep`: a forward that is not differentiated keeps nothing)."""
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, rank, group)
   t, h = x.shape
+  kept = static.kept_rows * (static.num_devices if static.emulated else 1) if keep else 0
   call = jax.ffi.ffi_call(
       "ccf_moe_fwd",
       (_result(args[0], x.shape, x.dtype),
-       _result(args[0], (t, _slots(static, ids.shape[1]), h), jnp.float32)),
+       _result(args[0], (t, _slots(static, ids.shape[1]), h), jnp.float32),
+       _result(args[0], (kept, w_in.shape[2]), jnp.float32)),
       vmap_method="sequential")
   region = _reserve_region(static, False, x, ids, weights, w_in, w_out)
-  y, _ = call(*args, **_call_attrs(static, False, region).as_ffi())
-  return y
+  y, _, hidden = call(*args, **_call_attrs(static, False, region).as_ffi())
+  return y, hidden
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_vjp(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
-  return _forward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group)
+  return _forward_call(static, False, x, ids, weights, w_in, w_out, workers, bounds, rank,
+                       group)[0]
 
 
 def _fused_fwd(static, *operands):
   _refuse_forward_mode(operands)
-  # The residuals are the inputs themselves: no dispatched rows, activations or expert outputs
-  # are kept; the backward call re-reads the rows from the peers and recomputes them.
-  return _forward_call(static, *operands), operands
+  # The residuals are the inputs and the kept h rows (none under residuals="inputs"): no
+  # dispatched rows or expert outputs; the backward call re-reads the rows from the peers.
+  y, hidden = _forward_call(static, True, *operands)
+  return y, (*operands, hidden)
 
 
 def _fused_bwd(static, residuals, dy):
   _refuse_forward_mode(residuals, dy)
-  x, ids, weights, w_in, w_out, workers, bounds, rank, group = residuals
+  x, ids, weights, w_in, w_out, workers, bounds, rank, group, hidden = residuals
   if dy.shape != x.shape:
     raise ValueError(f"cotangent shape {dy.shape} != output shape {x.shape}")
-  args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, dy.astype(x.dtype), rank,
-                        group)
+  if hidden.shape[1:] != w_in.shape[2:] or hidden.dtype != jnp.float32:
+    raise ValueError(f"kept hidden rows {hidden.shape} {hidden.dtype} do not fit w_in "
+                     f"{w_in.shape}: expected [C, {w_in.shape[2]}] float32")
+  args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, dy.astype(x.dtype),
+                        hidden, rank, group)
   t, h = x.shape
   like = args[0]
   call = jax.ffi.ffi_call(
@@ -226,7 +262,7 @@ def _plan_operands(plan, num_experts, num_devices):
 
 
 def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
-              activation="swiglu", plan=None):
+              activation="swiglu", plan=None, residuals="inputs"):
   """The MoE FFN with expert parallelism and no all-to-all.
 
   `y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`. Inside `jax.shard_map`
@@ -234,7 +270,10 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   them straight out of the other devices' `x`, and each device sums the K contributions to its
   tokens in a fixed order (deterministic, dropless). Gradients flow to `x`, `expert_weights`,
   `w_in` and `w_out`; the backward pass keeps no dispatched rows (its residuals are the inputs:
-  x `[T, H]`, the routing `[T, K]` and the weights) and re-reads the rows from the peers.
+  x `[T, H]`, the routing `[T, K]` and the weights) and re-reads the rows from the peers. It
+  recomputes each row's hidden activation `h = x @ w_in` unless asked to keep it
+  (`residuals`): keeping costs `T * K * G * F * 4` bytes per device, recomputing 22% more
+  FLOPs forward+backward (17% for non-gated activations); the results are the same bitwise.
 
   Across processes (`jax.distributed`), trace it under `jax.set_mesh(mesh)`: devices of one
   host meet in shared-memory workspaces, hosts exchange rows through XLA collectives (see
@@ -252,13 +291,20 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
       device holds all experts.
     activation: "swiglu", "geglu", "gelu" (exact erf form), "relu" or "silu".
     plan: `None`, or a plan from `jax_ccfuser.reassign` for the same `expert_ids`.
+    residuals: what the backward pass starts from. "inputs" (the default): the inputs, h is
+      recomputed. "hidden": the forward also keeps h for up to `T * K` computed rows per device
+      (float32 `[T*K, G*F]`, G = 2 for gated activations; a device computing more rows than that
+      recomputes the rest). "auto": "hidden" when those `T * K * G * F * 4` bytes fit the budget
+      in force (`jax_ccfuser.residual_budget`, 256 MiB per device by default), else "inputs".
+      Decided when the call is traced; a forward that is not differentiated keeps nothing.
 
   Returns:
     `[T, H]`, x's dtype.
 
   Examples:
     >>> def layer(x, ids, weights, w_in, w_out):
-    ...   return jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out, axis_name="ep")
+    ...   return jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out, axis_name="ep",
+    ...                                residuals="auto")
     >>> y = jax.shard_map(layer, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))(
     ...     x, ids, weights, w_in, w_out)
   """
@@ -270,19 +316,21 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   if dims.num_devices > 1 and jax.default_backend() == "cpu":
     _cpu_threads.check_pool(jax.local_device_count())
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
+  kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2])
   if split.num_hosts > 1:
     return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
-                         axis_name=axis_name, activation=activation, split=split)
+                         axis_name=axis_name, activation=activation, split=split,
+                         kept_rows=kept_rows)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
                    num_experts=dims.num_experts, devices=split.devices,
-                   platform=split.platform, plan_slots=workers.shape[1])
+                   platform=split.platform, plan_slots=workers.shape[1], kept_rows=kept_rows)
   rank, group = _position(axis_name)
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 
 
 def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *, axis_name,
-                  activation, split):
+                  activation, split, kept_rows):
   """`fused_moe` over several hosts: collectives between hosts, shared memory within each.
 
   Every token goes to every host of its group once (an `all_gather` over the devices with the
@@ -292,6 +340,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *
   hands each token's per-host partial sums back, summed in host order. A reassignment plan
   (`reassign` keeps helpers on their expert's host) runs as each host's part of it: a slot's
   rows are then counted in the host's own order, which splits them differently but as evenly.
+  A device keeps `kept_rows` h rows, the mean of its own T, not of the N*T rows gathered.
   """
   n, per_host = split.num_hosts, split.per_host
   t, h = x.shape
@@ -312,7 +361,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *
   static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
                    num_experts=num_experts, devices=split.devices, platform=split.platform,
-                   plan_slots=workers.shape[1])
+                   plan_slots=workers.shape[1], kept_rows=kept_rows)
   partial = _fused(static, gather(x), ids, gather(expert_weights), w_in, w_out, workers, bounds,
                    rank % per_host, group * n + block)
   back = jax.lax.all_to_all(partial.reshape(n, t, h), axis_name, 0, 0,
@@ -321,14 +370,15 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *
 
 
 def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_devices: int,
-                       activation="swiglu", plan=None):
+                       activation="swiglu", plan=None, residuals="inputs"):
   """`fused_moe` for `num_devices` emulated peers whose buffers all live on one device.
 
   The operands stack the D devices' blocks along their leading axis, as the global arrays of
   a `shard_map` over D devices would: x `[D*T, H]`, expert_ids/expert_weights `[D*T, K]`, w_in
   `[D*E_local, H, G*F]`, w_out `[D*E_local, F, H]`. The same handler and kernels run, with the
   peer table pointing into these blocks, so the remote-read path is exercised (and timed) on a
-  single device. Results equal `fused_moe` over D real devices.
+  single device. Results equal `fused_moe` over D real devices; each emulated device keeps its
+  own `T * K` h rows under `residuals="hidden"`.
   """
   if x.shape[0] % num_devices or w_out.shape[0] % num_devices:
     raise ValueError(f"x rows {x.shape[0]} and experts {w_out.shape[0]} must split evenly over "
@@ -340,6 +390,8 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, timeout_ms=peer_timeout_ms(),
-                   num_experts=w_out.shape[0])
+                   num_experts=w_out.shape[0],
+                   kept_rows=_kept_rows(residuals, x.shape[0] // num_devices, dims.k,
+                                        w_in.shape[2]))
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                 jnp.int32(0), jnp.int32(0))

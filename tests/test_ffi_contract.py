@@ -5,6 +5,8 @@ CCF_CALL_ATTRS, common/activation.h); Python's attribute record and activation n
 exactly those, in both native modules.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,26 +58,31 @@ def test_no_region_without_peers_in_other_processes():
   assert _fused._reserve_region(static, False, None, None, None, None, None) == (-1, 0)
 
 
-def test_every_attribute_reaches_the_handler():
-  """A call the handler decodes: its attribute set is exactly the bound one (the decoder
-  refuses a missing or extra attribute), and an unknown activation code is refused by name."""
+def _forward_by_hand(*, weights_dtype=jnp.float32, hidden_shape=(0, 6)):
+  """A one-device "ccf_moe_fwd" call made by hand (x [4, 8], K=2, two swiglu experts of F=3):
+  `(call, operands, attributes)`."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
   ids = jnp.asarray(rng.integers(0, 2, (4, 2)), jnp.int32)
-  weights = jnp.full((4, 2), 0.5, jnp.float32)
+  weights = jnp.asarray(rng.random((4, 2)), weights_dtype)
   w_in = jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32)
   w_out = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
-  y = ccf.fused_moe(x, ids, weights, w_in, w_out)
-  np.testing.assert_allclose(y, ccf.reference_moe(x, ids, weights, w_in, w_out), rtol=1e-5,
-                             atol=1e-5)
-
   workers, bounds = _fused._plan_operands(None, 2, 1)
   static = _fused._Static(site=next(_fused._sites), num_devices=1, emulated=False,
                           activation="swiglu", timeout_ms=1000, num_experts=2)
-  good = _fused._call_attrs(static, False, (-1, 0))
   call = jax.ffi.ffi_call("ccf_moe_fwd", (jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                          jax.ShapeDtypeStruct((4, 1, 8), jnp.float32)))
+                                          jax.ShapeDtypeStruct((4, 1, 8), jnp.float32),
+                                          jax.ShapeDtypeStruct(hidden_shape, jnp.float32)))
   operands = (x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0))
+  return call, operands, _fused._call_attrs(static, False, (-1, 0))
+
+
+def test_every_attribute_reaches_the_handler():
+  """A call the handler decodes: its attribute set is exactly the bound one (the decoder
+  refuses a missing or extra attribute), and an unknown activation code is refused by name."""
+  call, operands, good = _forward_by_hand()
+  y = ccf.fused_moe(*operands[:5])
+  np.testing.assert_allclose(y, ccf.reference_moe(*operands[:5]), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(call(*operands, **good.as_ffi())[0], y)
   with pytest.raises(Exception, match="unknown activation code 9"):
     call(*operands, **good._replace(activation=9).as_ffi())[0].block_until_ready()
@@ -86,18 +93,23 @@ def test_every_attribute_reaches_the_handler():
 def test_handler_refuses_weights_of_a_third_dtype():
   """The handlers read expert_weights as float32 or as x's dtype: a direct custom call with
   another dtype (float16 weights for float32 x) is refused by the handler itself, not misread."""
-  rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
-  ids = jnp.asarray(rng.integers(0, 2, (4, 2)), jnp.int32)
-  weights = jnp.asarray(rng.random((4, 2)), jnp.float16)
-  w_in = jnp.asarray(rng.standard_normal((2, 8, 6)), jnp.float32)
-  w_out = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
-  workers, bounds = _fused._plan_operands(None, 2, 1)
-  static = _fused._Static(site=next(_fused._sites), num_devices=1, emulated=False,
-                          activation="swiglu", timeout_ms=1000, num_experts=2)
-  call = jax.ffi.ffi_call("ccf_moe_fwd", (jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                          jax.ShapeDtypeStruct((4, 1, 8), jnp.float32)))
+  call, operands, attrs = _forward_by_hand(weights_dtype=jnp.float16)
   with pytest.raises(jax.errors.JaxRuntimeError,
                      match="expert_weights must be float32 or x's dtype"):
-    call(x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0),
-         **_fused._call_attrs(static, False, (-1, 0)).as_ffi())[0].block_until_ready()
+    call(*operands, **attrs.as_ffi())[0].block_until_ready()
+
+
+def test_kept_hidden_rows_are_a_result_of_the_forward():
+  """The forward's third result holds h = x @ w_in for the first C rows of the device's work
+  list (experts in order, rows in (token, k) order); its width must be G*F."""
+  call, operands, attrs = _forward_by_hand(hidden_shape=(8, 6))
+  x, ids, _, w_in = operands[:4]
+  _, _, hidden = call(*operands, **attrs.as_ffi())
+  order = np.argsort(np.asarray(ids).ravel(), kind="stable")  # by expert, then (token, k)
+  expected = np.stack([np.asarray(x[i // 2] @ w_in[ids.ravel()[i]]) for i in order])
+  np.testing.assert_allclose(hidden, expected, rtol=1e-5, atol=1e-5)
+  call, operands, attrs = _forward_by_hand(hidden_shape=(8, 5))
+  with pytest.raises(jax.errors.JaxRuntimeError,
+                     match=re.escape("hidden must be [C, G*F=6] float32 per device (kept rows "
+                                     "of x @ w_in); got [8, 5]")):
+    call(*operands, **attrs.as_ffi())[0].block_until_ready()

@@ -142,6 +142,9 @@ cuda::GemmParams GemmOver(const Call& c, const cuda::WorkList& list, cuda::GemmS
   p.weights_f32 = c.d.weights_type == ffi::DataType::F32;
   p.top_k = static_cast<int32_t>(c.d.k);
   for (int dev = 0; dev < c.d.num_devices; ++dev) p.weights[dev] = c.peers[dev].weights;
+  p.kept = c.kept;
+  p.kept_rows = c.kept_rows;
+  p.experts_per_device = static_cast<int32_t>(c.d.experts_local);
   return p;
 }
 
@@ -213,7 +216,7 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   OpenCall(c, me, s.list, rank, group, stream, launcher);
 
   // GEMM1: gather x rows from their sources, @ w_in[e], activation (gated: gate and up columns
-  // side by side in one tile).
+  // side by side in one tile); the kept pairs' h stored on the side.
   cuda::GemmParams g1 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h,
                                  Gathered(c, &PeerBuffers::x, h),
                                  ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kActivation);
@@ -255,14 +258,16 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, s.list, rank, group, stream, launcher);
 
-  // h = x @ w_in[e], float32.
+  // h = x @ w_in[e], float32, for the tiles whose h the forward did not keep.
   cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
                                      Gathered(c, &PeerBuffers::x, h),
                                      ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
+  h_gemm.skip_kept = 1;
   h_gemm.out = s.h;
   h_gemm.out_ld = gf;
   LaunchGemm("h = x @ w_in", c, me, cuda::Major::kK, cuda::Major::kMN, h_gemm, stream, launcher);
-  // u = dy @ w_out[e]^T; the epilogue forms w*a, dh and the partial dot(a, u).
+  // u = dy @ w_out[e]^T; the epilogue forms w*a, dh and the partial dot(a, u) from the kept or
+  // recomputed h.
   cuda::GemmParams u_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h, Gathered(c, &PeerBuffers::dy, h),
                ExpertRows(c.w_out, h, f * h), cuda::Epilogue::kActivationBackward);

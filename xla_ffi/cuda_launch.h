@@ -72,7 +72,7 @@ ForwardScratch CarveForward(const Call& c, Arena& arena);
 
 struct BackwardScratch {
   cuda::WorkList list;
-  float* h;             // [pairs, G*F] x @ w_in, recomputed
+  float* h;             // [pairs, G*F] x @ w_in, recomputed where not kept
   void* aw;             // [pairs, F] w * act(h), x's dtype
   void* dh;             // [pairs, G*F] x's dtype
   float* dot_partial;   // [pairs, F tiles]
@@ -85,8 +85,8 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena);
 void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const ScalarS32& rank,
                 const ScalarS32& group, void* y, cudaStream_t stream, Launcher& launcher);
 
-// The same for the backward: recomputes h, forms dh and d expert_weights, the weight gradients
-// of this device's experts and the dx rows it sends back.
+// The same for the backward: recomputes h where the forward kept none, forms dh and
+// d expert_weights, the weight gradients of this device's experts and the dx rows it sends back.
 void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const ScalarS32& rank,
                  const ScalarS32& group, void* dx, void* d_weights, void* dw_in, void* dw_out,
                  cudaStream_t stream, Launcher& launcher);

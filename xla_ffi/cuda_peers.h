@@ -42,6 +42,10 @@ struct Call {
   // Backward: where peers write this device's d expert_weights (the output, or its region).
   void* own_d_weights = nullptr;
   int64_t own_tokens = 0;
+  // The h rows this device keeps (forward) or kept (backward) for its first `kept_rows` pairs,
+  // in its own buffer (residuals="hidden"; cuda::GemmParams::kept); null: none.
+  float* kept = nullptr;
+  int64_t kept_rows = 0;
   // Peers in other processes: this device's operands, copied into its region (where they read
   // them) ahead of the start barrier.
   struct Staged {

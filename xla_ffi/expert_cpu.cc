@@ -90,18 +90,24 @@ void AccumulateIntoSources(const std::vector<PeerBuffers>& peers, const MoeDims&
   }
 }
 
-// The first half of a tile's forward: x (m, H) gathered -> h (m, G*F) -> a (m, F).
+// The first half of a tile's forward: x (m, H) gathered -> h (m, G*F) -> a (m, F), with h
+// computed or, in a backward, the forward's kept rows.
 struct TileHidden {
-  std::vector<float> x, h, a;
+  std::vector<float> x, h_computed, a;
+  const float* h = nullptr;  // (m, G*F): h_computed, or the kept rows
   explicit TileHidden(const MoeDims& d)
-      : x(kTileRows * d.hidden), h(kTileRows * d.gate_ffn), a(kTileRows * d.ffn) {}
+      : x(kTileRows * d.hidden), h_computed(kTileRows * d.gate_ffn), a(kTileRows * d.ffn) {}
 
   void Run(const Workers& workers, const MoeDims& d, const ExpertWeights& w,
-           const float* x_rows, const WorkRow* tile, int64_t m) {
+           const float* x_rows, const WorkRow* tile, int64_t m, const float* kept_h) {
     GatherRows(x_rows, d, tile, m, x.data());                                    // (m, H)
-    Gemm(workers, false, false, m, d.gate_ffn, d.hidden, 1.0f, x.data(), d.hidden, w.w_in(),
-         d.gate_ffn, 0.0f, h.data(), d.gate_ffn);                                // (m, G*F)
-    ActivationForward(d, m, h.data(), a.data());                                 // (m, F)
+    h = kept_h;
+    if (h == nullptr) {
+      Gemm(workers, false, false, m, d.gate_ffn, d.hidden, 1.0f, x.data(), d.hidden, w.w_in(),
+           d.gate_ffn, 0.0f, h_computed.data(), d.gate_ffn);                     // (m, G*F)
+      h = h_computed.data();
+    }
+    ActivationForward(d, m, h, a.data());                                        // (m, F)
   }
 };
 
@@ -131,14 +137,15 @@ void FetchTokens(const std::vector<PeerBuffers>& peers, const void* PeerBuffers:
 
 void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                    const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
-                   const float* x_rows) {
+                   const float* x_rows, const KeptHidden& kept, int64_t position) {
   TileHidden hid(d);
   std::vector<float> y(kTileRows * d.hidden), scale(kTileRows);
   const int64_t n = static_cast<int64_t>(work.rows.size());
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t m = std::min(kTileRows, n - r0);
     const WorkRow* tile = work.rows.data() + r0;
-    hid.Run(workers, d, w, x_rows, tile, m);
+    hid.Run(workers, d, w, x_rows, tile, m, nullptr);
+    if (float* keep = kept.Tile(d, position + r0, m)) std::copy_n(hid.h, m * d.gate_ffn, keep);
     Gemm(workers, false, false, m, d.hidden, d.ffn, 1.0f, hid.a.data(), d.ffn, w.w_out(),
          d.hidden, 0.0f, y.data(), d.hidden);                                    // (m, H)
     for (int64_t i = 0; i < m; ++i) scale[i] = RowWeight(peers, d, tile[i]);
@@ -148,7 +155,8 @@ void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers
 
 void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                     const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
-                    const float* x_rows, const float* dy_rows, float* dw_in, float* dw_out) {
+                    const float* x_rows, const float* dy_rows, const KeptHidden& kept,
+                    int64_t position, float* dw_in, float* dw_out) {
   TileHidden hid(d);
   std::vector<float> g(kTileRows * d.hidden), da(kTileRows * d.ffn), dh(kTileRows * d.gate_ffn),
       dx(kTileRows * d.hidden);
@@ -156,7 +164,7 @@ void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peer
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t m = std::min(kTileRows, n - r0);
     const WorkRow* tile = work.rows.data() + r0;
-    hid.Run(workers, d, w, x_rows, tile, m);
+    hid.Run(workers, d, w, x_rows, tile, m, kept.Tile(d, position + r0, m));
     GatherRows(dy_rows, d, tile, m, g.data());                                   // (m, H)
     // d a = (w * dy) @ w_out^T; with da_raw = dy @ w_out^T first, d weight = <dy, a @ w_out>
     // = <da_raw, a> needs no recomputed expert output.
@@ -176,7 +184,7 @@ void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peer
     }
     Gemm(workers, true, false, d.ffn, d.hidden, m, 1.0f, hid.a.data(), d.ffn, g.data(), d.hidden,
          1.0f, dw_out, d.hidden);                                                // (F, H)
-    ActivationBackward(d, m, hid.h.data(), da.data(), dh.data());               // (m, G*F)
+    ActivationBackward(d, m, hid.h, da.data(), dh.data());               // (m, G*F)
     Gemm(workers, true, false, d.hidden, d.gate_ffn, m, 1.0f, hid.x.data(), d.hidden, dh.data(),
          d.gate_ffn, 1.0f, dw_in, d.gate_ffn);                                   // (H, G*F)
     Gemm(workers, false, true, m, d.hidden, d.gate_ffn, 1.0f, dh.data(), d.gate_ffn, w.w_in(),

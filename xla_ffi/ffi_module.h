@@ -13,7 +13,7 @@
 namespace ccf {
 
 // Must equal jax_ccfuser/_extension.py's ABI_VERSION; bumped when an FFI signature changes.
-constexpr int kAbiVersion = 5;
+constexpr int kAbiVersion = 6;
 
 // An attribute's type as Python gives it: a numpy dtype name, "[]" after it for an array.
 template <typename T>

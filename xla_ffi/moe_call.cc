@@ -107,6 +107,18 @@ ffi::Error CheckBackwardBuffers(const MoeDims& d, const ffi::AnyBuffer& x,
   return ffi::Error::Success();
 }
 
+ffi::Error DecodeKeptRows(const MoeDims& d, const CallAttrs& attrs, const Hidden& hidden,
+                          int64_t* kept_rows) {
+  const int64_t split = attrs.emulated ? d.num_devices : 1;
+  const auto dims = hidden.dimensions();
+  if (dims[1] != d.gate_ffn || dims[0] % split)
+    return InvalidArgument("hidden must be [C, G*F=" + std::to_string(d.gate_ffn) +
+                           "] float32 per device (kept rows of x @ w_in); got " +
+                           ShapeString(hidden));
+  *kept_rows = dims[0] / split;
+  return ffi::Error::Success();
+}
+
 std::array<int64_t, 9> Signature(const MoeDims& d) {
   return {d.tokens, d.hidden, d.k, d.ffn, d.experts_local, d.experts_total,
           static_cast<int64_t>(d.x_type),

@@ -17,6 +17,9 @@ namespace ccf {
 using ScalarS32 = xla::ffi::Buffer<xla::ffi::S32, 0>;
 using PlanArray = xla::ffi::Buffer<xla::ffi::S32, 2>;
 using Staging = xla::ffi::Buffer<xla::ffi::F32, 3>;
+// Rows of h = x @ w_in in float32 that a device keeps from its forward for its backward
+// (residuals="hidden"): [C, G*F], stacked [D * C, G*F] when emulating; C = 0 keeps none.
+using Hidden = xla::ffi::Buffer<xla::ffi::F32, 2>;
 
 // The attributes of "ccf_moe_fwd" / "ccf_moe_bwd", X(type, name) each, SEP between them: the one
 // list that CallAttrs, its decoding and the table Python builds its attribute dict from
@@ -70,6 +73,10 @@ xla::ffi::Error CheckBackwardBuffers(const MoeDims& d, const xla::ffi::AnyBuffer
                                      const xla::ffi::AnyBuffer& dw_in,
                                      const xla::ffi::AnyBuffer& dw_out, const Staging& staging);
 
+// The rows of h each (emulated) device keeps, C, from `hidden`'s shape; checks its width.
+xla::ffi::Error DecodeKeptRows(const MoeDims& d, const CallAttrs& attrs, const Hidden& hidden,
+                               int64_t* kept_rows);
+
 // What peers must agree on: (T, H, K, F, E_local, E, x dtype, weights dtype, activation).
 std::array<int64_t, 9> Signature(const MoeDims& d);
 
@@ -105,13 +112,15 @@ template <typename Binding>
 auto BindForward(Binding&& binding) {
   return BindPositionAndAttrs(BindOperands(std::move(binding)))
       .template Ret<xla::ffi::AnyBuffer>()                     // y [T, H]
-      .template Ret<Staging>();                                // staging [T, S, H]
+      .template Ret<Staging>()                                 // staging [T, S, H]
+      .template Ret<Hidden>();                                 // hidden [C, G*F] kept h rows
 }
 
 template <typename Binding>
 auto BindBackward(Binding&& binding) {
-  return BindPositionAndAttrs(
-             BindOperands(std::move(binding)).template Arg<xla::ffi::AnyBuffer>())  // dy
+  return BindPositionAndAttrs(BindOperands(std::move(binding))
+                                  .template Arg<xla::ffi::AnyBuffer>()  // dy [T, H]
+                                  .template Arg<Hidden>())  // hidden: the forward's kept h rows
       .template Ret<xla::ffi::AnyBuffer>()                     // dx [T, H]
       .template Ret<xla::ffi::AnyBuffer>()                     // d expert_weights [T, K]
       .template Ret<xla::ffi::AnyBuffer>()                     // dw_in [E_local, H, G*F]

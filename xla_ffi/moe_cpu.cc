@@ -8,8 +8,10 @@
 //            GEMM, activation, GEMM, and accumulate the weighted result into the SOURCE
 //            device's staging row for (token, slot) (the combine);
 //   combine  after the second barrier, each device sums its own staging slots in slot order.
-// The backward pass mirrors it, re-reading rows from the peers (nothing is kept from forward);
-// owners add their helpers' weight-gradient partials in slot order before a last barrier.
+// The backward pass mirrors it, re-reading rows from the peers; it recomputes each row's hidden
+// activation h = x @ w_in unless the forward kept it (residuals="hidden": expert_cpu.h's
+// KeptHidden, in the computing device's own result). Owners add their helpers' weight-gradient
+// partials in slot order before a last barrier.
 
 #include <algorithm>
 #include <array>
@@ -283,6 +285,12 @@ Workers ShareOfPool(const Peers& peers, ffi::ThreadPool& pool) {
   return Workers(&pool, static_cast<int>(threads / std::max(1, peers.concurrent)));
 }
 
+// Device `me`'s kept h rows: its block of the call's `hidden` [C, G*F] (stacked when emulated).
+KeptHidden KeptOf(const Peers& peers, const MoeDims& d, float* hidden, int64_t kept_rows,
+                  int me) {
+  return {hidden + (peers.group ? 0 : me) * kept_rows * d.gate_ffn, kept_rows};
+}
+
 // out[t, :] = sum over slots of staging[t, slot, :], in slot order.
 void SumSlots(const MoeDims& d, const float* staging, void* out, int64_t out_offset) {
   std::vector<float> row(d.hidden);
@@ -299,7 +307,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                           ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
                           PlanArray plan_workers, PlanArray plan_bounds, ScalarS32 rank,
                           ScalarS32 group, CallAttrs attrs, ffi::Result<ffi::AnyBuffer> y,
-                          ffi::Result<Staging> staging) {
+                          ffi::Result<Staging> staging, ffi::Result<Hidden> hidden) {
   MoeDims d;
   PlanView plan;
   if (ffi::Error err =
@@ -307,6 +315,8 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
       err.failure())
     return err;
   if (ffi::Error err = CheckForwardResults(d, x, *y, *staging); err.failure()) return err;
+  int64_t kept_rows;
+  if (ffi::Error err = DecodeKeptRows(d, attrs, *hidden, &kept_rows); err.failure()) return err;
   // Peers accumulate into this device's staging as soon as the publish barrier passes.
   std::memset(staging->typed_data(), 0, staging->size_bytes());
   Peers peers;
@@ -321,10 +331,13 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
           [&](int me, const HostWorkList& work) {
             std::vector<float> x_rows(work.tokens.size() * d.hidden);
             FetchTokens(peers.buffers, &PeerBuffers::x, d, work, x_rows.data());
+            const KeptHidden kept = KeptOf(peers, d, hidden->typed_data(), kept_rows, me);
+            int64_t position = 0;
             for (const ExpertWork& ew : work.experts) {
               const ExpertWeights w(peers.buffers[d.owner(ew.expert)], d,
                                     ew.expert % d.experts_local);
-              ExpertForward(workers, peers.buffers, d, ew, w, x_rows.data());
+              ExpertForward(workers, peers.buffers, d, ew, w, x_rows.data(), kept, position);
+              position += static_cast<int64_t>(ew.rows.size());
             }
             Record(attrs.site, me, /*backward=*/false, d, work, 1);
           });
@@ -339,7 +352,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
                            ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
                            PlanArray plan_workers, PlanArray plan_bounds, ffi::AnyBuffer dy,
-                           ScalarS32 rank, ScalarS32 group, CallAttrs attrs,
+                           Hidden hidden, ScalarS32 rank, ScalarS32 group, CallAttrs attrs,
                            ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_weights,
                            ffi::Result<ffi::AnyBuffer> dw_in, ffi::Result<ffi::AnyBuffer> dw_out,
                            ffi::Result<Staging> staging) {
@@ -353,6 +366,8 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
                                             *dw_out, *staging);
       err.failure())
     return err;
+  int64_t kept_rows;
+  if (ffi::Error err = DecodeKeptRows(d, attrs, hidden, &kept_rows); err.failure()) return err;
   std::memset(staging->typed_data(), 0, staging->size_bytes());
   // Every (token, k) of a valid call is written by exactly one device; zero it anyway so a
   // failed call leaves no uninitialised memory behind.
@@ -381,6 +396,8 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
         std::vector<float> x_rows(work.tokens.size() * d.hidden), dy_rows(x_rows.size());
         FetchTokens(peers.buffers, &PeerBuffers::x, d, work, x_rows.data());
         FetchTokens(peers.buffers, &PeerBuffers::dy, d, work, dy_rows.data());
+        const KeptHidden kept = KeptOf(peers, d, hidden.typed_data(), kept_rows, me);
+        int64_t position = 0;
         for (const ExpertWork& ew : work.experts) {
           const int owner = d.owner(ew.expert);
           const int64_t local = ew.expert % d.experts_local;
@@ -401,8 +418,9 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
             acc_in = mine.experts.back().dw_in.data();
             acc_out = mine.experts.back().dw_out.data();
           }
-          ExpertBackward(workers, peers.buffers, d, ew, w, x_rows.data(), dy_rows.data(), acc_in,
-                         acc_out);
+          ExpertBackward(workers, peers.buffers, d, ew, w, x_rows.data(), dy_rows.data(), kept,
+                         position, acc_in, acc_out);
+          position += static_cast<int64_t>(ew.rows.size());
         }
         Record(attrs.site, me, /*backward=*/true, d, work, 2);
       });

@@ -11,7 +11,9 @@
 //            the work list built on the device from every peer's expert_ids, the gather-GEMMs
 //            that read rows straight out of peer memory, the scatter of partial sums into the
 //            sources' staging, a second device barrier, the sum of its own slots
-//            (cuda_launch.h; the kernels are described in cuda/api.cuh).
+//            (cuda_launch.h; the kernels are described in cuda/api.cuh). With residuals="hidden"
+//            GEMM1 also keeps the float32 h of this device's first C pairs in its `hidden`
+//            result, and the backward reads it there instead of recomputing it.
 // The host never waits for the device on this path. Once a device has taken its place in a
 // group, every path either enqueues both its barriers or stops that GPU for good (MarkBroken),
 // so the members' barrier counts never fall out of step silently.
@@ -124,7 +126,8 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
                           ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids, ffi::AnyBuffer weights,
                           ffi::AnyBuffer w_in, ffi::AnyBuffer w_out, PlanArray plan_workers,
                           PlanArray plan_bounds, ScalarS32 rank, ScalarS32 group, CallAttrs attrs,
-                          ffi::Result<ffi::AnyBuffer> y, ffi::Result<Staging> staging) {
+                          ffi::Result<ffi::AnyBuffer> y, ffi::Result<Staging> staging,
+                          ffi::Result<Hidden> hidden) {
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
@@ -134,6 +137,9 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
       err.failure())
     return err;
   if (ffi::Error err = CheckForwardResults(call.d, x, *y, *staging); err.failure()) return err;
+  if (ffi::Error err = DecodeKeptRows(call.d, attrs, *hidden, &call.kept_rows); err.failure())
+    return err;
+  if (call.kept_rows > 0) call.kept = hidden->typed_data();
   if (x.element_count() == 0) return ffi::Error::Success();
 
   DeviceState* state;
@@ -152,8 +158,9 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
 ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllocator allocator,
                            ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids, ffi::AnyBuffer weights,
                            ffi::AnyBuffer w_in, ffi::AnyBuffer w_out, PlanArray plan_workers,
-                           PlanArray plan_bounds, ffi::AnyBuffer dy, ScalarS32 rank,
-                           ScalarS32 group, CallAttrs attrs, ffi::Result<ffi::AnyBuffer> dx,
+                           PlanArray plan_bounds, ffi::AnyBuffer dy, Hidden hidden,
+                           ScalarS32 rank, ScalarS32 group, CallAttrs attrs,
+                           ffi::Result<ffi::AnyBuffer> dx,
                            ffi::Result<ffi::AnyBuffer> d_weights, ffi::Result<ffi::AnyBuffer> dw_in,
                            ffi::Result<ffi::AnyBuffer> dw_out, ffi::Result<Staging> staging) {
   Call call;
@@ -169,6 +176,9 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
                                             *dw_out, *staging);
       err.failure())
     return err;
+  if (ffi::Error err = DecodeKeptRows(d, attrs, hidden, &call.kept_rows); err.failure())
+    return err;
+  if (call.kept_rows > 0) call.kept = hidden.typed_data();
   if (x.element_count() == 0) return ffi::Error::Success();
 
   PeerBuffers own = OwnBuffers(x, ids, weights, w_in, w_out, *staging);
