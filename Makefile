@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := CMakeLists.txt pyproject.toml jax_ccfuser/__init__.py $(wildcard xla_ffi/*) \
 	$(wildcard cuda/*) $(wildcard common/*)
 
-.PHONY: all install test test-fast demo bench gpu-wheels gpu-check clean
+.PHONY: all install test test-fast test-jax-latest demo bench gpu-wheels gpu-check clean
 
 all: install
 
@@ -29,6 +29,32 @@ test: install
 # Everything but the soak and multi-process tests (`slow`); `make test` and CI run those too.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The newest JAX release (requirements-latest.lock) in its own .venv-latest, Python 3.12 as it
+# needs: the fused op, the Flax layers and the router. The CUDA extension is left to `make test`'s
+# build (the same sources against the lock's headers).
+PYTHON_LATEST ?= $(firstword $(foreach p,python3.12 python3.13 \
+	$(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python),\
+	$(shell $(p) -c "import sys; assert sys.version_info >= (3, 12)" 2>/dev/null && echo $(p))))
+VENV_LATEST := .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+LATEST_TESTS := tests/test_fused.py tests/test_flax.py tests/test_router.py tests/test_reference.py \
+	tests/test_all_to_all.py tests/test_ffi_contract.py
+
+$(VENV_LATEST)/.deps: requirements-latest.lock
+	@test -n "$(PYTHON_LATEST)" || { echo "test-jax-latest needs Python >= 3.12 (set PYTHON_LATEST)"; exit 1; }
+	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install -q --upgrade pip
+	$(PY_LATEST) -m pip install -q -r requirements-latest.lock
+	touch $@
+
+$(VENV_LATEST)/.built: $(VENV_LATEST)/.deps $(INSTALLED)
+	$(PY_LATEST) -m pip install -q --no-build-isolation --no-deps \
+		-Ccmake.define.CCF_ENABLE_CUDA=OFF -e .
+	touch $@
+
+test-jax-latest: $(VENV_LATEST)/.built
+	$(PY_LATEST) -m pytest -q -m "not slow" $(LATEST_TESTS)
 
 demo: install
 	$(PY) -m models.demo
@@ -54,4 +80,4 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf build $(VENV) demo_out
+	rm -rf build $(VENV) $(VENV_LATEST) demo_out

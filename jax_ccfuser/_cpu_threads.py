@@ -19,7 +19,8 @@ import re
 import warnings
 
 import jax
-from jax._src import xla_bridge  # backends_are_initialized: no public spelling
+
+from jax_ccfuser import _jax_internals
 
 # The simulated device count this library is used with when none is configured yet (the
 # devices are often configured after the import; a larger count is reported when traced).
@@ -50,7 +51,7 @@ def _configured_devices() -> int:
 
 def reserve_pool() -> None:
   """Asks XLA:CPU for 2 threads per device before the backend exists (never overriding)."""
-  if _pool_setting() is not None or xla_bridge.backends_are_initialized():
+  if _pool_setting() is not None or _jax_internals.backends_initialized():
     return
   wanted = 2 * max(_configured_devices(), _USUAL_DEVICES)
   if wanted > _cores():

@@ -4,6 +4,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Activation(NamedTuple):
@@ -11,8 +12,26 @@ class Activation(NamedTuple):
   gated: bool
 
 
+@jax.custom_jvp
 def _gelu(x):
+  """Exact (erf) GELU, `jax.nn.gelu(x, approximate=False)`, with its derivative spelled out.
+
+  JAX 0.12's own derivative of `erfc` binds `lax.polynomial` with coefficients that do not vary
+  over the manual axes of a `shard_map`, which its varying-axes check refuses (checked with
+  0.12.0.1; 0.10.2 and 0.11 differentiate it without `polynomial`). The rule below is the one
+  autodiff of `x * Phi(x)` gives, in the same operations.
+  """
   return jax.nn.gelu(x, approximate=False)
+
+
+@_gelu.defjvp
+def _gelu_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  sqrt_half = np.sqrt(0.5).astype(x.dtype)
+  z = -x * sqrt_half
+  erfc_slope = (-2 / np.sqrt(np.pi)).astype(x.dtype) * jnp.exp(-z * z)  # d erfc(z) / dz
+  slope = 0.5 * jax.lax.erfc(z) + 0.5 * x * erfc_slope * -sqrt_half
+  return _gelu(x), slope * t
 
 
 # Gated activations read the gate from the first half of `w_in`'s output and multiply it into the

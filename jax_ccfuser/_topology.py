@@ -15,10 +15,9 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from jax._src import distributed
-from jax._src import mesh as mesh_lib
 from jax.sharding import AxisType
 
+from jax_ccfuser import _jax_internals
 from jax_ccfuser._config import peer_timeout_ms, transport_in_force
 
 
@@ -39,7 +38,7 @@ class Split(NamedTuple):
 
 def key_value_client():
   """`jax.distributed`'s key-value store (jax.distributed.initialize must have run)."""
-  client = distributed.global_state.client
+  client = _jax_internals.distributed_client()
   if client is None:
     raise RuntimeError("fused_moe across processes needs jax.distributed.initialize() first")
   return client
@@ -74,8 +73,8 @@ def _process_hosts(kind: str) -> np.ndarray:
 def _group_devices(axis_name) -> np.ndarray:
   """The concrete devices of every expert-parallel group, `[G, D]`, as `fused_moe` ranks them."""
   abstract = jax.sharding.get_abstract_mesh()
-  mesh = mesh_lib.get_concrete_mesh()
-  if mesh.empty or mesh.axis_names != abstract.axis_names or \
+  mesh = _jax_internals.concrete_mesh()
+  if mesh is None or mesh.axis_names != abstract.axis_names or \
       tuple(mesh.axis_sizes) != tuple(abstract.axis_sizes):
     raise ValueError(
         "fused_moe across processes must know where each device of the mesh lives: trace it "
@@ -121,5 +120,5 @@ def platform(split: Split | None = None) -> str:
   the default backend's."""
   if split is not None and split.platform:
     return split.platform
-  mesh = mesh_lib.get_concrete_mesh()
-  return mesh.devices.flat[0].platform if not mesh.empty else jax.default_backend()
+  mesh = _jax_internals.concrete_mesh()
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
