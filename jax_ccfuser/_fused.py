@@ -12,10 +12,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.interpreters.ad import JVPTracer  # what forward mode traces with; no public name
 from jax.sharding import AxisType
 
-from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
+from jax_ccfuser import _cpu_threads, _extension, _jax_internals, _topology, _workspace
 from jax_ccfuser._config import peer_timeout_ms, residual_budget_bytes
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_gpu_tiles
@@ -160,7 +159,7 @@ def _refuse_forward_mode(*operands):
   JAX cannot run forward or differentiate again; left to JAX, jvp fails with messages that do
   not name the op (inside `shard_map`: "unhashable type: 'Unhashable'").
   """
-  if any(isinstance(a, JVPTracer) for a in jax.tree.leaves(operands)):
+  if any(_jax_internals.is_forward_mode(a) for a in jax.tree.leaves(operands)):
     raise TypeError(
         "jax_ccfuser.fused_moe supports reverse-mode differentiation only (jax.grad, jax.vjp, "
         "jax.value_and_grad, jax.jacrev, once); forward mode (jax.jvp, jax.linearize, "

@@ -14,7 +14,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._ffn import ACTIVATIONS, expert_ffn
-from jax_ccfuser._fused import fused_moe
+from jax_ccfuser._fused import RESIDUALS, fused_moe
 from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import check_router_options, route
@@ -74,6 +74,9 @@ class MoESpec:
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (`jax_ccfuser.reassign`; fused
       dispatch only). The layer computes the same function either way.
+    residuals: what the fused backward starts from (`fused_moe`'s `residuals=`): "inputs"
+      (recompute each row's hidden activation), "hidden" (keep it) or "auto" (keep it within
+      `jax_ccfuser.residual_budget`). Fused dispatch only; the same results either way.
     score, num_groups, top_groups, scale: the router's options (`jax_ccfuser.route`).
     num_shared_experts: S; the layer adds a dense FFN of hidden width S * F, the same
       activation, seen by every token (DeepSeek's shared experts as one MLP). 0: none.
@@ -86,6 +89,7 @@ class MoESpec:
   axis_name: str | None
   renormalize: bool
   reassign: bool = False
+  residuals: str = "inputs"
   score: str = "softmax"
   num_groups: int = 1
   top_groups: int | None = None
@@ -106,6 +110,11 @@ class MoESpec:
       raise ValueError(f"unknown dispatch {self.dispatch!r}; expected one of {sorted(DISPATCH)}")
     if self.reassign and self.dispatch != "fused":
       raise ValueError(f"reassign=True needs dispatch='fused', not {self.dispatch!r}")
+    if self.residuals not in RESIDUALS:
+      raise ValueError(f"residuals must be one of {RESIDUALS}, got {self.residuals!r}")
+    if self.residuals != "inputs" and self.dispatch != "fused":
+      raise ValueError(f"residuals={self.residuals!r} needs dispatch='fused', not "
+                       f"{self.dispatch!r}")
     if self.capacity_factor is not None and self.dispatch != "all_to_all":
       raise ValueError(f"capacity_factor applies to dispatch='all_to_all' only, not "
                        f"{self.dispatch!r} (the fused and reference paths are dropless)")
@@ -142,6 +151,8 @@ class MoESpec:
     """One device's share: `x` [T, H], `logits` [T, E] float32 -> (y [T, H], MoEAux)."""
     ids, weights, aux = self.route(logits, expert_bias, axis_name=axis_name)
     options = {} if self.capacity_factor is None else {"capacity_factor": self.capacity_factor}
+    if self.residuals != "inputs":
+      options["residuals"] = self.residuals
     if self.reassign:
       options["plan"] = reassign(ids, self.num_experts, axis_name=axis_name)
       loads = jnp.stack(plan_loads(options["plan"]))

@@ -47,6 +47,8 @@ class MoE(nn.Module):
     axis_name: the expert-parallel mesh axis, or `None`.
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (fused dispatch only).
+    residuals: "inputs", "hidden" or "auto": what the fused backward starts from (the NNX
+      layer's docstring says what each costs).
     score: the router's scores, "softmax" or "sigmoid".
     num_groups: groups of consecutive experts for group-limited routing (divides E); 1: none.
     top_groups: groups each token may use; `None`: all.
@@ -78,6 +80,7 @@ class MoE(nn.Module):
   axis_name: str | None = "expert"
   renormalize: bool = True
   reassign: bool = False
+  residuals: str = "inputs"
   score: str = "softmax"
   num_groups: int = 1
   top_groups: int | None = None
@@ -103,7 +106,7 @@ class MoE(nn.Module):
     spec = MoESpec(num_experts=self.num_experts, k=self.k, activation=self.activation,
                    dispatch=self.dispatch, capacity_factor=self.capacity_factor,
                    axis_name=self.axis_name, renormalize=self.renormalize,
-                   reassign=self.reassign, score=self.score, num_groups=self.num_groups,
+                   reassign=self.reassign, residuals=self.residuals, score=self.score, num_groups=self.num_groups,
                    top_groups=self.top_groups, scale=self.scale,
                    num_shared_experts=self.num_shared_experts)
     h, e, g = x.shape[-1], self.num_experts, 2 if spec.gated else 1

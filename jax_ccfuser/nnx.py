@@ -85,6 +85,9 @@ class MoE(nnx.Module):
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (fused dispatch only); the
       layer computes the same function either way.
+    residuals: "inputs" (the backward recomputes each row's hidden activation), "hidden" (the
+      forward keeps it: less compute, `T * K * G * F * 4` bytes per device) or "auto" (keeps
+      within `jax_ccfuser.residual_budget`); fused dispatch only, the same results either way.
     score: the router's scores, "softmax" or "sigmoid".
     num_groups: groups of consecutive experts for group-limited routing (divides E); 1: none.
     top_groups: groups each token may use; `None`: all.
@@ -108,7 +111,8 @@ class MoE(nnx.Module):
   def __init__(self, hidden: int, ffn: int, num_experts: int, *, k: int = 2,
                activation: str = "swiglu", dispatch: str = "fused",
                capacity_factor: float | None = None, axis_name: str | None = "expert",
-               renormalize: bool = True, reassign: bool = False, score: str = "softmax",
+               renormalize: bool = True, reassign: bool = False, residuals: str = "inputs",
+               score: str = "softmax",
                num_groups: int = 1, top_groups: int | None = None, scale: float = 1.0,
                expert_bias: bool = False, num_shared_experts: int = 0,
                dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
@@ -118,7 +122,8 @@ class MoE(nnx.Module):
     self.spec = MoESpec(
         num_experts=num_experts, k=k, activation=activation, dispatch=dispatch,
         capacity_factor=capacity_factor, axis_name=axis_name, renormalize=renormalize,
-        reassign=reassign, score=score, num_groups=num_groups, top_groups=top_groups,
+        reassign=reassign, residuals=residuals, score=score, num_groups=num_groups,
+        top_groups=top_groups,
         scale=scale, num_shared_experts=num_shared_experts)
     self.dtype = dtype
     self.router = nnx.Linear(hidden, num_experts, use_bias=False, dtype=jnp.float32,

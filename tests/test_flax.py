@@ -195,6 +195,10 @@ def test_bad_options():
     _layer(num_shared_experts=-1)
   with pytest.raises(ValueError, match="unknown dispatch"):
     _layer(dispatch="nccl")
+  with pytest.raises(ValueError, match=r"residuals must be one of \('inputs', 'hidden', "):
+    _layer(residuals="keep")
+  with pytest.raises(ValueError, match="residuals='hidden' needs dispatch='fused'"):
+    _layer(dispatch="all_to_all", residuals="hidden")
   with pytest.raises(ValueError, match="not the expert axis 'expert'"):
     with jax.set_mesh(ep_mesh(DEVICES)):
       ccf_nnx.MoE(HIDDEN, FFN, EXPERTS, rngs=nnx.Rngs(0))
@@ -231,6 +235,21 @@ def test_gradients_reach_router_and_experts(dispatch, options):
                                                                           path, want)
     assert float(jnp.abs(g).max()) > 0, path
     assert_close(g, w, jnp.float32)
+
+
+def test_kept_residuals_change_nothing():
+  # The layer's residuals option reaches fused_moe: keeping each row's hidden activation gives
+  # bitwise the gradients of recomputing it, and the kept rows show up in the traced program.
+  x = _tokens()
+  grads = {}
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    for residuals in ("inputs", "hidden"):
+      layer = _layer(residuals=residuals)
+      step = nnx.jit(nnx.grad(_objective))
+      grads[residuals] = nnx.to_pure_dict(step(layer, x))
+      kept = f"tensor<0x{2 * FFN}xf32>" not in step.lower(layer, x).as_text()
+      assert kept == (residuals == "hidden"), residuals
+  jax.tree.map(np.testing.assert_array_equal, grads["inputs"], grads["hidden"])
 
 
 def test_expert_bias_evens_out_the_load_without_the_aux_loss():
