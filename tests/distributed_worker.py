@@ -9,7 +9,10 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     workspaces the compiled program uses, the same check with a reassignment plan on skewed
     routing, and the errors of a call traced without the mesh set and of an out-of-range
     expert id;
-  crash: the last process dies before the second call; the others report the error they get;
+  crash: the last process dies before the second call; the others report the error they get,
+    and that of a third call, which fails fast;
+  fail_fast: the last process's devices skip one call and come back a moment later, then stop
+    calling while the others queue 10 calls (a short peer timeout): their errors and times;
   train: the demo LM (models/) takes a few Optax steps with dispatch "fused" and "all_to_all"
     from the same initialization; both loss curves.
 """
@@ -34,6 +37,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_ccfuser as ccf  # noqa: E402
+from jax_ccfuser._topology import key_value_client  # noqa: E402
 from moe_cases import TOLERANCES, Case, make_inputs  # noqa: E402
 
 
@@ -131,6 +135,45 @@ def train_both():
   return losses
 
 
+def local(y):
+  return [np.asarray(s.data).tolist() for s in y.addressable_shards]
+
+
+def timed_error(fn, *args):
+  start = time.monotonic()
+  return error_of(fn, *args), time.monotonic() - start
+
+
+def fail_fast(mesh, case):
+  """The fail_fast scenario: a peer process that skips a call is waited for, one that stops
+  calling fails the calls queued behind the first timeout within about 1.5 timeouts."""
+  def body(x, ids, weights, w_in, w_out, skip):
+    skipping = jax.lax.axis_index("ep") // DEVICES == skip
+    return jax.lax.cond(skipping, lambda: x, lambda: ccf.fused_moe(x, ids, weights, w_in, w_out,
+                                                                   axis_name="ep"))
+  args = [global_array(mesh, a) for a in make_inputs(case)]
+  last, everyone = np.int32(NUM_PROCESSES - 1), np.int32(-1)
+  client = key_value_client()
+  out = {}
+  with ccf.peer_timeout(1.0):
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 5 + (P(),),
+                                 out_specs=P("ep")))
+    first = local(step(*args, everyone))
+    out["skipped"], out["skipped_s"] = timed_error(step, *args, last)
+    client.wait_at_barrier("fail_fast/skipped", 60_000)
+    if PROCESS == NUM_PROCESSES - 1:
+      time.sleep(0.2)  # back a moment later: within half a timeout of the others' timeout
+    again = step(*args, everyone)
+    out["again_equal"] = local(again) == first
+    if PROCESS != NUM_PROCESSES - 1:
+      start = time.monotonic()
+      queued = [step(*args, everyone) for _ in range(10)]
+      out["queued"] = [error_of(lambda y=y: y) for y in queued]
+      out["queued_s"] = time.monotonic() - start
+    client.wait_at_barrier("fail_fast/queued", 120_000)  # the last process waits here, silent
+  return out
+
+
 def main():
   mesh = jax.make_mesh((NUM_PROCESSES * DEVICES,), ("ep",))
   case = Case(devices=NUM_PROCESSES * DEVICES, tokens=9, hidden=16, ffn=24, experts_local=2, k=2,
@@ -146,6 +189,8 @@ def main():
       out.update(check(mesh, case))
       out["plan"] = with_plan(mesh, dataclasses.replace(case, skew=0.9))
       out["bad_id"] = bad_id(mesh, case)  # last: the failed call is not rerun
+    elif SCENARIO == "fail_fast":
+      out.update(fail_fast(mesh, case))
     elif SCENARIO == "crash":
       args = [global_array(mesh, a) for a in make_inputs(case)]
       with ccf.peer_timeout(3.0):
@@ -153,9 +198,8 @@ def main():
         jax.block_until_ready(call(*args))
       if PROCESS == NUM_PROCESSES - 1:
         os._exit(17)  # dies without a word, as a crashed process does
-      start = time.monotonic()
-      out["error"] = error_of(call, *args)
-      out["waited_s"] = time.monotonic() - start
+      out["error"], out["waited_s"] = timed_error(call, *args)
+      out["again"], out["again_s"] = timed_error(call, *args)
       print(json.dumps(out), flush=True)
       os._exit(0)  # the coordination service would wait for the dead process at shutdown
   print(json.dumps(out), flush=True)

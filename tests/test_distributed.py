@@ -8,6 +8,7 @@ collectives) and mixtures of both.
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -129,8 +130,33 @@ def test_a_crashed_process_gives_the_others_an_error_after_the_timeout():
   assert code0 == 0, err[-3000:]
   assert "DEADLINE_EXCEEDED" in survivor["error"] and "never arrived: 2 3" in survivor["error"]
   assert 2.9 <= survivor["waited_s"] < 60
+  # The dead process's devices stay silent: the next call waits for them only until half a
+  # timeout after the first gave up.
+  assert "never arrived: 2 3. " in survivor["again"], survivor["again"]
+  assert survivor["again_s"] < 2.5, survivor
   pids = {str(survivor["pid"])}
   assert not {s for s in _segments() if s.split(".")[1] in pids}
+
+
+def _named(error):
+  """The ranks a peer-timeout error names as never arrived, once per device that raised it."""
+  return re.findall(r"never arrived:((?: \d+)+)\.", error or "")
+
+
+@pytest.mark.slow
+def test_queued_calls_fail_fast_across_processes():
+  """Process 1's devices (ranks 2 and 3) skip a call and come back a moment later: waited for.
+  Then they stop calling while process 0 queues 10 calls with a 1 s peer timeout: the first fails
+  after the timeout, the rest within half a timeout more, each naming ranks 2 and 3 only."""
+  waiting, silent = _checked(run(["a", "a"], scenario="fail_fast"))
+  assert set(_named(waiting["skipped"])) == {" 2 3"}, waiting["skipped"]
+  assert silent["skipped"] is None
+  assert waiting["again_equal"] and silent["again_equal"]
+  named = [_named(e) for e in waiting["queued"]]
+  assert all(n and set(n) == {" 2 3"} for n in named), named
+  assert "waited 1000 ms" in waiting["queued"][0]
+  # 1.5 s for all (not 10 s): the rest is slack for a busy machine.
+  assert waiting["queued_s"] < 3.0, waiting["queued_s"]
 
 
 @pytest.mark.slow
@@ -174,6 +200,8 @@ def test_segments_refuse_what_they_cannot_do():
     assert "already mapped" in _extension.cpu.map_segment(name, 4096, False, 900, 0)
     assert "cannot create" in _extension.cpu.map_segment(name, 4096, True, 901, 0)
     assert _extension.cpu.map_segment(name, 8192, False, 902, 0).endswith("smaller than 8192 bytes")
+    # A device's liveness sits before its chunk 0, which its later chunks refer to.
+    assert "mapped before its chunk 0" in _extension.cpu.map_segment(name, 4096, False, 903, 1)
   finally:
     assert _extension.cpu.unlink_segment(name) == ""
   assert not (SHM / name[1:]).exists()

@@ -10,8 +10,6 @@ namespace ccf {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
 // When each device of a group (group index, rank) last came to or left a barrier of any call
 // site, and whether it waits at one now: a device that does either is alive.
 class Liveness {
@@ -66,6 +64,20 @@ std::string PeerGroup::Failure() {
   return failure_;
 }
 
+bool PeerGroup::HeardSince(int rank, Clock::time_point since) {
+  return Devices().HeardSince(group_, rank, since);
+}
+
+Clock::time_point PeerGroup::GoneSince(int rank) {
+  std::lock_guard<std::mutex> lock(gone_mu_);
+  return gone_since_[rank];
+}
+
+void PeerGroup::SetGoneSince(int rank, Clock::time_point when) {
+  std::lock_guard<std::mutex> lock(gone_mu_);
+  gone_since_[rank] = when;
+}
+
 xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
   Devices().Arrived(group_, rank);
   Barrier& b = barriers_[static_cast<int>(phase)];
@@ -85,44 +97,24 @@ xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::millisecon
     Devices().Left(group_, rank);
     return xla::ffi::Error::Success();
   }
-  // A peer found gone at an earlier call of this site and silent ever since is waited for only
-  // until half a timeout after that: calls queued behind the failed one then fail at once,
-  // while a peer that was merely silent (it skipped a call) has time to come back.
-  const Clock::time_point start = Clock::now();
-  Clock::time_point deadline = start + timeout;
-  std::vector<bool> gone(num_devices_, false);
-  {
-    std::lock_guard<std::mutex> gone_lock(gone_mu_);
-    for (int r = 0; r < num_devices_; ++r) {
-      gone[r] = !b.seen[r] && gone_since_[r] != Clock::time_point::max() &&
-                !Devices().HeardSince(group_, r, gone_since_[r]);
-      if (gone[r]) deadline = std::min(deadline, gone_since_[r] + timeout / 2);
-    }
-  }
-  const bool opened = b.cv.wait_until(lock, deadline, [&] { return b.generation != generation; });
+  BarrierWait wait(*this, b.seen, timeout);
+  const bool opened =
+      b.cv.wait_until(lock, wait.deadline(), [&] { return b.generation != generation; });
   std::vector<bool> came = b.seen;
   // Withdraw, so this call does not count as an arrival in the next one.
   if (!opened && --b.arrived == 0) b.seen.assign(num_devices_, false);
   lock.unlock();
   Devices().Left(group_, rank);
   if (opened) return xla::ffi::Error::Success();
-  const auto waited =
-      std::chrono::duration_cast<std::chrono::milliseconds>(std::max(deadline, start) - start);
-  if (waited < timeout) {  // name the gone peers that kept others from waiting longer
-    for (int r = 0; r < num_devices_; ++r) came[r] = came[r] || !gone[r];
-    return BarrierTimeout(rank, phase, waited, came,
-                          " They have reached no barrier since an earlier call of this site "
-                          "waited " + std::to_string(timeout.count()) + " ms for them.");
-  }
-  // A peer that showed no sign of life at any barrier while this device waited is gone.
-  std::lock_guard<std::mutex> gone_lock(gone_mu_);
-  for (int r = 0; r < num_devices_; ++r)
-    if (!came[r] && !Devices().HeardSince(group_, r, start)) gone_since_[r] = Clock::now();
-  return BarrierTimeout(rank, phase, waited, came);
+  return wait.Failed(rank, phase, std::move(came));
 }
 
+namespace {
+
+// The error of a barrier timeout after waiting `waited`; `arrived[r]` says whether rank r came,
+// `why` adds to the message.
 xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
-                               const std::vector<bool>& arrived, const std::string& why) {
+                               const std::vector<bool>& arrived, const std::string& why = "") {
   static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
   const int n = static_cast<int>(arrived.size());
   std::ostringstream msg;
@@ -135,6 +127,38 @@ xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds 
          "(raise the limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow)."
       << why;
   return xla::ffi::Error(xla::ffi::ErrorCode::kDeadlineExceeded, msg.str());
+}
+
+}  // namespace
+
+BarrierWait::BarrierWait(Silence& silence, const std::vector<bool>& seen,
+                         std::chrono::milliseconds timeout)
+    : silence_(silence),
+      timeout_(timeout),
+      start_(Clock::now()),
+      deadline_(start_ + timeout),
+      gone_(seen.size(), false) {
+  for (size_t r = 0; r < seen.size(); ++r) {
+    const Clock::time_point since = silence.GoneSince(static_cast<int>(r));
+    gone_[r] = !seen[r] && since != Clock::time_point::max() &&
+               !silence.HeardSince(static_cast<int>(r), since);
+    if (gone_[r]) deadline_ = std::min(deadline_, since + timeout / 2);
+  }
+}
+
+xla::ffi::Error BarrierWait::Failed(int rank, Phase phase, std::vector<bool> came) {
+  const auto waited =
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::max(deadline_, start_) - start_);
+  if (waited < timeout_) {
+    for (size_t r = 0; r < came.size(); ++r) came[r] = came[r] || !gone_[r];
+    return BarrierTimeout(rank, phase, waited, came,
+                          " They have reached no barrier since an earlier call of this site "
+                          "waited " + std::to_string(timeout_.count()) + " ms for them.");
+  }
+  for (size_t r = 0; r < came.size(); ++r)
+    if (!came[r] && !silence_.HeardSince(static_cast<int>(r), start_))
+      silence_.SetGoneSince(static_cast<int>(r), Clock::now());
+  return BarrierTimeout(rank, phase, waited, came);
 }
 
 namespace {

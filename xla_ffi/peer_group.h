@@ -70,12 +70,48 @@ class Rendezvous {
   virtual std::string Failure() = 0;
 };
 
-// The error of a barrier timeout after waiting `waited`; `arrived[r]` says whether rank r came,
-// `why` adds to the message.
-xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
-                               const std::vector<bool>& arrived, const std::string& why = "");
+using Clock = std::chrono::steady_clock;  // CLOCK_MONOTONIC: one clock for every process of a host
 
-class PeerGroup final : public Rendezvous {
+// What a rendezvous knows of its peers' signs of life, kept where every device of the group sees
+// it: in this process (`PeerGroup`) or in shared memory (`SharedGroup`).
+class Silence {
+ public:
+  virtual ~Silence() = default;
+
+  // Whether `rank` came to or left a barrier of any call site at `since` or later, or waits at
+  // one now.
+  virtual bool HeardSince(int rank, Clock::time_point since) = 0;
+  // When a timeout of this call site found `rank` gone; time_point::max() while none did.
+  virtual Clock::time_point GoneSince(int rank) = 0;
+  virtual void SetGoneSince(int rank, Clock::time_point when) = 0;
+};
+
+// One device's wait at a barrier, by the rule both rendezvous share. A peer that never came and
+// showed no sign of life at any barrier of any site while a device waited a whole timeout is
+// gone: later calls of the site wait for it only until half a timeout after that while it stays
+// silent, so the calls queued behind one that timed out all fail within about 1.5 timeouts in
+// all (not a timeout each), and a peer that merely skipped a call has time to come back.
+class BarrierWait {
+ public:
+  // Starts now; `seen[r]` says whether rank r reached the barrier already.
+  BarrierWait(Silence& silence, const std::vector<bool>& seen, std::chrono::milliseconds timeout);
+
+  Clock::time_point deadline() const { return deadline_; }
+
+  // The DEADLINE_EXCEEDED error of a wait that ended with the barrier still closed, naming the
+  // missing ranks (only the gone ones when they cut the wait short); `came[r]` says whether rank
+  // r reached the barrier. Records the peers silent throughout as gone.
+  xla::ffi::Error Failed(int rank, Phase phase, std::vector<bool> came);
+
+ private:
+  Silence& silence_;
+  const std::chrono::milliseconds timeout_;
+  const Clock::time_point start_;
+  Clock::time_point deadline_;
+  std::vector<bool> gone_;  // the peers that cut the wait short
+};
+
+class PeerGroup final : public Rendezvous, private Silence {
  public:
   PeerGroup(int32_t group, int num_devices);
 
@@ -89,14 +125,14 @@ class PeerGroup final : public Rendezvous {
   void ReportFailure(const std::string& msg) override;
   std::string Failure() override;
 
-  // Waits up to `timeout`. A peer that never came and showed no sign of life at any barrier of
-  // any site while this device waited is gone: later calls of this site wait for it only until
-  // half a timeout after that while it stays silent, so the calls queued behind one that timed
-  // out all fail within about 1.5 timeouts in all, and a peer that merely skipped a call has
-  // time to come back.
+  // Waits up to `timeout`, less where a peer is gone (`BarrierWait`).
   xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
 
  private:
+  bool HeardSince(int rank, Clock::time_point since) override;
+  Clock::time_point GoneSince(int rank) override;
+  void SetGoneSince(int rank, Clock::time_point when) override;
+
   struct Barrier {
     std::mutex mu;
     std::condition_variable cv;
@@ -115,7 +151,7 @@ class PeerGroup final : public Rendezvous {
   std::array<Barrier, static_cast<int>(Phase::kNumPhases)> barriers_;
   std::mutex gone_mu_;
   // Per rank: when a timeout of this site found it gone; max() while it is not.
-  std::vector<std::chrono::steady_clock::time_point> gone_since_;  // guarded by gone_mu_
+  std::vector<Clock::time_point> gone_since_;  // guarded by gone_mu_
 };
 
 // The group of (call site, group index), created on first use. `num_devices` must agree with

@@ -44,9 +44,13 @@ struct RegionHeader {
   // Every rank's own.
   std::atomic<uint32_t> arrived_for[kPhases];  // 1 + the generation it last came to
   std::array<int64_t, 9> signature;
+  // When a timeout at this call site found the rank gone (BarrierWait), as DeviceLiveness
+  // counts time; 0 while none did. Written by its peers.
+  std::atomic<int64_t> gone_since_ns;
 };
 static_assert(std::atomic<uint64_t>::is_always_lock_free &&
-                  std::atomic<uint32_t>::is_always_lock_free,
+                  std::atomic<uint32_t>::is_always_lock_free &&
+                  std::atomic<int64_t>::is_always_lock_free,
               "barriers in shared memory need lock-free atomics");
 
 // CPU: the sizes a region depends on (item sizes in bytes).

@@ -23,9 +23,40 @@ void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::nano
 void FutexWakeAll(std::atomic<uint32_t>* word) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
 }
+
+// A device waiting at a barrier shows it is alive by refreshing its time (`Heard`) this many
+// times a timeout (at least every kMaxHeartbeat) rather than by a flag: a process that dies
+// while waiting then falls silent, as one that never came.
+constexpr int kHeartbeatsPerTimeout = 4;
+constexpr std::chrono::milliseconds kMaxHeartbeat(100);
 }  // namespace
 
+SharedGroup::SharedGroup(std::vector<RegionHeader*> headers) : headers_(std::move(headers)) {
+  for (RegionHeader* h : headers_) liveness_.push_back(LivenessAt(h));
+}
+
+void SharedGroup::Heard(int rank) {
+  liveness_[rank]->heard_ns.store(Clock::now().time_since_epoch().count(),
+                                  std::memory_order_relaxed);
+}
+
+bool SharedGroup::HeardSince(int rank, Clock::time_point since) {
+  return liveness_[rank]->heard_ns.load(std::memory_order_relaxed) >=
+         since.time_since_epoch().count();
+}
+
+Clock::time_point SharedGroup::GoneSince(int rank) {
+  const int64_t ns = headers_[rank]->gone_since_ns.load(std::memory_order_relaxed);
+  return ns == 0 ? Clock::time_point::max() : Clock::time_point(Clock::duration(ns));
+}
+
+void SharedGroup::SetGoneSince(int rank, Clock::time_point when) {
+  headers_[rank]->gone_since_ns.store(when.time_since_epoch().count(),
+                                      std::memory_order_relaxed);
+}
+
 xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
+  Heard(rank);
   const int p = static_cast<int>(phase);
   const uint32_t n = static_cast<uint32_t>(headers_.size());
   RegionHeader::Barrier& b = headers_[0]->barriers[p];
@@ -43,13 +74,22 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     }
   }
   headers_[rank]->arrived_for[p].store(generation + 1, std::memory_order_relaxed);
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  // The ranks that reached this barrier in the generation it is in.
+  const auto came = [&] {
+    std::vector<bool> arrived(n);
+    for (uint32_t r = 0; r < n; ++r)
+      arrived[r] = headers_[r]->arrived_for[p].load(std::memory_order_relaxed) == generation + 1;
+    return arrived;
+  };
+  BarrierWait wait(*this, came(), timeout);
+  const auto heartbeat = std::min<std::chrono::nanoseconds>(kMaxHeartbeat,
+                                                            timeout / kHeartbeatsPerTimeout);
   while (b.generation.load(std::memory_order_acquire) == generation) {
-    const auto left = deadline - std::chrono::steady_clock::now();
+    const auto left = wait.deadline() - Clock::now();
     if (left <= std::chrono::nanoseconds(0)) break;
-    // Woken by the last arrival; the cap only bounds a wake-up lost to a dying peer.
-    FutexWait(&b.generation, generation,
-              std::min<std::chrono::nanoseconds>(left, std::chrono::milliseconds(100)));
+    // Woken by the last arrival; the cap also bounds a wake-up lost to a dying peer.
+    FutexWait(&b.generation, generation, std::min<std::chrono::nanoseconds>(left, heartbeat));
+    Heard(rank);
   }
   // Withdraw unless the barrier opened meanwhile, so this call is no arrival in the next one.
   s = b.state.load(std::memory_order_acquire);
@@ -57,10 +97,7 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     if (static_cast<uint32_t>(s >> 32) != generation) return xla::ffi::Error::Success();
     if (b.state.compare_exchange_weak(s, s - 1, std::memory_order_acq_rel)) break;
   }
-  std::vector<bool> arrived(n);
-  for (uint32_t r = 0; r < n; ++r)
-    arrived[r] = headers_[r]->arrived_for[p].load(std::memory_order_relaxed) == generation + 1;
-  return BarrierTimeout(rank, phase, timeout, arrived);
+  return wait.Failed(rank, phase, came());
 }
 
 void SharedGroup::ReportFailure(const std::string& msg) {

@@ -1,5 +1,7 @@
 // The fused-MoE protocol between processes of one host, over their shared workspaces: the
-// barriers in the headers of the devices' regions of a call site (region_layout.h).
+// barriers in the headers of the devices' regions of a call site (region_layout.h), and the
+// devices' liveness before their workspaces (shared_memory.h), by which a wait fails fast when a
+// peer is gone, as in a process (`BarrierWait`).
 #pragma once
 
 #include <chrono>
@@ -8,20 +10,28 @@
 
 #include "xla_ffi/peer_group.h"
 #include "xla_ffi/region_layout.h"
+#include "xla_ffi/shared_memory.h"
 
 namespace ccf {
 
-class SharedGroup final : public Rendezvous {
+class SharedGroup final : public Rendezvous, private Silence {
  public:
   // `headers[r]`: rank r's region header, mapped in this process.
-  explicit SharedGroup(std::vector<RegionHeader*> headers) : headers_(std::move(headers)) {}
+  explicit SharedGroup(std::vector<RegionHeader*> headers);
 
+  // Waits up to `timeout`, less where a peer is gone (`BarrierWait`).
   xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
   void ReportFailure(const std::string& msg) override;
   std::string Failure() override;
 
  private:
+  bool HeardSince(int rank, Clock::time_point since) override;
+  Clock::time_point GoneSince(int rank) override;
+  void SetGoneSince(int rank, Clock::time_point when) override;
+  void Heard(int rank);
+
   std::vector<RegionHeader*> headers_;
+  std::vector<DeviceLiveness*> liveness_;  // per rank
 };
 
 }  // namespace ccf

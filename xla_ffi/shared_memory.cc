@@ -35,26 +35,40 @@ std::string Failed(const char* what, const std::string& name) {
 
 std::string MapSegment(const std::string& name, int64_t bytes, bool create, int32_t device,
                        int32_t chunk) {
+  // A page keeps the workspace after the liveness page-aligned, as Python aligns regions.
+  constexpr int64_t kLivenessBytes = 4096;
+  static_assert(sizeof(DeviceLiveness) <= kLivenessBytes);
   std::lock_guard<std::mutex> lock(segments_mu);
   if (std::string err = Taken(device, chunk); !err.empty()) return err;
+  const int64_t head = chunk == 0 ? kLivenessBytes : 0;
+  DeviceLiveness* liveness = nullptr;
+  if (chunk > 0) {
+    auto first = Segments().find({device, 0});
+    if (first == Segments().end() || !first->second.liveness)
+      return "jax_ccfuser: workspace chunk " + std::to_string(chunk) + " of device " +
+             std::to_string(device) + " mapped before its chunk 0";
+    liveness = first->second.liveness;
+  }
   const int fd = shm_open(name.c_str(), create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
   if (fd < 0) return Failed(create ? "cannot create" : "cannot open", name);
-  if (create && ftruncate(fd, bytes) != 0) {
+  if (create && ftruncate(fd, head + bytes) != 0) {
     const std::string err = Failed("cannot size", name);
     close(fd);
     shm_unlink(name.c_str());
     return err;
   }
   struct stat st;
-  if (fstat(fd, &st) != 0 || st.st_size < bytes) {
+  if (fstat(fd, &st) != 0 || st.st_size < head + bytes) {
     close(fd);
     return "jax_ccfuser: shared-memory segment " + name + " is smaller than " +
            std::to_string(bytes) + " bytes";
   }
-  void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  void* mapped = mmap(nullptr, head + bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   close(fd);  // the mapping keeps the memory
-  if (base == MAP_FAILED) return Failed("cannot map", name);
-  Segments()[{device, chunk}] = Segment{static_cast<char*>(base), bytes, create};
+  if (mapped == MAP_FAILED) return Failed("cannot map", name);
+  char* base = static_cast<char*>(mapped);
+  if (chunk == 0) liveness = reinterpret_cast<DeviceLiveness*>(base);
+  Segments()[{device, chunk}] = Segment{base + head, bytes, create, liveness};
   return {};
 }
 
@@ -74,6 +88,14 @@ const Segment* FindSegment(int32_t device, int32_t chunk) {
   std::lock_guard<std::mutex> lock(segments_mu);
   auto it = Segments().find({device, chunk});
   return it == Segments().end() ? nullptr : &it->second;
+}
+
+DeviceLiveness* LivenessAt(const void* address) {
+  const char* p = static_cast<const char*>(address);
+  std::lock_guard<std::mutex> lock(segments_mu);
+  for (const auto& [key, seg] : Segments())
+    if (seg.liveness && p >= seg.base && p < seg.base + seg.bytes) return seg.liveness;
+  return nullptr;
 }
 
 }  // namespace ccf

@@ -5,20 +5,35 @@
 // mapped it, so the kernel frees it when the last process exits, however it exits.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
 namespace ccf {
 
+// A device's signs of life, which its peers in other processes read to tell a peer that is gone
+// from one that is merely late (SharedGroup). Per device, not per call site: a device waiting at
+// a barrier of any site is alive. It sits in a page before the workspace of the device's first
+// chunk, so call sites' regions (whose offsets Python hands out) never overlap it.
+struct DeviceLiveness {
+  // Clock::time_since_epoch() in ns (peer_group.h, CLOCK_MONOTONIC) when the device last came to,
+  // waited at or left a barrier; written by the device only.
+  std::atomic<int64_t> heard_ns;
+};
+static_assert(std::atomic<int64_t>::is_always_lock_free,
+              "liveness in shared memory needs lock-free atomics");
+
 struct Segment {
   char* base = nullptr;
   int64_t bytes = 0;
   bool owned = false;  // created by this process: its device runs here
+  DeviceLiveness* liveness = nullptr;  // the device's, for shared-memory segments
 };
 
 // Maps segment `name` of `bytes` as (device, chunk); `create` makes it (it must not exist yet,
-// and starts zeroed), otherwise it opens the owner's. Returns "" or why not. Mappings last as
-// long as the process: compiled programs keep referring to them.
+// and starts zeroed), otherwise it opens the owner's. Chunk 0 (mapped first) holds the device's
+// liveness before its `bytes`. Returns "" or why not. Mappings last as long as the process:
+// compiled programs keep referring to them.
 std::string MapSegment(const std::string& name, int64_t bytes, bool create, int32_t device,
                        int32_t chunk);
 
@@ -31,5 +46,8 @@ std::string RegisterSegment(int32_t device, int32_t chunk, const Segment& segmen
 
 // The mapping of (device, chunk), or nullptr.
 const Segment* FindSegment(int32_t device, int32_t chunk);
+
+// The liveness of the device whose shared-memory workspace holds `address`, or nullptr.
+DeviceLiveness* LivenessAt(const void* address);
 
 }  // namespace ccf
