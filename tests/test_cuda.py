@@ -279,6 +279,22 @@ _EMULATED_OR_EVERY_DEVICE = pytest.mark.parametrize(
     ids=["emulated", "every-device"])
 
 
+@_needs_devices
+def test_failed_call_leaves_the_group_in_step():
+  """A device whose call fails after the group met (an injected fault on rank 1): every device
+  returns that error and none enqueues its barriers, so the device barriers' counts stay equal
+  and the following calls are right."""
+  site, _, devices = _forward_sites(emulated=False)
+  sets = _input_sets(Case(devices=devices, tokens=24, seed=72))
+  firsts = _checked_first_results(site, sets)
+  native = _extension.cuda if PLATFORM == "cuda" else _extension.cpu
+  native.fail_next_call_for_testing(1)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="injected fault on device 1"):
+    jax.block_until_ready(site(*sets[0]))
+  for i in range(20):
+    np.testing.assert_array_equal(np.asarray(site(*sets[i % 4])), firsts[i % 4], f"call {i}")
+
+
 @_EMULATED_OR_EVERY_DEVICE
 def test_one_site_hundred_calls(emulated):
   site, _, devices = _forward_sites(emulated)

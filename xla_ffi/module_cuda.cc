@@ -12,6 +12,7 @@
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/ffi_module.h"
 #include "xla_ffi/ipc_memory.h"
+#include "xla_ffi/peer_group.h"
 #include "xla_ffi/region_layout.h"
 
 namespace nb = nanobind;
@@ -22,6 +23,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(CcfMoeBackwardCuda);
 
 NB_MODULE(_ccfuser_cuda, m) {
   ccf::DefineRegistrations(m, CcfMoeForwardCuda, CcfMoeBackwardCuda);
+  m.def("fail_next_call_for_testing", &ccf::FailNextCallForTesting, nb::arg("rank"),
+        "Makes the next call on device `rank` of an in-process group fail once the group has "
+        "met, as a call going wrong midway.");
   m.def(
       "ipc_allocate",
       [](int ordinal, int64_t bytes, int32_t device, int32_t chunk) {
