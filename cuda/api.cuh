@@ -56,7 +56,12 @@
 // ahead, or one that gave up) or, across processes, with other shapes aborts the call on that
 // GPU: the later kernels read and write no peer memory (the work list comes out empty), the
 // outputs are NaN, and kAbortFlag in every member's flag breaks the group for good, so each
-// member's next barrier fails too instead of pairing with the wrong call.
+// member's next barrier fails too instead of pairing with the wrong call. A failed launch marks
+// the call aborted before its barriers go out, so the peers learn it the same way.
+// Not covered: in one process every member that met on the host enqueues both barriers, so a
+// device barrier there times out only behind a peer slower than the timeout, which then still
+// reads the buffers of the device that gave up (XLA may have reused them); the scatter skips a
+// source whose flag already reads kAbortFlag, which narrows this but does not close it.
 //
 // NOT RUN: this code was written and compiled (nvcc 13.0, sm_90a and sm_80) on a machine without
 // a GPU. No kernel here has ever executed: correctness, the memory ordering of the peer barrier,
@@ -258,7 +263,8 @@ struct GemmParams {
   const float* h;       // [pairs, G*F] the recomputed x @ w_in
   void* aw;             // [pairs, F] w * act(h), input dtype
   void* dh;             // [pairs, G*F] input dtype
-  float* dot_partial;   // [pairs, n tiles] partial dot(a, u) of each N tile
+  float* dot_partial;   // [pairs, num_partials] partial dot(a, u) of each N tile
+  int32_t num_partials;  // the N tiles of F the handler sized it for: checked against the kernel's
   int32_t gated;
   const void* weights[kMaxPeers];  // each source's expert_weights [num_tokens, top_k]
   int32_t weights_f32;             // else the input dtype
@@ -289,6 +295,10 @@ struct ScatterParams {
   const float* dot_partial;         // [pairs, num_partials]
   int32_t num_partials;
   void* d_weights[kMaxPeers];       // each source's d_expert_weights [num_tokens, top_k]
+  // Real peers: this device's barrier flags for the site, by writer rank (null when emulating).
+  // A source whose flag reads kAbortFlag has given the call up and may have freed its staging:
+  // its rows are not sent. (A source that gives up during the scatter is not caught.)
+  const uint64_t* flags;
 };
 
 // For every (source, token) with pairs on this device and every slot they use:

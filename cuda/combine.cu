@@ -33,8 +33,12 @@ template <class T>
 __global__ void __launch_bounds__(kTokenThreads) scatter_slots(const ScatterParams p) {
   const int32_t lane = threadIdx.x % 32;
   const int32_t g = warp_token();  // source * num_tokens + token
-  if (g < p.num_sources * p.num_tokens) {
-    const int32_t source = g / p.num_tokens, token = g - source * p.num_tokens;
+  const int32_t source = g / p.num_tokens;
+  const bool gave_up =
+      g < p.num_sources * p.num_tokens && p.flags != nullptr &&
+      *static_cast<const volatile uint64_t*>(p.flags + source) == kAbortFlag;
+  if (g < p.num_sources * p.num_tokens && !gave_up) {
+    const int32_t token = g - source * p.num_tokens;
     const int64_t first = static_cast<int64_t>(g) * p.top_k;  // the token's first pair
     const int64_t weight_row = static_cast<int64_t>(token) * p.top_k;
     // Each slot the token's pairs here use, at its first pair in k order.

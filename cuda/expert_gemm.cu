@@ -315,7 +315,7 @@ __device__ __forceinline__ void activation_backward_row(const GemmParams& p, con
   // Fixed butterfly: the same inputs give the same sum.
   for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
   if (lane == 0) {
-    p.dot_partial[pos * ceil_div(f, kTileN) + tile.n_tile] = dot;
+    p.dot_partial[pos * p.num_partials + tile.n_tile] = dot;
   }
 }
 
@@ -514,6 +514,8 @@ cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
   constexpr int kSmemBytes = GemmTraits<Config>::kSmemBytes;
   CCF_HOST_ASSERT((serves<kAMajor, kBMajor>(p.epilogue)));
   CCF_HOST_ASSERT(p.tile_m == Config::kTileM);  // the work list's M tiles are the kernel's
+  CCF_HOST_ASSERT(p.epilogue != Epilogue::kActivationBackward ||
+                  p.num_partials == (p.n + Config::kTileN - 1) / Config::kTileN);
   auto* kernel = &expert_gemm<Config>;
   CCF_CUDA_RETURN_IF_ERROR(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));

@@ -51,8 +51,10 @@ __global__ void __launch_bounds__(kMaxPeers) barrier(const BarrierParams p) {
   const int32_t i = threadIdx.x;
   __shared__ bool stop;
   if (i == 0) {
-    // An earlier barrier of this device aborted: its flags carry kAbortFlag already.
+    // This call (or an earlier one) gave up: flags are per site, so this site's members learn
+    // it here, at once, rather than after a timeout.
     stop = is_aborted(p.error);
+    if (stop) abort_group(p);
     if (!stop && p.rank_value != nullptr) {
       if (*p.rank_value != p.rank) {
         record_device_error(p.error, kRankMismatch, p.rank, -1, -1, *p.rank_value, p.rank);
@@ -78,6 +80,9 @@ __global__ void __launch_bounds__(kMaxPeers) barrier(const BarrierParams p) {
   // and its signature) becomes visible system-wide before the flag does.
   __threadfence_system();
   store_release_system(p.signals[i] + p.rank, epoch);
+  // Every epoch is stored before any thread may store kAbortFlag over them (abort_group), so an
+  // abort is never overwritten by an epoch.
+  __syncwarp((1u << p.num_members) - 1u);
 
   const uint64_t* flag = p.signals[p.rank] + i;
   const uint64_t start = global_timer_ns();

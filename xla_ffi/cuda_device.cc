@@ -2,6 +2,7 @@
 
 #include <cuda.h>  // CUpointer_attribute: the driver call is reached through the runtime
 
+#include <cstddef>
 #include <utility>
 
 namespace ffi = xla::ffi;
@@ -134,7 +135,10 @@ ffi::Error TakeDeviceError(DeviceState& s, cudaStream_t stream) {
     return ffi::Error::Internal("jax_ccfuser: " + s.broken);
   }
   *s.error_host = {};
-  if (cudaError_t clear = cudaMemsetAsync(s.error, 0, sizeof(cuda::DeviceError), stream);
+  // Clears the bad id only: a barrier of a call enqueued since may have set `aborted`, which
+  // must survive until it is reported.
+  if (cudaError_t clear = cudaMemsetAsync(s.error, 0, offsetof(cuda::DeviceError, aborted),
+                                          stream);
       clear != cudaSuccess)
     return CudaFailure("clearing the device fault record", clear);
   return InvalidArgument(msg);

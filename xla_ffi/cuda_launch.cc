@@ -61,6 +61,12 @@ void DeviceBarrier(const Call& c, DeviceState& me, const ScalarS32* rank, const 
   b.group_value = group ? group->typed_data() : nullptr;
   if (rank == nullptr)  // peers compare signatures at the start barrier only
     for (uint64_t*& word : b.signatures) word = nullptr;
+  // A launch of this call failed: the barrier gives the call up instead of telling the peers
+  // that this device's part is done (cuda/signal.cu).
+  if (launcher.failed())
+    launcher.Always("marking the call aborted", [&] {
+      return cudaMemsetAsync(&me.error->aborted, 1, sizeof(me.error->aborted), stream);
+    });
   launcher.Always("barrier", [&] { return cuda::barrier(b, stream); });
 }
 
@@ -164,6 +170,7 @@ cuda::ScatterParams ScatterOver(const Call& c, const cuda::WorkList& list, const
     p.staging[dev] = c.peers[dev].staging;
     p.d_weights[dev] = c.peers[dev].d_weights;
   }
+  if (c.place != nullptr) p.flags = c.barrier.signals[c.place->rank];
   return p;
 }
 
@@ -275,6 +282,7 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   u_gemm.aw = s.aw;
   u_gemm.dh = s.dh;
   u_gemm.dot_partial = s.dot_partial;
+  u_gemm.num_partials = s.num_partials;
   LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream, launcher);
   // dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh, reduced over the expert's pairs in order.
   cuda::GemmParams dw_out_gemm =

@@ -30,6 +30,7 @@ class Launcher {
   void Always(const char* what, F launch) {
     Record(what, launch());
   }
+  bool failed() const { return status_ != cudaSuccess; }
   xla::ffi::Error Result() const {
     return status_ == cudaSuccess ? xla::ffi::Error::Success()
                                   : CudaFailure(std::string("launching ") + what_, status_);

@@ -82,13 +82,19 @@ template <typename Scratch, Scratch (*kCarve)(const Call&, Arena&)>
 ffi::Error TakeScratch(ffi::ScratchAllocator& allocator, const Call& call, Scratch* scratch) {
   Arena sizing{nullptr};
   kCarve(call, sizing);
-  std::optional<void*> base = allocator.Allocate(sizing.used, cuda::kWorkspaceAlignment);
+  // XLA aligns scratch to at most 16 bytes when asked: take the slack to align the base to the
+  // sections' alignment here.
+  constexpr size_t kAsked = 16, kSlack = cuda::kWorkspaceAlignment - kAsked;
+  std::optional<void*> base = allocator.Allocate(sizing.used + kSlack, kAsked);
   if (!base.has_value() || *base == nullptr)
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                      "jax_ccfuser: XLA's allocator has no " + std::to_string(sizing.used) +
+                      "jax_ccfuser: XLA's allocator gave no " + std::to_string(sizing.used) +
                           " bytes of scratch for this fused_moe call (sized for all D * T * K "
                           "pairs landing on one device)");
-  Arena arena{static_cast<char*>(*base)};
+  const uintptr_t at = reinterpret_cast<uintptr_t>(*base);
+  const uintptr_t aligned = (at + cuda::kWorkspaceAlignment - 1) /
+                            cuda::kWorkspaceAlignment * cuda::kWorkspaceAlignment;
+  Arena arena{reinterpret_cast<char*>(aligned)};
   *scratch = kCarve(call, arena);
   return ffi::Error::Success();
 }
@@ -108,18 +114,31 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   *earlier = TakeDeviceError(**state, stream);
   if (ffi::Error err = Broken(**state); err.failure()) return err;
   call->experts_here = ExpertsHere(attrs, call->d);
-  if (ffi::Error err = TakeScratch<Scratch, kCarve>(allocator, *call, scratch); err.failure())
+  if (ffi::Error err = TakeScratch<Scratch, kCarve>(allocator, *call, scratch); err.failure()) {
+    // Peers in other processes do not meet this device on the host: they count its barriers
+    // whether it comes or not, so one skipped call would pair its later calls with the wrong
+    // ones. It stops for good instead (its peers' barriers time out and break the group).
+    if (attrs.workspace >= 0 && !attrs.emulated && call->d.num_devices > 1)
+      MarkBroken(**state, "a call gave up before meeting its peers in other processes: " +
+                              err.message());
     return err;
+  }
   return ConnectPeers(attrs, **state, rank, group, own, stream, call);
 }
 
 // What a handler returns once its launches are enqueued: the first failure among them, this
-// GPU's earlier device fault, or success with the fault record's copy scheduled.
+// GPU's earlier device fault, or success. The fault record's copy is scheduled either way. A
+// failed launch after the peers met breaks the GPU: its peers passed barriers with a call that
+// computed nothing (CloseCall has marked it aborted, so they learn it at their next barrier).
 ffi::Error Finish(DeviceState& state, const Launcher& launcher, ffi::Error earlier,
                   cudaStream_t stream) {
-  if (ffi::Error err = launcher.Result(); err.failure()) return err;
+  ffi::Error copied = ScheduleErrorCopy(state, stream);
+  if (ffi::Error err = launcher.Result(); err.failure()) {
+    MarkBroken(state, err.message());
+    return err;
+  }
   if (earlier.failure()) return earlier;
-  return ScheduleErrorCopy(state, stream);
+  return copied;
 }
 
 ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllocator allocator,
