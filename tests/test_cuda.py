@@ -279,6 +279,13 @@ _EMULATED_OR_EVERY_DEVICE = pytest.mark.parametrize(
     ids=["emulated", "every-device"])
 
 
+def _assert_repeats(site, sets, firsts, *, calls):
+  """`calls` more calls of `site` over the input sets in turn, each bitwise its first result."""
+  for i in range(calls):
+    np.testing.assert_array_equal(np.asarray(site(*sets[i % len(sets)])), firsts[i % len(sets)],
+                                  f"call {i}")
+
+
 @_needs_devices
 def test_failed_call_leaves_the_group_in_step():
   """A device whose call fails after the group met (an injected fault on rank 1): every device
@@ -291,8 +298,7 @@ def test_failed_call_leaves_the_group_in_step():
   native.fail_next_call_for_testing(1)
   with pytest.raises(jax.errors.JaxRuntimeError, match="injected fault on device 1"):
     jax.block_until_ready(site(*sets[0]))
-  for i in range(20):
-    np.testing.assert_array_equal(np.asarray(site(*sets[i % 4])), firsts[i % 4], f"call {i}")
+  _assert_repeats(site, sets, firsts, calls=20)
 
 
 @_EMULATED_OR_EVERY_DEVICE
@@ -300,8 +306,7 @@ def test_one_site_hundred_calls(emulated):
   site, _, devices = _forward_sites(emulated)
   sets = _input_sets(Case(devices=devices, tokens=24, seed=70))
   firsts = _checked_first_results(site, sets)
-  for i in range(100):
-    np.testing.assert_array_equal(np.asarray(site(*sets[i % 4])), firsts[i % 4], f"call {i}")
+  _assert_repeats(site, sets, firsts, calls=100)
 
 
 @_EMULATED_OR_EVERY_DEVICE
