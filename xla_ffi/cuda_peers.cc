@@ -43,17 +43,16 @@ void JoinGroup(const CallAttrs& attrs, DeviceState& me, SitePlace* place, Call* 
 ffi::Error CheckInProcessPeers(DeviceState& me, const Call& call, int32_t rank,
                                const PeerBuffers& mine) {
   const std::vector<PeerBuffers>& peers = call.peers;
-  for (size_t dev = 0; dev < peers.size(); ++dev) {
-    if (peers[dev].signature != mine.signature)
-      return ffi::Error::Internal(
-          "jax_ccfuser: device " + std::to_string(dev) +
-          " called this site with other shapes or dtypes than device " + std::to_string(rank));
+  std::vector<std::array<int64_t, 9>> signatures;
+  for (const PeerBuffers& p : peers) signatures.push_back(p.signature);
+  if (ffi::Error err = CheckSignatures(rank, mine.signature, signatures); err.failure())
+    return err;
+  for (size_t dev = 0; dev < peers.size(); ++dev)
     for (size_t other = 0; other < dev; ++other)
       if (peers[other].gpu == peers[dev].gpu)
         return InvalidArgument("devices " + std::to_string(other) + " and " +
                                std::to_string(dev) + " of the group are the same GPU " +
                                std::to_string(peers[dev].gpu));
-  }
   for (size_t dev = 0; dev < peers.size(); ++dev) {
     const PeerBuffers& p = peers[dev];
     if (p.gpu == me.ordinal) continue;

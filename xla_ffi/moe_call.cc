@@ -125,6 +125,16 @@ std::array<int64_t, 9> Signature(const MoeDims& d) {
           static_cast<int64_t>(d.weights_type), static_cast<int64_t>(d.activation)};
 }
 
+ffi::Error CheckSignatures(int rank, const std::array<int64_t, 9>& mine,
+                           const std::vector<std::array<int64_t, 9>>& theirs) {
+  for (size_t dev = 0; dev < theirs.size(); ++dev)
+    if (theirs[dev] != mine)
+      return ffi::Error::Internal(
+          "jax_ccfuser: device " + std::to_string(dev) +
+          " called this site with other shapes or dtypes than device " + std::to_string(rank));
+  return ffi::Error::Success();
+}
+
 PeerBuffers OwnBuffers(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
                        const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
                        const ffi::AnyBuffer& w_out, Staging& staging) {

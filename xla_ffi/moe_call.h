@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 #include "xla_ffi/moe_dims.h"
@@ -79,6 +80,11 @@ xla::ffi::Error DecodeKeptRows(const MoeDims& d, const CallAttrs& attrs, const H
 
 // What peers must agree on: (T, H, K, F, E_local, E, x dtype, weights dtype, activation).
 std::array<int64_t, 9> Signature(const MoeDims& d);
+
+// Every device's signature (`theirs`, by rank) against device `rank`'s own, once they have
+// published: an error naming the first device that traced the site differently, or success.
+xla::ffi::Error CheckSignatures(int rank, const std::array<int64_t, 9>& mine,
+                                const std::vector<std::array<int64_t, 9>>& theirs);
 
 // This call's own buffers (forward operands; the backward adds dy and d_weights).
 PeerBuffers OwnBuffers(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<xla::ffi::S32>& ids,

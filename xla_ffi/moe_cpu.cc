@@ -94,18 +94,6 @@ int64_t SlotOf(const PlanView& plan, int64_t expert, int helper) {
   return slot;
 }
 
-// Checks the other devices' signatures against `mine` once they have published.
-ffi::Error CheckSignatures(const Peers& peers, int rank,
-                           const std::array<int64_t, 9>& mine,
-                           const std::vector<std::array<int64_t, 9>>& theirs) {
-  for (size_t dev = 0; dev < theirs.size(); ++dev)
-    if (theirs[dev] != mine)
-      return ffi::Error::Internal(
-          "jax_ccfuser: device " + std::to_string(dev) +
-          " called this site with other shapes or dtypes than device " + std::to_string(rank));
-  return ffi::Error::Success();
-}
-
 // Peers in this process: publishes `own` in the (site, group) PeerGroup and meets them.
 ffi::Error ConnectInProcess(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
                             int32_t group, const PeerBuffers& own, Peers* peers) {
@@ -124,7 +112,7 @@ ffi::Error ConnectInProcess(const CallAttrs& attrs, const MoeDims& d, int32_t ra
     peers->buffers.push_back(peer_group->peer(dev));
     signatures.push_back(peers->buffers.back().signature);
   }
-  return CheckSignatures(*peers, rank, published.signature, signatures);
+  return CheckSignatures(rank, published.signature, signatures);
 }
 
 // Peers in other processes of the host: stages `own` into this device's region of the shared
@@ -187,7 +175,7 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
   if (ffi::Error err = peers->Arrive(Phase::kPublished); err.failure()) return err;
   std::vector<std::array<int64_t, 9>> signatures;
   for (RegionHeader* h : headers) signatures.push_back(h->signature);
-  return CheckSignatures(*peers, rank, headers[rank]->signature, signatures);
+  return CheckSignatures(rank, headers[rank]->signature, signatures);
 }
 
 // Builds the peer table from `own` (this call's buffers, element offsets of device 0 when
