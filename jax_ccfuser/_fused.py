@@ -260,6 +260,18 @@ def _plan_operands(plan, num_experts, num_devices):
   return plan.workers, plan.bounds
 
 
+def _replication(plan, split):
+  """The plan's cross-host part, checked against the hosts the call spans, or `None`."""
+  replication = None if plan is None else plan.replication
+  if replication is None:
+    return None
+  hosts = replication.experts.shape[:2]
+  if hosts != (split.num_hosts, split.per_host):
+    raise ValueError(f"plan replicates experts over {hosts[0]} hosts of {hosts[1]} devices; "
+                     f"this call spans {split.num_hosts} of {split.per_host}")
+  return replication
+
+
 def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
               activation="swiglu", plan=None, residuals="inputs"):
   """The MoE FFN with expert parallelism and no all-to-all.
@@ -315,10 +327,11 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   if dims.num_devices > 1 and jax.default_backend() == "cpu":
     _cpu_threads.check_pool(jax.local_device_count())
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
+  replication = _replication(plan, split)
   kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2])
   if split.num_hosts > 1:
     return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
-                         axis_name=axis_name, activation=activation, split=split,
+                         replication, axis_name=axis_name, activation=activation, split=split,
                          kept_rows=kept_rows)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
@@ -328,8 +341,99 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 
 
-def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *, axis_name,
-                  activation, split, kept_rows):
+def _rank_within_expert(ids):
+  """Each pair's place among its source's pairs of the same expert, in (token, k) order.
+
+  Args:
+    ids: `[N, T*K]` int32, N sources' pairs.
+
+  Returns:
+    `[N, T*K]` int32.
+  """
+  order = jnp.argsort(ids, axis=1, stable=True)
+  ranked = jnp.take_along_axis(ids, order, 1)
+  first = jax.vmap(lambda a: jnp.searchsorted(a, a, side="left"))(ranked)
+  place = jnp.arange(ids.shape[1], dtype=jnp.int32) - first.astype(jnp.int32)
+  return jnp.zeros_like(ids).at[jnp.arange(ids.shape[0])[:, None], order].set(place)
+
+
+def _host_ids(ids, replication, *, block, place, per_host, experts_local):
+  """The gathered pairs' ids as this host's fused call numbers its slots.
+
+  Device c of the host holds its `E_local` experts, then its `(N - 1) R` guest slots (ids
+  `c * (E_local + (N - 1) R) + ...`, see `Replication`). A pair of one of the host's experts
+  that no other host shares, or this host's share of an exported expert, gets its slot's id;
+  every other valid pair the first id past the host's slots, which the call skips; out-of-range
+  ids stay out of range (as they are while no guest slot pushes the range past E), to be
+  reported.
+
+  Args:
+    ids: `[N, T, K]` int32, the pairs gathered from the device of rank `place` on every host.
+    replication: the plan's `Replication`, or `None`.
+
+  Returns:
+    `(ids [N*T, K] int32, num_experts)`: the ids and the call's valid range.
+  """
+  n = ids.shape[0]
+  num_experts = n * per_host * experts_local
+  replicas = 0 if replication is None else replication.experts.shape[2]
+  slots = experts_local + (n - 1) * replicas
+  skip = per_host * slots
+  limit = max(num_experts, skip + 1)
+  valid = (ids >= 0) & (ids < num_experts)
+  e = jnp.where(valid, ids, 0)
+  owner = e // (per_host * experts_local)
+  device = (e // experts_local) % per_host
+  slot = device * slots + e % experts_local
+  here = owner == block
+  if replication is not None:
+    flat = replication.experts.reshape(-1)
+    exported = jnp.full(num_experts + 1, -1, jnp.int32).at[
+        jnp.where(flat >= 0, flat, num_experts)].set(jnp.arange(flat.size, dtype=jnp.int32))
+    x = exported[e]
+    xs = jnp.maximum(x, 0)
+    # The pair's place in its expert's rows over the whole group: (source, token, k) order.
+    source = jnp.arange(n, dtype=jnp.int32)[:, None, None] * per_host + place
+    offsets = replication.offsets.reshape(replication.offsets.shape[0], -1)
+    within = _rank_within_expert(jnp.where(valid, ids, num_experts).reshape(n, -1))
+    order = offsets[source, xs] + within.reshape(ids.shape)
+    shares = replication.shares.reshape(-1, n + 1)[xs]
+    computing = jnp.sum(shares[..., 1:n] <= order[..., None], -1)
+    here = jnp.where(x >= 0, computing == block, here)
+    guest = (device * slots + experts_local + (owner - block - 1) % n * replicas
+             + xs % replicas)
+    slot = jnp.where((x >= 0) & (owner != block), guest, slot)
+  out = jnp.where(valid, jnp.where(here, slot, skip),
+                  jnp.where(ids >= num_experts, ids + (limit - num_experts), ids))
+  return out.reshape(-1, ids.shape[2]).astype(jnp.int32), limit
+
+
+def _with_guests(w, replication, gather, *, block, place, per_host):
+  """`w` `[E_local, ...]` followed by this device's guest slots `[(N - 1) R, ...]`: the experts
+  the devices of its rank on the other hosts export, gathered over the hosts (only those R
+  experts of each device move; their gradients return by the gather's transpose)."""
+  experts = replication.experts
+  n, e_local = experts.shape[0], w.shape[0]
+  mine = experts[block, place] - (block * per_host + place) * e_local
+  everyone = gather(jnp.take(w, jnp.clip(mine, 0, e_local - 1), axis=0))  # [N, R, ...]
+  others = (block + 1 + jnp.arange(n - 1)) % n
+  return jnp.concatenate([w, jnp.take(everyone, others, axis=0).reshape((-1,) + w.shape[1:])])
+
+
+def _host_plan(workers, bounds, replication, *, block, per_host, experts_local):
+  """The plan's `(workers, bounds)` for this host's slots, its device numbers local."""
+  here = per_host * experts_local
+  workers, bounds = (jax.lax.dynamic_slice_in_dim(a, block * here, here)
+                     for a in (workers, bounds))
+  if replication is not None:
+    join = lambda own, guest: jnp.concatenate(
+        [own.reshape(per_host, experts_local, -1), guest[block]], 1).reshape(-1, own.shape[1])
+    workers, bounds = join(workers, replication.workers), join(bounds, replication.bounds)
+  return jnp.where(workers >= 0, workers - block * per_host, -1), bounds
+
+
+def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, replication, *,
+                  axis_name, activation, split, kept_rows):
   """`fused_moe` over several hosts: collectives between hosts, shared memory within each.
 
   Every token goes to every host of its group once (an `all_gather` over the devices with the
@@ -339,30 +443,31 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, *
   hands each token's per-host partial sums back, summed in host order. A reassignment plan
   (`reassign` keeps helpers on their expert's host) runs as each host's part of it: a slot's
   rows are then counted in the host's own order, which splits them differently but as evenly.
-  A device keeps `kept_rows` h rows, the mean of its own T, not of the N*T rows gathered.
+  With `replication`, each host also computes its share of the experts the other hosts export,
+  with their weights gathered into guest slots. A device keeps `kept_rows` h rows, the mean of
+  its own T, not of the N*T rows gathered.
   """
   n, per_host = split.num_hosts, split.per_host
   t, h = x.shape
-  here = per_host * w_out.shape[0]  # experts per host
-  num_experts = n * here
+  e_local = w_out.shape[0]
   same_place = [[b * per_host + r for b in range(n)] for r in range(per_host)]
-  gather = lambda a: jax.lax.all_gather(a, axis_name, axis_index_groups=same_place).reshape(
-      (n * t,) + a.shape[1:])
+  gather = lambda a: jax.lax.all_gather(a, axis_name, axis_index_groups=same_place)
+  flat = lambda a: a.reshape((n * t,) + a.shape[2:])
   rank, group = _position(axis_name)
-  block = rank // per_host
-  ids = gather(expert_ids)
-  # Rotate so this host's experts come first; out-of-range ids stay as they are, to be reported.
-  valid = (ids >= 0) & (ids < num_experts)
-  ids = jnp.where(valid, (ids - block * here) % num_experts, ids)
-  workers = jax.lax.dynamic_slice_in_dim(workers, block * here, here)
-  workers = jnp.where(workers >= 0, workers - block * per_host, -1)
-  bounds = jax.lax.dynamic_slice_in_dim(bounds, block * here, here)
+  block, place = rank // per_host, rank % per_host
+  where = dict(block=block, per_host=per_host)
+  ids, num_experts = _host_ids(gather(expert_ids), replication, place=place,
+                               experts_local=e_local, **where)
+  workers, bounds = _host_plan(workers, bounds, replication, experts_local=e_local, **where)
+  if replication is not None:
+    w_in, w_out = (_with_guests(w, replication, gather, place=place, **where)
+                   for w in (w_in, w_out))
   static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
                    num_experts=num_experts, devices=split.devices, platform=split.platform,
                    plan_slots=workers.shape[1], kept_rows=kept_rows)
-  partial = _fused(static, gather(x), ids, gather(expert_weights), w_in, w_out, workers, bounds,
-                   rank % per_host, group * n + block)
+  partial = _fused(static, flat(gather(x)), ids, flat(gather(expert_weights)), w_in, w_out,
+                   workers, bounds, place, group * n + block)
   back = jax.lax.all_to_all(partial.reshape(n, t, h), axis_name, 0, 0,
                             axis_index_groups=same_place)
   return jnp.sum(back.astype(jnp.float32), axis=0).astype(x.dtype)
@@ -387,6 +492,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   if _topology.platform() == "gpu":
     check_gpu_tiles(dims, x.dtype)
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
+  _replication(plan, _topology.Split(1, num_devices, False, ()))
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, timeout_ms=peer_timeout_ms(),
                    num_experts=w_out.shape[0],

@@ -20,7 +20,8 @@ class Plan(NamedTuple):
   """Which device computes which rows of each expert; identical on every device of the group.
 
   The rows of expert e are ordered (source device, token, k). Worker slot s of e computes rows
-  `[bounds[e, s], bounds[e, s + 1])`; slot 0 is the owner, unused slots are -1.
+  `[bounds[e, s], bounds[e, s + 1])`; slot 0 is the owner, unused slots are -1. With
+  `replication`, these are the rows of e its own host computes.
   """
   workers: jax.Array       # [E, S + 1] int32: slot 0 the owner, then helpers; -1 unused
   bounds: jax.Array        # [E, S + 2] int32: row boundaries of the slots
@@ -28,6 +29,24 @@ class Plan(NamedTuple):
   counts: jax.Array        # [E] int32: rows per expert the plan was made for
   loads_before: jax.Array  # [D] int32: rows each device computes without the plan
   loads_after: jax.Array   # [D] int32: ... and with it
+  replication: "Replication | None" = None  # hot experts computed on other hosts too
+
+
+class Replication(NamedTuple):
+  """Hot experts materialised on the other hosts for one step (`reassign(..., replicas=R)`).
+
+  Each device of a host whose load is over the threshold exports its R busiest experts to every
+  other host (Hecate's sparse materialisation): the expert's rows, ordered (source device,
+  token, k) over the whole group, are cut into one contiguous share per host, and each host
+  computes its share with the expert's weights gathered into a guest slot of the device with
+  the same rank. N hosts of P devices; guest slot q of device (b, c) holds the expert exported
+  by device (o, c) in slot q % R, o = (b + 1 + q // R) % N. Identical on every device.
+  """
+  experts: jax.Array  # [N, P, R] int32: the expert device (o, c) exports in slot s; -1 none
+  shares: jax.Array   # [N, P, R, N + 1] int32: host b computes rows [shares[.., b], [.., b + 1])
+  offsets: jax.Array  # [D, N, P, R] int32: the exported expert's rows from sources before s
+  workers: jax.Array  # [N, P, (N - 1) R, S + 1] int32: who computes each guest slot's rows
+  bounds: jax.Array   # [N, P, (N - 1) R, S + 2] int32: ... and which
 
 
 def plan_loads(plan: Plan):
@@ -138,8 +157,80 @@ def _balance(counts, num_devices, max_helpers, threshold, tile):
   return workers, sizes
 
 
+def _exports(counts, split, replicas, threshold):
+  """The experts each device of a host over `threshold` times the hosts' mean load exports: its
+  `replicas` busiest with rows, `[N, P, R]` int32 (-1 for none)."""
+  per_device = counts.reshape(split.num_hosts, split.per_host, -1)
+  hot = per_device.sum((1, 2)) > threshold * counts.sum() / split.num_hosts
+  busiest = jnp.argsort(-per_device, axis=2, stable=True)[..., :replicas].astype(jnp.int32)
+  rows = jnp.take_along_axis(per_device, busiest, 2)
+  first = jnp.arange(split.num_hosts * split.per_host, dtype=jnp.int32).reshape(
+      split.num_hosts, split.per_host, 1) * per_device.shape[2]
+  return jnp.where(hot[:, None, None] & (rows > 0), busiest + first, -1)
+
+
+def _host_shares(counts, exported, num_hosts, tile):
+  """Where each host's share of each exported expert's rows starts and ends, `[X, N + 1]`.
+
+  Water-filling over hosts: the exported rows, laid end to end, fill the hosts below the level
+  at which they are all placed (a host whose other rows are over it takes none), in host order;
+  each boundary moves to the nearest tile of its expert, so a host's share is whole tiles.
+
+  Args:
+    counts: `[E]` int32 rows per expert.
+    exported: `[X]` int32 exported experts, -1 for none.
+  """
+  rows = jnp.where(exported >= 0, counts[jnp.maximum(exported, 0)], 0)
+  host = jnp.where(exported >= 0, exported // (counts.shape[0] // num_hosts), 0)
+  fixed = counts.reshape(num_hosts, -1).sum(1) - jnp.zeros(num_hosts, jnp.int32).at[host].add(rows)
+  movable = rows.sum()
+  # The level: the largest (movable + the k lowest fixed loads) / k that is above the kth.
+  lowest = jnp.sort(fixed)
+  levels = (movable + jnp.cumsum(lowest)) / jnp.arange(1, num_hosts + 1)
+  level = levels[jnp.sum(levels >= lowest) - 1]
+  filled = jnp.floor(jnp.cumsum(jnp.maximum(level - fixed, 0)) + 0.5).astype(jnp.int32)
+  cuts = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.minimum(filled, movable)])
+  cuts = cuts.at[-1].set(movable)
+  start = jnp.cumsum(rows) - rows
+  at = jnp.clip(cuts[None, :] - start[:, None], 0, rows[:, None])
+  nearest = jnp.minimum((at + tile // 2) // tile * tile, rows[:, None])
+  return jnp.where(at >= rows[:, None], at, nearest).astype(jnp.int32)
+
+
+def _guest_rows(shares, num_hosts, per_host, replicas):
+  """Rows each host computes in each guest slot, `[N, P, (N - 1) R]`, from the hosts' shares
+  `[N, P, R, N]` (exporting host o, rank c, slot s, computing host b)."""
+  by_host = jnp.moveaxis(shares, 3, 0)  # [b, o, c, s]
+  others = (jnp.arange(num_hosts)[:, None] + 1 + jnp.arange(num_hosts - 1)) % num_hosts
+  guests = jnp.take_along_axis(by_host, others[:, :, None, None], 1)  # [b, o-slot, c, s]
+  return jnp.swapaxes(guests, 1, 2).reshape(num_hosts, per_host, (num_hosts - 1) * replicas)
+
+
+def _replicate(source_counts, split, replicas, threshold, tile):
+  """The cross-host part of a plan: `(Replication without its in-host plan, rows per slot of each
+  host's devices [N, P * (E_local + (N - 1) R)])`, own experts first on each device."""
+  n, p = split.num_hosts, split.per_host
+  counts = source_counts.sum(0)
+  experts = _exports(counts, split, replicas, threshold)
+  flat = experts.reshape(-1)
+  shares = _host_shares(counts, flat, n, tile)
+  # Rows of exported expert x from the sources before each: where a pair's global order starts.
+  per_source = jnp.where(flat >= 0, source_counts[:, jnp.maximum(flat, 0)], 0)
+  offsets = (jnp.cumsum(per_source, 0) - per_source).reshape(-1, n, p, replicas)
+  on_host = jnp.diff(shares, axis=1)  # [X, N]
+  owner_host = jnp.maximum(flat, 0) // (counts.shape[0] // n)
+  kept = jnp.take_along_axis(on_host, owner_host[:, None], 1)[:, 0]
+  own = counts.at[jnp.where(flat >= 0, flat, counts.shape[0])].set(kept, mode="drop")
+  guests = _guest_rows(on_host.reshape(n, p, replicas, n), n, p, replicas)
+  slots = jnp.concatenate([own.reshape(n, p, -1), guests], 2).reshape(n, -1)
+  empty = jnp.zeros((n, p, (n - 1) * replicas, 0), jnp.int32)
+  return Replication(experts, shares.reshape(n, p, replicas, n + 1), offsets.astype(jnp.int32),
+                     empty, empty), slots
+
+
 def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int | None = None,
-             threshold: float = 1.1, tile: int = 32, previous: Plan | None = None) -> Plan:
+             threshold: float = 1.1, tile: int = 32, previous: Plan | None = None,
+             replicas: int = 0) -> Plan:
   """Plans which devices compute which rows of each expert so device loads even out.
 
   Call it where `fused_moe` is called (inside the same `shard_map`), with the same
@@ -158,6 +249,16 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   only when no expert's shed rows span more helpers than that; no plan at all can meet it when
   an expert has more than `(max_helpers + 1)` times the bound rows.
 
+  Across hosts, helpers read the owner's weights from memory, so only the devices of an
+  expert's host help it; `replicas` also moves rows between hosts: each device of a host over
+  `threshold` times the hosts' mean exports its `replicas` busiest experts to every other host
+  for this step (their weights gathered there, `R` experts per device over the hosts, and their
+  weight gradients summed back on the owner), and the exported experts' rows are shared out so
+  the hosts' loads even out (water-filling, in whole tiles); within each host the plan above
+  then applies to its own and its guest experts. This costs an `[D, E]` int32 all-gather
+  instead of the all-reduce, and each step moves `N * R` experts' weights to every device and
+  their gradients back.
+
   Args:
     expert_ids: `[T, K]` int32, this device's routing.
     num_experts: E, a multiple of the axis size D.
@@ -165,13 +266,15 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
     max_helpers: the most devices that may help one expert (S); default D - 1. Across hosts
       only the devices of the expert's host help (at most their number - 1).
     threshold: nothing moves from a device whose load is at most `threshold` times the mean
-      (>= 1.0).
+      (>= 1.0), nor from a host whose load is at most `threshold` times the hosts' mean.
     tile: the kernels' tile: all of an expert's slices but at most one are whole multiples of
       this many rows (splitting an expert adds no partial tile); a device may end up to
       `tile - 1` rows over the mean rounded up.
     previous: a plan from an earlier step; its slices (as fractions of each expert's rows) are
       kept while they hold every device within the bound above, so plans change only when the
-      routing has moved.
+      routing has moved. Not with `replicas` across hosts (exports are chosen every step).
+    replicas: R, the experts each device may export to the other hosts per step, from 0 (rows
+      stay on their expert's host) to E_local. Only when the axis spans hosts; ignored on one.
 
   Returns:
     A `Plan` (a pytree of arrays) for `fused_moe(..., plan=plan)`.
@@ -182,7 +285,7 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
     >>> before, after = jax_ccfuser.plan_loads(plan)
   """
   num_devices = axis_size(axis_name)
-  check_num_experts(num_experts, num_devices)
+  experts_local = check_num_experts(num_experts, num_devices)
   if expert_ids.ndim != 2 or expert_ids.dtype != jnp.int32:
     raise ValueError(f"expert_ids must be [T, K] int32, got {expert_ids.dtype} {expert_ids.shape}")
   max_helpers = num_devices - 1 if max_helpers is None else max_helpers
@@ -191,25 +294,47 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
                      f"got {max_helpers}")
   if tile < 1 or threshold < 1.0:
     raise ValueError(f"tile must be >= 1 and threshold >= 1.0, got {tile} and {threshold}")
-  counts = _expert_counts(expert_ids, num_experts, axis_name)
-  return _plan(counts, _topology.split(axis_name, num_devices), max_helpers=max_helpers,
-               threshold=threshold, tile=tile, previous=previous)
+  if not 0 <= replicas <= experts_local:
+    raise ValueError(f"replicas must be in [0, {experts_local}] (a device's experts), "
+                     f"got {replicas}")
+  split = _topology.split(axis_name, num_devices)
+  replicas = replicas if split.num_hosts > 1 else 0
+  if replicas and previous is not None:
+    raise ValueError("previous and replicas do not combine: the experts a host exports are "
+                     "chosen afresh every step")
+  counts = _expert_counts(expert_ids, num_experts, None)
+  if axis_name is None:
+    source = counts[None]
+  elif replicas:
+    source = jax.lax.all_gather(counts, axis_name)
+  else:
+    source = jax.lax.psum(counts, axis_name)[None]
+  return _plan(source, split, max_helpers=max_helpers, threshold=threshold, tile=tile,
+               previous=previous, replicas=replicas)
 
 
-def _plan(counts, split, *, max_helpers, threshold, tile, previous):
-  """`reassign`'s plan for the global `counts [E]` int32 over the hosts of `split`."""
+def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, replicas=0):
+  """`reassign`'s plan over the hosts of `split` from the rows per expert of each source device,
+  `[D, E]` int32 (or their sum, `[1, E]`, when `replicas` is 0)."""
+  counts = source_counts.sum(0)
   num_experts = counts.shape[0]
-  num_devices = split.num_hosts * split.per_host
-  owner = jnp.arange(num_experts, dtype=jnp.int32) // (num_experts // num_devices)
+  num_hosts, per_host = split.num_hosts, split.per_host
+  num_devices = num_hosts * per_host
+  experts_local = num_experts // num_devices
+  owner = jnp.arange(num_experts, dtype=jnp.int32) // experts_local
   loads_before = jnp.zeros(num_devices, jnp.int32).at[owner].add(counts)
+  replication = None
+  slots = counts.reshape(num_hosts, -1)  # each host's slots: its devices' experts
+  if replicas:
+    replication, slots = _replicate(source_counts, split, replicas, threshold, tile)
   # A helper reads the owner's weights from memory: only devices of the owner's host can help,
-  # so each host balances its own experts (one host: the whole axis).
-  max_helpers = min(max_helpers, split.per_host - 1)
-  workers, sizes = jax.vmap(lambda c: _balance(c, split.per_host, max_helpers, threshold, tile))(
-      counts.reshape(split.num_hosts, -1))
-  first = (jnp.arange(split.num_hosts, dtype=jnp.int32) * split.per_host)[:, None, None]
-  workers = jnp.where(workers >= 0, workers + first, -1).reshape(num_experts, -1)
-  sizes = sizes.reshape(num_experts, -1)
+  # so each host balances its own (and guest) experts (one host: the whole axis).
+  max_helpers = min(max_helpers, per_host - 1)
+  workers, sizes = jax.vmap(lambda c: _balance(c, per_host, max_helpers, threshold, tile))(slots)
+  first = (jnp.arange(num_hosts, dtype=jnp.int32) * per_host)[:, None, None]
+  workers = jnp.where(workers >= 0, workers + first, -1).reshape(-1, workers.shape[2])
+  sizes = sizes.reshape(workers.shape)
+  slot_owner = jnp.arange(workers.shape[0], dtype=jnp.int32) // (workers.shape[0] // num_devices)
   if previous is not None:
     if previous.workers.shape != workers.shape:
       raise ValueError(f"previous plan has shape {previous.workers.shape}, this one "
@@ -217,14 +342,23 @@ def _plan(counts, split, *, max_helpers, threshold, tile, previous):
     kept = _sizes_from_shares(previous.shares, counts)
     kept_loads = _device_loads(kept, owner, previous.workers, num_devices)
     # Kept while every host's devices stay within `reassign`'s bound for that host.
-    kept_loads = kept_loads.reshape(split.num_hosts, -1)
+    kept_loads = kept_loads.reshape(num_hosts, -1)
     total = kept_loads.sum(1, keepdims=True)
-    bound = jnp.maximum(threshold * total / split.per_host, -(-total // split.per_host) + tile - 1)
+    bound = jnp.maximum(threshold * total / per_host, -(-total // per_host) + tile - 1)
     reuse = jnp.all(kept_loads <= bound)
     workers = jnp.where(reuse, previous.workers, workers)
     sizes = jnp.where(reuse, kept, sizes)
-  bounds = jnp.concatenate([jnp.zeros((num_experts, 1), jnp.int32), jnp.cumsum(sizes, 1)], 1)
-  shares = sizes / jnp.maximum(counts, 1)[:, None].astype(jnp.float32)
-  return Plan(workers=workers, bounds=bounds.astype(jnp.int32), shares=shares.astype(jnp.float32),
-              counts=counts, loads_before=loads_before,
-              loads_after=_device_loads(sizes, owner, workers, num_devices))
+  loads_after = _device_loads(sizes, slot_owner, workers, num_devices)
+  bounds = jnp.concatenate([jnp.zeros((sizes.shape[0], 1), jnp.int32), jnp.cumsum(sizes, 1)],
+                           1).astype(jnp.int32)
+  if replication is not None:
+    # Each device's slots: its own experts, then its guests.
+    by_device = lambda a: a.reshape(num_hosts, per_host, -1, a.shape[1])
+    workers, bounds, sizes = map(by_device, (workers, bounds, sizes))
+    replication = replication._replace(workers=workers[:, :, experts_local:],
+                                       bounds=bounds[:, :, experts_local:])
+    workers, bounds, sizes = (a[:, :, :experts_local].reshape(num_experts, -1)
+                              for a in (workers, bounds, sizes))
+  shares = sizes / jnp.maximum(sizes.sum(1), 1)[:, None].astype(jnp.float32)
+  return Plan(workers=workers, bounds=bounds, shares=shares.astype(jnp.float32), counts=counts,
+              loads_before=loads_before, loads_after=loads_after, replication=replication)

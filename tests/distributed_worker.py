@@ -7,8 +7,9 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
   check: the largest error of fused_moe against reference_moe (forward and every gradient)
     relative to the dtype's tolerance (<= 1 passes), the collectives and shared-memory
     workspaces the compiled program uses, the same check with a reassignment plan on skewed
-    routing, and the errors of a call traced without the mesh set and of an out-of-range
-    expert id;
+    routing, across hosts the same with hot experts replicated onto the other hosts (routing
+    skewed onto host 0's experts), and the errors of a call traced without the mesh set and of
+    an out-of-range expert id;
   crash: the last process dies before the second call; the others report the error they get,
     and that of a third call, which fails fast;
   fail_fast: the last process's devices skip one call and come back a moment later, then stop
@@ -37,7 +38,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_ccfuser as ccf  # noqa: E402
-from jax_ccfuser._topology import key_value_client  # noqa: E402
+from jax_ccfuser._topology import host_names, key_value_client  # noqa: E402
 from moe_cases import TOLERANCES, Case, make_inputs  # noqa: E402
 
 
@@ -54,8 +55,9 @@ def loss_and_grads(moe, mesh, case):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
 
 
-def check(mesh, case, moe=ccf.fused_moe):
-  x, ids, weights, w_in, w_out = make_inputs(case)
+def check(mesh, case, moe=ccf.fused_moe, ids=None):
+  x, case_ids, weights, w_in, w_out = make_inputs(case)
+  ids = case_ids if ids is None else ids
   cot = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
   args = [global_array(mesh, a) for a in (x, weights, w_in, w_out, ids, cot)]
   step = loss_and_grads(moe, mesh, case)
@@ -102,6 +104,39 @@ def with_plan(mesh, case):
       loads(global_array(mesh, make_inputs(case)[1])), tiled=True)[:2]
   return dict(imbalance=[float(v.max() / v.mean()) for v in (before, after)],
               worst=check(mesh, case, moe)["worst"])
+
+
+def host_hot_ids(case, num_hosts):
+  """Routing skewed onto host 0's experts: 90% of the pairs pick one of them."""
+  host_experts = case.num_experts // num_hosts
+  p = np.full(case.num_experts, 0.1 / (case.num_experts - host_experts))
+  p[:host_experts] = 0.9 / host_experts
+  rng = np.random.default_rng(7)
+  return rng.choice(case.num_experts, (case.devices * case.tokens, case.k), p=p).astype(np.int32)
+
+
+def replicated(mesh, case, num_hosts):
+  """Hot experts replicated across hosts (`reassign(..., replicas=R)`) on routing skewed onto
+  host 0's experts: the checks with and without the plan, the rows per host without and with
+  it, and the experts exported."""
+  ids = host_hot_ids(case, num_hosts)
+  out = {}
+  for replicas in (1, 2):
+    plan = lambda ids: ccf.reassign(ids, case.num_experts, axis_name="ep", tile=1,
+                                    replicas=replicas)
+    moe = lambda x, ids, *rest, **kw: ccf.fused_moe(x, ids, *rest, plan=plan(ids), **kw)
+    report = jax.jit(jax.shard_map(
+        lambda ids: jnp.concatenate([jnp.stack(ccf.plan_loads(plan(ids))),
+                                     jnp.sum(plan(ids).replication.experts >= 0)[None, None]
+                                     * jnp.ones((1, case.devices), jnp.int32)]),
+        mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))
+    before, after, exported = multihost_utils.process_allgather(
+        report(global_array(mesh, ids)), tiled=True)[:3]
+    out[replicas] = dict(
+        host_rows=[np.asarray(v).reshape(num_hosts, -1).sum(1).tolist() for v in (before, after)],
+        exported=int(exported[0]), worst=check(mesh, case, moe, ids)["worst"])
+  out["plain_worst"] = check(mesh, case, ids=ids)["worst"]
+  return out
 
 
 def bad_id(mesh, case):
@@ -188,6 +223,9 @@ def main():
     if SCENARIO.startswith("check"):
       out.update(check(mesh, case))
       out["plan"] = with_plan(mesh, dataclasses.replace(case, skew=0.9))
+      num_hosts = len(set(host_names()))
+      if num_hosts > 1:
+        out["replicated"] = replicated(mesh, case, num_hosts)
       out["bad_id"] = bad_id(mesh, case)  # last: the failed call is not rerun
     elif SCENARIO == "fail_fast":
       out.update(fail_fast(mesh, case))

@@ -237,7 +237,7 @@ LAYOUTS = [(1, 8, 2), (1, 8, 1), (1, 8, 32), (1, 4, 2), (1, 2, 1), (2, 4, 2)]
 def _planner(num_hosts, per_host, max_helpers):
   split = Split(num_hosts, per_host, False, ())
   return jax.jit(lambda counts, threshold, tile: _plan(
-      counts, split, max_helpers=max_helpers, threshold=threshold, tile=tile, previous=None))
+      counts[None], split, max_helpers=max_helpers, threshold=threshold, tile=tile, previous=None))
 
 
 def _check_plan(plan, counts, per_host, max_helpers, threshold, tile):
@@ -326,7 +326,7 @@ def test_previous_plan_is_kept_per_host():
   """Across hosts a previous plan is judged by each host's own mean: a hot host keeps it."""
   counts = jnp.asarray([400, 10, 300, 10, 20, 20, 20, 20] + [5] * 8, jnp.int32)
   plan = functools.partial(jax.jit(_plan, static_argnames=("split", "max_helpers", "tile")),
-                           counts, split=Split(2, 4, False, ()), max_helpers=3, threshold=1.1)
+                           counts[None], split=Split(2, 4, False, ()), max_helpers=3, threshold=1.1)
   fine = plan(tile=1, previous=None)
   coarse = plan(tile=32, previous=None)
   assert not np.array_equal(np.asarray(fine.bounds), np.asarray(coarse.bounds))
