@@ -7,20 +7,46 @@ side, round-robin, in the same rounds:
   - `fused_collectives`: each process a host of its own (all_gather / all_to_all between them,
     direct reads within each);
   - `all_to_all` and `all_to_all_cf1.25`: the baseline (gloo all_to_all), dropless and capped;
-  - `roof`: a dense matmul of the layer's useful FLOPs per device.
+  - `roof`: a dense matmul of the layer's useful FLOPs per device;
+and, on routing skewed onto host 0's experts (`SKEW` of the tokens pick expert 0 first), with each
+process a host: `fused_moe` without a plan, with `reassign` (balancing within each host only) and
+with `reassign(..., replicas=REPLICAS)` (hot experts replicated onto the other host), beside the
+capped `all_to_all`; each with the bytes its compiled program's collectives return per device
+and the busiest host's rows over the mean.
 Writes `bench/results/distributed-cpu.json` and `distributed-cpu.png` and rewrites README.md
 between `<!-- distributed:start -->` and `<!-- distributed:end -->`.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 
+import numpy as np
+
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
+SKEW, REPLICAS = 0.8, 1
+# A collective's result types in XLA's compiled program text: `= f32[8,256]{1,0} all-gather(`,
+# or a tuple of them before an all-to-all.
+_COLLECTIVE = re.compile(r"= (\(?[^=]*?) (all-gather|all-to-all|reduce-scatter|all-reduce)"
+                         r"(?:-start)?\(")
+_ARRAY = re.compile(r"(pred|[subf]\d+)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo: str) -> int:
+  """Bytes the collectives of one device's compiled program return (what it receives, its own
+  share included): an upper bound of what crosses hosts."""
+  total = 0
+  for types, _ in _COLLECTIVE.findall(hlo):
+    for kind, dims in _ARRAY.findall(types):
+      bits = 8 if kind == "pred" else int(kind[1:])
+      total += bits // 8 * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
 START, END = "<!-- distributed:start -->", "<!-- distributed:end -->"
 
 
@@ -30,7 +56,7 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=PROCESSES, process_id=process)
   import jax.numpy as jnp
-  import numpy as np
+  from jax.experimental import multihost_utils
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
   import jax_ccfuser as ccf
@@ -40,6 +66,7 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
   from bench.timing import interleaved_medians
 
   config = Config(**json.loads(config_json))
+  hosts = lambda loads: np.asarray(loads).reshape(PROCESSES, -1).sum(1)
   mesh = jax.make_mesh((config.devices,), ("ep",), axis_types=(AxisType.Auto,))
   shard = NamedSharding(mesh, P("ep"))
   put = lambda arrays: tuple(jax.make_array_from_callback(a.shape, shard, lambda i, a=a: a[i])
@@ -47,7 +74,24 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
   layer = lambda moe: jax.shard_map(functools.partial(moe, axis_name="ep", activation=ACTIVATION),
                                     mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
   inputs = _perturbed(put(make_inputs(config)), (0, 2))
-  runs = {}
+  skewed = _perturbed(put(make_inputs(dataclasses.replace(config, skew=SKEW))), (0, 2))
+
+  def planned(replicas):
+    def moe(x, ids, *rest, axis_name, **kw):
+      plan = ccf.reassign(ids, config.experts, axis_name=axis_name, replicas=replicas)
+      return ccf.fused_moe(x, ids, *rest, axis_name=axis_name, plan=plan, **kw)
+    return moe
+
+  def host_rows(replicas):
+    """The busiest host's rows over the mean, without and with the plan, on skewed routing."""
+    loads = jax.jit(jax.shard_map(
+        lambda ids: jnp.stack(ccf.plan_loads(ccf.reassign(ids, config.experts, axis_name="ep",
+                                                          replicas=replicas))),
+        mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))(skewed(0)[1])
+    loads = multihost_utils.process_allgather(loads, tiled=True)
+    return [float(hosts(v).max() / hosts(v).mean()) for v in loads[:2]]
+
+  runs, collectives, busiest = {}, {}, {}
   with jax.set_mesh(mesh):
     for name, kind in (("fused_shared_memory", "shared_memory"),
                        ("fused_collectives", "collectives")):
@@ -64,6 +108,17 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
     roof_inputs = _perturbed(put(_roof_operands(config, groups=config.devices)), (0,))
     runs["roof"] = (jax.jit(_half_square_grad(dense, (0, 1))).lower(*roof_inputs(0)).compile(),
                     roof_inputs)
+    with ccf.transport("collectives"):
+      for name, moe in (("skewed_fused", ccf.fused_moe), ("skewed_fused_plan", planned(0)),
+                        ("skewed_fused_replicas", planned(REPLICAS)),
+                        (f"skewed_all_to_all_cf{CAPACITY_FACTOR}",
+                         functools.partial(ccf.all_to_all_moe, capacity_factor=CAPACITY_FACTOR))):
+        step = jax.jit(_half_square_grad(layer(moe), (0, 2, 3, 4)))
+        runs[name] = (step.lower(*skewed(0)).compile(), skewed)
+      busiest = {"skewed_fused": host_rows(0)[0], "skewed_fused_plan": host_rows(0)[1],
+                 "skewed_fused_replicas": host_rows(REPLICAS)[1]}
+    collectives = {name: collective_bytes(program.as_text()) for name, (program, _) in runs.items()
+                   if name != "roof"}
     # A fixed number of rounds: every process must run the same programs in the same order.
     timings = interleaved_medians(runs, min_samples=samples, max_samples=samples, budget_s=0)
   if process == 0:
@@ -72,6 +127,8 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
         "commit": records.commit(), "date": records.now(), "config": config_json,
         "processes": PROCESSES, "devices_per_process": DEVICES_PER_PROCESS,
         "fwd_bwd_ms": {k: t.ms for k, t in timings.items()},
+        "collective_bytes": collectives, "busiest_host": busiest, "skew": SKEW,
+        "replicas": REPLICAS,
         "samples": min(t.samples for t in timings.values())}), flush=True)
 
 
@@ -139,11 +196,31 @@ def section(rec: dict) -> str:
       "",
       "![forward+backward time per implementation](bench/results/distributed-cpu.png)",
       "",
-      "| implementation | ms | vs all_to_all cf 1.25 | roof / time |",
-      "|---|---|---|---|",
+      "| implementation | ms | vs all_to_all cf 1.25 | roof / time | collective MiB per device |",
+      "|---|---|---|---|---|",
   ]
-  for name, ms in t.items():
-    lines.append(f"| {name} | {ms:.1f} | {baseline / ms:.2f}x | {t['roof'] / ms:.0%} |")
+  mib = lambda name: (f"{rec['collective_bytes'][name] / 2**20:.1f}"
+                      if name in rec["collective_bytes"] else "-")
+  for name in (n for n in t if not n.startswith("skewed")):
+    lines.append(f"| {name} | {t[name]:.1f} | {baseline / t[name]:.2f}x | "
+                 f"{t['roof'] / t[name]:.0%} | {mib(name)} |")
+  skewed = [n for n in t if n.startswith("skewed")]
+  lines += [
+      "",
+      f"Routing skewed onto host 0's experts ({rec['skew']:.0%} of the tokens pick expert 0 "
+      f"first), each process a host of its own: `fused_moe` without a plan, with `reassign` "
+      f"(helpers on the expert's host only), with `reassign(..., replicas={rec['replicas']})` "
+      f"(hot experts replicated onto the other host), and the capped `all_to_all`. Collective "
+      f"MiB: what the compiled forward+backward's collectives return per device (its own share "
+      f"included).",
+      "",
+      "| implementation | ms | vs no plan | collective MiB per device | busiest host / mean rows |",
+      "|---|---|---|---|---|",
+  ]
+  for name in skewed:
+    busiest = rec["busiest_host"].get(name)
+    lines.append(f"| {name} | {t[name]:.1f} | {t['skewed_fused'] / t[name]:.2f}x | {mib(name)} | "
+                 f"{'-' if busiest is None else f'{busiest:.2f}'} |")
   lines += ["", "Both processes share the machine's 2 cores, so these are ratios of one "
             "machine's work, not of hosts with cores of their own."]
   return "\n".join(lines)

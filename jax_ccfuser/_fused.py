@@ -301,7 +301,8 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     axis_name: the expert-parallel mesh axis of the enclosing `shard_map`, or `None` when one
       device holds all experts.
     activation: "swiglu", "geglu", "gelu" (exact erf form), "relu" or "silu".
-    plan: `None`, or a plan from `jax_ccfuser.reassign` for the same `expert_ids`.
+    plan: `None`, or a plan from `jax_ccfuser.reassign` for the same `expert_ids` (across
+      hosts, one with `replicas` also computes hot experts on the other hosts).
     residuals: what the backward pass starts from. "inputs" (the default): the inputs, h is
       recomputed. "hidden": the forward also keeps h for up to `T * K` computed rows per device
       (float32 `[T*K, G*F]`, G = 2 for gated activations; a device computing more rows than that

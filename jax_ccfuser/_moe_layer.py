@@ -74,6 +74,8 @@ class MoESpec:
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (`jax_ccfuser.reassign`; fused
       dispatch only). The layer computes the same function either way.
+    replicas: with `reassign`, the experts each device of a busy host may hand to the other
+      hosts per step (`jax_ccfuser.reassign`'s `replicas`); 0: rows stay on their host.
     residuals: what the fused backward starts from (`fused_moe`'s `residuals=`): "inputs"
       (recompute each row's hidden activation), "hidden" (keep it) or "auto" (keep it within
       `jax_ccfuser.residual_budget`). Fused dispatch only; the same results either way.
@@ -89,6 +91,7 @@ class MoESpec:
   axis_name: str | None
   renormalize: bool
   reassign: bool = False
+  replicas: int = 0
   residuals: str = "inputs"
   score: str = "softmax"
   num_groups: int = 1
@@ -110,6 +113,8 @@ class MoESpec:
       raise ValueError(f"unknown dispatch {self.dispatch!r}; expected one of {sorted(DISPATCH)}")
     if self.reassign and self.dispatch != "fused":
       raise ValueError(f"reassign=True needs dispatch='fused', not {self.dispatch!r}")
+    if self.replicas and not self.reassign:
+      raise ValueError(f"replicas={self.replicas} needs reassign=True")
     if self.residuals not in RESIDUALS:
       raise ValueError(f"residuals must be one of {RESIDUALS}, got {self.residuals!r}")
     if self.residuals != "inputs" and self.dispatch != "fused":
@@ -154,7 +159,8 @@ class MoESpec:
     if self.residuals != "inputs":
       options["residuals"] = self.residuals
     if self.reassign:
-      options["plan"] = reassign(ids, self.num_experts, axis_name=axis_name)
+      options["plan"] = reassign(ids, self.num_experts, axis_name=axis_name,
+                                 replicas=self.replicas)
       loads = jnp.stack(plan_loads(options["plan"]))
     else:
       num_devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)

@@ -255,8 +255,8 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   for this step (their weights gathered there, `R` experts per device over the hosts, and their
   weight gradients summed back on the owner), and the exported experts' rows are shared out so
   the hosts' loads even out (water-filling, in whole tiles); within each host the plan above
-  then applies to its own and its guest experts. This costs an `[D, E]` int32 all-gather
-  instead of the all-reduce, and each step moves `N * R` experts' weights to every device and
+  then applies to its own and its guest experts. This costs a `[D, E]` int32 all-reduce
+  instead of an `[E]` one, and each step moves `N * R` experts' weights to every device and
   their gradients back.
 
   Args:
@@ -299,14 +299,14 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
                      f"got {replicas}")
   split = _topology.split(axis_name, num_devices)
   replicas = replicas if split.num_hosts > 1 else 0
-  if replicas and previous is not None:
-    raise ValueError("previous and replicas do not combine: the experts a host exports are "
-                     "chosen afresh every step")
   counts = _expert_counts(expert_ids, num_experts, None)
   if axis_name is None:
     source = counts[None]
   elif replicas:
-    source = jax.lax.all_gather(counts, axis_name)
+    # Each device's row of [D, E], summed: the same on every device, as a psum is typed.
+    rank = jax.lax.axis_index(axis_name)
+    source = jax.lax.psum(jnp.zeros((num_devices, num_experts), jnp.int32).at[rank].set(counts),
+                          axis_name)
   else:
     source = jax.lax.psum(counts, axis_name)[None]
   return _plan(source, split, max_helpers=max_helpers, threshold=threshold, tile=tile,
@@ -323,6 +323,9 @@ def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, repli
   experts_local = num_experts // num_devices
   owner = jnp.arange(num_experts, dtype=jnp.int32) // experts_local
   loads_before = jnp.zeros(num_devices, jnp.int32).at[owner].add(counts)
+  if replicas and previous is not None:
+    raise ValueError("previous and replicas do not combine: the experts a host exports are "
+                     "chosen afresh every step")
   replication = None
   slots = counts.reshape(num_hosts, -1)  # each host's slots: its devices' experts
   if replicas:

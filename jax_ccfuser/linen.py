@@ -47,6 +47,8 @@ class MoE(nn.Module):
     axis_name: the expert-parallel mesh axis, or `None`.
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (fused dispatch only).
+    replicas: with `reassign` across hosts, the experts each device of a busy host hands to the
+      other hosts per step (`jax_ccfuser.reassign`); 0: none.
     residuals: "inputs", "hidden" or "auto": what the fused backward starts from (the NNX
       layer's docstring says what each costs).
     score: the router's scores, "softmax" or "sigmoid".
@@ -80,6 +82,7 @@ class MoE(nn.Module):
   axis_name: str | None = "expert"
   renormalize: bool = True
   reassign: bool = False
+  replicas: int = 0
   residuals: str = "inputs"
   score: str = "softmax"
   num_groups: int = 1
@@ -106,7 +109,8 @@ class MoE(nn.Module):
     spec = MoESpec(num_experts=self.num_experts, k=self.k, activation=self.activation,
                    dispatch=self.dispatch, capacity_factor=self.capacity_factor,
                    axis_name=self.axis_name, renormalize=self.renormalize,
-                   reassign=self.reassign, residuals=self.residuals, score=self.score, num_groups=self.num_groups,
+                   reassign=self.reassign, replicas=self.replicas, residuals=self.residuals,
+                   score=self.score, num_groups=self.num_groups,
                    top_groups=self.top_groups, scale=self.scale,
                    num_shared_experts=self.num_shared_experts)
     h, e, g = x.shape[-1], self.num_experts, 2 if spec.gated else 1

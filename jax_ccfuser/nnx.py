@@ -85,6 +85,8 @@ class MoE(nnx.Module):
     renormalize: rescale each token's k router weights to sum to 1.
     reassign: let idle devices take over slices of hot experts (fused dispatch only); the
       layer computes the same function either way.
+    replicas: with `reassign` and an expert axis spanning hosts, the experts each device of a
+      busy host hands to the other hosts per step (`jax_ccfuser.reassign`); 0: none.
     residuals: "inputs" (the backward recomputes each row's hidden activation), "hidden" (the
       forward keeps it: less compute, `T * K * G * F * 4` bytes per device) or "auto" (keeps
       within `jax_ccfuser.residual_budget`); fused dispatch only, the same results either way.
@@ -111,7 +113,8 @@ class MoE(nnx.Module):
   def __init__(self, hidden: int, ffn: int, num_experts: int, *, k: int = 2,
                activation: str = "swiglu", dispatch: str = "fused",
                capacity_factor: float | None = None, axis_name: str | None = "expert",
-               renormalize: bool = True, reassign: bool = False, residuals: str = "inputs",
+               renormalize: bool = True, reassign: bool = False, replicas: int = 0,
+               residuals: str = "inputs",
                score: str = "softmax",
                num_groups: int = 1, top_groups: int | None = None, scale: float = 1.0,
                expert_bias: bool = False, num_shared_experts: int = 0,
@@ -122,7 +125,7 @@ class MoE(nnx.Module):
     self.spec = MoESpec(
         num_experts=num_experts, k=k, activation=activation, dispatch=dispatch,
         capacity_factor=capacity_factor, axis_name=axis_name, renormalize=renormalize,
-        reassign=reassign, residuals=residuals, score=score, num_groups=num_groups,
+        reassign=reassign, replicas=replicas, residuals=residuals, score=score, num_groups=num_groups,
         top_groups=top_groups,
         scale=scale, num_shared_experts=num_shared_experts)
     self.dtype = dtype

@@ -35,6 +35,8 @@ class LMConfig:
     capacity_factor: `None` (dropless) or a float, for dispatch="all_to_all".
     reassign: let idle devices take over slices of hot experts (dispatch="fused"); the model
       computes the same function either way.
+    replicas: with `reassign` across hosts, hot experts each device may hand to the other
+      hosts per step (`jax_ccfuser.reassign`).
     score, num_groups, top_groups, scale: the routers' options (`jax_ccfuser.route`).
     expert_bias: give every router an `ExpertBias` for auxiliary-loss-free balancing
       (`MoeLM.update_expert_bias` steps them).
@@ -54,6 +56,7 @@ class LMConfig:
   dispatch: str = "fused"
   capacity_factor: float | None = None
   reassign: bool = False
+  replicas: int = 0
   score: str = "softmax"
   num_groups: int = 1
   top_groups: int | None = None
@@ -95,8 +98,9 @@ class Block(nnx.Module):
     if c.num_experts:
       self.ffn = MoE(c.hidden, c.ffn, c.num_experts, k=c.k, activation=c.activation,
                      dispatch=c.dispatch, capacity_factor=c.capacity_factor,
-                     reassign=c.reassign, score=c.score, num_groups=c.num_groups,
-                     top_groups=c.top_groups, scale=c.scale, expert_bias=c.expert_bias,
+                     reassign=c.reassign, replicas=c.replicas, score=c.score,
+                     num_groups=c.num_groups, top_groups=c.top_groups, scale=c.scale,
+                     expert_bias=c.expert_bias,
                      num_shared_experts=c.num_shared_experts, axis_name=c.axis_name,
                      dtype=c.dtype, rngs=rngs)
     else:

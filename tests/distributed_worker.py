@@ -15,7 +15,9 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
   fail_fast: the last process's devices skip one call and come back a moment later, then stop
     calling while the others queue 10 calls (a short peer timeout): their errors and times;
   train: the demo LM (models/) takes a few Optax steps with dispatch "fused" and "all_to_all"
-    from the same initialization; both loss curves.
+    from the same initialization; both loss curves;
+  train_replicas: the same with hot experts replicated across hosts (routers skewed onto host
+    0's experts); also the rows per host without and with the plans.
 """
 
 import dataclasses
@@ -148,26 +150,41 @@ def bad_id(mesh, case):
   return error_of(layer(mesh), *args)
 
 
-def train_both():
+def train_both(num_hosts=1, replicas=0):
+  """The demo LM's Optax loop with dispatch "fused" and "all_to_all" from one initialization:
+  each one's losses; with `replicas`, the fused layers replicate hot experts across hosts and
+  every router's expert bias starts skewed onto host 0's experts (the same for both)."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from flax import nnx
+  from jax_ccfuser.nnx import ExpertBias
   from models.moe_lm import LMConfig, MoeLM
   from models.train import TrainConfig, batch_placer, make_optimizer, train
   data = np.random.default_rng(0).integers(0, 256, size=1 << 14, dtype=np.uint8)
   mesh = jax.make_mesh((jax.device_count(),), ("expert",), axis_types=(AxisType.Auto,))
-  losses = {}
+  num_experts = 2 * jax.device_count()
+  skew = np.where(np.arange(num_experts) < num_experts // num_hosts, 2.0, 0.0)
+  out = {}
   for dispatch in ("fused", "all_to_all"):
+    fused = dispatch == "fused"
     config = LMConfig(seq_len=32, hidden=32, heads=2, layers=2, ffn=48,
-                      num_experts=2 * jax.device_count(), k=2, dispatch=dispatch)
+                      num_experts=num_experts, k=2, dispatch=dispatch,
+                      reassign=fused and replicas > 0, replicas=replicas if fused else 0,
+                      expert_bias=replicas > 0)
     train_config = TrainConfig(batch=jax.device_count(), total_steps=3, warmup_steps=1)
     with jax.set_mesh(mesh):
       model = MoeLM(config, rngs=nnx.Rngs(0))
+      if replicas:
+        biases = nnx.state(model, ExpertBias)
+        nnx.update(model, jax.tree.map(lambda b: b + jnp.asarray(skew, b.dtype), biases))
       history = train(model, make_optimizer(model, train_config), data, train_config, steps=3,
                       place=batch_placer(mesh, config.axis_name))
-    losses[dispatch] = [r["loss"] for r in history]
-    if dispatch == "fused":  # the fused handlers ran on this process's devices
-      losses["fused_calls"] = len(ccf.peer_traffic())
-  return losses
+    out[dispatch] = [r["loss"] for r in history]
+    if fused:  # the fused handlers ran on this process's devices
+      out["fused_calls"] = len(ccf.peer_traffic())
+      # Rows per host without and with the plans, every step and layer: [steps, L, 2, hosts].
+      out["host_rows"] = np.asarray([r["device_loads"] for r in history]).reshape(
+          len(history), config.layers, 2, num_hosts, -1).sum(-1).tolist()
+  return out
 
 
 def local(y):
@@ -216,6 +233,8 @@ def main():
   out = dict(process=PROCESS, pid=os.getpid())
   if SCENARIO == "train":
     out["losses"] = train_both()
+  if SCENARIO == "train_replicas":
+    out["losses"] = train_both(len(set(host_names())), replicas=1)
   if SCENARIO.startswith("check"):
     # Traced without jax.set_mesh: fused_moe cannot tell where the devices live.
     out["no_mesh"] = error_of(layer(mesh), *(global_array(mesh, a) for a in make_inputs(case)))

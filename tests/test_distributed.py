@@ -91,10 +91,29 @@ def test_matches_reference_in_every_grouping(hosts, paths):
     # helpers read the owners' weights and hand back partial gradients: still the reference.
     assert unplanned > 1.5 and planned < unplanned, r
     assert r["plan"]["worst"] <= 1.0, r
+    if "collectives" in paths:
+      _assert_replication_balances_hosts(r["replicated"], len(set(hosts)))
     e = 2 * 2 * len(hosts)  # experts: 2 per device, 2 devices per process
     assert f"expert_ids[3, 1] = {e + 5} on device 0 is outside [0, {e})" in r["bad_id"], r
   # Every segment was unlinked once mapped: nothing is left behind.
   assert _segments() <= before
+
+
+def _assert_replication_balances_hosts(replicated, num_hosts):
+  """Routing skewed onto host 0's experts: with R = 2 (every expert of a device) the hosts end
+  within 1.2x of their mean rows, with R = 1 nearer it; results are the reference's with every
+  plan and without one."""
+  assert replicated["plain_worst"] <= 1.0, replicated
+  for replicas in ("1", "2"):
+    r = replicated[replicas]
+    before, after = map(np.asarray, r["host_rows"])
+    assert r["worst"] <= 1.0, r
+    assert before.sum() == after.sum(), r  # no row lost or counted twice
+    assert before.max() > 1.5 * before.mean(), r
+    assert 0 < r["exported"] <= int(replicas) * 4, r  # host 0's devices export, R each
+    assert after.max() < before.max(), r
+    if replicas == "2" or num_hosts == 2:  # R = 1 over 4 hosts: host 0 keeps 2 experts a device
+      assert after.max() <= 1.2 * after.mean(), r
 
 
 @pytest.mark.slow
@@ -105,6 +124,19 @@ def test_optax_training_runs_unchanged_across_processes():
     assert losses["fused_calls"] > 0
     np.testing.assert_allclose(losses["fused"], losses["all_to_all"], rtol=1e-5)
     assert len(losses["fused"]) == 3 and all(np.isfinite(losses["fused"]))
+
+
+@pytest.mark.slow
+def test_optax_training_with_experts_replicated_across_hosts():
+  # Two hosts, routers skewed onto host 0's experts: each step's plans hand rows of its hot
+  # experts to host 1, and the loop still follows the all_to_all baseline.
+  for r in _checked(run(["a", "b"], scenario="train_replicas")):
+    losses = r["losses"]
+    np.testing.assert_allclose(losses["fused"], losses["all_to_all"], rtol=1e-5)
+    rows = np.asarray(losses["host_rows"])  # [steps, layers, without / with, hosts]
+    before, after = rows[:, :, 0], rows[:, :, 1]
+    assert np.all(before.max(-1) > 1.5 * before.mean(-1)), rows
+    assert np.all(after.max(-1) <= 1.2 * after.mean(-1)), rows
 
 
 @pytest.mark.slow
@@ -213,8 +245,19 @@ def test_bench_runs_across_processes(tmp_path):
   rec = distributed.main(["--tokens", "16", "--samples", "1", "--out", str(tmp_path)])
   assert json.loads((tmp_path / "distributed-cpu.json").read_text()) == rec
   assert (tmp_path / "distributed-cpu.png").stat().st_size > 0
+  skewed = {"skewed_fused", "skewed_fused_plan", "skewed_fused_replicas",
+            "skewed_all_to_all_cf1.25"}
   assert set(rec["fwd_bwd_ms"]) == {"fused_shared_memory", "fused_collectives", "all_to_all",
-                                    "all_to_all_cf1.25", "roof"}
+                                    "all_to_all_cf1.25", "roof"} | skewed
   assert all(ms > 0 for ms in rec["fwd_bwd_ms"].values()) and rec["samples"] == 1
+  moved = rec["collective_bytes"]
+  # Shared memory needs no collective for its rows; replication adds the exported experts'
+  # weights (and their gradients) to what the plan-less call gathers.
+  assert moved["fused_shared_memory"] < moved["fused_collectives"]
+  assert moved["skewed_fused_replicas"] > moved["skewed_fused_plan"] >= moved["skewed_fused"] > 0
+  busiest = rec["busiest_host"]
+  assert busiest["skewed_fused"] == busiest["skewed_fused_plan"] > 1.2
+  assert busiest["skewed_fused_replicas"] < busiest["skewed_fused"]
   table = distributed.section(rec)
   assert "| fused_shared_memory |" in table and "| roof |" in table and "100%" in table
+  assert "| skewed_fused_replicas |" in table

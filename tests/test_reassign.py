@@ -336,3 +336,124 @@ def test_previous_plan_is_kept_per_host():
   np.testing.assert_array_equal(kept.workers, fine.workers)
   # The same slices, up to the rounding of their float32 shares of each expert's rows.
   assert np.abs(np.asarray(kept.bounds) - np.asarray(fine.bounds)).max() <= 1
+
+
+# Across hosts with replicas: (hosts, devices per host, experts per device).
+HOST_LAYOUTS = [(2, 2, 2), (2, 4, 1), (4, 2, 2), (3, 2, 4), (2, 8, 32)]
+
+
+@functools.cache
+def _replicating_planner(num_hosts, per_host, replicas):
+  split = Split(num_hosts, per_host, False, ())
+  return jax.jit(lambda source, threshold, tile: _plan(
+      source, split, max_helpers=per_host - 1, threshold=threshold, tile=tile, previous=None,
+      replicas=replicas))
+
+
+def _check_replication(plan, source, num_hosts, per_host, replicas, threshold, tile):
+  """A replicating plan's invariants (what fused_moe relies on) and its balance of hosts."""
+  counts = source.sum(0)
+  num_devices = num_hosts * per_host
+  experts_local = counts.size // num_devices
+  rep = plan.replication
+  experts, shares = np.asarray(rep.experts), np.asarray(rep.shares)
+  host_rows = lambda loads: np.asarray(loads).reshape(num_hosts, -1).sum(1)
+  before = host_rows(plan.loads_before)
+  hot = before > threshold * before.mean()
+  owners = np.arange(num_devices).reshape(num_hosts, per_host, 1)
+  used = experts >= 0
+  # Exports: a hot host's devices, their own experts, each at most once, with rows.
+  assert np.all(used.any(2) <= hot[:, None]), (experts, before)
+  assert np.all(np.where(used, experts // experts_local == owners, True))
+  for o, c in np.ndindex(num_hosts, per_host):
+    mine = experts[o, c][used[o, c]]
+    assert len(set(mine)) == len(mine) and np.all(counts[mine] > 0)
+  # Shares: from 0 to the expert's rows, in host order, each boundary at a tile or the end.
+  rows = np.where(used, counts[np.maximum(experts, 0)], 0)
+  assert np.all(shares[..., 0] == 0) and np.all(shares[..., -1] == rows)
+  on_host = np.diff(shares, axis=-1)
+  inner = shares[..., 1:-1]
+  assert np.all(on_host >= 0) and np.all((inner % tile == 0) | (inner == rows[..., None]))
+  # Offsets: where each source's rows of the exported expert start.
+  per_source = np.where(used, source[:, np.maximum(experts, 0)], 0)
+  np.testing.assert_array_equal(rep.offsets, np.cumsum(per_source, 0) - per_source)
+  # The owner's host computes its share; each other host its own, in its guest slot.
+  own = counts.copy()
+  flat = experts.reshape(-1)
+  own[flat[flat >= 0]] = on_host.reshape(-1, num_hosts)[flat >= 0, flat[flat >= 0] // (
+      experts_local * per_host)]
+  np.testing.assert_array_equal(np.asarray(plan.bounds)[:, -1], own)
+  guest_rows = np.asarray(rep.bounds)[..., -1]  # [N, P, (N - 1) R]
+  for b, c, q in np.ndindex(*guest_rows.shape):
+    o = (b + 1 + q // replicas) % num_hosts
+    assert guest_rows[b, c, q] == on_host[o, c, q % replicas, b]
+  after = host_rows(plan.loads_after)
+  assert after.sum() == before.sum() == counts.sum()
+  np.testing.assert_array_equal(after, own.reshape(num_hosts, -1).sum(1) + guest_rows.sum((1, 2)))
+  if replicas == experts_local:
+    # Every expert of a hot host can move: the busiest host ends at the hosts' mean or its
+    # own load (when not hot), up to a tile at each end of its share and a row of rounding.
+    mean = before.mean()
+    assert after.max() <= max(threshold * mean, mean) + tile + 1, (before, after)
+  # Within each host, its own and guest experts are balanced as `reassign` promises.
+  for host in np.asarray(plan.loads_after).reshape(num_hosts, -1):
+    assert _within_bound(host, threshold, tile), plan.loads_after
+
+
+@pytest.mark.slow
+@settings(derandomize=True, max_examples=150, deadline=None)
+@given(data=st.data())
+def test_replicated_experts_even_out_hosts(data):
+  """Any skew over 2 to 4 hosts: every replicating plan is valid, and with every expert of a
+  device allowed to move, the busiest host ends within the hosts' mean (or threshold * mean)
+  and a tile."""
+  num_hosts, per_host, experts_local = data.draw(st.sampled_from(HOST_LAYOUTS))
+  num_devices = num_hosts * per_host
+  num_experts = num_devices * experts_local
+  p = data.draw(skewed_probabilities(num_experts, experts_local))
+  rows = data.draw(st.one_of(st.integers(1, 100), st.integers(1000, 1 << 18)))
+  rng = np.random.default_rng(rows)
+  source = rng.multinomial(rows, p, size=num_devices).astype(np.int32)
+  threshold = data.draw(st.sampled_from([1.0, 1.1, 1.5]))
+  tile = data.draw(st.sampled_from([1, 8, 32]))
+  replicas = data.draw(st.sampled_from(sorted({1, experts_local})))
+  plan = _replicating_planner(num_hosts, per_host, replicas)(source, threshold, tile)
+  _check_replication(plan, source, num_hosts, per_host, replicas, threshold, tile)
+
+
+def test_hosts_within_threshold_export_nothing():
+  source = np.full((4, 8), 5, np.int32)
+  plan = _replicating_planner(2, 2, 2)(source, 1.1, 1)
+  assert np.all(np.asarray(plan.replication.experts) == -1)
+  np.testing.assert_array_equal(plan.loads_after, plan.loads_before)
+
+
+def test_replicas_are_checked():
+  mesh = ep_mesh(4)
+  ids = jnp.zeros((16, 2), jnp.int32)
+
+  def plan_counts(**options):
+    body = lambda ids: ccf.reassign(ids, 16, axis_name="ep", **options).counts[None]
+    return jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))(ids)
+  with pytest.raises(ValueError, match=r"replicas must be in \[0, 4\]"):
+    plan_counts(replicas=5)
+  # One host: nothing crosses hosts, so the option changes nothing.
+  np.testing.assert_array_equal(plan_counts(replicas=2), plan_counts())
+  split = Split(2, 2, False, ())
+  previous = _plan(jnp.ones((1, 8), jnp.int32), split, max_helpers=1, threshold=1.1, tile=1,
+                   previous=None)
+  with pytest.raises(ValueError, match="previous and replicas do not combine"):
+    _plan(jnp.ones((4, 8), jnp.int32), split, max_helpers=1, threshold=1.1, tile=1,
+          previous=previous, replicas=1)
+
+
+def test_a_plan_for_other_hosts_is_rejected():
+  """A plan that replicates over 2 hosts of 2 devices, given to a call on one host of 4."""
+  source = np.zeros((4, 8), np.int32)
+  source[:, 0] = 50
+  plan = _replicating_planner(2, 2, 1)(source, 1.1, 1)
+  x, ids, weights, w_in, w_out = make_inputs(Case(devices=4, tokens=4))
+  layer = lambda *args, **kw: ccf.fused_moe(*args, **kw, plan=plan)
+  with pytest.raises(ValueError, match="plan replicates experts over 2 hosts of 2 devices; "
+                                       "this call spans 1 of 4"):
+    sharded(layer, 4)(x, ids, weights, w_in, w_out)
