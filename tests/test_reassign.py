@@ -145,7 +145,7 @@ def _plan_step(case, ids, previous=None, tile=1):
   f = jax.jit(jax.shard_map(functools.partial(body, axis_name="ep"), mesh=ep_mesh(case.devices),
                             in_specs=(P("ep"), P()), out_specs=P("ep")))
   plans = f(ids, previous)
-  for field in plans:
+  for field in jax.tree.leaves(plans):
     assert np.all(np.asarray(field) == np.asarray(field)[:1])
   return jax.tree.map(lambda a: a[0], plans)
 
