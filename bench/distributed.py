@@ -32,9 +32,9 @@ import numpy as np
 PROCESSES, DEVICES_PER_PROCESS = 2, 4
 SKEW, REPLICAS = 0.8, 1
 # A collective's result types in XLA's compiled program text: `= f32[8,256]{1,0} all-gather(`,
-# or a tuple of them before an all-to-all.
-_COLLECTIVE = re.compile(r"= (\(?[^=]*?) (all-gather|all-to-all|reduce-scatter|all-reduce)"
-                         r"(?:-start)?\(")
+# or a tuple of them (with `/*index=5*/` comments past the fifth) before an all-to-all.
+_COLLECTIVE = re.compile(r"^\s*%\S+ = (.*?) (all-gather|all-to-all|reduce-scatter|all-reduce)"
+                         r"(?:-start)?\(", re.M)
 _ARRAY = re.compile(r"(pred|[subf]\d+)\[([\d,]*)\]")
 
 

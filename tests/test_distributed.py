@@ -254,6 +254,7 @@ def test_bench_runs_across_processes(tmp_path):
   # Shared memory needs no collective for its rows; replication adds the exported experts'
   # weights (and their gradients) to what the plan-less call gathers.
   assert moved["fused_shared_memory"] < moved["fused_collectives"]
+  assert moved["all_to_all"] > moved["all_to_all_cf1.25"] > 0
   assert moved["skewed_fused_replicas"] > moved["skewed_fused_plan"] >= moved["skewed_fused"] > 0
   busiest = rec["busiest_host"]
   assert busiest["skewed_fused"] == busiest["skewed_fused_plan"] > 1.2
