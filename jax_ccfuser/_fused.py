@@ -10,11 +10,13 @@ import itertools
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad, batching, mlir
 from jax.sharding import AxisType
 
-from jax_ccfuser import _cpu_threads, _extension, _jax_internals, _topology, _workspace
+from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
 from jax_ccfuser._config import peer_timeout_ms, residual_budget_bytes
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_gpu_tiles
@@ -32,7 +34,7 @@ RESIDUALS = ("inputs", "hidden", "auto")
 
 
 class _Static(NamedTuple):
-  """What a traced call fixes; hashable, so it can be a `custom_vjp` static argument."""
+  """What a traced call fixes; hashable, so it can be a `custom_jvp` static argument and a primitive parameter."""
   site: int
   num_devices: int
   emulated: bool
@@ -152,20 +154,31 @@ def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int) -> int:
   return rows if residuals == "hidden" else 0
 
 
-def _refuse_forward_mode(*operands):
-  """Raises a TypeError naming what works if forward-mode autodiff traces `operands`.
+_FORWARD_MODE = (
+    "jax_ccfuser.fused_moe supports reverse-mode differentiation only (jax.grad, jax.vjp, "
+    "jax.value_and_grad, jax.jacrev, once); forward mode (jax.jvp, jax.linearize, "
+    "jax.jacfwd, jax.hessian) and differentiating its gradient again are not supported.")
 
-  The backward pass is its own custom call (rows re-read from the peers), which
-  JAX cannot run forward or differentiate again; left to JAX, jvp fails with messages that do
-  not name the op (inside `shard_map`: "unhashable type: 'Unhashable'").
+
+def _refuse_forward_mode(*_, **__):
+  raise TypeError(_FORWARD_MODE)
+
+
+def _reverse_only(nondiff_argnums):
+  """A custom call's wrapper as a `custom_jvp` whose rule refuses by name.
+
+  The calls themselves have no derivative; reached by a second differentiation (`jax.hessian`,
+  a gradient of a gradient, also through `jax.jit`) JAX would only say that an FFI call cannot
+  be differentiated.
   """
-  if any(_jax_internals.is_forward_mode(a) for a in jax.tree.leaves(operands)):
-    raise TypeError(
-        "jax_ccfuser.fused_moe supports reverse-mode differentiation only (jax.grad, jax.vjp, "
-        "jax.value_and_grad, jax.jacrev, once); forward mode (jax.jvp, jax.linearize, "
-        "jax.jacfwd, jax.hessian) and differentiating its gradient again are not supported.")
+  def wrap(call):
+    refusing = jax.custom_jvp(call, nondiff_argnums=nondiff_argnums)
+    refusing.defjvp(_refuse_forward_mode)
+    return refusing
+  return wrap
 
 
+@_reverse_only(nondiff_argnums=(0, 1))
 def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
   """y `[T, H]` and the kept h rows `[C, G*F]` float32 (`[D*C, G*F]` emulated; no rows unless
   `keep`: a forward that is not differentiated keeps nothing)."""
@@ -183,23 +196,11 @@ def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, r
   return y, hidden
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused_vjp(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
-  return _forward_call(static, False, x, ids, weights, w_in, w_out, workers, bounds, rank,
-                       group)[0]
-
-
-def _fused_fwd(static, *operands):
-  _refuse_forward_mode(operands)
-  # The residuals are the inputs and the kept h rows (none under residuals="inputs"): no
-  # dispatched rows or expert outputs; the backward call re-reads the rows from the peers.
-  y, hidden = _forward_call(static, True, *operands)
-  return y, (*operands, hidden)
-
-
-def _fused_bwd(static, residuals, dy):
-  _refuse_forward_mode(residuals, dy)
-  x, ids, weights, w_in, w_out, workers, bounds, rank, group, hidden = residuals
+@_reverse_only(nondiff_argnums=(0,))
+def _backward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group, hidden,
+                   dy):
+  """`(dx, dweights, dw_in, dw_out)` for the cotangent `dy` `[T, H]` of y, from the inputs and
+  the h rows the forward kept."""
   if dy.shape != x.shape:
     raise ValueError(f"cotangent shape {dy.shape} != output shape {x.shape}")
   if hidden.shape[1:] != w_in.shape[2:] or hidden.dtype != jnp.float32:
@@ -217,18 +218,62 @@ def _fused_bwd(static, residuals, dy):
       vmap_method="sequential")
   region = _reserve_region(static, True, x, ids, weights, w_in, w_out)
   dx, dweights, dw_in, dw_out, _ = call(*args, **_call_attrs(static, True, region).as_ffi())
-  int_zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)
-  return (dx, int_zero(ids), dweights, dw_in, dw_out, int_zero(workers), int_zero(bounds),
-          int_zero(rank), int_zero(group))
+  return dx, dweights, dw_in, dw_out
 
 
-_fused_vjp.defvjp(_fused_fwd, _fused_bwd)
+# The op's tangent map at a point: linear in the tangents of (x, weights, w_in, w_out), given the
+# inputs and the kept h rows. Reverse mode transposes it into the backward custom call;
+# evaluating it is forward mode, refused by name (also where `jax.jit` lowers it).
+_linear_p = jax.extend.core.Primitive("ccf_moe_linear")
+_linear_p.def_impl(_refuse_forward_mode)
+_linear_p.def_abstract_eval(lambda x, *_, static: x)  # operands are varying alike
+mlir.register_lowering(_linear_p, _refuse_forward_mode)
+
+_DIFFERENTIABLE = (0, 2, 3, 4)  # x, weights, w_in, w_out among the operands
 
 
+def _linear_transpose(dy, *operands, static):
+  inputs, tangents = operands[:-len(_DIFFERENTIABLE)], operands[-len(_DIFFERENTIABLE):]
+  if type(dy) is ad.Zero:
+    return [None] * len(operands)
+  grads = _backward_call(static, *inputs, dy)
+  return [None] * len(inputs) + [g if ad.is_undefined_primal(t) else None
+                                 for g, t in zip(grads, tangents)]
+
+
+def _linear_batched(operands, dims, *, static):
+  """`vmap` of the tangent map (reached by differentiating a vmapped op): one batch element at a
+  time, as the custom calls themselves are batched."""
+  mapped = [d is not None for d in dims]  # JAX marks an unbatched operand None
+
+  def one(slices):
+    it = iter(slices)
+    return _linear_p.bind(*(next(it) if m else o for o, m in zip(operands, mapped)),
+                          static=static)
+
+  batched = [jnp.moveaxis(o, d, 0) for o, d, m in zip(operands, dims, mapped) if m]
+  return jax.lax.map(one, batched), 0
+
+
+ad.primitive_transposes[_linear_p] = _linear_transpose
+batching.primitive_batchers[_linear_p] = _linear_batched
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _fused(static, *operands):
-  """The op every entry point calls: `_fused_vjp`, refused by name under forward mode."""
-  _refuse_forward_mode(operands)
-  return _fused_vjp(static, *operands)
+  """The op every entry point calls: y `[T, H]`."""
+  return _forward_call(static, False, *operands)[0]
+
+
+@_fused.defjvp
+def _fused_jvp(static, primals, tangents):
+  # What reverse mode keeps are the inputs and the kept h rows (none under residuals="inputs"):
+  # no dispatched rows or expert outputs; the backward call re-reads the rows from the peers.
+  y, hidden = _forward_call(static, True, *primals)
+  y_dot = _linear_p.bind(
+      *_varying_alike(*primals, hidden, *(tangents[i] for i in _DIFFERENTIABLE)),
+      static=static)
+  return y, y_dot
 
 
 def _position(axis_name):

@@ -24,11 +24,6 @@ try:  # whether a backend exists yet, which fixes XLA:CPU's thread pool
 except ImportError:
   _backends_are_initialized = None
 
-try:  # what forward-mode differentiation traces with
-  from jax.interpreters.ad import JVPTracer as _JVPTracer
-except ImportError:
-  _JVPTracer = None
-
 try:  # jax.distributed's key-value store
   from jax._src import distributed as _distributed
 except ImportError:
@@ -56,11 +51,3 @@ def distributed_client():
   if state is None:
     raise _missing("jax._src.distributed.global_state (the key-value store of jax.distributed)")
   return state.client
-
-
-def is_forward_mode(value) -> bool:
-  """Whether `value` is being traced by forward-mode differentiation (`jax.jvp` and what is
-  built on it); by the tracer's class name where JAX does not export the class."""
-  if _JVPTracer is not None:
-    return isinstance(value, _JVPTracer)
-  return type(value).__name__ == "JVPTracer"

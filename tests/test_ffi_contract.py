@@ -84,9 +84,9 @@ def test_every_attribute_reaches_the_handler():
   y = ccf.fused_moe(*operands[:5])
   np.testing.assert_allclose(y, ccf.reference_moe(*operands[:5]), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(call(*operands, **good.as_ffi())[0], y)
-  with pytest.raises(Exception, match="unknown activation code 9"):
+  with pytest.raises(jax.errors.JaxRuntimeError, match="unknown activation code 9"):
     call(*operands, **good._replace(activation=9).as_ffi())[0].block_until_ready()
-  with pytest.raises(Exception, match="attributes"):
+  with pytest.raises(jax.errors.JaxRuntimeError, match="attributes"):
     call(*operands, **{**good.as_ffi(), "extra": np.int32(0)})[0].block_until_ready()
 
 

@@ -95,7 +95,7 @@ def test_with_a_reassignment_plan():
 
 
 def _one_device_call(case: Case, residuals: str):
-  """The custom_vjp rules of a one-device call: `(fwd, bwd, operands)`."""
+  """The custom calls of a one-device call: `(fwd, bwd, operands)`, fwd keeping h."""
   x, ids, weights, w_in, w_out = make_inputs(case)
   workers, bounds = _fused._plan_operands(None, case.num_experts, 1)
   static = _fused._Static(
@@ -103,8 +103,8 @@ def _one_device_call(case: Case, residuals: str):
       timeout_ms=10_000, num_experts=case.num_experts,
       kept_rows=_fused._kept_rows(residuals, case.tokens, case.k, w_in.shape[2]))
   operands = (x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0))
-  return (jax.jit(functools.partial(_fused._fused_fwd, static)),
-          jax.jit(functools.partial(_fused._fused_bwd, static)), operands)
+  return (jax.jit(functools.partial(_fused._forward_call, static, True)),
+          jax.jit(functools.partial(_fused._backward_call, static)), operands)
 
 
 def test_backward_reads_the_kept_rows():
@@ -112,9 +112,8 @@ def test_backward_reads_the_kept_rows():
   rows change dw_out (through act(h)), the rows themselves give jax.grad's gradients."""
   case = Case(devices=1, tokens=150, seed=5)
   fwd, bwd, operands = _one_device_call(case, "hidden")
-  y, residuals = fwd(*operands)
+  y, hidden = fwd(*operands)
   x, ids, w_in = operands[0], operands[1], operands[3]
-  hidden = residuals[-1]
   assert hidden.shape == (case.tokens * case.k, 2 * case.ffn) and hidden.dtype == jnp.float32
   # The first tile (128 rows, expert 0's first) is the h of those rows.
   rows0 = np.flatnonzero(np.asarray(ids).ravel() == 0)
@@ -123,13 +122,13 @@ def test_backward_reads_the_kept_rows():
     np.testing.assert_allclose(hidden[:10], x[rows0[:10] // case.k] @ w_in[0], rtol=1e-5,
                                atol=1e-5)
   dy = jnp.ones_like(y)
-  grads = bwd(residuals, dy)
+  grads = bwd(*operands, hidden, dy)
   expected = jax.grad(lambda *a: jnp.sum(ccf.fused_moe(*a, residuals="hidden")), (0, 2, 3, 4))(
       *operands[:5])
-  for a, b in zip((grads[0], *grads[2:5]), expected):
+  for a, b in zip(grads, expected):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  tampered = bwd((*residuals[:-1], hidden.at[:128].multiply(2.0)), dy)
-  assert not np.array_equal(np.asarray(tampered[4]), np.asarray(grads[4]))
+  tampered = bwd(*operands, hidden.at[:128].multiply(2.0), dy)
+  assert not np.array_equal(np.asarray(tampered[3]), np.asarray(grads[3]))
 
 
 def _fwd_results(lowered_text: str) -> list:
