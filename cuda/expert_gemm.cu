@@ -4,8 +4,8 @@
 //
 // Every operand is a row-major matrix in memory whose rows may come from anywhere: an expert's
 // weight matrix, a pair's scratch row, or a pair's row read from its source device's buffer (the
-// gather: these loads are the dispatch). The gmem->smem copy therefore computes one row pointer
-// per 16-byte vector; everything after it is a plain CuTe tile pipeline.
+// gather: these loads are the dispatch). The gmem->smem copy therefore looks up its rows itself,
+// once per tile (operand_rows); everything after it is a plain CuTe tile pipeline.
 //
 // A persistent grid walks the tiles: (M-tile of an expert's pairs, N-tile) for GemmShape::
 // kPairRows, whose count is only known on the device (work_list.cu's tile_offset), and
@@ -203,6 +203,13 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
 __device__ uint4 zero_fill_source;
 
 template <class T>
+__device__ __forceinline__ const T* gathered_row(const GemmOperand& op, const GemmParams& p,
+                                                 const GemmTile& tile, int64_t row) {
+  const WorkItem item = p.items[tile.pair_begin + row];
+  return static_cast<const T*>(op.peers[item.source]) + static_cast<int64_t>(item.token) * op.ld;
+}
+
+template <class T>
 __device__ __forceinline__ const T* operand_row(const GemmOperand& op, const GemmParams& p,
                                                 const GemmTile& tile, int64_t row) {
   switch (op.source) {
@@ -212,17 +219,52 @@ __device__ __forceinline__ const T* operand_row(const GemmOperand& op, const Gem
       return static_cast<const T*>(op.data) + (tile.pair_begin + row) * op.ld;
     case RowSource::kGathered: break;
   }
-  const WorkItem item = p.items[tile.pair_begin + row];
-  return static_cast<const T*>(op.peers[item.source]) + static_cast<int64_t>(item.token) * op.ld;
+  return gathered_row<T>(op, p, tile, row);
+}
+
+// Where a thread's vectors of one operand come from during one tile, worked out when the tile
+// starts: looked up per 16-byte vector and k-tile (row source, work item, peer table), it left
+// the k-loop issue-bound. A K-major vector keeps its memory row for the whole tile; an MN-major
+// operand's memory row is the k index, so only gathered rows are still looked up per k-tile.
+template <class T, Major kMajor, int kRows>
+struct OperandRows {
+  const T* row[kRows];  // the memory row of the thread's i-th vector; null outside the tile
+};
+
+template <class T, int kRows>
+struct OperandRows<T, Major::kMN, kRows> {
+  const T* base;  // row k at base + k * ld; null for gathered rows
+};
+
+template <class Config, Major kMajor, class MnMap, class CoordTensor>
+__device__ __forceinline__ auto operand_rows(const GemmParams& p, const GemmOperand& op,
+                                             const GemmTile& tile, const MnMap& mn,
+                                             const CoordTensor& tXcX) {
+  using T = typename Config::Element;
+  constexpr int kRows = decltype(size<1>(tXcX))::value;
+  OperandRows<T, kMajor, kRows> rows;
+  if constexpr (kMajor == Major::kK) {
+    CUTE_UNROLL
+    for (int i = 0; i < kRows; ++i) {
+      const int32_t at = get<0>(tXcX(0, i, 0));  // the same for every vector along k
+      rows.row[i] = mn.valid(at) ? operand_row<T>(op, p, tile, mn.index(at)) : nullptr;
+    }
+  } else {
+    rows.base = op.source == RowSource::kGathered ? nullptr : operand_row<T>(op, p, tile, 0);
+  }
+  return rows;
 }
 
 // Issues the cp.async of one k-tile of one operand into one pipeline stage. `tXsX` and `tXcX`
 // are the thread's (CPY,CPY_MN,CPY_K) partitions of the smem stage and of the tile's (mn, k)
-// coordinates; `mn` maps tile-relative M/N indices to operand indices.
-template <class Config, Major kMajor, class MnMap, class SmemTensor, class CoordTensor>
+// coordinates; `mn` maps tile-relative M/N indices to operand indices, `rows` is what
+// operand_rows found for the tile.
+template <class Config, Major kMajor, class MnMap, class Rows, class SmemTensor,
+          class CoordTensor>
 __device__ __forceinline__ void load_operand(const GemmParams& p, const GemmOperand& op,
-                                             const GemmTile& tile, const MnMap& mn, int32_t k0,
-                                             SmemTensor&& tXsX, const CoordTensor& tXcX) {
+                                             const GemmTile& tile, const MnMap& mn,
+                                             const Rows& rows, int32_t k0, SmemTensor&& tXsX,
+                                             const CoordTensor& tXcX) {
   using T = typename Config::Element;
   using Vector = typename Config::G2SVector;
   CUTE_UNROLL
@@ -231,12 +273,18 @@ __device__ __forceinline__ void load_operand(const GemmParams& p, const GemmOper
     for (int j = 0; j < size<2>(tXsX); ++j) {
       const auto coord = tXcX(0, i, j);  // (mn, k) of the vector's first element
       const int32_t k = k0 + get<1>(coord);
-      const bool valid = mn.valid(get<0>(coord)) && k < tile.k_extent;
       const void* src = &zero_fill_source;
-      if (valid) {
-        const int64_t index = mn.index(get<0>(coord));
-        src = kMajor == Major::kK ? operand_row<T>(op, p, tile, index) + k
-                                  : operand_row<T>(op, p, tile, k) + index;
+      bool valid;
+      if constexpr (kMajor == Major::kK) {
+        valid = rows.row[i] != nullptr && k < tile.k_extent;
+        if (valid) src = rows.row[i] + k;
+      } else {
+        valid = mn.valid(get<0>(coord)) && k < tile.k_extent;
+        if (valid) {
+          const T* row = rows.base != nullptr ? rows.base + k * op.ld
+                                              : gathered_row<T>(op, p, tile, k);
+          src = row + mn.index(get<0>(coord));
+        }
       }
       Config::G2SOp::copy(*static_cast<const Vector*>(src),
                           *reinterpret_cast<Vector*>(&tXsX(0, i, j)), valid);
@@ -468,9 +516,13 @@ __global__ void __launch_bounds__(Config::kThreads)
     b_cols.base = tile.n_tile * b_cols.half;
     b_cols.split = p.n_split;
     b_cols.extent = p.n;
+    const auto a_src = operand_rows<Config, Config::kAMajor>(p, p.a, tile, a_rows, tAcA);
+    const auto b_src = operand_rows<Config, Config::kBMajor>(p, p.b, tile, b_cols, tBcB);
     auto load_stage = [&](int k_tile, int stage) {
-      load_operand<Config, Config::kAMajor>(p, p.a, tile, a_rows, k_tile * kTileK, tAsA(_, _, _, stage), tAcA);
-      load_operand<Config, Config::kBMajor>(p, p.b, tile, b_cols, k_tile * kTileK, tBsB(_, _, _, stage), tBcB);
+      load_operand<Config, Config::kAMajor>(p, p.a, tile, a_rows, a_src, k_tile * kTileK,
+                                            tAsA(_, _, _, stage), tAcA);
+      load_operand<Config, Config::kBMajor>(p, p.b, tile, b_cols, b_src, k_tile * kTileK,
+                                            tBsB(_, _, _, stage), tBcB);
     };
 
     // Main loop: kStages-1 k-tiles in flight while one is multiplied.
