@@ -45,12 +45,22 @@
 // Determinism: every output element is produced by one thread in a fixed order (no float
 // atomics); integer counts only decide positions.
 //
+// Reassignment plans (workers [E, S], bounds [E, S + 1] with S > 1, on the device): every
+// device builds the list over all E experts of the group, and `assign_plan` gives each pair the
+// device the plan names for its position in its expert's (source, token, k) order, and its
+// staging slot among the token's computing devices. The GEMMs walk groups, one per (expert,
+// plan slot) this device computes: a contiguous slice of the list. A helper reads the owner's
+// weights through the peer table and writes its float32 weight-gradient partial of the slot
+// straight into the owner's scratch [E_local, S, H*G*F + F*H]; after the end barrier the owner's
+// `sum_partials` adds its slots in slot order and rounds once. Emulated devices run the same
+// groups and sums, so they match real devices bitwise. With a plan, no h rows are kept
+// (residuals="hidden" recomputes them), and peers in other processes refuse plans.
+//
 // Limits of this version: the scratch ([pairs, F] and [pairs, H] rows forward, more backward)
 // comes from XLA's allocator but is sized for the worst case, every pair of the group on this
 // device (D * T * K rows); a token row routed to two experts of one device is read from its
 // source twice (the CPU path fetches it once); tiles run in work-list order, local and remote
-// rows are not interleaved on purpose; reassignment plans with helper slots are rejected by the
-// handler.
+// rows are not interleaved on purpose.
 //
 // Failure: a device barrier that times out, finds a peer out of step (more than one barrier
 // ahead, or one that gave up) or, across processes, with other shapes aborts the call on that
@@ -149,6 +159,16 @@ constexpr uint64_t kAbortFlag = ~uint64_t{0};
 // ---------------------------------------------------------------------------------------------
 // work_list.cu
 
+// A reassignment plan on the device (Python's jax_ccfuser.Plan): slot s of expert e is computed
+// by device workers[e * slots + s] (-1: unused, and so is every later slot; slot 0 is the owner)
+// and covers positions [bounds[e * (slots + 1) + s], bounds[... + s + 1]) of e's rows in
+// (source, token, k) order; the last slot in use is open-ended.
+struct PlanView {
+  const int32_t* workers;  // null: no plan, every expert's rows on its owner
+  const int32_t* bounds;
+  int32_t slots;           // S
+};
+
 // The routed pairs, seen from the device that builds the work list.
 struct Routing {
   const int32_t* ids[kMaxPeers];  // each source's expert_ids [num_tokens, top_k]
@@ -157,13 +177,18 @@ struct Routing {
   int32_t top_k;                  // K
   int32_t experts_per_device;     // E_local: device d owns experts d*E_local ... (d+1)*E_local-1
   int32_t first_expert;           // the first expert this work list covers
-  int32_t num_experts_here;       // how many: E_local, or D * E_local when emulating
+  int32_t num_experts_here;       // how many: E_local, D * E_local when emulating, or with a
+                                  // plan the group's D * E_local on every device
   // Valid ids are [0, experts_total); those from D * E_local on belong to experts another group
   // computes (a hierarchical call): their pairs get no work and no staging slot here.
   int64_t experts_total;
   // DeviceError::aborted: once set, the list is empty, so no kernel of the call reads or writes
   // peer memory through it.
   const int32_t* aborted;
+  // With a plan the list covers the whole group's experts (first_expert 0) and `me` is the
+  // device whose groups the GEMMs walk, or -1 for every device's (emulated).
+  PlanView plan;
+  int32_t me;
 };
 
 // One pair of the work list.
@@ -180,9 +205,19 @@ struct WorkList {
   int32_t* chunk_counts;   // [E_here, num_chunks] counts, then exclusive offsets within expert
   int32_t* expert_count;   // [E_here]
   int32_t* expert_offset;  // [E_here + 1] first position of each expert's pairs
-  int32_t* tile_offset;    // [E_here + 1] first GEMM M-tile of each expert
   WorkItem* items;         // [P] in (expert, source, token, k) order
   int32_t tile_m;          // the M tile of the GEMMs that walk it (expert_gemm_tile_m)
+  // What the GEMMs walk: groups of consecutive positions [group_begin[g], group_end[g]) of
+  // expert group_expert[g] (global id; -1: not computed here). Without a plan group g is the
+  // list's expert g; with one, g = e * S + s is expert e's plan slot s.
+  int32_t num_groups;      // E_here, or E * S with a plan
+  int32_t* group_begin;    // [num_groups]
+  int32_t* group_end;      // [num_groups]
+  int32_t* group_expert;   // [num_groups]
+  int32_t* tile_offset;    // [num_groups + 1] first GEMM M-tile of each group
+  // With a plan: the device that computes each pair (-1: another group's expert or a bad id),
+  // for every pair of the group; null without a plan (the owner computes every pair).
+  int32_t* pair_device;    // [P]
 };
 
 // Chunks of pairs the work-list kernels split P pairs into.
@@ -192,6 +227,9 @@ cudaError_t count_pairs(const Routing& routing, const WorkList& list, DeviceErro
                         cudaStream_t stream);
 cudaError_t scan_counts(const Routing& routing, const WorkList& list, cudaStream_t stream);
 cudaError_t fill_work_list(const Routing& routing, const WorkList& list, cudaStream_t stream);
+// With a plan, after fill_work_list: every pair's computing device and slot (pair_device,
+// pair_code: -1 for pairs another device computes) and this device's groups.
+cudaError_t assign_plan(const Routing& routing, const WorkList& list, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // expert_gemm.cu: grouped GEMMs, one group per expert of the work list.
@@ -205,15 +243,17 @@ enum class GemmShape : int32_t {
 // Where an operand's memory rows come from. Operands are row-major in memory; a K-major operand's
 // memory rows are its M (A) or N (B) index, an MN-major operand's are its K index.
 enum class RowSource : int32_t {
-  kExpert = 0,    // row r of expert e's matrix: data + e * expert_stride + r * ld
+  kExpert = 0,    // row r of expert e's matrix, at its owner d = e / E_local:
+                  // peers[d] + (e % E_local) * expert_stride + r * ld
   kPair = 1,      // pair row: data + (work-list position) * ld
   kGathered = 2,  // pair row read from its source: peers[item.source] + item.token * ld
 };
 
 struct GemmOperand {
   RowSource source;
-  const void* data;              // kExpert, kPair
-  const void* peers[kMaxPeers];  // kGathered: each source's [num_tokens, ld] buffer
+  const void* data;              // kPair
+  const void* peers[kMaxPeers];  // kGathered: each source's [num_tokens, ld] buffer; kExpert:
+                                 // each device's [E_local, ...] weights
   int64_t ld;                    // elements per memory row
   int64_t expert_stride;         // kExpert: elements between experts' matrices
 };
@@ -224,7 +264,8 @@ enum class Epilogue : int32_t {
   kActivation = 0,          // out[pair, j] = act(C) in the input dtype (gated: act(gate) * up)
   kStoreF32 = 1,            // out[pair, n] = C, float32
   kActivationBackward = 2,  // C = u = dy @ w_out^T: writes w*a, dh, partial dot(a, u)
-  kStoreExpert = 3,         // out[e][m, n] = C in the input dtype (weight gradients)
+  kStoreExpert = 3,         // out[e][m, n] = C in the input dtype (weight gradients); with a
+                            // plan, float32 into the owner's partials[e % E_local, s]
 };
 
 struct GemmParams {
@@ -235,12 +276,14 @@ struct GemmParams {
   int32_t n_split;
   GemmOperand a, b;
 
-  // The work list (work_list.cu), and the M tile it was built for (WorkList::tile_m): the
-  // launcher refuses a list built for another tile than the kernel's.
+  // The work list's groups (work_list.cu), and the M tile it was built for (WorkList::tile_m):
+  // the launcher refuses a list built for another tile than the kernel's.
   const WorkItem* items;
-  const int32_t* expert_offset;
+  const int32_t* group_begin;
+  const int32_t* group_end;
+  const int32_t* group_expert;
   const int32_t* tile_offset;
-  int32_t num_experts_here;
+  int32_t num_groups;
   int32_t tile_m;
 
   Epilogue epilogue;
@@ -248,9 +291,14 @@ struct GemmParams {
   void* out;
   int64_t out_ld;
   int64_t out_expert_stride;  // kStoreExpert
+  // kStoreExpert with a plan: each device's partials [E_local, plan_slots, partial_stride]
+  // float32, this GEMM's part of each at partial_offset (null: no plan).
+  float* partials[kMaxPeers];
+  int32_t plan_slots;
+  int64_t partial_stride, partial_offset;
 
-  // Kept h rows (residuals="hidden"): pair `pos` of the (emulated) device whose experts its
-  // expert is, at index i among that device's pairs, keeps its float32 h = x @ w_in at
+  // Kept h rows (residuals="hidden", no plan): pair `pos` of the (emulated) device whose experts
+  // its expert is, at index i among that device's pairs, keeps its float32 h = x @ w_in at
   // kept + (device * kept_rows + i) * G*F when i < kept_rows. kActivation stores them,
   // kActivationBackward reads them instead of `h`, and `skip_kept` (kStoreF32 over h) skips the
   // tiles whose pairs are all kept. Null: nothing kept.
@@ -311,6 +359,9 @@ cudaError_t scatter_slots(DType dtype, const ScatterParams& params, cudaStream_t
 
 struct CombineParams {
   const int32_t* ids;    // [num_tokens, top_k] this device's expert_ids
+  // With a plan: WorkList::pair_device at this device's first pair (the devices that computed
+  // its tokens' pairs, and so its slots); null: each id's owner did.
+  const int32_t* pair_device;
   const float* staging;  // [num_tokens, num_slots, hidden]
   void* out;             // [num_tokens, hidden] y or dx
   int32_t num_tokens, top_k, hidden, num_slots;
@@ -327,6 +378,20 @@ struct CombineParams {
 // [0, experts_total) gets NaN (the id is also reported through DeviceError by count_pairs), and
 // so does every token of a call whose barrier aborted.
 cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t stream);
+
+// With a plan, after the end barrier: each expert of this device (every device's, emulated)
+// gets its weight gradients as the sum of its plan slots' partials in slot order, rounded once
+// into dw_in [E_local, H, G*F] and dw_out [E_local, F, H] (the input dtype).
+struct PartialSumParams {
+  const float* partials;  // [experts, slots, H*G*F + F*H]
+  const int32_t* workers;  // the plan's [E, slots], from this device's first expert on
+  int32_t experts, slots;
+  int64_t in_elements, out_elements;  // H*G*F, F*H
+  void* dw_in;
+  void* dw_out;
+  const int32_t* aborted;  // DeviceError::aborted: set, the sums are NaN (partials unwritten)
+};
+cudaError_t sum_partials(DType dtype, const PartialSumParams& params, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // signal.cu

@@ -1,5 +1,6 @@
 // The two halves of the combine: the expert side sends each source token one summed row per
-// destination device (scatter_slots), the source side sums its slots (combine_slots).
+// destination device (scatter_slots), the source side sums its slots (combine_slots); and, with
+// a reassignment plan, the owners' sums of their experts' weight-gradient partials.
 //
 // One warp per token; lanes stride over the hidden dimension, so every output element is summed
 // by one thread in a fixed order.
@@ -88,17 +89,22 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   if (t >= p.num_tokens) return;
   const int32_t* row = p.ids + static_cast<int64_t>(t) * p.top_k;
 
-  // Slots in use = the distinct computing devices of this group among the token's ids (as
-  // classify_pair counts them); a bad id poisons the row.
+  // Slots in use = the distinct computing devices of this group among the token's pairs (as
+  // classify_pair and assign_plan count them); a bad id poisons the row.
+  const int32_t* devices =
+      p.pair_device != nullptr ? p.pair_device + static_cast<int64_t>(t) * p.top_k : nullptr;
+  auto device_of = [&](int32_t k) {
+    return devices != nullptr ? devices[k] : computing_device(p, row[k]);
+  };
   int32_t num_used = 0;
   bool bad = false;
   for (int32_t k = 0; k < p.top_k; ++k) {
     const int32_t id = row[k];
     bad |= id < 0 || id >= p.experts_total;
-    const int32_t device = computing_device(p, id);
+    const int32_t device = device_of(k);
     if (device < 0) continue;
     bool first = true;
-    for (int32_t j = 0; j < k && first; ++j) first = computing_device(p, row[j]) != device;
+    for (int32_t j = 0; j < k && first; ++j) first = device_of(j) != device;
     num_used += first;
   }
 
@@ -125,7 +131,38 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   }
 }
 
+// One thread per element of an expert's weight gradients, both matrices in a row: the plan's
+// slots of the expert in slot order (slot 0, the owner, first), rounded once.
+template <class T>
+__global__ void __launch_bounds__(kTokenThreads) sum_partials(const PartialSumParams p) {
+  const int64_t elements = p.in_elements + p.out_elements;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kTokenThreads + threadIdx.x;
+  const int32_t e = blockIdx.y;
+  if (i >= elements) return;
+  const int32_t* workers = p.workers + static_cast<int64_t>(e) * p.slots;
+  const float* partial = p.partials + static_cast<int64_t>(e) * p.slots * elements + i;
+  float sum = NAN;
+  if (*p.aborted == 0) {
+    sum = partial[0];
+    for (int32_t s = 1; s < p.slots && workers[s] >= 0; ++s) sum += partial[s * elements];
+  }
+  if (i < p.in_elements) {
+    static_cast<T*>(p.dw_in)[e * p.in_elements + i] = T(sum);
+  } else {
+    static_cast<T*>(p.dw_out)[e * p.out_elements + (i - p.in_elements)] = T(sum);
+  }
+}
+
 namespace {
+
+template <class T>
+cudaError_t launch_sums(const PartialSumParams& p, cudaStream_t stream) {
+  const int64_t elements = p.in_elements + p.out_elements;
+  const dim3 grid(static_cast<unsigned>((elements + kTokenThreads - 1) / kTokenThreads),
+                  static_cast<unsigned>(p.experts));
+  sum_partials<T><<<grid, kTokenThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 template <class T>
 cudaError_t launch_scatter(const ScatterParams& p, cudaStream_t stream) {
@@ -157,6 +194,16 @@ cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t
     case DType::kF32: return launch_combine<float>(params, stream);
     case DType::kBF16: return launch_combine<cutlass::bfloat16_t>(params, stream);
     case DType::kF16: return launch_combine<cutlass::half_t>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t sum_partials(DType dtype, const PartialSumParams& params, cudaStream_t stream) {
+  CCF_HOST_ASSERT(params.experts > 0 && params.experts <= 65535 && params.slots > 0);
+  switch (dtype) {
+    case DType::kF32: return launch_sums<float>(params, stream);
+    case DType::kBF16: return launch_sums<cutlass::bfloat16_t>(params, stream);
+    case DType::kF16: return launch_sums<cutlass::half_t>(params, stream);
   }
   return cudaErrorInvalidValue;
 }

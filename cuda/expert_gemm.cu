@@ -7,10 +7,11 @@
 // gather: these loads are the dispatch). The gmem->smem copy therefore looks up its rows itself,
 // once per tile (operand_rows); everything after it is a plain CuTe tile pipeline.
 //
-// A persistent grid walks the tiles: (M-tile of an expert's pairs, N-tile) for GemmShape::
+// A persistent grid walks the tiles: (M-tile of a group's pairs, N-tile) for GemmShape::
 // kPairRows, whose count is only known on the device (work_list.cu's tile_offset), and
-// (expert, M-tile, N-tile) for kPairReduction (weight gradients: the reduction runs over the
-// expert's pairs in work-list order, so it is deterministic).
+// (group, M-tile, N-tile) for kPairReduction (weight gradients: the reduction runs over the
+// group's pairs in work-list order, so it is deterministic). A group is an expert, or with a
+// reassignment plan one plan slot of an expert.
 //
 // The epilogue goes through shared memory: the accumulator tile is stored as float32, then each
 // warp owns one row at a time and its lanes walk the columns, so stores are coalesced, gated
@@ -132,8 +133,9 @@ struct GemmTraits {
 // Tiles.
 
 struct GemmTile {
-  int32_t expert;
-  int32_t pair_begin;  // the expert's first work-list position
+  int32_t group;       // WorkList's group
+  int32_t expert;      // its expert (global id); -1: a group another device computes
+  int32_t pair_begin;  // the group's first work-list position
   int32_t m0;          // first M index of the tile
   int32_t n_tile;
   int32_t m_extent;    // valid M indices: [0, m_extent)
@@ -160,9 +162,9 @@ template <int kTileM, int kTileN>
 __device__ __forceinline__ int64_t num_units(const GemmParams& p) {
   if (p.shape == GemmShape::kPairRows) {
     const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
-    return static_cast<int64_t>(p.tile_offset[p.num_experts_here]) * n_tiles;
+    return static_cast<int64_t>(p.tile_offset[p.num_groups]) * n_tiles;
   }
-  return static_cast<int64_t>(p.num_experts_here) * ceil_div(p.m, kTileM) * ceil_div(p.n, kTileN);
+  return static_cast<int64_t>(p.num_groups) * ceil_div(p.m, kTileM) * ceil_div(p.n, kTileN);
 }
 
 template <int kTileM, int kTileN>
@@ -172,26 +174,28 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
     const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
     const int32_t m_tile = static_cast<int32_t>(unit / n_tiles);
     t.n_tile = static_cast<int32_t>(unit % n_tiles);
-    // The last expert whose first tile is <= m_tile (experts without pairs own no tile).
-    int32_t lo = 0, hi = p.num_experts_here - 1;
+    // The last group whose first tile is <= m_tile (groups without pairs own no tile).
+    int32_t lo = 0, hi = p.num_groups - 1;
     while (lo < hi) {
       const int32_t mid = (lo + hi + 1) / 2;
       if (p.tile_offset[mid] <= m_tile) lo = mid; else hi = mid - 1;
     }
-    t.expert = lo;
-    t.pair_begin = p.expert_offset[lo];
+    t.group = lo;
+    t.expert = p.group_expert[lo];
+    t.pair_begin = p.group_begin[lo];
     t.m0 = (m_tile - p.tile_offset[lo]) * kTileM;
-    t.m_extent = p.expert_offset[lo + 1] - t.pair_begin;
+    t.m_extent = p.group_end[lo] - t.pair_begin;
     t.k_extent = p.k;
   } else {
     const int32_t m_tiles = ceil_div(p.m, kTileM), n_tiles = ceil_div(p.n, kTileN);
-    t.expert = static_cast<int32_t>(unit / (m_tiles * n_tiles));
+    t.group = static_cast<int32_t>(unit / (m_tiles * n_tiles));
     const int32_t rest = static_cast<int32_t>(unit % (m_tiles * n_tiles));
     t.m0 = rest / n_tiles * kTileM;
     t.n_tile = rest % n_tiles;
-    t.pair_begin = p.expert_offset[t.expert];
+    t.expert = p.group_expert[t.group];
+    t.pair_begin = p.group_begin[t.group];
     t.m_extent = p.m;
-    t.k_extent = p.expert_offset[t.expert + 1] - t.pair_begin;
+    t.k_extent = p.group_end[t.group] - t.pair_begin;
   }
   return t;
 }
@@ -214,7 +218,8 @@ __device__ __forceinline__ const T* operand_row(const GemmOperand& op, const Gem
                                                 const GemmTile& tile, int64_t row) {
   switch (op.source) {
     case RowSource::kExpert:
-      return static_cast<const T*>(op.data) + tile.expert * op.expert_stride + row * op.ld;
+      return static_cast<const T*>(op.peers[tile.expert / p.experts_per_device]) +
+             (tile.expert % p.experts_per_device) * op.expert_stride + row * op.ld;
     case RowSource::kPair:
       return static_cast<const T*>(op.data) + (tile.pair_begin + row) * op.ld;
     case RowSource::kGathered: break;
@@ -305,9 +310,9 @@ struct RowMap {
 // The row of `p.kept` where pair `pos` of `tile` keeps its h, or -1 when it keeps none.
 __device__ __forceinline__ int64_t kept_index(const GemmParams& p, const GemmTile& tile,
                                               int64_t pos) {
-  if (p.kept == nullptr) return -1;
-  const int32_t device = tile.expert / p.experts_per_device;
-  const int64_t index = pos - p.expert_offset[device * p.experts_per_device];
+  if (p.kept == nullptr) return -1;  // always with a plan: a group is then the list's expert
+  const int32_t device = tile.group / p.experts_per_device;
+  const int64_t index = pos - p.group_begin[device * p.experts_per_device];
   return index < p.kept_rows ? device * p.kept_rows + index : -1;
 }
 
@@ -426,12 +431,25 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
         break;
       case Epilogue::kStoreExpert:
         if constexpr (serves<kA, kB>(Epilogue::kStoreExpert)) {
-          T* out = static_cast<T*>(p.out) + tile.expert * p.out_expert_stride +
-                   static_cast<int64_t>(row) * p.out_ld;
-          for (int c = lane; c < kTileN; c += 32) {
-            const int32_t j = tile.n_tile * kTileN + c;
-            if (j >= p.n) break;
-            out[j] = T(sC(r, c));
+          if (p.partials[0] != nullptr) {  // a plan: float32 into the slot's partial
+            const int32_t local = tile.expert % p.experts_per_device;
+            float* out = p.partials[tile.expert / p.experts_per_device] +
+                         (static_cast<int64_t>(local) * p.plan_slots +
+                          tile.group % p.plan_slots) * p.partial_stride +
+                         p.partial_offset + static_cast<int64_t>(row) * p.out_ld;
+            for (int c = lane; c < kTileN; c += 32) {
+              const int32_t j = tile.n_tile * kTileN + c;
+              if (j >= p.n) break;
+              out[j] = sC(r, c);
+            }
+          } else {
+            T* out = static_cast<T*>(p.out) + tile.group * p.out_expert_stride +
+                     static_cast<int64_t>(row) * p.out_ld;
+            for (int c = lane; c < kTileN; c += 32) {
+              const int32_t j = tile.n_tile * kTileN + c;
+              if (j >= p.n) break;
+              out[j] = T(sC(r, c));
+            }
           }
         }
         break;
@@ -509,7 +527,8 @@ __global__ void __launch_bounds__(Config::kThreads)
   const int64_t units = num_units<kTileM, kTileN>(p);
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
     const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
-    if (p.skip_kept && tile_kept<kTileM>(p, tile)) continue;  // the same for the whole CTA
+    if (tile.expert < 0) continue;  // another device's group: the same for the whole CTA
+    if (p.skip_kept && tile_kept<kTileM>(p, tile)) continue;
     const RowMap a_rows{tile.m0, tile.m_extent};
     ColumnMap b_cols;
     b_cols.half = columns_per_tile<kTileN>(p);
@@ -556,6 +575,8 @@ __global__ void __launch_bounds__(Config::kThreads)
     epilogue<Config>(p, tile, sC);
     __syncthreads();  // the next tile's loads overwrite sC
   }
+  // Partials went to their owners' memory: order them before this device's next barrier signal.
+  if (p.partials[0] != nullptr) __threadfence_system();
 }
 
 namespace {
@@ -577,7 +598,7 @@ cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
   CCF_HOST_ASSERT(per_sm > 0);
   int64_t grid = static_cast<int64_t>(num_sms) * per_sm;
   if (p.shape == GemmShape::kPairReduction) {
-    const int64_t units = static_cast<int64_t>(p.num_experts_here) *
+    const int64_t units = static_cast<int64_t>(p.num_groups) *
                           ((p.m + Config::kTileM - 1) / Config::kTileM) *
                           ((p.n + Config::kTileN - 1) / Config::kTileN);
     grid = std::min(grid, units);
@@ -617,7 +638,7 @@ int expert_gemm_tile_n(DType dtype) {
 cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmParams& params,
                         int num_sms, cudaStream_t stream) {
   CCF_HOST_ASSERT(num_sms > 0);
-  CCF_HOST_ASSERT(params.num_experts_here > 0 && params.num_experts_here <= kMaxExpertsHere);
+  CCF_HOST_ASSERT(params.num_groups > 0 && params.num_groups <= kMaxExpertsHere);
   switch (dtype) {
     case DType::kF32: return launch_majors<float>(a_major, b_major, params, num_sms, stream);
     case DType::kBF16: return launch_majors<bfloat16_t>(a_major, b_major, params, num_sms, stream);

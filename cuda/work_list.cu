@@ -5,6 +5,10 @@
 // kPairsPerChunk; one warp owns a chunk in all three kernels. A pair's position is
 //   expert_offset[e] + (pairs of e in earlier chunks) + (pairs of e before it in its chunk),
 // so positions depend on the data only, never on scheduling.
+//
+// With a reassignment plan the list covers every expert of the group on every device, so each
+// device knows every pair's position in its expert's order and so which device the plan names
+// for it (`assign_plan`); the GEMMs then walk this device's (expert, plan slot) groups.
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/api.cuh"
@@ -152,11 +156,18 @@ __global__ void __launch_bounds__(kListThreads)
     if (e < experts) s_offset[e] = values[j];
   }
   if (blockIdx.x == 0) {
+    // Without a plan the groups are the experts; with one, assign_plan makes them.
+    const bool groups = r.plan.workers == nullptr;
     for (int j = 0; j < kItems; ++j) {
       const int32_t e = threadIdx.x * kItems + j;
       if (e < experts) {
         list.expert_offset[e] = values[j];
         const int32_t count = list.expert_count[e];
+        if (groups) {
+          list.group_begin[e] = values[j];
+          list.group_end[e] = values[j] + count;
+          list.group_expert[e] = r.first_expert + e;
+        }
         values[j] = (count + list.tile_m - 1) / list.tile_m;
       } else {
         values[j] = 0;
@@ -165,13 +176,13 @@ __global__ void __launch_bounds__(kListThreads)
     __syncthreads();  // `temp` is reused
     int32_t total_tiles;
     BlockScan(temp).ExclusiveSum(values, values, total_tiles);
-    for (int j = 0; j < kItems; ++j) {
+    for (int j = 0; j < kItems && groups; ++j) {
       const int32_t e = threadIdx.x * kItems + j;
       if (e < experts) list.tile_offset[e] = values[j];
     }
     if (threadIdx.x == 0) {
       list.expert_offset[experts] = total;
-      list.tile_offset[experts] = total_tiles;
+      if (groups) list.tile_offset[experts] = total_tiles;
     }
   }
   __syncthreads();
@@ -201,6 +212,116 @@ __global__ void __launch_bounds__(kListThreads)
     if (e >= 0 && rank == 0) run[e] += __popc(same);
     __syncwarp();
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reassignment plans.
+
+namespace {
+
+// Plan slot s of expert e (whose rows are [0, count) in its order): the device computing it and
+// the rows it covers, [lo, hi), as the CPU handler's PlanView::WorkerOf reads a plan. Slot 0 is
+// always in use; slots from the first unused one (-1) on cover nothing; the last slot in use runs
+// to `count`; bounds are clamped to be ascending within [0, count), so the slots always cut the
+// rows into consecutive slices, one worker each, whatever the plan holds. A worker outside the
+// group is read as the owner.
+struct PlanSlot {
+  int32_t worker, lo, hi;
+};
+
+__device__ PlanSlot plan_slot(const Routing& r, int32_t e, int32_t s, int32_t count) {
+  const int32_t* workers = r.plan.workers + static_cast<int64_t>(e) * r.plan.slots;
+  const int32_t* bounds = r.plan.bounds + static_cast<int64_t>(e) * (r.plan.slots + 1);
+  const int32_t owner = e / r.experts_per_device;
+  int32_t lo = 0;
+  for (int32_t j = 0; j < r.plan.slots && (j == 0 || workers[j] >= 0); ++j) {
+    const bool last = j + 1 == r.plan.slots || workers[j + 1] < 0;
+    const int32_t hi = last ? count : min(max(bounds[j + 1], lo), count);
+    const int32_t worker = workers[j] >= 0 && workers[j] < r.num_sources ? workers[j] : owner;
+    if (j == s) return {worker, lo, hi};
+    lo = hi;
+  }
+  return {-1, count, count};
+}
+
+// The device computing position `pos` of expert e's rows.
+__device__ int32_t plan_worker(const Routing& r, int32_t e, int32_t pos, int32_t count) {
+  for (int32_t s = 0; s < r.plan.slots; ++s) {
+    const PlanSlot slot = plan_slot(r, e, s, count);
+    if (slot.worker < 0) break;
+    if (pos < slot.hi) return slot.worker;
+  }
+  return e / r.experts_per_device;  // no rows at all: unreachable for a routed pair
+}
+
+}  // namespace
+
+// One thread per (source, token): each pair's computing device, then the staging slots as
+// classify_pair counts them (the rank of the pair's device among the token's distinct devices).
+__global__ void __launch_bounds__(kListThreads)
+    assign_plan_pairs(const Routing r, const WorkList list) {
+  const int32_t g = blockIdx.x * kListThreads + threadIdx.x;  // source * T + token
+  if (g >= r.num_sources * r.num_tokens) return;
+  const int64_t first = static_cast<int64_t>(g) * r.top_k;
+  for (int32_t k = 0; k < r.top_k; ++k) {
+    const int32_t code = list.pair_code[first + k];
+    int32_t device = -1;
+    if (code >= 0) {
+      const int32_t e = code / kMaxPeers;
+      device = plan_worker(r, e, list.pair_pos[first + k] - list.expert_offset[e],
+                           list.expert_count[e]);
+    }
+    list.pair_device[first + k] = device;
+  }
+  for (int32_t k = 0; k < r.top_k; ++k) {
+    const int32_t code = list.pair_code[first + k];
+    const int32_t device = list.pair_device[first + k];
+    if (code < 0) continue;
+    int32_t slot = 0;
+    for (int32_t j = 0; j < r.top_k; ++j) {
+      const int32_t dj = list.pair_device[first + j];
+      if (dj < 0 || dj >= device) continue;
+      bool first_of_device = true;
+      for (int32_t j2 = 0; j2 < j && first_of_device; ++j2)
+        first_of_device = list.pair_device[first + j2] != dj;
+      slot += first_of_device;
+    }
+    const bool here = r.me < 0 || device == r.me;
+    list.pair_code[first + k] = here ? (code / kMaxPeers) * kMaxPeers + slot : -1;
+  }
+}
+
+// One block: the groups g = e * S + s, this device's (every device's when emulating) with their
+// rows, the others empty, and the M-tile table over them.
+__global__ void __launch_bounds__(kListThreads) assign_plan_groups(const Routing r,
+                                                                   const WorkList list) {
+  constexpr int kItems = kMaxExpertsHere / kListThreads;
+  using BlockScan = cub::BlockScan<int32_t, kListThreads>;
+  __shared__ typename BlockScan::TempStorage temp;
+  // After an aborted barrier no group is here: an empty one would still write its zero
+  // weight-gradient partial into its owner's memory.
+  const bool aborted = *r.aborted != 0;
+  int32_t tiles[kItems];
+  for (int j = 0; j < kItems; ++j) {
+    const int32_t g = threadIdx.x * kItems + j;
+    tiles[j] = 0;
+    if (g >= list.num_groups) continue;
+    const int32_t e = g / r.plan.slots, s = g % r.plan.slots;
+    const PlanSlot slot = plan_slot(r, e, s, list.expert_count[e]);
+    const bool here = !aborted && slot.worker >= 0 && (r.me < 0 || slot.worker == r.me);
+    const int32_t begin = list.expert_offset[e] + slot.lo;
+    list.group_begin[g] = begin;
+    list.group_end[g] = here ? list.expert_offset[e] + slot.hi : begin;
+    list.group_expert[g] = here ? e : -1;
+    if (here) tiles[j] = (slot.hi - slot.lo + list.tile_m - 1) / list.tile_m;
+  }
+  int32_t total_tiles;
+  BlockScan(temp).ExclusiveSum(tiles, tiles, total_tiles);
+  for (int j = 0; j < kItems; ++j) {
+    const int32_t g = threadIdx.x * kItems + j;
+    if (g < list.num_groups) list.tile_offset[g] = tiles[j];
+  }
+  if (threadIdx.x == 0) list.tile_offset[list.num_groups] = total_tiles;
 }
 
 namespace {
@@ -234,10 +355,23 @@ cudaError_t scan_counts(const Routing& routing, const WorkList& list, cudaStream
 
 cudaError_t fill_work_list(const Routing& routing, const WorkList& list, cudaStream_t stream) {
   CCF_HOST_ASSERT(list.tile_m > 0);
+  CCF_HOST_ASSERT(routing.plan.workers != nullptr || list.num_groups == routing.num_experts_here);
   const int num_chunks = work_list_chunks(static_cast<int64_t>(routing.num_sources) *
                                           routing.num_tokens * routing.top_k);
   fill_work_list<<<list_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
       routing, list, num_chunks);
+  return cudaGetLastError();
+}
+
+cudaError_t assign_plan(const Routing& routing, const WorkList& list, cudaStream_t stream) {
+  CCF_HOST_ASSERT(routing.plan.workers != nullptr && routing.plan.slots > 0);
+  CCF_HOST_ASSERT(list.num_groups == routing.num_experts_here * routing.plan.slots &&
+                  list.num_groups <= kMaxExpertsHere && list.pair_device != nullptr);
+  const int64_t tokens = static_cast<int64_t>(routing.num_sources) * routing.num_tokens;
+  assign_plan_pairs<<<static_cast<unsigned>((tokens + kListThreads - 1) / kListThreads),
+                      kListThreads, 0, stream>>>(routing, list);
+  CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  assign_plan_groups<<<1, kListThreads, 0, stream>>>(routing, list);
   return cudaGetLastError();
 }
 

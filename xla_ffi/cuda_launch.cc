@@ -16,15 +16,21 @@ cuda::DType ToDType(ffi::DataType t) {
 cuda::WorkList CarveWorkList(const Call& c, Arena& arena) {
   const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
   const int64_t chunks = cuda::work_list_chunks(pairs);
+  const bool planned = c.plan.workers != nullptr;
   cuda::WorkList w;
   w.pair_code = arena.Take<int32_t>(pairs);
   w.pair_pos = arena.Take<int32_t>(pairs);
   w.chunk_counts = arena.Take<int32_t>(c.experts_here * chunks);
   w.expert_count = arena.Take<int32_t>(c.experts_here);
   w.expert_offset = arena.Take<int32_t>(c.experts_here + 1);
-  w.tile_offset = arena.Take<int32_t>(c.experts_here + 1);
   w.items = arena.Take<cuda::WorkItem>(pairs);
   w.tile_m = cuda::expert_gemm_tile_m(ToDType(c.d.x_type));
+  w.num_groups = planned ? c.experts_here * c.plan.slots : c.experts_here;
+  w.group_begin = arena.Take<int32_t>(w.num_groups);
+  w.group_end = arena.Take<int32_t>(w.num_groups);
+  w.group_expert = arena.Take<int32_t>(w.num_groups);
+  w.tile_offset = arena.Take<int32_t>(w.num_groups + 1);
+  w.pair_device = planned ? arena.Take<int32_t>(pairs) : nullptr;
   return w;
 }
 
@@ -39,6 +45,8 @@ cuda::Routing MakeRouting(const Call& c, DeviceState& me) {
   r.num_experts_here = c.experts_here;
   r.experts_total = c.d.experts_total;
   r.aborted = &me.error->aborted;
+  r.plan = c.plan;
+  r.me = c.me;
   return r;
 }
 
@@ -48,6 +56,8 @@ void LaunchWorkList(const Call& c, const cuda::WorkList& list, DeviceState& me,
   launcher.Run("count_pairs", [&] { return cuda::count_pairs(routing, list, me.error, stream); });
   launcher.Run("scan_counts", [&] { return cuda::scan_counts(routing, list, stream); });
   launcher.Run("fill_work_list", [&] { return cuda::fill_work_list(routing, list, stream); });
+  if (c.plan.workers != nullptr)
+    launcher.Run("assign_plan", [&] { return cuda::assign_plan(routing, list, stream); });
 }
 
 // The start barrier (which also checks the cached rank and group) or the end barrier of a real
@@ -118,10 +128,14 @@ cuda::GemmOperand PairRows(const void* data, int64_t ld) {
   return op;
 }
 
-cuda::GemmOperand ExpertRows(const void* data, int64_t ld, int64_t expert_stride) {
+// Expert e's rows at its owner: this device's own weights where XLA keeps them, the others'
+// (read by helpers of a plan) through the peer table.
+cuda::GemmOperand ExpertRows(const Call& c, const void* own, const void* PeerBuffers::*field,
+                             int64_t ld, int64_t expert_stride) {
   cuda::GemmOperand op{};
   op.source = cuda::RowSource::kExpert;
-  op.data = data;
+  for (int dev = 0; dev < c.d.num_devices; ++dev)
+    op.peers[dev] = dev == c.me ? own : c.peers[dev].*field;
   op.ld = ld;
   op.expert_stride = expert_stride;
   return op;
@@ -138,9 +152,11 @@ cuda::GemmParams GemmOver(const Call& c, const cuda::WorkList& list, cuda::GemmS
   p.a = a;
   p.b = b;
   p.items = list.items;
-  p.expert_offset = list.expert_offset;
+  p.group_begin = list.group_begin;
+  p.group_end = list.group_end;
+  p.group_expert = list.group_expert;
   p.tile_offset = list.tile_offset;
-  p.num_experts_here = c.experts_here;
+  p.num_groups = list.num_groups;
   p.tile_m = list.tile_m;
   p.epilogue = epilogue;
   p.activation = static_cast<int32_t>(c.d.activation);
@@ -174,9 +190,13 @@ cuda::ScatterParams ScatterOver(const Call& c, const cuda::WorkList& list, const
   return p;
 }
 
-cuda::CombineParams CombineOver(const Call& c, DeviceState& me, void* out, void* d_weights) {
+cuda::CombineParams CombineOver(const Call& c, const cuda::WorkList& list, DeviceState& me,
+                                void* out, void* d_weights) {
   cuda::CombineParams p{};
   p.ids = c.own_ids;
+  // This device's tokens are its sources' pairs from rank * T * K on (emulated: all of them).
+  if (list.pair_device != nullptr)
+    p.pair_device = list.pair_device + (c.me < 0 ? 0 : c.me * c.d.tokens * c.d.k);
   p.staging = c.own_staging;
   p.out = out;
   p.num_tokens = static_cast<int32_t>(c.own_tokens);
@@ -195,13 +215,34 @@ cuda::CombineParams CombineOver(const Call& c, DeviceState& me, void* out, void*
 // The end of a call: this device's rows scattered into their sources' staging, the end barrier
 // (the peers have written this device's slots and stopped reading its buffers), the sum of its
 // slots into `out` (and, backward, the NaN of d expert_weights at bad ids).
-void CloseCall(const Call& c, DeviceState& me, const cuda::ScatterParams& scatter, void* out,
-               void* d_weights, cudaStream_t stream, Launcher& launcher) {
+void CloseCall(const Call& c, const cuda::WorkList& list, DeviceState& me,
+               const cuda::ScatterParams& scatter, void* out, void* d_weights,
+               cudaStream_t stream, Launcher& launcher) {
   const cuda::DType dtype = ToDType(c.d.x_type);
   launcher.Run("scatter_slots", [&] { return cuda::scatter_slots(dtype, scatter, stream); });
   DeviceBarrier(c, me, nullptr, nullptr, stream, launcher);
   launcher.Run("combine_slots", [&] {
-    return cuda::combine_slots(dtype, CombineOver(c, me, out, d_weights), stream);
+    return cuda::combine_slots(dtype, CombineOver(c, list, me, out, d_weights), stream);
+  });
+}
+
+// With a plan, once the end barrier has passed (the helpers' partials are in): each own
+// expert's weight gradients, the sum of its plan slots' partials in slot order.
+void SumPartials(const Call& c, DeviceState& me, const BackwardScratch& s, void* dw_in,
+                 void* dw_out, cudaStream_t stream, Launcher& launcher) {
+  cuda::PartialSumParams p{};
+  p.partials = s.partials;
+  p.workers = c.plan.workers + static_cast<int64_t>(c.me < 0 ? 0 : c.me) * c.d.experts_local *
+                                   c.plan.slots;
+  p.experts = c.own_experts;
+  p.slots = c.plan.slots;
+  p.in_elements = c.d.hidden * c.d.gate_ffn;
+  p.out_elements = c.d.ffn * c.d.hidden;
+  p.dw_in = dw_in;
+  p.dw_out = dw_out;
+  p.aborted = &me.error->aborted;
+  launcher.Run("sum_partials", [&] {
+    return cuda::sum_partials(ToDType(c.d.x_type), p, stream);
   });
 }
 
@@ -226,21 +267,21 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   // side by side in one tile); the kept pairs' h stored on the side.
   cuda::GemmParams g1 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h,
                                  Gathered(c, &PeerBuffers::x, h),
-                                 ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kActivation);
+                                 ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf), cuda::Epilogue::kActivation);
   g1.n_split = IsGated(d.activation) ? static_cast<int32_t>(f) : 0;
   g1.out = s.a;
   g1.out_ld = f;
   LaunchGemm("GEMM1", c, me, cuda::Major::kK, cuda::Major::kMN, g1, stream, launcher);
   // GEMM2: a @ w_out[e] into float32 rows.
   cuda::GemmParams g2 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, f,
-                                 PairRows(s.a, f), ExpertRows(c.w_out, h, f * h),
+                                 PairRows(s.a, f), ExpertRows(c, c.w_out, &PeerBuffers::w_out, h, f * h),
                                  cuda::Epilogue::kStoreF32);
   g2.out = s.rows;
   g2.out_ld = h;
   LaunchGemm("GEMM2", c, me, cuda::Major::kK, cuda::Major::kMN, g2, stream, launcher);
   cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
   scatter.weighted = 1;
-  CloseCall(c, me, scatter, y, nullptr, stream, launcher);
+  CloseCall(c, s.list, me, scatter, y, nullptr, stream, launcher);
 }
 
 BackwardScratch CarveBackward(const Call& c, Arena& arena) {
@@ -255,6 +296,9 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena) {
   s.dh = arena.Take<char>(pairs * c.d.gate_ffn * width);
   s.dot_partial = arena.Take<float>(pairs * s.num_partials);
   s.rows = arena.Take<float>(pairs * c.d.hidden);
+  if (c.plan.workers != nullptr)
+    s.partials = arena.Take<float>(static_cast<int64_t>(c.own_experts) * c.plan.slots *
+                                   c.d.expert_elements());
   return s;
 }
 
@@ -268,7 +312,7 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   // h = x @ w_in[e], float32, for the tiles whose h the forward did not keep.
   cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
                                      Gathered(c, &PeerBuffers::x, h),
-                                     ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
+                                     ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
   h_gemm.skip_kept = 1;
   h_gemm.out = s.h;
   h_gemm.out_ld = gf;
@@ -277,32 +321,41 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   // recomputed h.
   cuda::GemmParams u_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h, Gathered(c, &PeerBuffers::dy, h),
-               ExpertRows(c.w_out, h, f * h), cuda::Epilogue::kActivationBackward);
+               ExpertRows(c, c.w_out, &PeerBuffers::w_out, h, f * h), cuda::Epilogue::kActivationBackward);
   u_gemm.h = s.h;
   u_gemm.aw = s.aw;
   u_gemm.dh = s.dh;
   u_gemm.dot_partial = s.dot_partial;
   u_gemm.num_partials = s.num_partials;
   LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream, launcher);
-  // dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh, reduced over the expert's pairs in order.
+  // dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh, reduced over the group's pairs in order: the
+  // outputs, or with a plan each slot's float32 partial at the expert's owner.
   cuda::GemmParams dw_out_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairReduction, f, h, 0, PairRows(s.aw, f),
                Gathered(c, &PeerBuffers::dy, h), cuda::Epilogue::kStoreExpert);
   dw_out_gemm.out = dw_out;
   dw_out_gemm.out_ld = h;
   dw_out_gemm.out_expert_stride = f * h;
-  LaunchGemm("dw_out", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream, launcher);
   cuda::GemmParams dw_in_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairReduction, h, gf, 0,
                Gathered(c, &PeerBuffers::x, h), PairRows(s.dh, gf), cuda::Epilogue::kStoreExpert);
   dw_in_gemm.out = dw_in;
   dw_in_gemm.out_ld = gf;
   dw_in_gemm.out_expert_stride = h * gf;
+  if (c.plan.workers != nullptr) {
+    for (cuda::GemmParams* g : {&dw_in_gemm, &dw_out_gemm}) {
+      for (int dev = 0; dev < d.num_devices; ++dev) g->partials[dev] = c.peers[dev].partials;
+      g->plan_slots = c.plan.slots;
+      g->partial_stride = d.expert_elements();
+    }
+    dw_out_gemm.partial_offset = h * gf;  // after w_in's elements
+  }
+  LaunchGemm("dw_out", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream, launcher);
   LaunchGemm("dw_in", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream, launcher);
   // dx rows = dh @ w_in[e]^T.
   cuda::GemmParams dx_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, gf, PairRows(s.dh, gf),
-               ExpertRows(c.w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
+               ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
   dx_gemm.out = s.rows;
   dx_gemm.out_ld = h;
   LaunchGemm("dx = dh @ w_in^T", c, me, cuda::Major::kK, cuda::Major::kK, dx_gemm, stream, launcher);
@@ -310,7 +363,8 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   scatter.weighted = 0;  // w is in dh already
   scatter.dot_partial = s.dot_partial;
   scatter.num_partials = s.num_partials;
-  CloseCall(c, me, scatter, dx, c.own_d_weights, stream, launcher);
+  CloseCall(c, s.list, me, scatter, dx, c.own_d_weights, stream, launcher);
+  if (c.plan.workers != nullptr) SumPartials(c, me, s, dw_in, dw_out, stream, launcher);
   if (c.own_d_weights != d_weights)  // peers wrote them into this device's region
     launcher.Run("copying d_expert_weights out of the region", [&] {
       return cudaMemcpyAsync(d_weights, c.own_d_weights,

@@ -79,6 +79,9 @@ struct BackwardScratch {
   float* dot_partial;   // [pairs, F tiles]
   float* rows;          // [pairs, H] dh @ w_in^T
   int32_t num_partials;
+  // With a plan: [own experts, S, H*G*F + F*H] float32, where the device computing plan slot s
+  // of an expert writes its weight-gradient partial (helpers through peer memory); else null.
+  float* partials = nullptr;
 };
 BackwardScratch CarveBackward(const Call& c, Arena& arena);
 

@@ -33,8 +33,9 @@ void JoinGroup(const CallAttrs& attrs, DeviceState& me, SitePlace* place, Call* 
   b.error = me.error;
   b.expected_group = place->group;
   call->place = place;
-  call->first_expert = place->rank * static_cast<int32_t>(d.experts_local);
-  call->experts_here = static_cast<int32_t>(d.experts_local);
+  call->me = place->rank;
+  call->first_expert =
+      call->plan.workers ? 0 : place->rank * static_cast<int32_t>(d.experts_local);
   call->own_tokens = d.tokens;
 }
 
@@ -57,10 +58,15 @@ ffi::Error CheckInProcessPeers(DeviceState& me, const Call& call, int32_t rank,
     const PeerBuffers& p = peers[dev];
     if (p.gpu == me.ordinal) continue;
     if (ffi::Error err = EnablePeerAccess(me, p.gpu); err.failure()) return err;
+    // With a plan, helpers also read the owners' weights and write their partials.
+    const bool planned = call.plan.workers != nullptr;
     for (auto [ptr, what] : {std::pair<const void*, const char*>{p.x, "x"},
                              {p.ids, "expert_ids"}, {p.weights, "expert_weights"},
                              {p.staging, "staging"}, {p.dy, "dy"},
-                             {p.d_weights, "d expert_weights"}})
+                             {p.d_weights, "d expert_weights"},
+                             {planned ? p.w_in : nullptr, "w_in"},
+                             {planned ? p.w_out : nullptr, "w_out"},
+                             {p.partials, "weight-gradient partials"}})
       if (ptr != nullptr)
         if (ffi::Error err = CheckPeerMemory(ptr, static_cast<int>(dev), what); err.failure())
           return err;
@@ -189,9 +195,13 @@ ffi::Error ConnectIpc(const CallAttrs& attrs, DeviceState& me, const ScalarS32& 
 
 }  // namespace
 
-int32_t ExpertsHere(const CallAttrs& attrs, const MoeDims& d) {
+int32_t OwnExperts(const CallAttrs& attrs, const MoeDims& d) {
   const bool emulating = attrs.emulated || d.num_devices == 1;
   return static_cast<int32_t>(emulating ? d.group_experts() : d.experts_local);
+}
+
+int32_t ExpertsHere(const CallAttrs& attrs, const MoeDims& d, bool planned) {
+  return planned ? static_cast<int32_t>(d.group_experts()) : OwnExperts(attrs, d);
 }
 
 ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank,
@@ -206,9 +216,14 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32
   if (!attrs.emulated && d.num_devices > 1)
     return attrs.workspace >= 0 ? ConnectIpc(attrs, me, rank, group, own, stream, call)
                                 : ConnectInProcess(attrs, me, rank, group, own, stream, call);
-  for (int dev = 0; dev < d.num_devices; ++dev) call->peers.push_back(EmulatedPeer(own, d, dev));
+  // Each emulated device's partials [E_local, S, H*G*F + F*H] are stacked like its weights.
+  const int64_t partials = d.experts_local * call->plan.slots * d.expert_elements();
+  for (int dev = 0; dev < d.num_devices; ++dev) {
+    call->peers.push_back(EmulatedPeer(own, d, dev));
+    if (own.partials) call->peers.back().partials = own.partials + dev * partials;
+  }
+  call->me = -1;
   call->first_expert = 0;
-  call->experts_here = ExpertsHere(attrs, d);
   call->own_tokens = d.num_devices * d.tokens;
   return ffi::Error::Success();
 }

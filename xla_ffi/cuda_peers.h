@@ -32,9 +32,15 @@ namespace ccf {
 struct Call {
   MoeDims d;
   std::vector<PeerBuffers> peers;  // one per device of the group
-  // The experts this call computes, [first_expert, first_expert + experts_here), their weights
-  // (stacked like the operands), and the tokens whose slots it sums.
-  int32_t first_expert = 0, experts_here = 0;
+  // The reassignment plan on the device (workers null: none).
+  cuda::PlanView plan{};
+  // This device's rank in its group; -1 when emulating, where the call is every device's.
+  int32_t me = -1;
+  // The experts the work list covers, [first_expert, first_expert + experts_here): this
+  // device's (every emulated device's), or with a plan the whole group's; the experts whose
+  // weights and gradients are this call's (own_experts: E_local, or D * E_local emulated);
+  // their weights (stacked like the operands); and the tokens whose slots it sums.
+  int32_t first_expert = 0, experts_here = 0, own_experts = 0;
   const void* w_in = nullptr;
   const void* w_out = nullptr;
   const int32_t* own_ids = nullptr;
@@ -60,8 +66,10 @@ struct Call {
   cuda::BarrierParams barrier{};
 };
 
-// The experts one call's work list covers: the group's when emulating, else this device's.
-int32_t ExpertsHere(const CallAttrs& attrs, const MoeDims& d);
+// The experts whose weights one call owns: the group's when emulating, else this device's.
+int32_t OwnExperts(const CallAttrs& attrs, const MoeDims& d);
+// The experts one call's work list covers: its own, or the group's with a reassignment plan.
+int32_t ExpertsHere(const CallAttrs& attrs, const MoeDims& d, bool planned);
 
 // Fills `call` (whose dims are decoded) for this device, whose own buffers are `own`.
 xla::ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank,

@@ -75,15 +75,12 @@ struct Peers {
   }
 };
 
-// Elements of one expert's weights: w_in [H, G*F] then w_out [F, H].
-int64_t ExpertElements(const MoeDims& d) { return d.hidden * d.gate_ffn + d.ffn * d.hidden; }
-
 // Where the helper in plan slot `slot` (>= 1) of `expert` puts its partial weight gradients
 // when peers live in other processes: its area of the owner's region.
 float* HelperPartial(const PeerBuffers& owner, const MoeDims& d, const PlanView& plan,
                      int64_t expert, int64_t slot) {
   const int64_t local = expert % d.experts_local;
-  return owner.partials + (local * (plan.num_slots - 1) + slot - 1) * ExpertElements(d);
+  return owner.partials + (local * (plan.num_slots - 1) + slot - 1) * d.expert_elements();
 }
 
 // The first plan slot of `expert` that names `helper`: a helper named twice computes both
@@ -126,7 +123,7 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
   const RegionLayout at = LayoutRegion({d.tokens, d.hidden, d.k, d.slots,
                                         static_cast<int64_t>(ffi::ByteWidth(d.x_type)),
                                         static_cast<int64_t>(ffi::ByteWidth(d.weights_type)),
-                                        d.experts_local, ExpertElements(d), w_bytes,
+                                        d.experts_local, d.expert_elements(), w_bytes,
                                         plan.num_slots, backward});
   std::vector<RegionHeader*> headers;
   peers->concurrent = 0;
@@ -164,7 +161,7 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
     // A helper with no rows for its slice writes nothing: its partials must read as zero.
     if (mine.partials)
       std::memset(mine.partials, 0,
-                  d.experts_local * (plan.num_slots - 1) * ExpertElements(d) * sizeof(float));
+                  d.experts_local * (plan.num_slots - 1) * d.expert_elements() * sizeof(float));
   }
   // This device reads its own weights where XLA keeps them.
   mine.w_in = own.w_in;

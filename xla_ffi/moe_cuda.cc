@@ -8,7 +8,8 @@
 //   connect  to the peers: emulated, in this process (two host meetings) or in other processes
 //            (the IPC regions), which fills the peer table (cuda_peers.h);
 //   launch   on XLA's stream: zero its staging, a device barrier (the peers' inputs are ready),
-//            the work list built on the device from every peer's expert_ids, the gather-GEMMs
+//            the work list built on the device from every peer's expert_ids (and split by a
+//            reassignment plan, cuda/api.cuh), the gather-GEMMs
 //            that read rows straight out of peer memory, the scatter of partial sums into the
 //            sources' staging, a second device barrier, the sum of its own slots
 //            (cuda_launch.h; the kernels are described in cuda/api.cuh). With residuals="hidden"
@@ -48,16 +49,19 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
                            std::to_string(d.group_experts()) + "; got " + ShapeString(workers) +
                            " and " + ShapeString(bounds));
   // The plan lives on the device: its helper slots are what the host can see of its helpers.
-  if (w[1] != 1)
-    return Unimplemented("reassignment plans (helper slots: workers " + ShapeString(workers) +
-                         ") are not implemented on GPU yet; call fused_moe with plan=None");
+  const bool planned = w[1] > 1;
+  if (planned && attrs.workspace >= 0 && !attrs.emulated && d.num_devices > 1)
+    return Unimplemented("reassignment plans with helper slots (workers " + ShapeString(workers) +
+                         ") across processes are not implemented on GPU; call fused_moe with "
+                         "plan=None there");
   if (d.num_devices > cuda::kMaxPeers)
     return Unimplemented("expert-parallel groups of up to " + std::to_string(cuda::kMaxPeers) +
                          " devices; got " + std::to_string(d.num_devices));
-  const int64_t here = ExpertsHere(attrs, d);
-  if (here > cuda::kMaxExpertsHere)
-    return Unimplemented(std::to_string(here) + " experts in one work list; at most " +
-                         std::to_string(cuda::kMaxExpertsHere));
+  const int64_t here = ExpertsHere(attrs, d, planned);
+  if (here * w[1] > cuda::kMaxExpertsHere)
+    return Unimplemented(std::to_string(here) + " experts in one work list (with " +
+                         std::to_string(w[1]) + " plan slots each); at most " +
+                         std::to_string(cuda::kMaxExpertsHere) + " (experts x slots)");
   // The work-list kernels index pairs in int32 chunk by chunk: the last chunk must not wrap.
   const int64_t pairs = d.num_devices * d.tokens * d.k;
   constexpr int64_t kMaxPairs = INT32_MAX - cuda::kPairsPerChunk;
@@ -99,6 +103,20 @@ ffi::Error TakeScratch(ffi::ScratchAllocator& allocator, const Call& call, Scrat
   return ffi::Error::Success();
 }
 
+float* Partials(const ForwardScratch&) { return nullptr; }
+float* Partials(const BackwardScratch& s) { return s.partials; }
+
+// The plan's arrays once it has helper slots (S > 1); a one-slot plan is every expert on its
+// owner, the same as none. With a plan no h rows are kept: a device's pairs are no longer one
+// slice of the list, and the backward recomputes them all.
+void TakePlan(const PlanArray& workers, const PlanArray& bounds, Call* call) {
+  const int64_t slots = workers.dimensions()[1];
+  if (slots <= 1) return;
+  call->plan = {workers.typed_data(), bounds.typed_data(), static_cast<int32_t>(slots)};
+  call->kept = nullptr;
+  call->kept_rows = 0;
+}
+
 // The steps every handler takes before its launches: the GPU's state (a broken GPU stops here,
 // before it meets anyone), a fault an earlier call recorded, the scratch, the peers. A bad id an
 // earlier call found comes back in `earlier`, to be reported only once this call has met its
@@ -113,7 +131,8 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   if (ffi::Error err = Broken(**state); err.failure()) return err;
   *earlier = TakeDeviceError(**state, stream);
   if (ffi::Error err = Broken(**state); err.failure()) return err;
-  call->experts_here = ExpertsHere(attrs, call->d);
+  call->experts_here = ExpertsHere(attrs, call->d, call->plan.workers != nullptr);
+  call->own_experts = OwnExperts(attrs, call->d);
   if (ffi::Error err = TakeScratch<Scratch, kCarve>(allocator, *call, scratch); err.failure()) {
     // Peers in other processes do not meet this device on the host: they count its barriers
     // whether it comes or not, so one skipped call would pair its later calls with the wrong
@@ -123,7 +142,9 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
                               err.message());
     return err;
   }
-  return ConnectPeers(attrs, **state, rank, group, own, stream, call);
+  PeerBuffers mine = own;
+  mine.partials = Partials(*scratch);  // where helpers write, published with the rest
+  return ConnectPeers(attrs, **state, rank, group, mine, stream, call);
 }
 
 // What a handler returns once its launches are enqueued: the first failure among them, this
@@ -159,6 +180,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
   if (ffi::Error err = DecodeKeptRows(call.d, attrs, *hidden, &call.kept_rows); err.failure())
     return err;
   if (call.kept_rows > 0) call.kept = hidden->typed_data();
+  TakePlan(plan_workers, plan_bounds, &call);
   if (x.element_count() == 0) return ffi::Error::Success();
 
   DeviceState* state;
@@ -170,6 +192,10 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
       err.failure())
     return err;
   Launcher launcher;
+  if (call.plan.workers != nullptr && hidden->size_bytes() > 0)
+    launcher.Run("zeroing the h rows a plan does not keep", [&] {
+      return cudaMemsetAsync(hidden->untyped_data(), 0, hidden->size_bytes(), stream);
+    });
   RunForward(call, *state, scratch, rank, group, y->untyped_data(), stream, launcher);
   return Finish(*state, launcher, std::move(earlier), stream);
 }
@@ -198,6 +224,7 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
   if (ffi::Error err = DecodeKeptRows(d, attrs, hidden, &call.kept_rows); err.failure())
     return err;
   if (call.kept_rows > 0) call.kept = hidden.typed_data();
+  TakePlan(plan_workers, plan_bounds, &call);
   if (x.element_count() == 0) return ffi::Error::Success();
 
   PeerBuffers own = OwnBuffers(x, ids, weights, w_in, w_out, *staging);

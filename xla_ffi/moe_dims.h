@@ -23,6 +23,8 @@ struct MoeDims {
   // The experts of this group's devices: E_local * D.
   int64_t group_experts() const { return experts_local * num_devices; }
   int owner(int64_t expert) const { return static_cast<int>(expert / experts_local); }
+  // Elements of one expert's weights: w_in [H, G*F] then w_out [F, H].
+  int64_t expert_elements() const { return hidden * gate_ffn + ffn * hidden; }
 };
 
 }  // namespace ccf
