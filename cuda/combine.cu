@@ -11,17 +11,13 @@
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/numeric.cuh"
+#include "cuda/slots.cuh"
 
 namespace ccf::cuda {
 namespace {
 
 __device__ __forceinline__ int32_t warp_token() {
   return blockIdx.x * kTokenWarps + threadIdx.x / 32;
-}
-
-// The device of this group that computes expert `id`, or -1: another group's expert or a bad id.
-__device__ __forceinline__ int32_t computing_device(const CombineParams& p, int32_t id) {
-  return id >= 0 && id < p.num_experts ? id / p.experts_per_device : -1;
 }
 
 int token_blocks(int64_t num_tokens) {
@@ -94,19 +90,12 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   const int32_t* devices =
       p.pair_device != nullptr ? p.pair_device + static_cast<int64_t>(t) * p.top_k : nullptr;
   auto device_of = [&](int32_t k) {
-    return devices != nullptr ? devices[k] : computing_device(p, row[k]);
+    return devices != nullptr ? devices[k]
+                              : owning_device(row[k], p.num_experts, p.experts_per_device);
   };
-  int32_t num_used = 0;
   bool bad = false;
-  for (int32_t k = 0; k < p.top_k; ++k) {
-    const int32_t id = row[k];
-    bad |= id < 0 || id >= p.experts_total;
-    const int32_t device = device_of(k);
-    if (device < 0) continue;
-    bool first = true;
-    for (int32_t j = 0; j < k && first; ++j) first = device_of(j) != device;
-    num_used += first;
-  }
+  for (int32_t k = 0; k < p.top_k; ++k) bad |= row[k] < 0 || row[k] >= p.experts_total;
+  const int32_t num_used = devices_below(INT32_MAX, p.top_k, device_of);
 
   // A call whose barrier aborted has slots its peers may never have written.
   const bool aborted = *p.aborted != 0;

@@ -13,6 +13,7 @@
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
+#include "cuda/slots.cuh"
 
 namespace ccf::cuda {
 namespace {
@@ -33,11 +34,6 @@ __device__ __forceinline__ PairIndex decode_pair(const Routing& r, int32_t i) {
   return p;
 }
 
-// The device of this group that computes expert `id`, or -1: another group's expert or a bad id.
-__device__ __forceinline__ int32_t computing_device(const Routing& r, int32_t id) {
-  return id >= 0 && id < r.num_sources * r.experts_per_device ? id / r.experts_per_device : -1;
-}
-
 // The pair's code: local expert * kMaxPeers + slot, or -1 when another device or group computes
 // it or its id is out of range (recorded in `error`). The slot is the rank of this pair's device
 // among the token's distinct computing devices of this group, ascending: the source's
@@ -54,14 +50,9 @@ __device__ int32_t classify_pair(const Routing& r, int32_t i, DeviceError* error
   if (local < 0 || local >= r.num_experts_here) return -1;
 
   const int32_t device = id / r.experts_per_device;
-  int32_t slot = 0;
-  for (int32_t j = 0; j < r.top_k; ++j) {
-    const int32_t dj = computing_device(r, row[j]);
-    if (dj < 0 || dj >= device) continue;
-    bool first = true;  // count each device once: at its first occurrence in the row
-    for (int32_t j2 = 0; j2 < j && first; ++j2) first = computing_device(r, row[j2]) != dj;
-    slot += first;
-  }
+  const int32_t slot = devices_below(device, r.top_k, [&](int32_t j) {
+    return owning_device(row[j], r.num_sources * r.experts_per_device, r.experts_per_device);
+  });
   return local * kMaxPeers + slot;
 }
 
@@ -277,15 +268,8 @@ __global__ void __launch_bounds__(kListThreads)
     const int32_t code = list.pair_code[first + k];
     const int32_t device = list.pair_device[first + k];
     if (code < 0) continue;
-    int32_t slot = 0;
-    for (int32_t j = 0; j < r.top_k; ++j) {
-      const int32_t dj = list.pair_device[first + j];
-      if (dj < 0 || dj >= device) continue;
-      bool first_of_device = true;
-      for (int32_t j2 = 0; j2 < j && first_of_device; ++j2)
-        first_of_device = list.pair_device[first + j2] != dj;
-      slot += first_of_device;
-    }
+    const int32_t slot = devices_below(device, r.top_k,
+                                       [&](int32_t j) { return list.pair_device[first + j]; });
     const bool here = r.me < 0 || device == r.me;
     list.pair_code[first + k] = here ? (code / kMaxPeers) * kMaxPeers + slot : -1;
   }
