@@ -17,24 +17,27 @@
 //      `scan_counts` turns the counts into per-chunk offsets; `fill_work_list` places every local
 //      pair at its position in the fixed order (expert, source, token, k) and derives the GEMM
 //      M-tile table. No host round trip, no atomics on positions: the order is fixed.
-//   2. expert_gemm.cu runs the grouped GEMMs over that list (CuTe; persistent CTAs walk the tiles):
-//      GEMM1 gathers the A rows from the peers' x through the work list (these loads ARE the
-//      dispatch), multiplies by w_in[e] and applies the activation in its epilogue (gated: gate
-//      and up halves of one tile), writing `a` [pairs, F]; GEMM2 multiplies `a` by w_out[e] into
-//      float32 rows [pairs, H].
-//   3. combine.cu `scatter_slots` sums, for every source token with pairs here, its rows in k
+//   2. dispatch.cu `fetch_rows` reads each (source, token) row of x with pairs here once out of
+//      its source's memory (this IS the dispatch) and writes it to each of its pairs' positions
+//      of a local [pairs, H] buffer, so no GEMM tile reads a peer's row, and a row routed to
+//      several experts of a device crosses the link once.
+//   3. expert_gemm.cu runs the grouped GEMMs over that list (CuTe; persistent CTAs walk the tiles):
+//      GEMM1 multiplies the fetched rows by w_in[e] and applies the activation in its epilogue
+//      (gated: gate and up halves of one tile), writing `a` [pairs, F]; GEMM2 multiplies `a` by
+//      w_out[e] into float32 rows [pairs, H].
+//   4. combine.cu `scatter_slots` sums, for every source token with pairs here, its rows in k
 //      order times expert_weights and writes the sum into the SOURCE's staging[t, slot] (one
 //      remote row write per (token, destination device): the send-once-per-device idea).
-//   4. `barrier` again, then `combine_slots` sums this device's staging slots in slot order into y.
+//   5. `barrier` again, then `combine_slots` sums this device's staging slots in slot order into y.
 //
-// The backward call recomputes on the expert's device (no dispatched rows are stored):
-// h = x @ w_in (float32), unless the forward kept it (residuals="hidden": GEMM1's epilogue also
+// The backward call fetches x and dy the same way and recomputes on the expert's device (no
+// dispatched rows are stored): h = x @ w_in (float32), unless the forward kept it (residuals="hidden": GEMM1's epilogue also
 // stores the float32 pre-activation of the first `kept_rows` pairs of each device's part of the
 // list, in the device's own buffer; the backward's h GEMM skips the tiles whose pairs are all
 // kept and reads their h from there); u = dy @ w_out^T with an epilogue that forms a = act(h), da = w * u,
 // dh = act'(h) * da (gated: d gate, d up), w * a for dW_out and per-tile partial dot(a, u) for
 // d_expert_weights; dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh as grouped GEMMs whose reduction
-// runs over the re-gathered rows in work-list order; dx rows = dh @ w_in^T; `scatter_slots` sends
+// runs over the fetched rows in work-list order; dx rows = dh @ w_in^T; `scatter_slots` sends
 // the dx rows to the sources' dx staging and d_expert_weights straight into the sources' output;
 // `barrier`; `combine_slots` sums the dx slots.
 //
@@ -58,9 +61,8 @@
 //
 // Limits of this version: the scratch ([pairs, F] and [pairs, H] rows forward, more backward)
 // comes from XLA's allocator but is sized for the worst case, every pair of the group on this
-// device (D * T * K rows); a token row routed to two experts of one device is read from its
-// source twice (the CPU path fetches it once); tiles run in work-list order, local and remote
-// rows are not interleaved on purpose.
+// device (D * T * K rows); the fetch finishes before the first GEMM starts (no overlap of the
+// link with the tensor cores yet).
 //
 // Failure: a device barrier that times out, finds a peer out of step (more than one barrier
 // ahead, or one that gave up) or, across processes, with other shapes aborts the call on that
@@ -232,6 +234,22 @@ cudaError_t fill_work_list(const Routing& routing, const WorkList& list, cudaStr
 cudaError_t assign_plan(const Routing& routing, const WorkList& list, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
+// dispatch.cu
+
+struct FetchParams {
+  const int32_t* pair_code;  // WorkList::pair_code: < 0 for pairs not computed here
+  const int32_t* pair_pos;   // WorkList::pair_pos
+  int32_t num_sources, num_tokens, top_k;
+  int64_t row_bytes;                // H * the element size; a multiple of 4
+  const void* sources[kMaxPeers];   // each source's [num_tokens, H] rows (x, or dy)
+  void* rows;                       // [pairs here, H] by work-list position
+};
+
+// rows[pos] = the source's row of the pair at work-list position pos, for every pair computed
+// here; each (source, token) row is read once, however many of its pairs are here.
+cudaError_t fetch_rows(const FetchParams& params, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
 // expert_gemm.cu: grouped GEMMs, one group per expert of the work list.
 
 // Which dimension runs over the expert's pairs.
@@ -241,19 +259,18 @@ enum class GemmShape : int32_t {
 };
 
 // Where an operand's memory rows come from. Operands are row-major in memory; a K-major operand's
-// memory rows are its M (A) or N (B) index, an MN-major operand's are its K index.
+// memory rows are its M (A) or N (B) index, an MN-major operand's are its K index. Pair rows are
+// local (the sources' rows were fetched, dispatch.cu); an expert's weights may be a peer's.
 enum class RowSource : int32_t {
-  kExpert = 0,    // row r of expert e's matrix, at its owner d = e / E_local:
-                  // peers[d] + (e % E_local) * expert_stride + r * ld
-  kPair = 1,      // pair row: data + (work-list position) * ld
-  kGathered = 2,  // pair row read from its source: peers[item.source] + item.token * ld
+  kExpert = 0,  // row r of expert e's matrix, at its owner d = e / E_local:
+                // peers[d] + (e % E_local) * expert_stride + r * ld
+  kPair = 1,    // pair row: data + (work-list position) * ld
 };
 
 struct GemmOperand {
   RowSource source;
   const void* data;              // kPair
-  const void* peers[kMaxPeers];  // kGathered: each source's [num_tokens, ld] buffer; kExpert:
-                                 // each device's [E_local, ...] weights
+  const void* peers[kMaxPeers];  // kExpert: each device's [E_local, ...] weights
   int64_t ld;                    // elements per memory row
   int64_t expert_stride;         // kExpert: elements between experts' matrices
 };

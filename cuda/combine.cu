@@ -12,22 +12,13 @@
 #include "cuda/exception.cuh"
 #include "cuda/numeric.cuh"
 #include "cuda/slots.cuh"
+#include "cuda/token_grid.cuh"
 
 namespace ccf::cuda {
-namespace {
-
-__device__ __forceinline__ int32_t warp_token() {
-  return blockIdx.x * kTokenWarps + threadIdx.x / 32;
-}
-
-int token_blocks(int64_t num_tokens) {
-  return static_cast<int>((num_tokens + kTokenWarps - 1) / kTokenWarps);
-}
-
-}  // namespace
 
 template <class T>
-__global__ void __launch_bounds__(kTokenThreads) scatter_slots(const ScatterParams p) {
+__global__ void __launch_bounds__(kTokenThreads)
+    scatter_slots(const __grid_constant__ ScatterParams p) {
   const int32_t lane = threadIdx.x % 32;
   const int32_t g = warp_token();  // source * num_tokens + token
   const int32_t source = g / p.num_tokens;

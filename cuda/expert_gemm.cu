@@ -1,11 +1,11 @@
-// Grouped GEMMs over the work list, one group per expert, with gathered operand rows and fused
-// epilogues. CuTe builds the tiles, copies and MMAs (SM80 style: cp.async multistage pipeline,
-// ldmatrix + mma.sync for bf16/f16, which also runs on sm_90a; SIMT FMA for float32, no TF32).
+// Grouped GEMMs over the work list, one group per expert, with fused epilogues. CuTe builds the
+// tiles, copies and MMAs (SM80 style: cp.async multistage pipeline, ldmatrix + mma.sync for
+// bf16/f16, which also runs on sm_90a; SIMT FMA for float32, no TF32).
 //
-// Every operand is a row-major matrix in memory whose rows may come from anywhere: an expert's
-// weight matrix, a pair's scratch row, or a pair's row read from its source device's buffer (the
-// gather: these loads are the dispatch). The gmem->smem copy therefore looks up its rows itself,
-// once per tile (operand_rows); everything after it is a plain CuTe tile pipeline.
+// Every operand is a row-major matrix in memory: an expert's weight matrix (its owner's, which
+// is a peer's for a helper of a reassignment plan) or the pairs' rows in work-list order (the
+// fetched x and dy, dispatch.cu, or an earlier GEMM's output). The gmem->smem copy looks up its
+// rows once per tile (operand_rows); everything after it is a plain CuTe tile pipeline.
 //
 // A persistent grid walks the tiles: (M-tile of a group's pairs, N-tile) for GemmShape::
 // kPairRows, whose count is only known on the device (work_list.cu's tile_offset), and
@@ -207,30 +207,18 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
 __device__ uint4 zero_fill_source;
 
 template <class T>
-__device__ __forceinline__ const T* gathered_row(const GemmOperand& op, const GemmParams& p,
-                                                 const GemmTile& tile, int64_t row) {
-  const WorkItem item = p.items[tile.pair_begin + row];
-  return static_cast<const T*>(op.peers[item.source]) + static_cast<int64_t>(item.token) * op.ld;
-}
-
-template <class T>
 __device__ __forceinline__ const T* operand_row(const GemmOperand& op, const GemmParams& p,
                                                 const GemmTile& tile, int64_t row) {
-  switch (op.source) {
-    case RowSource::kExpert:
-      return static_cast<const T*>(op.peers[tile.expert / p.experts_per_device]) +
-             (tile.expert % p.experts_per_device) * op.expert_stride + row * op.ld;
-    case RowSource::kPair:
-      return static_cast<const T*>(op.data) + (tile.pair_begin + row) * op.ld;
-    case RowSource::kGathered: break;
-  }
-  return gathered_row<T>(op, p, tile, row);
+  if (op.source == RowSource::kExpert)
+    return static_cast<const T*>(op.peers[tile.expert / p.experts_per_device]) +
+           (tile.expert % p.experts_per_device) * op.expert_stride + row * op.ld;
+  return static_cast<const T*>(op.data) + (tile.pair_begin + row) * op.ld;
 }
 
 // Where a thread's vectors of one operand come from during one tile, worked out when the tile
-// starts: looked up per 16-byte vector and k-tile (row source, work item, peer table), it left
-// the k-loop issue-bound. A K-major vector keeps its memory row for the whole tile; an MN-major
-// operand's memory row is the k index, so only gathered rows are still looked up per k-tile.
+// starts: looked up per 16-byte vector and k-tile (row source, peer table), it left the k-loop
+// issue-bound. A K-major vector keeps its memory row for the whole tile; an MN-major operand's
+// memory row is the k index, one stride from the tile's first.
 template <class T, Major kMajor, int kRows>
 struct OperandRows {
   const T* row[kRows];  // the memory row of the thread's i-th vector; null outside the tile
@@ -238,7 +226,7 @@ struct OperandRows {
 
 template <class T, int kRows>
 struct OperandRows<T, Major::kMN, kRows> {
-  const T* base;  // row k at base + k * ld; null for gathered rows
+  const T* base;  // row k at base + k * ld
 };
 
 template <class Config, Major kMajor, class MnMap, class CoordTensor>
@@ -255,7 +243,7 @@ __device__ __forceinline__ auto operand_rows(const GemmParams& p, const GemmOper
       rows.row[i] = mn.valid(at) ? operand_row<T>(op, p, tile, mn.index(at)) : nullptr;
     }
   } else {
-    rows.base = op.source == RowSource::kGathered ? nullptr : operand_row<T>(op, p, tile, 0);
+    rows.base = operand_row<T>(op, p, tile, 0);
   }
   return rows;
 }
@@ -285,11 +273,7 @@ __device__ __forceinline__ void load_operand(const GemmParams& p, const GemmOper
         if (valid) src = rows.row[i] + k;
       } else {
         valid = mn.valid(get<0>(coord)) && k < tile.k_extent;
-        if (valid) {
-          const T* row = rows.base != nullptr ? rows.base + k * op.ld
-                                              : gathered_row<T>(op, p, tile, k);
-          src = row + mn.index(get<0>(coord));
-        }
+        if (valid) src = rows.base + k * op.ld + mn.index(get<0>(coord));
       }
       Config::G2SOp::copy(*static_cast<const Vector*>(src),
                           *reinterpret_cast<Vector*>(&tXsX(0, i, j)), valid);

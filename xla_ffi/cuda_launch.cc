@@ -112,12 +112,21 @@ void LaunchGemm(const char* what, const Call& c, const DeviceState& me, cuda::Ma
   });
 }
 
-cuda::GemmOperand Gathered(const Call& c, const void* PeerBuffers::*field, int64_t ld) {
-  cuda::GemmOperand op{};
-  op.source = cuda::RowSource::kGathered;
-  for (int dev = 0; dev < c.d.num_devices; ++dev) op.peers[dev] = c.peers[dev].*field;
-  op.ld = ld;
-  return op;
+// The dispatch of one operand (x, or dy): each source row with pairs here read once out of its
+// source's buffer into `rows`, by work-list position.
+void FetchRows(const char* what, const Call& c, const cuda::WorkList& list,
+               const void* PeerBuffers::*field, void* rows, cudaStream_t stream,
+               Launcher& launcher) {
+  cuda::FetchParams p{};
+  p.pair_code = list.pair_code;
+  p.pair_pos = list.pair_pos;
+  p.num_sources = c.d.num_devices;
+  p.num_tokens = static_cast<int32_t>(c.d.tokens);
+  p.top_k = static_cast<int32_t>(c.d.k);
+  p.row_bytes = c.d.hidden * ffi::ByteWidth(c.d.x_type);
+  for (int dev = 0; dev < c.d.num_devices; ++dev) p.sources[dev] = c.peers[dev].*field;
+  p.rows = rows;
+  launcher.Run(what, [&] { return cuda::fetch_rows(p, stream); });
 }
 
 cuda::GemmOperand PairRows(const void* data, int64_t ld) {
@@ -252,6 +261,7 @@ ForwardScratch CarveForward(const Call& c, Arena& arena) {
   const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
   ForwardScratch s;
   s.list = CarveWorkList(c, arena);
+  s.x = arena.Take<char>(pairs * c.d.hidden * ffi::ByteWidth(c.d.x_type));
   s.a = arena.Take<char>(pairs * c.d.ffn * ffi::ByteWidth(c.d.x_type));
   s.rows = arena.Take<float>(pairs * c.d.hidden);
   return s;
@@ -262,11 +272,12 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   const MoeDims& d = c.d;
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, s.list, rank, group, stream, launcher);
+  FetchRows("fetching x rows", c, s.list, &PeerBuffers::x, s.x, stream, launcher);
 
-  // GEMM1: gather x rows from their sources, @ w_in[e], activation (gated: gate and up columns
-  // side by side in one tile); the kept pairs' h stored on the side.
+  // GEMM1: x rows @ w_in[e], activation (gated: gate and up columns side by side in one tile);
+  // the kept pairs' h stored on the side.
   cuda::GemmParams g1 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h,
-                                 Gathered(c, &PeerBuffers::x, h),
+                                 PairRows(s.x, h),
                                  ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf), cuda::Epilogue::kActivation);
   g1.n_split = IsGated(d.activation) ? static_cast<int32_t>(f) : 0;
   g1.out = s.a;
@@ -291,6 +302,8 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena) {
   BackwardScratch s;
   s.list = CarveWorkList(c, arena);
   s.num_partials = static_cast<int32_t>((c.d.ffn + tile_n - 1) / tile_n);
+  s.x = arena.Take<char>(pairs * c.d.hidden * width);
+  s.dy = arena.Take<char>(pairs * c.d.hidden * width);
   s.h = arena.Take<float>(pairs * c.d.gate_ffn);
   s.aw = arena.Take<char>(pairs * c.d.ffn * width);
   s.dh = arena.Take<char>(pairs * c.d.gate_ffn * width);
@@ -308,10 +321,12 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   const MoeDims& d = c.d;
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, s.list, rank, group, stream, launcher);
+  FetchRows("fetching x rows", c, s.list, &PeerBuffers::x, s.x, stream, launcher);
+  FetchRows("fetching dy rows", c, s.list, &PeerBuffers::dy, s.dy, stream, launcher);
 
   // h = x @ w_in[e], float32, for the tiles whose h the forward did not keep.
   cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
-                                     Gathered(c, &PeerBuffers::x, h),
+                                     PairRows(s.x, h),
                                      ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
   h_gemm.skip_kept = 1;
   h_gemm.out = s.h;
@@ -320,7 +335,7 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   // u = dy @ w_out[e]^T; the epilogue forms w*a, dh and the partial dot(a, u) from the kept or
   // recomputed h.
   cuda::GemmParams u_gemm =
-      GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h, Gathered(c, &PeerBuffers::dy, h),
+      GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h, PairRows(s.dy, h),
                ExpertRows(c, c.w_out, &PeerBuffers::w_out, h, f * h), cuda::Epilogue::kActivationBackward);
   u_gemm.h = s.h;
   u_gemm.aw = s.aw;
@@ -332,13 +347,13 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   // outputs, or with a plan each slot's float32 partial at the expert's owner.
   cuda::GemmParams dw_out_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairReduction, f, h, 0, PairRows(s.aw, f),
-               Gathered(c, &PeerBuffers::dy, h), cuda::Epilogue::kStoreExpert);
+               PairRows(s.dy, h), cuda::Epilogue::kStoreExpert);
   dw_out_gemm.out = dw_out;
   dw_out_gemm.out_ld = h;
   dw_out_gemm.out_expert_stride = f * h;
   cuda::GemmParams dw_in_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairReduction, h, gf, 0,
-               Gathered(c, &PeerBuffers::x, h), PairRows(s.dh, gf), cuda::Epilogue::kStoreExpert);
+               PairRows(s.x, h), PairRows(s.dh, gf), cuda::Epilogue::kStoreExpert);
   dw_in_gemm.out = dw_in;
   dw_in_gemm.out_ld = gf;
   dw_in_gemm.out_expert_stride = h * gf;

@@ -66,6 +66,7 @@ struct Arena {
 // that says how many do is built on the device, after the scratch is taken.
 struct ForwardScratch {
   cuda::WorkList list;
+  void* x;      // [pairs, H] the pairs' x rows, fetched from their sources
   void* a;      // [pairs, F] act(x @ w_in), x's dtype
   float* rows;  // [pairs, H] a @ w_out
 };
@@ -73,6 +74,8 @@ ForwardScratch CarveForward(const Call& c, Arena& arena);
 
 struct BackwardScratch {
   cuda::WorkList list;
+  void* x;              // [pairs, H] the pairs' x rows, fetched from their sources
+  void* dy;             // [pairs, H] and their dy rows
   float* h;             // [pairs, G*F] x @ w_in, recomputed where not kept
   void* aw;             // [pairs, F] w * act(h), x's dtype
   void* dh;             // [pairs, G*F] x's dtype

@@ -9,9 +9,9 @@
 //            (the IPC regions), which fills the peer table (cuda_peers.h);
 //   launch   on XLA's stream: zero its staging, a device barrier (the peers' inputs are ready),
 //            the work list built on the device from every peer's expert_ids (and split by a
-//            reassignment plan, cuda/api.cuh), the gather-GEMMs
-//            that read rows straight out of peer memory, the scatter of partial sums into the
-//            sources' staging, a second device barrier, the sum of its own slots
+//            reassignment plan, cuda/api.cuh), the fetch of each needed row straight out
+//            of its source's memory (once), the grouped GEMMs, the scatter of partial sums
+//            into the sources' staging, a second device barrier, the sum of its own slots
 //            (cuda_launch.h; the kernels are described in cuda/api.cuh). With residuals="hidden"
 //            GEMM1 also keeps the float32 h of this device's first C pairs in its `hidden`
 //            result, and the backward reads it there instead of recomputing it.
