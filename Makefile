@@ -62,10 +62,13 @@ demo: install
 bench: install
 	$(PY) -m bench.run
 
-# The lent GPU machine has Python 3.12 and no package registry: the wheels the build needs and
-# it lacks travel in .whl/ (requirements.lock's pins), with the commit stamp its report names
-# (.git does not travel). Run before each check; bench/gpu_check.sh's header has the `run` call.
-GPU_WHEELS = $(shell grep -E '^(nvidia-cutlass|scipy-openblas32|nanobind)==' requirements.lock)
+# The lent GPU machine has Python 3.12 and no package registry: the wheels the build and the
+# benchmark (tokamax) need and it lacks travel in .whl/ (requirements.lock's pins), with the
+# commit stamp its report names (.git does not travel). Run before each check; bench/gpu_check.sh's header has the `run` call.
+pins = $(foreach p,$(1),$(shell grep -E '^$(p)==' requirements.lock))
+GPU_WHEELS = $(call pins,nvidia-cutlass scipy-openblas32 nanobind)
+GPU_BENCH_WHEELS = $(call pins,tokamax einshape pydantic pydantic-core annotated-types \
+	typing-inspection typing-extensions qwix typeguard immutabledict tensorboardx)
 MANYLINUX = manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 \
 	manylinux_2_25_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
 
@@ -73,6 +76,8 @@ gpu-wheels:
 	rm -rf .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp $(addprefix --platform ,$(MANYLINUX)) -d .whl $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(addprefix --platform ,$(MANYLINUX)) -d .whl/bench $(GPU_BENCH_WHEELS)
 	$(PYTHON) -m bench.gpu_check stamp .whl/COMMIT
 
 # On the GPU machine: build, CUDA tests, compute-sanitizer, benchmark, results file.

@@ -1,19 +1,24 @@
 """`python -m bench.gpu`: the one-GPU benchmark of bench/gpu_check.sh, small enough for a lease.
 
-On the first device, for a few bfloat16 layers, forward and forward+backward:
+On the first device, for the layer shapes of Mixtral-8x7B, DeepSeek-V3 and Qwen3-30B-A3B
+(`bench.model.SHAPES`) in bfloat16 with the tokens per device cut to fit a lease, forward and
+forward+backward:
 
 - `fused`: `fused_moe_emulated` over D = 8 emulated peers (the remote-read path on one GPU);
 - `ragged_dot`: sort + `jax.lax.ragged_dot` + unsort (`bench.ragged`);
+- `tokamax`: the same with tokamax's `ragged_dot` (its default implementation choice);
 - `all_to_all`, `all_to_all_cf1.25`: `all_to_all_moe` over the one device. The D-GPU
   `all_to_all` cannot run on one GPU; this is its sort, padded buffers and grouped FFN without
   the exchange (dropless pads every expert to all `D * T * K` rows);
 - `roof`: one dense matmul with the layer's useful FLOPs on the same device, the physical limit.
 
 Each program is compiled and run once before timing, so one that fails (out of memory, an op
-the backend refuses) is recorded with its error and the others are still timed. Medians of
-wall-clock samples around `block_until_ready`, programs interleaved sample by sample, fresh
-inputs for each (`bench.timing`). Writes one JSON document (`--out`) and prints a line per
-program. `--quick` runs tiny shapes, for checking the script on a CPU.
+the backend refuses, tokamax not installed) is recorded with its error and the others are still
+timed. Medians of wall-clock samples around `block_until_ready`, programs interleaved sample by
+sample, fresh inputs for each (`bench.timing`). Memory: XLA's peak bytes of each program and,
+for `fused`, the scratch its custom calls take from XLA's allocator on top (as the CUDA handler
+carves it; absent without the CUDA extension). Writes one JSON document (`--out`) and prints a
+line per program. `--quick` runs tiny shapes, for checking the script on a CPU.
 """
 
 import argparse
@@ -24,18 +29,20 @@ import pathlib
 import jax
 import numpy as np
 
-from bench import records
-from bench.problem import Config
+from bench import model, records
+from bench.problem import ACTIVATION, Config
 from bench.programs import gpu_programs
 from bench.timing import compile_program, interleaved_medians
 
-# Layers sized for a few seconds of set-up each: few large experts (Mixtral-like proportions,
-# F cut to 4096) and many small ones (Qwen3-30B-A3B-like). 8 * 512 tokens each.
+# Tokens per emulated device: every expert gets 256-1024 rows on average (D * T * K / E), a few
+# TFLOP a layer, so each shape's programs compile and time within the benchmark's share of a
+# lease. Cheapest first: a run cut short by its time limit keeps the shapes it finished.
+_TOKENS = {"Qwen3-30B-A3B": 1024, "Mixtral-8x7B": 512, "DeepSeek-V3": 1024}
+_SHAPES = {shape.name: shape for shape in model.SHAPES}
 CONFIGS = {
-    "E8-K2": Config(devices=8, tokens=512, hidden=4096, ffn=4096, experts=8, k=2,
-                    dtype="bfloat16"),
-    "E64-K8": Config(devices=8, tokens=512, hidden=2048, ffn=768, experts=64, k=8,
-                     dtype="bfloat16"),
+    name: Config(devices=8, tokens=tokens, hidden=_SHAPES[name].hidden, ffn=_SHAPES[name].ffn,
+                 experts=_SHAPES[name].experts, k=_SHAPES[name].k, dtype="bfloat16")
+    for name, tokens in _TOKENS.items()
 }
 QUICK_CONFIGS = {
     "quick": Config(devices=8, tokens=16, hidden=32, ffn=64, experts=8, k=2, dtype="bfloat16"),
@@ -45,6 +52,8 @@ _KINDS = {"fwd": "forward", "fwd_bwd": "forward_backward"}
 NOTES = {
     "fused": "fused_moe_emulated: D emulated peers on one GPU (peer reads are local here)",
     "ragged_dot": "sort + jax.lax.ragged_dot + unsort over all experts on one GPU",
+    "tokamax": "sort + tokamax.ragged_dot + unsort over all experts on one GPU (tokamax "
+               "picks its implementation: Mosaic GPU on Hopper where it can)",
     "all_to_all": "all_to_all_moe(axis_name=None), dropless: the D-GPU exchange cannot run on "
                   "one GPU; this times its sort, buffers padded to every expert x all rows, and "
                   "grouped FFN",
@@ -63,6 +72,20 @@ def _relative_error(a, b) -> float:
   """`||a - b|| / ||b||` in float32."""
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def fused_scratch_bytes(config: Config) -> dict | None:
+  """Scratch of one `fused_moe_emulated` forward and backward call on one GPU, `{"fwd": bytes,
+  "bwd": bytes}`, as the CUDA handler sizes it; None without the CUDA extension."""
+  from jax_ccfuser import _extension  # noqa: PLC0415 (the CUDA module, where it was built)
+  from jax_ccfuser._ffn import ACTIVATIONS  # noqa: PLC0415
+  if _extension.cuda is None:
+    return None
+  sizes = dict(num_devices=config.devices, tokens=config.tokens, hidden=config.hidden,
+               ffn=config.ffn, k=config.k, experts_local=config.experts // config.devices,
+               gated=ACTIVATIONS[ACTIVATION].gated, float32=config.dtype == "float32", emulated=True)
+  return {short: _extension.cuda.scratch_bytes(**sizes, backward=short == "bwd")
+          for short in ("fwd", "bwd")}
 
 
 def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: float) -> dict:
@@ -105,11 +128,12 @@ def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: flo
              for impl, f in impls.items()
              if impl not in ("fused", "roof") and "error" not in f and "fwd_ms" in fused}
   agreement = {impl: _relative_error(first_outputs["fused"], first_outputs[impl])
-               for impl in ("ragged_dot", "all_to_all")
+               for impl in ("ragged_dot", "tokamax", "all_to_all")
                if "fused" in first_outputs and impl in first_outputs}
   return {"config": dataclasses.asdict(config), "useful_tflop": useful["fwd"] / 1e12,
           "impls": impls, "baseline_ms_over_fused_ms": speedup,
-          "fused_forward_relative_error_vs": agreement}
+          "fused_forward_relative_error_vs": agreement,
+          "fused_scratch_bytes": fused_scratch_bytes(config)}
 
 
 def _line(name: str, impl: str, f: dict) -> str:
@@ -141,7 +165,7 @@ def main(argv=None) -> dict:
   if args.configs:
     configs = {name: configs[name] for name in args.configs.split(",")}
   doc = {"platform": records.platform(), "device": records.device_description(),
-         "jax": jax.__version__, "date": records.now(), "activation": "swiglu",
+         "jax": jax.__version__, "date": records.now(), "activation": ACTIVATION,
          "notes": NOTES, "configs": {}}
   for name, config in configs.items():
     record = measure(config, min_samples=1 if args.quick else 5,

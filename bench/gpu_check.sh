@@ -12,7 +12,9 @@
 #   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck on a small
 #                emulated forward+backward (`python -m bench.gpu_check workload`), our kernels
 #                only; the four run beside stage 2 (nothing there is timed)
-#   4 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot vs all_to_all_moe
+#   4 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot (jax's and
+#                tokamax's, whose wheels in .whl/bench/ go into the scratch site first: where
+#                they do not install, that baseline is recorded as not run) vs all_to_all_moe
 #                on the one GPU vs the dense roof, bfloat16, forward and forward+backward
 #   5 report     bench/results/gpu-<date>-<commit>.json and its .log, copied into $OUT when
 #                set; a summary table printed last. Written whatever failed before.
@@ -139,6 +141,15 @@ tests() {
     --junitxml="$STATE/junit.xml" "${per_test[@]}"
 }
 
+benchmark() {  # bench.gpu's arguments
+  if ls "$CARRY"/bench/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "$SITE" "$CARRY"/bench/*.whl ||
+      echo "the benchmark's wheels did not install: its tokamax baseline will not run"
+  fi
+  "$PY" -P -m bench.gpu "$@"
+}
+
 sanitize() {  # tool
   # Exact buffer bounds (no pooled allocator) and no preallocation, so the four runs and the
   # tests share the GPU; our kernels only (namespace ccf: mangled "3ccf").
@@ -150,7 +161,7 @@ sanitize() {  # tool
 
 # The stages' shell functions run under `timeout` in a child bash.
 export REPO PY STATE SITE BUILD PKG CARRY CUDA_BUILD
-export -f build tests sanitize
+export -f build tests benchmark sanitize
 
 # 0 env
 run_stage env 120 0 "$PY" -P -m bench.gpu_check env "$STATE/env.json" --stamp "$CARRY/COMMIT"
@@ -187,9 +198,9 @@ if [ "$built" != 0 ]; then
   skip benchmark "no build"
 elif [ "$DRY" = 1 ]; then
   JAX_PLATFORMS=cpu run_stage benchmark 150 15 \
-    "$PY" -P -m bench.gpu --quick --out "$STATE/bench.json"
+    bash -c 'benchmark --quick --out "$STATE/bench.json"'
 else
-  run_stage benchmark 150 15 "$PY" -P -m bench.gpu --out "$STATE/bench.json"
+  run_stage benchmark 150 15 bash -c 'benchmark --out "$STATE/bench.json"'
 fi
 
 # 5 report

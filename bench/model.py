@@ -14,12 +14,14 @@ bandwidth, `row = H * bytes`, `flop = 2 * H * 3F` per routed row (gated FFN):
   Backward: two more exchanges (dy out, dx back), twice the GEMM, the permutes again.
 - all_to_all with capacity factor c: every buffer is padded to `c*T*K` rows, whatever the
   routing: fixed cost, and under skew it drops rows instead of slowing down.
-- fused: the busiest device's gathers (remote share `(D-1)/D` of its rows, in over the link)
-  and its combine writes (out over the link) overlap its GEMMs, so it takes
-  `max(GEMM, in, out)`, plus filling the pipeline (one tile's remote read), one link latency
-  per barrier, and the final sum of each token's `min(K, D)` float32 partial rows from HBM.
-  Backward re-reads x and dy (twice the inbound volume), writes dx, and recomputes the forward
-  products (no activations kept): three times the forward GEMM.
+- fused, as the CUDA path is built (cuda/api.cuh), nothing overlapping: a start barrier; the
+  dispatch, which reads each (source token, device) row once however many of the token's K
+  experts the device has (`rows_in`: the token-device pairs landing on the busiest device, the
+  remote share over the link); the grouped GEMMs at a stated share `fused_efficiency` of the
+  GEMM rate; the scatter, one float32 row per (token, device) out over the link; an end
+  barrier; the sum of each token's `min(K, D)` float32 slots from HBM. Backward fetches x and
+  dy, recomputes h, so runs 8 H x F products per row where the forward runs 3 (forward+backward:
+  11/3 of the forward FLOPs against the baseline's 3), and scatters float32 dx rows.
 
 Not modelled: kernel launch gaps, the router, the activation function's memory traffic (both
 sides alike), and NVLink contention between the D devices (a switched node gives each its
@@ -27,13 +29,14 @@ full per-direction bandwidth).
 """
 
 import dataclasses
-import json
 import pathlib
 import statistics
 
-# Rows per fused-kernel tile, whose remote read is exposed before compute starts.
-_TILE_ROWS = 128
-_PHASES = {"forward": 0, "forward_backward": 1}
+from bench import records
+
+# The backward's H x F products per routed row, against the forward's 3: h recomputed (gate and
+# up), u = dy w_out^T, dW_out, dW_in (two) and dx (two).
+_BACKWARD_PRODUCTS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,12 @@ class Layer:
 H100 = Node(name="8xH100 SXM (NVLink 4)", devices=8, gemm_tflops=800.0, hbm_gbps=3000.0,
             link_gbps=155.0, link_latency_us=1.0, collective_latency_us=20.0,
             basis="nominal: DESIGN.md section 5")
+# H200 SXM: the H100's chip (the same GEMM rate and links) with 4.8 TB/s of HBM3e by its
+# datasheet, scaled like the H100's (3000/3350).
+H200 = Node(name="8xH200 SXM (NVLink 4)", devices=8, gemm_tflops=800.0,
+            hbm_gbps=4800.0 * 3000 / 3350, link_gbps=155.0, link_latency_us=1.0,
+            collective_latency_us=20.0,
+            basis="nominal: the H100's rates with the H200 datasheet's HBM")
 # A100 SXM4 datasheet: 312 TFLOP/s bf16 dense, 2.0 TB/s HBM2e, NVLink 3 at 300 GB/s per
 # direction; scaled by the H100's achieved/nominal ratios (800/989 for GEMMs, 155/450 for the
 # links), the same latencies.
@@ -126,40 +135,62 @@ def all_to_all_ms(node: Node, layer: Layer, *, capacity_factor: float | None = N
   return 1e3 * seconds
 
 
+def _distinct_share(layer: Layer, devices: int) -> float:
+  """Chance that a uniformly routed token has at least one of its K (distinct) experts on a
+  given device of `devices` with E / D experts each."""
+  others = layer.experts - layer.experts // devices
+  none_here = 1.0
+  for j in range(layer.k):
+    none_here *= max(others - j, 0) / (layer.experts - j)
+  return 1.0 - none_here
+
+
+def _rows_in(node: Node, layer: Layer) -> float:
+  """(source token, device) rows landing on the busiest device: the skewed tokens each once (the
+  hot expert is their first choice), the rest by `_distinct_share`."""
+  tokens = node.devices * layer.tokens
+  share = _distinct_share(layer, node.devices)
+  return tokens * (layer.skew + (1 - layer.skew) * share)
+
+
 def fused_ms(node: Node, layer: Layer, *, backward: bool = False) -> float:
-  """Modelled layer time of the fused op (remote reads and writes under compute), in ms."""
+  """Modelled layer time of the fused op as built (fetch, GEMMs, scatter in turn), in ms."""
   rows = _rows_hot(node, layer)
+  rows_in = _rows_in(node, layer)
   gemm = _gemm_s(node, rows, layer, node.fused_efficiency)
-  transfer = _link_s(node, rows, layer)
-  fill = (node.link_latency_us * 1e-6
-          + min(_TILE_ROWS, rows) * layer.hidden * layer.bytes_per_element
-          / (node.link_gbps * 1e9))
-  barriers = 3 * node.link_latency_us * 1e-6
+  fetch = _link_s(node, rows_in, layer)
+  # The scatter sends float32 rows: twice a bfloat16 row's bytes.
+  scatter = _link_s(node, rows_in, layer) * 4 / layer.bytes_per_element
+  barriers = 2 * node.link_latency_us * 1e-6
   partial_sums = (layer.tokens * min(layer.k, node.devices) * layer.hidden * 4
                   / (node.hbm_gbps * 1e9))
-  # Gathers come in and combine writes go out over the two directions of the link, each
-  # `transfer` forward; backward brings in x and dy (2x) and sends dx out (1x).
-  seconds = max(gemm, transfer) + fill + barriers + partial_sums
+  seconds = fetch + gemm + scatter + barriers + partial_sums
   if backward:
-    seconds += max(3 * gemm, 2 * transfer) + fill + barriers + partial_sums
+    seconds += (2 * fetch + gemm * _BACKWARD_PRODUCTS / 3 + scatter + barriers
+                + partial_sums)
   return 1e3 * seconds
 
 
 def calibrate(node: Node, results_dir: pathlib.Path) -> Node:
-  """`node` with rates measured on its GPU kind, where `results_dir` holds such records.
+  """`node` with rates measured on its GPU kind, where `results_dir` holds such a result.
 
-  From `latest-gpu.json` records whose device names the node's GPU (e.g. "H100"): the dense
-  roof's forward rate becomes the GEMM rate, and the fused op's median forward rate over it
-  the fused efficiency. Without such records the node is returned unchanged (nominal rates).
+  From the newest `gpu-*.json` (bench/gpu_check.py's results file) whose device names the
+  node's GPU (e.g. "H200"): the dense roof's median forward rate over the benchmark's shapes
+  becomes the GEMM rate, and the fused op's median forward rate over the roof's the fused
+  efficiency. Link bandwidth and latencies stay as stated (one GPU measures no link). Without
+  such a file the node is returned unchanged (nominal rates).
   """
-  path = results_dir / "latest-gpu.json"
-  if not path.exists():
-    return node
   gpu = node.name.split("x", 1)[1].split()[0]  # "8xH100 SXM ..." -> "H100"
+  found = records.newest_gpu_results(results_dir, device=gpu)
+  if found is None:
+    return node
+  path, doc = found
   rates = {}
-  for r in json.loads(path.read_text()):
-    if gpu in r["device"] and r["impl"] in ("roof", "fused"):
-      rates.setdefault(r["impl"], []).append(r["useful_gflop"] / r["fwd_ms"])  # TFLOP/s
+  for config in doc["benchmark"]["configs"].values():
+    for impl in ("roof", "fused"):
+      tflops = config["impls"].get(impl, {}).get("fwd_tflops")
+      if tflops:
+        rates.setdefault(impl, []).append(tflops)
   if "roof" not in rates:
     return node
   roof = statistics.median(rates["roof"])

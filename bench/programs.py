@@ -4,7 +4,8 @@ CPU (the simulated devices of one process, `jax.shard_map` over an "ep" axis of 
 `fused` (`jax_ccfuser.fused_moe`), `all_to_all` (`all_to_all_moe`, dropless),
 `all_to_all_cf1.25` (`all_to_all_moe(capacity_factor=1.25)`) and `roof`.
 GPU (one device): `fused` (`jax_ccfuser.experimental.fused_moe_emulated` over D emulated
-peers), `ragged_dot` (`bench.ragged`) and `roof`; on request also `all_to_all` and
+peers), `ragged_dot` and `tokamax` (`bench.ragged` with `jax.lax.ragged_dot` or tokamax's) and
+`roof`; on request also `all_to_all` and
 `all_to_all_cf1.25` over the one device (`all_to_all_moe` with `axis_name=None`: no exchange, so
 what they time is the baseline's sort, padded buffers and grouped FFN).
 
@@ -28,11 +29,11 @@ import jax_ccfuser as ccf
 from jax_ccfuser.experimental import fused_moe_emulated
 
 from bench.problem import ACTIVATION, Config, make_inputs
-from bench.ragged import ragged_dot_moe
+from bench.ragged import ragged_dot_moe, tokamax_ragged_dot
 
 CAPACITY_FACTOR = 1.25
 CPU_IMPLS = ("fused", "all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}", "roof")
-GPU_IMPLS = ("fused", "ragged_dot", "roof")
+GPU_IMPLS = ("fused", "ragged_dot", "tokamax", "roof")
 ONE_DEVICE_ALL_TO_ALL = ("all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}")
 
 
@@ -139,7 +140,9 @@ def gpu_programs(config: Config, *, all_to_all: bool = False) -> dict[str, Progr
   arrays = jax.device_put(make_inputs(config), jax.devices()[0])
   moe_fns = {"fused": functools.partial(fused_moe_emulated, num_devices=config.devices,
                                         activation=ACTIVATION),
-             "ragged_dot": functools.partial(ragged_dot_moe, activation=ACTIVATION)}
+             "ragged_dot": functools.partial(ragged_dot_moe, activation=ACTIVATION),
+             "tokamax": functools.partial(ragged_dot_moe, activation=ACTIVATION,
+                                          ragged_dot=tokamax_ragged_dot)}
   dropped = {}
   if all_to_all:
     dropless, capped = ONE_DEVICE_ALL_TO_ALL

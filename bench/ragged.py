@@ -1,9 +1,10 @@
-"""The single-device GPU baseline: sort by expert, `jax.lax.ragged_dot`, unsort.
+"""The single-device GPU baselines: sort by expert, a grouped matmul, unsort.
 
 This is what a JAX user writes today on one GPU holding all experts (MaxText's and Flax's
-"sparse matmul" MoE path). It is dropless and computes exactly the routed rows, but in jaxlib
-0.10.x `ragged_dot` expands its groups into zero-padded dense products (DESIGN.md section 5),
-which is what the benchmark measures.
+"sparse matmul" MoE path). It is dropless and computes exactly the routed rows. The grouped
+matmul is `jax.lax.ragged_dot` (in jaxlib 0.10.x it expands its groups into zero-padded dense
+products, DESIGN.md section 5) or tokamax's `ragged_dot` (Pallas kernels: Mosaic GPU on
+Hopper, Triton elsewhere, XLA on CPU), which `tokamax_ragged_dot` imports only when traced.
 """
 
 import jax
@@ -12,7 +13,20 @@ import jax.numpy as jnp
 from jax_ccfuser._ffn import ACTIVATIONS
 
 
-def ragged_dot_moe(x, expert_ids, expert_weights, w_in, w_out, *, activation="swiglu"):
+def tokamax_ragged_dot(lhs, rhs, group_sizes, **kwargs):
+  """`tokamax.ragged_dot`, imported when traced: the GPU machine gets tokamax as a carried
+  wheel, and a benchmark program records its absence as that program's error."""
+  import tokamax  # noqa: PLC0415
+  from absl import flags  # noqa: PLC0415 (tokamax's dependency)
+  # tokamax reads its options as absl flags and parses sys.argv on first use, which fails on
+  # any other program's arguments (pytest's, bench's): its defaults it is.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax.ragged_dot(lhs, rhs, group_sizes, **kwargs)
+
+
+def ragged_dot_moe(x, expert_ids, expert_weights, w_in, w_out, *, activation="swiglu",
+                   ragged_dot=jax.lax.ragged_dot):
   """`y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])` over all experts.
 
   Args:
@@ -22,6 +36,7 @@ def ragged_dot_moe(x, expert_ids, expert_weights, w_in, w_out, *, activation="sw
     w_in: `[E, H, 2F]` (gated) or `[E, H, F]`.
     w_out: `[E, F, H]`.
     activation: a `jax_ccfuser` activation name.
+    ragged_dot: the grouped matmul, `jax.lax.ragged_dot`'s signature (`tokamax_ragged_dot`).
 
   Returns:
     `[T, H]`, x's dtype.
@@ -33,13 +48,13 @@ def ragged_dot_moe(x, expert_ids, expert_weights, w_in, w_out, *, activation="sw
   order = jnp.argsort(flat, stable=True)              # pairs grouped by expert
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
   rows = x[order // k]                                # [T*K, H]
-  h = jax.lax.ragged_dot(rows, w_in, group_sizes, preferred_element_type=jnp.float32)
+  h = ragged_dot(rows, w_in, group_sizes, preferred_element_type=jnp.float32)
   if act.gated:
     gate, up = jnp.split(h, 2, axis=-1)
     a = act.fn(gate) * up
   else:
     a = act.fn(h)
-  out = jax.lax.ragged_dot(a.astype(w_out.dtype), w_out, group_sizes,
+  out = ragged_dot(a.astype(w_out.dtype), w_out, group_sizes,
                            preferred_element_type=jnp.float32)  # [T*K, H], sorted
   per_pair = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)
   y = jnp.einsum("tk,tkh->th", expert_weights.astype(jnp.float32), per_pair)

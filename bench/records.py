@@ -90,3 +90,21 @@ def load_latest(out_dir: pathlib.Path = RESULTS_DIR) -> dict[str, list[dict]]:
   """`{platform: records}` from every `latest-<platform>.json` in `out_dir`."""
   return {p.stem.removeprefix("latest-"): json.loads(p.read_text())
           for p in sorted(out_dir.glob("latest-*.json"))}
+
+
+def newest_gpu_results(out_dir: pathlib.Path = RESULTS_DIR,
+                       device: str = "") -> tuple[pathlib.Path, dict] | None:
+  """The newest `gpu-<date>-<commit>.json` (bench/gpu_check.py's results file) in `out_dir`
+  whose device name contains `device` and that holds a benchmark measured on a GPU (not a
+  dry run), with its document; None when there is none. Newest by the document's `date`."""
+  found = []
+  for path in out_dir.glob("gpu-*.json"):
+    doc = json.loads(path.read_text())
+    if doc.get("dry_run") or not doc.get("benchmark"):
+      continue
+    if device in (doc.get("device") or doc["benchmark"].get("device") or ""):
+      found.append((doc.get("date", ""), path.name, path, doc))
+  if not found:
+    return None
+  *_, path, doc = max(found, key=lambda item: item[:2])
+  return path, doc

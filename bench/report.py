@@ -1,9 +1,10 @@
 """`python -m bench.report`: plots and the README's benchmark section from the result records.
 
-Reads `bench/results/latest-<platform>.json`, writes `bench/results/<platform>-time.png`,
-`-ratios.png` and `-memory.png`, and rewrites README.md between `<!-- bench:start -->` and
-`<!-- bench:end -->` (appending a "## Benchmarks" section with those markers if absent), with
-the measured tables and the modelled 8xH100 / 8xA100 table from `bench.model`.
+Reads `bench/results/latest-<platform>.json` and the newest `gpu-*.json` (bench/gpu_check.py's
+results file), writes `bench/results/<platform>-time.png`, `-ratios.png`, `-memory.png` and
+`gpu-tflops.png`, and rewrites README.md between `<!-- bench:start -->` and `<!-- bench:end -->`
+(appending a "## Benchmarks" section with those markers if absent), with the measured tables and
+the modelled 8xH100 / 8xH200 / 8xA100 table from `bench.model`.
 """
 
 import pathlib
@@ -202,11 +203,91 @@ def measured_section(plat: str, recs: list[dict]) -> str:
   return "\n".join(lines)
 
 
+_GPU_PLOT = "gpu-tflops.png"
+
+
+def plot_gpu(doc: dict, out_dir: pathlib.Path) -> pathlib.Path:
+  """Forward+backward useful TFLOP/s of every implementation and shape of a GPU results
+  document, the roof's as a line per shape; returns the plot's path."""
+  configs = doc["benchmark"]["configs"]
+  impls = list(dict.fromkeys(i for c in configs.values() for i in c["impls"] if i != _ROOF))
+  fig, ax = plt.subplots(figsize=(7.5, 3.6))
+  width = 0.8 / max(len(impls), 1)
+  for j, impl in enumerate(impls):
+    values = [c["impls"].get(impl, {}).get("fwd_bwd_tflops", 0.0) for c in configs.values()]
+    ax.bar([i + j * width for i in range(len(configs))], values, width, label=impl)
+  for i, c in enumerate(configs.values()):
+    roof = c["impls"].get(_ROOF, {}).get("fwd_bwd_tflops")
+    if roof:
+      ax.hlines(roof, i - width / 2, i + 0.8 - width / 2, colors="k", linestyles="--",
+                label=_ROOF if i == 0 else None)
+  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))], list(configs), fontsize=8)
+  ax.set_ylabel("useful TFLOP/s, forward+backward")
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=7)
+  ax.set_title(f"{doc['device']}, commit {doc['commit']}, {doc['date'][:10]}", fontsize=8)
+  fig.tight_layout()
+  path = out_dir / _GPU_PLOT
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def gpu_section(results_dir: pathlib.Path) -> str:
+  """Markdown for the newest GPU results file: its checks and its benchmark table."""
+  found = records.newest_gpu_results(results_dir)
+  lines = ["### Measured on a GPU (one device, D = 8 emulated peers)", ""]
+  if found is None:
+    return "\n".join(lines + [
+        "No GPU results file yet: the CUDA path has not run on a GPU. `bash bench/gpu_check.sh` "
+        "on a GPU machine writes `bench/results/gpu-<date>-<commit>.json`, and this section is "
+        "generated from the newest one.", ""])
+  path, doc = found
+  tests = doc.get("tests") or {}
+  lines += [
+      f"From `bench/results/{path.name}`: {doc['device']}, driver {doc.get('driver')}, jax "
+      f"{doc.get('jax')}, commit {doc['commit']}, {doc['date'][:10]}. CUDA tests: "
+      f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
+      f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped; compute-sanitizer: "
+      + (", ".join(f"{tool} {found['findings']} findings"
+                   for tool, found in (doc.get("sanitizer") or {}).items() if found) or "not run")
+      + ". Every figure below "
+      "was measured on that machine (medians; `tokamax` is tokamax's `ragged_dot` in the same "
+      "sort/unsort wrapper).",
+      "",
+      "| layer (H, F, E, K) | T | impl | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % roof | "
+      "fused speed-up | XLA peak GiB | fused scratch GiB (fwd / bwd) |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, c in doc["benchmark"]["configs"].items():
+    cfg, impls = c["config"], c["impls"]
+    fused = impls.get(_FUSED, {})
+    scratch = c.get("fused_scratch_bytes")
+    for impl, f in impls.items():
+      head = f"| {name} ({cfg['hidden']}, {cfg['ffn']}, {cfg['experts']}, {cfg['k']}) | " \
+             f"{cfg['tokens']} | {impl} |"
+      if "error" in f:
+        lines.append(f"{head} not run: {f['error'][:80]} | | | | | | |")
+        continue
+      speedup = (f"{f['fwd_bwd_ms'] / fused['fwd_bwd_ms']:.2f}x"
+                 if impl != _FUSED and "fwd_bwd_ms" in fused else "")
+      roof = (f"{100 * f['fwd_bwd_roof_fraction']:.0f}%" if "fwd_bwd_roof_fraction" in f
+              else "")
+      memory = f"{f['fwd_bwd_peak_bytes'] / 2**30:.2f}"
+      extra = (f"{scratch['fwd'] / 2**30:.2f} / {scratch['bwd'] / 2**30:.2f}"
+               if impl == _FUSED and scratch else "")
+      lines.append(f"{head} {f['fwd_ms']:.2f} | {f['fwd_bwd_ms']:.2f} | "
+                   f"{f['fwd_bwd_tflops']:.0f} | {roof} | {speedup} | {memory} | {extra} |")
+  lines += ["", "Speed-up: the implementation's forward+backward time over fused's (above 1: "
+            "fused is faster).", "", f"![gpu tflops](bench/results/{_GPU_PLOT})", ""]
+  return "\n".join(lines)
+
+
 def modeled_section(results_dir: pathlib.Path) -> str:
-  """Markdown for the analytic model's 8xH100 / 8xA100 table and its assumptions."""
-  nodes = [model.calibrate(n, results_dir) for n in (model.H100, model.A100)]
+  """Markdown for the analytic model's 8xH100 / 8xH200 / 8xA100 table and its assumptions."""
+  nodes = [model.calibrate(n, results_dir) for n in (model.H100, model.H200, model.A100)]
   lines = [
-      "### Modeled (not measured): 8xH100 and 8xA100",
+      "### Modeled (not measured): 8xH100, 8xH200 and 8xA100",
       "",
       "From `bench/model.py`: one layer, bfloat16, tokens per device as listed; skew = share "
       "of tokens that all pick one hot expert. Assumptions:",
@@ -223,10 +304,11 @@ def modeled_section(results_dir: pathlib.Path) -> str:
       "- all_to_all: exact-size exchanges (dropless) or buffers padded to 1.25 T*K rows "
       "(drops under skew), no overlap of exchange and GEMM; permute and unpermute as HBM "
       "passes.",
-      "- fused: remote reads and combine writes hidden under the GEMMs (the longest of the "
-      "three sets the time), "
-      "plus one tile of pipeline fill, three barriers and the partial-sum pass; backward "
-      "recomputes the forward products (4x forward FLOPs against the baseline's 3x).",
+      "- fused, as the CUDA path is built: the dispatch reads each (token, device) row once, "
+      "then the grouped GEMMs, then the scatter sends one float32 row per (token, device); "
+      "nothing overlaps; two barriers and the partial-sum pass; backward fetches x and dy and "
+      "recomputes h (11/3 of the forward FLOPs for forward+backward against the baseline's "
+      "3).",
       "- Not modelled: launch gaps, the router, activation traffic, link contention.",
       "",
       "| node | layer (H, F, E, K) | T | skew | all_to_all ms | all_to_all_cf1.25 ms | "
@@ -259,6 +341,7 @@ def section(results_dir: pathlib.Path) -> str:
     parts += ["No results yet.", ""]
   for plat, recs in latest.items():
     parts.append(measured_section(plat, recs))
+  parts.append(gpu_section(results_dir))
   parts.append(modeled_section(results_dir))
   return "\n".join(parts)
 
@@ -286,6 +369,9 @@ def regenerate(results_dir: pathlib.Path = records.RESULTS_DIR,
   """Plots for every platform with results, and the README section."""
   for plat, recs in records.load_latest(results_dir).items():
     plot(plat, recs, results_dir)
+  found = records.newest_gpu_results(results_dir)
+  if found is not None:
+    plot_gpu(found[1], results_dir)
   write_section(section(results_dir), readme=readme)
 
 

@@ -13,7 +13,7 @@ import pytest
 from bench import model, records, report, run
 from bench.problem import Config, make_inputs
 from bench.programs import CPU_IMPLS, GPU_IMPLS, _dropped_share, gpu_programs
-from bench.ragged import ragged_dot_moe
+from bench.ragged import ragged_dot_moe, tokamax_ragged_dot
 from jax_ccfuser import reference_moe
 from moe_cases import assert_close
 
@@ -67,12 +67,15 @@ def test_records_check_rejects_missing_fields_and_bad_times():
     records.check(dict(good, fwd_bwd_ms=0.0))
 
 
-def test_ragged_dot_baseline_matches_reference():
+@pytest.mark.parametrize("ragged_dot", [jax.lax.ragged_dot, tokamax_ragged_dot],
+                         ids=["jax", "tokamax"])
+def test_ragged_dot_baselines_match_reference(ragged_dot):
   config = Config(devices=1, tokens=12, hidden=16, ffn=8, experts=4, k=2, skew=0.5)
   args = make_inputs(config)
   value_and_grads = lambda fn: jax.jit(jax.value_and_grad(
       lambda *a: jnp.sum(fn(*a) ** 2), argnums=(0, 2, 3, 4)))
-  (loss, grads), (want_loss, want) = (value_and_grads(ragged_dot_moe)(*args),
+  baseline = lambda *a: ragged_dot_moe(*a, ragged_dot=ragged_dot)
+  (loss, grads), (want_loss, want) = (value_and_grads(baseline)(*args),
                                       value_and_grads(reference_moe)(*args))
   assert_close(loss, want_loss, jnp.float32)
   for g, w in zip(grads, want):
@@ -80,15 +83,17 @@ def test_ragged_dot_baseline_matches_reference():
 
 
 def test_gpu_programs_agree_on_the_default_device():
-  # The GPU path (emulated peers, ragged_dot) traced and run on whatever device is here.
+  # The GPU path (emulated peers, both ragged_dots) traced and run on whatever device is here.
   config = Config(devices=2, tokens=8, hidden=16, ffn=8, experts=4, k=2)
   programs = gpu_programs(config)
   assert tuple(programs) == GPU_IMPLS
-  fused, ragged = (programs[name] for name in ("fused", "ragged_dot"))
-  assert_close(fused.forward(*fused.inputs(1)), ragged.forward(*ragged.inputs(1)), jnp.float32)
-  for g, w in zip(fused.forward_backward(*fused.inputs(1)),
-                  ragged.forward_backward(*ragged.inputs(1))):
-    assert_close(g, w, jnp.float32, scale=10)
+  fused = programs["fused"]
+  for name in ("ragged_dot", "tokamax"):
+    other = programs[name]
+    assert_close(fused.forward(*fused.inputs(1)), other.forward(*other.inputs(1)), jnp.float32)
+    for g, w in zip(fused.forward_backward(*fused.inputs(1)),
+                    other.forward_backward(*other.inputs(1))):
+      assert_close(g, w, jnp.float32, scale=10)
 
 
 def test_dropped_share_follows_the_capacity_rule():
@@ -108,19 +113,34 @@ _LAYER = model.Layer("toy", tokens=1000, hidden=1000, ffn=1000, experts=2, k=1)
 def test_model_hand_computed_example():
   # Rows 1000, each 2 * 1000 * 3000 FLOPs: GEMM 6 ms at 1 TFLOP/s. Half the rows are remote:
   # 500 * 2000 B over 100 GB/s = 10 us per exchange. Permute + unpermute: 4 * 2 MB over
-  # 1 TB/s = 8 us. Fused: a 128-row tile's fill 2.56 us; partial sums 1000 * 1000 * 4 B over
-  # 1 TB/s = 4 us.
+  # 1 TB/s = 8 us.
   assert model.all_to_all_ms(_NODE, _LAYER) == pytest.approx(6.0 + 0.020 + 0.008)
   assert model.all_to_all_ms(_NODE, _LAYER, backward=True) == pytest.approx(
       6.028 + 12.0 + 0.020 + 0.008)
-  assert model.fused_ms(_NODE, _LAYER) == pytest.approx(6.0 + 0.00256 + 0.004)
+  # Fused: each of the 2000 tokens has its one expert on a given device with chance 1/2, so
+  # 1000 rows come in, half remote: the fetch 10 us, the float32 scatter 20 us; partial sums
+  # 1000 * 1000 * 4 B over 1 TB/s = 4 us. Backward: x and dy (20 us), 8/3 of the GEMM (16 ms),
+  # the dx scatter and the sums again.
+  assert model.fused_ms(_NODE, _LAYER) == pytest.approx(6.0 + 0.010 + 0.020 + 0.004)
   assert model.fused_ms(_NODE, _LAYER, backward=True) == pytest.approx(
-      6.00656 + 18.0 + 0.00256 + 0.004)
+      6.034 + 0.020 + 16.0 + 0.020 + 0.004)
   # Capacity 1.25: 1250 padded rows, 7.5 ms GEMM, 12.5 us per exchange, 10 us of permutes.
   assert model.all_to_all_ms(_NODE, _LAYER, capacity_factor=1.25) == pytest.approx(7.535)
-  # Skew 1 on 2 devices: the hot device computes T*K + T*(D-1) = 2000 rows.
+  # Skew 1 on 2 devices: the hot device computes T*K + T*(D-1) = 2000 rows, all 2000 tokens'.
   hot = dataclasses.replace(_LAYER, skew=1.0)
-  assert model.fused_ms(_NODE, hot) == pytest.approx(12.0 + 0.00256 + 0.004)
+  assert model.fused_ms(_NODE, hot) == pytest.approx(12.0 + 0.020 + 0.040 + 0.004)
+
+
+def test_model_reads_a_token_once_per_device():
+  # DeepSeek-V3 on 8 devices: 32 of 256 experts each; a token's 8 distinct experts miss a
+  # device with chance C(224, 8) / C(256, 8).
+  share = model._distinct_share(model.SHAPES[1], 8)
+  miss = 1.0
+  for j in range(8):
+    miss *= (224 - j) / (256 - j)
+  assert share == pytest.approx(1 - miss) and 0.6 < share < 0.7
+  # Mixtral: one expert per device, K = 2 distinct experts: 2 of 8 devices per token.
+  assert model._distinct_share(model.SHAPES[0], 8) == pytest.approx(2 / 8)
 
 
 def _model_times(node, layer):
@@ -145,14 +165,52 @@ def test_model_is_monotone(node, layer):
   assert all(t > 0 for t in base)
 
 
-def test_model_calibrates_on_gpu_records(tmp_path):
-  assert model.calibrate(model.H100, tmp_path) == model.H100  # no results: nominal
-  recs = [dict(device="NVIDIA H100 80GB HBM3", impl="roof", useful_gflop=100.0, fwd_ms=0.25),
-          dict(device="NVIDIA H100 80GB HBM3", impl="fused", useful_gflop=100.0, fwd_ms=0.5),
-          dict(device="NVIDIA H100 80GB HBM3", impl="ragged_dot", useful_gflop=100.0,
-               fwd_ms=5.0)]
-  (tmp_path / "latest-gpu.json").write_text(json.dumps(recs))
-  h100 = model.calibrate(model.H100, tmp_path)
-  assert h100.gemm_tflops == pytest.approx(400.0) and h100.fused_efficiency == pytest.approx(0.5)
-  assert h100.basis.startswith("calibrated")
-  assert model.calibrate(model.A100, tmp_path) == model.A100  # no A100 records
+def _gpu_results(path, *, device, date, roof, fused, dry_run=False):
+  """A results file in bench/gpu_check.py's shape; its rates are test inputs, not figures."""
+  config = {"config": {"tokens": 8, "hidden": 4, "ffn": 4, "experts": 8, "k": 2},
+            "impls": {"roof": {"fwd_tflops": roof}, "fused": {"fwd_tflops": fused},
+                      "ragged_dot": {"error": "XlaRuntimeError: RESOURCE_EXHAUSTED"}}}
+  path.write_text(json.dumps({"device": device, "date": date, "dry_run": dry_run,
+                              "benchmark": {"device": device, "configs": {"a": config}}}))
+
+
+def test_model_calibrates_on_the_newest_gpu_results_file(tmp_path):
+  assert model.calibrate(model.H200, tmp_path) == model.H200  # no results: nominal
+  _gpu_results(tmp_path / "gpu-2026-12-01-aaa.json", device="NVIDIA H200",
+               date="2026-12-01T10:00:00+00:00", roof=300.0, fused=30.0)
+  _gpu_results(tmp_path / "gpu-2026-12-02-bbb.json", device="NVIDIA H200",
+               date="2026-12-02T10:00:00+00:00", roof=400.0, fused=200.0)
+  _gpu_results(tmp_path / "gpu-2026-12-03-ccc.json", device="NVIDIA H200",
+               date="2026-12-03T10:00:00+00:00", roof=1.0, fused=1.0, dry_run=True)
+  h200 = model.calibrate(model.H200, tmp_path)
+  assert h200.gemm_tflops == pytest.approx(400.0) and h200.fused_efficiency == pytest.approx(0.5)
+  assert h200.basis == "calibrated on gpu-2026-12-02-bbb.json"
+  assert h200.link_gbps == model.H200.link_gbps  # one GPU measures no link
+  assert model.calibrate(model.H100, tmp_path) == model.H100  # no H100 results
+
+def test_report_renders_the_newest_gpu_results_file(tmp_path):
+  assert "No GPU results file yet" in report.gpu_section(tmp_path)
+  timed = lambda ms, tflops, roof: {"fwd_ms": ms / 3, "fwd_bwd_ms": ms,
+                                    "fwd_tflops": tflops, "fwd_bwd_tflops": tflops,
+                                    "fwd_bwd_roof_fraction": roof,
+                                    "fwd_bwd_peak_bytes": 2**30}
+  # Test inputs in bench/gpu_check.py's shape, not measurements.
+  doc = {"device": "NVIDIA H200", "driver": "1.0", "jax": "0.11.2", "commit": "abc1234",
+         "date": "2026-12-02T10:00:00+00:00", "dry_run": False,
+         "tests": {"passed": 40, "failed": 2, "errors": 0, "skipped": 1},
+         "sanitizer": {"memcheck": {"findings": 0}, "racecheck": None},
+         "benchmark": {"device": "NVIDIA H200", "configs": {"Qwen3-30B-A3B": {
+             "config": {"tokens": 1024, "hidden": 2048, "ffn": 768, "experts": 128, "k": 8},
+             "fused_scratch_bytes": {"fwd": 2**30, "bwd": 3 * 2**30},
+             "impls": {"fused": timed(2.0, 300.0, 0.5), "ragged_dot": timed(8.0, 75.0, 0.125),
+                       "tokamax": {"error": "ModuleNotFoundError: No module named 'tokamax'"},
+                       "roof": timed(1.0, 600.0, 1.0)}}}}}
+  (tmp_path / "gpu-2026-12-02-abc1234.json").write_text(json.dumps(doc))
+  text = report.gpu_section(tmp_path)
+  assert "gpu-2026-12-02-abc1234.json" in text and "40 passed, 2 failed" in text
+  assert "memcheck 0 findings" in text
+  rows = [line for line in text.splitlines() if line.startswith("| Qwen3-30B-A3B")]
+  assert [row.split(" | ")[2] for row in rows] == ["fused", "ragged_dot", "tokamax", "roof"]
+  assert "| 0.67 | 2.00 | 300 | 50% |  | 1.00 | 1.00 / 3.00 |" in rows[0]
+  assert "| 4.00x |" in rows[1] and "not run: ModuleNotFoundError" in rows[2]
+  assert report.plot_gpu(doc, tmp_path).stat().st_size > 0

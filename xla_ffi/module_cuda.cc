@@ -10,6 +10,7 @@
 #include <nanobind/stl/string.h>
 
 #include "xla/ffi/api/ffi.h"
+#include "xla_ffi/cuda_launch.h"
 #include "xla_ffi/ffi_module.h"
 #include "xla_ffi/ipc_memory.h"
 #include "xla_ffi/peer_group.h"
@@ -61,4 +62,32 @@ NB_MODULE(_ccfuser_cuda, m) {
       nb::arg("tokens"), nb::arg("hidden"), nb::arg("k"), nb::arg("slots"), nb::arg("x_bytes"),
       nb::arg("weights_bytes"), nb::arg("backward"),
       "Bytes of one device's region of a call site in the CUDA IPC workspaces.");
+  m.def(
+      "scratch_bytes",
+      [](int num_devices, int64_t tokens, int64_t hidden, int64_t ffn, int64_t k,
+         int64_t experts_local, bool gated, bool float32, bool emulated, bool backward) {
+        ccf::Call call;
+        call.d.num_devices = num_devices;
+        call.d.tokens = tokens;
+        call.d.hidden = hidden;
+        call.d.ffn = ffn;
+        call.d.gate_ffn = (gated ? 2 : 1) * ffn;
+        call.d.k = k;
+        call.d.experts_local = experts_local;
+        call.d.x_type = float32 ? xla::ffi::DataType::F32 : xla::ffi::DataType::BF16;
+        call.experts_here = static_cast<int32_t>(emulated ? num_devices * experts_local
+                                                          : experts_local);
+        ccf::Arena sizing{nullptr};
+        if (backward) {
+          ccf::CarveBackward(call, sizing);
+        } else {
+          ccf::CarveForward(call, sizing);
+        }
+        return static_cast<int64_t>(sizing.used);
+      },
+      nb::arg("num_devices"), nb::arg("tokens"), nb::arg("hidden"), nb::arg("ffn"), nb::arg("k"),
+      nb::arg("experts_local"), nb::arg("gated"), nb::arg("float32"), nb::arg("emulated"),
+      nb::arg("backward"),
+      "Bytes of scratch one forward or backward call takes from XLA's allocator on one GPU "
+      "(no reassignment plan; float32 or a 16-bit dtype), as the handler carves it.");
 }
