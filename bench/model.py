@@ -14,14 +14,17 @@ bandwidth, `row = H * bytes`, `flop = 2 * H * 3F` per routed row (gated FFN):
   Backward: two more exchanges (dy out, dx back), twice the GEMM, the permutes again.
 - all_to_all with capacity factor c: every buffer is padded to `c*T*K` rows, whatever the
   routing: fixed cost, and under skew it drops rows instead of slowing down.
-- fused, as the CUDA path is built (cuda/api.cuh), nothing overlapping: a start barrier; the
-  dispatch, which reads each (source token, device) row once however many of the token's K
-  experts the device has (`rows_in`: the token-device pairs landing on the busiest device, the
-  remote share over the link); the grouped GEMMs at a stated share `fused_efficiency` of the
-  GEMM rate; the scatter, one float32 row per (token, device) out over the link; an end
-  barrier; the sum of each token's `min(K, D)` float32 slots from HBM. Backward fetches x and
-  dy, recomputes h, so runs 8 H x F products per row where the forward runs 3 (forward+backward:
-  11/3 of the forward FLOPs against the baseline's 3), and scatters float32 dx rows.
+- fused, as the CUDA path is built (cuda/api.cuh): a start barrier; the dispatch, which reads
+  each (source token, device) row once however many of the token's K experts the device has
+  (`rows_in`: the token-device pairs landing on the busiest device, the remote share over the
+  link), source by source while the grouped GEMMs (at a stated share `fused_efficiency` of the
+  GEMM rate) compute the rows already here: a two-stage pipeline over D sources, the own rows
+  first, so `max(GEMM, fetch + GEMM / D)`; then the scatter, one float32 row per (token,
+  device) out over the link, not overlapped; an end barrier; the sum of each token's
+  `min(K, D)` float32 slots from HBM. Backward: the same pipeline fetches x and dy under the
+  products that need them (h recomputed, u = dy w_out^T: one forward's worth), then dW_out,
+  dW_in and dx (5/3 of a forward) and the float32 dx scatter: 8 H x F products per row where
+  the forward runs 3 (forward+backward: 11/3 of the forward FLOPs against the baseline's 3).
 
 Not modelled: kernel launch gaps, the router, the activation function's memory traffic (both
 sides alike), and NVLink contention between the D devices (a switched node gives each its
@@ -154,19 +157,19 @@ def _rows_in(node: Node, layer: Layer) -> float:
 
 
 def fused_ms(node: Node, layer: Layer, *, backward: bool = False) -> float:
-  """Modelled layer time of the fused op as built (fetch, GEMMs, scatter in turn), in ms."""
+  """Modelled layer time of the fused op as built (see the module docstring), in ms."""
   rows = _rows_hot(node, layer)
-  rows_in = _rows_in(node, layer)
   gemm = _gemm_s(node, rows, layer, node.fused_efficiency)
-  fetch = _link_s(node, rows_in, layer)
-  # The scatter sends float32 rows: twice a bfloat16 row's bytes.
-  scatter = _link_s(node, rows_in, layer) * 4 / layer.bytes_per_element
+  fetch = _link_s(node, _rows_in(node, layer), layer)
+  # The scatter sends float32 rows: 4 bytes an element against the layer's.
+  scatter = fetch * 4 / layer.bytes_per_element
   barriers = 2 * node.link_latency_us * 1e-6
   partial_sums = (layer.tokens * min(layer.k, node.devices) * layer.hidden * 4
                   / (node.hbm_gbps * 1e9))
-  seconds = fetch + gemm + scatter + barriers + partial_sums
+  pipelined = lambda fetched: max(gemm, fetched + gemm / node.devices)
+  seconds = pipelined(fetch) + scatter + barriers + partial_sums
   if backward:
-    seconds += (2 * fetch + gemm * _BACKWARD_PRODUCTS / 3 + scatter + barriers
+    seconds += (pipelined(2 * fetch) + gemm * (_BACKWARD_PRODUCTS - 3) / 3 + scatter + barriers
                 + partial_sums)
   return 1e3 * seconds
 

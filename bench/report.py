@@ -305,10 +305,11 @@ def modeled_section(results_dir: pathlib.Path) -> str:
       "(drops under skew), no overlap of exchange and GEMM; permute and unpermute as HBM "
       "passes.",
       "- fused, as the CUDA path is built: the dispatch reads each (token, device) row once, "
-      "then the grouped GEMMs, then the scatter sends one float32 row per (token, device); "
-      "nothing overlaps; two barriers and the partial-sum pass; backward fetches x and dy and "
-      "recomputes h (11/3 of the forward FLOPs for forward+backward against the baseline's "
-      "3).",
+      "source by source under the grouped GEMMs of the rows already fetched (max(GEMM, fetch "
+      "+ GEMM / D)); then the scatter sends one float32 row per (token, device), not "
+      "overlapped; two barriers and the partial-sum pass; backward fetches x and dy under the "
+      "h and u products and recomputes h (11/3 of the forward FLOPs for forward+backward "
+      "against the baseline's 3).",
       "- Not modelled: launch gaps, the router, activation traffic, link contention.",
       "",
       "| node | layer (H, F, E, K) | T | skew | all_to_all ms | all_to_all_cf1.25 ms | "

@@ -20,7 +20,11 @@
 //   2. dispatch.cu `fetch_rows` reads each (source, token) row of x with pairs here once out of
 //      its source's memory (this IS the dispatch) and writes it to each of its pairs' positions
 //      of a local [pairs, H] buffer, so no GEMM tile reads a peer's row, and a row routed to
-//      several experts of a device crosses the link once.
+//      several experts of a device crosses the link once. With real peers it runs source by
+//      source on a side stream, the device's own rows first and then its peers' in ring order,
+//      while the GEMMs of step 3 run in the same phases on XLA's stream, each waiting only for
+//      its source's rows (GemmParams::only_source; the tiles that span two sources last): the
+//      link and the tensor cores work at once (xla_ffi/cuda_launch.cc, SourcePhases).
 //   3. expert_gemm.cu runs the grouped GEMMs over that list (CuTe; persistent CTAs walk the tiles):
 //      GEMM1 multiplies the fetched rows by w_in[e] and applies the activation in its epilogue
 //      (gated: gate and up halves of one tile), writing `a` [pairs, F]; GEMM2 multiplies `a` by
@@ -61,8 +65,8 @@
 //
 // Limits of this version: the scratch ([pairs, F] and [pairs, H] rows forward, more backward)
 // comes from XLA's allocator but is sized for the worst case, every pair of the group on this
-// device (D * T * K rows); the fetch finishes before the first GEMM starts (no overlap of the
-// link with the tensor cores yet).
+// device (D * T * K rows); the scatter starts after the last GEMM (its writes over the link do
+// not overlap compute); emulated peers fetch everything before the first GEMM.
 //
 // Failure: a device barrier that times out, finds a peer out of step (more than one barrier
 // ahead, or one that gave up) or, across processes, with other shapes aborts the call on that
@@ -240,13 +244,15 @@ struct FetchParams {
   const int32_t* pair_code;  // WorkList::pair_code: < 0 for pairs not computed here
   const int32_t* pair_pos;   // WorkList::pair_pos
   int32_t num_sources, num_tokens, top_k;
+  int32_t first_source, end_source;  // the sources whose rows this launch fetches
   int64_t row_bytes;                // H * the element size; a multiple of 4
   const void* sources[kMaxPeers];   // each source's [num_tokens, H] rows (x, or dy)
   void* rows;                       // [pairs here, H] by work-list position
 };
 
 // rows[pos] = the source's row of the pair at work-list position pos, for every pair computed
-// here; each (source, token) row is read once, however many of its pairs are here.
+// here whose source is in [first_source, end_source); each (source, token) row is read once,
+// however many of its pairs are here.
 cudaError_t fetch_rows(const FetchParams& params, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
@@ -277,6 +283,8 @@ struct GemmOperand {
 
 enum class Major : int32_t { kK = 0, kMN = 1 };
 
+constexpr int32_t kAllSources = -1, kSpanningSources = -2;  // GemmParams::only_source
+
 enum class Epilogue : int32_t {
   kActivation = 0,          // out[pair, j] = act(C) in the input dtype (gated: act(gate) * up)
   kStoreF32 = 1,            // out[pair, n] = C, float32
@@ -302,6 +310,9 @@ struct GemmParams {
   const int32_t* tile_offset;
   int32_t num_groups;
   int32_t tile_m;
+  // kPairRows: the tiles this launch computes, by the source of their rows: kAllSources, one
+  // source (tiles whose rows all come from it), or kSpanningSources (the others).
+  int32_t only_source;
 
   Epilogue epilogue;
   int32_t activation;  // ccf::Activation

@@ -18,8 +18,8 @@ __global__ void __launch_bounds__(kTokenThreads)
     fetch_rows(const __grid_constant__ FetchParams p) {
   constexpr int kBatch = 4;
   const int32_t lane = threadIdx.x % 32;
-  const int32_t g = warp_token();  // source * num_tokens + token
-  if (g >= p.num_sources * p.num_tokens) return;  // warp-uniform
+  const int32_t g = p.first_source * p.num_tokens + warp_token();  // source * T + token
+  if (g >= p.end_source * p.num_tokens) return;  // warp-uniform
   const int64_t first = static_cast<int64_t>(g) * p.top_k;  // the token's first pair
   bool here = false;
   for (int32_t k = lane; k < p.top_k; k += 32) here |= p.pair_code[first + k] >= 0;
@@ -57,7 +57,9 @@ bool aligned_to(const void* p, int64_t bytes) {
 
 template <class Vector>
 cudaError_t launch_fetch(const FetchParams& p, cudaStream_t stream) {
-  fetch_rows<Vector><<<token_blocks(static_cast<int64_t>(p.num_sources) * p.num_tokens),
+  const int64_t tokens = static_cast<int64_t>(p.end_source - p.first_source) * p.num_tokens;
+  if (tokens == 0) return cudaSuccess;
+  fetch_rows<Vector><<<token_blocks(tokens),
                        kTokenThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -66,6 +68,8 @@ cudaError_t launch_fetch(const FetchParams& p, cudaStream_t stream) {
 
 cudaError_t fetch_rows(const FetchParams& params, cudaStream_t stream) {
   CCF_HOST_ASSERT(params.num_sources > 0 && params.num_sources <= kMaxPeers);
+  CCF_HOST_ASSERT(0 <= params.first_source && params.first_source <= params.end_source &&
+                  params.end_source <= params.num_sources);
   CCF_HOST_ASSERT(params.row_bytes > 0 && params.row_bytes % 4 == 0);
   // 16-byte vectors where every row starts on one (bf16/f16 always: H % 8 == 0 and the handler
   // checks the buffers' alignment), else 4-byte words (float32 with H % 4 != 0).

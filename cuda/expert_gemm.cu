@@ -200,6 +200,15 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
   return t;
 }
 
+// The source of a kPairRows tile's rows, or kSpanningSources: a group's rows are in (source,
+// token, k) order, so its first and last row name them all.
+template <int kTileM>
+__device__ __forceinline__ int32_t tile_source(const GemmParams& p, const GemmTile& tile) {
+  const int32_t first = p.items[tile.pair_begin + tile.m0].source;
+  const int32_t last = p.items[tile.pair_begin + min(tile.m0 + kTileM, tile.m_extent) - 1].source;
+  return first == last ? first : kSpanningSources;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Operand loads.
 
@@ -512,6 +521,7 @@ __global__ void __launch_bounds__(Config::kThreads)
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
     const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
     if (tile.expert < 0) continue;  // another device's group: the same for the whole CTA
+    if (p.only_source != kAllSources && tile_source<kTileM>(p, tile) != p.only_source) continue;
     if (p.skip_kept && tile_kept<kTileM>(p, tile)) continue;
     const RowMap a_rows{tile.m0, tile.m_extent};
     ColumnMap b_cols;
@@ -571,6 +581,7 @@ cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
   constexpr int kSmemBytes = GemmTraits<Config>::kSmemBytes;
   CCF_HOST_ASSERT((serves<kAMajor, kBMajor>(p.epilogue)));
   CCF_HOST_ASSERT(p.tile_m == Config::kTileM);  // the work list's M tiles are the kernel's
+  CCF_HOST_ASSERT(p.only_source == kAllSources || p.shape == GemmShape::kPairRows);
   CCF_HOST_ASSERT(p.epilogue != Epilogue::kActivationBackward ||
                   p.num_partials == (p.n + Config::kTileN - 1) / Config::kTileN);
   auto* kernel = &expert_gemm<Config>;

@@ -118,17 +118,20 @@ def test_model_hand_computed_example():
   assert model.all_to_all_ms(_NODE, _LAYER, backward=True) == pytest.approx(
       6.028 + 12.0 + 0.020 + 0.008)
   # Fused: each of the 2000 tokens has its one expert on a given device with chance 1/2, so
-  # 1000 rows come in, half remote: the fetch 10 us, the float32 scatter 20 us; partial sums
-  # 1000 * 1000 * 4 B over 1 TB/s = 4 us. Backward: x and dy (20 us), 8/3 of the GEMM (16 ms),
-  # the dx scatter and the sums again.
-  assert model.fused_ms(_NODE, _LAYER) == pytest.approx(6.0 + 0.010 + 0.020 + 0.004)
+  # 1000 rows come in, half remote: the fetch 10 us, under the GEMM (max(6, 0.010 + 6 / 2));
+  # the float32 scatter 20 us; partial sums 1000 * 1000 * 4 B over 1 TB/s = 4 us. Backward:
+  # x and dy under h and u (6 ms), dW_out, dW_in and dx (10 ms), the dx scatter and the sums.
+  assert model.fused_ms(_NODE, _LAYER) == pytest.approx(6.0 + 0.020 + 0.004)
   assert model.fused_ms(_NODE, _LAYER, backward=True) == pytest.approx(
-      6.034 + 0.020 + 16.0 + 0.020 + 0.004)
+      6.024 + 6.0 + 10.0 + 0.020 + 0.004)
+  # A link 1000 times slower: the fetch (10 ms) outlasts the GEMM, after the own rows' 3 ms.
+  slow = dataclasses.replace(_NODE, link_gbps=0.1)
+  assert model.fused_ms(slow, _LAYER) == pytest.approx(10.0 + 3.0 + 20.0 + 0.004)
   # Capacity 1.25: 1250 padded rows, 7.5 ms GEMM, 12.5 us per exchange, 10 us of permutes.
   assert model.all_to_all_ms(_NODE, _LAYER, capacity_factor=1.25) == pytest.approx(7.535)
   # Skew 1 on 2 devices: the hot device computes T*K + T*(D-1) = 2000 rows, all 2000 tokens'.
   hot = dataclasses.replace(_LAYER, skew=1.0)
-  assert model.fused_ms(_NODE, hot) == pytest.approx(12.0 + 0.020 + 0.040 + 0.004)
+  assert model.fused_ms(_NODE, hot) == pytest.approx(12.0 + 0.040 + 0.004)
 
 
 def test_model_reads_a_token_once_per_device():

@@ -37,6 +37,9 @@ ffi::Error CreateDeviceState(int ordinal, cudaStream_t stream, std::unique_ptr<D
   if (st == cudaSuccess)
     st = cudaHostAlloc(&s->error_host, sizeof(cuda::DeviceError), cudaHostAllocDefault);
   if (st == cudaSuccess) st = cudaEventCreateWithFlags(&s->error_copied, cudaEventDisableTiming);
+  if (st == cudaSuccess) st = cudaStreamCreateWithFlags(&s->side, cudaStreamNonBlocking);
+  for (cudaEvent_t& event : s->fetched)
+    if (st == cudaSuccess) st = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
   // The record must read clear before this GPU's first kernel: stream order sees to that.
   if (st == cudaSuccess) st = cudaMemsetAsync(s->error, 0, sizeof(cuda::DeviceError), stream);
   if (st != cudaSuccess) return CudaFailure("setting up GPU " + std::to_string(ordinal), st);

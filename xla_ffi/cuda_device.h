@@ -53,6 +53,13 @@ struct DeviceState {
   std::string broken;  // set for good by a barrier fault or a call abandoned midway
   std::array<bool, cuda::kMaxDevices> peer_access{};
   std::map<uint64_t, SitePlace> sites;  // nodes stay put: callers keep pointers
+
+  // The stream that fetches the peers' rows while the GEMMs run on XLA's, and an event after
+  // each peer's (cuda_launch.cc's source phases). One call at a time enqueues on them: the
+  // handler holds `pipeline_mu` while it enqueues its launches.
+  std::mutex pipeline_mu;
+  cudaStream_t side = nullptr;
+  std::array<cudaEvent_t, cuda::kMaxPeers + 1> fetched{};
 };
 
 // The state of GPU `ordinal`, made on its first call.

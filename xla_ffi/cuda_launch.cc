@@ -1,5 +1,8 @@
 #include "xla_ffi/cuda_launch.h"
 
+#include <algorithm>
+#include <initializer_list>
+
 #include "common/activation.h"
 
 namespace ffi = xla::ffi;
@@ -112,22 +115,86 @@ void LaunchGemm(const char* what, const Call& c, const DeviceState& me, cuda::Ma
   });
 }
 
-// The dispatch of one operand (x, or dy): each source row with pairs here read once out of its
-// source's buffer into `rows`, by work-list position.
-void FetchRows(const char* what, const Call& c, const cuda::WorkList& list,
-               const void* PeerBuffers::*field, void* rows, cudaStream_t stream,
-               Launcher& launcher) {
+// The dispatch of one operand (x, or dy): each row of sources [first, end) with pairs here read
+// once out of its source's buffer into `rows`, by work-list position.
+struct Fetched {
+  const void* PeerBuffers::*field;
+  void* rows;
+};
+
+void FetchRows(const Call& c, const cuda::WorkList& list, const Fetched& operand, int first,
+               int end, cudaStream_t stream, Launcher& launcher) {
   cuda::FetchParams p{};
   p.pair_code = list.pair_code;
   p.pair_pos = list.pair_pos;
   p.num_sources = c.d.num_devices;
   p.num_tokens = static_cast<int32_t>(c.d.tokens);
   p.top_k = static_cast<int32_t>(c.d.k);
+  p.first_source = first;
+  p.end_source = end;
   p.row_bytes = c.d.hidden * ffi::ByteWidth(c.d.x_type);
-  for (int dev = 0; dev < c.d.num_devices; ++dev) p.sources[dev] = c.peers[dev].*field;
-  p.rows = rows;
-  launcher.Run(what, [&] { return cuda::fetch_rows(p, stream); });
+  for (int dev = 0; dev < c.d.num_devices; ++dev) p.sources[dev] = c.peers[dev].*operand.field;
+  p.rows = operand.rows;
+  launcher.Run("fetching rows", [&] { return cuda::fetch_rows(p, stream); });
 }
+
+// With real peers the GEMMs over pair rows run in phases by the source of their rows: this
+// device's own first, then each peer's in ring order (me + 1, me + 2, ...), then the tiles whose
+// rows span two sources. The peers' rows are fetched on the device's side stream in that order,
+// an event after each peer's, which the GEMMs of its phase wait for: a peer's rows cross the
+// link while the GEMMs work on those already here, and the members of a group read from
+// different peers at any one time. Emulated peers (one memory, no link) fetch everything first
+// and run one phase.
+class SourcePhases {
+ public:
+  SourcePhases(const Call& c, DeviceState& me)
+      : c_(c), me_(me), devices_(c.d.num_devices), pipelined_(c.me >= 0 && devices_ > 1) {}
+
+  int size() const { return pipelined_ ? devices_ + 1 : 1; }
+
+  // The rows phase `phase` computes (GemmParams::only_source).
+  int32_t source(int phase) const {
+    if (!pipelined_) return cuda::kAllSources;
+    return phase == devices_ ? cuda::kSpanningSources : (c_.me + phase) % devices_;
+  }
+
+  // Enqueues the fetch of every phase's rows of `operands`: the own rows on `stream`, the peers'
+  // on the side stream from this point of `stream` on (the work list is built).
+  void Fetch(std::initializer_list<Fetched> operands, const cuda::WorkList& list,
+             cudaStream_t stream, Launcher& launcher) const {
+    if (!pipelined_) {
+      for (const Fetched& op : operands) FetchRows(c_, list, op, 0, devices_, stream, launcher);
+      return;
+    }
+    // Always: the side stream must join XLA's again even after a failed launch.
+    launcher.Always("forking the fetch stream",
+                    [&] { return cudaEventRecord(me_.fetched[0], stream); });
+    launcher.Always("forking the fetch stream",
+                    [&] { return cudaStreamWaitEvent(me_.side, me_.fetched[0], 0); });
+    for (int phase = 1; phase < devices_; ++phase) {
+      const int32_t src = source(phase);
+      for (const Fetched& op : operands) FetchRows(c_, list, op, src, src + 1, me_.side, launcher);
+      launcher.Always("recording a peer's fetched rows",
+                      [&] { return cudaEventRecord(me_.fetched[phase], me_.side); });
+    }
+    for (const Fetched& op : operands) FetchRows(c_, list, op, c_.me, c_.me + 1, stream, launcher);
+  }
+
+  // Makes `stream` wait for phase `phase`'s rows; the last phase (spanning tiles) waits for the
+  // last peer's, which joins the side stream back into `stream`.
+  void Wait(int phase, cudaStream_t stream, Launcher& launcher) const {
+    if (!pipelined_ || phase == 0) return;
+    const int event = std::min(phase, devices_ - 1);
+    launcher.Always("waiting for a peer's rows",
+                    [&] { return cudaStreamWaitEvent(stream, me_.fetched[event], 0); });
+  }
+
+ private:
+  const Call& c_;
+  DeviceState& me_;
+  const int devices_;
+  const bool pipelined_;
+};
 
 cuda::GemmOperand PairRows(const void* data, int64_t ld) {
   cuda::GemmOperand op{};
@@ -167,6 +234,7 @@ cuda::GemmParams GemmOver(const Call& c, const cuda::WorkList& list, cuda::GemmS
   p.tile_offset = list.tile_offset;
   p.num_groups = list.num_groups;
   p.tile_m = list.tile_m;
+  p.only_source = cuda::kAllSources;
   p.epilogue = epilogue;
   p.activation = static_cast<int32_t>(c.d.activation);
   p.gated = IsGated(c.d.activation);
@@ -272,7 +340,8 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   const MoeDims& d = c.d;
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, s.list, rank, group, stream, launcher);
-  FetchRows("fetching x rows", c, s.list, &PeerBuffers::x, s.x, stream, launcher);
+  const SourcePhases phases(c, me);
+  phases.Fetch({{&PeerBuffers::x, s.x}}, s.list, stream, launcher);
 
   // GEMM1: x rows @ w_in[e], activation (gated: gate and up columns side by side in one tile);
   // the kept pairs' h stored on the side.
@@ -282,14 +351,18 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   g1.n_split = IsGated(d.activation) ? static_cast<int32_t>(f) : 0;
   g1.out = s.a;
   g1.out_ld = f;
-  LaunchGemm("GEMM1", c, me, cuda::Major::kK, cuda::Major::kMN, g1, stream, launcher);
   // GEMM2: a @ w_out[e] into float32 rows.
   cuda::GemmParams g2 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, f,
                                  PairRows(s.a, f), ExpertRows(c, c.w_out, &PeerBuffers::w_out, h, f * h),
                                  cuda::Epilogue::kStoreF32);
   g2.out = s.rows;
   g2.out_ld = h;
-  LaunchGemm("GEMM2", c, me, cuda::Major::kK, cuda::Major::kMN, g2, stream, launcher);
+  for (int phase = 0; phase < phases.size(); ++phase) {
+    phases.Wait(phase, stream, launcher);
+    g1.only_source = g2.only_source = phases.source(phase);
+    LaunchGemm("GEMM1", c, me, cuda::Major::kK, cuda::Major::kMN, g1, stream, launcher);
+    LaunchGemm("GEMM2", c, me, cuda::Major::kK, cuda::Major::kMN, g2, stream, launcher);
+  }
   cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
   scatter.weighted = 1;
   CloseCall(c, s.list, me, scatter, y, nullptr, stream, launcher);
@@ -321,8 +394,8 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   const MoeDims& d = c.d;
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, s.list, rank, group, stream, launcher);
-  FetchRows("fetching x rows", c, s.list, &PeerBuffers::x, s.x, stream, launcher);
-  FetchRows("fetching dy rows", c, s.list, &PeerBuffers::dy, s.dy, stream, launcher);
+  const SourcePhases phases(c, me);
+  phases.Fetch({{&PeerBuffers::x, s.x}, {&PeerBuffers::dy, s.dy}}, s.list, stream, launcher);
 
   // h = x @ w_in[e], float32, for the tiles whose h the forward did not keep.
   cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
@@ -331,7 +404,6 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   h_gemm.skip_kept = 1;
   h_gemm.out = s.h;
   h_gemm.out_ld = gf;
-  LaunchGemm("h = x @ w_in", c, me, cuda::Major::kK, cuda::Major::kMN, h_gemm, stream, launcher);
   // u = dy @ w_out[e]^T; the epilogue forms w*a, dh and the partial dot(a, u) from the kept or
   // recomputed h.
   cuda::GemmParams u_gemm =
@@ -342,7 +414,14 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   u_gemm.dh = s.dh;
   u_gemm.dot_partial = s.dot_partial;
   u_gemm.num_partials = s.num_partials;
-  LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream, launcher);
+  for (int phase = 0; phase < phases.size(); ++phase) {
+    phases.Wait(phase, stream, launcher);
+    h_gemm.only_source = u_gemm.only_source = phases.source(phase);
+    LaunchGemm("h = x @ w_in", c, me, cuda::Major::kK, cuda::Major::kMN, h_gemm, stream,
+               launcher);
+    LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream,
+               launcher);
+  }
   // dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh, reduced over the group's pairs in order: the
   // outputs, or with a plan each slot's float32 partial at the expert's owner.
   cuda::GemmParams dw_out_gemm =

@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <utility>
@@ -191,6 +192,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
           OwnBuffers(x, ids, weights, w_in, w_out, *staging), &state, &earlier, &scratch, &call);
       err.failure())
     return err;
+  std::lock_guard<std::mutex> enqueueing(state->pipeline_mu);
   Launcher launcher;
   if (call.plan.workers != nullptr && hidden->size_bytes() > 0)
     launcher.Run("zeroing the h rows a plan does not keep", [&] {
@@ -238,6 +240,7 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
                                                                &scratch, &call);
       err.failure())
     return err;
+  std::lock_guard<std::mutex> enqueueing(state->pipeline_mu);
   Launcher launcher;
   RunBackward(call, *state, scratch, rank, group, dx->untyped_data(), d_weights->untyped_data(),
               dw_in->untyped_data(), dw_out->untyped_data(), stream, launcher);
