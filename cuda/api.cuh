@@ -20,11 +20,12 @@
 //   2. dispatch.cu `fetch_rows` reads each (source, token) row of x with pairs here once out of
 //      its source's memory (this IS the dispatch) and writes it to each of its pairs' positions
 //      of a local [pairs, H] buffer, so no GEMM tile reads a peer's row, and a row routed to
-//      several experts of a device crosses the link once. With real peers it runs source by
-//      source on a side stream, the device's own rows first and then its peers' in ring order,
-//      while the GEMMs of step 3 run in the same phases on XLA's stream, each waiting only for
-//      its source's rows (GemmParams::only_source; the tiles that span two sources last): the
-//      link and the tensor cores work at once (xla_ffi/cuda_launch.cc, SourcePhases).
+//      several experts of a device crosses the link once. It runs source by source on a side
+//      stream, the device's own rows first and then its peers' in ring order (emulated: from
+//      source 0), while the GEMMs of step 3 run in the same phases on XLA's stream, each
+//      waiting only for its source's rows (GemmParams::only_source; the tiles that span two
+//      sources last): the link and the tensor cores work at once (xla_ffi/cuda_launch.cc,
+//      SourcePhases).
 //   3. expert_gemm.cu runs the grouped GEMMs over that list (CuTe; persistent CTAs walk the tiles):
 //      GEMM1 multiplies the fetched rows by w_in[e] and applies the activation in its epilogue
 //      (gated: gate and up halves of one tile), writing `a` [pairs, F]; GEMM2 multiplies `a` by
@@ -66,7 +67,7 @@
 // Limits of this version: the scratch ([pairs, F] and [pairs, H] rows forward, more backward)
 // comes from XLA's allocator but is sized for the worst case, every pair of the group on this
 // device (D * T * K rows); the scatter starts after the last GEMM (its writes over the link do
-// not overlap compute); emulated peers fetch everything before the first GEMM.
+// not overlap compute).
 //
 // Failure: a device barrier that times out, finds a peer out of step (more than one barrier
 // ahead, or one that gave up) or, across processes, with other shapes aborts the call on that

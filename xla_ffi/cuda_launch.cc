@@ -138,24 +138,28 @@ void FetchRows(const Call& c, const cuda::WorkList& list, const Fetched& operand
   launcher.Run("fetching rows", [&] { return cuda::fetch_rows(p, stream); });
 }
 
-// With real peers the GEMMs over pair rows run in phases by the source of their rows: this
-// device's own first, then each peer's in ring order (me + 1, me + 2, ...), then the tiles whose
-// rows span two sources. The peers' rows are fetched on the device's side stream in that order,
-// an event after each peer's, which the GEMMs of its phase wait for: a peer's rows cross the
-// link while the GEMMs work on those already here, and the members of a group read from
-// different peers at any one time. Emulated peers (one memory, no link) fetch everything first
-// and run one phase.
+// The GEMMs over pair rows run in phases by the source of their rows: this device's own first,
+// then each peer's in ring order (me + 1, me + 2, ...), then the tiles whose rows span two
+// sources. The peers' rows are fetched on the device's side stream in that order, an event
+// after each peer's, which the GEMMs of its phase wait for: a peer's rows cross the link while
+// the GEMMs work on those already here, and the members of a group read from different peers at
+// any one time. Emulated peers run the same phases from source 0 on (one memory, so nothing to
+// hide there, but one GPU then runs the sequence D GPUs run).
 class SourcePhases {
  public:
   SourcePhases(const Call& c, DeviceState& me)
-      : c_(c), me_(me), devices_(c.d.num_devices), pipelined_(c.me >= 0 && devices_ > 1) {}
+      : c_(c),
+        me_(me),
+        devices_(c.d.num_devices),
+        first_(std::max(c.me, 0)),
+        pipelined_(devices_ > 1) {}
 
   int size() const { return pipelined_ ? devices_ + 1 : 1; }
 
   // The rows phase `phase` computes (GemmParams::only_source).
   int32_t source(int phase) const {
     if (!pipelined_) return cuda::kAllSources;
-    return phase == devices_ ? cuda::kSpanningSources : (c_.me + phase) % devices_;
+    return phase == devices_ ? cuda::kSpanningSources : (first_ + phase) % devices_;
   }
 
   // Enqueues the fetch of every phase's rows of `operands`: the own rows on `stream`, the peers'
@@ -177,7 +181,8 @@ class SourcePhases {
       launcher.Always("recording a peer's fetched rows",
                       [&] { return cudaEventRecord(me_.fetched[phase], me_.side); });
     }
-    for (const Fetched& op : operands) FetchRows(c_, list, op, c_.me, c_.me + 1, stream, launcher);
+    for (const Fetched& op : operands)
+      FetchRows(c_, list, op, first_, first_ + 1, stream, launcher);
   }
 
   // Makes `stream` wait for phase `phase`'s rows; the last phase (spanning tiles) waits for the
@@ -192,7 +197,7 @@ class SourcePhases {
  private:
   const Call& c_;
   DeviceState& me_;
-  const int devices_;
+  const int devices_, first_;
   const bool pipelined_;
 };
 
