@@ -241,10 +241,15 @@ cudaError_t assign_plan(const Routing& routing, const WorkList& list, cudaStream
 // ---------------------------------------------------------------------------------------------
 // dispatch.cu
 
-struct FetchParams {
+// A work list's pairs seen from their (source, token): what the per-token kernels walk.
+struct TokenPairs {
   const int32_t* pair_code;  // WorkList::pair_code: < 0 for pairs not computed here
   const int32_t* pair_pos;   // WorkList::pair_pos
   int32_t num_sources, num_tokens, top_k;
+};
+
+struct FetchParams {
+  TokenPairs pairs;
   int32_t first_source, end_source;  // the sources whose rows this launch fetches
   int64_t row_bytes;                // H * the element size; a multiple of 4
   const void* sources[kMaxPeers];   // each source's [num_tokens, H] rows (x, or dy)
@@ -360,9 +365,8 @@ cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmPar
 // combine.cu
 
 struct ScatterParams {
-  const int32_t* pair_code;  // WorkList::pair_code
-  const int32_t* pair_pos;   // WorkList::pair_pos
-  int32_t num_sources, num_tokens, top_k, hidden, num_slots;
+  TokenPairs pairs;
+  int32_t hidden, num_slots;
   const float* rows;                // [pairs, hidden] by work-list position
   int32_t weighted;                 // multiply each row by expert_weights[t, k]
   const void* weights[kMaxPeers];   // each source's expert_weights [num_tokens, top_k]

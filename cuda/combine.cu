@@ -21,22 +21,22 @@ __global__ void __launch_bounds__(kTokenThreads)
     scatter_slots(const __grid_constant__ ScatterParams p) {
   const int32_t lane = threadIdx.x % 32;
   const int32_t g = warp_token();  // source * num_tokens + token
-  const int32_t source = g / p.num_tokens;
+  const int32_t source = g / p.pairs.num_tokens;
   const bool gave_up =
-      g < p.num_sources * p.num_tokens && p.flags != nullptr &&
+      g < p.pairs.num_sources * p.pairs.num_tokens && p.flags != nullptr &&
       *static_cast<const volatile uint64_t*>(p.flags + source) == kAbortFlag;
-  if (g < p.num_sources * p.num_tokens && !gave_up) {
-    const int32_t token = g - source * p.num_tokens;
-    const int64_t first = static_cast<int64_t>(g) * p.top_k;  // the token's first pair
-    const int64_t weight_row = static_cast<int64_t>(token) * p.top_k;
+  if (g < p.pairs.num_sources * p.pairs.num_tokens && !gave_up) {
+    const int32_t token = g - source * p.pairs.num_tokens;
+    const int64_t first = static_cast<int64_t>(g) * p.pairs.top_k;  // the token's first pair
+    const int64_t weight_row = static_cast<int64_t>(token) * p.pairs.top_k;
     // Each slot the token's pairs here use, at its first pair in k order.
-    for (int32_t k0 = 0; k0 < p.top_k; ++k0) {
-      const int32_t code0 = p.pair_code[first + k0];
+    for (int32_t k0 = 0; k0 < p.pairs.top_k; ++k0) {
+      const int32_t code0 = p.pairs.pair_code[first + k0];
       if (code0 < 0) continue;
       const int32_t slot = code0 % kMaxPeers;
       bool first_of_slot = true;
       for (int32_t j = 0; j < k0 && first_of_slot; ++j) {
-        const int32_t code = p.pair_code[first + j];
+        const int32_t code = p.pairs.pair_code[first + j];
         first_of_slot = code < 0 || code % kMaxPeers != slot;
       }
       if (!first_of_slot) continue;
@@ -44,10 +44,11 @@ __global__ void __launch_bounds__(kTokenThreads)
           p.staging[source] + (static_cast<int64_t>(token) * p.num_slots + slot) * p.hidden;
       for (int32_t h = lane; h < p.hidden; h += 32) {
         float sum = 0.0f;
-        for (int32_t k = k0; k < p.top_k; ++k) {
-          const int32_t code = p.pair_code[first + k];
+        for (int32_t k = k0; k < p.pairs.top_k; ++k) {
+          const int32_t code = p.pairs.pair_code[first + k];
           if (code < 0 || code % kMaxPeers != slot) continue;
-          const float row = p.rows[static_cast<int64_t>(p.pair_pos[first + k]) * p.hidden + h];
+          const int64_t pos = p.pairs.pair_pos[first + k];
+          const float row = p.rows[pos * p.hidden + h];
           sum += p.weighted ? load_float<T>(p.weights[source], weight_row + k, p.weights_f32) * row
                             : row;
         }
@@ -55,10 +56,10 @@ __global__ void __launch_bounds__(kTokenThreads)
       }
     }
     if (p.dot_partial != nullptr) {
-      for (int32_t k = lane; k < p.top_k; k += 32) {
-        if (p.pair_code[first + k] < 0) continue;
+      for (int32_t k = lane; k < p.pairs.top_k; k += 32) {
+        if (p.pairs.pair_code[first + k] < 0) continue;
         const float* partial =
-            p.dot_partial + static_cast<int64_t>(p.pair_pos[first + k]) * p.num_partials;
+            p.dot_partial + static_cast<int64_t>(p.pairs.pair_pos[first + k]) * p.num_partials;
         float dot = 0.0f;
         for (int32_t j = 0; j < p.num_partials; ++j) dot += partial[j];
         store_float<T>(p.d_weights[source], weight_row + k, dot, p.weights_f32);
@@ -146,7 +147,7 @@ cudaError_t launch_sums(const PartialSumParams& p, cudaStream_t stream) {
 
 template <class T>
 cudaError_t launch_scatter(const ScatterParams& p, cudaStream_t stream) {
-  scatter_slots<T><<<token_blocks(static_cast<int64_t>(p.num_sources) * p.num_tokens),
+  scatter_slots<T><<<token_blocks(static_cast<int64_t>(p.pairs.num_sources) * p.pairs.num_tokens),
                      kTokenThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
@@ -160,7 +161,7 @@ cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t scatter_slots(DType dtype, const ScatterParams& params, cudaStream_t stream) {
-  CCF_HOST_ASSERT(params.num_sources > 0 && params.num_sources <= kMaxPeers);
+  CCF_HOST_ASSERT(params.pairs.num_sources > 0 && params.pairs.num_sources <= kMaxPeers);
   switch (dtype) {
     case DType::kF32: return launch_scatter<float>(params, stream);
     case DType::kBF16: return launch_scatter<cutlass::bfloat16_t>(params, stream);

@@ -18,14 +18,14 @@ __global__ void __launch_bounds__(kTokenThreads)
     fetch_rows(const __grid_constant__ FetchParams p) {
   constexpr int kBatch = 4;
   const int32_t lane = threadIdx.x % 32;
-  const int32_t g = p.first_source * p.num_tokens + warp_token();  // source * T + token
-  if (g >= p.end_source * p.num_tokens) return;  // warp-uniform
-  const int64_t first = static_cast<int64_t>(g) * p.top_k;  // the token's first pair
+  const int32_t g = p.first_source * p.pairs.num_tokens + warp_token();  // source * T + token
+  if (g >= p.end_source * p.pairs.num_tokens) return;  // warp-uniform
+  const int64_t first = static_cast<int64_t>(g) * p.pairs.top_k;  // the token's first pair
   bool here = false;
-  for (int32_t k = lane; k < p.top_k; k += 32) here |= p.pair_code[first + k] >= 0;
+  for (int32_t k = lane; k < p.pairs.top_k; k += 32) here |= p.pairs.pair_code[first + k] >= 0;
   if (!__any_sync(0xffffffffu, here)) return;
 
-  const int32_t source = g / p.num_tokens, token = g - source * p.num_tokens;
+  const int32_t source = g / p.pairs.num_tokens, token = g - source * p.pairs.num_tokens;
   const int64_t vectors = p.row_bytes / static_cast<int64_t>(sizeof(Vector));
   const Vector* src = reinterpret_cast<const Vector*>(
       static_cast<const char*>(p.sources[source]) + token * p.row_bytes);
@@ -36,10 +36,10 @@ __global__ void __launch_bounds__(kTokenThreads)
       const int64_t v = v0 + b * 32 + lane;
       if (v < vectors) value[b] = src[v];
     }
-    for (int32_t k = 0; k < p.top_k; ++k) {
-      if (p.pair_code[first + k] < 0) continue;
+    for (int32_t k = 0; k < p.pairs.top_k; ++k) {
+      if (p.pairs.pair_code[first + k] < 0) continue;
       Vector* dst = reinterpret_cast<Vector*>(static_cast<char*>(p.rows) +
-                                              p.pair_pos[first + k] * p.row_bytes);
+                                              p.pairs.pair_pos[first + k] * p.row_bytes);
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         const int64_t v = v0 + b * 32 + lane;
@@ -57,7 +57,7 @@ bool aligned_to(const void* p, int64_t bytes) {
 
 template <class Vector>
 cudaError_t launch_fetch(const FetchParams& p, cudaStream_t stream) {
-  const int64_t tokens = static_cast<int64_t>(p.end_source - p.first_source) * p.num_tokens;
+  const int64_t tokens = static_cast<int64_t>(p.end_source - p.first_source) * p.pairs.num_tokens;
   if (tokens == 0) return cudaSuccess;
   fetch_rows<Vector><<<token_blocks(tokens),
                        kTokenThreads, 0, stream>>>(p);
@@ -67,14 +67,14 @@ cudaError_t launch_fetch(const FetchParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t fetch_rows(const FetchParams& params, cudaStream_t stream) {
-  CCF_HOST_ASSERT(params.num_sources > 0 && params.num_sources <= kMaxPeers);
+  CCF_HOST_ASSERT(params.pairs.num_sources > 0 && params.pairs.num_sources <= kMaxPeers);
   CCF_HOST_ASSERT(0 <= params.first_source && params.first_source <= params.end_source &&
-                  params.end_source <= params.num_sources);
+                  params.end_source <= params.pairs.num_sources);
   CCF_HOST_ASSERT(params.row_bytes > 0 && params.row_bytes % 4 == 0);
   // 16-byte vectors where every row starts on one (bf16/f16 always: H % 8 == 0 and the handler
   // checks the buffers' alignment), else 4-byte words (float32 with H % 4 != 0).
   bool wide = params.row_bytes % 16 == 0 && aligned_to(params.rows, 16);
-  for (int dev = 0; dev < params.num_sources; ++dev)
+  for (int dev = 0; dev < params.pairs.num_sources; ++dev)
     wide = wide && aligned_to(params.sources[dev], 16);
   return wide ? launch_fetch<uint4>(params, stream) : launch_fetch<uint32_t>(params, stream);
 }

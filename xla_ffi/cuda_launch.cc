@@ -122,14 +122,15 @@ struct Fetched {
   void* rows;
 };
 
+cuda::TokenPairs PairsOf(const Call& c, const cuda::WorkList& list) {
+  return {list.pair_code, list.pair_pos, c.d.num_devices, static_cast<int32_t>(c.d.tokens),
+          static_cast<int32_t>(c.d.k)};
+}
+
 void FetchRows(const Call& c, const cuda::WorkList& list, const Fetched& operand, int first,
                int end, cudaStream_t stream, Launcher& launcher) {
   cuda::FetchParams p{};
-  p.pair_code = list.pair_code;
-  p.pair_pos = list.pair_pos;
-  p.num_sources = c.d.num_devices;
-  p.num_tokens = static_cast<int32_t>(c.d.tokens);
-  p.top_k = static_cast<int32_t>(c.d.k);
+  p.pairs = PairsOf(c, list);
   p.first_source = first;
   p.end_source = end;
   p.row_bytes = c.d.hidden * ffi::ByteWidth(c.d.x_type);
@@ -254,11 +255,7 @@ cuda::GemmParams GemmOver(const Call& c, const cuda::WorkList& list, cuda::GemmS
 
 cuda::ScatterParams ScatterOver(const Call& c, const cuda::WorkList& list, const float* rows) {
   cuda::ScatterParams p{};
-  p.pair_code = list.pair_code;
-  p.pair_pos = list.pair_pos;
-  p.num_sources = c.d.num_devices;
-  p.num_tokens = static_cast<int32_t>(c.d.tokens);
-  p.top_k = static_cast<int32_t>(c.d.k);
+  p.pairs = PairsOf(c, list);
   p.hidden = static_cast<int32_t>(c.d.hidden);
   p.num_slots = c.d.slots;
   p.rows = rows;
