@@ -84,6 +84,14 @@
 // a GPU. No kernel here has ever executed: correctness, the memory ordering of the peer barrier,
 // performance and the occupancy/shared-memory settings are all unverified.
 //
+// GPU check for the dispatch and its source phases (never run): tests/test_cuda.py's emulated
+// cases run the same phases as real peers (side stream, an event per source, GEMMs filtered by
+// tile_source), so on one GPU they check that no tile is computed twice or skipped (a wrong
+// phase split shows as a wrong or NaN row against reference_moe) and that results are bitwise
+// repeatable; then time bench/gpu.py's `fused` and, with Nsight Systems where it works, see the
+// fetch kernels of one source run beside the GEMMs of the previous one (they share the SMs
+// only where the GEMM grid leaves room: the persistent grid takes every SM it can fill).
+//
 // GPU check for residuals="hidden" (never run): `JAX_PLATFORMS=cuda pytest
 // tests/test_residuals.py` (one GPU runs the one-device and emulated cases) compares forward and
 // gradients bitwise with the recomputing backward. That holds if GEMM1's epilogue sees the same
