@@ -123,6 +123,10 @@ _EMULATED = [
     # Most of 8 * 70 * 2 rows on expert 0: one work list spans several 128-row tiles.
     ("skewed-float32", Case(devices=8, tokens=70, skew=1.0, seed=54), False),
     ("skewed-bfloat16", Case(devices=8, tokens=70, skew=1.0, dtype=jnp.bfloat16, seed=55), False),
+    # About 300 rows of expert 0 from each of 2 sources: whole 128-row tiles of one source (run
+    # in that source's phase) and tiles spanning both (the last phase).
+    ("phases-bfloat16", Case(devices=2, tokens=300, skew=1.0, dtype=jnp.bfloat16, seed=56),
+     False),
 ]
 
 
