@@ -83,7 +83,8 @@ def fused_scratch_bytes(config: Config) -> dict | None:
     return None
   sizes = dict(num_devices=config.devices, tokens=config.tokens, hidden=config.hidden,
                ffn=config.ffn, k=config.k, experts_local=config.experts // config.devices,
-               gated=ACTIVATIONS[ACTIVATION].gated, float32=config.dtype == "float32", emulated=True)
+               gated=ACTIVATIONS[ACTIVATION].gated, float32=config.dtype == "float32",
+               emulated=True)
   return {short: _extension.cuda.scratch_bytes(**sizes, backward=short == "bwd")
           for short in ("fwd", "bwd")}
 

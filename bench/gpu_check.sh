@@ -110,10 +110,15 @@ run_stage() {
   return "$rc"
 }
 
+# The carried wheels of folder $1 into the scratch site; fails when they do not install.
+install_wheels() {
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$1"/*.whl
+}
+
 build() {
   if ls "$CARRY"/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" "$CARRY"/*.whl || return
+    install_wheels "$CARRY" || return
   else
     echo "no wheels in $CARRY: building with what the machine has"
   fi
@@ -143,8 +148,7 @@ tests() {
 
 benchmark() {  # bench.gpu's arguments
   if ls "$CARRY"/bench/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target "$SITE" "$CARRY"/bench/*.whl ||
+    install_wheels "$CARRY/bench" ||
       echo "the benchmark's wheels did not install: its tokamax baseline will not run"
   fi
   "$PY" -P -m bench.gpu "$@"
@@ -161,7 +165,7 @@ sanitize() {  # tool
 
 # The stages' shell functions run under `timeout` in a child bash.
 export REPO PY STATE SITE BUILD PKG CARRY CUDA_BUILD
-export -f build tests benchmark sanitize
+export -f install_wheels build tests benchmark sanitize
 
 # 0 env
 run_stage env 120 0 "$PY" -P -m bench.gpu_check env "$STATE/env.json" --stamp "$CARRY/COMMIT"

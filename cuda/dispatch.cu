@@ -59,8 +59,7 @@ template <class Vector>
 cudaError_t launch_fetch(const FetchParams& p, cudaStream_t stream) {
   const int64_t tokens = static_cast<int64_t>(p.end_source - p.first_source) * p.pairs.num_tokens;
   if (tokens == 0) return cudaSuccess;
-  fetch_rows<Vector><<<token_blocks(tokens),
-                       kTokenThreads, 0, stream>>>(p);
+  fetch_rows<Vector><<<token_blocks(tokens), kTokenThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -375,6 +375,17 @@ constexpr bool serves(Epilogue e) {
   return e == Epilogue::kActivation || e == Epilogue::kStoreF32;
 }
 
+// Tile row r's columns, as they are, into out[j] (j = the columns' N index), cast to Out.
+template <int kTileN, class Out, class SmemC>
+__device__ __forceinline__ void store_row(Out* out, const GemmParams& p, const GemmTile& tile,
+                                          const SmemC& sC, int r, int lane) {
+  for (int c = lane; c < kTileN; c += 32) {
+    const int32_t j = tile.n_tile * kTileN + c;
+    if (j >= p.n) break;
+    out[j] = Out(sC(r, c));
+  }
+}
+
 template <class Config, class SmemC>
 __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC& sC) {
   using T = typename Config::Element;
@@ -409,12 +420,7 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
         break;
       case Epilogue::kStoreF32:
         if constexpr (serves<kA, kB>(Epilogue::kStoreF32)) {
-          float* out = static_cast<float*>(p.out) + pos * p.out_ld;
-          for (int c = lane; c < kTileN; c += 32) {
-            const int32_t j = tile.n_tile * kTileN + c;
-            if (j >= p.n) break;
-            out[j] = sC(r, c);
-          }
+          store_row<kTileN>(static_cast<float*>(p.out) + pos * p.out_ld, p, tile, sC, r, lane);
         }
         break;
       case Epilogue::kActivationBackward:
@@ -430,19 +436,11 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
                          (static_cast<int64_t>(local) * p.plan_slots +
                           tile.group % p.plan_slots) * p.partial_stride +
                          p.partial_offset + static_cast<int64_t>(row) * p.out_ld;
-            for (int c = lane; c < kTileN; c += 32) {
-              const int32_t j = tile.n_tile * kTileN + c;
-              if (j >= p.n) break;
-              out[j] = sC(r, c);
-            }
+            store_row<kTileN>(out, p, tile, sC, r, lane);
           } else {
-            T* out = static_cast<T*>(p.out) + tile.group * p.out_expert_stride +
-                     static_cast<int64_t>(row) * p.out_ld;
-            for (int c = lane; c < kTileN; c += 32) {
-              const int32_t j = tile.n_tile * kTileN + c;
-              if (j >= p.n) break;
-              out[j] = T(sC(r, c));
-            }
+            store_row<kTileN>(static_cast<T*>(p.out) + tile.group * p.out_expert_stride +
+                                  static_cast<int64_t>(row) * p.out_ld,
+                              p, tile, sC, r, lane);
           }
         }
         break;

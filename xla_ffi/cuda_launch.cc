@@ -16,6 +16,10 @@ cuda::DType ToDType(ffi::DataType t) {
                                     : cuda::DType::kF16;
 }
 
+// The first device whose tokens and experts this call serves: its rank, or 0 when emulating
+// (every device's).
+int32_t FirstOwnDevice(const Call& c) { return std::max(c.me, 0); }
+
 cuda::WorkList CarveWorkList(const Call& c, Arena& arena) {
   const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
   const int64_t chunks = cuda::work_list_chunks(pairs);
@@ -152,7 +156,7 @@ class SourcePhases {
       : c_(c),
         me_(me),
         devices_(c.d.num_devices),
-        first_(std::max(c.me, 0)),
+        first_(FirstOwnDevice(c)),
         pipelined_(devices_ > 1) {}
 
   int size() const { return pipelined_ ? devices_ + 1 : 1; }
@@ -186,13 +190,18 @@ class SourcePhases {
       FetchRows(c_, list, op, first_, first_ + 1, stream, launcher);
   }
 
-  // Makes `stream` wait for phase `phase`'s rows; the last phase (spanning tiles) waits for the
-  // last peer's, which joins the side stream back into `stream`.
-  void Wait(int phase, cudaStream_t stream, Launcher& launcher) const {
-    if (!pipelined_ || phase == 0) return;
-    const int event = std::min(phase, devices_ - 1);
-    launcher.Always("waiting for a peer's rows",
-                    [&] { return cudaStreamWaitEvent(stream, me_.fetched[event], 0); });
+  // Runs `launch(only_source)` for each phase on `stream`, once that phase's rows are in: the
+  // last phase (spanning tiles) waits for the last peer's, which joins the side stream back.
+  template <typename Launch>
+  void Run(cudaStream_t stream, Launcher& launcher, Launch launch) const {
+    for (int phase = 0; phase < size(); ++phase) {
+      if (phase > 0) {
+        const int event = std::min(phase, devices_ - 1);
+        launcher.Always("waiting for a peer's rows",
+                        [&] { return cudaStreamWaitEvent(stream, me_.fetched[event], 0); });
+      }
+      launch(source(phase));
+    }
   }
 
  private:
@@ -275,7 +284,7 @@ cuda::CombineParams CombineOver(const Call& c, const cuda::WorkList& list, Devic
   p.ids = c.own_ids;
   // This device's tokens are its sources' pairs from rank * T * K on (emulated: all of them).
   if (list.pair_device != nullptr)
-    p.pair_device = list.pair_device + (c.me < 0 ? 0 : c.me * c.d.tokens * c.d.k);
+    p.pair_device = list.pair_device + FirstOwnDevice(c) * c.d.tokens * c.d.k;
   p.staging = c.own_staging;
   p.out = out;
   p.num_tokens = static_cast<int32_t>(c.own_tokens);
@@ -311,8 +320,8 @@ void SumPartials(const Call& c, DeviceState& me, const BackwardScratch& s, void*
                  void* dw_out, cudaStream_t stream, Launcher& launcher) {
   cuda::PartialSumParams p{};
   p.partials = s.partials;
-  p.workers = c.plan.workers + static_cast<int64_t>(c.me < 0 ? 0 : c.me) * c.d.experts_local *
-                                   c.plan.slots;
+  p.workers = c.plan.workers +
+              static_cast<int64_t>(FirstOwnDevice(c)) * c.d.experts_local * c.plan.slots;
   p.experts = c.own_experts;
   p.slots = c.plan.slots;
   p.in_elements = c.d.hidden * c.d.gate_ffn;
@@ -349,22 +358,23 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   // the kept pairs' h stored on the side.
   cuda::GemmParams g1 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h,
                                  PairRows(s.x, h),
-                                 ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf), cuda::Epilogue::kActivation);
+                                 ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf),
+                                 cuda::Epilogue::kActivation);
   g1.n_split = IsGated(d.activation) ? static_cast<int32_t>(f) : 0;
   g1.out = s.a;
   g1.out_ld = f;
   // GEMM2: a @ w_out[e] into float32 rows.
   cuda::GemmParams g2 = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, f,
-                                 PairRows(s.a, f), ExpertRows(c, c.w_out, &PeerBuffers::w_out, h, f * h),
+                                 PairRows(s.a, f),
+                                 ExpertRows(c, c.w_out, &PeerBuffers::w_out, h, f * h),
                                  cuda::Epilogue::kStoreF32);
   g2.out = s.rows;
   g2.out_ld = h;
-  for (int phase = 0; phase < phases.size(); ++phase) {
-    phases.Wait(phase, stream, launcher);
-    g1.only_source = g2.only_source = phases.source(phase);
+  phases.Run(stream, launcher, [&](int32_t source) {
+    g1.only_source = g2.only_source = source;
     LaunchGemm("GEMM1", c, me, cuda::Major::kK, cuda::Major::kMN, g1, stream, launcher);
     LaunchGemm("GEMM2", c, me, cuda::Major::kK, cuda::Major::kMN, g2, stream, launcher);
-  }
+  });
   cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
   scatter.weighted = 1;
   CloseCall(c, s.list, me, scatter, y, nullptr, stream, launcher);
@@ -402,7 +412,8 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   // h = x @ w_in[e], float32, for the tiles whose h the forward did not keep.
   cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
                                      PairRows(s.x, h),
-                                     ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
+                                     ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf),
+                                     cuda::Epilogue::kStoreF32);
   h_gemm.skip_kept = 1;
   h_gemm.out = s.h;
   h_gemm.out_ld = gf;
@@ -410,20 +421,20 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   // recomputed h.
   cuda::GemmParams u_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, f, h, PairRows(s.dy, h),
-               ExpertRows(c, c.w_out, &PeerBuffers::w_out, h, f * h), cuda::Epilogue::kActivationBackward);
+               ExpertRows(c, c.w_out, &PeerBuffers::w_out, h, f * h),
+               cuda::Epilogue::kActivationBackward);
   u_gemm.h = s.h;
   u_gemm.aw = s.aw;
   u_gemm.dh = s.dh;
   u_gemm.dot_partial = s.dot_partial;
   u_gemm.num_partials = s.num_partials;
-  for (int phase = 0; phase < phases.size(); ++phase) {
-    phases.Wait(phase, stream, launcher);
-    h_gemm.only_source = u_gemm.only_source = phases.source(phase);
+  phases.Run(stream, launcher, [&](int32_t source) {
+    h_gemm.only_source = u_gemm.only_source = source;
     LaunchGemm("h = x @ w_in", c, me, cuda::Major::kK, cuda::Major::kMN, h_gemm, stream,
                launcher);
     LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream,
                launcher);
-  }
+  });
   // dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh, reduced over the group's pairs in order: the
   // outputs, or with a plan each slot's float32 partial at the expert's owner.
   cuda::GemmParams dw_out_gemm =
