@@ -76,15 +76,17 @@ def _relative_error(a, b) -> float:
 
 def fused_scratch_bytes(config: Config) -> dict | None:
   """Scratch of one `fused_moe_emulated` forward and backward call on one GPU, `{"fwd": bytes,
-  "bwd": bytes}`, as the CUDA handler sizes it; None without the CUDA extension."""
+  "bwd": bytes}`, as the CUDA handler sizes it under the scratch budget in force; None without
+  the CUDA extension."""
   from jax_ccfuser import _extension  # noqa: PLC0415 (the CUDA module, where it was built)
+  from jax_ccfuser._config import scratch_budget_bytes  # noqa: PLC0415
   from jax_ccfuser._ffn import ACTIVATIONS  # noqa: PLC0415
   if _extension.cuda is None:
     return None
   sizes = dict(num_devices=config.devices, tokens=config.tokens, hidden=config.hidden,
                ffn=config.ffn, k=config.k, experts_local=config.experts // config.devices,
                gated=ACTIVATIONS[ACTIVATION].gated, float32=config.dtype == "float32",
-               emulated=True)
+               emulated=True, scratch_budget=scratch_budget_bytes())
   return {short: _extension.cuda.scratch_bytes(**sizes, backward=short == "bwd")
           for short in ("fwd", "bwd")}
 

@@ -64,10 +64,15 @@
 // groups and sums, so they match real devices bitwise. With a plan, no h rows are kept
 // (residuals="hidden" recomputes them), and peers in other processes refuse plans.
 //
-// Limits of this version: the scratch ([pairs, F] and [pairs, H] rows forward, more backward)
-// comes from XLA's allocator but is sized for the worst case, every pair of the group on this
-// device (D * T * K rows); the scatter starts after the last GEMM (its writes over the link do
-// not overlap compute).
+// Scratch: the rows ([rows, F] and [rows, H] forward, more backward) come from XLA's allocator,
+// at most as many as the call's scratch budget holds (jax_ccfuser.scratch_budget), a whole
+// number of M-tiles (Chunk). Steps 2-4 then run once per chunk of the work list's tiles, as many
+// chunks as the worst case (every pair of the group on this device, D * T * K) needs; the
+// weight gradients carry each group's float32 sum from chunk to chunk (GemmParams::carry) and
+// the scatter adds each chunk's rows to the staging slots, so the results are bitwise those of
+// one chunk. Chunks past the list's end find no work (a few empty launches each).
+// Limits of this version: the scatter starts after the chunk's last GEMM (its writes over the
+// link do not overlap compute).
 //
 // Failure: a device barrier that times out, finds a peer out of step (more than one barrier
 // ahead, or one that gave up) or, across processes, with other shapes aborts the call on that
@@ -91,6 +96,13 @@
 // repeatable; then time bench/gpu.py's `fused` and, with Nsight Systems where it works, see the
 // fetch kernels of one source run beside the GEMMs of the previous one (they share the SMs
 // only where the GEMM grid leaves room: the persistent grid takes every SM it can fill).
+//
+// GPU check for chunks (never run): tests/test_cuda.py's chunk tests compare budgets of one and
+// of a few tiles per chunk bitwise with one chunk (emulated, with a plan, and over every GPU):
+// a wrong row window shows as a wrong row, a lost or doubled carry as a wrong weight gradient,
+// a scatter that overwrites instead of adding as a wrong y or dx. bench/gpu_check.sh's sanitizer
+// workload runs a one-tile-chunk call too (the windows' bounds under memcheck). Then time a
+// skewed layer under a budget of about one balanced load against one chunk.
 //
 // GPU check for residuals="hidden" (never run): `JAX_PLATFORMS=cuda pytest
 // tests/test_residuals.py` (one GPU runs the one-device and emulated cases) compares forward and
@@ -217,6 +229,7 @@ struct WorkItem {
 struct WorkList {
   int32_t* pair_code;      // [P] local expert * kMaxPeers + staging slot, or -1 (not here/bad)
   int32_t* pair_pos;       // [P] position in `items` (local pairs only)
+  int32_t* pair_row;       // [P] scratch row (place_rows), local pairs only
   int32_t* chunk_counts;   // [E_here, num_chunks] counts, then exclusive offsets within expert
   int32_t* expert_count;   // [E_here]
   int32_t* expert_offset;  // [E_here + 1] first position of each expert's pairs
@@ -230,6 +243,9 @@ struct WorkList {
   int32_t* group_end;      // [num_groups]
   int32_t* group_expert;   // [num_groups]
   int32_t* tile_offset;    // [num_groups + 1] first GEMM M-tile of each group
+  // A pair's scratch row: its group's first tile * tile_m + its index in the group. The rows of
+  // M-tiles [t, t + n) are then rows [t * tile_m, (t + n) * tile_m), whatever groups of other
+  // devices lie between theirs in the list, so a chunk of n tiles fits n * tile_m rows (Chunk).
   // With a plan: the device that computes each pair (-1: another group's expert or a bad id),
   // for every pair of the group; null without a plan (the owner computes every pair).
   int32_t* pair_device;    // [P]
@@ -245,6 +261,19 @@ cudaError_t fill_work_list(const Routing& routing, const WorkList& list, cudaStr
 // With a plan, after fill_work_list: every pair's computing device and slot (pair_device,
 // pair_code: -1 for pairs another device computes) and this device's groups.
 cudaError_t assign_plan(const Routing& routing, const WorkList& list, cudaStream_t stream);
+// Last, once the groups are final: every local pair's pair_row.
+cudaError_t place_rows(const Routing& routing, const WorkList& list, cudaStream_t stream);
+
+// The scratch holds the rows of `tiles` M-tiles at a time: chunk `index` is M-tiles
+// [index * tiles, (index + 1) * tiles), scratch rows [index * tiles * tile_m, ...) of the
+// WorkList, stored from scratch row 0 on. The handler loops over the chunks that the worst case
+// needs; chunks past the list's tiles find no work.
+struct Chunk {
+  int32_t tiles;  // M-tiles per chunk (INT32_MAX / tile_m: one chunk holds every row)
+  int32_t index;
+  __host__ __device__ int64_t first_tile() const { return static_cast<int64_t>(index) * tiles; }
+  __host__ __device__ int64_t end_tile() const { return first_tile() + tiles; }
+};
 
 // ---------------------------------------------------------------------------------------------
 // dispatch.cu
@@ -252,8 +281,10 @@ cudaError_t assign_plan(const Routing& routing, const WorkList& list, cudaStream
 // A work list's pairs seen from their (source, token): what the per-token kernels walk.
 struct TokenPairs {
   const int32_t* pair_code;  // WorkList::pair_code: < 0 for pairs not computed here
-  const int32_t* pair_pos;   // WorkList::pair_pos
+  const int32_t* pair_row;   // WorkList::pair_row
   int32_t num_sources, num_tokens, top_k;
+  // The scratch rows of the chunk in memory: [row_begin, row_end), from `rows` on.
+  int64_t row_begin, row_end;
 };
 
 struct FetchParams {
@@ -261,12 +292,12 @@ struct FetchParams {
   int32_t first_source, end_source;  // the sources whose rows this launch fetches
   int64_t row_bytes;                // H * the element size; a multiple of 4
   const void* sources[kMaxPeers];   // each source's [num_tokens, H] rows (x, or dy)
-  void* rows;                       // [pairs here, H] by work-list position
+  void* rows;                       // [chunk rows, H] by scratch row
 };
 
-// rows[pos] = the source's row of the pair at work-list position pos, for every pair computed
-// here whose source is in [first_source, end_source); each (source, token) row is read once,
-// however many of its pairs are here.
+// rows[row - row_begin] = the source's row of the pair at scratch row `row`, for every pair
+// computed here whose row is in the chunk and whose source is in [first_source, end_source);
+// each (source, token) row is read once, however many of its pairs are here.
 cudaError_t fetch_rows(const FetchParams& params, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
@@ -284,7 +315,7 @@ enum class GemmShape : int32_t {
 enum class RowSource : int32_t {
   kExpert = 0,  // row r of expert e's matrix, at its owner d = e / E_local:
                 // peers[d] + (e % E_local) * expert_stride + r * ld
-  kPair = 1,    // pair row: data + (work-list position) * ld
+  kPair = 1,    // pair row: data + (its scratch row - the chunk's first) * ld
 };
 
 struct GemmOperand {
@@ -298,6 +329,13 @@ struct GemmOperand {
 enum class Major : int32_t { kK = 0, kMN = 1 };
 
 constexpr int32_t kAllSources = -1, kSpanningSources = -2;  // GemmParams::only_source
+
+// kPairReduction with several chunks: which groups a launch reduces (GemmParams::carry).
+enum class ReductionPart : int32_t {
+  kEveryGroup = 0,  // one chunk: every group, no carry
+  kContinued = 1,   // the group that began in an earlier chunk: starts from carry
+  kBegun = 2,       // the groups that begin in this chunk: one may leave its sum in carry
+};
 
 enum class Epilogue : int32_t {
   kActivation = 0,          // out[pair, j] = act(C) in the input dtype (gated: act(gate) * up)
@@ -327,6 +365,15 @@ struct GemmParams {
   // kPairRows: the tiles this launch computes, by the source of their rows: kAllSources, one
   // source (tiles whose rows all come from it), or kSpanningSources (the others).
   int32_t only_source;
+  // The chunk of the list whose rows the pair operands and outputs hold. kPairReduction sums
+  // each group's pairs of this chunk: a group that began in an earlier chunk starts from its
+  // float32 sum so far in `carry`, one that goes on into a later chunk leaves its sum there.
+  // Chunk edges are whole M-tiles and so whole k-tiles of the group: the sum goes on exactly as
+  // without chunks, bitwise. A group without pairs stores its zeros in chunk 0. With several
+  // chunks the handler launches kContinued (reads carry) before kBegun (may overwrite it).
+  Chunk chunk;
+  float* carry;  // [m, n] float32; null with one chunk
+  ReductionPart part;
 
   Epilogue epilogue;
   int32_t activation;  // ccf::Activation
@@ -375,13 +422,13 @@ cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmPar
 struct ScatterParams {
   TokenPairs pairs;
   int32_t hidden, num_slots;
-  const float* rows;                // [pairs, hidden] by work-list position
+  const float* rows;                // [chunk rows, hidden] by scratch row (TokenPairs)
   int32_t weighted;                 // multiply each row by expert_weights[t, k]
   const void* weights[kMaxPeers];   // each source's expert_weights [num_tokens, top_k]
   int32_t weights_f32;              // else `dtype`
   float* staging[kMaxPeers];        // each source's staging [num_tokens, num_slots, hidden]
   // Backward only (else null): d expert_weights[t, k] = sum of the pair's dot partials.
-  const float* dot_partial;         // [pairs, num_partials]
+  const float* dot_partial;         // [chunk rows, num_partials]
   int32_t num_partials;
   void* d_weights[kMaxPeers];       // each source's d_expert_weights [num_tokens, top_k]
   // Real peers: this device's barrier flags for the site, by writer rank (null when emulating).
@@ -390,12 +437,14 @@ struct ScatterParams {
   const uint64_t* flags;
 };
 
-// For every (source, token) with pairs on this device and every slot they use:
-// staging[source][token, slot] = the sum of that slot's rows in k order (times the weights when
-// `weighted`), and in the backward its d_expert_weights. A real device's pairs of a token share
-// one slot; an emulated group's work list holds every device's, so a token's pairs may use
-// several, each summed on its own as its device would. Ends with a system-scope fence (the rows
-// go to peer memory).
+// For every (source, token) with pairs in this chunk and every slot they use: adds that slot's
+// rows of the chunk (times the weights when `weighted`) to staging[source][token, slot], in
+// scratch-row order, and in the backward writes their d_expert_weights. A slot's first rows
+// start from zero rather than read the staging, so over the chunks each slot is the sum of its
+// rows in scratch-row (= work-list) order, whatever the chunking. A real device's pairs of a
+// token share one slot; an emulated group's work list holds every device's, so a token's pairs
+// may use several, each summed on its own as its device would. Ends with a system-scope fence
+// (the rows go to peer memory).
 cudaError_t scatter_slots(DType dtype, const ScatterParams& params, cudaStream_t stream);
 
 struct CombineParams {

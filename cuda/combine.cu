@@ -19,6 +19,7 @@ namespace ccf::cuda {
 template <class T>
 __global__ void __launch_bounds__(kTokenThreads)
     scatter_slots(const __grid_constant__ ScatterParams p) {
+  extern __shared__ int32_t s_order[];  // [kTokenWarps, K]
   const int32_t lane = threadIdx.x % 32;
   const int32_t g = warp_token();  // source * num_tokens + token
   const int32_t source = g / p.pairs.num_tokens;
@@ -29,26 +30,42 @@ __global__ void __launch_bounds__(kTokenThreads)
     const int32_t token = g - source * p.pairs.num_tokens;
     const int64_t first = static_cast<int64_t>(g) * p.pairs.top_k;  // the token's first pair
     const int64_t weight_row = static_cast<int64_t>(token) * p.pairs.top_k;
-    // Each slot the token's pairs here use, at its first pair in k order.
-    for (int32_t k0 = 0; k0 < p.pairs.top_k; ++k0) {
-      const int32_t code0 = p.pairs.pair_code[first + k0];
-      if (code0 < 0) continue;
-      const int32_t slot = code0 % kMaxPeers;
-      bool first_of_slot = true;
-      for (int32_t j = 0; j < k0 && first_of_slot; ++j) {
-        const int32_t code = p.pairs.pair_code[first + j];
-        first_of_slot = code < 0 || code % kMaxPeers != slot;
+    const int32_t* codes = p.pairs.pair_code + first;  // [K] the token's pairs
+    const int32_t* pair_rows = p.pairs.pair_row + first;
+    // The token's pairs in the chunk, by scratch row: order[0, count).
+    int32_t* order = s_order + (threadIdx.x / 32) * p.pairs.top_k;
+    int32_t count = 0;
+    for (int32_t k0 = 0; k0 < p.pairs.top_k; k0 += 32) {
+      const int32_t k = k0 + lane;
+      const bool in = k < p.pairs.top_k && in_chunk(p.pairs, first + k);
+      if (in) {
+        int32_t rank = 0;
+        for (int32_t j = 0; j < p.pairs.top_k; ++j)
+          rank += in_chunk(p.pairs, first + j) && pair_rows[j] < pair_rows[k];
+        order[rank] = k;
       }
+      count += __popc(__ballot_sync(0xffffffffu, in));
+    }
+    __syncwarp();
+    // Each slot these pairs use, at its first pair in the order.
+    for (int32_t n0 = 0; n0 < count; ++n0) {
+      const int32_t slot = codes[order[n0]] % kMaxPeers;
+      bool first_of_slot = true;
+      for (int32_t n = 0; n < n0 && first_of_slot; ++n)
+        first_of_slot = codes[order[n]] % kMaxPeers != slot;
       if (!first_of_slot) continue;
+      // The staging holds the sum of the slot's rows of earlier chunks, if it has any.
+      bool earlier = false;
+      for (int32_t k = 0; k < p.pairs.top_k; ++k)
+        earlier |= codes[k] >= 0 && codes[k] % kMaxPeers == slot && pair_rows[k] < p.pairs.row_begin;
       float* dst =
           p.staging[source] + (static_cast<int64_t>(token) * p.num_slots + slot) * p.hidden;
       for (int32_t h = lane; h < p.hidden; h += 32) {
-        float sum = 0.0f;
-        for (int32_t k = k0; k < p.pairs.top_k; ++k) {
-          const int32_t code = p.pairs.pair_code[first + k];
-          if (code < 0 || code % kMaxPeers != slot) continue;
-          const int64_t pos = p.pairs.pair_pos[first + k];
-          const float row = p.rows[pos * p.hidden + h];
+        float sum = earlier ? dst[h] : 0.0f;
+        for (int32_t n = n0; n < count; ++n) {
+          const int32_t k = order[n];
+          if (codes[k] % kMaxPeers != slot) continue;
+          const float row = p.rows[(pair_rows[k] - p.pairs.row_begin) * p.hidden + h];
           sum += p.weighted ? load_float<T>(p.weights[source], weight_row + k, p.weights_f32) * row
                             : row;
         }
@@ -57,9 +74,8 @@ __global__ void __launch_bounds__(kTokenThreads)
     }
     if (p.dot_partial != nullptr) {
       for (int32_t k = lane; k < p.pairs.top_k; k += 32) {
-        if (p.pairs.pair_code[first + k] < 0) continue;
-        const float* partial =
-            p.dot_partial + static_cast<int64_t>(p.pairs.pair_pos[first + k]) * p.num_partials;
+        if (!in_chunk(p.pairs, first + k)) continue;
+        const float* partial = p.dot_partial + (pair_rows[k] - p.pairs.row_begin) * p.num_partials;
         float dot = 0.0f;
         for (int32_t j = 0; j < p.num_partials; ++j) dot += partial[j];
         store_float<T>(p.d_weights[source], weight_row + k, dot, p.weights_f32);
@@ -147,8 +163,10 @@ cudaError_t launch_sums(const PartialSumParams& p, cudaStream_t stream) {
 
 template <class T>
 cudaError_t launch_scatter(const ScatterParams& p, cudaStream_t stream) {
+  const size_t order_bytes = sizeof(int32_t) * kTokenWarps * static_cast<size_t>(p.pairs.top_k);
+  CCF_HOST_ASSERT(order_bytes <= 48 * 1024);  // K <= 3072
   scatter_slots<T><<<token_blocks(static_cast<int64_t>(p.pairs.num_sources) * p.pairs.num_tokens),
-                     kTokenThreads, 0, stream>>>(p);
+                     kTokenThreads, order_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -1,10 +1,10 @@
 // The dispatch: every row a device needs from its sources (x, or dy in the backward), read once
 // over the link into a local buffer in work-list order, so the GEMMs read plain local rows.
 //
-// One warp per (source, token). A token with several pairs here (K > 1 experts of this device)
-// is read once and written to each of its pairs' positions; a token with none costs four loads
-// of its pair codes. Each lane keeps kBatch 16-byte loads in flight before it stores them, since
-// a peer's load waits on the link.
+// One warp per (source, token). A token with several pairs in the chunk (K > 1 experts of this
+// device) is read once and written to each of its pairs' scratch rows; a token with none costs
+// a few loads of its pair codes. Each lane keeps kBatch 16-byte loads in flight before it stores
+// them, since a peer's load waits on the link.
 #include <cstdint>
 
 #include "cuda/api.cuh"
@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kTokenThreads)
   if (g >= p.end_source * p.pairs.num_tokens) return;  // warp-uniform
   const int64_t first = static_cast<int64_t>(g) * p.pairs.top_k;  // the token's first pair
   bool here = false;
-  for (int32_t k = lane; k < p.pairs.top_k; k += 32) here |= p.pairs.pair_code[first + k] >= 0;
+  for (int32_t k = lane; k < p.pairs.top_k; k += 32) here |= in_chunk(p.pairs, first + k);
   if (!__any_sync(0xffffffffu, here)) return;
 
   const int32_t source = g / p.pairs.num_tokens, token = g - source * p.pairs.num_tokens;
@@ -37,9 +37,9 @@ __global__ void __launch_bounds__(kTokenThreads)
       if (v < vectors) value[b] = src[v];
     }
     for (int32_t k = 0; k < p.pairs.top_k; ++k) {
-      if (p.pairs.pair_code[first + k] < 0) continue;
-      Vector* dst = reinterpret_cast<Vector*>(static_cast<char*>(p.rows) +
-                                              p.pairs.pair_pos[first + k] * p.row_bytes);
+      if (!in_chunk(p.pairs, first + k)) continue;
+      const int64_t row = p.pairs.pair_row[first + k] - p.pairs.row_begin;
+      Vector* dst = reinterpret_cast<Vector*>(static_cast<char*>(p.rows) + row * p.row_bytes);
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         const int64_t v = v0 + b * 32 + lane;

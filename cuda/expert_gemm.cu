@@ -11,7 +11,9 @@
 // kPairRows, whose count is only known on the device (work_list.cu's tile_offset), and
 // (group, M-tile, N-tile) for kPairReduction (weight gradients: the reduction runs over the
 // group's pairs in work-list order, so it is deterministic). A group is an expert, or with a
-// reassignment plan one plan slot of an expert.
+// reassignment plan one plan slot of an expert. A launch covers one chunk of the list's M-tiles
+// (GemmParams::chunk), whose rows the scratch holds; a weight gradient whose group runs on into
+// the next chunk leaves its float32 sum in `carry` and goes on from there.
 //
 // The epilogue goes through shared memory: the accumulator tile is stored as float32, then each
 // warp owns one row at a time and its lanes walk the columns, so stores are coalesced, gated
@@ -134,12 +136,17 @@ struct GemmTraits {
 
 struct GemmTile {
   int32_t group;       // WorkList's group
-  int32_t expert;      // its expert (global id); -1: a group another device computes
+  int32_t expert;      // its expert (global id); -1: a group this launch does not compute
   int32_t pair_begin;  // the group's first work-list position
+  // The chunk's scratch row of pair row 0 of the operands: the group's first pair (kPairRows;
+  // row m0 + i is the tile's i-th) or the chunk's first pair of the group (kPairReduction).
+  int64_t row_begin;
   int32_t m0;          // first M index of the tile
   int32_t n_tile;
   int32_t m_extent;    // valid M indices: [0, m_extent)
-  int32_t k_extent;
+  int32_t k_extent;    // valid K indices: [0, k_extent)
+  // kPairReduction: start from the group's sum so far in `carry`; leave the sum there.
+  bool load_carry, store_carry;
 };
 
 // C columns of a tile -> B's N index. Gated GEMM1 puts gate columns j in the first half of the
@@ -162,9 +169,38 @@ template <int kTileM, int kTileN>
 __device__ __forceinline__ int64_t num_units(const GemmParams& p) {
   if (p.shape == GemmShape::kPairRows) {
     const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
-    return static_cast<int64_t>(p.tile_offset[p.num_groups]) * n_tiles;
+    const int64_t tiles = min(static_cast<int64_t>(p.tile_offset[p.num_groups]),
+                              p.chunk.end_tile()) - p.chunk.first_tile();
+    return max(tiles, int64_t{0}) * n_tiles;
   }
   return static_cast<int64_t>(p.num_groups) * ceil_div(p.m, kTileM) * ceil_div(p.n, kTileN);
+}
+
+// kPairReduction: the group's pairs in the launch's chunk (k_extent, row_begin) and whether it
+// carries its sum in or out; false when the launch reduces none of them (another chunk's or the
+// other part's, ReductionPart).
+template <int kTileM>
+__device__ bool reduction_range(const GemmParams& p, GemmTile& t) {
+  const int64_t tiles_begin = p.tile_offset[t.group], tiles_end = p.tile_offset[t.group + 1];
+  const int64_t first = p.chunk.first_tile(), end = p.chunk.end_tile();
+  int64_t k_first = 0, k_end = 0;
+  if (tiles_begin == tiles_end) {  // no pairs: its zeros are stored once, by chunk 0
+    if (p.chunk.index != 0) return false;
+    t.load_carry = t.store_carry = false;
+  } else {
+    const int64_t lo = max(tiles_begin, first), hi = min(tiles_end, end);
+    if (lo >= hi) return false;
+    t.load_carry = tiles_begin < first;
+    t.store_carry = tiles_end > end;
+    k_first = (lo - tiles_begin) * kTileM;
+    k_end = min((hi - tiles_begin) * kTileM,
+                static_cast<int64_t>(p.group_end[t.group] - t.pair_begin));
+  }
+  if (p.part == ReductionPart::kContinued && !t.load_carry) return false;
+  if (p.part == ReductionPart::kBegun && t.load_carry) return false;
+  t.row_begin = (tiles_begin - first) * kTileM + k_first;
+  t.k_extent = static_cast<int32_t>(k_end - k_first);
+  return true;
 }
 
 template <int kTileM, int kTileN>
@@ -172,7 +208,7 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
   GemmTile t;
   if (p.shape == GemmShape::kPairRows) {
     const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
-    const int32_t m_tile = static_cast<int32_t>(unit / n_tiles);
+    const int32_t m_tile = static_cast<int32_t>(p.chunk.first_tile() + unit / n_tiles);
     t.n_tile = static_cast<int32_t>(unit % n_tiles);
     // The last group whose first tile is <= m_tile (groups without pairs own no tile).
     int32_t lo = 0, hi = p.num_groups - 1;
@@ -184,8 +220,10 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
     t.expert = p.group_expert[lo];
     t.pair_begin = p.group_begin[lo];
     t.m0 = (m_tile - p.tile_offset[lo]) * kTileM;
+    t.row_begin = (p.tile_offset[lo] - p.chunk.first_tile()) * kTileM;
     t.m_extent = p.group_end[lo] - t.pair_begin;
     t.k_extent = p.k;
+    t.load_carry = t.store_carry = false;
   } else {
     const int32_t m_tiles = ceil_div(p.m, kTileM), n_tiles = ceil_div(p.n, kTileN);
     t.group = static_cast<int32_t>(unit / (m_tiles * n_tiles));
@@ -195,7 +233,7 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
     t.expert = p.group_expert[t.group];
     t.pair_begin = p.group_begin[t.group];
     t.m_extent = p.m;
-    t.k_extent = p.group_end[t.group] - t.pair_begin;
+    if (!reduction_range<kTileM>(p, t)) t.expert = -1;
   }
   return t;
 }
@@ -221,7 +259,7 @@ __device__ __forceinline__ const T* operand_row(const GemmOperand& op, const Gem
   if (op.source == RowSource::kExpert)
     return static_cast<const T*>(op.peers[tile.expert / p.experts_per_device]) +
            (tile.expert % p.experts_per_device) * op.expert_stride + row * op.ld;
-  return static_cast<const T*>(op.data) + (tile.pair_begin + row) * op.ld;
+  return static_cast<const T*>(op.data) + (tile.row_begin + row) * op.ld;
 }
 
 // Where a thread's vectors of one operand come from during one tile, worked out when the tile
@@ -320,13 +358,14 @@ __device__ __forceinline__ bool tile_kept(const GemmParams& p, const GemmTile& t
 // ---------------------------------------------------------------------------------------------
 // Epilogues: one warp per tile row, lanes over columns, reading the float32 tile from smem.
 
-// One row of the backward activation: u = (dy @ w_out^T)[pos, j] from the tile, a = act(h) from
-// the kept or the recomputed h. Writes w*a and dh, and the row's dot(a, u) over this tile's columns into
-// dot_partial (a rounded to the input dtype, as the forward multiplies it into w_out).
+// One row of the backward activation, pair `pos` of the list at scratch row `srow` of the chunk:
+// u = (dy @ w_out^T)[srow, j] from the tile, a = act(h) from the kept or the recomputed h.
+// Writes w*a and dh, and the row's dot(a, u) over this tile's columns into dot_partial (a
+// rounded to the input dtype, as the forward multiplies it into w_out).
 template <class T, int kTileN, class SmemC>
 __device__ __forceinline__ void activation_backward_row(const GemmParams& p, const GemmTile& tile,
                                                         const SmemC& sC, int r, int64_t pos,
-                                                        int lane) {
+                                                        int64_t srow, int lane) {
   const Activation act = static_cast<Activation>(p.activation);
   const WorkItem item = p.items[pos];
   const float w = load_float<T>(p.weights[item.source],
@@ -334,9 +373,9 @@ __device__ __forceinline__ void activation_backward_row(const GemmParams& p, con
   const int32_t f = p.n;                     // F
   const int64_t gf = p.gated ? 2 * f : f;    // row length of h and dh
   const int64_t kept = kept_index(p, tile, pos);
-  const float* h = kept >= 0 ? p.kept + kept * gf : p.h + pos * gf;
-  T* dh = static_cast<T*>(p.dh) + pos * gf;
-  T* aw = static_cast<T*>(p.aw) + pos * f;
+  const float* h = kept >= 0 ? p.kept + kept * gf : p.h + srow * gf;
+  T* dh = static_cast<T*>(p.dh) + srow * gf;
+  T* aw = static_cast<T*>(p.aw) + srow * f;
   float dot = 0.0f;
   for (int c = lane; c < kTileN; c += 32) {
     const int32_t j = tile.n_tile * kTileN + c;
@@ -361,7 +400,22 @@ __device__ __forceinline__ void activation_backward_row(const GemmParams& p, con
   // Fixed butterfly: the same inputs give the same sum.
   for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
   if (lane == 0) {
-    p.dot_partial[pos * p.num_partials + tile.n_tile] = dot;
+    p.dot_partial[srow * p.num_partials + tile.n_tile] = dot;
+  }
+}
+
+// kPairReduction: the tile of the group's float32 sum that an earlier chunk left in `carry`,
+// into sC (zeros outside the output, whose accumulators are never stored).
+template <class Config, class SmemC>
+__device__ void load_carry(const GemmParams& p, const GemmTile& tile, SmemC& sC) {
+  constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN, kWarps = Config::kThreads / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < kTileM; r += kWarps) {
+    const int32_t row = tile.m0 + r;
+    for (int c = lane; c < kTileN; c += 32) {
+      const int32_t j = tile.n_tile * kTileN + c;
+      sC(r, c) = row < p.m && j < p.n ? p.carry[static_cast<int64_t>(row) * p.n + j] : 0.0f;
+    }
   }
 }
 
@@ -396,12 +450,14 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
   for (int r = warp; r < kTileM; r += kWarps) {
     const int32_t row = tile.m0 + r;
     if (row >= tile.m_extent) break;  // rows ascend with r
-    const int64_t pos = static_cast<int64_t>(tile.pair_begin) + row;  // kPairRows
+    // kPairRows: the row's pair in the list, and its row in the chunk's scratch.
+    const int64_t pos = static_cast<int64_t>(tile.pair_begin) + row;
+    const int64_t srow = tile.row_begin + row;
     switch (p.epilogue) {
       case Epilogue::kActivation:
         if constexpr (serves<kA, kB>(Epilogue::kActivation)) {
           const int32_t cols = columns_per_tile<kTileN>(p);
-          T* out = static_cast<T*>(p.out) + pos * p.out_ld;
+          T* out = static_cast<T*>(p.out) + srow * p.out_ld;
           // h itself, float32, as the backward would recompute it; G*F = n + n_split.
           const int64_t kept = kept_index(p, tile, pos);
           float* keep = kept >= 0 ? p.kept + kept * (p.n + p.n_split) : nullptr;
@@ -420,17 +476,19 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
         break;
       case Epilogue::kStoreF32:
         if constexpr (serves<kA, kB>(Epilogue::kStoreF32)) {
-          store_row<kTileN>(static_cast<float*>(p.out) + pos * p.out_ld, p, tile, sC, r, lane);
+          store_row<kTileN>(static_cast<float*>(p.out) + srow * p.out_ld, p, tile, sC, r, lane);
         }
         break;
       case Epilogue::kActivationBackward:
         if constexpr (serves<kA, kB>(Epilogue::kActivationBackward)) {
-          activation_backward_row<T, kTileN>(p, tile, sC, r, pos, lane);
+          activation_backward_row<T, kTileN>(p, tile, sC, r, pos, srow, lane);
         }
         break;
       case Epilogue::kStoreExpert:
         if constexpr (serves<kA, kB>(Epilogue::kStoreExpert)) {
-          if (p.partials[0] != nullptr) {  // a plan: float32 into the slot's partial
+          if (tile.store_carry) {  // the group goes on in a later chunk
+            store_row<kTileN>(p.carry + static_cast<int64_t>(row) * p.n, p, tile, sC, r, lane);
+          } else if (p.partials[0] != nullptr) {  // a plan: float32 into the slot's partial
             const int32_t local = tile.expert % p.experts_per_device;
             float* out = p.partials[tile.expert / p.experts_per_device] +
                          (static_cast<int64_t>(local) * p.plan_slots +
@@ -475,6 +533,7 @@ __global__ void __launch_bounds__(Config::kThreads)
   static_assert(kStages >= 2, "the pipeline needs a stage to fill while one is read");
   static_assert(kTileN % 64 == 0, "gated halves hold whole 16-byte vectors and 32-lane rows");
   static_assert(Config::kThreads % 32 == 0, "the epilogue works in warps");
+  static_assert(kTileM % kTileK == 0, "a chunk's edge, whole M-tiles, is whole k-tiles");
 
   extern __shared__ __align__(128) uint8_t smem[];
   T* smem_a = reinterpret_cast<T*>(smem);
@@ -536,8 +595,17 @@ __global__ void __launch_bounds__(Config::kThreads)
                                             tBsB(_, _, _, stage), tBcB);
     };
 
-    // Main loop: kStages-1 k-tiles in flight while one is multiplied.
     clear(acc);
+    if constexpr (serves<Config::kAMajor, Config::kBMajor>(Epilogue::kStoreExpert)) {
+      if (tile.load_carry) {
+        load_carry<Config>(p, tile, sC);
+        __syncthreads();
+        CUTE_UNROLL
+        for (int i = 0; i < size(acc); ++i) acc(i) = tCsC(i);
+        __syncthreads();  // the pipeline's loads below overwrite sC
+      }
+    }
+    // Main loop: kStages-1 k-tiles in flight while one is multiplied.
     const int k_tiles = ceil_div(tile.k_extent, kTileK);
     CUTE_UNROLL
     for (int s = 0; s < kStages - 1; ++s) {
@@ -580,6 +648,9 @@ cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
   CCF_HOST_ASSERT((serves<kAMajor, kBMajor>(p.epilogue)));
   CCF_HOST_ASSERT(p.tile_m == Config::kTileM);  // the work list's M tiles are the kernel's
   CCF_HOST_ASSERT(p.only_source == kAllSources || p.shape == GemmShape::kPairRows);
+  CCF_HOST_ASSERT(p.chunk.tiles > 0 && p.chunk.index >= 0);
+  CCF_HOST_ASSERT((p.part == ReductionPart::kEveryGroup) == (p.carry == nullptr));
+  CCF_HOST_ASSERT(p.part == ReductionPart::kEveryGroup || p.shape == GemmShape::kPairReduction);
   CCF_HOST_ASSERT(p.epilogue != Epilogue::kActivationBackward ||
                   p.num_partials == (p.n + Config::kTileN - 1) / Config::kTileN);
   auto* kernel = &expert_gemm<Config>;

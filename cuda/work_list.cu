@@ -308,6 +308,21 @@ __global__ void __launch_bounds__(kListThreads) assign_plan_groups(const Routing
   if (threadIdx.x == 0) list.tile_offset[list.num_groups] = total_tiles;
 }
 
+// One thread per pair: a local pair's group is the last whose first position is at most its
+// own (the groups ascend through the list; an empty group before it may share its first).
+__global__ void __launch_bounds__(kListThreads) place_rows(const Routing r, const WorkList list) {
+  const int32_t i = blockIdx.x * kListThreads + threadIdx.x;
+  if (i >= num_pairs(r) || list.pair_code[i] < 0) return;
+  const int32_t pos = list.pair_pos[i];
+  int32_t lo = 0, hi = list.num_groups - 1;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (list.group_begin[mid] <= pos) lo = mid; else hi = mid - 1;
+  }
+  list.pair_row[i] = static_cast<int32_t>(int64_t{list.tile_offset[lo]} * list.tile_m +
+                                          (pos - list.group_begin[lo]));
+}
+
 namespace {
 
 int list_blocks(int num_chunks) { return (num_chunks + kListWarps - 1) / kListWarps; }
@@ -356,6 +371,15 @@ cudaError_t assign_plan(const Routing& routing, const WorkList& list, cudaStream
                       kListThreads, 0, stream>>>(routing, list);
   CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   assign_plan_groups<<<1, kListThreads, 0, stream>>>(routing, list);
+  return cudaGetLastError();
+}
+
+cudaError_t place_rows(const Routing& routing, const WorkList& list, cudaStream_t stream) {
+  const int64_t pairs =
+      static_cast<int64_t>(routing.num_sources) * routing.num_tokens * routing.top_k;
+  if (pairs == 0) return cudaSuccess;
+  place_rows<<<static_cast<unsigned>((pairs + kListThreads - 1) / kListThreads), kListThreads, 0,
+               stream>>>(routing, list);
   return cudaGetLastError();
 }
 

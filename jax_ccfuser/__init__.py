@@ -15,6 +15,7 @@ from jax_ccfuser import placement
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._config import peer_timeout
 from jax_ccfuser._config import residual_budget
+from jax_ccfuser._config import scratch_budget
 from jax_ccfuser._config import transport
 from jax_ccfuser._fused import fused_moe
 from jax_ccfuser._reassign import Plan
@@ -36,6 +37,7 @@ __all__ = [
     "reassign",
     "peer_timeout",
     "residual_budget",
+    "scratch_budget",
     "transport",
     "all_to_all_moe",
     "reference_moe",

@@ -1,5 +1,5 @@
-"""Settings fixed when a `fused_moe` call is traced: the peer timeout, the transport and the
-residual budget."""
+"""Settings fixed when a `fused_moe` call is traced: the peer timeout, the transport, the
+residual budget and the scratch budget."""
 
 import contextlib
 import os
@@ -8,9 +8,12 @@ import threading
 # Generous by default: with many simulated devices on few cores a peer can lag a whole layer.
 # The residual budget: one layer's kept hidden rows of a Qwen3-30B-A3B-sized layer (T=4096, K=8,
 # 2F=1536: 192 MiB) fit, a DeepSeek-V3 or Mixtral-sized one's (512 / 896 MiB) do not.
+# The scratch budget: a Qwen3-30B-A3B-sized backward (T=4096, K=8 per device) holds its mean
+# load in one chunk; a DeepSeek-V3 or Mixtral-sized one takes two or more.
 _DEFAULTS = {"seconds": float(os.environ.get("JAX_CCFUSER_PEER_TIMEOUT", "300")),
              "transport": os.environ.get("JAX_CCFUSER_TRANSPORT", "auto"),
-             "residual_bytes": int(os.environ.get("JAX_CCFUSER_RESIDUAL_BUDGET", str(256 << 20)))}
+             "residual_bytes": int(os.environ.get("JAX_CCFUSER_RESIDUAL_BUDGET", str(256 << 20))),
+             "scratch_bytes": int(os.environ.get("JAX_CCFUSER_SCRATCH_BUDGET", str(2 << 30)))}
 TRANSPORTS = ("auto", "shared_memory", "collectives")
 _state = threading.local()
 
@@ -105,3 +108,29 @@ def residual_budget(nbytes: int):
   if not nbytes >= 0 or nbytes != int(nbytes):
     raise ValueError(f"residual_budget must be a whole number of bytes >= 0, got {nbytes!r}")
   return _setting("residual_bytes", int(nbytes))
+
+
+def scratch_budget_bytes() -> int:
+  """The per-call GPU scratch budget in force for calls traced now, in bytes."""
+  return _current("scratch_bytes")
+
+
+def scratch_budget(nbytes: int):
+  """Sets how many bytes of scratch one `fused_moe` call may take from XLA on a GPU.
+
+  The rows a GPU computes depend on the routing, up to every pair of the group (`D * T * K`
+  rows of `x`, `x @ w_in` and more) in the worst case, so the call works through them in chunks
+  of as many rows as the budget holds: no chunking where the worst case fits, several rounds of
+  fetch, GEMMs and scatter otherwise. Results are bitwise the same for every budget; a small one
+  costs a few launches per chunk, and one chunk always holds at least one GEMM tile of rows
+  (plus, in the backward, one expert's float32 weight gradients carried between chunks). CPU
+  calls ignore it. Fixed when a call is traced, like `peer_timeout`. The process-wide default is
+  2 GiB or the environment variable `JAX_CCFUSER_SCRATCH_BUDGET` (bytes).
+
+  Examples:
+    >>> with jax_ccfuser.scratch_budget(512 << 20):
+    ...   grads = jax.jit(jax.grad(loss))(params, x)
+  """
+  if not nbytes > 0 or nbytes != int(nbytes):
+    raise ValueError(f"scratch_budget must be a whole number of bytes > 0, got {nbytes!r}")
+  return _setting("scratch_bytes", int(nbytes))

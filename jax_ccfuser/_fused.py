@@ -17,7 +17,7 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import AxisType
 
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
-from jax_ccfuser._config import peer_timeout_ms, residual_budget_bytes
+from jax_ccfuser._config import peer_timeout_ms, residual_budget_bytes, scratch_budget_bytes
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_gpu_tiles
 from jax_ccfuser._validation import check_moe_args
@@ -49,6 +49,7 @@ class _Static(NamedTuple):
   platform: str = ""
   plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
   kept_rows: int = 0  # C: rows of h each device keeps for the backward; 0 recomputes them all
+  scratch_budget: int = 0  # bytes of GPU scratch per call (jax_ccfuser.scratch_budget)
 
 
 class _CallAttrs(NamedTuple):
@@ -62,6 +63,7 @@ class _CallAttrs(NamedTuple):
   workspace: int
   workspace_offset: int
   devices: tuple
+  scratch_budget: int
 
   def as_ffi(self) -> dict:
     """`ffi_call`'s keyword attributes, typed as the native module declares them."""
@@ -104,7 +106,7 @@ def _call_attrs(static: _Static, backward: bool, region) -> _CallAttrs:
                     activation=_extension.ACTIVATION_CODES[static.activation],
                     timeout_ms=static.timeout_ms, num_experts=static.num_experts,
                     workspace=workspace, workspace_offset=offset,
-                    devices=static.devices or (-1,))
+                    devices=static.devices or (-1,), scratch_budget=static.scratch_budget)
 
 
 def _slots(static: _Static, k: int) -> int:
@@ -381,6 +383,7 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
                          kept_rows=kept_rows)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
+                   scratch_budget=scratch_budget_bytes(),
                    num_experts=dims.num_experts, devices=split.devices,
                    platform=split.platform, plan_slots=workers.shape[1], kept_rows=kept_rows)
   rank, group = _position(axis_name)
@@ -510,6 +513,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
                    for w in (w_in, w_out))
   static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
                    activation=activation, timeout_ms=peer_timeout_ms(),
+                   scratch_budget=scratch_budget_bytes(),
                    num_experts=num_experts, devices=split.devices, platform=split.platform,
                    plan_slots=workers.shape[1], kept_rows=kept_rows)
   partial = _fused(static, flat(gather(x)), ids, flat(gather(expert_weights)), w_in, w_out,
@@ -541,6 +545,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   _replication(plan, _topology.Split(1, num_devices, False, ()))
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, timeout_ms=peer_timeout_ms(),
+                   scratch_budget=scratch_budget_bytes(),
                    num_experts=w_out.shape[0],
                    kept_rows=_kept_rows(residuals, x.shape[0] // num_devices, dims.k,
                                         w_in.shape[2]))

@@ -10,6 +10,7 @@ Marked `gpu` and skipped, with the reason, where no CUDA device is visible (`mak
 On a GPU machine `bench/gpu_check.sh` runs this module after building the CUDA extension.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -25,7 +26,8 @@ import pytest
 import jax_ccfuser as ccf
 from jax_ccfuser import _extension
 from jax_ccfuser.experimental import fused_moe_emulated
-from hardening_cases import assert_matches_reference, forward_and_grads, peer_args
+from hardening_cases import (assert_matches_reference, forward_and_grads,
+                             make_forward_and_grads, peer_args)
 from moe_cases import Case, assert_close, make_inputs, sharded
 
 pytestmark = pytest.mark.gpu
@@ -85,15 +87,18 @@ def _emulated_plan(ids, num_experts, devices):
 
 
 @functools.cache
-def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = False):
+def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = False,
+                   scratch_budget: int | None = None):
   """A jitted `(x, ids, weights, w_in, w_out, dy) -> (y, (dx, d_weights, dw_in, dw_out))` of
-  `fused_moe_emulated` over `devices` emulated devices, with a fresh plan if `with_plan`."""
+  `fused_moe_emulated` over `devices` emulated devices, with a fresh plan if `with_plan`, traced
+  under `scratch_budget` if one is given."""
   def run(x, ids, weights, w_in, w_out, dy):
     plan = _emulated_plan(ids, w_out.shape[0], devices) if with_plan else None
     layer = functools.partial(fused_moe_emulated, num_devices=devices, activation=activation,
                               plan=plan)
-    y, pullback = jax.vjp(lambda x, w, a, b: layer(x, ids, w, a, b), x, weights, w_in, w_out)
-    return y, pullback(dy.astype(y.dtype))
+    with ccf.scratch_budget(scratch_budget) if scratch_budget else contextlib.nullcontext():
+      y, pullback = jax.vjp(lambda x, w, a, b: layer(x, ids, w, a, b), x, weights, w_in, w_out)
+      return y, pullback(dy.astype(y.dtype))
 
   return jax.jit(run)
 
@@ -158,6 +163,43 @@ def test_emulated_equals_every_device_bitwise():
   emulated = _emulated_step(_GROUP, case.activation)(*args)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, emulated),
                jax.tree.map(np.asarray, real))
+
+
+# Scratch budgets that hold one 128-row tile per chunk (1 byte: the least a chunk takes) and a
+# few: skewed routing then fills many chunks, and groups cross chunk edges, so the weight
+# gradients carry their sums from chunk to chunk and the scatter adds to slots already written.
+_CHUNKED_BUDGETS = (1, 1 << 20)
+_CHUNKED = [
+    ("skewed-bfloat16", Case(devices=8, tokens=70, skew=1.0, dtype=jnp.bfloat16, seed=57), False),
+    ("phases-float32", Case(devices=2, tokens=300, skew=1.0, seed=58), False),
+    ("K8-float16", Case(devices=8, k=8, tokens=29, dtype=jnp.float16, seed=59), False),
+    ("plan-bfloat16", Case(devices=2, tokens=200, skew=1.0, dtype=jnp.bfloat16, seed=66), True),
+]
+
+
+@pytest.mark.parametrize("case,with_plan", [c[1:] for c in _CHUNKED],
+                         ids=[c[0] for c in _CHUNKED])
+def test_emulated_chunks_equal_one_chunk_bitwise(case, with_plan):
+  """However small the scratch budget, the results are bitwise those of one chunk."""
+  args = _args(case)
+  if with_plan:
+    _assert_plan_has_helpers(_emulated_plan(args[1], case.num_experts, case.devices))
+  whole = jax.tree.map(np.asarray, _emulated_step(case.devices, with_plan=with_plan)(*args))
+  _check(whole, args, case.activation, case.dtype)
+  for budget in _CHUNKED_BUDGETS:
+    chunked = _emulated_step(case.devices, with_plan=with_plan, scratch_budget=budget)(*args)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, chunked), whole)
+
+
+@_needs_devices
+def test_every_device_chunks_equal_one_chunk_bitwise():
+  case = Case(devices=_GROUP, tokens=150, k=3, skew=1.0, dtype=jnp.bfloat16, seed=67)
+  args = _args(case)
+  whole = jax.tree.map(np.asarray,
+                       forward_and_grads(ccf.fused_moe, _GROUP, case.activation)(*args))
+  with ccf.scratch_budget(1):
+    chunked = make_forward_and_grads(ccf.fused_moe, _GROUP, case.activation)(*args)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, chunked), whole)
 
 
 def _assert_plan_has_helpers(plan):

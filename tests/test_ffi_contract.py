@@ -5,6 +5,7 @@ CCF_CALL_ATTRS, common/activation.h); Python's attribute record and activation n
 exactly those, in both native modules.
 """
 
+import functools
 import re
 
 import jax
@@ -26,7 +27,7 @@ def test_python_attribute_record_is_the_natives(module):
   assert native == {
       "site": "uint64", "num_devices": "int32", "emulated": "int32", "activation": "int32",
       "timeout_ms": "int64", "num_experts": "int64", "workspace": "int32",
-      "workspace_offset": "int64", "devices": "int32[]"}
+      "workspace_offset": "int64", "devices": "int32[]", "scratch_budget": "int64"}
 
 
 @pytest.mark.parametrize("module", NATIVE, ids=lambda m: m.__name__)
@@ -39,7 +40,7 @@ def test_activation_codes_are_the_natives(module):
 
 def test_attributes_are_typed_as_declared():
   static = _fused._Static(site=7, num_devices=2, emulated=True, activation="geglu",
-                          timeout_ms=1234, num_experts=8)
+                          timeout_ms=1234, num_experts=8, scratch_budget=5 << 30)
   attrs = _fused._call_attrs(static, True, (-1, 0))
   ffi = attrs.as_ffi()
   assert list(ffi) == list(_extension.CALL_ATTRIBUTES)
@@ -49,6 +50,51 @@ def test_attributes_are_typed_as_declared():
   assert ffi["site"] == 15 and ffi["activation"] == _extension.ACTIVATION_CODES["geglu"]
   assert (ffi["workspace"], ffi["workspace_offset"]) == (-1, 0)
   assert ffi["devices"].tolist() == [-1]
+  assert ffi["scratch_budget"] == 5 << 30
+
+
+def test_scratch_budget_is_fixed_at_trace_time():
+  static = lambda: _fused._Static(site=1, num_devices=1, emulated=False, activation="relu",
+                                  timeout_ms=1, num_experts=1,
+                                  scratch_budget=ccf._config.scratch_budget_bytes())
+  default = static().scratch_budget
+  with ccf.scratch_budget(1 << 20):
+    assert static().scratch_budget == 1 << 20
+    with ccf.scratch_budget(3):
+      assert static().scratch_budget == 3
+    assert static().scratch_budget == 1 << 20
+  assert static().scratch_budget == default == 2 << 30
+  for bad in (0, -1, 0.5, float("nan")):
+    with pytest.raises(ValueError, match="scratch_budget must be a whole number of bytes > 0"):
+      ccf.scratch_budget(bad)
+
+
+# A DeepSeek-V3-sized layer emulated as 8 devices on one GPU (T=1024 each, K=8) and one device
+# of a real group of 8 (T=4096): every pair of the group on the device is 65,536 and 262,144 rows.
+_SIZES = [dict(num_devices=8, tokens=1024, hidden=7168, ffn=2048, k=8, experts_local=32,
+               gated=True, float32=False, emulated=True),
+          dict(num_devices=8, tokens=4096, hidden=7168, ffn=2048, k=8, experts_local=32,
+               gated=True, float32=False, emulated=False)]
+
+
+@pytest.mark.skipif(_extension.cuda is None, reason="built without the CUDA extension")
+@pytest.mark.parametrize("sizes", _SIZES, ids=["emulated", "one-of-8"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_gpu_scratch_stays_within_its_budget(sizes, backward):
+  """The CUDA handler's scratch (host-side sizing, no GPU needed): the worst case where it fits
+  the budget, else chunks that fit it; a budget below one tile's rows still gets one tile."""
+  scratch = functools.partial(_extension.cuda.scratch_bytes, **sizes, backward=backward)
+  worst = scratch(scratch_budget=1 << 50)
+  assert scratch(scratch_budget=worst) == worst
+  smallest = scratch(scratch_budget=1)
+  assert smallest < worst // 10
+  for budget in (worst - 1, worst // 3, 2 << 30, 512 << 20, smallest + 1):
+    if budget >= smallest:
+      assert smallest <= scratch(scratch_budget=budget) <= budget, budget
+  # More budget never means fewer bytes.
+  budgets = sorted({smallest, 256 << 20, 1 << 30, 4 << 30, worst})
+  taken = [scratch(scratch_budget=b) for b in budgets]
+  assert taken == sorted(taken)
 
 
 def test_no_region_without_peers_in_other_processes():

@@ -20,6 +20,24 @@ cuda::DType ToDType(ffi::DataType t) {
 // (every device's).
 int32_t FirstOwnDevice(const Call& c) { return std::max(c.me, 0); }
 
+int32_t TileM(const Call& c) { return cuda::expert_gemm_tile_m(ToDType(c.d.x_type)); }
+
+int64_t NumGroups(const Call& c) {
+  return c.plan.workers != nullptr ? int64_t{c.experts_here} * c.plan.slots : c.experts_here;
+}
+
+// The M-tiles of the worst case: every pair of the list computed here, each group's last tile
+// partly filled.
+int64_t WorstTiles(const Call& c) {
+  const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
+  return (pairs + NumGroups(c) * (TileM(c) - 1)) / TileM(c);
+}
+
+int64_t NumChunks(const Call& c) { return (WorstTiles(c) + c.chunk_tiles - 1) / c.chunk_tiles; }
+
+// The scratch rows of one chunk.
+int64_t ChunkRows(const Call& c) { return int64_t{c.chunk_tiles} * TileM(c); }
+
 cuda::WorkList CarveWorkList(const Call& c, Arena& arena) {
   const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
   const int64_t chunks = cuda::work_list_chunks(pairs);
@@ -27,12 +45,13 @@ cuda::WorkList CarveWorkList(const Call& c, Arena& arena) {
   cuda::WorkList w;
   w.pair_code = arena.Take<int32_t>(pairs);
   w.pair_pos = arena.Take<int32_t>(pairs);
+  w.pair_row = arena.Take<int32_t>(pairs);
   w.chunk_counts = arena.Take<int32_t>(c.experts_here * chunks);
   w.expert_count = arena.Take<int32_t>(c.experts_here);
   w.expert_offset = arena.Take<int32_t>(c.experts_here + 1);
   w.items = arena.Take<cuda::WorkItem>(pairs);
-  w.tile_m = cuda::expert_gemm_tile_m(ToDType(c.d.x_type));
-  w.num_groups = planned ? c.experts_here * c.plan.slots : c.experts_here;
+  w.tile_m = TileM(c);
+  w.num_groups = static_cast<int32_t>(NumGroups(c));
   w.group_begin = arena.Take<int32_t>(w.num_groups);
   w.group_end = arena.Take<int32_t>(w.num_groups);
   w.group_expert = arena.Take<int32_t>(w.num_groups);
@@ -65,6 +84,7 @@ void LaunchWorkList(const Call& c, const cuda::WorkList& list, DeviceState& me,
   launcher.Run("fill_work_list", [&] { return cuda::fill_work_list(routing, list, stream); });
   if (c.plan.workers != nullptr)
     launcher.Run("assign_plan", [&] { return cuda::assign_plan(routing, list, stream); });
+  launcher.Run("place_rows", [&] { return cuda::place_rows(routing, list, stream); });
 }
 
 // The start barrier (which also checks the cached rank and group) or the end barrier of a real
@@ -126,15 +146,17 @@ struct Fetched {
   void* rows;
 };
 
-cuda::TokenPairs PairsOf(const Call& c, const cuda::WorkList& list) {
-  return {list.pair_code, list.pair_pos, c.d.num_devices, static_cast<int32_t>(c.d.tokens),
-          static_cast<int32_t>(c.d.k)};
+cuda::TokenPairs PairsOf(const Call& c, const cuda::WorkList& list, cuda::Chunk chunk) {
+  const int64_t row_begin = chunk.first_tile() * TileM(c);
+  return {list.pair_code, list.pair_row, c.d.num_devices, static_cast<int32_t>(c.d.tokens),
+          static_cast<int32_t>(c.d.k), row_begin, row_begin + ChunkRows(c)};
 }
 
-void FetchRows(const Call& c, const cuda::WorkList& list, const Fetched& operand, int first,
-               int end, cudaStream_t stream, Launcher& launcher) {
+void FetchRows(const Call& c, const cuda::WorkList& list, cuda::Chunk chunk,
+               const Fetched& operand, int first, int end, cudaStream_t stream,
+               Launcher& launcher) {
   cuda::FetchParams p{};
-  p.pairs = PairsOf(c, list);
+  p.pairs = PairsOf(c, list, chunk);
   p.first_source = first;
   p.end_source = end;
   p.row_bytes = c.d.hidden * ffi::ByteWidth(c.d.x_type);
@@ -167,12 +189,14 @@ class SourcePhases {
     return phase == devices_ ? cuda::kSpanningSources : (first_ + phase) % devices_;
   }
 
-  // Enqueues the fetch of every phase's rows of `operands`: the own rows on `stream`, the peers'
-  // on the side stream from this point of `stream` on (the work list is built).
+  // Enqueues the fetch of every phase's rows of `operands` in `chunk`: the own rows on `stream`,
+  // the peers' on the side stream from this point of `stream` on (the work list is built, the
+  // previous chunk's GEMMs are done with the scratch).
   void Fetch(std::initializer_list<Fetched> operands, const cuda::WorkList& list,
-             cudaStream_t stream, Launcher& launcher) const {
+             cuda::Chunk chunk, cudaStream_t stream, Launcher& launcher) const {
     if (!pipelined_) {
-      for (const Fetched& op : operands) FetchRows(c_, list, op, 0, devices_, stream, launcher);
+      for (const Fetched& op : operands)
+        FetchRows(c_, list, chunk, op, 0, devices_, stream, launcher);
       return;
     }
     // Always: the side stream must join XLA's again even after a failed launch.
@@ -182,12 +206,13 @@ class SourcePhases {
                     [&] { return cudaStreamWaitEvent(me_.side, me_.fetched[0], 0); });
     for (int phase = 1; phase < devices_; ++phase) {
       const int32_t src = source(phase);
-      for (const Fetched& op : operands) FetchRows(c_, list, op, src, src + 1, me_.side, launcher);
+      for (const Fetched& op : operands)
+        FetchRows(c_, list, chunk, op, src, src + 1, me_.side, launcher);
       launcher.Always("recording a peer's fetched rows",
                       [&] { return cudaEventRecord(me_.fetched[phase], me_.side); });
     }
     for (const Fetched& op : operands)
-      FetchRows(c_, list, op, first_, first_ + 1, stream, launcher);
+      FetchRows(c_, list, chunk, op, first_, first_ + 1, stream, launcher);
   }
 
   // Runs `launch(only_source)` for each phase on `stream`, once that phase's rows are in: the
@@ -250,6 +275,8 @@ cuda::GemmParams GemmOver(const Call& c, const cuda::WorkList& list, cuda::GemmS
   p.num_groups = list.num_groups;
   p.tile_m = list.tile_m;
   p.only_source = cuda::kAllSources;
+  p.chunk = {c.chunk_tiles, 0};
+  p.part = cuda::ReductionPart::kEveryGroup;
   p.epilogue = epilogue;
   p.activation = static_cast<int32_t>(c.d.activation);
   p.gated = IsGated(c.d.activation);
@@ -262,9 +289,10 @@ cuda::GemmParams GemmOver(const Call& c, const cuda::WorkList& list, cuda::GemmS
   return p;
 }
 
-cuda::ScatterParams ScatterOver(const Call& c, const cuda::WorkList& list, const float* rows) {
+cuda::ScatterParams ScatterOver(const Call& c, const cuda::WorkList& list, cuda::Chunk chunk,
+                                const float* rows) {
   cuda::ScatterParams p{};
-  p.pairs = PairsOf(c, list);
+  p.pairs = PairsOf(c, list, chunk);
   p.hidden = static_cast<int32_t>(c.d.hidden);
   p.num_slots = c.d.slots;
   p.rows = rows;
@@ -300,14 +328,18 @@ cuda::CombineParams CombineOver(const Call& c, const cuda::WorkList& list, Devic
   return p;
 }
 
-// The end of a call: this device's rows scattered into their sources' staging, the end barrier
-// (the peers have written this device's slots and stopped reading its buffers), the sum of its
-// slots into `out` (and, backward, the NaN of d expert_weights at bad ids).
-void CloseCall(const Call& c, const cuda::WorkList& list, DeviceState& me,
-               const cuda::ScatterParams& scatter, void* out, void* d_weights,
-               cudaStream_t stream, Launcher& launcher) {
+void Scatter(const Call& c, const cuda::ScatterParams& scatter, cudaStream_t stream,
+             Launcher& launcher) {
+  launcher.Run("scatter_slots",
+               [&] { return cuda::scatter_slots(ToDType(c.d.x_type), scatter, stream); });
+}
+
+// The end of a call, once every chunk's rows are scattered into their sources' staging: the end
+// barrier (the peers have written this device's slots and stopped reading its buffers), the sum
+// of its slots into `out` (and, backward, the NaN of d expert_weights at bad ids).
+void CloseCall(const Call& c, const cuda::WorkList& list, DeviceState& me, void* out,
+               void* d_weights, cudaStream_t stream, Launcher& launcher) {
   const cuda::DType dtype = ToDType(c.d.x_type);
-  launcher.Run("scatter_slots", [&] { return cuda::scatter_slots(dtype, scatter, stream); });
   DeviceBarrier(c, me, nullptr, nullptr, stream, launcher);
   launcher.Run("combine_slots", [&] {
     return cuda::combine_slots(dtype, CombineOver(c, list, me, out, d_weights), stream);
@@ -337,12 +369,12 @@ void SumPartials(const Call& c, DeviceState& me, const BackwardScratch& s, void*
 }  // namespace
 
 ForwardScratch CarveForward(const Call& c, Arena& arena) {
-  const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
+  const int64_t rows = ChunkRows(c);
   ForwardScratch s;
   s.list = CarveWorkList(c, arena);
-  s.x = arena.Take<char>(pairs * c.d.hidden * ffi::ByteWidth(c.d.x_type));
-  s.a = arena.Take<char>(pairs * c.d.ffn * ffi::ByteWidth(c.d.x_type));
-  s.rows = arena.Take<float>(pairs * c.d.hidden);
+  s.x = arena.Take<char>(rows * c.d.hidden * ffi::ByteWidth(c.d.x_type));
+  s.a = arena.Take<char>(rows * c.d.ffn * ffi::ByteWidth(c.d.x_type));
+  s.rows = arena.Take<float>(rows * c.d.hidden);
   return s;
 }
 
@@ -352,7 +384,6 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, s.list, rank, group, stream, launcher);
   const SourcePhases phases(c, me);
-  phases.Fetch({{&PeerBuffers::x, s.x}}, s.list, stream, launcher);
 
   // GEMM1: x rows @ w_in[e], activation (gated: gate and up columns side by side in one tile);
   // the kept pairs' h stored on the side.
@@ -370,30 +401,37 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
                                  cuda::Epilogue::kStoreF32);
   g2.out = s.rows;
   g2.out_ld = h;
-  phases.Run(stream, launcher, [&](int32_t source) {
-    g1.only_source = g2.only_source = source;
-    LaunchGemm("GEMM1", c, me, cuda::Major::kK, cuda::Major::kMN, g1, stream, launcher);
-    LaunchGemm("GEMM2", c, me, cuda::Major::kK, cuda::Major::kMN, g2, stream, launcher);
-  });
-  cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
-  scatter.weighted = 1;
-  CloseCall(c, s.list, me, scatter, y, nullptr, stream, launcher);
+  for (int32_t index = 0; index < NumChunks(c); ++index) {
+    const cuda::Chunk chunk{c.chunk_tiles, index};
+    phases.Fetch({{&PeerBuffers::x, s.x}}, s.list, chunk, stream, launcher);
+    g1.chunk = g2.chunk = chunk;
+    phases.Run(stream, launcher, [&](int32_t source) {
+      g1.only_source = g2.only_source = source;
+      LaunchGemm("GEMM1", c, me, cuda::Major::kK, cuda::Major::kMN, g1, stream, launcher);
+      LaunchGemm("GEMM2", c, me, cuda::Major::kK, cuda::Major::kMN, g2, stream, launcher);
+    });
+    cuda::ScatterParams scatter = ScatterOver(c, s.list, chunk, s.rows);
+    scatter.weighted = 1;
+    Scatter(c, scatter, stream, launcher);
+  }
+  CloseCall(c, s.list, me, y, nullptr, stream, launcher);
 }
 
 BackwardScratch CarveBackward(const Call& c, Arena& arena) {
-  const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
+  const int64_t rows = ChunkRows(c);
   const int64_t width = ffi::ByteWidth(c.d.x_type);
   const int tile_n = cuda::expert_gemm_tile_n(ToDType(c.d.x_type));
   BackwardScratch s;
   s.list = CarveWorkList(c, arena);
   s.num_partials = static_cast<int32_t>((c.d.ffn + tile_n - 1) / tile_n);
-  s.x = arena.Take<char>(pairs * c.d.hidden * width);
-  s.dy = arena.Take<char>(pairs * c.d.hidden * width);
-  s.h = arena.Take<float>(pairs * c.d.gate_ffn);
-  s.aw = arena.Take<char>(pairs * c.d.ffn * width);
-  s.dh = arena.Take<char>(pairs * c.d.gate_ffn * width);
-  s.dot_partial = arena.Take<float>(pairs * s.num_partials);
-  s.rows = arena.Take<float>(pairs * c.d.hidden);
+  s.x = arena.Take<char>(rows * c.d.hidden * width);
+  s.dy = arena.Take<char>(rows * c.d.hidden * width);
+  s.h = arena.Take<float>(rows * c.d.gate_ffn);
+  s.aw = arena.Take<char>(rows * c.d.ffn * width);
+  s.dh = arena.Take<char>(rows * c.d.gate_ffn * width);
+  s.dot_partial = arena.Take<float>(rows * s.num_partials);
+  s.rows = arena.Take<float>(rows * c.d.hidden);
+  if (NumChunks(c) > 1) s.carry = arena.Take<float>(c.d.expert_elements());
   if (c.plan.workers != nullptr)
     s.partials = arena.Take<float>(static_cast<int64_t>(c.own_experts) * c.plan.slots *
                                    c.d.expert_elements());
@@ -407,7 +445,6 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   const int64_t h = d.hidden, f = d.ffn, gf = d.gate_ffn;
   OpenCall(c, me, s.list, rank, group, stream, launcher);
   const SourcePhases phases(c, me);
-  phases.Fetch({{&PeerBuffers::x, s.x}, {&PeerBuffers::dy, s.dy}}, s.list, stream, launcher);
 
   // h = x @ w_in[e], float32, for the tiles whose h the forward did not keep.
   cuda::GemmParams h_gemm = GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, gf, h,
@@ -428,15 +465,9 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   u_gemm.dh = s.dh;
   u_gemm.dot_partial = s.dot_partial;
   u_gemm.num_partials = s.num_partials;
-  phases.Run(stream, launcher, [&](int32_t source) {
-    h_gemm.only_source = u_gemm.only_source = source;
-    LaunchGemm("h = x @ w_in", c, me, cuda::Major::kK, cuda::Major::kMN, h_gemm, stream,
-               launcher);
-    LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream,
-               launcher);
-  });
   // dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh, reduced over the group's pairs in order: the
-  // outputs, or with a plan each slot's float32 partial at the expert's owner.
+  // outputs, or with a plan each slot's float32 partial at the expert's owner; with several
+  // chunks the group a chunk ends in the middle of keeps its sums in `carry` (w_in's first).
   cuda::GemmParams dw_out_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairReduction, f, h, 0, PairRows(s.aw, f),
                PairRows(s.dy, h), cuda::Epilogue::kStoreExpert);
@@ -457,20 +488,50 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
     }
     dw_out_gemm.partial_offset = h * gf;  // after w_in's elements
   }
-  LaunchGemm("dw_out", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream, launcher);
-  LaunchGemm("dw_in", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream, launcher);
+  if (s.carry != nullptr) {
+    dw_in_gemm.carry = s.carry;
+    dw_out_gemm.carry = s.carry + h * gf;
+  }
   // dx rows = dh @ w_in[e]^T.
   cuda::GemmParams dx_gemm =
       GemmOver(c, s.list, cuda::GemmShape::kPairRows, 0, h, gf, PairRows(s.dh, gf),
                ExpertRows(c, c.w_in, &PeerBuffers::w_in, gf, h * gf), cuda::Epilogue::kStoreF32);
   dx_gemm.out = s.rows;
   dx_gemm.out_ld = h;
-  LaunchGemm("dx = dh @ w_in^T", c, me, cuda::Major::kK, cuda::Major::kK, dx_gemm, stream, launcher);
-  cuda::ScatterParams scatter = ScatterOver(c, s.list, s.rows);
-  scatter.weighted = 0;  // w is in dh already
-  scatter.dot_partial = s.dot_partial;
-  scatter.num_partials = s.num_partials;
-  CloseCall(c, s.list, me, scatter, dx, c.own_d_weights, stream, launcher);
+
+  for (int32_t index = 0; index < NumChunks(c); ++index) {
+    const cuda::Chunk chunk{c.chunk_tiles, index};
+    phases.Fetch({{&PeerBuffers::x, s.x}, {&PeerBuffers::dy, s.dy}}, s.list, chunk, stream,
+                 launcher);
+    for (cuda::GemmParams* g : {&h_gemm, &u_gemm, &dw_out_gemm, &dw_in_gemm, &dx_gemm})
+      g->chunk = chunk;
+    phases.Run(stream, launcher, [&](int32_t source) {
+      h_gemm.only_source = u_gemm.only_source = source;
+      LaunchGemm("h = x @ w_in", c, me, cuda::Major::kK, cuda::Major::kMN, h_gemm, stream,
+                 launcher);
+      LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream,
+                 launcher);
+    });
+    // The group that began in an earlier chunk reads its carry before one that goes on into
+    // the next chunk overwrites it.
+    for (cuda::ReductionPart part : {cuda::ReductionPart::kContinued, cuda::ReductionPart::kBegun}) {
+      if (s.carry == nullptr && part == cuda::ReductionPart::kContinued) continue;
+      dw_out_gemm.part = dw_in_gemm.part =
+          s.carry == nullptr ? cuda::ReductionPart::kEveryGroup : part;
+      LaunchGemm("dw_out", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream,
+                 launcher);
+      LaunchGemm("dw_in", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream,
+                 launcher);
+    }
+    LaunchGemm("dx = dh @ w_in^T", c, me, cuda::Major::kK, cuda::Major::kK, dx_gemm, stream,
+               launcher);
+    cuda::ScatterParams scatter = ScatterOver(c, s.list, chunk, s.rows);
+    scatter.weighted = 0;  // w is in dh already
+    scatter.dot_partial = s.dot_partial;
+    scatter.num_partials = s.num_partials;
+    Scatter(c, scatter, stream, launcher);
+  }
+  CloseCall(c, s.list, me, dx, c.own_d_weights, stream, launcher);
   if (c.plan.workers != nullptr) SumPartials(c, me, s, dw_in, dw_out, stream, launcher);
   if (c.own_d_weights != d_weights)  // peers wrote them into this device's region
     launcher.Run("copying d_expert_weights out of the region", [&] {
@@ -478,6 +539,27 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
                              ffi::ByteWidth(d.weights_type) * c.own_tokens * d.k,
                              cudaMemcpyDeviceToDevice, stream);
     });
+}
+
+template <typename Scratch>
+int64_t ScratchBytes(const Call& c, Scratch (*carve)(const Call&, Arena&)) {
+  Arena sizing{nullptr};
+  carve(c, sizing);
+  return static_cast<int64_t>(sizing.used);
+}
+
+int64_t SizeChunks(Call* c, int64_t budget, bool backward) {
+  auto bytes = [&](int64_t tiles) {
+    c->chunk_tiles = static_cast<int32_t>(tiles);
+    return backward ? ScratchBytes(*c, CarveBackward) : ScratchBytes(*c, CarveForward);
+  };
+  const int64_t worst = std::max<int64_t>(WorstTiles(*c), 1);
+  if (const int64_t all = bytes(worst); all <= budget || worst == 1) return all;
+  // Several chunks: the bytes grow by one tile's rows per tile, from what every chunk shares
+  // (the work list, the carry).
+  const int64_t one = bytes(1), per_tile = bytes(2) - one, shared = one - per_tile;
+  const int64_t tiles = budget > shared + per_tile ? (budget - shared) / per_tile : 1;
+  return bytes(std::min(tiles, worst - 1));
 }
 
 }  // namespace ccf

@@ -62,31 +62,40 @@ struct Arena {
   }
 };
 
-// Rows are sized for every pair of the group landing on this device (D * T * K): the work list
-// that says how many do is built on the device, after the scratch is taken.
+// The work list covers every pair of the group (D * T * K); the rows hold one chunk of it,
+// Call::chunk_tiles M-tiles (cuda::Chunk), since how many pairs land here is known only once the
+// list is built on the device, after the scratch is taken.
 struct ForwardScratch {
   cuda::WorkList list;
-  void* x;      // [pairs, H] the pairs' x rows, fetched from their sources
-  void* a;      // [pairs, F] act(x @ w_in), x's dtype
-  float* rows;  // [pairs, H] a @ w_out
+  void* x;      // [rows, H] the pairs' x rows, fetched from their sources
+  void* a;      // [rows, F] act(x @ w_in), x's dtype
+  float* rows;  // [rows, H] a @ w_out
 };
 ForwardScratch CarveForward(const Call& c, Arena& arena);
 
 struct BackwardScratch {
   cuda::WorkList list;
-  void* x;              // [pairs, H] the pairs' x rows, fetched from their sources
-  void* dy;             // [pairs, H] and their dy rows
-  float* h;             // [pairs, G*F] x @ w_in, recomputed where not kept
-  void* aw;             // [pairs, F] w * act(h), x's dtype
-  void* dh;             // [pairs, G*F] x's dtype
-  float* dot_partial;   // [pairs, F tiles]
-  float* rows;          // [pairs, H] dh @ w_in^T
+  void* x;              // [rows, H] the pairs' x rows, fetched from their sources
+  void* dy;             // [rows, H] and their dy rows
+  float* h;             // [rows, G*F] x @ w_in, recomputed where not kept
+  void* aw;             // [rows, F] w * act(h), x's dtype
+  void* dh;             // [rows, G*F] x's dtype
+  float* dot_partial;   // [rows, F tiles]
+  float* rows;          // [rows, H] dh @ w_in^T
   int32_t num_partials;
+  // With several chunks: [H*G*F + F*H] float32, the weight-gradient sums of the group that a
+  // chunk ends in the middle of (cuda::GemmParams::carry); else null.
+  float* carry = nullptr;
   // With a plan: [own experts, S, H*G*F + F*H] float32, where the device computing plan slot s
   // of an expert writes its weight-gradient partial (helpers through peer memory); else null.
   float* partials = nullptr;
 };
 BackwardScratch CarveBackward(const Call& c, Arena& arena);
+
+// Sets c->chunk_tiles: every row in one chunk where the scratch then fits in `budget` bytes,
+// else as many M-tiles as fit beside what the chunks share (at least one); returns the bytes of
+// the forward's or backward's scratch.
+int64_t SizeChunks(Call* c, int64_t budget, bool backward);
 
 // Stages, starts (barrier), computes, scatters, ends (barrier) and combines one forward call.
 void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const ScalarS32& rank,

@@ -52,6 +52,8 @@ struct Call {
   // in its own buffer (residuals="hidden"; cuda::GemmParams::kept); null: none.
   float* kept = nullptr;
   int64_t kept_rows = 0;
+  // The M-tiles of the work list whose rows the scratch holds at a time (SizeChunks).
+  int32_t chunk_tiles = 0;
   // Peers in other processes: this device's operands, copied into its region (where they read
   // them) ahead of the start barrier.
   struct Staged {

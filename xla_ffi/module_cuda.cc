@@ -65,7 +65,8 @@ NB_MODULE(_ccfuser_cuda, m) {
   m.def(
       "scratch_bytes",
       [](int num_devices, int64_t tokens, int64_t hidden, int64_t ffn, int64_t k,
-         int64_t experts_local, bool gated, bool float32, bool emulated, bool backward) {
+         int64_t experts_local, bool gated, bool float32, bool emulated, bool backward,
+         int64_t scratch_budget) {
         ccf::Call call;
         call.d.num_devices = num_devices;
         call.d.tokens = tokens;
@@ -77,17 +78,12 @@ NB_MODULE(_ccfuser_cuda, m) {
         call.d.x_type = float32 ? xla::ffi::DataType::F32 : xla::ffi::DataType::BF16;
         call.experts_here = static_cast<int32_t>(emulated ? num_devices * experts_local
                                                           : experts_local);
-        ccf::Arena sizing{nullptr};
-        if (backward) {
-          ccf::CarveBackward(call, sizing);
-        } else {
-          ccf::CarveForward(call, sizing);
-        }
-        return static_cast<int64_t>(sizing.used);
+        return ccf::SizeChunks(&call, scratch_budget, backward);
       },
       nb::arg("num_devices"), nb::arg("tokens"), nb::arg("hidden"), nb::arg("ffn"), nb::arg("k"),
       nb::arg("experts_local"), nb::arg("gated"), nb::arg("float32"), nb::arg("emulated"),
-      nb::arg("backward"),
+      nb::arg("backward"), nb::arg("scratch_budget"),
       "Bytes of scratch one forward or backward call takes from XLA's allocator on one GPU "
-      "(no reassignment plan; float32 or a 16-bit dtype), as the handler carves it.");
+      "under a scratch budget (no reassignment plan; float32 or a 16-bit dtype), as the "
+      "handler sizes its chunks.");
 }

@@ -24,6 +24,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include <cuda_runtime.h>
@@ -63,9 +64,10 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
     return Unimplemented(std::to_string(here) + " experts in one work list (with " +
                          std::to_string(w[1]) + " plan slots each); at most " +
                          std::to_string(cuda::kMaxExpertsHere) + " (experts x slots)");
-  // The work-list kernels index pairs in int32 chunk by chunk: the last chunk must not wrap.
+  // The work-list kernels index pairs in int32 chunk by chunk (the last chunk must not wrap),
+  // and scratch rows (each group padded to whole M-tiles of at most 128 rows) in int32 too.
   const int64_t pairs = d.num_devices * d.tokens * d.k;
-  constexpr int64_t kMaxPairs = INT32_MAX - cuda::kPairsPerChunk;
+  constexpr int64_t kMaxPairs = INT32_MAX - cuda::kPairsPerChunk - cuda::kMaxExpertsHere * 128;
   if (pairs > kMaxPairs || d.hidden > INT32_MAX || d.gate_ffn > INT32_MAX)
     return Unimplemented("D * T * K = " + std::to_string(pairs) + " pairs (at most " +
                          std::to_string(kMaxPairs) + "); H and G*F must fit int32");
@@ -84,23 +86,23 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
 // Takes the call's scratch from XLA's allocator: stream-ordered, so the kernels enqueued here may
 // use it after the handler returns, and counted in XLA's pool rather than beside it.
 template <typename Scratch, Scratch (*kCarve)(const Call&, Arena&)>
-ffi::Error TakeScratch(ffi::ScratchAllocator& allocator, const Call& call, Scratch* scratch) {
-  Arena sizing{nullptr};
-  kCarve(call, sizing);
+ffi::Error TakeScratch(ffi::ScratchAllocator& allocator, int64_t budget, Call* call,
+                       Scratch* scratch) {
+  const int64_t bytes = SizeChunks(call, budget, std::is_same_v<Scratch, BackwardScratch>);
   // XLA aligns scratch to at most 16 bytes when asked: take the slack to align the base to the
   // sections' alignment here.
   constexpr size_t kAsked = 16, kSlack = cuda::kWorkspaceAlignment - kAsked;
-  std::optional<void*> base = allocator.Allocate(sizing.used + kSlack, kAsked);
+  std::optional<void*> base = allocator.Allocate(static_cast<size_t>(bytes) + kSlack, kAsked);
   if (!base.has_value() || *base == nullptr)
     return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                      "jax_ccfuser: XLA's allocator gave no " + std::to_string(sizing.used) +
-                          " bytes of scratch for this fused_moe call (sized for all D * T * K "
-                          "pairs landing on one device)");
+                      "jax_ccfuser: XLA's allocator gave no " + std::to_string(bytes) +
+                          " bytes of scratch for this fused_moe call (a smaller "
+                          "jax_ccfuser.scratch_budget takes fewer, in more chunks)");
   const uintptr_t at = reinterpret_cast<uintptr_t>(*base);
   const uintptr_t aligned = (at + cuda::kWorkspaceAlignment - 1) /
                             cuda::kWorkspaceAlignment * cuda::kWorkspaceAlignment;
   Arena arena{reinterpret_cast<char*>(aligned)};
-  *scratch = kCarve(call, arena);
+  *scratch = kCarve(*call, arena);
   return ffi::Error::Success();
 }
 
@@ -134,7 +136,8 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   if (ffi::Error err = Broken(**state); err.failure()) return err;
   call->experts_here = ExpertsHere(attrs, call->d, call->plan.workers != nullptr);
   call->own_experts = OwnExperts(attrs, call->d);
-  if (ffi::Error err = TakeScratch<Scratch, kCarve>(allocator, *call, scratch); err.failure()) {
+  if (ffi::Error err = TakeScratch<Scratch, kCarve>(allocator, attrs.scratch_budget, call, scratch);
+      err.failure()) {
     // Peers in other processes do not meet this device on the host: they count its barriers
     // whether it comes or not, so one skipped call would pair its later calls with the wrong
     // ones. It stops for good instead (its peers' barriers time out and break the group).
