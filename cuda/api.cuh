@@ -29,7 +29,10 @@
 //   3. expert_gemm.cu runs the grouped GEMMs over that list (CuTe; persistent CTAs walk the tiles):
 //      GEMM1 multiplies the fetched rows by w_in[e] and applies the activation in its epilogue
 //      (gated: gate and up halves of one tile), writing `a` [pairs, F]; GEMM2 multiplies `a` by
-//      w_out[e] into float32 rows [pairs, H].
+//      w_out[e] into float32 rows [pairs, H]. On Hopper (the build's sm_90a code running), the
+//      GEMMs over pair rows are CUTLASS's grouped GEMMs instead (grouped_gemm_sm90.cu: TMA,
+//      wgmma, one problem per group): GEMM1 writes float32 h and activation.cu's pass forms `a`
+//      (the backward's u GEMM likewise); the weight-gradient GEMMs stay on expert_gemm.cu.
 //   4. combine.cu `scatter_slots` sums, for every source token with pairs here, its rows in k
 //      order times expert_weights and writes the sum into the SOURCE's staging[t, slot] (one
 //      remote row write per (token, destination device): the send-once-per-device idea).
@@ -96,6 +99,13 @@
 // repeatable; then time bench/gpu.py's `fused` and, with Nsight Systems where it works, see the
 // fetch kernels of one source run beside the GEMMs of the previous one (they share the SMs
 // only where the GEMM grid leaves room: the persistent grid takes every SM it can fill).
+//
+// GPU check for the grouped GEMMs (never run): on an H100/H200 every test of
+// tests/test_cuda.py runs them (16-bit dtypes); test_emulated_sm80_kernels_match_grouped_gemms
+// runs the SM80 kernels beside them (JAX_CCFUSER_GROUPED_GEMMS=0 in a fresh process). What can
+// go wrong first: can_implement refusing (alignment: every row pitch and expert base must be 16
+// bytes), the problem table (a group's rows of one source in the chunk; M = 0 for none), the
+// workspace size. Then time bench/gpu.py with and without them.
 //
 // GPU check for chunks (never run): tests/test_cuda.py's chunk tests compare budgets of one and
 // of a few tiles per chunk bitwise with one chunk (emulated, with a plan, and over every GPU):
@@ -269,7 +279,7 @@ cudaError_t place_rows(const Routing& routing, const WorkList& list, cudaStream_
 // WorkList, stored from scratch row 0 on. The handler loops over the chunks that the worst case
 // needs; chunks past the list's tiles find no work.
 struct Chunk {
-  int32_t tiles;  // M-tiles per chunk (INT32_MAX / tile_m: one chunk holds every row)
+  int32_t tiles;  // M-tiles per chunk
   int32_t index;
   __host__ __device__ int64_t first_tile() const { return static_cast<int64_t>(index) * tiles; }
   __host__ __device__ int64_t end_tile() const { return first_tile() + tiles; }
@@ -415,6 +425,34 @@ int expert_gemm_tile_n(DType dtype);
 // Supported (a_major, b_major): (kK, kMN), (kK, kK), (kMN, kMN); N-major B is Major::kMN.
 cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmParams& params,
                         int num_sms, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// grouped_gemm_sm90.cu: on Hopper, the pair-row GEMMs whose epilogue is a float32 store
+// (kPairRows, kStoreF32) as CUTLASS grouped GEMMs; the fused epilogues of expert_gemm then run as
+// passes over the float32 rows (activation.cu).
+
+// Whether the current GPU runs them: a Hopper GPU and sm_90a among the build's architectures.
+bool grouped_gemms_available();
+
+// Bytes of the workspace grouped_gemm takes for `num_groups` groups on `num_sms` SMs.
+int64_t grouped_gemm_workspace_bytes(int32_t num_groups, int num_sms);
+
+// out[row] = a[row] @ b[expert] for the rows of each group in the launch's chunk from
+// `only_source` (kAllSources: all; kSpanningSources: none, as the source phases leave no row to
+// it), less the kept ones under `skip_kept`. a: pair rows; b: expert weights, Major::kMN as
+// stored or Major::kK transposed. bf16/f16 on a Hopper GPU only.
+cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, void* workspace,
+                         int device, int num_sms, cudaStream_t stream);
+
+// activation.cu: the epilogue of a kActivation or kActivationBackward GemmParams (GEMM1, the
+// backward's u GEMM) as a pass over the float32 rows grouped_gemm wrote for it: [chunk rows,
+// n + n_split] of h = x @ w_in, or [chunk rows, n] of u = dy @ w_out^T (with one dot partial per
+// row: num_partials = 1). Rows of `only_source` only, as the GEMM.
+struct RowPass {
+  GemmParams gemm;
+  const float* rows;
+};
+cudaError_t activation_pass(DType dtype, const RowPass& pass, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // combine.cu

@@ -26,8 +26,7 @@
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
-#include "cuda/numeric.cuh"
-#include "common/activation.h"
+#include "cuda/pair_rows.cuh"
 
 namespace ccf::cuda {
 namespace {
@@ -210,12 +209,7 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
     const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
     const int32_t m_tile = static_cast<int32_t>(p.chunk.first_tile() + unit / n_tiles);
     t.n_tile = static_cast<int32_t>(unit % n_tiles);
-    // The last group whose first tile is <= m_tile (groups without pairs own no tile).
-    int32_t lo = 0, hi = p.num_groups - 1;
-    while (lo < hi) {
-      const int32_t mid = (lo + hi + 1) / 2;
-      if (p.tile_offset[mid] <= m_tile) lo = mid; else hi = mid - 1;
-    }
+    const int32_t lo = group_of_tile(p, m_tile);
     t.group = lo;
     t.expert = p.group_expert[lo];
     t.pair_begin = p.group_begin[lo];
@@ -338,71 +332,16 @@ struct RowMap {
 // ---------------------------------------------------------------------------------------------
 // Kept h rows (GemmParams::kept).
 
-// The row of `p.kept` where pair `pos` of `tile` keeps its h, or -1 when it keeps none.
-__device__ __forceinline__ int64_t kept_index(const GemmParams& p, const GemmTile& tile,
-                                              int64_t pos) {
-  if (p.kept == nullptr) return -1;  // always with a plan: a group is then the list's expert
-  const int32_t device = tile.group / p.experts_per_device;
-  const int64_t index = pos - p.group_begin[device * p.experts_per_device];
-  return index < p.kept_rows ? device * p.kept_rows + index : -1;
-}
-
 // Whether every pair of a kPairRows tile keeps its h (its last pair does: a device's kept pairs
 // are the first of its part of the list, and a tile never spans two experts).
 template <int kTileM>
 __device__ __forceinline__ bool tile_kept(const GemmParams& p, const GemmTile& tile) {
   const int32_t last = min(tile.m0 + kTileM, tile.m_extent) - 1;
-  return kept_index(p, tile, static_cast<int64_t>(tile.pair_begin) + last) >= 0;
+  return kept_index(p, tile.group, static_cast<int64_t>(tile.pair_begin) + last) >= 0;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Epilogues: one warp per tile row, lanes over columns, reading the float32 tile from smem.
-
-// One row of the backward activation, pair `pos` of the list at scratch row `srow` of the chunk:
-// u = (dy @ w_out^T)[srow, j] from the tile, a = act(h) from the kept or the recomputed h.
-// Writes w*a and dh, and the row's dot(a, u) over this tile's columns into dot_partial (a
-// rounded to the input dtype, as the forward multiplies it into w_out).
-template <class T, int kTileN, class SmemC>
-__device__ __forceinline__ void activation_backward_row(const GemmParams& p, const GemmTile& tile,
-                                                        const SmemC& sC, int r, int64_t pos,
-                                                        int64_t srow, int lane) {
-  const Activation act = static_cast<Activation>(p.activation);
-  const WorkItem item = p.items[pos];
-  const float w = load_float<T>(p.weights[item.source],
-                                static_cast<int64_t>(item.token) * p.top_k + item.k, p.weights_f32);
-  const int32_t f = p.n;                     // F
-  const int64_t gf = p.gated ? 2 * f : f;    // row length of h and dh
-  const int64_t kept = kept_index(p, tile, pos);
-  const float* h = kept >= 0 ? p.kept + kept * gf : p.h + srow * gf;
-  T* dh = static_cast<T*>(p.dh) + srow * gf;
-  T* aw = static_cast<T*>(p.aw) + srow * f;
-  float dot = 0.0f;
-  for (int c = lane; c < kTileN; c += 32) {
-    const int32_t j = tile.n_tile * kTileN + c;
-    if (j >= f) break;
-    const float u = sC(r, c);
-    const float da = w * u;
-    float a;
-    if (p.gated) {
-      const float gate = h[j], up = h[f + j];
-      const float act_gate = ActForward(act, gate);
-      a = act_gate * up;
-      dh[j] = T(da * up * ActDerivative(act, gate));
-      dh[f + j] = T(da * act_gate);
-    } else {
-      a = ActForward(act, h[j]);
-      dh[j] = T(da * ActDerivative(act, h[j]));
-    }
-    const float a_rounded = static_cast<float>(T(a));
-    aw[j] = T(w * a_rounded);
-    dot += a_rounded * u;
-  }
-  // Fixed butterfly: the same inputs give the same sum.
-  for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-  if (lane == 0) {
-    p.dot_partial[srow * p.num_partials + tile.n_tile] = dot;
-  }
-}
 
 // kPairReduction: the tile of the group's float32 sum that an earlier chunk left in `carry`,
 // into sC (zeros outside the output, whose accumulators are never stored).
@@ -446,7 +385,6 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
   constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN, kWarps = Config::kThreads / 32;
   constexpr Major kA = Config::kAMajor, kB = Config::kBMajor;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const Activation act = static_cast<Activation>(p.activation);
   for (int r = warp; r < kTileM; r += kWarps) {
     const int32_t row = tile.m0 + r;
     if (row >= tile.m_extent) break;  // rows ascend with r
@@ -456,22 +394,14 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
     switch (p.epilogue) {
       case Epilogue::kActivation:
         if constexpr (serves<kA, kB>(Epilogue::kActivation)) {
-          const int32_t cols = columns_per_tile<kTileN>(p);
-          T* out = static_cast<T*>(p.out) + srow * p.out_ld;
-          // h itself, float32, as the backward would recompute it; G*F = n + n_split.
-          const int64_t kept = kept_index(p, tile, pos);
-          float* keep = kept >= 0 ? p.kept + kept * (p.n + p.n_split) : nullptr;
-          for (int c = lane; c < cols; c += 32) {
-            const int32_t j = tile.n_tile * cols + c;
-            if (j >= p.n) break;
-            const float v = p.n_split != 0 ? ActForward(act, sC(r, c)) * sC(r, c + cols)
-                                           : ActForward(act, sC(r, c));
-            out[j] = T(v);
-            if (keep != nullptr) {
-              keep[j] = sC(r, c);
-              if (p.n_split != 0) keep[p.n_split + j] = sC(r, c + cols);
-            }
-          }
+          // Gate column j at tile column j - base, up column n_split + j beside it, cols on.
+          const int32_t cols = columns_per_tile<kTileN>(p), base = tile.n_tile * cols;
+          activate_row<T>(p, tile.group, pos, srow, base, min(base + cols, p.n), lane,
+                          [&](int32_t j) {
+                            return p.n_split != 0 && j >= p.n_split
+                                       ? sC(r, j - p.n_split - base + cols)
+                                       : sC(r, j - base);
+                          });
         }
         break;
       case Epilogue::kStoreF32:
@@ -481,7 +411,11 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
         break;
       case Epilogue::kActivationBackward:
         if constexpr (serves<kA, kB>(Epilogue::kActivationBackward)) {
-          activation_backward_row<T, kTileN>(p, tile, sC, r, pos, srow, lane);
+          const int32_t base = tile.n_tile * kTileN;
+          const float dot = warp_sum(activation_backward_row<T>(
+              p, tile.group, pos, srow, base, min(base + kTileN, p.n), lane,
+              [&](int32_t j) { return sC(r, j - base); }));
+          if (lane == 0) p.dot_partial[srow * p.num_partials + tile.n_tile] = dot;
         }
         break;
       case Epilogue::kStoreExpert:

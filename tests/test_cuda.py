@@ -14,7 +14,10 @@ import contextlib
 import dataclasses
 import functools
 import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -396,3 +399,38 @@ def test_every_device_shape_off_every_tile():
   args = _args(case)
   out = forward_and_grads(ccf.fused_moe, _GROUP, case.activation)(*args)
   _check(out, args, case.activation, case.dtype)
+
+
+# The SM80 kernels on a GPU that runs the grouped GEMMs (Hopper): a fresh process that turns the
+# grouped GEMMs off (JAX_CCFUSER_GROUPED_GEMMS=0, read when a GPU is first used) computes the same
+# case, and both sides match reference_moe and each other to twice bfloat16's tolerance.
+_SM80_SCRIPT = """
+import sys
+import jax, numpy as np
+jax.config.update("jax_num_cpu_devices", 8)  # as tests/conftest.py
+import jax_ccfuser  # noqa: F401 (sizes the CPU thread pool before the backends start)
+sys.path.insert(0, sys.argv[1])
+import test_cuda
+case = test_cuda.Case(devices=8, tokens=70, skew=1.0, dtype=test_cuda.jnp.bfloat16, seed=75)
+out = test_cuda._emulated_step(8)(*test_cuda._args(case))
+np.savez(sys.argv[2], *[np.asarray(a, np.float32) for a in jax.tree.leaves(out)])
+"""
+
+
+def test_emulated_sm80_kernels_match_grouped_gemms(tmp_path):
+  case = Case(devices=8, tokens=70, skew=1.0, dtype=jnp.bfloat16, seed=75)
+  args = _args(case)
+  grouped = _emulated_step(8)(*args)
+  _check(grouped, args, case.activation, case.dtype)
+  env = {**os.environ, "JAX_CCFUSER_GROUPED_GEMMS": "0", "CCF_CUDA_TESTS_PLATFORM": PLATFORM}
+  if PLATFORM == "cpu":
+    env["JAX_PLATFORMS"] = "cpu"
+  out = tmp_path / "sm80.npz"
+  subprocess.run([sys.executable, "-c", _SM80_SCRIPT, str(pathlib.Path(__file__).parent),
+                  str(out)], env=env, check=True, timeout=600)
+  with np.load(out) as saved:
+    sm80 = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+  leaves = jax.tree.leaves(grouped)
+  assert len(sm80) == len(leaves)
+  for a, b in zip(sm80, leaves):
+    assert_close(a, np.asarray(b, np.float32), case.dtype, scale=2.0)

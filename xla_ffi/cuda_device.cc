@@ -3,6 +3,8 @@
 #include <cuda.h>  // CUpointer_attribute: the driver call is reached through the runtime
 
 #include <cstddef>
+#include <cstdlib>
+#include <string>
 #include <utility>
 
 namespace ffi = xla::ffi;
@@ -43,6 +45,8 @@ ffi::Error CreateDeviceState(int ordinal, cudaStream_t stream, std::unique_ptr<D
   // The record must read clear before this GPU's first kernel: stream order sees to that.
   if (st == cudaSuccess) st = cudaMemsetAsync(s->error, 0, sizeof(cuda::DeviceError), stream);
   if (st != cudaSuccess) return CudaFailure("setting up GPU " + std::to_string(ordinal), st);
+  const char* grouped = std::getenv("JAX_CCFUSER_GROUPED_GEMMS");
+  s->grouped_gemms = cuda::grouped_gemms_available() && !(grouped && std::string(grouped) == "0");
   *s->error_host = {};
   *out = std::move(s);
   return ffi::Error::Success();

@@ -44,6 +44,9 @@ struct SitePlace {
 struct DeviceState {
   int ordinal = 0;
   int num_sms = 0;
+  // The pair-row GEMMs run as CUTLASS's grouped GEMMs (a Hopper GPU with the build's sm_90a
+  // code), unless JAX_CCFUSER_GROUPED_GEMMS=0 asks for the SM80 kernels (to compare them).
+  bool grouped_gemms = false;
   cuda::DeviceError* error = nullptr;  // the fault record (device memory)
 
   std::mutex mu;  // guards what follows: the handler threads of one GPU may differ call to call

@@ -139,6 +139,34 @@ void LaunchGemm(const char* what, const Call& c, const DeviceState& me, cuda::Ma
   });
 }
 
+// A pair-row GEMM (its A is pair rows, K-major). With grouped GEMMs: CUTLASS's into float32
+// rows (the output, or for a fused epilogue `rows`, which its pass then reads); else
+// expert_gemm with the epilogue fused.
+void LaunchPairRows(const char* what, const Call& c, const DeviceState& me, cuda::Major b_major,
+                    const cuda::GemmParams& params, float* rows, void* workspace,
+                    cudaStream_t stream, Launcher& launcher) {
+  if (!c.grouped_gemms) {
+    LaunchGemm(what, c, me, cuda::Major::kK, b_major, params, stream, launcher);
+    return;
+  }
+  const cuda::DType dtype = ToDType(c.d.x_type);
+  const bool fused = params.epilogue != cuda::Epilogue::kStoreF32;
+  cuda::GemmParams plain = params;
+  if (fused) {
+    plain.epilogue = cuda::Epilogue::kStoreF32;
+    plain.n = params.n + params.n_split;  // gated GEMM1: gate and up columns as stored
+    plain.n_split = 0;
+    plain.out = rows;
+    plain.out_ld = plain.n;
+  }
+  launcher.Run(what, [&] {
+    return cuda::grouped_gemm(dtype, b_major, plain, workspace, me.ordinal, me.num_sms, stream);
+  });
+  if (fused)
+    launcher.Run("activation pass",
+                 [&] { return cuda::activation_pass(dtype, {params, rows}, stream); });
+}
+
 // The dispatch of one operand (x, or dy): each row of sources [first, end) with pairs here read
 // once out of its source's buffer into `rows`, by work-list position.
 struct Fetched {
@@ -375,6 +403,11 @@ ForwardScratch CarveForward(const Call& c, Arena& arena) {
   s.x = arena.Take<char>(rows * c.d.hidden * ffi::ByteWidth(c.d.x_type));
   s.a = arena.Take<char>(rows * c.d.ffn * ffi::ByteWidth(c.d.x_type));
   s.rows = arena.Take<float>(rows * c.d.hidden);
+  if (c.grouped_gemms) {
+    s.h = arena.Take<float>(rows * c.d.gate_ffn);
+    s.gemm_workspace = arena.Take<char>(cuda::grouped_gemm_workspace_bytes(
+        static_cast<int32_t>(NumGroups(c)), c.num_sms));
+  }
   return s;
 }
 
@@ -407,8 +440,10 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
     g1.chunk = g2.chunk = chunk;
     phases.Run(stream, launcher, [&](int32_t source) {
       g1.only_source = g2.only_source = source;
-      LaunchGemm("GEMM1", c, me, cuda::Major::kK, cuda::Major::kMN, g1, stream, launcher);
-      LaunchGemm("GEMM2", c, me, cuda::Major::kK, cuda::Major::kMN, g2, stream, launcher);
+      LaunchPairRows("GEMM1", c, me, cuda::Major::kMN, g1, s.h, s.gemm_workspace, stream,
+                     launcher);
+      LaunchPairRows("GEMM2", c, me, cuda::Major::kMN, g2, nullptr, s.gemm_workspace, stream,
+                     launcher);
     });
     cuda::ScatterParams scatter = ScatterOver(c, s.list, chunk, s.rows);
     scatter.weighted = 1;
@@ -423,7 +458,8 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena) {
   const int tile_n = cuda::expert_gemm_tile_n(ToDType(c.d.x_type));
   BackwardScratch s;
   s.list = CarveWorkList(c, arena);
-  s.num_partials = static_cast<int32_t>((c.d.ffn + tile_n - 1) / tile_n);
+  // expert_gemm's epilogue sums dot(a, u) per N-tile, the grouped GEMMs' pass per row.
+  s.num_partials = c.grouped_gemms ? 1 : static_cast<int32_t>((c.d.ffn + tile_n - 1) / tile_n);
   s.x = arena.Take<char>(rows * c.d.hidden * width);
   s.dy = arena.Take<char>(rows * c.d.hidden * width);
   s.h = arena.Take<float>(rows * c.d.gate_ffn);
@@ -432,6 +468,11 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena) {
   s.dot_partial = arena.Take<float>(rows * s.num_partials);
   s.rows = arena.Take<float>(rows * c.d.hidden);
   if (NumChunks(c) > 1) s.carry = arena.Take<float>(c.d.expert_elements());
+  if (c.grouped_gemms) {
+    s.u = arena.Take<float>(rows * c.d.ffn);
+    s.gemm_workspace = arena.Take<char>(cuda::grouped_gemm_workspace_bytes(
+        static_cast<int32_t>(NumGroups(c)), c.num_sms));
+  }
   if (c.plan.workers != nullptr)
     s.partials = arena.Take<float>(static_cast<int64_t>(c.own_experts) * c.plan.slots *
                                    c.d.expert_elements());
@@ -507,10 +548,10 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
       g->chunk = chunk;
     phases.Run(stream, launcher, [&](int32_t source) {
       h_gemm.only_source = u_gemm.only_source = source;
-      LaunchGemm("h = x @ w_in", c, me, cuda::Major::kK, cuda::Major::kMN, h_gemm, stream,
-                 launcher);
-      LaunchGemm("u = dy @ w_out^T", c, me, cuda::Major::kK, cuda::Major::kK, u_gemm, stream,
-                 launcher);
+      LaunchPairRows("h = x @ w_in", c, me, cuda::Major::kMN, h_gemm, nullptr, s.gemm_workspace,
+                     stream, launcher);
+      LaunchPairRows("u = dy @ w_out^T", c, me, cuda::Major::kK, u_gemm, s.u, s.gemm_workspace,
+                     stream, launcher);
     });
     // The group that began in an earlier chunk reads its carry before one that goes on into
     // the next chunk overwrites it.
@@ -523,8 +564,8 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
       LaunchGemm("dw_in", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream,
                  launcher);
     }
-    LaunchGemm("dx = dh @ w_in^T", c, me, cuda::Major::kK, cuda::Major::kK, dx_gemm, stream,
-               launcher);
+    LaunchPairRows("dx = dh @ w_in^T", c, me, cuda::Major::kK, dx_gemm, nullptr, s.gemm_workspace,
+                   stream, launcher);
     cuda::ScatterParams scatter = ScatterOver(c, s.list, chunk, s.rows);
     scatter.weighted = 0;  // w is in dh already
     scatter.dot_partial = s.dot_partial;

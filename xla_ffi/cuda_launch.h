@@ -70,6 +70,10 @@ struct ForwardScratch {
   void* x;      // [rows, H] the pairs' x rows, fetched from their sources
   void* a;      // [rows, F] act(x @ w_in), x's dtype
   float* rows;  // [rows, H] a @ w_out
+  // Grouped GEMMs (Call::grouped_gemms): [rows, G*F] x @ w_in, which the activation pass reads,
+  // and their workspace; else null.
+  float* h = nullptr;
+  void* gemm_workspace = nullptr;
 };
 ForwardScratch CarveForward(const Call& c, Arena& arena);
 
@@ -80,9 +84,13 @@ struct BackwardScratch {
   float* h;             // [rows, G*F] x @ w_in, recomputed where not kept
   void* aw;             // [rows, F] w * act(h), x's dtype
   void* dh;             // [rows, G*F] x's dtype
-  float* dot_partial;   // [rows, F tiles]
+  float* dot_partial;   // [rows, F tiles], or [rows, 1] with grouped GEMMs
   float* rows;          // [rows, H] dh @ w_in^T
   int32_t num_partials;
+  // Grouped GEMMs: [rows, F] dy @ w_out^T, which the activation pass reads, and their
+  // workspace; else null.
+  float* u = nullptr;
+  void* gemm_workspace = nullptr;
   // With several chunks: [H*G*F + F*H] float32, the weight-gradient sums of the group that a
   // chunk ends in the middle of (cuda::GemmParams::carry); else null.
   float* carry = nullptr;

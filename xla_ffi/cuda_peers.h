@@ -54,6 +54,10 @@ struct Call {
   int64_t kept_rows = 0;
   // The M-tiles of the work list whose rows the scratch holds at a time (SizeChunks).
   int32_t chunk_tiles = 0;
+  // The GPU runs the pair-row GEMMs as grouped GEMMs (DeviceState::grouped_gemms, 16-bit
+  // dtypes), on this many SMs.
+  bool grouped_gemms = false;
+  int num_sms = 0;
   // Peers in other processes: this device's operands, copied into its region (where they read
   // them) ahead of the start barrier.
   struct Staged {

@@ -136,6 +136,8 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   if (ffi::Error err = Broken(**state); err.failure()) return err;
   call->experts_here = ExpertsHere(attrs, call->d, call->plan.workers != nullptr);
   call->own_experts = OwnExperts(attrs, call->d);
+  call->grouped_gemms = (*state)->grouped_gemms && call->d.x_type != ffi::DataType::F32;
+  call->num_sms = (*state)->num_sms;
   if (ffi::Error err = TakeScratch<Scratch, kCarve>(allocator, attrs.scratch_budget, call, scratch);
       err.failure()) {
     // Peers in other processes do not meet this device on the host: they count its barriers

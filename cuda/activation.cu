@@ -1,0 +1,87 @@
+// The fused epilogues of GEMM1 and the backward's u GEMM as passes over the float32 rows that
+// Hopper's grouped GEMMs (grouped_gemm_sm90.cu) write: one warp per scratch row of the chunk,
+// the row math expert_gemm.cu's epilogues use (pair_rows.cuh).
+#include <cutlass/numeric_types.h>
+
+#include "cuda/api.cuh"
+#include "cuda/exception.cuh"
+#include "cuda/pair_rows.cuh"
+#include "cuda/token_grid.cuh"
+
+namespace ccf::cuda {
+namespace {
+
+// Scratch row `row` of the chunk: its group and list position; false for a row that holds no
+// pair of this pass (a tile's padding, past the list's tiles, or from another source).
+__device__ bool row_pair(const GemmParams& p, int64_t row, int32_t* group, int64_t* pos) {
+  const int64_t tile = p.chunk.first_tile() + row / p.tile_m;
+  if (tile >= p.tile_offset[p.num_groups]) return false;
+  const int32_t g = group_of_tile(p, tile);
+  const int64_t index = (tile - p.tile_offset[g]) * p.tile_m + row % p.tile_m;
+  if (p.group_expert[g] < 0 || index >= p.group_end[g] - p.group_begin[g]) return false;
+  *group = g;
+  *pos = p.group_begin[g] + index;
+  return p.only_source == kAllSources || p.items[*pos].source == p.only_source;
+}
+
+__host__ __device__ int64_t chunk_rows(const GemmParams& p) {
+  return static_cast<int64_t>(p.chunk.tiles) * p.tile_m;
+}
+
+}  // namespace
+
+template <class T>
+__global__ void __launch_bounds__(kTokenThreads) activate_rows(const __grid_constant__ RowPass q) {
+  const GemmParams& p = q.gemm;
+  const int64_t row = warp_token();
+  int32_t group;
+  int64_t pos;
+  if (row >= chunk_rows(p) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
+  const float* c = q.rows + row * (p.n + p.n_split);
+  activate_row<T>(p, group, pos, row, 0, p.n, threadIdx.x % 32, [&](int32_t j) { return c[j]; });
+}
+
+template <class T>
+__global__ void __launch_bounds__(kTokenThreads)
+    activation_backward_rows(const __grid_constant__ RowPass q) {
+  const GemmParams& p = q.gemm;
+  const int64_t row = warp_token();
+  int32_t group;
+  int64_t pos;
+  if (row >= chunk_rows(p) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
+  const float* u = q.rows + row * p.n;
+  const int lane = threadIdx.x % 32;
+  const float dot = warp_sum(activation_backward_row<T>(p, group, pos, row, 0, p.n, lane,
+                                                        [&](int32_t j) { return u[j]; }));
+  if (lane == 0) p.dot_partial[row * p.num_partials] = dot;
+}
+
+namespace {
+
+template <class T>
+cudaError_t launch_pass(const RowPass& q, cudaStream_t stream) {
+  const int blocks = token_blocks(chunk_rows(q.gemm));
+  if (q.gemm.epilogue == Epilogue::kActivation) {
+    activate_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q);
+  } else {
+    activation_backward_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t activation_pass(DType dtype, const RowPass& pass, cudaStream_t stream) {
+  CCF_HOST_ASSERT(pass.gemm.epilogue == Epilogue::kActivation ||
+                  (pass.gemm.epilogue == Epilogue::kActivationBackward &&
+                   pass.gemm.num_partials == 1));
+  if (pass.gemm.only_source == kSpanningSources) return cudaSuccess;  // as grouped_gemm
+  switch (dtype) {
+    case DType::kBF16: return launch_pass<cutlass::bfloat16_t>(pass, stream);
+    case DType::kF16: return launch_pass<cutlass::half_t>(pass, stream);
+    case DType::kF32: break;
+  }
+  return cudaErrorNotSupported;
+}
+
+}  // namespace ccf::cuda

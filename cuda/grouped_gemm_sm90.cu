@@ -1,0 +1,251 @@
+// On Hopper, the pair-row GEMMs with a plain float32 output as CUTLASS grouped GEMMs: TMA loads,
+// wgmma, a warp-specialized persistent cooperative kernel, problem sizes and operand pointers
+// read from device memory (no host round trip). One problem per group of the work list: the
+// group's rows of the launch's chunk, from one source phase or all. A row's products do not
+// depend on which problem holds it (the K loop is the same), so phases, chunks and emulated
+// peers change nothing bitwise.
+//
+// The kernels run from the sm_90a part of the build only (grouped_gemms_available).
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/group_array_problem_shape.hpp>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+#include "cuda/api.cuh"
+#include "cuda/exception.cuh"
+
+namespace ccf::cuda {
+namespace {
+
+using namespace cute;
+using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
+using Problem = ProblemShape::UnderlyingProblemShape;
+
+using TileShape = Shape<_128, _128, _64>;
+using ClusterShape = Shape<_1, _1, _1>;
+using LayoutD = cutlass::layout::RowMajor;
+
+// D: [M, N] float32 rows, stored as they are (no C operand is read: beta = 0).
+using CollectiveEpilogue = cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, float, LayoutD*, 4, float,
+    LayoutD*, 4, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+    cutlass::epilogue::fusion::LinearCombination<float, float>>::CollectiveOp;
+// Out of the templates below: gcc's host pass misreads this sizeof in a dependent context.
+constexpr int kEpilogueSmem = static_cast<int>(sizeof(CollectiveEpilogue::SharedStorage));
+
+// A: pair rows [M, K] (K-major). B: an expert's weights, [K, N] as stored (Major::kMN,
+// cutlass's RowMajor B) or [N, K] (Major::kK, ColumnMajor).
+template <class T, Major kBMajor>
+struct GroupedGemm {
+  using Element = T;
+  using LayoutA = cutlass::layout::RowMajor;
+  using LayoutB = std::conditional_t<kBMajor == Major::kMN, cutlass::layout::RowMajor,
+                                     cutlass::layout::ColumnMajor>;
+  static constexpr int kAlignment = 16 / sizeof(T);
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*, kAlignment, T, LayoutB*,
+      kAlignment, float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmem>,
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+};
+
+// The per-group arrays the kernel reads, carved from the front of the workspace; the CUTLASS
+// kernel's own workspace follows.
+template <class G>
+struct GroupArrays {
+  static_assert(sizeof(typename G::StrideA) == 8 && sizeof(typename G::StrideB) == 8 &&
+                    sizeof(typename G::StrideD) == 8,
+                "strides of one dynamic int64 mode");
+  Problem* problems;
+  const typename G::Element** a;
+  const typename G::Element** b;
+  float** d;
+  typename G::StrideA* stride_a;
+  typename G::StrideB* stride_b;
+  typename G::StrideD* stride_d;
+  void* kernel_workspace;
+
+  static int64_t bytes(int32_t groups) {
+    const int64_t per_group = sizeof(Problem) + 3 * sizeof(void*) + sizeof(typename G::StrideA) +
+                              sizeof(typename G::StrideB) + sizeof(typename G::StrideD);
+    return (per_group * groups + kWorkspaceAlignment - 1) / kWorkspaceAlignment *
+           kWorkspaceAlignment;
+  }
+
+  static GroupArrays carve(void* workspace, int32_t groups) {
+    char* at = static_cast<char*>(workspace);
+    auto take = [&](auto* type, int64_t count) {
+      auto* p = reinterpret_cast<std::remove_pointer_t<decltype(type)>*>(at);
+      at += sizeof(*p) * count;
+      return p;
+    };
+    GroupArrays w;
+    // 8-byte elements first (pointers, strides of one int64), the int triples last: every
+    // array stays aligned to its element.
+    w.a = take(static_cast<const typename G::Element**>(nullptr), groups);
+    w.b = take(static_cast<const typename G::Element**>(nullptr), groups);
+    w.d = take(static_cast<float**>(nullptr), groups);
+    w.stride_a = take(static_cast<typename G::StrideA*>(nullptr), groups);
+    w.stride_b = take(static_cast<typename G::StrideB*>(nullptr), groups);
+    w.stride_d = take(static_cast<typename G::StrideD*>(nullptr), groups);
+    w.problems = take(static_cast<Problem*>(nullptr), groups);
+    w.kernel_workspace = static_cast<char*>(workspace) + bytes(groups);
+    return w;
+  }
+};
+
+// A row-major operand's stride: its one dynamic mode (the row pitch) is `ld`.
+template <class Stride>
+__device__ Stride row_pitch(int64_t ld) {
+  Stride s{};
+  if constexpr (is_static<std::remove_cv_t<std::remove_reference_t<decltype(get<0>(s))>>>::value)
+    get<1>(s) = ld;
+  else
+    get<0>(s) = ld;
+  return s;
+}
+
+// First position in [lo, hi) whose pair comes from a source >= `source` (a group's pairs are in
+// (source, token, k) order).
+__device__ int32_t first_from(const WorkItem* items, int32_t lo, int32_t hi, int32_t source) {
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (items[mid].source < source) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// One thread per group: its problem in this launch (M = 0 when it has none) and its operands.
+template <class G>
+__global__ void __launch_bounds__(128) build_problems(const __grid_constant__ GemmParams p,
+                                                      GroupArrays<G> w) {
+  using T = typename G::Element;
+  const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= p.num_groups) return;
+  const int32_t expert = p.group_expert[g];
+  int32_t lo = p.group_begin[g], hi = expert >= 0 ? p.group_end[g] : lo;
+  if (p.only_source >= 0) {
+    lo = first_from(p.items, lo, hi, p.only_source);
+    hi = first_from(p.items, lo, hi, p.only_source + 1);
+  }
+  if (p.skip_kept && p.kept != nullptr) {  // a device's kept pairs lead its part of the list
+    const int32_t device = g / p.experts_per_device;
+    const int64_t kept_end = p.group_begin[device * p.experts_per_device] + p.kept_rows;
+    lo = static_cast<int32_t>(max(static_cast<int64_t>(lo), min(kept_end, int64_t{hi})));
+  }
+  // Positions -> the chunk's scratch rows.
+  const int64_t chunk_row = p.chunk.first_tile() * p.tile_m;
+  const int64_t group_row = static_cast<int64_t>(p.tile_offset[g]) * p.tile_m - p.group_begin[g];
+  const int64_t r0 = max(lo + group_row, chunk_row);
+  const int64_t r1 = min(hi + group_row, chunk_row + static_cast<int64_t>(p.chunk.tiles) * p.tile_m);
+  const int32_t rows = static_cast<int32_t>(max(r1 - r0, int64_t{0}));
+  w.problems[g] = Problem(rows, p.n, p.k);
+  const int64_t first = rows > 0 ? r0 - chunk_row : 0;
+  w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
+  w.d[g] = static_cast<float*>(p.out) + first * p.out_ld;
+  w.b[g] = expert >= 0 ? static_cast<const T*>(p.b.peers[expert / p.experts_per_device]) +
+                             (expert % p.experts_per_device) * p.b.expert_stride
+                       : static_cast<const T*>(p.b.peers[0]);
+  w.stride_a[g] = row_pitch<typename G::StrideA>(p.a.ld);
+  w.stride_b[g] = row_pitch<typename G::StrideB>(p.b.ld);
+  w.stride_d[g] = row_pitch<typename G::StrideD>(p.out_ld);
+}
+
+template <class G>
+typename G::Gemm::Arguments arguments(const GroupArrays<G>& w, int32_t groups, int device,
+                                      int num_sms) {
+  cutlass::KernelHardwareInfo hw;
+  hw.device_id = device;
+  hw.sm_count = num_sms;
+  typename G::Gemm::Arguments args{
+      cutlass::gemm::GemmUniversalMode::kGrouped,
+      {groups, w.problems, nullptr},
+      {w.a, w.stride_a, w.b, w.stride_b},
+      {{}, nullptr, w.stride_d, w.d, w.stride_d},
+      hw};
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  return args;
+}
+
+template <class G>
+int64_t workspace_bytes(int32_t groups, int num_sms) {
+  const GroupArrays<G> none{};
+  return GroupArrays<G>::bytes(groups) +
+         static_cast<int64_t>(G::Gemm::get_workspace_size(arguments<G>(none, groups, 0, num_sms)));
+}
+
+template <class T, Major kBMajor>
+cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
+                cudaStream_t stream) {
+  using G = GroupedGemm<T, kBMajor>;
+  const GroupArrays<G> w = GroupArrays<G>::carve(workspace, p.num_groups);
+  build_problems<G><<<(p.num_groups + 127) / 128, 128, 0, stream>>>(p, w);
+  CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  const auto args = arguments<G>(w, p.num_groups, device, num_sms);
+  typename G::Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  if (gemm.initialize(args, w.kernel_workspace, stream) != cutlass::Status::kSuccess)
+    return cudaErrorUnknown;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool grouped_gemms_available() {
+  // Compiled from compute_90a, the kernel runs as built; from compute_80's PTX (a build without
+  // sm_90a, or another GPU) it would only trap.
+  cudaFuncAttributes attributes;
+  if (cudaFuncGetAttributes(&attributes, cutlass::device_kernel<
+                                             GroupedGemm<cutlass::bfloat16_t, Major::kMN>::Kernel>) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attributes.ptxVersion == 90;
+}
+
+int64_t grouped_gemm_workspace_bytes(int32_t num_groups, int num_sms) {
+  int64_t bytes = 0;
+  for (int64_t b : {workspace_bytes<GroupedGemm<cutlass::bfloat16_t, Major::kMN>>(num_groups, num_sms),
+                    workspace_bytes<GroupedGemm<cutlass::bfloat16_t, Major::kK>>(num_groups, num_sms),
+                    workspace_bytes<GroupedGemm<cutlass::half_t, Major::kMN>>(num_groups, num_sms),
+                    workspace_bytes<GroupedGemm<cutlass::half_t, Major::kK>>(num_groups, num_sms)})
+    bytes = std::max(bytes, b);
+  return bytes;
+}
+
+cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, void* workspace,
+                         int device, int num_sms, cudaStream_t stream) {
+  CCF_HOST_ASSERT(params.shape == GemmShape::kPairRows && params.epilogue == Epilogue::kStoreF32);
+  CCF_HOST_ASSERT(params.a.source == RowSource::kPair && params.b.source == RowSource::kExpert);
+  CCF_HOST_ASSERT(params.num_groups > 0 && params.num_groups <= kMaxExpertsHere);
+  // The source phases hand every row to one source's problem: nothing spans.
+  if (params.only_source == kSpanningSources) return cudaSuccess;
+  const bool mn = b_major == Major::kMN;
+  switch (dtype) {
+    case DType::kBF16:
+      return mn ? run<cutlass::bfloat16_t, Major::kMN>(params, workspace, device, num_sms, stream)
+                : run<cutlass::bfloat16_t, Major::kK>(params, workspace, device, num_sms, stream);
+    case DType::kF16:
+      return mn ? run<cutlass::half_t, Major::kMN>(params, workspace, device, num_sms, stream)
+                : run<cutlass::half_t, Major::kK>(params, workspace, device, num_sms, stream);
+    case DType::kF32:
+      break;
+  }
+  return cudaErrorNotSupported;
+}
+
+}  // namespace ccf::cuda

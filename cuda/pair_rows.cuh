@@ -1,0 +1,102 @@
+// What the pair-row GEMMs' epilogues share, row by row: the group of an M-tile, where a pair
+// keeps its h, and what GEMM1 and the backward's u GEMM do with one pair's float32 row. Used
+// by expert_gemm.cu (fused, reading the accumulator tile in shared memory) and activation.cu (a
+// pass over the float32 rows Hopper's grouped GEMMs wrote), so both round alike. One warp per
+// row; `at(j)` reads column j of the row's C (columns [j_begin, j_end)).
+#pragma once
+
+#include <cstdint>
+
+#include "common/activation.h"
+#include "cuda/api.cuh"
+#include "cuda/numeric.cuh"
+
+namespace ccf::cuda {
+
+// The group of M-tile `tile`: the last whose first tile is <= it (groups without pairs own none).
+__device__ __forceinline__ int32_t group_of_tile(const GemmParams& p, int64_t tile) {
+  int32_t lo = 0, hi = p.num_groups - 1;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (p.tile_offset[mid] <= tile) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// The row of `p.kept` where pair `pos` of group `group` keeps its h, or -1 when it keeps none.
+__device__ __forceinline__ int64_t kept_index(const GemmParams& p, int32_t group, int64_t pos) {
+  if (p.kept == nullptr) return -1;  // always with a plan: a group is then the list's expert
+  const int32_t device = group / p.experts_per_device;
+  const int64_t index = pos - p.group_begin[device * p.experts_per_device];
+  return index < p.kept_rows ? device * p.kept_rows + index : -1;
+}
+
+// GEMM1: a = act(h) (gated: act(gate) * up, gate column j and up column n_split + j of h) into
+// out[srow, j] in the input dtype, and h itself into the kept rows where the pair keeps it.
+template <class T, class At>
+__device__ __forceinline__ void activate_row(const GemmParams& p, int32_t group, int64_t pos,
+                                             int64_t srow, int32_t j_begin, int32_t j_end,
+                                             int lane, At at) {
+  const Activation act = static_cast<Activation>(p.activation);
+  T* out = static_cast<T*>(p.out) + srow * p.out_ld;
+  const int64_t kept = kept_index(p, group, pos);
+  float* keep = kept >= 0 ? p.kept + kept * (p.n + p.n_split) : nullptr;
+  for (int32_t j = j_begin + lane; j < j_end; j += 32) {
+    const float gate = at(j);
+    const float up = p.n_split != 0 ? at(p.n_split + j) : 1.0f;
+    out[j] = T(p.n_split != 0 ? ActForward(act, gate) * up : ActForward(act, gate));
+    if (keep != nullptr) {
+      keep[j] = gate;
+      if (p.n_split != 0) keep[p.n_split + j] = up;
+    }
+  }
+}
+
+// The backward's u = dy @ w_out^T, columns [j_begin, j_end) of pair `pos`'s row: with a = act(h)
+// from the kept or the recomputed h, writes w*a and dh, and returns the lane's part of the
+// row's dot(a, u) (a rounded to the input dtype, as the forward multiplies it into w_out).
+template <class T, class At>
+__device__ __forceinline__ float activation_backward_row(const GemmParams& p, int32_t group,
+                                                         int64_t pos, int64_t srow,
+                                                         int32_t j_begin, int32_t j_end,
+                                                         int lane, At at) {
+  const Activation act = static_cast<Activation>(p.activation);
+  const WorkItem item = p.items[pos];
+  const float w = load_float<T>(p.weights[item.source],
+                                static_cast<int64_t>(item.token) * p.top_k + item.k, p.weights_f32);
+  const int32_t f = p.n;                   // F
+  const int64_t gf = p.gated ? 2 * f : f;  // row length of h and dh
+  const int64_t kept = kept_index(p, group, pos);
+  const float* h = kept >= 0 ? p.kept + kept * gf : p.h + srow * gf;
+  T* dh = static_cast<T*>(p.dh) + srow * gf;
+  T* aw = static_cast<T*>(p.aw) + srow * f;
+  float dot = 0.0f;
+  for (int32_t j = j_begin + lane; j < j_end; j += 32) {
+    const float u = at(j);
+    const float da = w * u;
+    float a;
+    if (p.gated) {
+      const float gate = h[j], up = h[f + j];
+      const float act_gate = ActForward(act, gate);
+      a = act_gate * up;
+      dh[j] = T(da * up * ActDerivative(act, gate));
+      dh[f + j] = T(da * act_gate);
+    } else {
+      a = ActForward(act, h[j]);
+      dh[j] = T(da * ActDerivative(act, h[j]));
+    }
+    const float a_rounded = static_cast<float>(T(a));
+    aw[j] = T(w * a_rounded);
+    dot += a_rounded * u;
+  }
+  return dot;
+}
+
+// A warp's sum of its lanes' values in a fixed butterfly: the same inputs give the same sum.
+__device__ __forceinline__ float warp_sum(float value) {
+  for (int offset = 16; offset > 0; offset /= 2)
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+}  // namespace ccf::cuda
