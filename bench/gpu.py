@@ -91,6 +91,15 @@ def fused_scratch_bytes(config: Config) -> dict | None:
           for short in ("fwd", "bwd")}
 
 
+def fused_gemms() -> str | None:
+  """Which kernels the fused calls' GEMMs over pair rows run on this GPU: "sm90 grouped" or
+  "sm80"; None where they run on no GPU."""
+  from jax_ccfuser import _extension  # noqa: PLC0415
+  if _extension.cuda is None or jax.default_backend() != "gpu":
+    return None
+  return "sm90 grouped" if _extension.cuda.grouped_gemms() else "sm80"
+
+
 def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: float) -> dict:
   """Times every program of `config`; returns its record (see `main`)."""
   programs = gpu_programs(config, all_to_all=True)
@@ -169,7 +178,7 @@ def main(argv=None) -> dict:
     configs = {name: configs[name] for name in args.configs.split(",")}
   doc = {"platform": records.platform(), "device": records.device_description(),
          "jax": jax.__version__, "date": records.now(), "activation": ACTIVATION,
-         "notes": NOTES, "configs": {}}
+         "fused_gemms": fused_gemms(), "notes": NOTES, "configs": {}}
   for name, config in configs.items():
     record = measure(config, min_samples=1 if args.quick else 5,
                      max_samples=1 if args.quick else 20, budget_s=8.0)

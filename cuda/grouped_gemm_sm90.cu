@@ -30,12 +30,11 @@ using TileShape = Shape<_128, _128, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
 using LayoutD = cutlass::layout::RowMajor;
 
-// D: [M, N] float32 rows, stored as they are (no C operand is read: beta = 0).
+// D: [M, N] float32 rows, stored as they are (no C operand).
 using CollectiveEpilogue = cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, float, LayoutD*, 4, float,
-    LayoutD*, 4, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-    cutlass::epilogue::fusion::LinearCombination<float, float>>::CollectiveOp;
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, 4, float,
+    LayoutD*, 4, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
 // Out of the templates below: gcc's host pass misreads this sizeof in a dependent context.
 constexpr int kEpilogueSmem = static_cast<int>(sizeof(CollectiveEpilogue::SharedStorage));
 

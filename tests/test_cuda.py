@@ -401,6 +401,15 @@ def test_every_device_shape_off_every_tile():
   _check(out, args, case.activation, case.dtype)
 
 
+def test_hopper_runs_grouped_gemms():
+  """Where the sm_90a code can run, the calls use it: the tests here then check the grouped
+  GEMMs, not a silent fallback to the SM80 kernels."""
+  if PLATFORM != "cuda" or not re.search(r"H100|H200|H800|H20\b", _DEVICES[0].device_kind):
+    pytest.skip(f"not a Hopper GPU: {_DEVICES[0].device_kind}")
+  assert os.environ.get("JAX_CCFUSER_GROUPED_GEMMS") != "0"
+  assert _extension.cuda.grouped_gemms()
+
+
 # The SM80 kernels on a GPU that runs the grouped GEMMs (Hopper): a fresh process that turns the
 # grouped GEMMs off (JAX_CCFUSER_GROUPED_GEMMS=0, read when a GPU is first used) computes the same
 # case, and both sides match reference_moe and each other to twice bfloat16's tolerance.

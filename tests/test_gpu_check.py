@@ -196,6 +196,7 @@ def test_gpu_benchmark_document(tmp_path):
   out = tmp_path / "bench.json"
   doc = gpu.main(["--quick", "--out", str(out)])
   assert json.loads(out.read_text()) == doc
+  assert doc["fused_gemms"] is None  # the CPU backend
   record = doc["configs"]["quick"]
   assert list(record["impls"]) == ["fused", "ragged_dot", "tokamax", "all_to_all",
                                    "all_to_all_cf1.25", "roof"]

@@ -45,12 +45,20 @@ ffi::Error CreateDeviceState(int ordinal, cudaStream_t stream, std::unique_ptr<D
   // The record must read clear before this GPU's first kernel: stream order sees to that.
   if (st == cudaSuccess) st = cudaMemsetAsync(s->error, 0, sizeof(cuda::DeviceError), stream);
   if (st != cudaSuccess) return CudaFailure("setting up GPU " + std::to_string(ordinal), st);
-  const char* grouped = std::getenv("JAX_CCFUSER_GROUPED_GEMMS");
-  s->grouped_gemms = cuda::grouped_gemms_available() && !(grouped && std::string(grouped) == "0");
+  s->grouped_gemms = GroupedGemms();
   *s->error_host = {};
   *out = std::move(s);
   return ffi::Error::Success();
 }
+
+}  // namespace
+
+bool GroupedGemms() {
+  const char* env = std::getenv("JAX_CCFUSER_GROUPED_GEMMS");
+  return cuda::grouped_gemms_available() && !(env != nullptr && std::string(env) == "0");
+}
+
+namespace {
 
 std::string DescribeDeviceError(const cuda::DeviceError& e, int ordinal) {
   const std::string where = " (found on GPU " + std::to_string(ordinal) +

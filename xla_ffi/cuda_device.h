@@ -65,6 +65,10 @@ struct DeviceState {
   std::array<cudaEvent_t, cuda::kMaxPeers + 1> fetched{};
 };
 
+// Whether the current GPU's calls run the pair-row GEMMs as CUTLASS's grouped GEMMs
+// (DeviceState::grouped_gemms).
+bool GroupedGemms();
+
 // The state of GPU `ordinal`, made on its first call.
 xla::ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, DeviceState** out);
 

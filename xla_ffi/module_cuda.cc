@@ -24,6 +24,10 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(CcfMoeBackwardCuda);
 
 NB_MODULE(_ccfuser_cuda, m) {
   ccf::DefineRegistrations(m, CcfMoeForwardCuda, CcfMoeBackwardCuda);
+  m.def("grouped_gemms", &ccf::GroupedGemms,
+        "Whether the current GPU's calls run the GEMMs over pair rows as CUTLASS's SM90 grouped "
+        "GEMMs (a Hopper GPU running the build's sm_90a code; JAX_CCFUSER_GROUPED_GEMMS=0 turns "
+        "them off); false without a GPU.");
   m.def("fail_next_call_for_testing", &ccf::FailNextCallForTesting, nb::arg("rank"),
         "Makes the next call on device `rank` of an in-process group fail once the group has "
         "met, as a call going wrong midway.");
