@@ -86,7 +86,9 @@ def fused_scratch_bytes(config: Config) -> dict | None:
   sizes = dict(num_devices=config.devices, tokens=config.tokens, hidden=config.hidden,
                ffn=config.ffn, k=config.k, experts_local=config.experts // config.devices,
                gated=ACTIVATIONS[ACTIVATION].gated, float32=config.dtype == "float32",
-               emulated=True, scratch_budget=scratch_budget_bytes())
+               emulated=True, scratch_budget=scratch_budget_bytes(),
+               grouped_gemms=fused_gemms() == "sm90 grouped",
+               num_sms=getattr(jax.devices()[0], "core_count", 132))
   return {short: _extension.cuda.scratch_bytes(**sizes, backward=short == "bwd")
           for short in ("fwd", "bwd")}
 

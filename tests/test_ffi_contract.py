@@ -91,6 +91,10 @@ def test_gpu_scratch_stays_within_its_budget(sizes, backward):
   for budget in (worst - 1, worst // 3, 2 << 30, 512 << 20, smallest + 1):
     if budget >= smallest:
       assert smallest <= scratch(scratch_budget=budget) <= budget, budget
+  # Hopper's grouped GEMMs add float32 rows (h, or u) and their workspace, within the budget.
+  grouped = functools.partial(scratch, grouped_gemms=True, num_sms=132)
+  assert grouped(scratch_budget=1 << 50) > worst
+  assert smallest <= grouped(scratch_budget=1 << 30) <= 1 << 30
   # More budget never means fewer bytes.
   budgets = sorted({smallest, 256 << 20, 1 << 30, 4 << 30, worst})
   taken = [scratch(scratch_budget=b) for b in budgets]

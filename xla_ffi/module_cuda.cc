@@ -70,7 +70,7 @@ NB_MODULE(_ccfuser_cuda, m) {
       "scratch_bytes",
       [](int num_devices, int64_t tokens, int64_t hidden, int64_t ffn, int64_t k,
          int64_t experts_local, bool gated, bool float32, bool emulated, bool backward,
-         int64_t scratch_budget) {
+         int64_t scratch_budget, bool grouped_gemms, int num_sms) {
         ccf::Call call;
         call.d.num_devices = num_devices;
         call.d.tokens = tokens;
@@ -82,12 +82,16 @@ NB_MODULE(_ccfuser_cuda, m) {
         call.d.x_type = float32 ? xla::ffi::DataType::F32 : xla::ffi::DataType::BF16;
         call.experts_here = static_cast<int32_t>(emulated ? num_devices * experts_local
                                                           : experts_local);
+        call.grouped_gemms = grouped_gemms && !float32;
+        call.num_sms = num_sms;
         return ccf::SizeChunks(&call, scratch_budget, backward);
       },
       nb::arg("num_devices"), nb::arg("tokens"), nb::arg("hidden"), nb::arg("ffn"), nb::arg("k"),
       nb::arg("experts_local"), nb::arg("gated"), nb::arg("float32"), nb::arg("emulated"),
-      nb::arg("backward"), nb::arg("scratch_budget"),
+      nb::arg("backward"), nb::arg("scratch_budget"), nb::arg("grouped_gemms") = false,
+      nb::arg("num_sms") = 132,
       "Bytes of scratch one forward or backward call takes from XLA's allocator on one GPU "
-      "under a scratch budget (no reassignment plan; float32 or a 16-bit dtype), as the "
-      "handler sizes its chunks.");
+      "under a scratch budget (no reassignment plan; float32 or a 16-bit dtype; with the grouped "
+      "GEMMs' float32 rows and workspace on `num_sms` SMs or without), as the handler sizes its "
+      "chunks.");
 }
