@@ -57,7 +57,8 @@ __global__ void __launch_bounds__(kTokenThreads)
       // The staging holds the sum of the slot's rows of earlier chunks, if it has any.
       bool earlier = false;
       for (int32_t k = 0; k < p.pairs.top_k; ++k)
-        earlier |= codes[k] >= 0 && codes[k] % kMaxPeers == slot && pair_rows[k] < p.pairs.row_begin;
+        earlier |= codes[k] >= 0 && codes[k] % kMaxPeers == slot &&
+                   pair_rows[k] < p.pairs.row_begin;
       float* dst =
           p.staging[source] + (static_cast<int64_t>(token) * p.num_slots + slot) * p.hidden;
       for (int32_t h = lane; h < p.hidden; h += 32) {

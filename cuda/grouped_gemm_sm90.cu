@@ -6,6 +6,7 @@
 // peers change nothing bitwise.
 //
 // The kernels run from the sm_90a part of the build only (grouped_gemms_available).
+#include <algorithm>
 #include <type_traits>
 
 #include <cute/tensor.hpp>
@@ -147,7 +148,8 @@ __global__ void __launch_bounds__(128) build_problems(const __grid_constant__ Ge
   const int64_t chunk_row = p.chunk.first_tile() * p.tile_m;
   const int64_t group_row = static_cast<int64_t>(p.tile_offset[g]) * p.tile_m - p.group_begin[g];
   const int64_t r0 = max(lo + group_row, chunk_row);
-  const int64_t r1 = min(hi + group_row, chunk_row + static_cast<int64_t>(p.chunk.tiles) * p.tile_m);
+  const int64_t chunk_end = chunk_row + static_cast<int64_t>(p.chunk.tiles) * p.tile_m;
+  const int64_t r1 = min(hi + group_row, chunk_end);
   const int32_t rows = static_cast<int32_t>(max(r1 - r0, int64_t{0}));
   w.problems[g] = Problem(rows, p.n, p.k);
   const int64_t first = rows > 0 ? r0 - chunk_row : 0;
@@ -206,10 +208,9 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
 bool grouped_gemms_available() {
   // Compiled from compute_90a, the kernel runs as built; from compute_80's PTX (a build without
   // sm_90a, or another GPU) it would only trap.
+  using Probe = GroupedGemm<cutlass::bfloat16_t, Major::kMN>::Kernel;
   cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, cutlass::device_kernel<
-                                             GroupedGemm<cutlass::bfloat16_t, Major::kMN>::Kernel>) !=
-      cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, cutlass::device_kernel<Probe>) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
@@ -217,13 +218,11 @@ bool grouped_gemms_available() {
 }
 
 int64_t grouped_gemm_workspace_bytes(int32_t num_groups, int num_sms) {
-  int64_t bytes = 0;
-  for (int64_t b : {workspace_bytes<GroupedGemm<cutlass::bfloat16_t, Major::kMN>>(num_groups, num_sms),
-                    workspace_bytes<GroupedGemm<cutlass::bfloat16_t, Major::kK>>(num_groups, num_sms),
-                    workspace_bytes<GroupedGemm<cutlass::half_t, Major::kMN>>(num_groups, num_sms),
-                    workspace_bytes<GroupedGemm<cutlass::half_t, Major::kK>>(num_groups, num_sms)})
-    bytes = std::max(bytes, b);
-  return bytes;
+  using cutlass::bfloat16_t, cutlass::half_t;
+  return std::max({workspace_bytes<GroupedGemm<bfloat16_t, Major::kMN>>(num_groups, num_sms),
+                   workspace_bytes<GroupedGemm<bfloat16_t, Major::kK>>(num_groups, num_sms),
+                   workspace_bytes<GroupedGemm<half_t, Major::kMN>>(num_groups, num_sms),
+                   workspace_bytes<GroupedGemm<half_t, Major::kK>>(num_groups, num_sms)});
 }
 
 cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, void* workspace,

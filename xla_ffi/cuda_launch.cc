@@ -555,10 +555,10 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
     });
     // The group that began in an earlier chunk reads its carry before one that goes on into
     // the next chunk overwrites it.
-    for (cuda::ReductionPart part : {cuda::ReductionPart::kContinued, cuda::ReductionPart::kBegun}) {
-      if (s.carry == nullptr && part == cuda::ReductionPart::kContinued) continue;
-      dw_out_gemm.part = dw_in_gemm.part =
-          s.carry == nullptr ? cuda::ReductionPart::kEveryGroup : part;
+    using cuda::ReductionPart;
+    for (ReductionPart part : {ReductionPart::kContinued, ReductionPart::kBegun}) {
+      if (s.carry == nullptr && part == ReductionPart::kContinued) continue;
+      dw_out_gemm.part = dw_in_gemm.part = s.carry == nullptr ? ReductionPart::kEveryGroup : part;
       LaunchGemm("dw_out", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream,
                  launcher);
       LaunchGemm("dw_in", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream,
