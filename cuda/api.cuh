@@ -18,8 +18,8 @@
 //      pair at its position in the fixed order (expert, source, token, k) and derives the GEMM
 //      M-tile table. No host round trip, no atomics on positions: the order is fixed.
 //   2. dispatch.cu `fetch_rows` reads each (source, token) row of x with pairs here once out of
-//      its source's memory (this IS the dispatch) and writes it to each of its pairs' positions
-//      of a local [pairs, H] buffer, so no GEMM tile reads a peer's row, and a row routed to
+//      its source's memory (this IS the dispatch) and writes it to each of its pairs' scratch
+//      rows of a local [rows, H] buffer, so no GEMM tile reads a peer's row, and a row routed to
 //      several experts of a device crosses the link once. It runs source by source on a side
 //      stream, the device's own rows first and then its peers' in ring order (emulated: from
 //      source 0), while the GEMMs of step 3 run in the same phases on XLA's stream, each
@@ -33,9 +33,10 @@
 //      GEMMs over pair rows are CUTLASS's grouped GEMMs instead (grouped_gemm_sm90.cu: TMA,
 //      wgmma, one problem per group): GEMM1 writes float32 h and activation.cu's pass forms `a`
 //      (the backward's u GEMM likewise); the weight-gradient GEMMs stay on expert_gemm.cu.
-//   4. combine.cu `scatter_slots` sums, for every source token with pairs here, its rows in k
-//      order times expert_weights and writes the sum into the SOURCE's staging[t, slot] (one
-//      remote row write per (token, destination device): the send-once-per-device idea).
+//   4. combine.cu `scatter_slots` sums, for every source token with pairs here, its rows in
+//      scratch-row order times expert_weights and writes the sum into the SOURCE's
+//      staging[t, slot] (one remote row write per (token, destination device) and chunk: the
+//      send-once-per-device idea).
 //   5. `barrier` again, then `combine_slots` sums this device's staging slots in slot order into y.
 //
 // The backward call fetches x and dy the same way and recomputes on the expert's device (no
