@@ -24,10 +24,6 @@ __device__ bool row_pair(const GemmParams& p, int64_t row, int32_t* group, int64
   return p.only_source == kAllSources || p.items[*pos].source == p.only_source;
 }
 
-__host__ __device__ int64_t chunk_rows(const GemmParams& p) {
-  return static_cast<int64_t>(p.chunk.tiles) * p.tile_m;
-}
-
 }  // namespace
 
 template <class T>
@@ -36,7 +32,7 @@ __global__ void __launch_bounds__(kTokenThreads) activate_rows(const __grid_cons
   const int64_t row = warp_token();
   int32_t group;
   int64_t pos;
-  if (row >= chunk_rows(p) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
+  if (row >= p.chunk.rows(p.tile_m) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
   const float* c = q.rows + row * (p.n + p.n_split);
   activate_row<T>(p, group, pos, row, 0, p.n, threadIdx.x % 32, [&](int32_t j) { return c[j]; });
 }
@@ -48,7 +44,7 @@ __global__ void __launch_bounds__(kTokenThreads)
   const int64_t row = warp_token();
   int32_t group;
   int64_t pos;
-  if (row >= chunk_rows(p) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
+  if (row >= p.chunk.rows(p.tile_m) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
   const float* u = q.rows + row * p.n;
   const int lane = threadIdx.x % 32;
   const float dot = warp_sum(activation_backward_row<T>(p, group, pos, row, 0, p.n, lane,
@@ -60,7 +56,7 @@ namespace {
 
 template <class T>
 cudaError_t launch_pass(const RowPass& q, cudaStream_t stream) {
-  const int blocks = token_blocks(chunk_rows(q.gemm));
+  const int blocks = token_blocks(q.gemm.chunk.rows(q.gemm.tile_m));
   if (q.gemm.epilogue == Epilogue::kActivation) {
     activate_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q);
   } else {

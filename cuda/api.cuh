@@ -286,6 +286,10 @@ struct Chunk {
   int32_t index;
   __host__ __device__ int64_t first_tile() const { return static_cast<int64_t>(index) * tiles; }
   __host__ __device__ int64_t end_tile() const { return first_tile() + tiles; }
+  // Its scratch rows, [first_row, end_row), `rows` of them, at `tile_m` rows per M-tile.
+  __host__ __device__ int64_t first_row(int32_t tile_m) const { return first_tile() * tile_m; }
+  __host__ __device__ int64_t end_row(int32_t tile_m) const { return end_tile() * tile_m; }
+  __host__ __device__ int64_t rows(int32_t tile_m) const { return int64_t{tiles} * tile_m; }
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@
 //
 // The kernels run from the sm_90a part of the build only (grouped_gemms_available).
 #include <algorithm>
+#include <mutex>
 #include <type_traits>
+#include <unordered_set>
 
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
@@ -19,6 +21,7 @@
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
+#include "cuda/pair_rows.cuh"
 
 namespace ccf::cuda {
 namespace {
@@ -139,17 +142,13 @@ __global__ void __launch_bounds__(128) build_problems(const __grid_constant__ Ge
     lo = first_from(p.items, lo, hi, p.only_source);
     hi = first_from(p.items, lo, hi, p.only_source + 1);
   }
-  if (p.skip_kept && p.kept != nullptr) {  // a device's kept pairs lead its part of the list
-    const int32_t device = g / p.experts_per_device;
-    const int64_t kept_end = p.group_begin[device * p.experts_per_device] + p.kept_rows;
-    lo = static_cast<int32_t>(max(static_cast<int64_t>(lo), min(kept_end, int64_t{hi})));
-  }
+  if (p.skip_kept && p.kept != nullptr)
+    lo = static_cast<int32_t>(max(static_cast<int64_t>(lo), min(kept_end(p, g), int64_t{hi})));
   // Positions -> the chunk's scratch rows.
-  const int64_t chunk_row = p.chunk.first_tile() * p.tile_m;
+  const int64_t chunk_row = p.chunk.first_row(p.tile_m);
   const int64_t group_row = static_cast<int64_t>(p.tile_offset[g]) * p.tile_m - p.group_begin[g];
   const int64_t r0 = max(lo + group_row, chunk_row);
-  const int64_t chunk_end = chunk_row + static_cast<int64_t>(p.chunk.tiles) * p.tile_m;
-  const int64_t r1 = min(hi + group_row, chunk_end);
+  const int64_t r1 = min(hi + group_row, p.chunk.end_row(p.tile_m));
   const int32_t rows = static_cast<int32_t>(max(r1 - r0, int64_t{0}));
   w.problems[g] = Problem(rows, p.n, p.k);
   const int64_t first = rows > 0 ? r0 - chunk_row : 0;
@@ -187,6 +186,24 @@ int64_t workspace_bytes(int32_t groups, int num_sms) {
          static_cast<int64_t>(G::Gemm::get_workspace_size(arguments<G>(none, groups, 0, num_sms)));
 }
 
+// The kernel's dynamic shared memory limit, raised once per device (the current one, which the
+// attribute applies to): it stays with the device's context, and setting it at every launch
+// ((D + 1) * 2 per chunk) would cost a driver call each time, as the adapter's initialize() does.
+template <class Kernel>
+cudaError_t allow_shared_memory() {
+  static std::mutex mu;
+  static std::unordered_set<int> done;
+  int device;
+  CCF_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mu);
+  if (done.count(device) != 0) return cudaSuccess;
+  CCF_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                Kernel::SharedStorageSize));
+  done.insert(device);
+  return cudaSuccess;
+}
+
 template <class T, Major kBMajor>
 cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
                 cudaStream_t stream) {
@@ -195,11 +212,13 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
   build_problems<G><<<(p.num_groups + 127) / 128, 128, 0, stream>>>(p, w);
   CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const auto args = arguments<G>(w, p.num_groups, device, num_sms);
-  typename G::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  if (gemm.initialize(args, w.kernel_workspace, stream) != cutlass::Status::kSuccess)
+  if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  CCF_CUDA_RETURN_IF_ERROR(allow_shared_memory<typename G::Kernel>());
+  if (G::Kernel::initialize_workspace(args, w.kernel_workspace, stream) !=
+      cutlass::Status::kSuccess)
     return cudaErrorUnknown;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+  auto params = G::Kernel::to_underlying_arguments(args, w.kernel_workspace);
+  if (G::Gemm::run(params, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
   return cudaGetLastError();
 }
 

@@ -23,12 +23,21 @@ __device__ __forceinline__ int32_t group_of_tile(const GemmParams& p, int64_t ti
   return lo;
 }
 
+// The list position past the pairs that keep their h in group `group`'s device part: a
+// device's kept pairs are the first `kept_rows` of its part of the list. Only with `p.kept`,
+// which is never set with a plan (a group is then the list's expert, not a device's).
+__device__ __forceinline__ int64_t kept_end(const GemmParams& p, int32_t group) {
+  const int32_t device = group / p.experts_per_device;
+  return p.group_begin[device * p.experts_per_device] + p.kept_rows;
+}
+
 // The row of `p.kept` where pair `pos` of group `group` keeps its h, or -1 when it keeps none.
 __device__ __forceinline__ int64_t kept_index(const GemmParams& p, int32_t group, int64_t pos) {
-  if (p.kept == nullptr) return -1;  // always with a plan: a group is then the list's expert
-  const int32_t device = group / p.experts_per_device;
-  const int64_t index = pos - p.group_begin[device * p.experts_per_device];
-  return index < p.kept_rows ? device * p.kept_rows + index : -1;
+  if (p.kept == nullptr) return -1;
+  const int64_t end = kept_end(p, group);
+  if (pos >= end) return -1;
+  const int64_t index = p.kept_rows - (end - pos);  // among the device's kept rows
+  return group / p.experts_per_device * p.kept_rows + index;
 }
 
 // GEMM1: a = act(h) (gated: act(gate) * up, gate column j and up column n_split + j of h) into

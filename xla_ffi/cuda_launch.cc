@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <vector>
 
 #include "common/activation.h"
 
@@ -36,7 +37,7 @@ int64_t WorstTiles(const Call& c) {
 int64_t NumChunks(const Call& c) { return (WorstTiles(c) + c.chunk_tiles - 1) / c.chunk_tiles; }
 
 // The scratch rows of one chunk.
-int64_t ChunkRows(const Call& c) { return int64_t{c.chunk_tiles} * TileM(c); }
+int64_t ChunkRows(const Call& c) { return cuda::Chunk{c.chunk_tiles, 0}.rows(TileM(c)); }
 
 cuda::WorkList CarveWorkList(const Call& c, Arena& arena) {
   const int64_t pairs = c.d.num_devices * c.d.tokens * c.d.k;
@@ -175,9 +176,8 @@ struct Fetched {
 };
 
 cuda::TokenPairs PairsOf(const Call& c, const cuda::WorkList& list, cuda::Chunk chunk) {
-  const int64_t row_begin = chunk.first_tile() * TileM(c);
   return {list.pair_code, list.pair_row, c.d.num_devices, static_cast<int32_t>(c.d.tokens),
-          static_cast<int32_t>(c.d.k), row_begin, row_begin + ChunkRows(c)};
+          static_cast<int32_t>(c.d.k), chunk.first_row(TileM(c)), chunk.end_row(TileM(c))};
 }
 
 void FetchRows(const Call& c, const cuda::WorkList& list, cuda::Chunk chunk,
@@ -540,6 +540,13 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   dx_gemm.out = s.rows;
   dx_gemm.out_ld = h;
 
+  // The dW GEMMs' launches per chunk: with a carry, the groups that began in an earlier chunk
+  // read it before those that go on into the next chunk overwrite it.
+  using cuda::ReductionPart;
+  const std::vector<ReductionPart> dw_parts =
+      s.carry != nullptr ? std::vector{ReductionPart::kContinued, ReductionPart::kBegun}
+                         : std::vector{ReductionPart::kEveryGroup};
+
   for (int32_t index = 0; index < NumChunks(c); ++index) {
     const cuda::Chunk chunk{c.chunk_tiles, index};
     phases.Fetch({{&PeerBuffers::x, s.x}, {&PeerBuffers::dy, s.dy}}, s.list, chunk, stream,
@@ -553,12 +560,8 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
       LaunchPairRows("u = dy @ w_out^T", c, me, cuda::Major::kK, u_gemm, s.u, s.gemm_workspace,
                      stream, launcher);
     });
-    // The group that began in an earlier chunk reads its carry before one that goes on into
-    // the next chunk overwrites it.
-    using cuda::ReductionPart;
-    for (ReductionPart part : {ReductionPart::kContinued, ReductionPart::kBegun}) {
-      if (s.carry == nullptr && part == ReductionPart::kContinued) continue;
-      dw_out_gemm.part = dw_in_gemm.part = s.carry == nullptr ? ReductionPart::kEveryGroup : part;
+    for (ReductionPart part : dw_parts) {
+      dw_out_gemm.part = dw_in_gemm.part = part;
       LaunchGemm("dw_out", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream,
                  launcher);
       LaunchGemm("dw_in", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream,
