@@ -5,6 +5,8 @@ On the first device, for the layer shapes of Mixtral-8x7B, DeepSeek-V3 and Qwen3
 forward+backward:
 
 - `fused`: `fused_moe_emulated` over D = 8 emulated peers (the remote-read path on one GPU);
+- `fused_fetch_sms0`: the same with no SMs kept for the fetch (`jax_ccfuser.fetch_sms(0)`), so
+  the two show what keeping them costs or gains;
 - `ragged_dot`: sort + `jax.lax.ragged_dot` + unsort (`bench.ragged`);
 - `tokamax`: the same with tokamax's `ragged_dot` (its default implementation choice);
 - `all_to_all`, `all_to_all_cf1.25`: `all_to_all_moe` over the one device. The D-GPU
@@ -51,6 +53,8 @@ _KINDS = {"fwd": "forward", "fwd_bwd": "forward_backward"}
 
 NOTES = {
     "fused": "fused_moe_emulated: D emulated peers on one GPU (peer reads are local here)",
+    "fused_fetch_sms0": "fused under jax_ccfuser.fetch_sms(0): the GEMMs keep no SMs free for "
+                        "the fetch of later sources' rows (fused keeps the default, 16)",
     "ragged_dot": "sort + jax.lax.ragged_dot + unsort over all experts on one GPU",
     "tokamax": "sort + tokamax.ragged_dot + unsort over all experts on one GPU (tokamax "
                "picks its implementation: Mosaic GPU on Hopper where it can)",

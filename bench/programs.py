@@ -4,8 +4,9 @@ CPU (the simulated devices of one process, `jax.shard_map` over an "ep" axis of 
 `fused` (`jax_ccfuser.fused_moe`), `all_to_all` (`all_to_all_moe`, dropless),
 `all_to_all_cf1.25` (`all_to_all_moe(capacity_factor=1.25)`) and `roof`.
 GPU (one device): `fused` (`jax_ccfuser.experimental.fused_moe_emulated` over D emulated
-peers), `ragged_dot` and `tokamax` (`bench.ragged` with `jax.lax.ragged_dot` or tokamax's) and
-`roof`; on request also `all_to_all` and
+peers), `fused_fetch_sms0` (the same traced under `jax_ccfuser.fetch_sms(0)`: every GEMM on
+every SM, none kept for the fetch), `ragged_dot` and `tokamax` (`bench.ragged` with
+`jax.lax.ragged_dot` or tokamax's) and `roof`; on request also `all_to_all` and
 `all_to_all_cf1.25` over the one device (`all_to_all_moe` with `axis_name=None`: no exchange, so
 what they time is the baseline's sort, padded buffers and grouped FFN).
 
@@ -33,7 +34,7 @@ from bench.ragged import ragged_dot_moe, tokamax_ragged_dot
 
 CAPACITY_FACTOR = 1.25
 CPU_IMPLS = ("fused", "all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}", "roof")
-GPU_IMPLS = ("fused", "ragged_dot", "tokamax", "roof")
+GPU_IMPLS = ("fused", "fused_fetch_sms0", "ragged_dot", "tokamax", "roof")
 ONE_DEVICE_ALL_TO_ALL = ("all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}")
 
 
@@ -130,6 +131,14 @@ def cpu_programs(config: Config) -> dict[str, Program]:
   return programs
 
 
+def _traced_under(setting, value, fn):
+  """`fn` with `setting(value)` in force while it is traced (each trace enters it anew)."""
+  def traced(*args):
+    with setting(value):
+      return fn(*args)
+  return traced
+
+
 def gpu_programs(config: Config, *, all_to_all: bool = False) -> dict[str, Program]:
   """`GPU_IMPLS` on the first device; `fused` emulates `config.devices` peers on it.
 
@@ -138,8 +147,10 @@ def gpu_programs(config: Config, *, all_to_all: bool = False) -> dict[str, Progr
   source's.
   """
   arrays = jax.device_put(make_inputs(config), jax.devices()[0])
-  moe_fns = {"fused": functools.partial(fused_moe_emulated, num_devices=config.devices,
-                                        activation=ACTIVATION),
+  fused = functools.partial(fused_moe_emulated, num_devices=config.devices,
+                            activation=ACTIVATION)
+  moe_fns = {"fused": fused,
+             "fused_fetch_sms0": _traced_under(ccf.fetch_sms, 0, fused),
              "ragged_dot": functools.partial(ragged_dot_moe, activation=ACTIVATION),
              "tokamax": functools.partial(ragged_dot_moe, activation=ACTIVATION,
                                           ragged_dot=tokamax_ragged_dot)}

@@ -13,6 +13,7 @@ from jax_ccfuser import _extension  # registers the FFI targets  # noqa: E402
 from jax_ccfuser import experimental
 from jax_ccfuser import placement
 from jax_ccfuser._all_to_all import all_to_all_moe
+from jax_ccfuser._config import fetch_sms
 from jax_ccfuser._config import peer_timeout
 from jax_ccfuser._config import residual_budget
 from jax_ccfuser._config import scratch_budget
@@ -38,6 +39,7 @@ __all__ = [
     "peer_timeout",
     "residual_budget",
     "scratch_budget",
+    "fetch_sms",
     "transport",
     "all_to_all_moe",
     "reference_moe",

@@ -1,5 +1,5 @@
 """Settings fixed when a `fused_moe` call is traced: the peer timeout, the transport, the
-residual budget and the scratch budget."""
+residual budget, the scratch budget and the SMs kept for the fetch."""
 
 import contextlib
 import os
@@ -10,10 +10,14 @@ import threading
 # 2F=1536: 192 MiB) fit, a DeepSeek-V3 or Mixtral-sized one's (512 / 896 MiB) do not.
 # The scratch budget: a Qwen3-30B-A3B-sized backward (T=4096, K=8 per device) holds its mean
 # load in one chunk; a DeepSeek-V3 or Mixtral-sized one takes two or more.
+# The fetch's SMs: about what reading NVLink at its rate takes with 16-byte loads, 4 in flight
+# per lane (bytes in flight ~ bandwidth x latency); a first choice, which bench/gpu.py measures
+# against 0.
 _DEFAULTS = {"seconds": float(os.environ.get("JAX_CCFUSER_PEER_TIMEOUT", "300")),
              "transport": os.environ.get("JAX_CCFUSER_TRANSPORT", "auto"),
              "residual_bytes": int(os.environ.get("JAX_CCFUSER_RESIDUAL_BUDGET", str(256 << 20))),
-             "scratch_bytes": int(os.environ.get("JAX_CCFUSER_SCRATCH_BUDGET", str(2 << 30)))}
+             "scratch_bytes": int(os.environ.get("JAX_CCFUSER_SCRATCH_BUDGET", str(2 << 30))),
+             "fetch_sms": int(os.environ.get("JAX_CCFUSER_FETCH_SMS", "16"))}
 TRANSPORTS = ("auto", "shared_memory", "collectives")
 _state = threading.local()
 
@@ -134,3 +138,28 @@ def scratch_budget(nbytes: int):
   if not nbytes > 0 or nbytes != int(nbytes):
     raise ValueError(f"scratch_budget must be a whole number of bytes > 0, got {nbytes!r}")
   return _setting("scratch_bytes", int(nbytes))
+
+
+def fetch_sms_in_force() -> int:
+  """The SMs kept for the fetch by GPU calls traced now."""
+  return _current("fetch_sms")
+
+
+def fetch_sms(count: int):
+  """Sets how many SMs a GPU's GEMMs leave free while peers' rows are still being fetched.
+
+  A GPU fetches the rows its peers send it source by source, on a stream of its own, while its
+  GEMMs work through the rows already there. The GEMMs run persistent grids that take every SM
+  they are given, so the fetch would otherwise wait for SMs until a GEMM ends; with `count` > 0
+  the GEMMs of those phases run on all but `count` SMs, and on all of them once the last rows
+  are in. Results are bitwise the same for every count; 0 runs every GEMM on every SM. CPU
+  calls ignore it. Fixed when a call is traced, like `peer_timeout`. The process-wide default
+  is 16 or the environment variable `JAX_CCFUSER_FETCH_SMS`.
+
+  Examples:
+    >>> with jax_ccfuser.fetch_sms(0):
+    ...   y = jax.jit(step)(x)
+  """
+  if not count >= 0 or count != int(count):
+    raise ValueError(f"fetch_sms must be a whole number >= 0, got {count!r}")
+  return _setting("fetch_sms", int(count))

@@ -17,7 +17,8 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import AxisType
 
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
-from jax_ccfuser._config import peer_timeout_ms, residual_budget_bytes, scratch_budget_bytes
+from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
+                                 scratch_budget_bytes)
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_gpu_tiles
 from jax_ccfuser._validation import check_moe_args
@@ -50,6 +51,7 @@ class _Static(NamedTuple):
   plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
   kept_rows: int = 0  # C: rows of h each device keeps for the backward; 0 recomputes them all
   scratch_budget: int = 0  # bytes of GPU scratch per call (jax_ccfuser.scratch_budget)
+  fetch_sms: int = 0  # SMs the GEMMs leave to the fetch (jax_ccfuser.fetch_sms)
 
 
 class _CallAttrs(NamedTuple):
@@ -64,6 +66,7 @@ class _CallAttrs(NamedTuple):
   workspace_offset: int
   devices: tuple
   scratch_budget: int
+  fetch_sms: int
 
   def as_ffi(self) -> dict:
     """`ffi_call`'s keyword attributes, typed as the native module declares them."""
@@ -106,7 +109,20 @@ def _call_attrs(static: _Static, backward: bool, region) -> _CallAttrs:
                     activation=_extension.ACTIVATION_CODES[static.activation],
                     timeout_ms=static.timeout_ms, num_experts=static.num_experts,
                     workspace=workspace, workspace_offset=offset,
-                    devices=static.devices or (-1,), scratch_budget=static.scratch_budget)
+                    devices=static.devices or (-1,), scratch_budget=static.scratch_budget,
+                    fetch_sms=static.fetch_sms)
+
+
+def _traced_settings() -> dict:
+  """The `_Static` fields that `jax_ccfuser`'s settings in force now fix into a call traced now."""
+  fetch = fetch_sms_in_force()
+  if _topology.platform() == "gpu":
+    sms = getattr(jax.local_devices()[0], "core_count", None)
+    if sms is not None and fetch >= sms:
+      raise ValueError(f"jax_ccfuser.fetch_sms({fetch}) leaves none of this GPU's {sms} SMs to "
+                       f"the GEMMs")
+  return dict(timeout_ms=peer_timeout_ms(), scratch_budget=scratch_budget_bytes(),
+              fetch_sms=fetch)
 
 
 def _slots(static: _Static, k: int) -> int:
@@ -382,8 +398,7 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
                          replication, axis_name=axis_name, activation=activation, split=split,
                          kept_rows=kept_rows)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
-                   activation=activation, timeout_ms=peer_timeout_ms(),
-                   scratch_budget=scratch_budget_bytes(),
+                   activation=activation, **_traced_settings(),
                    num_experts=dims.num_experts, devices=split.devices,
                    platform=split.platform, plan_slots=workers.shape[1], kept_rows=kept_rows)
   rank, group = _position(axis_name)
@@ -512,8 +527,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
     w_in, w_out = (_with_guests(w, replication, gather, place=place, **where)
                    for w in (w_in, w_out))
   static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
-                   activation=activation, timeout_ms=peer_timeout_ms(),
-                   scratch_budget=scratch_budget_bytes(),
+                   activation=activation, **_traced_settings(),
                    num_experts=num_experts, devices=split.devices, platform=split.platform,
                    plan_slots=workers.shape[1], kept_rows=kept_rows)
   partial = _fused(static, flat(gather(x)), ids, flat(gather(expert_weights)), w_in, w_out,
@@ -544,8 +558,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   _replication(plan, _topology.Split(1, num_devices, False, ()))
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
-                   activation=activation, timeout_ms=peer_timeout_ms(),
-                   scratch_budget=scratch_budget_bytes(),
+                   activation=activation, **_traced_settings(),
                    num_experts=w_out.shape[0],
                    kept_rows=_kept_rows(residuals, x.shape[0] // num_devices, dims.k,
                                         w_in.shape[2]))

@@ -91,15 +91,19 @@ def _emulated_plan(ids, num_experts, devices):
 
 @functools.cache
 def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = False,
-                   scratch_budget: int | None = None):
+                   scratch_budget: int | None = None, fetch_sms: int | None = None):
   """A jitted `(x, ids, weights, w_in, w_out, dy) -> (y, (dx, d_weights, dw_in, dw_out))` of
   `fused_moe_emulated` over `devices` emulated devices, with a fresh plan if `with_plan`, traced
-  under `scratch_budget` if one is given."""
+  under `scratch_budget` and `fetch_sms` where given."""
   def run(x, ids, weights, w_in, w_out, dy):
     plan = _emulated_plan(ids, w_out.shape[0], devices) if with_plan else None
     layer = functools.partial(fused_moe_emulated, num_devices=devices, activation=activation,
                               plan=plan)
-    with ccf.scratch_budget(scratch_budget) if scratch_budget else contextlib.nullcontext():
+    with contextlib.ExitStack() as settings:
+      if scratch_budget is not None:
+        settings.enter_context(ccf.scratch_budget(scratch_budget))
+      if fetch_sms is not None:
+        settings.enter_context(ccf.fetch_sms(fetch_sms))
       y, pullback = jax.vjp(lambda x, w, a, b: layer(x, ids, w, a, b), x, weights, w_in, w_out)
       return y, pullback(dy.astype(y.dtype))
 
@@ -203,6 +207,30 @@ def test_every_device_chunks_equal_one_chunk_bitwise():
   with ccf.scratch_budget(1):
     chunked = make_forward_and_grads(ccf.fused_moe, _GROUP, case.activation)(*args)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, chunked), whole)
+
+
+def _sms() -> int | None:
+  """The first device's SMs; None on the CPU backend."""
+  return getattr(_DEVICES[0], "core_count", None) if PLATFORM == "cuda" else None
+
+
+@pytest.mark.parametrize("case", [_CHUNKED[0][1], _CHUNKED[1][1]], ids=["D8", "D2"])
+def test_fetch_sms_leave_results_bitwise_alike(case):
+  """The GEMMs' SMs while rows are fetched beside them (none kept for the fetch, the default,
+  all but one) change where tiles run, never what they sum."""
+  args = _args(case)
+  default = jax.tree.map(np.asarray, _emulated_step(case.devices)(*args))
+  _check(default, args, case.activation, case.dtype)
+  for count in (0, (_sms() or 2) - 1):
+    other = _emulated_step(case.devices, fetch_sms=count)(*args)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, other), default)
+
+
+@pytest.mark.skipif(PLATFORM != "cuda", reason="the CPU backend has no SMs to keep")
+def test_fetch_sms_must_leave_the_gemms_an_sm():
+  args = _args(Case(devices=2, seed=68))
+  with pytest.raises(ValueError, match=rf"fetch_sms\({_sms()}\) leaves none of this GPU's"):
+    _emulated_step(2, fetch_sms=_sms())(*args)
 
 
 def _assert_plan_has_helpers(plan):

@@ -27,7 +27,8 @@ def test_python_attribute_record_is_the_natives(module):
   assert native == {
       "site": "uint64", "num_devices": "int32", "emulated": "int32", "activation": "int32",
       "timeout_ms": "int64", "num_experts": "int64", "workspace": "int32",
-      "workspace_offset": "int64", "devices": "int32[]", "scratch_budget": "int64"}
+      "workspace_offset": "int64", "devices": "int32[]", "scratch_budget": "int64",
+      "fetch_sms": "int32"}
 
 
 @pytest.mark.parametrize("module", NATIVE, ids=lambda m: m.__name__)
@@ -40,7 +41,8 @@ def test_activation_codes_are_the_natives(module):
 
 def test_attributes_are_typed_as_declared():
   static = _fused._Static(site=7, num_devices=2, emulated=True, activation="geglu",
-                          timeout_ms=1234, num_experts=8, scratch_budget=5 << 30)
+                          timeout_ms=1234, num_experts=8, scratch_budget=5 << 30,
+                          fetch_sms=20)
   attrs = _fused._call_attrs(static, True, (-1, 0))
   ffi = attrs.as_ffi()
   assert list(ffi) == list(_extension.CALL_ATTRIBUTES)
@@ -51,12 +53,17 @@ def test_attributes_are_typed_as_declared():
   assert (ffi["workspace"], ffi["workspace_offset"]) == (-1, 0)
   assert ffi["devices"].tolist() == [-1]
   assert ffi["scratch_budget"] == 5 << 30
+  assert ffi["fetch_sms"] == 20
+
+
+def _static_traced_now():
+  """The `_Static` of a call traced now: the settings in force become its fields."""
+  return _fused._Static(site=1, num_devices=1, emulated=False, activation="relu",
+                        num_experts=1, **_fused._traced_settings())
 
 
 def test_scratch_budget_is_fixed_at_trace_time():
-  static = lambda: _fused._Static(site=1, num_devices=1, emulated=False, activation="relu",
-                                  timeout_ms=1, num_experts=1,
-                                  scratch_budget=ccf._config.scratch_budget_bytes())
+  static = _static_traced_now
   default = static().scratch_budget
   with ccf.scratch_budget(1 << 20):
     assert static().scratch_budget == 1 << 20
@@ -67,6 +74,32 @@ def test_scratch_budget_is_fixed_at_trace_time():
   for bad in (0, -1, 0.5, float("nan")):
     with pytest.raises(ValueError, match="scratch_budget must be a whole number of bytes > 0"):
       ccf.scratch_budget(bad)
+
+
+def test_fetch_sms_are_fixed_at_trace_time():
+  static = _static_traced_now
+  assert static().fetch_sms == 16
+  with ccf.fetch_sms(0):
+    assert static().fetch_sms == 0
+    with ccf.fetch_sms(24):
+      assert static().fetch_sms == 24
+    assert static().fetch_sms == 0
+  assert static().fetch_sms == 16
+  for bad in (-1, 0.5, float("nan")):
+    with pytest.raises(ValueError, match="fetch_sms must be a whole number >= 0"):
+      ccf.fetch_sms(bad)
+
+
+def test_fetch_sms_must_leave_a_gpu_an_sm(monkeypatch):
+  """Traced for a GPU (faked here: the check needs only its platform and SM count)."""
+  gpu = type("Gpu", (), {"core_count": 132})()
+  monkeypatch.setattr(_fused._topology, "platform", lambda: "gpu")
+  monkeypatch.setattr(_fused.jax, "local_devices", lambda: [gpu])
+  with ccf.fetch_sms(131):
+    assert _static_traced_now().fetch_sms == 131
+  with ccf.fetch_sms(132), pytest.raises(ValueError, match=r"fetch_sms\(132\) leaves none of "
+                                                           r"this GPU's 132 SMs"):
+    _static_traced_now()
 
 
 # A DeepSeek-V3-sized layer emulated as 8 devices on one GPU (T=1024 each, K=8) and one device

@@ -132,22 +132,23 @@ void OpenCall(const Call& c, DeviceState& me, const cuda::WorkList& list, const 
   LaunchWorkList(c, list, me, stream, launcher);
 }
 
-void LaunchGemm(const char* what, const Call& c, const DeviceState& me, cuda::Major a_major,
+// A GEMM on `sms` SMs (its persistent grid's size).
+void LaunchGemm(const char* what, const Call& c, int sms, cuda::Major a_major,
                 cuda::Major b_major, const cuda::GemmParams& params, cudaStream_t stream,
                 Launcher& launcher) {
   launcher.Run(what, [&] {
-    return cuda::expert_gemm(ToDType(c.d.x_type), a_major, b_major, params, me.num_sms, stream);
+    return cuda::expert_gemm(ToDType(c.d.x_type), a_major, b_major, params, sms, stream);
   });
 }
 
 // A pair-row GEMM (its A is pair rows, K-major). With grouped GEMMs: CUTLASS's into float32
 // rows (the output, or for a fused epilogue `rows`, which its pass then reads); else
 // expert_gemm with the epilogue fused.
-void LaunchPairRows(const char* what, const Call& c, const DeviceState& me, cuda::Major b_major,
-                    const cuda::GemmParams& params, float* rows, void* workspace,
-                    cudaStream_t stream, Launcher& launcher) {
+void LaunchPairRows(const char* what, const Call& c, const DeviceState& me, int sms,
+                    cuda::Major b_major, const cuda::GemmParams& params, float* rows,
+                    void* workspace, cudaStream_t stream, Launcher& launcher) {
   if (!c.grouped_gemms) {
-    LaunchGemm(what, c, me, cuda::Major::kK, b_major, params, stream, launcher);
+    LaunchGemm(what, c, sms, cuda::Major::kK, b_major, params, stream, launcher);
     return;
   }
   const cuda::DType dtype = ToDType(c.d.x_type);
@@ -161,7 +162,7 @@ void LaunchPairRows(const char* what, const Call& c, const DeviceState& me, cuda
     plain.out_ld = plain.n;
   }
   launcher.Run(what, [&] {
-    return cuda::grouped_gemm(dtype, b_major, plain, workspace, me.ordinal, me.num_sms, stream);
+    return cuda::grouped_gemm(dtype, b_major, plain, workspace, me.ordinal, sms, stream);
   });
   if (fused)
     launcher.Run("activation pass",
@@ -243,8 +244,11 @@ class SourcePhases {
       FetchRows(c_, list, chunk, op, first_, first_ + 1, stream, launcher);
   }
 
-  // Runs `launch(only_source)` for each phase on `stream`, once that phase's rows are in: the
-  // last phase (spanning tiles) waits for the last peer's, which joins the side stream back.
+  // Runs `launch(only_source, sms)` for each phase on `stream`, once that phase's rows are in:
+  // the last phase (spanning tiles) waits for the last peer's, which joins the side stream back.
+  // While later phases' rows are still being fetched the GEMMs run on `sms` < every SM: their
+  // persistent grids fill whatever SMs they get, and the fetch's blocks would otherwise find
+  // none free until a GEMM ends (Call::fetching_sms).
   template <typename Launch>
   void Run(cudaStream_t stream, Launcher& launcher, Launch launch) const {
     for (int phase = 0; phase < size(); ++phase) {
@@ -253,7 +257,7 @@ class SourcePhases {
         launcher.Always("waiting for a peer's rows",
                         [&] { return cudaStreamWaitEvent(stream, me_.fetched[event], 0); });
       }
-      launch(source(phase));
+      launch(source(phase), phase < devices_ - 1 ? c_.fetching_sms : c_.num_sms);
     }
   }
 
@@ -438,12 +442,12 @@ void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const S
     const cuda::Chunk chunk{c.chunk_tiles, index};
     phases.Fetch({{&PeerBuffers::x, s.x}}, s.list, chunk, stream, launcher);
     g1.chunk = g2.chunk = chunk;
-    phases.Run(stream, launcher, [&](int32_t source) {
+    phases.Run(stream, launcher, [&](int32_t source, int sms) {
       g1.only_source = g2.only_source = source;
-      LaunchPairRows("GEMM1", c, me, cuda::Major::kMN, g1, s.h, s.gemm_workspace, stream,
+      LaunchPairRows("GEMM1", c, me, sms, cuda::Major::kMN, g1, s.h, s.gemm_workspace, stream,
                      launcher);
-      LaunchPairRows("GEMM2", c, me, cuda::Major::kMN, g2, nullptr, s.gemm_workspace, stream,
-                     launcher);
+      LaunchPairRows("GEMM2", c, me, sms, cuda::Major::kMN, g2, nullptr, s.gemm_workspace,
+                     stream, launcher);
     });
     cuda::ScatterParams scatter = ScatterOver(c, s.list, chunk, s.rows);
     scatter.weighted = 1;
@@ -553,22 +557,22 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
                  launcher);
     for (cuda::GemmParams* g : {&h_gemm, &u_gemm, &dw_out_gemm, &dw_in_gemm, &dx_gemm})
       g->chunk = chunk;
-    phases.Run(stream, launcher, [&](int32_t source) {
+    phases.Run(stream, launcher, [&](int32_t source, int sms) {
       h_gemm.only_source = u_gemm.only_source = source;
-      LaunchPairRows("h = x @ w_in", c, me, cuda::Major::kMN, h_gemm, nullptr, s.gemm_workspace,
-                     stream, launcher);
-      LaunchPairRows("u = dy @ w_out^T", c, me, cuda::Major::kK, u_gemm, s.u, s.gemm_workspace,
-                     stream, launcher);
+      LaunchPairRows("h = x @ w_in", c, me, sms, cuda::Major::kMN, h_gemm, nullptr,
+                     s.gemm_workspace, stream, launcher);
+      LaunchPairRows("u = dy @ w_out^T", c, me, sms, cuda::Major::kK, u_gemm, s.u,
+                     s.gemm_workspace, stream, launcher);
     });
     for (ReductionPart part : dw_parts) {
       dw_out_gemm.part = dw_in_gemm.part = part;
-      LaunchGemm("dw_out", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream,
+      LaunchGemm("dw_out", c, c.num_sms, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream,
                  launcher);
-      LaunchGemm("dw_in", c, me, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream,
+      LaunchGemm("dw_in", c, c.num_sms, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream,
                  launcher);
     }
-    LaunchPairRows("dx = dh @ w_in^T", c, me, cuda::Major::kK, dx_gemm, nullptr, s.gemm_workspace,
-                   stream, launcher);
+    LaunchPairRows("dx = dh @ w_in^T", c, me, c.num_sms, cuda::Major::kK, dx_gemm, nullptr,
+                   s.gemm_workspace, stream, launcher);
     cuda::ScatterParams scatter = ScatterOver(c, s.list, chunk, s.rows);
     scatter.weighted = 0;  // w is in dh already
     scatter.dot_partial = s.dot_partial;

@@ -55,9 +55,11 @@ struct Call {
   // The M-tiles of the work list whose rows the scratch holds at a time (SizeChunks).
   int32_t chunk_tiles = 0;
   // The GPU runs the pair-row GEMMs as grouped GEMMs (DeviceState::grouped_gemms, 16-bit
-  // dtypes), on this many SMs.
+  // dtypes), on this many SMs; on `fetching_sms` of them while rows are being fetched beside
+  // them (num_sms less the call's fetch_sms attribute).
   bool grouped_gemms = false;
   int num_sms = 0;
+  int fetching_sms = 0;
   // Peers in other processes: this device's operands, copied into its region (where they read
   // them) ahead of the start barrier.
   struct Staged {

@@ -19,6 +19,7 @@
 // group, every path either enqueues both its barriers or stops that GPU for good (MarkBroken),
 // so the members' barrier counts never fall out of step silently.
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <mutex>
@@ -138,6 +139,8 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   call->own_experts = OwnExperts(attrs, call->d);
   call->grouped_gemms = (*state)->grouped_gemms && call->d.x_type != ffi::DataType::F32;
   call->num_sms = (*state)->num_sms;
+  // Python refuses fetch_sms >= the GPU's SMs when it traces the call; the GEMMs keep one anyway.
+  call->fetching_sms = std::max(1, call->num_sms - std::max(attrs.fetch_sms, 0));
   if (ffi::Error err = TakeScratch<Scratch, kCarve>(allocator, attrs.scratch_budget, call, scratch);
       err.failure()) {
     // Peers in other processes do not meet this device on the host: they count its barriers
