@@ -19,7 +19,11 @@ bandwidth, `row = H * bytes`, `flop = 2 * H * 3F` per routed row (gated FFN):
   (`rows_in`: the token-device pairs landing on the busiest device, the remote share over the
   link), source by source while the grouped GEMMs (at a stated share `fused_efficiency` of the
   GEMM rate) compute the rows already here: a two-stage pipeline over D sources, the own rows
-  first, so `max(GEMM, fetch + GEMM / D)`; then the scatter, one float32 row per (token,
+  first. While later sources' rows are still coming the GEMMs run on `sms - fetch_sms` SMs
+  (`jax_ccfuser.fetch_sms`), assumed enough for the fetch to read at the link's rate, and the
+  last source's on all of them: `max(GEMM (D-1)/D * sms / (sms - fetch_sms), fetch) + GEMM / D`.
+  With no SMs kept the fetch's blocks wait for the GEMMs' persistent grids, which hold every
+  SM: `GEMM + fetch`, nothing overlapped. Then the scatter, one float32 row per (token,
   device) out over the link, not overlapped; an end barrier; the sum of each token's
   `min(K, D)` float32 slots from HBM. Backward: the same pipeline fetches x and dy under the
   products that need them (h recomputed, u = dy w_out^T: one forward's worth), then dW_out,
@@ -53,6 +57,8 @@ class Node:
   link_latency_us: float    # one peer flag or small load: a barrier step
   collective_latency_us: float  # fixed cost of one all_to_all (launch and synchronisation)
   fused_efficiency: float = 1.0  # fused kernel's GEMM rate / R (gathered A-operand loads)
+  sms: int = 132            # SMs per GPU (H100 and H200 SXM)
+  fetch_sms: int = 16       # of them kept for the fetch (jax_ccfuser.fetch_sms's default)
   basis: str = "nominal"    # where the rates come from, for the README
 
   def __post_init__(self):
@@ -61,6 +67,8 @@ class Node:
       raise ValueError(f"node needs positive devices and rates: {self}")
     if min(self.link_latency_us, self.collective_latency_us) < 0:
       raise ValueError(f"latencies cannot be negative: {self}")
+    if not 0 <= self.fetch_sms < self.sms:
+      raise ValueError(f"fetch_sms must leave the GEMMs an SM: {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +102,7 @@ H200 = Node(name="8xH200 SXM (NVLink 4)", devices=8, gemm_tflops=800.0,
 # links), the same latencies.
 A100 = Node(name="8xA100 SXM (NVLink 3)", devices=8, gemm_tflops=312.0 * 800 / 989,
             hbm_gbps=2000.0, link_gbps=300.0 * 155 / 450, link_latency_us=1.0,
-            collective_latency_us=20.0,
+            collective_latency_us=20.0, sms=108,
             basis="nominal: A100 datasheet scaled by the H100's achieved/nominal ratios")
 
 # Layer shapes of public MoE models (hidden, expert FFN, experts, top-k).
@@ -156,6 +164,15 @@ def _rows_in(node: Node, layer: Layer) -> float:
   return tokens * (layer.skew + (1 - layer.skew) * share)
 
 
+def _pipelined_s(node: Node, gemm: float, fetched: float) -> float:
+  """The source phases: `gemm` seconds of GEMMs on all SMs, `fetched` seconds of peers' rows."""
+  if node.fetch_sms == 0:
+    return gemm + fetched
+  last = gemm / node.devices
+  beside_fetch = (gemm - last) * node.sms / (node.sms - node.fetch_sms)
+  return max(beside_fetch, fetched) + last
+
+
 def fused_ms(node: Node, layer: Layer, *, backward: bool = False) -> float:
   """Modelled layer time of the fused op as built (see the module docstring), in ms."""
   rows = _rows_hot(node, layer)
@@ -166,10 +183,9 @@ def fused_ms(node: Node, layer: Layer, *, backward: bool = False) -> float:
   barriers = 2 * node.link_latency_us * 1e-6
   partial_sums = (layer.tokens * min(layer.k, node.devices) * layer.hidden * 4
                   / (node.hbm_gbps * 1e9))
-  pipelined = lambda fetched: max(gemm, fetched + gemm / node.devices)
-  seconds = pipelined(fetch) + scatter + barriers + partial_sums
+  seconds = _pipelined_s(node, gemm, fetch) + scatter + barriers + partial_sums
   if backward:
-    seconds += (pipelined(2 * fetch) + gemm * (_BACKWARD_PRODUCTS - 3) / 3 + scatter + barriers
+    seconds += (_pipelined_s(node, gemm, 2 * fetch) + gemm * (_BACKWARD_PRODUCTS - 3) / 3 + scatter + barriers
                 + partial_sums)
   return 1e3 * seconds
 
@@ -179,8 +195,8 @@ def calibrate(node: Node, results_dir: pathlib.Path) -> Node:
 
   From the newest `gpu-*.json` (bench/gpu_check.py's results file) whose device names the
   node's GPU (e.g. "H200"): the dense roof's median forward rate over the benchmark's shapes
-  becomes the GEMM rate, and the fused op's median forward rate over the roof's the fused
-  efficiency. Link bandwidth and latencies stay as stated (one GPU measures no link). Without
+  becomes the GEMM rate, and the fused op's median forward rate over the roof's (with no SMs
+  kept for the fetch, `fused_fetch_sms0`, where the file has it) the fused efficiency. Link bandwidth and latencies stay as stated (one GPU measures no link). Without
   such a file the node is returned unchanged (nominal rates).
   """
   gpu = node.name.split("x", 1)[1].split()[0]  # "8xH100 SXM ..." -> "H100"
@@ -190,14 +206,17 @@ def calibrate(node: Node, results_dir: pathlib.Path) -> Node:
   path, doc = found
   rates = {}
   for config in doc["benchmark"]["configs"].values():
-    for impl in ("roof", "fused"):
+    for impl in ("roof", "fused", "fused_fetch_sms0"):
       tflops = config["impls"].get(impl, {}).get("fwd_tflops")
       if tflops:
         rates.setdefault(impl, []).append(tflops)
   if "roof" not in rates:
     return node
   roof = statistics.median(rates["roof"])
-  fused = statistics.median(rates["fused"]) / roof if "fused" in rates else 1.0
+  # The fused efficiency is the GEMMs' on every SM: the model splits the SMs itself, so the run
+  # that kept none for the fetch is the one to take where the file has it.
+  fused_impl = "fused_fetch_sms0" if "fused_fetch_sms0" in rates else "fused"
+  fused = statistics.median(rates[fused_impl]) / roof if fused_impl in rates else 1.0
   return dataclasses.replace(node, gemm_tflops=roof, fused_efficiency=min(fused, 1.0),
                              basis=f"calibrated on {path.name}")
 

@@ -299,14 +299,17 @@ def modeled_section(results_dir: pathlib.Path) -> str:
     lines.append(f"- {n.name}: GEMM {n.gemm_tflops:.0f} TFLOP/s, HBM {n.hbm_gbps:.0f} GB/s, "
                  f"peer link {n.link_gbps:.0f} GB/s per direction (achieved), "
                  f"{n.link_latency_us:g} us per barrier step, {n.collective_latency_us:g} us per "
-                 f"all_to_all, fused GEMM efficiency {n.fused_efficiency:.2f}; {rates}.")
+                 f"all_to_all, fused GEMM efficiency {n.fused_efficiency:.2f}, {n.sms} SMs of "
+                 f"which {n.fetch_sms} kept for the fetch; {rates}.")
   lines += [
       "- all_to_all: exact-size exchanges (dropless) or buffers padded to 1.25 T*K rows "
       "(drops under skew), no overlap of exchange and GEMM; permute and unpermute as HBM "
       "passes.",
       "- fused, as the CUDA path is built: the dispatch reads each (token, device) row once, "
-      "source by source under the grouped GEMMs of the rows already fetched (max(GEMM, fetch "
-      "+ GEMM / D)); then the scatter sends one float32 row per (token, device), not "
+      "source by source under the grouped GEMMs of the rows already fetched, which run on the "
+      "SMs not kept for the fetch until the last source's rows are in (max(GEMM (D-1)/D * "
+      "SMs / (SMs - fetch SMs), fetch) + GEMM / D; the kept SMs are assumed to read the link "
+      "at its rate); then the scatter sends one float32 row per (token, device), not "
       "overlapped; two barriers and the partial-sum pass; backward fetches x and dy under the "
       "h and u products and recomputes h (11/3 of the forward FLOPs for forward+backward "
       "against the baseline's 3).",

@@ -118,20 +118,27 @@ def test_model_hand_computed_example():
   assert model.all_to_all_ms(_NODE, _LAYER, backward=True) == pytest.approx(
       6.028 + 12.0 + 0.020 + 0.008)
   # Fused: each of the 2000 tokens has its one expert on a given device with chance 1/2, so
-  # 1000 rows come in, half remote: the fetch 10 us, under the GEMM (max(6, 0.010 + 6 / 2));
-  # the float32 scatter 20 us; partial sums 1000 * 1000 * 4 B over 1 TB/s = 4 us. Backward:
-  # x and dy under h and u (6 ms), dW_out, dW_in and dx (10 ms), the dx scatter and the sums.
-  assert model.fused_ms(_NODE, _LAYER) == pytest.approx(6.0 + 0.020 + 0.004)
+  # 1000 rows come in, half remote: the fetch 10 us, under the own rows' GEMM (3 ms on 116 of
+  # 132 SMs: 3.414 ms), then the peer's rows' GEMM on all SMs (3 ms); the float32 scatter
+  # 20 us; partial sums 1000 * 1000 * 4 B over 1 TB/s = 4 us. Backward: x and dy under h and u
+  # (6.414 ms), dW_out, dW_in and dx (10 ms), the dx scatter and the sums.
+  pipelined = 3.0 * 132 / 116 + 3.0
+  assert model.fused_ms(_NODE, _LAYER) == pytest.approx(pipelined + 0.020 + 0.004)
   assert model.fused_ms(_NODE, _LAYER, backward=True) == pytest.approx(
-      6.024 + 6.0 + 10.0 + 0.020 + 0.004)
-  # A link 1000 times slower: the fetch (10 ms) outlasts the GEMM, after the own rows' 3 ms.
+      pipelined + 0.024 + pipelined + 10.0 + 0.020 + 0.004)
+  # No SMs kept for the fetch: it waits for the GEMMs, 6 ms + 10 us.
+  unkept = dataclasses.replace(_NODE, fetch_sms=0)
+  assert model.fused_ms(unkept, _LAYER) == pytest.approx(6.0 + 0.010 + 0.020 + 0.004)
+  with pytest.raises(ValueError, match="fetch_sms must leave the GEMMs an SM"):
+    dataclasses.replace(_NODE, fetch_sms=132)
+  # A link 1000 times slower: the fetch (10 ms) outlasts the own rows' GEMM, then the last 3 ms.
   slow = dataclasses.replace(_NODE, link_gbps=0.1)
   assert model.fused_ms(slow, _LAYER) == pytest.approx(10.0 + 3.0 + 20.0 + 0.004)
   # Capacity 1.25: 1250 padded rows, 7.5 ms GEMM, 12.5 us per exchange, 10 us of permutes.
   assert model.all_to_all_ms(_NODE, _LAYER, capacity_factor=1.25) == pytest.approx(7.535)
   # Skew 1 on 2 devices: the hot device computes T*K + T*(D-1) = 2000 rows, all 2000 tokens'.
   hot = dataclasses.replace(_LAYER, skew=1.0)
-  assert model.fused_ms(_NODE, hot) == pytest.approx(12.0 + 0.040 + 0.004)
+  assert model.fused_ms(_NODE, hot) == pytest.approx(2 * pipelined + 0.040 + 0.004)
 
 
 def test_model_reads_a_token_once_per_device():
@@ -168,11 +175,13 @@ def test_model_is_monotone(node, layer):
   assert all(t > 0 for t in base)
 
 
-def _gpu_results(path, *, device, date, roof, fused, dry_run=False):
+def _gpu_results(path, *, device, date, roof, fused, dry_run=False, fused_fetch_sms0=None):
   """A results file in bench/gpu_check.py's shape; its rates are test inputs, not figures."""
   config = {"config": {"tokens": 8, "hidden": 4, "ffn": 4, "experts": 8, "k": 2},
             "impls": {"roof": {"fwd_tflops": roof}, "fused": {"fwd_tflops": fused},
                       "ragged_dot": {"error": "XlaRuntimeError: RESOURCE_EXHAUSTED"}}}
+  if fused_fetch_sms0 is not None:
+    config["impls"]["fused_fetch_sms0"] = {"fwd_tflops": fused_fetch_sms0}
   path.write_text(json.dumps({"device": device, "date": date, "dry_run": dry_run,
                               "benchmark": {"device": device, "configs": {"a": config}}}))
 
@@ -190,6 +199,10 @@ def test_model_calibrates_on_the_newest_gpu_results_file(tmp_path):
   assert h200.basis == "calibrated on gpu-2026-12-02-bbb.json"
   assert h200.link_gbps == model.H200.link_gbps  # one GPU measures no link
   assert model.calibrate(model.H100, tmp_path) == model.H100  # no H100 results
+  # The GEMMs' efficiency on every SM, where the file times fused with none kept for the fetch.
+  _gpu_results(tmp_path / "gpu-2026-12-04-ddd.json", device="NVIDIA H200",
+               date="2026-12-04T10:00:00+00:00", roof=400.0, fused=200.0, fused_fetch_sms0=240.0)
+  assert model.calibrate(model.H200, tmp_path).fused_efficiency == pytest.approx(0.6)
 
 def test_report_renders_the_newest_gpu_results_file(tmp_path):
   assert "No GPU results file yet" in report.gpu_section(tmp_path)
