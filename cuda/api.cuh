@@ -310,6 +310,9 @@ struct FetchParams {
   int64_t row_bytes;                // H * the element size; a multiple of 4
   const void* sources[kMaxPeers];   // each source's [num_tokens, H] rows (x, or dy)
   void* rows;                       // [chunk rows, H] by scratch row
+  // > 0: the launch holds at most this many SMs, a block each for the whole fetch, and leaves
+  // the others to the GEMMs running beside it (Call::fetching_sms); 0: a warp per token.
+  int32_t max_sms;
 };
 
 // rows[row - row_begin] = the source's row of the pair at scratch row `row`, for every pair

@@ -1,10 +1,11 @@
 // The dispatch: every row a device needs from its sources (x, or dy in the backward), read once
 // over the link into a local buffer in work-list order, so the GEMMs read plain local rows.
 //
-// One warp per (source, token). A token with several pairs in the chunk (K > 1 experts of this
-// device) is read once and written to each of its pairs' scratch rows; a token with none costs
-// a few loads of its pair codes. Each lane keeps kBatch 16-byte loads in flight before it stores
+// One warp per (source, token) at a time. A token with several pairs in the chunk (K > 1 experts
+// of this device) is read once and written to each of its pairs' scratch rows; a token with none
+// costs a few loads of its pair codes. Each lane keeps kBatch 16-byte loads in flight before it stores
 // them, since a peer's load waits on the link.
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/api.cuh"
@@ -13,13 +14,10 @@
 
 namespace ccf::cuda {
 
+// The (source, token) row `g` = source * T + token, by one warp.
 template <class Vector>
-__global__ void __launch_bounds__(kTokenThreads)
-    fetch_rows(const __grid_constant__ FetchParams p) {
+__device__ void fetch_row(const FetchParams& p, int32_t g, int32_t lane) {
   constexpr int kBatch = 4;
-  const int32_t lane = threadIdx.x % 32;
-  const int32_t g = p.first_source * p.pairs.num_tokens + warp_token();  // source * T + token
-  if (g >= p.end_source * p.pairs.num_tokens) return;  // warp-uniform
   const int64_t first = static_cast<int64_t>(g) * p.pairs.top_k;  // the token's first pair
   bool here = false;
   for (int32_t k = lane; k < p.pairs.top_k; k += 32) here |= in_chunk(p.pairs, first + k);
@@ -49,17 +47,39 @@ __global__ void __launch_bounds__(kTokenThreads)
   }
 }
 
+// Each warp takes the rows g, g + every warp of the grid, ...: a grid of a warp per token, or
+// (FetchParams::max_sms) one of a few whole-SM blocks that stay for the launch.
+template <class Vector, int kThreads>
+__global__ void __launch_bounds__(kThreads) fetch_rows(const __grid_constant__ FetchParams p) {
+  constexpr int32_t kWarps = kThreads / 32;
+  const int32_t end = p.end_source * p.pairs.num_tokens;
+  const int32_t stride = static_cast<int32_t>(gridDim.x) * kWarps;
+  for (int32_t g = p.first_source * p.pairs.num_tokens + blockIdx.x * kWarps + threadIdx.x / 32;
+       g < end; g += stride)  // warp-uniform
+    fetch_row<Vector>(p, g, threadIdx.x % 32);
+}
+
 namespace {
 
 bool aligned_to(const void* p, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
 }
 
+// Threads of a block that holds an SM for the fetch: as many warps as it keeps busy reading.
+constexpr int kSmFetchThreads = 1024;
+
 template <class Vector>
 cudaError_t launch_fetch(const FetchParams& p, cudaStream_t stream) {
   const int64_t tokens = static_cast<int64_t>(p.end_source - p.first_source) * p.pairs.num_tokens;
   if (tokens == 0) return cudaSuccess;
-  fetch_rows<Vector><<<token_blocks(tokens), kTokenThreads, 0, stream>>>(p);
+  if (p.max_sms > 0) {
+    const int64_t blocks = (tokens + kSmFetchThreads / 32 - 1) / (kSmFetchThreads / 32);
+    fetch_rows<Vector, kSmFetchThreads>
+        <<<static_cast<int>(std::min<int64_t>(blocks, p.max_sms)), kSmFetchThreads, 0, stream>>>(
+            p);
+  } else {
+    fetch_rows<Vector, kTokenThreads><<<token_blocks(tokens), kTokenThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
@@ -69,7 +89,7 @@ cudaError_t fetch_rows(const FetchParams& params, cudaStream_t stream) {
   CCF_HOST_ASSERT(params.pairs.num_sources > 0 && params.pairs.num_sources <= kMaxPeers);
   CCF_HOST_ASSERT(0 <= params.first_source && params.first_source <= params.end_source &&
                   params.end_source <= params.pairs.num_sources);
-  CCF_HOST_ASSERT(params.row_bytes > 0 && params.row_bytes % 4 == 0);
+  CCF_HOST_ASSERT(params.row_bytes > 0 && params.row_bytes % 4 == 0 && params.max_sms >= 0);
   // 16-byte vectors where every row starts on one (bf16/f16 always: H % 8 == 0 and the handler
   // checks the buffers' alignment), else 4-byte words (float32 with H % 4 != 0).
   bool wide = params.row_bytes % 16 == 0 && aligned_to(params.rows, 16);

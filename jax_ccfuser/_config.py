@@ -151,8 +151,8 @@ def fetch_sms(count: int):
   A GPU fetches the rows its peers send it source by source, on a stream of its own, while its
   GEMMs work through the rows already there. The GEMMs run persistent grids that take every SM
   they are given, so the fetch would otherwise wait for SMs until a GEMM ends; with `count` > 0
-  the GEMMs of those phases run on all but `count` SMs, and on all of them once the last rows
-  are in. Results are bitwise the same for every count; 0 runs every GEMM on every SM. CPU
+  the peers' rows are fetched by `count` blocks that hold an SM each, and the GEMMs of those
+  phases run on the other SMs, on all of them once the last rows are in. Results are bitwise the same for every count; 0 runs every GEMM on every SM. CPU
   calls ignore it. Fixed when a call is traced, like `peer_timeout`. The process-wide default
   is 16 or the environment variable `JAX_CCFUSER_FETCH_SMS`.
 

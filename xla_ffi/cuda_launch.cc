@@ -181,10 +181,12 @@ cuda::TokenPairs PairsOf(const Call& c, const cuda::WorkList& list, cuda::Chunk 
           static_cast<int32_t>(c.d.k), chunk.first_row(TileM(c)), chunk.end_row(TileM(c))};
 }
 
+// `max_sms` > 0: the fetch keeps to that many SMs (cuda::FetchParams::max_sms).
 void FetchRows(const Call& c, const cuda::WorkList& list, cuda::Chunk chunk,
-               const Fetched& operand, int first, int end, cudaStream_t stream,
+               const Fetched& operand, int first, int end, int max_sms, cudaStream_t stream,
                Launcher& launcher) {
   cuda::FetchParams p{};
+  p.max_sms = max_sms;
   p.pairs = PairsOf(c, list, chunk);
   p.first_source = first;
   p.end_source = end;
@@ -225,7 +227,7 @@ class SourcePhases {
              cuda::Chunk chunk, cudaStream_t stream, Launcher& launcher) const {
     if (!pipelined_) {
       for (const Fetched& op : operands)
-        FetchRows(c_, list, chunk, op, 0, devices_, stream, launcher);
+        FetchRows(c_, list, chunk, op, 0, devices_, 0, stream, launcher);
       return;
     }
     // Always: the side stream must join XLA's again even after a failed launch.
@@ -233,15 +235,18 @@ class SourcePhases {
                     [&] { return cudaEventRecord(me_.fetched[0], stream); });
     launcher.Always("forking the fetch stream",
                     [&] { return cudaStreamWaitEvent(me_.side, me_.fetched[0], 0); });
+    // On the SMs the GEMMs beside it leave free, if any (Run); without, the fetch's blocks
+    // take SMs as the GEMMs' grids leave them.
+    const int fetch_sms = c_.num_sms - c_.fetching_sms;
     for (int phase = 1; phase < devices_; ++phase) {
       const int32_t src = source(phase);
       for (const Fetched& op : operands)
-        FetchRows(c_, list, chunk, op, src, src + 1, me_.side, launcher);
+        FetchRows(c_, list, chunk, op, src, src + 1, fetch_sms, me_.side, launcher);
       launcher.Always("recording a peer's fetched rows",
                       [&] { return cudaEventRecord(me_.fetched[phase], me_.side); });
     }
     for (const Fetched& op : operands)
-      FetchRows(c_, list, chunk, op, first_, first_ + 1, stream, launcher);
+      FetchRows(c_, list, chunk, op, first_, first_ + 1, 0, stream, launcher);
   }
 
   // Runs `launch(only_source, sms)` for each phase on `stream`, once that phase's rows are in:
