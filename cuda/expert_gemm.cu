@@ -197,7 +197,7 @@ __device__ bool reduction_range(const GemmParams& p, GemmTile& t) {
   }
   if (p.part == ReductionPart::kContinued && !t.load_carry) return false;
   if (p.part == ReductionPart::kBegun && t.load_carry) return false;
-  t.row_begin = (tiles_begin - first) * kTileM + k_first;
+  t.row_begin = tiles_begin * kTileM - p.chunk.first_row(kTileM) + k_first;
   t.k_extent = static_cast<int32_t>(k_end - k_first);
   return true;
 }
@@ -214,7 +214,7 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
     t.expert = p.group_expert[lo];
     t.pair_begin = p.group_begin[lo];
     t.m0 = (m_tile - p.tile_offset[lo]) * kTileM;
-    t.row_begin = (p.tile_offset[lo] - p.chunk.first_tile()) * kTileM;
+    t.row_begin = static_cast<int64_t>(p.tile_offset[lo]) * kTileM - p.chunk.first_row(kTileM);
     t.m_extent = p.group_end[lo] - t.pair_begin;
     t.k_extent = p.k;
     t.load_carry = t.store_carry = false;

@@ -217,6 +217,9 @@ def fail_fast(mesh, case):
       time.sleep(0.2)  # back a moment later: within half a timeout of the others' timeout
     again = step(*args, everyone)
     out["again_equal"] = local(again) == first
+    # Every device is done with that call before the queue starts: a peer still leaving its
+    # last barrier when a queued call begins to wait has been heard from, so is not yet gone.
+    client.wait_at_barrier("fail_fast/again", 60_000)
     if PROCESS != NUM_PROCESSES - 1:
       start = time.monotonic()
       queued = [step(*args, everyone) for _ in range(10)]
