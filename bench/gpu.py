@@ -54,7 +54,8 @@ _KINDS = {"fwd": "forward", "fwd_bwd": "forward_backward"}
 NOTES = {
     "fused": "fused_moe_emulated: D emulated peers on one GPU (peer reads are local here)",
     "fused_fetch_sms0": "fused under jax_ccfuser.fetch_sms(0): the GEMMs keep no SMs free for "
-                        "the fetch of later sources' rows (fused keeps the default, 16)",
+                        "the fetch of later sources' rows (fused keeps the default, one SM in "
+                        "eight)",
     "ragged_dot": "sort + jax.lax.ragged_dot + unsort over all experts on one GPU",
     "tokamax": "sort + tokamax.ragged_dot + unsort over all experts on one GPU (tokamax "
                "picks its implementation: Mosaic GPU on Hopper where it can)",

@@ -58,7 +58,7 @@ class Node:
   collective_latency_us: float  # fixed cost of one all_to_all (launch and synchronisation)
   fused_efficiency: float = 1.0  # fused kernel's GEMM rate / R (gathered A-operand loads)
   sms: int = 132            # SMs per GPU (H100 and H200 SXM)
-  fetch_sms: int = 16       # of them kept for the fetch (jax_ccfuser.fetch_sms's default)
+  fetch_sms: int = 16       # of them kept for the fetch (jax_ccfuser.fetch_sms's default: 1/8)
   basis: str = "nominal"    # where the rates come from, for the README
 
   def __post_init__(self):
@@ -102,7 +102,7 @@ H200 = Node(name="8xH200 SXM (NVLink 4)", devices=8, gemm_tflops=800.0,
 # links), the same latencies.
 A100 = Node(name="8xA100 SXM (NVLink 3)", devices=8, gemm_tflops=312.0 * 800 / 989,
             hbm_gbps=2000.0, link_gbps=300.0 * 155 / 450, link_latency_us=1.0,
-            collective_latency_us=20.0, sms=108,
+            collective_latency_us=20.0, sms=108, fetch_sms=108 // 8,
             basis="nominal: A100 datasheet scaled by the H100's achieved/nominal ratios")
 
 # Layer shapes of public MoE models (hidden, expert FFN, experts, top-k).
@@ -185,8 +185,8 @@ def fused_ms(node: Node, layer: Layer, *, backward: bool = False) -> float:
                   / (node.hbm_gbps * 1e9))
   seconds = _pipelined_s(node, gemm, fetch) + scatter + barriers + partial_sums
   if backward:
-    seconds += (_pipelined_s(node, gemm, 2 * fetch) + gemm * (_BACKWARD_PRODUCTS - 3) / 3 + scatter + barriers
-                + partial_sums)
+    seconds += (_pipelined_s(node, gemm, 2 * fetch) + gemm * (_BACKWARD_PRODUCTS - 3) / 3
+                + scatter + barriers + partial_sums)
   return 1e3 * seconds
 
 
@@ -196,8 +196,9 @@ def calibrate(node: Node, results_dir: pathlib.Path) -> Node:
   From the newest `gpu-*.json` (bench/gpu_check.py's results file) whose device names the
   node's GPU (e.g. "H200"): the dense roof's median forward rate over the benchmark's shapes
   becomes the GEMM rate, and the fused op's median forward rate over the roof's (with no SMs
-  kept for the fetch, `fused_fetch_sms0`, where the file has it) the fused efficiency. Link bandwidth and latencies stay as stated (one GPU measures no link). Without
-  such a file the node is returned unchanged (nominal rates).
+  kept for the fetch, `fused_fetch_sms0`, where the file has it) the fused efficiency. Link
+  bandwidth and latencies stay as stated (one GPU measures no link). Without such a file the
+  node is returned unchanged (nominal rates).
   """
   gpu = node.name.split("x", 1)[1].split()[0]  # "8xH100 SXM ..." -> "H100"
   found = records.newest_gpu_results(results_dir, device=gpu)

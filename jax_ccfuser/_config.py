@@ -10,14 +10,15 @@ import threading
 # 2F=1536: 192 MiB) fit, a DeepSeek-V3 or Mixtral-sized one's (512 / 896 MiB) do not.
 # The scratch budget: a Qwen3-30B-A3B-sized backward (T=4096, K=8 per device) holds its mean
 # load in one chunk; a DeepSeek-V3 or Mixtral-sized one takes two or more.
-# The fetch's SMs: about what reading NVLink at its rate takes with 16-byte loads, 4 in flight
-# per lane (bytes in flight ~ bandwidth x latency); a first choice, which bench/gpu.py measures
-# against 0.
+# The fetch's SMs: one in eight (16 of an H100's 132), about what reading NVLink at its rate
+# takes with 16-byte loads, 4 in flight per lane (bytes in flight ~ bandwidth x latency), and
+# few enough on a small GPU; a first choice, which bench/gpu.py measures against 0.
+AUTO_FETCH_SMS = -1  # the call attribute's "one SM in eight of the GPU's", which the handler knows
 _DEFAULTS = {"seconds": float(os.environ.get("JAX_CCFUSER_PEER_TIMEOUT", "300")),
              "transport": os.environ.get("JAX_CCFUSER_TRANSPORT", "auto"),
              "residual_bytes": int(os.environ.get("JAX_CCFUSER_RESIDUAL_BUDGET", str(256 << 20))),
              "scratch_bytes": int(os.environ.get("JAX_CCFUSER_SCRATCH_BUDGET", str(2 << 30))),
-             "fetch_sms": int(os.environ.get("JAX_CCFUSER_FETCH_SMS", "16"))}
+             "fetch_sms": int(os.environ.get("JAX_CCFUSER_FETCH_SMS", str(AUTO_FETCH_SMS)))}
 TRANSPORTS = ("auto", "shared_memory", "collectives")
 _state = threading.local()
 
@@ -141,25 +142,28 @@ def scratch_budget(nbytes: int):
 
 
 def fetch_sms_in_force() -> int:
-  """The SMs kept for the fetch by GPU calls traced now."""
+  """The SMs kept for the fetch by GPU calls traced now; `AUTO_FETCH_SMS` for the default."""
   return _current("fetch_sms")
 
 
-def fetch_sms(count: int):
+def fetch_sms(count: int | None):
   """Sets how many SMs a GPU's GEMMs leave free while peers' rows are still being fetched.
 
   A GPU fetches the rows its peers send it source by source, on a stream of its own, while its
   GEMMs work through the rows already there. The GEMMs run persistent grids that take every SM
   they are given, so the fetch would otherwise wait for SMs until a GEMM ends; with `count` > 0
   the peers' rows are fetched by `count` blocks that hold an SM each, and the GEMMs of those
-  phases run on the other SMs, on all of them once the last rows are in. Results are bitwise the same for every count; 0 runs every GEMM on every SM. CPU
-  calls ignore it. Fixed when a call is traced, like `peer_timeout`. The process-wide default
-  is 16 or the environment variable `JAX_CCFUSER_FETCH_SMS`.
+  phases run on the other SMs, on all of them once the last rows are in. 0 runs every GEMM on
+  every SM; None (the default) keeps one SM in eight, 16 of an H100's 132. Results are bitwise
+  the same for every count. CPU calls ignore it. Fixed when a call is traced, like
+  `peer_timeout`. The environment variable `JAX_CCFUSER_FETCH_SMS` sets a process-wide count.
 
   Examples:
     >>> with jax_ccfuser.fetch_sms(0):
     ...   y = jax.jit(step)(x)
   """
+  if count is None:
+    return _setting("fetch_sms", AUTO_FETCH_SMS)
   if not count >= 0 or count != int(count):
-    raise ValueError(f"fetch_sms must be a whole number >= 0, got {count!r}")
+    raise ValueError(f"fetch_sms must be a whole number >= 0 or None, got {count!r}")
   return _setting("fetch_sms", int(count))

@@ -51,7 +51,7 @@ class _Static(NamedTuple):
   plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
   kept_rows: int = 0  # C: rows of h each device keeps for the backward; 0 recomputes them all
   scratch_budget: int = 0  # bytes of GPU scratch per call (jax_ccfuser.scratch_budget)
-  fetch_sms: int = 0  # SMs the GEMMs leave to the fetch (jax_ccfuser.fetch_sms)
+  fetch_sms: int = 0  # SMs the GEMMs leave to the fetch (jax_ccfuser.fetch_sms; -1: auto)
 
 
 class _CallAttrs(NamedTuple):
@@ -116,7 +116,7 @@ def _call_attrs(static: _Static, backward: bool, region) -> _CallAttrs:
 def _traced_settings() -> dict:
   """The `_Static` fields that `jax_ccfuser`'s settings in force now fix into a call traced now."""
   fetch = fetch_sms_in_force()
-  if _topology.platform() == "gpu":
+  if fetch >= 0 and _topology.platform() == "gpu":
     sms = getattr(jax.local_devices()[0], "core_count", None)
     if sms is not None and fetch >= sms:
       raise ValueError(f"jax_ccfuser.fetch_sms({fetch}) leaves none of this GPU's {sms} SMs to "

@@ -216,8 +216,8 @@ def _sms() -> int | None:
 
 @pytest.mark.parametrize("case", [_CHUNKED[0][1], _CHUNKED[1][1]], ids=["D8", "D2"])
 def test_fetch_sms_leave_results_bitwise_alike(case):
-  """The GEMMs' SMs while rows are fetched beside them (none kept for the fetch, the default,
-  all but one) change where tiles run, never what they sum."""
+  """The GEMMs' SMs while rows are fetched beside them (none kept for the fetch, the default one
+  in eight, all but one) change where tiles run, never what they sum."""
   args = _args(case)
   default = jax.tree.map(np.asarray, _emulated_step(case.devices)(*args))
   _check(default, args, case.activation, case.dtype)

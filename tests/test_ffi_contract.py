@@ -78,15 +78,18 @@ def test_scratch_budget_is_fixed_at_trace_time():
 
 def test_fetch_sms_are_fixed_at_trace_time():
   static = _static_traced_now
-  assert static().fetch_sms == 16
+  auto = ccf._config.AUTO_FETCH_SMS  # the handler's one SM in eight
+  assert static().fetch_sms == auto == -1
   with ccf.fetch_sms(0):
     assert static().fetch_sms == 0
     with ccf.fetch_sms(24):
       assert static().fetch_sms == 24
+      with ccf.fetch_sms(None):
+        assert static().fetch_sms == auto
     assert static().fetch_sms == 0
-  assert static().fetch_sms == 16
+  assert static().fetch_sms == auto
   for bad in (-1, 0.5, float("nan")):
-    with pytest.raises(ValueError, match="fetch_sms must be a whole number >= 0"):
+    with pytest.raises(ValueError, match="fetch_sms must be a whole number >= 0 or None"):
       ccf.fetch_sms(bad)
 
 
@@ -97,6 +100,7 @@ def test_fetch_sms_must_leave_a_gpu_an_sm(monkeypatch):
   monkeypatch.setattr(_fused.jax, "local_devices", lambda: [gpu])
   with ccf.fetch_sms(131):
     assert _static_traced_now().fetch_sms == 131
+  assert _static_traced_now().fetch_sms == ccf._config.AUTO_FETCH_SMS  # the handler's choice
   with ccf.fetch_sms(132), pytest.raises(ValueError, match=r"fetch_sms\(132\) leaves none of "
                                                            r"this GPU's 132 SMs"):
     _static_traced_now()

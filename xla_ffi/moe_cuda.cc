@@ -139,8 +139,10 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   call->own_experts = OwnExperts(attrs, call->d);
   call->grouped_gemms = (*state)->grouped_gemms && call->d.x_type != ffi::DataType::F32;
   call->num_sms = (*state)->num_sms;
-  // Python refuses fetch_sms >= the GPU's SMs when it traces the call; the GEMMs keep one anyway.
-  call->fetching_sms = std::max(1, call->num_sms - std::max(attrs.fetch_sms, 0));
+  // fetch_sms < 0: the default, one SM in eight. Python refuses counts >= the GPU's SMs when it
+  // traces the call; the GEMMs keep one anyway.
+  const int fetch_sms = attrs.fetch_sms < 0 ? call->num_sms / 8 : attrs.fetch_sms;
+  call->fetching_sms = std::max(1, call->num_sms - fetch_sms);
   if (ffi::Error err = TakeScratch<Scratch, kCarve>(allocator, attrs.scratch_budget, call, scratch);
       err.failure()) {
     // Peers in other processes do not meet this device on the host: they count its barriers
