@@ -3,8 +3,8 @@
 //
 // One warp per (source, token) at a time. A token with several pairs in the chunk (K > 1 experts
 // of this device) is read once and written to each of its pairs' scratch rows; a token with none
-// costs a few loads of its pair codes. Each lane keeps kBatch 16-byte loads in flight before it stores
-// them, since a peer's load waits on the link.
+// costs a few loads of its pair codes. Each lane keeps kBatch 16-byte loads in flight before it
+// stores them, since a peer's load waits on the link.
 #include <algorithm>
 #include <cstdint>
 
@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(kThreads) fetch_rows(const __grid_constant__ F
   constexpr int32_t kWarps = kThreads / 32;
   const int32_t end = p.end_source * p.pairs.num_tokens;
   const int32_t stride = static_cast<int32_t>(gridDim.x) * kWarps;
-  for (int32_t g = p.first_source * p.pairs.num_tokens + blockIdx.x * kWarps + threadIdx.x / 32;
-       g < end; g += stride)  // warp-uniform
+  for (int32_t g = p.first_source * p.pairs.num_tokens + warp_token<kWarps>(); g < end;
+       g += stride)  // warp-uniform
     fetch_row<Vector>(p, g, threadIdx.x % 32);
 }
 
@@ -73,10 +73,8 @@ cudaError_t launch_fetch(const FetchParams& p, cudaStream_t stream) {
   const int64_t tokens = static_cast<int64_t>(p.end_source - p.first_source) * p.pairs.num_tokens;
   if (tokens == 0) return cudaSuccess;
   if (p.max_sms > 0) {
-    const int64_t blocks = (tokens + kSmFetchThreads / 32 - 1) / (kSmFetchThreads / 32);
-    fetch_rows<Vector, kSmFetchThreads>
-        <<<static_cast<int>(std::min<int64_t>(blocks, p.max_sms)), kSmFetchThreads, 0, stream>>>(
-            p);
+    const int blocks = std::min(token_blocks(tokens, kSmFetchThreads / 32), p.max_sms);
+    fetch_rows<Vector, kSmFetchThreads><<<blocks, kSmFetchThreads, 0, stream>>>(p);
   } else {
     fetch_rows<Vector, kTokenThreads><<<token_blocks(tokens), kTokenThreads, 0, stream>>>(p);
   }

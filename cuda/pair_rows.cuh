@@ -23,21 +23,23 @@ __device__ __forceinline__ int32_t group_of_tile(const GemmParams& p, int64_t ti
   return lo;
 }
 
-// The list position past the pairs that keep their h in group `group`'s device part: a
-// device's kept pairs are the first `kept_rows` of its part of the list. Only with `p.kept`,
-// which is never set with a plan (a group is then the list's expert, not a device's).
+// Where group `group`'s device's part of the list begins: the first `kept_rows` pairs from
+// there keep their h. Only with `p.kept`, which is never set with a plan (a group is then the
+// list's expert, not a device's).
+__device__ __forceinline__ int64_t device_part_begin(const GemmParams& p, int32_t group) {
+  return p.group_begin[group / p.experts_per_device * p.experts_per_device];
+}
+
+// The list position past the kept pairs of group `group`'s device.
 __device__ __forceinline__ int64_t kept_end(const GemmParams& p, int32_t group) {
-  const int32_t device = group / p.experts_per_device;
-  return p.group_begin[device * p.experts_per_device] + p.kept_rows;
+  return device_part_begin(p, group) + p.kept_rows;
 }
 
 // The row of `p.kept` where pair `pos` of group `group` keeps its h, or -1 when it keeps none.
 __device__ __forceinline__ int64_t kept_index(const GemmParams& p, int32_t group, int64_t pos) {
   if (p.kept == nullptr) return -1;
-  const int64_t end = kept_end(p, group);
-  if (pos >= end) return -1;
-  const int64_t index = p.kept_rows - (end - pos);  // among the device's kept rows
-  return group / p.experts_per_device * p.kept_rows + index;
+  const int64_t index = pos - device_part_begin(p, group);
+  return index < p.kept_rows ? group / p.experts_per_device * p.kept_rows + index : -1;
 }
 
 // GEMM1: a = act(h) (gated: act(gate) * up, gate column j and up column n_split + j of h) into

@@ -8,8 +8,10 @@
 
 namespace ccf::cuda {
 
+// The warp's index in the grid: its token in a grid of a warp per token.
+template <int kWarps = kTokenWarps>
 __device__ __forceinline__ int32_t warp_token() {
-  return blockIdx.x * kTokenWarps + threadIdx.x / 32;
+  return blockIdx.x * kWarps + threadIdx.x / 32;
 }
 
 // Whether pair i of the TokenPairs is computed here and its row is in the chunk.
@@ -19,8 +21,9 @@ __device__ __forceinline__ bool in_chunk(const TokenPairs& pairs, int64_t i) {
   return row >= pairs.row_begin && row < pairs.row_end;
 }
 
-inline int token_blocks(int64_t num_tokens) {
-  return static_cast<int>((num_tokens + kTokenWarps - 1) / kTokenWarps);
+// Blocks of `warps` warps for a warp per token.
+inline int token_blocks(int64_t num_tokens, int warps = kTokenWarps) {
+  return static_cast<int>((num_tokens + warps - 1) / warps);
 }
 
 }  // namespace ccf::cuda
