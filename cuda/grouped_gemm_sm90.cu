@@ -7,9 +7,7 @@
 //
 // The kernels run from the sm_90a part of the build only (grouped_gemms_available).
 #include <algorithm>
-#include <mutex>
 #include <type_traits>
-#include <unordered_set>
 
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
@@ -22,6 +20,7 @@
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/pair_rows.cuh"
+#include "cuda/shared_memory_limit.cuh"
 
 namespace ccf::cuda {
 namespace {
@@ -186,24 +185,6 @@ int64_t workspace_bytes(int32_t groups, int num_sms) {
          static_cast<int64_t>(G::Gemm::get_workspace_size(arguments<G>(none, groups, 0, num_sms)));
 }
 
-// The kernel's dynamic shared memory limit, raised once per device (the current one, which the
-// attribute applies to): it stays with the device's context, and setting it at every launch
-// ((D + 1) * 2 per chunk) would cost a driver call each time, as the adapter's initialize() does.
-template <class Kernel>
-cudaError_t allow_shared_memory() {
-  static std::mutex mu;
-  static std::unordered_set<int> done;
-  int device;
-  CCF_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
-  const std::lock_guard<std::mutex> lock(mu);
-  if (done.count(device) != 0) return cudaSuccess;
-  CCF_CUDA_RETURN_IF_ERROR(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                Kernel::SharedStorageSize));
-  done.insert(device);
-  return cudaSuccess;
-}
-
 template <class T, Major kBMajor>
 cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
                 cudaStream_t stream) {
@@ -213,7 +194,8 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
   CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const auto args = arguments<G>(w, p.num_groups, device, num_sms);
   if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  CCF_CUDA_RETURN_IF_ERROR(allow_shared_memory<typename G::Kernel>());
+  const auto* kernel = reinterpret_cast<const void*>(cutlass::device_kernel<typename G::Kernel>);
+  CCF_CUDA_RETURN_IF_ERROR(allow_shared_memory(kernel, G::Kernel::SharedStorageSize));
   if (G::Kernel::initialize_workspace(args, w.kernel_workspace, stream) !=
       cutlass::Status::kSuccess)
     return cudaErrorUnknown;
