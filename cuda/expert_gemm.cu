@@ -27,7 +27,7 @@
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/pair_rows.cuh"
-#include "cuda/shared_memory_limit.cuh"
+#include "cuda/kernel_residency.cuh"
 
 namespace ccf::cuda {
 namespace {
@@ -589,10 +589,9 @@ cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
   CCF_HOST_ASSERT(p.epilogue != Epilogue::kActivationBackward ||
                   p.num_partials == (p.n + Config::kTileN - 1) / Config::kTileN);
   auto* kernel = &expert_gemm<Config>;
-  CCF_CUDA_RETURN_IF_ERROR(allow_shared_memory(reinterpret_cast<const void*>(kernel), kSmemBytes));
   int per_sm = 0;
-  CCF_CUDA_RETURN_IF_ERROR(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, kernel, Config::kThreads, kSmemBytes));
+  CCF_CUDA_RETURN_IF_ERROR(ready_kernel(reinterpret_cast<const void*>(kernel), Config::kThreads,
+                                        kSmemBytes, &per_sm));
   CCF_HOST_ASSERT(per_sm > 0);
   int64_t grid = static_cast<int64_t>(num_sms) * per_sm;
   if (p.shape == GemmShape::kPairReduction) {

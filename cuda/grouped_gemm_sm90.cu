@@ -20,7 +20,7 @@
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/pair_rows.cuh"
-#include "cuda/shared_memory_limit.cuh"
+#include "cuda/kernel_residency.cuh"
 
 namespace ccf::cuda {
 namespace {
@@ -195,7 +195,10 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
   const auto args = arguments<G>(w, p.num_groups, device, num_sms);
   if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   const auto* kernel = reinterpret_cast<const void*>(cutlass::device_kernel<typename G::Kernel>);
-  CCF_CUDA_RETURN_IF_ERROR(allow_shared_memory(kernel, G::Kernel::SharedStorageSize));
+  int per_sm = 0;
+  CCF_CUDA_RETURN_IF_ERROR(ready_kernel(kernel, G::Kernel::MaxThreadsPerBlock,
+                                        G::Kernel::SharedStorageSize, &per_sm));
+  CCF_HOST_ASSERT(per_sm > 0);
   if (G::Kernel::initialize_workspace(args, w.kernel_workspace, stream) !=
       cutlass::Status::kSuccess)
     return cudaErrorUnknown;
