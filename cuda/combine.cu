@@ -23,9 +23,11 @@ __global__ void __launch_bounds__(kTokenThreads)
   const int32_t lane = threadIdx.x % 32;
   const int32_t g = warp_token();  // source * num_tokens + token
   const int32_t source = g / p.pairs.num_tokens;
-  const bool gave_up =
-      g < p.pairs.num_sources * p.pairs.num_tokens && p.flags != nullptr &&
-      *static_cast<const volatile uint64_t*>(p.flags + source) == kAbortFlag;
+  // One answer for the warp: a peer's abort may land while its lanes read the flag, and the
+  // warp's collectives below need all 32 lanes.
+  const bool gave_up = __any_sync(
+      0xffffffffu, g < p.pairs.num_sources * p.pairs.num_tokens && p.flags != nullptr &&
+                       *static_cast<const volatile uint64_t*>(p.flags + source) == kAbortFlag);
   if (g < p.pairs.num_sources * p.pairs.num_tokens && !gave_up) {
     const int32_t token = g - source * p.pairs.num_tokens;
     const int64_t first = static_cast<int64_t>(g) * p.pairs.top_k;  // the token's first pair

@@ -26,8 +26,8 @@
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
-#include "cuda/pair_rows.cuh"
 #include "cuda/kernel_residency.cuh"
+#include "cuda/pair_rows.cuh"
 
 namespace ccf::cuda {
 namespace {

@@ -19,8 +19,8 @@
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
-#include "cuda/pair_rows.cuh"
 #include "cuda/kernel_residency.cuh"
+#include "cuda/pair_rows.cuh"
 
 namespace ccf::cuda {
 namespace {
@@ -214,11 +214,19 @@ bool grouped_gemms_available() {
   // sm_90a, or another GPU) it would only trap.
   using Probe = GroupedGemm<cutlass::bfloat16_t, Major::kMN>::Kernel;
   cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, cutlass::device_kernel<Probe>) != cudaSuccess) {
+  int device, shared_memory;
+  if (cudaFuncGetAttributes(&attributes, cutlass::device_kernel<Probe>) != cudaSuccess ||
+      cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&shared_memory, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+          cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  return attributes.ptxVersion == 90;
+  // The kernels' pipelines fill an H100's shared memory (227 KiB); a GPU that offers a block
+  // less runs the SM80 kernels instead of failing at the launch. One tile and element width:
+  // every instance takes the same.
+  return attributes.ptxVersion == 90 &&
+         shared_memory >= static_cast<int>(Probe::SharedStorageSize);
 }
 
 int64_t grouped_gemm_workspace_bytes(int32_t num_groups, int num_sms) {

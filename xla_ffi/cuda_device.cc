@@ -143,9 +143,14 @@ ffi::Error TakeDeviceError(DeviceState& s, cudaStream_t stream) {
   if (e.code == cuda::kDeviceOk && !e.aborted) return ffi::Error::Success();
   const std::string msg = DescribeDeviceError(e, s.ordinal);
   if (e.aborted) {
-    // The record stays set on the device: no kernel of this GPU runs again.
+    // The record stays set on the device: no kernel of this GPU runs again. A barrier records
+    // its fault only where the record held none: after a bad id it keeps that one, and after
+    // the bad id's clear (which leaves `aborted`) none at all.
     s.broken = e.code == cuda::kBadExpertId
                    ? "a device barrier gave a call up (the first fault recorded: " + msg + ")"
+               : e.code == cuda::kDeviceOk
+                   ? "a device barrier gave a call up (its cause was not recorded: the record "
+                     "held a bad expert id when it failed)"
                    : msg;
     return ffi::Error::Internal("jax_ccfuser: " + s.broken);
   }

@@ -160,13 +160,15 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
 
 // What a handler returns once its launches are enqueued: the first failure among them, this
 // GPU's earlier device fault, or success. The fault record's copy is scheduled either way. A
-// failed launch after the peers met breaks the GPU: its peers passed barriers with a call that
+// failed launch after real peers met breaks the GPU: its peers passed barriers with a call that
 // computed nothing (CloseCall has marked it aborted, so they learn it at their next barrier).
-ffi::Error Finish(DeviceState& state, const Launcher& launcher, ffi::Error earlier,
-                  cudaStream_t stream) {
+// Without peers (one device, or emulated ones) there are no barriers to keep in step, and the
+// GPU takes later calls.
+ffi::Error Finish(const Call& call, DeviceState& state, const Launcher& launcher,
+                  ffi::Error earlier, cudaStream_t stream) {
   ffi::Error copied = ScheduleErrorCopy(state, stream);
   if (ffi::Error err = launcher.Result(); err.failure()) {
-    MarkBroken(state, err.message());
+    if (call.place != nullptr) MarkBroken(state, err.message());
     return err;
   }
   if (earlier.failure()) return earlier;
@@ -209,7 +211,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
       return cudaMemsetAsync(hidden->untyped_data(), 0, hidden->size_bytes(), stream);
     });
   RunForward(call, *state, scratch, rank, group, y->untyped_data(), stream, launcher);
-  return Finish(*state, launcher, std::move(earlier), stream);
+  return Finish(call, *state, launcher, std::move(earlier), stream);
 }
 
 ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllocator allocator,
@@ -254,7 +256,7 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
   Launcher launcher;
   RunBackward(call, *state, scratch, rank, group, dx->untyped_data(), d_weights->untyped_data(),
               dw_in->untyped_data(), dw_out->untyped_data(), stream, launcher);
-  return Finish(*state, launcher, std::move(earlier), stream);
+  return Finish(call, *state, launcher, std::move(earlier), stream);
 }
 
 }  // namespace
