@@ -372,6 +372,10 @@ struct GemmParams {
   // [0, BN/2) and [BN/2, BN); 0 for a plain GEMM.
   int32_t n_split;
   GemmOperand a, b;
+  // float32 operands multiplied on tensor cores as TF32, each rounded to the nearest (a call's
+  // opt-in, which the handler honours where every operand row starts on 16 bytes); read by the
+  // host, to pick the kernel.
+  int32_t tf32;
 
   // The work list's groups (work_list.cu), and the M tile it was built for (WorkList::tile_m):
   // the launcher refuses a list built for another tile than the kernel's.

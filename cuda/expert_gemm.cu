@@ -1,6 +1,7 @@
 // Grouped GEMMs over the work list, one group per expert, with fused epilogues. CuTe builds the
 // tiles, copies and MMAs (SM80 style: cp.async multistage pipeline, ldmatrix + mma.sync for
-// bf16/f16, which also runs on sm_90a; SIMT FMA for float32, no TF32).
+// bf16/f16, which also runs on sm_90a; SIMT FMA for float32, or TF32 mma.sync where a call opts
+// in).
 //
 // Every operand is a row-major matrix in memory: an expert's weight matrix (its owner's, which
 // is a peer's for a helper of a reassignment plan) or the pairs' rows in work-list order (the
@@ -114,9 +115,54 @@ struct SimtConfig {
   using S2RAtomB = Copy_Atom<UniversalCopy<float>, float>;
 };
 
-template <class T, Major kAMajor, Major kBMajor>
-using GemmConfig = std::conditional_t<std::is_same_v<T, float>, SimtConfig<kAMajor, kBMajor>,
-                                      TensorCoreConfig<T, kAMajor, kBMajor>>;
+// float32 as TF32 on tensor cores (opt-in, GemmParams::tf32): 128x128x32 CTA tile of float32
+// in smem, 2x2 warps of SM80 16x8x8 TF32 MMAs, 3-stage cp.async pipeline of 16-byte vectors
+// (4 floats: H and F multiples of 4). K-major tiles (rows of 32 floats, 128 B) have their 16-byte
+// chunks xor-swizzled by row and go to registers by ldmatrix; MN-major ones have no transposing
+// ldmatrix for 32-bit elements and go one float at a time, their 8-float groups xor-swizzled by
+// k-row so that the four k-rows an MMA operand register spans fall in four bank groups.
+template <Major kA, Major kB>
+struct Tf32Config {
+  using Element = float;
+  static constexpr Major kAMajor = kA, kBMajor = kB;
+  static constexpr int kTileM = 128, kTileN = 128, kTileK = 32, kStages = 3, kThreads = 128;
+
+  using TiledMma = decltype(make_tiled_mma(SM80_16x8x8_F32TF32TF32F32_TN{},
+                                           Layout<Shape<_2, _2, _1>>{}, Tile<_32, _32, _8>{}));
+
+  using KMajorAtom = decltype(composition(Swizzle<3, 2, 3>{}, Layout<Shape<_8, _32>, Stride<_32, _1>>{}));
+  using MnMajorAtom = decltype(composition(Swizzle<2, 3, 2>{}, Layout<Shape<_32, _8>, Stride<_1, _32>>{}));
+  template <Major kMajor>
+  using SmemAtom = std::conditional_t<kMajor == Major::kK, KMajorAtom, MnMajorAtom>;
+  using SmemLayoutA = PipelinedSmem<Int<kTileM>, kTileK, kStages, SmemAtom<kAMajor>>;  // (BLK_M,BLK_K,PIPE)
+  using SmemLayoutB = PipelinedSmem<Int<kTileN>, kTileK, kStages, SmemAtom<kBMajor>>;  // (BLK_N,BLK_K,PIPE)
+
+  using G2SVector = uint128_t;
+  using G2SOp = SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<G2SVector>;
+  template <Major kMajor>
+  using G2SCopy = decltype(make_tiled_copy(
+      Copy_Atom<G2SOp, float>{},
+      std::conditional_t<kMajor == Major::kK, Layout<Shape<_16, _8>, Stride<_8, _1>>,    // 16 rows x 8 vectors
+                         Layout<Shape<_32, _4>, Stride<_1, _32>>>{},                     // 32 vectors x 4 k-rows
+      std::conditional_t<kMajor == Major::kK, Layout<Shape<_1, _4>>, Layout<Shape<_4, _1>>>{}));
+  using G2SCopyA = G2SCopy<kAMajor>;
+  using G2SCopyB = G2SCopy<kBMajor>;
+
+  template <Major kMajor>
+  using S2RAtom = Copy_Atom<std::conditional_t<kMajor == Major::kK, SM75_U32x4_LDSM_N, UniversalCopy<float>>, float>;
+  using S2RAtomA = S2RAtom<kAMajor>;
+  using S2RAtomB = S2RAtom<kBMajor>;
+};
+
+template <Major kA, Major kB>
+using Bf16Config = TensorCoreConfig<bfloat16_t, kA, kB>;
+template <Major kA, Major kB>
+using F16Config = TensorCoreConfig<half_t, kA, kB>;
+
+// float32's work list and d_expert_weights partials are laid out before the kernel is picked.
+static_assert(Tf32Config<Major::kK, Major::kK>::kTileM == SimtConfig<Major::kK, Major::kK>::kTileM &&
+                  Tf32Config<Major::kK, Major::kK>::kTileN == SimtConfig<Major::kK, Major::kK>::kTileN,
+              "float32 has one tile shape, with or without TF32");
 
 // What every configuration shares: the float32 epilogue tile (rows padded by 4 floats) and the
 // dynamic shared memory, reused by the epilogue after the main loop.
@@ -443,6 +489,20 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
 
 }  // namespace
 
+// TF32 operands: each float32 rounded to the nearest TF32 (the tensor cores would drop its low 13
+// bits, a bias toward zero). Other operand types pass as they are.
+template <class Fragment>
+__device__ __forceinline__ void round_to_tf32(Fragment&& f) {
+  if constexpr (std::is_same_v<typename std::decay_t<Fragment>::value_type, tfloat32_t>) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(f); ++i) {
+      uint32_t bits;
+      asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(__uint_as_float(f(i).raw())));
+      f(i) = tfloat32_t::bitcast(bits);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 
@@ -558,6 +618,8 @@ __global__ void __launch_bounds__(Config::kThreads)
       for (int k_block = 0; k_block < kBlocksK; ++k_block) {
         copy(s2r_copy_a, tXsA(_, _, k_block, stage), tXrA(_, _, k_block));
         copy(s2r_copy_b, tXsB(_, _, k_block, stage), tXrB(_, _, k_block));
+        round_to_tf32(tCrA(_, _, k_block));
+        round_to_tf32(tCrB(_, _, k_block));
         gemm(mma, tCrA(_, _, k_block), tCrB(_, _, k_block), acc);
       }
     }
@@ -576,11 +638,10 @@ __global__ void __launch_bounds__(Config::kThreads)
 
 namespace {
 
-template <class T, Major kAMajor, Major kBMajor>
+template <class Config>
 cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
-  using Config = GemmConfig<T, kAMajor, kBMajor>;
   constexpr int kSmemBytes = GemmTraits<Config>::kSmemBytes;
-  CCF_HOST_ASSERT((serves<kAMajor, kBMajor>(p.epilogue)));
+  CCF_HOST_ASSERT((serves<Config::kAMajor, Config::kBMajor>(p.epilogue)));
   CCF_HOST_ASSERT(p.tile_m == Config::kTileM);  // the work list's M tiles are the kernel's
   CCF_HOST_ASSERT(p.only_source == kAllSources || p.shape == GemmShape::kPairRows);
   CCF_HOST_ASSERT(p.chunk.tiles > 0 && p.chunk.index >= 0);
@@ -605,17 +666,18 @@ cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class T>
+// The kernel of one configuration for the operand layouts at hand.
+template <template <Major, Major> class Config>
 cudaError_t launch_majors(Major a_major, Major b_major, const GemmParams& p, int num_sms,
                           cudaStream_t stream) {
   if (a_major == Major::kK && b_major == Major::kMN) {
-    return launch_gemm<T, Major::kK, Major::kMN>(p, num_sms, stream);
+    return launch_gemm<Config<Major::kK, Major::kMN>>(p, num_sms, stream);
   }
   if (a_major == Major::kK && b_major == Major::kK) {
-    return launch_gemm<T, Major::kK, Major::kK>(p, num_sms, stream);
+    return launch_gemm<Config<Major::kK, Major::kK>>(p, num_sms, stream);
   }
   if (a_major == Major::kMN && b_major == Major::kMN) {
-    return launch_gemm<T, Major::kMN, Major::kMN>(p, num_sms, stream);
+    return launch_gemm<Config<Major::kMN, Major::kMN>>(p, num_sms, stream);
   }
   return cudaErrorNotSupported;
 }
@@ -636,10 +698,15 @@ cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmPar
                         int num_sms, cudaStream_t stream) {
   CCF_HOST_ASSERT(num_sms > 0);
   CCF_HOST_ASSERT(params.num_groups > 0 && params.num_groups <= kMaxExpertsHere);
+  CCF_HOST_ASSERT(!params.tf32 || dtype == DType::kF32);
   switch (dtype) {
-    case DType::kF32: return launch_majors<float>(a_major, b_major, params, num_sms, stream);
-    case DType::kBF16: return launch_majors<bfloat16_t>(a_major, b_major, params, num_sms, stream);
-    case DType::kF16: return launch_majors<half_t>(a_major, b_major, params, num_sms, stream);
+    case DType::kF32:
+      // TF32's 16-byte vectors: every operand row starts on one (the handler's condition).
+      CCF_HOST_ASSERT(!params.tf32 || (params.a.ld % 4 == 0 && params.b.ld % 4 == 0));
+      return params.tf32 ? launch_majors<Tf32Config>(a_major, b_major, params, num_sms, stream)
+                         : launch_majors<SimtConfig>(a_major, b_major, params, num_sms, stream);
+    case DType::kBF16: return launch_majors<Bf16Config>(a_major, b_major, params, num_sms, stream);
+    case DType::kF16: return launch_majors<F16Config>(a_major, b_major, params, num_sms, stream);
   }
   return cudaErrorInvalidValue;
 }

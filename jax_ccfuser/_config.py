@@ -1,9 +1,12 @@
 """Settings fixed when a `fused_moe` call is traced: the peer timeout, the transport, the
-residual budget, the scratch budget and the SMs kept for the fetch."""
+residual budget, the scratch budget, the SMs kept for the fetch, and (JAX's own setting) whether
+float32 GEMMs may run as TF32."""
 
 import contextlib
 import os
 import threading
+
+import jax
 
 # Generous by default: with many simulated devices on few cores a peer can lag a whole layer.
 # The residual budget: one layer's kept hidden rows of a Qwen3-30B-A3B-sized layer (T=4096, K=8,
@@ -167,3 +170,24 @@ def fetch_sms(count: int | None):
   if not count >= 0 or count != int(count):
     raise ValueError(f"fetch_sms must be a whole number >= 0 or None, got {count!r}")
   return _setting("fetch_sms", int(count))
+
+
+# jax.default_matmul_precision's values that let float32 GEMMs run as TF32: TF32's own names
+# and preset, and "bfloat16", which asks for less.
+TF32_PRECISIONS = ("tensorfloat32", "high", "TF32_TF32_F32", "bfloat16")
+
+
+def tf32_in_force() -> bool:
+  """Whether GPU calls traced now may multiply float32 operands as TF32.
+
+  The opt-in is JAX's own: `jax.default_matmul_precision` (or the `jax_default_matmul_precision`
+  flag) set to one of `TF32_PRECISIONS` lets a GPU's float32 expert GEMMs run on tensor cores as
+  TF32, each operand rounded to the nearest TF32 and every sum kept in float32, where H and F are
+  multiples of 4. Unset, or any other value, keeps them exact float32. bfloat16/float16 calls
+  and CPU calls are unaffected. Fixed when a call is traced, as JAX fixes a `dot`'s precision.
+
+  Examples:
+    >>> with jax.default_matmul_precision("tensorfloat32"):
+    ...   grads = jax.jit(jax.grad(loss))(params, x)
+  """
+  return jax.config.jax_default_matmul_precision in TF32_PRECISIONS

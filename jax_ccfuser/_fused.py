@@ -18,7 +18,7 @@ from jax.sharding import AxisType
 
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
 from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
-                                 scratch_budget_bytes)
+                                 scratch_budget_bytes, tf32_in_force)
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_gpu_tiles
 from jax_ccfuser._validation import check_moe_args
@@ -52,6 +52,7 @@ class _Static(NamedTuple):
   kept_rows: int = 0  # C: rows of h each device keeps for the backward; 0 recomputes them all
   scratch_budget: int = 0  # bytes of GPU scratch per call (jax_ccfuser.scratch_budget)
   fetch_sms: int = 0  # SMs the GEMMs leave to the fetch (jax_ccfuser.fetch_sms; -1: auto)
+  tf32: bool = False  # float32 GEMMs may run as TF32 (jax.default_matmul_precision)
 
 
 class _CallAttrs(NamedTuple):
@@ -67,6 +68,7 @@ class _CallAttrs(NamedTuple):
   devices: tuple
   scratch_budget: int
   fetch_sms: int
+  tf32: int
 
   def as_ffi(self) -> dict:
     """`ffi_call`'s keyword attributes, typed as the native module declares them."""
@@ -110,7 +112,7 @@ def _call_attrs(static: _Static, backward: bool, region) -> _CallAttrs:
                     timeout_ms=static.timeout_ms, num_experts=static.num_experts,
                     workspace=workspace, workspace_offset=offset,
                     devices=static.devices or (-1,), scratch_budget=static.scratch_budget,
-                    fetch_sms=static.fetch_sms)
+                    fetch_sms=static.fetch_sms, tf32=int(static.tf32))
 
 
 def _traced_settings() -> dict:
@@ -122,7 +124,7 @@ def _traced_settings() -> dict:
       raise ValueError(f"jax_ccfuser.fetch_sms({fetch}) leaves none of this GPU's {sms} SMs to "
                        f"the GEMMs")
   return dict(timeout_ms=peer_timeout_ms(), scratch_budget=scratch_budget_bytes(),
-              fetch_sms=fetch)
+              fetch_sms=fetch, tf32=tf32_in_force())
 
 
 def _slots(static: _Static, k: int) -> int:

@@ -1,5 +1,6 @@
 """fused_moe on CUDA GPUs against reference_moe: emulated peers on one GPU, shard_map over every
-GPU, dtypes, activations, K, routing, plans, determinism, bad ids, repeated and queued calls.
+GPU, dtypes (float32 as TF32 too), activations, K, routing, plans, determinism, bad ids, repeated
+and queued calls.
 
 Marked `gpu` and skipped, with the reason, where no CUDA device is visible (`make test` here).
 `CCF_CUDA_TESTS_PLATFORM=cpu` runs the same tests on the CPU backend's 8 simulated devices
@@ -91,10 +92,11 @@ def _emulated_plan(ids, num_experts, devices):
 
 @functools.cache
 def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = False,
-                   scratch_budget: int | None = None, fetch_sms: int | None = None):
+                   scratch_budget: int | None = None, fetch_sms: int | None = None,
+                   tf32: bool = False):
   """A jitted `(x, ids, weights, w_in, w_out, dy) -> (y, (dx, d_weights, dw_in, dw_out))` of
   `fused_moe_emulated` over `devices` emulated devices, with a fresh plan if `with_plan`, traced
-  under `scratch_budget` and `fetch_sms` where given."""
+  under `scratch_budget` and `fetch_sms` where given and JAX's TF32 precision if `tf32`."""
   def run(x, ids, weights, w_in, w_out, dy):
     plan = _emulated_plan(ids, w_out.shape[0], devices) if with_plan else None
     layer = functools.partial(fused_moe_emulated, num_devices=devices, activation=activation,
@@ -104,6 +106,8 @@ def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = F
         settings.enter_context(ccf.scratch_budget(scratch_budget))
       if fetch_sms is not None:
         settings.enter_context(ccf.fetch_sms(fetch_sms))
+      if tf32:
+        settings.enter_context(jax.default_matmul_precision("tensorfloat32"))
       y, pullback = jax.vjp(lambda x, w, a, b: layer(x, ids, w, a, b), x, weights, w_in, w_out)
       return y, pullback(dy.astype(y.dtype))
 
@@ -231,6 +235,37 @@ def test_fetch_sms_must_leave_the_gemms_an_sm():
   args = _args(Case(devices=2, seed=68))
   with pytest.raises(ValueError, match=rf"fetch_sms\({_sms()}\) leaves none of this GPU's"):
     _emulated_step(2, fetch_sms=_sms())(*args)
+
+
+# float32 under JAX's TF32 precision, the opt-in: D = 8 with skewed routing over many tiles, and
+# D = 2 in source phases with an ungated activation.
+_TF32 = [("D8-skewed", Case(devices=8, tokens=70, skew=1.0, seed=69)),
+         ("D2-phases-gelu", Case(devices=2, tokens=300, skew=1.0, activation="gelu", seed=70))]
+
+
+@pytest.mark.parametrize("case", [c[1] for c in _TF32], ids=[c[0] for c in _TF32])
+def test_tf32_matches_reference_within_its_rounding(case):
+  """TF32 keeps 10 mantissa bits of each operand, as float16 does: float16's tolerances. On a
+  GPU its results are not exact float32's (the opt-in took effect); chunks keep them bitwise."""
+  args = _args(case)
+  tf32 = jax.tree.map(np.asarray,
+                      _emulated_step(case.devices, case.activation, tf32=True)(*args))
+  with _reference_precision():
+    assert_matches_reference(tf32, args, 1, case.activation, jnp.float16)
+  if PLATFORM == "cuda":
+    exact = _emulated_step(case.devices, case.activation)(*args)
+    assert not np.array_equal(tf32[0], np.asarray(exact[0]))
+  chunked = _emulated_step(case.devices, case.activation, scratch_budget=1, tf32=True)(*args)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, chunked), tf32)
+
+
+def test_tf32_where_rows_do_not_take_its_vectors_stays_exact():
+  """H = 18 is no multiple of 4: TF32's 16-byte vectors do not fit its rows, and the call
+  computes exact float32, bitwise."""
+  args = _args(Case(devices=2, hidden=18, seed=71))
+  exact = jax.tree.map(np.asarray, _emulated_step(2)(*args))
+  tf32 = _emulated_step(2, tf32=True)(*args)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, tf32), exact)
 
 
 def _assert_plan_has_helpers(plan):

@@ -28,7 +28,7 @@ def test_python_attribute_record_is_the_natives(module):
       "site": "uint64", "num_devices": "int32", "emulated": "int32", "activation": "int32",
       "timeout_ms": "int64", "num_experts": "int64", "workspace": "int32",
       "workspace_offset": "int64", "devices": "int32[]", "scratch_budget": "int64",
-      "fetch_sms": "int32"}
+      "fetch_sms": "int32", "tf32": "int32"}
 
 
 @pytest.mark.parametrize("module", NATIVE, ids=lambda m: m.__name__)
@@ -42,7 +42,7 @@ def test_activation_codes_are_the_natives(module):
 def test_attributes_are_typed_as_declared():
   static = _fused._Static(site=7, num_devices=2, emulated=True, activation="geglu",
                           timeout_ms=1234, num_experts=8, scratch_budget=5 << 30,
-                          fetch_sms=20)
+                          fetch_sms=20, tf32=True)
   attrs = _fused._call_attrs(static, True, (-1, 0))
   ffi = attrs.as_ffi()
   assert list(ffi) == list(_extension.CALL_ATTRIBUTES)
@@ -54,6 +54,7 @@ def test_attributes_are_typed_as_declared():
   assert ffi["devices"].tolist() == [-1]
   assert ffi["scratch_budget"] == 5 << 30
   assert ffi["fetch_sms"] == 20
+  assert ffi["tf32"] == 1
 
 
 def _static_traced_now():
@@ -91,6 +92,20 @@ def test_fetch_sms_are_fixed_at_trace_time():
   for bad in (-1, 0.5, float("nan")):
     with pytest.raises(ValueError, match="fetch_sms must be a whole number >= 0 or None"):
       ccf.fetch_sms(bad)
+
+
+def test_tf32_follows_jax_default_matmul_precision_at_trace_time():
+  static = _static_traced_now
+  assert not static().tf32  # exact float32 unless asked
+  for precision in ccf._config.TF32_PRECISIONS:
+    with jax.default_matmul_precision(precision):
+      assert static().tf32, precision
+  for precision in ("float32", "highest", "F32_F32_F32", "TF32_TF32_F32_X3"):
+    with jax.default_matmul_precision(precision):
+      assert not static().tf32, precision
+  with jax.default_matmul_precision("tensorfloat32"):
+    attrs = _fused._call_attrs(static(), False, (-1, 0)).as_ffi()
+  assert attrs["tf32"] == 1
 
 
 def test_fetch_sms_must_leave_a_gpu_an_sm(monkeypatch):

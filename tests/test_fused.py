@@ -146,6 +146,17 @@ def test_emulated_peers_match_real_devices():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_tf32_opt_in_leaves_cpu_calls_exact():
+  """CPU calls have no TF32: under JAX's TF32 precision they compute as before, bitwise."""
+  case = Case(devices=2, tokens=11, k=2, seed=21)
+  args = make_inputs(case)
+  run = lambda: jax.jit(jax.value_and_grad(_loss(ccf.fused_moe, 2), (0, 2, 3, 4)))(*args,
+                                                                                   args[0])
+  exact = jax.tree.map(np.asarray, run())
+  with jax.default_matmul_precision("tensorfloat32"):
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, run()), exact)
+
+
 def test_deterministic_bitwise():
   case = Case(devices=8, tokens=40, k=4, skew=0.7, seed=6)
   args = make_inputs(case)

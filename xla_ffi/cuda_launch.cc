@@ -304,6 +304,7 @@ cuda::GemmParams GemmOver(const Call& c, const cuda::WorkList& list, cuda::GemmS
   p.k = static_cast<int32_t>(k);
   p.a = a;
   p.b = b;
+  p.tf32 = c.tf32;
   p.items = list.items;
   p.group_begin = list.group_begin;
   p.group_end = list.group_end;

@@ -60,6 +60,8 @@ struct Call {
   bool grouped_gemms = false;
   int num_sms = 0;
   int fetching_sms = 0;
+  // float32 GEMMs as TF32 (cuda::GemmParams::tf32; the handler's Tf32).
+  bool tf32 = false;
   // Peers in other processes: this device's operands, copied into its region (where they read
   // them) ahead of the start barrier.
   struct Staged {

@@ -38,7 +38,8 @@ using Hidden = xla::ffi::Buffer<xla::ffi::F32, 2>;
   X(int64_t, workspace_offset) SEP              /* this site's region */                  \
   X(xla::ffi::Span<const int32_t>, devices) SEP /* [G * D] device ids */                  \
   X(int64_t, scratch_budget) SEP                /* GPU scratch bytes (SizeChunks) */      \
-  X(int32_t, fetch_sms)                         /* SMs kept for the fetch; -1: SMs / 8 */
+  X(int32_t, fetch_sms) SEP                     /* SMs kept for the fetch; -1: SMs / 8 */ \
+  X(int32_t, tf32)                              /* float32 GEMMs may run as TF32 */
 
 struct CallAttrs {
 #define CCF_CALL_ATTR_FIELD(type, name) type name;

@@ -43,6 +43,12 @@ namespace ffi = xla::ffi;
 namespace ccf {
 namespace {
 
+// Whether every operand starts on 16 bytes, as the tiles' 16-byte vectors need.
+bool On16Bytes(std::initializer_list<const void*> vectors) {
+  return std::all_of(vectors.begin(), vectors.end(),
+                     [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; });
+}
+
 // What the CUDA kernels support beyond the contract's checks.
 ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanArray& workers,
                            const PlanArray& bounds, std::initializer_list<const void*> vectors) {
@@ -77,11 +83,17 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
     if (d.hidden % 8 || d.ffn % 8)
       return Unimplemented("bfloat16/float16 need H and F to be multiples of 8; got H=" +
                            std::to_string(d.hidden) + ", F=" + std::to_string(d.ffn));
-    for (const void* p : vectors)
-      if (reinterpret_cast<uintptr_t>(p) % 16)
-        return InvalidArgument("operand buffers must be 16-byte aligned");
+    if (!On16Bytes(vectors)) return InvalidArgument("operand buffers must be 16-byte aligned");
   }
   return ffi::Error::Success();
+}
+
+// Whether the call's float32 GEMMs run as TF32: it opted in (jax.default_matmul_precision), and
+// TF32's vectors of 4 floats fit its rows (H and F multiples of 4, operands on 16 bytes); else
+// they stay exact float32.
+bool Tf32(const MoeDims& d, const CallAttrs& attrs, std::initializer_list<const void*> vectors) {
+  return attrs.tf32 != 0 && d.x_type == ffi::DataType::F32 && d.hidden % 4 == 0 &&
+         d.ffn % 4 == 0 && On16Bytes(vectors);
 }
 
 // Takes the call's scratch from XLA's allocator: stream-ordered, so the kernels enqueued here may
@@ -184,11 +196,12 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
-  if (ffi::Error err = CheckCudaLimits(call.d, attrs, plan_workers, plan_bounds,
-                                       {x.untyped_data(), w_in.untyped_data(),
-                                        w_out.untyped_data()});
+  const std::initializer_list<const void*> vectors = {x.untyped_data(), w_in.untyped_data(),
+                                                       w_out.untyped_data()};
+  if (ffi::Error err = CheckCudaLimits(call.d, attrs, plan_workers, plan_bounds, vectors);
       err.failure())
     return err;
+  call.tf32 = Tf32(call.d, attrs, vectors);
   if (ffi::Error err = CheckForwardResults(call.d, x, *y, *staging); err.failure()) return err;
   if (ffi::Error err = DecodeKeptRows(call.d, attrs, *hidden, &call.kept_rows); err.failure())
     return err;
@@ -226,11 +239,12 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
   const MoeDims& d = call.d;
-  if (ffi::Error err = CheckCudaLimits(d, attrs, plan_workers, plan_bounds,
-                                       {x.untyped_data(), dy.untyped_data(), w_in.untyped_data(),
-                                        w_out.untyped_data()});
+  const std::initializer_list<const void*> vectors = {x.untyped_data(), dy.untyped_data(),
+                                                       w_in.untyped_data(), w_out.untyped_data()};
+  if (ffi::Error err = CheckCudaLimits(d, attrs, plan_workers, plan_bounds, vectors);
       err.failure())
     return err;
+  call.tf32 = Tf32(d, attrs, vectors);
   if (ffi::Error err = CheckBackwardBuffers(d, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
                                             *dw_out, *staging);
       err.failure())
