@@ -701,8 +701,12 @@ cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmPar
   CCF_HOST_ASSERT(!params.tf32 || dtype == DType::kF32);
   switch (dtype) {
     case DType::kF32:
-      // TF32's 16-byte vectors: every operand row starts on one (the handler's condition).
-      CCF_HOST_ASSERT(!params.tf32 || (params.a.ld % 4 == 0 && params.b.ld % 4 == 0));
+      // TF32's 16-byte vectors: every operand row starts on one, and every extent a vector
+      // runs along is whole vectors (the loads test a vector's first element only).
+      CCF_HOST_ASSERT(!params.tf32 ||
+                      (params.a.ld % 4 == 0 && params.b.ld % 4 == 0 && params.n % 4 == 0 &&
+                       params.n_split % 4 == 0 &&
+                       (params.shape == GemmShape::kPairReduction ? params.m : params.k) % 4 == 0));
       return params.tf32 ? launch_majors<Tf32Config>(a_major, b_major, params, num_sms, stream)
                          : launch_majors<SimtConfig>(a_major, b_major, params, num_sms, stream);
     case DType::kBF16: return launch_majors<Bf16Config>(a_major, b_major, params, num_sms, stream);

@@ -172,9 +172,12 @@ def fetch_sms(count: int | None):
   return _setting("fetch_sms", int(count))
 
 
-# jax.default_matmul_precision's values that let float32 GEMMs run as TF32: TF32's own names
-# and preset, and "bfloat16", which asks for less.
-TF32_PRECISIONS = ("tensorfloat32", "high", "TF32_TF32_F32", "bfloat16")
+# jax.default_matmul_precision's values that let float32 GEMMs run as TF32: TF32's own names and
+# preset, and those whose operands keep no more bits than TF32's (its sums stay float32).
+TF32_PRECISIONS = ("tensorfloat32", "high", "TF32_TF32_F32", "bfloat16", "BF16_BF16_F32",
+                   "BF16_BF16_BF16", "F16_F16_F32", "F16_F16_F16", "ANY_F8_ANY_F8_F32",
+                   "ANY_F8_ANY_F8_F32_FAST_ACCUM", "ANY_F8_ANY_F8_ANY",
+                   "ANY_F8_ANY_F8_ANY_FAST_ACCUM")
 
 
 def tf32_in_force() -> bool:

@@ -89,11 +89,12 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
 }
 
 // Whether the call's float32 GEMMs run as TF32: it opted in (jax.default_matmul_precision), and
-// TF32's vectors of 4 floats fit its rows (H and F multiples of 4, operands on 16 bytes); else
-// they stay exact float32.
-bool Tf32(const MoeDims& d, const CallAttrs& attrs, std::initializer_list<const void*> vectors) {
+// TF32's vectors of 4 floats fit the rows its GEMMs read (H and F multiples of 4, the weights on
+// 16 bytes; the other operands are the fetched rows in scratch); else they stay exact float32.
+// The forward and backward of a layer decide alike.
+bool Tf32(const MoeDims& d, const CallAttrs& attrs, const void* w_in, const void* w_out) {
   return attrs.tf32 != 0 && d.x_type == ffi::DataType::F32 && d.hidden % 4 == 0 &&
-         d.ffn % 4 == 0 && On16Bytes(vectors);
+         d.ffn % 4 == 0 && On16Bytes({w_in, w_out});
 }
 
 // Takes the call's scratch from XLA's allocator: stream-ordered, so the kernels enqueued here may
@@ -196,12 +197,12 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
   Call call;
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
-  const std::initializer_list<const void*> vectors = {x.untyped_data(), w_in.untyped_data(),
-                                                       w_out.untyped_data()};
-  if (ffi::Error err = CheckCudaLimits(call.d, attrs, plan_workers, plan_bounds, vectors);
+  if (ffi::Error err = CheckCudaLimits(call.d, attrs, plan_workers, plan_bounds,
+                                       {x.untyped_data(), w_in.untyped_data(),
+                                        w_out.untyped_data()});
       err.failure())
     return err;
-  call.tf32 = Tf32(call.d, attrs, vectors);
+  call.tf32 = Tf32(call.d, attrs, w_in.untyped_data(), w_out.untyped_data());
   if (ffi::Error err = CheckForwardResults(call.d, x, *y, *staging); err.failure()) return err;
   if (ffi::Error err = DecodeKeptRows(call.d, attrs, *hidden, &call.kept_rows); err.failure())
     return err;
@@ -239,12 +240,12 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
   const MoeDims& d = call.d;
-  const std::initializer_list<const void*> vectors = {x.untyped_data(), dy.untyped_data(),
-                                                       w_in.untyped_data(), w_out.untyped_data()};
-  if (ffi::Error err = CheckCudaLimits(d, attrs, plan_workers, plan_bounds, vectors);
+  if (ffi::Error err = CheckCudaLimits(d, attrs, plan_workers, plan_bounds,
+                                       {x.untyped_data(), dy.untyped_data(), w_in.untyped_data(),
+                                        w_out.untyped_data()});
       err.failure())
     return err;
-  call.tf32 = Tf32(d, attrs, vectors);
+  call.tf32 = Tf32(d, attrs, w_in.untyped_data(), w_out.untyped_data());
   if (ffi::Error err = CheckBackwardBuffers(d, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
                                             *dw_out, *staging);
       err.failure())
