@@ -139,9 +139,9 @@ def env(path: pathlib.Path, stamp_path: pathlib.Path) -> dict:
 # The workload compute-sanitizer checks.
 
 def workload() -> None:
-  """`fused_moe_emulated` forward and backward over 4 emulated peers, float32 and bfloat16, on a
-  shape off every tile, bfloat16 also in one-tile chunks (the least scratch budget); prints each
-  result's relative error against reference_moe."""
+  """`fused_moe_emulated` forward and backward over 4 emulated peers, float32 (exact, and as
+  TF32) and bfloat16, on a shape off every tile, bfloat16 also in one-tile chunks (the least
+  scratch budget); prints each result's relative error against reference_moe."""
   import contextlib
 
   import jax
@@ -152,7 +152,8 @@ def workload() -> None:
   from jax_ccfuser.experimental import fused_moe_emulated
   from bench.problem import Config, make_inputs
 
-  for dtype, budget in (("float32", None), ("bfloat16", None), ("bfloat16", 1)):
+  for dtype, budget, tf32 in (("float32", None, False), ("float32", None, True),
+                             ("bfloat16", None, False), ("bfloat16", 1, False)):
     config = Config(devices=4, tokens=37, hidden=64, ffn=40, experts=8, k=2, dtype=dtype,
                     skew=0.5)
     x, ids, weights, w_in, w_out = make_inputs(config)
@@ -163,13 +164,17 @@ def workload() -> None:
     fused = jax.jit(jax.value_and_grad(
         lambda *a: loss(lambda *b: fused_moe_emulated(*b, num_devices=4), *a), (0, 1, 2, 3)))
     reference = jax.jit(jax.value_and_grad(lambda *a: loss(ccf.reference_moe, *a), (0, 1, 2, 3)))
-    with ccf.scratch_budget(budget) if budget else contextlib.nullcontext():  # traced here
+    with contextlib.ExitStack() as traced_under:  # the call is traced here
+      if budget:
+        traced_under.enter_context(ccf.scratch_budget(budget))
+      if tf32:
+        traced_under.enter_context(jax.default_matmul_precision("tensorfloat32"))
       got = jax.block_until_ready(fused(x, weights, w_in, w_out))
     with jax.default_matmul_precision("highest"):
       want = reference(*(a.astype(jnp.float32) for a in (x, weights, w_in, w_out)))
     errors = [float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-    name = f"{dtype}, budget {budget} B" if budget else dtype
+    name = dtype + (" as TF32" if tf32 else "") + (f", budget {budget} B" if budget else "")
     print(f"workload {name}: relative error of loss, dx, d_weights, dw_in, dw_out: "
           + ", ".join(f"{e:.2e}" for e in errors), flush=True)
     if not np.all(np.isfinite(errors)):
