@@ -196,6 +196,12 @@ struct DeviceError {
 // passing, and the group stays broken.
 constexpr uint64_t kAbortFlag = ~uint64_t{0};
 
+// Whether `p` starts on a multiple of `bytes`: what the kernels' vector loads and TMA need of a
+// buffer (host).
+inline bool aligned_to(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // work_list.cu
 

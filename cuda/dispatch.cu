@@ -61,10 +61,6 @@ __global__ void __launch_bounds__(kThreads) fetch_rows(const __grid_constant__ F
 
 namespace {
 
-bool aligned_to(const void* p, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
-}
-
 // Threads of a block that holds an SM for the fetch: as many warps as it keeps busy reading.
 constexpr int kSmFetchThreads = 1024;
 

@@ -191,9 +191,9 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
   using G = GroupedGemm<T, kBMajor>;
   // TMA reads and writes 16-byte aligned rows; can_implement checks that only for problem
   // shapes on the host, and a misaligned pitch would fault inside the kernel instead.
-  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   CCF_HOST_ASSERT(p.a.ld * sizeof(T) % 16 == 0 && p.b.ld * sizeof(T) % 16 == 0 &&
-                  p.out_ld * sizeof(float) % 16 == 0 && aligned(p.a.data) && aligned(p.out));
+                  p.out_ld * sizeof(float) % 16 == 0 && aligned_to(p.a.data, 16) &&
+                  aligned_to(p.out, 16));
   const GroupArrays<G> w = GroupArrays<G>::carve(workspace, p.num_groups);
   build_problems<G><<<(p.num_groups + 127) / 128, 128, 0, stream>>>(p, w);
   CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());

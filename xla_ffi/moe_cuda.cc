@@ -46,7 +46,7 @@ namespace {
 // Whether every operand starts on 16 bytes, as the tiles' 16-byte vectors need.
 bool On16Bytes(std::initializer_list<const void*> vectors) {
   return std::all_of(vectors.begin(), vectors.end(),
-                     [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; });
+                     [](const void* p) { return cuda::aligned_to(p, 16); });
 }
 
 // What the CUDA kernels support beyond the contract's checks.
