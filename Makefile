@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := CMakeLists.txt pyproject.toml jax_ccfuser/__init__.py $(wildcard xla_ffi/*) \
 	$(wildcard cuda/*) $(wildcard common/*)
 
-.PHONY: all install test test-fast test-jax-latest demo bench gpu-wheels gpu-check clean
+.PHONY: all install test test-fast test-jax-latest test-jax-0.11 demo bench gpu-wheels gpu-check clean
 
 all: install
 
@@ -30,31 +30,34 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
-# The newest JAX release (requirements-latest.lock) in its own .venv-latest, Python 3.12 as it
-# needs: the fused op, the Flax layers and the router. The CUDA extension is left to `make test`'s
-# build (the same sources against the lock's headers).
+# Other JAX releases, each from requirements-NAME.lock in its own .venv-NAME with Python 3.12 (which
+# jax 0.11 and later need): `latest`, the newest release, and `0.11`, the line between the pinned
+# one and the newest. They run the fused op, the Flax layers and the router; the CUDA extension is
+# left to `make test`'s build (the same sources against another jaxlib's headers).
 PYTHON_LATEST ?= $(firstword $(foreach p,python3.12 python3.13 \
 	$(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python),\
 	$(shell $(p) -c "import sys; assert sys.version_info >= (3, 12)" 2>/dev/null && echo $(p))))
-VENV_LATEST := .venv-latest
-PY_LATEST := $(VENV_LATEST)/bin/python
-LATEST_TESTS := tests/test_fused.py tests/test_flax.py tests/test_router.py tests/test_reference.py \
-	tests/test_all_to_all.py tests/test_ffi_contract.py
+JAX_LINE_TESTS := tests/test_fused.py tests/test_flax.py tests/test_router.py \
+	tests/test_reference.py tests/test_all_to_all.py tests/test_ffi_contract.py
 
-$(VENV_LATEST)/.deps: requirements-latest.lock
-	@test -n "$(PYTHON_LATEST)" || { echo "test-jax-latest needs Python >= 3.12 (set PYTHON_LATEST)"; exit 1; }
-	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
-	$(PY_LATEST) -m pip install -q --upgrade pip
-	$(PY_LATEST) -m pip install -q -r requirements-latest.lock
+.venv-%/.deps: requirements-%.lock
+	@test -n "$(PYTHON_LATEST)" || { echo "test-jax-$* needs Python >= 3.12 (set PYTHON_LATEST)"; exit 1; }
+	$(PYTHON_LATEST) -m venv .venv-$*
+	.venv-$*/bin/python -m pip install -q --upgrade pip
+	.venv-$*/bin/python -m pip install -q -r $<
 	touch $@
 
-$(VENV_LATEST)/.built: $(VENV_LATEST)/.deps $(INSTALLED)
-	$(PY_LATEST) -m pip install -q --no-build-isolation --no-deps \
-		-Ccmake.define.CCF_ENABLE_CUDA=OFF -e .
+# A build tree per line: each compiles against its own jaxlib's FFI headers.
+.venv-%/.built: .venv-%/.deps $(INSTALLED)
+	.venv-$*/bin/python -m pip install -q --no-build-isolation --no-deps \
+		-Ccmake.define.CCF_ENABLE_CUDA=OFF -Cbuild-dir='build/{wheel_tag}-jax-$*' -e .
 	touch $@
 
-test-jax-latest: $(VENV_LATEST)/.built
-	$(PY_LATEST) -m pytest -q -m "not slow" $(LATEST_TESTS)
+# Not intermediate files: a line's venv stays set up between runs.
+.PRECIOUS: .venv-%/.deps .venv-%/.built
+
+test-jax-latest test-jax-0.11: test-jax-%: .venv-%/.built
+	.venv-$*/bin/python -m pytest -q -m "not slow" $(JAX_LINE_TESTS)
 
 demo: install
 	$(PY) -m models.demo
@@ -85,4 +88,4 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf build $(VENV) $(VENV_LATEST) demo_out
+	rm -rf build $(VENV) .venv-* demo_out

@@ -167,7 +167,7 @@ cudaError_t launch_sums(const PartialSumParams& p, cudaStream_t stream) {
 template <class T>
 cudaError_t launch_scatter(const ScatterParams& p, cudaStream_t stream) {
   const size_t order_bytes = sizeof(int32_t) * kTokenWarps * static_cast<size_t>(p.pairs.top_k);
-  CCF_HOST_ASSERT(order_bytes <= 48 * 1024);  // K <= 3072
+  CCF_HOST_ASSERT(p.pairs.top_k <= kMaxTopK);
   scatter_slots<T><<<token_blocks(static_cast<int64_t>(p.pairs.num_sources) * p.pairs.num_tokens),
                      kTokenThreads, order_bytes, stream>>>(p);
   return cudaGetLastError();

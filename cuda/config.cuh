@@ -25,6 +25,11 @@ constexpr int kPairsPerChunk = 8 * 32;
 constexpr int kTokenWarps = 4;
 constexpr int kTokenThreads = kTokenWarps * 32;
 
+// Routing choices per token (K): the scatter keeps each of its warps' K scratch rows (int32) in
+// shared memory, within the 48 KiB a launch takes without opting in.
+constexpr int kMaxTopK = 3072;
+static_assert(4 * kTokenWarps * kMaxTopK <= 48 * 1024);
+
 // Bytes every workspace region is aligned to.
 constexpr int64_t kWorkspaceAlignment = 256;
 

@@ -20,7 +20,7 @@ from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
 from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
                                  scratch_budget_bytes, tf32_in_force)
 from jax_ccfuser._reassign import Plan, identity_workers
-from jax_ccfuser._validation import check_gpu_tiles
+from jax_ccfuser._validation import check_gpu_limits
 from jax_ccfuser._validation import check_moe_args
 
 # Each traced call gets its own pair of sites (forward, backward): the key under which the
@@ -256,7 +256,9 @@ def _linear_transpose(dy, *operands, static):
   inputs, tangents = operands[:-len(_DIFFERENTIABLE)], operands[-len(_DIFFERENTIABLE):]
   if type(dy) is ad.Zero:
     return [None] * len(operands)
-  grads = _backward_call(static, *inputs, dy)
+  # The jvp passed no kept rows where there are none: the backward's empty operand starts here.
+  hidden = () if static.kept_rows else (jnp.zeros((0, inputs[3].shape[2]), jnp.float32),)
+  grads = _backward_call(static, *inputs, *hidden, dy)
   return [None] * len(inputs) + [g if ad.is_undefined_primal(t) else None
                                  for g, t in zip(grads, tangents)]
 
@@ -290,8 +292,11 @@ def _fused_jvp(static, primals, tangents):
   # What reverse mode keeps are the inputs and the kept h rows (none under residuals="inputs"):
   # no dispatched rows or expert outputs; the backward call re-reads the rows from the peers.
   y, hidden = _forward_call(static, True, *primals)
+  # No rows kept, no residual: under shard_map a zero-sized residual passes from the forward's
+  # manual computation to the backward's, and jax 0.11's SPMD partitioner crashes on that.
+  kept = (hidden,) if static.kept_rows else ()
   y_dot = _linear_p.bind(
-      *_varying_alike(*primals, hidden, *(tangents[i] for i in _DIFFERENTIABLE)),
+      *_varying_alike(*primals, *kept, *(tangents[i] for i in _DIFFERENTIABLE)),
       static=static)
   return y, y_dot
 
@@ -389,7 +394,7 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
                         axis_name=axis_name)
   split = _topology.split(axis_name, dims.num_devices)
   if _topology.platform(split) == "gpu":
-    check_gpu_tiles(dims, x.dtype)
+    check_gpu_limits(dims, x.dtype)
   if dims.num_devices > 1 and jax.default_backend() == "cpu":
     _cpu_threads.check_pool(jax.local_device_count())
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
@@ -556,7 +561,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=None)
   if _topology.platform() == "gpu":
-    check_gpu_tiles(dims, x.dtype)
+    check_gpu_limits(dims, x.dtype)
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   _replication(plan, _topology.Split(1, num_devices, False, ()))
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,

@@ -1,7 +1,8 @@
 """The JAX internals jax_ccfuser relies on, each with what happens where a JAX lacks it.
 
-JAX has no public spelling for these. Each was checked with jax 0.10.2 (requirements.lock) and
-0.12.0.1 (requirements-latest.lock, `make test-jax-latest`); `pyproject.toml` declares that range.
+JAX has no public spelling for these. Each was checked with jax 0.10.2 (requirements.lock), 0.11.2
+(requirements-0.11.lock, `make test-jax-0.11`) and 0.12.0.1 (requirements-latest.lock,
+`make test-jax-latest`); `pyproject.toml` declares that range.
 """
 
 import jax

@@ -46,13 +46,21 @@ def check_num_experts(num_experts: int, num_devices: int) -> int:
   return num_experts // num_devices
 
 
-def check_gpu_tiles(dims: MoeDims, dtype) -> None:
-  """The CUDA kernels' shape limit, at trace time: bfloat16/float16 tiles move 16-byte vectors
-  (8 elements) along H and F, so both must be multiples of 8 on GPU."""
+# The most routing choices per token the CUDA path takes (cuda/config.cuh kMaxTopK).
+GPU_MAX_TOP_K = 3072
+
+
+def check_gpu_limits(dims: MoeDims, dtype) -> None:
+  """The CUDA kernels' shape limits, at trace time: bfloat16/float16 tiles move 16-byte vectors
+  (8 elements) along H and F, so both must be multiples of 8 on GPU, and K is at most
+  `GPU_MAX_TOP_K`."""
   if np.dtype(dtype) != np.float32 and (dims.hidden % 8 or dims.ffn % 8):
     raise ValueError(f"fused_moe on GPU needs H and F to be multiples of 8 for "
                      f"{np.dtype(dtype).name}; got H={dims.hidden}, F={dims.ffn} (pad them, or "
                      f"use float32)")
+  if dims.k > GPU_MAX_TOP_K:
+    raise ValueError(f"fused_moe on GPU takes at most {GPU_MAX_TOP_K} routing choices per token; "
+                     f"got K={dims.k}")
 
 
 def _dtype_name(a) -> str:

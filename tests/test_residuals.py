@@ -152,6 +152,33 @@ def test_recompute_keeps_nothing_of_real_size():
   assert results.endswith(none_kept)
 
 
+def _shard_map_results(jaxpr) -> list:
+  """The result shapes of every shard_map in a jaxpr, nested ones included."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      shapes += [v.aval.shape for v in eqn.outvars]
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+          shapes += _shard_map_results(getattr(sub, "jaxpr", sub))
+  return shapes
+
+
+def test_recomputing_passes_no_empty_residual_between_shard_maps():
+  """Under shard_map, reverse mode splits the op into a forward and a backward manual
+  computation and passes the residuals from one to the other. With nothing kept none may be
+  zero-sized: jax 0.11's SPMD partitioner crashes (SIGSEGV) compiling such a pass."""
+  case = Case(devices=2, seed=9)
+  args = make_inputs(case)
+  for residuals, kept in (("inputs", 0), ("hidden", case.devices * case.tokens * case.k)):
+    shapes = _shard_map_results(jax.make_jaxpr(_forward_and_grads("shard_map", case, residuals))(
+        *args, args[0]).jaxpr)
+    assert len(shapes) > 5, shapes  # the forward's residuals are among them
+    assert all(0 not in shape for shape in shapes), (residuals, shapes)
+    assert ((kept, 2 * case.ffn) in shapes) == bool(kept), (residuals, shapes)
+
+
 def test_auto_keeps_what_fits_the_budget():
   case = Case(devices=1, tokens=13, k=2, ffn=24, seed=7)
   args = make_inputs(case)

@@ -1,6 +1,8 @@
 """Every argument fault of the MoE entry points is a ValueError that says what is wrong."""
 
 import functools
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jax_ccfuser import all_to_all_moe, fused_moe, reference_moe
-from jax_ccfuser._validation import axis_size, check_num_experts
+from jax_ccfuser._validation import GPU_MAX_TOP_K, axis_size, check_num_experts
 from moe_cases import Case, ep_mesh, make_inputs
 
 MOE_FNS = [reference_moe, all_to_all_moe, fused_moe]
@@ -93,10 +95,11 @@ def test_faults_found_at_trace_time(moe_fn):
 
 
 @pytest.mark.parametrize("entry", ["fused_moe", "fused_moe_emulated"])
-def test_gpu_tile_limit_found_at_trace_time(entry, monkeypatch):
-  """On GPU, bfloat16/float16 need H and F multiples of 8: a trace-time ValueError, not a
-  run-time error from the handler (the shapes are static). Traced for "gpu" by stubbing the
-  platform lookup: the check itself is plain Python, and the trace stops before any kernel."""
+def test_gpu_limits_found_at_trace_time(entry, monkeypatch):
+  """On GPU, bfloat16/float16 need H and F multiples of 8, and K is at most 3072: trace-time
+  ValueErrors, not run-time errors from the handler (the shapes are static). Traced for "gpu" by
+  stubbing the platform lookup: the check itself is plain Python, and the trace stops before any
+  kernel."""
   from jax_ccfuser import _topology
   from jax_ccfuser.experimental import fused_moe_emulated
   monkeypatch.setattr(_topology, "platform", lambda split=None: "gpu")
@@ -107,10 +110,26 @@ def test_gpu_tile_limit_found_at_trace_time(entry, monkeypatch):
   with pytest.raises(ValueError, match=r"on GPU needs H and F to be multiples of 8 for "
                                        r"bfloat16; got H=4, F=5"):
     jax.jit(fn).trace(**args)
+  tokens, experts = args["x"].shape[0], args["w_in"].shape[0]
+  for k, fits in ((GPU_MAX_TOP_K, True), (GPU_MAX_TOP_K + 1, False)):
+    routing = dict(expert_ids=jnp.asarray(_rng.integers(0, experts, (tokens, k)), jnp.int32),
+                   expert_weights=_array((tokens, k)))
+    if fits:
+      jax.jit(fn).trace(**_replace(**routing))
+    else:
+      with pytest.raises(ValueError, match=rf"at most 3072 routing choices per token; got K={k}"):
+        jax.jit(fn).trace(**_replace(**routing))
   # float32 has no such limit, and neither has the CPU.
   jax.jit(fn).trace(**_replace())
   monkeypatch.setattr(_topology, "platform", lambda split=None: "cpu")
   jax.jit(fn).trace(**args)
+
+
+def test_gpu_top_k_limit_is_the_kernels():
+  """The trace-time K limit is the one the CUDA handler checks and the scatter's shared memory
+  holds."""
+  config = (pathlib.Path(__file__).parents[1] / "cuda" / "config.cuh").read_text()
+  assert re.search(r"constexpr int kMaxTopK = (\d+);", config).group(1) == str(GPU_MAX_TOP_K)
 
 
 @pytest.mark.parametrize("capacity_factor", [0.0, -1.25, float("nan")])

@@ -75,6 +75,9 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
   // and scratch rows (each group padded to whole M-tiles of at most 128 rows) in int32 too.
   const int64_t pairs = d.num_devices * d.tokens * d.k;
   constexpr int64_t kMaxPairs = INT32_MAX - cuda::kPairsPerChunk - cuda::kMaxExpertsHere * 128;
+  if (d.k > cuda::kMaxTopK)
+    return Unimplemented("K = " + std::to_string(d.k) + " routing choices per token; at most " +
+                         std::to_string(cuda::kMaxTopK) + " on GPU");
   if (pairs > kMaxPairs || d.hidden > INT32_MAX || d.gate_ffn > INT32_MAX)
     return Unimplemented("D * T * K = " + std::to_string(pairs) + " pairs (at most " +
                          std::to_string(kMaxPairs) + "); H and G*F must fit int32");
