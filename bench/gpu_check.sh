@@ -52,7 +52,9 @@ fi
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 
-# -P: the repository's own jax_ccfuser/ (no extensions in it) must not shadow the staged copy.
+# The repository's own jax_ccfuser/ (no extensions in it) must not shadow the staged copy: no
+# Python here, nor any it starts (a test's subprocess), puts the working directory on its path.
+export PYTHONSAFEPATH=1
 export PYTHONPATH=$PKG:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export CCF_GPU_CHECK_DRY=$DRY
@@ -132,7 +134,7 @@ build() {
   cp -r "$REPO/jax_ccfuser" "$PKG/"
   find "$PKG" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
   cp "$BUILD"/_ccfuser_*.so "$PKG/jax_ccfuser/"
-  "$PY" -P -c "
+  "$PY" -c "
 import jax_ccfuser as ccf
 cuda = ccf._extension.cuda is not None
 print('jax_ccfuser from', ccf.__file__, '| CUDA extension:', cuda)
@@ -142,7 +144,7 @@ assert cuda or '$CUDA_BUILD' != 'ON', 'built with CCF_ENABLE_CUDA=ON but no CUDA
 tests() {
   local per_test=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=120 --timeout-method=thread)
-  "$PY" -P -m pytest tests/test_cuda.py -v -rA -p no:cacheprovider \
+  "$PY" -m pytest tests/test_cuda.py -v -rA -p no:cacheprovider \
     --junitxml="$STATE/junit.xml" "${per_test[@]}"
 }
 
@@ -151,7 +153,7 @@ benchmark() {  # bench.gpu's arguments
     install_wheels "$CARRY/bench" ||
       echo "the benchmark's wheels did not install: its tokamax baseline will not run"
   fi
-  "$PY" -P -m bench.gpu "$@"
+  "$PY" -m bench.gpu "$@"
 }
 
 sanitize() {  # tool
@@ -164,7 +166,7 @@ sanitize() {  # tool
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
     compute-sanitizer --tool "$1" "${only_ours[@]}" --print-limit 20 --error-exitcode 3 \
     --target-processes application-only --log-file "$STATE/compute-sanitizer-$1.log" \
-    "$PY" -P -m bench.gpu_check workload
+    "$PY" -m bench.gpu_check workload
 }
 
 # The stages' shell functions run under `timeout` in a child bash.
@@ -172,7 +174,7 @@ export REPO PY STATE SITE BUILD PKG CARRY CUDA_BUILD
 export -f install_wheels build tests benchmark sanitize
 
 # 0 env
-run_stage env 120 0 "$PY" -P -m bench.gpu_check env "$STATE/env.json" --stamp "$CARRY/COMMIT"
+run_stage env 120 0 "$PY" -m bench.gpu_check env "$STATE/env.json" --stamp "$CARRY/COMMIT"
 
 # 1 build
 # The build takes what it needs, leaving 150 s for the stages after it.
@@ -213,7 +215,7 @@ fi
 
 # 5 report
 echo "-- report"
-if ! "$PY" -P -m bench.gpu_check report "$STATE" --results "$RESULTS" ${OUT:+--out "$OUT"}; then
+if ! "$PY" -m bench.gpu_check report "$STATE" --results "$RESULTS" ${OUT:+--out "$OUT"}; then
   # The report itself broke: hand back the raw outcomes and logs instead.
   [ -n "${OUT:-}" ] && tar --exclude=./site --exclude=./build --exclude=./pkg -C "$STATE" \
     -czf "$OUT/gpu-check-state.tgz" .
