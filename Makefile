@@ -32,13 +32,15 @@ test-fast: install
 
 # Other JAX releases, each from requirements-NAME.lock in its own .venv-NAME with Python 3.12 (which
 # jax 0.11 and later need): `latest`, the newest release, and `0.11`, the line between the pinned
-# one and the newest. They run the fused op, the Flax layers and the router; the CUDA extension is
-# left to `make test`'s build (the same sources against another jaxlib's headers).
+# one and the newest. They run the fused op (residuals and asynchronous dispatch too), the Flax
+# layers and the router; the CUDA extension is left to `make test`'s build (the same sources
+# against another jaxlib's headers).
 PYTHON_LATEST ?= $(firstword $(foreach p,python3.12 python3.13 \
 	$(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python),\
 	$(shell $(p) -c "import sys; assert sys.version_info >= (3, 12)" 2>/dev/null && echo $(p))))
 JAX_LINE_TESTS := tests/test_fused.py tests/test_flax.py tests/test_router.py \
-	tests/test_reference.py tests/test_all_to_all.py tests/test_ffi_contract.py
+	tests/test_reference.py tests/test_all_to_all.py tests/test_ffi_contract.py \
+	tests/test_residuals.py tests/test_async_dispatch.py
 
 .venv-%/.deps: requirements-%.lock
 	@test -n "$(PYTHON_LATEST)" || { echo "test-jax-$* needs Python >= 3.12 (set PYTHON_LATEST)"; exit 1; }

@@ -69,6 +69,7 @@ class _CallAttrs(NamedTuple):
   scratch_budget: int
   fetch_sms: int
   tf32: int
+  kept_rows: int
 
   def as_ffi(self) -> dict:
     """`ffi_call`'s keyword attributes, typed as the native module declares them."""
@@ -103,8 +104,9 @@ def _reserve_region(static: _Static, backward: bool, x, ids, weights, w_in, w_ou
   return _workspace.region((static.site, backward), nbytes, static.timeout_ms, static.platform)
 
 
-def _call_attrs(static: _Static, backward: bool, region) -> _CallAttrs:
-  """The attributes of `static`'s forward or backward call, whose region `_reserve_region` gave."""
+def _call_attrs(static: _Static, backward: bool, region, kept_rows: int) -> _CallAttrs:
+  """The attributes of `static`'s forward or backward call, whose region `_reserve_region` gave,
+  with `kept_rows` h rows kept per device."""
   workspace, offset = region
   return _CallAttrs(site=2 * static.site + backward, num_devices=static.num_devices,
                     emulated=int(static.emulated),
@@ -112,7 +114,14 @@ def _call_attrs(static: _Static, backward: bool, region) -> _CallAttrs:
                     timeout_ms=static.timeout_ms, num_experts=static.num_experts,
                     workspace=workspace, workspace_offset=offset,
                     devices=static.devices or (-1,), scratch_budget=static.scratch_budget,
-                    fetch_sms=static.fetch_sms, tf32=int(static.tf32))
+                    fetch_sms=static.fetch_sms, tf32=int(static.tf32), kept_rows=kept_rows)
+
+
+def _hidden_shape(static: _Static, kept_rows: int, gate_ffn: int) -> tuple:
+  """The calls' `hidden` `[R, G*F]`: the `kept_rows` of every device the call stands for, or one
+  row that holds nothing where none are kept. Never zero-sized: XLA (jax 0.11) crashes compiling
+  a zero-sized custom-call operand or shard_map residual under shard_map."""
+  return (kept_rows * (static.num_devices if static.emulated else 1) or 1, gate_ffn)
 
 
 def _traced_settings() -> dict:
@@ -200,19 +209,19 @@ def _reverse_only(nondiff_argnums):
 
 @_reverse_only(nondiff_argnums=(0, 1))
 def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
-  """y `[T, H]` and the kept h rows `[C, G*F]` float32 (`[D*C, G*F]` emulated; no rows unless
-  `keep`: a forward that is not differentiated keeps nothing)."""
+  """y `[T, H]` and the kept h rows `[C, G*F]` float32 (`[D*C, G*F]` emulated; none unless
+  `keep`, as a forward that is not differentiated keeps nothing: `_hidden_shape`)."""
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, rank, group)
   t, h = x.shape
-  kept = static.kept_rows * (static.num_devices if static.emulated else 1) if keep else 0
+  kept = static.kept_rows if keep else 0
   call = jax.ffi.ffi_call(
       "ccf_moe_fwd",
       (_result(args[0], x.shape, x.dtype),
        _result(args[0], (t, _slots(static, ids.shape[1]), h), jnp.float32),
-       _result(args[0], (kept, w_in.shape[2]), jnp.float32)),
+       _result(args[0], _hidden_shape(static, kept, w_in.shape[2]), jnp.float32)),
       vmap_method="sequential")
   region = _reserve_region(static, False, x, ids, weights, w_in, w_out)
-  y, _, hidden = call(*args, **_call_attrs(static, False, region).as_ffi())
+  y, _, hidden = call(*args, **_call_attrs(static, False, region, kept).as_ffi())
   return y, hidden
 
 
@@ -223,9 +232,10 @@ def _backward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, 
   the h rows the forward kept."""
   if dy.shape != x.shape:
     raise ValueError(f"cotangent shape {dy.shape} != output shape {x.shape}")
-  if hidden.shape[1:] != w_in.shape[2:] or hidden.dtype != jnp.float32:
-    raise ValueError(f"kept hidden rows {hidden.shape} {hidden.dtype} do not fit w_in "
-                     f"{w_in.shape}: expected [C, {w_in.shape[2]}] float32")
+  expected = _hidden_shape(static, static.kept_rows, w_in.shape[2])
+  if hidden.shape != expected or hidden.dtype != jnp.float32:
+    raise ValueError(f"kept hidden rows {hidden.shape} {hidden.dtype} do not fit this call: "
+                     f"expected {list(expected)} float32")
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, dy.astype(x.dtype),
                         hidden, rank, group)
   t, h = x.shape
@@ -237,7 +247,8 @@ def _backward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, 
        _result(like, (t, _slots(static, ids.shape[1]), h), jnp.float32)),
       vmap_method="sequential")
   region = _reserve_region(static, True, x, ids, weights, w_in, w_out)
-  dx, dweights, dw_in, dw_out, _ = call(*args, **_call_attrs(static, True, region).as_ffi())
+  dx, dweights, dw_in, dw_out, _ = call(
+      *args, **_call_attrs(static, True, region, static.kept_rows).as_ffi())
   return dx, dweights, dw_in, dw_out
 
 
@@ -256,9 +267,7 @@ def _linear_transpose(dy, *operands, static):
   inputs, tangents = operands[:-len(_DIFFERENTIABLE)], operands[-len(_DIFFERENTIABLE):]
   if type(dy) is ad.Zero:
     return [None] * len(operands)
-  # The jvp passed no kept rows where there are none: the backward's empty operand starts here.
-  hidden = () if static.kept_rows else (jnp.zeros((0, inputs[3].shape[2]), jnp.float32),)
-  grads = _backward_call(static, *inputs, *hidden, dy)
+  grads = _backward_call(static, *inputs, dy)
   return [None] * len(inputs) + [g if ad.is_undefined_primal(t) else None
                                  for g, t in zip(grads, tangents)]
 
@@ -289,14 +298,12 @@ def _fused(static, *operands):
 
 @_fused.defjvp
 def _fused_jvp(static, primals, tangents):
-  # What reverse mode keeps are the inputs and the kept h rows (none under residuals="inputs"):
+  # What reverse mode keeps are the inputs and the kept h rows (one unused row under
+  # residuals="inputs"):
   # no dispatched rows or expert outputs; the backward call re-reads the rows from the peers.
   y, hidden = _forward_call(static, True, *primals)
-  # No rows kept, no residual: under shard_map a zero-sized residual passes from the forward's
-  # manual computation to the backward's, and jax 0.11's SPMD partitioner crashes on that.
-  kept = (hidden,) if static.kept_rows else ()
   y_dot = _linear_p.bind(
-      *_varying_alike(*primals, *kept, *(tangents[i] for i in _DIFFERENTIABLE)),
+      *_varying_alike(*primals, hidden, *(tangents[i] for i in _DIFFERENTIABLE)),
       static=static)
   return y, y_dot
 

@@ -28,7 +28,7 @@ def test_python_attribute_record_is_the_natives(module):
       "site": "uint64", "num_devices": "int32", "emulated": "int32", "activation": "int32",
       "timeout_ms": "int64", "num_experts": "int64", "workspace": "int32",
       "workspace_offset": "int64", "devices": "int32[]", "scratch_budget": "int64",
-      "fetch_sms": "int32", "tf32": "int32"}
+      "fetch_sms": "int32", "tf32": "int32", "kept_rows": "int64"}
 
 
 @pytest.mark.parametrize("module", NATIVE, ids=lambda m: m.__name__)
@@ -43,7 +43,7 @@ def test_attributes_are_typed_as_declared():
   static = _fused._Static(site=7, num_devices=2, emulated=True, activation="geglu",
                           timeout_ms=1234, num_experts=8, scratch_budget=5 << 30,
                           fetch_sms=20, tf32=True)
-  attrs = _fused._call_attrs(static, True, (-1, 0))
+  attrs = _fused._call_attrs(static, True, (-1, 0), 13)
   ffi = attrs.as_ffi()
   assert list(ffi) == list(_extension.CALL_ATTRIBUTES)
   for name, kind in _extension.CALL_ATTRIBUTES.items():
@@ -55,6 +55,7 @@ def test_attributes_are_typed_as_declared():
   assert ffi["scratch_budget"] == 5 << 30
   assert ffi["fetch_sms"] == 20
   assert ffi["tf32"] == 1
+  assert ffi["kept_rows"] == 13
 
 
 def _static_traced_now():
@@ -104,7 +105,7 @@ def test_tf32_follows_jax_default_matmul_precision_at_trace_time():
     with jax.default_matmul_precision(precision):
       assert not static().tf32, precision
   with jax.default_matmul_precision("tensorfloat32"):
-    attrs = _fused._call_attrs(static(), False, (-1, 0)).as_ffi()
+    attrs = _fused._call_attrs(static(), False, (-1, 0), 0).as_ffi()
   assert attrs["tf32"] == 1
 
 
@@ -160,7 +161,7 @@ def test_no_region_without_peers_in_other_processes():
   assert _fused._reserve_region(static, False, None, None, None, None, None) == (-1, 0)
 
 
-def _forward_by_hand(*, weights_dtype=jnp.float32, hidden_shape=(0, 6)):
+def _forward_by_hand(*, weights_dtype=jnp.float32, hidden_shape=(1, 6), kept_rows=0):
   """A one-device "ccf_moe_fwd" call made by hand (x [4, 8], K=2, two swiglu experts of F=3):
   `(call, operands, attributes)`."""
   rng = np.random.default_rng(0)
@@ -176,7 +177,7 @@ def _forward_by_hand(*, weights_dtype=jnp.float32, hidden_shape=(0, 6)):
                                           jax.ShapeDtypeStruct((4, 1, 8), jnp.float32),
                                           jax.ShapeDtypeStruct(hidden_shape, jnp.float32)))
   operands = (x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0))
-  return call, operands, _fused._call_attrs(static, False, (-1, 0))
+  return call, operands, _fused._call_attrs(static, False, (-1, 0), kept_rows)
 
 
 def test_every_attribute_reaches_the_handler():
@@ -203,15 +204,18 @@ def test_handler_refuses_weights_of_a_third_dtype():
 
 def test_kept_hidden_rows_are_a_result_of_the_forward():
   """The forward's third result holds h = x @ w_in for the first C rows of the device's work
-  list (experts in order, rows in (token, k) order); its width must be G*F."""
-  call, operands, attrs = _forward_by_hand(hidden_shape=(8, 6))
+  list (experts in order, rows in (token, k) order); its shape must be [C, G*F] for the attribute
+  kept_rows = C, one row where C = 0."""
+  call, operands, attrs = _forward_by_hand(hidden_shape=(8, 6), kept_rows=8)
   x, ids, _, w_in = operands[:4]
   _, _, hidden = call(*operands, **attrs.as_ffi())
   order = np.argsort(np.asarray(ids).ravel(), kind="stable")  # by expert, then (token, k)
   expected = np.stack([np.asarray(x[i // 2] @ w_in[ids.ravel()[i]]) for i in order])
   np.testing.assert_allclose(hidden, expected, rtol=1e-5, atol=1e-5)
-  call, operands, attrs = _forward_by_hand(hidden_shape=(8, 5))
-  with pytest.raises(jax.errors.JaxRuntimeError,
-                     match=re.escape("hidden must be [C, G*F=6] float32 per device (kept rows "
-                                     "of x @ w_in); got [8, 5]")):
-    call(*operands, **attrs.as_ffi())[0].block_until_ready()
+  for shape, kept in (((8, 5), 8), ((7, 6), 8), ((0, 6), 0)):
+    call, operands, attrs = _forward_by_hand(hidden_shape=shape, kept_rows=kept)
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match=re.escape(f"hidden must be [{max(kept, 1)}, G*F=6] float32 for "
+                                       f"{kept} kept rows of x @ w_in per device; got "
+                                       f"[{shape[0]}, {shape[1]}]")):
+      call(*operands, **attrs.as_ffi())[0].block_until_ready()

@@ -1,5 +1,7 @@
 #include "xla_ffi/moe_call.h"
 
+#include <algorithm>
+
 namespace ccf {
 
 namespace ffi = xla::ffi;
@@ -109,13 +111,16 @@ ffi::Error CheckBackwardBuffers(const MoeDims& d, const ffi::AnyBuffer& x,
 
 ffi::Error DecodeKeptRows(const MoeDims& d, const CallAttrs& attrs, const Hidden& hidden,
                           int64_t* kept_rows) {
-  const int64_t split = attrs.emulated ? d.num_devices : 1;
+  // One row that holds nothing where none are kept: XLA (jax 0.11) crashes compiling a zero-sized
+  // custom-call operand under shard_map.
+  const int64_t rows = attrs.kept_rows * (attrs.emulated ? d.num_devices : 1);
   const auto dims = hidden.dimensions();
-  if (dims[1] != d.gate_ffn || dims[0] % split)
-    return InvalidArgument("hidden must be [C, G*F=" + std::to_string(d.gate_ffn) +
-                           "] float32 per device (kept rows of x @ w_in); got " +
-                           ShapeString(hidden));
-  *kept_rows = dims[0] / split;
+  if (attrs.kept_rows < 0 || dims[0] != std::max<int64_t>(rows, 1) || dims[1] != d.gate_ffn)
+    return InvalidArgument("hidden must be [" + std::to_string(std::max<int64_t>(rows, 1)) +
+                           ", G*F=" + std::to_string(d.gate_ffn) + "] float32 for " +
+                           std::to_string(attrs.kept_rows) + " kept rows of x @ w_in per "
+                           "device; got " + ShapeString(hidden));
+  *kept_rows = attrs.kept_rows;
   return ffi::Error::Success();
 }
 

@@ -19,7 +19,8 @@ using ScalarS32 = xla::ffi::Buffer<xla::ffi::S32, 0>;
 using PlanArray = xla::ffi::Buffer<xla::ffi::S32, 2>;
 using Staging = xla::ffi::Buffer<xla::ffi::F32, 3>;
 // Rows of h = x @ w_in in float32 that a device keeps from its forward for its backward
-// (residuals="hidden"): [C, G*F], stacked [D * C, G*F] when emulating; C = 0 keeps none.
+// (residuals="hidden"): [C, G*F], stacked [D * C, G*F] when emulating; with C = 0 (the attribute
+// kept_rows) one row that holds nothing.
 using Hidden = xla::ffi::Buffer<xla::ffi::F32, 2>;
 
 // The attributes of "ccf_moe_fwd" / "ccf_moe_bwd", X(type, name) each, SEP between them: the one
@@ -39,7 +40,8 @@ using Hidden = xla::ffi::Buffer<xla::ffi::F32, 2>;
   X(xla::ffi::Span<const int32_t>, devices) SEP /* [G * D] device ids */                  \
   X(int64_t, scratch_budget) SEP                /* GPU scratch bytes (SizeChunks) */      \
   X(int32_t, fetch_sms) SEP                     /* SMs kept for the fetch; -1: SMs / 8 */ \
-  X(int32_t, tf32)                              /* float32 GEMMs may run as TF32 */
+  X(int32_t, tf32) SEP                          /* float32 GEMMs may run as TF32 */       \
+  X(int64_t, kept_rows)                         /* C: h rows kept per device */
 
 struct CallAttrs {
 #define CCF_CALL_ATTR_FIELD(type, name) type name;
@@ -77,7 +79,7 @@ xla::ffi::Error CheckBackwardBuffers(const MoeDims& d, const xla::ffi::AnyBuffer
                                      const xla::ffi::AnyBuffer& dw_in,
                                      const xla::ffi::AnyBuffer& dw_out, const Staging& staging);
 
-// The rows of h each (emulated) device keeps, C, from `hidden`'s shape; checks its width.
+// The rows of h each (emulated) device keeps, C (the attribute kept_rows); checks `hidden`'s shape.
 xla::ffi::Error DecodeKeptRows(const MoeDims& d, const CallAttrs& attrs, const Hidden& hidden,
                                int64_t* kept_rows);
 
