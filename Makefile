@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := CMakeLists.txt pyproject.toml jax_ccfuser/__init__.py $(wildcard xla_ffi/*) \
 	$(wildcard cuda/*) $(wildcard common/*)
 
-.PHONY: all install test test-fast test-jax-latest test-jax-0.11 demo bench gpu-wheels gpu-check clean
+.PHONY: all install test test-fast test-jax-latest test-jax-0.11 demo bench gpu-wheels gpu-check gpu-check-dry clean
 
 all: install
 
@@ -43,7 +43,7 @@ JAX_LINE_TESTS := tests/test_fused.py tests/test_flax.py tests/test_router.py \
 	tests/test_residuals.py tests/test_async_dispatch.py
 
 .venv-%/.deps: requirements-%.lock
-	@test -n "$(PYTHON_LATEST)" || { echo "test-jax-$* needs Python >= 3.12 (set PYTHON_LATEST)"; exit 1; }
+	@test -n "$(PYTHON_LATEST)" || { echo ".venv-$* needs Python >= 3.12 (set PYTHON_LATEST)"; exit 1; }
 	$(PYTHON_LATEST) -m venv .venv-$*
 	.venv-$*/bin/python -m pip install -q --upgrade pip
 	.venv-$*/bin/python -m pip install -q -r $<
@@ -88,6 +88,12 @@ gpu-wheels:
 # On the GPU machine: build, CUDA tests, compute-sanitizer, benchmark, results file.
 gpu-check:
 	bash bench/gpu_check.sh
+
+# Its rehearsal here, on the CPU backend, in a .venv-gpu-image laid out as the GPU image is
+# (requirements-gpu-image.lock: Python 3.12, jax 0.11, jax_ccfuser not installed) with the carried
+# wheels, as the GPU machine will run it.
+gpu-check-dry: .venv-gpu-image/.deps gpu-wheels
+	PYTHON=$(CURDIR)/.venv-gpu-image/bin/python CCF_GPU_CHECK_DRY=1 bash bench/gpu_check.sh
 
 clean:
 	rm -rf build $(VENV) .venv-* demo_out
