@@ -299,8 +299,8 @@ def _fused(static, *operands):
 @_fused.defjvp
 def _fused_jvp(static, primals, tangents):
   # What reverse mode keeps are the inputs and the kept h rows (one unused row under
-  # residuals="inputs"):
-  # no dispatched rows or expert outputs; the backward call re-reads the rows from the peers.
+  # residuals="inputs"): no dispatched rows or expert outputs; the backward call re-reads the rows
+  # from the peers.
   y, hidden = _forward_call(static, True, *primals)
   y_dot = _linear_p.bind(
       *_varying_alike(*primals, hidden, *(tangents[i] for i in _DIFFERENTIABLE)),
