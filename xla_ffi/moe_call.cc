@@ -109,18 +109,16 @@ ffi::Error CheckBackwardBuffers(const MoeDims& d, const ffi::AnyBuffer& x,
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeKeptRows(const MoeDims& d, const CallAttrs& attrs, const Hidden& hidden,
-                          int64_t* kept_rows) {
+ffi::Error CheckHidden(const MoeDims& d, const CallAttrs& attrs, const Hidden& hidden) {
   // One row that holds nothing where none are kept: XLA (jax 0.11) crashes compiling a zero-sized
   // custom-call operand under shard_map.
-  const int64_t rows = attrs.kept_rows * (attrs.emulated ? d.num_devices : 1);
+  const int64_t rows = std::max<int64_t>(attrs.kept_rows * (attrs.emulated ? d.num_devices : 1), 1);
   const auto dims = hidden.dimensions();
-  if (attrs.kept_rows < 0 || dims[0] != std::max<int64_t>(rows, 1) || dims[1] != d.gate_ffn)
-    return InvalidArgument("hidden must be [" + std::to_string(std::max<int64_t>(rows, 1)) +
-                           ", G*F=" + std::to_string(d.gate_ffn) + "] float32 for " +
+  if (attrs.kept_rows < 0 || dims[0] != rows || dims[1] != d.gate_ffn)
+    return InvalidArgument("hidden must be [" + std::to_string(rows) + ", G*F=" +
+                           std::to_string(d.gate_ffn) + "] float32 for " +
                            std::to_string(attrs.kept_rows) + " kept rows of x @ w_in per "
                            "device; got " + ShapeString(hidden));
-  *kept_rows = attrs.kept_rows;
   return ffi::Error::Success();
 }
 

@@ -79,9 +79,8 @@ xla::ffi::Error CheckBackwardBuffers(const MoeDims& d, const xla::ffi::AnyBuffer
                                      const xla::ffi::AnyBuffer& dw_in,
                                      const xla::ffi::AnyBuffer& dw_out, const Staging& staging);
 
-// The rows of h each (emulated) device keeps, C (the attribute kept_rows); checks `hidden`'s shape.
-xla::ffi::Error DecodeKeptRows(const MoeDims& d, const CallAttrs& attrs, const Hidden& hidden,
-                               int64_t* kept_rows);
+// `hidden` against the rows of h each (emulated) device keeps, C (the attribute kept_rows).
+xla::ffi::Error CheckHidden(const MoeDims& d, const CallAttrs& attrs, const Hidden& hidden);
 
 // What peers must agree on: (T, H, K, F, E_local, E, x dtype, weights dtype, activation).
 std::array<int64_t, 9> Signature(const MoeDims& d);

@@ -300,8 +300,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
       err.failure())
     return err;
   if (ffi::Error err = CheckForwardResults(d, x, *y, *staging); err.failure()) return err;
-  int64_t kept_rows;
-  if (ffi::Error err = DecodeKeptRows(d, attrs, *hidden, &kept_rows); err.failure()) return err;
+  if (ffi::Error err = CheckHidden(d, attrs, *hidden); err.failure()) return err;
   // Peers accumulate into this device's staging as soon as the publish barrier passes.
   std::memset(staging->typed_data(), 0, staging->size_bytes());
   Peers peers;
@@ -316,7 +315,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
           [&](int me, const HostWorkList& work) {
             std::vector<float> x_rows(work.tokens.size() * d.hidden);
             FetchTokens(peers.buffers, &PeerBuffers::x, d, work, x_rows.data());
-            const KeptHidden kept = KeptOf(peers, d, hidden->typed_data(), kept_rows, me);
+            const KeptHidden kept = KeptOf(peers, d, hidden->typed_data(), attrs.kept_rows, me);
             int64_t position = 0;
             for (const ExpertWork& ew : work.experts) {
               const ExpertWeights w(peers.buffers[d.owner(ew.expert)], d,
@@ -351,8 +350,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
                                             *dw_out, *staging);
       err.failure())
     return err;
-  int64_t kept_rows;
-  if (ffi::Error err = DecodeKeptRows(d, attrs, hidden, &kept_rows); err.failure()) return err;
+  if (ffi::Error err = CheckHidden(d, attrs, hidden); err.failure()) return err;
   std::memset(staging->typed_data(), 0, staging->size_bytes());
   // Every (token, k) of a valid call is written by exactly one device; zero it anyway so a
   // failed call leaves no uninitialised memory behind.
@@ -381,7 +379,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
         std::vector<float> x_rows(work.tokens.size() * d.hidden), dy_rows(x_rows.size());
         FetchTokens(peers.buffers, &PeerBuffers::x, d, work, x_rows.data());
         FetchTokens(peers.buffers, &PeerBuffers::dy, d, work, dy_rows.data());
-        const KeptHidden kept = KeptOf(peers, d, hidden.typed_data(), kept_rows, me);
+        const KeptHidden kept = KeptOf(peers, d, hidden.typed_data(), attrs.kept_rows, me);
         int64_t position = 0;
         for (const ExpertWork& ew : work.experts) {
           const int owner = d.owner(ew.expert);

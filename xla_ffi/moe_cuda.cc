@@ -207,8 +207,8 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
     return err;
   call.tf32 = Tf32(call.d, attrs, w_in.untyped_data(), w_out.untyped_data());
   if (ffi::Error err = CheckForwardResults(call.d, x, *y, *staging); err.failure()) return err;
-  if (ffi::Error err = DecodeKeptRows(call.d, attrs, *hidden, &call.kept_rows); err.failure())
-    return err;
+  if (ffi::Error err = CheckHidden(call.d, attrs, *hidden); err.failure()) return err;
+  call.kept_rows = attrs.kept_rows;
   if (call.kept_rows > 0) call.kept = hidden->typed_data();
   TakePlan(plan_workers, plan_bounds, &call);
   if (x.element_count() == 0) return ffi::Error::Success();
@@ -223,7 +223,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
     return err;
   std::lock_guard<std::mutex> enqueueing(state->pipeline_mu);
   Launcher launcher;
-  if (call.plan.workers != nullptr && hidden->size_bytes() > 0)
+  if (call.plan.workers != nullptr)
     launcher.Run("zeroing the h rows a plan does not keep", [&] {
       return cudaMemsetAsync(hidden->untyped_data(), 0, hidden->size_bytes(), stream);
     });
@@ -253,8 +253,8 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
                                             *dw_out, *staging);
       err.failure())
     return err;
-  if (ffi::Error err = DecodeKeptRows(d, attrs, hidden, &call.kept_rows); err.failure())
-    return err;
+  if (ffi::Error err = CheckHidden(d, attrs, hidden); err.failure()) return err;
+  call.kept_rows = attrs.kept_rows;
   if (call.kept_rows > 0) call.kept = hidden.typed_data();
   TakePlan(plan_workers, plan_bounds, &call);
   if (x.element_count() == 0) return ffi::Error::Success();
