@@ -7,7 +7,7 @@ document with its summary table.
 
   stamp PATH         (here, by `make gpu-wheels`) the commit, and a fingerprint of the files
                      that travel to the device machine, which has no .git to ask
-  env PATH           (device) device, driver, jax, Python, nvcc and commit, as JSON
+  env PATH           (device) device, driver, jax, Python, packages, nvcc and commit, as JSON
   workload           (device, under compute-sanitizer) a small emulated forward+backward
   report STATE_DIR   the stages' outcomes in STATE_DIR as `gpu-<date>-<commit>.json` and its
                      log, then the summary table
@@ -21,6 +21,7 @@ workload's output) and `bench.json` (bench/gpu.py).
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -108,6 +109,24 @@ print(json.dumps({"jax": jax.__version__, "jaxlib": jaxlib.__version__,
 """
 
 
+# What the tests and the benchmark import beside jax, read from the machine's own Python before
+# anything carried is staged: the versions the lock files should match on the next check.
+PACKAGES = ("numpy", "ml_dtypes", "scipy", "flax", "optax", "orbax-checkpoint", "matplotlib",
+            "pytest", "nanobind", "scikit-build-core", "cmake", "ninja", "tokamax",
+            "nvidia-cutlass")
+
+
+def package_versions(names=PACKAGES) -> dict:
+  """`{name: version}` of the installed distributions, None for each one not installed."""
+  versions = {}
+  for name in names:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return versions
+
+
 def env(path: pathlib.Path, stamp_path: pathlib.Path) -> dict:
   """Writes the machine's facts to `path`: each one that cannot be read is None."""
   facts = {"date": records.now(), "dry_run": os.environ.get("CCF_GPU_CHECK_DRY", "0") == "1",
@@ -117,6 +136,7 @@ def env(path: pathlib.Path, stamp_path: pathlib.Path) -> dict:
            # has them only where its -dev package is installed.
            "python_headers": pathlib.Path(sysconfig.get_paths()["include"], "Python.h").is_file()}
   facts.update(commit_of_tree(REPO, stamp_path))
+  facts["packages"] = package_versions()
   smi = _command_output(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                          "--format=csv,noheader"])
   gpus = [dict(zip(("name", "driver", "memory"), (v.strip() for v in line.split(","))))

@@ -4,7 +4,7 @@
 # package registry: what else the build needs travels in .whl/). Stages, each under its own
 # time limit inside one budget, each recorded whether it passes or not:
 #
-#   0 env        device, driver, jax, nvcc, commit (.whl/COMMIT where .git did not travel)
+#   0 env        device, driver, jax, packages, nvcc, commit (.whl/COMMIT where .git did not travel)
 #   1 build      the carried wheels into a scratch site, the extensions with CMake (CUDA for
 #                $CCF_CUDA_ARCH, default 90a), staged beside a copy of the package
 #   2 tests      pytest tests/test_cuda.py (junit XML, -v log; a per-test limit where

@@ -180,6 +180,21 @@ def test_stamp_names_the_commit_while_the_tree_matches(tmp_path, monkeypatch):
   assert gpu_check.commit_of_tree(repo, repo / "absent")["commit"] == "def5678"
 
 
+def test_env_records_the_machines_packages(tmp_path):
+  """The env stage's facts name the installed versions the next lock should match, and None for
+  what is not installed; here, without a GPU, the GPU facts are None."""
+  import flax
+  import numpy as np
+
+  facts = gpu_check.env(tmp_path / "env.json", tmp_path / "no-stamp")
+  assert json.loads((tmp_path / "env.json").read_text()) == facts
+  assert facts["packages"]["numpy"] == np.__version__
+  assert facts["packages"]["flax"] == flax.__version__
+  assert set(facts["packages"]) == set(gpu_check.PACKAGES)
+  assert gpu_check.package_versions(("no-such-distribution",)) == {"no-such-distribution": None}
+  assert (facts["device"], facts["gpus"], facts["backend"]) == (None, [], "cpu")
+
+
 def test_sanitizer_workload_runs(capsys):
   """The program compute-sanitizer runs, here on the CPU: finite, close to the reference."""
   gpu_check.workload()
