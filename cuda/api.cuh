@@ -106,9 +106,9 @@
 // runs the SM80 kernels beside them (JAX_CCFUSER_GROUPED_GEMMS=0 in a fresh process). What can
 // go wrong first: can_implement refusing (alignment: every row pitch and expert base must be 16
 // bytes), the problem table (a group's rows of one source in the chunk; M = 0 for none), the
-// workspace size. bench/gpu_check.sh's sanitizer runs filter kernels by our namespace
-// (mangled "3ccf"): they check build_problems and the passes, not CUTLASS's kernel itself. Then
-// time bench/gpu.py with and without them.
+// workspace size. bench/gpu_check.sh's memcheck run watches CUTLASS's kernels too (the bounds
+// our problem tables give their TMA); racecheck, synccheck and initcheck keep to our namespace
+// (mangled "3ccf"). Then time bench/gpu.py with and without them.
 //
 // GPU check for chunks (never run): tests/test_cuda.py's chunk tests compare budgets of one and
 // of a few tiles per chunk bitwise with one chunk (emulated, with a plan, and over every GPU):
