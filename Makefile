@@ -24,7 +24,7 @@ $(VENV)/.built: $(VENV)/.deps $(INSTALLED)
 install: $(VENV)/.built
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # Everything but the soak and multi-process tests (`slow`); `make test` and CI run those too.
 test-fast: install
