@@ -126,15 +126,21 @@ ffi::Error TakeScratch(ffi::ScratchAllocator& allocator, int64_t budget, Call* c
 float* Partials(const ForwardScratch&) { return nullptr; }
 float* Partials(const BackwardScratch& s) { return s.partials; }
 
-// The plan's arrays once it has helper slots (S > 1); a one-slot plan is every expert on its
-// owner, the same as none. With a plan no h rows are kept: a device's pairs are no longer one
-// slice of the list, and the backward recomputes them all.
-void TakePlan(const PlanArray& workers, const PlanArray& bounds, Call* call) {
+// Where the forward keeps h rows for the backward (`hidden`, checked against the kept_rows
+// attribute), and the plan's arrays once it has helper slots (S > 1); a one-slot plan is every
+// expert on its owner, the same as none. With a plan no h rows are kept: a device's pairs are no
+// longer one slice of the list, and the backward recomputes them all.
+ffi::Error TakeKeptRowsAndPlan(const CallAttrs& attrs, const Hidden& hidden,
+                               const PlanArray& workers, const PlanArray& bounds, Call* call) {
+  if (ffi::Error err = CheckHidden(call->d, attrs, hidden); err.failure()) return err;
   const int64_t slots = workers.dimensions()[1];
-  if (slots <= 1) return;
-  call->plan = {workers.typed_data(), bounds.typed_data(), static_cast<int32_t>(slots)};
-  call->kept = nullptr;
-  call->kept_rows = 0;
+  if (slots > 1) {
+    call->plan = {workers.typed_data(), bounds.typed_data(), static_cast<int32_t>(slots)};
+    return ffi::Error::Success();
+  }
+  call->kept_rows = attrs.kept_rows;
+  if (call->kept_rows > 0) call->kept = hidden.typed_data();
+  return ffi::Error::Success();
 }
 
 // The steps every handler takes before its launches: the GPU's state (a broken GPU stops here,
@@ -207,10 +213,9 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
     return err;
   call.tf32 = Tf32(call.d, attrs, w_in.untyped_data(), w_out.untyped_data());
   if (ffi::Error err = CheckForwardResults(call.d, x, *y, *staging); err.failure()) return err;
-  if (ffi::Error err = CheckHidden(call.d, attrs, *hidden); err.failure()) return err;
-  call.kept_rows = attrs.kept_rows;
-  if (call.kept_rows > 0) call.kept = hidden->typed_data();
-  TakePlan(plan_workers, plan_bounds, &call);
+  if (ffi::Error err = TakeKeptRowsAndPlan(attrs, *hidden, plan_workers, plan_bounds, &call);
+      err.failure())
+    return err;
   if (x.element_count() == 0) return ffi::Error::Success();
 
   DeviceState* state;
@@ -253,10 +258,9 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
                                             *dw_out, *staging);
       err.failure())
     return err;
-  if (ffi::Error err = CheckHidden(d, attrs, hidden); err.failure()) return err;
-  call.kept_rows = attrs.kept_rows;
-  if (call.kept_rows > 0) call.kept = hidden.typed_data();
-  TakePlan(plan_workers, plan_bounds, &call);
+  if (ffi::Error err = TakeKeptRowsAndPlan(attrs, hidden, plan_workers, plan_bounds, &call);
+      err.failure())
+    return err;
   if (x.element_count() == 0) return ffi::Error::Success();
 
   PeerBuffers own = OwnBuffers(x, ids, weights, w_in, w_out, *staging);
