@@ -133,7 +133,7 @@ def test_reassign_flag_balances_devices_and_keeps_the_function():
   with jax.set_mesh(ep_mesh(DEVICES)):
     plain, plain_aux = _apply(_layer(), x)
     moved, aux = _apply(_layer(reassign=True), x)
-    grads = [nnx.state(nnx.grad(_objective)(_layer(reassign=r), x), nnx.Param)
+    grads = [nnx.state(nnx.jit(nnx.grad(_objective))(_layer(reassign=r), x), nnx.Param)
              for r in (False, True)]
   assert_close(moved, plain, jnp.float32)
   jax.tree.map(lambda a, b: assert_close(a, b, jnp.float32, 10.0), *grads)
