@@ -69,7 +69,9 @@ bench: install
 
 # The lent GPU machine has Python 3.12 and no package registry: the wheels the build and the
 # benchmark (tokamax) need and it lacks travel in .whl/ (requirements.lock's pins), with the
-# commit stamp its report names (.git does not travel). Run before each check; bench/gpu_check.sh's header has the `run` call.
+# commit stamp its report names (.git does not travel), and the CUDA extension built here for
+# the image's Python and jax (.venv-gpu-image), whose nvcc minutes would come out of the lease
+# (bench/gpu_build.sh). Run before each check; bench/gpu_check.sh's header has the `run` call.
 pins = $(foreach p,$(1),$(shell grep -E '^$(p)==' requirements.lock))
 GPU_WHEELS = $(call pins,nvidia-cutlass scipy-openblas32 nanobind)
 GPU_BENCH_WHEELS = $(call pins,tokamax einshape pydantic pydantic-core annotated-types \
@@ -77,13 +79,14 @@ GPU_BENCH_WHEELS = $(call pins,tokamax einshape pydantic pydantic-core annotated
 MANYLINUX = manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 \
 	manylinux_2_25_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
 
-gpu-wheels:
+gpu-wheels: .venv-gpu-image/.deps
 	rm -rf .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp $(addprefix --platform ,$(MANYLINUX)) -d .whl $(GPU_WHEELS)
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp $(addprefix --platform ,$(MANYLINUX)) -d .whl/bench $(GPU_BENCH_WHEELS)
 	$(PYTHON) -m bench.gpu_check stamp .whl/COMMIT
+	PYTHON=$(CURDIR)/.venv-gpu-image/bin/python bash bench/gpu_build.sh
 
 # On the GPU machine: build, CUDA tests, compute-sanitizer, benchmark, results file.
 gpu-check:
@@ -92,7 +95,7 @@ gpu-check:
 # Its rehearsal here, on the CPU backend, in a .venv-gpu-image laid out as the GPU image is
 # (requirements-gpu-image.lock: Python 3.12, jax 0.11, jax_ccfuser not installed) with the carried
 # wheels, as the GPU machine will run it.
-gpu-check-dry: .venv-gpu-image/.deps gpu-wheels
+gpu-check-dry: gpu-wheels
 	PYTHON=$(CURDIR)/.venv-gpu-image/bin/python CCF_GPU_CHECK_DRY=1 bash bench/gpu_check.sh
 
 clean:

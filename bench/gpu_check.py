@@ -7,6 +7,9 @@ document with its summary table.
 
   stamp PATH         (here, by `make gpu-wheels`) the commit, and a fingerprint of the files
                      that travel to the device machine, which has no .git to ask
+  carried CARRY --arch ARCH
+                     (device) the CUDA extension `make gpu-wheels` built for this Python in
+                     CARRY, printed if the tree still matches the stamp; exit status 1 if not
   env PATH           (device) device, driver, jax, Python, packages, nvcc and commit, as JSON
   workload           (device, under compute-sanitizer) a small emulated forward+backward
   report STATE_DIR   the stages' outcomes in STATE_DIR as `gpu-<date>-<commit>.json` and its
@@ -73,6 +76,31 @@ def stamp(path: pathlib.Path, root: pathlib.Path = REPO) -> dict:
   return doc
 
 
+def _matches(root: pathlib.Path, doc: dict) -> bool:
+  """Whether the files a stamp fingerprinted are still the same in `root`."""
+  return _fingerprint(root, doc["files"]) == doc["fingerprint"]
+
+
+def carried_extension(carry: pathlib.Path, arch: str, root: pathlib.Path = REPO):
+  """The CUDA extension for this Python and `arch` that `make gpu-wheels` built into `carry`,
+  if the tree is still the one it was built from (`carry`/COMMIT, whether or not .git
+  travelled).
+
+  Returns:
+    `(path or None, why)`: why it is used or not, one line for the build's log.
+  """
+  name = f"_ccfuser_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
+  path, stamp_path = carry / f"cuda-{arch}" / name, carry / "COMMIT"
+  if not path.is_file():
+    return None, f"none carried ({path.relative_to(carry.parent)} is missing)"
+  if not stamp_path.is_file():
+    return None, f"{stamp_path.name} is missing: the carried one cannot be matched to the tree"
+  doc = json.loads(stamp_path.read_text())
+  if not _matches(root, doc):
+    return None, f"the tree differs from the one it was built from ({doc['commit']})"
+  return path, f"carried, built from {doc['commit']} on {doc['date']}"
+
+
 def commit_of_tree(root: pathlib.Path, stamp_path: pathlib.Path) -> dict:
   """The tree's commit: from git where .git travelled, else from the stamp (with whether the
   tree still matches it), else `$CCF_COMMIT`, else "unknown".
@@ -86,7 +114,7 @@ def commit_of_tree(root: pathlib.Path, stamp_path: pathlib.Path) -> dict:
   if stamp_path.is_file():
     doc = json.loads(stamp_path.read_text())
     return {"commit": doc["commit"], "commit_source": f"stamp of {doc['date']}",
-            "stamp_matches_tree": _fingerprint(root, doc["files"]) == doc["fingerprint"]}
+            "stamp_matches_tree": _matches(root, doc)}
   return {"commit": os.environ.get("CCF_COMMIT", "unknown"), "commit_source": "environment",
           "stamp_matches_tree": None}
 
@@ -298,9 +326,9 @@ def parse_sanitizer(log: pathlib.Path) -> dict:
   return result
 
 
-def _last_line(log: pathlib.Path) -> str:
-  lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()] \
-      if log.is_file() else []
+def _last_line(log: pathlib.Path, prefix: str = "") -> str:
+  lines = [l.strip() for l in log.read_text(errors="replace").splitlines()
+           if l.strip().startswith(prefix) and l.strip()] if log.is_file() else []
   return lines[-1][:160] if lines else ""
 
 
@@ -361,6 +389,8 @@ def _detail(stage: dict, doc: dict, state: pathlib.Path) -> str:
               f"{found['warnings']} warnings)")
   if name == "benchmark" and doc["benchmark"]:
     return _benchmark_detail(doc["benchmark"])
+  if name == "build" and stage["status"] == "passed":  # which CUDA extension ran
+    return _last_line(state / _log_name(name), "cuda extension:")
   return "" if stage["status"] == "passed" else _last_line(state / _log_name(name))
 
 
@@ -435,6 +465,9 @@ def main(argv=None) -> None:
   env_parser = sub.add_parser("env")
   env_parser.add_argument("path", type=pathlib.Path)
   env_parser.add_argument("--stamp", type=pathlib.Path, default=STAMP)
+  carried_parser = sub.add_parser("carried")
+  carried_parser.add_argument("carry", type=pathlib.Path)
+  carried_parser.add_argument("--arch", required=True)
   sub.add_parser("workload")
   report_parser = sub.add_parser("report")
   report_parser.add_argument("state", type=pathlib.Path)
@@ -446,6 +479,12 @@ def main(argv=None) -> None:
     print(f"{args.path}: commit {doc['commit']}, {len(doc['files'])} files")
   elif args.command == "env":
     print(json.dumps(env(args.path, args.stamp), indent=1))
+  elif args.command == "carried":
+    path, why = carried_extension(args.carry, args.arch)
+    print(f"cuda extension: {why}", file=sys.stderr)
+    if path is None:
+      sys.exit(1)
+    print(path)
   elif args.command == "workload":
     workload()
   else:

@@ -6,7 +6,9 @@
 #
 #   0 env        device, driver, jax, packages, nvcc, commit (.whl/COMMIT where .git did not travel)
 #   1 build      the carried wheels into a scratch site, the extensions with CMake (CUDA for
-#                $CCF_CUDA_ARCH, default 90a), staged beside a copy of the package
+#                $CCF_CUDA_ARCH, default 90a), staged beside a copy of the package; the CUDA
+#                extension that `make gpu-wheels` built is used instead of nvcc's minutes here
+#                while the tree matches .whl/COMMIT and it loads (bench/gpu_build.sh)
 #   2 tests      pytest tests/test_cuda.py (junit XML, -v log; a per-test limit where
 #                pytest-timeout is installed)
 #   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck on a small
@@ -20,7 +22,7 @@
 #                set; a summary table printed last. Written whatever failed before.
 #
 # From the dev machine (the device tool's `run`; nothing else to install there):
-#   make gpu-wheels      # here first: wheels into .whl/ and the commit stamp .whl/COMMIT
+#   make gpu-wheels      # here first: wheels, the CUDA extension and the commit stamp into .whl/
 #   run  command: bash bench/gpu_check.sh
 #        carry:   [".whl"]
 #        timeout_s: 540
@@ -112,28 +114,38 @@ run_stage() {
   return "$rc"
 }
 
-# The carried wheels of folder $1 into the scratch site; fails when they do not install.
-install_wheels() {
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$SITE" "$1"/*.whl
-}
+# install_wheels and cmake_build, shared with `make gpu-wheels`.
+source "$REPO/bench/gpu_build.sh"
 
+# The staged package: a copy of jax_ccfuser/ with the built extensions, and the CUDA one carried
+# in .whl/ when it fits this tree; where that one does not load here, it is built after all.
 build() {
   if ls "$CARRY"/*.whl >/dev/null 2>&1; then
-    install_wheels "$CARRY" || return
+    install_wheels "$CARRY" "$SITE" || return
   else
     echo "no wheels in $CARRY: building with what the machine has"
   fi
-  local generator=()
-  command -v ninja >/dev/null && generator=(-G Ninja)
-  cmake -S "$REPO" -B "$BUILD" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DCCF_ENABLE_CUDA="$CUDA_BUILD" -DCCF_CUDA_ARCHITECTURES="$CCF_CUDA_ARCH" \
-    -DPython_EXECUTABLE="$(command -v "$PY")" || return
-  cmake --build "$BUILD" -j "$(nproc)" || return
+  local carried="" cuda=$CUDA_BUILD
+  if [ "$CUDA_BUILD" != OFF ] &&
+    carried=$("$PY" -m bench.gpu_check carried "$CARRY" --arch "$CCF_CUDA_ARCH"); then
+    cuda=OFF  # only the CPU extension to build
+  fi
+  cmake_build "$BUILD" "$cuda" || return
   mkdir -p "$PKG"
   cp -r "$REPO/jax_ccfuser" "$PKG/"
   find "$PKG" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
-  cp "$BUILD"/_ccfuser_*.so "$PKG/jax_ccfuser/"
+  cp "$BUILD"/_ccfuser_*.so ${carried:+"$carried"} "$PKG/jax_ccfuser/"
+  if [ -n "$carried" ] && ! check_extensions; then
+    echo "cuda extension: the carried one does not load here; building it"
+    cmake_build "$BUILD" ON || return
+    cp "$BUILD"/_ccfuser_*.so "$PKG/jax_ccfuser/"
+  elif [ "$cuda" = ON ]; then
+    echo "cuda extension: built here"
+  fi
+  check_extensions
+}
+
+check_extensions() {
   "$PY" -c "
 import jax_ccfuser as ccf
 cuda = ccf._extension.cuda is not None
@@ -150,7 +162,7 @@ tests() {
 
 benchmark() {  # bench.gpu's arguments
   if ls "$CARRY"/bench/*.whl >/dev/null 2>&1; then
-    install_wheels "$CARRY/bench" ||
+    install_wheels "$CARRY/bench" "$SITE" ||
       echo "the benchmark's wheels did not install: its tokamax baseline will not run"
   fi
   "$PY" -m bench.gpu "$@"
@@ -171,7 +183,7 @@ sanitize() {  # tool
 
 # The stages' shell functions run under `timeout` in a child bash.
 export REPO PY STATE SITE BUILD PKG CARRY CUDA_BUILD
-export -f install_wheels build tests benchmark sanitize
+export -f install_wheels cmake_build build check_extensions tests benchmark sanitize
 
 # 0 env
 run_stage env 120 0 "$PY" -m bench.gpu_check env "$STATE/env.json" --stamp "$CARRY/COMMIT"

@@ -4,6 +4,7 @@ commit stamp, the sanitizer's workload and bench/gpu.py's document, both run on 
 
 import json
 import subprocess
+import sysconfig
 
 import pytest
 
@@ -61,6 +62,9 @@ def failed_run(tmp_path):
       "device": "fabricated GPU", "driver": "0.0", "jax": "0.11.2", "python": "3.12.3"}))
   (state / "junit.xml").write_text(_JUNIT)
   (state / "tests.log").write_text("tests/test_cuda.py::test_a[D1-float32] PASSED\n")
+  (state / "build.log").write_text(
+      "cuda extension: carried, built from abc1234 on 2026-12-01T09:00:00+00:00\n"
+      "jax_ccfuser from /tmp/pkg/jax_ccfuser/__init__.py | CUDA extension: True\n")
   (state / "compute-sanitizer-memcheck.log").write_text(
       "========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n")
   (state / "sanitizer-racecheck.log").write_text("workload float32: relative error ...\n")
@@ -113,6 +117,8 @@ def test_report_of_a_run_with_failures(failed_run, tmp_path, capsys):
   assert "E8-K2: fused fwd+bwd 4.00 ms (50% of roof); baseline/fused ragged_dot 1.50x" in \
       row["benchmark"]
   assert "fabricated GPU | driver 0.0 | jax 0.11.2 | commit abc1234+dirty" in row["env"]
+  assert row["build"].endswith("cuda extension: carried, built from abc1234 on "
+                               "2026-12-01T09:00:00+00:00")
   assert table[-1] == f"results: {path} (and in {out})"
 
 
@@ -178,6 +184,31 @@ def test_stamp_names_the_commit_while_the_tree_matches(tmp_path, monkeypatch):
   assert gpu_check.commit_of_tree(repo, repo / ".whl" / "COMMIT")["stamp_matches_tree"] is False
   monkeypatch.setenv("CCF_COMMIT", "def5678")
   assert gpu_check.commit_of_tree(repo, repo / "absent")["commit"] == "def5678"
+
+
+def test_carried_extension_only_while_the_tree_matches_the_stamp(tmp_path, monkeypatch):
+  """The CUDA extension built with the wheels stands in for the device's own build only for the
+  tree it was built from, this Python and the architecture asked for."""
+  repo = tmp_path / "repo"
+  repo.mkdir()
+  subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+  (repo / ".gitignore").write_text("/.whl/\n")
+  (repo / "kernel.cu").write_text("// v1\n")
+  carry = repo / ".whl"
+  name = "_ccfuser_cuda" + sysconfig.get_config_var("EXT_SUFFIX")
+  assert gpu_check.carried_extension(carry, "90a", repo)[0] is None  # nothing carried
+  (carry / "cuda-90a").mkdir(parents=True)
+  (carry / "cuda-90a" / name).write_bytes(b"\x7fELF")
+  path, why = gpu_check.carried_extension(carry, "90a", repo)
+  assert path is None and "COMMIT is missing" in why
+  monkeypatch.setattr(records, "commit", lambda: "abc1234")
+  gpu_check.stamp(carry / "COMMIT", repo)
+  path, why = gpu_check.carried_extension(carry, "90a", repo)
+  assert path == carry / "cuda-90a" / name and why.startswith("carried, built from abc1234")
+  assert gpu_check.carried_extension(carry, "100a", repo)[0] is None  # another architecture
+  (repo / "kernel.cu").write_text("// v2\n")
+  path, why = gpu_check.carried_extension(carry, "90a", repo)
+  assert path is None and "tree differs" in why
 
 
 def test_env_records_the_machines_packages(tmp_path):
