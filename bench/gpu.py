@@ -38,8 +38,9 @@ from bench.timing import compile_program, interleaved_medians
 
 # Tokens per emulated device: every expert gets 256-1024 rows on average (D * T * K / E), a few
 # TFLOP a layer, so each shape's programs compile and time within the benchmark's share of a
-# lease. Cheapest first: a run cut short by its time limit keeps the shapes it finished.
-_TOKENS = {"Qwen3-30B-A3B": 1024, "Mixtral-8x7B": 512, "DeepSeek-V3": 1024}
+# lease. Mixtral first, where every baseline fits on the card: a run cut short by its time limit
+# keeps the shapes it finished.
+_TOKENS = {"Mixtral-8x7B": 512, "Qwen3-30B-A3B": 1024, "DeepSeek-V3": 1024}
 _SHAPES = {shape.name: shape for shape in model.SHAPES}
 CONFIGS = {
     name: Config(devices=8, tokens=tokens, hidden=_SHAPES[name].hidden, ffn=_SHAPES[name].ffn,
@@ -107,12 +108,35 @@ def fused_gemms() -> str | None:
   return "sm90 grouped" if _extension.cuda.grouped_gemms() else "sm80"
 
 
+def dense_bytes(impl: str, config: Config) -> int | None:
+  """Bytes of the one buffer a baseline materialises by construction, whatever XLA does next:
+  dropless `all_to_all` pads every expert to all `D * T * K` rows ([E, D*T*K, H]), and
+  `jax.lax.ragged_dot` on GPU expands its rows per group in float32 ([E, D*T*K, H], seen in
+  XLA's GPU autotuner log of the first GPU check). None for the others."""
+  rows = config.devices * config.tokens * config.k
+  itemsize = {"all_to_all": np.dtype(config.dtype).itemsize, "ragged_dot": 4}.get(impl)
+  return None if itemsize is None else config.experts * rows * config.hidden * itemsize
+
+
+def _device_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return stats.get("bytes_limit") if stats else None
+
+
 def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: float) -> dict:
-  """Times every program of `config`; returns its record (see `main`)."""
+  """Times every program of `config`; returns its record (see `main`). A baseline whose
+  `dense_bytes` exceed the device's memory is recorded as not run without compiling it: XLA's
+  autotuner takes minutes to find out the same."""
   programs = gpu_programs(config, all_to_all=True)
   runs, errors, peak = {}, {}, {}
   first_outputs = {}
+  limit = _device_bytes()
   for impl, program in programs.items():
+    need = dense_bytes(impl, config)
+    if limit and need and need > limit:
+      errors[impl] = (f"not compiled: its [E, D*T*K, H] buffer alone takes {need / 2**30:.0f} "
+                      f"GiB, the device has {limit / 2**30:.0f} GiB")
+      continue
     try:
       for short, kind in _KINDS.items():
         compiled, memory = compile_program(getattr(program, kind), program.inputs(0))

@@ -102,19 +102,24 @@ def carried_extension(carry: pathlib.Path, arch: str, root: pathlib.Path = REPO)
 
 
 def commit_of_tree(root: pathlib.Path, stamp_path: pathlib.Path) -> dict:
-  """The tree's commit: from git where .git travelled, else from the stamp (with whether the
-  tree still matches it), else `$CCF_COMMIT`, else "unknown".
+  """The tree's commit: the stamp's while the tree still matches it (a .git on the device
+  machine may be an older one: the first GPU check's named a commit three back), else git's,
+  else the stamp's with the mismatch recorded, else `$CCF_COMMIT`, else "unknown".
 
   Returns:
     `{"commit", "commit_source", "stamp_matches_tree"}` (the last None without a stamp).
   """
+  doc = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
+  matches = _matches(root, doc) if doc else None
+  if matches:
+    return {"commit": doc["commit"], "commit_source": f"stamp of {doc['date']}",
+            "stamp_matches_tree": True}
   from_git = records.commit()
   if from_git != "unknown":
-    return {"commit": from_git, "commit_source": "git", "stamp_matches_tree": None}
-  if stamp_path.is_file():
-    doc = json.loads(stamp_path.read_text())
+    return {"commit": from_git, "commit_source": "git", "stamp_matches_tree": matches}
+  if doc:
     return {"commit": doc["commit"], "commit_source": f"stamp of {doc['date']}",
-            "stamp_matches_tree": _matches(root, doc)}
+            "stamp_matches_tree": False}
   return {"commit": os.environ.get("CCF_COMMIT", "unknown"), "commit_source": "environment",
           "stamp_matches_tree": None}
 

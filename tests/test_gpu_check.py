@@ -180,7 +180,13 @@ def test_stamp_names_the_commit_while_the_tree_matches(tmp_path, monkeypatch):
   monkeypatch.setattr(records, "commit", lambda: "unknown")  # the device: no .git
   found = gpu_check.commit_of_tree(repo, repo / ".whl" / "COMMIT")
   assert (found["commit"], found["stamp_matches_tree"]) == ("abc1234", True)
+  # A .git that travelled may be an older one: while the tree matches, the stamp names it.
+  monkeypatch.setattr(records, "commit", lambda: "0ld0ne1+dirty")
+  assert gpu_check.commit_of_tree(repo, repo / ".whl" / "COMMIT")["commit"] == "abc1234"
   (repo / "a.py").write_text("a = 2\n")
+  found = gpu_check.commit_of_tree(repo, repo / ".whl" / "COMMIT")
+  assert (found["commit"], found["stamp_matches_tree"]) == ("0ld0ne1+dirty", False)
+  monkeypatch.setattr(records, "commit", lambda: "unknown")
   assert gpu_check.commit_of_tree(repo, repo / ".whl" / "COMMIT")["stamp_matches_tree"] is False
   monkeypatch.setenv("CCF_COMMIT", "def5678")
   assert gpu_check.commit_of_tree(repo, repo / "absent")["commit"] == "def5678"
@@ -209,6 +215,17 @@ def test_carried_extension_only_while_the_tree_matches_the_stamp(tmp_path, monke
   (repo / "kernel.cu").write_text("// v2\n")
   path, why = gpu_check.carried_extension(carry, "90a", repo)
   assert path is None and "tree differs" in why
+
+
+def test_dense_baselines_are_sized_before_compiling():
+  """The dropless all_to_all's padded buffer and jax's GPU ragged_dot's float32 expansion, both
+  [E, D*T*K, H]: DeepSeek-V3's are past any one GPU, Mixtral's fit."""
+  deepseek, mixtral = gpu.CONFIGS["DeepSeek-V3"], gpu.CONFIGS["Mixtral-8x7B"]
+  rows = deepseek.devices * deepseek.tokens * deepseek.k
+  assert gpu.dense_bytes("all_to_all", deepseek) == 256 * rows * 7168 * 2
+  assert gpu.dense_bytes("ragged_dot", deepseek) == 256 * rows * 7168 * 4 > 200 * 2**30
+  assert gpu.dense_bytes("ragged_dot", mixtral) < 2 * 2**30
+  assert gpu.dense_bytes("fused", deepseek) is None and gpu.dense_bytes("tokamax", mixtral) is None
 
 
 def test_env_records_the_machines_packages(tmp_path):
