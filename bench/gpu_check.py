@@ -332,8 +332,9 @@ def parse_sanitizer(log: pathlib.Path) -> dict:
 
 
 def _last_line(log: pathlib.Path, prefix: str = "") -> str:
-  lines = [l.strip() for l in log.read_text(errors="replace").splitlines()
-           if l.strip().startswith(prefix) and l.strip()] if log.is_file() else []
+  """The log's last non-blank line that starts with `prefix`, cut to 160 characters."""
+  text = log.read_text(errors="replace") if log.is_file() else ""
+  lines = [l for l in map(str.strip, text.splitlines()) if l and l.startswith(prefix)]
   return lines[-1][:160] if lines else ""
 
 
