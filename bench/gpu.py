@@ -9,6 +9,7 @@ forward+backward:
   the two show what keeping them costs or gains;
 - `ragged_dot`: sort + `jax.lax.ragged_dot` + unsort (`bench.ragged`);
 - `tokamax`: the same with tokamax's `ragged_dot` (its default implementation choice);
+- `tokamax_triton`: the same with tokamax's Pallas Triton kernels, chosen explicitly;
 - `all_to_all`, `all_to_all_cf1.25`: `all_to_all_moe` over the one device. The D-GPU
   `all_to_all` cannot run on one GPU; this is its sort, padded buffers and grouped FFN without
   the exchange (dropless pads every expert to all `D * T * K` rows);
@@ -60,6 +61,8 @@ NOTES = {
     "ragged_dot": "sort + jax.lax.ragged_dot + unsort over all experts on one GPU",
     "tokamax": "sort + tokamax.ragged_dot + unsort over all experts on one GPU (tokamax "
                "picks its implementation: Mosaic GPU on Hopper where it can)",
+    "tokamax_triton": "as tokamax, with its Pallas Triton kernels (tokamax 0.0.12's Mosaic GPU "
+                      "kernels call jax 0.10's Pallas API, which jax 0.11 renamed)",
     "all_to_all": "all_to_all_moe(axis_name=None), dropless: the D-GPU exchange cannot run on "
                   "one GPU; this times its sort, buffers padded to every expert x all rows, and "
                   "grouped FFN",
@@ -69,7 +72,7 @@ NOTES = {
 }
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
   text = str(error).strip()
   return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
@@ -146,7 +149,7 @@ def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: flo
         if short == "fwd":
           first_outputs[impl] = out
     except Exception as e:  # noqa: BLE001 (recorded: the other programs still run)
-      errors[impl] = _first_line(e)
+      errors[impl] = first_line(e)
       runs = {key: run for key, run in runs.items() if key[0] != impl}
   times = interleaved_medians(runs, min_samples=min_samples, max_samples=max_samples,
                               budget_s=budget_s)
@@ -171,7 +174,8 @@ def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: flo
              for impl, f in impls.items()
              if impl not in ("fused", "roof") and "error" not in f and "fwd_ms" in fused}
   agreement = {impl: _relative_error(first_outputs["fused"], first_outputs[impl])
-               for impl in ("fused_fetch_sms0", "ragged_dot", "tokamax", "all_to_all")
+               for impl in ("fused_fetch_sms0", "ragged_dot", "tokamax", "tokamax_triton",
+                           "all_to_all")
                if "fused" in first_outputs and impl in first_outputs}
   return {"config": dataclasses.asdict(config), "useful_tflop": useful["fwd"] / 1e12,
           "impls": impls, "baseline_ms_over_fused_ms": speedup,

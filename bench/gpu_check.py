@@ -19,7 +19,7 @@ Only the standard library is imported at module level: the report is written eve
 or the build is broken. The state directory gpu_check.sh fills: `stages.tsv` (one row per stage:
 name, status, exit code, seconds, limit, note), `<stage>.log` per stage, `env.json`,
 `junit.xml` (pytest), `compute-sanitizer-<tool>.log` (the tool's findings, apart from the
-workload's output) and `bench.json` (bench/gpu.py).
+workload's output), `kernels.json` (bench/kernels.py) and `bench.json` (bench/gpu.py).
 """
 
 import argparse
@@ -43,7 +43,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 STAMP = REPO / ".whl" / "COMMIT"  # `make gpu-wheels` writes it; .whl/ travels as a carried path
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 # Report order; sanitizer rows are "sanitizer:<tool>".
-STAGES = ("env", "build", "tests", *(f"sanitizer:{t}" for t in SANITIZER_TOOLS), "benchmark")
+STAGES = ("env", "build", "tests", *(f"sanitizer:{t}" for t in SANITIZER_TOOLS), "kernels",
+          "benchmark")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def build_document(state: pathlib.Path) -> dict:
   facts = (json.loads(env_path.read_text()) if env_path.is_file()
            else commit_of_tree(REPO, STAMP))
   stages = read_stages(state)
-  bench_path = state / "bench.json"
+  bench_path, kernels_path = state / "bench.json", state / "kernels.json"
   return {
       "kind": "gpu-check",
       "dry_run": facts.get("dry_run", os.environ.get("CCF_GPU_CHECK_DRY", "0") == "1"),
@@ -369,6 +370,7 @@ def build_document(state: pathlib.Path) -> dict:
       "sanitizer": {tool: parse_sanitizer(state / f"compute-sanitizer-{tool}.log")
                     for tool in SANITIZER_TOOLS
                     if any(r["name"] == f"sanitizer:{tool}" for r in stages)},
+      "kernels": json.loads(kernels_path.read_text()) if kernels_path.is_file() else None,
       "benchmark": json.loads(bench_path.read_text()) if bench_path.is_file() else None,
   }
 
@@ -393,11 +395,27 @@ def _detail(stage: dict, doc: dict, state: pathlib.Path) -> str:
     if found.get("findings") is not None:
       return (f"{found['findings']} findings ({found['errors']} errors, "
               f"{found['warnings']} warnings)")
+  if name == "kernels" and doc["kernels"]:
+    return _kernels_detail(doc["kernels"])
   if name == "benchmark" and doc["benchmark"]:
     return _benchmark_detail(doc["benchmark"])
   if name == "build" and stage["status"] == "passed":  # which CUDA extension ran
     return _last_line(state / _log_name(name), "cuda extension:")
   return "" if stage["status"] == "passed" else _last_line(state / _log_name(name))
+
+
+def _kernels_detail(kernels: dict) -> str:
+  """Per shape, the fused forward+backward's wall and busy time and its longest kernel."""
+  parts = []
+  for config_name, record in kernels.get("configs", {}).items():
+    found = record.get("fused_fwd_bwd", {})
+    if "error" in found or not found:
+      parts.append(f"{config_name}: {found.get('error', 'not run')}")
+      continue
+    top = found["kernels"][0]
+    parts.append(f"{config_name}: fwd+bwd wall {found['wall_ms']:.2f} ms, busy "
+                 f"{found['busy_ms']:.2f} ms, longest {top['name'][:40]} {top['ms']:.2f} ms")
+  return " | ".join(parts)
 
 
 def _benchmark_detail(bench: dict) -> str:

@@ -14,11 +14,13 @@
 #   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck on a small
 #                emulated forward+backward (`python -m bench.gpu_check workload`), our kernels
 #                only; the four run beside stage 2 (nothing there is timed)
-#   4 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot (jax's and
+#   4 kernels    python -m bench.kernels: the fused layer's (and the roof's) GPU time kernel by
+#                kernel, from jax's profiler, at the benchmark's shapes
+#   5 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot (jax's and
 #                tokamax's, whose wheels in .whl/bench/ go into the scratch site first: where
 #                they do not install, that baseline is recorded as not run) vs all_to_all_moe
 #                on the one GPU vs the dense roof, bfloat16, forward and forward+backward
-#   5 report     bench/results/gpu-<date>-<commit>.json and its .log, copied into $OUT when
+#   6 report     bench/results/gpu-<date>-<commit>.json and its .log, copied into $OUT when
 #                set; a summary table printed last. Written whatever failed before.
 #
 # From the dev machine (the device tool's `run`; nothing else to install there):
@@ -222,7 +224,17 @@ else
   wait
 fi
 
-# 4 benchmark
+# 4 kernels: up to 90 s (each shape compiles only the fused and roof programs)
+if [ "$built" != 0 ]; then
+  skip kernels "no build"
+elif [ "$DRY" = 1 ]; then
+  JAX_PLATFORMS=cpu run_stage kernels 90 60 "$PY" -m bench.kernels --quick \
+    --out "$STATE/kernels.json"
+else
+  run_stage kernels 90 120 "$PY" -m bench.kernels --out "$STATE/kernels.json"
+fi
+
+# 5 benchmark
 if [ "$built" != 0 ]; then
   skip benchmark "no build"
 elif [ "$DRY" = 1 ]; then
@@ -232,7 +244,7 @@ else
   run_stage benchmark 300 15 bash -c 'benchmark --out "$STATE/bench.json"'
 fi
 
-# 5 report
+# 6 report
 echo "-- report"
 if ! "$PY" -m bench.gpu_check report "$STATE" --results "$RESULTS" ${OUT:+--out "$OUT"}; then
   # The report itself broke: hand back the raw outcomes and logs instead.

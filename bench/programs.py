@@ -6,7 +6,8 @@ CPU (the simulated devices of one process, `jax.shard_map` over an "ep" axis of 
 GPU (one device): `fused` (`jax_ccfuser.experimental.fused_moe_emulated` over D emulated
 peers), `fused_fetch_sms0` (the same traced under `jax_ccfuser.fetch_sms(0)`: every GEMM on
 every SM, none kept for the fetch), `ragged_dot` and `tokamax` (`bench.ragged` with
-`jax.lax.ragged_dot` or tokamax's) and `roof`; on request also `all_to_all` and
+`jax.lax.ragged_dot` or tokamax's), on a GPU `tokamax_triton` (tokamax's Pallas Triton
+kernels, chosen explicitly) and `roof`; on request also `all_to_all` and
 `all_to_all_cf1.25` over the one device (`all_to_all_moe` with `axis_name=None`: no exchange, so
 what they time is the baseline's sort, padded buffers and grouped FFN).
 
@@ -34,7 +35,7 @@ from bench.ragged import ragged_dot_moe, tokamax_ragged_dot
 
 CAPACITY_FACTOR = 1.25
 CPU_IMPLS = ("fused", "all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}", "roof")
-GPU_IMPLS = ("fused", "fused_fetch_sms0", "ragged_dot", "tokamax", "roof")
+GPU_IMPLS = ("fused", "fused_fetch_sms0", "ragged_dot", "tokamax", "tokamax_triton", "roof")
 ONE_DEVICE_ALL_TO_ALL = ("all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}")
 
 
@@ -154,6 +155,10 @@ def gpu_programs(config: Config, *, all_to_all: bool = False) -> dict[str, Progr
              "ragged_dot": functools.partial(ragged_dot_moe, activation=ACTIVATION),
              "tokamax": functools.partial(ragged_dot_moe, activation=ACTIVATION,
                                           ragged_dot=tokamax_ragged_dot)}
+  if jax.default_backend() == "gpu":  # Pallas Triton kernels compile for GPUs only
+    moe_fns["tokamax_triton"] = functools.partial(
+        ragged_dot_moe, activation=ACTIVATION,
+        ragged_dot=functools.partial(tokamax_ragged_dot, implementation="triton"))
   dropped = {}
   if all_to_all:
     dropless, capped = ONE_DEVICE_ALL_TO_ALL

@@ -86,7 +86,8 @@ def test_gpu_programs_agree_on_the_default_device():
   # The GPU path (emulated peers, both ragged_dots) traced and run on whatever device is here.
   config = Config(devices=2, tokens=8, hidden=16, ffn=8, experts=4, k=2)
   programs = gpu_programs(config)
-  assert tuple(programs) == GPU_IMPLS
+  assert tuple(programs) == tuple(i for i in GPU_IMPLS
+                                  if i != "tokamax_triton" or jax.default_backend() == "gpu")
   fused = programs["fused"]
   for name in ("ragged_dot", "tokamax"):
     other = programs[name]

@@ -8,7 +8,7 @@ import sysconfig
 
 import pytest
 
-from bench import gpu, gpu_check, records
+from bench import gpu, gpu_check, kernels, records
 import jax_ccfuser as ccf
 
 
@@ -281,3 +281,28 @@ def test_gpu_benchmark_document(tmp_path):
     assert scratch is None
   else:
     assert 0 < scratch["fwd"] < scratch["bwd"]
+
+
+def test_kernel_times_add_up_per_call():
+  """bench.kernels' arithmetic on a made-up trace of two calls: overlapping kernels count once
+  in busy time, idle gaps count in wall time only, kernels ranked by their time per call."""
+  ms = 1e6
+  events = [kernels.KernelEvent("gemm", 0, 4 * ms), kernels.KernelEvent("fetch", 1 * ms, 2 * ms),
+            kernels.KernelEvent("gemm", 10 * ms, 4 * ms),
+            kernels.KernelEvent("fetch", 12 * ms, 4 * ms)]
+  found = kernels.summarize(events, calls=2, lines=["/device:GPU:0 Stream #1"], top=1)
+  assert found["wall_ms"] == pytest.approx(8.0)   # 0..16 ms over two calls
+  assert found["busy_ms"] == pytest.approx(5.0)   # 0..4 and 10..16
+  assert found["kernel_ms"] == pytest.approx(7.0)
+  assert found["kernels"] == [{"name": "gemm", "launches": 1.0, "ms": pytest.approx(4.0)}]
+  assert found["other_kernels_ms"] == pytest.approx(3.0)
+  assert "error" in kernels.summarize([], calls=2)
+
+
+def test_kernel_profile_on_a_cpu_records_its_absence(tmp_path):
+  doc = kernels.main(["--quick", "--calls", "1", "--out", str(tmp_path / "kernels.json")])
+  assert json.loads((tmp_path / "kernels.json").read_text()) == doc
+  record = doc["configs"]["quick"]
+  assert set(record) == {"fused_fwd", "fused_fwd_bwd", "roof_fwd", "roof_fwd_bwd"}
+  assert all(found == {"error": "no GPU kernel in the trace (no CUPTI, or not a GPU)"}
+             for found in record.values())
