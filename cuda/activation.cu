@@ -1,6 +1,6 @@
 // The fused epilogues of GEMM1 and the backward's u GEMM as passes over the float32 rows that
-// Hopper's grouped GEMMs (grouped_gemm_sm90.cu) write: one warp per scratch row of the chunk,
-// the row math expert_gemm.cu's epilogues use (pair_rows.cuh).
+// Hopper's grouped GEMMs (grouped_gemm_sm90.cu) write: one warp per scratch row of the chunk and
+// slice of expert_gemm's N tile, with the row math expert_gemm.cu's epilogues use (pair_rows.cuh).
 #include <cutlass/numeric_types.h>
 
 #include "cuda/api.cuh"
@@ -26,20 +26,26 @@ __device__ bool row_pair(const GemmParams& p, int64_t row, int32_t* group, int64
 
 }  // namespace
 
+// One warp per (scratch row, slice of `columns` columns): a warp per row alone leaves the GPU
+// waiting on each warp's loads (on an H200 the backward pass then moved ~0.3 TB/s).
 template <class T>
-__global__ void __launch_bounds__(kTokenThreads) activate_rows(const __grid_constant__ RowPass q) {
+__global__ void __launch_bounds__(kTokenThreads)
+    activate_rows(const __grid_constant__ RowPass q, int32_t columns) {
   const GemmParams& p = q.gemm;
   const int64_t row = warp_token();
   int32_t group;
   int64_t pos;
   if (row >= p.chunk.rows(p.tile_m) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
   const float* c = q.rows + row * (p.n + p.n_split);
-  activate_row<T>(p, group, pos, row, 0, p.n, threadIdx.x % 32, [&](int32_t j) { return c[j]; });
+  const int32_t begin = blockIdx.y * columns;
+  activate_row<T>(p, group, pos, row, begin, min(begin + columns, p.n), threadIdx.x % 32,
+                  [&](int32_t j) { return c[j]; });
 }
 
+// The slices' partial dots are expert_gemm's N-tile partials (the combine sums them in order).
 template <class T>
 __global__ void __launch_bounds__(kTokenThreads)
-    activation_backward_rows(const __grid_constant__ RowPass q) {
+    activation_backward_rows(const __grid_constant__ RowPass q, int32_t columns) {
   const GemmParams& p = q.gemm;
   const int64_t row = warp_token();
   int32_t group;
@@ -47,20 +53,22 @@ __global__ void __launch_bounds__(kTokenThreads)
   if (row >= p.chunk.rows(p.tile_m) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
   const float* u = q.rows + row * p.n;
   const int lane = threadIdx.x % 32;
-  const float dot = warp_sum(activation_backward_row<T>(p, group, pos, row, 0, p.n, lane,
-                                                        [&](int32_t j) { return u[j]; }));
-  if (lane == 0) p.dot_partial[row * p.num_partials] = dot;
+  const int32_t begin = blockIdx.y * columns;
+  const float dot = warp_sum(activation_backward_row<T>(
+      p, group, pos, row, begin, min(begin + columns, p.n), lane, [&](int32_t j) { return u[j]; }));
+  if (lane == 0) p.dot_partial[row * p.num_partials + blockIdx.y] = dot;
 }
 
 namespace {
 
 template <class T>
-cudaError_t launch_pass(const RowPass& q, cudaStream_t stream) {
-  const int blocks = token_blocks(q.gemm.chunk.rows(q.gemm.tile_m));
+cudaError_t launch_pass(const RowPass& q, int32_t columns, cudaStream_t stream) {
+  const dim3 blocks(token_blocks(q.gemm.chunk.rows(q.gemm.tile_m)),
+                    (q.gemm.n + columns - 1) / columns);
   if (q.gemm.epilogue == Epilogue::kActivation) {
-    activate_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q);
+    activate_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q, columns);
   } else {
-    activation_backward_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q);
+    activation_backward_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q, columns);
   }
   return cudaGetLastError();
 }
@@ -68,13 +76,14 @@ cudaError_t launch_pass(const RowPass& q, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t activation_pass(DType dtype, const RowPass& pass, cudaStream_t stream) {
+  const int32_t columns = expert_gemm_tile_n(dtype);
   CCF_HOST_ASSERT(pass.gemm.epilogue == Epilogue::kActivation ||
                   (pass.gemm.epilogue == Epilogue::kActivationBackward &&
-                   pass.gemm.num_partials == 1));
+                   pass.gemm.num_partials == (pass.gemm.n + columns - 1) / columns));
   if (pass.gemm.only_source == kSpanningSources) return cudaSuccess;  // as grouped_gemm
   switch (dtype) {
-    case DType::kBF16: return launch_pass<cutlass::bfloat16_t>(pass, stream);
-    case DType::kF16: return launch_pass<cutlass::half_t>(pass, stream);
+    case DType::kBF16: return launch_pass<cutlass::bfloat16_t>(pass, columns, stream);
+    case DType::kF16: return launch_pass<cutlass::half_t>(pass, columns, stream);
     case DType::kF32: break;
   }
   return cudaErrorNotSupported;

@@ -466,8 +466,8 @@ cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, v
 
 // activation.cu: the epilogue of a kActivation or kActivationBackward GemmParams (GEMM1, the
 // backward's u GEMM) as a pass over the float32 rows grouped_gemm wrote for it: [chunk rows,
-// n + n_split] of h = x @ w_in, or [chunk rows, n] of u = dy @ w_out^T (with one dot partial per
-// row: num_partials = 1). Rows of `only_source` only, as the GEMM.
+// n + n_split] of h = x @ w_in, or [chunk rows, n] of u = dy @ w_out^T (with a dot partial per
+// N tile, as expert_gemm's epilogue). Rows of `only_source` only, as the GEMM.
 struct RowPass {
   GemmParams gemm;
   const float* rows;

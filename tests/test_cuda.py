@@ -70,6 +70,15 @@ _needs_devices = pytest.mark.skipif(
 _ACTIVATIONS = sorted(_extension.ACTIVATION_CODES)  # the native table: every activation
 
 
+@pytest.fixture(autouse=True)
+def _source_phases(monkeypatch):
+  """The GEMMs in source phases (the fetch of later sources' rows beside them), the harder
+  sequence: the handler runs them only where an expert gets 512 or more rows from each source,
+  which no shape here reaches. test_source_phases_leave_results_bitwise_alike checks the other
+  way, and the choice by shape, against it."""
+  monkeypatch.setenv("JAX_CCFUSER_SOURCE_PHASES", "1")
+
+
 def _reference_precision():
   """float32 products at full precision: XLA:GPU's default rounds them to TF32, further from
   the truth than the fused kernels' own float32 arithmetic."""
@@ -228,6 +237,24 @@ def test_fetch_sms_leave_results_bitwise_alike(case):
   for count in (0, (_sms() or 2) - 1):
     other = _emulated_step(case.devices, fetch_sms=count)(*args)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, other), default)
+
+
+@pytest.mark.skipif(PLATFORM != "cuda", reason="the CPU handler runs no source phases")
+@pytest.mark.parametrize("case", [_CHUNKED[0][1], _CHUNKED[1][1], _CHUNKED[3][1]],
+                         ids=["D8", "D2", "D2-plan"])
+def test_source_phases_leave_results_bitwise_alike(case, monkeypatch):
+  """GEMMs in phases by the source of their rows, in one phase after every source's rows are in
+  (JAX_CCFUSER_SOURCE_PHASES=0), or as the shape decides (none here): the same bits, whatever
+  the scratch budget."""
+  with_plan = case is _CHUNKED[3][1]
+  args = _args(case)
+  phases = jax.tree.map(np.asarray, _emulated_step(case.devices, with_plan=with_plan)(*args))
+  _check(phases, args, case.activation, case.dtype)
+  for asked in ("0", ""):
+    monkeypatch.setenv("JAX_CCFUSER_SOURCE_PHASES", asked)
+    for budget in (None, 1):
+      other = _emulated_step(case.devices, with_plan=with_plan, scratch_budget=budget)(*args)
+      jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, other), phases)
 
 
 @pytest.mark.skipif(PLATFORM != "cuda", reason="the CPU backend has no SMs to keep")

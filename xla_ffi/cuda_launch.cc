@@ -1,7 +1,9 @@
 #include "xla_ffi/cuda_launch.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <initializer_list>
+#include <string>
 #include <vector>
 
 #include "common/activation.h"
@@ -203,6 +205,24 @@ void FetchRows(const Call& c, const cuda::WorkList& list, cuda::Chunk chunk,
 // the GEMMs work on those already here, and the members of a group read from different peers at
 // any one time. Emulated peers run the same phases from source 0 on (one memory, so nothing to
 // hide there, but one GPU then runs the sequence D GPUs run).
+//
+// Phases pay only where each phase's GEMMs still do enough work per byte of weights: every
+// phase reads all of the call's expert weights once more, and an expert holds T*K/E rows from
+// one source on average. Below kPhaseRows of them the GEMMs wait on those reads: on an H200 at
+// Mixtral-8x7B's shape with T = 512 per device (128 rows an expert from each of D = 8
+// sources) the forward's grouped GEMMs took 10.0 ms in phases, 2.7 times the dense GEMM of their
+// FLOPs. Fewer rows: one phase, after every source's rows are in (the fetch then hides behind
+// nothing). JAX_CCFUSER_SOURCE_PHASES=1 asks for phases whatever the shape, =0 for none (the
+// tests run both; the results are bitwise alike).
+constexpr int64_t kPhaseRows = 512;
+
+bool SourcePhasesPay(const MoeDims& d) {
+  const char* env = std::getenv("JAX_CCFUSER_SOURCE_PHASES");
+  const std::string asked = env != nullptr ? env : "";
+  if (asked == "0" || asked == "1") return asked == "1";
+  return d.tokens * d.k >= kPhaseRows * d.experts_total;
+}
+
 class SourcePhases {
  public:
   SourcePhases(const Call& c, DeviceState& me)
@@ -210,7 +230,7 @@ class SourcePhases {
         me_(me),
         devices_(c.d.num_devices),
         first_(FirstOwnDevice(c)),
-        pipelined_(devices_ > 1) {}
+        pipelined_(devices_ > 1 && SourcePhasesPay(c.d)) {}
 
   int size() const { return pipelined_ ? devices_ + 1 : 1; }
 
@@ -262,7 +282,7 @@ class SourcePhases {
         launcher.Always("waiting for a peer's rows",
                         [&] { return cudaStreamWaitEvent(stream, me_.fetched[event], 0); });
       }
-      launch(source(phase), phase < devices_ - 1 ? c_.fetching_sms : c_.num_sms);
+      launch(source(phase), pipelined_ && phase < devices_ - 1 ? c_.fetching_sms : c_.num_sms);
     }
   }
 
@@ -468,8 +488,8 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena) {
   const int tile_n = cuda::expert_gemm_tile_n(ToDType(c.d.x_type));
   BackwardScratch s;
   s.list = CarveWorkList(c, arena);
-  // expert_gemm's epilogue sums dot(a, u) per N-tile, the grouped GEMMs' pass per row.
-  s.num_partials = c.grouped_gemms ? 1 : static_cast<int32_t>((c.d.ffn + tile_n - 1) / tile_n);
+  // dot(a, u) per N-tile: expert_gemm's epilogue and the grouped GEMMs' pass split F alike.
+  s.num_partials = static_cast<int32_t>((c.d.ffn + tile_n - 1) / tile_n);
   s.x = arena.Take<char>(rows * c.d.hidden * width);
   s.dy = arena.Take<char>(rows * c.d.hidden * width);
   s.h = arena.Take<float>(rows * c.d.gate_ffn);

@@ -84,7 +84,7 @@ struct BackwardScratch {
   float* h;             // [rows, G*F] x @ w_in, recomputed where not kept
   void* aw;             // [rows, F] w * act(h), x's dtype
   void* dh;             // [rows, G*F] x's dtype
-  float* dot_partial;   // [rows, F tiles], or [rows, 1] with grouped GEMMs
+  float* dot_partial;   // [rows, F tiles]
   float* rows;          // [rows, H] dh @ w_in^T
   int32_t num_partials;
   // Grouped GEMMs: [rows, F] dy @ w_out^T, which the activation pass reads, and their
