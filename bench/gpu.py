@@ -126,11 +126,14 @@ def _device_bytes() -> int | None:
   return stats.get("bytes_limit") if stats else None
 
 
-def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: float) -> dict:
-  """Times every program of `config`; returns its record (see `main`). A baseline whose
-  `dense_bytes` exceed the device's memory is recorded as not run without compiling it: XLA's
-  autotuner takes minutes to find out the same."""
+def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: float,
+            impls=None) -> dict:
+  """Times the programs of `config` (those named in `impls`, default all); returns its record
+  (see `main`). A baseline whose `dense_bytes` exceed the device's memory is recorded as not
+  run without compiling it: XLA's autotuner takes minutes to find out the same."""
   programs = gpu_programs(config, all_to_all=True)
+  if impls is not None:
+    programs = {name: program for name, program in programs.items() if name in impls}
   runs, errors, peak = {}, {}, {}
   first_outputs = {}
   limit = _device_bytes()
@@ -208,6 +211,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--quick", action="store_true", help="tiny shapes, a CPU will do")
   parser.add_argument("--configs", default=None,
                       help=f"comma-separated subset of {', '.join(CONFIGS)}")
+  parser.add_argument("--impls", default=None,
+                      help="comma-separated subset of the programs (default: all of them)")
   args = parser.parse_args(argv)
   configs = QUICK_CONFIGS if args.quick else CONFIGS
   if args.configs:
@@ -217,7 +222,8 @@ def main(argv=None) -> dict:
          "fused_gemms": fused_gemms(), "notes": NOTES, "configs": {}}
   for name, config in configs.items():
     record = measure(config, min_samples=1 if args.quick else 5,
-                     max_samples=1 if args.quick else 20, budget_s=8.0)
+                     max_samples=1 if args.quick else 20, budget_s=8.0,
+                     impls=args.impls.split(",") if args.impls else None)
     doc["configs"][name] = record
     for impl, f in record["impls"].items():
       print(_line(name, impl, f), flush=True)

@@ -2,7 +2,10 @@
 
 For `bench.gpu`'s configurations, the fused forward and forward+backward (and the dense roof
 beside them, whose one GEMM is the yardstick for the grouped ones) run a few times under
-jax's profiler; CUPTI's records of the device's streams give each kernel's time. Per program:
+jax's profiler; CUPTI's records of the device's streams give each kernel's time. `fused` runs
+its GEMMs in source phases or not as the shape decides, `fused_phases` the same program in
+phases whatever the shape (JAX_CCFUSER_SOURCE_PHASES=1), so the two show what phases cost.
+Per program:
 
 - `wall_ms`: the span from the first kernel's start to the last one's end, per call;
 - `busy_ms`: the time at least one kernel ran, per call (wall minus busy: the device idled,
@@ -16,8 +19,10 @@ is measured against the rest. Writes one JSON document (`--out`); prints the top
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -29,7 +34,10 @@ from bench import gpu, records
 from bench.programs import gpu_programs
 from bench.timing import compile_program
 
-PROGRAMS = ("fused", "roof")
+# Each one's program in `bench.programs.gpu_programs`, and the environment it runs under.
+PROGRAMS = {"fused": ("fused", {}),
+            "fused_phases": ("fused", {"JAX_CCFUSER_SOURCE_PHASES": "1"}),
+            "roof": ("roof", {})}
 _KINDS = {"fwd": "forward", "fwd_bwd": "forward_backward"}
 
 
@@ -101,6 +109,22 @@ def summarize(events: list[KernelEvent], calls: int, lines: list[str] = (),
   }
 
 
+@contextlib.contextmanager
+def _environment(values: dict):
+  """`os.environ` updated with `values` inside the block (the CUDA handler reads its switches
+  at each call)."""
+  saved = {name: os.environ.get(name) for name in values}
+  os.environ.update(values)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
 def profile(compiled, inputs, calls: int) -> dict:
   """Traces `calls` calls of `compiled` on `inputs` (built before the trace starts)."""
   jax.block_until_ready(compiled(*inputs))
@@ -127,13 +151,16 @@ def main(argv=None) -> dict:
          "fused_gemms": gpu.fused_gemms(), "configs": {}}
   for name, config in configs.items():
     programs = gpu_programs(config)
-    record = {}
-    for impl in PROGRAMS:
+    record, compiled = {}, {}
+    for impl, (program_name, environment) in PROGRAMS.items():
       for short, kind in _KINDS.items():
-        program = programs[impl]
+        program = programs[program_name]
         try:
-          compiled, _ = compile_program(getattr(program, kind), program.inputs(0))
-          found = profile(compiled, program.inputs(1), args.calls)
+          if (program_name, short) not in compiled:
+            compiled[program_name, short], _ = compile_program(getattr(program, kind),
+                                                               program.inputs(0))
+          with _environment(environment):
+            found = profile(compiled[program_name, short], program.inputs(1), args.calls)
         except Exception as e:  # noqa: BLE001 (recorded: the other programs still run)
           found = {"error": gpu.first_line(e)}
         record[f"{impl}_{short}"] = found

@@ -34,28 +34,32 @@ __global__ void __launch_bounds__(kTokenThreads)
     const int64_t weight_row = static_cast<int64_t>(token) * p.pairs.top_k;
     const int32_t* codes = p.pairs.pair_code + first;  // [K] the token's pairs
     const int32_t* pair_rows = p.pairs.pair_row + first;
-    // The token's pairs in the chunk, by scratch row: order[0, count).
+    // The token's pairs in the chunk by slot, and by scratch row within a slot: order[0, count).
+    // Each slot's pairs are then one run of it, which the sums below walk without looking at
+    // the other slots' pairs for every element (a token's K pairs spread over up to D slots).
     int32_t* order = s_order + (threadIdx.x / 32) * p.pairs.top_k;
     int32_t count = 0;
     for (int32_t k0 = 0; k0 < p.pairs.top_k; k0 += 32) {
       const int32_t k = k0 + lane;
       const bool in = k < p.pairs.top_k && in_chunk(p.pairs, first + k);
       if (in) {
+        const int32_t slot = codes[k] % kMaxPeers;
         int32_t rank = 0;
-        for (int32_t j = 0; j < p.pairs.top_k; ++j)
-          rank += in_chunk(p.pairs, first + j) && pair_rows[j] < pair_rows[k];
+        for (int32_t j = 0; j < p.pairs.top_k; ++j) {
+          if (!in_chunk(p.pairs, first + j)) continue;
+          const int32_t other = codes[j] % kMaxPeers;
+          rank += other < slot || (other == slot && pair_rows[j] < pair_rows[k]);
+        }
         order[rank] = k;
       }
       count += __popc(__ballot_sync(0xffffffffu, in));
     }
     __syncwarp();
-    // Each slot these pairs use, at its first pair in the order.
-    for (int32_t n0 = 0; n0 < count; ++n0) {
+    // Each slot these pairs use: the run order[n0, n1).
+    for (int32_t n0 = 0, n1; n0 < count; n0 = n1) {
       const int32_t slot = codes[order[n0]] % kMaxPeers;
-      bool first_of_slot = true;
-      for (int32_t n = 0; n < n0 && first_of_slot; ++n)
-        first_of_slot = codes[order[n]] % kMaxPeers != slot;
-      if (!first_of_slot) continue;
+      for (n1 = n0 + 1; n1 < count && codes[order[n1]] % kMaxPeers == slot; ++n1) {
+      }
       // The staging holds the sum of the slot's rows of earlier chunks, if it has any.
       bool earlier = false;
       for (int32_t k = 0; k < p.pairs.top_k; ++k)
@@ -65,9 +69,8 @@ __global__ void __launch_bounds__(kTokenThreads)
           p.staging[source] + (static_cast<int64_t>(token) * p.num_slots + slot) * p.hidden;
       for (int32_t h = lane; h < p.hidden; h += 32) {
         float sum = earlier ? dst[h] : 0.0f;
-        for (int32_t n = n0; n < count; ++n) {
+        for (int32_t n = n0; n < n1; ++n) {
           const int32_t k = order[n];
-          if (codes[k] % kMaxPeers != slot) continue;
           const float row = p.rows[(pair_rows[k] - p.pairs.row_begin) * p.hidden + h];
           sum += p.weighted ? load_float<T>(p.weights[source], weight_row + k, p.weights_f32) * row
                             : row;

@@ -3,6 +3,7 @@ figures: nothing here was measured, and nothing is written outside a temporary d
 commit stamp, the sanitizer's workload and bench/gpu.py's document, both run on the CPU."""
 
 import json
+import os
 import subprocess
 import sysconfig
 
@@ -299,10 +300,19 @@ def test_kernel_times_add_up_per_call():
   assert "error" in kernels.summarize([], calls=2)
 
 
+def test_kernel_profile_environment_is_restored(monkeypatch):
+  monkeypatch.setenv("JAX_CCFUSER_SOURCE_PHASES", "0")
+  monkeypatch.delenv("CCF_NOT_SET", raising=False)
+  with kernels._environment({"JAX_CCFUSER_SOURCE_PHASES": "1", "CCF_NOT_SET": "x"}):
+    assert os.environ["JAX_CCFUSER_SOURCE_PHASES"] == "1" and os.environ["CCF_NOT_SET"] == "x"
+  assert os.environ["JAX_CCFUSER_SOURCE_PHASES"] == "0" and "CCF_NOT_SET" not in os.environ
+
+
 def test_kernel_profile_on_a_cpu_records_its_absence(tmp_path):
   doc = kernels.main(["--quick", "--calls", "1", "--out", str(tmp_path / "kernels.json")])
   assert json.loads((tmp_path / "kernels.json").read_text()) == doc
   record = doc["configs"]["quick"]
-  assert set(record) == {"fused_fwd", "fused_fwd_bwd", "roof_fwd", "roof_fwd_bwd"}
+  assert set(record) == {f"{impl}_{kind}" for impl in ("fused", "fused_phases", "roof")
+                         for kind in ("fwd", "fwd_bwd")}
   assert all(found == {"error": "no GPU kernel in the trace (no CUPTI, or not a GPU)"}
              for found in record.values())
