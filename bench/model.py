@@ -23,7 +23,10 @@ bandwidth, `row = H * bytes`, `flop = 2 * H * 3F` per routed row (gated FFN):
   (`jax_ccfuser.fetch_sms`), assumed enough for the fetch to read at the link's rate, and the
   last source's on all of them: `max(GEMM (D-1)/D * sms / (sms - fetch_sms), fetch) + GEMM / D`.
   With no SMs kept the fetch's blocks wait for the GEMMs' persistent grids, which hold every
-  SM: `GEMM + fetch`, nothing overlapped. Then the scatter, one float32 row per (token,
+  SM: `GEMM + fetch`, nothing overlapped. Phases run only where an expert gets `phase_rows` or
+  more rows from each source on average (`T*K/E`), as the CUDA handler decides (each phase reads
+  every expert's weights again; the model does not count those reads); otherwise the GEMMs wait
+  for every source's rows: `GEMM + fetch`. Then the scatter, one float32 row per (token,
   device) out over the link, not overlapped; an end barrier; the sum of each token's
   `min(K, D)` float32 slots from HBM. Backward: the same pipeline fetches x and dy under the
   products that need them (h recomputed, u = dy w_out^T: one forward's worth), then dW_out,
@@ -59,6 +62,7 @@ class Node:
   fused_efficiency: float = 1.0  # fused kernel's GEMM rate / R (gathered A-operand loads)
   sms: int = 132            # SMs per GPU (H100 and H200 SXM)
   fetch_sms: int = 16       # of them kept for the fetch (jax_ccfuser.fetch_sms's default: 1/8)
+  phase_rows: int = 512     # T*K/E from which the GEMMs run in source phases (the CUDA handler's)
   basis: str = "nominal"    # where the rates come from, for the README
 
   def __post_init__(self):
@@ -164,9 +168,9 @@ def _rows_in(node: Node, layer: Layer) -> float:
   return tokens * (layer.skew + (1 - layer.skew) * share)
 
 
-def _pipelined_s(node: Node, gemm: float, fetched: float) -> float:
+def _pipelined_s(node: Node, layer: Layer, gemm: float, fetched: float) -> float:
   """The source phases: `gemm` seconds of GEMMs on all SMs, `fetched` seconds of peers' rows."""
-  if node.fetch_sms == 0:
+  if node.fetch_sms == 0 or layer.tokens * layer.k < node.phase_rows * layer.experts:
     return gemm + fetched
   last = gemm / node.devices
   beside_fetch = (gemm - last) * node.sms / (node.sms - node.fetch_sms)
@@ -183,9 +187,9 @@ def fused_ms(node: Node, layer: Layer, *, backward: bool = False) -> float:
   barriers = 2 * node.link_latency_us * 1e-6
   partial_sums = (layer.tokens * min(layer.k, node.devices) * layer.hidden * 4
                   / (node.hbm_gbps * 1e9))
-  seconds = _pipelined_s(node, gemm, fetch) + scatter + barriers + partial_sums
+  seconds = _pipelined_s(node, layer, gemm, fetch) + scatter + barriers + partial_sums
   if backward:
-    seconds += (_pipelined_s(node, gemm, 2 * fetch) + gemm * (_BACKWARD_PRODUCTS - 3) / 3
+    seconds += (_pipelined_s(node, layer, gemm, 2 * fetch) + gemm * (_BACKWARD_PRODUCTS - 3) / 3
                 + scatter + barriers + partial_sums)
   return 1e3 * seconds
 

@@ -92,11 +92,11 @@ def _ep_mesh(devices: int):
 
 
 def _dense(a, b):
-  """`a @ b` summed in float32 and returned in a's dtype, as the layer returns y: a float32
-  result would make the backward's GEMMs float32 (TF32 on a GPU, half bfloat16's rate; on an
-  H200 the roof's forward+backward took 23.1 ms so at Mixtral-8x7B's shape, twice its GEMMs at
-  bfloat16 rate)."""
-  return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+  """`a @ b` in a's dtype, as the layer returns y, so that the backward's GEMMs take a cotangent
+  in that dtype too. A float32 product (even one cast back) hands them a float32 cotangent,
+  which XLA:GPU multiplies as float32 (TF32, half bfloat16's rate): the roof of every GPU check
+  up to 061ef87 did, 17.1 of its 23.9 ms forward+backward at Mixtral-8x7B's shape on an H200."""
+  return jnp.dot(a, b)
 
 
 def _roof_operands(config: Config, *, groups: int):

@@ -279,8 +279,49 @@ def gpu_section(results_dir: pathlib.Path) -> str:
       lines.append(f"{head} {f['fwd_ms']:.2f} | {f['fwd_bwd_ms']:.2f} | "
                    f"{f['fwd_bwd_tflops']:.0f} | {roof} | {speedup} | {memory} | {extra} |")
   lines += ["", "Speed-up: the implementation's forward+backward time over fused's (above 1: "
-            "fused is faster).", "", f"![gpu tflops](bench/results/{_GPU_PLOT})", ""]
+            "fused is faster)."]
+  lines += _roof_caveat(doc) + _kernel_lines(doc)
+  lines += ["", f"![gpu tflops](bench/results/{_GPU_PLOT})", ""]
   return "\n".join(lines)
+
+
+def _short_kernel(name: str) -> str:
+  """A kernel's name without its template arguments and parameters."""
+  if name.startswith("_ZN7cutlass13device_kernel"):
+    return "cutlass grouped GEMM"
+  base = name.split("(")[0].split("<")[0]
+  return base.removeprefix("void ").removeprefix("ccf::cuda::")
+
+
+def _roof_caveat(doc: dict) -> list[str]:
+  """A warning where the run's roof multiplied its backward in TF32 (the kernels stage's
+  names say so): its forward+backward % roof then overstates fused's share of a bfloat16 roof."""
+  configs = (doc.get("kernels") or {}).get("configs", {})
+  slow = sorted({name for c in configs.values()
+                 for k in c.get("roof_fwd_bwd", {}).get("kernels", [])
+                 if "tf32" in (name := k["name"])})
+  if not slow:
+    return []
+  return ["", "**This run's roof is too slow backward:** its forward+backward multiplied the "
+          "backward's GEMMs in TF32 (float32 cotangents, fixed after this run), so its fwd+bwd "
+          "% roof overstates fused's share of a bfloat16 roof; its forward is a bfloat16 GEMM."]
+
+
+def _kernel_lines(doc: dict, top: int = 6) -> list[str]:
+  """Where the fused forward+backward's GPU time went per shape (the kernels stage)."""
+  configs = (doc.get("kernels") or {}).get("configs", {})
+  lines = []
+  for name, record in configs.items():
+    found = record.get("fused_fwd_bwd", {})
+    if "kernels" not in found:
+      continue
+    parts = ", ".join(f"{_short_kernel(k['name'])} {k['ms']:.2f}" for k in found["kernels"][:top])
+    lines.append(f"- {name}: fused fwd+bwd kernels {found['busy_ms']:.2f} ms busy of "
+                 f"{found['wall_ms']:.2f} ms: {parts} (ms per call)")
+  if lines:
+    lines = ["", "Where fused's GPU time went (`bench.kernels`, CUPTI through jax's profiler, "
+             "longest kernels first):", ""] + lines
+  return lines
 
 
 def modeled_section(results_dir: pathlib.Path) -> str:

@@ -106,8 +106,9 @@ def test_dropped_share_follows_the_capacity_rule():
 
 
 # A node and layer small enough to compute by hand (see test_model_hand_computed_example).
+# Phases from 500 rows an expert per source: the toy layer's T*K/E.
 _NODE = model.Node(name="2xtoy", devices=2, gemm_tflops=1.0, hbm_gbps=1000.0, link_gbps=100.0,
-                   link_latency_us=0.0, collective_latency_us=0.0)
+                   link_latency_us=0.0, collective_latency_us=0.0, phase_rows=500)
 _LAYER = model.Layer("toy", tokens=1000, hidden=1000, ffn=1000, experts=2, k=1)
 
 
@@ -130,6 +131,9 @@ def test_model_hand_computed_example():
   # No SMs kept for the fetch: it waits for the GEMMs, 6 ms + 10 us.
   unkept = dataclasses.replace(_NODE, fetch_sms=0)
   assert model.fused_ms(unkept, _LAYER) == pytest.approx(6.0 + 0.010 + 0.020 + 0.004)
+  # Fewer rows an expert per source than phases need: the same, the GEMMs after the fetch.
+  one_phase = dataclasses.replace(_NODE, phase_rows=501)
+  assert model.fused_ms(one_phase, _LAYER) == pytest.approx(6.0 + 0.010 + 0.020 + 0.004)
   with pytest.raises(ValueError, match="fetch_sms must leave the GEMMs an SM"):
     dataclasses.replace(_NODE, fetch_sms=132)
   # A link 1000 times slower: the fetch (10 ms) outlasts the own rows' GEMM, then the last 3 ms.
