@@ -26,7 +26,6 @@ line per program. `--quick` runs tiny shapes, for checking the script on a CPU.
 
 import argparse
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -227,11 +226,7 @@ def main(argv=None) -> dict:
     doc["configs"][name] = record
     for impl, f in record["impls"].items():
       print(_line(name, impl, f), flush=True)
-    # Written after each configuration, whole (renamed into place): a run stopped by its time
-    # limit leaves the configurations it finished.
-    partial = args.out.with_suffix(".partial")
-    partial.write_text(json.dumps(doc, indent=1) + "\n")
-    partial.replace(args.out)
+    records.write_whole(doc, args.out)
   return doc
 
 

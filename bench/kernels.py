@@ -21,7 +21,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import shutil
@@ -170,9 +169,7 @@ def main(argv=None) -> dict:
         for k in found.get("kernels", [])[:8]:
           print(f"    {k['ms']:8.3f} ms  x{k['launches']:<5g} {k['name'][:110]}", flush=True)
     doc["configs"][name] = record
-    partial = args.out.with_suffix(".partial")
-    partial.write_text(json.dumps(doc, indent=1) + "\n")
-    partial.replace(args.out)
+    records.write_whole(doc, args.out)
   return doc
 
 

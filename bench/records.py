@@ -86,6 +86,14 @@ def write(records: list[dict], out_dir: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def write_whole(doc: dict, path: pathlib.Path) -> None:
+  """`doc` as JSON at `path`, written beside it and renamed into place: a run stopped by its
+  time limit midway leaves the last whole document (the configurations it finished)."""
+  partial = path.with_suffix(".partial")
+  partial.write_text(json.dumps(doc, indent=1) + "\n")
+  partial.replace(path)
+
+
 def load_latest(out_dir: pathlib.Path = RESULTS_DIR) -> dict[str, list[dict]]:
   """`{platform: records}` from every `latest-<platform>.json` in `out_dir`."""
   return {p.stem.removeprefix("latest-"): json.loads(p.read_text())
