@@ -7,9 +7,10 @@ its GEMMs in source phases or not as the shape decides, `fused_phases` the same 
 phases whatever the shape (JAX_CCFUSER_SOURCE_PHASES=1), so the two show what phases cost.
 Per program:
 
-- `wall_ms`: the span from the first kernel's start to the last one's end, per call;
+- `wall_ms`: the span from the first kernel's start to the last one's end, per call (the
+  calls run back to back, each waited for, so the host's turn between two calls is in it);
 - `busy_ms`: the time at least one kernel ran, per call (wall minus busy: the device idled,
-  waiting on the host: launches, synchronisation, allocation);
+  waiting on the host: launches, synchronisation, allocation, the turn between calls);
 - `kernels`: per kernel name (demangled where `c++filt` is on the PATH), its calls and
   milliseconds per layer call, longest first.
 

@@ -297,10 +297,8 @@ def _roof_caveat(doc: dict) -> list[str]:
   """A warning where the run's roof multiplied its backward in TF32 (the kernels stage's
   names say so): its forward+backward % roof then overstates fused's share of a bfloat16 roof."""
   configs = (doc.get("kernels") or {}).get("configs", {})
-  slow = sorted({name for c in configs.values()
-                 for k in c.get("roof_fwd_bwd", {}).get("kernels", [])
-                 if "tf32" in (name := k["name"])})
-  if not slow:
+  if not any("tf32" in k["name"] for c in configs.values()
+             for k in c.get("roof_fwd_bwd", {}).get("kernels", [])):
     return []
   return ["", "**This run's roof is too slow backward:** its forward+backward multiplied the "
           "backward's GEMMs in TF32 (float32 cotangents, fixed after this run), so its fwd+bwd "
