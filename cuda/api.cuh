@@ -32,7 +32,8 @@
 //      w_out[e] into float32 rows [pairs, H]. On Hopper (the build's sm_90a code running), the
 //      GEMMs over pair rows are CUTLASS's grouped GEMMs instead (grouped_gemm_sm90.cu: TMA,
 //      wgmma, one problem per group): GEMM1 writes float32 h and activation.cu's pass forms `a`
-//      (the backward's u GEMM likewise); the weight-gradient GEMMs stay on expert_gemm.cu.
+//      (the backward's u GEMM likewise), and the backward's weight gradients are grouped GEMMs
+//      too where a group's rows lie in one chunk and no plan asks for partials.
 //   4. combine.cu `scatter_slots` sums, for every source token with pairs here, its rows in
 //      scratch-row order times expert_weights and writes the sum into the SOURCE's
 //      staging[t, slot] (one remote row write per (token, destination device) and chunk: the
@@ -74,7 +75,10 @@
 // chunks as the worst case (every pair of the group on this device, D * T * K) needs; the
 // weight gradients carry each group's float32 sum from chunk to chunk (GemmParams::carry) and
 // the scatter adds each chunk's rows to the staging slots, so the results are bitwise those of
-// one chunk. Chunks past the list's end find no work (a few empty launches each).
+// one chunk. One exception, on Hopper in 16-bit dtypes: a group's weight gradients are a
+// grouped GEMM (wgmma) where its rows lie in one chunk and expert_gemm's carried sum where they
+// cross a chunk edge, summed in another order (still deterministic for each budget). Chunks
+// past the list's end find no work (a few empty launches each).
 // Limits of this version: the scatter starts after the chunk's last GEMM (its writes over the
 // link do not overlap compute).
 //
@@ -101,17 +105,21 @@
 // fetch kernels of one source run beside the GEMMs of the previous one (they share the SMs
 // only where the GEMM grid leaves room: the persistent grid takes every SM it can fill).
 //
-// GPU check for the grouped GEMMs (never run): on an H100/H200 every test of
-// tests/test_cuda.py runs them (16-bit dtypes); test_emulated_sm80_kernels_match_grouped_gemms
-// runs the SM80 kernels beside them (JAX_CCFUSER_GROUPED_GEMMS=0 in a fresh process). What can
-// go wrong first: can_implement refusing (alignment: every row pitch and expert base must be 16
-// bytes), the problem table (a group's rows of one source in the chunk; M = 0 for none), the
-// workspace size. bench/gpu_check.sh's memcheck run watches CUTLASS's kernels too (the bounds
-// our problem tables give their TMA); racecheck, synccheck and initcheck keep to our namespace
-// (mangled "3ccf"). Then time bench/gpu.py with and without them.
+// GPU check for the grouped GEMMs (the pair-row GEMMs passed every test on an H200 at 061ef87;
+// the weight gradients' never ran): on an H100/H200 every test of tests/test_cuda.py runs them
+// (16-bit dtypes); test_emulated_sm80_kernels_match_grouped_gemms runs the SM80 kernels beside
+// them (JAX_CCFUSER_GROUPED_GEMMS=0 in a fresh process). What can go wrong first in the weight
+// gradients: can_implement refusing the M-major A (TMA: 16-byte row pitches and bases), the
+// problem table (a group whole in the chunk: M, N fixed, K = its rows; M = 0 for the others,
+// whose tiles expert_gemm keeps), a group with K = 0 reaching wgmma (it stores an uninitialised
+// accumulator; none should), the workspace size. bench/gpu_check.sh's memcheck run watches
+// CUTLASS's kernels too (the bounds our problem tables give their TMA); racecheck, synccheck and
+// initcheck keep to our namespace (mangled "3ccf"). Then time bench/gpu.py with and without
+// them, and bench/kernels.py for expert_gemm's share of the backward.
 //
-// GPU check for chunks (never run): tests/test_cuda.py's chunk tests compare budgets of one and
-// of a few tiles per chunk bitwise with one chunk (emulated, with a plan, and over every GPU):
+// GPU check for chunks (the emulated ones passed on an H200 at 061ef87): tests/test_cuda.py's
+// chunk tests compare budgets of one and of a few tiles per chunk with one chunk (emulated, with
+// a plan, and over every GPU; bitwise but for Hopper's grouped weight gradients):
 // a wrong row window shows as a wrong row, a lost or doubled carry as a wrong weight gradient,
 // a scatter that overwrites instead of adding as a wrong y or dx. bench/gpu_check.sh's sanitizer
 // workload runs a one-tile-chunk call too (the windows' bounds under memcheck). Then time a
@@ -404,6 +412,10 @@ struct GemmParams {
   Chunk chunk;
   float* carry;  // [m, n] float32; null with one chunk
   ReductionPart part;
+  // kPairReduction: leave the groups whose rows all lie in the chunk (group_whole_in_chunk) to
+  // grouped_gemm, which Hopper runs them on; the launch reduces the others (a carry in or out,
+  // no rows).
+  int32_t skip_whole;
 
   Epilogue epilogue;
   int32_t activation;  // ccf::Activation
@@ -448,8 +460,9 @@ cudaError_t expert_gemm(DType dtype, Major a_major, Major b_major, const GemmPar
 
 // ---------------------------------------------------------------------------------------------
 // grouped_gemm_sm90.cu: on Hopper, the pair-row GEMMs whose epilogue is a float32 store
-// (kPairRows, kStoreF32) as CUTLASS grouped GEMMs; the fused epilogues of expert_gemm then run as
-// passes over the float32 rows (activation.cu).
+// (kPairRows, kStoreF32) and the weight gradients of the groups a chunk holds whole as CUTLASS
+// grouped GEMMs; the fused epilogues of expert_gemm then run as passes over the float32 rows
+// (activation.cu).
 
 // Whether the current GPU runs them: a Hopper GPU and sm_90a among the build's architectures.
 bool grouped_gemms_available();
@@ -457,10 +470,14 @@ bool grouped_gemms_available();
 // Bytes of the workspace grouped_gemm takes for `num_groups` groups on `num_sms` SMs.
 int64_t grouped_gemm_workspace_bytes(int32_t num_groups, int num_sms);
 
-// out[row] = a[row] @ b[expert] for the rows of each group in the launch's chunk from
-// `only_source` (kAllSources: all; kSpanningSources: none, as the source phases leave no row to
-// it), less the kept ones under `skip_kept`. a: pair rows; b: expert weights, Major::kMN as
-// stored or Major::kK transposed. bf16/f16 on a Hopper GPU only.
+// kPairRows (kStoreF32): out[row] = a[row] @ b[expert] for the rows of each group in the
+// launch's chunk from `only_source` (kAllSources: all; kSpanningSources: none, as the source
+// phases leave no row to it), less the kept ones under `skip_kept`. a: pair rows; b: expert
+// weights, Major::kMN as stored or Major::kK transposed.
+// kPairReduction (kStoreExpert, no plan): out[group] = a^T b over the group's rows, in the input
+// dtype, for each group whose rows all lie in the chunk (the others are expert_gemm's under
+// skip_whole). a, b: pair rows (b_major Major::kMN).
+// bf16/f16 on a Hopper GPU only.
 cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, void* workspace,
                          int device, int num_sms, cudaStream_t stream);
 

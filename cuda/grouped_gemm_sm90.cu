@@ -1,12 +1,18 @@
-// On Hopper, the pair-row GEMMs with a plain float32 output as CUTLASS grouped GEMMs: TMA loads,
-// wgmma, a warp-specialized persistent cooperative kernel, problem sizes and operand pointers
-// read from device memory (no host round trip). One problem per group of the work list: the
-// group's rows of the launch's chunk, from one source phase or all. A row's products do not
-// depend on which problem holds it (the K loop is the same), so phases, chunks and emulated
-// peers change nothing bitwise.
+// On Hopper, the expert GEMMs that CUTLASS's grouped GEMMs serve: TMA loads, wgmma, a
+// warp-specialized persistent cooperative kernel, problem sizes and operand pointers read from
+// device memory (no host round trip). One problem per group of the work list:
+//   - pair rows with a plain float32 output (GEMM1, GEMM2 and the backward's h, u and dx): the
+//     group's rows of the launch's chunk, from one source phase or all. A row's products do not
+//     depend on which problem holds it (the K loop is the same), so phases, chunks and emulated
+//     peers change nothing bitwise;
+//   - weight gradients (dW_in, dW_out: K = the group's pairs, M-major A): the groups whose rows
+//     all lie in the chunk, summed in one piece into the expert's output. A group that carries
+//     its sum across a chunk edge, writes a plan's partials or has no rows stays on
+//     expert_gemm.cu (GemmParams::skip_whole): wgmma starts every tile from zero.
 //
 // The kernels run from the sm_90a part of the build only (grouped_gemms_available).
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 
 #include <cute/tensor.hpp>
@@ -33,34 +39,62 @@ using TileShape = Shape<_128, _128, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
 using LayoutD = cutlass::layout::RowMajor;
 
-// D: [M, N] float32 rows, stored as they are (no C operand).
-using CollectiveEpilogue = cutlass::epilogue::collective::CollectiveBuilder<
+// D: [M, N] rows of ElementD, stored as they are (no C operand).
+template <class ElementD>
+using EpilogueTo = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*, 4, float,
-    LayoutD*, 4, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
-// Out of the templates below: gcc's host pass misreads this sizeof in a dependent context.
-constexpr int kEpilogueSmem = static_cast<int>(sizeof(CollectiveEpilogue::SharedStorage));
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*,
+    16 / sizeof(ElementD), ElementD, LayoutD*, 16 / sizeof(ElementD),
+    cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+// Out of the templates below: gcc's host pass misreads these sizeofs in a dependent context.
+constexpr int kEpilogueSmemF32 = static_cast<int>(sizeof(EpilogueTo<float>::SharedStorage));
+constexpr int kEpilogueSmemBf16 =
+    static_cast<int>(sizeof(EpilogueTo<cutlass::bfloat16_t>::SharedStorage));
+constexpr int kEpilogueSmemF16 =
+    static_cast<int>(sizeof(EpilogueTo<cutlass::half_t>::SharedStorage));
 
-// A: pair rows [M, K] (K-major). B: an expert's weights, [K, N] as stored (Major::kMN,
-// cutlass's RowMajor B) or [N, K] (Major::kK, ColumnMajor).
-template <class T, Major kBMajor>
+template <class ElementD>
+constexpr int epilogue_smem() {
+  if constexpr (std::is_same_v<ElementD, float>) return kEpilogueSmemF32;
+  else if constexpr (std::is_same_v<ElementD, cutlass::bfloat16_t>) return kEpilogueSmemBf16;
+  else return kEpilogueSmemF16;
+}
+
+// A: [M, K], K-major (Major::kK, cutlass's RowMajor A: pair rows) or M-major (Major::kMN,
+// ColumnMajor: pair rows read as their transpose). B: [K, N], N-major (Major::kMN, RowMajor: an
+// expert's weights as stored, or pair rows) or K-major (Major::kK, ColumnMajor: the weights
+// transposed).
+template <class T, Major kAMajor, Major kBMajor, class ElementD>
 struct GroupedGemm {
   using Element = T;
-  using LayoutA = cutlass::layout::RowMajor;
+  using Output = ElementD;
+  // K-major A is pair rows by M (the pair-row GEMMs), M-major A by K (the weight gradients).
+  static constexpr GemmShape kShape =
+      kAMajor == Major::kK ? GemmShape::kPairRows : GemmShape::kPairReduction;
+  using LayoutA = std::conditional_t<kAMajor == Major::kK, cutlass::layout::RowMajor,
+                                     cutlass::layout::ColumnMajor>;
   using LayoutB = std::conditional_t<kBMajor == Major::kMN, cutlass::layout::RowMajor,
                                      cutlass::layout::ColumnMajor>;
   static constexpr int kAlignment = 16 / sizeof(T);
+  using Epilogue = EpilogueTo<ElementD>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*, kAlignment, T, LayoutB*,
       kAlignment, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueSmem>,
+      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem<ElementD>()>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, CollectiveEpilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using StrideA = typename Kernel::InternalStrideA;
   using StrideB = typename Kernel::InternalStrideB;
   using StrideD = typename Kernel::InternalStrideD;
 };
+
+// The pair-row GEMMs: float32 rows out.
+template <class T, Major kBMajor>
+using PairRowsGemm = GroupedGemm<T, Major::kK, kBMajor, float>;
+// The weight gradients: A = pair rows transposed, B = pair rows, the expert's gradient out.
+template <class T>
+using ReductionGemm = GroupedGemm<T, Major::kMN, Major::kMN, T>;
 
 // The per-group arrays the kernel reads, carved from the front of the workspace; the CUTLASS
 // kernel's own workspace follows.
@@ -72,7 +106,7 @@ struct GroupArrays {
   Problem* problems;
   const typename G::Element** a;
   const typename G::Element** b;
-  float** d;
+  typename G::Output** d;
   typename G::StrideA* stride_a;
   typename G::StrideB* stride_b;
   typename G::StrideD* stride_d;
@@ -97,7 +131,7 @@ struct GroupArrays {
     // array stays aligned to its element.
     w.a = take(static_cast<const typename G::Element**>(nullptr), groups);
     w.b = take(static_cast<const typename G::Element**>(nullptr), groups);
-    w.d = take(static_cast<float**>(nullptr), groups);
+    w.d = take(static_cast<typename G::Output**>(nullptr), groups);
     w.stride_a = take(static_cast<typename G::StrideA*>(nullptr), groups);
     w.stride_b = take(static_cast<typename G::StrideB*>(nullptr), groups);
     w.stride_d = take(static_cast<typename G::StrideD*>(nullptr), groups);
@@ -107,7 +141,7 @@ struct GroupArrays {
   }
 };
 
-// A row-major operand's stride: its one dynamic mode (the row pitch) is `ld`.
+// An operand's stride: its one dynamic mode, the pitch of its rows in memory, is `ld`.
 template <class Stride>
 __device__ Stride row_pitch(int64_t ld) {
   Stride s{};
@@ -128,7 +162,8 @@ __device__ int32_t first_from(const WorkItem* items, int32_t lo, int32_t hi, int
   return lo;
 }
 
-// One thread per group: its problem in this launch (M = 0 when it has none) and its operands.
+// The problems of a pair-row GEMM. One thread per group: its problem in this launch (M = 0 when
+// it has none) and its operands.
 template <class G>
 __global__ void __launch_bounds__(128) build_problems(const __grid_constant__ GemmParams p,
                                                       GroupArrays<G> w) {
@@ -161,6 +196,27 @@ __global__ void __launch_bounds__(128) build_problems(const __grid_constant__ Ge
   w.stride_d[g] = row_pitch<typename G::StrideD>(p.out_ld);
 }
 
+// The problems of a weight gradient, out[e] = a^T b over the group's rows: one per group whose
+// rows all lie in the chunk, M = 0 for the others (expert_gemm's under skip_whole). wgmma would
+// store an uninitialised accumulator for K = 0, and no problem here has one.
+template <class G>
+__global__ void __launch_bounds__(128) build_reduction_problems(
+    const __grid_constant__ GemmParams p, GroupArrays<G> w) {
+  using T = typename G::Element;
+  const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= p.num_groups) return;
+  const bool whole = p.group_expert[g] >= 0 && group_whole_in_chunk(p, g);
+  const int64_t first =
+      whole ? static_cast<int64_t>(p.tile_offset[g]) * p.tile_m - p.chunk.first_row(p.tile_m) : 0;
+  w.problems[g] = whole ? Problem(p.m, p.n, p.group_end[g] - p.group_begin[g]) : Problem(0, p.n, 0);
+  w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
+  w.b[g] = static_cast<const T*>(p.b.data) + first * p.b.ld;
+  w.d[g] = static_cast<T*>(p.out) + g * p.out_expert_stride;
+  w.stride_a[g] = row_pitch<typename G::StrideA>(p.a.ld);
+  w.stride_b[g] = row_pitch<typename G::StrideB>(p.b.ld);
+  w.stride_d[g] = row_pitch<typename G::StrideD>(p.out_ld);
+}
+
 template <class G>
 typename G::Gemm::Arguments arguments(const GroupArrays<G>& w, int32_t groups, int device,
                                       int num_sms) {
@@ -185,17 +241,24 @@ int64_t workspace_bytes(int32_t groups, int num_sms) {
          static_cast<int64_t>(G::Gemm::get_workspace_size(arguments<G>(none, groups, 0, num_sms)));
 }
 
-template <class T, Major kBMajor>
+template <class G>
 cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
                 cudaStream_t stream) {
-  using G = GroupedGemm<T, kBMajor>;
+  using T = typename G::Element;
   // TMA reads and writes 16-byte aligned rows; can_implement checks that only for problem
   // shapes on the host, and a misaligned pitch would fault inside the kernel instead.
   CCF_HOST_ASSERT(p.a.ld * sizeof(T) % 16 == 0 && p.b.ld * sizeof(T) % 16 == 0 &&
-                  p.out_ld * sizeof(float) % 16 == 0 && aligned_to(p.a.data, 16) &&
-                  aligned_to(p.out, 16));
+                  p.out_ld * sizeof(typename G::Output) % 16 == 0 &&
+                  p.out_expert_stride * sizeof(typename G::Output) % 16 == 0 &&
+                  aligned_to(p.a.data, 16) && aligned_to(p.out, 16));
+  CCF_HOST_ASSERT(p.b.source != RowSource::kPair || aligned_to(p.b.data, 16));
   const GroupArrays<G> w = GroupArrays<G>::carve(workspace, p.num_groups);
-  build_problems<G><<<(p.num_groups + 127) / 128, 128, 0, stream>>>(p, w);
+  const unsigned blocks = static_cast<unsigned>((p.num_groups + 127) / 128);
+  CCF_HOST_ASSERT(p.shape == G::kShape);
+  if constexpr (G::kShape == GemmShape::kPairRows)
+    build_problems<G><<<blocks, 128, 0, stream>>>(p, w);
+  else
+    build_reduction_problems<G><<<blocks, 128, 0, stream>>>(p, w);
   CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const auto args = arguments<G>(w, p.num_groups, device, num_sms);
   if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
@@ -212,12 +275,24 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
   return cudaGetLastError();
 }
 
+// Every instance the handler may launch, for what they share: their workspace, their shared
+// memory.
+template <class T>
+using Instances = std::tuple<PairRowsGemm<T, Major::kMN>, PairRowsGemm<T, Major::kK>,
+                             ReductionGemm<T>>;
+
+template <class F>
+auto over_instances(F f) {
+  return std::apply([&](auto... g) { return std::max({f(g)...}); },
+                    std::tuple_cat(Instances<cutlass::bfloat16_t>{}, Instances<cutlass::half_t>{}));
+}
+
 }  // namespace
 
 bool grouped_gemms_available() {
   // Compiled from compute_90a, the kernel runs as built; from compute_80's PTX (a build without
   // sm_90a, or another GPU) it would only trap.
-  using Probe = GroupedGemm<cutlass::bfloat16_t, Major::kMN>::Kernel;
+  using Probe = PairRowsGemm<cutlass::bfloat16_t, Major::kMN>::Kernel;
   cudaFuncAttributes attributes;
   int device, shared_memory;
   if (cudaFuncGetAttributes(&attributes, cutlass::device_kernel<Probe>) != cudaSuccess ||
@@ -228,35 +303,51 @@ bool grouped_gemms_available() {
     return false;
   }
   // The kernels' pipelines fill an H100's shared memory (227 KiB); a GPU that offers a block
-  // less runs the SM80 kernels instead of failing at the launch. One tile and element width:
-  // every instance takes the same.
-  return attributes.ptxVersion == 90 &&
-         shared_memory >= static_cast<int>(Probe::SharedStorageSize);
+  // less runs the SM80 kernels instead of failing at the launch.
+  const int needed = over_instances(
+      [](auto g) { return static_cast<int>(decltype(g)::Kernel::SharedStorageSize); });
+  return attributes.ptxVersion == 90 && shared_memory >= needed;
 }
 
 int64_t grouped_gemm_workspace_bytes(int32_t num_groups, int num_sms) {
-  using cutlass::bfloat16_t, cutlass::half_t;
-  return std::max({workspace_bytes<GroupedGemm<bfloat16_t, Major::kMN>>(num_groups, num_sms),
-                   workspace_bytes<GroupedGemm<bfloat16_t, Major::kK>>(num_groups, num_sms),
-                   workspace_bytes<GroupedGemm<half_t, Major::kMN>>(num_groups, num_sms),
-                   workspace_bytes<GroupedGemm<half_t, Major::kK>>(num_groups, num_sms)});
+  return over_instances(
+      [&](auto g) { return workspace_bytes<decltype(g)>(num_groups, num_sms); });
 }
 
 cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, void* workspace,
                          int device, int num_sms, cudaStream_t stream) {
-  CCF_HOST_ASSERT(params.shape == GemmShape::kPairRows && params.epilogue == Epilogue::kStoreF32);
-  CCF_HOST_ASSERT(params.a.source == RowSource::kPair && params.b.source == RowSource::kExpert);
+  CCF_HOST_ASSERT(params.a.source == RowSource::kPair);
   CCF_HOST_ASSERT(params.num_groups > 0 && params.num_groups <= kMaxExpertsHere);
+  using cutlass::bfloat16_t, cutlass::half_t;
+  if (params.shape == GemmShape::kPairReduction) {
+    // Into the expert outputs only: a plan's float32 partials go to the owners' memory.
+    CCF_HOST_ASSERT(params.epilogue == Epilogue::kStoreExpert && params.partials[0] == nullptr);
+    CCF_HOST_ASSERT(params.b.source == RowSource::kPair && b_major == Major::kMN);
+    switch (dtype) {
+      case DType::kBF16:
+        return run<ReductionGemm<bfloat16_t>>(params, workspace, device, num_sms, stream);
+      case DType::kF16:
+        return run<ReductionGemm<half_t>>(params, workspace, device, num_sms, stream);
+      case DType::kF32:
+        break;
+    }
+    return cudaErrorNotSupported;
+  }
+  CCF_HOST_ASSERT(params.shape == GemmShape::kPairRows && params.epilogue == Epilogue::kStoreF32);
+  CCF_HOST_ASSERT(params.b.source == RowSource::kExpert);
   // The source phases hand every row to one source's problem: nothing spans.
   if (params.only_source == kSpanningSources) return cudaSuccess;
   const bool mn = b_major == Major::kMN;
+  auto pair_rows = [&](auto gemm_as_stored, auto gemm_transposed) {
+    return mn ? run<decltype(gemm_as_stored)>(params, workspace, device, num_sms, stream)
+              : run<decltype(gemm_transposed)>(params, workspace, device, num_sms, stream);
+  };
   switch (dtype) {
     case DType::kBF16:
-      return mn ? run<cutlass::bfloat16_t, Major::kMN>(params, workspace, device, num_sms, stream)
-                : run<cutlass::bfloat16_t, Major::kK>(params, workspace, device, num_sms, stream);
+      return pair_rows(PairRowsGemm<bfloat16_t, Major::kMN>{},
+                       PairRowsGemm<bfloat16_t, Major::kK>{});
     case DType::kF16:
-      return mn ? run<cutlass::half_t, Major::kMN>(params, workspace, device, num_sms, stream)
-                : run<cutlass::half_t, Major::kK>(params, workspace, device, num_sms, stream);
+      return pair_rows(PairRowsGemm<half_t, Major::kMN>{}, PairRowsGemm<half_t, Major::kK>{});
     case DType::kF32:
       break;
   }

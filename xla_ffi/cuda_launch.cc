@@ -171,6 +171,30 @@ void LaunchPairRows(const char* what, const Call& c, const DeviceState& me, int 
                  [&] { return cuda::activation_pass(dtype, {params, rows}, stream); });
 }
 
+// A weight gradient's launches in one chunk: expert_gemm for each part (with a carry, the groups
+// that began in an earlier chunk read it before those that go on into the next chunk overwrite
+// it); with grouped GEMMs and no plan, it leaves the groups the chunk holds whole to one grouped
+// GEMM (cuda::GemmParams::skip_whole).
+void LaunchWeightGradient(const char* what, const Call& c, const DeviceState& me,
+                          cuda::GemmParams& params, void* workspace, cudaStream_t stream,
+                          Launcher& launcher) {
+  using cuda::ReductionPart;
+  const bool grouped = c.grouped_gemms && c.plan.workers == nullptr;
+  params.skip_whole = grouped;
+  const std::vector<ReductionPart> parts =
+      params.carry != nullptr ? std::vector{ReductionPart::kContinued, ReductionPart::kBegun}
+                              : std::vector{ReductionPart::kEveryGroup};
+  for (ReductionPart part : parts) {
+    params.part = part;
+    LaunchGemm(what, c, c.num_sms, cuda::Major::kMN, cuda::Major::kMN, params, stream, launcher);
+  }
+  if (grouped)
+    launcher.Run(what, [&] {
+      return cuda::grouped_gemm(ToDType(c.d.x_type), cuda::Major::kMN, params, workspace,
+                                me.ordinal, c.num_sms, stream);
+    });
+}
+
 // The dispatch of one operand (x, or dy): each row of sources [first, end) with pairs here read
 // once out of its source's buffer into `rows`, by work-list position.
 struct Fetched {
@@ -570,13 +594,6 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   dx_gemm.out = s.rows;
   dx_gemm.out_ld = h;
 
-  // The dW GEMMs' launches per chunk: with a carry, the groups that began in an earlier chunk
-  // read it before those that go on into the next chunk overwrite it.
-  using cuda::ReductionPart;
-  const std::vector<ReductionPart> dw_parts =
-      s.carry != nullptr ? std::vector{ReductionPart::kContinued, ReductionPart::kBegun}
-                         : std::vector{ReductionPart::kEveryGroup};
-
   for (int32_t index = 0; index < NumChunks(c); ++index) {
     const cuda::Chunk chunk{c.chunk_tiles, index};
     phases.Fetch({{&PeerBuffers::x, s.x}, {&PeerBuffers::dy, s.dy}}, s.list, chunk, stream,
@@ -590,13 +607,8 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
       LaunchPairRows("u = dy @ w_out^T", c, me, sms, cuda::Major::kK, u_gemm, s.u,
                      s.gemm_workspace, stream, launcher);
     });
-    for (ReductionPart part : dw_parts) {
-      dw_out_gemm.part = dw_in_gemm.part = part;
-      LaunchGemm("dw_out", c, c.num_sms, cuda::Major::kMN, cuda::Major::kMN, dw_out_gemm, stream,
-                 launcher);
-      LaunchGemm("dw_in", c, c.num_sms, cuda::Major::kMN, cuda::Major::kMN, dw_in_gemm, stream,
-                 launcher);
-    }
+    LaunchWeightGradient("dw_out", c, me, dw_out_gemm, s.gemm_workspace, stream, launcher);
+    LaunchWeightGradient("dw_in", c, me, dw_in_gemm, s.gemm_workspace, stream, launcher);
     LaunchPairRows("dx = dh @ w_in^T", c, me, c.num_sms, cuda::Major::kK, dx_gemm, nullptr,
                    s.gemm_workspace, stream, launcher);
     cuda::ScatterParams scatter = ScatterOver(c, s.list, chunk, s.rows);
