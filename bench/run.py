@@ -14,10 +14,8 @@ wall clock and by process CPU time, XLA's per-device activation bytes) and the r
 <commit>.json` plus `latest-<platform>.json`, then regenerates the plots and the README table
 (`bench.report`).
 
-On a GPU the same script times `fused_moe_emulated` (D peers emulated on the one device)
-against sort + `jax.lax.ragged_dot` + unsort (`bench.ragged`) and the dense roof, at
-Mixtral-8x7B-, DeepSeek-V3- and Qwen3-30B-A3B-shaped layers in bfloat16. That path is kept
-small and has not been run yet: no GPU was available where it was written.
+It always measures the CPU path (it selects JAX's CPU backend, also on a GPU machine); the GPU
+benchmark is `python -m bench.gpu`, which `bench/gpu_check.sh` runs.
 
 Examples:
   python -m bench.run                      # the full CPU sweep (~10 minutes on 2 cores)
@@ -55,19 +53,6 @@ _CPU_QUICK_SWEEPS = {
     "k": ("k", (1, 2)),
     "skew": ("skew", (0.0, 1.0)),
 }
-# GPU: one sweep per model shape, over tokens per device; D peers emulated on one device.
-_GPU_SHAPES = {
-    "mixtral-8x7b": Config(devices=8, tokens=1024, hidden=4096, ffn=14336, experts=8, k=2,
-                           dtype="bfloat16"),
-    "deepseek-v3": Config(devices=8, tokens=1024, hidden=7168, ffn=2048, experts=256, k=8,
-                          dtype="bfloat16"),
-    "qwen3-30b-a3b": Config(devices=8, tokens=1024, hidden=2048, ffn=768, experts=128, k=8,
-                            dtype="bfloat16"),
-}
-_GPU_TOKENS = (256, 1024)
-_GPU_QUICK_TOKENS = (128,)
-
-
 def _parse_args(argv):
   parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,11 +60,9 @@ def _parse_args(argv):
                       help="tiny shapes and one sample each; writes to a temporary directory "
                            "unless --out is given, and regenerates no plots or README")
   parser.add_argument("--sweeps", default=None,
-                      help="comma-separated sweeps to run (CPU: tokens,experts,k,skew; GPU: "
-                           "model shapes); default: all")
+                      help="comma-separated sweeps to run (tokens,experts,k,skew); default: all")
   parser.add_argument("--tokens", default=None,
-                      help="comma-separated tokens per device for the tokens sweep (GPU: for "
-                           "every shape)")
+                      help="comma-separated tokens per device for the tokens sweep")
   parser.add_argument("--min-samples", type=int, default=None,
                       help="timed samples kept per program, at least (default 3; quick 1)")
   parser.add_argument("--max-samples", type=int, default=None,
@@ -124,13 +107,6 @@ def _cpu_plan(args) -> dict[Config, list[str]]:
     for v in values:
       plan.setdefault(dataclasses.replace(base, **{field: v}), []).append(name)
   return plan
-
-
-def _gpu_plan(args) -> dict[Config, list[str]]:
-  tokens = _csv(args.tokens, int) or (_GPU_QUICK_TOKENS if args.quick else _GPU_TOKENS)
-  return {dataclasses.replace(shape, tokens=t): [name]
-          for name, shape in _select(_GPU_SHAPES, _csv(args.sweeps, str)).items()
-          for t in tokens}
 
 
 def measure(config: Config, programs: dict, *, min_samples: int, max_samples: int,
@@ -189,22 +165,21 @@ def _line(config: Config, impl: str, f: dict) -> str:
 def main(argv=None) -> list[dict]:
   """Runs the benchmark; returns the records it wrote."""
   args = _parse_args(argv)
+  # Only effective before the backends start, which nothing above has done.
+  jax.config.update("jax_platforms", "cpu")
   if jax.config.jax_num_cpu_devices < _CPU_BASE.devices:
-    # Only effective before the CPU backend starts, which nothing above has done.
     jax.config.update("jax_num_cpu_devices", _CPU_BASE.devices)
-  # Imported here: they build on the library, whose devices must come up after the line above.
-  from bench.programs import cpu_programs, gpu_programs
-  plat = records.platform()
-  plan = _gpu_plan(args) if plat == "gpu" else _cpu_plan(args)
-  build = gpu_programs if plat == "gpu" else cpu_programs
-  provenance = dict(platform=plat, device=records.device_description(),
+  # Imported here: they build on the library, whose devices must come up after the lines above.
+  from bench.programs import cpu_programs
+  plan = _cpu_plan(args)
+  provenance = dict(platform=records.platform(), device=records.device_description(),
                     commit=records.commit(), date=records.now())
   tqdm.write(f"{provenance['device']}, commit {provenance['commit']}: {len(plan)} "
              f"configurations")
   results = []
   for config, sweeps in tqdm(plan.items(), desc="configurations", unit="config",
                              file=sys.stderr):
-    fields = measure(config, build(config), min_samples=args.min_samples,
+    fields = measure(config, cpu_programs(config), min_samples=args.min_samples,
                      max_samples=args.max_samples, budget_s=args.budget)
     for impl, f in fields.items():
       tqdm.write(_line(config, impl, f))
