@@ -11,7 +11,8 @@ document with its summary table.
                      (device) the CUDA extension `make gpu-wheels` built for this Python in
                      CARRY, printed if the tree still matches the stamp; exit status 1 if not
   env PATH           (device) device, driver, jax, Python, packages, nvcc and commit, as JSON
-  workload           (device, under compute-sanitizer) a small emulated forward+backward
+  workload [--dtypes float32,...]
+                     (device, under compute-sanitizer) a small emulated forward+backward
   report STATE_DIR   the stages' outcomes in STATE_DIR as `gpu-<date>-<commit>.json` and its
                      log, then the summary table
 
@@ -192,10 +193,16 @@ def env(path: pathlib.Path, stamp_path: pathlib.Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The workload compute-sanitizer checks.
 
-def workload() -> None:
+# The workload's calls: (dtype, scratch budget or None, TF32).
+WORKLOAD_CALLS = (("float32", None, False), ("float32", None, True),
+                  ("bfloat16", None, False), ("bfloat16", 1, False))
+
+
+def workload(dtypes: tuple[str, ...] | None = None) -> None:
   """`fused_moe_emulated` forward and backward over 4 emulated peers, float32 (exact, and as
   TF32) and bfloat16, on a shape off every tile, bfloat16 also in one-tile chunks (the least
-  scratch budget); prints each result's relative error against reference_moe."""
+  scratch budget), or only the calls in `dtypes`; prints each result's relative error against
+  reference_moe."""
   import contextlib
 
   import jax
@@ -206,8 +213,9 @@ def workload() -> None:
   from jax_ccfuser.experimental import fused_moe_emulated
   from bench.problem import Config, make_inputs
 
-  for dtype, budget, tf32 in (("float32", None, False), ("float32", None, True),
-                             ("bfloat16", None, False), ("bfloat16", 1, False)):
+  for dtype, budget, tf32 in WORKLOAD_CALLS:
+    if dtypes is not None and dtype not in dtypes:
+      continue
     config = Config(devices=4, tokens=37, hidden=64, ffn=40, experts=8, k=2, dtype=dtype,
                     skew=0.5)
     x, ids, weights, w_in, w_out = make_inputs(config)
@@ -492,7 +500,9 @@ def main(argv=None) -> None:
   carried_parser = sub.add_parser("carried")
   carried_parser.add_argument("carry", type=pathlib.Path)
   carried_parser.add_argument("--arch", required=True)
-  sub.add_parser("workload")
+  workload_parser = sub.add_parser("workload")
+  workload_parser.add_argument("--dtypes", default=None,
+                               help="comma-separated dtypes whose calls run (default: all)")
   report_parser = sub.add_parser("report")
   report_parser.add_argument("state", type=pathlib.Path)
   report_parser.add_argument("--results", type=pathlib.Path, default=records.RESULTS_DIR)
@@ -510,7 +520,7 @@ def main(argv=None) -> None:
       sys.exit(1)
     print(path)
   elif args.command == "workload":
-    workload()
+    workload(None if args.dtypes is None else tuple(args.dtypes.split(",")))
   else:
     report(args.state, args.results, args.out)
 

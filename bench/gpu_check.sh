@@ -12,8 +12,8 @@
 #   2 tests      pytest tests/test_cuda.py (junit XML, -v log; a per-test limit where
 #                pytest-timeout is installed)
 #   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck on a small
-#                emulated forward+backward (`python -m bench.gpu_check workload`), our kernels
-#                only; the four run beside stage 2 (nothing there is timed)
+#                emulated forward+backward (`python -m bench.gpu_check workload`; initcheck on
+#                its float32 calls); the four run beside stage 2 (nothing there is timed)
 #   4 kernels    python -m bench.kernels: the fused layer's (and the roof's) GPU time kernel by
 #                kernel, from jax's profiler, at the benchmark's shapes
 #   5 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot (jax's and
@@ -174,20 +174,29 @@ benchmark() {  # bench.gpu's arguments
 sanitize() {  # tool
   # Exact buffer bounds (no pooled allocator) and no preallocation, so the four runs and the
   # tests share the GPU. memcheck watches every kernel, CUTLASS's grouped GEMMs too (they are
-  # not in namespace ccf, and their TMA reads the bounds our problem tables give them); the
-  # other tools our kernels only (mangled "3ccf"). initcheck over every kernel ran past 260 s
-  # on an H200 (the 20 findings it printed were all in XLA's autotuner); over ours, the 20 it
-  # printed of 316888 were all host copies inside XLA's command buffers, so it leaves host
-  # copies unchecked where this compute-sanitizer offers that.
-  local only_ours=(--kernel-name kns=3ccf) api=()
-  [ "$1" = memcheck ] && only_ours=()
-  if [ "$1" = initcheck ] && compute-sanitizer --help 2>&1 | grep -q -- --check-api-memory-access; then
-    api=(--check-api-memory-access no)
-  fi
+  # not in namespace ccf, and their TMA reads the bounds our problem tables give them);
+  # racecheck and synccheck our kernels only (mangled "3ccf"). initcheck must see every write
+  # of what it checks: kept to our kernels, it reported 316888 uninitialised reads on an H200
+  # (those it printed in scatter_slots<float>, whose rows our expert_gemm writes), so it watches
+  # every kernel of the float32 calls alone (which run none of CUTLASS's), without XLA's
+  # autotuning (over every kernel of the whole workload it ran past 260 s, its findings in the
+  # autotuner's), and leaves host copies unchecked where this compute-sanitizer offers that.
+  local filter=() api=() calls=() print_limit=20
+  case $1 in
+    racecheck | synccheck) filter=(--kernel-name kns=3ccf) ;;
+    initcheck)
+      calls=(--dtypes float32)
+      print_limit=200
+      export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_autotune_level=0"
+      if compute-sanitizer --help 2>&1 | grep -q -- --check-api-memory-access; then
+        api=(--check-api-memory-access no)
+      fi
+      ;;
+  esac
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \
-    compute-sanitizer --tool "$1" "${only_ours[@]}" "${api[@]}" --print-limit 20 --error-exitcode 3 \
-    --target-processes application-only --log-file "$STATE/compute-sanitizer-$1.log" \
-    "$PY" -m bench.gpu_check workload
+    compute-sanitizer --tool "$1" "${filter[@]}" "${api[@]}" --print-limit "$print_limit" \
+    --error-exitcode 3 --target-processes application-only \
+    --log-file "$STATE/compute-sanitizer-$1.log" "$PY" -m bench.gpu_check workload "${calls[@]}"
 }
 
 # The stages' shell functions run under `timeout` in a child bash.
