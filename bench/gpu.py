@@ -195,6 +195,18 @@ def _line(name: str, impl: str, f: dict) -> str:
           f"TFLOP/s {roof('fwd_bwd')}")
 
 
+def select_configs(quick: bool, names: str | None) -> dict[str, Config]:
+  """The configurations to run: QUICK_CONFIGS or CONFIGS, or those named in `names`
+  (comma-separated, in that order: a run cut short keeps the first)."""
+  configs = QUICK_CONFIGS if quick else CONFIGS
+  if not names:
+    return configs
+  unknown = [n for n in names.split(",") if n not in configs]
+  if unknown:
+    raise SystemExit(f"unknown configurations {unknown}; choose from {', '.join(configs)}")
+  return {name: configs[name] for name in names.split(",")}
+
+
 def main(argv=None) -> dict:
   """Runs the benchmark and writes its document; returns it.
 
@@ -209,13 +221,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", type=pathlib.Path, required=True, help="JSON file to write")
   parser.add_argument("--quick", action="store_true", help="tiny shapes, a CPU will do")
   parser.add_argument("--configs", default=None,
-                      help=f"comma-separated subset of {', '.join(CONFIGS)}")
+                      help=f"comma-separated subset of {', '.join(CONFIGS)}, run in that order")
   parser.add_argument("--impls", default=None,
                       help="comma-separated subset of the programs (default: all of them)")
   args = parser.parse_args(argv)
-  configs = QUICK_CONFIGS if args.quick else CONFIGS
-  if args.configs:
-    configs = {name: configs[name] for name in args.configs.split(",")}
+  configs = select_configs(args.quick, args.configs)
   doc = {"platform": records.platform(), "device": records.device_description(),
          "jax": jax.__version__, "date": records.now(), "activation": ACTIVATION,
          "fused_gemms": fused_gemms(), "notes": NOTES, "configs": {}}

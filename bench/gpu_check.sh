@@ -33,7 +33,8 @@
 # Environment: CCF_GPU_CHECK_DRY=1 rehearses on a machine without a GPU (the tests run on the
 # CPU backend via CCF_CUDA_TESTS_PLATFORM=cpu, no sanitizer, a tiny CPU benchmark; results go to
 # the state directory, never bench/results); CCF_GPU_BENCH_IMPLS (comma-separated) times only
-# those of the benchmark's programs; CCF_GPU_CHECK_BUDGET_S (default 470) is the total
+# those of the benchmark's programs; CCF_GPU_BENCH_CONFIGS (comma-separated) profiles and times
+# only those shapes, in that order; CCF_GPU_CHECK_BUDGET_S (default 470) is the total
 # time; CCF_ENABLE_CUDA (default ON), CCF_CUDA_ARCH (default 90a); PYTHON (default python3).
 set -uo pipefail
 
@@ -241,7 +242,8 @@ elif [ "$DRY" = 1 ]; then
   JAX_PLATFORMS=cpu run_stage kernels 90 60 "$PY" -m bench.kernels --quick \
     --out "$STATE/kernels.json"
 else
-  run_stage kernels 120 120 "$PY" -m bench.kernels --out "$STATE/kernels.json"
+  run_stage kernels 120 120 "$PY" -m bench.kernels --out "$STATE/kernels.json" \
+    ${CCF_GPU_BENCH_CONFIGS:+--configs "$CCF_GPU_BENCH_CONFIGS"}
 fi
 
 # 5 benchmark
@@ -252,7 +254,8 @@ elif [ "$DRY" = 1 ]; then
     bash -c 'benchmark --quick --out "$STATE/bench.json"'
 else
   run_stage benchmark 300 15 bash -c \
-    'benchmark --out "$STATE/bench.json" ${CCF_GPU_BENCH_IMPLS:+--impls "$CCF_GPU_BENCH_IMPLS"}'
+    'benchmark --out "$STATE/bench.json" ${CCF_GPU_BENCH_IMPLS:+--impls "$CCF_GPU_BENCH_IMPLS"} \
+      ${CCF_GPU_BENCH_CONFIGS:+--configs "$CCF_GPU_BENCH_CONFIGS"}'
 fi
 
 # 6 report

@@ -145,8 +145,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", type=pathlib.Path, required=True, help="JSON file to write")
   parser.add_argument("--quick", action="store_true", help="tiny shapes, a CPU will do")
   parser.add_argument("--calls", type=int, default=3, help="traced calls per program")
+  parser.add_argument("--configs", default=None,
+                      help=f"comma-separated subset of {', '.join(gpu.CONFIGS)}, run in that "
+                           "order")
   args = parser.parse_args(argv)
-  configs = gpu.QUICK_CONFIGS if args.quick else gpu.CONFIGS
+  configs = gpu.select_configs(args.quick, args.configs)
   doc = {"device": records.device_description(), "jax": jax.__version__, "date": records.now(),
          "fused_gemms": gpu.fused_gemms(), "configs": {}}
   for name, config in configs.items():

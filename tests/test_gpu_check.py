@@ -287,6 +287,17 @@ def test_gpu_benchmark_document(tmp_path):
     assert 0 < scratch["fwd"] < scratch["bwd"]
 
 
+def test_benchmark_shapes_run_in_the_order_asked():
+  """--configs (CCF_GPU_BENCH_CONFIGS in gpu_check.sh) picks shapes in its order, so a run cut
+  short by its time limit keeps the first; a name not among them is refused."""
+  assert list(gpu.select_configs(False, None)) == list(gpu.CONFIGS)
+  assert list(gpu.select_configs(False, "DeepSeek-V3,Mixtral-8x7B")) == ["DeepSeek-V3",
+                                                                        "Mixtral-8x7B"]
+  assert list(gpu.select_configs(True, "")) == ["quick"]
+  with pytest.raises(SystemExit, match="DeepSeek-V4"):
+    gpu.select_configs(False, "DeepSeek-V4")
+
+
 def test_kernel_times_add_up_per_call():
   """bench.kernels' arithmetic on a made-up trace of two calls: overlapping kernels count once
   in busy time, idle gaps count in wall time only, kernels ranked by their time per call."""
