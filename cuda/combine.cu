@@ -6,6 +6,7 @@
 // by one thread in a fixed order.
 #include <cmath>
 
+#include <cute/config.hpp>
 #include <cutlass/numeric_types.h>
 
 #include "cuda/api.cuh"
@@ -16,7 +17,19 @@
 
 namespace ccf::cuda {
 
-template <class T>
+// kVector consecutive floats, moved as one access (16 bytes for 4).
+template <int kVector>
+struct alignas(4 * kVector) Floats {
+  float v[kVector] = {};
+  __device__ __forceinline__ static Floats load(const float* from) {
+    return *reinterpret_cast<const Floats*>(from);
+  }
+  __device__ __forceinline__ void store(float* to) const { *reinterpret_cast<Floats*>(to) = *this; }
+};
+
+// kVector: floats a lane moves at a time (4 where H and every row and slot start allow 16-byte
+// accesses, else 1); the sums are the same either way.
+template <class T, int kVector>
 __global__ void __launch_bounds__(kTokenThreads)
     scatter_slots(const __grid_constant__ ScatterParams p) {
   extern __shared__ int32_t s_order[];  // [kTokenWarps, K]
@@ -67,15 +80,39 @@ __global__ void __launch_bounds__(kTokenThreads)
                    pair_rows[k] < p.pairs.row_begin;
       float* dst =
           p.staging[source] + (static_cast<int64_t>(token) * p.num_slots + slot) * p.hidden;
-      for (int32_t h = lane; h < p.hidden; h += 32) {
-        float sum = earlier ? dst[h] : 0.0f;
+      // The run's first 32 pairs' weights (1 unweighted: w * row is then row, bitwise) and row
+      // offsets, one pair a lane, handed round by shuffles: looked up once, not per element.
+      const int32_t run = n1 - n0;
+      float lane_weight = 1.0f;
+      int64_t lane_offset = 0;
+      auto lookup = [&](int32_t n, float& weight, int64_t& offset) {
+        const int32_t k = order[n];
+        weight = p.weighted ? load_float<T>(p.weights[source], weight_row + k, p.weights_f32)
+                            : 1.0f;
+        offset = (pair_rows[k] - p.pairs.row_begin) * p.hidden;
+      };
+      if (lane < run) lookup(n0 + lane, lane_weight, lane_offset);
+      // The whole warp runs every step (the shuffles need all 32 lanes); lanes past H idle.
+      for (int32_t h0 = 0; h0 < p.hidden; h0 += 32 * kVector) {
+        const int32_t h = h0 + lane * kVector;
+        const bool inside = h < p.hidden;
+        Floats<kVector> sum =
+            inside && earlier ? Floats<kVector>::load(dst + h) : Floats<kVector>{};
         for (int32_t n = n0; n < n1; ++n) {
-          const int32_t k = order[n];
-          const float row = p.rows[(pair_rows[k] - p.pairs.row_begin) * p.hidden + h];
-          sum += p.weighted ? load_float<T>(p.weights[source], weight_row + k, p.weights_f32) * row
-                            : row;
+          float weight;
+          int64_t offset;
+          if (n - n0 < 32) {
+            weight = __shfl_sync(0xffffffffu, lane_weight, n - n0);
+            offset = __shfl_sync(0xffffffffu, lane_offset, n - n0);
+          } else {
+            lookup(n, weight, offset);
+          }
+          if (!inside) continue;
+          const Floats<kVector> row = Floats<kVector>::load(p.rows + offset + h);
+          CUTE_UNROLL
+          for (int i = 0; i < kVector; ++i) sum.v[i] += weight * row.v[i];
         }
-        dst[h] = sum;
+        if (inside) sum.store(dst + h);
       }
     }
     if (p.dot_partial != nullptr) {
@@ -171,8 +208,13 @@ template <class T>
 cudaError_t launch_scatter(const ScatterParams& p, cudaStream_t stream) {
   const size_t order_bytes = sizeof(int32_t) * kTokenWarps * static_cast<size_t>(p.pairs.top_k);
   CCF_HOST_ASSERT(p.pairs.top_k <= kMaxTopK);
-  scatter_slots<T><<<token_blocks(static_cast<int64_t>(p.pairs.num_sources) * p.pairs.num_tokens),
-                     kTokenThreads, order_bytes, stream>>>(p);
+  bool vectors = p.hidden % 4 == 0 && aligned_to(p.rows, 16);
+  for (int32_t d = 0; d < p.pairs.num_sources; ++d) vectors &= aligned_to(p.staging[d], 16);
+  const int blocks = token_blocks(static_cast<int64_t>(p.pairs.num_sources) * p.pairs.num_tokens);
+  if (vectors)
+    scatter_slots<T, 4><<<blocks, kTokenThreads, order_bytes, stream>>>(p);
+  else
+    scatter_slots<T, 1><<<blocks, kTokenThreads, order_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
