@@ -201,10 +201,11 @@ def select_configs(quick: bool, names: str | None) -> dict[str, Config]:
   configs = QUICK_CONFIGS if quick else CONFIGS
   if not names:
     return configs
-  unknown = [n for n in names.split(",") if n not in configs]
+  asked = names.split(",")
+  unknown = [n for n in asked if n not in configs]
   if unknown:
     raise SystemExit(f"unknown configurations {unknown}; choose from {', '.join(configs)}")
-  return {name: configs[name] for name in names.split(",")}
+  return {name: configs[name] for name in asked}
 
 
 def main(argv=None) -> dict:

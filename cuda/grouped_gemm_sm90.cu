@@ -156,6 +156,14 @@ __device__ Stride row_pitch(int64_t ld) {
   return s;
 }
 
+// Group g's operand strides: A's, B's and D's row pitches, the same for every group.
+template <class G>
+__device__ void store_strides(const GemmParams& p, const GroupArrays<G>& w, int32_t g) {
+  w.stride_a[g] = row_pitch<typename G::StrideA>(p.a.ld);
+  w.stride_b[g] = row_pitch<typename G::StrideB>(p.b.ld);
+  w.stride_d[g] = row_pitch<typename G::StrideD>(p.out_ld);
+}
+
 // First position in [lo, hi) whose pair comes from a source >= `source` (a group's pairs are in
 // (source, token, k) order).
 __device__ int32_t first_from(const WorkItem* items, int32_t lo, int32_t hi, int32_t source) {
@@ -195,9 +203,7 @@ __global__ void __launch_bounds__(128) build_problems(const __grid_constant__ Ge
   w.b[g] = expert >= 0 ? static_cast<const T*>(p.b.peers[expert / p.experts_per_device]) +
                              (expert % p.experts_per_device) * p.b.expert_stride
                        : static_cast<const T*>(p.b.peers[0]);
-  w.stride_a[g] = row_pitch<typename G::StrideA>(p.a.ld);
-  w.stride_b[g] = row_pitch<typename G::StrideB>(p.b.ld);
-  w.stride_d[g] = row_pitch<typename G::StrideD>(p.out_ld);
+  store_strides(p, w, g);
 }
 
 // The problems of a weight gradient, out[e] = a^T b over the group's rows: one per group whose
@@ -216,9 +222,7 @@ __global__ void __launch_bounds__(128) build_reduction_problems(
   w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
   w.b[g] = static_cast<const T*>(p.b.data) + first * p.b.ld;
   w.d[g] = static_cast<T*>(p.out) + g * p.out_expert_stride;
-  w.stride_a[g] = row_pitch<typename G::StrideA>(p.a.ld);
-  w.stride_b[g] = row_pitch<typename G::StrideB>(p.b.ld);
-  w.stride_d[g] = row_pitch<typename G::StrideD>(p.out_ld);
+  store_strides(p, w, g);
 }
 
 template <class G>
