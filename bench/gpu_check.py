@@ -24,6 +24,7 @@ workload's output), `kernels.json` (bench/kernels.py) and `bench.json` (bench/gp
 """
 
 import argparse
+import collections
 import hashlib
 import importlib.metadata
 import json
@@ -324,11 +325,15 @@ def parse_sanitizer(log: pathlib.Path) -> dict:
 
   Returns:
     `{"findings": int or None (no summary: the run did not finish), "errors", "warnings",
-    "first": the first reported line}`; racecheck's summary gives hazards with their errors and
-    warnings, the other tools' "ERROR SUMMARY" errors.
+    "first": the first reported line, "printed_in": {kernel: printed findings in it}}`;
+    racecheck's summary gives hazards with their errors and warnings, the other tools' "ERROR
+    SUMMARY" errors. `printed_in` says whose code the findings are in (ours, CUTLASS's or XLA's)
+    as far as the print limit shows them.
   """
   text = log.read_text(errors="replace") if log.is_file() else ""
-  result = {"findings": None, "errors": None, "warnings": None, "first": None}
+  result = {"findings": None, "errors": None, "warnings": None, "first": None,
+            "printed_in": dict(collections.Counter(
+                re.findall(r"^=+\s+at (.+?)\+0x[0-9a-f]+(?: in .*)?$", text, re.MULTILINE)).most_common())}
   if m := re.search(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, "
                     r"(\d+) warnings?\)", text):
     result.update(findings=int(m[1]), errors=int(m[2]), warnings=int(m[3]))
@@ -401,8 +406,9 @@ def _detail(stage: dict, doc: dict, state: pathlib.Path) -> str:
   if name.startswith("sanitizer:"):
     found = doc["sanitizer"].get(name.split(":")[1], {})
     if found.get("findings") is not None:
+      where = ", ".join(f"{kernel[:60]} {n}" for kernel, n in found.get("printed_in", {}).items())
       return (f"{found['findings']} findings ({found['errors']} errors, "
-              f"{found['warnings']} warnings)")
+              f"{found['warnings']} warnings)" + (f"; printed ones in {where}" if where else ""))
   if name == "kernels" and doc["kernels"]:
     return _kernels_detail(doc["kernels"])
   if name == "benchmark" and doc["benchmark"]:

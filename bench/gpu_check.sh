@@ -235,14 +235,15 @@ else
   wait
 fi
 
-# 4 kernels: up to 120 s (each shape compiles only the fused and roof programs)
+# 4 kernels: up to 150 s (each shape compiles only the fused and roof programs; what a shape
+# finished is kept when the limit stops it)
 if [ "$built" != 0 ]; then
   skip kernels "no build"
 elif [ "$DRY" = 1 ]; then
   JAX_PLATFORMS=cpu run_stage kernels 90 60 "$PY" -m bench.kernels --quick \
     --out "$STATE/kernels.json"
 else
-  run_stage kernels 120 120 "$PY" -m bench.kernels --out "$STATE/kernels.json" \
+  run_stage kernels 150 120 "$PY" -m bench.kernels --out "$STATE/kernels.json" \
     ${CCF_GPU_BENCH_CONFIGS:+--configs "$CCF_GPU_BENCH_CONFIGS"}
 fi
 

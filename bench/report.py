@@ -233,6 +233,12 @@ def plot_gpu(doc: dict, out_dir: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def _sanitizer_summary(tool: str, found: dict) -> str:
+  """"initcheck 3 findings (printed ones in kernel 2, ...)": whose code they are in."""
+  where = ", ".join(f"`{kernel[:60]}` {n}" for kernel, n in (found.get("printed_in") or {}).items())
+  return f"{tool} {found['findings']} findings" + (f" (printed ones in {where})" if where else "")
+
+
 def gpu_section(results_dir: pathlib.Path) -> str:
   """Markdown for the newest GPU results file: its checks and its benchmark table."""
   found = records.newest_gpu_results(results_dir)
@@ -249,12 +255,13 @@ def gpu_section(results_dir: pathlib.Path) -> str:
       f"{doc.get('jax')}, commit {doc['commit']}, {doc['date'][:10]}. CUDA tests: "
       f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
       f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped; compute-sanitizer: "
-      + (", ".join(f"{tool} {found['findings']} findings"
+      + (", ".join(_sanitizer_summary(tool, found)
                    for tool, found in (doc.get("sanitizer") or {}).items() if found) or "not run")
       + ". Every figure below "
       "was measured on that machine (medians; `tokamax` is tokamax's `ragged_dot` in the same "
       "sort/unsort wrapper).",
       "",
+      *([doc["reruns"], ""] if doc.get("reruns") else []),
       "| layer (H, F, E, K) | T | impl | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | % roof | "
       "fused speed-up | XLA peak GiB | fused scratch GiB (fwd / bwd) |",
       "|---|---|---|---|---|---|---|---|---|---|",

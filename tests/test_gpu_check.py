@@ -100,7 +100,8 @@ def test_report_of_a_run_with_failures(failed_run, tmp_path, capsys):
   assert doc["sanitizer"]["racecheck"]["findings"] is None  # stopped before its summary
   assert doc["sanitizer"]["initcheck"] == {
       "findings": 2, "errors": 2, "warnings": 0,
-      "first": "Uninitialized __global__ memory read of size 4 bytes"}
+      "first": "Uninitialized __global__ memory read of size 4 bytes",
+      "printed_in": {"ccf::cuda::combine_slots": 1}}
   assert "synccheck" in doc["sanitizer"] and doc["benchmark"] == _BENCH
   # The log holds every stage's output and the tools' own logs; both files went to $OUT too.
   log = (results / doc["log"]).read_text()
@@ -161,7 +162,25 @@ def test_racecheck_summary(tmp_path):
                  "========= RACECHECK SUMMARY: 3 hazards displayed (1 error, 2 warnings)\n")
   assert gpu_check.parse_sanitizer(log) == {
       "findings": 3, "errors": 1, "warnings": 2,
-      "first": "Error: Race reported between Write access at expert_gemm+0x10"}
+      "first": "Error: Race reported between Write access at expert_gemm+0x10",
+      "printed_in": {}}
+
+
+def test_initcheck_findings_are_counted_by_kernel(tmp_path):
+  """What the print limit shows of an initcheck run, by kernel: whose code the reads are in."""
+  log = tmp_path / "compute-sanitizer-initcheck.log"
+  finding = ("========= Uninitialized __global__ memory read of size 4 bytes\n"
+             "=========     at {}+0x{:x}\n"
+             "=========     by thread (0,0,0) in block (0,0,0)\n")
+  log.write_text("".join(finding.format(k, o) for k, o in (
+      ("input_reduce_fusion", 0xd0), ("input_reduce_fusion", 0xd0),
+      ("void ccf::cuda::scatter_slots<float, 4>(ccf::cuda::ScatterParams)", 0x1a0)))
+      + "========= ERROR SUMMARY: 7 errors\n")
+  found = gpu_check.parse_sanitizer(log)
+  assert (found["findings"], found["errors"]) == (7, 7)
+  assert found["printed_in"] == {
+      "input_reduce_fusion": 2,
+      "void ccf::cuda::scatter_slots<float, 4>(ccf::cuda::ScatterParams)": 1}
 
 
 def test_stamp_names_the_commit_while_the_tree_matches(tmp_path, monkeypatch):
