@@ -76,9 +76,10 @@
 // weight gradients carry each group's float32 sum from chunk to chunk (GemmParams::carry) and
 // the scatter adds each chunk's rows to the staging slots, so the results are bitwise those of
 // one chunk. One exception, on Hopper in 16-bit dtypes: a group's weight gradients are a
-// grouped GEMM (wgmma) where its rows lie in one chunk and expert_gemm's carried sum where they
-// cross a chunk edge, summed in another order (still deterministic for each budget). Chunks
-// past the list's end find no work (a few empty launches each).
+// grouped GEMM (wgmma) in one piece where its rows lie in one chunk, and where they cross a
+// chunk edge a grouped GEMM per chunk added to the float32 sum so far in its epilogue, summed in
+// another order (still deterministic for each budget). Chunks past the list's end find no work
+// (a few empty launches each).
 // Limits of this version: the scatter starts after the chunk's last GEMM (its writes over the
 // link do not overlap compute).
 //
@@ -366,9 +367,10 @@ constexpr int32_t kAllSources = -1, kSpanningSources = -2;  // GemmParams::only_
 
 // kPairReduction with several chunks: which groups a launch reduces (GemmParams::carry).
 enum class ReductionPart : int32_t {
-  kEveryGroup = 0,  // one chunk: every group, no carry
+  kEveryGroup = 0,  // one chunk: every group, no carry (grouped_gemm: those the chunk holds whole)
   kContinued = 1,   // the group that began in an earlier chunk: starts from carry
   kBegun = 2,       // the groups that begin in this chunk: one may leave its sum in carry
+                    // (grouped_gemm: that one only)
 };
 
 enum class Epilogue : int32_t {
@@ -412,10 +414,9 @@ struct GemmParams {
   Chunk chunk;
   float* carry;  // [m, n] float32; null with one chunk
   ReductionPart part;
-  // kPairReduction: leave the groups whose rows all lie in the chunk (group_whole_in_chunk) to
-  // grouped_gemm, which Hopper runs them on; the launch reduces the others (a carry in or out,
-  // no rows).
-  int32_t skip_whole;
+  // kPairReduction: leave every group with rows to grouped_gemm, which Hopper runs them on; the
+  // launch stores the zeros of the groups without any.
+  int32_t skip_rows;
 
   Epilogue epilogue;
   int32_t activation;  // ccf::Activation
@@ -475,8 +476,11 @@ int64_t grouped_gemm_workspace_bytes(int32_t num_groups, int num_sms);
 // phases leave no row to it), less the kept ones under `skip_kept`. a: pair rows; b: expert
 // weights, Major::kMN as stored or Major::kK transposed.
 // kPairReduction (kStoreExpert, no plan): out[group] = a^T b over the group's rows, in the input
-// dtype, for each group whose rows all lie in the chunk (the others are expert_gemm's under
-// skip_whole). a, b: pair rows (b_major Major::kMN).
+// dtype. Part kEveryGroup: each group whose rows all lie in the chunk. With a carry, kContinued:
+// carry += a^T b over the rows here of the group that began in an earlier chunk, and into out
+// where its rows end here; kBegun: carry = a^T b over the rows here of the group that goes on
+// into the next chunk. Groups without rows are expert_gemm's (skip_rows). a, b: pair rows
+// (b_major Major::kMN).
 // bf16/f16 on a Hopper GPU only.
 cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, void* workspace,
                          int device, int num_sms, cudaStream_t stream);

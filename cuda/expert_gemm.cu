@@ -134,7 +134,8 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
     t.expert = p.group_expert[t.group];
     t.pair_begin = p.group_begin[t.group];
     t.m_extent = p.m;
-    if (!reduction_range<kTileM>(p, t) || (p.skip_whole && group_whole_in_chunk(p, t.group)))
+    if (!reduction_range<kTileM>(p, t) ||
+        (p.skip_rows && p.tile_offset[t.group] != p.tile_offset[t.group + 1]))
       t.expert = -1;
   }
   return t;
@@ -508,7 +509,7 @@ cudaError_t launch_gemm(const GemmParams& p, int num_sms, cudaStream_t stream) {
   CCF_HOST_ASSERT(p.chunk.tiles > 0 && p.chunk.index >= 0);
   CCF_HOST_ASSERT((p.part == ReductionPart::kEveryGroup) == (p.carry == nullptr));
   CCF_HOST_ASSERT(p.part == ReductionPart::kEveryGroup || p.shape == GemmShape::kPairReduction);
-  CCF_HOST_ASSERT(!p.skip_whole || p.shape == GemmShape::kPairReduction);
+  CCF_HOST_ASSERT(!p.skip_rows || p.shape == GemmShape::kPairReduction);
   CCF_HOST_ASSERT(p.epilogue != Epilogue::kActivationBackward ||
                   p.num_partials == (p.n + Config::kTileN - 1) / Config::kTileN);
   auto* kernel = &expert_gemm<Config>;

@@ -6,9 +6,12 @@
 //     depend on which problem holds it (the K loop is the same), so phases, chunks and emulated
 //     peers change nothing bitwise;
 //   - weight gradients (dW_in, dW_out: K = the group's pairs, M-major A): the groups whose rows
-//     all lie in the chunk, summed in one piece into the expert's output. A group that carries
-//     its sum across a chunk edge, writes a plan's partials or has no rows stays on
-//     expert_gemm.cu (GemmParams::skip_whole): wgmma starts every tile from zero.
+//     all lie in the chunk, summed in one piece into the expert's output; and, with several
+//     chunks, a group whose rows cross a chunk edge, a chunk's rows at a time into its float32
+//     sum in GemmParams::carry (D = acc + C, in place: wgmma starts every tile from zero, so the
+//     sum so far comes in through the epilogue), finished into the expert's output by the chunk
+//     its rows end in. A plan's partials and the zeros of a group without rows stay on
+//     expert_gemm.cu (GemmParams::skip_rows).
 //
 // The kernels run from the sm_90a part of the build only (grouped_gemms_available).
 #include <algorithm>
@@ -43,23 +46,27 @@ using TileShape = Shape<_128, _256, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
 using LayoutD = cutlass::layout::RowMajor;
 
-// D: [M, N] rows of ElementD, stored as they are (no C operand).
-template <class ElementD>
+// D: [M, N] rows of ElementD = acc + beta * C, C (void: none) rows laid out as D's.
+template <class ElementD, class ElementC = void>
 using EpilogueTo = typename cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD*,
-    16 / sizeof(ElementD), ElementD, LayoutD*, 16 / sizeof(ElementD),
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementC, LayoutD*,
+    16 / sizeof(std::conditional_t<std::is_void_v<ElementC>, ElementD, ElementC>), ElementD,
+    LayoutD*, 16 / sizeof(ElementD),
     cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
 // Out of the templates below: gcc's host pass misreads these sizeofs in a dependent context.
 constexpr int kEpilogueSmemF32 = static_cast<int>(sizeof(EpilogueTo<float>::SharedStorage));
+constexpr int kEpilogueSmemCarry =
+    static_cast<int>(sizeof(EpilogueTo<float, float>::SharedStorage));
 constexpr int kEpilogueSmemBf16 =
     static_cast<int>(sizeof(EpilogueTo<cutlass::bfloat16_t>::SharedStorage));
 constexpr int kEpilogueSmemF16 =
     static_cast<int>(sizeof(EpilogueTo<cutlass::half_t>::SharedStorage));
 
-template <class ElementD>
+template <class ElementD, class ElementC>
 constexpr int epilogue_smem() {
-  if constexpr (std::is_same_v<ElementD, float>) return kEpilogueSmemF32;
+  if constexpr (!std::is_void_v<ElementC>) return kEpilogueSmemCarry;
+  else if constexpr (std::is_same_v<ElementD, float>) return kEpilogueSmemF32;
   else if constexpr (std::is_same_v<ElementD, cutlass::bfloat16_t>) return kEpilogueSmemBf16;
   else return kEpilogueSmemF16;
 }
@@ -68,10 +75,11 @@ constexpr int epilogue_smem() {
 // ColumnMajor: pair rows read as their transpose). B: [K, N], N-major (Major::kMN, RowMajor: an
 // expert's weights as stored, or pair rows) or K-major (Major::kK, ColumnMajor: the weights
 // transposed).
-template <class T, Major kAMajor, Major kBMajor, class ElementD>
+template <class T, Major kAMajor, Major kBMajor, class ElementD, class ElementC = void>
 struct GroupedGemm {
   using Element = T;
   using Output = ElementD;
+  static constexpr bool kReadsC = !std::is_void_v<ElementC>;
   // K-major A is pair rows by M (the pair-row GEMMs), M-major A by K (the weight gradients).
   static constexpr GemmShape kShape =
       kAMajor == Major::kK ? GemmShape::kPairRows : GemmShape::kPairReduction;
@@ -80,11 +88,11 @@ struct GroupedGemm {
   using LayoutB = std::conditional_t<kBMajor == Major::kMN, cutlass::layout::RowMajor,
                                      cutlass::layout::ColumnMajor>;
   static constexpr int kAlignment = 16 / sizeof(T);
-  using Epilogue = EpilogueTo<ElementD>;
+  using Epilogue = EpilogueTo<ElementD, ElementC>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*, kAlignment, T, LayoutB*,
       kAlignment, float, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem<ElementD>()>,
+      cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem<ElementD, ElementC>()>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
@@ -99,6 +107,10 @@ using PairRowsGemm = GroupedGemm<T, Major::kK, kBMajor, float>;
 // The weight gradients: A = pair rows transposed, B = pair rows, the expert's gradient out.
 template <class T>
 using ReductionGemm = GroupedGemm<T, Major::kMN, Major::kMN, T>;
+// A weight gradient's part in one chunk of a group that crosses a chunk edge: its float32 sum,
+// carry = acc + beta * carry.
+template <class T>
+using CarryGemm = GroupedGemm<T, Major::kMN, Major::kMN, float, float>;
 
 // The per-group arrays the kernel reads, carved from the front of the workspace; the CUTLASS
 // kernel's own workspace follows.
@@ -111,13 +123,14 @@ struct GroupArrays {
   const typename G::Element** a;
   const typename G::Element** b;
   typename G::Output** d;
+  const typename G::Output** c;  // CarryGemm's C: D's rows (in place)
   typename G::StrideA* stride_a;
   typename G::StrideB* stride_b;
   typename G::StrideD* stride_d;
   void* kernel_workspace;
 
   static int64_t bytes(int32_t groups) {
-    const int64_t per_group = sizeof(Problem) + 3 * sizeof(void*) + sizeof(typename G::StrideA) +
+    const int64_t per_group = sizeof(Problem) + 4 * sizeof(void*) + sizeof(typename G::StrideA) +
                               sizeof(typename G::StrideB) + sizeof(typename G::StrideD);
     return (per_group * groups + kWorkspaceAlignment - 1) / kWorkspaceAlignment *
            kWorkspaceAlignment;
@@ -136,6 +149,7 @@ struct GroupArrays {
     w.a = take(static_cast<const typename G::Element**>(nullptr), groups);
     w.b = take(static_cast<const typename G::Element**>(nullptr), groups);
     w.d = take(static_cast<typename G::Output**>(nullptr), groups);
+    w.c = take(static_cast<const typename G::Output**>(nullptr), groups);
     w.stride_a = take(static_cast<typename G::StrideA*>(nullptr), groups);
     w.stride_b = take(static_cast<typename G::StrideB*>(nullptr), groups);
     w.stride_d = take(static_cast<typename G::StrideD*>(nullptr), groups);
@@ -158,10 +172,11 @@ __device__ Stride row_pitch(int64_t ld) {
 
 // Group g's operand strides: A's, B's and D's row pitches, the same for every group.
 template <class G>
-__device__ void store_strides(const GemmParams& p, const GroupArrays<G>& w, int32_t g) {
+__device__ void store_strides(const GemmParams& p, const GroupArrays<G>& w, int32_t g,
+                              int64_t d_ld) {
   w.stride_a[g] = row_pitch<typename G::StrideA>(p.a.ld);
   w.stride_b[g] = row_pitch<typename G::StrideB>(p.b.ld);
-  w.stride_d[g] = row_pitch<typename G::StrideD>(p.out_ld);
+  w.stride_d[g] = row_pitch<typename G::StrideD>(d_ld);
 }
 
 // First position in [lo, hi) whose pair comes from a source >= `source` (a group's pairs are in
@@ -203,12 +218,20 @@ __global__ void __launch_bounds__(128) build_problems(const __grid_constant__ Ge
   w.b[g] = expert >= 0 ? static_cast<const T*>(p.b.peers[expert / p.experts_per_device]) +
                              (expert % p.experts_per_device) * p.b.expert_stride
                        : static_cast<const T*>(p.b.peers[0]);
-  store_strides(p, w, g);
+  store_strides(p, w, g, p.out_ld);
+}
+
+// Whether group g has rows and all of them lie in the launch's chunk: its weight gradients are
+// then summed in one piece, neither starting from nor leaving a carry.
+__device__ __forceinline__ bool group_whole_in_chunk(const GemmParams& p, int32_t g) {
+  const int64_t begin = p.tile_offset[g], end = p.tile_offset[g + 1];
+  return begin < end && begin >= p.chunk.first_tile() && end <= p.chunk.end_tile();
 }
 
 // The problems of a weight gradient, out[e] = a^T b over the group's rows: one per group whose
-// rows all lie in the chunk, M = 0 for the others (expert_gemm's under skip_whole). wgmma would
-// store an uninitialised accumulator for K = 0, and no problem here has one.
+// rows all lie in the chunk, M = 0 for the others (build_carry_problems' parts, and the groups
+// without rows, expert_gemm's). wgmma would store an uninitialised accumulator for K = 0, and no
+// problem here has one.
 template <class G>
 __global__ void __launch_bounds__(128) build_reduction_problems(
     const __grid_constant__ GemmParams p, GroupArrays<G> w) {
@@ -222,12 +245,60 @@ __global__ void __launch_bounds__(128) build_reduction_problems(
   w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
   w.b[g] = static_cast<const T*>(p.b.data) + first * p.b.ld;
   w.d[g] = static_cast<T*>(p.out) + g * p.out_expert_stride;
-  store_strides(p, w, g);
+  store_strides(p, w, g, p.out_ld);
+}
+
+// Whether group g's rows cross the start of the launch's chunk (ReductionPart::kContinued: its
+// sum so far is in carry) or, beginning in it, its end (kBegun: its sum goes on in carry). A
+// chunk has at most one group of each part.
+__device__ __forceinline__ bool carried(const GemmParams& p, int32_t g) {
+  const int64_t begin = p.tile_offset[g], end = p.tile_offset[g + 1];
+  const int64_t first = p.chunk.first_tile(), last = p.chunk.end_tile();
+  if (p.group_expert[g] < 0) return false;
+  return p.part == ReductionPart::kContinued ? begin < first && end > first
+                                             : begin >= first && begin < last && end > last;
+}
+
+// The problems of a weight gradient's carried part: carry (+)= a^T b over the part's group's
+// rows in the chunk, M = 0 for every other group. Its rows are at least one (the group has a
+// tile in the chunk), so no problem has K = 0.
+template <class G>
+__global__ void __launch_bounds__(128) build_carry_problems(const __grid_constant__ GemmParams p,
+                                                            GroupArrays<G> w) {
+  using T = typename G::Element;
+  const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= p.num_groups) return;
+  const int64_t chunk_row = p.chunk.first_row(p.tile_m);
+  const int64_t group_row = static_cast<int64_t>(p.tile_offset[g]) * p.tile_m;
+  const int64_t lo = max(group_row, chunk_row);
+  const int64_t hi =
+      min(group_row + p.group_end[g] - p.group_begin[g], p.chunk.end_row(p.tile_m));
+  const int64_t rows = carried(p, g) ? max(hi - lo, int64_t{0}) : 0;
+  w.problems[g] = rows > 0 ? Problem(p.m, p.n, static_cast<int>(rows)) : Problem(0, p.n, 0);
+  const int64_t first = rows > 0 ? lo - chunk_row : 0;
+  w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
+  w.b[g] = static_cast<const T*>(p.b.data) + first * p.b.ld;
+  w.d[g] = p.carry;
+  w.c[g] = p.carry;
+  store_strides(p, w, g, p.n);
+}
+
+// After kContinued's GEMM: where its group's rows end in this chunk, its sum, now whole in
+// carry, into the expert's output in the input dtype.
+template <class T>
+__global__ void __launch_bounds__(256) finish_carry(const __grid_constant__ GemmParams p) {
+  const int32_t g = group_of_tile(p, p.chunk.first_tile());
+  if (!carried(p, g) || p.tile_offset[g + 1] > p.chunk.end_tile()) return;
+  T* out = static_cast<T*>(p.out) + g * p.out_expert_stride;
+  const int64_t count = static_cast<int64_t>(p.m) * p.n;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += int64_t{gridDim.x} * blockDim.x)
+    out[i / p.n * p.out_ld + i % p.n] = T(p.carry[i]);
 }
 
 template <class G>
 typename G::Gemm::Arguments arguments(const GroupArrays<G>& w, int32_t groups, int device,
-                                      int num_sms) {
+                                      int num_sms, float beta = 0.0f) {
   cutlass::KernelHardwareInfo hw;
   hw.device_id = device;
   hw.sm_count = num_sms;
@@ -237,8 +308,9 @@ typename G::Gemm::Arguments arguments(const GroupArrays<G>& w, int32_t groups, i
       {w.a, w.stride_a, w.b, w.stride_b},
       {{}, nullptr, w.stride_d, w.d, w.stride_d},
       hw};
+  if constexpr (G::kReadsC) args.epilogue.ptr_C = w.c;
   args.epilogue.thread.alpha = 1.0f;
-  args.epilogue.thread.beta = 0.0f;
+  args.epilogue.thread.beta = beta;
   return args;
 }
 
@@ -256,19 +328,27 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
   // TMA reads and writes 16-byte aligned rows; can_implement checks that only for problem
   // shapes on the host, and a misaligned pitch would fault inside the kernel instead.
   CCF_HOST_ASSERT(p.a.ld * sizeof(T) % 16 == 0 && p.b.ld * sizeof(T) % 16 == 0 &&
-                  p.out_ld * sizeof(typename G::Output) % 16 == 0 &&
-                  p.out_expert_stride * sizeof(typename G::Output) % 16 == 0 &&
-                  aligned_to(p.a.data, 16) && aligned_to(p.out, 16));
+                  aligned_to(p.a.data, 16));
+  if constexpr (G::kReadsC)  // D and C: the carry's [m, n] float32 rows
+    CCF_HOST_ASSERT(p.n * sizeof(float) % 16 == 0 && aligned_to(p.carry, 16));
+  else
+    CCF_HOST_ASSERT(p.out_ld * sizeof(typename G::Output) % 16 == 0 &&
+                    p.out_expert_stride * sizeof(typename G::Output) % 16 == 0 &&
+                    aligned_to(p.out, 16));
   CCF_HOST_ASSERT(p.b.source != RowSource::kPair || aligned_to(p.b.data, 16));
   const GroupArrays<G> w = GroupArrays<G>::carve(workspace, p.num_groups);
   const unsigned blocks = static_cast<unsigned>((p.num_groups + 127) / 128);
   CCF_HOST_ASSERT(p.shape == G::kShape);
-  if constexpr (G::kShape == GemmShape::kPairRows)
+  if constexpr (G::kReadsC)
+    build_carry_problems<G><<<blocks, 128, 0, stream>>>(p, w);
+  else if constexpr (G::kShape == GemmShape::kPairRows)
     build_problems<G><<<blocks, 128, 0, stream>>>(p, w);
   else
     build_reduction_problems<G><<<blocks, 128, 0, stream>>>(p, w);
   CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  const auto args = arguments<G>(w, p.num_groups, device, num_sms);
+  // kContinued adds to the group's sum so far; kBegun starts it (C unread).
+  const float beta = G::kReadsC && p.part == ReductionPart::kContinued ? 1.0f : 0.0f;
+  const auto args = arguments<G>(w, p.num_groups, device, num_sms, beta);
   if (G::Gemm::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   const auto* kernel = reinterpret_cast<const void*>(cutlass::device_kernel<typename G::Kernel>);
   int per_sm = 0;
@@ -287,7 +367,7 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
 // memory.
 template <class T>
 using Instances = std::tuple<PairRowsGemm<T, Major::kMN>, PairRowsGemm<T, Major::kK>,
-                             ReductionGemm<T>>;
+                             ReductionGemm<T>, CarryGemm<T>>;
 
 template <class F>
 auto over_instances(F f) {
@@ -331,11 +411,21 @@ cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, v
     // Into the expert outputs only: a plan's float32 partials go to the owners' memory.
     CCF_HOST_ASSERT(params.epilogue == Epilogue::kStoreExpert && params.partials[0] == nullptr);
     CCF_HOST_ASSERT(params.b.source == RowSource::kPair && b_major == Major::kMN);
+    const bool carried = params.part != ReductionPart::kEveryGroup;
+    CCF_HOST_ASSERT(!carried || params.carry != nullptr);
+    auto reduce = [&](auto element) -> cudaError_t {
+      using T = decltype(element);
+      if (!carried) return run<ReductionGemm<T>>(params, workspace, device, num_sms, stream);
+      CCF_CUDA_RETURN_IF_ERROR(run<CarryGemm<T>>(params, workspace, device, num_sms, stream));
+      if (params.part == ReductionPart::kBegun) return cudaSuccess;
+      finish_carry<T><<<4 * num_sms, 256, 0, stream>>>(params);
+      return cudaGetLastError();
+    };
     switch (dtype) {
       case DType::kBF16:
-        return run<ReductionGemm<bfloat16_t>>(params, workspace, device, num_sms, stream);
+        return reduce(bfloat16_t{});
       case DType::kF16:
-        return run<ReductionGemm<half_t>>(params, workspace, device, num_sms, stream);
+        return reduce(half_t{});
       case DType::kF32:
         break;
     }

@@ -1,7 +1,6 @@
-// What the GEMMs over pair rows share: the group of an M-tile, the weight-gradient groups a chunk
-// holds whole (expert_gemm.cu and grouped_gemm_sm90.cu split them by it), where a pair keeps its
-// h, and what GEMM1 and the backward's u GEMM do with one pair's float32 row. The row functions
-// serve expert_gemm.cu (fused, reading the accumulator tile in shared memory) and activation.cu
+// What the GEMMs over pair rows share: the group of an M-tile, where a pair keeps its h, and
+// what GEMM1 and the backward's u GEMM do with one pair's float32 row. The row functions serve
+// expert_gemm.cu (fused, reading the accumulator tile in shared memory) and activation.cu
 // (a pass over the float32 rows Hopper's grouped GEMMs wrote), so both round alike. One warp per
 // row; `at(j)` reads column j of the row's C (columns [j_begin, j_end)).
 #pragma once
@@ -22,13 +21,6 @@ __device__ __forceinline__ int32_t group_of_tile(const GemmParams& p, int64_t ti
     if (p.tile_offset[mid] <= tile) lo = mid; else hi = mid - 1;
   }
   return lo;
-}
-
-// Whether group g has rows and all of them lie in the launch's chunk: its weight gradients are
-// then summed in one piece, neither starting from nor leaving a carry.
-__device__ __forceinline__ bool group_whole_in_chunk(const GemmParams& p, int32_t g) {
-  const int64_t begin = p.tile_offset[g], end = p.tile_offset[g + 1];
-  return begin < end && begin >= p.chunk.first_tile() && end <= p.chunk.end_tile();
 }
 
 // Where group `group`'s device's part of the list begins: the first `kept_rows` pairs from

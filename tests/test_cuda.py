@@ -198,8 +198,9 @@ _CHUNKED = [
 
 
 def _grouped_weight_gradients(case: Case, with_plan: bool = False) -> bool:
-  """Whether Hopper's grouped GEMMs sum this case's weight gradients where a group's rows lie in
-  one chunk (16-bit dtypes, no plan), and expert_gemm's carried sums where they cross an edge."""
+  """Whether Hopper's grouped GEMMs sum this case's weight gradients (16-bit dtypes, no plan):
+  in one piece where a group's rows lie in one chunk, a chunk at a time into a float32 sum where
+  they cross an edge."""
   return (PLATFORM == "cuda" and case.dtype != jnp.float32 and not with_plan
           and _extension.cuda.grouped_gemms())
 
