@@ -11,11 +11,16 @@ namespace ccf {
 namespace {
 
 // When each device of a group (group index, rank) last came to or left a barrier of any call
-// site, and whether it waits at one now: a device that does either is alive.
+// site, and whether it waits at one now: a device that does either is alive. A device leaves an
+// opened barrier at the time it opened, whenever its thread gets to say so: its peers leave that
+// barrier too and may wait at the next one before then, and must not take the late word for a
+// sign of life after their wait began (a device that then falls silent is gone).
 class Liveness {
  public:
-  void Arrived(int32_t group, int rank) { Set(group, rank, /*waiting=*/true); }
-  void Left(int32_t group, int rank) { Set(group, rank, /*waiting=*/false); }
+  void Arrived(int32_t group, int rank) { Set(group, rank, Clock::now(), /*waiting=*/true); }
+  void Left(int32_t group, int rank, Clock::time_point when) {
+    Set(group, rank, when, /*waiting=*/false);
+  }
 
   // Whether `rank` came to or left a barrier at `since` or later, or waits at one now.
   bool HeardSince(int32_t group, int rank, Clock::time_point since) {
@@ -30,9 +35,9 @@ class Liveness {
     bool waiting;
   };
 
-  void Set(int32_t group, int rank, bool waiting) {
+  void Set(int32_t group, int rank, Clock::time_point when, bool waiting) {
     std::lock_guard<std::mutex> lock(mu_);
-    devices_[{group, rank}] = {Clock::now(), waiting};
+    devices_[{group, rank}] = {when, waiting};
   }
 
   std::mutex mu_;
@@ -92,9 +97,11 @@ xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::millisecon
     b.arrived = 0;
     b.seen.assign(num_devices_, false);
     ++b.generation;
+    b.opened_at = Clock::now();
+    const Clock::time_point opened_at = b.opened_at;
     b.cv.notify_all();
     lock.unlock();
-    Devices().Left(group_, rank);
+    Devices().Left(group_, rank, opened_at);
     return xla::ffi::Error::Success();
   }
   BarrierWait wait(*this, b.seen, timeout);
@@ -103,8 +110,10 @@ xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::millisecon
   std::vector<bool> came = b.seen;
   // Withdraw, so this call does not count as an arrival in the next one.
   if (!opened && --b.arrived == 0) b.seen.assign(num_devices_, false);
+  // No peer leaves before the barrier opens again with this device: opened_at is this one's.
+  const Clock::time_point left_at = opened ? b.opened_at : Clock::now();
   lock.unlock();
-  Devices().Left(group_, rank);
+  Devices().Left(group_, rank, left_at);
   if (opened) return xla::ffi::Error::Success();
   return wait.Failed(rank, phase, std::move(came));
 }

@@ -137,6 +137,7 @@ class PeerGroup final : public Rendezvous, private Silence {
     std::mutex mu;
     std::condition_variable cv;
     uint64_t generation = 0;
+    Clock::time_point opened_at;  // when the last generation opened
     int arrived = 0;  // waiting now
     // Devices that reached this barrier since it last opened, including ones that gave up
     // waiting: a timeout names only the devices that never came.

@@ -35,9 +35,8 @@ SharedGroup::SharedGroup(std::vector<RegionHeader*> headers) : headers_(std::mov
   for (RegionHeader* h : headers_) liveness_.push_back(LivenessAt(h));
 }
 
-void SharedGroup::Heard(int rank) {
-  liveness_[rank]->heard_ns.store(Clock::now().time_since_epoch().count(),
-                                  std::memory_order_relaxed);
+void SharedGroup::Heard(int rank, Clock::time_point when) {
+  liveness_[rank]->heard_ns.store(when.time_since_epoch().count(), std::memory_order_relaxed);
 }
 
 bool SharedGroup::HeardSince(int rank, Clock::time_point since) {
@@ -56,7 +55,7 @@ void SharedGroup::SetGoneSince(int rank, Clock::time_point when) {
 }
 
 xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
-  Heard(rank);
+  Heard(rank, Clock::now());
   const int p = static_cast<int>(phase);
   const uint32_t n = static_cast<uint32_t>(headers_.size());
   RegionHeader::Barrier& b = headers_[0]->barriers[p];
@@ -84,12 +83,18 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
   BarrierWait wait(*this, came(), timeout);
   const auto heartbeat = std::min<std::chrono::nanoseconds>(kMaxHeartbeat,
                                                             timeout / kHeartbeatsPerTimeout);
-  while (b.generation.load(std::memory_order_acquire) == generation) {
-    const auto left = wait.deadline() - Clock::now();
+  for (;;) {
+    // The time is read before the barrier is seen still closed, so no word of this device is
+    // dated after the barrier opened: its peers leave it then and may wait at the next one
+    // before this thread runs again, and must not take a late word for a sign of life after
+    // their wait began (a device that then falls silent is gone).
+    const Clock::time_point now = Clock::now();
+    if (b.generation.load(std::memory_order_acquire) != generation) break;
+    Heard(rank, now);
+    const auto left = wait.deadline() - now;
     if (left <= std::chrono::nanoseconds(0)) break;
     // Woken by the last arrival; the cap also bounds a wake-up lost to a dying peer.
     FutexWait(&b.generation, generation, std::min<std::chrono::nanoseconds>(left, heartbeat));
-    Heard(rank);
   }
   // Withdraw unless the barrier opened meanwhile, so this call is no arrival in the next one.
   s = b.state.load(std::memory_order_acquire);

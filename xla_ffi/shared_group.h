@@ -28,7 +28,7 @@ class SharedGroup final : public Rendezvous, private Silence {
   bool HeardSince(int rank, Clock::time_point since) override;
   Clock::time_point GoneSince(int rank) override;
   void SetGoneSince(int rank, Clock::time_point when) override;
-  void Heard(int rank);
+  void Heard(int rank, Clock::time_point when);
 
   std::vector<RegionHeader*> headers_;
   std::vector<DeviceLiveness*> liveness_;  // per rank
