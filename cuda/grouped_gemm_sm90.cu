@@ -228,26 +228,6 @@ __device__ __forceinline__ bool group_whole_in_chunk(const GemmParams& p, int32_
   return begin < end && begin >= p.chunk.first_tile() && end <= p.chunk.end_tile();
 }
 
-// The problems of a weight gradient, out[e] = a^T b over the group's rows: one per group whose
-// rows all lie in the chunk, M = 0 for the others (build_carry_problems' parts, and the groups
-// without rows, expert_gemm's). wgmma would store an uninitialised accumulator for K = 0, and no
-// problem here has one.
-template <class G>
-__global__ void __launch_bounds__(128) build_reduction_problems(
-    const __grid_constant__ GemmParams p, GroupArrays<G> w) {
-  using T = typename G::Element;
-  const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= p.num_groups) return;
-  const bool whole = p.group_expert[g] >= 0 && group_whole_in_chunk(p, g);
-  const int64_t first =
-      whole ? static_cast<int64_t>(p.tile_offset[g]) * p.tile_m - p.chunk.first_row(p.tile_m) : 0;
-  w.problems[g] = whole ? Problem(p.m, p.n, p.group_end[g] - p.group_begin[g]) : Problem(0, p.n, 0);
-  w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
-  w.b[g] = static_cast<const T*>(p.b.data) + first * p.b.ld;
-  w.d[g] = static_cast<T*>(p.out) + g * p.out_expert_stride;
-  store_strides(p, w, g, p.out_ld);
-}
-
 // Whether group g's rows cross the start of the launch's chunk (ReductionPart::kContinued: its
 // sum so far is in carry) or, beginning in it, its end (kBegun: its sum goes on in carry). A
 // chunk has at most one group of each part.
@@ -259,28 +239,38 @@ __device__ __forceinline__ bool carried(const GemmParams& p, int32_t g) {
                                              : begin >= first && begin < last && end > last;
 }
 
-// The problems of a weight gradient's carried part: carry (+)= a^T b over the part's group's
-// rows in the chunk, M = 0 for every other group. Its rows are at least one (the group has a
-// tile in the chunk), so no problem has K = 0.
+// The problems of a weight gradient: a^T b over a group's rows in the chunk, for the groups of
+// the launch's part. ReductionGemm (kEveryGroup): each group whose rows all lie in the chunk,
+// into its expert's output. CarryGemm (kContinued, kBegun): the one group whose sum is carried,
+// into carry. M = 0 for the others (the groups without rows are expert_gemm's). wgmma would
+// store an uninitialised accumulator for K = 0, and no problem here has one: a group of the part
+// has a tile, so a row, in the chunk.
 template <class G>
-__global__ void __launch_bounds__(128) build_carry_problems(const __grid_constant__ GemmParams p,
-                                                            GroupArrays<G> w) {
+__global__ void __launch_bounds__(128) build_reduction_problems(
+    const __grid_constant__ GemmParams p, GroupArrays<G> w) {
   using T = typename G::Element;
   const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= p.num_groups) return;
+  const bool part = G::kReadsC ? carried(p, g)
+                               : p.group_expert[g] >= 0 && group_whole_in_chunk(p, g);
   const int64_t chunk_row = p.chunk.first_row(p.tile_m);
   const int64_t group_row = static_cast<int64_t>(p.tile_offset[g]) * p.tile_m;
   const int64_t lo = max(group_row, chunk_row);
   const int64_t hi =
       min(group_row + p.group_end[g] - p.group_begin[g], p.chunk.end_row(p.tile_m));
-  const int64_t rows = carried(p, g) ? max(hi - lo, int64_t{0}) : 0;
+  const int64_t rows = part ? max(hi - lo, int64_t{0}) : 0;
   w.problems[g] = rows > 0 ? Problem(p.m, p.n, static_cast<int>(rows)) : Problem(0, p.n, 0);
   const int64_t first = rows > 0 ? lo - chunk_row : 0;
   w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
   w.b[g] = static_cast<const T*>(p.b.data) + first * p.b.ld;
-  w.d[g] = p.carry;
-  w.c[g] = p.carry;
-  store_strides(p, w, g, p.n);
+  if constexpr (G::kReadsC) {
+    w.d[g] = p.carry;
+    w.c[g] = p.carry;
+    store_strides(p, w, g, p.n);
+  } else {
+    w.d[g] = static_cast<T*>(p.out) + g * p.out_expert_stride;
+    store_strides(p, w, g, p.out_ld);
+  }
 }
 
 // After kContinued's GEMM: where its group's rows end in this chunk, its sum, now whole in
@@ -339,9 +329,7 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
   const GroupArrays<G> w = GroupArrays<G>::carve(workspace, p.num_groups);
   const unsigned blocks = static_cast<unsigned>((p.num_groups + 127) / 128);
   CCF_HOST_ASSERT(p.shape == G::kShape);
-  if constexpr (G::kReadsC)
-    build_carry_problems<G><<<blocks, 128, 0, stream>>>(p, w);
-  else if constexpr (G::kShape == GemmShape::kPairRows)
+  if constexpr (G::kShape == GemmShape::kPairRows)
     build_problems<G><<<blocks, 128, 0, stream>>>(p, w);
   else
     build_reduction_problems<G><<<blocks, 128, 0, stream>>>(p, w);
