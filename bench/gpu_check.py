@@ -345,6 +345,17 @@ def parse_sanitizer(log: pathlib.Path) -> dict:
   return result
 
 
+def sanitizer_summary(found: dict, code: str = "") -> str:
+  """"3 findings (3 errors, 0 warnings; printed ones in kernel 2, ...)": whose code they are in.
+
+  `found` is `parse_sanitizer`'s result; `code` quotes the kernel names (e.g. "`" in markdown).
+  """
+  where = ", ".join(f"{code}{kernel[:60]}{code} {n}"
+                    for kernel, n in (found.get("printed_in") or {}).items())
+  return (f"{found['findings']} findings ({found['errors']} errors, {found['warnings']} warnings"
+          + (f"; printed ones in {where}" if where else "") + ")")
+
+
 def _last_line(log: pathlib.Path, prefix: str = "") -> str:
   """The log's last non-blank line that starts with `prefix`, cut to 160 characters."""
   text = log.read_text(errors="replace") if log.is_file() else ""
@@ -406,9 +417,7 @@ def _detail(stage: dict, doc: dict, state: pathlib.Path) -> str:
   if name.startswith("sanitizer:"):
     found = doc["sanitizer"].get(name.split(":")[1], {})
     if found.get("findings") is not None:
-      where = ", ".join(f"{kernel[:60]} {n}" for kernel, n in found.get("printed_in", {}).items())
-      return (f"{found['findings']} findings ({found['errors']} errors, "
-              f"{found['warnings']} warnings)" + (f"; printed ones in {where}" if where else ""))
+      return sanitizer_summary(found)
   if name == "kernels" and doc["kernels"]:
     return _kernels_detail(doc["kernels"])
   if name == "benchmark" and doc["benchmark"]:

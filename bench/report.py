@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on benchmark machines
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from bench import model, records  # noqa: E402
+from bench import gpu_check, model, records  # noqa: E402
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -233,12 +233,6 @@ def plot_gpu(doc: dict, out_dir: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _sanitizer_summary(tool: str, found: dict) -> str:
-  """"initcheck 3 findings (printed ones in kernel 2, ...)": whose code they are in."""
-  where = ", ".join(f"`{kernel[:60]}` {n}" for kernel, n in (found.get("printed_in") or {}).items())
-  return f"{tool} {found['findings']} findings" + (f" (printed ones in {where})" if where else "")
-
-
 def gpu_section(results_dir: pathlib.Path) -> str:
   """Markdown for the newest GPU results file: its checks and its benchmark table."""
   found = records.newest_gpu_results(results_dir)
@@ -255,7 +249,7 @@ def gpu_section(results_dir: pathlib.Path) -> str:
       f"{doc.get('jax')}, commit {doc['commit']}, {doc['date'][:10]}. CUDA tests: "
       f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
       f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped; compute-sanitizer: "
-      + (", ".join(_sanitizer_summary(tool, found)
+      + (", ".join(f"{tool} {gpu_check.sanitizer_summary(found, code='`')}"
                    for tool, found in (doc.get("sanitizer") or {}).items() if found) or "not run")
       + ". Every figure below "
       "was measured on that machine (medians; `tokamax` is tokamax's `ragged_dot` in the same "

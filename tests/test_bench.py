@@ -219,7 +219,10 @@ def test_report_renders_the_newest_gpu_results_file(tmp_path):
   doc = {"device": "NVIDIA H200", "driver": "1.0", "jax": "0.11.2", "commit": "abc1234",
          "date": "2026-12-02T10:00:00+00:00", "dry_run": False,
          "tests": {"passed": 40, "failed": 2, "errors": 0, "skipped": 1},
-         "sanitizer": {"memcheck": {"findings": 0}, "racecheck": None},
+         "sanitizer": {"memcheck": {"findings": 0, "errors": 0, "warnings": 0},
+                       "initcheck": {"findings": 3, "errors": 3, "warnings": 0,
+                                     "printed_in": {"input_reduce_fusion": 3}},
+                       "racecheck": None},
          "benchmark": {"device": "NVIDIA H200", "configs": {"Qwen3-30B-A3B": {
              "config": {"tokens": 1024, "hidden": 2048, "ffn": 768, "experts": 128, "k": 8},
              "fused_scratch_bytes": {"fwd": 2**30, "bwd": 3 * 2**30},
@@ -229,7 +232,9 @@ def test_report_renders_the_newest_gpu_results_file(tmp_path):
   (tmp_path / "gpu-2026-12-02-abc1234.json").write_text(json.dumps(doc))
   text = report.gpu_section(tmp_path)
   assert "gpu-2026-12-02-abc1234.json" in text and "40 passed, 2 failed" in text
-  assert "memcheck 0 findings" in text
+  assert "memcheck 0 findings (0 errors, 0 warnings)" in text
+  assert "initcheck 3 findings (3 errors, 0 warnings; printed ones in `input_reduce_fusion` 3)" \
+      in text
   rows = [line for line in text.splitlines() if line.startswith("| Qwen3-30B-A3B")]
   assert [row.split(" | ")[2] for row in rows] == ["fused", "ragged_dot", "tokamax", "roof"]
   assert "| 0.67 | 2.00 | 300 | 50% |  | 1.00 | 1.00 / 3.00 |" in rows[0]

@@ -114,7 +114,8 @@ def test_report_of_a_run_with_failures(failed_run, tmp_path, capsys):
   assert [l.split()[0] for l in table[1:-1]] == [s["name"] for s in doc["stages"]]
   row = dict((l.split()[0], l) for l in table[1:-1])
   assert "2 passed, 1 failed, 1 errors, 1 skipped" in row["tests"]
-  assert "2 findings (2 errors, 0 warnings)" in row["sanitizer:initcheck"]
+  assert ("2 findings (2 errors, 0 warnings; printed ones in ccf::cuda::combine_slots 1)"
+          in row["sanitizer:initcheck"])
   assert "compute-sanitizer not found" in row["sanitizer:synccheck"]
   assert "E8-K2: fused fwd+bwd 4.00 ms (50% of roof); baseline/fused ragged_dot 1.50x" in \
       row["benchmark"]
