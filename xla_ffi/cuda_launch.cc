@@ -171,36 +171,43 @@ void LaunchPairRows(const char* what, const Call& c, const DeviceState& me, int 
                  [&] { return cuda::activation_pass(dtype, {params, rows}, stream); });
 }
 
-// A weight gradient's launches in one chunk, each part in turn (with a carry, the group that
-// began in an earlier chunk reads it before the one going on into the next chunk overwrites it).
+// A weight gradient's launches in one chunk. With a carry, the group that began in an earlier
+// chunk (kContinued) reads it before the one going on into the next chunk (kBegun) overwrites it.
 // With grouped GEMMs and no plan, grouped_gemm sums every group with rows (those the chunk holds
-// whole, then those of the two parts) and expert_gemm only stores the zeros of the groups
-// without any, in chunk 0 (cuda::GemmParams::skip_rows); else expert_gemm does it all.
+// whole, then the two carried parts) and expert_gemm only stores the zeros of the groups without
+// any, in chunk 0 (cuda::GemmParams::skip_rows); else expert_gemm does it all.
 void LaunchWeightGradient(const char* what, const Call& c, const DeviceState& me,
                           cuda::GemmParams& params, void* workspace, cudaStream_t stream,
                           Launcher& launcher) {
   using cuda::ReductionPart;
-  const bool grouped = c.grouped_gemms && c.plan.workers == nullptr;
-  const std::vector<ReductionPart> parts =
-      params.carry != nullptr ? std::vector{ReductionPart::kContinued, ReductionPart::kBegun}
-                              : std::vector{ReductionPart::kEveryGroup};
-  params.skip_rows = grouped;
-  for (ReductionPart part : parts) {
-    // Under skip_rows the groups without rows are left, whose zeros kBegun stores in chunk 0.
-    if (grouped && (part == ReductionPart::kContinued || params.chunk.index != 0)) continue;
+  const bool carried = params.carry != nullptr;
+  const auto sm80 = [&](ReductionPart part) {
     params.part = part;
     LaunchGemm(what, c, c.num_sms, cuda::Major::kMN, cuda::Major::kMN, params, stream, launcher);
-  }
-  if (!grouped) return;
-  // kEveryGroup: the groups the chunk holds whole, whether or not there is a carry.
-  std::vector<ReductionPart> grouped_parts{ReductionPart::kEveryGroup};
-  if (params.carry != nullptr) grouped_parts.insert(grouped_parts.end(), parts.begin(), parts.end());
-  for (ReductionPart part : grouped_parts) {
+  };
+  const auto grouped = [&](ReductionPart part) {
     params.part = part;
     launcher.Run(what, [&] {
       return cuda::grouped_gemm(ToDType(c.d.x_type), cuda::Major::kMN, params, workspace,
                                 me.ordinal, c.num_sms, stream);
     });
+  };
+  params.skip_rows = c.grouped_gemms && c.plan.workers == nullptr;
+  if (!params.skip_rows) {
+    if (carried) {
+      sm80(ReductionPart::kContinued);
+      sm80(ReductionPart::kBegun);
+    } else {
+      sm80(ReductionPart::kEveryGroup);
+    }
+    return;
+  }
+  // Under a carry expert_gemm counts the groups without rows among those begun in the chunk.
+  if (params.chunk.index == 0) sm80(carried ? ReductionPart::kBegun : ReductionPart::kEveryGroup);
+  grouped(ReductionPart::kEveryGroup);
+  if (carried) {
+    grouped(ReductionPart::kContinued);
+    grouped(ReductionPart::kBegun);
   }
 }
 
