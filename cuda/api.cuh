@@ -6,8 +6,9 @@
 // Pipeline of one forward call on one device (the handler enqueues it on XLA's stream; the host
 // never waits for the device):
 //
-//   0. The handler zeroes this device's staging and, with real peers, runs `barrier` (signal.cu):
-//      each device's inputs are ready and its staging zeroed before any peer touches them. Peers
+//   0. With real peers the handler runs `barrier` (signal.cu): each device's inputs are ready
+//      before any peer touches them. The staging is not zeroed: scatter_slots writes each slot
+//      in use whole and combine_slots reads no other. Peers
 //      in other processes of the host read no XLA buffer: each device first copies x, expert_ids,
 //      expert_weights (and dy) into its region of the call site in the CUDA IPC workspaces
 //      (xla_ffi/ipc_memory.h), where its staging, d_expert_weights and barrier flags live too.
@@ -543,9 +544,9 @@ struct CombineParams {
   const int32_t* aborted;  // DeviceError::aborted: set, every output is NaN
 };
 
-// out[t] = sum of t's slots in slot order, cast to `dtype`; a token with an id outside
-// [0, experts_total) gets NaN (the id is also reported through DeviceError by count_pairs), and
-// so does every token of a call whose barrier aborted.
+// out[t] = sum of t's slots in use in slot order (0 without any), cast to `dtype`; a token with
+// an id outside [0, experts_total) gets NaN (the id is also reported through DeviceError by
+// count_pairs), and so does every token of a call whose barrier aborted.
 cudaError_t combine_slots(DType dtype, const CombineParams& params, cudaStream_t stream);
 
 // With a plan, after the end barrier: each expert of this device (every device's, emulated)

@@ -155,9 +155,9 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   for (int32_t h = lane; h < p.hidden; h += 32) {
     float sum = NAN;
     if (!bad && !aborted) {
-      // A token whose pairs all go to other groups has no slot in use: slot 0 is still the
-      // handler's zeros.
-      sum = slots[h];
+      // Only the slots in use are written (the staging is not zeroed): a token whose pairs all go
+      // to other groups has none, and sums to 0.
+      sum = num_used > 0 ? slots[h] : 0.0f;
       for (int32_t s = 1; s < num_used; ++s) sum += slots[static_cast<int64_t>(s) * p.hidden + h];
     }
     out[h] = T(sum);

@@ -111,7 +111,7 @@ void DeviceBarrier(const Call& c, DeviceState& me, const ScalarS32* rank, const 
 }
 
 // The start of a call: this device's operands staged where peers in other processes read them,
-// the buffers peers write into zeroed (they may as soon as the start barrier opens), the start
+// d_expert_weights zeroed (peers write into it as soon as the start barrier opens), the start
 // barrier, the work list.
 void OpenCall(const Call& c, DeviceState& me, const cuda::WorkList& list, const ScalarS32& rank,
               const ScalarS32& group, cudaStream_t stream, Launcher& launcher) {
@@ -119,10 +119,6 @@ void OpenCall(const Call& c, DeviceState& me, const cuda::WorkList& list, const 
     launcher.Run("staging operands into the shared region", [&] {
       return cudaMemcpyAsync(copy.to, copy.from, copy.bytes, cudaMemcpyDeviceToDevice, stream);
     });
-  launcher.Run("zeroing staging", [&] {
-    return cudaMemsetAsync(c.own_staging, 0, sizeof(float) * c.own_tokens * c.d.slots * c.d.hidden,
-                           stream);
-  });
   // Backward: every (token, k) with a valid id is written by its expert's GPU; zero them anyway
   // so a failed call leaves no uninitialised memory behind.
   if (c.own_d_weights != nullptr)
