@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include <cute/config.hpp>
+#include <cutlass/array.h>
 #include <cutlass/numeric_types.h>
 
 #include "cuda/api.cuh"
@@ -129,7 +130,8 @@ __global__ void __launch_bounds__(kTokenThreads)
   __threadfence_system();
 }
 
-template <class T>
+// kVector as in scatter_slots: the columns a lane sums at a time; the sums are the same.
+template <class T, int kVector>
 __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombineParams p) {
   const int32_t lane = threadIdx.x % 32;
   const int32_t t = warp_token();
@@ -152,15 +154,25 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
   const bool aborted = *p.aborted != 0;
   T* out = static_cast<T*>(p.out) + static_cast<int64_t>(t) * p.hidden;
   const float* slots = p.staging + static_cast<int64_t>(t) * p.num_slots * p.hidden;
-  for (int32_t h = lane; h < p.hidden; h += 32) {
-    float sum = NAN;
-    if (!bad && !aborted) {
-      // Only the slots in use are written (the staging is not zeroed): a token whose pairs all go
-      // to other groups has none, and sums to 0.
-      sum = num_used > 0 ? slots[h] : 0.0f;
-      for (int32_t s = 1; s < num_used; ++s) sum += slots[static_cast<int64_t>(s) * p.hidden + h];
+  for (int32_t h = lane * kVector; h < p.hidden; h += 32 * kVector) {
+    // Only the slots in use are written (the staging is not zeroed): a token whose pairs all go
+    // to other groups has none, and sums to 0.
+    Floats<kVector> sum;
+    if (bad || aborted) {
+      CUTE_UNROLL
+      for (int i = 0; i < kVector; ++i) sum.v[i] = NAN;
+    } else if (num_used > 0) {
+      sum = Floats<kVector>::load(slots + h);
+      for (int32_t s = 1; s < num_used; ++s) {
+        const Floats<kVector> slot = Floats<kVector>::load(slots + int64_t{s} * p.hidden + h);
+        CUTE_UNROLL
+        for (int i = 0; i < kVector; ++i) sum.v[i] += slot.v[i];
+      }
     }
-    out[h] = T(sum);
+    cutlass::AlignedArray<T, kVector> cast;
+    CUTE_UNROLL
+    for (int i = 0; i < kVector; ++i) cast[i] = T(sum.v[i]);
+    *reinterpret_cast<cutlass::AlignedArray<T, kVector>*>(out + h) = cast;
   }
   if (p.d_weights != nullptr) {
     for (int32_t k = lane; k < p.top_k; k += 32) {
@@ -220,7 +232,11 @@ cudaError_t launch_scatter(const ScatterParams& p, cudaStream_t stream) {
 
 template <class T>
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
-  combine_slots<T><<<token_blocks(p.num_tokens), kTokenThreads, 0, stream>>>(p);
+  const int blocks = token_blocks(p.num_tokens);
+  if (p.hidden % 4 == 0 && aligned_to(p.staging, 16) && aligned_to(p.out, 4 * sizeof(T)))
+    combine_slots<T, 4><<<blocks, kTokenThreads, 0, stream>>>(p);
+  else
+    combine_slots<T, 1><<<blocks, kTokenThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
