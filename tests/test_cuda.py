@@ -1,6 +1,6 @@
 """fused_moe on CUDA GPUs against reference_moe: emulated peers on one GPU, shard_map over every
-GPU, dtypes (float32 as TF32 too), activations, K, routing, plans, determinism, bad ids, repeated
-and queued calls.
+GPU, dtypes (float32 as TF32 too), activations, K, routing, plans, kept residuals, determinism,
+bad ids, repeated and queued calls.
 
 Marked `gpu` and skipped, with the reason, where no CUDA device is visible (`make test` here).
 `CCF_CUDA_TESTS_PLATFORM=cpu` runs the same tests on the CPU backend's 8 simulated devices
@@ -102,14 +102,15 @@ def _emulated_plan(ids, num_experts, devices):
 @functools.cache
 def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = False,
                    scratch_budget: int | None = None, fetch_sms: int | None = None,
-                   tf32: bool = False):
+                   tf32: bool = False, residuals: str = "inputs"):
   """A jitted `(x, ids, weights, w_in, w_out, dy) -> (y, (dx, d_weights, dw_in, dw_out))` of
   `fused_moe_emulated` over `devices` emulated devices, with a fresh plan if `with_plan`, traced
-  under `scratch_budget` and `fetch_sms` where given and JAX's TF32 precision if `tf32`."""
+  under `scratch_budget` and `fetch_sms` where given and JAX's TF32 precision if `tf32`; the
+  backward recomputes h, or reads the forward's kept rows with `residuals="hidden"`."""
   def run(x, ids, weights, w_in, w_out, dy):
     plan = _emulated_plan(ids, w_out.shape[0], devices) if with_plan else None
     layer = functools.partial(fused_moe_emulated, num_devices=devices, activation=activation,
-                              plan=plan)
+                              plan=plan, residuals=residuals)
     with contextlib.ExitStack() as settings:
       if scratch_budget is not None:
         settings.enter_context(ccf.scratch_budget(scratch_budget))
@@ -235,6 +236,27 @@ def test_emulated_chunks_equal_one_chunk_bitwise(case, with_plan):
     chunked = _emulated_step(case.devices, with_plan=with_plan, scratch_budget=budget)(*args)
     _check(chunked, args, case.activation, case.dtype)
     _assert_chunks_alike(chunked, whole, case, with_plan)
+
+
+# The forward keeps each pair's h (`residuals="hidden"`; GEMM1's epilogue or pass writes it) and
+# the backward reads it instead of recomputing x @ w_in: gated and not, 16-bit and float32, in one
+# chunk and in chunks of one tile.
+_KEPT = [
+    ("D8-bfloat16", Case(devices=8, tokens=70, skew=1.0, dtype=jnp.bfloat16, seed=67), None),
+    ("D2-gelu-float32", Case(devices=2, activation="gelu", seed=68), None),
+    ("chunked-float16", Case(devices=8, k=8, tokens=29, dtype=jnp.float16, seed=69), 1),
+]
+
+
+@pytest.mark.parametrize("case,budget", [c[1:] for c in _KEPT], ids=[c[0] for c in _KEPT])
+def test_emulated_kept_hidden_equals_recomputing_bitwise(case, budget):
+  args = _args(case)
+  kept = _emulated_step(case.devices, case.activation, scratch_budget=budget,
+                        residuals="hidden")(*args)
+  _check(kept, args, case.activation, case.dtype)
+  recomputed = _emulated_step(case.devices, case.activation, scratch_budget=budget)(*args)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, kept),
+               jax.tree.map(np.asarray, recomputed))
 
 
 @_needs_devices
