@@ -5,7 +5,9 @@ On the first device, for the layer shapes of Mixtral-8x7B, DeepSeek-V3 and Qwen3
 forward+backward:
 
 - `fused`: `fused_moe_emulated` over D = 8 emulated peers (the remote-read path on one GPU);
-- `fused_fetch_sms0`: the same with no SMs kept for the fetch (`jax_ccfuser.fetch_sms(0)`), so
+- `fused_hidden`: the same keeping h for the backward (`residuals="hidden"`): what recomputing it
+  costs;
+- `fused_fetch_sms0`: `fused` with no SMs kept for the fetch (`jax_ccfuser.fetch_sms(0)`), so
   the two show what keeping them costs or gains;
 - `ragged_dot`: sort + `jax.lax.ragged_dot` + unsort (`bench.ragged`);
 - `tokamax`: the same with tokamax's `ragged_dot` (its default implementation choice);
@@ -54,6 +56,8 @@ _KINDS = {"fwd": "forward", "fwd_bwd": "forward_backward"}
 
 NOTES = {
     "fused": "fused_moe_emulated: D emulated peers on one GPU (peer reads are local here)",
+    "fused_hidden": "fused with residuals=\"hidden\": the forward keeps h = x @ w_in (float32) "
+                    "and the backward reads it instead of recomputing it",
     "fused_fetch_sms0": "fused under jax_ccfuser.fetch_sms(0): the GEMMs keep no SMs free for "
                         "the fetch of later sources' rows (fused keeps the default, one SM in "
                         "eight)",
@@ -176,8 +180,8 @@ def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: flo
              for impl, f in impls.items()
              if impl not in ("fused", "roof") and "error" not in f and "fwd_ms" in fused}
   agreement = {impl: _relative_error(first_outputs["fused"], first_outputs[impl])
-               for impl in ("fused_fetch_sms0", "ragged_dot", "tokamax", "tokamax_triton",
-                           "all_to_all")
+               for impl in ("fused_hidden", "fused_fetch_sms0", "ragged_dot", "tokamax",
+                            "tokamax_triton", "all_to_all")
                if "fused" in first_outputs and impl in first_outputs}
   return {"config": dataclasses.asdict(config), "useful_tflop": useful["fwd"] / 1e12,
           "impls": impls, "baseline_ms_over_fused_ms": speedup,

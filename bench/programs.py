@@ -4,8 +4,9 @@ CPU (the simulated devices of one process, `jax.shard_map` over an "ep" axis of 
 `fused` (`jax_ccfuser.fused_moe`), `all_to_all` (`all_to_all_moe`, dropless),
 `all_to_all_cf1.25` (`all_to_all_moe(capacity_factor=1.25)`) and `roof`.
 GPU (one device): `fused` (`jax_ccfuser.experimental.fused_moe_emulated` over D emulated
-peers), `fused_fetch_sms0` (the same traced under `jax_ccfuser.fetch_sms(0)`: every GEMM on
-every SM, none kept for the fetch), `ragged_dot` and `tokamax` (`bench.ragged` with
+peers), `fused_hidden` (the same keeping h for the backward, `residuals="hidden"`, instead of
+recomputing it), `fused_fetch_sms0` (`fused` traced under `jax_ccfuser.fetch_sms(0)`: every GEMM
+on every SM, none kept for the fetch), `ragged_dot` and `tokamax` (`bench.ragged` with
 `jax.lax.ragged_dot` or tokamax's), on a GPU `tokamax_triton` (tokamax's Pallas Triton
 kernels, chosen explicitly) and `roof`; on request also `all_to_all` and
 `all_to_all_cf1.25` over the one device (`all_to_all_moe` with `axis_name=None`: no exchange, so
@@ -36,7 +37,8 @@ from bench.ragged import ragged_dot_moe, tokamax_ragged_dot
 
 CAPACITY_FACTOR = 1.25
 CPU_IMPLS = ("fused", "all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}", "roof")
-GPU_IMPLS = ("fused", "fused_fetch_sms0", "ragged_dot", "tokamax", "tokamax_triton", "roof")
+GPU_IMPLS = ("fused", "fused_hidden", "fused_fetch_sms0", "ragged_dot", "tokamax",
+             "tokamax_triton", "roof")
 ONE_DEVICE_ALL_TO_ALL = ("all_to_all", f"all_to_all_cf{CAPACITY_FACTOR}")
 
 
@@ -160,6 +162,7 @@ def gpu_programs(config: Config, *, all_to_all: bool = False) -> dict[str, Progr
   fused = functools.partial(fused_moe_emulated, num_devices=config.devices,
                             activation=ACTIVATION)
   moe_fns = {"fused": fused,
+             "fused_hidden": functools.partial(fused, residuals="hidden"),
              "fused_fetch_sms0": _traced_under(ccf.fetch_sms, 0, fused),
              "ragged_dot": functools.partial(ragged_dot_moe, activation=ACTIVATION),
              "tokamax": functools.partial(ragged_dot_moe, activation=ACTIVATION,

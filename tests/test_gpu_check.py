@@ -287,17 +287,19 @@ def test_gpu_benchmark_document(tmp_path):
   assert json.loads(out.read_text()) == doc
   assert doc["fused_gemms"] is None  # the CPU backend
   record = doc["configs"]["quick"]
-  assert list(record["impls"]) == ["fused", "fused_fetch_sms0", "ragged_dot", "tokamax",
-                                   "all_to_all", "all_to_all_cf1.25", "roof"]
+  assert list(record["impls"]) == ["fused", "fused_hidden", "fused_fetch_sms0", "ragged_dot",
+                                   "tokamax", "all_to_all", "all_to_all_cf1.25", "roof"]
   for impl, fields in record["impls"].items():
     assert fields["fwd_ms"] > 0 and fields["fwd_bwd_ms"] > 0, impl
   assert record["impls"]["roof"]["fwd_roof_fraction"] == pytest.approx(1.0)
-  assert set(record["baseline_ms_over_fused_ms"]) == {"fused_fetch_sms0", "ragged_dot",
-                                                      "tokamax", "all_to_all",
+  assert set(record["baseline_ms_over_fused_ms"]) == {"fused_hidden", "fused_fetch_sms0",
+                                                      "ragged_dot", "tokamax", "all_to_all",
                                                       "all_to_all_cf1.25"}
   errors = record["fused_forward_relative_error_vs"]
-  assert set(errors) == {"fused_fetch_sms0", "ragged_dot", "tokamax", "all_to_all"}
-  assert errors["fused_fetch_sms0"] == 0.0  # the SMs a GEMM runs on change no bit
+  assert set(errors) == {"fused_hidden", "fused_fetch_sms0", "ragged_dot", "tokamax",
+                         "all_to_all"}
+  # Keeping h and the SMs a GEMM runs on change no bit of the forward.
+  assert errors["fused_hidden"] == errors["fused_fetch_sms0"] == 0.0
   assert max(errors.values()) < 2e-2  # bfloat16
   # The CUDA handler's scratch, where the CUDA extension was built: the backward's is larger.
   scratch = record["fused_scratch_bytes"]
