@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 INSTALLED := CMakeLists.txt pyproject.toml jax_ccfuser/__init__.py $(wildcard xla_ffi/*) \
 	$(wildcard cuda/*) $(wildcard common/*)
 
-.PHONY: all install test test-fast test-jax-latest test-jax-0.11 demo bench gpu-wheels gpu-check gpu-check-dry clean
+.PHONY: all install test test-fast test-jax-latest test-jax-0.11 demo bench gpu-wheels \
+	gpu-tokamax-wheels gpu-check gpu-check-dry clean
 
 all: install
 
@@ -67,26 +68,29 @@ demo: install
 bench: install
 	$(PY) -m bench.run
 
-# The lent GPU machine has Python 3.12 and no package registry: the wheels the build and the
-# benchmark (tokamax) need and it lacks travel in .whl/ (requirements.lock's pins), with the
-# commit stamp its report names (.git does not travel), and the CUDA extension built here for
-# the image's Python and jax (.venv-gpu-image), whose nvcc minutes would come out of the lease
-# (bench/gpu_build.sh). Run before each check; bench/gpu_check.sh's header has the `run` call.
+# The lent GPU machine has Python 3.12 and no package registry: the wheels the build needs and it
+# lacks travel in .whl/ (requirements.lock's pins), with the commit stamp its report names (.git
+# does not travel), and the CUDA extension built here for the image's Python and jax
+# (.venv-gpu-image), whose nvcc minutes would come out of the lease (bench/gpu_build.sh). Run
+# before each check; bench/gpu_check.sh's header has the `run` call.
 pins = $(foreach p,$(1),$(shell grep -E '^$(p)==' requirements.lock))
 GPU_WHEELS = $(call pins,nvidia-cutlass scipy-openblas32 nanobind)
-GPU_BENCH_WHEELS = $(call pins,tokamax einshape pydantic pydantic-core annotated-types \
-	typing-inspection typing-extensions qwix typeguard immutabledict tensorboardx)
 MANYLINUX = manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 \
 	manylinux_2_25_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+GPU_DOWNLOAD = $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	--implementation cp $(addprefix --platform ,$(MANYLINUX))
 
 gpu-wheels: .venv-gpu-image/.deps
 	rm -rf .whl
-	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-		--implementation cp $(addprefix --platform ,$(MANYLINUX)) -d .whl $(GPU_WHEELS)
-	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-		--implementation cp $(addprefix --platform ,$(MANYLINUX)) -d .whl/bench $(GPU_BENCH_WHEELS)
+	$(GPU_DOWNLOAD) -d .whl $(GPU_WHEELS)
 	$(PYTHON) -m bench.gpu_check stamp .whl/COMMIT
 	PYTHON=$(CURDIR)/.venv-gpu-image/bin/python bash bench/gpu_build.sh
+
+# tokamax for the GPU benchmark, in a carry of its own (requirements-gpu-tokamax.lock):
+# bench/gpu_tokamax.sh's header has the `run` call, after a check on the same machine.
+gpu-tokamax-wheels:
+	rm -rf .whl-tokamax
+	$(GPU_DOWNLOAD) -d .whl-tokamax -r requirements-gpu-tokamax.lock
 
 # On the GPU machine: build, CUDA tests, compute-sanitizer, benchmark, results file.
 gpu-check:

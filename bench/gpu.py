@@ -10,7 +10,8 @@ forward+backward:
 - `fused_fetch_sms0`: `fused` with no SMs kept for the fetch (`jax_ccfuser.fetch_sms(0)`), so
   the two show what keeping them costs or gains;
 - `ragged_dot`: sort + `jax.lax.ragged_dot` + unsort (`bench.ragged`);
-- `tokamax`: the same with tokamax's `ragged_dot` (its default implementation choice);
+- `tokamax`: the same with tokamax's `ragged_dot` (its default implementation choice), where
+  tokamax is importable (bench/gpu_tokamax.sh brings it to a GPU machine);
 - `tokamax_triton`: the same with tokamax's Pallas Triton kernels, chosen explicitly;
 - `all_to_all`, `all_to_all_cf1.25`: `all_to_all_moe` over the one device. The D-GPU
   `all_to_all` cannot run on one GPU; this is its sort, padded buffers and grouped FFN without
@@ -64,8 +65,7 @@ NOTES = {
     "ragged_dot": "sort + jax.lax.ragged_dot + unsort over all experts on one GPU",
     "tokamax": "sort + tokamax.ragged_dot + unsort over all experts on one GPU (tokamax "
                "picks its implementation: Mosaic GPU on Hopper where it can)",
-    "tokamax_triton": "as tokamax, with its Pallas Triton kernels (tokamax 0.0.12's Mosaic GPU "
-                      "kernels call jax 0.10's Pallas API, which jax 0.11 renamed)",
+    "tokamax_triton": "as tokamax, with its Pallas Triton kernels chosen explicitly",
     "all_to_all": "all_to_all_moe(axis_name=None), dropless: the D-GPU exchange cannot run on "
                   "one GPU; this times its sort, buffers padded to every expert x all rows, and "
                   "grouped FFN",

@@ -16,10 +16,10 @@
 #                its float32 calls); the four run beside stage 2 (nothing there is timed)
 #   4 kernels    python -m bench.kernels: the fused layer's (and the roof's) GPU time kernel by
 #                kernel, from jax's profiler, at the benchmark's shapes
-#   5 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot (jax's and
-#                tokamax's, whose wheels in .whl/bench/ go into the scratch site first: where
-#                they do not install, that baseline is recorded as not run) vs all_to_all_moe
-#                on the one GPU vs the dense roof, bfloat16, forward and forward+backward
+#   5 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot (jax's; tokamax's
+#                is recorded as not run: its wheels travel alone, bench/gpu_tokamax.sh) vs
+#                all_to_all_moe on the one GPU vs the dense roof, bfloat16, forward and
+#                forward+backward
 #   6 report     bench/results/gpu-<date>-<commit>.json and its .log, copied into $OUT when
 #                set; a summary table printed last. Written whatever failed before.
 #
@@ -164,14 +164,6 @@ tests() {
     --junitxml="$STATE/junit.xml" "${per_test[@]}"
 }
 
-benchmark() {  # bench.gpu's arguments
-  if ls "$CARRY"/bench/*.whl >/dev/null 2>&1; then
-    install_wheels "$CARRY/bench" "$SITE" ||
-      echo "the benchmark's wheels did not install: its tokamax baseline will not run"
-  fi
-  "$PY" -m bench.gpu "$@"
-}
-
 sanitize() {  # tool
   # Exact buffer bounds (no pooled allocator) and no preallocation, so the four runs and the
   # tests share the GPU. memcheck watches every kernel, CUTLASS's grouped GEMMs too (they are
@@ -202,7 +194,7 @@ sanitize() {  # tool
 
 # The stages' shell functions run under `timeout` in a child bash.
 export REPO PY STATE SITE BUILD PKG CARRY CUDA_BUILD
-export -f install_wheels cmake_build build check_extensions tests benchmark sanitize
+export -f install_wheels cmake_build build check_extensions tests sanitize
 
 # 0 env
 run_stage env 120 0 "$PY" -m bench.gpu_check env "$STATE/env.json" --stamp "$CARRY/COMMIT"
@@ -251,12 +243,11 @@ fi
 if [ "$built" != 0 ]; then
   skip benchmark "no build"
 elif [ "$DRY" = 1 ]; then
-  JAX_PLATFORMS=cpu run_stage benchmark 150 15 \
-    bash -c 'benchmark --quick --out "$STATE/bench.json"'
+  JAX_PLATFORMS=cpu run_stage benchmark 150 15 "$PY" -m bench.gpu --quick --out "$STATE/bench.json"
 else
-  run_stage benchmark 300 15 bash -c \
-    'benchmark --out "$STATE/bench.json" ${CCF_GPU_BENCH_IMPLS:+--impls "$CCF_GPU_BENCH_IMPLS"} \
-      ${CCF_GPU_BENCH_CONFIGS:+--configs "$CCF_GPU_BENCH_CONFIGS"}'
+  run_stage benchmark 300 15 "$PY" -m bench.gpu --out "$STATE/bench.json" \
+    ${CCF_GPU_BENCH_IMPLS:+--impls "$CCF_GPU_BENCH_IMPLS"} \
+    ${CCF_GPU_BENCH_CONFIGS:+--configs "$CCF_GPU_BENCH_CONFIGS"}
 fi
 
 # 6 report
