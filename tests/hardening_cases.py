@@ -1,6 +1,6 @@
 """What the stress tests of fused_moe share: a bound on every peer wait, the forward and
-backward step under `shard_map`, its comparison with reference_moe, and the 4-device problem the
-peer tests perturb."""
+backward step under `shard_map`, its comparison with reference_moe, the 4-device problem the
+peer tests perturb, and where a non-finite input may show."""
 
 import functools
 import threading
@@ -117,3 +117,32 @@ def peer_args(case=PEER_CASE):
   x, ids, weights, w_in, w_out = make_inputs(case)
   dy = jnp.asarray(np.random.default_rng(case.seed).standard_normal(x.shape), jnp.float32)
   return x, ids, weights, w_in, w_out, dy
+
+
+# The non-finite inputs a token may carry: (operand, value).
+NON_FINITE = [("x", np.nan), ("x", np.inf), ("expert_weights", np.nan)]
+
+
+def assert_non_finite_stays_in_its_rows(step, case: Case, where: str, value: float):
+  """A NaN/Inf in token t's `where` reaches y[t], and may reach dx[t], d_weights[t] and the
+  weight gradients of t's experts, but nothing else: every other row and expert is finite and
+  bitwise the clean run's. `step` maps `peer_args(case)` to `(y, (dx, d_weights, dw_in,
+  dw_out))`."""
+  x, ids, weights, w_in, w_out, dy = peer_args(case)
+  token = case.tokens + 5  # device 1's token 5
+  if where == "x":
+    x_bad, weights_bad = x.at[token, 3].set(value), weights
+  else:
+    x_bad, weights_bad = x, weights.at[token, 0].set(value)
+  clean = jax.tree.map(np.asarray, step(x, ids, weights, w_in, w_out, dy))
+  dirty = jax.tree.map(np.asarray, step(x_bad, ids, weights_bad, w_in, w_out, dy))
+  others = np.arange(x.shape[0]) != token
+  experts = np.setdiff1d(np.arange(case.num_experts), np.asarray(ids[token]))
+  (y, (dx, d_weights, dw_in, dw_out)), (y0, (dx0, d_weights0, dw_in0, dw_out0)) = dirty, clean
+  assert not np.all(np.isfinite(np.asarray(y[token], np.float32)))
+  for name, got, want in (("y", y[others], y0[others]), ("dx", dx[others], dx0[others]),
+                          ("d_weights", d_weights[others], d_weights0[others]),
+                          ("dw_in", dw_in[experts], dw_in0[experts]),
+                          ("dw_out", dw_out[experts], dw_out0[experts])):
+    assert np.all(np.isfinite(np.asarray(got, np.float32))), name
+    np.testing.assert_array_equal(got, want, err_msg=name)

@@ -1,6 +1,6 @@
 """fused_moe on CUDA GPUs against reference_moe: emulated peers on one GPU, shard_map over every
 GPU, dtypes (float32 as TF32 too), activations, K, routing, plans, kept residuals, determinism,
-bad ids, repeated and queued calls.
+bad ids, non-finite inputs, repeated and queued calls.
 
 Marked `gpu` and skipped, with the reason, where no CUDA device is visible (`make test` here).
 `CCF_CUDA_TESTS_PLATFORM=cpu` runs the same tests on the CPU backend's 8 simulated devices
@@ -30,7 +30,8 @@ import pytest
 import jax_ccfuser as ccf
 from jax_ccfuser import _extension
 from jax_ccfuser.experimental import fused_moe_emulated
-from hardening_cases import (assert_matches_reference, forward_and_grads,
+from hardening_cases import (NON_FINITE, assert_matches_reference,
+                             assert_non_finite_stays_in_its_rows, forward_and_grads,
                              make_forward_and_grads, peer_args)
 from moe_cases import Case, assert_close, make_inputs, sharded
 
@@ -430,6 +431,17 @@ def test_every_device_out_of_range_id_raises():
   bad_args = (args[0], args[1].at[row, 0].set(1000), *args[2:])
   _assert_bad_id_reported(sharded(ccf.fused_moe, _GROUP), args, bad_args, row,
                           _bad_id_message(3, 0, 1000, device, case.num_experts))
+
+
+@pytest.mark.parametrize("where,value", NON_FINITE)
+@pytest.mark.parametrize("dtype,budget", [(jnp.float32, None), (jnp.bfloat16, 1)],
+                         ids=["float32", "bfloat16-chunked"])
+def test_emulated_non_finite_token_stays_in_its_rows(where, value, dtype, budget):
+  """As tests/test_non_finite.py on the CPU path: a token's NaN/Inf reaches its own rows and its
+  experts' weight gradients only, also where those sums cross chunk edges."""
+  case = Case(devices=4, tokens=16, k=2, skew=0.5, dtype=dtype, seed=75)
+  assert_non_finite_stays_in_its_rows(_emulated_step(case.devices, scratch_budget=budget), case,
+                                      where, value)
 
 
 def _input_sets(case: Case, count: int = 4):
