@@ -86,6 +86,12 @@ def _reference_precision():
   return jax.default_matmul_precision("highest")
 
 
+def _assert_bitwise(actual, expected):
+  """Two results (pytrees of arrays) equal bit for bit."""
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, actual),
+               jax.tree.map(np.asarray, expected))
+
+
 def _check(out, args, activation, dtype):
   """`out = (y, grads)` against reference_moe over the global arrays (one device)."""
   with _reference_precision():
@@ -181,8 +187,7 @@ def test_emulated_equals_every_device_bitwise():
   args = _args(case)
   real = forward_and_grads(ccf.fused_moe, _GROUP, case.activation)(*args)
   emulated = _emulated_step(_GROUP, case.activation)(*args)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, emulated),
-               jax.tree.map(np.asarray, real))
+  _assert_bitwise(emulated, real)
 
 
 # Scratch budgets that hold one 128-row tile per chunk (1 byte: the least a chunk takes) and a
@@ -254,8 +259,7 @@ def test_emulated_kept_hidden_equals_recomputing_bitwise(case, budget):
                         residuals="hidden")(*args)
   _check(kept, args, case.activation, case.dtype)
   recomputed = _emulated_step(case.devices, case.activation, scratch_budget=budget)(*args)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, kept),
-               jax.tree.map(np.asarray, recomputed))
+  _assert_bitwise(kept, recomputed)
 
 
 def test_every_device_chunks_equal_one_chunk_bitwise():
@@ -282,7 +286,7 @@ def test_fetch_sms_leave_results_bitwise_alike(case):
   _check(default, args, case.activation, case.dtype)
   for count in (0, (_sms() or 2) - 1):
     other = _emulated_step(case.devices, fetch_sms=count)(*args)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, other), default)
+    _assert_bitwise(other, default)
 
 
 @pytest.mark.skipif(PLATFORM != "cuda", reason="the CPU handler runs no source phases")
@@ -302,8 +306,7 @@ def test_source_phases_leave_results_bitwise_alike(case, monkeypatch):
     monkeypatch.setenv("JAX_CCFUSER_SOURCE_PHASES", asked)
     for budget, same_chunks in ((None, phases), (1, chunked)):
       other = _emulated_step(case.devices, with_plan=with_plan, scratch_budget=budget)(*args)
-      jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, other),
-                   jax.tree.map(np.asarray, same_chunks))
+      _assert_bitwise(other, same_chunks)
 
 
 @pytest.mark.skipif(PLATFORM != "cuda", reason="the CPU backend has no SMs to keep")
@@ -332,7 +335,7 @@ def test_tf32_matches_reference_within_its_rounding(case):
     exact = _emulated_step(case.devices, case.activation)(*args)
     assert not np.array_equal(tf32[0], np.asarray(exact[0]))
   chunked = _emulated_step(case.devices, case.activation, scratch_budget=1, tf32=True)(*args)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, chunked), tf32)
+  _assert_bitwise(chunked, tf32)
 
 
 def test_tf32_where_rows_do_not_take_its_vectors_stays_exact():
@@ -341,7 +344,7 @@ def test_tf32_where_rows_do_not_take_its_vectors_stays_exact():
   args = _args(Case(devices=2, hidden=18, seed=71))
   exact = jax.tree.map(np.asarray, _emulated_step(2)(*args))
   tf32 = _emulated_step(2, tf32=True)(*args)
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, tf32), exact)
+  _assert_bitwise(tf32, exact)
 
 
 def _assert_plan_has_helpers(plan):
@@ -371,7 +374,7 @@ def test_every_device_with_plan_matches_reference():
 def _assert_bitwise_repeatable(step, args, runs=4):
   first = jax.tree.map(np.asarray, step(*args))
   for _ in range(runs - 1):
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, step(*args)), first)
+    _assert_bitwise(step(*args), first)
 
 
 def test_emulated_deterministic_bitwise():
