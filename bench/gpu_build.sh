@@ -10,6 +10,20 @@
 # Run as a program: PYTHON (default python3), CCF_CUDA_ARCH (default 90a); the build tree stays
 # in build/gpu-image-$CCF_CUDA_ARCH so that a later run recompiles only what changed.
 
+# staged_python STATE: what a GPU check's Python imports, from its state directory STATE: the
+# copy of jax_ccfuser/ with the built extensions (STATE/pkg), the carried wheels (STATE/site), then
+# the repository (bench/, tests/). The repository's own jax_ccfuser/ (no extensions in it) must
+# not shadow the staged copy: no Python, nor any it starts (a test's subprocess), puts the working
+# directory on its path. Sets SITE, BUILD (CMake's tree) and PKG.
+staged_python() {
+  SITE=$1/site
+  BUILD=$1/build
+  PKG=$1/pkg
+  export PYTHONSAFEPATH=1
+  export PYTHONPATH=$PKG:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONUNBUFFERED=1
+}
+
 # install_wheels DIR SITE: DIR's wheels into SITE; fails when they do not install.
 install_wheels() {
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

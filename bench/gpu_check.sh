@@ -47,9 +47,10 @@ export CCF_CUDA_ARCH=${CCF_CUDA_ARCH:-90a}
 CUDA_BUILD=${CCF_ENABLE_CUDA:-ON}
 CARRY=$REPO/.whl
 STATE=$(mktemp -d /tmp/ccf-gpu-check.XXXXXX)
-SITE=$STATE/site    # the carried wheels
-BUILD=$STATE/build  # CMake's tree
-PKG=$STATE/pkg      # a copy of jax_ccfuser/ with the built extensions: the tree stays untouched
+# install_wheels and cmake_build, shared with `make gpu-wheels`; staged_python, shared with
+# bench/gpu_tokamax.sh.
+source "$REPO/bench/gpu_build.sh"
+staged_python "$STATE"  # SITE, BUILD, PKG: the tree stays untouched
 if [ "$DRY" = 1 ]; then
   RESULTS=${CCF_GPU_CHECK_RESULTS:-$STATE/results}
 else
@@ -58,11 +59,6 @@ fi
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 
-# The repository's own jax_ccfuser/ (no extensions in it) must not shadow the staged copy: no
-# Python here, nor any it starts (a test's subprocess), puts the working directory on its path.
-export PYTHONSAFEPATH=1
-export PYTHONPATH=$PKG:$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
 export CCF_GPU_CHECK_DRY=$DRY
 # Images often keep the CUDA tools outside PATH, and pip's cmake and ninja beside the Python.
 for dir in /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer \
@@ -117,9 +113,6 @@ run_stage() {
   [ "$rc" = 0 ] || tail -n 15 "$STATE/${name//:/-}.log" | sed 's/^/   | /'
   return "$rc"
 }
-
-# install_wheels and cmake_build, shared with `make gpu-wheels`.
-source "$REPO/bench/gpu_build.sh"
 
 # The staged package: a copy of jax_ccfuser/ with the built extensions, and the CUDA one carried
 # in .whl/ when it fits this tree; where that one does not load here, it is built after all.
@@ -243,7 +236,8 @@ fi
 if [ "$built" != 0 ]; then
   skip benchmark "no build"
 elif [ "$DRY" = 1 ]; then
-  JAX_PLATFORMS=cpu run_stage benchmark 150 15 "$PY" -m bench.gpu --quick --out "$STATE/bench.json"
+  JAX_PLATFORMS=cpu run_stage benchmark 150 15 "$PY" -m bench.gpu --quick \
+    --out "$STATE/bench.json"
 else
   run_stage benchmark 300 15 "$PY" -m bench.gpu --out "$STATE/bench.json" \
     ${CCF_GPU_BENCH_IMPLS:+--impls "$CCF_GPU_BENCH_IMPLS"} \

@@ -23,9 +23,9 @@ if [ -z "$STATE" ] || [ ! -d "$STATE/pkg" ]; then
   echo "no package staged by bench/gpu_check.sh on this machine: run the check first" >&2
   exit 1
 fi
-source "$REPO/bench/gpu_build.sh"  # install_wheels
+source "$REPO/bench/gpu_build.sh"  # staged_python, install_wheels
+staged_python "$STATE"
 install_wheels "$REPO/.whl-tokamax" "$STATE/tokamax"
-export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
-export PYTHONPATH=$STATE/pkg:$STATE/site:$STATE/tokamax:$REPO
+export PYTHONPATH=$PYTHONPATH:$STATE/tokamax
 "$PY" -m bench.gpu --impls "${CCF_GPU_BENCH_IMPLS:-fused,tokamax,tokamax_triton,roof}" \
   --configs "${CCF_GPU_BENCH_CONFIGS:-Qwen3-30B-A3B}" --out "${OUT:-$STATE}/gpu-tokamax.json" "$@"
