@@ -26,9 +26,10 @@ __device__ bool row_pair(const GemmParams& p, int64_t row, int32_t* group, int64
 
 }  // namespace
 
-// One warp per (scratch row, slice of `columns` columns): a warp per row alone leaves the GPU
-// waiting on each warp's loads (on an H200 the backward pass then moved ~0.3 TB/s).
-template <class T>
+// One warp per (scratch row, slice of `columns` columns), kVector columns a lane at a time: a
+// warp per row alone, or a column a lane, leaves the GPU waiting on each warp's loads (on an
+// H200 the backward pass moved ~0.3 TB/s a warp per row, ~1.9 TB/s a column a lane).
+template <class T, int kVector>
 __global__ void __launch_bounds__(kTokenThreads)
     activate_rows(const __grid_constant__ RowPass q, int32_t columns) {
   const GemmParams& p = q.gemm;
@@ -38,12 +39,13 @@ __global__ void __launch_bounds__(kTokenThreads)
   if (row >= p.chunk.rows(p.tile_m) || !row_pair(p, row, &group, &pos)) return;  // warp-uniform
   const float* c = q.rows + row * (p.n + p.n_split);
   const int32_t begin = blockIdx.y * columns;
-  activate_row<T>(p, group, pos, row, begin, min(begin + columns, p.n), threadIdx.x % 32,
-                  [&](int32_t j) { return c[j]; });
+  activate_row<T, kVector>(p, group, pos, row, begin, min(begin + columns, p.n),
+                           threadIdx.x % 32,
+                           [&](int32_t j) { return Floats<kVector>::load(c + j); });
 }
 
 // The slices' partial dots are expert_gemm's N-tile partials (the combine sums them in order).
-template <class T>
+template <class T, int kVector>
 __global__ void __launch_bounds__(kTokenThreads)
     activation_backward_rows(const __grid_constant__ RowPass q, int32_t columns) {
   const GemmParams& p = q.gemm;
@@ -54,21 +56,49 @@ __global__ void __launch_bounds__(kTokenThreads)
   const float* u = q.rows + row * p.n;
   const int lane = threadIdx.x % 32;
   const int32_t begin = blockIdx.y * columns;
-  const float dot = warp_sum(activation_backward_row<T>(
-      p, group, pos, row, begin, min(begin + columns, p.n), lane, [&](int32_t j) { return u[j]; }));
+  const float dot = warp_sum(activation_backward_row<T, kVector>(
+      p, group, pos, row, begin, min(begin + columns, p.n), lane,
+      [&](int32_t j) { return Floats<kVector>::load(u + j); }));
   if (lane == 0) p.dot_partial[row * p.num_partials + blockIdx.y] = dot;
 }
 
 namespace {
 
+// Whether every row the pass reads or writes starts on a 4-column vector (16 bytes of float32,
+// 4 elements of T) and the slices are whole vectors: F % 4 == 0 (n_split is F or 0) and the
+// buffers aligned. The GPU path's F % 8 for 16-bit inputs and its 256-byte scratch regions make
+// this the rule; the scalar pass is what remains when a buffer is not.
 template <class T>
-cudaError_t launch_pass(const RowPass& q, int32_t columns, cudaStream_t stream) {
+bool vector_rows(const RowPass& q, int32_t columns) {
+  const GemmParams& p = q.gemm;
+  const int64_t t4 = 4 * sizeof(T);
+  bool ok = p.n % 4 == 0 && columns % 4 == 0 && aligned_to(q.rows, 16) &&
+            (p.kept == nullptr || aligned_to(p.kept, 16));
+  if (p.epilogue == Epilogue::kActivation) {
+    ok &= p.out_ld % 4 == 0 && aligned_to(p.out, t4);
+  } else {
+    ok &= aligned_to(p.h, 16) && aligned_to(p.dh, t4) && aligned_to(p.aw, t4);
+  }
+  return ok;
+}
+
+template <class T, int kVector>
+void launch_rows(const RowPass& q, int32_t columns, cudaStream_t stream) {
   const dim3 blocks(token_blocks(q.gemm.chunk.rows(q.gemm.tile_m)),
                     (q.gemm.n + columns - 1) / columns);
   if (q.gemm.epilogue == Epilogue::kActivation) {
-    activate_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q, columns);
+    activate_rows<T, kVector><<<blocks, kTokenThreads, 0, stream>>>(q, columns);
   } else {
-    activation_backward_rows<T><<<blocks, kTokenThreads, 0, stream>>>(q, columns);
+    activation_backward_rows<T, kVector><<<blocks, kTokenThreads, 0, stream>>>(q, columns);
+  }
+}
+
+template <class T>
+cudaError_t launch_pass(const RowPass& q, int32_t columns, cudaStream_t stream) {
+  if (vector_rows<T>(q, columns)) {
+    launch_rows<T, 4>(q, columns, stream);
+  } else {
+    launch_rows<T, 1>(q, columns, stream);
   }
   return cudaGetLastError();
 }

@@ -7,7 +7,6 @@
 #include <cmath>
 
 #include <cute/config.hpp>
-#include <cutlass/array.h>
 #include <cutlass/numeric_types.h>
 
 #include "cuda/api.cuh"
@@ -17,16 +16,6 @@
 #include "cuda/token_grid.cuh"
 
 namespace ccf::cuda {
-
-// kVector consecutive floats, moved as one access (16 bytes for 4).
-template <int kVector>
-struct alignas(4 * kVector) Floats {
-  float v[kVector] = {};
-  __device__ __forceinline__ static Floats load(const float* from) {
-    return *reinterpret_cast<const Floats*>(from);
-  }
-  __device__ __forceinline__ void store(float* to) const { *reinterpret_cast<Floats*>(to) = *this; }
-};
 
 // kVector: floats a lane moves at a time (4 where H and every row and slot start allow 16-byte
 // accesses, else 1); the sums are the same either way.
@@ -169,10 +158,7 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
         for (int i = 0; i < kVector; ++i) sum.v[i] += slot.v[i];
       }
     }
-    cutlass::AlignedArray<T, kVector> cast;
-    CUTE_UNROLL
-    for (int i = 0; i < kVector; ++i) cast[i] = T(sum.v[i]);
-    *reinterpret_cast<cutlass::AlignedArray<T, kVector>*>(out + h) = cast;
+    sum.template store_as<T>(out + h);
   }
   if (p.d_weights != nullptr) {
     for (int32_t k = lane; k < p.top_k; k += 32) {

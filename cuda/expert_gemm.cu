@@ -305,12 +305,12 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
         if constexpr (serves<kA, kB>(Epilogue::kActivation)) {
           // Gate column j at tile column j - base, up column n_split + j beside it, cols on.
           const int32_t cols = columns_per_tile<kTileN>(p), base = tile.n_tile * cols;
-          activate_row<T>(p, tile.group, pos, srow, base, min(base + cols, p.n), lane,
-                          [&](int32_t j) {
-                            return p.n_split != 0 && j >= p.n_split
-                                       ? sC(r, j - p.n_split - base + cols)
-                                       : sC(r, j - base);
-                          });
+          activate_row<T, 1>(p, tile.group, pos, srow, base, min(base + cols, p.n), lane,
+                             [&](int32_t j) {
+                               return Floats<1>{{p.n_split != 0 && j >= p.n_split
+                                                     ? sC(r, j - p.n_split - base + cols)
+                                                     : sC(r, j - base)}};
+                             });
         }
         break;
       case Epilogue::kStoreF32:
@@ -321,9 +321,9 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
       case Epilogue::kActivationBackward:
         if constexpr (serves<kA, kB>(Epilogue::kActivationBackward)) {
           const int32_t base = tile.n_tile * kTileN;
-          const float dot = warp_sum(activation_backward_row<T>(
+          const float dot = warp_sum(activation_backward_row<T, 1>(
               p, tile.group, pos, srow, base, min(base + kTileN, p.n), lane,
-              [&](int32_t j) { return sC(r, j - base); }));
+              [&](int32_t j) { return Floats<1>{{sC(r, j - base)}}; }));
           if (lane == 0) p.dot_partial[srow * p.num_partials + tile.n_tile] = dot;
         }
         break;

@@ -2,7 +2,8 @@
 // what GEMM1 and the backward's u GEMM do with one pair's float32 row. The row functions serve
 // expert_gemm.cu (fused, reading the accumulator tile in shared memory) and activation.cu
 // (a pass over the float32 rows Hopper's grouped GEMMs wrote), so both round alike. One warp per
-// row; `at(j)` reads column j of the row's C (columns [j_begin, j_end)).
+// row, kVector consecutive columns a lane at a time: `at(j)` reads columns [j, j + kVector) of
+// the row's C as Floats<kVector>, and [j_begin, j_end) is whole vectors (Floats' alignment too).
 #pragma once
 
 #include <cstdint>
@@ -44,7 +45,7 @@ __device__ __forceinline__ int64_t kept_index(const GemmParams& p, int32_t group
 
 // GEMM1: a = act(h) (gated: act(gate) * up, gate column j and up column n_split + j of h) into
 // out[srow, j] in the input dtype, and h itself into the kept rows where the pair keeps it.
-template <class T, class At>
+template <class T, int kVector, class At>
 __device__ __forceinline__ void activate_row(const GemmParams& p, int32_t group, int64_t pos,
                                              int64_t srow, int32_t j_begin, int32_t j_end,
                                              int lane, At at) {
@@ -52,21 +53,27 @@ __device__ __forceinline__ void activate_row(const GemmParams& p, int32_t group,
   T* out = static_cast<T*>(p.out) + srow * p.out_ld;
   const int64_t kept = kept_index(p, group, pos);
   float* keep = kept >= 0 ? p.kept + kept * (p.n + p.n_split) : nullptr;
-  for (int32_t j = j_begin + lane; j < j_end; j += 32) {
-    const float gate = at(j);
-    const float up = p.n_split != 0 ? at(p.n_split + j) : 1.0f;
-    out[j] = T(p.n_split != 0 ? ActForward(act, gate) * up : ActForward(act, gate));
-    if (keep != nullptr) {
-      keep[j] = gate;
-      if (p.n_split != 0) keep[p.n_split + j] = up;
+  for (int32_t j = j_begin + lane * kVector; j < j_end; j += 32 * kVector) {
+    const Floats<kVector> gate = at(j);
+    Floats<kVector> a;
+    if (p.n_split != 0) {
+      const Floats<kVector> up = at(p.n_split + j);
+      CUTE_UNROLL
+      for (int i = 0; i < kVector; ++i) a.v[i] = ActForward(act, gate.v[i]) * up.v[i];
+      if (keep != nullptr) up.store(keep + p.n_split + j);
+    } else {
+      CUTE_UNROLL
+      for (int i = 0; i < kVector; ++i) a.v[i] = ActForward(act, gate.v[i]);
     }
+    a.template store_as<T>(out + j);
+    if (keep != nullptr) gate.store(keep + j);
   }
 }
 
 // The backward's u = dy @ w_out^T, columns [j_begin, j_end) of pair `pos`'s row: with a = act(h)
 // from the kept or the recomputed h, writes w*a and dh, and returns the lane's part of the
 // row's dot(a, u) (a rounded to the input dtype, as the forward multiplies it into w_out).
-template <class T, class At>
+template <class T, int kVector, class At>
 __device__ __forceinline__ float activation_backward_row(const GemmParams& p, int32_t group,
                                                          int64_t pos, int64_t srow,
                                                          int32_t j_begin, int32_t j_end,
@@ -82,23 +89,31 @@ __device__ __forceinline__ float activation_backward_row(const GemmParams& p, in
   T* dh = static_cast<T*>(p.dh) + srow * gf;
   T* aw = static_cast<T*>(p.aw) + srow * f;
   float dot = 0.0f;
-  for (int32_t j = j_begin + lane; j < j_end; j += 32) {
-    const float u = at(j);
-    const float da = w * u;
-    float a;
-    if (p.gated) {
-      const float gate = h[j], up = h[f + j];
-      const float act_gate = ActForward(act, gate);
-      a = act_gate * up;
-      dh[j] = T(da * up * ActDerivative(act, gate));
-      dh[f + j] = T(da * act_gate);
-    } else {
-      a = ActForward(act, h[j]);
-      dh[j] = T(da * ActDerivative(act, h[j]));
+  for (int32_t j = j_begin + lane * kVector; j < j_end; j += 32 * kVector) {
+    const Floats<kVector> u = at(j);
+    const Floats<kVector> gate = Floats<kVector>::load(h + j);
+    const Floats<kVector> up = p.gated ? Floats<kVector>::load(h + f + j) : Floats<kVector>{};
+    Floats<kVector> d_gate, d_up, a_w;
+    CUTE_UNROLL
+    for (int i = 0; i < kVector; ++i) {
+      const float da = w * u.v[i];
+      float a;
+      if (p.gated) {
+        const float act_gate = ActForward(act, gate.v[i]);
+        a = act_gate * up.v[i];
+        d_gate.v[i] = da * up.v[i] * ActDerivative(act, gate.v[i]);
+        d_up.v[i] = da * act_gate;
+      } else {
+        a = ActForward(act, gate.v[i]);
+        d_gate.v[i] = da * ActDerivative(act, gate.v[i]);
+      }
+      const float a_rounded = static_cast<float>(T(a));
+      a_w.v[i] = w * a_rounded;
+      dot += a_rounded * u.v[i];
     }
-    const float a_rounded = static_cast<float>(T(a));
-    aw[j] = T(w * a_rounded);
-    dot += a_rounded * u;
+    d_gate.template store_as<T>(dh + j);
+    if (p.gated) d_up.template store_as<T>(dh + f + j);
+    a_w.template store_as<T>(aw + j);
   }
   return dot;
 }
