@@ -19,8 +19,8 @@ SOURCE_SUFFIXES = (".cc", ".cu")
 HEADER_SUFFIXES = (".h", ".cuh")
 # Build outputs, environments and caches: nothing in them is the project's own source.
 NOT_SOURCE = {"build", "demo_out"}
-# Host programs that a test compiles itself (test_gemm_layouts), not parts of the extension.
-TEST_PROGRAMS = {"tests/gemm_layouts.cu"}
+# Host programs that a test compiles itself (test_device_code_on_host), not parts of the extension.
+TEST_PROGRAMS = {"tests/gemm_layouts.cu", "tests/pair_rows.cu"}
 NATIVE_FILE = re.compile(r'"([\w./-]+\.(?:cc|cu|h|cuh))"')
 
 

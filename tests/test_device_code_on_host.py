@@ -1,11 +1,12 @@
-"""expert_gemm's configurations checked on the host (tests/gemm_layouts.cu): every copy moves each
-element where its kernel expects it, ldmatrix's exchange between lanes simulated as PTX defines
-it. The kernels cannot run without a GPU; their layouts can be evaluated anywhere the CUDA
-toolkit's and CUTLASS's headers are.
+"""The CUDA path's device code checked on the host, where no GPU runs its kernels but the CUDA
+toolkit's and CUTLASS's headers compile it: expert_gemm's configurations (tests/gemm_layouts.cu:
+every copy moves each element where its kernel expects it, ldmatrix's exchange between lanes
+simulated as PTX defines it) and the activation passes' row functions (tests/pair_rows.cu: four
+columns a lane give the bytes one column a lane and the formula give).
 
-The check is host code only, so the host compiler builds it from the toolkit's headers: nvcc
-would add a device pass over every CuTe template it instantiates (155 s against 65 s on 2
-cores, for the same verdicts)."""
+The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
+would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
+cores for the layouts, for the same verdicts)."""
 
 import os
 import pathlib
@@ -45,19 +46,33 @@ def _cutlass_include():
   return include if (include / "cute" / "tensor.hpp").is_file() else None
 
 
-@pytest.mark.slow
-def test_every_configuration_moves_each_element_where_its_mma_reads_it(tmp_path):
+def _run_host_check(name, tmp_path, optimize="-O0"):
+  """Builds tests/<name>.cu as host C++ and runs it; returns its output, which ends in its count
+  of errors."""
   cuda, include, cxx = _cuda_includes(), _cutlass_include(), shutil.which("c++")
   if not cuda or include is None or cxx is None:
     pytest.skip("needs a C++ compiler, the CUDA toolkit's and the nvidia-cutlass headers, as "
                 "the CUDA build does")
-  binary = tmp_path / "gemm_layouts"
-  subprocess.run([cxx, "-std=c++17", "-O0", "-x", "c++", f"-I{REPO}", f"-I{include}",
+  binary = tmp_path / name
+  subprocess.run([cxx, "-std=c++17", optimize, "-x", "c++", f"-I{REPO}", f"-I{include}",
                   *(f"-I{path}" for path in cuda), "-o", str(binary),
-                  str(REPO / "tests" / "gemm_layouts.cu")], check=True, capture_output=True)
+                  str(REPO / "tests" / f"{name}.cu")], check=True, capture_output=True)
   run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr
-  verdicts = [line for line in run.stdout.splitlines() if line.endswith(": ok")]
-  # bfloat16, float16, float32 as TF32 and float32, each for its three operand layouts.
-  assert len(verdicts) == 12, run.stdout
   assert run.stdout.splitlines()[-1] == "errors: 0"
+  return run.stdout
+
+
+@pytest.mark.slow
+def test_every_configuration_moves_each_element_where_its_mma_reads_it(tmp_path):
+  out = _run_host_check("gemm_layouts", tmp_path)
+  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+  # bfloat16, float16, float32 as TF32 and float32, each for its three operand layouts.
+  assert len(verdicts) == 12, out
+
+
+def test_activation_rows_in_vectors_match_one_column_a_lane_and_the_formula(tmp_path):
+  out = _run_host_check("pair_rows", tmp_path)
+  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+  # Every activation at F = 768, 200 and 1032.
+  assert len(verdicts) == 5 * 3, out
