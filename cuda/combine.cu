@@ -151,11 +151,18 @@ __global__ void __launch_bounds__(kTokenThreads) combine_slots(const CombinePara
       CUTE_UNROLL
       for (int i = 0; i < kVector; ++i) sum.v[i] = NAN;
     } else if (num_used > 0) {
-      sum = Floats<kVector>::load(slots + h);
-      for (int32_t s = 1; s < num_used; ++s) {
-        const Floats<kVector> slot = Floats<kVector>::load(slots + int64_t{s} * p.hidden + h);
+      // Every slot's load goes out before the first add, so the adds wait on one round of
+      // loads, not one per slot; they then run in slot order.
+      Floats<kVector> slot[kMaxPeers];
+      CUTE_UNROLL
+      for (int32_t s = 0; s < kMaxPeers; ++s)
+        if (s < num_used) slot[s] = Floats<kVector>::load(slots + int64_t{s} * p.hidden + h);
+      sum = slot[0];
+      CUTE_UNROLL
+      for (int32_t s = 1; s < kMaxPeers; ++s) {
+        if (s >= num_used) break;
         CUTE_UNROLL
-        for (int i = 0; i < kVector; ++i) sum.v[i] += slot.v[i];
+        for (int i = 0; i < kVector; ++i) sum.v[i] += slot[s].v[i];
       }
     }
     sum.template store_as<T>(out + h);
