@@ -134,11 +134,25 @@ __device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
     t.expert = p.group_expert[t.group];
     t.pair_begin = p.group_begin[t.group];
     t.m_extent = p.m;
-    if (!reduction_range<kTileM>(p, t) ||
-        (p.skip_rows && p.tile_offset[t.group] != p.tile_offset[t.group + 1]))
-      t.expert = -1;
+    if (!reduction_range<kTileM>(p, t)) t.expert = -1;
   }
   return t;
+}
+
+// The CTA's first unit from `unit` on (in steps of the grid) that the launch may compute: with
+// skip_rows, one of a group without rows. A weight gradient's units are group-major, so the CTA
+// steps over a group with rows (the grouped GEMMs' work) at once instead of decoding each unit.
+template <int kTileM, int kTileN>
+__device__ __forceinline__ int64_t next_unit(const GemmParams& p, int64_t unit, int64_t units) {
+  if (!p.skip_rows) return unit;
+  const int64_t per_group = int64_t{ceil_div(p.m, kTileM)} * ceil_div(p.n, kTileN);
+  while (unit < units) {
+    const int64_t group = unit / per_group;
+    if (p.tile_offset[group] == p.tile_offset[group + 1]) break;
+    const int64_t next_group = (group + 1) * per_group;
+    unit += (next_group - unit + gridDim.x - 1) / gridDim.x * gridDim.x;
+  }
+  return unit;
 }
 
 // The source of a kPairRows tile's rows, or kSpanningSources: a group's rows are in (source,
@@ -432,7 +446,8 @@ __global__ void __launch_bounds__(Config::kThreads)
   constexpr int kBlocksK = decltype(size<2>(tCrA))::value;
 
   const int64_t units = num_units<kTileM, kTileN>(p);
-  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+  for (int64_t unit = next_unit<kTileM, kTileN>(p, blockIdx.x, units); unit < units;
+       unit = next_unit<kTileM, kTileN>(p, unit + gridDim.x, units)) {
     const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
     if (tile.expert < 0) continue;  // another device's group: the same for the whole CTA
     if (p.only_source != kAllSources && tile_source<kTileM>(p, tile) != p.only_source) continue;
