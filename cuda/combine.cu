@@ -82,12 +82,19 @@ __global__ void __launch_bounds__(kTokenThreads)
         offset = (pair_rows[k] - p.pairs.row_begin) * p.hidden;
       };
       if (lane < run) lookup(n0 + lane, lane_weight, lane_offset);
-      // The whole warp runs every step (the shuffles need all 32 lanes); lanes past H idle.
-      for (int32_t h0 = 0; h0 < p.hidden; h0 += 32 * kVector) {
-        const int32_t h = h0 + lane * kVector;
-        const bool inside = h < p.hidden;
-        Floats<kVector> sum =
-            inside && earlier ? Floats<kVector>::load(dst + h) : Floats<kVector>{};
+      // The whole warp runs every step (the shuffles need all 32 lanes); lanes past H idle. A
+      // step covers kSpans spans of the warp's 32 * kVector columns, whose loads go out
+      // together: a span at a time, each span's loads waited behind the last span's store.
+      // Every column's sum runs in the same order either way.
+      constexpr int kSpans = 4;
+      constexpr int32_t kSpan = 32 * kVector;
+      for (int32_t h0 = 0; h0 < p.hidden; h0 += kSpans * kSpan) {
+        Floats<kVector> sum[kSpans];
+        CUTE_UNROLL
+        for (int u = 0; u < kSpans; ++u) {
+          const int32_t h = h0 + u * kSpan + lane * kVector;
+          if (h < p.hidden && earlier) sum[u] = Floats<kVector>::load(dst + h);
+        }
         for (int32_t n = n0; n < n1; ++n) {
           float weight;
           int64_t offset;
@@ -97,12 +104,20 @@ __global__ void __launch_bounds__(kTokenThreads)
           } else {
             lookup(n, weight, offset);
           }
-          if (!inside) continue;
-          const Floats<kVector> row = Floats<kVector>::load(p.rows + offset + h);
           CUTE_UNROLL
-          for (int i = 0; i < kVector; ++i) sum.v[i] += weight * row.v[i];
+          for (int u = 0; u < kSpans; ++u) {
+            const int32_t h = h0 + u * kSpan + lane * kVector;
+            if (h >= p.hidden) continue;
+            const Floats<kVector> row = Floats<kVector>::load(p.rows + offset + h);
+            CUTE_UNROLL
+            for (int i = 0; i < kVector; ++i) sum[u].v[i] += weight * row.v[i];
+          }
         }
-        if (inside) sum.store(dst + h);
+        CUTE_UNROLL
+        for (int u = 0; u < kSpans; ++u) {
+          const int32_t h = h0 + u * kSpan + lane * kVector;
+          if (h < p.hidden) sum[u].store(dst + h);
+        }
       }
     }
     if (p.dot_partial != nullptr) {
