@@ -296,8 +296,11 @@ def test_gpu_benchmark_document(tmp_path):
                                                       "ragged_dot", "tokamax", "all_to_all",
                                                       "all_to_all_cf1.25"}
   errors = record["fused_forward_relative_error_vs"]
-  assert set(errors) == {"fused_hidden", "fused_fetch_sms0", "ragged_dot", "tokamax",
-                         "all_to_all"}
+  # Every program of the same layer: all_to_all_cf1.25 where its capacity dropped no row.
+  same_layer = {"fused_hidden", "fused_fetch_sms0", "ragged_dot", "tokamax", "all_to_all"}
+  if record["impls"]["all_to_all_cf1.25"]["dropped_fraction"] == 0.0:
+    same_layer.add("all_to_all_cf1.25")
+  assert set(errors) == same_layer
   # Keeping h and the SMs a GEMM runs on change no bit of the forward.
   assert errors["fused_hidden"] == errors["fused_fetch_sms0"] == 0.0
   assert max(errors.values()) < 2e-2  # bfloat16
