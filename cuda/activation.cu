@@ -28,7 +28,8 @@ __device__ bool row_pair(const GemmParams& p, int64_t row, int32_t* group, int64
 
 // One warp per (scratch row, slice of `columns` columns), kVector columns a lane at a time: a
 // warp per row alone, or a column a lane, leaves the GPU waiting on each warp's loads (on an
-// H200 the backward pass moved ~0.3 TB/s a warp per row, ~1.9 TB/s a column a lane).
+// H200 the backward pass moved ~0.3 TB/s a warp per row; a column a lane, its bytes over its
+// time at Qwen3-30B-A3B's shape come to ~1.9 TB/s).
 template <class T, int kVector>
 __global__ void __launch_bounds__(kTokenThreads)
     activate_rows(const __grid_constant__ RowPass q, int32_t columns) {
