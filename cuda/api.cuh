@@ -95,31 +95,37 @@
 // reads the buffers of the device that gave up (XLA may have reused them); the scatter skips a
 // source whose flag already reads kAbortFlag, which narrows this but does not close it.
 //
-// NOT RUN: this code was written and compiled (nvcc 13.0, sm_90a and sm_80) on a machine without
-// a GPU. No kernel here has ever executed: correctness, the memory ordering of the peer barrier,
-// performance and the occupancy/shared-memory settings are all unverified.
+// WHAT HAS RUN: on one H200 (sm_90a; five checks on 2026-12-04, the last at 5979eba, their
+// figures in bench/results/) every emulated test of tests/test_cuda.py passed (1, 2 and 8
+// emulated peers, source phases, chunks, plans, the SM80 kernels beside the grouped GEMMs) and
+// memcheck, racecheck and synccheck found nothing. NOT RUN: anything across two or more GPUs
+// (peer reads, the barrier's memory ordering between devices, CUDA IPC workspaces), an sm_80
+// GPU, and what changed since 5979eba: the weight gradients' carried groups on CUTLASS
+// (CarryGemm, finish_carry), the staging no longer zeroed, the row passes' four-column vectors
+// and batched loads (activation, scatter, combine), expert_gemm stepping over groups with rows,
+// the kept-h backward on a GPU and one GPU as a group of one (their tests are new).
 //
-// GPU check for the dispatch and its source phases (never run): tests/test_cuda.py's emulated
-// cases run the same phases as real peers (side stream, an event per source, GEMMs filtered by
-// tile_source), so on one GPU they check that no tile is computed twice or skipped (a wrong
-// phase split shows as a wrong or NaN row against reference_moe) and that results are bitwise
+// GPU check for the dispatch and its source phases (the emulated ones passed): tests/test_cuda.py's
+// emulated cases run the same phases as real peers (side stream, an event per source, GEMMs
+// filtered by tile_source), so on one GPU they check that no tile is computed twice or skipped (a
+// wrong phase split shows as a wrong or NaN row against reference_moe) and that results are bitwise
 // repeatable; then time bench/gpu.py's `fused` and, with Nsight Systems where it works, see the
-// fetch kernels of one source run beside the GEMMs of the previous one (they share the SMs
-// only where the GEMM grid leaves room: the persistent grid takes every SM it can fill).
+// fetch kernels of one source run beside the GEMMs of the previous one (they share the SMs only
+// where the GEMM grid leaves room: the persistent grid takes every SM it can fill).
 //
-// GPU check for the grouped GEMMs (the pair-row GEMMs passed every test on an H200 at 061ef87;
-// the weight gradients' never ran): on an H100/H200 every test of tests/test_cuda.py runs them
-// (16-bit dtypes); test_emulated_sm80_kernels_match_grouped_gemms runs the SM80 kernels beside
-// them (JAX_CCFUSER_GROUPED_GEMMS=0 in a fresh process). What can go wrong first in the weight
-// gradients: can_implement refusing the M-major A (TMA: 16-byte row pitches and bases), the
-// problem table (a group whole in the chunk: M, N fixed, K = its rows; M = 0 for the others,
-// whose tiles expert_gemm keeps), a group with K = 0 reaching wgmma (it stores an uninitialised
-// accumulator; none should), the workspace size. bench/gpu_check.sh's memcheck run watches
-// CUTLASS's kernels too (the bounds our problem tables give their TMA); racecheck, synccheck and
-// initcheck keep to our namespace (mangled "3ccf"). Then time bench/gpu.py with and without
-// them, and bench/kernels.py for expert_gemm's share of the backward.
+// GPU check for the grouped GEMMs (every test passed on an H200 at 5979eba, the weight gradients of
+// groups that cross a chunk edge then still on the SM80 kernels): on an H100/H200 every test of
+// tests/test_cuda.py runs them (16-bit dtypes); test_emulated_sm80_kernels_match_grouped_gemms runs
+// the SM80 kernels beside them (JAX_CCFUSER_GROUPED_GEMMS=0 in a fresh process). What can go wrong
+// first in the weight gradients: can_implement refusing the M-major A (TMA: 16-byte row pitches and
+// bases), the problem table (a group whole in the chunk: M, N fixed, K = its rows; M = 0 for the
+// others, whose tiles expert_gemm keeps), a group with K = 0 reaching wgmma (it stores an
+// uninitialised accumulator; none should), the workspace size. bench/gpu_check.sh's memcheck run
+// watches CUTLASS's kernels too (the bounds our problem tables give their TMA); racecheck,
+// synccheck and initcheck keep to our namespace (mangled "3ccf"). Then time bench/gpu.py with and
+// without them, and bench/kernels.py for expert_gemm's share of the backward.
 //
-// GPU check for chunks (the emulated ones passed on an H200 at 061ef87): tests/test_cuda.py's
+// GPU check for chunks (the emulated ones passed on an H200, last at 5979eba): tests/test_cuda.py's
 // chunk tests compare budgets of one and of a few tiles per chunk with one chunk (emulated, with
 // a plan, and over every GPU; bitwise but for Hopper's grouped weight gradients):
 // a wrong row window shows as a wrong row, a lost or doubled carry as a wrong weight gradient,
@@ -127,12 +133,12 @@
 // workload runs a one-tile-chunk call too (the windows' bounds under memcheck). Then time a
 // skewed layer under a budget of about one balanced load against one chunk.
 //
-// GPU check for residuals="hidden" (never run): `JAX_PLATFORMS=cuda pytest
-// tests/test_residuals.py` (one GPU runs the one-device and emulated cases) compares forward and
-// gradients bitwise with the recomputing backward. That holds if GEMM1's epilogue sees the same
-// float32 accumulator as the backward's h GEMM for each (pair, column): both sum over K in the
-// same k-tiles and MMAs, only the columns sit at other places in the tile. Then time the
-// backward of both (bench/residuals.py's settings over fused_moe_emulated).
+// GPU check for residuals="hidden" (never run; tests/test_cuda.py's kept-h test is new):
+// `JAX_PLATFORMS=cuda pytest tests/test_residuals.py` (one GPU runs the one-device and emulated
+// cases) compares forward and gradients bitwise with the recomputing backward. That holds if
+// GEMM1's epilogue sees the same float32 accumulator as the backward's h GEMM for each (pair,
+// column): both sum over K in the same k-tiles and MMAs, only the columns sit at other places in
+// the tile. Then time the backward of both (bench/residuals.py's settings over fused_moe_emulated).
 //
 // GPU checklist for peers in other processes (CUDA IPC workspaces, also never run):
 //   - Two processes under jax.distributed on one machine, each owning one GPU
