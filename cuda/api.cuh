@@ -500,7 +500,8 @@ struct RowPass {
   GemmParams gemm;
   const float* rows;
 };
-cudaError_t activation_pass(DType dtype, const RowPass& pass, cudaStream_t stream);
+// `num_sms`: the SMs its grid fills once (the GEMM's), its warps then walking the chunk's rows.
+cudaError_t activation_pass(DType dtype, const RowPass& pass, int num_sms, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // combine.cu

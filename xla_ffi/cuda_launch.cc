@@ -164,7 +164,7 @@ void LaunchPairRows(const char* what, const Call& c, const DeviceState& me, int 
   });
   if (fused)
     launcher.Run("activation pass",
-                 [&] { return cuda::activation_pass(dtype, {params, rows}, stream); });
+                 [&] { return cuda::activation_pass(dtype, {params, rows}, sms, stream); });
 }
 
 // A weight gradient's launches in one chunk. With a carry, the group that began in an earlier
