@@ -62,7 +62,7 @@ class Node:
   fused_efficiency: float = 1.0  # fused kernel's GEMM rate / R (gathered A-operand loads)
   sms: int = 132            # SMs per GPU (H100 and H200 SXM)
   fetch_sms: int = 16       # of them kept for the fetch (jax_ccfuser.fetch_sms's default: 1/8)
-  phase_rows: int = 512     # T*K/E from which the GEMMs run in source phases (the CUDA handler's)
+  phase_rows: int = 512     # T*K/E from which the GEMMs run in source phases (kPhaseRows)
   basis: str = "nominal"    # where the rates come from, for the README
 
   def __post_init__(self):

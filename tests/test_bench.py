@@ -14,7 +14,7 @@ from bench import model, records, report, run
 from bench.problem import Config, make_inputs
 from bench.programs import CPU_IMPLS, GPU_IMPLS, _dropped_share, gpu_programs
 from bench.ragged import ragged_dot_moe, tokamax_ragged_dot
-from jax_ccfuser import reference_moe
+from jax_ccfuser import _extension, reference_moe
 from moe_cases import assert_close
 
 
@@ -110,6 +110,13 @@ def test_dropped_share_follows_the_capacity_rule():
 _NODE = model.Node(name="2xtoy", devices=2, gemm_tflops=1.0, hbm_gbps=1000.0, link_gbps=100.0,
                    link_latency_us=0.0, collective_latency_us=0.0, phase_rows=500)
 _LAYER = model.Layer("toy", tokens=1000, hidden=1000, ffn=1000, experts=2, k=1)
+
+
+def test_model_runs_phases_from_the_cuda_handlers_threshold():
+  cuda = _extension.cuda
+  if cuda is None:
+    pytest.skip("built without the CUDA extension")
+  assert model.Node.__dataclass_fields__["phase_rows"].default == cuda.phase_rows
 
 
 def test_model_hand_computed_example():

@@ -105,6 +105,11 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena);
 // the forward's or backward's scratch.
 int64_t SizeChunks(Call* c, int64_t budget, bool backward);
 
+// The rows an expert gets from each source on average (T*K/E) from which the GEMMs run in source
+// phases (cuda_launch.cc, SourcePhasesPay, says why). bench/model.py states the same threshold
+// (Node.phase_rows); a test holds the two together.
+inline constexpr int64_t kPhaseRows = 512;
+
 // Stages, starts (barrier), computes, scatters, ends (barrier) and combines one forward call.
 void RunForward(const Call& c, DeviceState& me, const ForwardScratch& s, const ScalarS32& rank,
                 const ScalarS32& group, void* y, cudaStream_t stream, Launcher& launcher);

@@ -66,6 +66,8 @@ NB_MODULE(_ccfuser_cuda, m) {
       nb::arg("tokens"), nb::arg("hidden"), nb::arg("k"), nb::arg("slots"), nb::arg("x_bytes"),
       nb::arg("weights_bytes"), nb::arg("backward"),
       "Bytes of one device's region of a call site in the CUDA IPC workspaces.");
+  // For bench/model.py's test: the threshold its model of the source phases states.
+  m.attr("phase_rows") = ccf::kPhaseRows;
   m.def(
       "scratch_bytes",
       [](int num_devices, int64_t tokens, int64_t hidden, int64_t ffn, int64_t k,
