@@ -15,10 +15,11 @@
 namespace ccf::cuda {
 namespace {
 
-// Scratch row `row` of the chunk, before the list's end: its group and list position; false for
-// a row that holds no pair of this pass (a tile's padding, or from another source).
-__device__ bool row_pair(const GemmParams& p, int64_t row, int32_t* group, int64_t* pos) {
-  const int64_t tile = p.chunk.first_tile() + row / p.tile_m;
+// Scratch row `row` of the chunk, in M-tile `tile` of the list (before its end): its group and
+// list position; false for a row that holds no pair of this pass (a tile's padding, or from
+// another source).
+__device__ bool row_pair(const GemmParams& p, int64_t row, int64_t tile, int32_t* group,
+                         int64_t* pos) {
   const int32_t g = group_of_tile(p, tile);
   const int64_t index = (tile - p.tile_offset[g]) * p.tile_m + row % p.tile_m;
   if (p.group_expert[g] < 0 || index >= p.group_end[g] - p.group_begin[g]) return false;
@@ -39,10 +40,11 @@ __device__ __forceinline__ void for_each_row_slice(const GemmParams& p, int32_t 
   const int64_t warps = int64_t{gridDim.x} * kTokenWarps;
   for (int64_t item = warp_token(); item < items; item += warps) {
     const int64_t row = item / slices;
-    if (p.chunk.first_tile() + row / p.tile_m >= p.tile_offset[p.num_groups]) return;
+    const int64_t tile = p.chunk.first_tile() + row / p.tile_m;
+    if (tile >= p.tile_offset[p.num_groups]) return;
     int32_t group;
     int64_t pos;
-    if (row_pair(p, row, &group, &pos))
+    if (row_pair(p, row, tile, &group, &pos))
       body(row, static_cast<int32_t>(item - row * slices), group, pos);
   }
 }

@@ -250,7 +250,6 @@ void FetchRows(const Call& c, const cuda::WorkList& list, cuda::Chunk chunk,
 // FLOPs. Fewer rows: one phase, after every source's rows are in (the fetch then hides behind
 // nothing). JAX_CCFUSER_SOURCE_PHASES=1 asks for phases whatever the shape, =0 for none (the
 // tests run both; the results are bitwise alike).
-
 bool SourcePhasesPay(const MoeDims& d) {
   const char* env = std::getenv("JAX_CCFUSER_SOURCE_PHASES");
   const std::string asked = env != nullptr ? env : "";
