@@ -375,7 +375,8 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     w_in: `[E_local, H, 2F]` for gated activations (gate half first), `[E_local, H, F]`
       otherwise; device d owns experts `d * E_local ... (d + 1) * E_local - 1`.
     w_out: `[E_local, F, H]`.
-    axis_name: the expert-parallel mesh axis of the enclosing `shard_map`, or `None` when one
+    axis_name: the expert-parallel mesh axis of the enclosing `shard_map`, which must be manual
+      over every mesh axis of size > 1 (the others number the groups), or `None` when one
       device holds all experts.
     activation: "swiglu", "geglu", "gelu" (exact erf form), "relu" or "silu".
     plan: `None`, or a plan from `jax_ccfuser.reassign` for the same `expert_ids` (across
@@ -399,6 +400,7 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   """
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
+  _topology.check_every_axis_manual(axis_name)
   split = _topology.split(axis_name, dims.num_devices)
   if _topology.platform(split) == "gpu":
     check_gpu_limits(dims, x.dtype)

@@ -70,6 +70,22 @@ def _process_hosts(kind: str) -> np.ndarray:
   return np.unique(np.asarray(names), return_inverse=True)[1]
 
 
+def check_every_axis_manual(axis_name) -> None:
+  """Refuses a `shard_map` that leaves a mesh axis of size > 1 to XLA (`axis_names` short of the
+  mesh's): a device's place in a `fused_moe` call is its rank on `axis_name` and its group over
+  the other manual axes, so the devices along an axis left to XLA would each run the same group
+  and meet as one, in the same memory."""
+  if axis_name is None:
+    return
+  abstract = jax.sharding.get_abstract_mesh()
+  left = [n for n, t in zip(abstract.axis_names, abstract.axis_types)
+          if t != AxisType.Manual and abstract.shape[n] > 1]
+  if left:
+    raise ValueError(f"fused_moe needs a shard_map that is manual over every mesh axis of size "
+                     f"> 1; {left} are not (leave shard_map's axis_names unset, or name them "
+                     f"too)")
+
+
 def _group_devices(axis_name) -> np.ndarray:
   """The concrete devices of every expert-parallel group, `[G, D]`, as `fused_moe` ranks them."""
   abstract = jax.sharding.get_abstract_mesh()
@@ -79,12 +95,9 @@ def _group_devices(axis_name) -> np.ndarray:
     raise ValueError(
         "fused_moe across processes must know where each device of the mesh lives: trace it "
         "under `jax.set_mesh(mesh)` with the mesh of the enclosing shard_map")
+  check_every_axis_manual(axis_name)
   ep_axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
   manual = [n for n, t in zip(abstract.axis_names, abstract.axis_types) if t == AxisType.Manual]
-  auto = [n for n in abstract.axis_names if n not in manual and abstract.shape[n] > 1]
-  if auto:
-    raise ValueError(f"fused_moe across processes needs a shard_map over every mesh axis of "
-                     f"size > 1; {auto} are not manual")
   # Groups are numbered over the other manual axes in mesh order, ranks over `axis_name`.
   others = [n for n in manual if n not in ep_axes]
   order = [abstract.axis_names.index(n) for n in others + list(ep_axes)]

@@ -311,3 +311,24 @@ def test_mesh_with_data_axis_forms_independent_groups():
                                  out_specs=spec_tok))(x, ids, weights, w_in, w_out)
 
   assert_close(run(ccf.fused_moe), run(ccf.reference_moe), jnp.float32)
+
+
+@pytest.mark.parametrize("data", [2, 1])
+def test_shard_map_must_be_manual_over_every_axis_of_size_above_one(data):
+  """Left to XLA, a data axis of size 2 would run each expert-parallel group once per data
+  device, both copies meeting as one group (wrong sums, stalls or crashes, by run); one of size
+  1 is harmless."""
+  case = Case(devices=4, tokens=11, seed=20)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  mesh = jax.make_mesh((data, 4), ("data", "ep"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+  def run(moe_fn):
+    body = functools.partial(moe_fn, axis_name="ep")
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 5, out_specs=P("ep"),
+                                 axis_names={"ep"}))(x, ids, weights, w_in, w_out)
+
+  if data > 1:
+    with pytest.raises(ValueError, match=r"manual over every mesh axis of size > 1; \['data'\]"):
+      run(ccf.fused_moe)
+  else:
+    assert_close(run(ccf.fused_moe), run(ccf.reference_moe), jnp.float32)
