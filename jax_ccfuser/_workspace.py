@@ -89,15 +89,26 @@ class _Workspaces:
     self.chunks = []  # bytes of each
     self.used = 0     # of the last chunk
     self.regions = {}
+    self.failed = None  # why a chunk could not be set up, if one could not
 
   def region(self, key, nbytes: int, timeout_ms: int):
     """The `(chunk, offset)` of call site `key`'s `nbytes` region, allocated on first use."""
     if key not in self.regions:
       nbytes = -(-nbytes // _ALIGN) * _ALIGN
       if not self.chunks or self.used + nbytes > self.chunks[-1]:
+        # A chunk that failed half set up (this process's part made and registered, the other
+        # processes' not, or the other way round) cannot be tried again in step with them.
+        if self.failed is not None:
+          raise RuntimeError(f"jax_ccfuser: the {self.platform} workspaces shared with this "
+                             f"host's other processes could not grow earlier ({self.failed}); "
+                             f"restart the processes")
         size = max(nbytes, 2 * (self.chunks[-1] if self.chunks else 0), _MIN_CHUNK)
         grow = self._grow_shared_memory if self.platform == "cpu" else self._grow_ipc
-        grow(len(self.chunks), size, timeout_ms)
+        try:
+          grow(len(self.chunks), size, timeout_ms)
+        except Exception as error:
+          self.failed = f"{type(error).__name__}: {error}"
+          raise
         self.chunks.append(size)
         self.used = 0
       self.regions[key] = (len(self.chunks) - 1, self.used)

@@ -239,6 +239,26 @@ def test_segments_refuse_what_they_cannot_do():
   assert not (SHM / name[1:]).exists()
 
 
+def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
+  """A chunk whose set-up failed after this process made its part (here: the other processes
+  never reached the key-value barrier) fails every later growth with that cause: trying it
+  again would meet its own half-made chunk ("already mapped") and none of the others'."""
+  from jax_ccfuser import _workspace
+  monkeypatch.setattr(_workspace.jax, "local_devices",
+                      lambda backend: [type("Device", (), {"id": 904})()])
+  def barrier(self, *_):
+    raise TimeoutError("the other processes never came")
+  monkeypatch.setattr(_workspace._Workspaces, "_barrier", barrier)
+  job = type("Job", (), {"name": f"unit{os.getpid()}", "pids": [], "neighbours": []})()
+  workspaces = _workspace._Workspaces(job, "cpu")
+  with pytest.raises(TimeoutError, match="never came"):
+    workspaces.region("site", 4096, 10)
+  assert not list(SHM.glob(f"jax_ccfuser.{os.getpid()}.{job.name}.*"))  # the name is gone
+  with pytest.raises(RuntimeError, match=r"could not grow earlier \(TimeoutError: the other "
+                                         r"processes never came\); restart"):
+    workspaces.region("site", 4096, 10)
+
+
 @pytest.mark.slow
 def test_bench_runs_across_processes(tmp_path):
   from bench import distributed
