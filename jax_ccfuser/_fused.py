@@ -117,6 +117,12 @@ def _call_attrs(static: _Static, backward: bool, region, kept_rows: int) -> _Cal
                     fetch_sms=static.fetch_sms, tf32=int(static.tf32), kept_rows=kept_rows)
 
 
+def _staging_shape(static: _Static, region, x, ids) -> tuple:
+  """The calls' `staging` result: `[T, S, H]` float32, where the peers add this device's rows,
+  or `[1, 1, 1]` where they add them in its region of the shared workspaces instead."""
+  return (x.shape[0], _slots(static, ids.shape[1]), x.shape[1]) if region[0] < 0 else (1, 1, 1)
+
+
 def _hidden_shape(static: _Static, kept_rows: int, gate_ffn: int) -> tuple:
   """The calls' `hidden` `[R, G*F]`: the `kept_rows` of every device the call stands for, or one
   row that holds nothing where none are kept. Never zero-sized: XLA (jax 0.11) crashes compiling
@@ -212,15 +218,14 @@ def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, r
   """y `[T, H]` and the kept h rows `[C, G*F]` float32 (`[D*C, G*F]` emulated; none unless
   `keep`, as a forward that is not differentiated keeps nothing: `_hidden_shape`)."""
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, rank, group)
-  t, h = x.shape
   kept = static.kept_rows if keep else 0
+  region = _reserve_region(static, False, x, ids, weights, w_in, w_out)
   call = jax.ffi.ffi_call(
       "ccf_moe_fwd",
       (_result(args[0], x.shape, x.dtype),
-       _result(args[0], (t, _slots(static, ids.shape[1]), h), jnp.float32),
+       _result(args[0], _staging_shape(static, region, x, ids), jnp.float32),
        _result(args[0], _hidden_shape(static, kept, w_in.shape[2]), jnp.float32)),
       vmap_method="sequential")
-  region = _reserve_region(static, False, x, ids, weights, w_in, w_out)
   y, _, hidden = call(*args, **_call_attrs(static, False, region, kept).as_ffi())
   return y, hidden
 
@@ -238,15 +243,14 @@ def _backward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, 
                      f"expected {list(expected)} float32")
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, dy.astype(x.dtype),
                         hidden, rank, group)
-  t, h = x.shape
   like = args[0]
+  region = _reserve_region(static, True, x, ids, weights, w_in, w_out)
   call = jax.ffi.ffi_call(
       "ccf_moe_bwd",
       (_result(like, x.shape, x.dtype), _result(like, weights.shape, weights.dtype),
        _result(like, w_in.shape, w_in.dtype), _result(like, w_out.shape, w_out.dtype),
-       _result(like, (t, _slots(static, ids.shape[1]), h), jnp.float32)),
+       _result(like, _staging_shape(static, region, x, ids), jnp.float32)),
       vmap_method="sequential")
-  region = _reserve_region(static, True, x, ids, weights, w_in, w_out)
   dx, dweights, dw_in, dw_out, _ = call(
       *args, **_call_attrs(static, True, region, static.kept_rows).as_ffi())
   return dx, dweights, dw_in, dw_out

@@ -161,7 +161,8 @@ def test_no_region_without_peers_in_other_processes():
   assert _fused._reserve_region(static, False, None, None, None, None, None) == (-1, 0)
 
 
-def _forward_by_hand(*, weights_dtype=jnp.float32, hidden_shape=(1, 6), kept_rows=0):
+def _forward_by_hand(*, weights_dtype=jnp.float32, hidden_shape=(1, 6), kept_rows=0,
+                     staging_shape=(4, 1, 8)):
   """A one-device "ccf_moe_fwd" call made by hand (x [4, 8], K=2, two swiglu experts of F=3):
   `(call, operands, attributes)`."""
   rng = np.random.default_rng(0)
@@ -174,7 +175,7 @@ def _forward_by_hand(*, weights_dtype=jnp.float32, hidden_shape=(1, 6), kept_row
   static = _fused._Static(site=next(_fused._sites), num_devices=1, emulated=False,
                           activation="swiglu", timeout_ms=1000, num_experts=2)
   call = jax.ffi.ffi_call("ccf_moe_fwd", (jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                          jax.ShapeDtypeStruct((4, 1, 8), jnp.float32),
+                                          jax.ShapeDtypeStruct(staging_shape, jnp.float32),
                                           jax.ShapeDtypeStruct(hidden_shape, jnp.float32)))
   operands = (x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0))
   return call, operands, _fused._call_attrs(static, False, (-1, 0), kept_rows)
@@ -199,6 +200,17 @@ def test_handler_refuses_weights_of_a_third_dtype():
   call, operands, attrs = _forward_by_hand(weights_dtype=jnp.float16)
   with pytest.raises(jax.errors.JaxRuntimeError,
                      match="expert_weights must be float32 or x's dtype"):
+    call(*operands, **attrs.as_ffi())[0].block_until_ready()
+
+
+def test_staging_holds_every_slot_unless_peers_write_a_shared_workspace():
+  """Peers in this process add their rows into the call's own staging result, so it must be
+  [T, S, H]: the one element that stands in for it where they write the call's region of the
+  shared workspaces (peers in other processes of the host) is refused here."""
+  call, operands, attrs = _forward_by_hand(staging_shape=(1, 1, 1))
+  with pytest.raises(jax.errors.JaxRuntimeError,
+                     match=re.escape("staging [T, S, H] float32 ([1, 1, 1] with a shared "
+                                     "workspace)")):
     call(*operands, **attrs.as_ffi())[0].block_until_ready()
 
 

@@ -213,9 +213,9 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32
   call->own_ids = own.ids;
   call->own_staging = own.staging;
   call->own_d_weights = own.d_weights;
+  if (InWorkspace(attrs, d)) return ConnectIpc(attrs, me, rank, group, own, stream, call);
   if (!attrs.emulated && d.num_devices > 1)
-    return attrs.workspace >= 0 ? ConnectIpc(attrs, me, rank, group, own, stream, call)
-                                : ConnectInProcess(attrs, me, rank, group, own, stream, call);
+    return ConnectInProcess(attrs, me, rank, group, own, stream, call);
   // Each emulated device's partials [E_local, S, H*G*F + F*H] are stacked like its weights.
   const int64_t partials = d.experts_local * call->plan.slots * d.expert_elements();
   for (int dev = 0; dev < d.num_devices; ++dev) {

@@ -81,21 +81,29 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
   return ffi::Error::Success();
 }
 
+bool InWorkspace(const CallAttrs& attrs, const MoeDims& d) {
+  return attrs.workspace >= 0 && !attrs.emulated && d.num_devices > 1;
+}
+
 namespace {
-bool StagingFits(const MoeDims& d, const ffi::AnyBuffer& x, const Staging& staging) {
-  return staging.element_count() == x.element_count() / d.hidden * d.slots * d.hidden;
+bool StagingFits(const MoeDims& d, const CallAttrs& attrs, const ffi::AnyBuffer& x,
+                 const Staging& staging) {
+  const int64_t want =
+      InWorkspace(attrs, d) ? 1 : x.element_count() / d.hidden * d.slots * d.hidden;
+  return static_cast<int64_t>(staging.element_count()) == want;
 }
 }  // namespace
 
-ffi::Error CheckForwardResults(const MoeDims& d, const ffi::AnyBuffer& x,
+ffi::Error CheckForwardResults(const MoeDims& d, const CallAttrs& attrs, const ffi::AnyBuffer& x,
                                const ffi::AnyBuffer& y, const Staging& staging) {
   if (y.element_type() != d.x_type || y.element_count() != x.element_count() ||
-      !StagingFits(d, x, staging))
-    return InvalidArgument("outputs must be y [T, H] in x's dtype and staging [T, S, H] float32");
+      !StagingFits(d, attrs, x, staging))
+    return InvalidArgument("outputs must be y [T, H] in x's dtype and staging [T, S, H] float32 "
+                           "([1, 1, 1] with a shared workspace)");
   return ffi::Error::Success();
 }
 
-ffi::Error CheckBackwardBuffers(const MoeDims& d, const ffi::AnyBuffer& x,
+ffi::Error CheckBackwardBuffers(const MoeDims& d, const CallAttrs& attrs, const ffi::AnyBuffer& x,
                                 const ffi::AnyBuffer& w_in, const ffi::AnyBuffer& w_out,
                                 const ffi::AnyBuffer& dy, const ffi::AnyBuffer& dx,
                                 const ffi::AnyBuffer& d_weights, const ffi::AnyBuffer& dw_in,
@@ -104,7 +112,7 @@ ffi::Error CheckBackwardBuffers(const MoeDims& d, const ffi::AnyBuffer& x,
       dx.element_type() != d.x_type || d_weights.element_type() != d.weights_type ||
       dw_in.element_type() != d.w_type || dw_out.element_type() != d.w_type ||
       dw_in.element_count() != w_in.element_count() ||
-      dw_out.element_count() != w_out.element_count() || !StagingFits(d, x, staging))
+      dw_out.element_count() != w_out.element_count() || !StagingFits(d, attrs, x, staging))
     return InvalidArgument("backward operands and outputs do not match the forward's");
   return ffi::Error::Success();
 }

@@ -17,6 +17,8 @@ namespace ccf {
 // Spelled once: template commas cannot appear inside the binding macros.
 using ScalarS32 = xla::ffi::Buffer<xla::ffi::S32, 0>;
 using PlanArray = xla::ffi::Buffer<xla::ffi::S32, 2>;
+// [T, S, H], or one unused element where the peers write the call's workspace region instead
+// (InWorkspace).
 using Staging = xla::ffi::Buffer<xla::ffi::F32, 3>;
 // Rows of h = x @ w_in in float32 that a device keeps from its forward for its backward
 // (residuals="hidden"): [C, G*F], stacked [D * C, G*F] when emulating; with C = 0 (the attribute
@@ -66,12 +68,19 @@ xla::ffi::Error DecodeDims(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<
                            const xla::ffi::AnyBuffer& w_out, const CallAttrs& attrs,
                            MoeDims* dims);
 
-// Checks the forward's results: y [T, H] in x's dtype, staging [T, S, H] float32.
-xla::ffi::Error CheckForwardResults(const MoeDims& d, const xla::ffi::AnyBuffer& x,
-                                    const xla::ffi::AnyBuffer& y, const Staging& staging);
+// Whether the call meets its peers in other processes in its region of the shared workspaces,
+// whose staging they write (its own staging result then holds nothing).
+bool InWorkspace(const CallAttrs& attrs, const MoeDims& d);
+
+// Checks the forward's results: y [T, H] in x's dtype, staging [T, S, H] float32 (one element
+// InWorkspace).
+xla::ffi::Error CheckForwardResults(const MoeDims& d, const CallAttrs& attrs,
+                                    const xla::ffi::AnyBuffer& x, const xla::ffi::AnyBuffer& y,
+                                    const Staging& staging);
 
 // Checks the backward's extra operand dy and its results against the forward's operands.
-xla::ffi::Error CheckBackwardBuffers(const MoeDims& d, const xla::ffi::AnyBuffer& x,
+xla::ffi::Error CheckBackwardBuffers(const MoeDims& d, const CallAttrs& attrs,
+                                     const xla::ffi::AnyBuffer& x,
                                      const xla::ffi::AnyBuffer& w_in,
                                      const xla::ffi::AnyBuffer& w_out,
                                      const xla::ffi::AnyBuffer& dy, const xla::ffi::AnyBuffer& dx,

@@ -192,7 +192,7 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
                            std::to_string(d.num_devices) + " devices");
   peers->ranks = {rank};
   peers->timeout = std::chrono::milliseconds(attrs.timeout_ms);
-  if (ffi::Error err = attrs.workspace >= 0
+  if (ffi::Error err = InWorkspace(attrs, d)
                            ? ConnectShared(attrs, d, rank, group, own, plan, peers)
                            : ConnectInProcess(attrs, d, rank, group, own, peers);
       err.failure())
@@ -299,7 +299,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
           DecodeCall(x, ids, weights, w_in, w_out, plan_workers, plan_bounds, attrs, &d, &plan);
       err.failure())
     return err;
-  if (ffi::Error err = CheckForwardResults(d, x, *y, *staging); err.failure()) return err;
+  if (ffi::Error err = CheckForwardResults(d, attrs, x, *y, *staging); err.failure()) return err;
   if (ffi::Error err = CheckHidden(d, attrs, *hidden); err.failure()) return err;
   // Peers accumulate into this device's staging as soon as the publish barrier passes.
   std::memset(staging->typed_data(), 0, staging->size_bytes());
@@ -346,7 +346,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
           DecodeCall(x, ids, weights, w_in, w_out, plan_workers, plan_bounds, attrs, &d, &plan);
       err.failure())
     return err;
-  if (ffi::Error err = CheckBackwardBuffers(d, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
+  if (ffi::Error err = CheckBackwardBuffers(d, attrs, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
                                             *dw_out, *staging);
       err.failure())
     return err;

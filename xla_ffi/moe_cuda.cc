@@ -59,7 +59,7 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
                            " and " + ShapeString(bounds));
   // The plan lives on the device: its helper slots are what the host can see of its helpers.
   const bool planned = w[1] > 1;
-  if (planned && attrs.workspace >= 0 && !attrs.emulated && d.num_devices > 1)
+  if (planned && InWorkspace(attrs, d))
     return Unimplemented("reassignment plans with helper slots (workers " + ShapeString(workers) +
                          ") across processes are not implemented on GPU; call fused_moe with "
                          "plan=None there");
@@ -170,7 +170,7 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
     // Peers in other processes do not meet this device on the host: they count its barriers
     // whether it comes or not, so one skipped call would pair its later calls with the wrong
     // ones. It stops for good instead (its peers' barriers time out and break the group).
-    if (attrs.workspace >= 0 && !attrs.emulated && call->d.num_devices > 1)
+    if (InWorkspace(attrs, call->d))
       MarkBroken(**state, "a call gave up before meeting its peers in other processes: " +
                               err.message());
     return err;
@@ -212,7 +212,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
       err.failure())
     return err;
   call.tf32 = Tf32(call.d, attrs, w_in.untyped_data(), w_out.untyped_data());
-  if (ffi::Error err = CheckForwardResults(call.d, x, *y, *staging); err.failure()) return err;
+  if (ffi::Error err = CheckForwardResults(call.d, attrs, x, *y, *staging); err.failure()) return err;
   if (ffi::Error err = TakeKeptRowsAndPlan(attrs, *hidden, plan_workers, plan_bounds, &call);
       err.failure())
     return err;
@@ -254,7 +254,7 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
       err.failure())
     return err;
   call.tf32 = Tf32(d, attrs, w_in.untyped_data(), w_out.untyped_data());
-  if (ffi::Error err = CheckBackwardBuffers(d, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
+  if (ffi::Error err = CheckBackwardBuffers(d, attrs, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
                                             *dw_out, *staging);
       err.failure())
     return err;
