@@ -6,6 +6,7 @@ them, so the two layers compute the same function by construction.
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -55,8 +56,9 @@ class MoEAux(NamedTuple):
   load_balancing_loss: jax.Array  # [] float32, Switch/GShard auxiliary loss, unscaled
   z_loss: jax.Array               # [] float32, router z-loss, unscaled
   counts: jax.Array               # [E] int32, (token, k) assignments per expert
-  device_loads: jax.Array         # [2, D] int32, rows each device computes without / with the
-                                  # reassignment plan (equal rows when reassign=False)
+  device_loads: jax.Array         # [2, D] int32, rows each device of the expert axis computes
+                                  # without / with the reassignment plan (equal rows when
+                                  # reassign=False), summed over the groups of other mesh axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +154,13 @@ class MoESpec:
                  score=self.score, num_groups=self.num_groups, top_groups=self.top_groups,
                  scale=self.scale, expert_bias=expert_bias)
 
-  def _local(self, x, logits, w_in, w_out, expert_bias, shared, *, axis_name):
-    """One device's share: `x` [T, H], `logits` [T, E] float32 -> (y [T, H], MoEAux)."""
-    ids, weights, aux = self.route(logits, expert_bias, axis_name=axis_name)
+  def _local(self, x, logits, w_in, w_out, expert_bias, shared, *, axis_name, token_axes=None):
+    """One device's share: `x` [T, H], `logits` [T, E] float32 -> (y [T, H], MoEAux).
+
+    `token_axes`: the mesh axes that split the tokens where they are more than `axis_name`
+    (the layer's own `shard_map` over a mesh with other axes: each of their devices runs its own
+    expert-parallel group), so that `aux` is the whole batch's."""
+    ids, weights, aux = self.route(logits, expert_bias, axis_name=token_axes or axis_name)
     options = {} if self.capacity_factor is None else {"capacity_factor": self.capacity_factor}
     if self.residuals != "inputs":
       options["residuals"] = self.residuals
@@ -162,6 +168,8 @@ class MoESpec:
       options["plan"] = reassign(ids, self.num_experts, axis_name=axis_name,
                                  replicas=self.replicas)
       loads = jnp.stack(plan_loads(options["plan"]))
+      if others := tuple(a for a in token_axes or () if a != axis_name):
+        loads = jax.lax.psum(loads, others)  # every group's rows, as counts are every token's
     else:
       num_devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
       loads = jnp.tile(aux.counts.reshape(num_devices, -1).sum(1), (2, 1))
@@ -191,15 +199,25 @@ class MoESpec:
     x, logits = x.reshape(-1, h), logits.reshape(-1, self.num_experts)
     mode = expert_axis(self.axis_name)
     if mode == "map":
-      size = jax.sharding.get_abstract_mesh().shape[self.axis_name]
+      # The tokens split over every mesh axis (data-parallel axes too, each of whose devices
+      # runs an expert-parallel group of its own), the experts over the expert axis alone.
+      mesh = jax.sharding.get_abstract_mesh()
+      tokens = tuple(a for a in mesh.axis_names if a == self.axis_name or mesh.shape[a] > 1)
+      size = math.prod(mesh.shape[a] for a in tokens)
       if x.shape[0] % size:
         raise ValueError(f"{x.shape[0]} tokens do not split evenly over the {size} devices of "
-                         f"expert axis {self.axis_name!r}")
-      axis = P(self.axis_name)
-      body = functools.partial(self._local, axis_name=self.axis_name)
-      y, aux = jax.shard_map(body, in_specs=(axis, axis, axis, axis, P(), P()),
-                             out_specs=(axis, MoEAux(P(), P(), P(), P())))(
-                                 x, logits, w_in, w_out, expert_bias, shared)
+                         f"mesh axes {tokens}")
+      specs = (P(tokens), P(tokens), P(self.axis_name), P(self.axis_name), P(), P())
+      operands = (x, logits, w_in, w_out, expert_bias, shared)
+      explicit = AxisType.Explicit in mesh.axis_types
+      if explicit:  # shard_map takes explicitly sharded operands only as its specs say
+        operands = tuple(jax.tree.map(functools.partial(jax.sharding.reshard, out_shardings=s), a)
+                         for a, s in zip(operands, specs))
+      body = functools.partial(self._local, axis_name=self.axis_name, token_axes=tokens)
+      y, aux = jax.shard_map(body, in_specs=specs,
+                             out_specs=(P(tokens), MoEAux(P(), P(), P(), P())))(*operands)
+      if explicit:  # back as x came, so that its leading dimensions come back as they were
+        y = jax.sharding.reshard(y, jax.typeof(x).sharding.spec)
     else:
       y, aux = self._local(x, logits, w_in, w_out, expert_bias, shared,
                            axis_name=self.axis_name if mode == "manual" else None)

@@ -41,11 +41,12 @@ class MoE(nnx.Module):
   `d * E / D ... (d + 1) * E / D - 1`; made without one they keep the annotation for later use
   (`nnx.get_partition_spec`) and stay where they are.
 
-  When called with such a mesh set, the layer enters `jax.shard_map` over `axis_name`: the
-  tokens (the leading dimensions of `x`, flattened) are split evenly over that axis and each
-  device routes its own tokens and serves its own experts. Inside a `shard_map` that already maps
-  `axis_name`, it calls the MoE op directly on the shards it is given. With `axis_name=None`, or
-  no mesh set, one device holds all experts.
+  When called with such a mesh set, the layer enters `jax.shard_map` over the mesh: the tokens
+  (the leading dimensions of `x`, flattened) are split evenly over every mesh axis (the mesh's
+  order; with a data axis beside the expert axis, each data index is an expert-parallel group of
+  its own), each device routes its own tokens and serves its own experts. Inside a `shard_map`
+  that already maps `axis_name`, it calls the MoE op directly on the shards it is given. With
+  `axis_name=None`, or no mesh set, one device holds all experts.
 
   The router computes in float32 whatever `dtype` is (the top-k choice and the z-loss are
   sensitive to rounding); the experts compute in `dtype`.
@@ -54,7 +55,8 @@ class MoE(nnx.Module):
   a loss function adds them without collecting state (`MoEAux`: `load_balancing_loss`
   and `z_loss`, float32 scalars of the whole batch, unscaled; `counts`, `[E]` int32, the
   (token, k) assignments per expert, the layer's expert load; `device_loads`, `[2, D]` int32,
-  the rows each device computes without and with reassignment).
+  the rows each device of the expert axis computes without and with reassignment, summed over
+  the groups).
 
   Router options are those of `jax_ccfuser.route` (sigmoid scores, group-limited routing, a
   routed scaling factor). With `expert_bias=True` the layer also holds `expert_bias`, an

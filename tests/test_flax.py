@@ -47,11 +47,13 @@ def _expected(layer, x, activation="swiglu"):
   device, float32."""
   spec = layer.spec
   options = {name: getattr(spec, name) for name in ROUTER_OPTIONS}
-  bias = None if layer.expert_bias is None else layer.expert_bias[...]
-  shared = None if layer.shared_w_in is None else (layer.shared_w_in[...],
-                                                   layer.shared_w_out[...])
-  return _route_and_reference(x, layer.router.kernel[...], layer.w_in[...], layer.w_out[...],
-                              bias, shared, activation=activation, options=tuple(options.items()))
+  # As host arrays: on one device whatever the layer's weights are split over.
+  value = lambda variable: None if variable is None else np.asarray(variable[...])
+  shared = None if layer.shared_w_in is None else (value(layer.shared_w_in),
+                                                   value(layer.shared_w_out))
+  return _route_and_reference(np.asarray(x), value(layer.router.kernel), value(layer.w_in),
+                              value(layer.w_out), value(layer.expert_bias), shared,
+                              activation=activation, options=tuple(options.items()))
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "options"))
@@ -234,6 +236,36 @@ def test_gradients_reach_router_and_experts(dispatch, options):
     g, w = functools.reduce(dict.__getitem__, path, got), functools.reduce(dict.__getitem__,
                                                                           path, want)
     assert float(jnp.abs(g).max()) > 0, path
+    assert_close(g, w, jnp.float32)
+
+
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+@pytest.mark.parametrize("dispatch", ["fused", "all_to_all", "reference"])
+def test_a_data_axis_beside_the_expert_axis_splits_the_tokens_too(dispatch, axis_type):
+  """On a (data, ep) mesh of 2 x 4 devices (explicit axes, jax.make_mesh's default, or auto)
+  the tokens split over both axes, each data index an expert-parallel group of its own: the
+  outputs, gradients and whole-batch aux are those of one device."""
+  kind = getattr(jax.sharding.AxisType, axis_type)
+  mesh = jax.make_mesh((2, DEVICES), ("data", "ep"), axis_types=(kind, kind))
+  x = _tokens(shape=(4, 6, HIDDEN))  # 24 tokens, 3 a device
+  fused = dispatch == "fused"
+  with jax.set_mesh(mesh):
+    layer = _layer(dispatch=dispatch, reassign=fused)
+    x_data = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
+    y, aux = _apply(layer, x_data)
+    grads = nnx.to_pure_dict(nnx.jit(nnx.grad(_objective))(layer, x_data))
+  want_y, want_aux = _expected(layer, x)
+  assert_close(y, want_y, jnp.float32)
+  np.testing.assert_array_equal(aux.counts, want_aux.counts)
+  np.testing.assert_allclose(aux.load_balancing_loss, want_aux.load_balancing_loss, rtol=1e-5)
+  np.testing.assert_allclose(aux.z_loss, want_aux.z_loss, rtol=1e-5)
+  # Both groups' rows, without and with the plan: every (token, k) pair once.
+  np.testing.assert_array_equal(aux.device_loads.sum(1), [24 * K, 24 * K])
+  local = ccf_nnx.MoE(HIDDEN, FFN, EXPERTS, k=K, dispatch="reference", axis_name=None,
+                      rngs=nnx.Rngs(0))
+  want = nnx.to_pure_dict(nnx.jit(nnx.grad(_objective))(local, x))
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    assert float(jnp.abs(g).max()) > 0
     assert_close(g, w, jnp.float32)
 
 
