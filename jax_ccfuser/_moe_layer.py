@@ -35,15 +35,18 @@ def expert_axis(axis_name):
   """How a layer with expert axis `axis_name` runs where it is called.
 
   Returns:
-    `None` when there is nothing to map over (no axis, or no mesh set: one device holds all
-    experts); `"manual"` inside a `jax.shard_map` that already maps `axis_name`; `"map"` when a
-    mesh with that axis is set (`jax.set_mesh`) and the layer must enter `shard_map` itself.
+    `None` when there is nothing to map over (no mesh set, or no axis with every expert on
+    each device and the tokens as they come); `"manual"` inside a `jax.shard_map` that already
+    maps `axis_name`; `"map"` when a mesh is set (`jax.set_mesh`) whose axes the layer maps
+    itself: one with `axis_name`, or, with no axis, one of devices outside any `shard_map` that
+    each then run every expert on their own tokens.
   """
-  if axis_name is None:
-    return None
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
+  if axis_name is None:
+    outside = AxisType.Manual not in mesh.axis_types
+    return "map" if outside and any(size > 1 for size in mesh.axis_sizes) else None
   if axis_name not in mesh.axis_names:
     raise ValueError(f"the mesh in context has axes {mesh.axis_names}, not the expert axis "
                      f"{axis_name!r}; set a mesh with that axis or pass axis_name=None")
@@ -200,14 +203,16 @@ class MoESpec:
     mode = expert_axis(self.axis_name)
     if mode == "map":
       # The tokens split over every mesh axis (data-parallel axes too, each of whose devices
-      # runs an expert-parallel group of its own), the experts over the expert axis alone.
+      # runs an expert-parallel group of its own), the experts over the expert axis alone, or
+      # whole on every device without one.
       mesh = jax.sharding.get_abstract_mesh()
       tokens = tuple(a for a in mesh.axis_names if a == self.axis_name or mesh.shape[a] > 1)
       size = math.prod(mesh.shape[a] for a in tokens)
       if x.shape[0] % size:
         raise ValueError(f"{x.shape[0]} tokens do not split evenly over the {size} devices of "
                          f"mesh axes {tokens}")
-      specs = (P(tokens), P(tokens), P(self.axis_name), P(self.axis_name), P(), P())
+      experts = P(self.axis_name) if self.axis_name else P()
+      specs = (P(tokens), P(tokens), experts, experts, P(), P())
       operands = (x, logits, w_in, w_out, expert_bias, shared)
       explicit = AxisType.Explicit in mesh.axis_types
       if explicit:  # shard_map takes explicitly sharded operands only as its specs say

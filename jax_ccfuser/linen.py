@@ -22,9 +22,9 @@ class MoE(nn.Module):
   gate half first) or `[E, H, F]`, `w_out` `[E, F, H]`; H is read from the input. With an
   `axis_name` the expert weights are boxed as `nn.Partitioned` over `(axis_name, None, None)`
   (`nn.get_partition_spec(variables)` gives their specs). Calls run exactly as the NNX layer's:
-  under `jax.shard_map` over the mesh (the tokens split over every mesh axis) when a mesh with
-  that axis is set, directly inside a
-  `shard_map` that maps it already, and on one device otherwise. The router computes in float32.
+  under `jax.shard_map` over the mesh (the tokens split over every mesh axis) when a mesh is
+  set (with that axis, or any with `axis_name=None`), directly inside a `shard_map` that maps it
+  already, and on one device otherwise. The router computes in float32.
 
   `__call__` returns `(y, aux)`: y `[..., H]` and a `MoEAux` (`load_balancing_loss`, `z_loss`:
   float32 scalars of the whole batch, unscaled; `counts`: `[E]` int32 expert load;

@@ -46,7 +46,8 @@ class MoE(nnx.Module):
   order; with a data axis beside the expert axis, each data index is an expert-parallel group of
   its own), each device routes its own tokens and serves its own experts. Inside a `shard_map`
   that already maps `axis_name`, it calls the MoE op directly on the shards it is given. With
-  `axis_name=None`, or no mesh set, one device holds all experts.
+  `axis_name=None` every device holds all experts: under a mesh set it runs them on its own
+  tokens (split over every mesh axis); with no mesh set, one device runs the whole batch.
 
   The router computes in float32 whatever `dtype` is (the top-k choice and the z-loss are
   sensitive to rounding); the experts compute in `dtype`.

@@ -240,17 +240,20 @@ def test_gradients_reach_router_and_experts(dispatch, options):
 
 
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
-@pytest.mark.parametrize("dispatch", ["fused", "all_to_all", "reference"])
-def test_a_data_axis_beside_the_expert_axis_splits_the_tokens_too(dispatch, axis_type):
+@pytest.mark.parametrize("dispatch,axis_name", [("fused", "ep"), ("all_to_all", "ep"),
+                                                ("reference", "ep"), ("fused", None)])
+def test_a_data_axis_splits_the_tokens_too(dispatch, axis_name, axis_type):
   """On a (data, ep) mesh of 2 x 4 devices (explicit axes, jax.make_mesh's default, or auto)
-  the tokens split over both axes, each data index an expert-parallel group of its own: the
-  outputs, gradients and whole-batch aux are those of one device."""
+  the tokens split over both axes, each data index an expert-parallel group of its own; with no
+  expert axis each device runs every expert on its own tokens. The outputs, gradients and
+  whole-batch aux are those of one device."""
   kind = getattr(jax.sharding.AxisType, axis_type)
   mesh = jax.make_mesh((2, DEVICES), ("data", "ep"), axis_types=(kind, kind))
   x = _tokens(shape=(4, 6, HIDDEN))  # 24 tokens, 3 a device
   fused = dispatch == "fused"
   with jax.set_mesh(mesh):
-    layer = _layer(dispatch=dispatch, reassign=fused)
+    layer = ccf_nnx.MoE(HIDDEN, FFN, EXPERTS, k=K, axis_name=axis_name, dispatch=dispatch,
+                        reassign=fused, rngs=nnx.Rngs(0))
     x_data = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data")))
     y, aux = _apply(layer, x_data)
     grads = nnx.to_pure_dict(nnx.jit(nnx.grad(_objective))(layer, x_data))
