@@ -67,6 +67,21 @@ def _dtype_name(a) -> str:
   return np.dtype(a.dtype).name
 
 
+def _check_whole(**operands) -> None:
+  """Refuses operands split over explicit mesh axes (`jax.make_mesh`'s default) where the call
+  takes them whole (`axis_name=None`): an explicit split says each device holds a part, and no
+  rule divides the layer's work among parts."""
+  for name, a in operands.items():
+    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ()
+    axes = [n for entry in spec if entry is not None
+            for n in (entry if isinstance(entry, tuple) else (entry,))]
+    if axes:
+      raise ValueError(
+          f"{name} is split over the explicit mesh axes {axes}, but axis_name=None takes every "
+          f"operand whole: call this inside jax.shard_map over those axes (each device then runs "
+          f"it on its own part), or reshard the operands whole (jax.sharding.reshard(a, P()))")
+
+
 def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: str,
                    axis_name) -> MoeDims:
   """Checks the arguments of `fused_moe`/`reference_moe`/`all_to_all_moe` (the API contract).
@@ -111,5 +126,8 @@ def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: st
                      f"got {list(w_in.shape)}")
   if e_local < 1 or f < 1:
     raise ValueError(f"w_out {w_out.shape} has no experts or an empty FFN")
+  if axis_name is None:
+    _check_whole(x=x, expert_ids=expert_ids, expert_weights=expert_weights, w_in=w_in,
+                 w_out=w_out)
   return MoeDims(tokens=t, hidden=h, k=k, ffn=f, experts_local=e_local,
                  num_devices=axis_size(axis_name), gated=gated)

@@ -155,3 +155,18 @@ def test_check_num_experts():
     check_num_experts(6, 4)
   with pytest.raises(ValueError, match=r"num_experts=0 is not divisible"):
     check_num_experts(0, 2)
+
+
+@pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
+def test_operands_split_over_explicit_axes_need_an_axis_or_a_shard_map(moe_fn):
+  """axis_name=None takes every operand whole; tokens split over an explicit mesh axis (as
+  jax.make_mesh makes them by default) say the call should run on each device's part, which only
+  a shard_map can say: a clear error rather than a sharding-rule failure inside the op."""
+  args = make_inputs(Case(devices=1, tokens=8, hidden=4, ffn=5, experts_local=4, k=2))
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  tokens = jax.sharding.NamedSharding(mesh, P("data"))
+  split = [jax.device_put(a, tokens) for a in args[:3]] + list(args[3:])
+  with jax.set_mesh(mesh), pytest.raises(
+      ValueError, match=re.escape("x is split over the explicit mesh axes ['data'], but "
+                                  "axis_name=None takes")):
+    jax.jit(moe_fn)(*split)
