@@ -35,11 +35,12 @@ def expert_axis(axis_name):
   """How a layer with expert axis `axis_name` runs where it is called.
 
   Returns:
-    `None` when there is nothing to map over (no mesh set, or no axis with every expert on
-    each device and the tokens as they come); `"manual"` inside a `jax.shard_map` that already
-    maps `axis_name`; `"map"` when a mesh is set (`jax.set_mesh`) whose axes the layer maps
-    itself: one with `axis_name`, or, with no axis, one of devices outside any `shard_map` that
-    each then run every expert on their own tokens.
+    `None` to call the op on the operands as they come: no mesh set or, without an expert
+    axis, a mesh of one device or one inside a `shard_map`; `"manual"` inside a
+    `jax.shard_map` that already maps `axis_name`; `"map"` when the layer enters
+    `jax.shard_map` over the mesh set (`jax.set_mesh`) itself: one with `axis_name`, or,
+    without an expert axis, one of several devices outside any `shard_map` (each device then
+    runs every expert on its own tokens).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
