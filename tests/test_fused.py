@@ -313,6 +313,29 @@ def test_mesh_with_data_axis_forms_independent_groups():
   assert_close(run(ccf.fused_moe), run(ccf.reference_moe), jnp.float32)
 
 
+def test_two_mesh_axes_as_one_expert_axis():
+  """axis_name=("a", "b") over a 2 x 4 mesh: one group of 8 devices ranked a-major, as
+  shard_map's P(("a", "b")) splits the tokens and experts; forward, gradients and a plan."""
+  case = Case(devices=8, tokens=6, seed=21)
+  args = make_inputs(case)
+  mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec = P(("a", "b"))
+
+  def layer(x, ids, weights, w_in, w_out, *, plan):
+    axes = ("a", "b")
+    return ccf.fused_moe(x, ids, weights, w_in, w_out, axis_name=axes,
+                         plan=ccf.reassign(ids, case.num_experts, axis_name=axes) if plan else None)
+
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  want = jax.jit(jax.value_and_grad(loss(ccf.reference_moe), (0, 2, 3, 4)))(*args)
+  for plan in (False, True):
+    mapped = jax.shard_map(functools.partial(layer, plan=plan), mesh=mesh, in_specs=(spec,) * 5,
+                           out_specs=spec)
+    got = jax.jit(jax.value_and_grad(loss(mapped), (0, 2, 3, 4)))(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert_close(g, w, jnp.float32)
+
+
 @pytest.mark.parametrize("data", [2, 1])
 def test_shard_map_must_be_manual_over_every_axis_of_size_above_one(data):
   """Left to XLA, a data axis of size 2 would run each expert-parallel group once per data
