@@ -168,6 +168,25 @@
 //     regions become visible before the barrier flag (st.release.sys after a system fence), also
 //     when the peer is another process's IPC mapping; timings against the in-process path and
 //     against collectives (bench/distributed.py).
+//
+// GPU checklist for two or more GPUs in one process (never run; found by reading):
+//   - tests/test_cuda.py's every-device tests, fused_moe in shard_map over every visible GPU.
+//   - A plan on Hopper in 16-bit: a helper's grouped GEMMs put the owner's weights, a peer
+//     address, in their TMA descriptors, which no emulated run does (its weights are local). If
+//     TMA refuses peer memory, planned calls belong on the SM80 kernels. Each M-tile re-reads
+//     the owner's weights over the link as well: time a plan against none.
+//   - A bad id: every GPU records the bad ids of every source and reports one once its own copy
+//     of the fault record has landed, which may be a call later on one GPU than on another.
+//     The GPU that reports first stops its program; the others wait for it at their next call's
+//     host meeting until the timeout, and report the same id again later. The CPU handlers
+//     report it from every device in one call; sharing the fault through the host meeting (with
+//     each GPU recording its own source's ids only) would do the same here.
+//   - A launch failing on one GPU between its barriers: its end barrier aborts and returns at
+//     once, so its stream moves on while peers past the start barrier may still write its
+//     staging and d_weights (scatter_slots reads the abort flag once a warp). A barrier entered
+//     aborted would have to wait, up to the timeout, for every member's flag.
+//   - Operands that are XLA constants (CheckPeerMemory's test on memory not from cuMemAlloc),
+//     and XLA_PYTHON_CLIENT_ALLOCATOR=platform.
 #pragma once
 
 #include <cstdint>
