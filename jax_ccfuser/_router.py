@@ -91,7 +91,8 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
     logits: `[T, E]`, any float dtype; computed on in float32.
     k: experts per token, `1 <= k <= E` (and at most the experts of `top_groups` groups).
     renormalize: rescale each token's k weights to sum to 1; otherwise they are the raw scores.
-    axis_name: a mesh axis of the enclosing `jax.shard_map` that splits the tokens, or `None`.
+    axis_name: the mesh axis (or tuple of axes) of the enclosing `jax.shard_map` that splits
+      the tokens, or `None`.
     score: "softmax" or "sigmoid".
     num_groups: groups of experts for group-limited routing; divides E. 1: no groups.
     top_groups: groups each token may use, `1 <= top_groups <= num_groups`; `None`: all.
