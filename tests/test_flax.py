@@ -272,6 +272,35 @@ def test_a_data_axis_splits_the_tokens_too(dispatch, axis_name, axis_type):
     assert_close(g, w, jnp.float32)
 
 
+def test_stacked_layers_under_scan_equal_the_layers_one_by_one():
+  """Layers made by nnx.vmap (their experts split over the expert axis after the layer axis)
+  and run by nnx.scan, as large models stack them, give what each layer gives on its own."""
+  layers_n = 3
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    @nnx.split_rngs(splits=layers_n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def make(rngs):
+      return ccf_nnx.MoE(HIDDEN, FFN, EXPERTS, k=K, axis_name="ep", rngs=rngs)
+
+    stacked = make(nnx.Rngs(0))
+    assert stacked.w_in[...].sharding.spec == P(None, "ep")
+
+    @nnx.jit
+    def scanned(stacked, x):
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def step(layer, x):
+        return x + layer(x)[0]
+      return step(stacked, x)
+
+    y = scanned(stacked, _tokens())
+    graphdef, state = nnx.split(stacked)
+    want = _tokens()
+    for i in range(layers_n):
+      layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+      want = want + _apply(layer, want)[0]
+  assert_close(y, want, jnp.float32)
+
+
 def test_kept_residuals_change_nothing():
   # The layer's residuals option reaches fused_moe: keeping each row's hidden activation gives
   # bitwise the gradients of recomputing it, and the kept rows show up in the traced program.
