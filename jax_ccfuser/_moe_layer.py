@@ -217,8 +217,7 @@ class MoESpec:
       operands = (x, logits, w_in, w_out, expert_bias, shared)
       explicit = AxisType.Explicit in mesh.axis_types
       if explicit:  # shard_map takes explicitly sharded operands only as its specs say
-        operands = tuple(jax.tree.map(functools.partial(jax.sharding.reshard, out_shardings=s), a)
-                         for a, s in zip(operands, specs))
+        operands = jax.sharding.reshard(operands, specs)
       body = functools.partial(self._local, axis_name=self.axis_name, token_axes=tokens)
       y, aux = jax.shard_map(body, in_specs=specs,
                              out_specs=(P(tokens), MoEAux(P(), P(), P(), P())))(*operands)
