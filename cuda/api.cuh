@@ -175,12 +175,10 @@
 //     address, in their TMA descriptors, which no emulated run does (its weights are local). If
 //     TMA refuses peer memory, planned calls belong on the SM80 kernels. Each M-tile re-reads
 //     the owner's weights over the link as well: time a plan against none.
-//   - A bad id: every GPU records the bad ids of every source and reports one once its own copy
-//     of the fault record has landed, which may be a call later on one GPU than on another.
-//     The GPU that reports first stops its program; the others wait for it at their next call's
-//     host meeting until the timeout, and report the same id again later. The CPU handlers
-//     report it from every device in one call; sharing the fault through the host meeting (with
-//     each GPU recording its own source's ids only) would do the same here.
+//   - A bad id in one GPU's tokens: only that GPU records it (Routing::recorded_source), and
+//     once its copy of the fault record lands, the next call's host meeting fails on every
+//     member with its message (the CPU handlers fail every device in the faulty call itself).
+//     Check that no member waits out the timeout, and that the call after is clean everywhere.
 //   - A launch failing on one GPU between its barriers: its end barrier aborts and returns at
 //     once, so its stream moves on while peers past the start barrier may still write its
 //     staging and d_weights (scatter_slots reads the abort flag once a warp). A barrier entered
@@ -270,6 +268,10 @@ struct Routing {
   // device whose groups the GEMMs walk, or -1 for every device's (emulated).
   PlanView plan;
   int32_t me;
+  // The source whose out-of-range ids go into the fault record; -1: every source's. Every
+  // device sees every source's ids, so in a group that shares faults on the host each records
+  // its own source's only, and each bad id is reported once.
+  int32_t recorded_source;
 };
 
 // One pair of the work list.

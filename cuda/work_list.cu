@@ -43,7 +43,8 @@ __device__ int32_t classify_pair(const Routing& r, int32_t i, DeviceError* error
   const int32_t* row = r.ids[p.source] + static_cast<int64_t>(p.token) * r.top_k;
   const int32_t id = row[p.k];
   if (id < 0 || id >= r.experts_total) {
-    record_device_error(error, kBadExpertId, p.source, p.token, p.k, id, r.experts_total);
+    if (r.recorded_source < 0 || r.recorded_source == p.source)
+      record_device_error(error, kBadExpertId, p.source, p.token, p.k, id, r.experts_total);
     return -1;
   }
   const int32_t local = id - r.first_expert;

@@ -76,6 +76,7 @@ cuda::Routing MakeRouting(const Call& c, DeviceState& me) {
   r.aborted = &me.error->aborted;
   r.plan = c.plan;
   r.me = c.me;
+  r.recorded_source = c.recorded_source;
   return r;
 }
 

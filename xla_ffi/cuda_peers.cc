@@ -3,6 +3,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "xla_ffi/region_layout.h"
 #include "xla_ffi/shared_memory.h"
@@ -77,10 +78,12 @@ ffi::Error CheckInProcessPeers(DeviceState& me, const Call& call, int32_t rank,
 }
 
 // Meets the peers of a real group in this process and fills the peer table and the barrier
-// members.
+// members. A bad id this GPU's earlier call found (`earlier`) fails this call on every member:
+// one that stopped its program alone would leave the others waiting for it at their next
+// meeting, a timeout long.
 ffi::Error ConnectInProcess(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank_op,
                             const ScalarS32& group_op, const PeerBuffers& own, cudaStream_t stream,
-                            Call* call) {
+                            ffi::Error* earlier, Call* call) {
   const MoeDims& d = call->d;
   SitePlace* place;
   if (ffi::Error err = Place(me, attrs.site, rank_op, group_op, d.num_devices,
@@ -102,15 +105,17 @@ ffi::Error ConnectInProcess(const CallAttrs& attrs, DeviceState& me, const Scala
   for (int dev = 0; dev < d.num_devices; ++dev) call->peers.push_back(group->peer(dev));
   if (ffi::Error bad = CheckInProcessPeers(me, *call, place->rank, published); bad.failure())
     group->ReportFailure(bad.message());
+  if (earlier->failure()) group->ReportFailure(earlier->message());
   // The second host meeting: every device holds its copy of the table, so a fast device may
   // publish its next call's buffers (the kernels' own ordering is the device barriers'), and
   // every member knows whether any member failed.
   if (ffi::Error err = group->Arrive(place->rank, Phase::kComputed, timeout); err.failure())
     return err;
   if (std::string failed = group->Failure(); !failed.empty())
-    return ffi::Error::Internal(failed);
+    return earlier->failure() ? std::move(*earlier) : ffi::Error::Internal(failed);
   for (int dev = 0; dev < d.num_devices; ++dev) call->barrier.signals[dev] = call->peers[dev].signals;
   JoinGroup(attrs, me, place, call);
+  call->recorded_source = place->rank;
   return ffi::Error::Success();
 }
 
@@ -206,7 +211,7 @@ int32_t ExpertsHere(const CallAttrs& attrs, const MoeDims& d, bool planned) {
 
 ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank,
                         const ScalarS32& group, const PeerBuffers& own, cudaStream_t stream,
-                        Call* call) {
+                        ffi::Error* earlier, Call* call) {
   const MoeDims& d = call->d;
   call->w_in = own.w_in;
   call->w_out = own.w_out;
@@ -215,7 +220,7 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32
   call->own_d_weights = own.d_weights;
   if (InWorkspace(attrs, d)) return ConnectIpc(attrs, me, rank, group, own, stream, call);
   if (!attrs.emulated && d.num_devices > 1)
-    return ConnectInProcess(attrs, me, rank, group, own, stream, call);
+    return ConnectInProcess(attrs, me, rank, group, own, stream, earlier, call);
   // Each emulated device's partials [E_local, S, H*G*F + F*H] are stacked like its weights.
   const int64_t partials = d.experts_local * call->plan.slots * d.expert_elements();
   for (int dev = 0; dev < d.num_devices; ++dev) {

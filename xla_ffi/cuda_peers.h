@@ -36,6 +36,11 @@ struct Call {
   cuda::PlanView plan{};
   // This device's rank in its group; -1 when emulating, where the call is every device's.
   int32_t me = -1;
+  // The source whose bad expert ids this device records (cuda::Routing::recorded_source): its
+  // own rank in a group of this process, whose members share an earlier call's fault at their
+  // host meeting; -1, every source's, where a device reports on its own (emulated, or peers in
+  // other processes, each of which must stop its own program).
+  int32_t recorded_source = -1;
   // The experts the work list covers, [first_expert, first_expert + experts_here): this
   // device's (every emulated device's), or with a plan the whole group's; the experts whose
   // weights and gradients are this call's (own_experts: E_local, or D * E_local emulated);
@@ -82,8 +87,11 @@ int32_t OwnExperts(const CallAttrs& attrs, const MoeDims& d);
 int32_t ExpertsHere(const CallAttrs& attrs, const MoeDims& d, bool planned);
 
 // Fills `call` (whose dims are decoded) for this device, whose own buffers are `own`.
+// `earlier`: a fault an earlier call of this GPU recorded, or success. The members of a group in
+// this process share it at their host meeting and all return it (the GPU that found it returns
+// `earlier` itself); elsewhere it is left to be reported once the launches are enqueued.
 xla::ffi::Error ConnectPeers(const CallAttrs& attrs, DeviceState& me, const ScalarS32& rank,
                              const ScalarS32& group, const PeerBuffers& own, cudaStream_t stream,
-                             Call* call);
+                             xla::ffi::Error* earlier, Call* call);
 
 }  // namespace ccf

@@ -145,8 +145,9 @@ ffi::Error TakeKeptRowsAndPlan(const CallAttrs& attrs, const Hidden& hidden,
 
 // The steps every handler takes before its launches: the GPU's state (a broken GPU stops here,
 // before it meets anyone), a fault an earlier call recorded, the scratch, the peers. A bad id an
-// earlier call found comes back in `earlier`, to be reported only once this call has met its
-// peers and enqueued its barriers, so that no peer waits for a GPU that bailed out.
+// earlier call found fails the host meeting of a group in this process for every member; else
+// it comes back in `earlier`, to be reported only once this call has met its peers and enqueued
+// its barriers, so that no peer waits for a GPU that bailed out.
 template <typename Scratch, Scratch (*kCarve)(const Call&, Arena&)>
 ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
                    ffi::ScratchAllocator& allocator, const ScalarS32& rank,
@@ -177,7 +178,7 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   }
   PeerBuffers mine = own;
   mine.partials = Partials(*scratch);  // where helpers write, published with the rest
-  return ConnectPeers(attrs, **state, rank, group, mine, stream, call);
+  return ConnectPeers(attrs, **state, rank, group, mine, stream, earlier, call);
 }
 
 // What a handler returns once its launches are enqueued: the first failure among them, this
