@@ -179,10 +179,14 @@
 //     once its copy of the fault record lands, the next call's host meeting fails on every
 //     member with its message (the CPU handlers fail every device in the faulty call itself).
 //     Check that no member waits out the timeout, and that the call after is clean everywhere.
-//   - A launch failing on one GPU between its barriers: its end barrier aborts and returns at
-//     once, so its stream moves on while peers past the start barrier may still write its
-//     staging and d_weights (scatter_slots reads the abort flag once a warp). A barrier entered
-//     aborted would have to wait, up to the timeout, for every member's flag.
+//   - A launch failing on one GPU between its barriers: its end barrier gives the call up and
+//     waits for every member's flag (BarrierParams::drain) before its stream moves on, as
+//     tests/barrier_protocol.cu checks on the host; check it on GPUs with a launch made to fail.
+//     Left open: a member that gives up just after passing the start barrier overwrites its
+//     epoch with kAbortFlag, so a slower peer still reading the flags gives its start barrier
+//     up, and that peer's end barrier returns at once although a third member, which passed,
+//     may still write into its staging. Closing it needs the end barrier to know whether its
+//     own start barrier signalled.
 //   - Operands that are XLA constants (CheckPeerMemory's test on memory not from cuMemAlloc),
 //     and XLA_PYTHON_CLIENT_ALLOCATOR=platform.
 #pragma once
@@ -592,7 +596,7 @@ struct PartialSumParams {
 cudaError_t sum_partials(DType dtype, const PartialSumParams& params, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// signal.cu
+// signal.cu (the steps: barrier.cuh)
 
 struct BarrierParams {
   // Each member's flags for the call site, [kMaxPeers] with flag r written by rank r: a buffer
@@ -619,6 +623,16 @@ struct BarrierParams {
   // before signalling and compares each member's once that member has signalled.
   uint64_t* signatures[kMaxPeers];
   uint64_t signature;
+  // The end barrier of a call: until a member signals it, that member may still be writing into
+  // this device's staging and d_weights (or reading its operands), so each wait lasts until its
+  // member signals (kAbortFlag included) or the timeout, even once another wait failed.
+  int32_t end;
+  // End barrier only: a launch of this call failed after the start barrier (the host has set
+  // DeviceError::aborted). The call is given up, but the barrier still waits for every member
+  // as above before the stream moves on. A barrier entered aborted otherwise (an earlier
+  // barrier gave up) returns at once, or each call queued behind a dead peer would wait out
+  // the timeout.
+  int32_t drain;
 };
 
 // Every member stores the epoch into its flag in each member's buffer (system-scope release) and
@@ -626,7 +640,7 @@ struct BarrierParams {
 // more than one barrier ahead (a correct run never has one: a peer cannot pass a barrier this
 // device has not signalled) is a group out of step; a wait past the timeout, a changed rank or
 // other shapes are faults too. On any of them the kernel records the fault, sets
-// DeviceError::aborted and stores kAbortFlag at every member, then returns.
+// DeviceError::aborted and stores kAbortFlag at every member, then returns (cuda/barrier.cuh).
 cudaError_t barrier(const BarrierParams& params, cudaStream_t stream);
 
 }  // namespace ccf::cuda

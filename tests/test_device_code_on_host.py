@@ -1,8 +1,10 @@
 """The CUDA path's device code checked on the host, where no GPU runs its kernels but the CUDA
 toolkit's and CUTLASS's headers compile it: expert_gemm's configurations (tests/gemm_layouts.cu:
 every copy moves each element where its kernel expects it, ldmatrix's exchange between lanes
-simulated as PTX defines it) and the activation passes' row functions (tests/pair_rows.cu: four
-columns a lane give the bytes one column a lane and the formula give).
+simulated as PTX defines it), the activation passes' row functions (tests/pair_rows.cu: four
+columns a lane give the bytes one column a lane and the formula give) and the device barrier's
+protocol between GPUs (tests/barrier_protocol.cu: its steps run by host threads, with members
+late, dead, out of step or giving up).
 
 The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
 would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
@@ -76,3 +78,11 @@ def test_activation_rows_in_vectors_match_one_column_a_lane_and_the_formula(tmp_
   verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
   # Every activation at F = 768, 200 and 1032.
   assert len(verdicts) == 5 * 3, out
+
+
+def test_device_barrier_protocol_keeps_members_in_step_and_reports_each_fault(tmp_path):
+  out = _run_host_check("barrier_protocol", tmp_path)
+  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+  # In step (two ways of counting), a dead member, out of step, a changed rank, other shapes,
+  # and the end barrier after a failed launch or another member's failure.
+  assert len(verdicts) == 8, out

@@ -100,14 +100,17 @@ void DeviceBarrier(const Call& c, DeviceState& me, const ScalarS32* rank, const 
   if (b.passed == nullptr) b.epoch = NextBarrier(me, *c.place);  // else counted in the region
   b.rank_value = rank ? rank->typed_data() : nullptr;
   b.group_value = group ? group->typed_data() : nullptr;
-  if (rank == nullptr)  // peers compare signatures at the start barrier only
+  b.end = rank == nullptr;
+  if (b.end)  // peers compare signatures at the start barrier only
     for (uint64_t*& word : b.signatures) word = nullptr;
   // A launch of this call failed: the barrier gives the call up instead of telling the peers
-  // that this device's part is done (cuda/signal.cu).
-  if (launcher.failed())
+  // that this device's part is done, and at the end still waits for them (cuda/barrier.cuh).
+  if (launcher.failed()) {
     launcher.Always("marking the call aborted", [&] {
       return cudaMemsetAsync(&me.error->aborted, 1, sizeof(me.error->aborted), stream);
     });
+    b.drain = b.end;
+  }
   launcher.Always("barrier", [&] { return cuda::barrier(b, stream); });
 }
 
