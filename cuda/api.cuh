@@ -179,14 +179,12 @@
 //     once its copy of the fault record lands, the next call's host meeting fails on every
 //     member with its message (the CPU handlers fail every device in the faulty call itself).
 //     Check that no member waits out the timeout, and that the call after is clean everywhere.
-//   - A launch failing on one GPU between its barriers: its end barrier gives the call up and
-//     waits for every member's flag (BarrierParams::drain) before its stream moves on, as
-//     tests/barrier_protocol.cu checks on the host; check it on GPUs with a launch made to fail.
-//     Left open: a member that gives up just after passing the start barrier overwrites its
-//     epoch with kAbortFlag, so a slower peer still reading the flags gives its start barrier
-//     up, and that peer's end barrier returns at once although a third member, which passed,
-//     may still write into its staging. Closing it needs the end barrier to know whether its
-//     own start barrier signalled.
+//   - A launch failing on one GPU between its barriers, or a member giving up just after the
+//     start barrier (its kAbortFlag can reach a slower peer still reading the start's flags,
+//     which then gives its start up, while a third member passed): the end barriers give the
+//     call up but wait for the members that signalled its start before their streams move on,
+//     as tests/barrier_protocol.cu checks on the host; check it on GPUs with a launch made to
+//     fail.
 //   - Operands that are XLA constants (CheckPeerMemory's test on memory not from cuMemAlloc),
 //     and XLA_PYTHON_CLIENT_ALLOCATOR=platform.
 #pragma once
@@ -223,7 +221,10 @@ struct DeviceError {
   int32_t token;
   int32_t k;
   int32_t aborted;
-  int32_t unused;
+  // Whether the device's last start barrier stored its epoch at the members (so they may pass
+  // it and write into this device's buffers): the end barrier's drain reads it
+  // (cuda/barrier.cuh). The barriers keep it; the handler never clears it.
+  int32_t signalled;
   int64_t value;
   int64_t limit;
 };
@@ -625,14 +626,10 @@ struct BarrierParams {
   uint64_t signature;
   // The end barrier of a call: until a member signals it, that member may still be writing into
   // this device's staging and d_weights (or reading its operands), so each wait lasts until its
-  // member signals (kAbortFlag included) or the timeout, even once another wait failed.
+  // member signals (kAbortFlag included) or the timeout, even once another wait failed. Entered
+  // with the call given up (a failed launch, a start barrier that failed after signalling), it
+  // still waits so for the members that signalled the call's start (DeviceError::signalled).
   int32_t end;
-  // End barrier only: a launch of this call failed after the start barrier (the host has set
-  // DeviceError::aborted). The call is given up, but the barrier still waits for every member
-  // as above before the stream moves on. A barrier entered aborted otherwise (an earlier
-  // barrier gave up) returns at once, or each call queued behind a dead peer would wait out
-  // the timeout.
-  int32_t drain;
 };
 
 // Every member stores the epoch into its flag in each member's buffer (system-scope release) and

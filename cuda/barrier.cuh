@@ -57,13 +57,18 @@ __device__ __forceinline__ void barrier_thread(const BarrierParams& p, int32_t i
     }
     if (!*stop && p.signatures[p.rank] != nullptr) *p.signatures[p.rank] = p.signature;
   }
-  // Every thread reads the count before thread 0 raises it.
+  // Every thread reads the count and whether the start barrier signalled before thread 0
+  // raises or rewrites them.
   const uint64_t epoch = p.passed != nullptr ? *p.passed + 1 : p.epoch;
+  const bool signalled = p.error->signalled != 0;
   memory.sync_block();
-  // Given up: a call that failed between its barriers still waits for its peers below, since
-  // they may be writing into its buffers; any other gives up at once.
-  const bool draining = *stop;
-  if (draining && !p.drain) return;
+  if (i == 0) p.error->signalled = !p.end && !*stop;
+  // Given up at the end of a call whose start this device signalled: members may have passed
+  // the start and be writing into its buffers, so it still waits for them below. Any other
+  // barrier given up returns at once (members cannot have passed a start it never signalled,
+  // and each call queued behind a dead member would otherwise wait out the timeout).
+  const bool draining = *stop && p.end && signalled;
+  if (*stop && !draining) return;
   if (i >= p.num_members) return;
   if (!draining) {
     if (i == 0 && p.passed != nullptr) *p.passed = epoch;
@@ -80,6 +85,7 @@ __device__ __forceinline__ void barrier_thread(const BarrierParams& p, int32_t i
   const uint64_t start = memory.now_ns();
   uint64_t seen;
   while ((seen = memory.load_acquire(flag)) < epoch) {
+    if (draining && seen + 1 < epoch) return;  // member i never signalled the start
     // Another member's wait failed. At the start of a call no peer is past this barrier, so
     // none touches this device's buffers; at its end member i may still be writing into them
     // until it signals (an abort's kAbortFlag included), so the wait goes on.

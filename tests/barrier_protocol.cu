@@ -4,7 +4,7 @@
 // barriers a member writes into its peers' staging, as the scatter does. Checked: the epochs and
 // counts of a group in step, and what each fault records and leaves behind; that a barrier
 // entered aborted returns at once; that an end barrier returns only once every member that may
-// write into this device's buffers has signalled, also after a failed launch (drain) or another
+// write into this device's buffers has signalled, also after a failed launch or another
 // member's failure, where without those rules it returns first (the controls). The host's
 // memory model is not the GPU's: the release/acquire ordering itself awaits a GPU. Prints each
 // case and the number of errors; exits 1 on any.
@@ -59,8 +59,12 @@ class Gate {
 struct HostMemory {
   Gate* block;
   Gate* members;
+  int load_delay_ms;  // a member slow to read its flags
 
-  uint64_t load_acquire(const uint64_t* flag) { return __atomic_load_n(flag, __ATOMIC_ACQUIRE); }
+  uint64_t load_acquire(const uint64_t* flag) {
+    if (load_delay_ms) std::this_thread::sleep_for(std::chrono::milliseconds(load_delay_ms));
+    return __atomic_load_n(flag, __ATOMIC_ACQUIRE);
+  }
   void store_release(uint64_t* flag, uint64_t value) {
     __atomic_store_n(flag, value, __ATOMIC_RELEASE);
   }
@@ -116,9 +120,9 @@ struct Group {
   int size() const { return static_cast<int>(devices.size()); }
   Device& operator[](int r) { return *devices[r]; }
 
-  // The params of member `rank`'s barrier number `epoch` at the site (from 1); `end` and `drain`
-  // as BarrierParams has them.
-  BarrierParams params(int rank, uint64_t epoch, bool end, bool drain = false) {
+  // The params of member `rank`'s barrier number `epoch` at the site (from 1), the start or the
+  // end of a call.
+  BarrierParams params(int rank, uint64_t epoch, bool end) {
     BarrierParams p{};
     for (int m = 0; m < size(); ++m) p.signals[m] = devices[m]->flags;
     p.num_members = size();
@@ -138,7 +142,6 @@ struct Group {
       }
     }
     p.end = end;
-    p.drain = drain;
     return p;
   }
 
@@ -150,9 +153,9 @@ struct Group {
 
 // A barrier "kernel": kMaxPeers threads, joined (the stream's next launch starts after it).
 // Returns how long it took.
-double run_barrier(const BarrierParams& p) {
+double run_barrier(const BarrierParams& p, int load_delay_ms = 0) {
   Gate block(kMaxPeers), members(p.num_members);
-  HostMemory memory{&block, &members};
+  HostMemory memory{&block, &members, load_delay_ms};
   bool stop = false;
   const auto start = Clock::now();
   std::vector<std::thread> threads;
@@ -283,41 +286,52 @@ void other_shapes() {
   std::printf("%s: %s\n", name, errors ? "errors" : "ok");
 }
 
-// Once every member has passed the start barrier, a member gives the call up at its end
-// barrier: member 0 itself for a launch that failed (drain), or member 1 for an earlier
-// barrier's abort (with `end` set on member 0's barrier). Members 2 (and 1 for a failed
-// launch) write into member 0's staging 200 ms later, as a scatter still running would. With
-// the end rules member 0 returns only after those writes; without them (the control) before.
-// Returns whether the writes were there when member 0's barrier returned.
-bool writes_before_return(bool failed_launch, bool rules) {
+// How a call is given up after its start barrier, with member 2 still to write into member
+// 0's staging (200 ms later, as a scatter still running would):
+//   kFailedLaunch: a launch of member 0 fails once every member has passed the start (the host
+//     sets `aborted`); member 1 writes too;
+//   kPeerGaveUp:   member 1 gives up (an earlier barrier's abort) once every member has passed;
+//   kSlowStart:    member 1 gives up once member 2 has passed, while member 0 still reads the
+//     start's flags (its loads are 100 ms late), so member 0's start fails on member 1's
+//     kAbortFlag although member 2 passed.
+enum Case { kFailedLaunch, kPeerGaveUp, kSlowStart };
+const char* const kCaseNames[] = {"a failed launch", "another member gave up",
+                                  "another member gave up during a slow start"};
+
+// Whether the writes were in member 0's staging when its end barrier returned: with the end
+// rules (BarrierParams::end) they must be; without them (the control) member 0 returns first.
+bool writes_before_return(Case c, bool rules) {
+  const char* name = kCaseNames[c];
   Group g(3, false);
   bool landed = false;
-  int started = 0;
-  auto start = [&](int r) {
-    run_barrier(g.params(r, 1, false));
-    __atomic_add_fetch(&started, 1, __ATOMIC_ACQ_REL);
+  int started[3] = {};
+  auto wait_started = [&](int r) {
+    while (!__atomic_load_n(&started[r], __ATOMIC_ACQUIRE)) sleep_ms(1);
   };
-  auto all_started = [&] {
-    while (__atomic_load_n(&started, __ATOMIC_ACQUIRE) < g.size()) sleep_ms(1);
+  auto start = [&](int r, int load_delay_ms = 0) {
+    run_barrier(g.params(r, 1, false), load_delay_ms);
+    __atomic_store_n(&started[r], 1, __ATOMIC_RELEASE);
   };
+  auto give_up = [&](int r) { __atomic_store_n(&g[r].error.aborted, 1, __ATOMIC_RELEASE); };
+  const bool writes_1 = c == kFailedLaunch;
   std::vector<std::function<void()>> streams;
   streams.push_back([&] {
-    start(0);
-    if (failed_launch) {
-      all_started();
-      __atomic_store_n(&g[0].error.aborted, 1, __ATOMIC_RELEASE);
+    start(0, c == kSlowStart ? 100 : 0);
+    if (c == kFailedLaunch) {
+      for (int r = 0; r < 3; ++r) wait_started(r);
+      give_up(0);
     }
-    BarrierParams end = g.params(0, 2, true, failed_launch && rules);
+    BarrierParams end = g.params(0, 2, true);
     end.end = rules;
     run_barrier(end);
-    landed = g[0].slot(2) == 1 && (!failed_launch || g[0].slot(1) == 1);
+    landed = g[0].slot(2) == 1 && (!writes_1 || g[0].slot(1) == 1);
   });
   for (int r = 1; r < 3; ++r)
     streams.push_back([&, r] {
       start(r);
-      if (r == 1 && !failed_launch) {
-        all_started();
-        __atomic_store_n(&g[1].error.aborted, 1, __ATOMIC_RELEASE);  // given up earlier
+      if (r == 1 && !writes_1) {
+        for (int other = c == kSlowStart ? 2 : 0; other < 3; ++other) wait_started(other);
+        give_up(1);
       } else {
         sleep_ms(200);
         g.write(r, 0, 1);
@@ -325,32 +339,29 @@ bool writes_before_return(bool failed_launch, bool rules) {
       run_barrier(g.params(r, 2, true));
     });
   run_members(streams);
-  if (rules) {
-    const char* name = failed_launch ? "a failed launch" : "another member gave up";
-    if (failed_launch) {
-      expect(g[0].error.code == kDeviceOk && g[0].aborted(), name,
-             "the draining member recorded a fault of its own or carried on");
-      for (int r = 1; r < 3; ++r)
-        // From member 0, or from the other peer that saw it first.
-        expect(g[r].error.code == kOutOfStep &&
-                   static_cast<uint64_t>(g[r].error.value) == kAbortFlag,
-               name, "a peer did not see the call given up");
-    } else {
-      expect(g[0].error.code == kOutOfStep && g[0].error.source == 1, name,
-             "member 0 did not see member 1 give up");
-    }
+  if (!rules) return landed;
+  if (c == kFailedLaunch) {
+    expect(g[0].error.code == kDeviceOk && g[0].aborted(), name,
+           "the member that gave up recorded a fault of its own or carried on");
+    for (int r = 1; r < 3; ++r)
+      // From member 0, or from the other peer that saw it first.
+      expect(g[r].error.code == kOutOfStep &&
+                 static_cast<uint64_t>(g[r].error.value) == kAbortFlag,
+             name, "a peer did not see the call given up");
+  } else {
+    expect(g[0].error.code == kOutOfStep && g[0].error.source == 1 && g[0].aborted(), name,
+           "member 0 did not see member 1 give up");
   }
   return landed;
 }
 
 void end_rules() {
-  for (bool failed_launch : {true, false}) {
-    const char* name = failed_launch ? "a failed launch" : "another member gave up";
-    expect(writes_before_return(failed_launch, true), name,
+  for (Case c : {kFailedLaunch, kPeerGaveUp, kSlowStart}) {
+    expect(writes_before_return(c, true), kCaseNames[c],
            "the end barrier returned while a peer could still write into the staging");
-    expect(!writes_before_return(failed_launch, false), name,
+    expect(!writes_before_return(c, false), kCaseNames[c],
            "the control without the end rules waited too, so the check above proves nothing");
-    std::printf("%s: %s\n", name, errors ? "errors" : "ok");
+    std::printf("%s: %s\n", kCaseNames[c], errors ? "errors" : "ok");
   }
 }
 

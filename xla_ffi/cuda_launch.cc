@@ -105,12 +105,10 @@ void DeviceBarrier(const Call& c, DeviceState& me, const ScalarS32* rank, const 
     for (uint64_t*& word : b.signatures) word = nullptr;
   // A launch of this call failed: the barrier gives the call up instead of telling the peers
   // that this device's part is done, and at the end still waits for them (cuda/barrier.cuh).
-  if (launcher.failed()) {
+  if (launcher.failed())
     launcher.Always("marking the call aborted", [&] {
       return cudaMemsetAsync(&me.error->aborted, 1, sizeof(me.error->aborted), stream);
     });
-    b.drain = b.end;
-  }
   launcher.Always("barrier", [&] { return cuda::barrier(b, stream); });
 }
 
