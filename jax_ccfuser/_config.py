@@ -43,9 +43,20 @@ def _setting(name, value):
       setattr(_state, name, previous)
 
 
+# A wait without end is a hang; the handlers count the timeout in int64 nanoseconds.
+_MAX_TIMEOUT_SECONDS = 1e9
+
+
+def _checked_timeout(seconds) -> float:
+  if not 0 < seconds <= _MAX_TIMEOUT_SECONDS:
+    raise ValueError(f"peer_timeout must be positive and at most {_MAX_TIMEOUT_SECONDS:g} "
+                     f"seconds, got {seconds}")
+  return float(seconds)
+
+
 def peer_timeout_ms() -> int:
   """The timeout in force for calls traced now, in milliseconds."""
-  return max(1, round(1000 * _current("seconds")))
+  return max(1, round(1000 * _checked_timeout(_current("seconds"))))
 
 
 def peer_timeout(seconds: float):
@@ -59,9 +70,7 @@ def peer_timeout(seconds: float):
     >>> with jax_ccfuser.peer_timeout(5.0):
     ...   y = jax.jit(step)(x)
   """
-  if not seconds > 0:
-    raise ValueError(f"peer_timeout must be positive, got {seconds}")
-  return _setting("seconds", float(seconds))
+  return _setting("seconds", _checked_timeout(seconds))
 
 
 def transport_in_force() -> str:

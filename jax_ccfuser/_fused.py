@@ -338,6 +338,10 @@ def _plan_operands(plan, num_experts, num_devices):
     raise ValueError(f"plan must come from jax_ccfuser.reassign, got {type(plan).__name__}")
   if plan.workers.shape[0] != num_experts:
     raise ValueError(f"plan is for {plan.workers.shape[0]} experts, this call has {num_experts}")
+  if plan.loads_before.shape[0] != num_devices:
+    raise ValueError(f"plan is for a group of {plan.loads_before.shape[0]} devices, this call's "
+                     f"has {num_devices}: make it with reassign(..., axis_name=) over this "
+                     f"call's expert axis")
   return plan.workers, plan.bounds
 
 

@@ -143,6 +143,17 @@ class MoESpec:
     """Partitioning of w_in / w_out: the expert dimension over `axis_name`, the rest whole."""
     return (self.axis_name, None, None)
 
+  def placement(self):
+    """`expert_axis(axis_name)` where the layer runs now, the experts checked to split evenly
+    over the mesh's expert axis (before JAX places the weights)."""
+    mode = expert_axis(self.axis_name)
+    if mode is not None and self.axis_name is not None:
+      size = jax.sharding.get_abstract_mesh().shape[self.axis_name]
+      if self.num_experts % size:
+        raise ValueError(f"num_experts={self.num_experts} does not split evenly over the mesh's "
+                         f"expert axis {self.axis_name!r} of size {size}")
+    return mode
+
   def shared_sharding(self) -> tuple:
     """Partitioning of the shared experts' matrices: replicated.
 
@@ -201,7 +212,7 @@ class MoESpec:
     """
     lead, h = x.shape[:-1], x.shape[-1]
     x, logits = x.reshape(-1, h), logits.reshape(-1, self.num_experts)
-    mode = expert_axis(self.axis_name)
+    mode = self.placement()
     if mode == "map":
       # The tokens split over every mesh axis (data-parallel axes too, each of whose devices
       # runs an expert-parallel group of its own), the experts over the expert axis alone, or

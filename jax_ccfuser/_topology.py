@@ -71,13 +71,21 @@ def _process_hosts(kind: str) -> np.ndarray:
 
 
 def check_every_axis_manual(axis_name) -> None:
-  """Refuses a `shard_map` that leaves a mesh axis of size > 1 to XLA (`axis_names` short of the
-  mesh's): a device's place in a `fused_moe` call is its rank on `axis_name` and its group over
-  the other manual axes, so the devices along an axis left to XLA would each run the same group
-  and meet as one, in the same memory."""
+  """Refuses an `axis_name` that is no mesh axis (a `jax.vmap` axis), and a `shard_map` that
+  leaves a mesh axis of size > 1 to XLA (`axis_names` short of the mesh's): a device's place in a
+  `fused_moe` call is its rank on `axis_name` and its group over the other manual axes, so the
+  devices along an axis left to XLA would each run the same group and meet as one, in the same
+  memory."""
   if axis_name is None:
     return
   abstract = jax.sharding.get_abstract_mesh()
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  unmeshed = [n for n in names if n not in abstract.axis_names]
+  if unmeshed:
+    # A jax.vmap axis: its members are one device's batch, and each would wait for the others.
+    raise ValueError(f"fused_moe's axis_name {unmeshed} is not a mesh axis here (bound by "
+                     f"jax.vmap?): its devices meet across a jax.shard_map (or jax.pmap) axis; "
+                     f"reference_moe and all_to_all_moe also run over a vmap axis")
   left = [n for n, t in zip(abstract.axis_names, abstract.axis_types)
           if t != AxisType.Manual and abstract.shape[n] > 1]
   if left:

@@ -105,8 +105,10 @@ def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: st
     raise ValueError(f"expert_weights must be float32 or x's dtype ({_dtype_name(x)}), "
                      f"got {_dtype_name(expert_weights)}")
   for name, w in (("w_in", w_in), ("w_out", w_out)):
-    if w.dtype not in _X_DTYPES:
-      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {_dtype_name(w)}")
+    if w.dtype != x.dtype:
+      raise ValueError(f"{name} must have x's dtype ({_dtype_name(x)}), got {_dtype_name(w)}: "
+                       f"cast one side first (e.g. {name}.astype(x.dtype); the Flax layers "
+                       f"cast to their `dtype`)")
   t, h = x.shape
   if expert_ids.shape[0] != t:
     raise ValueError(f"expert_ids has {expert_ids.shape[0]} rows but x has {t} tokens")

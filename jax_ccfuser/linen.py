@@ -115,6 +115,7 @@ class MoE(nn.Module):
                    top_groups=self.top_groups, scale=self.scale,
                    num_shared_experts=self.num_shared_experts)
     h, e, g = x.shape[-1], self.num_experts, 2 if spec.gated else 1
+    spec.placement()  # the experts split evenly over the mesh's expert axis, before init places them
 
     def partitioned(init, sharding):
       return init if self.axis_name is None else nn.with_partitioning(init, sharding)

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import (MoEAux, MoESpec, default_expert_init, default_shared_init,
-                                    expert_axis)
+from jax_ccfuser._moe_layer import MoEAux, MoESpec, default_expert_init, default_shared_init
 
 
 @nnx.register_variable_name("expert_bias")
@@ -140,7 +139,7 @@ class MoE(nnx.Module):
       # Annotated always; placed now only under a mesh with the axis (eager sharding needs one).
       if axis_name is None:
         return {}
-      return {"out_sharding": spec, "eager_sharding": expert_axis(axis_name) is not None}
+      return {"out_sharding": spec, "eager_sharding": self.spec.placement() is not None}
 
     self.w_in = nnx.Param(kernel_init(rngs.params(), (num_experts, hidden, g * ffn), param_dtype),
                           **sharding(self.spec.expert_sharding()))

@@ -78,6 +78,20 @@ def test_scratch_budget_is_fixed_at_trace_time():
       ccf.scratch_budget(bad)
 
 
+def test_peer_timeout_is_fixed_at_trace_time(monkeypatch):
+  static = _static_traced_now
+  assert static().timeout_ms == round(1000 * ccf._config._DEFAULTS["seconds"])  # 300 s unset
+  with ccf.peer_timeout(2.5):
+    assert static().timeout_ms == 2500
+  # Endless waits are hangs, and the handlers count nanoseconds in int64.
+  for bad in (0, -1, float("nan"), float("inf"), 1e10):
+    with pytest.raises(ValueError, match="peer_timeout must be positive and at most 1e"):
+      ccf.peer_timeout(bad)
+  monkeypatch.setitem(ccf._config._DEFAULTS, "seconds", float("inf"))  # the environment's
+  with pytest.raises(ValueError, match="peer_timeout must be positive"):
+    static()
+
+
 def test_fetch_sms_are_fixed_at_trace_time():
   static = _static_traced_now
   auto = ccf._config.AUTO_FETCH_SMS  # the handler's one SM in eight

@@ -207,6 +207,13 @@ def test_bad_options():
   with pytest.raises(ValueError, match="do not split evenly"):
     with jax.set_mesh(ep_mesh(DEVICES)):
       _layer()(_tokens(shape=(1, 3, HIDDEN)))
+  # Before JAX places the weights (its IndivisibleError names no option of the layer).
+  uneven = r"num_experts=6 does not split evenly over the mesh's expert axis 'ep' of size 4"
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    with pytest.raises(ValueError, match=uneven):
+      ccf_nnx.MoE(HIDDEN, FFN, 6, axis_name="ep", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=uneven):
+      ccf_linen.MoE(num_experts=6, ffn=FFN, axis_name="ep").init(jax.random.key(0), _tokens())
 
 
 def _objective(layer, x):

@@ -355,3 +355,23 @@ def test_shard_map_must_be_manual_over_every_axis_of_size_above_one(data):
       run(ccf.fused_moe)
   else:
     assert_close(run(ccf.fused_moe), run(ccf.reference_moe), jnp.float32)
+
+
+@pytest.mark.parametrize("map_fn", ["vmap", "pmap"])
+def test_axis_name_of_a_vmap_is_refused_and_of_a_pmap_runs(map_fn):
+  """The members of a vmap axis are one device's batch: each would wait a whole peer timeout for
+  the others, so fused_moe refuses the axis while tracing. A pmap axis is a mesh axis."""
+  case = Case(devices=4, tokens=9, seed=21)
+  per_device = [a.reshape(4, a.shape[0] // 4, *a.shape[1:]) for a in make_inputs(case)]
+
+  def run(moe_fn):
+    body = functools.partial(moe_fn, axis_name="ep")
+    return getattr(jax, map_fn)(body, axis_name="ep")(*per_device)
+
+  if map_fn == "vmap":
+    with pytest.raises(ValueError, match=r"axis_name \['ep'\] is not a mesh axis here \(bound "
+                                         r"by jax.vmap\?\)"):
+      run(ccf.fused_moe)
+  else:
+    expected = run(ccf.reference_moe)
+    assert_close(run(ccf.fused_moe), expected, jnp.float32)

@@ -183,6 +183,20 @@ def test_plan_for_other_expert_count_is_rejected():
     ccf.reassign(ids, 0)
 
 
+def test_plan_for_another_group_is_rejected_while_tracing():
+  """A plan made inside the shard_map without reassign's axis_name is one device's: fused_moe
+  over four devices refuses it while tracing, where the handler would refuse its owners."""
+  case = Case(devices=4, tokens=6, seed=10)
+
+  def body(x, ids, weights, w_in, w_out, axis_name):
+    plan = ccf.reassign(ids, case.num_experts)  # no axis_name: a group of one
+    return ccf.fused_moe(x, ids, weights, w_in, w_out, axis_name=axis_name, plan=plan)
+
+  with pytest.raises(ValueError, match=r"plan is for a group of 1 devices, this call's has 4: "
+                                       r"make it with reassign\(\.\.\., axis_name=\)"):
+    sharded(body, 4)(*make_inputs(case))
+
+
 def _within_bound(loads, threshold=1.1, tile=32):
   """Whether the busiest device is within max(threshold * mean, mean + tile) rows."""
   loads = np.asarray(loads, np.float64)
