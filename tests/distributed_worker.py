@@ -196,20 +196,32 @@ def timed_error(fn, *args):
   return error_of(fn, *args), time.monotonic() - start
 
 
-def fail_fast(mesh, case):
-  """The fail_fast scenario: a peer process that skips a call is waited for, one that stops
-  calling fails the calls queued behind the first timeout within about 1.5 timeouts."""
+def skipping_step(mesh):
+  """The layer, jitted, whose devices of process `skip` (an operand; -1: none) skip the call."""
   def body(x, ids, weights, w_in, w_out, skip):
     skipping = jax.lax.axis_index("ep") // DEVICES == skip
     return jax.lax.cond(skipping, lambda: x, lambda: ccf.fused_moe(x, ids, weights, w_in, w_out,
                                                                    axis_name="ep"))
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 5 + (P(),),
+                               out_specs=P("ep")))
+
+
+def queue(step, *args, calls=10):
+  """`calls` calls of `step` dispatched at once: each one's error, and the seconds they took."""
+  start = time.monotonic()
+  queued = [step(*args) for _ in range(calls)]
+  return [error_of(lambda y=y: y) for y in queued], time.monotonic() - start
+
+
+def fail_fast(mesh, case):
+  """The fail_fast scenario: a peer process that skips a call is waited for, one that stops
+  calling fails the calls queued behind the first timeout within about 1.5 timeouts."""
   args = [global_array(mesh, a) for a in make_inputs(case)]
   last, everyone = np.int32(NUM_PROCESSES - 1), np.int32(-1)
   client = key_value_client()
   out = {}
   with ccf.peer_timeout(1.0):
-    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 5 + (P(),),
-                                 out_specs=P("ep")))
+    step = skipping_step(mesh)
     first = local(step(*args, everyone))
     out["skipped"], out["skipped_s"] = timed_error(step, *args, last)
     client.wait_at_barrier("fail_fast/skipped", 60_000)
@@ -221,11 +233,28 @@ def fail_fast(mesh, case):
     # last barrier when a queued call begins to wait has been heard from, so is not yet gone.
     client.wait_at_barrier("fail_fast/again", 60_000)
     if PROCESS != NUM_PROCESSES - 1:
-      start = time.monotonic()
-      queued = [step(*args, everyone) for _ in range(10)]
-      out["queued"] = [error_of(lambda y=y: y) for y in queued]
-      out["queued_s"] = time.monotonic() - start
+      out["queued"], out["queued_s"] = queue(step, *args, everyone)
     client.wait_at_barrier("fail_fast/queued", 120_000)  # the last process waits here, silent
+  return out
+
+
+def withdrawn(mesh, case):
+  """The withdrawn scenario: the last process calls alone, gives up waiting (withdrawing from
+  the barrier) and falls silent; the others' queued calls at that barrier then fail within
+  about 1.5 timeouts, as behind a process that never came."""
+  args = [global_array(mesh, a) for a in make_inputs(case)]
+  client = key_value_client()
+  out = {}
+  with ccf.peer_timeout(1.0):
+    step = skipping_step(mesh)
+    jax.block_until_ready(step(*args, np.int32(-1)))
+    client.wait_at_barrier("withdrawn/ready", 60_000)
+    if PROCESS == NUM_PROCESSES - 1:
+      out["alone"] = error_of(step, *args, np.int32(-1))
+    client.wait_at_barrier("withdrawn/alone", 60_000)
+    if PROCESS != NUM_PROCESSES - 1:
+      out["queued"], out["queued_s"] = queue(step, *args, np.int32(-1))
+    client.wait_at_barrier("withdrawn/queued", 120_000)  # the last process waits here, silent
   return out
 
 
@@ -251,6 +280,8 @@ def main():
       out["bad_id"] = bad_id(mesh, case)  # last: the failed call is not rerun
     elif SCENARIO == "fail_fast":
       out.update(fail_fast(mesh, case))
+    elif SCENARIO == "withdrawn":
+      out.update(withdrawn(mesh, case))
     elif SCENARIO == "crash":
       args = [global_array(mesh, a) for a in make_inputs(case)]
       with ccf.peer_timeout(3.0):

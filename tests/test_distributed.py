@@ -192,6 +192,19 @@ def test_queued_calls_fail_fast_across_processes():
 
 
 @pytest.mark.slow
+def test_a_peer_that_gave_up_waiting_and_fell_silent_is_gone_too():
+  """Process 1 calls alone, times out naming process 0's ranks and falls silent. Having come to
+  the barrier, its ranks 2 and 3 once kept process 0's 10 queued calls there waiting a whole
+  timeout each, naming no one; now they are gone as if they never came."""
+  waiting, alone = _checked(run(["a", "a"], scenario="withdrawn"))
+  assert set(_named(alone["alone"])) == {" 0 1"}, alone["alone"]
+  named = [_named(e) for e in waiting["queued"]]
+  assert all(n and set(n) == {" 2 3"} for n in named), named
+  assert "waited 1000 ms" in waiting["queued"][0]
+  assert waiting["queued_s"] < 3.0, waiting["queued_s"]
+
+
+@pytest.mark.slow
 def test_a_crashed_host_breaks_the_collectives_at_once():
   # Across hosts the rows travel by gloo, whose connections to the dead process fail.
   (code0, survivor, err), (code1, _, _) = run(["a", "b"], scenario="crash")

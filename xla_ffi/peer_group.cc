@@ -10,6 +10,9 @@ namespace ccf {
 
 namespace {
 
+// How often a device waiting at a barrier looks again whether a gone peer was heard from.
+constexpr std::chrono::milliseconds kMaxWaitStep(100);
+
 // When each device of a group (group index, rank) last came to or left a barrier of any call
 // site, and whether it waits at one now: a device that does either is alive. A device leaves an
 // opened barrier at the time it opened, whenever its thread gets to say so: its peers leave that
@@ -104,9 +107,16 @@ xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::millisecon
     Devices().Left(group_, rank, opened_at);
     return xla::ffi::Error::Success();
   }
-  BarrierWait wait(*this, b.seen, timeout);
-  const bool opened =
-      b.cv.wait_until(lock, wait.deadline(), [&] { return b.generation != generation; });
+  BarrierWait wait(*this, num_devices_, timeout);
+  // In steps, so that a gone peer heard meanwhile extends the wait (BarrierWait::deadline).
+  const auto step = std::min<std::chrono::nanoseconds>(kMaxWaitStep, timeout / 4);
+  bool opened;
+  for (;;) {
+    opened = b.generation != generation;
+    const Clock::time_point now = Clock::now(), end = wait.deadline();
+    if (opened || now >= end) break;
+    b.cv.wait_until(lock, std::min<Clock::time_point>(end, now + step));
+  }
   std::vector<bool> came = b.seen;
   // Withdraw, so this call does not count as an arrival in the next one.
   if (!opened && --b.arrived == 0) b.seen.assign(num_devices_, false);
@@ -140,33 +150,48 @@ xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds 
 
 }  // namespace
 
-BarrierWait::BarrierWait(Silence& silence, const std::vector<bool>& seen,
-                         std::chrono::milliseconds timeout)
+BarrierWait::BarrierWait(Silence& silence, int members, std::chrono::milliseconds timeout)
     : silence_(silence),
       timeout_(timeout),
       start_(Clock::now()),
       deadline_(start_ + timeout),
-      gone_(seen.size(), false) {
-  for (size_t r = 0; r < seen.size(); ++r) {
-    const Clock::time_point since = silence.GoneSince(static_cast<int>(r));
-    gone_[r] = !seen[r] && since != Clock::time_point::max() &&
-               !silence.HeardSince(static_cast<int>(r), since);
-    if (gone_[r]) deadline_ = std::min(deadline_, since + timeout / 2);
+      gone_(members, false),
+      gone_since_(members) {
+  // A peer that came to this barrier and gave up waiting may be gone too: only a sign of life
+  // since it was found gone (waiting here now is one) keeps it from being so.
+  for (size_t r = 0; r < gone_.size(); ++r) {
+    gone_since_[r] = silence.GoneSince(static_cast<int>(r));
+    gone_[r] = gone_since_[r] != Clock::time_point::max();
   }
+  deadline();
+}
+
+Clock::time_point BarrierWait::deadline() {
+  deadline_ = start_ + timeout_;
+  for (size_t r = 0; r < gone_.size(); ++r) {
+    if (gone_[r] && silence_.HeardSince(static_cast<int>(r), gone_since_[r])) gone_[r] = false;
+    if (gone_[r]) deadline_ = std::min(deadline_, gone_since_[r] + timeout_ / 2);
+  }
+  return deadline_;
 }
 
 xla::ffi::Error BarrierWait::Failed(int rank, Phase phase, std::vector<bool> came) {
   const auto waited =
       std::chrono::duration_cast<std::chrono::milliseconds>(std::max(deadline_, start_) - start_);
   if (waited < timeout_) {
-    for (size_t r = 0; r < came.size(); ++r) came[r] = came[r] || !gone_[r];
-    return BarrierTimeout(rank, phase, waited, came,
+    std::vector<bool> here(gone_.size());
+    for (size_t r = 0; r < gone_.size(); ++r) here[r] = !gone_[r];
+    return BarrierTimeout(rank, phase, waited, here,
                           " They have reached no barrier since an earlier call of this site "
                           "waited " + std::to_string(timeout_.count()) + " ms for them.");
   }
+  // Silent throughout, whether it never came or came before this wait and gave up: gone. One
+  // that came and gave up waiting during it is not named.
   for (size_t r = 0; r < came.size(); ++r)
-    if (!came[r] && !silence_.HeardSince(static_cast<int>(r), start_))
+    if (!silence_.HeardSince(static_cast<int>(r), start_)) {
       silence_.SetGoneSince(static_cast<int>(r), Clock::now());
+      came[r] = false;
+    }
   return BarrierTimeout(rank, phase, waited, came);
 }
 

@@ -93,10 +93,13 @@ class Silence {
 // all (not a timeout each), and a peer that merely skipped a call has time to come back.
 class BarrierWait {
  public:
-  // Starts now; `seen[r]` says whether rank r reached the barrier already.
-  BarrierWait(Silence& silence, const std::vector<bool>& seen, std::chrono::milliseconds timeout);
+  // Starts now, for a barrier of `members` ranks.
+  BarrierWait(Silence& silence, int members, std::chrono::milliseconds timeout);
 
-  Clock::time_point deadline() const { return deadline_; }
+  // When the wait ends: the timeout, or half a timeout after a gone peer was found gone while
+  // it stays silent. A gone peer heard since (come back, or the caller's own sibling device
+  // arriving a moment later) is waited for in full again, so poll this as the wait goes on.
+  Clock::time_point deadline();
 
   // The DEADLINE_EXCEEDED error of a wait that ended with the barrier still closed, naming the
   // missing ranks (only the gone ones when they cut the wait short); `came[r]` says whether rank
@@ -109,6 +112,7 @@ class BarrierWait {
   const Clock::time_point start_;
   Clock::time_point deadline_;
   std::vector<bool> gone_;  // the peers that cut the wait short
+  std::vector<Clock::time_point> gone_since_;  // when each was found gone
 };
 
 class PeerGroup final : public Rendezvous, private Silence {
@@ -140,7 +144,7 @@ class PeerGroup final : public Rendezvous, private Silence {
     Clock::time_point opened_at;  // when the last generation opened
     int arrived = 0;  // waiting now
     // Devices that reached this barrier since it last opened, including ones that gave up
-    // waiting: a timeout names only the devices that never came.
+    // waiting: a timeout names the devices that never came, or that are silent since.
     std::vector<bool> seen;
   };
 

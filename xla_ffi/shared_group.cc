@@ -80,7 +80,7 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
       arrived[r] = headers_[r]->arrived_for[p].load(std::memory_order_relaxed) == generation + 1;
     return arrived;
   };
-  BarrierWait wait(*this, came(), timeout);
+  BarrierWait wait(*this, static_cast<int>(n), timeout);
   const auto heartbeat = std::min<std::chrono::nanoseconds>(kMaxHeartbeat,
                                                             timeout / kHeartbeatsPerTimeout);
   for (;;) {
