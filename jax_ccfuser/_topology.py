@@ -45,11 +45,21 @@ def key_value_client():
 
 
 def exchange(key: str, value: str, timeout_ms: int) -> list:
-  """Every process's `value` for `key`, by process index (a collective over processes)."""
+  """Every process's `value` for `key`, by process index (a collective over processes, which a
+  process may take part in again after a timeout, with the same value)."""
   client = key_value_client()
-  client.key_value_set(f"jax_ccfuser/{key}/{jax.process_index()}", value)
-  return [client.blocking_key_value_get(f"jax_ccfuser/{key}/{p}", timeout_ms)
-          for p in range(jax.process_count())]
+  client.key_value_set(f"jax_ccfuser/{key}/{jax.process_index()}", value, allow_overwrite=True)
+  values = []
+  for p in range(jax.process_count()):
+    try:
+      values.append(client.blocking_key_value_get(f"jax_ccfuser/{key}/{p}", timeout_ms))
+    except jax.errors.JaxRuntimeError as error:
+      raise TimeoutError(
+          f"jax_ccfuser: process {p} has not shared its {key!r} in {timeout_ms} ms: every process "
+          f"must trace the same fused_moe calls across processes, the first of them within the "
+          f"peer timeout of each other (raise it with jax_ccfuser.peer_timeout(seconds) if a "
+          f"process is merely slow)") from error
+  return values
 
 
 @functools.cache

@@ -25,6 +25,8 @@ from jax_ccfuser import _extension
 from jax_ccfuser._topology import exchange, host_names, key_value_client
 
 _PREFIX = "jax_ccfuser."
+# The job's name if this is process 0: the same however often its set-up is tried.
+_JOB_NAME = secrets.token_hex(4)
 _SHM = "/dev/shm"
 _ALIGN = 4096
 _MIN_CHUNK = 1 << 22
@@ -71,10 +73,7 @@ class _Job:
   def __init__(self, timeout_ms: int):
     sweep()
     atexit.register(sweep, own=True)
-    client = key_value_client()
-    if jax.process_index() == 0:
-      client.key_value_set("jax_ccfuser/job", secrets.token_hex(4))
-    self.name = client.blocking_key_value_get("jax_ccfuser/job", timeout_ms)
+    self.name = exchange("job", _JOB_NAME, timeout_ms)[0]  # process 0's
     self.pids = [int(p) for p in exchange(f"{self.name}/pid", str(os.getpid()), timeout_ms)]
     hosts = host_names()
     mine = hosts[jax.process_index()]
@@ -116,8 +115,14 @@ class _Workspaces:
     return self.regions[key]
 
   def _barrier(self, chunk: int, step: str, timeout_ms: int) -> None:
-    key_value_client().wait_at_barrier(
-        f"jax_ccfuser/{self.job.name}/{self.platform}/{chunk}/{step}", timeout_ms)
+    try:
+      key_value_client().wait_at_barrier(
+          f"jax_ccfuser/{self.job.name}/{self.platform}/{chunk}/{step}", timeout_ms)
+    except jax.errors.JaxRuntimeError as error:
+      raise TimeoutError(
+          f"jax_ccfuser: not every process had {step} its part of shared workspace chunk {chunk} "
+          f"after {timeout_ms} ms: the processes must trace the same fused_moe calls, within the "
+          f"peer timeout of each other") from error
 
   def _neighbour_devices(self):
     return [d for d in jax.devices(self.platform) if d.process_index in self.job.neighbours]

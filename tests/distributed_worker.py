@@ -258,6 +258,23 @@ def withdrawn(mesh, case):
   return out
 
 
+def late_first_trace(mesh, case):
+  """The late scenario: the last process traces its first call 2 s late, with a 1 s peer timeout.
+  The others' first trace gives up with the error it got; their next trace, the late process
+  there by then, runs, and so does the check of forward and gradients after it."""
+  args = [global_array(mesh, a) for a in make_inputs(case)]
+  out = {}
+  with ccf.peer_timeout(1.0):
+    call = layer(mesh)
+    if PROCESS == NUM_PROCESSES - 1:
+      time.sleep(2.0)
+    else:
+      out["first"] = error_of(call, *args)
+    out["second"] = error_of(call, *args)
+  out.update(check(mesh, case))
+  return out
+
+
 def main():
   mesh = jax.make_mesh((NUM_PROCESSES * DEVICES,), ("ep",))
   case = Case(devices=NUM_PROCESSES * DEVICES, tokens=9, hidden=16, ffn=24, experts_local=2, k=2,
@@ -282,6 +299,8 @@ def main():
       out.update(fail_fast(mesh, case))
     elif SCENARIO == "withdrawn":
       out.update(withdrawn(mesh, case))
+    elif SCENARIO == "late":
+      out.update(late_first_trace(mesh, case))
     elif SCENARIO == "crash":
       args = [global_array(mesh, a) for a in make_inputs(case)]
       with ccf.peer_timeout(3.0):

@@ -205,6 +205,18 @@ def test_a_peer_that_gave_up_waiting_and_fell_silent_is_gone_too():
 
 
 @pytest.mark.slow
+def test_a_process_late_to_its_first_trace_is_waited_for_by_the_next_trace():
+  """Process 1 traces its first call after process 0's peer timeout: process 0's trace raises an
+  error that says so (not the key-value store's), and tracing again, with process 1 there, sets
+  up the job and runs, where it once raised that the job's keys already existed."""
+  early, late = _checked(run(["a", "a"], scenario="late"))
+  assert early["first"].startswith("TimeoutError: jax_ccfuser: process 1 has not shared its "), \
+      early["first"]
+  assert early["second"] is None and late["second"] is None, (early, late)
+  assert early["worst"] <= 1.0 and late["worst"] <= 1.0, (early, late)
+
+
+@pytest.mark.slow
 def test_a_crashed_host_breaks_the_collectives_at_once():
   # Across hosts the rows travel by gloo, whose connections to the dead process fail.
   (code0, survivor, err), (code1, _, _) = run(["a", "b"], scenario="crash")
