@@ -101,7 +101,12 @@ def _reserve_region(static: _Static, backward: bool, x, ids, weights, w_in, w_ou
         w_bytes=w_in.dtype.itemsize, plan_slots=static.plan_slots)
   else:  # the CUDA handler refuses plans with helpers across processes
     nbytes = _extension.cuda.shared_region_bytes(**shape)
-  return _workspace.region((static.site, backward), nbytes, static.timeout_ms, static.platform)
+  call = (f"{'backward' if backward else 'forward'} of {static.activation} over "
+          f"{static.num_devices} devices {list(static.devices)}, {static.num_experts} experts, "
+          f"{static.plan_slots} plan slots, x {x.dtype}{list(x.shape)}, ids {list(ids.shape)}, "
+          f"weights {weights.dtype}, w_in {list(w_in.shape)}, w_out {list(w_out.shape)}")
+  return _workspace.region((static.site, backward), nbytes, static.timeout_ms, static.platform,
+                           call)
 
 
 def _call_attrs(static: _Static, backward: bool, region, kept_rows: int) -> _CallAttrs:

@@ -90,9 +90,11 @@ class _Workspaces:
     self.regions = {}
     self.failed = None  # why a chunk could not be set up, if one could not
 
-  def region(self, key, nbytes: int, timeout_ms: int):
-    """The `(chunk, offset)` of call site `key`'s `nbytes` region, allocated on first use."""
+  def region(self, key, nbytes: int, timeout_ms: int, call: str):
+    """The `(chunk, offset)` of call site `key`'s `nbytes` region, allocated on first use; `call`
+    says what the call is, for `_agree`."""
     if key not in self.regions:
+      self._agree(len(self.regions), call, timeout_ms)
       nbytes = -(-nbytes // _ALIGN) * _ALIGN
       if not self.chunks or self.used + nbytes > self.chunks[-1]:
         # A chunk that failed half set up (this process's part made and registered, the other
@@ -113,6 +115,24 @@ class _Workspaces:
       self.regions[key] = (len(self.chunks) - 1, self.used)
       self.used += nbytes
     return self.regions[key]
+
+  def _agree(self, index: int, call: str, timeout_ms: int) -> None:
+    """Checks that every process reserves its `index`-th region for the same call: the regions
+    are handed out in trace order, so a process that traces another call there would meet its
+    peers at calls other than theirs (silently, where the shapes agree)."""
+    client = key_value_client()
+    key = f"jax_ccfuser/{self.job.name}/{self.platform}/region/{index}"
+    try:
+      client.key_value_set(key, call)  # the first process to trace it says what it is
+      return
+    except jax.errors.JaxRuntimeError:  # already said
+      theirs = client.blocking_key_value_get(key, timeout_ms)
+    if theirs != call:
+      raise ValueError(
+          f"jax_ccfuser: this process traced its call number {index} of fused_moe across "
+          f"processes as the {call}, another process as the {theirs}: every process must trace "
+          f"the same fused_moe calls in the same order (the first trace of each jitted function "
+          f"counts)")
 
   def _barrier(self, chunk: int, step: str, timeout_ms: int) -> None:
     try:
@@ -184,12 +204,13 @@ _workspaces = {}
 _lock = threading.Lock()  # tracing may run in several threads
 
 
-def region(key, nbytes: int, timeout_ms: int, platform: str):
-  """The `(chunk, offset)` of call site `key` in every `platform` device's workspace."""
+def region(key, nbytes: int, timeout_ms: int, platform: str, call: str):
+  """The `(chunk, offset)` of call site `key` in every `platform` device's workspace; `call` says
+  what the call is (the processes must reserve regions for the same calls in the same order)."""
   global _job
   with _lock:
     if _job is None:
       _job = _Job(timeout_ms)
     if platform not in _workspaces:
       _workspaces[platform] = _Workspaces(_job, platform)
-    return _workspaces[platform].region(key, nbytes, timeout_ms)
+    return _workspaces[platform].region(key, nbytes, timeout_ms, call)

@@ -275,6 +275,23 @@ def late_first_trace(mesh, case):
   return out
 
 
+def trace_order(mesh, case):
+  """The trace_order scenario: after a call together, process 0 traces a layer of another
+  activation (as a process that alone dumps a cost analysis would), then the last process
+  traces another layer."""
+  args = [global_array(mesh, a) for a in make_inputs(case)]
+  client = key_value_client()
+  out = {"error": None}
+  with ccf.peer_timeout(10.0):
+    jax.block_until_ready(layer(mesh)(*args))
+    if PROCESS == 0:
+      out["error"] = error_of(lambda: layer(mesh, activation="geglu").lower(*args))
+    client.wait_at_barrier("trace_order/first", 60_000)
+    if PROCESS == NUM_PROCESSES - 1:
+      out["error"] = error_of(lambda: layer(mesh).lower(*args))
+  return out
+
+
 def main():
   mesh = jax.make_mesh((NUM_PROCESSES * DEVICES,), ("ep",))
   case = Case(devices=NUM_PROCESSES * DEVICES, tokens=9, hidden=16, ffn=24, experts_local=2, k=2,
@@ -301,6 +318,8 @@ def main():
       out.update(withdrawn(mesh, case))
     elif SCENARIO == "late":
       out.update(late_first_trace(mesh, case))
+    elif SCENARIO == "trace_order":
+      out.update(trace_order(mesh, case))
     elif SCENARIO == "crash":
       args = [global_array(mesh, a) for a in make_inputs(case)]
       with ccf.peer_timeout(3.0):

@@ -217,6 +217,20 @@ def test_a_process_late_to_its_first_trace_is_waited_for_by_the_next_trace():
 
 
 @pytest.mark.slow
+def test_calls_traced_in_another_order_are_refused_while_tracing():
+  """After a call together, process 0 traces a geglu layer, which process 1 never traces: the
+  second region would hold another call in each process, and a later call meet its peers at a
+  call other than theirs (with the same shapes, silently). Process 1's trace says so."""
+  first, second = _checked(run(["a", "a"], scenario="trace_order"))
+  assert first["error"] is None, first
+  assert second["error"].startswith("ValueError: jax_ccfuser: this process traced its call "
+                                    "number 1 of fused_moe across processes as the forward of "
+                                    "swiglu"), second["error"]
+  assert "another process as the forward of geglu" in second["error"], second["error"]
+  assert "in the same order" in second["error"], second["error"]
+
+
+@pytest.mark.slow
 def test_a_crashed_host_breaks_the_collectives_at_once():
   # Across hosts the rows travel by gloo, whose connections to the dead process fail.
   (code0, survivor, err), (code1, _, _) = run(["a", "b"], scenario="crash")
@@ -274,14 +288,15 @@ def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
   def barrier(self, *_):
     raise TimeoutError("the other processes never came")
   monkeypatch.setattr(_workspace._Workspaces, "_barrier", barrier)
+  monkeypatch.setattr(_workspace._Workspaces, "_agree", lambda *_: None)  # no key-value store
   job = type("Job", (), {"name": f"unit{os.getpid()}", "pids": [], "neighbours": []})()
   workspaces = _workspace._Workspaces(job, "cpu")
   with pytest.raises(TimeoutError, match="never came"):
-    workspaces.region("site", 4096, 10)
+    workspaces.region("site", 4096, 10, "a call")
   assert not list(SHM.glob(f"jax_ccfuser.{os.getpid()}.{job.name}.*"))  # the name is gone
   with pytest.raises(RuntimeError, match=r"could not grow earlier \(TimeoutError: the other "
                                          r"processes never came\); restart"):
-    workspaces.region("site", 4096, 10)
+    workspaces.region("site", 4096, 10, "a call")
 
 
 @pytest.mark.slow
