@@ -10,9 +10,6 @@ namespace ccf {
 
 namespace {
 
-// How often a device waiting at a barrier looks again whether a gone peer was heard from.
-constexpr std::chrono::milliseconds kMaxWaitStep(100);
-
 // When each device of a group (group index, rank) last came to or left a barrier of any call
 // site, and whether it waits at one now: a device that does either is alive. A device leaves an
 // opened barrier at the time it opened, whenever its thread gets to say so: its peers leave that
@@ -109,13 +106,12 @@ xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::millisecon
   }
   BarrierWait wait(*this, num_devices_, timeout);
   // In steps, so that a gone peer heard meanwhile extends the wait (BarrierWait::deadline).
-  const auto step = std::min<std::chrono::nanoseconds>(kMaxWaitStep, timeout / 4);
   bool opened;
   for (;;) {
     opened = b.generation != generation;
     const Clock::time_point now = Clock::now(), end = wait.deadline();
     if (opened || now >= end) break;
-    b.cv.wait_until(lock, std::min<Clock::time_point>(end, now + step));
+    b.cv.wait_until(lock, std::min<Clock::time_point>(end, now + wait.step()));
   }
   std::vector<bool> came = b.seen;
   // Withdraw, so this call does not count as an arrival in the next one.
@@ -164,6 +160,10 @@ BarrierWait::BarrierWait(Silence& silence, int members, std::chrono::millisecond
     gone_[r] = gone_since_[r] != Clock::time_point::max();
   }
   deadline();
+}
+
+std::chrono::nanoseconds BarrierWait::step() const {
+  return std::min<std::chrono::nanoseconds>(std::chrono::milliseconds(100), timeout_ / 4);
 }
 
 Clock::time_point BarrierWait::deadline() {

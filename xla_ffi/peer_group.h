@@ -101,6 +101,10 @@ class BarrierWait {
   // arriving a moment later) is waited for in full again, so poll this as the wait goes on.
   Clock::time_point deadline();
 
+  // The longest a waiting device sleeps before it looks again (at `deadline`, and across
+  // processes to show it is alive): a quarter of the timeout, at most 100 ms.
+  std::chrono::nanoseconds step() const;
+
   // The DEADLINE_EXCEEDED error of a wait that ended with the barrier still closed, naming the
   // missing ranks (only the gone ones when they cut the wait short); `came[r]` says whether rank
   // r reached the barrier. Records the peers silent throughout as gone.

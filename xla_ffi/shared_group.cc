@@ -23,12 +23,6 @@ void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, std::chrono::nano
 void FutexWakeAll(std::atomic<uint32_t>* word) {
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
 }
-
-// A device waiting at a barrier shows it is alive by refreshing its time (`Heard`) this many
-// times a timeout (at least every kMaxHeartbeat) rather than by a flag: a process that dies
-// while waiting then falls silent, as one that never came.
-constexpr int kHeartbeatsPerTimeout = 4;
-constexpr std::chrono::milliseconds kMaxHeartbeat(100);
 }  // namespace
 
 SharedGroup::SharedGroup(std::vector<RegionHeader*> headers) : headers_(std::move(headers)) {
@@ -81,8 +75,9 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     return arrived;
   };
   BarrierWait wait(*this, static_cast<int>(n), timeout);
-  const auto heartbeat = std::min<std::chrono::nanoseconds>(kMaxHeartbeat,
-                                                            timeout / kHeartbeatsPerTimeout);
+  // A device waiting here shows it is alive by refreshing its time (`Heard`) at every step of
+  // the wait rather than by a flag: a process that dies while waiting then falls silent, as one
+  // that never came.
   for (;;) {
     // The time is read before the barrier is seen still closed, so no word of this device is
     // dated after the barrier opened: its peers leave it then and may wait at the next one
@@ -94,7 +89,7 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     const auto left = wait.deadline() - now;
     if (left <= std::chrono::nanoseconds(0)) break;
     // Woken by the last arrival; the cap also bounds a wake-up lost to a dying peer.
-    FutexWait(&b.generation, generation, std::min<std::chrono::nanoseconds>(left, heartbeat));
+    FutexWait(&b.generation, generation, std::min<std::chrono::nanoseconds>(left, wait.step()));
   }
   // Withdraw unless the barrier opened meanwhile, so this call is no arrival in the next one.
   s = b.state.load(std::memory_order_acquire);
