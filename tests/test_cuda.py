@@ -29,6 +29,7 @@ import pytest
 # thread pool at import. Its CUDA handlers are optional (`_extension.cuda`), checked below.
 import jax_ccfuser as ccf
 from jax_ccfuser import _extension
+from jax_ccfuser._ffn import ACTIVATIONS
 from jax_ccfuser.experimental import fused_moe_emulated
 from hardening_cases import (NON_FINITE, assert_matches_reference,
                              assert_non_finite_stays_in_its_rows, forward_and_grads,
@@ -240,6 +241,51 @@ def test_emulated_chunks_equal_one_chunk_bitwise(case, with_plan):
     chunked = _emulated_step(case.devices, with_plan=with_plan, scratch_budget=budget)(*args)
     _check(chunked, args, case.activation, case.dtype)
     _assert_chunks_alike(chunked, whole, case, with_plan)
+
+
+def _budget_for_chunk_tiles(case: Case, tiles: int) -> int:
+  """The scratch budget whose emulated backward chunks hold `tiles` M-tiles on this device, as
+  the handler sizes them: its bytes grow by one tile's rows a tile, so the budget for n tiles is
+  the least one past n - 1 tiles' bytes (found by bisection)."""
+  sizing = functools.partial(
+      _extension.cuda.scratch_bytes, case.devices, case.tokens, case.hidden, case.ffn, case.k,
+      case.experts_local, ACTIVATIONS[case.activation].gated, case.dtype == jnp.float32,
+      emulated=True, backward=True,
+      grouped_gemms=PLATFORM == "cuda" and _extension.cuda.grouped_gemms(),
+      num_sms=_sms() or 132)
+  budget = sizing(scratch_budget=1)  # one tile a chunk: the least a chunk takes
+  for _ in range(tiles - 1):
+    fewer, enough = budget, 1 << 40
+    while enough - fewer > 1:
+      middle = (fewer + enough) // 2
+      fewer, enough = (middle, enough) if sizing(scratch_budget=middle) == budget else (fewer, middle)
+    budget = enough
+  return budget
+
+
+def test_emulated_groups_carried_across_chunk_edges():
+  """Weight gradients whose groups cross chunk edges, in chunks of two 128-row tiles: every
+  token picks experts 0 and 2 (1 and 3 get no rows), so each of the two groups has 300 rows, three
+  tiles. Chunk 1 (tiles 2, 3) ends group 0, steps over the empty group 1 and begins group 2, which
+  goes on into chunk 2: the carry is read, finished and rewritten in one chunk (Hopper:
+  CarryGemm's continued part, finish_carry, its begun part), at a row offset inside the chunk.
+  H = 136 and F = 200 span several tiles of every weight gradient, and the empty groups' zeros
+  are written by expert_gemm stepping over the groups with rows."""
+  case = Case(devices=2, tokens=150, k=2, experts_local=2, hidden=136, ffn=200,
+              dtype=jnp.bfloat16, seed=76)
+  x, ids, weights, w_in, w_out, dy = _args(case)
+  flipped = np.random.default_rng(case.seed).random(ids.shape[0]) < 0.5
+  ids = jnp.asarray(np.where(flipped[:, None], [2, 0], [0, 2]), jnp.int32)
+  assert np.bincount(np.asarray(ids).ravel(), minlength=4).tolist() == [300, 0, 300, 0]
+  args = (x, ids, weights, w_in, w_out, dy)
+  budget = _budget_for_chunk_tiles(case, 2)
+  assert budget > _budget_for_chunk_tiles(case, 1)
+  whole = _emulated_step(case.devices)(*args)
+  chunked = _emulated_step(case.devices, scratch_budget=budget)(*args)
+  _check(chunked, args, case.activation, case.dtype)
+  _assert_chunks_alike(chunked, whole, case)
+  _, (_, _, dw_in, dw_out) = chunked
+  assert not np.asarray(dw_in)[[1, 3]].any() and not np.asarray(dw_out)[[1, 3]].any()
 
 
 # The forward keeps each pair's h (`residuals="hidden"`; GEMM1's epilogue or pass writes it) and
@@ -581,7 +627,9 @@ def test_emulated_sm80_kernels_match_grouped_gemms(tmp_path):
   args = _args(case)
   grouped = _emulated_step(8)(*args)
   _check(grouped, args, case.activation, case.dtype)
-  env = {**os.environ, "JAX_CCFUSER_GROUPED_GEMMS": "0", "CCF_CUDA_TESTS_PLATFORM": PLATFORM}
+  # The child shares the GPU with this process, which may hold XLA's preallocated share of it.
+  env = {**os.environ, "JAX_CCFUSER_GROUPED_GEMMS": "0", "CCF_CUDA_TESTS_PLATFORM": PLATFORM,
+         "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
   if PLATFORM == "cpu":
     env["JAX_PLATFORMS"] = "cpu"
   out = tmp_path / "sm80.npz"

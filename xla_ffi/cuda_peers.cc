@@ -112,7 +112,7 @@ ffi::Error ConnectInProcess(const CallAttrs& attrs, DeviceState& me, const Scala
   if (ffi::Error err = group->Arrive(place->rank, Phase::kComputed, timeout); err.failure())
     return err;
   if (std::string failed = group->Failure(); !failed.empty())
-    return earlier->failure() ? std::move(*earlier) : ffi::Error::Internal(failed);
+    return earlier->failure() ? *earlier : ffi::Error::Internal(failed);
   for (int dev = 0; dev < d.num_devices; ++dev) call->barrier.signals[dev] = call->peers[dev].signals;
   JoinGroup(attrs, me, place, call);
   call->recorded_source = place->rank;

@@ -147,7 +147,8 @@ ffi::Error TakeKeptRowsAndPlan(const CallAttrs& attrs, const Hidden& hidden,
 // before it meets anyone), a fault an earlier call recorded, the scratch, the peers. A bad id an
 // earlier call found fails the host meeting of a group in this process for every member; else
 // it comes back in `earlier`, to be reported only once this call has met its peers and enqueued
-// its barriers, so that no peer waits for a GPU that bailed out.
+// its barriers, so that no peer waits for a GPU that bailed out. Taking it cleared the device's
+// record, so whatever else stops this call carries its message too.
 template <typename Scratch, Scratch (*kCarve)(const Call&, Arena&)>
 ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
                    ffi::ScratchAllocator& allocator, const ScalarS32& rank,
@@ -157,7 +158,11 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   if (ffi::Error err = GetDeviceState(ordinal, stream, state); err.failure()) return err;
   if (ffi::Error err = Broken(**state); err.failure()) return err;
   *earlier = TakeDeviceError(**state, stream);
-  if (ffi::Error err = Broken(**state); err.failure()) return err;
+  auto reported = [earlier](ffi::Error err) {
+    if (!earlier->failure() || err.message() == earlier->message()) return err;
+    return ffi::Error(*err.errc(), err.message() + "; and before that: " + earlier->message());
+  };
+  if (ffi::Error err = Broken(**state); err.failure()) return reported(std::move(err));
   call->experts_here = ExpertsHere(attrs, call->d, call->plan.workers != nullptr);
   call->own_experts = OwnExperts(attrs, call->d);
   call->grouped_gemms = (*state)->grouped_gemms && call->d.x_type != ffi::DataType::F32;
@@ -174,11 +179,11 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
     if (InWorkspace(attrs, call->d))
       MarkBroken(**state, "a call gave up before meeting its peers in other processes: " +
                               err.message());
-    return err;
+    return reported(std::move(err));
   }
   PeerBuffers mine = own;
   mine.partials = Partials(*scratch);  // where helpers write, published with the rest
-  return ConnectPeers(attrs, **state, rank, group, mine, stream, earlier, call);
+  return reported(ConnectPeers(attrs, **state, rank, group, mine, stream, earlier, call));
 }
 
 // What a handler returns once its launches are enqueued: the first failure among them, this
