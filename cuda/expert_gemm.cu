@@ -28,6 +28,7 @@
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/gemm_config.cuh"
+#include "cuda/gemm_units.cuh"
 #include "cuda/kernel_residency.cuh"
 #include "cuda/pair_rows.cuh"
 
@@ -40,21 +41,6 @@ using namespace gemm_config;
 // ---------------------------------------------------------------------------------------------
 // Tiles.
 
-struct GemmTile {
-  int32_t group;       // WorkList's group
-  int32_t expert;      // its expert (global id); -1: a group this launch does not compute
-  int32_t pair_begin;  // the group's first work-list position
-  // The chunk's scratch row of pair row 0 of the operands: the group's first pair (kPairRows;
-  // row m0 + i is the tile's i-th) or the chunk's first pair of the group (kPairReduction).
-  int64_t row_begin;
-  int32_t m0;          // first M index of the tile
-  int32_t n_tile;
-  int32_t m_extent;    // valid M indices: [0, m_extent)
-  int32_t k_extent;    // valid K indices: [0, k_extent)
-  // kPairReduction: start from the group's sum so far in `carry`; leave the sum there.
-  bool load_carry, store_carry;
-};
-
 // C columns of a tile -> B's N index. Gated GEMM1 puts gate columns j in the first half of the
 // tile and up columns n_split + j in the second; otherwise the map is n_tile * BN + n.
 struct ColumnMap {
@@ -65,95 +51,6 @@ struct ColumnMap {
     return base + n % half + static_cast<int64_t>(n / half) * split;
   }
 };
-
-template <int kTileN>
-__device__ __forceinline__ int32_t columns_per_tile(const GemmParams& p) {
-  return p.n_split != 0 ? kTileN / 2 : kTileN;
-}
-
-template <int kTileM, int kTileN>
-__device__ __forceinline__ int64_t num_units(const GemmParams& p) {
-  if (p.shape == GemmShape::kPairRows) {
-    const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
-    const int64_t tiles = min(static_cast<int64_t>(p.tile_offset[p.num_groups]),
-                              p.chunk.end_tile()) - p.chunk.first_tile();
-    return max(tiles, int64_t{0}) * n_tiles;
-  }
-  return static_cast<int64_t>(p.num_groups) * ceil_div(p.m, kTileM) * ceil_div(p.n, kTileN);
-}
-
-// kPairReduction: the group's pairs in the launch's chunk (k_extent, row_begin) and whether it
-// carries its sum in or out; false when the launch reduces none of them (another chunk's or the
-// other part's, ReductionPart).
-template <int kTileM>
-__device__ bool reduction_range(const GemmParams& p, GemmTile& t) {
-  const int64_t tiles_begin = p.tile_offset[t.group], tiles_end = p.tile_offset[t.group + 1];
-  const int64_t first = p.chunk.first_tile(), end = p.chunk.end_tile();
-  int64_t k_first = 0, k_end = 0;
-  if (tiles_begin == tiles_end) {  // no pairs: its zeros are stored once, by chunk 0
-    if (p.chunk.index != 0) return false;
-    t.load_carry = t.store_carry = false;
-  } else {
-    const int64_t lo = max(tiles_begin, first), hi = min(tiles_end, end);
-    if (lo >= hi) return false;
-    t.load_carry = tiles_begin < first;
-    t.store_carry = tiles_end > end;
-    k_first = (lo - tiles_begin) * kTileM;
-    k_end = min((hi - tiles_begin) * kTileM,
-                static_cast<int64_t>(p.group_end[t.group] - t.pair_begin));
-  }
-  if (p.part == ReductionPart::kContinued && !t.load_carry) return false;
-  if (p.part == ReductionPart::kBegun && t.load_carry) return false;
-  t.row_begin = tiles_begin * kTileM - p.chunk.first_row(kTileM) + k_first;
-  t.k_extent = static_cast<int32_t>(k_end - k_first);
-  return true;
-}
-
-template <int kTileM, int kTileN>
-__device__ GemmTile decode_tile(const GemmParams& p, int64_t unit) {
-  GemmTile t;
-  if (p.shape == GemmShape::kPairRows) {
-    const int32_t n_tiles = ceil_div(p.n, columns_per_tile<kTileN>(p));
-    const int32_t m_tile = static_cast<int32_t>(p.chunk.first_tile() + unit / n_tiles);
-    t.n_tile = static_cast<int32_t>(unit % n_tiles);
-    const int32_t lo = group_of_tile(p, m_tile);
-    t.group = lo;
-    t.expert = p.group_expert[lo];
-    t.pair_begin = p.group_begin[lo];
-    t.m0 = (m_tile - p.tile_offset[lo]) * kTileM;
-    t.row_begin = static_cast<int64_t>(p.tile_offset[lo]) * kTileM - p.chunk.first_row(kTileM);
-    t.m_extent = p.group_end[lo] - t.pair_begin;
-    t.k_extent = p.k;
-    t.load_carry = t.store_carry = false;
-  } else {
-    const int32_t m_tiles = ceil_div(p.m, kTileM), n_tiles = ceil_div(p.n, kTileN);
-    t.group = static_cast<int32_t>(unit / (m_tiles * n_tiles));
-    const int32_t rest = static_cast<int32_t>(unit % (m_tiles * n_tiles));
-    t.m0 = rest / n_tiles * kTileM;
-    t.n_tile = rest % n_tiles;
-    t.expert = p.group_expert[t.group];
-    t.pair_begin = p.group_begin[t.group];
-    t.m_extent = p.m;
-    if (!reduction_range<kTileM>(p, t)) t.expert = -1;
-  }
-  return t;
-}
-
-// The CTA's first unit from `unit` on (in steps of the grid) that the launch may compute: with
-// skip_rows, one of a group without rows. A weight gradient's units are group-major, so the CTA
-// steps over a group with rows (the grouped GEMMs' work) at once instead of decoding each unit.
-template <int kTileM, int kTileN>
-__device__ __forceinline__ int64_t next_unit(const GemmParams& p, int64_t unit, int64_t units) {
-  if (!p.skip_rows) return unit;
-  const int64_t per_group = int64_t{ceil_div(p.m, kTileM)} * ceil_div(p.n, kTileN);
-  while (unit < units) {
-    const int64_t group = unit / per_group;
-    if (p.tile_offset[group] == p.tile_offset[group + 1]) break;
-    const int64_t next_group = (group + 1) * per_group;
-    unit += (next_group - unit + gridDim.x - 1) / gridDim.x * gridDim.x;
-  }
-  return unit;
-}
 
 // The source of a kPairRows tile's rows, or kSpanningSources: a group's rows are in (source,
 // token, k) order, so its first and last row name them all.
@@ -446,8 +343,8 @@ __global__ void __launch_bounds__(Config::kThreads)
   constexpr int kBlocksK = decltype(size<2>(tCrA))::value;
 
   const int64_t units = num_units<kTileM, kTileN>(p);
-  for (int64_t unit = next_unit<kTileM, kTileN>(p, blockIdx.x, units); unit < units;
-       unit = next_unit<kTileM, kTileN>(p, unit + gridDim.x, units)) {
+  for (int64_t unit = next_unit<kTileM, kTileN>(p, blockIdx.x, units, gridDim.x); unit < units;
+       unit = next_unit<kTileM, kTileN>(p, unit + gridDim.x, units, gridDim.x)) {
     const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
     if (tile.expert < 0) continue;  // another device's group: the same for the whole CTA
     if (p.only_source != kAllSources && tile_source<kTileM>(p, tile) != p.only_source) continue;

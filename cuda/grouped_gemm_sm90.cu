@@ -28,6 +28,7 @@
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
+#include "cuda/gemm_units.cuh"
 #include "cuda/kernel_residency.cuh"
 #include "cuda/pair_rows.cuh"
 
@@ -221,24 +222,6 @@ __global__ void __launch_bounds__(128) build_problems(const __grid_constant__ Ge
   store_strides(p, w, g, p.out_ld);
 }
 
-// Whether group g has rows and all of them lie in the launch's chunk: its weight gradients are
-// then summed in one piece, neither starting from nor leaving a carry.
-__device__ __forceinline__ bool group_whole_in_chunk(const GemmParams& p, int32_t g) {
-  const int64_t begin = p.tile_offset[g], end = p.tile_offset[g + 1];
-  return begin < end && begin >= p.chunk.first_tile() && end <= p.chunk.end_tile();
-}
-
-// Whether group g's rows cross the start of the launch's chunk (ReductionPart::kContinued: its
-// sum so far is in carry) or, beginning in it, its end (kBegun: its sum goes on in carry). A
-// chunk has at most one group of each part.
-__device__ __forceinline__ bool carried(const GemmParams& p, int32_t g) {
-  const int64_t begin = p.tile_offset[g], end = p.tile_offset[g + 1];
-  const int64_t first = p.chunk.first_tile(), last = p.chunk.end_tile();
-  if (p.group_expert[g] < 0) return false;
-  return p.part == ReductionPart::kContinued ? begin < first && end > first
-                                             : begin >= first && begin < last && end > last;
-}
-
 // The problems of a weight gradient: a^T b over a group's rows in the chunk, for the groups of
 // the launch's part. ReductionGemm (kEveryGroup): each group whose rows all lie in the chunk,
 // into its expert's output. CarryGemm (kContinued, kBegun): the one group whose sum is carried,
@@ -253,16 +236,11 @@ __global__ void __launch_bounds__(128) build_reduction_problems(
   if (g >= p.num_groups) return;
   const bool part = G::kReadsC ? carried(p, g)
                                : p.group_expert[g] >= 0 && group_whole_in_chunk(p, g);
-  const int64_t chunk_row = p.chunk.first_row(p.tile_m);
-  const int64_t group_row = static_cast<int64_t>(p.tile_offset[g]) * p.tile_m;
-  const int64_t lo = max(group_row, chunk_row);
-  const int64_t hi =
-      min(group_row + p.group_end[g] - p.group_begin[g], p.chunk.end_row(p.tile_m));
-  const int64_t rows = part ? max(hi - lo, int64_t{0}) : 0;
-  w.problems[g] = rows > 0 ? Problem(p.m, p.n, static_cast<int>(rows)) : Problem(0, p.n, 0);
-  const int64_t first = rows > 0 ? lo - chunk_row : 0;
-  w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
-  w.b[g] = static_cast<const T*>(p.b.data) + first * p.b.ld;
+  const ReductionRows rows = reduction_rows(p, g, part);
+  w.problems[g] =
+      rows.rows > 0 ? Problem(p.m, p.n, static_cast<int>(rows.rows)) : Problem(0, p.n, 0);
+  w.a[g] = static_cast<const T*>(p.a.data) + rows.first * p.a.ld;
+  w.b[g] = static_cast<const T*>(p.b.data) + rows.first * p.b.ld;
   if constexpr (G::kReadsC) {
     w.d[g] = p.carry;
     w.c[g] = p.carry;
@@ -277,8 +255,8 @@ __global__ void __launch_bounds__(128) build_reduction_problems(
 // carry, into the expert's output in the input dtype.
 template <class T>
 __global__ void __launch_bounds__(256) finish_carry(const __grid_constant__ GemmParams p) {
-  const int32_t g = group_of_tile(p, p.chunk.first_tile());
-  if (!carried(p, g) || p.tile_offset[g + 1] > p.chunk.end_tile()) return;
+  const int32_t g = finished_carry(p);
+  if (g < 0) return;
   T* out = static_cast<T*>(p.out) + g * p.out_expert_stride;
   // A block a row at a time: coalesced both sides, and no division per element.
   for (int64_t row = blockIdx.x; row < p.m; row += gridDim.x) {

@@ -1,5 +1,4 @@
-// What the GEMMs over pair rows share: the group of an M-tile, where a pair keeps its h, and
-// what GEMM1 and the backward's u GEMM do with one pair's float32 row. The row functions serve
+// What the GEMMs over pair rows share: where a pair keeps its h, and what GEMM1 and the backward's u GEMM do with one pair's float32 row. The row functions serve
 // expert_gemm.cu (fused, reading the accumulator tile in shared memory) and activation.cu
 // (a pass over the float32 rows Hopper's grouped GEMMs wrote), so both round alike. One warp per
 // row, kVector consecutive columns a lane at a time: `at(j)` reads columns [j, j + kVector) of
@@ -11,19 +10,10 @@
 
 #include "common/activation.h"
 #include "cuda/api.cuh"
+#include "cuda/gemm_units.cuh"
 #include "cuda/numeric.cuh"
 
 namespace ccf::cuda {
-
-// The group of M-tile `tile`: the last whose first tile is <= it (groups without pairs own none).
-__device__ __forceinline__ int32_t group_of_tile(const GemmParams& p, int64_t tile) {
-  int32_t lo = 0, hi = p.num_groups - 1;
-  while (lo < hi) {
-    const int32_t mid = (lo + hi + 1) / 2;
-    if (p.tile_offset[mid] <= tile) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
 
 // Where group `group`'s device's part of the list begins: the first `kept_rows` pairs from
 // there keep their h. Only with `p.kept`, which is never set with a plan (a group is then the

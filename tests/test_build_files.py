@@ -20,7 +20,8 @@ HEADER_SUFFIXES = (".h", ".cuh")
 # Build outputs, environments and caches: nothing in them is the project's own source.
 NOT_SOURCE = {"build", "demo_out"}
 # Host programs that a test compiles itself (test_device_code_on_host), not parts of the extension.
-TEST_PROGRAMS = {"tests/gemm_layouts.cu", "tests/pair_rows.cu", "tests/barrier_protocol.cu"}
+TEST_PROGRAMS = {"tests/gemm_layouts.cu", "tests/pair_rows.cu", "tests/barrier_protocol.cu",
+                 "tests/weight_gradient_chunks.cu"}
 NATIVE_FILE = re.compile(r'"([\w./-]+\.(?:cc|cu|h|cuh))"')
 
 

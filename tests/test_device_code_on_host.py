@@ -2,9 +2,11 @@
 toolkit's and CUTLASS's headers compile it: expert_gemm's configurations (tests/gemm_layouts.cu:
 every copy moves each element where its kernel expects it, ldmatrix's exchange between lanes
 simulated as PTX defines it), the activation passes' row functions (tests/pair_rows.cu: four
-columns a lane give the bytes one column a lane and the formula give) and the device barrier's
-protocol between GPUs (tests/barrier_protocol.cu: its steps run by host threads, with members
-late, dead, out of step or giving up).
+columns a lane give the bytes one column a lane and the formula give), the weight gradients'
+sums over a work list in chunks (tests/weight_gradient_chunks.cu: expert_gemm's units and the
+grouped GEMMs' problems and carries, each element written once with its exact sum) and the device
+barrier's protocol between GPUs (tests/barrier_protocol.cu: its steps run by host threads, with
+members late, dead, out of step or giving up).
 
 The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
 would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
@@ -78,6 +80,14 @@ def test_activation_rows_in_vectors_match_one_column_a_lane_and_the_formula(tmp_
   verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
   # Every activation at F = 768, 200 and 1032.
   assert len(verdicts) == 5 * 3, out
+
+
+def test_weight_gradients_in_chunks_sum_each_group_once_exactly(tmp_path):
+  # Optimised: its float sums over random lists take a minute unoptimised, 4 s optimised.
+  out = _run_host_check("weight_gradient_chunks", tmp_path, optimize="-O2")
+  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+  # expert_gemm alone (and under plans), and the grouped GEMMs beside it.
+  assert len(verdicts) == 2, out
 
 
 def test_device_barrier_protocol_keeps_members_in_step_and_reports_each_fault(tmp_path):

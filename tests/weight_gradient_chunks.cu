@@ -1,0 +1,229 @@
+// Checks, on the host, how a backward's weight gradients are summed over a work list that runs
+// in chunks (cuda/gemm_units.cuh). Over random work lists (groups without rows, of one row, of
+// whole and partial M-tiles, groups another device computes, chunks past the list's end) and
+// chunks of 1 to 9 tiles, it replays one weight gradient's launches in the order
+// xla_ffi/cuda_launch.cc's LaunchWeightGradient enqueues them:
+//   - expert_gemm alone (the SM80 kernels, and any plan): CTAs walk their units (num_units,
+//     next_unit, decode_tile), each from the group's carried sum or zero;
+//   - Hopper's split (skip_rows): expert_gemm stores the zeros of the groups without rows in
+//     chunk 0, and grouped GEMMs sum the rest: the groups the chunk holds whole, then the carried
+//     ones (group_whole_in_chunk, carried, reduction_rows), CUTLASS modelled as
+//     D = A^T B + beta C with C unread where beta is 0, then finish_carry's group
+//     (finished_carry).
+// Every element of each computed group's gradient must be written once and equal its exact sum
+// (small integers: float sums are exact in any order); no launch reads a padding row (NaN) or a
+// row outside its chunk; no grouped problem has rows but K = 0, and a carried launch has at most
+// one problem. Prints each configuration kind and the number of errors; exits 1 on any.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cuda/gemm_units.cuh"
+
+using namespace ccf::cuda;
+
+namespace {
+
+constexpr int kTileM = 128, kTileN = 64;
+int errors = 0;
+
+void expect(bool ok, const char* what, int g) {
+  if (!ok && errors++ < 20) std::printf("  group %d: %s\n", g, what);
+}
+
+struct List {
+  int m, n;                      // the gradient's shape, [m, n] per group
+  std::vector<int32_t> begin, end, expert, tile_offset;
+  std::vector<float> a, b;       // every tile's rows, [rows, m] and [rows, n]: pairs, else NaN
+  std::vector<double> exact;     // [groups, m, n]
+  int64_t worst_tiles;           // what the handler sizes chunks for
+};
+
+List make_list(std::mt19937& rng, bool planned) {
+  List l;
+  const int groups = 1 + rng() % 12;
+  l.m = 1 + rng() % 160;  // past one M-tile at times
+  l.n = 1 + rng() % 100;  // and past one N-tile
+  int32_t pos = 0, tile = 0;
+  for (int g = 0; g < groups; ++g) {
+    const int kind = rng() % 5;
+    int rows = kind == 0 ? 0 : kind == 1 ? 1 : kind == 2 ? 1 + rng() % 300
+             : kind == 3 ? kTileM * (1 + rng() % 3) : 200 + rng() % 200;
+    const bool elsewhere = planned && rng() % 4 == 0;  // a plan slot another device computes
+    if (elsewhere) rows = 0;
+    l.begin.push_back(pos);
+    l.end.push_back(pos + rows);
+    l.expert.push_back(elsewhere ? -1 : g);
+    l.tile_offset.push_back(tile);
+    pos += rows;
+    tile += (rows + kTileM - 1) / kTileM;
+  }
+  l.tile_offset.push_back(tile);
+  const int64_t rows = int64_t{tile} * kTileM;
+  l.a.assign(rows * l.m, NAN);
+  l.b.assign(rows * l.n, NAN);
+  l.exact.assign(int64_t{groups} * l.m * l.n, 0.0);
+  std::uniform_int_distribution<int> small(-3, 3);
+  for (int g = 0; g < groups; ++g)
+    for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
+      const int64_t row = int64_t{l.tile_offset[g]} * kTileM + i;
+      for (int r = 0; r < l.m; ++r) l.a[row * l.m + r] = small(rng);
+      for (int c = 0; c < l.n; ++c) l.b[row * l.n + c] = small(rng);
+      for (int r = 0; r < l.m; ++r)
+        for (int c = 0; c < l.n; ++c)
+          l.exact[(int64_t{g} * l.m + r) * l.n + c] += l.a[row * l.m + r] * l.b[row * l.n + c];
+    }
+  // Pairs computed elsewhere count towards the worst case, so chunks past the list's end occur.
+  const int64_t pairs = pos + rng() % 400;
+  l.worst_tiles = (pairs + int64_t{groups} * (kTileM - 1)) / kTileM;
+  return l;
+}
+
+struct Run {
+  const List& l;
+  GemmParams p{};
+  std::vector<float> chunk_a, chunk_b, carry, out;
+  std::vector<int> writes;  // per output element
+
+  explicit Run(const List& list) : l(list) {}
+
+  // One element of the chunk's operands, NaN past the list's tiles as in unwritten scratch.
+  float at(const std::vector<float>& chunk, int width, int64_t row, int col) const {
+    return row >= 0 && row < p.chunk.rows(kTileM) ? chunk[row * width + col] : NAN;
+  }
+  void store(int32_t g, int r, int c, float value) {
+    const int64_t i = (int64_t{g} * l.m + r) * l.n + c;
+    out[i] = value;
+    ++writes[i];
+  }
+
+  // expert_gemm's CTAs over the chunk (its MMAs as float sums, k ascending).
+  void sm80(ReductionPart part, int64_t grid) {
+    p.part = part;
+    const int64_t units = num_units<kTileM, kTileN>(p);
+    for (int64_t cta = 0; cta < grid; ++cta)
+      for (int64_t unit = next_unit<kTileM, kTileN>(p, cta, units, grid); unit < units;
+           unit = next_unit<kTileM, kTileN>(p, unit + grid, units, grid)) {
+        const GemmTile t = decode_tile<kTileM, kTileN>(p, unit);
+        if (t.expert < 0) continue;
+        expect(!p.skip_rows || l.tile_offset[t.group] == l.tile_offset[t.group + 1],
+               "expert_gemm summed a group with rows under skip_rows", t.group);
+        for (int r = t.m0; r < std::min(t.m0 + kTileM, l.m); ++r)
+          for (int c = t.n_tile * kTileN; c < std::min((t.n_tile + 1) * kTileN, l.n); ++c) {
+            float sum = t.load_carry ? carry[r * l.n + c] : 0.0f;
+            for (int k = 0; k < t.k_extent; ++k)
+              sum += at(chunk_a, l.m, t.row_begin + k, r) * at(chunk_b, l.n, t.row_begin + k, c);
+            if (t.store_carry) carry[r * l.n + c] = sum;
+            else store(t.group, r, c, sum);
+          }
+      }
+  }
+
+  // build_reduction_problems and a grouped GEMM over its problems; then finish_carry.
+  void grouped(ReductionPart part) {
+    p.part = part;
+    const bool carrying = part != ReductionPart::kEveryGroup;
+    int problems = 0;
+    for (int32_t g = 0; g < p.num_groups; ++g) {
+      const bool mine = carrying ? carried(p, g)
+                                 : p.group_expert[g] >= 0 && group_whole_in_chunk(p, g);
+      const ReductionRows rows = reduction_rows(p, g, mine);
+      expect(mine == (rows.rows > 0), "a group of the part without rows in the chunk", g);
+      if (rows.rows == 0) continue;
+      ++problems;
+      expect(rows.first >= 0 && rows.first + rows.rows <= p.chunk.rows(kTileM),
+             "rows outside the chunk", g);
+      const float beta = part == ReductionPart::kContinued ? 1.0f : 0.0f;
+      for (int r = 0; r < l.m; ++r)
+        for (int c = 0; c < l.n; ++c) {
+          float sum = 0.0f;
+          for (int64_t k = 0; k < rows.rows; ++k)
+            sum += at(chunk_a, l.m, rows.first + k, r) * at(chunk_b, l.n, rows.first + k, c);
+          if (!carrying) store(g, r, c, sum);
+          else carry[r * l.n + c] = beta != 0.0f ? sum + beta * carry[r * l.n + c] : sum;
+        }
+    }
+    if (carrying) expect(problems <= 1, "several carried problems in one launch", -1);
+    if (part != ReductionPart::kContinued) return;
+    if (const int32_t g = finished_carry(p); g >= 0)
+      for (int r = 0; r < l.m; ++r)
+        for (int c = 0; c < l.n; ++c) store(g, r, c, carry[r * l.n + c]);
+  }
+
+  // LaunchWeightGradient's launches in each chunk.
+  void all_chunks(int32_t chunk_tiles, bool skip_rows, int64_t grid) {
+    const int32_t groups = static_cast<int32_t>(l.begin.size());
+    p.shape = GemmShape::kPairReduction;
+    p.m = l.m;
+    p.n = l.n;
+    p.num_groups = groups;
+    p.group_begin = l.begin.data();
+    p.group_end = l.end.data();
+    p.group_expert = l.expert.data();
+    p.tile_offset = l.tile_offset.data();
+    p.tile_m = kTileM;
+    p.skip_rows = skip_rows;
+    const int64_t chunks = (l.worst_tiles + chunk_tiles - 1) / chunk_tiles;
+    const bool carrying = chunks > 1;
+    carry.assign(int64_t{l.m} * l.n, NAN);
+    out.assign(int64_t{groups} * l.m * l.n, NAN);
+    writes.assign(out.size(), 0);
+    for (int32_t index = 0; index < chunks; ++index) {
+      p.chunk = {chunk_tiles, index};
+      const int64_t first = p.chunk.first_row(kTileM), rows = p.chunk.rows(kTileM);
+      chunk_a.assign(rows * l.m, NAN);
+      chunk_b.assign(rows * l.n, NAN);
+      for (int64_t r = 0; r < rows && first + r < int64_t(l.a.size()) / l.m; ++r) {
+        std::copy_n(&l.a[(first + r) * l.m], l.m, &chunk_a[r * l.m]);
+        std::copy_n(&l.b[(first + r) * l.n], l.n, &chunk_b[r * l.n]);
+      }
+      if (!skip_rows) {
+        if (carrying) {
+          sm80(ReductionPart::kContinued, grid);
+          sm80(ReductionPart::kBegun, grid);
+        } else {
+          sm80(ReductionPart::kEveryGroup, grid);
+        }
+        continue;
+      }
+      if (index == 0) sm80(carrying ? ReductionPart::kBegun : ReductionPart::kEveryGroup, grid);
+      grouped(ReductionPart::kEveryGroup);
+      if (carrying) {
+        grouped(ReductionPart::kContinued);
+        grouped(ReductionPart::kBegun);
+      }
+    }
+    for (int32_t g = 0; g < groups; ++g) {
+      const int64_t elements = int64_t{l.m} * l.n, base = g * elements;
+      const int want = l.expert[g] >= 0 ? 1 : 0;
+      bool once = true, equal = true;
+      for (int64_t i = 0; i < elements; ++i) {
+        once = once && writes[base + i] == want;
+        equal = equal && (want == 0 || out[base + i] == static_cast<float>(l.exact[base + i]));
+      }
+      expect(once, want ? "an element written other than once" : "another device's group written", g);
+      expect(equal, "a sum other than the exact one", g);
+    }
+  }
+};
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(2026);
+  int lists = 0;
+  for (const bool skip_rows : {false, true}) {
+    const int before = errors;
+    for (int i = 0; i < 300; ++i) {
+      // Plans keep to expert_gemm (LaunchWeightGradient sets skip_rows only without one).
+      const List list = make_list(rng, /*planned=*/!skip_rows && i % 2 == 1);
+      Run(list).all_chunks(1 + rng() % 9, skip_rows, 1 + rng() % 9);
+      ++lists;
+    }
+    std::printf("%s: %s\n", skip_rows ? "grouped GEMMs beside expert_gemm" : "expert_gemm alone",
+                errors == before ? "ok" : "FAILED");
+  }
+  std::printf("work lists: %d\nerrors: %d\n", lists, errors);
+  return errors != 0;
+}
