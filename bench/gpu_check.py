@@ -195,13 +195,16 @@ def env(path: pathlib.Path, stamp_path: pathlib.Path) -> dict:
 # The workload compute-sanitizer checks.
 
 # The workload's calls: (dtype, scratch budget or None, TF32).
-WORKLOAD_CALLS = (("float32", None, False), ("float32", None, True),
+# float32 in one-tile chunks too, for initcheck: the staging is not zeroed, so a slot the
+# combine read that no chunk's scatter wrote (a token's slot first written by a later chunk) is
+# a read of memory nothing wrote.
+WORKLOAD_CALLS = (("float32", None, False), ("float32", None, True), ("float32", 1, False),
                   ("bfloat16", None, False), ("bfloat16", 1, False))
 
 
 def workload(dtypes: tuple[str, ...] | None = None) -> None:
   """`fused_moe_emulated` forward and backward over 4 emulated peers, float32 (exact, and as
-  TF32) and bfloat16, on a shape off every tile, bfloat16 also in one-tile chunks (the least
+  TF32) and bfloat16, on a shape off every tile, both also in one-tile chunks (the least
   scratch budget), or only the calls in `dtypes`; prints each result's relative error against
   reference_moe."""
   import contextlib

@@ -13,7 +13,8 @@
 #                pytest-timeout is installed)
 #   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck on a small
 #                emulated forward+backward (`python -m bench.gpu_check workload`; initcheck on
-#                its float32 calls); the four run beside stage 2 (nothing there is timed)
+#                its float32 calls, one of them in one-tile chunks); the four run beside stage 2
+#                (nothing there is timed)
 #   4 kernels    python -m bench.kernels: the fused layer's (and the roof's) GPU time kernel by
 #                kernel, from jax's profiler, at the benchmark's shapes
 #   5 benchmark  python -m bench.gpu: fused_moe_emulated (D=8) vs ragged_dot (jax's; tokamax's

@@ -95,7 +95,10 @@ namespace {
 // Whether every row the pass reads or writes starts on a 4-column vector (16 bytes of float32,
 // 4 elements of T) and the slices are whole vectors: F % 4 == 0 (n_split is F or 0) and the
 // buffers aligned. The GPU path's F % 8 for 16-bit inputs and its 256-byte scratch regions make
-// this the rule; the scalar pass is what remains when a buffer is not.
+// this the rule; the scalar pass is what remains when a buffer is not. The two passes sum a
+// slice's dot(a, u) in other orders, so the choice must not change between a site's calls: it
+// rests on the shapes and on XLA's and the arena's alignment, never on where a buffer happens to
+// lie.
 template <class T>
 bool vector_rows(const RowPass& q, int32_t columns) {
   const GemmParams& p = q.gemm;
