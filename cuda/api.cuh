@@ -129,9 +129,15 @@
 // chunk tests compare budgets of one and of a few tiles per chunk with one chunk (emulated, with
 // a plan, and over every GPU; bitwise but for Hopper's grouped weight gradients):
 // a wrong row window shows as a wrong row, a lost or doubled carry as a wrong weight gradient,
-// a scatter that overwrites instead of adding as a wrong y or dx. bench/gpu_check.sh's sanitizer
-// workload runs a one-tile-chunk call too (the windows' bounds under memcheck). Then time a
-// skewed layer under a budget of about one balanced load against one chunk.
+// a scatter that overwrites instead of adding as a wrong y or dx. Each chunked call runs right
+// after the same program on other inputs, so a staging slot read but not written shows as a
+// wrong row too. test_emulated_groups_carried_across_chunk_edges takes chunks of two tiles in
+// which one chunk ends a group, steps over an empty one and begins the next (on Hopper
+// CarryGemm's two parts and finish_carry in one chunk, weight gradients over several CUTLASS
+// tiles); tests/weight_gradient_chunks.cu replays those launches on the host. bench/gpu_check.sh's
+// sanitizer workload runs one-tile-chunk calls too (the windows' bounds under memcheck, and a
+// float32 one under initcheck: no slot read that no chunk wrote). Then time a skewed layer under
+// a budget of about one balanced load against one chunk.
 //
 // GPU check for residuals="hidden" (never run; tests/test_cuda.py's kept-h test is new):
 // `JAX_PLATFORMS=cuda pytest tests/test_residuals.py` (one GPU runs the one-device and emulated
