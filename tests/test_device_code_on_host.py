@@ -4,9 +4,11 @@ every copy moves each element where its kernel expects it, ldmatrix's exchange b
 simulated as PTX defines it), the activation passes' row functions (tests/pair_rows.cu: four
 columns a lane give the bytes one column a lane and the formula give), the weight gradients'
 sums over a work list in chunks (tests/weight_gradient_chunks.cu: expert_gemm's units and the
-grouped GEMMs' problems and carries, each element written once with its exact sum) and the device
-barrier's protocol between GPUs (tests/barrier_protocol.cu: its steps run by host threads, with
-members late, dead, out of step or giving up).
+grouped GEMMs' problems and carries, each element written once with its exact sum), the
+combine's kernels (tests/slot_sums.cu: a warp's lanes as fibers, the staging's slots summed in
+the promised order bitwise however the list runs, no slot read that the call never wrote) and the
+device barrier's protocol between GPUs (tests/barrier_protocol.cu: its steps run by host
+threads, with members late, dead, out of step or giving up).
 
 The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
 would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
@@ -88,6 +90,13 @@ def test_weight_gradients_in_chunks_sum_each_group_once_exactly(tmp_path):
   verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
   # expert_gemm alone (and under plans), and the grouped GEMMs beside it.
   assert len(verdicts) == 2, out
+
+
+def test_scatter_and_combine_sum_each_slot_in_list_order_however_they_run(tmp_path):
+  out = _run_host_check("slot_sums", tmp_path)
+  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+  # Eight routings forward and backward, a source that gave up, an aborted call, sum_partials.
+  assert len(verdicts) == 8 * 2 + 3, out
 
 
 def test_device_barrier_protocol_keeps_members_in_step_and_reports_each_fault(tmp_path):
