@@ -2,13 +2,15 @@
 toolkit's and CUTLASS's headers compile it: expert_gemm's configurations (tests/gemm_layouts.cu:
 every copy moves each element where its kernel expects it, ldmatrix's exchange between lanes
 simulated as PTX defines it), the activation passes' row functions (tests/pair_rows.cu: four
-columns a lane give the bytes one column a lane and the formula give), the weight gradients'
-sums over a work list in chunks (tests/weight_gradient_chunks.cu: expert_gemm's units and the
-grouped GEMMs' problems and carries, each element written once with its exact sum), the
-combine's kernels (tests/slot_sums.cu: a warp's lanes as fibers, the staging's slots summed in
-the promised order bitwise however the list runs, no slot read that the call never wrote) and the
+columns a lane give the bytes one column a lane and the formula give) and the passes themselves
+(tests/row_passes.cu: their one-wave walk visits each row of the pass once and writes no other),
+the weight gradients' sums over a work list in chunks (tests/weight_gradient_chunks.cu:
+expert_gemm's units and the grouped GEMMs' problems and carries, each element written once with
+its exact sum), the combine's kernels (tests/slot_sums.cu: the staging's slots summed in the
+promised order bitwise however the list runs, no slot read that the call never wrote) and the
 device barrier's protocol between GPUs (tests/barrier_protocol.cu: its steps run by host
-threads, with members late, dead, out of step or giving up).
+threads, with members late, dead, out of step or giving up). Kernels with warp collectives run
+a warp's 32 lanes as fibers (tests/warp_lanes.h).
 
 The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
 would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
@@ -82,6 +84,14 @@ def test_activation_rows_in_vectors_match_one_column_a_lane_and_the_formula(tmp_
   verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
   # Every activation at F = 768, 200 and 1032.
   assert len(verdicts) == 5 * 3, out
+
+
+def test_activation_passes_visit_each_row_of_the_pass_once_and_write_no_other(tmp_path):
+  out = _run_host_check("row_passes", tmp_path)
+  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+  # The walk at three M tiles, its stop at the list's end (lowered, and in a chunk of 2^30
+  # tiles), and the two kernels in six cases (every activation, bfloat16 and float16).
+  assert len(verdicts) == 3 + 2 + 6, out
 
 
 def test_weight_gradients_in_chunks_sum_each_group_once_exactly(tmp_path):

@@ -1,0 +1,502 @@
+// Checks, on the host, the activation passes of cuda/row_passes.cuh: the code the GPU runs, built
+// as host C++, over random work lists (empty groups, groups another device computes, groups of
+// whole tiles and with tail padding, lists without any tile), in chunks up to one wholly past
+// the list's end, for every source and for one:
+//   - the walk (for_each_row_slice, row_pair), at tile_m 4, 8 and 12, in chunks of 1, 2, 5 and 64
+//     tiles, on grids of 1, 2, 7 and 1000 blocks (a warp takes many items, one or none), calls
+//     its body once for each (scratch row, slice) of the pass, with the row's group and list
+//     position, and for nothing else; it stops at the list's end (tile_offset[num_groups]) where
+//     the groups' tables would still give pairs, and returns there in a chunk of 2^30 tiles;
+//   - activate_rows and activation_backward_rows, a warp's 32 lanes as fibers (tests/warp_lanes.h:
+//     warp_sum's shuffles exchange values, and every lane must reach them), in chunks of three
+//     8-row tiles on grids of 1, 3 and a block per four items, at one and four columns a lane
+//     (one alone where F % 4 != 0), write exactly the rows of the pass: the bytes pair_rows.cuh's
+//     row functions give at one column a lane for the row's group and list position (a, the kept
+//     h, dh, w * a), and each slice's dot as the lanes' parts summed in warp_sum's butterfly; every
+//     other row, the columns of `out` past F and the kept rows of pairs that keep none hold their
+//     poison.
+// tests/pair_rows.cu checks the row functions themselves (four columns a lane against one and
+// the formula). Prints each case and the number of errors; exits 1 on any.
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "tests/warp_lanes.h"
+
+using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declares
+
+#include "cuda/row_passes.cuh"
+
+using namespace ccf;
+using namespace ccf::cuda;
+
+namespace {
+
+constexpr int kTokens = 16, kTopK = 3, kSources = 3;
+int errors = 0;
+
+void expect(bool ok, const std::string& where, const char* what) {
+  if (!ok && errors++ < 30) std::printf("  %s: %s\n", where.c_str(), what);
+}
+
+// A work list as work_list.cu builds it: groups of consecutive positions, each group's rows from
+// its first tile on; a group another device computes (expert -1) keeps its positions but has no
+// rows, and so no tiles.
+struct List {
+  int32_t tile_m;
+  std::vector<int32_t> begin, end, expert, tile_offset;  // [groups], tile_offset [groups + 1]
+  std::vector<WorkItem> items;
+  int64_t tiles() const { return tile_offset.back(); }
+  int32_t groups() const { return static_cast<int32_t>(begin.size()); }
+};
+
+// `others`: some groups are other devices' (as with a plan). `empty`: no group has rows.
+List make_list(std::mt19937& rng, int32_t tile_m, bool others, bool empty = false) {
+  List l;
+  l.tile_m = tile_m;
+  const int groups = 1 + rng() % 9;
+  int32_t pos = 0, tiles = 0;
+  for (int g = 0; g < groups; ++g) {
+    const int kind = rng() % 5;
+    const int32_t size = empty || kind == 0 ? 0
+                         : kind == 1        ? 1
+                         : kind == 2        ? tile_m * static_cast<int32_t>(1 + rng() % 2)
+                                            : static_cast<int32_t>(1 + rng() % (3 * tile_m));
+    const bool here = !others || rng() % 3 != 0;
+    l.begin.push_back(pos);
+    l.end.push_back(here ? pos + size : pos);
+    l.expert.push_back(here ? g : -1);
+    l.tile_offset.push_back(tiles);
+    if (here) tiles += (size + tile_m - 1) / tile_m;
+    for (int32_t i = 0; i < size; ++i)
+      l.items.push_back({static_cast<int32_t>(rng() % kSources),
+                         static_cast<int32_t>(rng() % kTokens),
+                         static_cast<int32_t>(rng() % kTopK)});
+    pos += size;
+  }
+  l.tile_offset.push_back(tiles);
+  return l;
+}
+
+GemmParams params_of(const List& l, Chunk chunk, int32_t only_source, int32_t n,
+                     const int32_t* tile_offset = nullptr) {
+  GemmParams p{};
+  p.items = l.items.data();
+  p.group_begin = l.begin.data();
+  p.group_end = l.end.data();
+  p.group_expert = l.expert.data();
+  p.tile_offset = tile_offset != nullptr ? tile_offset : l.tile_offset.data();
+  p.num_groups = l.groups();
+  p.tile_m = l.tile_m;
+  p.only_source = only_source;
+  p.chunk = chunk;
+  p.n = n;
+  return p;
+}
+
+struct Pair {
+  int32_t group = -1;  // -1: the row holds no pair of the pass
+  int64_t pos = -1;
+};
+
+// The pass's pair of each of the chunk's rows, from the list alone: a computed group's i-th pair
+// lies in scratch row tile_offset * tile_m + i. Rows of tiles from `end_tile` on are none.
+std::vector<Pair> pass_rows(const List& l, Chunk chunk, int32_t only_source, int64_t end_tile) {
+  std::vector<Pair> rows(chunk.rows(l.tile_m));
+  for (int32_t g = 0; g < l.groups(); ++g) {
+    if (l.expert[g] < 0) continue;
+    for (int32_t i = 0; i < l.end[g] - l.begin[g]; ++i) {
+      const int64_t row = int64_t{l.tile_offset[g]} * l.tile_m + i - chunk.first_row(l.tile_m);
+      const int32_t pos = l.begin[g] + i;
+      if (l.tile_offset[g] + i / l.tile_m >= end_tile || row < 0 || row >= chunk.rows(l.tile_m))
+        continue;
+      if (only_source != kAllSources && l.items[pos].source != only_source) continue;
+      rows[row] = {g, pos};
+    }
+  }
+  return rows;
+}
+
+// What the walk's body was called with.
+struct Visits {
+  int64_t rows;
+  int32_t slices;
+  std::vector<int> count;  // [rows, slices]
+  std::vector<Pair> pair;  // [rows, slices] the last call's
+  int outside = 0;         // calls for a (row, slice) outside the chunk
+
+  Visits(int64_t rows, int32_t slices)
+      : rows(rows), slices(slices), count(rows * slices), pair(rows * slices) {}
+  void operator()(int64_t row, int32_t slice, int32_t group, int64_t pos) {
+    if (row < 0 || row >= rows || slice < 0 || slice >= slices) {
+      ++outside;
+      return;
+    }
+    ++count[row * slices + slice];
+    pair[row * slices + slice] = {group, pos};
+  }
+};
+
+// Every warp of a grid of `blocks` walks the chunk, as lane (its index in the grid) % 32. The
+// walk reads no lane's value but through threadIdx.x / 32, and has no collective.
+void walk(const GemmParams& p, int32_t slices, int blocks, Visits& visits) {
+  lanes::grid = dim3(blocks);
+  for (int b = 0; b < blocks; ++b)
+    for (int w = 0; w < kTokenWarps; ++w) {
+      lanes::block = make_uint3(b, 0, 0);
+      lanes::thread = make_uint3(w * 32 + (b * kTokenWarps + w) % 32, 0, 0);
+      for_each_row_slice(p, slices, [&](int64_t row, int32_t slice, int32_t group, int64_t pos) {
+        visits(row, slice, group, pos);
+      });
+    }
+}
+
+void expect_visits(const Visits& v, const std::vector<Pair>& want, const std::string& where) {
+  expect(v.outside == 0, where, "the body ran for a (row, slice) outside the chunk");
+  bool missed = false, twice = false, stray = false, wrong = false;
+  for (int64_t row = 0; row < v.rows; ++row)
+    for (int32_t slice = 0; slice < v.slices; ++slice) {
+      const int count = v.count[row * v.slices + slice];
+      const Pair& got = v.pair[row * v.slices + slice];
+      if (want[row].group < 0) {
+        stray |= count != 0;
+      } else {
+        missed |= count == 0;
+        twice |= count > 1;
+        wrong |= count > 0 && (got.group != want[row].group || got.pos != want[row].pos);
+      }
+    }
+  expect(!missed, where, "a (row, slice) of the pass was not visited");
+  expect(!twice, where, "a (row, slice) of the pass was visited more than once");
+  expect(!stray, where, "a row that holds no pair of the pass was visited");
+  expect(!wrong, where, "a row was given another group or list position than its pair's");
+}
+
+std::string describe(const List& l, Chunk chunk, int32_t only_source, int blocks) {
+  return "tile_m " + std::to_string(l.tile_m) + ", " + std::to_string(l.groups()) + " groups, " +
+         std::to_string(l.tiles()) + " tiles, chunk " + std::to_string(chunk.index) + " of " +
+         std::to_string(chunk.tiles) + " tiles, " +
+         (only_source == kAllSources ? std::string("every source")
+                                     : "source " + std::to_string(only_source)) +
+         ", " + std::to_string(blocks) + " blocks";
+}
+
+// The walk over random lists: each (row, slice) of the pass once, with its pair, nothing else.
+void check_walk(std::mt19937& rng) {
+  const int32_t slice_counts[] = {1, 2, 3, 7};
+  for (int32_t tile_m : {4, 8, 12}) {
+    const int before = errors;
+    for (int trial = 0; trial < 14; ++trial) {
+      const List l = make_list(rng, tile_m, trial % 2 == 1, trial % 7 == 0);
+      const int32_t slices = slice_counts[trial % 4];
+      for (int32_t chunk_tiles : {1, 2, 5, 64})
+        // Up to the first chunk wholly past the list's end.
+        for (int32_t index = 0; index <= l.tiles() / chunk_tiles + 1; ++index)
+          for (int32_t only_source : {kAllSources, 0, 2})
+            for (int blocks : {1, 2, 7, 1000}) {
+              const Chunk chunk{chunk_tiles, index};
+              const GemmParams p = params_of(l, chunk, only_source, 32 * slices);
+              Visits visits(chunk.rows(tile_m), slices);
+              walk(p, slices, blocks, visits);
+              expect_visits(visits, pass_rows(l, chunk, only_source, l.tiles()),
+                            describe(l, chunk, only_source, blocks));
+            }
+    }
+    if (errors == before) std::printf("walk, tile_m %d: ok\n", tile_m);
+  }
+}
+
+// The list's end is tile_offset[num_groups]: lowered by one to three tiles, the groups' tables
+// still give pairs to the rows past it (row_pair would take them), and the walk must stop there.
+void check_walk_stops_at_the_end(std::mt19937& rng) {
+  const int before = errors;
+  for (int trial = 0; trial < 12; ++trial) {
+    const List l = make_list(rng, 8, trial % 2 == 1);
+    for (int64_t cut = 1; cut <= std::min<int64_t>(3, l.tiles()); ++cut) {
+      std::vector<int32_t> tile_offset = l.tile_offset;
+      tile_offset.back() -= static_cast<int32_t>(cut);
+      for (int32_t chunk_tiles : {1, 5, 64})
+        for (int32_t index = 0; index <= l.tiles() / chunk_tiles; ++index)
+          for (int blocks : {1, 7}) {
+            const Chunk chunk{chunk_tiles, index};
+            const GemmParams p = params_of(l, chunk, kAllSources, 64, tile_offset.data());
+            Visits visits(chunk.rows(8), 2);
+            walk(p, 2, blocks, visits);
+            expect_visits(visits, pass_rows(l, chunk, kAllSources, tile_offset.back()),
+                          "end lowered by " + std::to_string(cut) + " tiles, " +
+                              describe(l, chunk, kAllSources, blocks));
+          }
+    }
+  }
+  if (errors == before) std::printf("walk stops at the list's end: ok\n");
+}
+
+void walked_on(int) {
+  static const char message[] =
+      "  a chunk of 2^30 tiles: a warp walked on past the list's end (10 s)\nerrors: 1\n";
+  (void)!write(STDOUT_FILENO, message, sizeof(message) - 1);
+  _exit(1);
+}
+
+// A chunk of 2^30 tiles (the items of 3 * 10^10 (row, slice)s) on one and two blocks: each warp
+// returns at its first row past the list's tiles, where walking on takes hours.
+void check_walk_returns(std::mt19937& rng) {
+  const int before = errors;
+  signal(SIGALRM, walked_on);
+  alarm(10);
+  for (int trial = 0; trial < 4; ++trial) {
+    const List l = make_list(rng, 12, trial % 2 == 1);
+    const Chunk chunk{1 << 30, 0};
+    // The chunk's rows from the list's end on hold no pair: its first rows are a chunk of the
+    // list's tiles, and a visit past them is one outside that chunk.
+    const Chunk list_chunk{static_cast<int32_t>(std::max<int64_t>(l.tiles(), 1)), 0};
+    for (int blocks : {1, 2}) {
+      const GemmParams p = params_of(l, chunk, kAllSources, 96);
+      Visits visits(list_chunk.rows(12), 3);
+      walk(p, 3, blocks, visits);
+      expect_visits(visits, pass_rows(l, list_chunk, kAllSources, l.tiles()),
+                    "a chunk of 2^30 tiles, " + describe(l, chunk, kAllSources, blocks));
+    }
+  }
+  alarm(0);
+  if (errors == before)
+    std::printf("walk over a chunk of 2^30 tiles returns at the list's end: ok\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernels.
+
+constexpr uint32_t kPoisonFloat = 0x7fc0dead;  // a NaN no pass computes
+constexpr uint16_t kPoisonHalf = 0x7fa1;       // a NaN in bfloat16 and in float16 alike
+constexpr int32_t kKeptRows = 3, kExpertsPerDevice = 2;
+
+float poison_float() {
+  float x;
+  std::memcpy(&x, &kPoisonFloat, 4);
+  return x;
+}
+
+template <class V>
+bool same_bytes(const std::vector<V>& a, const std::vector<V>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(V)) == 0;
+}
+
+// Whether elements [first, first + count) of `v` all hold their poison.
+template <class V>
+bool poisoned(const std::vector<V>& v, int64_t first, int64_t count, const V& poison) {
+  for (int64_t i = first; i < first + count; ++i)
+    if (std::memcmp(&v[i], &poison, sizeof(V)) != 0) return false;
+  return true;
+}
+
+struct Case {
+  const char* name;
+  int activation;
+  int32_t f, columns;
+  bool half;    // float16, else bfloat16
+  bool others;  // groups of other devices, as with a plan: then nothing is kept
+};
+
+// A grid's warps one after another, each's lanes as fibers.
+void launch(int blocks, const std::string& where, const std::function<void()>& kernel) {
+  lanes::grid = dim3(blocks);
+  for (int b = 0; b < blocks; ++b)
+    for (int w = 0; w < kTokenWarps; ++w)
+      expect(lanes::run_warp(make_uint3(b, 0, 0), w, kernel), where,
+             "a warp's lanes part at a collective");
+}
+
+// What a pass writes, poisoned; `kept` holds poison for the forward (which writes it) and the
+// kept h for the backward (which reads it).
+template <class T>
+struct Outputs {
+  std::vector<float> kept, dots;
+  std::vector<T> out, dh, aw;
+};
+
+template <class T>
+void check_kernels(const Case& c, std::mt19937& rng) {
+  const bool gated = IsGated(static_cast<Activation>(c.activation));
+  const int32_t f = c.f, gf = gated ? 2 * f : f, out_ld = f + 4;
+  const int32_t slices = (f + c.columns - 1) / c.columns;
+  const int32_t tile_m = 8, chunk_tiles = 3;
+  const T poison_t = T::bitcast(kPoisonHalf);
+  const float poison_f = poison_float();
+  std::normal_distribution<float> normal;
+  const List l = make_list(rng, tile_m, c.others);
+  std::vector<float> weights(kSources * kTokens * kTopK);
+  for (float& w : weights) w = normal(rng);
+  const int64_t rows = int64_t{chunk_tiles} * tile_m;
+  const int64_t kept_size = int64_t{(l.groups() + kExpertsPerDevice - 1) / kExpertsPerDevice} *
+                            kKeptRows * gf;
+
+  const int before = errors;
+  for (int32_t index = 0; index <= l.tiles() / chunk_tiles + 1; ++index)  // one wholly past the end
+    for (int32_t only_source : {kAllSources, 1}) {
+      const Chunk chunk{chunk_tiles, index};
+      const std::vector<Pair> want = pass_rows(l, chunk, only_source, l.tiles());
+      auto random = [&](int64_t size) {
+        std::vector<float> v(size);
+        for (float& x : v) x = normal(rng);
+        return v;
+      };
+      const std::vector<float> c_rows = random(rows * gf), u_rows = random(rows * f),
+                               h = random(rows * gf), kept_h = random(kept_size);
+      GemmParams p = params_of(l, chunk, only_source, f);
+      p.activation = c.activation;
+      p.gated = gated;
+      p.top_k = kTopK;
+      for (int s = 0; s < kSources; ++s) p.weights[s] = weights.data() + s * kTokens * kTopK;
+      p.weights_f32 = 1;
+      p.experts_per_device = kExpertsPerDevice;
+      p.kept_rows = c.others ? 0 : kKeptRows;
+      p.out_ld = out_ld;
+      p.num_partials = slices;
+
+      // The forward's and the backward's passes into `b`.
+      auto forward = [&](Outputs<T>& b) {
+        RowPass q{p, c_rows.data()};
+        q.gemm.epilogue = Epilogue::kActivation;
+        q.gemm.n_split = gated ? f : 0;
+        q.gemm.out = b.out.data();
+        q.gemm.kept = c.others ? nullptr : b.kept.data();
+        return q;
+      };
+      auto backward = [&](Outputs<T>& b) {
+        RowPass q{p, u_rows.data()};
+        q.gemm.epilogue = Epilogue::kActivationBackward;
+        q.gemm.h = h.data();
+        q.gemm.kept = c.others ? nullptr : b.kept.data();
+        q.gemm.dh = b.dh.data();
+        q.gemm.aw = b.aw.data();
+        q.gemm.dot_partial = b.dots.data();
+        return q;
+      };
+      auto fresh = [&](bool forward_pass) {
+        return Outputs<T>{forward_pass ? std::vector<float>(kept_size, poison_f) : kept_h,
+                          std::vector<float>(rows * slices, poison_f),
+                          std::vector<T>(rows * out_ld, poison_t),
+                          std::vector<T>(rows * gf, poison_t), std::vector<T>(rows * f, poison_t)};
+      };
+
+      // What the passes must write: the row functions' bytes at one column a lane, called for
+      // each row of the pass with its pair; the dots, per kVector, as warp_sum adds the lanes'.
+      const bool vectors = f % 4 == 0 && c.columns % 4 == 0;  // else one column a lane alone
+      Outputs<T> ref_fwd = fresh(true), ref_bwd = fresh(false);
+      std::vector<float> ref_dots[2] = {ref_bwd.dots, ref_bwd.dots};  // kVector 1, 4
+      Outputs<T> scratch = fresh(false);  // the four-column parts' dh and w * a, unread
+      const RowPass qf = forward(ref_fwd), qb = backward(ref_bwd), q4 = backward(scratch);
+      for (int64_t row = 0; row < rows; ++row) {
+        if (want[row].group < 0) continue;
+        const int32_t g = want[row].group;
+        const int64_t pos = want[row].pos;
+        const float* c_row = c_rows.data() + row * (f + qf.gemm.n_split);
+        const float* u_row = u_rows.data() + row * f;
+        for (int32_t s = 0; s < slices; ++s) {
+          const int32_t begin = s * c.columns, end = std::min(begin + c.columns, f);
+          float parts[2][32];
+          for (int lane = 0; lane < 32; ++lane) {
+            activate_row<T, 1>(qf.gemm, g, pos, row, begin, end, lane,
+                               [&](int32_t j) { return Floats<1>::load(c_row + j); });
+            parts[0][lane] = activation_backward_row<T, 1>(
+                qb.gemm, g, pos, row, begin, end, lane,
+                [&](int32_t j) { return Floats<1>::load(u_row + j); });
+            if (vectors) {
+              parts[1][lane] = activation_backward_row<T, 4>(
+                  q4.gemm, g, pos, row, begin, end, lane,
+                  [&](int32_t j) { return Floats<4>::load(u_row + j); });
+            }
+          }
+          for (int v = 0; v < (vectors ? 2 : 1); ++v) {
+            for (int offset = 16; offset > 0; offset /= 2) {
+              float next[32];
+              for (int lane = 0; lane < 32; ++lane)
+                next[lane] = parts[v][lane] + parts[v][lane ^ offset];
+              std::copy(next, next + 32, parts[v]);
+            }
+            ref_dots[v][row * slices + s] = parts[v][0];
+          }
+        }
+      }
+
+      for (int vector : {1, 4}) {
+        if (vector == 4 && !vectors) continue;
+        // One block (a warp takes many items), three, and the launcher's on a large GPU (a warp
+        // takes one at most).
+        const int full = static_cast<int>((rows * slices + kTokenWarps - 1) / kTokenWarps);
+        for (int blocks : {1, 3, full}) {
+          const std::string where = std::string(c.name) + ", " +
+                                    describe(l, chunk, only_source, blocks) + ", " +
+                                    std::to_string(vector) + " columns a lane";
+          Outputs<T> fwd = fresh(true), bwd = fresh(false);
+          const RowPass qf = forward(fwd), qb = backward(bwd);
+          launch(blocks, where, [&] {
+            if (vector == 4) {
+              activate_rows<T, 4>(qf, c.columns);
+              activation_backward_rows<T, 4>(qb, c.columns);
+            } else {
+              activate_rows<T, 1>(qf, c.columns);
+              activation_backward_rows<T, 1>(qb, c.columns);
+            }
+          });
+          bool untouched = true, past_f = true;
+          for (int64_t row = 0; row < rows; ++row) {
+            past_f &= poisoned(fwd.out, row * out_ld + f, out_ld - f, poison_t);
+            if (want[row].group >= 0) continue;
+            untouched &= poisoned(fwd.out, row * out_ld, out_ld, poison_t) &&
+                         poisoned(bwd.dh, row * gf, gf, poison_t) &&
+                         poisoned(bwd.aw, row * f, f, poison_t) &&
+                         poisoned(bwd.dots, row * slices, slices, poison_f);
+          }
+          expect(untouched, where, "a row outside the pass was written");
+          expect(past_f, where, "out was written past column F");
+          expect(same_bytes(fwd.kept, ref_fwd.kept), where,
+                 "the kept rows are not the pairs' h (or a row that keeps none was written)");
+          expect(same_bytes(fwd.out, ref_fwd.out), where,
+                 "a is not the row function's at one column a lane for the row's pair");
+          expect(same_bytes(bwd.dh, ref_bwd.dh), where,
+                 "dh is not the row function's at one column a lane for the row's pair");
+          expect(same_bytes(bwd.aw, ref_bwd.aw), where,
+                 "w * a is not the row function's at one column a lane for the row's pair");
+          expect(same_bytes(bwd.dots, ref_dots[vector == 4]), where,
+                 "a slice's dot is not its lanes' parts in warp_sum's order, at its index");
+          expect(same_bytes(bwd.kept, kept_h), where, "the backward wrote the kept h");
+        }
+      }
+    }
+  if (errors == before) std::printf("%s: ok\n", c.name);
+}
+
+}  // namespace
+
+int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // what it printed, should a bug crash it
+  std::mt19937 rng(5);
+  check_walk(rng);
+  check_walk_stops_at_the_end(rng);
+  check_walk_returns(rng);
+  // F past one slice, its last shorter (200 = 128 + 72, 264 = 2 * 128 + 8); slices narrower than
+  // a lane span at four columns a lane (64, 32); one slice wider than F (36); F % 4 != 0 (18).
+  const Case cases[] = {
+      // name                                                 act  F    columns half   others
+      {"swiglu, F 200 in slices of 128, bfloat16, kept h",     0, 200, 128, false, false},
+      {"geglu, F 264 in slices of 128, float16, other groups", 1, 264, 128, true,  true},
+      {"gelu, F 200 in slices of 32, bfloat16, kept h",        2, 200,  32, false, false},
+      {"relu, F 36 in one slice of 64, float16, kept h",       3,  36,  64, true,  false},
+      {"silu, F 18 (one column a lane), bfloat16, other groups", 4, 18, 128, false, true},
+      {"swiglu, F 136 in slices of 64, float16, other groups", 0, 136,  64, true,  true},
+  };
+  for (const Case& c : cases)
+    c.half ? check_kernels<cutlass::half_t>(c, rng) : check_kernels<cutlass::bfloat16_t>(c, rng);
+  std::printf("errors: %d\n", errors);
+  return errors == 0 ? 0 : 1;
+}
