@@ -49,7 +49,7 @@ __host__ __device__ __forceinline__ int64_t num_units(const GemmParams& p) {
   if (p.shape == GemmShape::kPairRows) {
     const int32_t n_tiles = ::cuda::ceil_div(p.n, columns_per_tile<kTileN>(p));
     const int64_t tiles = std::min(static_cast<int64_t>(p.tile_offset[p.num_groups]),
-                                           p.chunk.end_tile()) - p.chunk.first_tile();
+                                   p.chunk.end_tile()) - p.chunk.first_tile();
     return std::max(tiles, int64_t{0}) * n_tiles;
   }
   return static_cast<int64_t>(p.num_groups) * ::cuda::ceil_div(p.m, kTileM) *
@@ -75,7 +75,7 @@ __host__ __device__ bool reduction_range(const GemmParams& p, GemmTile& t) {
     t.store_carry = tiles_end > end;
     k_first = (lo - tiles_begin) * kTileM;
     k_end = std::min((hi - tiles_begin) * kTileM,
-                             static_cast<int64_t>(p.group_end[t.group] - t.pair_begin));
+                     static_cast<int64_t>(p.group_end[t.group] - t.pair_begin));
   }
   if (p.part == ReductionPart::kContinued && !t.load_carry) return false;
   if (p.part == ReductionPart::kBegun && t.load_carry) return false;
@@ -151,18 +151,21 @@ __host__ __device__ __forceinline__ bool carried(const GemmParams& p, int32_t g)
 }
 
 // The rows of group g a grouped weight-gradient launch reduces: `rows` of the chunk's scratch
-// rows from `first` on, the group's pairs there; none unless the group is the launch's (`part`).
+// rows from `first` on, the group's pairs there; none unless the group is one of the launch's
+// part: with kEveryGroup each group the chunk holds whole, else the carried one.
 struct ReductionRows {
   int64_t first, rows;
 };
 
-__host__ __device__ __forceinline__ ReductionRows reduction_rows(const GemmParams& p, int32_t g,
-                                                                 bool part) {
+__host__ __device__ __forceinline__ ReductionRows reduction_rows(const GemmParams& p, int32_t g) {
+  const bool part = p.part == ReductionPart::kEveryGroup
+                        ? p.group_expert[g] >= 0 && group_whole_in_chunk(p, g)
+                        : carried(p, g);
   const int64_t chunk_row = p.chunk.first_row(p.tile_m);
   const int64_t group_row = static_cast<int64_t>(p.tile_offset[g]) * p.tile_m;
   const int64_t lo = std::max(group_row, chunk_row);
-  const int64_t hi = std::min(group_row + p.group_end[g] - p.group_begin[g],
-                                      p.chunk.end_row(p.tile_m));
+  const int64_t hi =
+      std::min(group_row + p.group_end[g] - p.group_begin[g], p.chunk.end_row(p.tile_m));
   const int64_t rows = part ? std::max(hi - lo, int64_t{0}) : 0;
   return {rows > 0 ? lo - chunk_row : 0, rows};
 }

@@ -234,9 +234,7 @@ __global__ void __launch_bounds__(128) build_reduction_problems(
   using T = typename G::Element;
   const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= p.num_groups) return;
-  const bool part = G::kReadsC ? carried(p, g)
-                               : p.group_expert[g] >= 0 && group_whole_in_chunk(p, g);
-  const ReductionRows rows = reduction_rows(p, g, part);
+  const ReductionRows rows = reduction_rows(p, g);  // CarryGemm's launches are the carried parts
   w.problems[g] =
       rows.rows > 0 ? Problem(p.m, p.n, static_cast<int>(rows.rows)) : Problem(0, p.n, 0);
   w.a[g] = static_cast<const T*>(p.a.data) + rows.first * p.a.ld;

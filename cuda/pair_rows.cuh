@@ -1,8 +1,9 @@
-// What the GEMMs over pair rows share: where a pair keeps its h, and what GEMM1 and the backward's u GEMM do with one pair's float32 row. The row functions serve
-// expert_gemm.cu (fused, reading the accumulator tile in shared memory) and activation.cu
-// (a pass over the float32 rows Hopper's grouped GEMMs wrote), so both round alike. One warp per
-// row, kVector consecutive columns a lane at a time: `at(j)` reads columns [j, j + kVector) of
-// the row's C as Floats<kVector>, and [j_begin, j_end) is whole vectors (Floats' alignment too).
+// What the GEMMs over pair rows share: where a pair keeps its h, and what GEMM1 and the
+// backward's u GEMM do with one pair's float32 row. The row functions serve expert_gemm.cu
+// (fused, reading the accumulator tile in shared memory) and activation.cu (a pass over the
+// float32 rows Hopper's grouped GEMMs wrote), so both round alike. One warp per row, kVector
+// consecutive columns a lane at a time: `at(j)` reads columns [j, j + kVector) of the row's C as
+// Floats<kVector>, and [j_begin, j_end) is whole vectors (Floats' alignment too).
 // Host code runs them as well: tests/pair_rows.cu checks four columns a lane against one.
 #pragma once
 

@@ -269,7 +269,10 @@ def _budget_for_chunk_tiles(case: Case, tiles: int) -> int:
     fewer, enough = budget, 1 << 40
     while enough - fewer > 1:
       middle = (fewer + enough) // 2
-      fewer, enough = (middle, enough) if sizing(scratch_budget=middle) == budget else (fewer, middle)
+      if sizing(scratch_budget=middle) == budget:
+        fewer = middle
+      else:
+        enough = middle
     budget = enough
   return budget
 
