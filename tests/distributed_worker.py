@@ -10,8 +10,8 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     routing, across hosts the same with hot experts replicated onto the other hosts (routing
     skewed onto host 0's experts), and the errors of a call traced without the mesh set and of
     an out-of-range expert id;
-  crash: the last process dies before the second call; the others report the error they get,
-    and that of a third call, which fails fast;
+  crash: the last process reports its pid and dies before the second call; the others report
+    the error they get, and that of a third call;
   fail_fast: the last process's devices skip one call and come back a moment later, then stop
     calling while the others queue 10 calls (a short peer timeout): their errors and times;
   train: the demo LM (models/) takes a few Optax steps with dispatch "fused" and "all_to_all"
@@ -329,7 +329,8 @@ def main():
         call = layer(mesh)
         jax.block_until_ready(call(*args))
       if PROCESS == NUM_PROCESSES - 1:
-        os._exit(17)  # dies without a word, as a crashed process does
+        print(json.dumps(out), flush=True)  # its pid, for the others' errors to name
+        os._exit(17)  # dies without another word, as a crashed process does
       out["error"], out["waited_s"] = timed_error(call, *args)
       out["again"], out["again_s"] = timed_error(call, *args)
       print(json.dumps(out), flush=True)

@@ -23,6 +23,14 @@ NB_MODULE(_ccfuser_cpu, m) {
   m.def("unlink_segment", &ccf::UnlinkSegment, nb::arg("name"),
         "Removes a segment's name (its mappings stay); \"\" or why not.");
   m.def(
+      "exited_process",
+      [](int32_t device) -> int64_t {
+        const ccf::Segment* first = ccf::FindSegment(device, 0);
+        return first && first->liveness ? ccf::ExitedProcess(*first->liveness) : 0;
+      },
+      nb::arg("device"),
+      "The id of the process that runs `device` if it has exited, else 0 (or where unknown).");
+  m.def(
       "shared_region_bytes",
       [](int64_t tokens, int64_t hidden, int64_t k, int64_t slots, int64_t x_bytes,
          int64_t weights_bytes, int64_t experts_local, int64_t expert_elements, int64_t w_bytes,

@@ -126,10 +126,16 @@ xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::millisecon
 
 namespace {
 
-// The error of a barrier timeout after waiting `waited`; `arrived[r]` says whether rank r came,
-// `why` adds to the message.
+constexpr const char* kSameCalls =
+    " Every device of the expert-parallel axis must make the same fused_moe calls (raise the "
+    "limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow).";
+
+// The error of a barrier that did not open after waiting `waited`; `arrived[r]` says whether rank
+// r came, `why` ends the message.
 xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
-                               const std::vector<bool>& arrived, const std::string& why = "") {
+                               const std::vector<bool>& arrived,
+                               const std::string& why = kSameCalls,
+                               xla::ffi::ErrorCode code = xla::ffi::ErrorCode::kDeadlineExceeded) {
   static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
   const int n = static_cast<int>(arrived.size());
   std::ostringstream msg;
@@ -138,10 +144,8 @@ xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds 
       << " barrier; these peers never arrived:";
   for (int r = 0; r < n; ++r)
     if (!arrived[r]) msg << ' ' << r;
-  msg << ". Every device of the expert-parallel axis must make the same fused_moe calls "
-         "(raise the limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow)."
-      << why;
-  return xla::ffi::Error(xla::ffi::ErrorCode::kDeadlineExceeded, msg.str());
+  msg << '.' << why;
+  return xla::ffi::Error(code, msg.str());
 }
 
 }  // namespace
@@ -152,7 +156,8 @@ BarrierWait::BarrierWait(Silence& silence, int members, std::chrono::millisecond
       start_(Clock::now()),
       deadline_(start_ + timeout),
       gone_(members, false),
-      gone_since_(members) {
+      gone_since_(members),
+      exited_(members, 0) {
   // A peer that came to this barrier and gave up waiting may be gone too: only a sign of life
   // since it was found gone (waiting here now is one) keeps it from being so.
   for (size_t r = 0; r < gone_.size(); ++r) {
@@ -167,23 +172,50 @@ std::chrono::nanoseconds BarrierWait::step() const {
 }
 
 Clock::time_point BarrierWait::deadline() {
+  const Clock::time_point now = Clock::now();
   deadline_ = start_ + timeout_;
   for (size_t r = 0; r < gone_.size(); ++r) {
-    if (gone_[r] && silence_.HeardSince(static_cast<int>(r), gone_since_[r])) gone_[r] = false;
+    const int peer = static_cast<int>(r);
+    if (gone_[r] && silence_.HeardSince(peer, gone_since_[r])) gone_[r] = false;
     if (gone_[r]) deadline_ = std::min(deadline_, gone_since_[r] + timeout_ / 2);
+    // Asked of a peer silent for a step of this wait, or at once of one an earlier wait found
+    // gone: a barrier that opens at once has no time to read /proc.
+    if (!exited_[r] && (gone_[r] || now - start_ >= step()) &&
+        !silence_.HeardSince(peer, start_)) {
+      exited_[r] = silence_.Exited(peer);
+      if (exited_[r]) exit_found_ = std::min(exit_found_, now);
+    }
   }
+  deadline_ = std::min(deadline_, exit_found_);
   return deadline_;
 }
 
 xla::ffi::Error BarrierWait::Failed(int rank, Phase phase, std::vector<bool> came) {
   const auto waited =
       std::chrono::duration_cast<std::chrono::milliseconds>(std::max(deadline_, start_) - start_);
+  std::vector<int64_t> pids;
+  for (size_t r = 0; r < exited_.size(); ++r)
+    if (exited_[r] && std::find(pids.begin(), pids.end(), exited_[r]) == pids.end())
+      pids.push_back(exited_[r]);
+  if (!pids.empty()) {
+    std::vector<bool> here(exited_.size());
+    for (size_t r = 0; r < exited_.size(); ++r) {
+      here[r] = !exited_[r];
+      if (exited_[r]) silence_.SetGoneSince(static_cast<int>(r), Clock::now());
+    }
+    std::string why = pids.size() == 1 ? " Their process (pid " : " Their processes (pids ";
+    for (size_t i = 0; i < pids.size(); ++i) why += (i ? ", " : "") + std::to_string(pids[i]);
+    why += pids.size() == 1 ? ") has exited: its own output says why."
+                            : ") have exited: their own output says why.";
+    return BarrierTimeout(rank, phase, waited, here, why, xla::ffi::ErrorCode::kUnavailable);
+  }
   if (waited < timeout_) {
     std::vector<bool> here(gone_.size());
     for (size_t r = 0; r < gone_.size(); ++r) here[r] = !gone_[r];
     return BarrierTimeout(rank, phase, waited, here,
-                          " They have reached no barrier since an earlier call of this site "
-                          "waited " + std::to_string(timeout_.count()) + " ms for them.");
+                          std::string(kSameCalls) +
+                              " They have reached no barrier since an earlier call of this site "
+                              "waited " + std::to_string(timeout_.count()) + " ms for them.");
   }
   // Silent throughout, whether it never came or came before this wait and gave up: gone. One
   // that came and gave up waiting during it is not named.

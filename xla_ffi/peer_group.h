@@ -84,13 +84,17 @@ class Silence {
   // When a timeout of this call site found `rank` gone; time_point::max() while none did.
   virtual Clock::time_point GoneSince(int rank) = 0;
   virtual void SetGoneSince(int rank, Clock::time_point when) = 0;
+  // The id of `rank`'s process if that process has exited, else 0: it will never arrive. Devices
+  // of one process only leave it together.
+  virtual int64_t Exited(int rank) { return 0; }
 };
 
 // One device's wait at a barrier, by the rule both rendezvous share. A peer that never came and
 // showed no sign of life at any barrier of any site while a device waited a whole timeout is
 // gone: later calls of the site wait for it only until half a timeout after that while it stays
 // silent, so the calls queued behind one that timed out all fail within about 1.5 timeouts in
-// all (not a timeout each), and a peer that merely skipped a call has time to come back.
+// all (not a timeout each), and a peer that merely skipped a call has time to come back. A peer
+// whose process has exited ends the wait once it is seen, a step into it at most.
 class BarrierWait {
  public:
   // Starts now, for a barrier of `members` ranks.
@@ -105,9 +109,10 @@ class BarrierWait {
   // processes to show it is alive): a quarter of the timeout, at most 100 ms.
   std::chrono::nanoseconds step() const;
 
-  // The DEADLINE_EXCEEDED error of a wait that ended with the barrier still closed, naming the
-  // missing ranks (only the gone ones when they cut the wait short); `came[r]` says whether rank
-  // r reached the barrier. Records the peers silent throughout as gone.
+  // The error of a wait that ended with the barrier still closed, naming the missing ranks
+  // (only the gone or exited ones when they cut the wait short): DEADLINE_EXCEEDED, or
+  // UNAVAILABLE where a peer's process has exited. `came[r]` says whether rank r reached the
+  // barrier. Records the peers silent throughout as gone.
   xla::ffi::Error Failed(int rank, Phase phase, std::vector<bool> came);
 
  private:
@@ -117,6 +122,8 @@ class BarrierWait {
   Clock::time_point deadline_;
   std::vector<bool> gone_;  // the peers that cut the wait short
   std::vector<Clock::time_point> gone_since_;  // when each was found gone
+  std::vector<int64_t> exited_;  // per rank: its process's id once found exited, else 0
+  Clock::time_point exit_found_ = Clock::time_point::max();  // when the first was
 };
 
 class PeerGroup final : public Rendezvous, private Silence {

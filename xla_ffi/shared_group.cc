@@ -48,6 +48,8 @@ void SharedGroup::SetGoneSince(int rank, Clock::time_point when) {
                                       std::memory_order_relaxed);
 }
 
+int64_t SharedGroup::Exited(int rank) { return ExitedProcess(*liveness_[rank]); }
+
 xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
   Heard(rank, Clock::now());
   const int p = static_cast<int>(phase);

@@ -1,7 +1,7 @@
 // The fused-MoE protocol between processes of one host, over their shared workspaces: the
 // barriers in the headers of the devices' regions of a call site (region_layout.h), and the
 // devices' liveness before their workspaces (shared_memory.h), by which a wait fails fast when a
-// peer is gone, as in a process (`BarrierWait`).
+// peer is gone, as in a process (`BarrierWait`), or its process has exited.
 #pragma once
 
 #include <chrono>
@@ -28,6 +28,7 @@ class SharedGroup final : public Rendezvous, private Silence {
   bool HeardSince(int rank, Clock::time_point since) override;
   Clock::time_point GoneSince(int rank) override;
   void SetGoneSince(int rank, Clock::time_point when) override;
+  int64_t Exited(int rank) override;
   void Heard(int rank, Clock::time_point when);
 
   std::vector<RegionHeader*> headers_;

@@ -19,6 +19,12 @@ struct DeviceLiveness {
   // Clock::time_since_epoch() in ns (peer_group.h, CLOCK_MONOTONIC) when the device last came to,
   // waited at or left a barrier; written by the device only.
   std::atomic<int64_t> heard_ns;
+  // The process that runs the device, written once before any other process maps the page: its
+  // id, its PID namespace (0 where unknown) and its start in clock ticks since boot, by which a
+  // reused id is not taken for it.
+  int64_t pid;
+  uint64_t pid_namespace;
+  uint64_t started;
 };
 static_assert(std::atomic<int64_t>::is_always_lock_free,
               "liveness in shared memory needs lock-free atomics");
@@ -49,5 +55,9 @@ const Segment* FindSegment(int32_t device, int32_t chunk);
 
 // The liveness of the device whose shared-memory workspace holds `address`, or nullptr.
 DeviceLiveness* LivenessAt(const void* address);
+
+// The id of the process that ran the device if that process has exited, else 0 (also where this
+// process cannot tell: another PID namespace sees other ids).
+int64_t ExitedProcess(const DeviceLiveness& liveness);
 
 }  // namespace ccf
