@@ -7,10 +7,13 @@ columns a lane give the bytes one column a lane and the formula give) and the pa
 the weight gradients' sums over a work list in chunks (tests/weight_gradient_chunks.cu:
 expert_gemm's units and the grouped GEMMs' problems and carries, each element written once with
 its exact sum), the combine's kernels (tests/slot_sums.cu: the staging's slots summed in the
-promised order bitwise however the list runs, no slot read that the call never wrote) and the
+promised order bitwise however the list runs, no slot read that the call never wrote), the
 device barrier's protocol between GPUs (tests/barrier_protocol.cu: its steps run by host
-threads, with members late, dead, out of step or giving up). Kernels with warp collectives run
-a warp's 32 lanes as fibers (tests/warp_lanes.h).
+threads, with members late, dead, out of step or giving up) and the handler's launch sequence
+(tests/launch_order.cu: xla_ffi/cuda_launch.cc against stubs of the CUDA runtime and of the
+launchers, its two streams and the peers ordered by events and barriers, its scratch inside its
+regions, and its barriers kept in step through a failure at each of its calls). Kernels with
+warp collectives run a warp's 32 lanes as fibers (tests/warp_lanes.h).
 
 The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
 would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
@@ -18,6 +21,7 @@ cores for the layouts, for the same verdicts)."""
 
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -54,16 +58,20 @@ def _cutlass_include():
   return include if (include / "cute" / "tensor.hpp").is_file() else None
 
 
-def _run_host_check(name, tmp_path, optimize="-O0"):
-  """Builds tests/<name>.cu as host C++ and runs it; returns its output, which ends in its count
-  of errors."""
+def _run_host_check(name, tmp_path, optimize="-O0", xla_ffi=False):
+  """Builds tests/<name>.cu as host C++ (with `xla_ffi`, against XLA's FFI headers too, as the
+  handler's files are) and runs it; returns its output, which ends in its count of errors."""
   cuda, include, cxx = _cuda_includes(), _cutlass_include(), shutil.which("c++")
   if not cuda or include is None or cxx is None:
     pytest.skip("needs a C++ compiler, the CUDA toolkit's and the nvidia-cutlass headers, as "
                 "the CUDA build does")
+  xla = []
+  if xla_ffi:
+    import jax
+    xla = [f"-I{jax.ffi.include_dir()}"]
   binary = tmp_path / name
   subprocess.run([cxx, "-std=c++17", optimize, "-x", "c++", f"-I{REPO}", f"-I{include}",
-                  *(f"-I{path}" for path in cuda), "-o", str(binary),
+                  *(f"-I{path}" for path in cuda), *xla, "-o", str(binary),
                   str(REPO / "tests" / f"{name}.cu")], check=True, capture_output=True)
   run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr
@@ -115,3 +123,19 @@ def test_device_barrier_protocol_keeps_members_in_step_and_reports_each_fault(tm
   # In step (two ways of counting), a dead member, out of step, a changed rank, other shapes,
   # and the end barrier after a failed launch or another member's failure (two timings).
   assert len(verdicts) == 9, out
+
+
+@pytest.mark.slow
+def test_launch_sequence_orders_its_streams_and_keeps_its_barriers_through_each_failure(tmp_path):
+  # Optimised: it replays each configuration once for every call it makes, that call failing.
+  out = _run_host_check("launch_order", tmp_path, optimize="-O2", xla_ffi=True)
+  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+  # Forward and backward: for each of seven ways of meeting the peers, and for the phases the
+  # shape decides and a work list of many experts.
+  assert len(verdicts) == 2 * 7 + 2 * 2, out
+  configurations, injected = map(int, re.search(
+      r"^configurations: (\d+), failures injected: (\d+)$", out, flags=re.M).groups())
+  # The matrix (no plans across processes), then the shapes past it: four and two a direction.
+  assert configurations == 2 * (5 * 54 + 2 * 36) + 2 * 4 + 2 * 2, out
+  # Each configuration makes dozens of calls, each made to fail in a run of its own.
+  assert injected > 20 * configurations, out

@@ -298,8 +298,13 @@ class SourcePhases {
       const int32_t src = source(phase);
       for (const Fetched& op : operands)
         FetchRows(c_, list, chunk, op, src, src + 1, fetch_sms, me_.side, launcher);
-      launcher.Always("recording a peer's fetched rows",
-                      [&] { return cudaEventRecord(me_.fetched[phase], me_.side); });
+      launcher.Always("recording a peer's fetched rows", [&] {
+        const cudaError_t recorded = cudaEventRecord(me_.fetched[phase], me_.side);
+        // The last peer's record is the join (Run): without it the fetches must end before the
+        // call returns, or they may outlive its scratch. A failure path, so the host may wait.
+        if (recorded != cudaSuccess && phase == devices_ - 1) cudaStreamSynchronize(me_.side);
+        return recorded;
+      });
     }
     for (const Fetched& op : operands)
       FetchRows(c_, list, chunk, op, first_, first_ + 1, 0, stream, launcher);
