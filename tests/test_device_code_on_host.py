@@ -9,10 +9,14 @@ expert_gemm's units and the grouped GEMMs' problems and carries, each element wr
 its exact sum), the combine's kernels (tests/slot_sums.cu: the staging's slots summed in the
 promised order bitwise however the list runs, no slot read that the call never wrote), the
 device barrier's protocol between GPUs (tests/barrier_protocol.cu: its steps run by host
-threads, with members late, dead, out of step or giving up) and the handler's launch sequence
+threads, with members late, dead, out of step or giving up), the handler's launch sequence
 (tests/launch_order.cu: xla_ffi/cuda_launch.cc against stubs of the CUDA runtime and of the
 launchers, its two streams and the peers ordered by events and barriers, its scratch inside its
-regions, and its barriers kept in step through a failure at each of its calls). Kernels with
+regions, and its barriers kept in step through a failure at each of its calls) and the handler
+above it (tests/handler_paths.cu: MoeForwardImpl and MoeBackwardImpl with XLA's scratch
+allocator, the device state and its fault record, the peers met on host threads, in this process
+and across processes, each GPU either enqueueing both its barriers or stopped for good through a
+failure at each of its calls, and a fault an earlier call found reported once). Kernels with
 warp collectives run a warp's 32 lanes as fibers (tests/warp_lanes.h).
 
 The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
@@ -139,3 +143,26 @@ def test_launch_sequence_orders_its_streams_and_keeps_its_barriers_through_each_
   assert configurations == 2 * (5 * 54 + 2 * 36) + 2 * 4 + 2 * 2, out
   # Each configuration makes dozens of calls, each made to fail in a run of its own.
   assert injected > 20 * configurations, out
+
+
+@pytest.mark.slow
+def test_handler_enqueues_both_barriers_or_stops_the_gpu_through_each_failure(tmp_path):
+  out = _run_host_check("handler_paths", tmp_path, xla_ffi=True)
+  counts = {name: int(n) for name, n in
+            re.findall(r"^(.+): (\d+) failures injected: ok$", out, flags=re.M)}
+  # Each way of meeting the peers, forward and backward: a failure at each call of a first call,
+  # of a later one, and of the call that reports a bad id.
+  groups = [f"{g}, {d}" for g in ("one device", "D=2 emulated", "D=2 in one process",
+                                  "D=4 in one process", "D=2 across processes")
+            for d in ("forward", "backward")]
+  assert len(counts) == 3 * len(groups), out
+  for g in groups:
+    # The first call also sets the GPU up and takes its place at the site.
+    assert counts[f"{g}, the first call"] > counts[f"{g}, a later call"] > 0, out
+    assert counts[f"{g}, the fault record"] > 0, out
+  # Each member's calls fail in turn, and in a larger group each checks more peers.
+  for d in ("forward", "backward"):
+    assert (counts[f"D=4 in one process, {d}, a later call"]
+            > 2 * counts[f"D=2 in one process, {d}, a later call"]), out
+  total = re.search(r"^failures injected: (\d+)$", out, flags=re.M)
+  assert int(total[1]) == sum(counts.values()), out

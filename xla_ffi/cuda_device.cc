@@ -28,11 +28,13 @@ std::map<int, std::unique_ptr<DeviceState>>& States() {
   return *states;
 }
 
+// Makes the state of GPU `ordinal` into `*out`; where that fails, `*out` holds what was made.
 ffi::Error CreateDeviceState(int ordinal, cudaStream_t stream, std::unique_ptr<DeviceState>* out) {
   if (ordinal < 0 || ordinal >= cuda::kMaxDevices)
     return Unimplemented("device ordinal " + std::to_string(ordinal) + " is beyond the " +
                          std::to_string(cuda::kMaxDevices) + " GPUs this process keeps state for");
-  auto s = std::make_unique<DeviceState>();
+  *out = std::make_unique<DeviceState>();
+  DeviceState* s = out->get();
   s->ordinal = ordinal;
   cudaError_t st = cudaDeviceGetAttribute(&s->num_sms, cudaDevAttrMultiProcessorCount, ordinal);
   if (st == cudaSuccess) st = cudaMalloc(&s->error, sizeof(cuda::DeviceError));
@@ -47,7 +49,6 @@ ffi::Error CreateDeviceState(int ordinal, cudaStream_t stream, std::unique_ptr<D
   if (st != cudaSuccess) return CudaFailure("setting up GPU " + std::to_string(ordinal), st);
   s->grouped_gemms = GroupedGemms();
   *s->error_host = {};
-  *out = std::move(s);
   return ffi::Error::Success();
 }
 
@@ -95,7 +96,8 @@ std::string DescribeDeviceError(const cuda::DeviceError& e, int ordinal) {
 
 }  // namespace
 
-ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, DeviceState** out) {
+ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, bool broken_if_failed,
+                          DeviceState** out) {
   // The registry lock is not held while the device is set up (XLA runs one GPU's calls one after
   // another, so only one thread makes it).
   {
@@ -107,12 +109,14 @@ ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, DeviceState** out) {
     }
   }
   std::unique_ptr<DeviceState> made;
-  if (ffi::Error err = CreateDeviceState(ordinal, stream, &made); err.failure()) return err;
+  ffi::Error err = CreateDeviceState(ordinal, stream, &made);
+  if (err.failure() && !(broken_if_failed && made)) return err;
+  if (err.failure()) made->broken = err.message();
   std::lock_guard<std::mutex> lock(states_mu);
   std::unique_ptr<DeviceState>& slot = States()[ordinal];
   if (!slot) slot = std::move(made);
   *out = slot.get();
-  return ffi::Error::Success();
+  return err;
 }
 
 ffi::Error Broken(DeviceState& s) {

@@ -69,8 +69,11 @@ struct DeviceState {
 // (DeviceState::grouped_gemms).
 bool GroupedGemms();
 
-// The state of GPU `ordinal`, made on its first call.
-xla::ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, DeviceState** out);
+// The state of GPU `ordinal`, made on its first call. Where making it fails, the next call
+// tries again, unless `broken_if_failed`: then the state stays, broken with the cause, for calls
+// whose peers (in other processes) count this GPU's barriers whether it comes or not.
+xla::ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, bool broken_if_failed,
+                               DeviceState** out);
 
 // The error every call of a broken GPU returns, or success.
 xla::ffi::Error Broken(DeviceState& s);

@@ -128,18 +128,19 @@ ffi::Error ConnectIpc(const CallAttrs& attrs, DeviceState& me, const ScalarS32& 
                       Call* call) {
   const MoeDims& d = call->d;
   const int64_t n = d.num_devices;
+  // The peers count this device's barriers whether it comes or not: a failure must stop it for
+  // good.
+  auto give_up = [&](ffi::Error err) {
+    MarkBroken(me, "a call at site " + std::to_string(attrs.site) +
+                       " gave up on its group in other processes: " + err.message());
+    return err;
+  };
   SitePlace* place;
   if (ffi::Error err = Place(me, attrs.site, rank_op, group_op, d.num_devices,
                              /*own_signals=*/false, stream, &place);
       err.failure())
-    return err;
+    return give_up(std::move(err));
   const int32_t rank = place->rank, group = place->group;
-  // From here on the peers count this device's barriers: a failure must stop it for good.
-  auto give_up = [&](ffi::Error err) {
-    MarkBroken(me, "a call at site " + std::to_string(attrs.site) +
-                       " gave up after taking its place in the group: " + err.message());
-    return err;
-  };
   // The kernels move 16-byte vectors through the regions.
   if (attrs.workspace_offset % cuda::kWorkspaceAlignment)
     return give_up(ffi::Error::Internal("jax_ccfuser: call site region at offset " +

@@ -143,6 +143,13 @@ ffi::Error TakeKeptRowsAndPlan(const CallAttrs& attrs, const Hidden& hidden,
   return ffi::Error::Success();
 }
 
+// `err`, carrying the message of a fault an earlier call recorded: taking it cleared the
+// device's record, so this error is its only report.
+ffi::Error WithEarlier(ffi::Error err, const ffi::Error& earlier) {
+  if (!earlier.failure() || err.message() == earlier.message()) return err;
+  return ffi::Error(*err.errc(), err.message() + "; and before that: " + earlier.message());
+}
+
 // The steps every handler takes before its launches: the GPU's state (a broken GPU stops here,
 // before it meets anyone), a fault an earlier call recorded, the scratch, the peers. A bad id an
 // earlier call found fails the host meeting of a group in this process for every member; else
@@ -155,13 +162,12 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
                    const ScalarS32& group, const PeerBuffers& own, DeviceState** state,
                    ffi::Error* earlier, Scratch* scratch, Call* call) {
   cudaGetLastError();  // a stale error of someone else's on this thread is not ours
-  if (ffi::Error err = GetDeviceState(ordinal, stream, state); err.failure()) return err;
+  if (ffi::Error err = GetDeviceState(ordinal, stream, InWorkspace(attrs, call->d), state);
+      err.failure())
+    return err;
   if (ffi::Error err = Broken(**state); err.failure()) return err;
   *earlier = TakeDeviceError(**state, stream);
-  auto reported = [earlier](ffi::Error err) {
-    if (!earlier->failure() || err.message() == earlier->message()) return err;
-    return ffi::Error(*err.errc(), err.message() + "; and before that: " + earlier->message());
-  };
+  auto reported = [earlier](ffi::Error err) { return WithEarlier(std::move(err), *earlier); };
   if (ffi::Error err = Broken(**state); err.failure()) return reported(std::move(err));
   call->experts_here = ExpertsHere(attrs, call->d, call->plan.workers != nullptr);
   call->own_experts = OwnExperts(attrs, call->d);
@@ -186,8 +192,8 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
   return reported(ConnectPeers(attrs, **state, rank, group, mine, stream, earlier, call));
 }
 
-// What a handler returns once its launches are enqueued: the first failure among them, this
-// GPU's earlier device fault, or success. The fault record's copy is scheduled either way. A
+// What a handler returns once its launches are enqueued: the first failure among them (with
+// this GPU's earlier device fault), the earlier fault, or success. The fault record's copy is scheduled either way. A
 // failed launch after real peers met breaks the GPU: its peers passed barriers with a call that
 // computed nothing (CloseCall has marked it aborted, so they learn it at their next barrier).
 // Without peers (one device, or emulated ones) there are no barriers to keep in step, and the
@@ -197,7 +203,7 @@ ffi::Error Finish(const Call& call, DeviceState& state, const Launcher& launcher
   ffi::Error copied = ScheduleErrorCopy(state, stream);
   if (ffi::Error err = launcher.Result(); err.failure()) {
     if (call.place != nullptr) MarkBroken(state, err.message());
-    return err;
+    return WithEarlier(std::move(err), earlier);
   }
   if (earlier.failure()) return earlier;
   return copied;
