@@ -549,6 +549,14 @@ cudaError_t scan_counts(const Routing& r, const WorkList& list, cudaStream_t str
   return cudaSuccess;
 }
 
+// The work list's group table: each group's pairs, expert and first M-tile.
+void WriteGroupTable(const WorkList& list, int64_t groups) {
+  Write(list.group_begin, 4 * groups);
+  Write(list.group_end, 4 * groups);
+  Write(list.group_expert, 4 * groups);
+  Write(list.tile_offset, 4 * (groups + 1));
+}
+
 // fill_work_list: items and positions from the counts; without a plan the groups and their
 // M-tile table.
 cudaError_t fill_work_list(const Routing& r, const WorkList& list, cudaStream_t stream) {
@@ -563,12 +571,7 @@ cudaError_t fill_work_list(const Routing& r, const WorkList& list, cudaStream_t 
   Write(list.expert_offset, 4 * (experts + 1));
   Write(list.items, sizeof(WorkItem) * pairs);
   Write(list.pair_pos, 4 * pairs);
-  if (r.plan.workers == nullptr) {
-    Write(list.group_begin, 4 * experts);
-    Write(list.group_end, 4 * experts);
-    Write(list.group_expert, 4 * experts);
-    Write(list.tile_offset, 4 * (experts + 1));
-  }
+  if (r.plan.workers == nullptr) WriteGroupTable(list, experts);
   return cudaSuccess;
 }
 
@@ -591,10 +594,7 @@ cudaError_t assign_plan(const Routing& r, const WorkList& list, cudaStream_t str
   Read(list.expert_count, 4 * experts);
   Write(list.pair_device, 4 * pairs);
   Write(list.pair_code, 4 * pairs);
-  Write(list.group_begin, 4 * groups);
-  Write(list.group_end, 4 * groups);
-  Write(list.group_expert, 4 * groups);
-  Write(list.tile_offset, 4 * (groups + 1));
+  WriteGroupTable(list, groups);
   return cudaSuccess;
 }
 
