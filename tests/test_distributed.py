@@ -164,8 +164,7 @@ def test_a_crashed_process_gives_the_others_an_error_at_once():
   assert code1 == 17 and code0 == 0, err[-3000:]
   for error in survivor["error"], survivor["again"]:
     assert error.startswith("JaxRuntimeError: UNAVAILABLE: "), error
-    assert "never arrived: 2 3. " in error, error
-    assert f"Their process (pid {dead['pid']}) has exited" in error, error
+    assert f"barrier for devices 2 3, whose process (pid {dead['pid']}) has exited" in error, error
   assert survivor["waited_s"] < 2.0 and survivor["again_s"] < 1.0, survivor
   pids = {str(survivor["pid"])}
   assert not {s for s in _segments() if s.split(".")[1] in pids}
@@ -294,40 +293,58 @@ def _started(pid):
 
 def test_a_device_whose_process_exited_is_told_from_a_live_one():
   """What a wait at a barrier asks of a peer silent for a step: the page before its device's
-  workspace names the process (id, PID namespace, start). Exited once that process has, as a
-  zombie too, or where a process started later took the id; never where this process cannot
-  tell (another PID namespace, or none recorded)."""
+  workspace names the process (id, PID and time namespaces, start). Exited once that process has,
+  as a zombie too, or where a process started later took the id; never where this process cannot
+  tell (other namespaces, or none recorded), nor while threads of a process whose main thread
+  ended still run (its main thread a zombie)."""
   name = f"/jax_ccfuser.{os.getpid()}.exits.0.0"
   assert _extension.cpu.map_segment(name, 4096, True, 905, 0) == ""
   exited = lambda: _extension.cpu.exited_process(905)
   child = subprocess.Popen(["sleep", "60"])
+  headless = subprocess.Popen([sys.executable, "-c", (
+      "import ctypes, threading, time\n"
+      "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+      "ctypes.CDLL(None).pthread_exit(None)\n")])
   try:
-    heard, pid, namespace, started = range(4)
-    page = np.memmap(SHM / name[1:], dtype=np.uint64, mode="r+", shape=(4,))
+    _, pid, pid_namespace, time_namespace, started = range(5)
+    page = np.memmap(SHM / name[1:], dtype=np.uint64, mode="r+", shape=(5,))
     assert page[pid] == os.getpid() and page[started] == _started(os.getpid())
+    assert exited() == 0
+    _wait_for_state(headless.pid, "Z")
+    assert int(_stat(headless.pid)[17]) == 2  # threads
+    page[pid], page[started] = headless.pid, _started(headless.pid)
     assert exited() == 0
     page[pid], page[started] = child.pid, _started(child.pid)
     assert exited() == 0
     page[started] += 1
     assert exited() == child.pid
+    # The same id and start mean another process (or none) in other namespaces.
+    unknown_namespaces = (pid_namespace, (0, 1)), (time_namespace, (page[time_namespace] + 1,))
+    for namespace, unknowns in unknown_namespaces:
+      ours = page[namespace]
+      for unknown in unknowns:
+        page[namespace] = unknown
+        assert exited() == 0, (namespace, unknown)
+      page[namespace] = ours
     page[started] -= 1
-    ours = int(page[namespace])
-    for unknown in ours + 1, 0:
-      page[namespace] = unknown
-      assert exited() == 0
-    page[namespace] = ours
     child.kill()
-    deadline = time.monotonic() + 10
-    while _stat(child.pid)[0] != "Z" and time.monotonic() < deadline:
-      time.sleep(0.01)
-    assert _stat(child.pid)[0] == "Z" and exited() == child.pid
+    _wait_for_state(child.pid, "Z")
+    assert exited() == child.pid
     child.wait()
     assert not pathlib.Path(f"/proc/{child.pid}").exists() and exited() == child.pid
   finally:
-    child.kill()
-    child.wait()
+    for process in child, headless:
+      process.kill()
+      process.wait()
     assert _extension.cpu.unlink_segment(name) == ""
   assert _extension.cpu.exited_process(906) == 0  # no workspace mapped: nothing known
+
+
+def _wait_for_state(pid, state):
+  deadline = time.monotonic() + 10
+  while _stat(pid)[0] != state and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert _stat(pid)[0] == state
 
 
 def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):

@@ -130,22 +130,26 @@ constexpr const char* kSameCalls =
     " Every device of the expert-parallel axis must make the same fused_moe calls (raise the "
     "limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow).";
 
+// How an error of a wait at a barrier of `members` begins.
+std::string Waited(int rank, int members, Phase phase, std::chrono::milliseconds waited) {
+  static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
+  return "jax_ccfuser: device " + std::to_string(rank) + " of " + std::to_string(members) +
+         " waited " + std::to_string(waited.count()) + " ms at the " +
+         kPhaseNames[static_cast<int>(phase)] + " barrier";
+}
+
 // The error of a barrier that did not open after waiting `waited`; `arrived[r]` says whether rank
 // r came, `why` ends the message.
 xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
                                const std::vector<bool>& arrived,
-                               const std::string& why = kSameCalls,
-                               xla::ffi::ErrorCode code = xla::ffi::ErrorCode::kDeadlineExceeded) {
-  static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
+                               const std::string& why = kSameCalls) {
   const int n = static_cast<int>(arrived.size());
   std::ostringstream msg;
-  msg << "jax_ccfuser: device " << rank << " of " << n << " waited " << waited.count()
-      << " ms at the " << kPhaseNames[static_cast<int>(phase)]
-      << " barrier; these peers never arrived:";
+  msg << Waited(rank, n, phase, waited) << "; these peers never arrived:";
   for (int r = 0; r < n; ++r)
     if (!arrived[r]) msg << ' ' << r;
   msg << '.' << why;
-  return xla::ffi::Error(code, msg.str());
+  return xla::ffi::Error(xla::ffi::ErrorCode::kDeadlineExceeded, msg.str());
 }
 
 }  // namespace
@@ -193,22 +197,25 @@ Clock::time_point BarrierWait::deadline() {
 xla::ffi::Error BarrierWait::Failed(int rank, Phase phase, std::vector<bool> came) {
   const auto waited =
       std::chrono::duration_cast<std::chrono::milliseconds>(std::max(deadline_, start_) - start_);
-  std::vector<int64_t> pids;
-  for (size_t r = 0; r < exited_.size(); ++r)
-    if (exited_[r] && std::find(pids.begin(), pids.end(), exited_[r]) == pids.end())
-      pids.push_back(exited_[r]);
-  if (!pids.empty()) {
-    std::vector<bool> here(exited_.size());
-    for (size_t r = 0; r < exited_.size(); ++r) {
-      here[r] = !exited_[r];
-      if (exited_[r]) silence_.SetGoneSince(static_cast<int>(r), Clock::now());
-    }
-    std::string why = pids.size() == 1 ? " Their process (pid " : " Their processes (pids ";
-    for (size_t i = 0; i < pids.size(); ++i) why += (i ? ", " : "") + std::to_string(pids[i]);
-    why += pids.size() == 1 ? ") has exited: its own output says why."
-                            : ") have exited: their own output says why.";
-    return BarrierTimeout(rank, phase, waited, here, why, xla::ffi::ErrorCode::kUnavailable);
+  // Some may have come to this barrier before their process ended: not "never arrived".
+  std::string ranks, pids;
+  std::vector<int64_t> seen;
+  for (size_t r = 0; r < exited_.size(); ++r) {
+    if (!exited_[r]) continue;
+    silence_.SetGoneSince(static_cast<int>(r), Clock::now());
+    ranks += " " + std::to_string(r);
+    if (std::find(seen.begin(), seen.end(), exited_[r]) != seen.end()) continue;
+    pids += (seen.empty() ? "" : ", ") + std::to_string(exited_[r]);
+    seen.push_back(exited_[r]);
   }
+  if (!seen.empty())
+    return xla::ffi::Error(
+        xla::ffi::ErrorCode::kUnavailable,
+        Waited(rank, static_cast<int>(exited_.size()), phase, waited) + " for devices" + ranks +
+            (seen.size() == 1 ? ", whose process (pid " + pids + ") has exited: its own output"
+                              : ", whose processes (pids " + pids + ") have exited: their own "
+                                "output") +
+            " says why.");
   if (waited < timeout_) {
     std::vector<bool> here(gone_.size());
     for (size_t r = 0; r < gone_.size(); ++r) here[r] = !gone_[r];

@@ -1,6 +1,7 @@
 #include "xla_ffi/shared_memory.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -29,40 +30,52 @@ std::string Taken(int32_t device, int32_t chunk) {
          std::to_string(device) + " is already mapped";
 }
 
-// What /proc says of process `pid` (or "self"): its state and its start in clock ticks since boot
-// (fields 3 and 22 of its stat file, counted after the command's closing parenthesis, as the
-// command may hold both spaces and parentheses). Returns errno's ENOENT if there is no such
-// process, another nonzero errno if /proc cannot tell, 0 if it did.
-int ProcessStat(const std::string& pid, char* state, uint64_t* started) {
+// What /proc says of a process: fields 3, 20 and 22 of its stat file, counted after the
+// command's closing parenthesis (the command may hold spaces and parentheses).
+struct ProcStat {
+  char state;
+  long threads;
+  unsigned long long started;  // clock ticks since boot
+};
+
+bool ReadProcStat(const std::string& pid, ProcStat* out) {
   FILE* f = std::fopen(("/proc/" + pid + "/stat").c_str(), "r");
-  if (!f) return errno ? errno : EIO;
+  if (!f) return false;
   char line[1024];
   const size_t n = std::fread(line, 1, sizeof(line) - 1, f);
   std::fclose(f);
   line[n] = '\0';
   const char* after = std::strrchr(line, ')');
-  unsigned long long ticks = 0;
-  if (!after || std::sscanf(after + 1, " %c %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s "
-                            "%*s %*s %*s %*s %*s %llu", state, &ticks) != 2)
-    return EIO;
-  *started = ticks;
-  return 0;
+  return after && std::sscanf(after + 1,
+                              " %c %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s %*s "
+                              "%*s %ld %*s %llu",
+                              &out->state, &out->threads, &out->started) == 3;
 }
 
-uint64_t PidNamespace() {
-  struct stat st;
-  return stat("/proc/self/ns/pid", &st) == 0 ? st.st_ino : 0;
+// This process's PID and time namespaces (inodes): the PID namespace is 0 where /proc cannot
+// speak for it, missing or mounted for another PID namespace (unshare without --mount-proc),
+// where /proc's ids are other processes'. The time namespace shifts /proc's start times; 0 on
+// kernels without one.
+std::pair<uint64_t, uint64_t> Namespaces() {
+  char self[32];
+  const ssize_t n = readlink("/proc/self", self, sizeof(self) - 1);
+  struct stat pid_ns, time_ns;
+  if (n <= 0 || std::string(self, n) != std::to_string(getpid()) ||
+      stat("/proc/self/ns/pid", &pid_ns) != 0)
+    return {0, 0};
+  return {pid_ns.st_ino, stat("/proc/self/ns/time", &time_ns) == 0 ? time_ns.st_ino : 0};
 }
 
-// Says which process runs the device whose liveness this is; peers that cannot read it back
-// (/proc missing) never take the device's process for exited.
+// Says which process runs the device whose liveness this is; where /proc cannot tell, the
+// namespaces stay 0 and its peers never take the process for exited.
 void RecordProcess(DeviceLiveness* liveness) {
-  char state;
-  uint64_t started;
-  const bool known = ProcessStat("self", &state, &started) == 0;
+  const auto [pid_namespace, time_namespace] = Namespaces();
+  ProcStat self;
+  const bool known = pid_namespace != 0 && ReadProcStat("self", &self);
   liveness->pid = getpid();
-  liveness->pid_namespace = known ? PidNamespace() : 0;
-  liveness->started = known ? started : 0;
+  liveness->pid_namespace = known ? pid_namespace : 0;
+  liveness->time_namespace = known ? time_namespace : 0;
+  liveness->started = known ? self.started : 0;
 }
 
 std::string Failed(const char* what, const std::string& name) {
@@ -140,15 +153,20 @@ DeviceLiveness* LivenessAt(const void* address) {
 }
 
 int64_t ExitedProcess(const DeviceLiveness& liveness) {
-  if (liveness.pid_namespace == 0 || liveness.pid_namespace != PidNamespace()) return 0;
-  char state;
-  uint64_t started;
-  const int err = ProcessStat(std::to_string(liveness.pid), &state, &started);
-  // A zombie has exited, its parent just has not reaped it; a later start is another process
-  // that took the id.
-  const bool exited =
-      err == ENOENT || (err == 0 && (state == 'Z' || state == 'X' || started != liveness.started));
-  return exited ? liveness.pid : 0;
+  const auto [pid_namespace, time_namespace] = Namespaces();
+  if (liveness.pid_namespace == 0 || liveness.pid_namespace != pid_namespace ||
+      liveness.time_namespace != time_namespace)
+    return 0;
+  const pid_t pid = static_cast<pid_t>(liveness.pid);
+  // kill looks the id up in this process's PID namespace, the one it shares with the device's.
+  if (kill(pid, 0) != 0 && errno == ESRCH) return pid;
+  ProcStat proc;
+  // A /proc that hides the process (hidepid) cannot tell.
+  if (!ReadProcStat(std::to_string(pid), &proc)) return 0;
+  // A zombie has exited and waits for its parent to reap it, unless it is only its main thread
+  // that ended while others run; a later start is another process that took the id.
+  const bool zombie = (proc.state == 'Z' || proc.state == 'X') && proc.threads <= 1;
+  return zombie || proc.started != liveness.started ? pid : 0;
 }
 
 }  // namespace ccf

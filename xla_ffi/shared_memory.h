@@ -20,10 +20,12 @@ struct DeviceLiveness {
   // waited at or left a barrier; written by the device only.
   std::atomic<int64_t> heard_ns;
   // The process that runs the device, written once before any other process maps the page: its
-  // id, its PID namespace (0 where unknown) and its start in clock ticks since boot, by which a
-  // reused id is not taken for it.
+  // id; the PID and time namespaces that give the id and the start their meaning (inodes; 0
+  // where unknown); its start in clock ticks since boot, by which a reused id is not taken for
+  // it.
   int64_t pid;
   uint64_t pid_namespace;
+  uint64_t time_namespace;
   uint64_t started;
 };
 static_assert(std::atomic<int64_t>::is_always_lock_free,
@@ -56,8 +58,8 @@ const Segment* FindSegment(int32_t device, int32_t chunk);
 // The liveness of the device whose shared-memory workspace holds `address`, or nullptr.
 DeviceLiveness* LivenessAt(const void* address);
 
-// The id of the process that ran the device if that process has exited, else 0 (also where this
-// process cannot tell: another PID namespace sees other ids).
+// The id of the process that ran the device if that process has exited, else 0, also wherever
+// this process cannot tell (another PID or time namespace, a /proc that hides the process).
 int64_t ExitedProcess(const DeviceLiveness& liveness);
 
 }  // namespace ccf
