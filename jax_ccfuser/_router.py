@@ -39,7 +39,10 @@ def check_router_options(num_experts: int, k: int, *, score: str = "softmax",
   if k > reachable:
     raise ValueError(f"k={k} is more than the {reachable} experts of top_groups={top_groups} "
                      f"groups of {num_experts // num_groups}")
-  if not (np.isfinite(scale) and scale > 0):
+  if np.ndim(scale) != 0:
+    raise ValueError(f"scale must be a scalar, got shape {tuple(np.shape(scale))}")
+  # A traced scale (learned, or scheduled) is the caller's to keep positive.
+  if not isinstance(scale, jax.core.Tracer) and not (np.isfinite(scale) and scale > 0):
     raise ValueError(f"scale={scale} must be a positive finite number")
 
 
@@ -58,7 +61,7 @@ def _limit_to_top_groups(choice, num_groups: int, top_groups: int):
 
 
 def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: str = "softmax",
-          num_groups: int = 1, top_groups: int | None = None, scale: float = 1.0,
+          num_groups: int = 1, top_groups: int | None = None, scale=1.0,
           expert_bias=None):
   """Picks each token's top-k experts and computes the auxiliary losses.
 
@@ -96,7 +99,8 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
     score: "softmax" or "sigmoid".
     num_groups: groups of experts for group-limited routing; divides E. 1: no groups.
     top_groups: groups each token may use, `1 <= top_groups <= num_groups`; `None`: all.
-    scale: the routed scaling factor, multiplied into the combine weights.
+    scale: the routed scaling factor, multiplied into the combine weights: a positive number,
+      or a traced scalar (a learned or scheduled factor; gradients reach it).
     expert_bias: `[E]` float, added to the scores for the choice of experts only (and no
       gradient reaches it), or `None`; see `update_expert_bias`.
 
@@ -139,8 +143,8 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
     expert_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
   if renormalize:
     expert_weights = expert_weights / jnp.sum(expert_weights, axis=-1, keepdims=True)
-  if scale != 1:
-    expert_weights = expert_weights * scale
+  if isinstance(scale, jax.core.Tracer) or scale != 1:
+    expert_weights = expert_weights * jnp.asarray(scale, expert_weights.dtype)
 
   counts = jnp.bincount(expert_ids.reshape(-1), length=e).astype(jnp.int32)
   fraction = counts.astype(jnp.float32) / (t * k)

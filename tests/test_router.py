@@ -233,6 +233,22 @@ def test_bias_gets_no_gradient_and_options_differentiate():
   np.testing.assert_array_equal(d_bias, np.zeros(8))
 
 
+def test_a_traced_scale_routes_as_the_number_and_gets_its_gradient():
+  logits = _logits(7, 8, seed=10)
+  options = dict(score="sigmoid", num_groups=4, top_groups=2)
+  fixed = jax.jit(lambda l: route(l, 3, scale=2.5, **options))(logits)
+  traced = jax.jit(lambda l, s: route(l, 3, scale=s, **options))(logits, jnp.float32(2.5))
+  jax.tree.map(np.testing.assert_array_equal, traced, fixed)
+  # The weights are linear in the scale: d sum(weights) / d scale = sum(weights at scale 1).
+  d_scale = jax.jit(jax.grad(lambda s: jnp.sum(route(logits, 3, scale=s, **options)[1])))(
+      jnp.float32(2.5))
+  np.testing.assert_allclose(d_scale, jnp.sum(route(logits, 3, **options)[1]), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"scale must be a scalar, got shape \(2,\)"):
+    route(logits, 3, scale=jnp.ones(2))
+  with pytest.raises(ValueError, match="scale=-1.0 must be a positive finite number"):
+    route(logits, 3, scale=jnp.float32(-1.0))
+
+
 def test_update_expert_bias_by_hand():
   # Mean load 3: expert 0 over it, expert 1 under it, experts 2 and 3 on it.
   bias = jnp.array([0.5, -0.5, 0.25, 0.0], jnp.float32)
