@@ -143,8 +143,7 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
     expert_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
   if renormalize:
     expert_weights = expert_weights / jnp.sum(expert_weights, axis=-1, keepdims=True)
-  if isinstance(scale, jax.core.Tracer) or scale != 1:
-    expert_weights = expert_weights * jnp.asarray(scale, expert_weights.dtype)
+  expert_weights = expert_weights * jnp.asarray(scale, expert_weights.dtype)  # x * 1 is x
 
   counts = jnp.bincount(expert_ids.reshape(-1), length=e).astype(jnp.int32)
   fraction = counts.astype(jnp.float32) / (t * k)

@@ -110,8 +110,10 @@ ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, bool broken_if_faile
   }
   std::unique_ptr<DeviceState> made;
   ffi::Error err = CreateDeviceState(ordinal, stream, &made);
-  if (err.failure() && !(broken_if_failed && made)) return err;
-  if (err.failure()) made->broken = err.message();
+  if (err.failure()) {
+    if (!broken_if_failed || !made) return err;
+    made->broken = err.message();
+  }
   std::lock_guard<std::mutex> lock(states_mu);
   std::unique_ptr<DeviceState>& slot = States()[ordinal];
   if (!slot) slot = std::move(made);

@@ -193,11 +193,11 @@ ffi::Error Prepare(const CallAttrs& attrs, int32_t ordinal, cudaStream_t stream,
 }
 
 // What a handler returns once its launches are enqueued: the first failure among them (with
-// this GPU's earlier device fault), the earlier fault, or success. The fault record's copy is scheduled either way. A
-// failed launch after real peers met breaks the GPU: its peers passed barriers with a call that
-// computed nothing (CloseCall has marked it aborted, so they learn it at their next barrier).
-// Without peers (one device, or emulated ones) there are no barriers to keep in step, and the
-// GPU takes later calls.
+// this GPU's earlier device fault), the earlier fault, or success. The fault record's copy is
+// scheduled either way. A failed launch after real peers met breaks the GPU: its peers passed
+// barriers with a call that computed nothing (CloseCall has marked it aborted, so they learn it
+// at their next barrier). Without peers (one device, or emulated ones) there are no barriers to
+// keep in step, and the GPU takes later calls.
 ffi::Error Finish(const Call& call, DeviceState& state, const Launcher& launcher,
                   ffi::Error earlier, cudaStream_t stream) {
   ffi::Error copied = ScheduleErrorCopy(state, stream);

@@ -198,24 +198,24 @@ xla::ffi::Error BarrierWait::Failed(int rank, Phase phase, std::vector<bool> cam
   const auto waited =
       std::chrono::duration_cast<std::chrono::milliseconds>(std::max(deadline_, start_) - start_);
   // Some may have come to this barrier before their process ended: not "never arrived".
-  std::string ranks, pids;
-  std::vector<int64_t> seen;
+  std::string ranks;
+  std::vector<int64_t> pids;
   for (size_t r = 0; r < exited_.size(); ++r) {
     if (!exited_[r]) continue;
     silence_.SetGoneSince(static_cast<int>(r), Clock::now());
     ranks += " " + std::to_string(r);
-    if (std::find(seen.begin(), seen.end(), exited_[r]) != seen.end()) continue;
-    pids += (seen.empty() ? "" : ", ") + std::to_string(exited_[r]);
-    seen.push_back(exited_[r]);
+    if (std::find(pids.begin(), pids.end(), exited_[r]) == pids.end()) pids.push_back(exited_[r]);
   }
-  if (!seen.empty())
-    return xla::ffi::Error(
-        xla::ffi::ErrorCode::kUnavailable,
-        Waited(rank, static_cast<int>(exited_.size()), phase, waited) + " for devices" + ranks +
-            (seen.size() == 1 ? ", whose process (pid " + pids + ") has exited: its own output"
-                              : ", whose processes (pids " + pids + ") have exited: their own "
-                                "output") +
-            " says why.");
+  if (!pids.empty()) {
+    const bool one = pids.size() == 1;
+    std::string msg = Waited(rank, static_cast<int>(exited_.size()), phase, waited) +
+                      " for devices" + ranks +
+                      (one ? ", whose process (pid " : ", whose processes (pids ");
+    for (size_t i = 0; i < pids.size(); ++i) msg += (i ? ", " : "") + std::to_string(pids[i]);
+    msg += one ? ") has exited: its own output says why."
+               : ") have exited: their own output says why.";
+    return xla::ffi::Error(xla::ffi::ErrorCode::kUnavailable, msg);
+  }
   if (waited < timeout_) {
     std::vector<bool> here(gone_.size());
     for (size_t r = 0; r < gone_.size(); ++r) here[r] = !gone_[r];
