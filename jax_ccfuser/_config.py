@@ -67,8 +67,12 @@ def peer_timeout(seconds: float):
   or the environment variable `JAX_CCFUSER_PEER_TIMEOUT` (seconds).
 
   Examples:
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
+    >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
+    >>> w_in, w_out = jnp.ones((4, 16, 64)) / 16, jnp.ones((4, 32, 16)) / 32
+    >>> step = jax.jit(lambda x: jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out))
     >>> with jax_ccfuser.peer_timeout(5.0):
-    ...   y = jax.jit(step)(x)
+    ...   y = step(x)  # traced here, so its calls wait up to 5 s for a missing peer
   """
   return _setting("seconds", _checked_timeout(seconds))
 
@@ -95,8 +99,12 @@ def transport(kind: str):
   `peer_timeout`.
 
   Examples:
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
+    >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
+    >>> w_in, w_out = jnp.ones((4, 16, 64)) / 16, jnp.ones((4, 32, 16)) / 32
+    >>> step = jax.jit(lambda x: jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out))
     >>> with jax_ccfuser.transport("collectives"):
-    ...   y = jax.jit(step)(x)
+    ...   y = step(x)  # across processes, through XLA collectives only
   """
   if kind not in TRANSPORTS:
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
@@ -119,8 +127,13 @@ def residual_budget(nbytes: int):
   `JAX_CCFUSER_RESIDUAL_BUDGET` (bytes).
 
   Examples:
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
+    >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
+    >>> w_in, w_out = jnp.ones((4, 16, 64)) / 16, jnp.ones((4, 32, 16)) / 32
+    >>> loss = lambda w_in: jnp.sum(jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out,
+    ...                                                   residuals="auto") ** 2)
     >>> with jax_ccfuser.residual_budget(1 << 30):
-    ...   grads = jax.jit(jax.grad(loss))(params, x)
+    ...   grads = jax.jit(jax.grad(loss))(w_in)  # keeps h: 8 * 2 * 64 * 4 bytes fit
   """
   if not nbytes >= 0 or nbytes != int(nbytes):
     raise ValueError(f"residual_budget must be a whole number of bytes >= 0, got {nbytes!r}")
@@ -145,8 +158,13 @@ def scratch_budget(nbytes: int):
   2 GiB or the environment variable `JAX_CCFUSER_SCRATCH_BUDGET` (bytes).
 
   Examples:
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
+    >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
+    >>> w_in, w_out = jnp.ones((4, 16, 64)) / 16, jnp.ones((4, 32, 16)) / 32
+    >>> loss = lambda w_in: jnp.sum(jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out,
+    ...                                                   residuals="auto") ** 2)
     >>> with jax_ccfuser.scratch_budget(512 << 20):
-    ...   grads = jax.jit(jax.grad(loss))(params, x)
+    ...   grads = jax.jit(jax.grad(loss))(w_in)  # on a GPU, in chunks of at most 512 MiB
   """
   if not nbytes > 0 or nbytes != int(nbytes):
     raise ValueError(f"scratch_budget must be a whole number of bytes > 0, got {nbytes!r}")
@@ -171,8 +189,12 @@ def fetch_sms(count: int | None):
   `peer_timeout`. The environment variable `JAX_CCFUSER_FETCH_SMS` sets a process-wide count.
 
   Examples:
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
+    >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
+    >>> w_in, w_out = jnp.ones((4, 16, 64)) / 16, jnp.ones((4, 32, 16)) / 32
+    >>> step = jax.jit(lambda x: jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out))
     >>> with jax_ccfuser.fetch_sms(0):
-    ...   y = jax.jit(step)(x)
+    ...   y = step(x)  # on a GPU, every GEMM on every SM
   """
   if count is None:
     return _setting("fetch_sms", AUTO_FETCH_SMS)
@@ -199,7 +221,12 @@ def tf32_in_force() -> bool:
   and CPU calls are unaffected. Fixed when a call is traced, as JAX fixes a `dot`'s precision.
 
   Examples:
+    >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
+    >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
+    >>> w_in, w_out = jnp.ones((4, 16, 64)) / 16, jnp.ones((4, 32, 16)) / 32
+    >>> loss = lambda w_in: jnp.sum(jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out,
+    ...                                                   residuals="auto") ** 2)
     >>> with jax.default_matmul_precision("tensorfloat32"):
-    ...   grads = jax.jit(jax.grad(loss))(params, x)
+    ...   grads = jax.jit(jax.grad(loss))(w_in)  # on a GPU, float32 GEMMs as TF32
   """
   return jax.config.jax_default_matmul_precision in TF32_PRECISIONS

@@ -280,9 +280,21 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
     A `Plan` (a pytree of arrays) for `fused_moe(..., plan=plan)`.
 
   Examples:
-    >>> plan = jax_ccfuser.reassign(ids, 64, axis_name="ep")
-    >>> y = jax_ccfuser.fused_moe(x, ids, weights, w_in, w_out, axis_name="ep", plan=plan)
-    >>> before, after = jax_ccfuser.plan_loads(plan)
+    Every token picks expert 0 first, so device 0 (experts 0 and 1 of 16) computes 288 of the
+    512 rows; the plan shares them out:
+
+    >>> from jax.sharding import AxisType, PartitionSpec as P
+    >>> mesh = jax.make_mesh((8,), ("ep",), axis_types=(AxisType.Auto,))
+    >>> ids = jnp.stack([jnp.zeros(256, jnp.int32), jnp.arange(256, dtype=jnp.int32) % 16], 1)
+    >>> def loads(ids):  # per device: ids [32, 2]
+    ...   plan = jax_ccfuser.reassign(ids, 16, axis_name="ep")
+    ...   return jax_ccfuser.plan_loads(plan)
+    >>> before, after = jax.shard_map(loads, mesh=mesh, in_specs=P("ep"), out_specs=P())(ids)
+    >>> before.tolist(), after.tolist()
+    ([288, 32, 32, 32, 32, 32, 32, 32], [64, 64, 64, 64, 64, 64, 64, 64])
+
+    The layer then runs `fused_moe(x, ids, weights, w_in, w_out, axis_name="ep", plan=plan)`
+    in the same `shard_map`.
   """
   num_devices = axis_size(axis_name)
   experts_local = check_num_experts(num_experts, num_devices)

@@ -29,7 +29,16 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     `[T, H]`, x's dtype.
 
   Examples:
-    >>> y = reference_moe(x, ids, weights, w_in, w_out, activation="gelu")
+    Two tokens, each routed to both of two experts (H = 3, F = 2):
+
+    >>> x = jnp.array([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
+    >>> ids = jnp.array([[0, 1], [1, 0]], jnp.int32)
+    >>> weights = jnp.array([[0.75, 0.25], [0.5, 0.5]])
+    >>> w_in = jnp.stack([jnp.eye(3, 2), -jnp.eye(3, 2)])  # [E, H, F]
+    >>> w_out = jnp.stack([jnp.eye(2, 3), jnp.eye(2, 3)])  # [E, F, H]
+    >>> print(jax_ccfuser.reference_moe(x, ids, weights, w_in, w_out, activation="relu"))
+    [[0.75 0.   0.  ]
+     [0.   0.5  0.  ]]
   """
   del plan
   w_in, w_out = jnp.asarray(w_in), jnp.asarray(w_out)  # indexed by traced ids below

@@ -110,10 +110,24 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
     `logits` through `expert_weights` and both losses.
 
   Examples:
-    >>> ids, weights, aux = route(x @ w_router, 2)
-    >>> loss = task_loss + 1e-2 * aux.load_balancing_loss + 1e-3 * aux.z_loss
-    >>> ids, weights, aux = route(x @ w_router, 8, score="sigmoid", num_groups=8, top_groups=4,
-    ...                           scale=2.5, expert_bias=bias)   # DeepSeek-V3's router
+    >>> logits = jax.random.normal(jax.random.key(0), (6, 8))  # [T, E]
+    >>> ids, weights, aux = jax_ccfuser.route(logits, 2)
+    >>> ids.shape, weights.shape, int(aux.counts.sum())
+    ((6, 2), (6, 2), 12)
+    >>> bool(jnp.allclose(weights.sum(-1), 1.0))
+    True
+    >>> aux_loss = 1e-2 * aux.load_balancing_loss + 1e-3 * aux.z_loss  # added to the task loss
+
+    DeepSeek-V3's router: sigmoid scores, 4 groups of 4 experts of which each token uses its best
+    2, the routed scaling factor, and a bias that shifts the choice only:
+
+    >>> logits = jax.random.normal(jax.random.key(1), (6, 16))
+    >>> ids, weights, aux = jax_ccfuser.route(logits, 4, score="sigmoid", num_groups=4,
+    ...                                       top_groups=2, scale=2.5, expert_bias=jnp.zeros(16))
+    >>> (ids // 4).tolist()  # the groups of each token's experts: 2 at most
+    [[1, 1, 1, 3], [0, 0, 2, 2], [1, 0, 0, 1], [0, 0, 3, 3], [3, 0, 3, 3], [2, 2, 1, 1]]
+    >>> bool(jnp.allclose(weights.sum(-1), 2.5))
+    True
   """
   if np.ndim(logits) != 2:
     raise ValueError(f"logits must have rank 2 ([T, E]), got shape {tuple(np.shape(logits))}")
@@ -175,8 +189,16 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
     The new bias, `[E]`, expert_bias's dtype.
 
   Examples:
-    >>> ids, weights, aux = route(logits, 2, expert_bias=bias)
-    >>> bias = update_expert_bias(bias, aux.counts, rate=1e-3)
+    >>> bias = jnp.zeros(4)
+    >>> counts = jnp.array([6, 2, 2, 2])  # expert 0 took half of the 12 rows
+    >>> print(jax_ccfuser.update_expert_bias(bias, counts, rate=1e-3))
+    [-0.001  0.001  0.001  0.001]
+
+    In a training step, from the counts the router reports:
+
+    >>> logits = jax.random.normal(jax.random.key(0), (6, 4))
+    >>> ids, weights, aux = jax_ccfuser.route(logits, 2, expert_bias=bias)
+    >>> bias = jax_ccfuser.update_expert_bias(bias, aux.counts, rate=1e-3)
   """
   if np.shape(expert_bias) != np.shape(counts) or np.ndim(counts) != 1:
     raise ValueError(f"expert_bias and counts must both have shape [E], got "

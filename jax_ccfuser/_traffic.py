@@ -20,9 +20,24 @@ def peer_traffic(*, clear: bool = False) -> list[dict]:
     `remote_bytes_written` (partial sums into other devices' staging).
 
   Examples:
-    >>> jax_ccfuser.peer_traffic(clear=True)
-    >>> jax.block_until_ready(step(x))
-    >>> sum(r["remote_bytes_read"] for r in jax_ccfuser.peer_traffic())
+    Eight devices of 2 experts and 8 tokens each; every token picks experts 0 and 2, so devices
+    0 and 1 each read the 56 tokens of the 7 others once and write a row back for each:
+
+    >>> from jax.sharding import AxisType, PartitionSpec as P
+    >>> mesh = jax.make_mesh((8,), ("ep",), axis_types=(AxisType.Auto,))
+    >>> x = jax.random.normal(jax.random.key(0), (64, 16))
+    >>> ids, weights = jnp.tile(jnp.array([0, 2], jnp.int32), (64, 1)), jnp.full((64, 2), 0.5)
+    >>> w_in, w_out = jnp.ones((16, 16, 64)) / 16, jnp.ones((16, 32, 16)) / 32
+    >>> layer = jax.jit(jax.shard_map(
+    ...     lambda *args: jax_ccfuser.fused_moe(*args, axis_name="ep"), mesh=mesh,
+    ...     in_specs=P("ep"), out_specs=P("ep")))
+    >>> _ = jax_ccfuser.peer_traffic(clear=True)
+    >>> y = jax.block_until_ready(layer(x, ids, weights, w_in, w_out))
+    >>> records = sorted(jax_ccfuser.peer_traffic(), key=lambda r: r["rank"])
+    >>> [(r["remote_rows_read"], r["remote_rows_written"]) for r in records]
+    [(56, 56), (56, 56), (0, 0), (0, 0), (0, 0), (0, 0), (0, 0), (0, 0)]
+    >>> records[0]["remote_bytes_read"], records[0]["remote_bytes_written"]  # float32 rows of 16
+    (3584, 3584)
   """
   return list(_extension.cpu.traffic_records(clear))
 

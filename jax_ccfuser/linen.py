@@ -2,9 +2,16 @@
 
 Examples:
   >>> from jax_ccfuser.linen import MoE
+  >>> mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  >>> x = jax.random.normal(jax.random.key(1), (4, 16, 64))  # [B, S, H]; B*S divisible by 8
   >>> layer = MoE(num_experts=16, ffn=128, k=2)
-  >>> variables = layer.init(jax.random.key(0), x)   # x [B, S, H]
-  >>> y, aux = layer.apply(variables, x)
+  >>> with jax.set_mesh(mesh):
+  ...   variables = layer.init(jax.random.key(0), x)
+  ...   y, aux = jax.jit(layer.apply)(variables, x)
+  >>> y.shape, int(aux.counts.sum())
+  ((4, 16, 64), 128)
+  >>> variables["params"]["w_in"].names  # boxed: [E, H, 2F] split over the expert axis
+  ('expert', None, None)
 """
 
 import jax
@@ -65,14 +72,22 @@ class MoE(nn.Module):
     shared_init: initializer of `shared_w_in` and `shared_w_out`.
 
   Examples:
+    >>> x = jax.random.normal(jax.random.key(1), (2, 5, 16))
     >>> layer = MoE(num_experts=4, ffn=32, axis_name=None)
-    >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 5, 16)))
-    >>> y, aux = layer.apply(variables, jnp.ones((2, 5, 16)))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> y, aux = layer.apply(variables, x)
+    >>> y.shape, aux.counts.shape
+    ((2, 5, 16), (4,))
+
+    With the router's bias, moved after each step from the loads:
+
     >>> layer = MoE(num_experts=4, ffn=32, axis_name=None, expert_bias=True)
     >>> variables = layer.init(jax.random.key(0), x)
     >>> y, aux = layer.apply(variables, x)
     >>> variables["expert_bias"]["expert_bias"] = jax_ccfuser.update_expert_bias(
     ...     variables["expert_bias"]["expert_bias"], aux.counts, rate=1e-3)
+    >>> sorted(variables)
+    ['expert_bias', 'params']
   """
   num_experts: int
   ffn: int

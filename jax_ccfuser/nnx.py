@@ -4,10 +4,13 @@ Examples:
   >>> from flax import nnx
   >>> from jax_ccfuser.nnx import MoE
   >>> mesh = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,))
+  >>> x = jax.random.normal(jax.random.key(1), (4, 16, 64))  # [B, S, H]; B*S divisible by 8
   >>> with jax.set_mesh(mesh):
   ...   moe = MoE(64, 128, 16, k=2, rngs=nnx.Rngs(0))  # w_in/w_out split 2 experts per device
-  ...   y, aux = nnx.jit(lambda m, x: m(x))(moe, x)     # x [B, S, 64]; B*S divisible by 8
-  >>> loss = task_loss + 1e-2 * aux.load_balancing_loss + 1e-3 * aux.z_loss
+  ...   y, aux = nnx.jit(lambda m, x: m(x))(moe, x)
+  >>> y.shape, int(aux.counts.sum())  # B * S * k (token, expert) rows
+  ((4, 16, 64), 128)
+  >>> aux_loss = 1e-2 * aux.load_balancing_loss + 1e-3 * aux.z_loss  # added to the task loss
 """
 
 import jax
@@ -107,9 +110,19 @@ class MoE(nnx.Module):
 
   Examples:
     >>> moe = MoE(16, 32, 4, k=2, axis_name=None, rngs=nnx.Rngs(0))
-    >>> y, aux = moe(jnp.ones((2, 5, 16)))  # y [2, 5, 16]; aux.counts [4], sums to 2 * 5 * 2
+    >>> y, aux = moe(jax.random.normal(jax.random.key(1), (2, 5, 16)))
+    >>> y.shape, aux.counts.shape, int(aux.counts.sum())  # 2 * 5 tokens, 2 experts each
+    ((2, 5, 16), (4,), 20)
+
+    DeepSeek-V3's options, its bias trained without gradients:
+
     >>> moe = MoE(16, 32, 8, k=2, score="sigmoid", num_groups=4, top_groups=2, scale=2.5,
     ...           expert_bias=True, num_shared_experts=1, axis_name=None, rngs=nnx.Rngs(0))
+    >>> y, aux = moe(jax.random.normal(jax.random.key(1), (2, 5, 16)))
+    >>> moe.expert_bias[...] = jax_ccfuser.update_expert_bias(moe.expert_bias[...], aux.counts,
+    ...                                                       rate=1e-3)
+    >>> sorted(nnx.state(moe, nnx.Param).keys())
+    ['router', 'shared_w_in', 'shared_w_out', 'w_in', 'w_out']
   """
 
   def __init__(self, hidden: int, ffn: int, num_experts: int, *, k: int = 2,

@@ -20,10 +20,20 @@ Layout: a layer's expert (slot) `s` lives on device `s // E_local`, `E_local = E
 `new_w_in[s] = old_w_in[perm[s]]`.
 
 Examples:
-  >>> stats = placement.RoutingStats.zeros(num_layers=4, num_devices=8, num_experts=64)
-  >>> stats = stats.update(expert_ids_per_layer)  # in the training step; [N, K] int32 each
-  >>> solution = placement.solve(stats, 8, method="ilp", time_limit=5.0)
-  >>> placement.apply(model, optimizer, solution.perms)
+  Two layers whose tokens on device 0 all pick experts 2 and 3 (device 1's), and those on
+  device 1 experts 0 and 1:
+
+  >>> from jax_ccfuser import placement
+  >>> ids = jnp.array([[2, 3]] * 4 + [[0, 1]] * 4)  # [N, K]: device 0's 4 tokens, then device 1's
+  >>> stats = placement.RoutingStats.zeros(num_layers=2, num_devices=2, num_experts=4)
+  >>> stats = stats.update([ids, ids])  # in the training step, each layer's ids
+  >>> solution = placement.solve(stats, 2, method="ilp", time_limit=5.0)
+  >>> solution.perms.tolist()  # slot s of each layer gets old expert perms[l, s]
+  [[2, 3, 0, 1], [2, 3, 0, 1]]
+  >>> placement.score(stats, solution.perms).remote_fraction.tolist()  # 1.0 before
+  [0.0, 0.0]
+
+  `placement.apply(model, optimizer, solution.perms)` then moves a live NNX model's experts.
 
 Modules: `_stats` (recording), `_solve` (placing) and `_permute` (applying to pytrees) need
 neither Flax nor SciPy (the ILP imports SciPy when it runs); `_nnx` (the NNX model helpers)

@@ -28,8 +28,12 @@ def moe_layers(model) -> tuple[tuple, ...]:
   order of `capture_expert_ids`, `apply` and the `layers` of `permute`.
 
   Examples:
-    >>> moe_layers(model)
-    (('blocks', 0, 'ffn'), ('blocks', 1, 'ffn'))
+    >>> from flax import nnx
+    >>> from jax_ccfuser import placement
+    >>> from jax_ccfuser.nnx import MoE
+    >>> model = nnx.List([MoE(16, 32, 4, axis_name=None, rngs=nnx.Rngs(i)) for i in range(2)])
+    >>> placement.moe_layers(model)
+    ((0,), (1,))
   """
   return tuple(path for path, _ in _moe_modules(model))
 
@@ -45,9 +49,19 @@ def capture_expert_ids(fn: Callable) -> Callable:
   Usable inside `nnx.jit` and `nnx.grad` (the ids are then part of the auxiliary output).
 
   Examples:
-    >>> def loss_fn(model, tokens): ...
-    >>> loss, ids = capture_expert_ids(loss_fn)(model, tokens)
-    >>> stats = stats.update(ids)
+    >>> from flax import nnx
+    >>> from jax_ccfuser import placement
+    >>> from jax_ccfuser.nnx import MoE
+    >>> model = nnx.List([MoE(16, 32, 4, axis_name=None, rngs=nnx.Rngs(i)) for i in range(2)])
+    >>> def loss_fn(model, x):
+    ...   for layer in model:
+    ...     x, aux = layer(x)
+    ...   return jnp.mean(x ** 2)
+    >>> x = jax.random.normal(jax.random.key(1), (2, 6, 16))
+    >>> loss, ids = nnx.jit(placement.capture_expert_ids(loss_fn))(model, x)
+    >>> [i.shape for i in ids]  # [N, K] a layer, N = 2 * 6 tokens
+    [(12, 2), (12, 2)]
+    >>> stats = placement.RoutingStats.zeros(2, 1, 4).update(ids)
   """
   def wrapped(model, *args, **kwargs):
     layers = _moe_modules(model)
@@ -88,9 +102,24 @@ def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> 
     layers: paths of the MoE layers in `model`; `None`: `moe_layers(model)`.
 
   Examples:
-    >>> solution = placement.solve(stats, 8)
-    >>> placement.apply(model, optimizer, solution.perms)
-    >>> stats = placement.RoutingStats.zeros(*stats.rows.shape)  # counts restart in the new ids
+    >>> from flax import nnx
+    >>> from jax_ccfuser import placement
+    >>> from jax_ccfuser.nnx import MoE
+    >>> model = nnx.List([MoE(16, 32, 4, axis_name=None, rngs=nnx.Rngs(i)) for i in range(2)])
+    >>> def loss_fn(model, x):
+    ...   for layer in model:
+    ...     x, aux = layer(x)
+    ...   return jnp.mean(x ** 2)
+    >>> x = jax.random.normal(jax.random.key(1), (2, 6, 16))
+    >>> import optax
+    >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+    >>> before = loss_fn(model, x)
+    >>> placement.apply(model, optimizer, jnp.array([[3, 2, 1, 0], [1, 0, 3, 2]]))
+    >>> bool(jnp.allclose(loss_fn(model, x), before))  # the same function, experts moved
+    True
+
+    After a placement from `solve`, the counts restart in the new ids:
+    `stats = placement.RoutingStats.zeros(*stats.rows.shape)`.
   """
   layers = moe_layers(model) if layers is None else [tuple(layer) for layer in layers]
   perms = check_perms(perms, len(layers))

@@ -98,7 +98,17 @@ def permute(tree, perms, *, layers: Sequence[tuple]):
     The tree with the same structure and the expert axes permuted.
 
   Examples:
-    >>> params = permute(params, solution.perms, layers=[("params", "moe")])
-    >>> opt_state = permute(opt_state, solution.perms, layers=[("params", "moe")])  # mu, nu too
+    >>> import optax
+    >>> from jax_ccfuser import placement
+    >>> params = {"moe": {"w_in": jnp.arange(4.0)[:, None, None] * jnp.ones((4, 2, 6)),
+    ...                   "w_out": jnp.ones((4, 3, 2)), "router": {"kernel": jnp.eye(2, 4)}}}
+    >>> opt_state = optax.adam(1e-3).init(params)
+    >>> perms = [[3, 2, 1, 0]]  # one layer: slot s gets old expert 3 - s
+    >>> params = placement.permute(params, perms, layers=[("moe",)])
+    >>> opt_state = placement.permute(opt_state, perms, layers=[("moe",)])  # mu, nu too
+    >>> params["moe"]["w_in"][:, 0, 0].tolist()
+    [3.0, 2.0, 1.0, 0.0]
+    >>> params["moe"]["router"]["kernel"].tolist()  # the router's output columns move with them
+    [[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
   """
   return permute_with_moves(tree, check_perms(perms, len(layers)), layers)[0]

@@ -48,8 +48,13 @@ def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
     A `Score` (per-layer numpy arrays).
 
   Examples:
-    >>> before, after = score(stats), score(stats, solve(stats, 8).perms)
-    >>> print(before.remote_fraction.mean(), after.remote_fraction.mean())
+    >>> from jax_ccfuser import placement
+    >>> ids = jnp.array([[2, 3]] * 4 + [[0, 1]] * 4)  # device 0's 4 tokens, then device 1's
+    >>> stats = placement.routing_stats([ids, ids], num_experts=4, num_devices=2)
+    >>> placement.score(stats)  # every row computed on the other device
+    Score(remote_fraction=array([1., 1.]), max_load=array([1., 1.]), cross_fraction=array([0.]))
+    >>> placement.score(stats, placement.solve(stats, 2).perms).remote_fraction
+    array([0., 0.])
   """
   rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
   num_layers, d, e = rows.shape
@@ -217,9 +222,12 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
     "ilp (time limit)": HiGHS's best when time ran out; "greedy") and the seconds spent on it.
 
   Examples:
-    >>> solution = solve(stats, 8, method="ilp", time_limit=5.0)
-    >>> solution.methods  # ("ilp", "ilp", ...); "greedy" where a layer fell back
-    >>> score(stats, solution.perms).remote_fraction
+    >>> from jax_ccfuser import placement
+    >>> ids = jnp.array([[2, 3]] * 4 + [[0, 1]] * 4)  # device 0's 4 tokens, then device 1's
+    >>> stats = placement.routing_stats([ids, ids], num_experts=4, num_devices=2)
+    >>> solution = placement.solve(stats, 2, method="ilp", time_limit=5.0)
+    >>> solution.perms.tolist(), solution.methods  # "greedy" where a layer fell back
+    ([[2, 3, 0, 1], [2, 3, 0, 1]], ('ilp', 'ilp'))
   """
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")

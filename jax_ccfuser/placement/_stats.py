@@ -51,8 +51,15 @@ class RoutingStats(NamedTuple):
       The updated `RoutingStats`.
 
     Examples:
-      >>> stats = RoutingStats.zeros(2, 4, 8)
-      >>> stats = stats.update([ids_layer0, ids_layer1])  # [N, 2] int32 each
+      >>> stats = RoutingStats.zeros(2, 4, 8)  # 2 layers, 4 devices, 8 experts
+      >>> ids_layer0 = jnp.arange(16).reshape(8, 2) % 8  # [N, K]: 2 tokens a device
+      >>> stats = stats.update([ids_layer0, (ids_layer0 + 1) % 8])
+      >>> stats = stats.update([ids_layer0, (ids_layer0 + 1) % 8])  # the next step
+      >>> stats.rows[0]  # layer 0: device 0 sent experts 0 to 3 two rows each
+      Array([[2, 2, 2, 2, 0, 0, 0, 0],
+             [0, 0, 0, 0, 2, 2, 2, 2],
+             [2, 2, 2, 2, 0, 0, 0, 0],
+             [0, 0, 0, 0, 2, 2, 2, 2]], dtype=int32)
     """
     if len(expert_ids) != self.num_layers:
       raise ValueError(f"these statistics have {self.num_layers} layers, got expert ids of "
@@ -85,8 +92,10 @@ def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devi
   Examples:
     >>> ids = [jnp.array([[0, 1], [2, 3]]), jnp.array([[1, 2], [3, 0]])]
     >>> s = routing_stats(ids, num_experts=4, num_devices=2)
-    >>> s.rows[0]  # [[1, 1, 0, 0], [0, 0, 1, 1]]: device 0 sent experts 0, 1 a row each
-    >>> s.transitions[0, 0, 1]  # 1: token 0 went from expert 0 in layer 0 to expert 1 in layer 1
+    >>> s.rows[0].tolist()  # device 0 sent experts 0 and 1 a row each
+    [[1, 1, 0, 0], [0, 0, 1, 1]]
+    >>> int(s.transitions[0, 0, 1])  # token 0 went from expert 0 in layer 0 to expert 1 in layer 1
+    1
   """
   ids = [jnp.asarray(i) for i in expert_ids]
   if not ids:
