@@ -7,6 +7,8 @@ document with its summary table.
 
   stamp PATH         (here, by `make gpu-wheels`) the commit, and a fingerprint of the files
                      that travel to the device machine, which has no .git to ask
+  failed STATE_DIR    (device) the tests stage's failed tests, one node id a line, for the
+                     triage stage to run again under each fallback switch
   carried CARRY --arch ARCH
                      (device) the CUDA extension `make gpu-wheels` built for this Python in
                      CARRY, printed if the tree still matches the stamp; exit status 1 if not
@@ -19,7 +21,8 @@ document with its summary table.
 Only the standard library is imported at module level: the report is written even where jax
 or the build is broken. The state directory gpu_check.sh fills: `stages.tsv` (one row per stage:
 name, status, exit code, seconds, limit, note), `<stage>.log` per stage, `env.json`,
-`junit.xml` (pytest), `compute-sanitizer-<tool>.log` (the tool's findings, apart from the
+`junit.xml` (pytest), `junit-triage-<switch>.xml` (the failed tests again with one
+environment switch set, stage `triage:<switch>`), `compute-sanitizer-<tool>.log` (the tool's findings, apart from the
 workload's output), `kernels.json` (bench/kernels.py) and `bench.json` (bench/gpu.py).
 """
 
@@ -44,9 +47,11 @@ from bench import records
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STAMP = REPO / ".whl" / "COMMIT"  # `make gpu-wheels` writes it; .whl/ travels as a carried path
 SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
-# Report order; sanitizer rows are "sanitizer:<tool>".
+# Report order; sanitizer rows are "sanitizer:<tool>", and the triage rows ("triage:<switch>")
+# follow the tests they rerun.
 STAGES = ("env", "build", "tests", *(f"sanitizer:{t}" for t in SANITIZER_TOOLS), "kernels",
           "benchmark")
+TRIAGE = "triage:"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +265,11 @@ def read_stages(state: pathlib.Path) -> list[dict]:
                   "seconds": float(seconds) if seconds else None,
                   "limit_s": float(limit) if limit else None, "note": note}
   order = {name: i for i, name in enumerate(STAGES)}
-  return sorted(rows.values(), key=lambda r: order.get(r["name"], len(order)))
+  def place(row):
+    if row["name"].startswith(TRIAGE):
+      return order["tests"] + 0.5
+    return order.get(row["name"], len(order))
+  return sorted(rows.values(), key=place)
 
 
 _OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
@@ -302,25 +311,58 @@ def parse_pytest(junit: pathlib.Path, log: pathlib.Path) -> dict:
           "running_when_stopped": last_started}
 
 
-def _parse_junit(path: pathlib.Path) -> dict:
-  counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-  failures, times = [], []
+def _junit_cases(path: pathlib.Path):
+  """`(node id, "passed" / "failed" / "errors" / "skipped", first line of the message, seconds)`
+  per test case of pytest's junit XML."""
   for case in ET.parse(path).getroot().iter("testcase"):
     module = case.get("classname", "").replace(".", "/")
     name = f"{module}.py::{case.get('name')}" if module else case.get("name", "")
-    times.append({"name": name, "seconds": float(case.get("time") or 0.0)})
     outcome = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-    if outcome is None:
-      counts["passed"] += 1
-      continue
-    kind = {"failure": "failed", "error": "errors", "skipped": "skipped"}[outcome.tag]
+    kind = "passed" if outcome is None else {"failure": "failed", "error": "errors",
+                                             "skipped": "skipped"}[outcome.tag]
+    message = "" if outcome is None else (outcome.get("message") or outcome.text or "").strip()
+    yield name, kind, message.splitlines()[0][:300] if message else "", float(
+        case.get("time") or 0.0)
+
+
+def _parse_junit(path: pathlib.Path) -> dict:
+  counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+  failures, times = [], []
+  for name, kind, message, seconds in _junit_cases(path):
+    times.append({"name": name, "seconds": seconds})
     counts[kind] += 1
-    if kind != "skipped":
-      message = (outcome.get("message") or outcome.text or "").strip()
-      failures.append({"name": name, "message": message.splitlines()[0][:300] if message else ""})
+    if kind in ("failed", "errors"):
+      failures.append({"name": name, "message": message})
   times.sort(key=lambda t: -t["seconds"])
   return {"source": "junit", **counts, "failures": failures, "slowest": times[:5],
           "running_when_stopped": None}
+
+
+def failed_tests(state: pathlib.Path) -> list[str]:
+  """The tests stage's failed and erroring tests, and the one running when it was stopped."""
+  found = parse_pytest(state / "junit.xml", state / _log_name("tests")) or {}
+  names = [f["name"] for f in found.get("failures", [])]
+  return names + ([found["running_when_stopped"]] if found.get("running_when_stopped") else [])
+
+
+def triage(state: pathlib.Path, stages: list[dict]) -> dict:
+  """Per triage switch, the failed tests run again with it set: `{"passed": [node ids],
+  "failed": [node ids, errors included]}`, or None where the run left no junit XML (stopped)."""
+  found = {}
+  for row in stages:
+    if row["name"].startswith(TRIAGE):
+      junit = state / f"junit-triage-{row['name'][len(TRIAGE):]}.xml"
+      outcome = None
+      if junit.is_file():
+        try:
+          cases = list(_junit_cases(junit))
+        except ET.ParseError:
+          cases = None
+        if cases is not None:
+          outcome = {"passed": [n for n, kind, _, _ in cases if kind == "passed"],
+                     "failed": [n for n, kind, _, _ in cases if kind in ("failed", "errors")]}
+      found[row["name"][len(TRIAGE):]] = outcome
+  return found
 
 
 def parse_sanitizer(log: pathlib.Path) -> dict:
@@ -394,6 +436,7 @@ def build_document(state: pathlib.Path) -> dict:
       "cuda_arch": facts.get("cuda_arch"), "environment": facts,
       "stages": stages,
       "tests": parse_pytest(state / "junit.xml", state / _log_name("tests")),
+      "triage": triage(state, stages),
       "sanitizer": {tool: parse_sanitizer(state / f"compute-sanitizer-{tool}.log")
                     for tool in SANITIZER_TOOLS
                     if any(r["name"] == f"sanitizer:{tool}" for r in stages)},
@@ -417,6 +460,10 @@ def _detail(stage: dict, doc: dict, state: pathlib.Path) -> str:
             f"{t['skipped']} skipped")
     return text + (f"; stopped in {t['running_when_stopped']}" if t["running_when_stopped"]
                    else "")
+  if name.startswith(TRIAGE) and doc["triage"].get(name[len(TRIAGE):]):
+    t = doc["triage"][name[len(TRIAGE):]]
+    return (f"{len(t['passed'])} of the {len(t['passed']) + len(t['failed'])} failed tests "
+            f"pass with {name[len(TRIAGE):]}")
   if name.startswith("sanitizer:"):
     found = doc["sanitizer"].get(name.split(":")[1], {})
     if found.get("findings") is not None:
@@ -464,7 +511,10 @@ def summary(doc: dict, state: pathlib.Path) -> str:
   """Failing tests and sanitizer first findings, then the table of stages."""
   lines = []
   for f in (doc["tests"] or {}).get("failures", [])[:15]:
-    lines.append(f"FAILED {f['name']}" + (f": {f['message']}" if f["message"] else ""))
+    passing_with = [switch for switch, t in doc["triage"].items()
+                    if t and f["name"] in t["passed"]]
+    lines.append(f"FAILED {f['name']}" + (f": {f['message']}" if f["message"] else "")
+                 + (f" (passes with {', '.join(passing_with)})" if passing_with else ""))
   for tool, found in doc["sanitizer"].items():
     if found.get("findings") and found.get("first"):
       lines.append(f"{tool}: {found['first']}")
@@ -515,6 +565,7 @@ def main(argv=None) -> None:
   env_parser = sub.add_parser("env")
   env_parser.add_argument("path", type=pathlib.Path)
   env_parser.add_argument("--stamp", type=pathlib.Path, default=STAMP)
+  sub.add_parser("failed").add_argument("state", type=pathlib.Path)
   carried_parser = sub.add_parser("carried")
   carried_parser.add_argument("carry", type=pathlib.Path)
   carried_parser.add_argument("--arch", required=True)
@@ -531,6 +582,8 @@ def main(argv=None) -> None:
     print(f"{args.path}: commit {doc['commit']}, {len(doc['files'])} files")
   elif args.command == "env":
     print(json.dumps(env(args.path, args.stamp), indent=1))
+  elif args.command == "failed":
+    print("\n".join(failed_tests(args.state)))
   elif args.command == "carried":
     path, why = carried_extension(args.carry, args.arch)
     print(f"cuda extension: {why}", file=sys.stderr)

@@ -11,6 +11,10 @@
 #                while the tree matches .whl/COMMIT and it loads (bench/gpu_build.sh)
 #   2 tests      pytest tests/test_cuda.py (junit XML, -v log; a per-test limit where
 #                pytest-timeout is installed)
+#   2b triage    only where tests failed: the failed ones again with each switch that turns off
+#                a path the host checks cannot run (JAX_CCFUSER_GROUPED_GEMMS=0: the SM80
+#                kernels instead of CUTLASS's grouped GEMMs; JAX_CCFUSER_SOURCE_PHASES=0: the
+#                GEMMs after every source's rows are in), so one run says where a failure lies
 #   3 sanitizer  compute-sanitizer memcheck, racecheck, synccheck and initcheck on a small
 #                emulated forward+backward (`python -m bench.gpu_check workload`; initcheck on
 #                its float32 calls, one of them in one-tile chunks); the four run beside stage 2
@@ -158,6 +162,19 @@ tests() {
     --junitxml="$STATE/junit.xml" "${per_test[@]}"
 }
 
+# The switches stage 2b tries, one at a time.
+TRIAGE_SWITCHES="JAX_CCFUSER_GROUPED_GEMMS=0 JAX_CCFUSER_SOURCE_PHASES=0"
+
+triage() {  # VAR=VALUE: the tests stage's failed tests again with that switch set
+  local ids=()
+  mapfile -t ids <"$STATE/failed.txt"
+  if [ "$DRY" = 1 ]; then
+    export CCF_CUDA_TESTS_PLATFORM=cpu JAX_PLATFORMS=cpu
+  fi
+  env "$1" XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -v -rA -p no:cacheprovider \
+    --junitxml="$STATE/junit-triage-$1.xml" "${ids[@]}"
+}
+
 sanitize() {  # tool
   # Exact buffer bounds (no pooled allocator) and no preallocation, so the four runs and the
   # tests share the GPU. memcheck watches every kernel, CUTLASS's grouped GEMMs too (they are
@@ -187,8 +204,8 @@ sanitize() {  # tool
 }
 
 # The stages' shell functions run under `timeout` in a child bash.
-export REPO PY STATE SITE BUILD PKG CARRY CUDA_BUILD
-export -f install_wheels cmake_build build check_extensions tests sanitize
+export REPO PY STATE SITE BUILD PKG CARRY CUDA_BUILD DRY
+export -f install_wheels cmake_build build check_extensions tests triage sanitize
 
 # 0 env
 run_stage env 120 0 "$PY" -m bench.gpu_check env "$STATE/env.json" --stamp "$CARRY/COMMIT"
@@ -219,6 +236,12 @@ else
     fi
   done
   wait
+  # 2b triage: up to 90 s a switch, where tests failed (after the sanitizers, which share the GPU)
+  if "$PY" -m bench.gpu_check failed "$STATE" >"$STATE/failed.txt" && [ -s "$STATE/failed.txt" ]; then
+    for switch in $TRIAGE_SWITCHES; do
+      run_stage "triage:$switch" 90 130 bash -c "triage $switch"
+    done
+  fi
 fi
 
 # 4 kernels: up to 150 s (each shape compiles only the fused and roof programs; what a shape

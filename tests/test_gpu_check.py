@@ -138,6 +138,40 @@ def test_report_when_nothing_ran(tmp_path, capsys):
   assert capsys.readouterr().out.splitlines()[-1] == f"results: {path}"
 
 
+def test_triage_says_which_switch_makes_each_failed_test_pass(failed_run, tmp_path, capsys):
+  """Stage 2b: the failed tests (and errors) are listed for the rerun; each switch's rerun is
+  reported after the tests stage, and a failure names the switches under which it passed. A
+  rerun stopped before its junit XML counts as no outcome, never as passing."""
+  assert gpu_check.failed_tests(failed_run) == ["tests/test_cuda.py::test_c[bf16]",
+                                                "tests/test_cuda.py::test_e"]
+  gpu_check.main(["failed", str(failed_run)])
+  assert capsys.readouterr().out.split() == gpu_check.failed_tests(failed_run)
+  with (failed_run / "stages.tsv").open("a") as f:
+    f.write("triage:JAX_CCFUSER_GROUPED_GEMMS=0\tfailed\t1\t30.0\t90\t\n"
+            "triage:JAX_CCFUSER_SOURCE_PHASES=0\ttimed out\t124\t90.0\t90\t\n")
+  (failed_run / "junit-triage-JAX_CCFUSER_GROUPED_GEMMS=0.xml").write_text(
+      '<testsuites><testsuite name="pytest">'
+      '<testcase classname="tests.test_cuda" name="test_c[bf16]" time="1.0"/>'
+      '<testcase classname="tests.test_cuda" name="test_e" time="0.1">'
+      '<error message="boom">trace</error></testcase></testsuite></testsuites>')
+  (failed_run / "triage-JAX_CCFUSER_SOURCE_PHASES=0.log").write_text(
+      "tests/test_cuda.py::test_c[bf16] PASSED\ntests/test_cuda.py::test_e \n")
+  path = gpu_check.report(failed_run, tmp_path / "results")
+  doc = json.loads(path.read_text())
+  assert doc["triage"] == {
+      "JAX_CCFUSER_GROUPED_GEMMS=0": {"passed": ["tests/test_cuda.py::test_c[bf16]"],
+                                      "failed": ["tests/test_cuda.py::test_e"]},
+      "JAX_CCFUSER_SOURCE_PHASES=0": None}
+  assert [s["name"] for s in doc["stages"]][2:5] == [
+      "tests", "triage:JAX_CCFUSER_GROUPED_GEMMS=0", "triage:JAX_CCFUSER_SOURCE_PHASES=0"]
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0].endswith("Not equal to tolerance (passes with JAX_CCFUSER_GROUPED_GEMMS=0)")
+  assert printed[1] == 'FAILED tests/test_cuda.py::test_e: failed on setup with "RuntimeError: boom"'
+  row = next(l for l in printed if l.startswith("triage:JAX_CCFUSER_GROUPED_GEMMS=0"))
+  assert row.endswith("1 of the 2 failed tests pass with JAX_CCFUSER_GROUPED_GEMMS=0")
+  assert "===== triage:JAX_CCFUSER_SOURCE_PHASES=0 =====" in (path.parent / doc["log"]).read_text()
+
+
 def test_pytest_log_of_a_run_stopped_midway(tmp_path):
   """No junit XML (the stage's time limit killed pytest): counts from the -v log, and the test
   that was running."""
