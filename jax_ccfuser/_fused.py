@@ -330,7 +330,9 @@ def _position(axis_name):
   mesh = jax.sharding.get_abstract_mesh()
   group = jnp.int32(0)
   for name, kind in zip(mesh.axis_names, mesh.axis_types):
-    if kind == AxisType.Manual and name not in ep_axes:
+    # An axis of size 1 numbers nothing, and its index would type the results as varying over
+    # it, which a shard_map whose out_specs leave it out refuses.
+    if kind == AxisType.Manual and name not in ep_axes and mesh.shape[name] > 1:
       group = group * mesh.shape[name] + jax.lax.axis_index(name)
   return rank.astype(jnp.int32), group.astype(jnp.int32)
 

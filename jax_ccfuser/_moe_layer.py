@@ -211,30 +211,39 @@ class MoESpec:
       `(y, aux)`: y `[..., H]` in x's dtype and the `MoEAux` of the whole batch.
     """
     lead, h = x.shape[:-1], x.shape[-1]
-    x, logits = x.reshape(-1, h), logits.reshape(-1, self.num_experts)
     mode = self.placement()
-    if mode == "map":
-      # The tokens split over every mesh axis (data-parallel axes too, each of whose devices
-      # runs an expert-parallel group of its own), the experts over the expert axis alone, or
-      # whole on every device without one.
-      mesh = jax.sharding.get_abstract_mesh()
-      tokens = tuple(a for a in mesh.axis_names if a == self.axis_name or mesh.shape[a] > 1)
-      size = math.prod(mesh.shape[a] for a in tokens)
-      if x.shape[0] % size:
-        raise ValueError(f"{x.shape[0]} tokens do not split evenly over the {size} devices of "
-                         f"mesh axes {tokens}")
-      experts = P(self.axis_name) if self.axis_name else P()
-      specs = (P(tokens), P(tokens), experts, experts, P(), P())
-      operands = (x, logits, w_in, w_out, expert_bias, shared)
-      explicit = AxisType.Explicit in mesh.axis_types
-      if explicit:  # shard_map takes explicitly sharded operands only as its specs say
-        operands = jax.sharding.reshard(operands, specs)
-      body = functools.partial(self._local, axis_name=self.axis_name, token_axes=tokens)
-      y, aux = jax.shard_map(body, in_specs=specs,
-                             out_specs=(P(tokens), MoEAux(P(), P(), P(), P())))(*operands)
-      if explicit:  # back as x came, so that its leading dimensions come back as they were
-        y = jax.sharding.reshard(y, jax.typeof(x).sharding.spec)
-    else:
-      y, aux = self._local(x, logits, w_in, w_out, expert_bias, shared,
+    if mode != "map":
+      y, aux = self._local(x.reshape(-1, h), logits.reshape(-1, self.num_experts), w_in, w_out,
+                           expert_bias, shared,
                            axis_name=self.axis_name if mode == "manual" else None)
+      return y.reshape(*lead, h), aux
+    # The tokens split over every mesh axis of size > 1 (data-parallel axes too, each of whose
+    # devices runs an expert-parallel group of its own), the experts over the expert axis alone,
+    # or whole on every device without one.
+    mesh = jax.sharding.get_abstract_mesh()
+    tokens = tuple(a for a in mesh.axis_names if a == self.axis_name or mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in tokens)
+    if math.prod(lead) % size:
+      raise ValueError(f"{math.prod(lead)} tokens do not split evenly over the {size} devices of "
+                       f"mesh axes {tokens}")
+    experts = P(self.axis_name) if self.axis_name else P()
+    specs = (P(tokens), P(tokens), experts, experts, P(), P())
+    explicit = AxisType.Explicit in mesh.axis_types
+    if explicit:
+      # Flattened straight into the token split, and y back as x came: x may come split along
+      # any of its dimensions (the batch, the sequence), which a plain reshape cannot always keep.
+      x_spec = jax.typeof(x).sharding.spec
+      x = jnp.reshape(x, (-1, h), out_sharding=specs[0])
+      logits = jnp.reshape(logits, (-1, self.num_experts), out_sharding=specs[1])
+      # shard_map takes explicitly sharded operands only as its specs say
+      w_in, w_out, expert_bias, shared = jax.sharding.reshard((w_in, w_out, expert_bias, shared),
+                                                              specs[2:])
+    else:
+      x, logits = x.reshape(-1, h), logits.reshape(-1, self.num_experts)
+    body = functools.partial(self._local, axis_name=self.axis_name, token_axes=tokens)
+    y, aux = jax.shard_map(body, in_specs=specs,
+                           out_specs=(P(tokens), MoEAux(P(), P(), P(), P())))(
+                               x, logits, w_in, w_out, expert_bias, shared)
+    if explicit:
+      return jnp.reshape(y, (*lead, h), out_sharding=x_spec), aux
     return y.reshape(*lead, h), aux

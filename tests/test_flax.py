@@ -17,6 +17,7 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import jax_ccfuser as ccf
 from jax_ccfuser import linen as ccf_linen
 from jax_ccfuser import nnx as ccf_nnx
 from jax_ccfuser import reference_moe, route, update_expert_bias
@@ -277,6 +278,54 @@ def test_a_data_axis_splits_the_tokens_too(dispatch, axis_name, axis_type):
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
     assert float(jnp.abs(g).max()) > 0
     assert_close(g, w, jnp.float32)
+
+
+@pytest.mark.parametrize("dispatch", ["fused", "all_to_all"])
+def test_a_size_one_axis_beside_the_expert_axis(dispatch):
+  """A mesh whose other axes have size 1 ((data, ep) = (1, 4), or a pipeline axis of 1 after
+  the expert axis) is one expert-parallel group: the layer (with reassignment for fused) and a
+  user's shard_map that names only the expert axis in its out_specs give one device's result.
+  The size-1 axes once typed fused's results as varying over them, which shard_map refused."""
+  x = _tokens()
+  for shape, names in [((1, DEVICES), ("data", "ep")), ((DEVICES, 1), ("ep", "pipe"))]:
+    mesh = jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=jax.devices()[:DEVICES])
+    with jax.set_mesh(mesh):
+      layer = _layer(dispatch=dispatch, reassign=dispatch == "fused")
+      y, aux = _apply(layer, x)
+    want_y, want_aux = _expected(layer, x)
+    assert_close(y, want_y, jnp.float32)
+    np.testing.assert_array_equal(aux.counts, want_aux.counts)
+    ids, weights, _ = route(x.reshape(-1, HIDDEN) @ layer.router.kernel[...], K)
+    w_in, w_out = np.asarray(layer.w_in[...]), np.asarray(layer.w_out[...])
+    moe = ccf.fused_moe if dispatch == "fused" else ccf.all_to_all_moe
+    mapped = jax.jit(jax.shard_map(functools.partial(moe, axis_name="ep"), mesh=mesh,
+                                   in_specs=P("ep"), out_specs=P("ep")))
+    assert_close(mapped(x.reshape(-1, HIDDEN), ids, weights, w_in, w_out),
+                 reference_moe(x.reshape(-1, HIDDEN), ids, weights, w_in, w_out), jnp.float32)
+
+
+@pytest.mark.parametrize("dispatch", ["fused", "all_to_all"])
+def test_explicit_axes_take_x_split_along_any_dimension_and_return_y_alike(dispatch):
+  """On explicit axes x may come split over its batch, its sequence or both, in any order: y
+  comes back with x's sharding (so a residual x + y type-checks) and one device's values. The
+  layer once reshaped x before resharding it (JAX refused the reshape of a sequence split) and
+  gave y the flattened tokens' split."""
+  explicit = jax.sharding.AxisType.Explicit
+  x = _tokens(shape=(4, 8, HIDDEN))
+  for shape, names, spec in [((DEVICES,), ("ep",), P(None, "ep")),
+                             ((2, 2), ("data", "ep"), P("data", "ep")),
+                             ((2, 2), ("data", "ep"), P("ep", "data")),
+                             ((2, 2), ("data", "ep"), P(None, ("data", "ep")))]:
+    mesh = jax.make_mesh(shape, names, axis_types=(explicit,) * len(shape),
+                         devices=jax.devices()[:DEVICES])
+    with jax.set_mesh(mesh):
+      layer = _layer(dispatch=dispatch)
+      x_split = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+      residual = nnx.jit(lambda layer, x: x + layer(x)[0])(layer, x_split)
+    assert jax.typeof(residual).sharding.spec == jax.typeof(x_split).sharding.spec, spec
+    want_y, _ = _expected(layer, x)
+    assert_close(residual, x + want_y, jnp.float32)
 
 
 def test_stacked_layers_under_scan_equal_the_layers_one_by_one():
