@@ -17,6 +17,7 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import AxisType
 
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
+from jax_ccfuser._jax_internals import varying_axes
 from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
                                  scratch_budget_bytes, tf32_in_force)
 from jax_ccfuser._reassign import Plan, identity_workers
@@ -151,21 +152,14 @@ def _slots(static: _Static, k: int) -> int:
   return min(k, static.num_devices)
 
 
-def _varying_axes(a) -> frozenset:
-  """The manual mesh axes `a` varies over (`.mat.varying` since JAX 0.10, `.vma` before)."""
-  aval = jax.typeof(a)
-  mat = getattr(aval, "mat", None)
-  return frozenset(mat.varying if mat is not None else aval.vma)
-
-
 def _varying_alike(*args):
   """`args` made varying over the union of their manual mesh axes (inside `shard_map`).
 
   Each device's custom call reads all its operands, so its results vary wherever any operand
   does; typing every operand and result alike keeps `shard_map`'s checks exact.
   """
-  axes = frozenset().union(*(_varying_axes(a) for a in args))
-  return tuple(jax.lax.pcast(a, tuple(axes - _varying_axes(a)), to="varying") for a in args)
+  axes = frozenset().union(*(varying_axes(a) for a in args))
+  return tuple(jax.lax.pcast(a, tuple(axes - varying_axes(a)), to="varying") for a in args)
 
 
 def _result(like, shape, dtype):

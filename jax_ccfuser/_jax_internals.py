@@ -52,3 +52,11 @@ def distributed_client():
   if state is None:
     raise _missing("jax._src.distributed.global_state (the key-value store of jax.distributed)")
   return state.client
+
+
+def varying_axes(a) -> frozenset:
+  """The manual mesh axes `a` varies over inside `jax.shard_map` (`.mat.varying` since JAX 0.10,
+  `.vma` before; empty where the shard_map checks no such types, `check_vma=False`)."""
+  aval = jax.typeof(a)
+  mat = getattr(aval, "mat", None)
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))

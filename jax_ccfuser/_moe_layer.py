@@ -16,6 +16,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._ffn import ACTIVATIONS, expert_ffn
 from jax_ccfuser._fused import RESIDUALS, fused_moe
+from jax_ccfuser._jax_internals import varying_axes
 from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import check_router_options, route
@@ -129,6 +130,11 @@ class MoESpec:
     if self.capacity_factor is not None and self.dispatch != "all_to_all":
       raise ValueError(f"capacity_factor applies to dispatch='all_to_all' only, not "
                        f"{self.dispatch!r} (the fused and reference paths are dropless)")
+    if self.capacity_factor is not None and not self.capacity_factor > 0:
+      raise ValueError(f"capacity_factor must be a positive float or None (dropless), got "
+                       f"{self.capacity_factor!r}")
+    if self.replicas < 0:
+      raise ValueError(f"replicas={self.replicas} must be 0 or positive")
 
   @property
   def gated(self) -> bool:
@@ -213,9 +219,14 @@ class MoESpec:
     lead, h = x.shape[:-1], x.shape[-1]
     mode = self.placement()
     if mode != "map":
+      # Inside a user's shard_map the tokens split over the manual axes x varies over (a data
+      # axis beside the expert axis too), so the aux still sums the whole batch.
+      mesh = jax.sharding.get_abstract_mesh()
+      tokens = tuple(a for a in mesh.axis_names if a in varying_axes(x) and mesh.shape[a] > 1)
       y, aux = self._local(x.reshape(-1, h), logits.reshape(-1, self.num_experts), w_in, w_out,
                            expert_bias, shared,
-                           axis_name=self.axis_name if mode == "manual" else None)
+                           axis_name=self.axis_name if mode == "manual" else None,
+                           token_axes=tokens if mode == "manual" else None)
       return y.reshape(*lead, h), aux
     # The tokens split over every mesh axis of size > 1 (data-parallel axes too, each of whose
     # devices runs an expert-parallel group of its own), the experts over the expert axis alone,

@@ -178,15 +178,17 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
   (more) tokens at the next step; the combine weights never see the bias. Pure and jittable; it
   runs outside the gradient, on the loads the forward pass reports (`RouterAux.counts`,
   `MoEAux.counts`: whole-batch counts, the same on every device, so a replicated bias stays
-  replicated). For several layers, `jax.tree.map` it over matching trees of biases and counts.
+  replicated). Stacked layers (`nnx.vmap`, `nnx.scan`) update together, each row on its own
+  mean; for other trees of layers, `jax.tree.map` it over matching trees of biases and counts.
 
   Args:
-    expert_bias: `[E]` float32, the bias `route` adds to the scores to choose experts.
-    counts: `[E]` int, (token, k) assignments per expert at this step.
+    expert_bias: `[..., E]` float32, the bias `route` adds to the scores to choose experts
+      (`[L, E]` for L stacked layers).
+    counts: `[..., E]` int, the same shape: (token, k) assignments per expert at this step.
     rate: the bias update speed (DeepSeek-V3 uses 1e-3).
 
   Returns:
-    The new bias, `[E]`, expert_bias's dtype.
+    The new bias, `[..., E]`, expert_bias's dtype.
 
   Examples:
     >>> bias = jnp.zeros(4)
@@ -199,10 +201,18 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
     >>> logits = jax.random.normal(jax.random.key(0), (6, 4))
     >>> ids, weights, aux = jax_ccfuser.route(logits, 2, expert_bias=bias)
     >>> bias = jax_ccfuser.update_expert_bias(bias, aux.counts, rate=1e-3)
+
+    Two stacked layers, each evened out on its own loads:
+
+    >>> print(jax_ccfuser.update_expert_bias(jnp.zeros((2, 4)), jnp.array([[6, 2, 2, 2],
+    ...                                                                    [3, 3, 3, 3]]),
+    ...                                      rate=1e-3))
+    [[-0.001  0.001  0.001  0.001]
+     [ 0.     0.     0.     0.   ]]
   """
-  if np.shape(expert_bias) != np.shape(counts) or np.ndim(counts) != 1:
-    raise ValueError(f"expert_bias and counts must both have shape [E], got "
+  if np.shape(expert_bias) != np.shape(counts) or np.ndim(counts) < 1:
+    raise ValueError(f"expert_bias and counts must have one shape, [E] or [..., E], got "
                      f"{tuple(np.shape(expert_bias))} and {tuple(np.shape(counts))}")
   counts = jnp.asarray(counts, jnp.float32)
-  step = rate * jnp.sign(jnp.mean(counts) - counts)
+  step = rate * jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
   return expert_bias + step.astype(expert_bias.dtype)

@@ -175,6 +175,28 @@ def test_inside_a_users_shard_map():
   np.testing.assert_array_equal(aux.counts, want_aux.counts)
 
 
+def test_inside_a_users_shard_map_over_a_data_axis_too():
+  """The user's shard_map splits the tokens over (data, ep), each data index an expert-parallel
+  group: the aux is still the whole batch's, the same on every device (out_specs P() checks
+  that it is typed so), as the expert bias's update needs to stay replicated. It once covered
+  one data index's tokens."""
+  mesh = jax.make_mesh((2, DEVICES), ("data", "ep"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  x = _tokens(shape=(4, 6, HIDDEN))
+  with jax.set_mesh(mesh):
+    layer = _layer(reassign=True)
+    graphdef, state = nnx.split(layer)
+    body = lambda state, x: nnx.merge(graphdef, state)(x)
+    mapped = jax.shard_map(body, in_specs=(nnx.get_partition_spec(state), P(None, ("data", "ep"))),
+                           out_specs=(P(None, ("data", "ep")), P()))
+    y, aux = jax.jit(mapped)(state, x.reshape(4 * 6, HIDDEN)[None])
+  want_y, want_aux = _expected(layer, x)
+  assert_close(y.reshape(x.shape), want_y, jnp.float32)
+  np.testing.assert_array_equal(aux.counts, want_aux.counts)
+  np.testing.assert_allclose(aux.load_balancing_loss, want_aux.load_balancing_loss, rtol=1e-5)
+  np.testing.assert_allclose(aux.z_loss, want_aux.z_loss, rtol=1e-5)
+  np.testing.assert_array_equal(aux.device_loads.sum(1), [24 * K, 24 * K])
+
+
 def test_bfloat16_compute():
   with jax.set_mesh(ep_mesh(DEVICES)):
     layer = _layer(dtype=jnp.bfloat16, activation="gelu")
@@ -188,6 +210,11 @@ def test_bfloat16_compute():
 def test_bad_options():
   with pytest.raises(ValueError, match="capacity_factor applies to dispatch='all_to_all'"):
     _layer(capacity_factor=1.25)
+  # When the layer is built, not at its first call.
+  with pytest.raises(ValueError, match="capacity_factor must be a positive float or None"):
+    _layer(dispatch="all_to_all", capacity_factor=0.0)
+  with pytest.raises(ValueError, match="replicas=-1 must be 0 or positive"):
+    _layer(reassign=True, replicas=-1)
   with pytest.raises(ValueError, match="unknown score 'relu'"):
     _layer(score="relu")
   with pytest.raises(ValueError, match="num_groups=3 must be positive and divide"):

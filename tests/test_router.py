@@ -254,8 +254,16 @@ def test_update_expert_bias_by_hand():
   bias = jnp.array([0.5, -0.5, 0.25, 0.0], jnp.float32)
   new = update_expert_bias(bias, jnp.array([5, 1, 3, 3], jnp.int32), rate=0.125)
   np.testing.assert_array_equal(new, [0.375, -0.375, 0.25, 0.0])
-  with pytest.raises(ValueError, match=r"must both have shape \[E\]"):
+  with pytest.raises(ValueError, match=r"must have one shape, \[E\] or \[\.\.\., E\]"):
     update_expert_bias(bias, jnp.ones(3, jnp.int32), rate=0.1)
+  with pytest.raises(ValueError, match=r"must have one shape"):
+    update_expert_bias(jnp.float32(0), jnp.int32(1), rate=0.1)
+  # Stacked layers: each row against its own mean, as the layers one at a time.
+  stacked_counts = jnp.array([[5, 1, 3, 3], [0, 0, 8, 0]], jnp.int32)
+  stacked = update_expert_bias(jnp.stack([bias, -bias]), stacked_counts, rate=0.125)
+  np.testing.assert_array_equal(stacked[0], new)
+  np.testing.assert_array_equal(
+      stacked[1], update_expert_bias(-bias, stacked_counts[1], rate=0.125))
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
