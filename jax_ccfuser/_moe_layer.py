@@ -20,6 +20,7 @@ from jax_ccfuser._jax_internals import varying_axes
 from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import check_router_options, route
+from jax_ccfuser._validation import explicit_split_axes
 
 DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": reference_moe}
 
@@ -218,6 +219,9 @@ class MoESpec:
     """
     lead, h = x.shape[:-1], x.shape[-1]
     mode = self.placement()
+    if mode is None and self.axis_name is not None and (axes := explicit_split_axes(w_in)):
+      raise ValueError(f"the layer's experts are split over the explicit mesh axes {axes} (they "
+                       f"were made under jax.set_mesh): call the layer under that mesh too")
     if mode != "map":
       # Inside a user's shard_map the tokens split over the manual axes x varies over (a data
       # axis beside the expert axis too), so the aux still sums the whole batch.

@@ -81,10 +81,17 @@ def _device_loads(sizes, owner, workers, num_devices):
   return jnp.zeros(num_devices, jnp.int32).at[dev.reshape(-1)].add(sizes.reshape(-1))
 
 
-def _sizes_from_shares(shares, counts):
-  """Rows per slot for `counts` split by `shares`; rounding remainders stay with the owner."""
-  sizes = jnp.floor(shares * counts[:, None]).astype(jnp.int32)
-  return sizes.at[:, 0].add(counts - sizes.sum(1))
+def _kept_sizes(previous, counts):
+  """Rows per slot for `counts`, `[E, S + 1]`, cut as `previous` cut its rows: its very slices
+  where an expert's count is the one it was made for; else its cut points (cumulative shares)
+  scaled and rounded, so the slices still ascend and add up to `counts`. Never sizes rebuilt
+  from float32 shares one by one: floor(fl(s / n) * n) can be s - 1, and a plan kept step after
+  step then drifted a row a helper a step, whole tiles no longer whole."""
+  cuts = jnp.round(jnp.cumsum(previous.shares, 1) * counts[:, None]).astype(jnp.int32)
+  cuts = jnp.minimum(cuts, counts[:, None]).at[:, -1].set(counts)
+  scaled = jnp.diff(cuts, axis=1, prepend=0)
+  same = (previous.counts == counts)[:, None]
+  return jnp.where(same, jnp.diff(previous.bounds, axis=1), scaled)
 
 
 def _whole_tiles_from(position, count, tile):
@@ -354,7 +361,7 @@ def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, repli
     if previous.workers.shape != workers.shape:
       raise ValueError(f"previous plan has shape {previous.workers.shape}, this one "
                        f"{workers.shape}: same num_experts and max_helpers are needed")
-    kept = _sizes_from_shares(previous.shares, counts)
+    kept = _kept_sizes(previous, counts)
     kept_loads = _device_loads(kept, owner, previous.workers, num_devices)
     # Kept while every host's devices stay within `reassign`'s bound for that host.
     kept_loads = kept_loads.reshape(num_hosts, -1)
@@ -374,6 +381,8 @@ def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, repli
                                        bounds=bounds[:, :, experts_local:])
     workers, bounds, sizes = (a[:, :, :experts_local].reshape(num_experts, -1)
                               for a in (workers, bounds, sizes))
-  shares = sizes / jnp.maximum(sizes.sum(1), 1)[:, None].astype(jnp.float32)
-  return Plan(workers=workers, bounds=bounds, shares=shares.astype(jnp.float32), counts=counts,
+  shares = (sizes / jnp.maximum(sizes.sum(1), 1)[:, None]).astype(jnp.float32)
+  if previous is not None:  # a kept plan keeps its fractions: roundings never pile up
+    shares = jnp.where(reuse, previous.shares, shares)
+  return Plan(workers=workers, bounds=bounds, shares=shares, counts=counts,
               loads_before=loads_before, loads_after=loads_after, replication=replication)

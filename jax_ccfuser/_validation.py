@@ -67,15 +67,19 @@ def _dtype_name(a) -> str:
   return np.dtype(a.dtype).name
 
 
+def explicit_split_axes(a) -> list:
+  """The explicit mesh axes (`jax.make_mesh`'s default) that `a`'s type says it is split over."""
+  spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ()
+  return [n for entry in spec if entry is not None
+          for n in (entry if isinstance(entry, tuple) else (entry,))]
+
+
 def _check_whole(**operands) -> None:
-  """Refuses operands split over explicit mesh axes (`jax.make_mesh`'s default) where the call
-  takes them whole (`axis_name=None`): an explicit split says each device holds a part, and no
-  rule divides the layer's work among parts."""
+  """Refuses operands split over explicit mesh axes where the call takes them whole
+  (`axis_name=None`): an explicit split says each device holds a part, and no rule divides the
+  layer's work among parts."""
   for name, a in operands.items():
-    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ()
-    axes = [n for entry in spec if entry is not None
-            for n in (entry if isinstance(entry, tuple) else (entry,))]
-    if axes:
+    if axes := explicit_split_axes(a):
       raise ValueError(
           f"{name} is split over the explicit mesh axes {axes}, but axis_name=None takes every "
           f"operand whole: call this inside jax.shard_map over those axes (each device then runs "

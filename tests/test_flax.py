@@ -242,6 +242,14 @@ def test_bad_options():
       ccf_nnx.MoE(HIDDEN, FFN, 6, axis_name="ep", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=uneven):
       ccf_linen.MoE(num_experts=6, ffn=FFN, axis_name="ep").init(jax.random.key(0), _tokens())
+  # Made under an explicit mesh, called without one: the layer says to set the mesh again.
+  explicit = jax.make_mesh((DEVICES,), ("ep",), devices=jax.devices()[:DEVICES],
+                           axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(explicit):
+    layer = _layer()
+  with pytest.raises(ValueError, match=r"the layer's experts are split over the explicit mesh "
+                                       r"axes \['ep'\] .*call the layer under that mesh too"):
+    layer(_tokens())
 
 
 def _objective(layer, x):
