@@ -3,8 +3,8 @@
 XLA:CPU runs the launches of a multi-device program and the devices' executions on one pool of
 `max(PJRT_NPROC or the cores, D)` threads. A launch blocks its thread while its device already
 has the most computations in flight that XLA allows, and an execution that waits for its peers
-(the rendezvous of an XLA collective such as a `psum`, or `fused_moe`'s barriers) holds its
-thread. A loop that dispatches far ahead without waiting (ordinary JAX) then fills the pool with
+in the rendezvous of an XLA collective such as a `psum` holds its thread (`fused_moe`'s handlers
+wait on threads of their own). A loop that dispatches far ahead without waiting (ordinary JAX) then fills the pool with
 blocked launches while a waiting execution's peers never get a thread: with 8 devices on 2
 cores, a jitted `psum` loop stops after about 50 calls and XLA aborts the process after 40 s.
 With 2 * D threads a step's D launches and D executions all fit, and it runs (bench and tests:

@@ -8,6 +8,9 @@ the same loop waiting on every step.
 
 import os
 import re
+import subprocess
+import sys
+import textwrap
 import time
 
 import jax
@@ -92,6 +95,69 @@ def test_thousand_forward_calls_in_flight():
     results.append(np.asarray(y))
   assert np.abs(results[0]).max() > 0.1  # a live signal, not one that decayed to zero
   np.testing.assert_array_equal(results[0], results[1])
+
+
+# Two devices, in a loop that waits on every step: reassign's psum feeds one fused_moe call; a
+# second call and reference_moe's all_gathers are independent of it. Twelve programs (tile,
+# threshold, a previous plan or not) alternate, and each step reads its results back, so the
+# executor's threads pick up ready operations in varying orders.
+_BESIDE_COLLECTIVES = textwrap.dedent("""
+    import jax
+    jax.config.update("jax_num_cpu_devices", 8)
+    import numpy as np, jax.numpy as jnp, functools
+    from jax.sharding import AxisType, PartitionSpec as P
+    import jax_ccfuser as ccf
+    D, T, H, F, E, K = 2, 12, 8, 8, 4, 2
+    mesh = jax.make_mesh((D,), ("ep",), axis_types=(AxisType.Auto,), devices=jax.devices()[:D])
+
+    @functools.lru_cache(None)
+    def program(tile, threshold, kept):
+      def body(x, ids, w, w_in, w_out, previous):
+        plan = ccf.reassign(ids, E, axis_name="ep", tile=tile, threshold=threshold,
+                            previous=previous if kept else None)
+        planned = ccf.fused_moe(x, ids, w, w_in, w_out, axis_name="ep", plan=plan)
+        plain = ccf.fused_moe(x, ids, w, w_in, w_out, axis_name="ep")
+        want = ccf.reference_moe(x, ids, w, w_in, w_out, axis_name="ep")
+        return planned, plain, want, jax.tree.map(lambda a: a[None], plan)
+      return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 5 + (P(),),
+                                   out_specs=P("ep")))
+
+    rng = np.random.default_rng(0)
+    w_in = jnp.asarray(rng.standard_normal((E, H, 2 * F)) / 3, jnp.float32)
+    w_out = jnp.asarray(rng.standard_normal((E, F, H)) / 3, jnp.float32)
+    none = ccf.Plan(*[jnp.zeros((1,))] * 6)
+    previous = None
+    for step in range(STEPS):
+      tile, threshold = int(rng.choice([1, 4, 32])), float(rng.choice([1.0, 1.1]))
+      kept = previous is not None and rng.random() < 0.5
+      x = jnp.asarray(rng.standard_normal((D * T, H)), jnp.float32)
+      hot = rng.integers(E)
+      ids = jnp.asarray(np.where(rng.random((D * T, K)) < 0.6, hot,
+                                 rng.integers(0, E, (D * T, K))), jnp.int32)
+      w = jnp.asarray(rng.uniform(0.1, 1, (D * T, K)), jnp.float32)
+      planned, plain, want, plan = program(tile, threshold, kept)(
+          x, ids, w, w_in, w_out, previous if kept else none)
+      previous = jax.tree.map(lambda a: a[0], plan)
+      assert float(jnp.abs(planned - want).max()) < 1e-4, step
+      assert float(jnp.abs(plain - want).max()) < 1e-4, step
+    print("steps", STEPS)
+""")
+
+
+@pytest.mark.slow
+def test_calls_beside_independent_collectives_never_deadlock():
+  """A fused call and an XLA collective that do not depend on each other may run in either
+  order on each device. When the handler waited for its peers on a thread of XLA's executor,
+  one device could wait there for a peer that waited in the collective, which the first device
+  ran only after the handler: XLA aborted the process after 40 s, within the first few hundred
+  steps of this loop (found by a review's random programs). The handler now waits on a thread
+  of its own. Run apart, with a deadline, so a deadlock fails this test and not the suite."""
+  steps = 1500
+  env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
+  done = subprocess.run([sys.executable, "-c", _BESIDE_COLLECTIVES.replace("STEPS", str(steps))],
+                        capture_output=True, text=True, timeout=300, env=env)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split() == ["steps", str(steps)]
 
 
 def test_queued_calls_fail_within_one_timeout_in_all():

@@ -1,9 +1,10 @@
 // Row-major float32 GEMM panels on the host: OpenBLAS (the scipy-openblas32 wheel) kernels,
-// spread over XLA's intra-op thread pool by column blocks.
+// spread by column blocks over a pool of one thread per core.
 //
 // OpenBLAS runs single-threaded in the calling thread (`UseCallerThreadOnly`): the simulated
-// devices already call it concurrently, and XLA's pool, not a second pool of OpenBLAS's own,
-// decides how the cores are shared.
+// devices already call it concurrently, and this pool, not a second pool of OpenBLAS's own,
+// decides how the cores are shared. It is not XLA's intra-op pool: the handlers run on threads
+// of their own (host_async.h), after the call that could have lent them XLA's has returned.
 #pragma once
 
 #include <cblas.h>
@@ -12,20 +13,66 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <utility>
-
-#include "xla/ffi/api/ffi.h"
+#include <vector>
 
 namespace ccf {
 
 inline void UseCallerThreadOnly() { scipy_openblas_set_num_threads(1); }
 
-// `num_workers` threads of XLA's pool (the caller being one of them) for this handler call.
+// One thread per core for the kernels' column blocks, shared by every handler call of the
+// process. Tasks never wait on one another (Workers::ParallelFor's caller claims work too).
+class HostThreads {
+ public:
+  // Never destroyed: handler threads may still run while the process exits.
+  static HostThreads& Get() {
+    static HostThreads* pool = new HostThreads(std::max(1u, std::thread::hardware_concurrency()));
+    return *pool;
+  }
+
+  int num_threads() const { return static_cast<int>(threads_.size()); }
+
+  void Schedule(std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      tasks_.push_back(std::move(task));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  explicit HostThreads(unsigned n) {
+    for (unsigned i = 0; i < n; ++i)
+      threads_.emplace_back([this] {
+        for (;;) {
+          std::function<void()> task;
+          {
+            std::unique_lock<std::mutex> lock(mu_);
+            cv_.wait(lock, [this] { return !tasks_.empty(); });
+            task = std::move(tasks_.front());
+            tasks_.pop_front();
+          }
+          task();
+        }
+      });
+    for (std::thread& t : threads_) t.detach();
+  }
+
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;  // guarded by mu_
+};
+
+// `num_workers` threads of the pool (the caller being one of them) for this handler call.
 class Workers {
  public:
-  Workers(xla::ffi::ThreadPool* pool, int num_workers)
+  Workers(HostThreads* pool, int num_workers)
       : pool_(pool), num_workers_(std::max(1, num_workers)) {}
 
   int num_workers() const { return num_workers_; }
@@ -52,10 +99,7 @@ class Workers {
         if (++state->done == n) state->cv.notify_all();
       }
     };
-    for (int w = 1; w < std::min<int64_t>(num_workers_, n); ++w) {
-      auto task = work;
-      pool_->Schedule(std::move(task));
-    }
+    for (int w = 1; w < std::min<int64_t>(num_workers_, n); ++w) pool_->Schedule(work);
     work();
     // Sleep rather than spin: with several devices per core a spinning waiter steals the core
     // from the worker it waits for.
@@ -64,7 +108,7 @@ class Workers {
   }
 
  private:
-  xla::ffi::ThreadPool* pool_;
+  HostThreads* pool_;
   int num_workers_;
 };
 

@@ -11,7 +11,8 @@
 // The backward pass mirrors it, re-reading rows from the peers; it recomputes each row's hidden
 // activation h = x @ w_in unless the forward kept it (residuals="hidden": expert_cpu.h's
 // KeptHidden, in the computing device's own result). Owners add their helpers' weight-gradient
-// partials in slot order before a last barrier.
+// partials in slot order before a last barrier. Each call runs on a thread of its own
+// (host_async.h), so its waits for the peers never hold a thread of XLA's executor.
 
 #include <algorithm>
 #include <array>
@@ -26,6 +27,7 @@
 #include "common/activation.h"
 #include "xla_ffi/cpu_gemm.h"
 #include "xla_ffi/expert_cpu.h"
+#include "xla_ffi/host_async.h"
 #include "xla_ffi/host_dtype.h"
 #include "xla_ffi/moe_call.h"
 #include "xla_ffi/moe_cpu.h"
@@ -261,13 +263,10 @@ ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& 
   return ffi::Error::Success();
 }
 
-// This handler's share of XLA's pool: the devices of a real group run at once and split it.
-// The pool may hold more threads than the cores (jax_ccfuser asks XLA for 2 per device so deep
-// asynchronous dispatch never runs out of them); the kernels split only the cores.
-Workers ShareOfPool(const Peers& peers, ffi::ThreadPool& pool) {
-  const int64_t threads =
-      std::min<int64_t>(pool.num_threads(), std::max(1u, std::thread::hardware_concurrency()));
-  return Workers(&pool, static_cast<int>(threads / std::max(1, peers.concurrent)));
+// This handler's share of the cores: the devices of a real group run at once and split them.
+Workers ShareOfCores(const Peers& peers) {
+  HostThreads& pool = HostThreads::Get();
+  return Workers(&pool, pool.num_threads() / std::max(1, peers.concurrent));
 }
 
 // Device `me`'s kept h rows: its block of the call's `hidden` [C, G*F] (stacked when emulated).
@@ -288,7 +287,7 @@ void SumSlots(const MoeDims& d, const float* staging, void* out, int64_t out_off
   }
 }
 
-ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
+ffi::Error MoeForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
                           ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
                           PlanArray plan_workers, PlanArray plan_bounds, ScalarS32 rank,
                           ScalarS32 group, CallAttrs attrs, ffi::Result<ffi::AnyBuffer> y,
@@ -309,7 +308,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                        OwnBuffers(x, ids, weights, w_in, w_out, *staging), plan, &peers);
       err.failure())
     return err;
-  const Workers workers = ShareOfPool(peers, pool);
+  const Workers workers = ShareOfCores(peers);
   if (ffi::Error err = PlanAndCompute(
           peers, d, plan,
           [&](int me, const HostWorkList& work) {
@@ -333,7 +332,7 @@ ffi::Error MoeForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
+ffi::Error MoeBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
                            ffi::AnyBuffer weights, ffi::AnyBuffer w_in, ffi::AnyBuffer w_out,
                            PlanArray plan_workers, PlanArray plan_bounds, ffi::AnyBuffer dy,
                            Hidden hidden, ScalarS32 rank, ScalarS32 group, CallAttrs attrs,
@@ -372,7 +371,7 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
   const int64_t n_in = d.hidden * d.gate_ffn, n_out = d.ffn * d.hidden;
   std::vector<float> dw_in_acc(w_in.element_count(), 0.0f);
   std::vector<float> dw_out_acc(w_out.element_count(), 0.0f);
-  const Workers workers = ShareOfPool(peers, pool);
+  const Workers workers = ShareOfCores(peers);
   ffi::Error status = PlanAndCompute(
       peers, d, plan, [&](int me, const HostWorkList& work) {
         HelpedGradients& mine = helped[peers.group ? 0 : me];
@@ -450,8 +449,8 @@ ffi::Error MoeBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<f
 }  // namespace
 }  // namespace ccf
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeForwardCpu, ccf::MoeForwardImpl,
-                              ccf::BindForward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeForwardCpu, ccf::Detached<&ccf::MoeForwardImpl>::Call,
+                              ccf::BindForward(ffi::Ffi::Bind()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeBackwardCpu, ccf::MoeBackwardImpl,
-                              ccf::BindBackward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CcfMoeBackwardCpu, ccf::Detached<&ccf::MoeBackwardImpl>::Call,
+                              ccf::BindBackward(ffi::Ffi::Bind()));
