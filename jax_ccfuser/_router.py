@@ -213,6 +213,15 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
   if np.shape(expert_bias) != np.shape(counts) or np.ndim(counts) < 1:
     raise ValueError(f"expert_bias and counts must have one shape, [E] or [..., E], got "
                      f"{tuple(np.shape(expert_bias))} and {tuple(np.shape(counts))}")
-  counts = jnp.asarray(counts, jnp.float32)
-  step = rate * jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
-  return expert_bias + step.astype(expert_bias.dtype)
+  counts = jnp.asarray(counts)
+  if jnp.issubdtype(counts.dtype, jnp.integer):
+    # sign(mean - c) in integers (float32 rounds counts past 2^24): with mean = q + r / E,
+    # 0 <= r < E, c < q is under the mean, c > q over it, and c == q under it unless r == 0.
+    counts = counts.astype(jnp.int32)
+    total = counts.sum(-1, keepdims=True)
+    q, r = total // counts.shape[-1], total % counts.shape[-1]
+    sign = jnp.where(counts < q, 1, jnp.where(counts > q, -1, (r > 0).astype(jnp.int32)))
+  else:
+    counts = counts.astype(jnp.float32)
+    sign = jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
+  return expert_bias + (rate * sign).astype(expert_bias.dtype)

@@ -258,6 +258,13 @@ def test_update_expert_bias_by_hand():
     update_expert_bias(bias, jnp.ones(3, jnp.int32), rate=0.1)
   with pytest.raises(ValueError, match=r"must have one shape"):
     update_expert_bias(jnp.float32(0), jnp.int32(1), rate=0.1)
+  # Counts past float32's 2^24 still compare exactly with their mean (16777217 here).
+  big = jnp.array([16777217, 16777216, 16777216, 16777219], jnp.int32)
+  np.testing.assert_array_equal(update_expert_bias(jnp.zeros(4), big, rate=1.0), [0, 1, 1, -1])
+  # Float counts (an average over steps, say) compare as floats.
+  np.testing.assert_array_equal(
+      update_expert_bias(jnp.zeros(4), jnp.array([5.0, 1.0, 3.0, 3.0]), rate=0.125),
+      [-0.125, 0.125, 0.0, 0.0])
   # Stacked layers: each row against its own mean, as the layers one at a time.
   stacked_counts = jnp.array([[5, 1, 3, 3], [0, 0, 8, 0]], jnp.int32)
   stacked = update_expert_bias(jnp.stack([bias, -bias]), stacked_counts, rate=0.125)
