@@ -57,6 +57,12 @@ def expert_axis(axis_name):
   return "manual" if kind == AxisType.Manual else "map"
 
 
+def check_widths(hidden: int, ffn: int) -> None:
+  """Refuses a layer without width, before an initializer divides by it."""
+  if not (hidden >= 1 and ffn >= 1):
+    raise ValueError(f"hidden={hidden} and ffn={ffn} must both be at least 1")
+
+
 class MoEAux(NamedTuple):
   """What an MoE layer reports besides its output (whole batch, identical on every device)."""
   load_balancing_loss: jax.Array  # [] float32, Switch/GShard auxiliary loss, unscaled

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import MoEAux, MoESpec, default_expert_init, default_shared_init
+from jax_ccfuser._moe_layer import (MoEAux, MoESpec, check_widths, default_expert_init,
+                                     default_shared_init)
 
 
 class MoE(nn.Module):
@@ -122,6 +123,7 @@ class MoE(nn.Module):
     Returns:
       `(y, aux)`: y `[..., H]` in the compute dtype and the layer's `MoEAux`.
     """
+    check_widths(x.shape[-1], self.ffn)
     spec = MoESpec(num_experts=self.num_experts, k=self.k, activation=self.activation,
                    dispatch=self.dispatch, capacity_factor=self.capacity_factor,
                    axis_name=self.axis_name, renormalize=self.renormalize,

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jax_ccfuser._moe_layer import MoEAux, MoESpec, default_expert_init, default_shared_init
+from jax_ccfuser._moe_layer import (MoEAux, MoESpec, check_widths, default_expert_init,
+                                     default_shared_init)
 
 
 @nnx.register_variable_name("expert_bias")
@@ -137,6 +138,7 @@ class MoE(nnx.Module):
                kernel_init: Initializer = default_expert_init,
                router_init: Initializer = nnx.initializers.lecun_normal(),
                shared_init: Initializer = default_shared_init, rngs: nnx.Rngs):
+    check_widths(hidden, ffn)
     self.spec = MoESpec(
         num_experts=num_experts, k=k, activation=activation, dispatch=dispatch,
         capacity_factor=capacity_factor, axis_name=axis_name, renormalize=renormalize,

@@ -210,6 +210,10 @@ def test_bfloat16_compute():
 def test_bad_options():
   with pytest.raises(ValueError, match="capacity_factor applies to dispatch='all_to_all'"):
     _layer(capacity_factor=1.25)
+  with pytest.raises(ValueError, match="hidden=16 and ffn=0 must both be at least 1"):
+    ccf_nnx.MoE(HIDDEN, 0, EXPERTS, axis_name=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="hidden=16 and ffn=0 must both be at least 1"):
+    ccf_linen.MoE(num_experts=EXPERTS, ffn=0, axis_name=None).init(jax.random.key(0), _tokens())
   # When the layer is built, not at its first call.
   with pytest.raises(ValueError, match="capacity_factor must be a positive float or None"):
     _layer(dispatch="all_to_all", capacity_factor=0.0)
