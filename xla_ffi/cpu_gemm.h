@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cblas.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -31,8 +32,16 @@ class HostThreads {
  public:
   // Never destroyed: handler threads may still run while the process exits.
   static HostThreads& Get() {
-    static HostThreads* pool = new HostThreads(std::max(1u, std::thread::hardware_concurrency()));
+    static HostThreads* pool = new HostThreads(Cores());
     return *pool;
+  }
+
+  // The cores this process may run on (taskset, a container's cpuset), as Python's
+  // os.sched_getaffinity counts them; the machine's where the mask cannot be read.
+  static unsigned Cores() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
   }
 
   int num_threads() const { return static_cast<int>(threads_.size()); }
