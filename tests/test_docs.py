@@ -72,6 +72,7 @@ def _readme_blocks():
   return runnable, fragments
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run_in_order():
   runnable, fragments = _readme_blocks()
   assert len(runnable) >= 3 and fragments, (len(runnable), len(fragments))
