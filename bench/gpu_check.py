@@ -7,7 +7,7 @@ document with its summary table.
 
   stamp PATH         (here, by `make gpu-wheels`) the commit, and a fingerprint of the files
                      that travel to the device machine, which has no .git to ask
-  failed STATE_DIR    (device) the tests stage's failed tests, one node id a line, for the
+  failed STATE_DIR   (device) the tests stage's failed tests, one node id a line, for the
                      triage stage to run again under each fallback switch
   carried CARRY --arch ARCH
                      (device) the CUDA extension `make gpu-wheels` built for this Python in
@@ -22,8 +22,8 @@ Only the standard library is imported at module level: the report is written eve
 or the build is broken. The state directory gpu_check.sh fills: `stages.tsv` (one row per stage:
 name, status, exit code, seconds, limit, note), `<stage>.log` per stage, `env.json`,
 `junit.xml` (pytest), `junit-triage-<switch>.xml` (the failed tests again with one
-environment switch set, stage `triage:<switch>`), `compute-sanitizer-<tool>.log` (the tool's findings, apart from the
-workload's output), `kernels.json` (bench/kernels.py) and `bench.json` (bench/gpu.py).
+environment switch set, stage `triage:<switch>`), `compute-sanitizer-<tool>.log` (the tool's
+findings, apart from the workload's output), `kernels.json` (bench/kernels.py) and `bench.json` (bench/gpu.py).
 """
 
 import argparse
@@ -351,17 +351,14 @@ def triage(state: pathlib.Path, stages: list[dict]) -> dict:
   found = {}
   for row in stages:
     if row["name"].startswith(TRIAGE):
-      junit = state / f"junit-triage-{row['name'][len(TRIAGE):]}.xml"
-      outcome = None
-      if junit.is_file():
-        try:
-          cases = list(_junit_cases(junit))
-        except ET.ParseError:
-          cases = None
-        if cases is not None:
-          outcome = {"passed": [n for n, kind, _, _ in cases if kind == "passed"],
-                     "failed": [n for n, kind, _, _ in cases if kind in ("failed", "errors")]}
-      found[row["name"][len(TRIAGE):]] = outcome
+      switch = row["name"][len(TRIAGE):]
+      found[switch] = None
+      try:
+        cases = list(_junit_cases(state / f"junit-triage-{switch}.xml"))
+      except (OSError, ET.ParseError):
+        continue
+      found[switch] = {"passed": [n for n, kind, _, _ in cases if kind == "passed"],
+                       "failed": [n for n, kind, _, _ in cases if kind in ("failed", "errors")]}
   return found
 
 

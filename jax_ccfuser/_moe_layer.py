@@ -228,20 +228,21 @@ class MoESpec:
     if mode is None and self.axis_name is not None and (axes := explicit_split_axes(w_in)):
       raise ValueError(f"the layer's experts are split over the explicit mesh axes {axes} (they "
                        f"were made under jax.set_mesh): call the layer under that mesh too")
-    if mode != "map":
+    if mode is None:
+      y, aux = self._local(x.reshape(-1, h), logits.reshape(-1, self.num_experts), w_in, w_out,
+                           expert_bias, shared, axis_name=None)
+      return y.reshape(*lead, h), aux
+    mesh = jax.sharding.get_abstract_mesh()
+    if mode == "manual":
       # Inside a user's shard_map the tokens split over the manual axes x varies over (a data
       # axis beside the expert axis too), so the aux still sums the whole batch.
-      mesh = jax.sharding.get_abstract_mesh()
       tokens = tuple(a for a in mesh.axis_names if a in varying_axes(x) and mesh.shape[a] > 1)
       y, aux = self._local(x.reshape(-1, h), logits.reshape(-1, self.num_experts), w_in, w_out,
-                           expert_bias, shared,
-                           axis_name=self.axis_name if mode == "manual" else None,
-                           token_axes=tokens if mode == "manual" else None)
+                           expert_bias, shared, axis_name=self.axis_name, token_axes=tokens)
       return y.reshape(*lead, h), aux
     # The tokens split over every mesh axis of size > 1 (data-parallel axes too, each of whose
     # devices runs an expert-parallel group of its own), the experts over the expert axis alone,
     # or whole on every device without one.
-    mesh = jax.sharding.get_abstract_mesh()
     tokens = tuple(a for a in mesh.axis_names if a == self.axis_name or mesh.shape[a] > 1)
     size = math.prod(mesh.shape[a] for a in tokens)
     if math.prod(lead) % size:

@@ -20,7 +20,6 @@
 #include <mutex>
 #include <thread>
 #include <utility>
-#include <vector>
 
 namespace ccf {
 
@@ -44,7 +43,7 @@ class HostThreads {
     return std::max(1u, std::thread::hardware_concurrency());
   }
 
-  int num_threads() const { return static_cast<int>(threads_.size()); }
+  int num_threads() const { return num_threads_; }
 
   void Schedule(std::function<void()> task) {
     {
@@ -55,9 +54,9 @@ class HostThreads {
   }
 
  private:
-  explicit HostThreads(unsigned n) {
+  explicit HostThreads(unsigned n) : num_threads_(static_cast<int>(n)) {
     for (unsigned i = 0; i < n; ++i)
-      threads_.emplace_back([this] {
+      std::thread([this] {
         for (;;) {
           std::function<void()> task;
           {
@@ -68,11 +67,10 @@ class HostThreads {
           }
           task();
         }
-      });
-    for (std::thread& t : threads_) t.detach();
+      }).detach();
   }
 
-  std::vector<std::thread> threads_;
+  const int num_threads_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> tasks_;  // guarded by mu_
