@@ -19,7 +19,8 @@
 //     message, and so do its peers' (they cannot meet it); else every member's next call
 //     succeeds at the next epochs. No call hangs (each runs under a bound of 50 peer timeouts).
 //   - Emulated (D = 2) and one device: each failure returns its error, no barrier, and the GPU
-//     is not broken: it takes the next call.
+//     is not broken: it takes the next call. A failed set-up of the GPU's state frees all it
+//     made (the next call makes it afresh).
 //   - Across processes (D = 2, rank 1 here, rank 0's region another process's): each failure
 //     returns its error and either the call enqueued both barriers, counted in its region at the
 //     next epochs, or the GPU is broken (a scratch failure too: Prepare's comment) and fails its
@@ -119,6 +120,7 @@ struct Gpu {
   std::vector<Asked> barriers;
   uint64_t epochs = 0;  // the site's barriers asked for in earlier calls
   bool broken = false;  // as the checks found it after the last call
+  int64_t held = 0;     // allocations, events and streams made and not yet freed or destroyed
   DeviceError plant{};  // a fault its kernels find in its next call
 
   // Zeros of 4-byte elements; a scalar holds `value`.
@@ -169,6 +171,15 @@ CUresult PointerGetAttribute(void* data, CUpointer_attribute, CUdeviceptr) {
 
 std::atomic<uintptr_t> handles{0x10000};  // events and streams
 
+// A fresh event or stream, or null where the call is the one made to fail, as the runtime's.
+template <typename Handle>
+cudaError_t Create(Handle* made) {
+  const cudaError_t st = Runtime();
+  *made = st == cudaSuccess ? reinterpret_cast<Handle>(handles++) : nullptr;
+  self->held += st == cudaSuccess;
+  return st;
+}
+
 // XLA's scratch allocator.
 XLA_FFI_Error out_of_memory{"out of memory"};
 
@@ -216,26 +227,35 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
   return Runtime();
 }
 
+// What a failed call makes is null, as the runtime's is.
 cudaError_t cudaMalloc(void** at, size_t bytes) {
-  *at = std::calloc(1, bytes);
-  return Runtime();
+  const cudaError_t st = Runtime();
+  *at = st == cudaSuccess ? std::calloc(1, bytes) : nullptr;
+  self->held += st == cudaSuccess;
+  return st;
 }
 
 cudaError_t cudaHostAlloc(void** at, size_t bytes, unsigned int) { return cudaMalloc(at, bytes); }
 
 cudaError_t cudaFree(void* at) {
   std::free(at);
+  --self->held;
   return cudaSuccess;
 }
 
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
-  *event = reinterpret_cast<cudaEvent_t>(handles++);
-  return Runtime();
+cudaError_t cudaFreeHost(void* at) { return cudaFree(at); }
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) { return Create(event); }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) { return Create(stream); }
+
+cudaError_t cudaEventDestroy(cudaEvent_t) {
+  --self->held;
+  return cudaSuccess;
 }
 
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
-  *stream = reinterpret_cast<cudaStream_t>(handles++);
-  return Runtime();
+cudaError_t cudaStreamDestroy(cudaStream_t) {
+  --self->held;
+  return cudaSuccess;
 }
 
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t) {
@@ -554,6 +574,10 @@ void Scenario::CheckCall(const Errors& errs, bool faulted) {
                                                   : "marks a barrier aborted without a failure"));
     }
     u.epochs = epoch;
+    // A set-up that failed and left no state (the next call tries again) frees what it made.
+    if (StateOf(u.ordinal) == nullptr)
+      Expect(u.held == 0, who + "has no state after its failed set-up but holds " +
+                              std::to_string(u.held) + " of its allocations, events and streams");
     // Broken: a real group's GPU whose launch failed (Finish), and across processes one that
     // left out its barriers.
     const bool broken =

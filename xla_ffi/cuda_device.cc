@@ -52,6 +52,18 @@ ffi::Error CreateDeviceState(int ordinal, cudaStream_t stream, std::unique_ptr<D
   return ffi::Error::Success();
 }
 
+// Frees what a failed set-up made, so that the next call's set-up, which starts afresh, leaks
+// nothing; nothing of it is in flight (the set-up's one enqueued step is its last).
+void ReleaseDeviceState(DeviceState& s) {
+  if (s.error) cudaFree(s.error);
+  if (s.error_host) cudaFreeHost(s.error_host);
+  if (s.error_copied) cudaEventDestroy(s.error_copied);
+  if (s.side) cudaStreamDestroy(s.side);
+  for (cudaEvent_t event : s.fetched)
+    if (event) cudaEventDestroy(event);
+  cudaGetLastError();  // the set-up's failure is reported; a failed release adds nothing to it
+}
+
 }  // namespace
 
 bool GroupedGemms() {
@@ -111,7 +123,11 @@ ffi::Error GetDeviceState(int ordinal, cudaStream_t stream, bool broken_if_faile
   std::unique_ptr<DeviceState> made;
   ffi::Error err = CreateDeviceState(ordinal, stream, &made);
   if (err.failure()) {
-    if (!broken_if_failed || !made) return err;
+    if (!made) return err;
+    if (!broken_if_failed) {
+      ReleaseDeviceState(*made);
+      return err;
+    }
     made->broken = err.message();
   }
   std::lock_guard<std::mutex> lock(states_mu);
