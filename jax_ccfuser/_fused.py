@@ -21,6 +21,7 @@ from jax_ccfuser._jax_internals import varying_axes
 from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
                                  scratch_budget_bytes, tf32_in_force)
 from jax_ccfuser._reassign import Plan, identity_workers
+from jax_ccfuser._validation import check_count
 from jax_ccfuser._validation import check_gpu_limits
 from jax_ccfuser._validation import check_moe_args
 
@@ -594,6 +595,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   single device. Results equal `fused_moe` over D real devices; each emulated device keeps its
   own `T * K` h rows under `residuals="hidden"`.
   """
+  num_devices = check_count("num_devices", num_devices)
   if x.shape[0] % num_devices or w_out.shape[0] % num_devices:
     raise ValueError(f"x rows {x.shape[0]} and experts {w_out.shape[0]} must split evenly over "
                      f"{num_devices} emulated devices")

@@ -78,7 +78,8 @@ def _expert_counts(expert_ids, num_experts, axis_name):
 def _device_loads(sizes, owner, workers, num_devices):
   """Rows per device: `sizes [E, S + 1]` rows of each slot, computed by `workers [E, S + 1]`."""
   dev = jnp.where(workers >= 0, workers, owner[:, None])
-  return jnp.zeros(num_devices, jnp.int32).at[dev.reshape(-1)].add(sizes.reshape(-1))
+  return jnp.zeros(num_devices, jnp.int32).at[dev.reshape(-1)].add(
+      sizes.reshape(-1).astype(jnp.int32))
 
 
 def _kept_sizes(previous, counts):
@@ -132,7 +133,9 @@ def _balance(counts, num_devices, max_helpers, threshold, tile):
   keep = jnp.where((keep > 0) & (keep < ranked), _whole_tiles_from(keep, ranked, tile), keep)
   keep = jnp.where((load > threshold * mean)[:, None], keep, ranked)
   rows = jnp.arange(num_devices)[:, None]
-  keep = jnp.zeros_like(per_device).at[rows, smallest_first].set(keep).reshape(-1)
+  # (Sums are int64 under jax_enable_x64: each scatter casts what it writes.)
+  keep = jnp.zeros_like(per_device).at[rows, smallest_first].set(keep.astype(per_device.dtype))
+  keep = keep.reshape(-1)
   shed = counts - keep
 
   # The shed rows of every expert end to end, and the room of the devices below the target.
@@ -153,7 +156,8 @@ def _balance(counts, num_devices, max_helpers, threshold, tile):
   cut = jnp.where(cut < piece_end[-1], piece_start[i] + at - keep[e], piece_end[-1])
   start = jnp.concatenate([jnp.zeros(1, cut.dtype), cut[:-1]])
   overlap = jnp.minimum(piece_end[:, None], cut) - jnp.maximum(piece_start[:, None], start)
-  amount = jnp.zeros((e_total, num_devices), jnp.int32).at[pieces].set(jnp.maximum(overlap, 0))
+  amount = jnp.zeros((e_total, num_devices), jnp.int32).at[pieces].set(
+      jnp.maximum(overlap, 0).astype(jnp.int32))
 
   # Slots: an expert's largest slices, the rest stays with its owner.
   largest = jnp.argsort(-amount, axis=1, stable=True)[:, :max_helpers]
@@ -217,7 +221,7 @@ def _replicate(source_counts, split, replicas, threshold, tile):
   """The cross-host part of a plan: `(Replication without its in-host plan, rows per slot of each
   host's devices [N, P * (E_local + (N - 1) R)])`, own experts first on each device."""
   n, p = split.num_hosts, split.per_host
-  counts = source_counts.sum(0)
+  counts = source_counts.sum(0, dtype=jnp.int32)
   experts = _exports(counts, split, replicas, threshold)
   flat = experts.reshape(-1)
   shares = _host_shares(counts, flat, n, tile)
@@ -335,7 +339,7 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
 def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, replicas=0):
   """`reassign`'s plan over the hosts of `split` from the rows per expert of each source device,
   `[D, E]` int32 (or their sum, `[1, E]`, when `replicas` is 0)."""
-  counts = source_counts.sum(0)
+  counts = source_counts.sum(0, dtype=jnp.int32)
   num_experts = counts.shape[0]
   num_hosts, per_host = split.num_hosts, split.per_host
   num_devices = num_hosts * per_host
@@ -358,9 +362,11 @@ def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, repli
   sizes = sizes.reshape(workers.shape)
   slot_owner = jnp.arange(workers.shape[0], dtype=jnp.int32) // (workers.shape[0] // num_devices)
   if previous is not None:
-    if previous.workers.shape != workers.shape:
-      raise ValueError(f"previous plan has shape {previous.workers.shape}, this one "
-                       f"{workers.shape}: same num_experts and max_helpers are needed")
+    if previous.workers.shape != workers.shape or previous.loads_before.shape != (num_devices,):
+      raise ValueError(f"previous plan was made for a group of {previous.loads_before.shape[0]} "
+                       f"with workers {previous.workers.shape}, this one for {num_devices} with "
+                       f"{workers.shape}: the same devices, num_experts and max_helpers are "
+                       f"needed")
     kept = _kept_sizes(previous, counts)
     kept_loads = _device_loads(kept, owner, previous.workers, num_devices)
     # Kept while every host's devices stay within `reassign`'s bound for that host.

@@ -44,6 +44,10 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   w_in, w_out = jnp.asarray(w_in), jnp.asarray(w_out)  # indexed by traced ids below
   check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                  axis_name=axis_name)
+  if x.shape[0] == 0:
+    # Nothing to compute; and XLA (jax 0.11) fails to compile the gradient of the gather below
+    # with zero tokens under shard_map.
+    return x * 0
   if axis_name is not None:
     w_in = jax.lax.all_gather(w_in, axis_name, axis=0, tiled=True)
     w_out = jax.lax.all_gather(w_out, axis_name, axis=0, tiled=True)

@@ -141,11 +141,11 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
                      f"{tuple(np.shape(expert_bias))}")
 
   logits = logits.astype(jnp.float32)
-  if score == "softmax":
-    probs = scores = jax.nn.softmax(logits, axis=-1)
-  else:
-    scores = jax.nn.sigmoid(logits)
-    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  # Normalised scores as softmaxes of log scores: a ratio of sigmoids underflows to 0/0 (and its
+  # gradient overflows first) where a token's logits are all very negative.
+  log_scores = (jax.nn.log_softmax if score == "softmax" else jax.nn.log_sigmoid)(logits)
+  scores = jnp.exp(log_scores)
+  probs = jax.nn.softmax(log_scores, axis=-1)
   choice = scores
   if expert_bias is not None:
     # The bias is moved by `update_expert_bias` from the loads, never by gradients.
@@ -156,13 +156,14 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
   if choice is not scores:
     expert_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
   if renormalize:
-    expert_weights = expert_weights / jnp.sum(expert_weights, axis=-1, keepdims=True)
+    expert_weights = jax.nn.softmax(jnp.take_along_axis(log_scores, expert_ids, axis=-1), axis=-1)
   expert_weights = expert_weights * jnp.asarray(scale, expert_weights.dtype)  # x * 1 is x
 
   counts = jnp.bincount(expert_ids.reshape(-1), length=e).astype(jnp.int32)
-  fraction = counts.astype(jnp.float32) / (t * k)
-  mean_prob = jnp.mean(probs, axis=0)
-  z = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+  # Means over this device's tokens; none (T = 0) give losses of 0, not 0 / 0.
+  fraction = counts.astype(jnp.float32) / max(t * k, 1)
+  mean_prob = jnp.sum(probs, axis=0) / max(t, 1)
+  z = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1))) / max(t, 1)
   if axis_name is not None:
     fraction, mean_prob, z = jax.lax.pmean((fraction, mean_prob, z), axis_name)
     counts = jax.lax.psum(counts, axis_name)
@@ -217,9 +218,15 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
   if jnp.issubdtype(counts.dtype, jnp.integer):
     # sign(mean - c) in integers (float32 rounds counts past 2^24): with mean = q + r / E,
     # 0 <= r < E, c < q is under the mean, c > q over it, and c == q under it unless r == 0.
-    counts = counts.astype(jnp.int32)
-    total = counts.sum(-1, keepdims=True)
-    q, r = total // counts.shape[-1], total % counts.shape[-1]
+    # q and r come from the counts' quotients and remainders by E, never from their total,
+    # which can overflow where each count fits (accumulated counts).
+    if counts.dtype.itemsize < 4:
+      counts = counts.astype(jnp.uint32 if jnp.issubdtype(counts.dtype, jnp.unsignedinteger)
+                             else jnp.int32)
+    e = counts.shape[-1]
+    spare = jnp.sum(counts % e, axis=-1, keepdims=True, dtype=counts.dtype)  # < E * E
+    q = jnp.sum(counts // e, axis=-1, keepdims=True, dtype=counts.dtype) + spare // e
+    r = spare % e
     sign = jnp.where(counts < q, 1, jnp.where(counts > q, -1, (r > 0).astype(jnp.int32)))
   else:
     counts = counts.astype(jnp.float32)

@@ -2,6 +2,7 @@
 
 from jax_ccfuser import _extension
 from jax_ccfuser._all_to_all import _capacity
+from jax_ccfuser._validation import check_count, check_num_experts
 
 
 def peer_traffic(*, clear: bool = False) -> list[dict]:
@@ -50,6 +51,7 @@ def all_to_all_bytes(tokens: int, k: int, num_experts: int, num_devices: int, hi
   the `(D - 1) / D` addressed to other devices leaves the device; C is the baseline's capacity
   (`T * K` dropless).
   """
+  experts_local = check_num_experts(num_experts, check_count("num_devices", num_devices))
   capacity = _capacity(capacity_factor, tokens=tokens, k=k, num_experts=num_experts)
-  per_direction = (num_devices - 1) * (num_experts // num_devices) * capacity * hidden * itemsize
+  per_direction = (num_devices - 1) * experts_local * capacity * hidden * itemsize
   return 2 * per_direction

@@ -38,9 +38,17 @@ def axis_size(axis_name) -> int:
         "with that axis, or pass axis_name=None when one device holds all experts") from None
 
 
+def check_count(name: str, value) -> int:
+  """`value` as a positive Python int (a shape, a number of devices or experts)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return int(value)
+
+
 def check_num_experts(num_experts: int, num_devices: int) -> int:
   """Returns experts per device; `num_experts` must split evenly over the devices."""
-  if num_experts <= 0 or num_experts % num_devices:
+  num_experts = check_count("num_experts", num_experts)
+  if num_experts % num_devices:
     raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel axis "
                      f"size {num_devices}")
   return num_experts // num_devices

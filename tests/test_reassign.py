@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -179,8 +180,46 @@ def test_plan_for_other_expert_count_is_rejected():
   plan = ccf.reassign(ids, 8)
   with pytest.raises(ValueError, match="plan is for 8 experts, this call has 4"):
     ccf.fused_moe(x, ids, weights, w_in, w_out, plan=plan)
-  with pytest.raises(ValueError, match="not divisible"):
-    ccf.reassign(ids, 0)
+  for num_experts in (0, 2.0, True):
+    with pytest.raises(ValueError, match=f"num_experts must be a positive int, got "
+                                         f"{num_experts!r}"):
+      ccf.reassign(ids, num_experts)
+
+
+def test_previous_plan_from_another_group_is_rejected_while_tracing():
+  """One device's plan ([E, 1] workers) has the workers' shape of a two-device plan without
+  helpers: refused for its group, at trace time, where the handler would refuse its owners."""
+  case = Case(devices=2, experts_local=2, seed=9)
+  _, ids, *_ = make_inputs(case)
+  previous = ccf.reassign(ids, case.num_experts, max_helpers=0)
+  body = lambda ids: ccf.reassign(ids, case.num_experts, axis_name="ep", max_helpers=0,
+                                  previous=previous).counts[None]
+  with pytest.raises(ValueError, match=r"previous plan was made for a group of 1 with workers "
+                                       r"\(4, 1\), this one for 2 with \(4, 1\)"):
+    jax.jit(jax.shard_map(body, mesh=ep_mesh(2), in_specs=P("ep"), out_specs=P("ep")))(ids)
+
+
+def test_plans_under_x64_are_the_same_int32_plans_without_warnings():
+  """With jax_enable_x64 the planner's sums are int64; what it writes into its int32 arrays
+  is cast, not left to a scatter's implicit cast (a FutureWarning, an error to come)."""
+  case = Case(devices=4, tokens=64, skew=1.0, seed=11)
+  _, ids, *_ = make_inputs(case)
+  source = np.zeros((4, 16), np.int32)
+  source[:, 0] = 50
+  source[1, 5] = 30
+  plans = []
+  for x64 in (False, True):
+    with jax.enable_x64(x64), warnings.catch_warnings():
+      warnings.simplefilter("error")
+      first = _plan_step(case, ids)
+      kept = _plan_step(case, ids, first)
+      replicated = _plan(jnp.asarray(source), Split(2, 2, False, ()), max_helpers=1,
+                         threshold=1.1, tile=2, previous=None, replicas=1)
+      plans.append((first, kept, replicated))
+  for without, with_x64 in zip(*plans):
+    for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(with_x64)):
+      assert a.dtype == b.dtype and a.dtype in (jnp.int32, jnp.float32)
+      np.testing.assert_array_equal(a, b)
 
 
 def test_plan_for_another_group_is_rejected_while_tracing():

@@ -7,7 +7,7 @@ import pytest
 import scipy.special
 from jax.test_util import check_grads
 
-from jax_ccfuser import reference_moe
+from jax_ccfuser import fused_moe, reference_moe
 from moe_cases import Case, assert_close, make_inputs, sharded
 
 _NUMPY_ACTIVATIONS = {
@@ -91,3 +91,20 @@ def test_check_grads():
 
   check_grads(f, (x, weights, w_in, w_out), order=1, modes=("rev",), eps=1e-2)
 
+
+
+def test_zero_tokens_under_shard_map_differentiate():
+  """Devices with no tokens: an empty result and zero weight gradients, as fused_moe gives
+  (XLA fails to compile the gradient of the weights' gather with zero tokens under shard_map)."""
+  case = Case(devices=4, tokens=0, seed=8)
+  _, ids, weights, w_in, w_out = make_inputs(case)
+  x = jnp.zeros((0, w_in.shape[1]))
+  grads = {}
+  for fn in (reference_moe, fused_moe):
+    layer = sharded(fn, case.devices)
+    y = layer(x, ids, weights, w_in, w_out)
+    assert y.shape == (0, w_in.shape[1])
+    grads[fn] = jax.jit(jax.grad(lambda w_in, w_out: jnp.sum(layer(x, ids, weights, w_in, w_out))
+                                 + jnp.sum(w_in * w_out.mean()), (0, 1)))(w_in, w_out)
+  for want, got in zip(grads[fused_moe], grads[reference_moe]):
+    assert_close(got, want, jnp.float32)

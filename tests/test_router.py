@@ -100,6 +100,47 @@ def test_gradients_reach_logits(renormalize):
     assert np.abs(np.asarray(g)).max() > 1e-4
 
 
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_far_negative_logits_keep_weights_losses_and_gradients_finite(score):
+  """A token whose logits are all far below 0 (a diverging run): its sigmoid scores underflow,
+  and a renormalisation by their sum would give 0 / 0 (its gradient overflows first, near -44),
+  which the losses' batch means and the router's gradient would spread to every token."""
+  logits = _logits(4, 6, seed=9)
+  for shift in (-30.0, -46.0, -80.0, -95.0, -200.0):
+    shifted = logits.at[2].add(shift)
+
+    def outputs(logits):
+      _, weights, aux = route(logits, 2, score=score)
+      return weights, aux.load_balancing_loss + aux.z_loss
+
+    ids, weights, aux = route(shifted, 2, score=score)
+    grad = jax.grad(lambda l: jnp.sum(outputs(l)[0] * jnp.arange(8.0).reshape(4, 2))
+                    + outputs(l)[1])(shifted)
+    assert np.isfinite(np.asarray(grad)).all(), (score, shift)
+    assert np.isfinite(float(aux.load_balancing_loss)) and np.isfinite(float(aux.z_loss))
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+    # The chosen experts' weights, as float64 scores of those experts renormalised.
+    chosen = np.take_along_axis(np.asarray(shifted, np.float64), np.asarray(ids), axis=1)
+    log_scores = (-np.logaddexp(0, -chosen) if score == "sigmoid"
+                  else chosen - np.log(np.exp(np.asarray(shifted, np.float64)).sum(1,
+                                                                                    keepdims=True)))
+    want = np.exp(log_scores - log_scores.max(1, keepdims=True))
+    np.testing.assert_allclose(weights, want / want.sum(1, keepdims=True), rtol=1e-5)
+    if shift > -80:  # the scores still order the token's experts (they underflow past -87)
+      np.testing.assert_array_equal(ids[2], np.argsort(-np.asarray(logits[2]), kind="stable")[:2])
+
+
+def test_zero_tokens_give_zero_losses():
+  """An empty batch (a device with no tokens) adds nothing to the loss, not NaN."""
+  ids, weights, aux = route(jnp.zeros((0, 8)), 2)
+  assert ids.shape == weights.shape == (0, 2)
+  assert float(aux.load_balancing_loss) == 0.0 and float(aux.z_loss) == 0.0
+  np.testing.assert_array_equal(aux.counts, np.zeros(8))
+  grad = jax.grad(lambda l: route(l, 2)[2].load_balancing_loss + route(l, 2)[2].z_loss)(
+      jnp.zeros((0, 8)))
+  assert grad.shape == (0, 8)
+
+
 def test_pmean_over_axis_equals_global():
   devices, tokens, experts, k = 4, 5, 8, 2
   logits = _logits(devices * tokens, experts, seed=5)
@@ -261,6 +302,17 @@ def test_update_expert_bias_by_hand():
   # Counts past float32's 2^24 still compare exactly with their mean (16777217 here).
   big = jnp.array([16777217, 16777216, 16777216, 16777219], jnp.int32)
   np.testing.assert_array_equal(update_expert_bias(jnp.zeros(4), big, rate=1.0), [0, 1, 1, -1])
+  # Counts accumulated over steps: each fits its dtype, their total does not (2^31 and past).
+  for counts in ([3_000_000_000, 1], [2**30, 2**30, 2**30, 5], [2**32 - 1, 2**32 - 2, 2**32 - 1],
+                 [7, 9, 250, 2]):
+    for dtype in (jnp.uint32, jnp.int32, jnp.uint8):
+      if max(counts) > jnp.iinfo(dtype).max:
+        continue
+      mean = sum(counts) / len(counts)  # Python's exact integers, then one rounding
+      want = [np.sign(sum(counts) - len(counts) * c) for c in counts]
+      np.testing.assert_array_equal(
+          update_expert_bias(jnp.zeros(len(counts)), jnp.array(counts, dtype), rate=1.0), want,
+          err_msg=f"{counts} as {jnp.dtype(dtype).name} (mean {mean})")
   # Float counts (an average over steps, say) compare as floats.
   np.testing.assert_array_equal(
       update_expert_bias(jnp.zeros(4), jnp.array([5.0, 1.0, 3.0, 3.0]), rate=0.125),

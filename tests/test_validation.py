@@ -158,8 +158,27 @@ def test_check_num_experts():
   with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by the expert-parallel "
                                        r"axis size 4"):
     check_num_experts(6, 4)
-  with pytest.raises(ValueError, match=r"num_experts=0 is not divisible"):
-    check_num_experts(0, 2)
+  for bad in (0, -4, 2.0, None):
+    with pytest.raises(ValueError, match=f"num_experts must be a positive int, got {bad!r}"):
+      check_num_experts(bad, 2)
+
+
+@pytest.mark.parametrize("num_devices", [0, -2, 2.0, None])
+def test_emulated_devices_must_be_a_positive_int(num_devices):
+  from jax_ccfuser.experimental import fused_moe_emulated
+  with pytest.raises(ValueError, match=f"num_devices must be a positive int, got "
+                                       f"{num_devices!r}"):
+    fused_moe_emulated(**_replace(), num_devices=num_devices)
+
+
+def test_all_to_all_bytes_needs_the_experts_split_evenly():
+  from jax_ccfuser import all_to_all_bytes
+  assert all_to_all_bytes(8, 2, 8, 4, 16, 4) == 2 * 3 * 2 * 16 * 16 * 4
+  with pytest.raises(ValueError, match="num_experts=10 is not divisible by the expert-parallel "
+                                       "axis size 4"):
+    all_to_all_bytes(8, 2, 10, 4, 16, 4)
+  with pytest.raises(ValueError, match="num_devices must be a positive int, got 0"):
+    all_to_all_bytes(8, 2, 8, 0, 16, 4)
 
 
 @pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
