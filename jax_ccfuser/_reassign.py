@@ -315,7 +315,7 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   if not 0 <= max_helpers <= num_devices - 1:
     raise ValueError(f"max_helpers must be in [0, {num_devices - 1}] (the other devices), "
                      f"got {max_helpers}")
-  if tile < 1 or threshold < 1.0:
+  if tile < 1 or not threshold >= 1.0:  # NaN too
     raise ValueError(f"tile must be >= 1 and threshold >= 1.0, got {tile} and {threshold}")
   if not 0 <= replicas <= experts_local:
     raise ValueError(f"replicas must be in [0, {experts_local}] (a device's experts), "
@@ -332,8 +332,11 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
                           axis_name)
   else:
     source = jax.lax.psum(counts, axis_name)[None]
-  return _plan(source, split, max_helpers=max_helpers, threshold=threshold, tile=tile,
-               previous=previous, replicas=replicas)
+  # The planner mixes its int32 counts with float means and thresholds as NumPy would; a
+  # caller's jax.numpy_dtype_promotion("strict") is for the caller's own code.
+  with jax.numpy_dtype_promotion("standard"):
+    return _plan(source, split, max_helpers=max_helpers, threshold=threshold, tile=tile,
+                 previous=previous, replicas=replicas)
 
 
 def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, replicas=0):

@@ -231,4 +231,4 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
   else:
     counts = counts.astype(jnp.float32)
     sign = jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
-  return expert_bias + (rate * sign).astype(expert_bias.dtype)
+  return expert_bias + (rate * sign.astype(jnp.float32)).astype(expert_bias.dtype)

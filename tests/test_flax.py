@@ -197,6 +197,22 @@ def test_inside_a_users_shard_map_over_a_data_axis_too():
   np.testing.assert_array_equal(aux.device_loads.sum(1), [24 * K, 24 * K])
 
 
+def test_a_training_step_under_strict_dtype_promotion():
+  """jax.numpy_dtype_promotion("strict") is the caller's choice for its own code: the layer,
+  its reassignment and the bias update run under it as under the standard rules."""
+  x = _tokens() + 2.0
+  results = []
+  for promotion in ("standard", "strict"):
+    with jax.set_mesh(ep_mesh(DEVICES)), jax.numpy_dtype_promotion(promotion):
+      layer = _layer(reassign=True, **DEEPSEEK)
+      _random_bias(layer)
+      loss, grads = nnx.jit(nnx.value_and_grad(_objective))(layer, x)
+      _, aux = _apply(layer, x)
+      bias = update_expert_bias(layer.expert_bias[...], aux.counts, rate=1e-3)
+    results.append((loss, nnx.state(grads, nnx.Param), bias))
+  jax.tree.map(np.testing.assert_array_equal, *results)
+
+
 def test_bfloat16_compute():
   with jax.set_mesh(ep_mesh(DEVICES)):
     layer = _layer(dtype=jnp.bfloat16, activation="gelu")

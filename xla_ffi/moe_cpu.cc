@@ -302,6 +302,9 @@ ffi::Error MoeForwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
   if (ffi::Error err = CheckHidden(d, attrs, *hidden); err.failure()) return err;
   // Peers accumulate into this device's staging as soon as the publish barrier passes.
   std::memset(staging->typed_data(), 0, staging->size_bytes());
+  // The h rows no tile keeps (the placeholder row where none are, those past this device's
+  // kept tiles) read as zeros, not as whatever the memory held: jax_debug_nans reads them.
+  std::memset(hidden->typed_data(), 0, hidden->size_bytes());
   Peers peers;
   if (ffi::Error err =
           ConnectPeers(attrs, d, rank.typed_data()[0], group.typed_data()[0],

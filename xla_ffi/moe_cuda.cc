@@ -228,7 +228,16 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
   if (ffi::Error err = TakeKeptRowsAndPlan(attrs, *hidden, plan_workers, plan_bounds, &call);
       err.failure())
     return err;
-  if (x.element_count() == 0) return ffi::Error::Success();
+  // The h rows no kernel writes (the placeholder row where none are kept, those past this
+  // device's pairs, all of them with a plan) read as zeros, not as whatever the memory held:
+  // jax_debug_nans reads them.
+  const auto zero_hidden = [&] {
+    return cudaMemsetAsync(hidden->untyped_data(), 0, hidden->size_bytes(), stream);
+  };
+  if (x.element_count() == 0) {  // no device of the group has tokens: none meets its peers
+    const cudaError_t st = zero_hidden();
+    return st == cudaSuccess ? ffi::Error::Success() : CudaFailure("zeroing the h rows", st);
+  }
 
   DeviceState* state;
   ffi::Error earlier;
@@ -240,10 +249,7 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
     return err;
   std::lock_guard<std::mutex> enqueueing(state->pipeline_mu);
   Launcher launcher;
-  if (call.plan.workers != nullptr)
-    launcher.Run("zeroing the h rows a plan does not keep", [&] {
-      return cudaMemsetAsync(hidden->untyped_data(), 0, hidden->size_bytes(), stream);
-    });
+  launcher.Run("zeroing the h rows no kernel writes", zero_hidden);
   RunForward(call, *state, scratch, rank, group, y->untyped_data(), stream, launcher);
   return Finish(call, *state, launcher, std::move(earlier), stream);
 }
