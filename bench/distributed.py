@@ -17,7 +17,6 @@ Writes `bench/results/distributed-cpu.json` and `distributed-cpu.png` and rewrit
 between `<!-- distributed:start -->` and `<!-- distributed:end -->`.
 """
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -227,25 +226,23 @@ def section(rec: dict) -> str:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  from bench import records
+  parser = records.parser(__doc__)
   parser.add_argument("--worker", nargs=4, metavar=("PROCESS", "PORT", "CONFIG", "SAMPLES"))
   parser.add_argument("--samples", type=int, default=7)
   parser.add_argument("--tokens", type=int, default=256)
-  parser.add_argument("--out", default=None, help="results folder (default bench/results)")
   args = parser.parse_args(argv)
   if args.worker:
     process, port, config_json, samples = args.worker
     _worker(int(process), int(port), config_json, int(samples))
     return {}
-  import pathlib
-
-  from bench import records, report
+  from bench import report
   from bench.problem import Config
   config = Config(devices=PROCESSES * DEVICES_PER_PROCESS, tokens=args.tokens, hidden=256,
                   ffn=512, experts=16, k=2)
   rec = measure(config, args.samples)
   print(json.dumps(rec))
-  out = pathlib.Path(args.out) if args.out else records.RESULTS_DIR
+  out = args.out or records.RESULTS_DIR
   (out / "distributed-cpu.json").write_text(json.dumps(rec, indent=1))
   plot(rec, out / "distributed-cpu.png")
   if args.out is None:

@@ -170,7 +170,7 @@ def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: flo
     for short in _KINDS:
       ms = times[impl, short].ms
       fields[f"{short}_ms"] = ms
-      fields[f"{short}_tflops"] = useful[short] / ms / 1e9
+      fields[f"{short}_tflops"] = useful[short] * (1 - program.dropped) / ms / 1e9
       fields[f"{short}_peak_bytes"] = peak[impl, short]
       if ("roof", short) in times:
         fields[f"{short}_roof_fraction"] = times["roof", short].ms / ms

@@ -387,11 +387,13 @@ def parse_sanitizer(log: pathlib.Path) -> dict:
   return result
 
 
-def sanitizer_summary(found: dict, code: str = "") -> str:
+def sanitizer_summary(found: dict | None, code: str = "") -> str:
   """"3 findings (3 errors, 0 warnings; printed ones in kernel 2, ...)": whose code they are in.
 
   `found` is `parse_sanitizer`'s result; `code` quotes the kernel names (e.g. "`" in markdown).
   """
+  if not found or found.get("findings") is None:
+    return "no summary (its stage was skipped, or stopped before the tool's summary)"
   where = ", ".join(f"{code}{kernel[:60]}{code} {n}"
                     for kernel, n in (found.get("printed_in") or {}).items())
   return (f"{found['findings']} findings ({found['errors']} errors, {found['warnings']} warnings"
@@ -580,7 +582,8 @@ def main(argv=None) -> None:
   elif args.command == "env":
     print(json.dumps(env(args.path, args.stamp), indent=1))
   elif args.command == "failed":
-    print("\n".join(failed_tests(args.state)))
+    for name in failed_tests(args.state):  # none: nothing printed, and no triage
+      print(name)
   elif args.command == "carried":
     path, why = carried_extension(args.carry, args.arch)
     print(f"cuda extension: {why}", file=sys.stderr)

@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_ccfuser as ccf
+from jax_ccfuser._ffn import ACTIVATIONS
 
-# Every benchmark runs the gated FFN: `w_in` is `[H, 2F]`, so one routed row costs three
-# `H x F` products forward.
+# The activation every benchmark runs. The FLOPs, the inputs and the roof follow from it: a
+# gated one's `w_in` is `[H, 2F]`, so one routed row costs three `H x F` products forward.
 ACTIVATION = "swiglu"
-_GEMMS_PER_ROW = 3
+_GATE = 2 if ACTIVATIONS[ACTIVATION].gated else 1
+GEMMS_PER_ROW = _GATE + 1
 
 # Logit added to expert 0 for the tokens that skew toward it: large enough that top-k always
 # picks it first.
@@ -46,11 +48,12 @@ class Config:
   def useful_flop(self, backward: bool) -> float:
     """FLOPs of the routed rows' expert FFNs, over the whole group.
 
-    Forward is `2 * rows * H * 3F` (gate, up and down products); the backward's data and weight
-    gradients are twice that, so forward+backward counts three times the forward. Padding rows,
-    dropped rows and recomputation are not useful work and are never counted.
+    Forward is `2 * rows * H * 3F` (gate, up and down products; `2F` ungated); the backward's
+    data and weight gradients are twice that, so forward+backward counts three times the
+    forward. Padding rows, dropped rows and recomputation are not useful work and are never
+    counted (a program that drops rows is credited with the rows it kept).
     """
-    forward = 2.0 * self.pairs * self.hidden * _GEMMS_PER_ROW * self.ffn
+    forward = 2.0 * self.pairs * self.hidden * GEMMS_PER_ROW * self.ffn
     return 3.0 * forward if backward else forward
 
 
@@ -63,7 +66,8 @@ def make_inputs(config: Config, *, seed: int = 0):
 
   Returns:
     x `[D*T, H]`, expert_ids `[D*T, K]` int32, expert_weights `[D*T, K]` float32,
-    w_in `[E, H, 2F]`, w_out `[E, F, H]`; floats in `config.dtype`, with unit-scale outputs.
+    w_in `[E, H, 2F]` (`[E, H, F]` ungated), w_out `[E, F, H]`; floats in `config.dtype`, with
+    unit-scale outputs.
   """
   rng = np.random.default_rng(seed)
   n, e, h, f = config.devices * config.tokens, config.experts, config.hidden, config.ffn
@@ -72,6 +76,7 @@ def make_inputs(config: Config, *, seed: int = 0):
   expert_ids, expert_weights, _ = jax.jit(ccf.route, static_argnums=1)(logits, config.k)
   dtype = jnp.dtype(config.dtype)
   x = jnp.asarray(rng.standard_normal((n, h), dtype=np.float32), dtype)
-  w_in = jnp.asarray(rng.standard_normal((e, h, 2 * f), dtype=np.float32) / np.sqrt(h), dtype)
+  w_in = jnp.asarray(rng.standard_normal((e, h, _GATE * f), dtype=np.float32) / np.sqrt(h),
+                     dtype)
   w_out = jnp.asarray(rng.standard_normal((e, f, h), dtype=np.float32) / np.sqrt(f), dtype)
   return x, expert_ids, expert_weights, w_in, w_out

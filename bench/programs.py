@@ -32,7 +32,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import jax_ccfuser as ccf
 from jax_ccfuser.experimental import fused_moe_emulated
 
-from bench.problem import ACTIVATION, Config, make_inputs
+from bench.problem import ACTIVATION, GEMMS_PER_ROW, Config, make_inputs
 from bench.ragged import ragged_dot_moe, tokamax_ragged_dot
 
 CAPACITY_FACTOR = 1.25
@@ -102,11 +102,12 @@ def _dense(a, b):
 
 
 def _roof_operands(config: Config, *, groups: int):
-  """`a [groups*T*K, H]` and `b [groups*H, 3F]` (or `[H, 3F]` when `groups` is 1), unit scale."""
+  """`a [groups*T*K, H]` and `b [groups*H, 3F]` (or `[H, 3F]` when `groups` is 1; `2F`
+  ungated), unit scale."""
   rng = np.random.default_rng(1)
   dtype = jnp.dtype(config.dtype)
   a = jnp.asarray(rng.standard_normal((config.pairs, config.hidden), dtype=np.float32), dtype)
-  b = jnp.asarray(rng.standard_normal((groups * config.hidden, 3 * config.ffn),
+  b = jnp.asarray(rng.standard_normal((groups * config.hidden, GEMMS_PER_ROW * config.ffn),
                                       dtype=np.float32) / np.sqrt(config.hidden), dtype)
   return a, b
 

@@ -6,7 +6,7 @@ forward+backward without and with the plan (the plan computed inside, as a train
 would). Routings: `make_inputs`' skew toward expert 0, two hot experts on two owners or on one,
 every row on one expert, and a Zipf popularity over 256 experts with K=8. Writes
 `bench/results/reassign-cpu.json` and rewrites README.md between `<!-- reassign:start -->` and
-`<!-- reassign:end -->`.
+`<!-- reassign:end -->` (with `--out DIR`: the JSON there, the README untouched).
 """
 
 import dataclasses
@@ -137,13 +137,15 @@ def section(recs: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main() -> list[dict]:
+def main(argv=None) -> list[dict]:
+  out = records.parser(__doc__).parse_args(argv).out
   recs = [measure(c) for c in CONFIGS]
   recs += [measure(config, name) for name, (config, _) in ROUTINGS.items()]
   for r in recs:
     print(json.dumps(r))
-  (records.RESULTS_DIR / "reassign-cpu.json").write_text(json.dumps(recs, indent=1))
-  report.write_section(section(recs), start=START, end=END, heading="Expert reassignment")
+  (out or records.RESULTS_DIR).joinpath("reassign-cpu.json").write_text(json.dumps(recs, indent=1))
+  if out is None:
+    report.write_section(section(recs), start=START, end=END, heading="Expert reassignment")
   return recs
 
 

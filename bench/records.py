@@ -4,6 +4,7 @@ jax is imported by the functions that ask it: bench/gpu_check.py reports the com
 with this module where jax may not import at all.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -17,6 +18,15 @@ RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 REQUIRED_FIELDS = ("platform", "device", "commit", "date", "config", "impl", "fwd_ms",
                    "fwd_bwd_ms", "peak_bytes")
 CONFIG_FIELDS = ("devices", "tokens", "hidden", "ffn", "experts", "k", "dtype", "skew")
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+  """A measuring script's command line: `--out DIR` writes its results there and leaves the
+  README alone; without it they go to bench/results and its README section is rewritten."""
+  parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+  parser.add_argument("--out", type=pathlib.Path, default=None,
+                      help="results folder; the README is rewritten only without it")
+  return parser
 
 
 def platform() -> str:

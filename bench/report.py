@@ -7,6 +7,7 @@ results file), writes `bench/results/<platform>-time.png`, `-ratios.png`, `-memo
 the modelled 8xH100 / 8xH200 / 8xA100 table from `bench.model`.
 """
 
+import argparse
 import pathlib
 
 import matplotlib
@@ -250,7 +251,7 @@ def gpu_section(results_dir: pathlib.Path) -> str:
       f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
       f"{tests.get('errors', 0)} errors, {tests.get('skipped', 0)} skipped; compute-sanitizer: "
       + (", ".join(f"{tool} {gpu_check.sanitizer_summary(found, code='`')}"
-                   for tool, found in (doc.get("sanitizer") or {}).items() if found) or "not run")
+                   for tool, found in (doc.get("sanitizer") or {}).items()) or "not run")
       + ". Every figure below "
       "was measured on that machine (medians; `tokamax` is tokamax's `ragged_dot` in the same "
       "sort/unsort wrapper).",
@@ -420,4 +421,5 @@ def regenerate(results_dir: pathlib.Path = records.RESULTS_DIR,
 
 
 if __name__ == "__main__":
+  argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help only
   regenerate()

@@ -7,8 +7,8 @@ F: the exchange, the activation and the combine grow with H only) and a skewed r
 and with a reassignment plan (the busiest device keeps T*K rows and recomputes the rest; the
 plan brings it near T*K rows). Memory per device: the kept bytes from
 the shapes (`T * K * 2F * 4`, float32) and XLA's temp bytes of each program. Writes
-`bench/results/residuals-cpu.json` and `residuals-cpu.png` and prints the table (no GPU figures:
-run it where the platform is CPU).
+`bench/results/residuals-cpu.json` and `residuals-cpu.png` (or into `--out DIR`) and prints the
+table (no GPU figures: run it where the platform is CPU).
 """
 
 import dataclasses
@@ -149,12 +149,13 @@ def section(recs: list[dict]) -> str:
   ])
 
 
-def main() -> list[dict]:
+def main(argv=None) -> list[dict]:
+  out = records.parser(__doc__).parse_args(argv).out or records.RESULTS_DIR
   recs = [measure(config, planned) for config, planned in CONFIGS]
   for r in recs:
     print(json.dumps(r))
-  (records.RESULTS_DIR / "residuals-cpu.json").write_text(json.dumps(recs, indent=1))
-  plot(recs, records.RESULTS_DIR / "residuals-cpu.png")
+  (out / "residuals-cpu.json").write_text(json.dumps(recs, indent=1))
+  plot(recs, out / "residuals-cpu.png")
   print(section(recs))
   return recs
 

@@ -117,9 +117,9 @@ def measure(config: Config, programs: dict, *, min_samples: int, max_samples: in
     `{impl: fields}` with the record's measured fields: fwd_ms, fwd_bwd_ms (wall clock),
     fwd_cpu_ms, fwd_bwd_cpu_ms (process CPU time), peak_bytes (forward+backward program),
     activation_bytes (its XLA temp bytes), fwd_peak_bytes, fwd_activation_bytes, samples, and
-    the derived useful_gflop (forward), GFLOP/s, roof fractions (roof time / this time:
-    fwd_roof_fraction, roof_fraction for forward+backward, cpu_roof_fraction for its CPU time)
-    and dropped_fraction.
+    the derived useful_gflop (forward, of the rows the program kept), GFLOP/s, roof fractions
+    (roof time / this time: fwd_roof_fraction, roof_fraction for forward+backward,
+    cpu_roof_fraction for its CPU time) and dropped_fraction.
   """
   compiled, memory = {}, {}
   for impl, program in programs.items():
@@ -141,9 +141,10 @@ def measure(config: Config, programs: dict, *, min_samples: int, max_samples: in
         fwd_cpu_ms=t["forward"].cpu_ms, fwd_bwd_cpu_ms=t["forward_backward"].cpu_ms,
         peak_bytes=bwd_mem.peak, activation_bytes=bwd_mem.temp,
         fwd_peak_bytes=fwd_mem.peak, fwd_activation_bytes=fwd_mem.temp,
-        useful_gflop=useful["forward"] / 1e9,
-        fwd_gflops=useful["forward"] / ms["forward"] / 1e6,
-        fwd_bwd_gflops=useful["forward_backward"] / ms["forward_backward"] / 1e6,
+        useful_gflop=useful["forward"] * (1 - program.dropped) / 1e9,
+        fwd_gflops=useful["forward"] * (1 - program.dropped) / ms["forward"] / 1e6,
+        fwd_bwd_gflops=(useful["forward_backward"] * (1 - program.dropped)
+                        / ms["forward_backward"] / 1e6),
         fwd_roof_fraction=roof["forward"].ms / ms["forward"],
         roof_fraction=roof["forward_backward"].ms / ms["forward_backward"],
         cpu_roof_fraction=roof["forward_backward"].cpu_ms / t["forward_backward"].cpu_ms,

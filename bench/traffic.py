@@ -5,7 +5,8 @@ configuration, reads what the fused handlers moved (`jax_ccfuser.peer_traffic`: 
 distinct (token, device) and one partial-sum row back), sets it beside the bytes the baseline's
 fixed-size `all_to_all` buffers send (`jax_ccfuser.all_to_all_bytes`; the backward sends as much
 again), takes XLA's activation memory of each program, writes `bench/results/traffic-cpu.json`
-and rewrites README.md between `<!-- traffic:start -->` and `<!-- traffic:end -->`.
+and rewrites README.md between `<!-- traffic:start -->` and `<!-- traffic:end -->` (with
+`--out DIR`: the JSON there, the README untouched).
 """
 
 import functools
@@ -87,12 +88,14 @@ def section(recs: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def main() -> list[dict]:
+def main(argv=None) -> list[dict]:
+  out = records.parser(__doc__).parse_args(argv).out
   recs = [measure(c) for c in CONFIGS]
   for r in recs:
     print(json.dumps({k: r[k] for k in ("config", "bytes", "activation_bytes")}))
-  (records.RESULTS_DIR / "traffic-cpu.json").write_text(json.dumps(recs, indent=1))
-  report.write_section(section(recs), start=START, end=END, heading="Traffic and memory")
+  (out or records.RESULTS_DIR).joinpath("traffic-cpu.json").write_text(json.dumps(recs, indent=1))
+  if out is None:
+    report.write_section(section(recs), start=START, end=END, heading="Traffic and memory")
   return recs
 
 

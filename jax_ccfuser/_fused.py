@@ -168,8 +168,11 @@ def _result(like, shape, dtype):
   return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype))
 
 
-def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int) -> int:
-  """C, the rows of h = x @ w_in each device keeps for the backward under `residuals`.
+def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: str,
+               plan_slots: int) -> int:
+  """C, the rows of h = x @ w_in each device keeps for the backward under `residuals`; none on
+  GPU under a plan with helper slots, where a device's pairs are no longer one slice of the
+  CUDA handler's work list and its backward recomputes them all.
 
   Where kept rows live: on the device that computed them, in its own forward result
   `[C, G*F]` float32, C = T*K: the mean load. A device's load is data dependent (up to D*T*K
@@ -184,6 +187,8 @@ def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int) -> int:
   if residuals not in RESIDUALS:
     raise ValueError(f"residuals must be one of {RESIDUALS}, got {residuals!r}")
   rows = tokens * k
+  if platform == "gpu" and plan_slots > 1:
+    return 0
   if residuals == "auto":
     residuals = "hidden" if rows * gate_ffn * 4 <= residual_budget_bytes() else "inputs"
   return rows if residuals == "hidden" else 0
@@ -396,7 +401,8 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
       (float32 `[T*K, G*F]`, G = 2 for gated activations; a device computing more rows than that
       recomputes the rest). "auto": "hidden" when those `T * K * G * F * 4` bytes fit the budget
       in force (`jax_ccfuser.residual_budget`, 256 MiB per device by default), else "inputs".
-      Decided when the call is traced; a forward that is not differentiated keeps nothing.
+      Decided when the call is traced; a forward that is not differentiated keeps nothing, nor
+      does one on GPU with a `reassign` plan that has helper slots.
 
   Returns:
     `[T, H]`, x's dtype.
@@ -439,7 +445,8 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     _cpu_threads.check_pool(jax.local_device_count())
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
   replication = _replication(plan, split)
-  kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2])
+  kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2],
+                         platform=_topology.platform(split), plan_slots=workers.shape[1])
   if split.num_hosts > 1:
     return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                          replication, axis_name=axis_name, activation=activation, split=split,
@@ -609,6 +616,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
                    activation=activation, **_traced_settings(),
                    num_experts=w_out.shape[0],
                    kept_rows=_kept_rows(residuals, x.shape[0] // num_devices, dims.k,
-                                        w_in.shape[2]))
+                                        w_in.shape[2], platform=_topology.platform(),
+                                        plan_slots=workers.shape[1]))
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                 jnp.int32(0), jnp.int32(0))

@@ -88,10 +88,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "the same settings: the learning-rate schedule spans --steps)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
+  if args.devices < 1:
+    p.error("--devices must be at least 1")
   if args.experts % args.devices:
     p.error(f"--experts {args.experts} must be divisible by --devices {args.devices}")
   if args.batch % args.devices:
     p.error(f"--batch {args.batch} must be divisible by --devices {args.devices}")
+  if args.seq_len % args.devices:  # the sample's [1, seq_len] window splits over the devices
+    p.error(f"--seq-len {args.seq_len} must be divisible by --devices {args.devices}")
   if args.steps < 1:
     p.error("--steps must be at least 1")
   if args.replace_every < 0:

@@ -4,6 +4,8 @@ the analytic model."""
 import dataclasses
 import itertools
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,12 @@ def test_quick_run_writes_well_formed_records(quick_run):
     assert r["activation_bytes"] >= 0 and r["samples"] >= 1
   roof = next(r for r in recs if r["impl"] == "roof")
   assert roof["roof_fraction"] == pytest.approx(1.0)
+  # Useful work is the rows a program computed: one that drops rows is credited with the rest.
+  config = Config(**recs[0]["config"])
+  for r in recs:
+    kept = config.useful_flop(True) * (1 - r["dropped_fraction"])
+    assert r["fwd_bwd_gflops"] == pytest.approx(kept / r["fwd_bwd_ms"] / 1e6)
+  assert any(r["dropped_fraction"] > 0 for r in recs)
   (dated,) = [p for p in out.glob("cpu-*.json")]
   assert json.loads(dated.read_text()) == json.loads((out / "latest-cpu.json").read_text())
 
@@ -229,7 +237,8 @@ def test_report_renders_the_newest_gpu_results_file(tmp_path):
          "sanitizer": {"memcheck": {"findings": 0, "errors": 0, "warnings": 0},
                        "initcheck": {"findings": 3, "errors": 3, "warnings": 0,
                                      "printed_in": {"input_reduce_fusion": 3}},
-                       "racecheck": None},
+                       "racecheck": None,
+                       "synccheck": {"findings": None, "errors": None, "warnings": None}},
          "benchmark": {"device": "NVIDIA H200", "configs": {"Qwen3-30B-A3B": {
              "config": {"tokens": 1024, "hidden": 2048, "ffn": 768, "experts": 128, "k": 8},
              "fused_scratch_bytes": {"fwd": 2**30, "bwd": 3 * 2**30},
@@ -242,8 +251,25 @@ def test_report_renders_the_newest_gpu_results_file(tmp_path):
   assert "memcheck 0 findings (0 errors, 0 warnings)" in text
   assert "initcheck 3 findings (3 errors, 0 warnings; printed ones in `input_reduce_fusion` 3)" \
       in text
+  # A sanitizer stage skipped, or stopped before the tool's summary, has no counts to show.
+  for tool in ("racecheck", "synccheck"):
+    assert f"{tool} no summary (its stage was skipped, or stopped before" in text
   rows = [line for line in text.splitlines() if line.startswith("| Qwen3-30B-A3B")]
   assert [row.split(" | ")[2] for row in rows] == ["fused", "ragged_dot", "tokamax", "roof"]
   assert "| 0.67 | 2.00 | 300 | 50% |  | 1.00 | 1.00 / 3.00 |" in rows[0]
   assert "| 4.00x |" in rows[1] and "not run: ModuleNotFoundError" in rows[2]
   assert report.plot_gpu(doc, tmp_path).stat().st_size > 0
+
+
+@pytest.mark.parametrize("module", ["report", "traffic", "reassign", "residuals", "distributed"])
+def test_help_measures_and_writes_nothing(module):
+  """`--help` (or any unknown flag) on a script that rewrites the README and bench/results
+  stops at its command line, as `bench.run` does; they once ignored their arguments and ran."""
+  watched = [report.README, *records.RESULTS_DIR.iterdir()]
+  before = {path: path.stat().st_mtime_ns for path in watched}
+  for flags in (["--help"], ["--no-such-flag"]):
+    run = subprocess.run([sys.executable, "-m", f"bench.{module}", *flags], capture_output=True,
+                         text=True, timeout=120, cwd=report.README.parent)
+    assert run.returncode == (0 if flags == ["--help"] else 2), run.stderr
+    assert "usage:" in run.stdout + run.stderr
+  assert {path: path.stat().st_mtime_ns for path in watched} == before

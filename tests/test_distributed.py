@@ -78,7 +78,6 @@ GROUPINGS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("hosts,paths", GROUPINGS, ids=["-".join(g) for g, _ in GROUPINGS])
 def test_matches_reference_in_every_grouping(hosts, paths):
-  before = _segments()
   reports = _checked(run(hosts))
   for r in reports:
     # Forward and all four gradients within float32 tolerance of reference_moe.
@@ -95,8 +94,10 @@ def test_matches_reference_in_every_grouping(hosts, paths):
       _assert_replication_balances_hosts(r["replicated"], len(set(hosts)))
     e = 2 * 2 * len(hosts)  # experts: 2 per device, 2 devices per process
     assert f"expert_ids[3, 1] = {e + 5} on device 0 is outside [0, {e})" in r["bad_id"], r
-  # Every segment was unlinked once mapped: nothing is left behind.
-  assert _segments() <= before
+  # Every segment was unlinked once mapped: nothing of these processes is left behind (other
+  # jobs of the machine may have theirs meanwhile).
+  pids = {str(r["pid"]) for r in reports}
+  assert not {s for s in _segments() if s.split(".")[1] in pids}
 
 
 def _assert_replication_balances_hosts(replicated, num_hosts):

@@ -172,6 +172,20 @@ def test_triage_says_which_switch_makes_each_failed_test_pass(failed_run, tmp_pa
   assert "===== triage:JAX_CCFUSER_SOURCE_PHASES=0 =====" in (path.parent / doc["log"]).read_text()
 
 
+def test_a_run_without_failures_lists_none_for_triage(failed_run, capsys):
+  """Every test passed: `failed` prints nothing, so gpu_check.sh's `grep -q .` skips stage 2b
+  (an empty line once made it rerun the whole suite under each switch)."""
+  (failed_run / "junit.xml").write_text(_JUNIT.replace(
+      '<failure message="AssertionError: Not equal to tolerance&#10;second line">trace</failure>',
+      "").replace('<error message="failed on setup with &quot;RuntimeError: boom&quot;">trace'
+                  '</error>', ""))
+  assert gpu_check.failed_tests(failed_run) == []
+  gpu_check.main(["failed", str(failed_run)])
+  assert capsys.readouterr().out == ""
+  script = (gpu_check.REPO / "bench" / "gpu_check.sh").read_text()
+  assert 'grep -q . "$STATE/failed.txt"' in script
+
+
 def test_pytest_log_of_a_run_stopped_midway(tmp_path):
   """No junit XML (the stage's time limit killed pytest): counts from the -v log, and the test
   that was running."""

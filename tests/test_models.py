@@ -124,3 +124,17 @@ def test_demo_cli(tmp_path):
   assert metrics["max_loss_diff"] < 1e-3
   assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (out / "checkpoints" / "fused" / "3").is_dir()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--devices", "4", "--seq-len", "30"], "--seq-len 30 must be divisible by --devices 4"),
+    (["--devices", "0"], "--devices must be at least 1"),
+    (["--devices", "4", "--batch", "6"], "--batch 6 must be divisible by --devices 4"),
+])
+def test_demo_refuses_settings_it_cannot_finish_before_training(flags, message, capsys):
+  """A sequence length the devices do not split once trained both paths and then failed in the
+  sample, before metrics.json was written."""
+  from models import demo
+  with pytest.raises(SystemExit):
+    demo.parse_args(flags)
+  assert message in capsys.readouterr().err

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+import jax_ccfuser as ccf
 from jax_ccfuser import linen as ccf_linen
 from jax_ccfuser import nnx as ccf_nnx
 from jax_ccfuser import placement
@@ -164,6 +165,12 @@ def test_bad_arguments():
     placement.score(stats, [[0, 0, 1, 2]])
   with pytest.raises(ValueError, match="3 layers"):
     placement.RoutingStats.zeros(3, 2, 4).update([jnp.zeros((4, 2), jnp.int32)])
+  for option in ({"balance_weight": float("nan")}, {"time_limit": float("nan")},
+                 {"sweeps": 1.5}, {"gap": -1.0}):
+    with pytest.raises(ValueError, match="need time_limit > 0 and a non-negative gap"):
+      placement.solve(stats, 2, **option)
+  with pytest.raises(ValueError, match="6 experts do not split evenly over 4 devices"):
+    placement.score(placement.RoutingStats.zeros(1, 4, 6))
 
 
 # Counts, places and permutes with `placement`'s Flax-free names; `result` holds what they give.
@@ -289,6 +296,70 @@ def test_apply_moves_the_expert_bias_and_refuses_expert_groups():
     placement.apply(grouped, None, perm)
 
 
+def _small_layer(**options):
+  return ccf_nnx.MoE(16, 32, 4, k=2, axis_name=None, dispatch="reference", rngs=nnx.Rngs(0),
+                     **options)
+
+
+def _adam_steps(optimizer, model, seeds):
+  loss = lambda m, x: jnp.mean(m(x)[0] ** 2)
+  for seed in seeds:
+    grads = nnx.grad(loss)(model, jax.random.normal(jax.random.key(seed), (24, 16)))
+    if isinstance(optimizer, nnx.ModelAndOptimizer):  # it knows its model
+      optimizer.update(grads)
+    else:
+      optimizer.update(model, grads)
+
+
+def test_apply_moves_a_model_held_by_its_optimizer_once():
+  """nnx.ModelAndOptimizer holds the model: its variables are the model's, moved once (they
+  were moved again as the optimizer's), and Adam's moments with them, so training goes on as the
+  moved image of the run that did not move."""
+  perm = np.array([[1, 2, 3, 0]])
+  runs = []
+  for moved in (False, True):
+    model = _small_layer()
+    optimizer = nnx.ModelAndOptimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    _adam_steps(optimizer, model, (10, 11, 12))
+    w_in = np.asarray(model.w_in[...])
+    if moved:
+      placement.apply(model, optimizer, perm)
+      np.testing.assert_array_equal(model.w_in[...], w_in[perm[0]])
+    _adam_steps(optimizer, model, (13, 14, 15))
+    runs.append(model)
+  np.testing.assert_allclose(runs[1].w_in[...], np.asarray(runs[0].w_in[...])[perm[0]],
+                             rtol=RTOL, atol=ATOL)
+
+
+def test_apply_refuses_a_factored_optimizer_state_and_moves_nothing():
+  """Adafactor's factored and placeholder moments have no expert axis to move: a clear error,
+  and the model stays as it was (it once moved before the optimizer was refused)."""
+  model = _small_layer()
+  optimizer = nnx.Optimizer(model, optax.adafactor(1e-2), wrt=nnx.Param)
+  _adam_steps(optimizer, model, (10,))
+  w_in = np.asarray(model.w_in[...])
+  with pytest.raises(ValueError, match=r"the optimizer's state cannot move with its parameters: "
+                                       r".* not factored ones \(Adafactor's\); nothing was moved"):
+    placement.apply(model, optimizer, [[1, 2, 3, 0]])
+  np.testing.assert_array_equal(model.w_in[...], w_in)
+
+
+def test_captured_ids_are_those_routed_when_the_step_then_moves_the_bias():
+  """A training step that updates the expert bias after its forward pass: the captured ids are
+  the ones the layer routed with the bias it had, not with the updated one."""
+  layer = _small_layer(score="sigmoid", expert_bias=True)
+  x = jax.random.normal(jax.random.key(3), (64, 16))
+
+  def step(model, x):
+    y, aux = model(x)
+    model.expert_bias[...] = ccf.update_expert_bias(model.expert_bias[...], aux.counts, rate=0.5)
+    return aux.counts
+
+  counts, (ids,) = nnx.jit(placement.capture_expert_ids(step))(layer, x)
+  np.testing.assert_array_equal(np.bincount(np.ravel(ids), minlength=4), counts)
+  assert np.abs(np.asarray(layer.expert_bias[...])).max() == 0.5  # the step moved it
+
+
 def test_permute_plain_linen_and_optax_pytrees():
   moe = ccf_linen.MoE(num_experts=8, ffn=16, k=2, axis_name=None, dispatch="reference")
   x = jax.random.normal(jax.random.key(0), (24, 16))
@@ -307,6 +378,9 @@ def test_permute_plain_linen_and_optax_pytrees():
 
   params, opt_state = step(params, tx.init(params))
   moved = placement.permute((params, opt_state), perms, layers=[("params",)])
+  # A bare string is a path of one key (it once matched nothing: the path of its letters).
+  jax.tree.map(np.testing.assert_array_equal, moved,
+               placement.permute((params, opt_state), perms, layers=["params"]))
   forward = jax.jit(lambda p: moe.apply(p, x)[0])
   np.testing.assert_allclose(forward(moved[0]), forward(params), rtol=RTOL, atol=ATOL)
   want = placement.permute(step(params, opt_state), perms, layers=[("params",)])

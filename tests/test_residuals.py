@@ -101,7 +101,8 @@ def _one_device_call(case: Case, residuals: str):
   static = _fused._Static(
       site=next(_fused._sites), num_devices=1, emulated=False, activation=case.activation,
       timeout_ms=10_000, num_experts=case.num_experts,
-      kept_rows=_fused._kept_rows(residuals, case.tokens, case.k, w_in.shape[2]))
+      kept_rows=_fused._kept_rows(residuals, case.tokens, case.k, w_in.shape[2],
+                                  platform="cpu", plan_slots=1))
   operands = (x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0))
   return (jax.jit(functools.partial(_fused._forward_call, static, True)),
           jax.jit(functools.partial(_fused._backward_call, static)), operands)
@@ -196,9 +197,19 @@ def test_auto_keeps_what_fits_the_budget():
   assert kept.endswith(f"tensor<{case.tokens * case.k}x{2 * case.ffn}xf32>")
   assert recomputed.endswith(f"tensor<1x{2 * case.ffn}xf32>")
   # The budget counts h's width: non-gated rows take half the bytes.
+  kept = functools.partial(_fused._kept_rows, tokens=case.tokens, k=case.k, platform="cpu",
+                           plan_slots=1)
   with ccf.residual_budget(kept_bytes // 2):
-    assert _fused._kept_rows("auto", case.tokens, case.k, case.ffn) == case.tokens * case.k
-    assert _fused._kept_rows("auto", case.tokens, case.k, 2 * case.ffn) == 0
+    assert kept("auto", gate_ffn=case.ffn) == case.tokens * case.k
+    assert kept("auto", gate_ffn=2 * case.ffn) == 0
+  # The CUDA handler keeps nothing under a plan with helper slots (its pairs are no longer one
+  # slice of a device's work list): no buffer for it either. The CPU one keeps them.
+  for residuals in ("hidden", "auto"):
+    assert kept(residuals, gate_ffn=case.ffn, platform="gpu", plan_slots=4) == 0
+    assert kept(residuals, gate_ffn=case.ffn, platform="gpu") == case.tokens * case.k
+    assert kept(residuals, gate_ffn=case.ffn, plan_slots=4) == case.tokens * case.k
+  with pytest.raises(ValueError, match="residuals must be one of"):
+    kept("all", gate_ffn=case.ffn, platform="gpu", plan_slots=4)
 
 
 def test_bad_options():

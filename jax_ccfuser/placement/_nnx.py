@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from jax_ccfuser.nnx import MoE
-from jax_ccfuser.placement._permute import check_perms, permute_with_moves
+from jax_ccfuser.placement._permute import check_perms, layer_paths, permute_with_moves
 
 # What every MoE layer of a model must have for its function to survive a permutation.
 _REQUIRED = (("w_in",), ("w_out",), ("router", "kernel"))
@@ -44,8 +44,10 @@ def capture_expert_ids(fn: Callable) -> Callable:
   The wrapped function returns `(fn's result, expert_ids)`, expert_ids a tuple with one `[N, K]`
   int32 array per `moe_layers(model)` entry: the ids of the layer's N tokens (its input's leading
   dimensions, flattened), exactly as the layer routed them. They are recomputed from the
-  router's output (captured with `nnx.capture`), so the layers need no change; under `jax.jit`
-  the extra work is one top-k per layer. Each layer must run exactly once per call.
+  router's output (captured with `nnx.capture`) and the expert bias as `fn` found it (a step may
+  move the bias after its forward pass), so the layers need no change; under `jax.jit` the
+  extra work is one top-k per layer. Each layer must run exactly once per call, and `fn` must
+  not change a bias before its layer runs.
   Usable inside `nnx.jit` and `nnx.grad` (the ids are then part of the auxiliary output).
 
   Examples:
@@ -65,18 +67,19 @@ def capture_expert_ids(fn: Callable) -> Callable:
   """
   def wrapped(model, *args, **kwargs):
     layers = _moe_modules(model)
+    # The biases the layers route with: `fn` may step them after (a training step does).
+    biases = [None if moe.expert_bias is None else moe.expert_bias[...] for _, moe in layers]
     result, captured = nnx.capture(fn, nnx.Intermediate, method_outputs=nnx.Intermediate)(
         model, *args, **kwargs)
     outputs = dict(nnx.to_flat_state(captured))
     ids = []
-    for path, moe in layers:
+    for (path, moe), bias in zip(layers, biases):
       calls = outputs.get(path + ("router", "__call__"))
       calls = () if calls is None else calls.get_value()
       if len(calls) != 1:
         raise ValueError(f"the MoE layer at {path} ran {len(calls)} times; "
                          f"capture_expert_ids needs each layer to run exactly once")
       logits = calls[0].reshape(-1, moe.spec.num_experts)
-      bias = None if moe.expert_bias is None else moe.expert_bias[...]
       ids.append(moe.spec.route(logits, bias)[0])
     return result, tuple(ids)
 
@@ -121,23 +124,36 @@ def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> 
     After a placement from `solve`, the counts restart in the new ids:
     `stats = placement.RoutingStats.zeros(*stats.rows.shape)`.
   """
-  layers = moe_layers(model) if layers is None else [tuple(layer) for layer in layers]
+  layers = moe_layers(model) if layers is None else layer_paths(layers)
   perms = check_perms(perms, len(layers))
   grouped = [path for path, m in _moe_modules(model) if path in layers and m.spec.group_limited]
   if grouped:
     raise ValueError(f"the MoE layers at {grouped} use group-limited routing, whose groups are "
                      f"runs of expert ids: moving experts would change their function")
-  for target in (model, optimizer):
-    if target is None:
-      continue
-    state = nnx.state(target)
-    new, moved = permute_with_moves(state, perms, layers)
+  targets = [(model, nnx.state(model))]
+  if optimizer is not None:
+    # An optimizer may hold the model itself (nnx.ModelAndOptimizer): those variables move once.
+    own = {id(v) for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Variable)}
+    targets.append((optimizer, nnx.state(optimizer, lambda _, v: id(v) not in own)))
+  updates = []
+  for target, state in targets:
+    try:
+      new, moved = permute_with_moves(state, perms, layers)
+    except ValueError as e:
+      if target is model:
+        raise
+      raise ValueError(f"the optimizer's state cannot move with its parameters: {e}. apply "
+                       f"moves states that mirror the parameters' shapes (Adam's, Lion's, SGD "
+                       f"momentum's, ...), not factored ones (Adafactor's); nothing was moved"
+                       ) from e
     if target is model:
       missing = [(layers[i], p) for i in range(len(layers)) for p in _REQUIRED
                  if (i, p) not in moved]
       if missing:
         raise ValueError(f"the model has no parameter at these (layer, name) paths: {missing}")
     # A permuted array is a gather's output; give it back the sharding its variable had.
-    nnx.update(target, jax.tree.map(
+    updates.append((target, jax.tree.map(
         lambda n, o: jax.device_put(n, o.sharding) if isinstance(o, jax.Array) else n,
-        new, state))
+        new, state)))
+  for target, new in updates:  # all or nothing: a refused state leaves the model as it was
+    nnx.update(target, new)

@@ -35,9 +35,14 @@ def _key(entry):
   raise TypeError(f"unsupported pytree key {entry!r}")
 
 
+def layer_paths(layers: Sequence) -> list[tuple]:
+  """Each layer path as a tuple of keys; a bare string is a path of one key, not its letters."""
+  return [(layer,) if isinstance(layer, str) else tuple(layer) for layer in layers]
+
+
 def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple]):
   """`permute`, also returning the set of (layer, parameter) pairs it moved."""
-  layers = [tuple(layer) for layer in layers]
+  layers = layer_paths(layers)
   moved = set()
 
   def find(path):

@@ -58,6 +58,8 @@ def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
   """
   rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
   num_layers, d, e = rows.shape
+  if e % d:
+    raise ValueError(f"{e} experts do not split evenly over {d} devices")
   perms = (np.tile(np.arange(e), (num_layers, 1)) if perms is None
            else check_perms(perms, num_layers, e))
   devices = [_devices_of(p, d) for p in perms]
@@ -237,9 +239,11 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
                      f"{num_devices}")
   if e % d:
     raise ValueError(f"{e} experts do not split evenly over {d} devices")
-  if time_limit <= 0 or gap < 0 or balance_weight < 0 or transition_weight < 0 or sweeps < 0:
-    raise ValueError(f"need time_limit > 0 and a non-negative gap, weights and sweeps, got "
-                     f"time_limit={time_limit}, gap={gap}, balance_weight={balance_weight}, "
+  # `not x >= 0` refuses NaN too.
+  if (not time_limit > 0 or not gap >= 0 or not balance_weight >= 0
+      or not transition_weight >= 0 or not isinstance(sweeps, (int, np.integer)) or sweeps < 0):
+    raise ValueError(f"need time_limit > 0 and a non-negative gap, weights and sweeps (an int), "
+                     f"got time_limit={time_limit}, gap={gap}, balance_weight={balance_weight}, "
                      f"transition_weight={transition_weight}, sweeps={sweeps}")
   rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
   experts_local = e // d
