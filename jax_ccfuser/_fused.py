@@ -568,6 +568,11 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
   n, per_host = split.num_hosts, split.per_host
   t, h = x.shape
   e_local = w_out.shape[0]
+  _workspace.agree_across_hosts(
+      split.platform, f"forward of {activation} over {n} hosts of {per_host} devices, "
+      f"x {x.dtype}{list(x.shape)}, ids {list(expert_ids.shape)}, weights {expert_weights.dtype}, "
+      f"w_in {list(w_in.shape)}, w_out {list(w_out.shape)}, plan slots {workers.shape[1]}",
+      peer_timeout_ms())
   same_place = [[b * per_host + r for b in range(n)] for r in range(per_host)]
   gather = lambda a: jax.lax.all_gather(a, axis_name, axis_index_groups=same_place)
   flat = lambda a: a.reshape((n * t,) + a.shape[2:])

@@ -11,6 +11,9 @@ it, so the kernel frees it when the last process exits, however it exits. Names 
 creating process id: one left behind by a process that died while a chunk was being set up is
 removed by the next process that sets one up, or exits. On GPU a chunk is device memory shared
 through its CUDA IPC handle, which the key-value store carries.
+
+The same store checks the trace order: the n-th region, and the n-th call across hosts (whose
+rows meet in XLA's collectives), must be the same call in every process.
 """
 
 import atexit
@@ -80,6 +83,26 @@ class _Job:
     self.neighbours = [p for p, h in enumerate(hosts) if h == mine and p != jax.process_index()]
 
 
+def _agree(job: _Job, calls: str, index: int, call: str, timeout_ms: int) -> None:
+  """Checks that every process traces the same call as its `index`-th of `calls`: regions are
+  handed out, and calls across hosts meet in XLA's collectives, in trace order, so a process
+  that traced another call there would meet its peers at calls other than theirs (silently,
+  where the shapes agree)."""
+  client = key_value_client()
+  key = f"jax_ccfuser/{job.name}/{calls}/{index}"
+  try:
+    client.key_value_set(key, call)  # the first process to trace it says what it is
+    return
+  except jax.errors.JaxRuntimeError:  # already said
+    theirs = client.blocking_key_value_get(key, timeout_ms)
+  if theirs != call:
+    raise ValueError(
+        f"jax_ccfuser: this process traced its call number {index} of fused_moe across "
+        f"processes as the {call}, another process as the {theirs}: every process must trace "
+        f"the same fused_moe calls in the same order (the first trace of each jitted function "
+        f"counts)")
+
+
 class _Workspaces:
   """This process's view of one platform's workspaces: chunks and the regions handed out."""
 
@@ -94,7 +117,7 @@ class _Workspaces:
     """The `(chunk, offset)` of call site `key`'s `nbytes` region, allocated on first use; `call`
     says what the call is, for `_agree`."""
     if key not in self.regions:
-      self._agree(len(self.regions), call, timeout_ms)
+      _agree(self.job, f"{self.platform}/region", len(self.regions), call, timeout_ms)
       nbytes = -(-nbytes // _ALIGN) * _ALIGN
       if not self.chunks or self.used + nbytes > self.chunks[-1]:
         # A chunk that failed half set up (this process's part made and registered, the other
@@ -115,24 +138,6 @@ class _Workspaces:
       self.regions[key] = (len(self.chunks) - 1, self.used)
       self.used += nbytes
     return self.regions[key]
-
-  def _agree(self, index: int, call: str, timeout_ms: int) -> None:
-    """Checks that every process reserves its `index`-th region for the same call: the regions
-    are handed out in trace order, so a process that traces another call there would meet its
-    peers at calls other than theirs (silently, where the shapes agree)."""
-    client = key_value_client()
-    key = f"jax_ccfuser/{self.job.name}/{self.platform}/region/{index}"
-    try:
-      client.key_value_set(key, call)  # the first process to trace it says what it is
-      return
-    except jax.errors.JaxRuntimeError:  # already said
-      theirs = client.blocking_key_value_get(key, timeout_ms)
-    if theirs != call:
-      raise ValueError(
-          f"jax_ccfuser: this process traced its call number {index} of fused_moe across "
-          f"processes as the {call}, another process as the {theirs}: every process must trace "
-          f"the same fused_moe calls in the same order (the first trace of each jitted function "
-          f"counts)")
 
   def _barrier(self, chunk: int, step: str, timeout_ms: int) -> None:
     try:
@@ -201,16 +206,30 @@ def _check(error: str) -> None:
 
 _job = None
 _workspaces = {}
+_across_hosts = {}  # platform: calls across hosts traced so far
 _lock = threading.Lock()  # tracing may run in several threads
+
+
+def _the_job(timeout_ms: int) -> _Job:
+  global _job
+  if _job is None:
+    _job = _Job(timeout_ms)
+  return _job
 
 
 def region(key, nbytes: int, timeout_ms: int, platform: str, call: str):
   """The `(chunk, offset)` of call site `key` in every `platform` device's workspace; `call` says
   what the call is (the processes must reserve regions for the same calls in the same order)."""
-  global _job
   with _lock:
-    if _job is None:
-      _job = _Job(timeout_ms)
     if platform not in _workspaces:
-      _workspaces[platform] = _Workspaces(_job, platform)
+      _workspaces[platform] = _Workspaces(_the_job(timeout_ms), platform)
     return _workspaces[platform].region(key, nbytes, timeout_ms, call)
+
+
+def agree_across_hosts(platform: str, call: str, timeout_ms: int) -> None:
+  """Checks, while `call` (what it is) is traced, that every process traces the same calls
+  across hosts in the same order: they meet in XLA's collectives in that order."""
+  with _lock:
+    index = _across_hosts.get(platform, 0)
+    _across_hosts[platform] = index + 1
+    _agree(_the_job(timeout_ms), f"{platform}/across_hosts", index, call, timeout_ms)

@@ -221,11 +221,13 @@ def test_a_process_late_to_its_first_trace_is_waited_for_by_the_next_trace():
 
 
 @pytest.mark.slow
-def test_calls_traced_in_another_order_are_refused_while_tracing():
+@pytest.mark.parametrize("hosts", [["a", "a"], ["a", "b"]], ids=["one host", "two hosts"])
+def test_calls_traced_in_another_order_are_refused_while_tracing(hosts):
   """After a call together, process 0 traces a geglu layer, which process 1 never traces: the
-  second region would hold another call in each process, and a later call meet its peers at a
-  call other than theirs (with the same shapes, silently). Process 1's trace says so."""
-  first, second = _checked(run(["a", "a"], scenario="trace_order"))
+  second region (on one host), or the second meeting in XLA's collectives (across hosts), would
+  hold another call in each process, and a later call meet its peers at a call other than theirs
+  (with the same shapes, silently). Process 1's trace says so."""
+  first, second = _checked(run(hosts, scenario="trace_order"))
   assert first["error"] is None, first
   assert second["error"].startswith("ValueError: jax_ccfuser: this process traced its call "
                                     "number 1 of fused_moe across processes as the forward of "
@@ -358,7 +360,7 @@ def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
   def barrier(self, *_):
     raise TimeoutError("the other processes never came")
   monkeypatch.setattr(_workspace._Workspaces, "_barrier", barrier)
-  monkeypatch.setattr(_workspace._Workspaces, "_agree", lambda *_: None)  # no key-value store
+  monkeypatch.setattr(_workspace, "_agree", lambda *_: None)  # no key-value store
   job = type("Job", (), {"name": f"unit{os.getpid()}", "pids": [], "neighbours": []})()
   workspaces = _workspace._Workspaces(job, "cpu")
   with pytest.raises(TimeoutError, match="never came"):
