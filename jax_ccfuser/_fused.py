@@ -194,6 +194,13 @@ def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: 
   return rows if residuals == "hidden" else 0
 
 
+def _no_tokens(x):
+  """The layer where no device has a token (shapes are static, so none has): nothing to compute,
+  no call (XLA of jax 0.11 crashes compiling a zero-sized custom-call operand's gradient under
+  shard_map), and zero gradients for the weights."""
+  return x * 0
+
+
 _FORWARD_MODE = (
     "jax_ccfuser.fused_moe supports reverse-mode differentiation only (jax.grad, jax.vjp, "
     "jax.value_and_grad, jax.jacrev, once); forward mode (jax.jvp, jax.linearize, "
@@ -447,6 +454,8 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   replication = _replication(plan, split)
   kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2],
                          platform=_topology.platform(split), plan_slots=workers.shape[1])
+  if dims.tokens == 0:
+    return _no_tokens(x)
   if split.num_hosts > 1:
     return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                          replication, axis_name=axis_name, activation=activation, split=split,
@@ -623,5 +632,7 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
                    kept_rows=_kept_rows(residuals, x.shape[0] // num_devices, dims.k,
                                         w_in.shape[2], platform=_topology.platform(),
                                         plan_slots=workers.shape[1]))
+  if x.shape[0] == 0:
+    return _no_tokens(x)
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                 jnp.int32(0), jnp.int32(0))

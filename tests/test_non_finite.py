@@ -31,7 +31,7 @@ def test_debug_nans_finds_none_in_finite_layers(residuals):
   with jax.debug_nans(True):
     for layer in (eager, jax.jit(eager)):  # a jit's outputs: the kept rows under jax.vjp
       loss = lambda *args: jnp.sum(layer(*args) ** 2)
-      for _ in range(5):
+      for _ in range(2):
         grads = jax.grad(loss, (0, 2, 3, 4))(x, ids, weights, w_in, w_out)
         jax.vjp(layer, x, ids, weights, w_in, w_out)
         assert all(np.isfinite(np.asarray(g)).all() for g in grads)

@@ -201,6 +201,7 @@ def test_previous_plan_from_another_group_is_rejected_while_tracing():
     jax.jit(jax.shard_map(body, mesh=ep_mesh(2), in_specs=P("ep"), out_specs=P("ep")))(ids)
 
 
+@pytest.mark.slow
 def test_plans_under_x64_are_the_same_int32_plans_without_warnings():
   """With jax_enable_x64 the planner's sums are int64; what it writes into its int32 arrays
   is cast, not left to a scatter's implicit cast (a FutureWarning, an error to come)."""
