@@ -17,6 +17,7 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import AxisType
 
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
+from jax_ccfuser._ffn import no_tokens
 from jax_ccfuser._jax_internals import varying_axes
 from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
                                  scratch_budget_bytes, tf32_in_force)
@@ -192,13 +193,6 @@ def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: 
   if residuals == "auto":
     residuals = "hidden" if rows * gate_ffn * 4 <= residual_budget_bytes() else "inputs"
   return rows if residuals == "hidden" else 0
-
-
-def _no_tokens(x):
-  """The layer where no device has a token (shapes are static, so none has): nothing to compute,
-  no call (XLA of jax 0.11 crashes compiling a zero-sized custom-call operand's gradient under
-  shard_map), and zero gradients for the weights."""
-  return x * 0
 
 
 _FORWARD_MODE = (
@@ -455,7 +449,7 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2],
                          platform=_topology.platform(split), plan_slots=workers.shape[1])
   if dims.tokens == 0:
-    return _no_tokens(x)
+    return no_tokens(x)
   if split.num_hosts > 1:
     return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                          replication, axis_name=axis_name, activation=activation, split=split,
@@ -633,6 +627,6 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
                                         w_in.shape[2], platform=_topology.platform(),
                                         plan_slots=workers.shape[1]))
   if x.shape[0] == 0:
-    return _no_tokens(x)
+    return no_tokens(x)
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                 jnp.int32(0), jnp.int32(0))

@@ -217,11 +217,11 @@ def _guest_rows(shares, num_hosts, per_host, replicas):
   return jnp.swapaxes(guests, 1, 2).reshape(num_hosts, per_host, (num_hosts - 1) * replicas)
 
 
-def _replicate(source_counts, split, replicas, threshold, tile):
+def _replicate(source_counts, counts, split, replicas, threshold, tile):
   """The cross-host part of a plan: `(Replication without its in-host plan, rows per slot of each
-  host's devices [N, P * (E_local + (N - 1) R)])`, own experts first on each device."""
+  host's devices [N, P * (E_local + (N - 1) R)])`, own experts first on each device. `counts`:
+  `source_counts` summed over the sources, `[E]`."""
   n, p = split.num_hosts, split.per_host
-  counts = source_counts.sum(0, dtype=jnp.int32)
   experts = _exports(counts, split, replicas, threshold)
   flat = experts.reshape(-1)
   shares = _host_shares(counts, flat, n, tile)
@@ -355,7 +355,7 @@ def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, repli
   replication = None
   slots = counts.reshape(num_hosts, -1)  # each host's slots: its devices' experts
   if replicas:
-    replication, slots = _replicate(source_counts, split, replicas, threshold, tile)
+    replication, slots = _replicate(source_counts, counts, split, replicas, threshold, tile)
   # A helper reads the owner's weights from memory: only devices of the owner's host can help,
   # so each host balances its own (and guest) experts (one host: the whole axis).
   max_helpers = min(max_helpers, per_host - 1)

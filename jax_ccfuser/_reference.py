@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from jax_ccfuser._ffn import expert_ffn
+from jax_ccfuser._ffn import expert_ffn, no_tokens
 from jax_ccfuser._validation import check_moe_args
 
 
@@ -45,9 +45,7 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                  axis_name=axis_name)
   if x.shape[0] == 0:
-    # Nothing to compute; and XLA (jax 0.11) fails to compile the gradient of the gather below
-    # with zero tokens under shard_map.
-    return x * 0
+    return no_tokens(x)
   if axis_name is not None:
     w_in = jax.lax.all_gather(w_in, axis_name, axis=0, tiled=True)
     w_out = jax.lax.all_gather(w_out, axis_name, axis=0, tiled=True)

@@ -19,6 +19,7 @@ rows meet in XLA's collectives), must be the same call in every process.
 import atexit
 import os
 import secrets
+import sys
 import threading
 import time
 
@@ -70,12 +71,22 @@ def sweep(own: bool = False) -> None:
       _extension.cpu.unlink_segment("/" + entry.name)
 
 
+def _depart_if_failing() -> None:
+  """A process leaving on an uncaught exception makes no more calls, but lives on in
+  jax.distributed's shutdown, which waits for its peers, who wait for its next call: marked
+  departed, it ends their wait at once (an UNAVAILABLE error naming it) rather than after the
+  peer timeout. A clean exit marks nothing: calls it queued may still be on their way."""
+  if getattr(sys, "last_value", None) is not None:  # set as the uncaught exception is printed
+    _extension.cpu.mark_departed()
+
+
 class _Job:
   """What every process of the job agrees on once: a name, process ids, who shares the host."""
 
   def __init__(self, timeout_ms: int):
     sweep()
     atexit.register(sweep, own=True)
+    atexit.register(_depart_if_failing)  # before jax.distributed's shutdown, registered earlier
     self.name = exchange("job", _JOB_NAME, timeout_ms)[0]  # process 0's
     self.pids = [int(p) for p in exchange(f"{self.name}/pid", str(os.getpid()), timeout_ms)]
     hosts = host_names()

@@ -12,6 +12,8 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     an out-of-range expert id;
   crash: the last process reports its pid and dies before the second call; the others report
     the error they get, and that of a third call;
+  raise: the same, but the last process raises an uncaught exception instead of dying, and the
+    calls' peer timeout is 60 s;
   fail_fast: the last process's devices skip one call and come back a moment later, then stop
     calling while the others queue 10 calls (a short peer timeout): their errors and times;
   train: the demo LM (models/) takes a few Optax steps with dispatch "fused" and "all_to_all"
@@ -323,14 +325,16 @@ def main():
       out.update(late_first_trace(mesh, case))
     elif SCENARIO == "trace_order":
       out.update(trace_order(mesh, case))
-    elif SCENARIO == "crash":
+    elif SCENARIO in ("crash", "raise"):
       args = [global_array(mesh, a) for a in make_inputs(case)]
-      with ccf.peer_timeout(3.0):
+      with ccf.peer_timeout(3.0 if SCENARIO == "crash" else 60.0):
         call = layer(mesh)
         jax.block_until_ready(call(*args))
       if PROCESS == NUM_PROCESSES - 1:
         print(json.dumps(out), flush=True)  # its pid, for the others' errors to name
-        os._exit(17)  # dies without another word, as a crashed process does
+        if SCENARIO == "crash":
+          os._exit(17)  # dies without another word, as a crashed process does
+        raise RuntimeError("the step failed")  # lives on in jax.distributed's shutdown
       out["error"], out["waited_s"] = timed_error(call, *args)
       out["again"], out["again_s"] = timed_error(call, *args)
       print(json.dumps(out), flush=True)

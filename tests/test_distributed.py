@@ -171,6 +171,19 @@ def test_a_crashed_process_gives_the_others_an_error_at_once():
   assert not {s for s in _segments() if s.split(".")[1] in pids}
 
 
+@pytest.mark.slow
+def test_a_process_leaving_on_an_exception_gives_the_others_an_error_at_once():
+  """Process 1 raises an uncaught exception between calls. It lives on in jax.distributed's
+  shutdown, waiting for process 0, whose devices wait for its next call: they learn at once that
+  it left (it marks its devices departed on the way out), not after the 60 s peer timeout."""
+  (code0, survivor, err), (code1, raised, err1) = run(["a", "a"], scenario="raise")
+  assert code0 == 0 and code1 != 0 and "RuntimeError: the step failed" in err1, err[-3000:]
+  for error in survivor["error"], survivor["again"]:
+    assert error.startswith("JaxRuntimeError: UNAVAILABLE: "), error
+    assert f"whose process (pid {raised['pid']}) has exited" in error, error
+  assert survivor["waited_s"] < 5.0 and survivor["again_s"] < 1.0, survivor
+
+
 def _named(error):
   """The ranks a peer-timeout error names as never arrived, once per device that raised it."""
   return re.findall(r"never arrived:((?: \d+)+)\.", error or "")
@@ -299,7 +312,7 @@ def test_a_device_whose_process_exited_is_told_from_a_live_one():
   workspace names the process (id, PID and time namespaces, start). Exited once that process has,
   as a zombie too, or where a process started later took the id; never where this process cannot
   tell (other namespaces, or none recorded), nor while threads of a process whose main thread
-  ended still run (its main thread a zombie)."""
+  ended still run (its main thread a zombie). Always once its process has marked it departed."""
   name = f"/jax_ccfuser.{os.getpid()}.exits.0.0"
   assert _extension.cpu.map_segment(name, 4096, True, 905, 0) == ""
   exited = lambda: _extension.cpu.exited_process(905)
@@ -309,8 +322,8 @@ def test_a_device_whose_process_exited_is_told_from_a_live_one():
       "threading.Thread(target=time.sleep, args=(60,)).start()\n"
       "ctypes.CDLL(None).pthread_exit(None)\n")])
   try:
-    _, pid, pid_namespace, time_namespace, started = range(5)
-    page = np.memmap(SHM / name[1:], dtype=np.uint64, mode="r+", shape=(5,))
+    _, pid, pid_namespace, time_namespace, started, departed = range(6)
+    page = np.memmap(SHM / name[1:], dtype=np.uint64, mode="r+", shape=(6,))
     assert page[pid] == os.getpid() and page[started] == _started(os.getpid())
     assert exited() == 0
     _wait_for_state(headless.pid, "Z")
@@ -335,6 +348,11 @@ def test_a_device_whose_process_exited_is_told_from_a_live_one():
     assert exited() == child.pid
     child.wait()
     assert not pathlib.Path(f"/proc/{child.pid}").exists() and exited() == child.pid
+    # Departed (its process leaves on an uncaught exception): exited, whatever /proc says.
+    page[pid], page[pid_namespace] = os.getpid(), 0
+    assert exited() == 0
+    page[departed] = 1
+    assert exited() == os.getpid()
   finally:
     for process in child, headless:
       process.kill()

@@ -100,6 +100,16 @@ def test_balance_optimum_beats_greedy_and_identity():
   assert ilp.remote_fraction[0] == 0.5  # the rows it gives up: 110 of 220
 
 
+@pytest.mark.parametrize("method", ["ilp", "greedy"])
+def test_where_every_placement_ties_nothing_moves(method):
+  """Uniform routing, and a layer no token reached: any placement is optimal, and moving experts
+  moves their weights and optimizer state for nothing."""
+  e, d = 8, 4
+  rows = np.stack([np.full((d, e), 10), np.zeros((d, e), np.int64)])
+  solution = placement.solve(_stats(rows), d, method=method)
+  np.testing.assert_array_equal(solution.perms, np.tile(np.arange(e), (2, 1)))
+
+
 def test_cross_layer_term_colocates_consecutive_experts():
   # No locality and equal loads, so only the transitions matter: expert i of layer 0 always
   # hands its tokens to expert (i + 3) % 8 of layer 1, which the identity puts elsewhere.

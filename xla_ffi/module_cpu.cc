@@ -30,6 +30,8 @@ NB_MODULE(_ccfuser_cpu, m) {
       },
       nb::arg("device"),
       "The id of the process that runs `device` if it has exited, else 0 (or where unknown).");
+  m.def("mark_departed", &ccf::MarkDeparted,
+        "Tells the peers in other processes that this process's devices will make no more calls.");
   m.def(
       "shared_region_bytes",
       [](int64_t tokens, int64_t hidden, int64_t k, int64_t slots, int64_t x_bytes,

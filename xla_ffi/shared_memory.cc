@@ -153,6 +153,7 @@ DeviceLiveness* LivenessAt(const void* address) {
 }
 
 int64_t ExitedProcess(const DeviceLiveness& liveness) {
+  if (liveness.departed.load(std::memory_order_acquire)) return liveness.pid;
   const auto [pid_namespace, time_namespace] = Namespaces();
   if (liveness.pid_namespace == 0 || liveness.pid_namespace != pid_namespace ||
       liveness.time_namespace != time_namespace)
@@ -167,6 +168,12 @@ int64_t ExitedProcess(const DeviceLiveness& liveness) {
   // that ended while others run; a later start is another process that took the id.
   const bool zombie = (proc.state == 'Z' || proc.state == 'X') && proc.threads <= 1;
   return zombie || proc.started != liveness.started ? pid : 0;
+}
+
+void MarkDeparted() {
+  std::lock_guard<std::mutex> lock(segments_mu);
+  for (const auto& [key, seg] : Segments())
+    if (seg.owned && seg.liveness) seg.liveness->departed.store(1, std::memory_order_release);
 }
 
 }  // namespace ccf

@@ -27,8 +27,13 @@ struct DeviceLiveness {
   uint64_t pid_namespace;
   uint64_t time_namespace;
   uint64_t started;
+  // Set by the device's process as it leaves on an uncaught exception (MarkDeparted): from then
+  // on it makes no call, though its id may live on a while (jax.distributed's shutdown waits for
+  // the peers that wait for it).
+  std::atomic<int32_t> departed;
 };
-static_assert(std::atomic<int64_t>::is_always_lock_free,
+static_assert(std::atomic<int64_t>::is_always_lock_free &&
+                  std::atomic<int32_t>::is_always_lock_free,
               "liveness in shared memory needs lock-free atomics");
 
 struct Segment {
@@ -58,8 +63,12 @@ const Segment* FindSegment(int32_t device, int32_t chunk);
 // The liveness of the device whose shared-memory workspace holds `address`, or nullptr.
 DeviceLiveness* LivenessAt(const void* address);
 
-// The id of the process that ran the device if that process has exited, else 0, also wherever
-// this process cannot tell (another PID or time namespace, a /proc that hides the process).
+// The id of the process that ran the device if that process has exited or departed, else 0,
+// also wherever this process cannot tell (another PID or time namespace, a /proc that hides the
+// process).
 int64_t ExitedProcess(const DeviceLiveness& liveness);
+
+// Marks every device this process runs as departed, for its peers in other processes.
+void MarkDeparted();
 
 }  // namespace ccf

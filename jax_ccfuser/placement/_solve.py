@@ -25,15 +25,21 @@ class Score(NamedTuple):
   cross_fraction: np.ndarray   # [L - 1] float64: share of transitions that change device
 
 
-def _devices_of(perm: np.ndarray, num_devices: int) -> np.ndarray:
+def _devices_of(perm: np.ndarray, experts_local: int) -> np.ndarray:
   """`[E]`: the device that holds each old expert under `perm`."""
   devices = np.empty_like(perm)
-  devices[perm] = np.arange(len(perm)) // (len(perm) // num_devices)
+  devices[perm] = np.arange(len(perm)) // experts_local
   return devices
 
 
 def _share(part, whole) -> float:
   return float(part / whole) if whole else 0.0
+
+
+def _experts_per_device(num_experts: int, num_devices: int) -> int:
+  if num_experts % num_devices:
+    raise ValueError(f"{num_experts} experts do not split evenly over {num_devices} devices")
+  return num_experts // num_devices
 
 
 def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
@@ -58,11 +64,10 @@ def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
   """
   rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
   num_layers, d, e = rows.shape
-  if e % d:
-    raise ValueError(f"{e} experts do not split evenly over {d} devices")
+  experts_local = _experts_per_device(e, d)
   perms = (np.tile(np.arange(e), (num_layers, 1)) if perms is None
            else check_perms(perms, num_layers, e))
-  devices = [_devices_of(p, d) for p in perms]
+  devices = [_devices_of(p, experts_local) for p in perms]
   remote, max_load, cross = [], [], []
   for layer in range(num_layers):
     r = rows[layer]
@@ -204,7 +209,9 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
   that sends it most rows (ties to the least loaded). It ignores the balance and cross-layer
   weights.
 
-  Within a device, experts keep their old order, so the identity is returned where nothing moves.
+  Either method keeps a layer's experts where they are when that costs no more by the ILP's
+  objective (below), as where routing is uniform or absent and every placement ties. Within a
+  device, experts keep their old order, so the identity is returned where nothing moves.
 
   Args:
     stats: `RoutingStats` recorded under the current placement, over `num_devices` devices.
@@ -237,8 +244,7 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
   if num_devices != d:
     raise ValueError(f"the statistics were recorded over {d} devices, not num_devices="
                      f"{num_devices}")
-  if e % d:
-    raise ValueError(f"{e} experts do not split evenly over {d} devices")
+  experts_local = _experts_per_device(e, d)
   # `not x >= 0` refuses NaN too.
   if (not time_limit > 0 or not gap >= 0 or not balance_weight >= 0
       or not transition_weight >= 0 or not isinstance(sweeps, (int, np.integer)) or sweeps < 0):
@@ -246,8 +252,8 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
                      f"got time_limit={time_limit}, gap={gap}, balance_weight={balance_weight}, "
                      f"transition_weight={transition_weight}, sweeps={sweeps}")
   rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
-  experts_local = e // d
   devices = [None] * num_layers  # [E] each: the device of every expert, once placed
+  unmoved = np.arange(e) // experts_local
   methods, seconds = ["greedy"] * num_layers, [0.0] * num_layers
   passes = 1 + (sweeps if method == "ilp" and transition_weight and num_layers > 1 else 0)
   for sweep in range(passes):
@@ -257,9 +263,9 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
       load = rows[layer].sum(axis=0)
       if devices[layer] is None:
         devices[layer], changed = _greedy(rows[layer], experts_local), True
+      cost = _layer_cost(rows, transitions, devices, layer, transition_weight=transition_weight)
+      value = lambda p: _objective(cost, load, p, balance_weight=balance_weight)
       if method == "ilp":
-        cost = _layer_cost(rows, transitions, devices, layer, transition_weight=transition_weight)
-        value = lambda p: _objective(cost, load, p, balance_weight=balance_weight)
         found, optimal = _ilp(cost, load, experts_local, balance_weight=balance_weight,
                               time_limit=time_limit, gap=gap)
         # The first pass takes a proven placement outright; later ones only a cheaper one.
@@ -267,6 +273,10 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
         if found is not None and (take or value(found) < value(devices[layer])):
           devices[layer], changed = found, True
           methods[layer] = "ilp" if optimal else "ilp (time limit)"
+      # Moving an expert moves its weights and optimizer state: where ties abound (no rows,
+      # uniform routing) any placement is optimal, and the one they have costs nothing to keep.
+      if not np.array_equal(devices[layer], unmoved) and value(unmoved) <= value(devices[layer]):
+        devices[layer], changed = unmoved, True
       seconds[layer] += time.perf_counter() - began
     if not changed:
       break
