@@ -42,7 +42,9 @@ CCF_HOST_DEVICE float Exp(float x) {
   return expf(x);
 #else
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // NaN falls through both tests
-  const float n = floorf(x * 1.44269504088896341f + 0.5f);
+  const float rounded = floorf(x * 1.44269504088896341f + 0.5f);
+  // NaN carries on through r; converting it to an integer below would be undefined behaviour.
+  const float n = rounded == rounded ? rounded : 0.0f;
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

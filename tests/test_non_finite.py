@@ -1,6 +1,9 @@
 """Non-finite values stay with the token that carries them."""
 
 import functools
+import pathlib
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,8 @@ import pytest
 import jax_ccfuser as ccf
 from hardening_cases import NON_FINITE, assert_non_finite_stays_in_its_rows, forward_and_grads
 from moe_cases import Case, make_inputs, shard_ep
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("where,value", NON_FINITE)
@@ -35,3 +40,19 @@ def test_debug_nans_finds_none_in_finite_layers(residuals):
         grads = jax.grad(loss, (0, 2, 3, 4))(x, ids, weights, w_in, w_out)
         jax.vjp(layer, x, ids, weights, w_in, w_out)
         assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_activations_are_defined_at_every_value(tmp_path):
+  """The CPU handlers' activations (common/activation.h's host arithmetic) with UBSan trapping:
+  a NaN reaching Exp was converted to an integer, which C++ leaves undefined (x86 happened to
+  give a NaN back); and every activation and derivative against its formula in double."""
+  cxx = shutil.which("c++")
+  if cxx is None:
+    pytest.skip("needs a C++ compiler, as the build does")
+  binary = tmp_path / "activation_values"
+  subprocess.run([cxx, "-std=c++17", "-O2", "-fsanitize=undefined,float-cast-overflow",
+                  "-fno-sanitize-recover=all", f"-I{REPO}", "-o", str(binary),
+                  str(REPO / "tests" / "activation_values.cc")], check=True)
+  run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+  assert run.returncode == 0 and run.stdout.splitlines()[-1] == "errors: 0", run.stdout + run.stderr
+  assert run.stdout.count(": ok") == 5, run.stdout

@@ -100,6 +100,13 @@ def test_balance_optimum_beats_greedy_and_identity():
   assert ilp.remote_fraction[0] == 0.5  # the rows it gives up: 110 of 220
 
 
+def test_greedy_breaks_ties_toward_the_least_loaded_device():
+  """Expert 0 (the hottest) goes to device 0; experts 1 and 2 tie in rows from each device,
+  so expert 1 goes to the emptier device 1 and expert 2 back to device 0."""
+  stats = _stats([[[10, 5, 3, 3], [0, 5, 3, 3]]])
+  np.testing.assert_array_equal(placement.solve(stats, 2, method="greedy").perms, [[0, 2, 1, 3]])
+
+
 @pytest.mark.parametrize("method", ["ilp", "greedy"])
 def test_where_every_placement_ties_nothing_moves(method):
   """Uniform routing, and a layer no token reached: any placement is optimal, and moving experts
@@ -396,3 +403,7 @@ def test_permute_plain_linen_and_optax_pytrees():
   want = placement.permute(step(params, opt_state), perms, layers=[("params",)])
   jax.tree.map(lambda w, g: np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL),
                want, step(*moved))
+  # A router with a bias (a Dense of the user's own): its per-expert outputs move too.
+  biased = {"moe": {"router": {"kernel": jnp.zeros((16, 8)), "bias": jnp.arange(8.0)}}}
+  moved = placement.permute(biased, perms, layers=["moe"])
+  np.testing.assert_array_equal(moved["moe"]["router"]["bias"], perms[0])

@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 import jax_ccfuser as ccf
 from jax_ccfuser.experimental import fused_moe_emulated
-from jax_ccfuser._reassign import _plan
+from jax_ccfuser._fused import _rank_within_expert
+from jax_ccfuser._reassign import _host_shares, _plan
 from jax_ccfuser._topology import Split
 from jax.sharding import PartitionSpec as P
 
@@ -86,6 +87,17 @@ def test_gradients_equal_with_and_without_plan():
   plan = _same_with_and_without_plan(case, 2, inputs, proj)
   # The plan really moved work: otherwise this test would compare a path with itself.
   assert np.any(np.asarray(plan.workers)[:, 1:] >= 0)
+
+
+def test_each_device_computes_the_rows_its_plan_gives_it():
+  """Outputs cannot tell which device computed a row: the handlers' own count of the pairs each
+  device computed must be the plan's loads."""
+  case = Case(devices=4, tokens=40, k=3, skew=0.9, seed=2)
+  ccf.peer_traffic(clear=True)
+  _, _, plan = _run(case, tile=2)
+  records = sorted((r for r in ccf.peer_traffic() if not r["backward"]), key=lambda r: r["rank"])
+  assert np.any(np.asarray(plan.workers)[:, 1:] >= 0)
+  assert [r["pairs"] for r in records] == np.asarray(plan.loads_after).tolist()
 
 
 def test_every_row_to_one_expert():
@@ -355,6 +367,58 @@ def test_any_routing_ends_within_the_bound(data):
       np.testing.assert_array_equal(limited.loads_after, full.loads_after)
 
 
+@pytest.mark.parametrize("counts", [[1] + [0] * 15, [5, 0, 3, 0, 0, 2, 0, 9, 1, 0, 0, 0, 4, 0, 0, 7]],
+                         ids=["one-row", "total-not-split"])
+def test_plans_at_the_edges_keep_every_invariant(counts):
+  """What the random (slow) tests reach by chance, every run: one row in all, and a total the
+  devices do not split, where the per-device target must round up (rounded down, the owner of
+  the one row became its own helper)."""
+  counts = np.asarray(counts, np.int32)
+  for threshold, tile in [(1.0, 1), (1.1, 8)]:
+    _check_plan(_planner(1, 8, 7)(counts, threshold, tile), counts, 8, 7, threshold, tile)
+
+
+def test_the_threshold_and_a_kept_plans_bound_are_exact():
+  """A device at exactly threshold x mean keeps its rows; a kept plan is kept while its busiest
+  device is within the bound, ceil(mean) + tile - 1, and no further."""
+  split = Split(1, 2, False, ())
+  plan = functools.partial(_plan, split=split, max_helpers=1, tile=1)
+  at_threshold = plan(jnp.int32([[6, 2]]), threshold=1.5, previous=None)
+  np.testing.assert_array_equal(at_threshold.loads_after, [6, 2])
+  first = plan(jnp.int32([[10, 0]]), threshold=1.0, previous=None)
+  np.testing.assert_array_equal(first.loads_after, [5, 5])
+  # Kept, the slices would give [5, 7]: one past the bound of 6 + 1 - 1, so a fresh plan.
+  second = plan(jnp.int32([[10, 2]]), threshold=1.0, previous=first)
+  np.testing.assert_array_equal(second.loads_after, [6, 6])
+
+
+def test_a_plan_kept_over_drifting_routing_cuts_at_its_first_shares():
+  """Kept over several steps whose counts drift, a plan cuts each step's rows at the shares it
+  was made with (scaled and rounded), not at shares recomputed from the last step's cuts, which
+  drift a row at a time."""
+  plan = functools.partial(jax.jit(_plan, static_argnames=("split", "max_helpers", "tile")),
+                           split=Split(1, 4, False, ()), max_helpers=3, threshold=1.1, tile=8)
+  steps = [[189, 204, 302, 380, 13, 57, 329, 379], [187, 203, 305, 379, 11, 59, 327, 378],
+           [190, 204, 299, 377, 16, 59, 331, 379]]
+  first = plan(jnp.int32([steps[0]]), previous=None)
+  assert np.any(np.asarray(first.workers)[:, 1:] >= 0)
+  kept = first
+  for counts in steps[1:]:
+    kept = plan(jnp.int32([counts]), previous=kept)
+    np.testing.assert_array_equal(kept.workers, first.workers)  # kept, not made afresh
+    counts = np.asarray(counts, np.int32)[:, None]
+    cuts = np.round(np.cumsum(np.asarray(first.shares), 1, dtype=np.float32) * counts)
+    np.testing.assert_array_equal(np.asarray(kept.bounds)[:, 1:], np.minimum(cuts, counts))
+
+
+def test_host_shares_cut_at_the_nearest_tile():
+  """110 rows of host 0's expert over two hosts: the level is 55, whose nearest tile of 8 is 56
+  (not 48 below it)."""
+  shares = jax.jit(_host_shares, static_argnums=(2, 3))(jnp.int32([110, 0, 0, 0]),
+                                                        jnp.int32([0]), 2, 8)
+  np.testing.assert_array_equal(shares, [[0, 56, 110]])
+
+
 # fused_moe shapes and tiles: tiny T, E=256 with K=8, and T large enough for whole tiles.
 FUSED_CASES = [(Case(devices=8, tokens=1, k=2), 1),
                (Case(devices=8, tokens=48, k=2), 32),
@@ -515,6 +579,25 @@ def test_hosts_within_threshold_export_nothing():
   plan = _replicating_planner(2, 2, 2)(source, 1.1, 1)
   assert np.all(np.asarray(plan.replication.experts) == -1)
   np.testing.assert_array_equal(plan.loads_after, plan.loads_before)
+
+
+def test_pairs_are_ranked_within_their_source_and_expert():
+  """A pair's place among its source's pairs of its expert, in (token, k) order: where a host's
+  share of an exported expert starts and ends."""
+  ids = jnp.int32([[3, 1, 3, 3, 1], [0, 0, 2, 0, 5]])
+  np.testing.assert_array_equal(jax.jit(_rank_within_expert)(ids),
+                                [[0, 0, 1, 2, 1], [0, 1, 0, 2, 0]])
+
+
+def test_a_hot_host_exports_only_experts_with_rows():
+  """Every row on host 0's expert 0: that expert is exported, and none of the experts without
+  rows, which would cost a guest slot and its weights for nothing."""
+  source = np.zeros((4, 8), np.int32)
+  source[:, 0] = 50
+  plan = _replicating_planner(2, 2, 2)(source, 1.1, 1)
+  np.testing.assert_array_equal(plan.replication.experts,
+                                [[[0, -1], [-1, -1]], [[-1, -1], [-1, -1]]])
+  _check_replication(plan, source, 2, 2, 2, 1.1, 1)
 
 
 def test_replicas_are_checked():

@@ -8,6 +8,7 @@ import scipy.special
 from jax.test_util import check_grads
 
 from jax_ccfuser import fused_moe, reference_moe
+from jax_ccfuser._ffn import expert_ffn
 from moe_cases import Case, assert_close, make_inputs, sharded
 
 _NUMPY_ACTIVATIONS = {
@@ -71,6 +72,12 @@ def test_bfloat16_in_bfloat16_out():
   up = lambda a: a.astype(jnp.float32)
   assert_close(y, numpy_moe(up(x), np.asarray(ids), weights, up(w_in), up(w_out), "swiglu"),
                jnp.bfloat16)
+  # Rounded once, at the end: each pair's float32 FFN, combined as if exactly, then to bfloat16
+  # (a combine in bfloat16 rounds every term, within the tolerance above).
+  per_k = np.stack([[np.asarray(expert_ffn(x[t][None], w_in[e], w_out[e], "swiglu"))[0]
+                     for e in np.asarray(ids[t])] for t in range(case.tokens)])
+  exact = np.einsum("tk,tkh->th", np.asarray(up(weights), np.float64), per_k.astype(np.float64))
+  np.testing.assert_array_equal(y, jnp.asarray(exact, jnp.float32).astype(jnp.bfloat16))
 
 
 def test_sharded_equals_global():
