@@ -9,9 +9,10 @@ import importlib.util
 
 import jax
 
-# Bumped whenever the FFI signatures change (xla_ffi/ffi_module.h holds the native side's copy);
+# Bumped whenever the FFI signatures, the modules' functions or the shared liveness page change
+# (xla_ffi/ffi_module.h holds the native side's copy);
 # the native modules report the value they were built with, so a stale build fails here with instructions instead of deep inside XLA.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _REBUILD = ("rebuild it from the repository root with `make install` "
             "(or `pip install --no-build-isolation -e .` in an environment with the build "

@@ -71,12 +71,26 @@ def sweep(own: bool = False) -> None:
       _extension.cpu.unlink_segment("/" + entry.name)
 
 
+_uncaught = []  # the exception the interpreter reported as uncaught, once one is
+
+
+def _note_uncaught(hook):
+  """Wraps `sys.excepthook`, which the interpreter calls only for an exception nobody caught
+  (sys.last_value is no sign: pytest and interactive sessions leave it set after a handled one)."""
+  def excepthook(*exc_info):
+    _uncaught.append(exc_info[1])
+    hook(*exc_info)
+  return excepthook
+
+
 def _depart_if_failing() -> None:
-  """A process leaving on an uncaught exception makes no more calls, but lives on in
+  """A process leaving on an uncaught exception makes no new calls, but lives on in
   jax.distributed's shutdown, which waits for its peers, who wait for its next call: marked
   departed, it ends their wait at once (an UNAVAILABLE error naming it) rather than after the
-  peer timeout. A clean exit marks nothing: calls it queued may still be on their way."""
-  if getattr(sys, "last_value", None) is not None:  # set as the uncaught exception is printed
+  peer timeout. Calls it had queued are abandoned with it (a peer waiting for one fails too). A
+  clean exit, and an interactive session (where an error at the prompt is no exit), mark
+  nothing: calls it queued may still be on their way."""
+  if _uncaught and not hasattr(sys, "ps1"):
     _extension.cpu.mark_departed()
 
 
@@ -86,6 +100,7 @@ class _Job:
   def __init__(self, timeout_ms: int):
     sweep()
     atexit.register(sweep, own=True)
+    sys.excepthook = _note_uncaught(sys.excepthook)
     atexit.register(_depart_if_failing)  # before jax.distributed's shutdown, registered earlier
     self.name = exchange("job", _JOB_NAME, timeout_ms)[0]  # process 0's
     self.pids = [int(p) for p in exchange(f"{self.name}/pid", str(os.getpid()), timeout_ms)]

@@ -115,6 +115,15 @@ def test_where_every_placement_ties_nothing_moves(method):
   rows = np.stack([np.full((d, e), 10), np.zeros((d, e), np.int64)])
   solution = placement.solve(_stats(rows), d, method=method)
   np.testing.assert_array_equal(solution.perms, np.tile(np.arange(e), (2, 1)))
+  # HiGHS proved the identity optimal; greedy's own placement was another under uniform routing
+  # (a round robin, its ties to the least loaded device), and the identity with no rows.
+  assert solution.methods == (("ilp", "ilp") if method == "ilp" else ("identity", "greedy"))
+  # Greedy judges by remote rows first: it keeps its placement (2 of 22 rows remote) over the
+  # better balanced identity (11 of 22).
+  stats = _stats([[[10, 1, 10, 1], [0, 0, 0, 0]]])
+  if method == "greedy":
+    assert placement.score(stats, placement.solve(stats, 2, method=method).perms
+                           ).remote_fraction[0] == pytest.approx(2 / 22)
 
 
 def test_cross_layer_term_colocates_consecutive_experts():

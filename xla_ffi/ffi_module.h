@@ -12,8 +12,9 @@
 
 namespace ccf {
 
-// Must equal jax_ccfuser/_extension.py's ABI_VERSION; bumped when an FFI signature changes.
-constexpr int kAbiVersion = 6;
+// Must equal jax_ccfuser/_extension.py's ABI_VERSION; bumped when an FFI signature, a function
+// the modules hand Python or the shared liveness page changes.
+constexpr int kAbiVersion = 7;
 
 // An attribute's type as Python gives it: a numpy dtype name, "[]" after it for an array.
 template <typename T>

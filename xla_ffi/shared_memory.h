@@ -28,8 +28,8 @@ struct DeviceLiveness {
   uint64_t time_namespace;
   uint64_t started;
   // Set by the device's process as it leaves on an uncaught exception (MarkDeparted): from then
-  // on it makes no call, though its id may live on a while (jax.distributed's shutdown waits for
-  // the peers that wait for it).
+  // on it makes no new call (those it queued are abandoned with it), though its id may live on a
+  // while (jax.distributed's shutdown waits for the peers that wait for it).
   std::atomic<int32_t> departed;
 };
 static_assert(std::atomic<int64_t>::is_always_lock_free &&

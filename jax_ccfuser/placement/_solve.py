@@ -14,7 +14,7 @@ METHODS = ("ilp", "greedy")
 class Solution(NamedTuple):
   """A placement of every layer's experts, from `solve`."""
   perms: np.ndarray             # [L, E] int32: perms[l, s] = the old expert that new slot s gets
-  methods: tuple[str, ...]      # [L] "ilp", "ilp (time limit)" or "greedy" (see `solve`)
+  methods: tuple[str, ...]      # [L] "ilp", "ilp (time limit)", "greedy" or "identity" (`solve`)
   seconds: tuple[float, ...]    # [L] wall time spent placing each layer
 
 
@@ -159,6 +159,19 @@ def _ilp(cost: np.ndarray, load: np.ndarray, experts_local: int, *, balance_weig
   return np.argmax(result.x[:n].reshape(e, d), axis=1), result.status == 0
 
 
+def _no_worse(unmoved: np.ndarray, placed: np.ndarray, rows: np.ndarray, value,
+              method: str) -> bool:
+  """Whether the placement `unmoved` does as well as `placed` (each `[E]`, an expert's device) by
+  the method's measure: the ILP's objective `value`; greedy's remote rows (of `rows` `[D, E]`),
+  then its busiest device (its rule for ties)."""
+  if method == "ilp":
+    return value(unmoved) <= value(placed) * (1 + 1e-9)  # the objective is >= 0
+  d = rows.shape[0]
+  local = lambda p: rows[p, np.arange(len(p))].sum()
+  busiest = lambda p: np.bincount(p, weights=rows.sum(axis=0), minlength=d).max()
+  return (-local(unmoved), busiest(unmoved)) <= (-local(placed), busiest(placed))
+
+
 def _layer_cost(rows: np.ndarray, transitions: np.ndarray, devices: list, layer: int, *,
                 transition_weight: float) -> np.ndarray:
   """`[E, D]` float64: what putting each expert of `layer` on each device costs, given the
@@ -209,9 +222,10 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
   that sends it most rows (ties to the least loaded). It ignores the balance and cross-layer
   weights.
 
-  Either method keeps a layer's experts where they are when that costs no more by the ILP's
-  objective (below), as where routing is uniform or absent and every placement ties. Within a
-  device, experts keep their old order, so the identity is returned where nothing moves.
+  Either method keeps a layer's experts where they are when that costs no more by its measure
+  (the ILP's objective; greedy's remote rows, then its busiest device), as where routing is
+  uniform or absent and every placement ties. Within a device, experts keep their old order,
+  so the identity is returned where nothing moves.
 
   Args:
     stats: `RoutingStats` recorded under the current placement, over `num_devices` devices.
@@ -228,7 +242,8 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
   Returns:
     A `Solution`: `perms` `[L, E]` int32 (`perms[l, s]` the old expert for new slot s, slot s on
     device `s // E_local`); per layer, the method that placed it ("ilp": proven within `gap`;
-    "ilp (time limit)": HiGHS's best when time ran out; "greedy") and the seconds spent on it.
+    "ilp (time limit)": HiGHS's best when time ran out; "greedy"; "identity": left where it
+    was, no placement found costing less) and the seconds spent on it.
 
   Examples:
     >>> from jax_ccfuser import placement
@@ -275,8 +290,11 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
           methods[layer] = "ilp" if optimal else "ilp (time limit)"
       # Moving an expert moves its weights and optimizer state: where ties abound (no rows,
       # uniform routing) any placement is optimal, and the one they have costs nothing to keep.
-      if not np.array_equal(devices[layer], unmoved) and value(unmoved) <= value(devices[layer]):
+      if (not np.array_equal(devices[layer], unmoved)
+          and _no_worse(unmoved, devices[layer], rows[layer], value, method)):
         devices[layer], changed = unmoved, True
+        if methods[layer] != "ilp":  # proven: the identity ties an optimum
+          methods[layer] = "identity"
       seconds[layer] += time.perf_counter() - began
     if not changed:
       break
