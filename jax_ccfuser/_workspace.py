@@ -71,14 +71,16 @@ def sweep(own: bool = False) -> None:
       _extension.cpu.unlink_segment("/" + entry.name)
 
 
-_uncaught = []  # the exception the interpreter reported as uncaught, once one is
+_failing = False   # whether the interpreter reported an exception nobody caught
+_watching = False  # whether the exit hooks are installed
 
 
 def _note_uncaught(hook):
   """Wraps `sys.excepthook`, which the interpreter calls only for an exception nobody caught
   (sys.last_value is no sign: pytest and interactive sessions leave it set after a handled one)."""
   def excepthook(*exc_info):
-    _uncaught.append(exc_info[1])
+    global _failing
+    _failing = True
     hook(*exc_info)
   return excepthook
 
@@ -90,8 +92,20 @@ def _depart_if_failing() -> None:
   peer timeout. Calls it had queued are abandoned with it (a peer waiting for one fails too). A
   clean exit, and an interactive session (where an error at the prompt is no exit), mark
   nothing: calls it queued may still be on their way."""
-  if _uncaught and not hasattr(sys, "ps1"):
+  if _failing and not hasattr(sys, "ps1"):
     _extension.cpu.mark_departed()
+
+
+def _watch_exit() -> None:
+  """Installs the exit hooks once, however often a job's set-up is tried (each try would
+  otherwise wrap the excepthook again and register its hooks twice). Registered after
+  jax.distributed's shutdown hook, so they run before it."""
+  global _watching
+  if not _watching:
+    _watching = True
+    atexit.register(sweep, own=True)
+    sys.excepthook = _note_uncaught(sys.excepthook)
+    atexit.register(_depart_if_failing)
 
 
 class _Job:
@@ -99,9 +113,7 @@ class _Job:
 
   def __init__(self, timeout_ms: int):
     sweep()
-    atexit.register(sweep, own=True)
-    sys.excepthook = _note_uncaught(sys.excepthook)
-    atexit.register(_depart_if_failing)  # before jax.distributed's shutdown, registered earlier
+    _watch_exit()
     self.name = exchange("job", _JOB_NAME, timeout_ms)[0]  # process 0's
     self.pids = [int(p) for p in exchange(f"{self.name}/pid", str(os.getpid()), timeout_ms)]
     hosts = host_names()

@@ -390,6 +390,28 @@ def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
     workspaces.region("site", 4096, 10, "a call")
 
 
+def test_a_job_set_up_tried_again_installs_its_exit_hooks_once(monkeypatch):
+  """A job whose set-up failed (the other processes never answered) is set up again on the next
+  trace: the exit hooks must not pile up, or the excepthook would run its wrapped hook twice."""
+  from jax_ccfuser import _workspace
+  registered, seen = [], []
+  monkeypatch.setattr(_workspace, "_watching", False)
+  monkeypatch.setattr(_workspace, "_failing", False)
+  monkeypatch.setattr(_workspace.atexit, "register", lambda f, **_: registered.append(f))
+  monkeypatch.setattr(_workspace.sys, "excepthook", lambda *exc_info: seen.append(exc_info[1]))
+  monkeypatch.setattr(_workspace, "sweep", lambda own=False: None)
+  def exchange(*_):
+    raise TimeoutError("no answer")
+  monkeypatch.setattr(_workspace, "exchange", exchange)
+  for _ in range(3):
+    with pytest.raises(TimeoutError, match="no answer"):
+      _workspace._the_job(10)
+  assert _workspace._job is None and len(registered) == 2
+  error = ValueError("uncaught")
+  _workspace.sys.excepthook(ValueError, error, None)
+  assert seen == [error] and _workspace._failing
+
+
 @pytest.mark.slow
 def test_bench_runs_across_processes(tmp_path):
   from bench import distributed

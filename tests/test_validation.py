@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ccfuser import all_to_all_moe, fused_moe, reference_moe
 from jax_ccfuser._validation import GPU_MAX_TOP_K, axis_size, check_num_experts
-from moe_cases import Case, ep_mesh, make_inputs
+from moe_cases import Case, ep_mesh, make_inputs, sharded
 
 MOE_FNS = [reference_moe, all_to_all_moe, fused_moe]
 
@@ -194,3 +194,20 @@ def test_operands_split_over_explicit_axes_need_an_axis_or_a_shard_map(moe_fn):
       ValueError, match=re.escape("x is split over the explicit mesh axes ['data'], but "
                                   "axis_name=None takes")):
     jax.jit(moe_fn)(*split)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"residuals": "kept"}, r"residuals must be one of"),
+    ({"plan": {"workers": None}}, r"plan must come from jax_ccfuser.reassign, got dict"),
+])
+def test_a_call_with_no_tokens_is_checked_as_one_with_tokens(bad, match):
+  """The empty case returns only after the arguments are checked: a fault found in a run with
+  tokens is never hidden by a batch that happens to be empty."""
+  case = Case(devices=2, tokens=0, hidden=4, ffn=5, experts_local=2, k=2, seed=3)
+  _, ids, weights, w_in, w_out = make_inputs(case)
+  x = jnp.zeros((0, 4))
+  from jax_ccfuser.experimental import fused_moe_emulated
+  with pytest.raises(ValueError, match=match):
+    sharded(fused_moe, 2, **bad)(x, ids, weights, w_in, w_out)
+  with pytest.raises(ValueError, match=match):
+    fused_moe_emulated(x, ids, weights, w_in, w_out, num_devices=2, **bad)
