@@ -218,9 +218,10 @@ enum DeviceErrorCode : int32_t {
   kShapeMismatch = 5,   // source = the peer's rank, value / limit = its / this signature
 };
 
-// `aborted` is set (and stays set until the handler has reported the fault) when a barrier of
-// the device timed out, found a peer out of step or with other shapes: every later kernel of the
-// call then leaves peer memory alone, since the peers' buffers may be unwritten or freed.
+// `aborted` is set when a barrier of the device timed out, found a peer out of step or with
+// other shapes: every later kernel of the call then leaves peer memory alone, since the peers'
+// buffers may be unwritten or freed. It is never cleared: once the handler has reported it, the
+// GPU is broken and runs no kernel of the library again (TakeDeviceError).
 struct DeviceError {
   int32_t code;
   int32_t source;
@@ -462,6 +463,9 @@ struct GemmParams {
   void* out;
   int64_t out_ld;
   int64_t out_expert_stride;  // kStoreExpert
+  // kStoreExpert without a plan: DeviceError::aborted, set: the gradients are NaN, as the call's
+  // other outputs (the list came out empty, so every group would store zeros). Null: never.
+  const int32_t* aborted;
   // kStoreExpert with a plan: each device's partials [E_local, plan_slots, partial_stride]
   // float32, this GEMM's part of each at partial_offset (null: no plan).
   float* partials[kMaxPeers];

@@ -188,14 +188,15 @@ constexpr bool serves(Epilogue e) {
   return e == Epilogue::kActivation || e == Epilogue::kStoreF32;
 }
 
-// Tile row r's columns, as they are, into out[j] (j = the columns' N index), cast to Out.
+// Tile row r's columns, as they are (NaN with `nan`), into out[j] (j = the columns' N index),
+// cast to Out.
 template <int kTileN, class Out, class SmemC>
 __device__ __forceinline__ void store_row(Out* out, const GemmParams& p, const GemmTile& tile,
-                                          const SmemC& sC, int r, int lane) {
+                                          const SmemC& sC, int r, int lane, bool nan = false) {
   for (int c = lane; c < kTileN; c += 32) {
     const int32_t j = tile.n_tile * kTileN + c;
     if (j >= p.n) break;
-    out[j] = Out(sC(r, c));
+    out[j] = Out(nan ? NAN : sC(r, c));
   }
 }
 
@@ -249,10 +250,10 @@ __device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC&
                           tile.group % p.plan_slots) * p.partial_stride +
                          p.partial_offset + static_cast<int64_t>(row) * p.out_ld;
             store_row<kTileN>(out, p, tile, sC, r, lane);
-          } else {
+          } else {  // after an aborted barrier no group has rows: NaN, not zeros that look summed
             store_row<kTileN>(static_cast<T*>(p.out) + tile.group * p.out_expert_stride +
                                   static_cast<int64_t>(row) * p.out_ld,
-                              p, tile, sC, r, lane);
+                              p, tile, sC, r, lane, p.aborted != nullptr && *p.aborted != 0);
           }
         }
         break;

@@ -195,6 +195,24 @@ def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: 
   return rows if residuals == "hidden" else 0
 
 
+def _check_plan_partials(static: _Static, w_in, w_out) -> None:
+  """On GPU, the backward under a plan with helper slots keeps S float32 weight gradients of each
+  of its experts in scratch (the owner's and each helper slot's, summed in slot order once the
+  helpers are done): E_local * S * (H*G*F + F*H) * 4 bytes, `D` times that emulated. They may take
+  half the scratch budget, leaving the other half to the chunks' rows; more is refused here
+  rather than run in chunks of one M-tile, or past the budget."""
+  if (static.platform or _topology.platform()) != "gpu" or static.plan_slots <= 1:
+    return
+  nbytes = w_out.shape[0] * static.plan_slots * (w_in[0].size + w_out[0].size) * 4
+  if 2 * nbytes > static.scratch_budget:
+    raise ValueError(
+        f"jax_ccfuser: on GPU the backward under a reassignment plan with {static.plan_slots} "
+        f"slots keeps float32 weight gradients of its {w_out.shape[0]} experts once per slot, "
+        f"{nbytes >> 20} MiB of scratch: more than half the scratch budget "
+        f"({static.scratch_budget >> 20} MiB). Raise jax_ccfuser.scratch_budget to at least "
+        f"{-(-2 * nbytes >> 20)} MiB, or make the plan with a smaller reassign(max_helpers=)")
+
+
 _FORWARD_MODE = (
     "jax_ccfuser.fused_moe supports reverse-mode differentiation only (jax.grad, jax.vjp, "
     "jax.value_and_grad, jax.jacrev, once); forward mode (jax.jvp, jax.linearize, "
@@ -247,6 +265,7 @@ def _backward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, 
   if hidden.shape != expected or hidden.dtype != jnp.float32:
     raise ValueError(f"kept hidden rows {hidden.shape} {hidden.dtype} do not fit this call: "
                      f"expected {list(expected)} float32")
+  _check_plan_partials(static, w_in, w_out)
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, dy.astype(x.dtype),
                         hidden, rank, group)
   like = args[0]
@@ -607,8 +626,10 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   a `shard_map` over D devices would: x `[D*T, H]`, expert_ids/expert_weights `[D*T, K]`, w_in
   `[D*E_local, H, G*F]`, w_out `[D*E_local, F, H]`. The same handler and kernels run, with the
   peer table pointing into these blocks, so the remote-read path is exercised (and timed) on a
-  single device. Results equal `fused_moe` over D real devices; each emulated device keeps its
-  own `T * K` h rows under `residuals="hidden"`.
+  single device. Results equal `fused_moe` over D real devices, bitwise but for the weight
+  gradients on Hopper in 16-bit dtypes when the call runs in several chunks
+  (`jax_ccfuser.scratch_budget`), whose edges then fall elsewhere in the work list; each emulated
+  device keeps its own `T * K` h rows under `residuals="hidden"`.
   """
   num_devices = check_count("num_devices", num_devices)
   if x.shape[0] % num_devices or w_out.shape[0] % num_devices:

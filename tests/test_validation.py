@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ccfuser import all_to_all_moe, fused_moe, reference_moe
 from jax_ccfuser._validation import GPU_MAX_TOP_K, axis_size, check_num_experts
-from moe_cases import Case, ep_mesh, make_inputs, sharded
+from moe_cases import Case, ep_mesh, make_inputs, shard_ep, sharded
 
 MOE_FNS = [reference_moe, all_to_all_moe, fused_moe]
 
@@ -211,3 +211,38 @@ def test_a_call_with_no_tokens_is_checked_as_one_with_tokens(bad, match):
     sharded(fused_moe, 2, **bad)(x, ids, weights, w_in, w_out)
   with pytest.raises(ValueError, match=match):
     fused_moe_emulated(x, ids, weights, w_in, w_out, num_devices=2, **bad)
+
+
+def test_gpu_backward_under_a_plan_keeps_its_partials_within_half_the_scratch_budget(
+    monkeypatch):
+  """On GPU a backward under a plan with helper slots keeps S float32 weight gradients of each of
+  its experts in scratch: past half the budget, tracing the gradient fails and says what to
+  change, rather than running chunks of one M-tile. Traced for "gpu" by stubbing the platform
+  lookup (the trace stops before any kernel); a forward alone, and the CPU, keep none."""
+  import jax_ccfuser as ccf
+  from jax_ccfuser import _topology
+  case = Case(devices=2, tokens=32, hidden=16, ffn=8, experts_local=2, k=2, skew=1.0, seed=5)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+
+  def layer(x, ids, weights, w_in, w_out, axis_name):
+    plan = ccf.reassign(ids, case.num_experts, axis_name=axis_name)  # S = D = 2 slots
+    return fused_moe(x, ids, weights, w_in, w_out, axis_name=axis_name, plan=plan)
+
+  mapped = shard_ep(layer, case.devices)
+  args = (x, ids, weights, w_in, w_out)
+  # A new jit each time: the budget is fixed when a call is traced, and jit keeps its traces.
+  trace_grad = lambda: jax.jit(jax.grad(lambda *a: jnp.sum(mapped(*a) ** 2),
+                                        argnums=(0, 3, 4))).trace(*args)
+  # Per device: 2 experts x 2 slots x (16 * 16 + 8 * 16) floats = 6 KiB.
+  monkeypatch.setattr(_topology, "platform", lambda split=None: "gpu")
+  with ccf.scratch_budget(12 << 10):
+    trace_grad()
+  with ccf.scratch_budget((12 << 10) - 1):
+    jax.jit(mapped).trace(*args)
+    with pytest.raises(ValueError, match=r"reassignment plan with 2 slots keeps float32 weight "
+                                         r"gradients of its 2 experts once per slot, 0 MiB of "
+                                         r"scratch: more than half the scratch budget \(0 MiB\)\. "
+                                         r"Raise jax_ccfuser.scratch_budget to at least 1 MiB"):
+      trace_grad()
+    monkeypatch.setattr(_topology, "platform", lambda split=None: "cpu")
+    trace_grad()

@@ -592,6 +592,7 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
   dw_in_gemm.out = dw_in;
   dw_in_gemm.out_ld = gf;
   dw_in_gemm.out_expert_stride = h * gf;
+  dw_out_gemm.aborted = dw_in_gemm.aborted = &me.error->aborted;
   if (c.plan.workers != nullptr) {
     for (cuda::GemmParams* g : {&dw_in_gemm, &dw_out_gemm}) {
       for (int dev = 0; dev < d.num_devices; ++dev) g->partials[dev] = c.peers[dev].partials;

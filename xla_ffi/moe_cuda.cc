@@ -7,7 +7,7 @@
 //   scratch  from XLA's allocator, stream-ordered, before anything is published;
 //   connect  to the peers: emulated, in this process (two host meetings) or in other processes
 //            (the IPC regions), which fills the peer table (cuda_peers.h);
-//   launch   on XLA's stream: zero its staging, a device barrier (the peers' inputs are ready),
+//   launch   on XLA's stream: a device barrier (the peers' inputs are ready),
 //            the work list built on the device from every peer's expert_ids (and split by a
 //            reassignment plan, cuda/api.cuh), the fetch of each needed row straight out
 //            of its source's memory (once), the grouped GEMMs, the scatter of partial sums

@@ -36,8 +36,9 @@ struct PeerBuffers {
   float* staging = nullptr;       // [T, S, H]: peers accumulate this device's partial sums here
   void* d_weights = nullptr;      // [T, K], backward only: peers write d expert_weights here
   const HelpedGradients* helped = nullptr;  // backward only: owners read them after compute
-  // Peers in other processes, backward with helpers: [E_local, S - 1, H*G*F + F*H] float32,
-  // where the helper in plan slot s of local expert e writes its partial weight gradients.
+  // Backward with helpers: float32 partial weight gradients, where the helper in plan slot s of
+  // local expert e writes its own: [E_local, S - 1, H*G*F + F*H] from peers in other processes
+  // of the CPU path, [E_local, S, ...] on GPU (slot 0, the owner's, included).
   float* partials = nullptr;
   // (T, H, K, F, E_local, E, dtype codes, activation): every peer must agree, checked after
   // the barrier.
