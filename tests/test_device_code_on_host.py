@@ -85,7 +85,8 @@ def _run_host_check(name, tmp_path, optimize="-O0", xla_ffi=False):
 
 @pytest.mark.slow
 def test_every_configuration_moves_each_element_where_its_mma_reads_it(tmp_path):
-  out = _run_host_check("gemm_layouts", tmp_path)
+  # -O1: CuTe's templates compile in half the time of -O0 (25 s against 47 s on 2 cores).
+  out = _run_host_check("gemm_layouts", tmp_path, optimize="-O1")
   verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
   # bfloat16, float16, float32 as TF32 and float32, each for its three operand layouts.
   assert len(verdicts) == 12, out
