@@ -463,8 +463,10 @@ struct GemmParams {
   void* out;
   int64_t out_ld;
   int64_t out_expert_stride;  // kStoreExpert
-  // kStoreExpert without a plan: DeviceError::aborted, set: the gradients are NaN, as the call's
-  // other outputs (the list came out empty, so every group would store zeros). Null: never.
+  // kStoreExpert without a plan: DeviceError::aborted, set (by the start barrier, which emptied
+  // the list, so every group would store zeros): the gradients are NaN, as the call's other
+  // outputs. An abort at the end barrier leaves them as computed, from rows the peers had
+  // written. Null: never NaN.
   const int32_t* aborted;
   // kStoreExpert with a plan: each device's partials [E_local, plan_slots, partial_stride]
   // float32, this GEMM's part of each at partial_offset (null: no plan).

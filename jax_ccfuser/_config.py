@@ -154,11 +154,11 @@ def scratch_budget(nbytes: int):
   fetch, GEMMs and scatter otherwise. Results are bitwise the same for every budget, but for
   the weight gradients on Hopper in bfloat16 and float16: where an expert's rows cross a chunk
   edge, its grouped GEMMs add their float32 sums in another order (still the same for a given
-  budget). A small budget costs a few launches per chunk, and one chunk always holds at least one GEMM tile of rows
-  (plus, in the backward, one expert's float32 weight gradients carried between chunks). A
-  backward under a `reassign` plan with S > 1 slots also keeps S float32 weight gradients of
-  each of the device's experts; tracing it fails where they take more than half the budget. CPU
-  calls ignore it. Fixed when a call is traced, like `peer_timeout`. The process-wide default is
+  budget). A small budget costs a few launches per chunk, and one chunk always holds at least
+  one GEMM tile of rows (plus, in the backward, one expert's float32 weight gradients carried
+  between chunks). A backward under a `reassign` plan with S > 1 slots also keeps S float32
+  weight gradients of each of the device's experts; tracing it fails where they take more than
+  half the budget. CPU calls ignore it. Fixed when a call is traced, like `peer_timeout`. The process-wide default is
   2 GiB or the environment variable `JAX_CCFUSER_SCRATCH_BUDGET` (bytes).
 
   Examples:

@@ -7,6 +7,7 @@ calls over its own devices (`_across_hosts`).
 
 import functools
 import itertools
+import math
 from typing import NamedTuple
 
 import jax
@@ -52,6 +53,7 @@ class _Static(NamedTuple):
   devices: tuple = ()
   platform: str = ""
   plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
+  gpu: bool = False  # traced for GPUs, whose backward keeps a plan's partials in scratch
   kept_rows: int = 0  # C: rows of h each device keeps for the backward; 0 recomputes them all
   scratch_budget: int = 0  # bytes of GPU scratch per call (jax_ccfuser.scratch_budget)
   fetch_sms: int = 0  # SMs the GEMMs leave to the fetch (jax_ccfuser.fetch_sms; -1: auto)
@@ -200,17 +202,22 @@ def _check_plan_partials(static: _Static, w_in, w_out) -> None:
   of its experts in scratch (the owner's and each helper slot's, summed in slot order once the
   helpers are done): E_local * S * (H*G*F + F*H) * 4 bytes, `D` times that emulated. They may take
   half the scratch budget, leaving the other half to the chunks' rows; more is refused here
-  rather than run in chunks of one M-tile, or past the budget."""
-  if (static.platform or _topology.platform()) != "gpu" or static.plan_slots <= 1:
+  rather than run in chunks of one M-tile, or past the budget. (Peers in other processes take no
+  plan with helpers on GPU: the handler refuses it.)"""
+  if not static.gpu or static.devices or static.plan_slots <= 1:
     return
-  nbytes = w_out.shape[0] * static.plan_slots * (w_in[0].size + w_out[0].size) * 4
-  if 2 * nbytes > static.scratch_budget:
-    raise ValueError(
-        f"jax_ccfuser: on GPU the backward under a reassignment plan with {static.plan_slots} "
-        f"slots keeps float32 weight gradients of its {w_out.shape[0]} experts once per slot, "
-        f"{nbytes >> 20} MiB of scratch: more than half the scratch budget "
-        f"({static.scratch_budget >> 20} MiB). Raise jax_ccfuser.scratch_budget to at least "
-        f"{-(-2 * nbytes >> 20)} MiB, or make the plan with a smaller reassign(max_helpers=)")
+  per_slot = w_out.shape[0] * (math.prod(w_in.shape[1:]) + math.prod(w_out.shape[1:])) * 4
+  nbytes, budget = per_slot * static.plan_slots, static.scratch_budget
+  if 2 * nbytes <= budget:
+    return
+  fits = budget // (2 * per_slot)  # slots whose partials take at most half the budget
+  smaller = (f"make the plan with reassign(max_helpers={fits - 1})" if fits > 1 else
+             "use no plan (no plan with helpers fits)")
+  raise ValueError(
+      f"jax_ccfuser: on GPU the backward under a reassignment plan with {static.plan_slots} "
+      f"slots keeps float32 weight gradients of each of its {w_out.shape[0]} experts once per "
+      f"slot, {nbytes:,} bytes of scratch: more than half the scratch budget ({budget:,} bytes). "
+      f"Raise jax_ccfuser.scratch_budget to at least {2 * nbytes:,} bytes, or {smaller}")
 
 
 _FORWARD_MODE = (
@@ -467,6 +474,7 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   replication = _replication(plan, split)
   kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2],
                          platform=_topology.platform(split), plan_slots=workers.shape[1])
+  settings = _traced_settings()
   if dims.tokens == 0:
     return no_tokens(x)
   if split.num_hosts > 1:
@@ -474,9 +482,10 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
                          replication, axis_name=axis_name, activation=activation, split=split,
                          kept_rows=kept_rows)
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
-                   activation=activation, **_traced_settings(),
+                   activation=activation, **settings,
                    num_experts=dims.num_experts, devices=split.devices,
-                   platform=split.platform, plan_slots=workers.shape[1], kept_rows=kept_rows)
+                   platform=split.platform, plan_slots=workers.shape[1],
+                   gpu=_topology.platform(split) == "gpu", kept_rows=kept_rows)
   rank, group = _position(axis_name)
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 
@@ -610,7 +619,8 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
   static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
                    activation=activation, **_traced_settings(),
                    num_experts=num_experts, devices=split.devices, platform=split.platform,
-                   plan_slots=workers.shape[1], kept_rows=kept_rows)
+                   plan_slots=workers.shape[1], gpu=_topology.platform(split) == "gpu",
+                   kept_rows=kept_rows)
   partial = _fused(static, flat(gather(x)), ids, flat(gather(expert_weights)), w_in, w_out,
                    workers, bounds, place, group * n + block)
   back = jax.lax.all_to_all(partial.reshape(n, t, h), axis_name, 0, 0,
@@ -643,7 +653,8 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   _replication(plan, _topology.Split(1, num_devices, False, ()))
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, **_traced_settings(),
-                   num_experts=w_out.shape[0],
+                   num_experts=w_out.shape[0], plan_slots=workers.shape[1],
+                   gpu=_topology.platform() == "gpu",
                    kept_rows=_kept_rows(residuals, x.shape[0] // num_devices, dims.k,
                                         w_in.shape[2], platform=_topology.platform(),
                                         plan_slots=workers.shape[1]))

@@ -392,9 +392,11 @@ def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
 
 def test_a_job_set_up_tried_again_installs_its_exit_hooks_once(monkeypatch):
   """A job whose set-up failed (the other processes never answered) is set up again on the next
-  trace: the exit hooks must not pile up, or the excepthook would run its wrapped hook twice."""
+  trace: its exit hooks are installed once, not once a try (each try wrapped the excepthook in
+  one more layer and registered both atexit hooks again)."""
   from jax_ccfuser import _workspace
   registered, seen = [], []
+  monkeypatch.setattr(_workspace, "_job", None)
   monkeypatch.setattr(_workspace, "_watching", False)
   monkeypatch.setattr(_workspace, "_failing", False)
   monkeypatch.setattr(_workspace.atexit, "register", lambda f, **_: registered.append(f))
@@ -406,7 +408,8 @@ def test_a_job_set_up_tried_again_installs_its_exit_hooks_once(monkeypatch):
   for _ in range(3):
     with pytest.raises(TimeoutError, match="no answer"):
       _workspace._the_job(10)
-  assert _workspace._job is None and len(registered) == 2
+  assert _workspace._job is None
+  assert registered == [_workspace.sweep, _workspace._depart_if_failing]
   error = ValueError("uncaught")
   _workspace.sys.excepthook(ValueError, error, None)
   assert seen == [error] and _workspace._failing

@@ -221,28 +221,56 @@ def test_gpu_backward_under_a_plan_keeps_its_partials_within_half_the_scratch_bu
   lookup (the trace stops before any kernel); a forward alone, and the CPU, keep none."""
   import jax_ccfuser as ccf
   from jax_ccfuser import _topology
+  from jax_ccfuser.experimental import fused_moe_emulated
   case = Case(devices=2, tokens=32, hidden=16, ffn=8, experts_local=2, k=2, skew=1.0, seed=5)
-  x, ids, weights, w_in, w_out = make_inputs(case)
+  args = make_inputs(case)
 
   def layer(x, ids, weights, w_in, w_out, axis_name):
     plan = ccf.reassign(ids, case.num_experts, axis_name=axis_name)  # S = D = 2 slots
     return fused_moe(x, ids, weights, w_in, w_out, axis_name=axis_name, plan=plan)
 
-  mapped = shard_ep(layer, case.devices)
-  args = (x, ids, weights, w_in, w_out)
-  # A new jit each time: the budget is fixed when a call is traced, and jit keeps its traces.
-  trace_grad = lambda: jax.jit(jax.grad(lambda *a: jnp.sum(mapped(*a) ** 2),
-                                        argnums=(0, 3, 4))).trace(*args)
-  # Per device: 2 experts x 2 slots x (16 * 16 + 8 * 16) floats = 6 KiB.
-  monkeypatch.setattr(_topology, "platform", lambda split=None: "gpu")
-  with ccf.scratch_budget(12 << 10):
-    trace_grad()
-  with ccf.scratch_budget((12 << 10) - 1):
-    jax.jit(mapped).trace(*args)
-    with pytest.raises(ValueError, match=r"reassignment plan with 2 slots keeps float32 weight "
-                                         r"gradients of its 2 experts once per slot, 0 MiB of "
-                                         r"scratch: more than half the scratch budget \(0 MiB\)\. "
-                                         r"Raise jax_ccfuser.scratch_budget to at least 1 MiB"):
+  def emulated(x, ids, weights, w_in, w_out):  # both devices' blocks on one: partials twice
+    plan = jax.vmap(lambda block: ccf.reassign(block, case.num_experts, axis_name="ep"),
+                    axis_name="ep")(ids.reshape(case.devices, -1, case.k))
+    return fused_moe_emulated(x, ids, weights, w_in, w_out, num_devices=case.devices,
+                              plan=jax.tree.map(lambda a: a[0], plan))
+
+  # Per device, 2 experts x 2 slots x (16 * 16 + 8 * 16) floats: 6144 bytes, twice emulated.
+  for fn, partials in ((shard_ep(layer, case.devices), 6144), (emulated, 2 * 6144)):
+    # A new jit each time: the budget is fixed when a call is traced, and jit keeps its traces.
+    trace_grad = lambda: jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2),
+                                          argnums=(0, 3, 4))).trace(*args)
+    monkeypatch.setattr(_topology, "platform", lambda split=None: "gpu")
+    with ccf.scratch_budget(2 * partials):
       trace_grad()
-    monkeypatch.setattr(_topology, "platform", lambda split=None: "cpu")
-    trace_grad()
+    with ccf.scratch_budget(2 * partials - 1):
+      jax.jit(fn).trace(*args)
+      with pytest.raises(ValueError, match=(
+          rf"plan with 2 slots keeps float32 weight gradients of each of its "
+          rf"{partials // 3072} experts once per slot, {partials:,} bytes of scratch: more than "
+          rf"half the scratch budget \({2 * partials - 1:,} bytes\)\. Raise "
+          rf"jax_ccfuser.scratch_budget to at least {2 * partials:,} bytes, or use no plan "
+          rf"\(no plan with helpers fits\)")):
+        trace_grad()
+      monkeypatch.setattr(_topology, "platform", lambda split=None: "cpu")
+      trace_grad()
+
+
+def test_plan_partials_advice_fits_the_budget():
+  """At a Mixtral-8x7B shape on 8 GPUs (one expert each, S = 8 slots: 704,643,072 bytes a slot),
+  the refusal names the most helpers half the budget holds, or no plan where none fits."""
+  from jax_ccfuser import _fused
+  w_in = jax.ShapeDtypeStruct((1, 4096, 2 * 14336), jnp.bfloat16)
+  w_out = jax.ShapeDtypeStruct((1, 14336, 4096), jnp.bfloat16)
+  static = lambda budget: _fused._Static(site=0, num_devices=8, emulated=False,
+                                         activation="swiglu", timeout_ms=1, num_experts=8,
+                                         plan_slots=8, gpu=True, scratch_budget=budget)
+  for budget, advice in ((2 << 30, r"use no plan \(no plan with helpers fits\)"),
+                         (4 << 30, r"make the plan with reassign\(max_helpers=2\)")):
+    with pytest.raises(ValueError, match=r"5,637,144,576 bytes of scratch.*at least "
+                                         r"11,274,289,152 bytes, or " + advice):
+      _fused._check_plan_partials(static(budget), w_in, w_out)
+  _fused._check_plan_partials(static(11_274_289_152), w_in, w_out)
+  _fused._check_plan_partials(static(1)._replace(gpu=False), w_in, w_out)
+  # Peers in other processes: the handler refuses a plan with helpers there, whatever the budget.
+  _fused._check_plan_partials(static(1)._replace(devices=tuple(range(8))), w_in, w_out)
