@@ -48,12 +48,10 @@ class _Static(NamedTuple):
   # Valid ids are [0, num_experts); a group computes the first num_devices * E_local of them
   # (a host of a call across hosts sees its own experts first) and skips the others.
   num_experts: int
-  # Peers in other processes: every group's devices [G * D] and their platform; () when they
-  # share this process.
+  # Peers in other processes: every group's devices [G * D]; () when they share this process.
   devices: tuple = ()
-  platform: str = ""
+  platform: str = ""  # the platform the call is traced for ("cpu", "gpu")
   plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
-  gpu: bool = False  # traced for GPUs, whose backward keeps a plan's partials in scratch
   kept_rows: int = 0  # C: rows of h each device keeps for the backward; 0 recomputes them all
   scratch_budget: int = 0  # bytes of GPU scratch per call (jax_ccfuser.scratch_budget)
   fetch_sms: int = 0  # SMs the GEMMs leave to the fetch (jax_ccfuser.fetch_sms; -1: auto)
@@ -204,7 +202,7 @@ def _check_plan_partials(static: _Static, w_in, w_out) -> None:
   half the scratch budget, leaving the other half to the chunks' rows; more is refused here
   rather than run in chunks of one M-tile, or past the budget. (Peers in other processes take no
   plan with helpers on GPU: the handler refuses it.)"""
-  if not static.gpu or static.devices or static.plan_slots <= 1:
+  if static.platform != "gpu" or static.devices or static.plan_slots <= 1:
     return
   per_slot = w_out.shape[0] * (math.prod(w_in.shape[1:]) + math.prod(w_out.shape[1:])) * 4
   nbytes, budget = per_slot * static.plan_slots, static.scratch_budget
@@ -466,14 +464,15 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
                         axis_name=axis_name)
   _topology.check_every_axis_manual(axis_name)
   split = _topology.split(axis_name, dims.num_devices)
-  if _topology.platform(split) == "gpu":
+  platform = _topology.platform(split)
+  if platform == "gpu":
     check_gpu_limits(dims, x.dtype)
   if dims.num_devices > 1 and jax.default_backend() == "cpu":
     _cpu_threads.check_pool(jax.local_device_count())
   workers, bounds = _plan_operands(plan, dims.num_experts, dims.num_devices)
   replication = _replication(plan, split)
-  kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2],
-                         platform=_topology.platform(split), plan_slots=workers.shape[1])
+  kept_rows = _kept_rows(residuals, dims.tokens, dims.k, w_in.shape[2], platform=platform,
+                         plan_slots=workers.shape[1])
   settings = _traced_settings()
   if dims.tokens == 0:
     return no_tokens(x)
@@ -484,8 +483,7 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   static = _Static(site=next(_sites), num_devices=dims.num_devices, emulated=False,
                    activation=activation, **settings,
                    num_experts=dims.num_experts, devices=split.devices,
-                   platform=split.platform, plan_slots=workers.shape[1],
-                   gpu=_topology.platform(split) == "gpu", kept_rows=kept_rows)
+                   platform=platform, plan_slots=workers.shape[1], kept_rows=kept_rows)
   rank, group = _position(axis_name)
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 
@@ -619,8 +617,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
   static = _Static(site=next(_sites), num_devices=per_host, emulated=False,
                    activation=activation, **_traced_settings(),
                    num_experts=num_experts, devices=split.devices, platform=split.platform,
-                   plan_slots=workers.shape[1], gpu=_topology.platform(split) == "gpu",
-                   kept_rows=kept_rows)
+                   plan_slots=workers.shape[1], kept_rows=kept_rows)
   partial = _fused(static, flat(gather(x)), ids, flat(gather(expert_weights)), w_in, w_out,
                    workers, bounds, place, group * n + block)
   back = jax.lax.all_to_all(partial.reshape(n, t, h), axis_name, 0, 0,
@@ -647,16 +644,16 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
                      f"{num_devices} emulated devices")
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=None)
-  if _topology.platform() == "gpu":
+  platform = _topology.platform()
+  if platform == "gpu":
     check_gpu_limits(dims, x.dtype)
   workers, bounds = _plan_operands(plan, w_out.shape[0], num_devices)
   _replication(plan, _topology.Split(1, num_devices, False, ()))
   static = _Static(site=next(_sites), num_devices=num_devices, emulated=True,
                    activation=activation, **_traced_settings(),
-                   num_experts=w_out.shape[0], plan_slots=workers.shape[1],
-                   gpu=_topology.platform() == "gpu",
+                   num_experts=w_out.shape[0], platform=platform, plan_slots=workers.shape[1],
                    kept_rows=_kept_rows(residuals, x.shape[0] // num_devices, dims.k,
-                                        w_in.shape[2], platform=_topology.platform(),
+                                        w_in.shape[2], platform=platform,
                                         plan_slots=workers.shape[1]))
   if x.shape[0] == 0:
     return no_tokens(x)

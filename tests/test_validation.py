@@ -264,13 +264,14 @@ def test_plan_partials_advice_fits_the_budget():
   w_out = jax.ShapeDtypeStruct((1, 14336, 4096), jnp.bfloat16)
   static = lambda budget: _fused._Static(site=0, num_devices=8, emulated=False,
                                          activation="swiglu", timeout_ms=1, num_experts=8,
-                                         plan_slots=8, gpu=True, scratch_budget=budget)
+                                         plan_slots=8, platform="gpu",
+                                         scratch_budget=budget)
   for budget, advice in ((2 << 30, r"use no plan \(no plan with helpers fits\)"),
                          (4 << 30, r"make the plan with reassign\(max_helpers=2\)")):
     with pytest.raises(ValueError, match=r"5,637,144,576 bytes of scratch.*at least "
                                          r"11,274,289,152 bytes, or " + advice):
       _fused._check_plan_partials(static(budget), w_in, w_out)
   _fused._check_plan_partials(static(11_274_289_152), w_in, w_out)
-  _fused._check_plan_partials(static(1)._replace(gpu=False), w_in, w_out)
+  _fused._check_plan_partials(static(1)._replace(platform="cpu"), w_in, w_out)
   # Peers in other processes: the handler refuses a plan with helpers there, whatever the budget.
   _fused._check_plan_partials(static(1)._replace(devices=tuple(range(8))), w_in, w_out)
