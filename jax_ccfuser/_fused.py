@@ -195,6 +195,13 @@ def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: 
   return rows if residuals == "hidden" else 0
 
 
+def plan_partial_bytes(w_in, w_out, slots: int) -> int:
+  """Bytes of the float32 weight gradients a GPU backward under a plan keeps per call: `slots`
+  of each expert of `w_in` `[E, H, G*F]` and `w_out` `[E, F, H]` (a device's, or all D
+  emulated devices' experts)."""
+  return slots * w_out.shape[0] * (math.prod(w_in.shape[1:]) + math.prod(w_out.shape[1:])) * 4
+
+
 def _check_plan_partials(static: _Static, w_in, w_out) -> None:
   """On GPU, the backward under a plan with helper slots keeps S float32 weight gradients of each
   of its experts in scratch (the owner's and each helper slot's, summed in slot order once the
@@ -204,7 +211,7 @@ def _check_plan_partials(static: _Static, w_in, w_out) -> None:
   plan with helpers on GPU: the handler refuses it.)"""
   if static.platform != "gpu" or static.devices or static.plan_slots <= 1:
     return
-  per_slot = w_out.shape[0] * (math.prod(w_in.shape[1:]) + math.prod(w_out.shape[1:])) * 4
+  per_slot = plan_partial_bytes(w_in, w_out, slots=1)
   nbytes, budget = per_slot * static.plan_slots, static.scratch_budget
   if 2 * nbytes <= budget:
     return

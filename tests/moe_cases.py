@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
+import jax_ccfuser as ccf
 from jax_ccfuser._ffn import ACTIVATIONS
 
 # Forward/gradient tolerances (rtol, atol) per compute dtype, against reference_moe in float32.
@@ -56,6 +57,14 @@ def make_inputs(case: Case):
   w_out = rng.standard_normal((e, case.ffn, case.hidden), dtype=np.float32) / np.sqrt(case.ffn)
   cast = lambda a: jnp.asarray(a, case.dtype)
   return cast(x), jnp.asarray(ids), jnp.asarray(weights), cast(w_in), cast(w_out)
+
+
+def emulated_plan(ids, num_experts: int, devices: int, tile: int = 4):
+  """`reassign`'s plan for `fused_moe_emulated` over `devices` devices: each takes its block of
+  `ids` `[D*T, K]`, as under `shard_map` (the same axis collectives, over a named vmap axis)."""
+  plan = jax.vmap(lambda block: ccf.reassign(block, num_experts, axis_name="ep", tile=tile),
+                  axis_name="ep")(ids.reshape(devices, -1, ids.shape[1]))
+  return jax.tree.map(lambda a: a[0], plan)
 
 
 def ep_mesh(devices: int):

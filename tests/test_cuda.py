@@ -30,11 +30,12 @@ import pytest
 import jax_ccfuser as ccf
 from jax_ccfuser import _extension
 from jax_ccfuser._ffn import ACTIVATIONS
+from jax_ccfuser._fused import plan_partial_bytes
 from jax_ccfuser.experimental import fused_moe_emulated
 from hardening_cases import (NON_FINITE, assert_matches_reference,
                              assert_non_finite_stays_in_its_rows, forward_and_grads,
                              make_forward_and_grads, peer_args)
-from moe_cases import Case, assert_close, make_inputs, sharded
+from moe_cases import Case, assert_close, emulated_plan, make_inputs, sharded
 
 pytestmark = pytest.mark.gpu
 
@@ -99,14 +100,6 @@ def _check(out, args, activation, dtype):
     assert_matches_reference(out, args, 1, activation, dtype)
 
 
-def _emulated_plan(ids, num_experts, devices):
-  """`reassign`'s plan for `devices` emulated devices: each takes its block of `ids`, as under
-  `shard_map` (the same axis collectives, here over a named vmap axis)."""
-  plan = jax.vmap(lambda block: ccf.reassign(block, num_experts, axis_name="ep", tile=4),
-                  axis_name="ep")(ids.reshape(devices, -1, ids.shape[1]))
-  return jax.tree.map(lambda a: a[0], plan)
-
-
 @functools.cache
 def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = False,
                    scratch_budget: int | None = None, fetch_sms: int | None = None,
@@ -116,7 +109,7 @@ def _emulated_step(devices: int, activation: str = "swiglu", with_plan: bool = F
   under `scratch_budget` and `fetch_sms` where given and JAX's TF32 precision if `tf32`; the
   backward recomputes h, or reads the forward's kept rows with `residuals="hidden"`."""
   def run(x, ids, weights, w_in, w_out, dy):
-    plan = _emulated_plan(ids, w_out.shape[0], devices) if with_plan else None
+    plan = emulated_plan(ids, w_out.shape[0], devices) if with_plan else None
     layer = functools.partial(fused_moe_emulated, num_devices=devices, activation=activation,
                               plan=plan, residuals=residuals)
     with contextlib.ExitStack() as settings:
@@ -208,9 +201,8 @@ def _least_budget(case: Case, with_plan: bool) -> int:
   than half of: E = D * E_local experts emulated, S = D slots (reassign's default), float32."""
   if not with_plan or PLATFORM != "cuda":
     return 1
-  gate_ffn = (2 if ACTIVATIONS[case.activation].gated else 1) * case.ffn
-  elements = case.hidden * gate_ffn + case.ffn * case.hidden
-  return 2 * case.num_experts * case.devices * elements * 4
+  w_in, w_out = make_inputs(case)[3:]
+  return 2 * plan_partial_bytes(w_in, w_out, slots=case.devices)
 
 
 def _grouped_weight_gradients(case: Case, with_plan: bool = False) -> bool:
@@ -254,7 +246,7 @@ def test_emulated_chunks_equal_one_chunk_bitwise(case, with_plan):
   grouped weight gradients aside, _assert_chunks_alike)."""
   args = _args(case)
   if with_plan:
-    _assert_plan_has_helpers(_emulated_plan(args[1], case.num_experts, case.devices))
+    _assert_plan_has_helpers(emulated_plan(args[1], case.num_experts, case.devices))
   whole = _after_other_inputs(_emulated_step(case.devices, with_plan=with_plan), args)
   _check(whole, args, case.activation, case.dtype)
   for budget in (_least_budget(case, with_plan), 1 << 20):
@@ -432,7 +424,7 @@ def _assert_plan_has_helpers(plan):
 def test_emulated_with_plan_matches_reference(devices, dtype):
   case = Case(devices=devices, tokens=40, skew=1.0, dtype=dtype, seed=62)
   args = _args(case)
-  _assert_plan_has_helpers(_emulated_plan(args[1], case.num_experts, devices))
+  _assert_plan_has_helpers(emulated_plan(args[1], case.num_experts, devices))
   out = _emulated_step(devices, case.activation, with_plan=True)(*args)
   _check(out, args, case.activation, dtype)
 
@@ -441,7 +433,7 @@ def test_emulated_with_plan_matches_reference(devices, dtype):
 def test_every_device_with_plan_matches_reference():
   case = Case(devices=_GROUP, tokens=40, skew=1.0, seed=63)
   args = _args(case)
-  _assert_plan_has_helpers(_emulated_plan(args[1], case.num_experts, _GROUP))
+  _assert_plan_has_helpers(emulated_plan(args[1], case.num_experts, _GROUP))
   out = forward_and_grads(ccf.fused_moe, _GROUP, case.activation, True)(*args)
   _check(out, args, case.activation, case.dtype)
 

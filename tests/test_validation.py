@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ccfuser import all_to_all_moe, fused_moe, reference_moe
 from jax_ccfuser._validation import GPU_MAX_TOP_K, axis_size, check_num_experts
-from moe_cases import Case, ep_mesh, make_inputs, shard_ep, sharded
+from moe_cases import Case, emulated_plan, ep_mesh, make_inputs, shard_ep, sharded
 
 MOE_FNS = [reference_moe, all_to_all_moe, fused_moe]
 
@@ -230,10 +230,8 @@ def test_gpu_backward_under_a_plan_keeps_its_partials_within_half_the_scratch_bu
     return fused_moe(x, ids, weights, w_in, w_out, axis_name=axis_name, plan=plan)
 
   def emulated(x, ids, weights, w_in, w_out):  # both devices' blocks on one: partials twice
-    plan = jax.vmap(lambda block: ccf.reassign(block, case.num_experts, axis_name="ep"),
-                    axis_name="ep")(ids.reshape(case.devices, -1, case.k))
     return fused_moe_emulated(x, ids, weights, w_in, w_out, num_devices=case.devices,
-                              plan=jax.tree.map(lambda a: a[0], plan))
+                              plan=emulated_plan(ids, case.num_experts, case.devices))
 
   # Per device, 2 experts x 2 slots x (16 * 16 + 8 * 16) floats: 6144 bytes, twice emulated.
   for fn, partials in ((shard_ep(layer, case.devices), 6144), (emulated, 2 * 6144)):
