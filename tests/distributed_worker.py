@@ -23,6 +23,7 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
 """
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -59,21 +60,24 @@ def loss_and_grads(moe, mesh, case):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
 
 
+@functools.partial(jax.jit, static_argnums=6)
+@functools.partial(jax.value_and_grad, argnums=(0, 1, 2, 3), has_aux=True)
+def reference_loss_and_grads(x, weights, w_in, w_out, ids, cotangent, activation):
+  y = ccf.reference_moe(x, ids, weights, w_in, w_out, activation=activation)
+  return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+
 def check(mesh, case, moe=ccf.fused_moe, ids=None):
   x, case_ids, weights, w_in, w_out = make_inputs(case)
   ids = case_ids if ids is None else ids
   cot = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
   args = [global_array(mesh, a) for a in (x, weights, w_in, w_out, ids, cot)]
-  step = loss_and_grads(moe, mesh, case)
-  hlo = step.lower(*args).compile().as_text()
+  step = loss_and_grads(moe, mesh, case).lower(*args).compile()
+  hlo = step.as_text()
   (_, y), grads = step(*args)
   fused = [multihost_utils.process_allgather(a, tiled=True) for a in (y, *grads)]
-
-  def reference(x, weights, w_in, w_out):
-    y = ccf.reference_moe(x, ids, weights, w_in, w_out, activation=case.activation)
-    return jnp.sum(y.astype(jnp.float32) * cot), y
-  (_, y_ref), grads_ref = jax.value_and_grad(reference, argnums=(0, 1, 2, 3), has_aux=True)(
-      x, weights, w_in, w_out)
+  (_, y_ref), grads_ref = reference_loss_and_grads(x, weights, w_in, w_out, ids, cot,
+                                                   case.activation)
   rtol, atol = TOLERANCES[case.dtype]
   worst = 0.0
   for got, want in zip(fused, (y_ref, *grads_ref)):

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import jax_ccfuser as ccf
 from jax_ccfuser import _cpu_threads
 from jax_ccfuser.nnx import MoE
+from conftest import COMPILE_FLAGS
 from moe_cases import Case, ep_mesh, make_inputs, sharded
 
 DEVICES = 8
@@ -71,11 +72,11 @@ def _train(dispatch: str, steps: int, wait_every_step: bool):
 @pytest.mark.slow
 @pytest.mark.parametrize("dispatch", ["fused", "all_to_all"])
 def test_training_loop_without_waiting_equals_waiting(dispatch):
-  """500 steps dispatched back to back (the baseline's XLA collectives too: they stop after
+  """200 steps dispatched back to back (the baseline's XLA collectives too: they stop after
   about 50 steps in flight when XLA:CPU has only one thread per device) end bitwise where the
   loop that waits on every step ends."""
-  free, free_loss = _train(dispatch, 500, wait_every_step=False)
-  waited, waited_loss = _train(dispatch, 500, wait_every_step=True)
+  free, free_loss = _train(dispatch, 200, wait_every_step=False)
+  waited, waited_loss = _train(dispatch, 200, wait_every_step=True)
   assert np.isfinite(free_loss) and free_loss == waited_loss
   jax.tree.map(np.testing.assert_array_equal, free, waited)
 
@@ -153,7 +154,7 @@ def test_calls_beside_independent_collectives_never_deadlock():
   steps of this loop (found by a review's random programs). The handler now waits on a thread
   of its own. Run apart, with a deadline, so a deadlock fails this test and not the suite."""
   steps = 1500
-  env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
+  env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"} | {"XLA_FLAGS": COMPILE_FLAGS}
   done = subprocess.run([sys.executable, "-c", _BESIDE_COLLECTIVES.replace("STEPS", str(steps))],
                         capture_output=True, text=True, timeout=300, env=env)
   assert done.returncode == 0, done.stderr[-3000:]

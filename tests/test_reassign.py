@@ -228,8 +228,9 @@ def test_plans_under_x64_are_the_same_int32_plans_without_warnings():
       warnings.simplefilter("error")
       first = _plan_step(case, ids)
       kept = _plan_step(case, ids, first)
-      replicated = _plan(jnp.asarray(source), Split(2, 2, False, ()), max_helpers=1,
-                         threshold=1.1, tile=2, previous=None, replicas=1)
+      replicated = jax.jit(functools.partial(
+          _plan, split=Split(2, 2, False, ()), max_helpers=1, threshold=1.1, tile=2,
+          previous=None, replicas=1))(jnp.asarray(source))
       plans.append((first, kept, replicated))
   for without, with_x64 in zip(*plans):
     for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(with_x64)):
