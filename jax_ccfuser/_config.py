@@ -95,8 +95,9 @@ def transport(kind: str):
   - "collectives": each process is a host of its own: rows for experts in other processes go
     through XLA collectives, devices of one process still read each other's memory.
 
-  Within one process every transport is the same. Fixed when a call is traced, like
-  `peer_timeout`.
+  Within one process every transport is the same. Across processes, every process must force
+  the same transport for the same call (checked while tracing). Fixed when a call is traced,
+  like `peer_timeout`.
 
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device

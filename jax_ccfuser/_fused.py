@@ -104,12 +104,19 @@ def _reserve_region(static: _Static, backward: bool, x, ids, weights, w_in, w_ou
         w_bytes=w_in.dtype.itemsize, plan_slots=static.plan_slots)
   else:  # the CUDA handler refuses plans with helpers across processes
     nbytes = _extension.cuda.shared_region_bytes(**shape)
-  call = (f"{'backward' if backward else 'forward'} of {static.activation} over "
-          f"{static.num_devices} devices {list(static.devices)}, {static.num_experts} experts, "
-          f"{static.plan_slots} plan slots, x {x.dtype}{list(x.shape)}, ids {list(ids.shape)}, "
-          f"weights {weights.dtype}, w_in {list(w_in.shape)}, w_out {list(w_out.shape)}")
+  where = f"{static.num_devices} devices {list(static.devices)}, {static.num_experts} experts"
+  call = _describe("backward" if backward else "forward", static.activation, where,
+                   static.plan_slots, x, ids, weights, w_in, w_out)
   return _workspace.region((static.site, backward), nbytes, static.timeout_ms, static.platform,
                            call)
+
+
+def _describe(direction: str, activation: str, where: str, plan_slots: int, x, ids, weights,
+              w_in, w_out) -> str:
+  """What a call is, for the processes to compare while they trace it (`_workspace`)."""
+  return (f"{direction} of {activation} over {where}, {plan_slots} plan slots, "
+          f"x {x.dtype}{list(x.shape)}, ids {list(ids.shape)}, weights {weights.dtype}, "
+          f"w_in {list(w_in.shape)}, w_out {list(w_out.shape)}")
 
 
 def _call_attrs(static: _Static, backward: bool, region, kept_rows: int) -> _CallAttrs:
@@ -483,6 +490,12 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   settings = _traced_settings()
   if dims.tokens == 0:
     return no_tokens(x)
+  if split.num_hosts > 1 or split.shared:
+    n, path = split.num_hosts, ("shared memory", "XLA collectives")[split.num_hosts > 1]
+    where = f"{n} host{'s' * (n > 1)} of {split.per_host} devices through {path}"
+    _workspace.agree_across_processes(
+        platform, _describe("forward", activation, where, workers.shape[1], x, expert_ids,
+                            expert_weights, w_in, w_out), peer_timeout_ms())
   if split.num_hosts > 1:
     return _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds,
                          replication, axis_name=axis_name, activation=activation, split=split,
@@ -604,11 +617,6 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
   n, per_host = split.num_hosts, split.per_host
   t, h = x.shape
   e_local = w_out.shape[0]
-  _workspace.agree_across_hosts(
-      split.platform, f"forward of {activation} over {n} hosts of {per_host} devices, "
-      f"x {x.dtype}{list(x.shape)}, ids {list(expert_ids.shape)}, weights {expert_weights.dtype}, "
-      f"w_in {list(w_in.shape)}, w_out {list(w_out.shape)}, plan slots {workers.shape[1]}",
-      peer_timeout_ms())
   same_place = [[b * per_host + r for b in range(n)] for r in range(per_host)]
   gather = lambda a: jax.lax.all_gather(a, axis_name, axis_index_groups=same_place)
   flat = lambda a: a.reshape((n * t,) + a.shape[2:])

@@ -12,8 +12,9 @@ creating process id: one left behind by a process that died while a chunk was be
 removed by the next process that sets one up, or exits. On GPU a chunk is device memory shared
 through its CUDA IPC handle, which the key-value store carries.
 
-The same store checks the trace order: the n-th region, and the n-th call across hosts (whose
-rows meet in XLA's collectives), must be the same call in every process.
+The same store checks the trace order: the n-th region, and the n-th call across processes (whose
+rows meet in shared memory or XLA's collectives), must be the same call, taking the same path,
+in every process.
 """
 
 import atexit
@@ -244,7 +245,7 @@ def _check(error: str) -> None:
 
 _job = None
 _workspaces = {}
-_across_hosts = {}  # platform: calls across hosts traced so far
+_across_processes = {}  # platform: calls across processes traced so far
 _lock = threading.Lock()  # tracing may run in several threads
 
 
@@ -264,10 +265,12 @@ def region(key, nbytes: int, timeout_ms: int, platform: str, call: str):
     return _workspaces[platform].region(key, nbytes, timeout_ms, call)
 
 
-def agree_across_hosts(platform: str, call: str, timeout_ms: int) -> None:
-  """Checks, while `call` (what it is) is traced, that every process traces the same calls
-  across hosts in the same order: they meet in XLA's collectives in that order."""
+def agree_across_processes(platform: str, call: str, timeout_ms: int) -> None:
+  """Checks, while `call` (what it is and the path its rows take) is traced, that every process
+  traces the same calls across processes in the same order, along the same path: they meet in
+  XLA's collectives in that order, and a process that took another path than its peers (another
+  `jax_ccfuser.transport`) would wait for them where they never come."""
   with _lock:
-    index = _across_hosts.get(platform, 0)
-    _across_hosts[platform] = index + 1
-    _agree(_the_job(timeout_ms), f"{platform}/across_hosts", index, call, timeout_ms)
+    index = _across_processes.get(platform, 0)
+    _across_processes[platform] = index + 1
+    _agree(_the_job(timeout_ms), f"{platform}/across_processes", index, call, timeout_ms)

@@ -10,6 +10,9 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     routing, across hosts the same with hot experts replicated onto the other hosts (routing
     skewed onto host 0's experts), and the errors of a call traced without the mesh set and of
     an out-of-range expert id;
+  trace_order, trace_transport: after a call together, process 0 traces another call (or the
+    same), then the last process traces the first again (under transport("collectives")): the
+    error of each trace;
   crash: the last process reports its pid and dies before the second call; the others report
     the error they get, and that of a third call;
   raise: the same, but the last process raises an uncaught exception instead of dying, and the
@@ -284,20 +287,23 @@ def late_first_trace(mesh, case):
   return out
 
 
-def trace_order(mesh, case):
+def trace_order(mesh, case, forced=None):
   """The trace_order scenario: after a call together, process 0 traces a layer of another
   activation (as a process that alone dumps a cost analysis would), then the last process
-  traces another layer."""
+  traces another layer. With `forced` (trace_transport), process 0 traces the same layer as the
+  last process, which traces it under `jax_ccfuser.transport(forced)`."""
   args = [global_array(mesh, a) for a in make_inputs(case)]
   client = key_value_client()
   out = {"error": None}
   with ccf.peer_timeout(10.0):
     jax.block_until_ready(layer(mesh)(*args))
     if PROCESS == 0:
-      out["error"] = error_of(lambda: layer(mesh, activation="geglu").lower(*args))
+      activation = "swiglu" if forced else "geglu"
+      out["error"] = error_of(lambda: layer(mesh, activation=activation).lower(*args))
     client.wait_at_barrier("trace_order/first", 60_000)
     if PROCESS == NUM_PROCESSES - 1:
-      out["error"] = error_of(lambda: layer(mesh).lower(*args))
+      with ccf.transport(forced or "auto"):
+        out["error"] = error_of(lambda: layer(mesh).lower(*args))
   return out
 
 
@@ -329,6 +335,8 @@ def main():
       out.update(late_first_trace(mesh, case))
     elif SCENARIO == "trace_order":
       out.update(trace_order(mesh, case))
+    elif SCENARIO == "trace_transport":
+      out.update(trace_order(mesh, case, forced="collectives"))
     elif SCENARIO in ("crash", "raise"):
       args = [global_array(mesh, a) for a in make_inputs(case)]
       with ccf.peer_timeout(3.0 if SCENARIO == "crash" else 60.0):

@@ -20,6 +20,7 @@ import pytest
 
 import jax_ccfuser as ccf
 from jax_ccfuser import _extension
+from conftest import COMPILE_FLAGS
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 SHM = pathlib.Path("/dev/shm")
@@ -40,8 +41,8 @@ def run(hosts, scenario="check", devices=2, env=None, timeout=300):
   port = _free_port()
   procs = []
   for p, host in enumerate(hosts):
-    penv = dict(os.environ, JAX_CCFUSER_HOST=host, **(env or {}))
-    penv.pop("XLA_FLAGS", None)
+    # Each worker sets its own device count: the suite's device flags are not for it.
+    penv = dict(os.environ, JAX_CCFUSER_HOST=host, XLA_FLAGS=COMPILE_FLAGS, **(env or {}))
     procs.append(subprocess.Popen(
         [sys.executable, str(WORKER), str(p), str(len(hosts)), str(port), str(devices), scenario],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=penv,
@@ -248,6 +249,20 @@ def test_calls_traced_in_another_order_are_refused_while_tracing(hosts):
                                     "swiglu"), second["error"]
   assert "another process as the forward of geglu" in second["error"], second["error"]
   assert "in the same order" in second["error"], second["error"]
+
+
+@pytest.mark.slow
+def test_a_call_traced_along_another_path_is_refused_while_tracing():
+  """On one host, after a call together, process 0 traces a layer along the default path
+  (shared memory) and process 1 the same layer under transport("collectives"): each would wait
+  for the other where it never comes (process 0 at a barrier in shared memory, process 1 in
+  XLA's collectives). Process 1's trace says so."""
+  first, second = _checked(run(["a", "a"], scenario="trace_transport"))
+  assert first["error"] is None, first
+  assert ("call number 1 of fused_moe across processes as the forward of swiglu over 2 hosts "
+          "of 2 devices through XLA collectives") in second["error"], second["error"]
+  assert ("another process as the forward of swiglu over 1 host of 4 devices through shared "
+          "memory") in second["error"], second["error"]
 
 
 @pytest.mark.slow
