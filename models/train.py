@@ -232,7 +232,10 @@ def train(model: nnx.Module, optimizer: nnx.Optimizer, data: np.ndarray, config:
 def checkpoint_manager(directory: str | pathlib.Path, *, every: int) -> ocp.CheckpointManager:
   """An Orbax manager keeping the last two checkpoints, saving every `every` steps."""
   options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+  # Handlers named up front, so that a checkpoint's shapes can be read before it is restored.
+  handlers = dict(state=ocp.StandardCheckpointHandler(), history=ocp.JsonCheckpointHandler())
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                               item_handlers=handlers)
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, model: nnx.Module,
@@ -244,18 +247,46 @@ def save(checkpoints: ocp.CheckpointManager, step: int, model: nnx.Module,
       history=ocp.args.JsonSave(list(history))), force=force)
 
 
+def _arrays(tree) -> dict:
+  """`{path: "dtype[shape]"}` of a state's arrays or a checkpoint's metadata, the paths written
+  alike for both ("0/blocks/0/ffn/w_in/value")."""
+  name = lambda key: str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+  return {"/".join(map(name, path)): f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_fits(checkpoints: ocp.CheckpointManager, step: int, abstract) -> None:
+  """Refuses checkpoint `step` where its arrays are not those of `abstract` (a model or
+  optimizer of other settings): Orbax would fail part-way through restoring, its error among
+  its shutdown's."""
+  saved, here = _arrays(checkpoints.item_metadata(step)["state"]), _arrays(abstract)
+  differ = [f"{path}: saved {saved.get(path, 'nothing')}, here {here.get(path, 'nothing')}"
+            for path in sorted(saved.keys() | here.keys()) if saved.get(path) != here.get(path)]
+  if differ:
+    raise ValueError(
+        f"checkpoint {step} in {checkpoints.directory} holds another model or optimizer than "
+        f"this one: {len(differ)} arrays differ ({'; '.join(differ[:3])}"
+        f"{'; ...' if len(differ) > 3 else ''}). Resume with the settings it was saved with, "
+        f"or start afresh (the demo: without --resume)")
+
+
 def restore(checkpoints: ocp.CheckpointManager, model: nnx.Module,
             optimizer: nnx.Optimizer) -> list[dict]:
   """Loads the latest checkpoint into `model` and `optimizer` (keeping their shardings).
 
   Returns:
     The saved history, or `[]` when there is no checkpoint (nothing is changed then).
+
+  Raises:
+    ValueError: the checkpoint's arrays are not those of `model` and `optimizer` (a run of
+      other settings saved it); nothing is changed then either.
   """
   step = checkpoints.latest_step()
   if step is None:
     return []
   state = nnx.state((model, optimizer))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  _check_fits(checkpoints, step, abstract)
   restored = checkpoints.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
   nnx.update((model, optimizer), restored["state"])

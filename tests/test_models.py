@@ -1,6 +1,7 @@
 """The MoE LM and its training loop: the loss falls, the fused and all-to-all paths agree step by
 step, checkpoints round-trip and a resumed run continues identically, the demo CLI runs."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -13,7 +14,7 @@ from flax import nnx
 
 from models.moe_lm import LMConfig, MoeLM
 from models.train import (TrainConfig, batch_placer, checkpoint_manager, load_corpus,
-                          make_optimizer, restore, train)
+                          make_optimizer, restore, save, train)
 from moe_cases import ep_mesh
 
 DEVICES = 4
@@ -100,6 +101,26 @@ def test_checkpoint_round_trip_and_resume(corpus, fused_run, tmp_path):
                        restore_from=checkpoint_manager(tmp_path, every=3))
   assert [r["step"] for r in resumed] == list(range(STEPS))
   np.testing.assert_array_equal(_losses(resumed), _losses(fused_run[2]))
+
+
+def test_a_checkpoint_of_other_settings_is_refused_before_restoring(tmp_path):
+  """Resuming with other settings says which arrays differ and leaves the model as it was
+  (Orbax's own error came part-way through restoring, among its shutdown's)."""
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    model = MoeLM(LM, rngs=nnx.Rngs(0))
+    saver = checkpoint_manager(tmp_path, every=1)
+    save(saver, 1, model, make_optimizer(model, TRAIN), [], force=True)
+    saver.close()
+    for other, message in (
+        (dataclasses.replace(LM, ffn=48), r"6 arrays differ \(0/blocks/0/ffn/w_in/value: saved "
+                                          r"float32\[8, 32, 64\], here float32\[8, 32, 96\]"),
+        (dataclasses.replace(LM, layers=2), r"0/blocks/1/\S+: saved nothing, here float32")):
+      changed = MoeLM(other, rngs=nnx.Rngs(1))
+      before = _params(changed)
+      with pytest.raises(ValueError, match=rf"checkpoint 1 in {tmp_path} holds another model or "
+                                           rf"optimizer than this one: .*{message}"):
+        restore(checkpoint_manager(tmp_path, every=1), changed, make_optimizer(changed, TRAIN))
+      jax.tree.map(np.testing.assert_array_equal, _params(changed), before)
 
 
 @pytest.mark.slow
