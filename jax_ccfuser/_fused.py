@@ -24,6 +24,7 @@ from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_b
                                  scratch_budget_bytes, tf32_in_force)
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_count
+from jax_ccfuser._validation import check_gpu_group
 from jax_ccfuser._validation import check_gpu_limits
 from jax_ccfuser._validation import check_moe_args
 
@@ -260,6 +261,10 @@ def _reverse_only(nondiff_argnums):
 def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, rank, group):
   """y `[T, H]` and the kept h rows `[C, G*F]` float32 (`[D*C, G*F]` emulated; none unless
   `keep`, as a forward that is not differentiated keeps nothing: `_hidden_shape`)."""
+  if static.platform == "gpu":
+    d = static.num_devices
+    check_gpu_group(d, w_out.shape[0] // d if static.emulated else w_out.shape[0],
+                    static.plan_slots, static.emulated)
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, rank, group)
   kept = static.kept_rows if keep else 0
   region = _reserve_region(static, False, x, ids, weights, w_in, w_out)

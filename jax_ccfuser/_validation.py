@@ -54,8 +54,11 @@ def check_num_experts(num_experts: int, num_devices: int) -> int:
   return num_experts // num_devices
 
 
-# The most routing choices per token the CUDA path takes (cuda/config.cuh kMaxTopK).
+# The CUDA path's limits (cuda/config.cuh): routing choices per token (kMaxTopK), devices of one
+# call's group (kMaxPeers), experts times plan slots in one work list (kMaxExpertsHere).
 GPU_MAX_TOP_K = 3072
+GPU_MAX_PEERS = 8
+GPU_MAX_EXPERTS_HERE = 1024
 
 
 def check_gpu_limits(dims: MoeDims, dtype) -> None:
@@ -69,6 +72,27 @@ def check_gpu_limits(dims: MoeDims, dtype) -> None:
   if dims.k > GPU_MAX_TOP_K:
     raise ValueError(f"fused_moe on GPU takes at most {GPU_MAX_TOP_K} routing choices per token; "
                      f"got K={dims.k}")
+
+
+def check_gpu_group(num_devices: int, experts_local: int, plan_slots: int, emulated: bool) -> None:
+  """The CUDA handler's limits on one call's group, at trace time: at most `GPU_MAX_PEERS`
+  devices, and at most `GPU_MAX_EXPERTS_HERE` experts times plan slots in one work list (a
+  device's own experts; the group's where it emulates its devices, is alone or has a plan with
+  helper slots)."""
+  if num_devices > GPU_MAX_PEERS:
+    raise ValueError(f"fused_moe on GPU takes groups of at most {GPU_MAX_PEERS} devices; this "
+                     f"call's has {num_devices}")
+  group = num_devices * experts_local
+  here = group if plan_slots > 1 or emulated or num_devices == 1 else experts_local
+  if here * plan_slots <= GPU_MAX_EXPERTS_HERE:
+    return
+  fits = GPU_MAX_EXPERTS_HERE // group  # plan slots that fit
+  smaller = (f"make the plan with reassign(max_helpers={fits - 1})" if fits > 1 else
+             "use no plan")
+  raise ValueError(
+      f"fused_moe on GPU takes at most {GPU_MAX_EXPERTS_HERE} experts x plan slots in one work "
+      f"list; this call's has {here} experts x {plan_slots} slots: "
+      f"{smaller if plan_slots > 1 else 'use more devices or fewer experts'}")
 
 
 def _dtype_name(a) -> str:

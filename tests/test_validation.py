@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jax_ccfuser import all_to_all_moe, fused_moe, reference_moe
-from jax_ccfuser._validation import GPU_MAX_TOP_K, axis_size, check_num_experts
+from jax_ccfuser import all_to_all_moe, fused_moe, reassign, reference_moe
+from jax_ccfuser._validation import (GPU_MAX_EXPERTS_HERE, GPU_MAX_PEERS, GPU_MAX_TOP_K, axis_size,
+                                     check_num_experts)
 from moe_cases import Case, emulated_plan, ep_mesh, make_inputs, shard_ep, sharded
 
 MOE_FNS = [reference_moe, all_to_all_moe, fused_moe]
@@ -130,11 +131,51 @@ def test_gpu_limits_found_at_trace_time(entry, monkeypatch):
   jax.jit(fn).trace(**args)
 
 
-def test_gpu_top_k_limit_is_the_kernels():
-  """The trace-time K limit is the one the CUDA handler checks and the scatter's shared memory
-  holds."""
+def test_gpu_group_limits_found_at_trace_time(monkeypatch):
+  """On GPU, a call's group has at most 8 devices and one work list at most 1024 experts x plan
+  slots (a device's own experts; the group's when emulated or under a plan with helpers):
+  trace-time ValueErrors that name the largest plan that fits, not run-time errors from the
+  handler. Traced for "gpu" by stubbing the platform lookup."""
+  from jax_ccfuser import _topology
+  from jax_ccfuser.experimental import fused_moe_emulated
+  monkeypatch.setattr(_topology, "platform", lambda split=None: "gpu")
+  small = dict(hidden=8, ffn=8, k=2)
+  for experts, fits in ((1024, True), (1025, False)):  # one emulated device: all its experts
+    args = make_inputs(Case(devices=1, tokens=4, experts_local=experts, **small))
+    trace = lambda: jax.jit(functools.partial(fused_moe_emulated, num_devices=1)).trace(*args)
+    if fits:
+      trace()
+    else:
+      with pytest.raises(ValueError, match=r"at most 1024 experts x plan slots in one work list; "
+                                           r"this call's has 1025 experts x 1 slots"):
+        trace()
+  nine = make_inputs(Case(devices=9, tokens=1, experts_local=1, **small))
+  with pytest.raises(ValueError, match=r"groups of at most 8 devices; this call's has 9"):
+    jax.jit(functools.partial(fused_moe_emulated, num_devices=9)).trace(*nine)
+
+  def planned(x, ids, weights, w_in, w_out, axis_name):  # reassign's default: S = D = 4 slots
+    plan = reassign(ids, w_out.shape[0] * 4, axis_name=axis_name)
+    return fused_moe(x, ids, weights, w_in, w_out, axis_name=axis_name, plan=plan)
+
+  for experts_local, fits in ((64, True), (65, False)):  # 4 * E_local experts x 4 slots
+    args = make_inputs(Case(devices=4, tokens=4, experts_local=experts_local, **small))
+    trace = lambda: jax.jit(shard_ep(planned, 4)).trace(*args)
+    if fits:
+      trace()
+    else:
+      with pytest.raises(ValueError, match=r"this call's has 260 experts x 4 slots: make the "
+                                           r"plan with reassign\(max_helpers=2\)"):
+        trace()
+  # Without a plan, each device's list holds its own 65 experts.
+  jax.jit(shard_ep(lambda *a, axis_name: fused_moe(*a, axis_name=axis_name), 4)).trace(*args)
+
+
+def test_gpu_limits_are_the_kernels():
+  """The trace-time limits are the ones the CUDA handler checks (cuda/config.cuh)."""
   config = (pathlib.Path(__file__).parents[1] / "cuda" / "config.cuh").read_text()
-  assert re.search(r"constexpr int kMaxTopK = (\d+);", config).group(1) == str(GPU_MAX_TOP_K)
+  for name, value in (("kMaxTopK", GPU_MAX_TOP_K), ("kMaxPeers", GPU_MAX_PEERS),
+                      ("kMaxExpertsHere", GPU_MAX_EXPERTS_HERE)):
+    assert re.search(rf"constexpr int {name} = (\d+);", config).group(1) == str(value), name
 
 
 @pytest.mark.parametrize("capacity_factor", [0.0, -1.25, float("nan")])
