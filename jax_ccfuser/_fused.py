@@ -103,7 +103,7 @@ def _reserve_region(static: _Static, backward: bool, x, ids, weights, w_in, w_ou
     nbytes = _extension.cpu.shared_region_bytes(
         **shape, experts_local=w_out.shape[0], expert_elements=w_in[0].size + w_out[0].size,
         w_bytes=w_in.dtype.itemsize, plan_slots=static.plan_slots)
-  else:  # the CUDA handler refuses plans with helpers across processes
+  else:  # no plan with helpers across processes on GPU (check_gpu_group)
     nbytes = _extension.cuda.shared_region_bytes(**shape)
   where = f"{static.num_devices} devices {list(static.devices)}, {static.num_experts} experts"
   call = _describe("backward" if backward else "forward", static.activation, where,
@@ -216,7 +216,7 @@ def _check_plan_partials(static: _Static, w_in, w_out) -> None:
   helpers are done): E_local * S * (H*G*F + F*H) * 4 bytes, `D` times that emulated. They may take
   half the scratch budget, leaving the other half to the chunks' rows; more is refused here
   rather than run in chunks of one M-tile, or past the budget. (Peers in other processes take no
-  plan with helpers on GPU: the handler refuses it.)"""
+  plan with helpers on GPU: check_gpu_group refuses it.)"""
   if static.platform != "gpu" or static.devices or static.plan_slots <= 1:
     return
   per_slot = plan_partial_bytes(w_in, w_out, slots=1)
@@ -264,7 +264,8 @@ def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, r
   if static.platform == "gpu":
     d = static.num_devices
     check_gpu_group(d, w_out.shape[0] // d if static.emulated else w_out.shape[0],
-                    static.plan_slots, static.emulated)
+                    static.plan_slots, emulated=static.emulated,
+                    across_processes=bool(static.devices))
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, rank, group)
   kept = static.kept_rows if keep else 0
   region = _reserve_region(static, False, x, ids, weights, w_in, w_out)

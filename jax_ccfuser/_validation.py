@@ -74,11 +74,16 @@ def check_gpu_limits(dims: MoeDims, dtype) -> None:
                      f"got K={dims.k}")
 
 
-def check_gpu_group(num_devices: int, experts_local: int, plan_slots: int, emulated: bool) -> None:
+def check_gpu_group(num_devices: int, experts_local: int, plan_slots: int, *, emulated: bool,
+                    across_processes: bool) -> None:
   """The CUDA handler's limits on one call's group, at trace time: at most `GPU_MAX_PEERS`
-  devices, and at most `GPU_MAX_EXPERTS_HERE` experts times plan slots in one work list (a
-  device's own experts; the group's where it emulates its devices, is alone or has a plan with
-  helper slots)."""
+  devices, at most `GPU_MAX_EXPERTS_HERE` experts times plan slots in one work list (a device's
+  own experts; the group's where it emulates its devices, is alone or has a plan with helper
+  slots), and no plan with helper slots where peers live in other processes."""
+  if across_processes and plan_slots > 1:
+    raise ValueError(f"fused_moe on GPU takes no reassignment plan with helper slots ({plan_slots} "
+                     f"here) where the group's devices live in several processes; call it with "
+                     f"plan=None there")
   if num_devices > GPU_MAX_PEERS:
     raise ValueError(f"fused_moe on GPU takes groups of at most {GPU_MAX_PEERS} devices; this "
                      f"call's has {num_devices}")

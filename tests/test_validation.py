@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_ccfuser import all_to_all_moe, fused_moe, reassign, reference_moe
 from jax_ccfuser._validation import (GPU_MAX_EXPERTS_HERE, GPU_MAX_PEERS, GPU_MAX_TOP_K, axis_size,
-                                     check_num_experts)
+                                     check_gpu_group, check_num_experts)
 from moe_cases import Case, emulated_plan, ep_mesh, make_inputs, shard_ep, sharded
 
 MOE_FNS = [reference_moe, all_to_all_moe, fused_moe]
@@ -168,6 +168,11 @@ def test_gpu_group_limits_found_at_trace_time(monkeypatch):
         trace()
   # Without a plan, each device's list holds its own 65 experts.
   jax.jit(shard_ep(lambda *a, axis_name: fused_moe(*a, axis_name=axis_name), 4)).trace(*args)
+  # Peers in other processes (a multi-process job) take no plan with helpers on GPU.
+  check_gpu_group(2, 2, 1, emulated=False, across_processes=True)
+  with pytest.raises(ValueError, match=r"no reassignment plan with helper slots \(2 here\) "
+                                       r"where the group's devices live in several processes"):
+    check_gpu_group(2, 2, 2, emulated=False, across_processes=True)
 
 
 def test_gpu_limits_are_the_kernels():
