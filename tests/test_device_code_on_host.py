@@ -23,6 +23,7 @@ The checks are host code only, so the host compiler builds them from the toolkit
 would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
 cores for the layouts, for the same verdicts)."""
 
+import concurrent.futures
 import os
 import pathlib
 import re
@@ -62,9 +63,17 @@ def _cutlass_include():
   return include if (include / "cute" / "tensor.hpp").is_file() else None
 
 
-def _run_host_check(name, tmp_path, optimize="-O0", xla_ffi=False):
-  """Builds tests/<name>.cu as host C++ (with `xla_ffi`, against XLA's FFI headers too, as the
-  handler's files are) and runs it; returns its output, which ends in its count of errors."""
+def host_check(name, optimize="-O0", xla_ffi=False):
+  """Marks a test as one of tests/<name>.cu, built as host C++ at `optimize` (with `xla_ffi`,
+  against XLA's FFI headers too, as the handler's files are); the test's `output` is what the
+  program printed, which ends in its count of errors."""
+  def mark(test):
+    test.host_check = (name, optimize, xla_ffi)
+    return test
+  return mark
+
+
+def _build(name, optimize, xla_ffi, folder):
   cuda, include, cxx = _cuda_includes(), _cutlass_include(), shutil.which("c++")
   if not cuda or include is None or cxx is None:
     pytest.skip("needs a C++ compiler, the CUDA toolkit's and the nvidia-cutlass headers, as "
@@ -73,10 +82,29 @@ def _run_host_check(name, tmp_path, optimize="-O0", xla_ffi=False):
   if xla_ffi:
     import jax
     xla = [f"-I{jax.ffi.include_dir()}"]
-  binary = tmp_path / name
+  binary = folder / name
   subprocess.run([cxx, "-std=c++17", optimize, "-x", "c++", f"-I{REPO}", f"-I{include}",
                   *(f"-I{path}" for path in cuda), *xla, "-o", str(binary),
                   str(REPO / "tests" / f"{name}.cu")], check=True, capture_output=True)
+  return binary
+
+
+@pytest.fixture(scope="module")
+def _binaries(request, tmp_path_factory):
+  """The programs of this run's selected tests, built two at a time from the first test on: the
+  compiler takes one core, and the programs take a minute or more in all."""
+  folder = tmp_path_factory.mktemp("host_checks")
+  checks = dict.fromkeys(item.function.host_check for item in request.session.items
+                         if item.module is request.module)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    yield {name: pool.submit(_build, name, optimize, xla_ffi, folder)
+           for name, optimize, xla_ffi in checks}
+
+
+@pytest.fixture
+def output(request, _binaries):
+  """What the test's program printed (it ran to the end and counted no errors)."""
+  binary = _binaries[request.function.host_check[0]].result()
   run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr
   assert run.stdout.splitlines()[-1] == "errors: 0"
@@ -84,86 +112,86 @@ def _run_host_check(name, tmp_path, optimize="-O0", xla_ffi=False):
 
 
 @pytest.mark.slow
-def test_every_configuration_moves_each_element_where_its_mma_reads_it(tmp_path):
-  # -O1: CuTe's templates compile in half the time of -O0 (25 s against 47 s on 2 cores).
-  out = _run_host_check("gemm_layouts", tmp_path, optimize="-O1")
-  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+# -O1: CuTe's templates compile in half the time of -O0 (25 s against 47 s on 2 cores).
+@host_check("gemm_layouts", optimize="-O1")
+def test_every_configuration_moves_each_element_where_its_mma_reads_it(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # bfloat16, float16, float32 as TF32 and float32, each for its three operand layouts.
-  assert len(verdicts) == 12, out
+  assert len(verdicts) == 12, output
 
 
-def test_activation_rows_in_vectors_match_one_column_a_lane_and_the_formula(tmp_path):
-  out = _run_host_check("pair_rows", tmp_path)
-  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+@host_check("pair_rows")
+def test_activation_rows_in_vectors_match_one_column_a_lane_and_the_formula(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # Every activation at F = 768, 200 and 1032.
-  assert len(verdicts) == 5 * 3, out
+  assert len(verdicts) == 5 * 3, output
 
 
-def test_activation_passes_visit_each_row_of_the_pass_once_and_write_no_other(tmp_path):
-  out = _run_host_check("row_passes", tmp_path)
-  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+@host_check("row_passes")
+def test_activation_passes_visit_each_row_of_the_pass_once_and_write_no_other(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # The walk at three M tiles, its stop at the list's end (lowered, and in a chunk of 2^30
   # tiles), and the two kernels in six cases (every activation, bfloat16 and float16).
-  assert len(verdicts) == 3 + 2 + 6, out
+  assert len(verdicts) == 3 + 2 + 6, output
 
 
-def test_weight_gradients_in_chunks_sum_each_group_once_exactly(tmp_path):
-  # Optimised: its float sums over random lists take a minute unoptimised, 4 s optimised.
-  out = _run_host_check("weight_gradient_chunks", tmp_path, optimize="-O2")
-  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+# Optimised: its float sums over random lists take a minute unoptimised, 4 s optimised.
+@host_check("weight_gradient_chunks", optimize="-O2")
+def test_weight_gradients_in_chunks_sum_each_group_once_exactly(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # expert_gemm alone (and under plans), and the grouped GEMMs beside it.
-  assert len(verdicts) == 2, out
+  assert len(verdicts) == 2, output
 
 
-def test_scatter_and_combine_sum_each_slot_in_list_order_however_they_run(tmp_path):
-  out = _run_host_check("slot_sums", tmp_path)
-  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+@host_check("slot_sums")
+def test_scatter_and_combine_sum_each_slot_in_list_order_however_they_run(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # Eight routings forward and backward, a source that gave up, an aborted call, sum_partials.
-  assert len(verdicts) == 8 * 2 + 3, out
+  assert len(verdicts) == 8 * 2 + 3, output
 
 
-def test_device_barrier_protocol_keeps_members_in_step_and_reports_each_fault(tmp_path):
-  out = _run_host_check("barrier_protocol", tmp_path)
-  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+@host_check("barrier_protocol")
+def test_device_barrier_protocol_keeps_members_in_step_and_reports_each_fault(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # In step (two ways of counting), a dead member, out of step, a changed rank, other shapes,
   # and the end barrier after a failed launch or another member's failure (two timings).
-  assert len(verdicts) == 9, out
+  assert len(verdicts) == 9, output
 
 
 @pytest.mark.slow
-def test_launch_sequence_orders_its_streams_and_keeps_its_barriers_through_each_failure(tmp_path):
-  # Optimised: it replays each configuration once for every call it makes, that call failing.
-  out = _run_host_check("launch_order", tmp_path, optimize="-O2", xla_ffi=True)
-  verdicts = [line for line in out.splitlines() if line.endswith(": ok")]
+# Optimised: it replays each configuration once for every call it makes, that call failing.
+@host_check("launch_order", optimize="-O2", xla_ffi=True)
+def test_launch_sequence_orders_its_streams_and_keeps_its_barriers_through_each_failure(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # Forward and backward: for each of seven ways of meeting the peers, and for the phases the
   # shape decides and a work list of many experts.
-  assert len(verdicts) == 2 * 7 + 2 * 2, out
+  assert len(verdicts) == 2 * 7 + 2 * 2, output
   configurations, injected = map(int, re.search(
-      r"^configurations: (\d+), failures injected: (\d+)$", out, flags=re.M).groups())
+      r"^configurations: (\d+), failures injected: (\d+)$", output, flags=re.M).groups())
   # The matrix (no plans across processes), then the shapes past it: four and two a direction.
-  assert configurations == 2 * (5 * 54 + 2 * 36) + 2 * 4 + 2 * 2, out
+  assert configurations == 2 * (5 * 54 + 2 * 36) + 2 * 4 + 2 * 2, output
   # Each configuration makes dozens of calls, each made to fail in a run of its own.
-  assert injected > 20 * configurations, out
+  assert injected > 20 * configurations, output
 
 
 @pytest.mark.slow
-def test_handler_enqueues_both_barriers_or_stops_the_gpu_through_each_failure(tmp_path):
-  out = _run_host_check("handler_paths", tmp_path, xla_ffi=True)
+@host_check("handler_paths", xla_ffi=True)
+def test_handler_enqueues_both_barriers_or_stops_the_gpu_through_each_failure(output):
   counts = {name: int(n) for name, n in
-            re.findall(r"^(.+): (\d+) failures injected: ok$", out, flags=re.M)}
+            re.findall(r"^(.+): (\d+) failures injected: ok$", output, flags=re.M)}
   # Each way of meeting the peers, forward and backward: a failure at each call of a first call,
   # of a later one, and of the call that reports a bad id.
   groups = [f"{g}, {d}" for g in ("one device", "D=2 emulated", "D=2 in one process",
                                   "D=4 in one process", "D=2 across processes")
             for d in ("forward", "backward")]
-  assert len(counts) == 3 * len(groups), out
+  assert len(counts) == 3 * len(groups), output
   for g in groups:
     # The first call also sets the GPU up and takes its place at the site.
-    assert counts[f"{g}, the first call"] > counts[f"{g}, a later call"] > 0, out
-    assert counts[f"{g}, the fault record"] > 0, out
+    assert counts[f"{g}, the first call"] > counts[f"{g}, a later call"] > 0, output
+    assert counts[f"{g}, the fault record"] > 0, output
   # Each member's calls fail in turn, and in a larger group each checks more peers.
   for d in ("forward", "backward"):
     assert (counts[f"D=4 in one process, {d}, a later call"]
-            > 2 * counts[f"D=2 in one process, {d}, a later call"]), out
-  total = re.search(r"^failures injected: (\d+)$", out, flags=re.M)
-  assert int(total[1]) == sum(counts.values()), out
+            > 2 * counts[f"D=2 in one process, {d}, a later call"]), output
+  total = re.search(r"^failures injected: (\d+)$", output, flags=re.M)
+  assert int(total[1]) == sum(counts.values()), output
