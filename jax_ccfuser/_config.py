@@ -96,7 +96,8 @@ def transport(kind: str):
     through XLA collectives, devices of one process still read each other's memory.
 
   Within one process every transport is the same. Across processes, every process must force
-  the same transport for the same call (checked while tracing). Fixed when a call is traced,
+  the same transport for the same call: tracing it under another one than the process that
+  traced it first fails (that process waits out its peer timeout). Fixed when a call is traced,
   like `peer_timeout`.
 
   Examples:

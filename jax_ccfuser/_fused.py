@@ -203,7 +203,7 @@ def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: 
   return rows if residuals == "hidden" else 0
 
 
-def plan_partial_bytes(w_in, w_out, slots: int) -> int:
+def plan_partial_bytes(w_in, w_out, *, slots: int) -> int:
   """Bytes of the float32 weight gradients a GPU backward under a plan keeps per call: `slots`
   of each expert of `w_in` `[E, H, G*F]` and `w_out` `[E, F, H]` (a device's, or all D
   emulated devices' experts)."""
@@ -220,7 +220,7 @@ def _check_plan_partials(static: _Static, w_in, w_out) -> None:
   if static.platform != "gpu" or static.devices or static.plan_slots <= 1:
     return
   per_slot = plan_partial_bytes(w_in, w_out, slots=1)
-  nbytes, budget = per_slot * static.plan_slots, static.scratch_budget
+  nbytes, budget = plan_partial_bytes(w_in, w_out, slots=static.plan_slots), static.scratch_budget
   if 2 * nbytes <= budget:
     return
   fits = budget // (2 * per_slot)  # slots whose partials take at most half the budget
@@ -497,8 +497,10 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   if dims.tokens == 0:
     return no_tokens(x)
   if split.num_hosts > 1 or split.shared:
-    n, path = split.num_hosts, ("shared memory", "XLA collectives")[split.num_hosts > 1]
-    where = f"{n} host{'s' * (n > 1)} of {split.per_host} devices through {path}"
+    n, m = split.num_hosts, split.per_host
+    path = " and ".join(p for p, used in (("shared memory", split.shared),
+                                          ("XLA collectives", n > 1)) if used)
+    where = f"{n} host{'s' * (n > 1)} of {m} device{'s' * (m > 1)} through {path}"
     _workspace.agree_across_processes(
         platform, _describe("forward", activation, where, workers.shape[1], x, expert_ids,
                             expert_weights, w_in, w_out), peer_timeout_ms())

@@ -124,9 +124,10 @@ class _Job:
 
 def _agree(job: _Job, calls: str, index: int, call: str, timeout_ms: int) -> None:
   """Checks that every process traces the same call as its `index`-th of `calls`: regions are
-  handed out, and calls across hosts meet in XLA's collectives, in trace order, so a process
-  that traced another call there would meet its peers at calls other than theirs (silently,
-  where the shapes agree)."""
+  handed out, and calls across processes meet (in shared memory or XLA's collectives), in trace
+  order, so a process that traced another call there would meet its peers at calls other than
+  theirs (silently, where the shapes agree). The first process to trace it is not refused: it
+  meets no one, and waits out its peer timeout."""
   client = key_value_client()
   key = f"jax_ccfuser/{job.name}/{calls}/{index}"
   try:
@@ -138,8 +139,8 @@ def _agree(job: _Job, calls: str, index: int, call: str, timeout_ms: int) -> Non
     raise ValueError(
         f"jax_ccfuser: this process traced its call number {index} of fused_moe across "
         f"processes as the {call}, another process as the {theirs}: every process must trace "
-        f"the same fused_moe calls in the same order (the first trace of each jitted function "
-        f"counts)")
+        f"the same fused_moe calls in the same order, along the same path (the same "
+        f"jax_ccfuser.transport; the first trace of each jitted function counts)")
 
 
 class _Workspaces:
@@ -271,6 +272,7 @@ def agree_across_processes(platform: str, call: str, timeout_ms: int) -> None:
   XLA's collectives in that order, and a process that took another path than its peers (another
   `jax_ccfuser.transport`) would wait for them where they never come."""
   with _lock:
+    job = _the_job(timeout_ms)  # first: a set-up that timed out takes no call number
     index = _across_processes.get(platform, 0)
     _across_processes[platform] = index + 1
-    _agree(_the_job(timeout_ms), f"{platform}/across_processes", index, call, timeout_ms)
+    _agree(job, f"{platform}/across_processes", index, call, timeout_ms)

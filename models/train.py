@@ -248,10 +248,12 @@ def save(checkpoints: ocp.CheckpointManager, step: int, model: nnx.Module,
 
 
 def _arrays(tree) -> dict:
-  """`{path: "dtype[shape]"}` of a state's arrays or a checkpoint's metadata, the paths written
-  alike for both ("0/blocks/0/ffn/w_in/value")."""
+  """`{path: "dtype[shape]"}` of a state's leaves or a checkpoint's metadata, the paths written
+  alike for both ("0/blocks/0/ffn/w_in/value"); a Python number is a scalar of its NumPy type,
+  as Orbax saves it."""
   name = lambda key: str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
-  return {"/".join(map(name, path)): f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
+  kind = lambda leaf: np.dtype(leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf))
+  return {"/".join(map(name, path)): f"{kind(leaf).name}{list(np.shape(leaf))}"
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

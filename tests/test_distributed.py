@@ -41,7 +41,8 @@ def run(hosts, scenario="check", devices=2, env=None, timeout=300):
   port = _free_port()
   procs = []
   for p, host in enumerate(hosts):
-    # Each worker sets its own device count: the suite's device flags are not for it.
+    # Each worker sets its own device count: XLA_FLAGS from the caller's environment are not
+    # for it.
     penv = dict(os.environ, JAX_CCFUSER_HOST=host, XLA_FLAGS=COMPILE_FLAGS, **(env or {}))
     procs.append(subprocess.Popen(
         [sys.executable, str(WORKER), str(p), str(len(hosts)), str(port), str(devices), scenario],
@@ -227,21 +228,24 @@ def test_a_peer_that_gave_up_waiting_and_fell_silent_is_gone_too():
 def test_a_process_late_to_its_first_trace_is_waited_for_by_the_next_trace():
   """Process 1 traces its first call after process 0's peer timeout: process 0's trace raises an
   error that says so (not the key-value store's), and tracing again, with process 1 there, sets
-  up the job and runs, where it once raised that the job's keys already existed."""
+  up the job and runs, where it once raised that the job's keys already existed. The trace that
+  gave up took no place in the trace order: the calls after it pair alike (one had, and the
+  layer of another activation met the other process's check)."""
   early, late = _checked(run(["a", "a"], scenario="late"))
   assert early["first"].startswith("TimeoutError: jax_ccfuser: process 1 has not shared its "), \
       early["first"]
   assert early["second"] is None and late["second"] is None, (early, late)
   assert early["worst"] <= 1.0 and late["worst"] <= 1.0, (early, late)
+  assert early["other"] is None and late["other"] is None, (early, late)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("hosts", [["a", "a"], ["a", "b"]], ids=["one host", "two hosts"])
 def test_calls_traced_in_another_order_are_refused_while_tracing(hosts):
   """After a call together, process 0 traces a geglu layer, which process 1 never traces: the
-  second region (on one host), or the second meeting in XLA's collectives (across hosts), would
-  hold another call in each process, and a later call meet its peers at a call other than theirs
-  (with the same shapes, silently). Process 1's trace says so."""
+  second call across processes (meeting in shared memory on one host, in XLA's collectives
+  across hosts) would be another call in each process, and a later call meet its peers at a
+  call other than theirs (with the same shapes, silently). Process 1's trace says so."""
   first, second = _checked(run(hosts, scenario="trace_order"))
   assert first["error"] is None, first
   assert second["error"].startswith("ValueError: jax_ccfuser: this process traced its call "
