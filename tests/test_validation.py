@@ -140,34 +140,33 @@ def test_gpu_group_limits_found_at_trace_time(monkeypatch):
   from jax_ccfuser.experimental import fused_moe_emulated
   monkeypatch.setattr(_topology, "platform", lambda split=None: "gpu")
   small = dict(hidden=8, ffn=8, k=2)
-  for experts, fits in ((1024, True), (1025, False)):  # one emulated device: all its experts
-    args = make_inputs(Case(devices=1, tokens=4, experts_local=experts, **small))
-    trace = lambda: jax.jit(functools.partial(fused_moe_emulated, num_devices=1)).trace(*args)
-    if fits:
-      trace()
-    else:
-      with pytest.raises(ValueError, match=r"at most 1024 experts x plan slots in one work list; "
-                                           r"this call's has 1025 experts x 1 slots"):
-        trace()
-  nine = make_inputs(Case(devices=9, tokens=1, experts_local=1, **small))
-  with pytest.raises(ValueError, match=r"groups of at most 8 devices; this call's has 9"):
-    jax.jit(functools.partial(fused_moe_emulated, num_devices=9)).trace(*nine)
+
+  def at_limit(trace, fitting, over, match):
+    trace(fitting)
+    with pytest.raises(ValueError, match=match):
+      trace(over)
+
+  def emulated(experts, devices=1):  # one emulated device: all its experts in one list
+    args = make_inputs(Case(devices=devices, tokens=4, experts_local=experts, **small))
+    jax.jit(functools.partial(fused_moe_emulated, num_devices=devices)).trace(*args)
+
+  at_limit(emulated, 1024, 1025, r"at most 1024 experts x plan slots in one work list; this "
+                                 r"call's has 1025 experts x 1 slots")
+  at_limit(functools.partial(emulated, 1), 8, 9,
+           r"groups of at most 8 devices; this call's has 9")
 
   def planned(x, ids, weights, w_in, w_out, axis_name):  # reassign's default: S = D = 4 slots
     plan = reassign(ids, w_out.shape[0] * 4, axis_name=axis_name)
     return fused_moe(x, ids, weights, w_in, w_out, axis_name=axis_name, plan=plan)
 
-  for experts_local, fits in ((64, True), (65, False)):  # 4 * E_local experts x 4 slots
+  def sharded(experts_local, layer=planned):  # 4 * E_local experts x 4 slots under the plan
     args = make_inputs(Case(devices=4, tokens=4, experts_local=experts_local, **small))
-    trace = lambda: jax.jit(shard_ep(planned, 4)).trace(*args)
-    if fits:
-      trace()
-    else:
-      with pytest.raises(ValueError, match=r"this call's has 260 experts x 4 slots: make the "
-                                           r"plan with reassign\(max_helpers=2\)"):
-        trace()
+    jax.jit(shard_ep(layer, 4)).trace(*args)
+
+  at_limit(sharded, 64, 65, r"this call's has 260 experts x 4 slots: make the plan with "
+                            r"reassign\(max_helpers=2\)")
   # Without a plan, each device's list holds its own 65 experts.
-  jax.jit(shard_ep(lambda *a, axis_name: fused_moe(*a, axis_name=axis_name), 4)).trace(*args)
+  sharded(65, lambda *a, axis_name: fused_moe(*a, axis_name=axis_name))
   # Peers in other processes (a multi-process job) take no plan with helpers on GPU.
   check_gpu_group(2, 2, 1, emulated=False, across_processes=True)
   with pytest.raises(ValueError, match=r"no reassignment plan with helper slots \(2 here\) "
