@@ -68,6 +68,21 @@ def test_stats_skip_out_of_range_ids():
   assert stats.transitions.shape == (0, 4, 4)
 
 
+def test_stats_count_ids_of_any_integer_type():
+  """uint8 ids at E = 256 and int16 ids are counted as int32 ones (in their own type the bins
+  wrapped, or overflowed)."""
+  rng = np.random.default_rng(3)
+  ids = [rng.integers(0, 256, (16, 2)) for _ in range(2)]
+  want = placement.routing_stats([jnp.asarray(i, jnp.int32) for i in ids], num_experts=256,
+                                 num_devices=2)
+  for dtype in (jnp.uint8, jnp.int16, jnp.uint16):
+    got = placement.routing_stats([jnp.asarray(i, dtype) for i in ids], num_experts=256,
+                                  num_devices=2, source=jnp.arange(16, dtype=dtype) // 8)
+    np.testing.assert_array_equal(got.rows, want.rows)
+    np.testing.assert_array_equal(got.transitions, want.transitions)
+  assert int(want.rows.sum()) == 2 * 16 * 2  # layers x tokens x K: every id counted
+
+
 def _stats(rows, transitions=None):
   rows = np.asarray(rows, np.int32)
   if transitions is None:
@@ -197,6 +212,37 @@ def test_bad_arguments():
       placement.solve(stats, 2, **option)
   with pytest.raises(ValueError, match="6 experts do not split evenly over 4 devices"):
     placement.score(placement.RoutingStats.zeros(1, 4, 6))
+  # Totals that wrapped past 2**31 - 1, and transitions of another layer count or expert count.
+  wrapped = _stats([[[1, 2, 3, 4], [4, 3, 2, 1]], [[1, 2, 3, -2**31 + 5], [4, 3, 2, 1]]])
+  for fn in (placement.score, lambda s: placement.solve(s, 2)):
+    with pytest.raises(ValueError, match=r"stats hold negative counts: an int32 total that passed "
+                                         r"2\*\*31 - 1 wraps around"):
+      fn(wrapped)
+    for transitions in (np.zeros((2, 4, 4)), np.zeros((0, 4, 8))):
+      with pytest.raises(ValueError, match=r"stats.transitions must be \[L - 1, E, E\] = "
+                                           r"\[0, 4, 4\] for rows \[1, 2, 4\]"):
+        fn(_stats([[[1, 2, 3, 4], [4, 3, 2, 1]]], transitions))
+
+
+def test_a_layer_without_rows_scores_as_nothing_remote():
+  score = placement.score(placement.RoutingStats.zeros(2, 2, 4))
+  np.testing.assert_array_equal(score.remote_fraction, [0.0, 0.0])
+  np.testing.assert_array_equal(score.max_load, [1.0, 1.0])
+  np.testing.assert_array_equal(score.cross_fraction, [0.0])
+
+
+def test_ilp_is_never_worse_than_the_identity():
+  """With a strong cross-layer term the first pass places layer 0 blind to layer 1, and the
+  descent once settled at 271.3 where leaving both layers in place costs 242.5."""
+  ids = [[[0, 1], [0, 1], [0, 2], [0, 4], [2, 1], [0, 1], [3, 0], [3, 4], [0, 5], [1, 0], [0, 4],
+          [4, 3]],
+         [[1, 0], [1, 4], [1, 3], [2, 5], [3, 0], [0, 3], [2, 1], [2, 5], [1, 4], [0, 1], [1, 5],
+          [5, 2]]]
+  stats = placement.routing_stats([jnp.asarray(i, jnp.int32) for i in ids], num_experts=6,
+                                  num_devices=3)
+  solution = placement.solve(stats, 3, balance_weight=0.1, transition_weight=10.0)
+  np.testing.assert_array_equal(solution.perms, [np.arange(6)] * 2)
+  assert solution.methods == ("identity", "identity")
 
 
 # Counts, places and permutes with `placement`'s Flax-free names; `result` holds what they give.
@@ -205,7 +251,7 @@ ids = [np.array([[0, 1], [2, 3], [0, 2], [1, 3]], np.int32),
        np.array([[1, 2], [3, 0], [2, 1], [0, 3]], np.int32)]
 stats = placement.RoutingStats.zeros(2, 2, 4).update(ids)
 solution = placement.solve(stats, 2, method="greedy")
-tree = {"moe": {"w_in": np.arange(4.0), "router": {"kernel": np.eye(4)}}}
+tree = {"moe": {"w_in": np.arange(4.0).reshape(4, 1, 1), "router": {"kernel": np.eye(4)}}}
 moved = placement.permute(tree, solution.perms[:1], layers=[("moe",)])
 result = [stats.rows.tolist(), solution.perms.tolist(),
           placement.score(stats, solution.perms).remote_fraction.tolist(),
@@ -368,6 +414,64 @@ def test_apply_refuses_a_factored_optimizer_state_and_moves_nothing():
                                        r".* not factored ones \(Adafactor's\); nothing was moved"):
     placement.apply(model, optimizer, [[1, 2, 3, 0]])
   np.testing.assert_array_equal(model.w_in[...], w_in)
+
+
+def test_apply_refuses_state_in_pieces_and_moves_nothing():
+  """SM3 keeps one accumulator per axis of a parameter (a list under its name): none has the
+  parameter's shape, so none can move with it, and leaving them was a silent error."""
+  model = _small_layer()
+  optimizer = nnx.Optimizer(model, optax.sm3(1e-2), wrt=nnx.Param)
+  _adam_steps(optimizer, model, (10,))
+  w_in = np.asarray(model.w_in[...])
+  with pytest.raises(ValueError, match=r"the optimizer's state cannot move with its parameters: "
+                                       r".*\.value\[0\] is a piece of .*'s state, not an array "
+                                       r"of its shape.*nothing was moved"):
+    placement.apply(model, optimizer, [[1, 2, 3, 0]])
+  np.testing.assert_array_equal(model.w_in[...], w_in)
+
+
+class _Nested(nnx.Module):
+  """An MoE layer "moe" beside a block holding another, "block/moe": one path ends the other."""
+
+  def __init__(self):
+    self.block = nnx.Dict(moe=_small_layer())
+    self.moe = ccf_nnx.MoE(16, 32, 4, k=2, axis_name=None, dispatch="reference",
+                           rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.moe(self.block["moe"](x)[0])[0]
+
+
+def test_apply_moves_each_layer_of_paths_that_end_alike_once():
+  model = _Nested()
+  assert placement.moe_layers(model) == (("block", "moe"), ("moe",))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  _adam_steps(optimizer, model, (11,))
+  x = jax.random.normal(jax.random.key(2), (24, 16))
+  before = model(x)
+  placement.apply(model, optimizer, [[1, 2, 3, 0], [3, 2, 1, 0]])
+  np.testing.assert_allclose(model(x), before, rtol=RTOL, atol=ATOL)
+  # Only "moe": "block/moe", whose path ends in it, stays (it once moved too).
+  block_w_in = np.asarray(model.block["moe"].w_in[...])
+  placement.apply(model, optimizer, [[1, 0, 3, 2]], layers=[("moe",)])
+  np.testing.assert_array_equal(model.block["moe"].w_in[...], block_w_in)
+  np.testing.assert_allclose(model(x), before, rtol=RTOL, atol=ATOL)
+
+
+def test_layers_stacked_for_scan_are_refused():
+  """nnx.vmap builds L layers as one module of [L, E, ...] weights: apply took the layer axis
+  for the expert axis, and capture_expert_ids merged the layers' tokens."""
+  stacked = nnx.vmap(lambda key: ccf_nnx.MoE(16, 32, 4, axis_name=None, dispatch="reference",
+                                             rngs=nnx.Rngs(key)))(jax.random.split(
+                                                 jax.random.key(0), 4))
+  message = r"the MoE layer at \(\) holds layers stacked on a leading axis \(w_in \[4, 4, 16, 64\]"
+  with pytest.raises(ValueError, match=message):
+    placement.apply(stacked, None, [[1, 0, 3, 2]] * 4)
+  with pytest.raises(ValueError, match=message):
+    placement.capture_expert_ids(lambda m, x: x)(stacked, jnp.ones((8, 16)))
+  # permute, on its own, refuses a variable of another rank than one layer's.
+  with pytest.raises(ValueError, match=r"has shape \[4, 16, 4\]; one layer's has rank 2"):
+    placement.permute(nnx.state(stacked), [[1, 0, 3, 2]], layers=[()])
 
 
 def test_captured_ids_are_those_routed_when_the_step_then_moves_the_bias():

@@ -17,8 +17,16 @@ _REQUIRED = (("w_in",), ("w_out",), ("router", "kernel"))
 
 
 def _moe_modules(model) -> list:
-  """`(path, module)` of every `jax_ccfuser.nnx.MoE` in `model`, in `nnx.iter_modules` order."""
-  return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, MoE)]
+  """`(path, module)` of every `jax_ccfuser.nnx.MoE` in `model`, in `nnx.iter_modules` order; a
+  module holding layers stacked on a leading axis (built by `nnx.vmap`, for `nnx.scan`) is
+  refused: its layers' routing and experts are not one layer's."""
+  modules = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, MoE)]
+  for path, m in modules:
+    if m.w_in.ndim != 3:
+      raise ValueError(f"the MoE layer at {path} holds layers stacked on a leading axis (w_in "
+                       f"{list(m.w_in.shape)}, as nnx.vmap builds them for nnx.scan): placement "
+                       f"takes MoE layers one by one")
+  return modules
 
 
 def moe_layers(model) -> tuple[tuple, ...]:
@@ -130,6 +138,7 @@ def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> 
   if grouped:
     raise ValueError(f"the MoE layers at {grouped} use group-limited routing, whose groups are "
                      f"runs of expert ids: moving experts would change their function")
+  others = [path for path in moe_layers(model) if path not in layers]
   targets = [(model, nnx.state(model))]
   if optimizer is not None:
     # An optimizer may hold the model itself (nnx.ModelAndOptimizer): those variables move once.
@@ -138,7 +147,7 @@ def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> 
   updates = []
   for target, state in targets:
     try:
-      new, moved = permute_with_moves(state, perms, layers)
+      new, moved = permute_with_moves(state, perms, layers, others)
     except ValueError as e:
       if target is model:
         raise

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The variables of an MoE layer that are indexed by expert, relative to the layer's path, and the
-# axis of each that counts experts: the expert weights and the expert bias along their first, the
-# router's outputs along their last.
-_EXPERT_AXES = {("w_in",): 0, ("w_out",): 0, ("expert_bias",): 0, ("router", "kernel"): -1,
-                ("router", "bias"): -1}
+# The variables of an MoE layer that are indexed by expert, relative to the layer's path: the
+# axis of each that counts experts (the expert weights and the expert bias along their first,
+# the router's outputs along their last), and its rank in one layer.
+_EXPERT_AXES = {("w_in",): (0, 3), ("w_out",): (0, 3), ("expert_bias",): (0, 1),
+                ("router", "kernel"): (-1, 2), ("router", "bias"): (-1, 1)}
 
 
 def check_perms(perms, num_layers: int, num_experts: int | None = None) -> np.ndarray:
@@ -40,37 +40,46 @@ def layer_paths(layers: Sequence) -> list[tuple]:
   return [(layer,) if isinstance(layer, str) else tuple(layer) for layer in layers]
 
 
-def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple]):
-  """`permute`, also returning the set of (layer, parameter) pairs it moved."""
+def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple], others: Sequence = ()):
+  """`permute`, also returning the set of (layer, parameter) pairs it moved. `others`: paths of
+  MoE layers that stay as they are, whose leaves no layer of `layers` may take."""
   layers = layer_paths(layers)
+  claims = layers + layer_paths(others)
   moved = set()
 
   def find(path):
-    """(layer, parameter, axis) of the leaf at `path`, or None when no expert axis is in it."""
+    """(layer, parameter, axis, rank, the steps after the name) of the leaf at `path`, or None
+    when it lies in no layer's expert-indexed variable. A leaf in two layers' (one path ends the
+    other's: "moe" and "block/moe") belongs to the longer."""
     keys = tuple(_key(k) for k in path)
     hits = []
-    for index, layer in enumerate(layers):
-      for parameter, axis in _EXPERT_AXES.items():
+    for index, layer in enumerate(claims):
+      for parameter, (axis, rank) in _EXPERT_AXES.items():
         pattern = layer + parameter
         for start in range(len(keys) - len(pattern) + 1):
-          rest = path[start + len(pattern):]
-          # Only attribute steps into a box (an NNX Variable's value) may follow the name.
-          if (keys[start:start + len(pattern)] == pattern
-              and all(isinstance(k, jax.tree_util.GetAttrKey) for k in rest)):
-            hits.append((index, parameter, axis))
-    if len(hits) > 1:
+          if keys[start:start + len(pattern)] == pattern:
+            hits.append((len(layer), index, parameter, axis, rank, path[start + len(pattern):]))
+    longest = [hit for hit in hits if hit[0] == max(h[0] for h in hits)]
+    if len({hit[1] for hit in longest}) > 1:
       raise ValueError(f"{jax.tree_util.keystr(path)} belongs to more than one of the layers "
-                       f"{layers}")
-    return hits[0] if hits else None
+                       f"{claims}")
+    return longest[0][1:] if longest else None
 
   def move(path, leaf):
     hit = find(path)
-    if hit is None:
+    if hit is None or hit[0] >= len(layers):
       return leaf
-    index, parameter, axis = hit
-    if np.ndim(leaf) == 0 or np.shape(leaf)[axis] != perms.shape[1]:
-      raise ValueError(f"{jax.tree_util.keystr(path)} has shape {list(np.shape(leaf))}; its "
-                       f"axis {axis} should count the {perms.shape[1]} experts")
+    index, parameter, axis, rank, rest = hit
+    name = jax.tree_util.keystr(path)
+    # Only attribute steps into a box (an NNX Variable's value) may follow the name: anything
+    # else is state kept in pieces (one accumulator per axis), which no take along one axis moves.
+    if not all(isinstance(k, jax.tree_util.GetAttrKey) for k in rest):
+      raise ValueError(f"{name} is a piece of {'/'.join(map(str, parameter))}'s state, not an "
+                       f"array of its shape")
+    if np.ndim(leaf) != rank or np.shape(leaf)[axis] != perms.shape[1]:
+      raise ValueError(f"{name} has shape {list(np.shape(leaf))}; one layer's has rank {rank} "
+                       f"and its axis {axis} counts the {perms.shape[1]} experts (layers "
+                       f"stacked on a leading axis, as by nnx.vmap or nnx.scan, are not taken)")
     moved.add((index, parameter))
     return jnp.take(leaf, perms[index], axis=axis)
 
@@ -85,7 +94,11 @@ def permute(tree, perms, *, layers: Sequence[tuple]):
   its first axis, and every leaf under `layers[l] + ("router", "kernel")` or `("router", "bias")`
   along its last, in the order `perms[l]`. Because the layer path may appear anywhere in the key
   path, this moves an Optax state's per-parameter entries (Adam's `mu` and `nu`) with their
-  parameters; other leaves are returned as they are. Pure and jittable.
+  parameters; other leaves are returned as they are. A leaf in two layers' variables (one path
+  ends the other's, as `("moe",)` and `("block", "moe")`) belongs to the longer path: list every
+  MoE layer of such a tree. State kept in pieces under a parameter (SM3's accumulator per axis),
+  or of another rank than one layer's (layers stacked by `nnx.vmap`), is refused. Pure, and
+  jittable with `perms` concrete (a static value, not a traced argument).
 
   A Linen layer keeps its expert bias in the `"expert_bias"` collection: its layer path there,
   e.g. `("expert_bias", "moe")`, moves it. Group-limited routing groups experts by id, so a

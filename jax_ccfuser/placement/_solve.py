@@ -19,10 +19,26 @@ class Solution(NamedTuple):
 
 
 class Score(NamedTuple):
-  """How a placement fares on routing statistics, per layer."""
+  """How a placement fares on routing statistics, per layer (a layer without rows or
+  transitions: 0 remote and crossing, load 1)."""
   remote_fraction: np.ndarray  # [L] float64: share of rows computed on another device than theirs
   max_load: np.ndarray         # [L] float64: rows of the busiest device over the mean (1: even)
   cross_fraction: np.ndarray   # [L - 1] float64: share of transitions that change device
+
+
+def _counts(stats: RoutingStats) -> tuple[np.ndarray, np.ndarray]:
+  """`stats`' rows `[L, D, E]` and transitions `[L - 1, E, E]` as float64, checked."""
+  rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
+  if rows.ndim != 3:
+    raise ValueError(f"stats.rows must be [L, D, E], got {list(rows.shape)}")
+  num_layers, _, e = rows.shape
+  if transitions.shape != (num_layers - 1, e, e):
+    raise ValueError(f"stats.transitions must be [L - 1, E, E] = {[num_layers - 1, e, e]} for "
+                     f"rows {list(rows.shape)}, got {list(transitions.shape)}")
+  if (rows < 0).any() or (transitions < 0).any():
+    raise ValueError("stats hold negative counts: an int32 total that passed 2**31 - 1 wraps "
+                     "around (start new totals more often)")
+  return rows, transitions
 
 
 def _devices_of(perm: np.ndarray, experts_local: int) -> np.ndarray:
@@ -32,8 +48,8 @@ def _devices_of(perm: np.ndarray, experts_local: int) -> np.ndarray:
   return devices
 
 
-def _share(part, whole) -> float:
-  return float(part / whole) if whole else 0.0
+def _share(part, whole, empty: float = 0.0) -> float:
+  return float(part / whole) if whole else empty
 
 
 def _experts_per_device(num_experts: int, num_devices: int) -> int:
@@ -62,7 +78,7 @@ def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
     >>> placement.score(stats, placement.solve(stats, 2).perms).remote_fraction
     array([0., 0.])
   """
-  rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
+  rows, transitions = _counts(stats)
   num_layers, d, e = rows.shape
   experts_local = _experts_per_device(e, d)
   perms = (np.tile(np.arange(e), (num_layers, 1)) if perms is None
@@ -72,9 +88,9 @@ def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
   for layer in range(num_layers):
     r = rows[layer]
     local = r[devices[layer], np.arange(e)].sum()
-    remote.append(1.0 - _share(local, r.sum()))
+    remote.append(_share(r.sum() - local, r.sum()))
     loads = np.bincount(devices[layer], weights=r.sum(axis=0), minlength=d)
-    max_load.append(_share(loads.max(), loads.mean()))
+    max_load.append(_share(loads.max(), loads.mean(), empty=1.0))
   for layer in range(num_layers - 1):
     separated = devices[layer][:, None] != devices[layer + 1][None, :]
     cross.append(_share(transitions[layer][separated].sum(), transitions[layer].sum()))
@@ -109,6 +125,19 @@ def _objective(cost: np.ndarray, load: np.ndarray, devices: np.ndarray, *,
   d = cost.shape[1]
   busiest = np.bincount(devices, weights=load, minlength=d).max()
   return float(cost[np.arange(len(devices)), devices].sum() + balance_weight * d * busiest)
+
+
+def _total(rows: np.ndarray, transitions: np.ndarray, devices: list, *, balance_weight: float,
+           transition_weight: float) -> float:
+  """`solve`'s whole objective at the placements `devices` (`[E]` each, every layer's)."""
+  d = rows.shape[1]
+  total = 0.0
+  for r, p in zip(rows, devices):
+    busiest = np.bincount(p, weights=r.sum(axis=0), minlength=d).max()
+    total += r.sum() - r[p, np.arange(len(p))].sum() + balance_weight * d * busiest
+  for t, p, q in zip(transitions, devices, devices[1:]):
+    total += transition_weight * t[p[:, None] != q[None, :]].sum()
+  return float(total)
 
 
 def _ilp(cost: np.ndarray, load: np.ndarray, experts_local: int, *, balance_weight: float,
@@ -211,10 +240,12 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
   layer order sees only the layer before, then up to `sweeps` more passes re-solve every layer
   given both neighbours and keep a placement only if it lowers that layer's cost (block
   coordinate descent: the total never rises, it stops when a pass changes nothing). It reaches
-  a placement no single layer can improve, not necessarily the joint optimum.
+  a placement no single layer can improve, not necessarily the joint optimum; where that total
+  exceeds the identity's, every layer is left where it was.
 
   HiGHS stops once it proves a placement within `gap` (relative) of the optimum of the layer's
-  program. Where it reaches `time_limit` first, the layer gets HiGHS's best placement so far if
+  program. Where it reaches `time_limit` first (a limit on each of a layer's programs: one per
+  pass, so up to `L * (1 + sweeps)` of them in all), the layer gets HiGHS's best placement so far if
   that costs less than the greedy one, and the greedy one otherwise (also when HiGHS found
   none); `Solution.methods` says which.
 
@@ -231,7 +262,7 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
     stats: `RoutingStats` recorded under the current placement, over `num_devices` devices.
     num_devices: D, the expert-parallel group; must equal the statistics' and divide E.
     method: "ilp" or "greedy".
-    time_limit: seconds HiGHS may spend on each layer's program.
+    time_limit: seconds HiGHS may spend on each program (a layer's, in each pass).
     gap: relative optimality gap at which HiGHS stops (proving the last fraction of a percent
       of a min-max objective can take orders of magnitude longer than finding it).
     balance_weight: weight of D times the busiest device's rows.
@@ -266,7 +297,7 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
     raise ValueError(f"need time_limit > 0 and a non-negative gap, weights and sweeps (an int), "
                      f"got time_limit={time_limit}, gap={gap}, balance_weight={balance_weight}, "
                      f"transition_weight={transition_weight}, sweeps={sweeps}")
-  rows, transitions = np.asarray(stats.rows, np.float64), np.asarray(stats.transitions, np.float64)
+  rows, transitions = _counts(stats)
   devices = [None] * num_layers  # [E] each: the device of every expert, once placed
   unmoved = np.arange(e) // experts_local
   methods, seconds = ["greedy"] * num_layers, [0.0] * num_layers
@@ -298,6 +329,12 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
       seconds[layer] += time.perf_counter() - began
     if not changed:
       break
+  # The first pass places each layer seeing only the one before, and the descent may settle
+  # where leaving everything in place costs less: then it does.
+  weights = dict(balance_weight=balance_weight, transition_weight=transition_weight)
+  if method == "ilp" and (_total(rows, transitions, [unmoved] * num_layers, **weights)
+                          <= _total(rows, transitions, devices, **weights) * (1 - 1e-9)):
+    devices, methods = [unmoved] * num_layers, ["identity"] * num_layers
   # Sorting by device keeps the old order within a device (a stable sort).
   perms = np.stack([np.argsort(p, kind="stable") for p in devices]).astype(np.int32)
   return Solution(perms=perms, methods=tuple(methods), seconds=tuple(seconds))

@@ -69,6 +69,15 @@ class RoutingStats(NamedTuple):
     return RoutingStats(rows=self.rows + step.rows, transitions=self.transitions + step.transitions)
 
 
+def _as_int32(a, size: int):
+  """Integer `a` as int32, in which the bins are counted (in a narrower type, uint8 ids at
+  E = 256, they would wrap), entries of a wider type clipped to [-1, size]: out of range
+  either way."""
+  if jnp.iinfo(a.dtype).max > jnp.iinfo(jnp.int32).max:
+    a = jnp.clip(a, -1 if jnp.issubdtype(a.dtype, jnp.signedinteger) else 0, size)
+  return a.astype(jnp.int32)
+
+
 def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devices: int,
                   source: jax.Array | None = None) -> RoutingStats:
   """Counts one step's routing: rows per (source device, expert) and cross-layer transitions.
@@ -108,13 +117,16 @@ def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devi
       raise ValueError(f"every layer must route the same tokens: expert_ids[0] has "
                        f"{ids[0].shape[0]} rows, expert_ids[{layer}] has {i.shape[0]}")
   n, e, d = ids[0].shape[0], num_experts, num_devices
+  ids = [_as_int32(i, e) for i in ids]
   if source is None:
     if n % d:
       raise ValueError(f"{n} tokens do not split evenly over {d} devices; pass source=")
     source = jnp.arange(n, dtype=jnp.int32) // (n // d)
   source = jnp.asarray(source)
-  if source.shape != (n,):
-    raise ValueError(f"source must be [N={n}], got {list(source.shape)}")
+  if source.shape != (n,) or not jnp.issubdtype(source.dtype, jnp.integer):
+    raise ValueError(f"source must be an [N={n}] integer array, got "
+                     f"{source.dtype.name}{list(source.shape)}")
+  source = _as_int32(source, d)
 
   def count(index, valid, length):
     # bincount clips negative values into bin 0, so invalid entries go past the end instead.
