@@ -8,8 +8,9 @@ import jax
 
 # Compiling takes most of this suite's time, and its arrays are too small for optimised code to
 # pay: without LLVM's optimisation passes the suite runs a fifth faster (the multi-process tests
-# a quarter). Set before any backend starts; the processes the tests start inherit it, and those
-# that set XLA_FLAGS of their own take COMPILE_FLAGS. Not where JAX may run on a GPU (its plugin
+# a quarter). Set before any backend starts; the processes the tests start inherit it, the
+# multi-process workers (whose device count is their own) take COMPILE_FLAGS, and only the
+# deadlock test's process keeps XLA's defaults. Not where JAX may run on a GPU (its plugin
 # installed, the CPU not forced): XLA's GPU compiler reads the same flags.
 COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 _GPU_PLUGIN = any((d.metadata["Name"] or "").lower().replace("_", "-").startswith("jax-cuda")

@@ -24,7 +24,6 @@ from jax.sharding import PartitionSpec as P
 import jax_ccfuser as ccf
 from jax_ccfuser import _cpu_threads
 from jax_ccfuser.nnx import MoE
-from conftest import COMPILE_FLAGS
 from moe_cases import Case, ep_mesh, make_inputs, sharded
 
 DEVICES = 8
@@ -154,7 +153,9 @@ def test_calls_beside_independent_collectives_never_deadlock():
   steps of this loop (found by a review's random programs). The handler now waits on a thread
   of its own. Run apart, with a deadline, so a deadlock fails this test and not the suite."""
   steps = 1500
-  env = {k: v for k, v in os.environ.items() if k != "PJRT_NPROC"} | {"XLA_FLAGS": COMPILE_FLAGS}
+  # XLA's own compile flags (not the suite's): the interleavings that once deadlocked came from
+  # its optimised code's timing.
+  env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
   done = subprocess.run([sys.executable, "-c", _BESIDE_COLLECTIVES.replace("STEPS", str(steps))],
                         capture_output=True, text=True, timeout=300, env=env)
   assert done.returncode == 0, done.stderr[-3000:]
