@@ -31,6 +31,12 @@ except ImportError:
   _distributed = None
 
 
+try:  # whether the shard_map being traced checks varying axes (its check_vma)
+  from jax._src.config import _check_vma
+except ImportError:
+  _check_vma = None
+
+
 def concrete_mesh():
   """The concrete mesh set by `jax.set_mesh`, or None where it is not set or JAX has no way to
   tell (callers that must know say so)."""
@@ -52,6 +58,12 @@ def distributed_client():
   if state is None:
     raise _missing("jax._src.distributed.global_state (the key-value store of jax.distributed)")
   return state.client
+
+
+def checks_varying_axes() -> bool:
+  """Whether the enclosing `jax.shard_map` types values by the axes they vary over (its
+  `check_vma`; True outside one, and where JAX cannot tell)."""
+  return True if _check_vma is None else bool(_check_vma.value)
 
 
 def varying_axes(a) -> frozenset:

@@ -11,12 +11,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser._all_to_all import all_to_all_moe
 from jax_ccfuser._ffn import ACTIVATIONS, expert_ffn
 from jax_ccfuser._fused import RESIDUALS, fused_moe
-from jax_ccfuser._jax_internals import varying_axes
+from jax_ccfuser._jax_internals import checks_varying_axes, varying_axes
 from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import check_router_options, route
@@ -114,12 +115,11 @@ class MoESpec:
   num_shared_experts: int = 0
 
   def __post_init__(self):
-    if not 1 <= self.k <= self.num_experts:
-      raise ValueError(f"k={self.k} must be between 1 and num_experts={self.num_experts}")
     check_router_options(self.num_experts, self.k, score=self.score, num_groups=self.num_groups,
                          top_groups=self.top_groups, scale=self.scale)
-    if self.num_shared_experts < 0:
-      raise ValueError(f"num_shared_experts={self.num_shared_experts} must be 0 or positive")
+    shared = self.num_shared_experts
+    if isinstance(shared, bool) or not isinstance(shared, (int, np.integer)) or shared < 0:
+      raise ValueError(f"num_shared_experts={shared!r} must be an int, 0 or positive")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}; expected one of "
                        f"{sorted(ACTIVATIONS)}")
@@ -236,7 +236,9 @@ class MoESpec:
     if mode == "manual":
       # Inside a user's shard_map the tokens split over the manual axes x varies over (a data
       # axis beside the expert axis too), so the aux still sums the whole batch.
-      tokens = tuple(a for a in mesh.axis_names if a in varying_axes(x) and mesh.shape[a] > 1)
+      # Without varying types (check_vma=False) they are every manual axis of size > 1.
+      varying = varying_axes(x) if checks_varying_axes() else mesh.manual_axes
+      tokens = tuple(a for a in mesh.axis_names if a in varying and mesh.shape[a] > 1)
       y, aux = self._local(x.reshape(-1, h), logits.reshape(-1, self.num_experts), w_in, w_out,
                            expert_bias, shared, axis_name=self.axis_name, token_axes=tokens)
       return y.reshape(*lead, h), aux

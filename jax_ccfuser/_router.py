@@ -25,6 +25,11 @@ def check_router_options(num_experts: int, k: int, *, score: str = "softmax",
                          num_groups: int = 1, top_groups: int | None = None,
                          scale: float = 1.0) -> None:
   """Raises a ValueError naming the offending values when the router options do not fit."""
+  for name, value in (("k", k), ("num_groups", num_groups), ("top_groups", top_groups)):
+    # 2.0 passes every range check and hashes as 2: traces keyed on it would mix the two.
+    if value is not None and (isinstance(value, bool)
+                              or not isinstance(value, (int, np.integer))):
+      raise ValueError(f"{name} must be an int, got {value!r}")
   if score not in SCORES:
     raise ValueError(f"unknown score {score!r}; expected one of {list(SCORES)}")
   if not 1 <= k <= num_experts:
@@ -214,6 +219,10 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
   if np.shape(expert_bias) != np.shape(counts) or np.ndim(counts) < 1:
     raise ValueError(f"expert_bias and counts must have one shape, [E] or [..., E], got "
                      f"{tuple(np.shape(expert_bias))} and {tuple(np.shape(counts))}")
+  # A traced rate (scheduled) is the caller's to keep finite and non-negative.
+  if not isinstance(rate, jax.core.Tracer) and not (np.ndim(rate) == 0 and np.isfinite(rate)
+                                                    and rate >= 0):
+    raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
   counts = jnp.asarray(counts)
   if jnp.issubdtype(counts.dtype, jnp.integer):
     # sign(mean - c) in integers (float32 rounds counts past 2^24): with mean = q + r / E,
@@ -229,6 +238,7 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
     r = spare % e
     sign = jnp.where(counts < q, 1, jnp.where(counts > q, -1, (r > 0).astype(jnp.int32)))
   else:
+    # sign(sum - E * c), not of a rounded mean: counts at the mean (averaged loads) stay put.
     counts = counts.astype(jnp.float32)
-    sign = jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts)
+    sign = jnp.sign(jnp.sum(counts, axis=-1, keepdims=True) - counts.shape[-1] * counts)
   return expert_bias + (rate * sign.astype(jnp.float32)).astype(expert_bias.dtype)

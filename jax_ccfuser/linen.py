@@ -17,6 +17,7 @@ Examples:
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import AxisType, PartitionSpec as P
 from flax.typing import Dtype, Initializer
 
 from jax_ccfuser._moe_layer import (MoEAux, MoESpec, check_widths, default_expert_init,
@@ -135,7 +136,14 @@ class MoE(nn.Module):
     spec.placement()  # the experts split evenly over the mesh's expert axis, before init places them
 
     def partitioned(init, sharding):
-      return init if self.axis_name is None else nn.with_partitioning(init, sharding)
+      if self.axis_name is None:
+        return init
+      # Flax's box asserts its sharding (with_sharding_constraint), which under explicit mesh
+      # axes must already be the value's: the init places it there.
+      mesh = jax.sharding.get_abstract_mesh()
+      if AxisType.Explicit in getattr(mesh, "axis_types", ()):
+        init = lambda *args, init=init: jax.sharding.reshard(init(*args), P(*sharding))
+      return nn.with_partitioning(init, sharding)
 
     init = partitioned(self.kernel_init, spec.expert_sharding())
     w_in = self.param("w_in", init, (e, h, g * self.ffn), self.param_dtype)

@@ -178,11 +178,12 @@ def test_inside_a_users_shard_map():
   np.testing.assert_array_equal(aux.counts, want_aux.counts)
 
 
-def test_inside_a_users_shard_map_over_a_data_axis_too():
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_inside_a_users_shard_map_over_a_data_axis_too(check_vma):
   """The user's shard_map splits the tokens over (data, ep), each data index an expert-parallel
   group: the aux is still the whole batch's, the same on every device (out_specs P() checks
   that it is typed so), as the expert bias's update needs to stay replicated. It once covered
-  one data index's tokens."""
+  one data index's tokens, and still did under check_vma=False (no varying axes to read)."""
   mesh = jax.make_mesh((2, DEVICES), ("data", "ep"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   x = _tokens(shape=(4, 6, HIDDEN))
   with jax.set_mesh(mesh):
@@ -190,7 +191,7 @@ def test_inside_a_users_shard_map_over_a_data_axis_too():
     graphdef, state = nnx.split(layer)
     body = lambda state, x: nnx.merge(graphdef, state)(x)
     mapped = jax.shard_map(body, in_specs=(nnx.get_partition_spec(state), P(None, ("data", "ep"))),
-                           out_specs=(P(None, ("data", "ep")), P()))
+                           out_specs=(P(None, ("data", "ep")), P()), check_vma=check_vma)
     y, aux = jax.jit(mapped)(state, x.reshape(4 * 6, HIDDEN)[None])
   want_y, want_aux = _expected(layer, x)
   assert_close(y.reshape(x.shape), want_y, jnp.float32)
@@ -257,8 +258,10 @@ def test_bad_options():
     _layer(num_groups=3)
   with pytest.raises(ValueError, match="top_groups=1 groups of 1"):
     _layer(num_groups=8, top_groups=1)
-  with pytest.raises(ValueError, match="num_shared_experts=-1 must be 0 or positive"):
-    _layer(num_shared_experts=-1)
+  for shared in (-1, 1.0, True):
+    with pytest.raises(ValueError, match=f"num_shared_experts={shared} must be an int, 0 or "
+                                         f"positive"):
+      _layer(num_shared_experts=shared)
   with pytest.raises(ValueError, match="unknown dispatch"):
     _layer(dispatch="nccl")
   with pytest.raises(ValueError, match=r"residuals must be one of \('inputs', 'hidden', "):
@@ -499,6 +502,25 @@ def test_linen_equals_nnx(on_mesh, options):
     y_linen, aux_linen = jax.jit(twin.apply)(variables, _tokens())
   np.testing.assert_array_equal(y_linen, y_nnx)
   jax.tree.map(np.testing.assert_array_equal, aux_linen, aux_nnx)
+
+
+def test_linen_layer_on_an_explicit_mesh():
+  """jax.make_mesh's default axes are Explicit: there the Linen layer initialises with its
+  experts split over the expert axis and computes what it does on an Auto mesh (Flax's boxes
+  assert their sharding, which an unplaced init did not have)."""
+  twin = ccf_linen.MoE(num_experts=EXPERTS, ffn=FFN, k=K, axis_name="ep", dispatch="fused",
+                       **DEEPSEEK)
+  results = []
+  for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
+    mesh = jax.make_mesh((DEVICES,), ("ep",), axis_types=(axis_type,),
+                         devices=jax.devices()[:DEVICES])
+    with jax.set_mesh(mesh):
+      boxed = jax.jit(twin.init)(jax.random.key(1), _tokens())
+      assert nn.unbox(boxed)["params"]["w_in"].sharding.spec == P("ep", None, None)
+      results.append(jax.jit(twin.apply)(boxed, _tokens()))
+  (y_auto, aux_auto), (y_explicit, aux_explicit) = results  # the same up to XLA's partitioning
+  assert_close(y_explicit, y_auto, jnp.float32)
+  np.testing.assert_array_equal(aux_explicit.counts, aux_auto.counts)
 
 
 @pytest.mark.slow

@@ -183,6 +183,12 @@ def test_pmean_over_axis_equals_global():
      "k=5 is more than the 4 experts of top_groups=2 groups of 2"),
     (jnp.zeros((3, 8)), 1, {"scale": 0.0}, "scale=0.0 must be a positive finite number"),
     (jnp.zeros((3, 8)), 1, {"expert_bias": jnp.zeros(4)}, r"expert_bias must have shape \[E\]"),
+    # 2.0 passed the range checks and hashed as 2, and a trace keyed on it broke later calls.
+    (jnp.zeros((3, 4)), 2.0, {}, "k must be an int, got 2.0"),
+    (jnp.zeros((3, 4)), True, {}, "k must be an int, got True"),
+    (jnp.zeros((3, 8)), 1, {"num_groups": 2.0}, "num_groups must be an int, got 2.0"),
+    (jnp.zeros((3, 8)), 1, {"num_groups": 4, "top_groups": 2.0},
+     "top_groups must be an int, got 2.0"),
 ])
 def test_bad_arguments(logits, k, options, match):
   with pytest.raises(ValueError, match=match):
@@ -313,10 +319,17 @@ def test_update_expert_bias_by_hand():
       np.testing.assert_array_equal(
           update_expert_bias(jnp.zeros(len(counts)), jnp.array(counts, dtype), rate=1.0), want,
           err_msg=f"{counts} as {jnp.dtype(dtype).name} (mean {mean})")
-  # Float counts (an average over steps, say) compare as floats.
+  # Float counts (an average over steps, say) compare as floats, those at the mean exactly (a
+  # rounded float32 mean once moved them: 21 / 7 is not 3 in float32).
   np.testing.assert_array_equal(
       update_expert_bias(jnp.zeros(4), jnp.array([5.0, 1.0, 3.0, 3.0]), rate=0.125),
       [-0.125, 0.125, 0.0, 0.0])
+  np.testing.assert_array_equal(
+      update_expert_bias(jnp.zeros(7), jnp.array([2.0, 4.0, 3.0, 3.0, 3.0, 3.0, 3.0]),
+                         rate=0.125), [0.125, -0.125, 0, 0, 0, 0, 0])
+  for rate in (float("nan"), -1e-3, jnp.ones(2)):
+    with pytest.raises(ValueError, match="rate must be a finite number >= 0"):
+      update_expert_bias(bias, jnp.ones(4, jnp.int32), rate=rate)
   # Stacked layers: each row against its own mean, as the layers one at a time.
   stacked_counts = jnp.array([[5, 1, 3, 3], [0, 0, 8, 0]], jnp.int32)
   stacked = update_expert_bias(jnp.stack([bias, -bias]), stacked_counts, rate=0.125)
