@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser._all_to_all import all_to_all_moe
@@ -21,7 +20,7 @@ from jax_ccfuser._jax_internals import checks_varying_axes, varying_axes
 from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import check_router_options, route
-from jax_ccfuser._validation import explicit_split_axes
+from jax_ccfuser._validation import check_int, explicit_split_axes
 
 DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": reference_moe}
 
@@ -117,9 +116,8 @@ class MoESpec:
   def __post_init__(self):
     check_router_options(self.num_experts, self.k, score=self.score, num_groups=self.num_groups,
                          top_groups=self.top_groups, scale=self.scale)
-    shared = self.num_shared_experts
-    if isinstance(shared, bool) or not isinstance(shared, (int, np.integer)) or shared < 0:
-      raise ValueError(f"num_shared_experts={shared!r} must be an int, 0 or positive")
+    if check_int("num_shared_experts", self.num_shared_experts) < 0:
+      raise ValueError(f"num_shared_experts={self.num_shared_experts} must be 0 or positive")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}; expected one of "
                        f"{sorted(ACTIVATIONS)}")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ccfuser import _topology
-from jax_ccfuser._validation import axis_size, check_num_experts
+from jax_ccfuser._validation import axis_size, check_int, check_num_experts
 
 
 class Plan(NamedTuple):
@@ -311,7 +311,9 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   experts_local = check_num_experts(num_experts, num_devices)
   if expert_ids.ndim != 2 or expert_ids.dtype != jnp.int32:
     raise ValueError(f"expert_ids must be [T, K] int32, got {expert_ids.dtype} {expert_ids.shape}")
-  max_helpers = num_devices - 1 if max_helpers is None else max_helpers
+  max_helpers = num_devices - 1 if max_helpers is None else check_int("max_helpers", max_helpers)
+  check_int("tile", tile)
+  check_int("replicas", replicas)
   if not 0 <= max_helpers <= num_devices - 1:
     raise ValueError(f"max_helpers must be in [0, {num_devices - 1}] (the other devices), "
                      f"got {max_helpers}")

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ccfuser._validation import check_int
+
 SCORES = ("softmax", "sigmoid")
 
 # A group's score is the sum of this many of its best biased expert scores (DeepSeek-V3).
@@ -26,10 +28,8 @@ def check_router_options(num_experts: int, k: int, *, score: str = "softmax",
                          scale: float = 1.0) -> None:
   """Raises a ValueError naming the offending values when the router options do not fit."""
   for name, value in (("k", k), ("num_groups", num_groups), ("top_groups", top_groups)):
-    # 2.0 passes every range check and hashes as 2: traces keyed on it would mix the two.
-    if value is not None and (isinstance(value, bool)
-                              or not isinstance(value, (int, np.integer))):
-      raise ValueError(f"{name} must be an int, got {value!r}")
+    if value is not None:
+      check_int(name, value)
   if score not in SCORES:
     raise ValueError(f"unknown score {score!r}; expected one of {list(SCORES)}")
   if not 1 <= k <= num_experts:

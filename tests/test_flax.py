@@ -258,9 +258,10 @@ def test_bad_options():
     _layer(num_groups=3)
   with pytest.raises(ValueError, match="top_groups=1 groups of 1"):
     _layer(num_groups=8, top_groups=1)
-  for shared in (-1, 1.0, True):
-    with pytest.raises(ValueError, match=f"num_shared_experts={shared} must be an int, 0 or "
-                                         f"positive"):
+  with pytest.raises(ValueError, match="num_shared_experts=-1 must be 0 or positive"):
+    _layer(num_shared_experts=-1)
+  for shared in (1.0, True):
+    with pytest.raises(ValueError, match=f"num_shared_experts must be an int, got {shared}"):
       _layer(num_shared_experts=shared)
   with pytest.raises(ValueError, match="unknown dispatch"):
     _layer(dispatch="nccl")

@@ -611,6 +611,9 @@ def test_replicas_are_checked():
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))(ids)
   with pytest.raises(ValueError, match=r"replicas must be in \[0, 4\]"):
     plan_counts(replicas=5)
+  for option in ("replicas", "max_helpers", "tile"):  # 1.0 hashes as 1: traces would mix them
+    with pytest.raises(ValueError, match=rf"{option} must be an int, got 1.0"):
+      plan_counts(**{option: 1.0})
   # One host: nothing crosses hosts, so the option changes nothing.
   np.testing.assert_array_equal(plan_counts(replicas=2), plan_counts())
   split = Split(2, 2, False, ())
