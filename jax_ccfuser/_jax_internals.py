@@ -62,7 +62,7 @@ def distributed_client():
 
 def checks_varying_axes() -> bool:
   """Whether the enclosing `jax.shard_map` types values by the axes they vary over (its
-  `check_vma`; True outside one, and where JAX cannot tell)."""
+  `check_vma`; False outside any, True where JAX cannot tell)."""
   return True if _check_vma is None else bool(_check_vma.value)
 
 
