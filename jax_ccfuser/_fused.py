@@ -219,8 +219,8 @@ def _check_plan_partials(static: _Static, w_in, w_out) -> None:
   plan with helpers on GPU: check_gpu_group refuses it.)"""
   if static.platform != "gpu" or static.devices or static.plan_slots <= 1:
     return
-  per_slot = plan_partial_bytes(w_in, w_out, slots=1)
-  nbytes, budget = plan_partial_bytes(w_in, w_out, slots=static.plan_slots), static.scratch_budget
+  per_slot, budget = plan_partial_bytes(w_in, w_out, slots=1), static.scratch_budget
+  nbytes = static.plan_slots * per_slot
   if 2 * nbytes <= budget:
     return
   fits = budget // (2 * per_slot)  # slots whose partials take at most half the budget

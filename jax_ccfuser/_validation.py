@@ -38,17 +38,22 @@ def axis_size(axis_name) -> int:
         "with that axis, or pass axis_name=None when one device holds all experts") from None
 
 
+def _is_int(value) -> bool:
+  """Bools and floats are not ints here: 2.0 passes range checks and hashes as 2, so traces keyed
+  on the one would serve (and break) the other."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def check_int(name: str, value) -> int:
-  """`value` as a Python int, refusing bools and floats: 2.0 passes range checks and hashes as 2,
-  so traces keyed on the one would serve (and break) the other."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+  """`value` as a Python int (see `_is_int`)."""
+  if not _is_int(value):
     raise ValueError(f"{name} must be an int, got {value!r}")
   return int(value)
 
 
 def check_count(name: str, value) -> int:
   """`value` as a positive Python int (a shape, a number of devices or experts)."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+  if not _is_int(value) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
   return int(value)
 
