@@ -1,6 +1,9 @@
 """Settings fixed when a `fused_moe` call is traced: the peer timeout, the transport, the
 residual budget, the scratch budget, the SMs kept for the fetch, and (JAX's own setting) whether
-float32 GEMMs may run as TF32."""
+float32 GEMMs may run as TF32.
+
+Each of ours takes its process-wide value from an environment variable, read when jax_ccfuser is
+imported and checked as the setting's own values are: a bad one fails the import, naming it."""
 
 import contextlib
 import os
@@ -8,6 +11,53 @@ import threading
 
 import jax
 
+AUTO_FETCH_SMS = -1  # the call attribute's "one SM in eight of the GPU's", which the handler knows
+TRANSPORTS = ("auto", "shared_memory", "collectives")
+# A wait without end is a hang; the handlers count the timeout in int64 nanoseconds.
+_MAX_TIMEOUT_SECONDS = 1e9
+
+
+def _whole(value) -> bool:
+  try:
+    return value == int(value)
+  except (OverflowError, TypeError, ValueError):  # inf, NaN, not a number
+    return False
+
+
+def _checked_timeout(seconds) -> float:
+  if not 0 < seconds <= _MAX_TIMEOUT_SECONDS:
+    raise ValueError(f"peer_timeout must be positive and at most {_MAX_TIMEOUT_SECONDS:g} "
+                     f"seconds, got {seconds}")
+  return float(seconds)
+
+
+def _checked_transport(kind) -> str:
+  if kind not in TRANSPORTS:
+    raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
+  return kind
+
+
+def _checked_residual_bytes(nbytes) -> int:
+  if not (_whole(nbytes) and nbytes >= 0):
+    raise ValueError(f"residual_budget must be a whole number of bytes >= 0, got {nbytes!r}")
+  return int(nbytes)
+
+
+def _checked_scratch_bytes(nbytes) -> int:
+  if not (_whole(nbytes) and nbytes > 0):
+    raise ValueError(f"scratch_budget must be a whole number of bytes > 0, got {nbytes!r}")
+  return int(nbytes)
+
+
+def _checked_fetch_sms(count) -> int:
+  if count is None:
+    return AUTO_FETCH_SMS
+  if not (_whole(count) and count >= 0):
+    raise ValueError(f"fetch_sms must be a whole number >= 0 or None, got {count!r}")
+  return int(count)
+
+
+# Each setting's environment variable, default, and how a value of it is read and checked.
 # Generous by default: with many simulated devices on few cores a peer can lag a whole layer.
 # The residual budget: one layer's kept hidden rows of a Qwen3-30B-A3B-sized layer (T=4096, K=8,
 # 2F=1536: 192 MiB) fit, a DeepSeek-V3 or Mixtral-sized one's (512 / 896 MiB) do not.
@@ -16,13 +66,34 @@ import jax
 # The fetch's SMs: one in eight (16 of an H100's 132), about what reading NVLink at its rate
 # takes with 16-byte loads, 4 in flight per lane (bytes in flight ~ bandwidth x latency), and
 # few enough on a small GPU; a first choice, which bench/gpu.py measures against 0.
-AUTO_FETCH_SMS = -1  # the call attribute's "one SM in eight of the GPU's", which the handler knows
-_DEFAULTS = {"seconds": float(os.environ.get("JAX_CCFUSER_PEER_TIMEOUT", "300")),
-             "transport": os.environ.get("JAX_CCFUSER_TRANSPORT", "auto"),
-             "residual_bytes": int(os.environ.get("JAX_CCFUSER_RESIDUAL_BUDGET", str(256 << 20))),
-             "scratch_bytes": int(os.environ.get("JAX_CCFUSER_SCRATCH_BUDGET", str(2 << 30))),
-             "fetch_sms": int(os.environ.get("JAX_CCFUSER_FETCH_SMS", str(AUTO_FETCH_SMS)))}
-TRANSPORTS = ("auto", "shared_memory", "collectives")
+_SETTINGS = {
+    "seconds": ("JAX_CCFUSER_PEER_TIMEOUT", 300.0, lambda v: _checked_timeout(float(v))),
+    "transport": ("JAX_CCFUSER_TRANSPORT", "auto", _checked_transport),
+    "residual_bytes": ("JAX_CCFUSER_RESIDUAL_BUDGET", 256 << 20,
+                       lambda v: _checked_residual_bytes(float(v))),
+    "scratch_bytes": ("JAX_CCFUSER_SCRATCH_BUDGET", 2 << 30,
+                      lambda v: _checked_scratch_bytes(float(v))),
+    "fetch_sms": ("JAX_CCFUSER_FETCH_SMS", AUTO_FETCH_SMS, lambda v: _checked_fetch_sms(float(v))),
+}
+
+
+def process_defaults(environ) -> dict:
+  """Each setting's process-wide value: its environment variable's in `environ`, checked as the
+  setting's own values are (a bad one is an error naming the variable), else the default."""
+  defaults = {}
+  for name, (variable, default, read) in _SETTINGS.items():
+    if variable not in environ:
+      defaults[name] = default
+      continue
+    try:
+      defaults[name] = read(environ[variable])
+    except ValueError as error:
+      raise ValueError(f"jax_ccfuser: the environment variable {variable}="
+                       f"{environ[variable]!r} is not a valid setting: {error}") from None
+  return defaults
+
+
+_DEFAULTS = process_defaults(os.environ)
 _state = threading.local()
 
 
@@ -43,20 +114,9 @@ def _setting(name, value):
       setattr(_state, name, previous)
 
 
-# A wait without end is a hang; the handlers count the timeout in int64 nanoseconds.
-_MAX_TIMEOUT_SECONDS = 1e9
-
-
-def _checked_timeout(seconds) -> float:
-  if not 0 < seconds <= _MAX_TIMEOUT_SECONDS:
-    raise ValueError(f"peer_timeout must be positive and at most {_MAX_TIMEOUT_SECONDS:g} "
-                     f"seconds, got {seconds}")
-  return float(seconds)
-
-
 def peer_timeout_ms() -> int:
   """The timeout in force for calls traced now, in milliseconds."""
-  return max(1, round(1000 * _checked_timeout(_current("seconds"))))
+  return max(1, round(1000 * _current("seconds")))
 
 
 def peer_timeout(seconds: float):
@@ -79,10 +139,7 @@ def peer_timeout(seconds: float):
 
 def transport_in_force() -> str:
   """The transport in force for calls traced now."""
-  kind = _current("transport")
-  if kind not in TRANSPORTS:
-    raise ValueError(f"JAX_CCFUSER_TRANSPORT must be one of {TRANSPORTS}, got {kind!r}")
-  return kind
+  return _current("transport")
 
 
 def transport(kind: str):
@@ -108,9 +165,7 @@ def transport(kind: str):
     >>> with jax_ccfuser.transport("collectives"):
     ...   y = step(x)  # across processes, through XLA collectives only
   """
-  if kind not in TRANSPORTS:
-    raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
-  return _setting("transport", kind)
+  return _setting("transport", _checked_transport(kind))
 
 
 def residual_budget_bytes() -> int:
@@ -137,9 +192,7 @@ def residual_budget(nbytes: int):
     >>> with jax_ccfuser.residual_budget(1 << 30):
     ...   grads = jax.jit(jax.grad(loss))(w_in)  # keeps h: 8 * 2 * 64 * 4 bytes fit
   """
-  if not nbytes >= 0 or nbytes != int(nbytes):
-    raise ValueError(f"residual_budget must be a whole number of bytes >= 0, got {nbytes!r}")
-  return _setting("residual_bytes", int(nbytes))
+  return _setting("residual_bytes", _checked_residual_bytes(nbytes))
 
 
 def scratch_budget_bytes() -> int:
@@ -172,9 +225,7 @@ def scratch_budget(nbytes: int):
     >>> with jax_ccfuser.scratch_budget(512 << 20):
     ...   grads = jax.jit(jax.grad(loss))(w_in)  # on a GPU, in chunks of at most 512 MiB
   """
-  if not nbytes > 0 or nbytes != int(nbytes):
-    raise ValueError(f"scratch_budget must be a whole number of bytes > 0, got {nbytes!r}")
-  return _setting("scratch_bytes", int(nbytes))
+  return _setting("scratch_bytes", _checked_scratch_bytes(nbytes))
 
 
 def fetch_sms_in_force() -> int:
@@ -202,11 +253,7 @@ def fetch_sms(count: int | None):
     >>> with jax_ccfuser.fetch_sms(0):
     ...   y = step(x)  # on a GPU, every GEMM on every SM
   """
-  if count is None:
-    return _setting("fetch_sms", AUTO_FETCH_SMS)
-  if not count >= 0 or count != int(count):
-    raise ValueError(f"fetch_sms must be a whole number >= 0 or None, got {count!r}")
-  return _setting("fetch_sms", int(count))
+  return _setting("fetch_sms", _checked_fetch_sms(count))
 
 
 # jax.default_matmul_precision's values that let float32 GEMMs run as TF32: TF32's own names and

@@ -78,7 +78,7 @@ def test_scratch_budget_is_fixed_at_trace_time():
       ccf.scratch_budget(bad)
 
 
-def test_peer_timeout_is_fixed_at_trace_time(monkeypatch):
+def test_peer_timeout_is_fixed_at_trace_time():
   static = _static_traced_now
   assert static().timeout_ms == round(1000 * ccf._config._DEFAULTS["seconds"])  # 300 s unset
   with ccf.peer_timeout(2.5):
@@ -87,9 +87,29 @@ def test_peer_timeout_is_fixed_at_trace_time(monkeypatch):
   for bad in (0, -1, float("nan"), float("inf"), 1e10):
     with pytest.raises(ValueError, match="peer_timeout must be positive and at most 1e"):
       ccf.peer_timeout(bad)
-  monkeypatch.setitem(ccf._config._DEFAULTS, "seconds", float("inf"))  # the environment's
-  with pytest.raises(ValueError, match="peer_timeout must be positive"):
-    static()
+
+
+def test_environment_settings_are_checked_as_the_settings_are():
+  defaults = ccf._config.process_defaults
+  assert defaults({}) == {"seconds": 300.0, "transport": "auto", "residual_bytes": 256 << 20,
+                          "scratch_bytes": 2 << 30, "fetch_sms": ccf._config.AUTO_FETCH_SMS}
+  assert defaults({"JAX_CCFUSER_PEER_TIMEOUT": "2.5", "JAX_CCFUSER_TRANSPORT": "collectives",
+                   "JAX_CCFUSER_RESIDUAL_BUDGET": "0", "JAX_CCFUSER_SCRATCH_BUDGET": "1e9",
+                   "JAX_CCFUSER_FETCH_SMS": "24", "OTHER": "x"}) == {
+      "seconds": 2.5, "transport": "collectives", "residual_bytes": 0,
+      "scratch_bytes": 10**9, "fetch_sms": 24}
+  for variable, value, why in [
+      ("JAX_CCFUSER_PEER_TIMEOUT", "inf", "peer_timeout must be positive"),
+      ("JAX_CCFUSER_PEER_TIMEOUT", "5s", "could not convert"),
+      ("JAX_CCFUSER_TRANSPORT", "nvlink", "transport must be one of"),
+      ("JAX_CCFUSER_RESIDUAL_BUDGET", "-1", "residual_budget must be a whole number"),
+      ("JAX_CCFUSER_SCRATCH_BUDGET", "0.5", "scratch_budget must be a whole number"),
+      ("JAX_CCFUSER_SCRATCH_BUDGET", "2GiB", "could not convert"),
+      ("JAX_CCFUSER_FETCH_SMS", "-1", "fetch_sms must be a whole number >= 0"),
+      ("JAX_CCFUSER_FETCH_SMS", "nan", "fetch_sms must be a whole number >= 0")]:
+    with pytest.raises(ValueError, match=f"environment variable {variable}='{value}' is not a "
+                                         f"valid setting: {why}"):
+      defaults({variable: value})
 
 
 def test_fetch_sms_are_fixed_at_trace_time():
