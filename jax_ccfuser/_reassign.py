@@ -87,9 +87,13 @@ def _kept_sizes(previous, counts):
   where an expert's count is the one it was made for; else its cut points (cumulative shares)
   scaled and rounded, so the slices still ascend and add up to `counts`. Never sizes rebuilt
   from float32 shares one by one: floor(fl(s / n) * n) can be s - 1, and a plan kept step after
-  step then drifted a row a helper a step, whole tiles no longer whole."""
+  step then drifted a row a helper a step, whole tiles no longer whole. The last slot in use
+  ends at the count, as the handlers read a plan: float32 shares may add up to just under 1,
+  and an expert with no rows then has none at all, so its rows would fall to unused slots."""
   cuts = jnp.round(jnp.cumsum(previous.shares, 1) * counts[:, None]).astype(jnp.int32)
-  cuts = jnp.minimum(cuts, counts[:, None]).at[:, -1].set(counts)
+  slot = jnp.arange(cuts.shape[1])
+  last_used = jnp.max(jnp.where(previous.workers >= 0, slot, 0), 1, keepdims=True)
+  cuts = jnp.where(slot >= last_used, counts[:, None], jnp.minimum(cuts, counts[:, None]))
   scaled = jnp.diff(cuts, axis=1, prepend=0)
   same = (previous.counts == counts)[:, None]
   return jnp.where(same, jnp.diff(previous.bounds, axis=1), scaled)
@@ -283,7 +287,9 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
       `tile - 1` rows over the mean rounded up.
     previous: a plan from an earlier step; its slices (as fractions of each expert's rows) are
       kept while they hold every device within the bound above, so plans change only when the
-      routing has moved. Not with `replicas` across hosts (exports are chosen every step).
+      routing has moved. Kept for counts other than its own, its slices are those fractions of
+      the new counts, rounded: no longer whole tiles. Not with `replicas` across hosts
+      (exports are chosen every step).
     replicas: R, the experts each device may export to the other hosts per step, from 0 (rows
       stay on their expert's host) to E_local. Only when the axis spans hosts; ignored on one.
 

@@ -412,6 +412,27 @@ def test_a_plan_kept_over_drifting_routing_cuts_at_its_first_shares():
     np.testing.assert_array_equal(np.asarray(kept.bounds)[:, 1:], np.minimum(cuts, counts))
 
 
+def test_a_kept_plan_gives_every_row_to_a_slot_in_use():
+  """A kept plan's rows end in its slots in use, and its loads_after are the rows each device
+  computes: an expert that had no rows when the plan was made (shares all 0) gives its new rows
+  to its owner, and float32 shares that add up to just under 1 (here for 4M rows) leave no row
+  past the last helper (both once fell to unused slots: the owner's count, a helper's rows)."""
+  plan = functools.partial(jax.jit(_plan, static_argnames=("split", "max_helpers", "tile")),
+                           split=Split(1, 4, False, ()), max_helpers=3, threshold=1.1)
+  for tile, first_counts, counts in [
+      (4, [48, 10, 12, 12, 14, 0, 16, 16], [46, 12, 13, 14, 14, 2, 18, 9]),
+      (32, [4076042, 459555, 2250059, 458068], [4076043, 459555, 2250059, 458068])]:
+    first = plan(jnp.int32([first_counts]), tile=tile, previous=None)
+    kept = plan(jnp.int32([counts]), tile=tile, previous=first)
+    np.testing.assert_array_equal(kept.workers, first.workers)  # kept, not made afresh
+    workers, sizes = np.asarray(kept.workers), np.diff(np.asarray(kept.bounds), axis=1)
+    np.testing.assert_array_equal(sizes.sum(1), counts)
+    assert np.all(sizes[workers < 0] == 0), (workers, sizes)
+    computed = np.zeros(4, np.int64)
+    np.add.at(computed, workers[workers >= 0], sizes[workers >= 0])
+    np.testing.assert_array_equal(kept.loads_after, computed)
+
+
 def test_host_shares_cut_at_the_nearest_tile():
   """110 rows of host 0's expert over two hosts: the level is 55, whose nearest tile of 8 is 56
   (not 48 below it)."""
