@@ -27,7 +27,7 @@ def _capacity(capacity_factor, *, tokens: int, k: int, num_experts: int) -> int:
   worst = tokens * k
   if capacity_factor is None:
     return worst
-  if not capacity_factor > 0:
+  if isinstance(capacity_factor, bool) or not capacity_factor > 0:
     raise ValueError(f"capacity_factor must be a positive float or None (dropless), "
                      f"got {capacity_factor!r}")
   # Beyond the worst case more capacity only adds padding rows (clamping c first keeps an
@@ -53,7 +53,7 @@ def _pair_slots(expert_ids: jax.Array, *, num_experts: int, capacity: int) -> ja
   # Ids outside [0, E) sort after every real expert and are dropped, so no index leaves a buffer.
   key = jnp.where(valid, ids, num_experts)
   order = jnp.argsort(key, stable=True)
-  counts = jnp.bincount(key, length=num_experts + 1)
+  counts = jnp.bincount(key, length=num_experts + 1).astype(jnp.int32)  # int64 under x64
   starts = jnp.cumsum(counts) - counts
   rank = jnp.zeros(n, jnp.int32).at[order].set(
       jnp.arange(n, dtype=jnp.int32) - starts[key[order]])
@@ -143,6 +143,8 @@ def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None
 
   back_padded = jnp.concatenate([back.reshape(e * c, h), jnp.zeros((1, h), x.dtype)])
   per_pair = back_padded[slots].reshape(k, t, h)
-  y = jnp.einsum("tk,kth->th", expert_weights.astype(jnp.float32),
-                 per_pair.astype(jnp.float32))
+  # A dropped pair's weight is zeroed, not multiplied by its zero row: inf or NaN times 0 is NaN.
+  kept = (slots < e * c).reshape(k, t).T
+  weights = jnp.where(kept, expert_weights.astype(jnp.float32), 0)
+  y = jnp.einsum("tk,kth->th", weights, per_pair.astype(jnp.float32))
   return y.astype(x.dtype)

@@ -52,6 +52,8 @@ def all_to_all_bytes(tokens: int, k: int, num_experts: int, num_devices: int, hi
   (`T * K` dropless).
   """
   experts_local = check_num_experts(num_experts, check_count("num_devices", num_devices))
+  tokens, k, hidden, itemsize = (check_count(name, value) for name, value in (
+      ("tokens", tokens), ("k", k), ("hidden", hidden), ("itemsize", itemsize)))
   capacity = _capacity(capacity_factor, tokens=tokens, k=k, num_experts=num_experts)
   per_direction = (num_devices - 1) * experts_local * capacity * hidden * itemsize
   return 2 * per_direction

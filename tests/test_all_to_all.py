@@ -1,6 +1,7 @@
 """all_to_all_moe (the baseline) against reference_moe: dropless, unsharded, capacity dropping."""
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -200,3 +201,31 @@ def test_out_of_range_ids_contribute_zero():
   bad_ids = jnp.where(bad, jnp.array([[-1, case.num_experts]] * ids.shape[0]), ids)
   y = sharded(all_to_all_moe, case.devices)(x, bad_ids, weights, w_in, w_out)
   assert_close(y, reference_moe(x, ids, jnp.where(bad, 0, weights), w_in, w_out), jnp.float32)
+  # Zero whatever their weight: not the weight times a zero row (inf or NaN times 0 is NaN).
+  for weight in (jnp.inf, jnp.nan):
+    y_weighted = sharded(all_to_all_moe, case.devices)(x, bad_ids, jnp.where(bad, weight, weights),
+                                                       w_in, w_out)
+    np.testing.assert_array_equal(y_weighted, y)
+
+
+def test_capacity_dropped_pairs_contribute_zero_whatever_their_weight():
+  case = Case(devices=1, tokens=6, experts_local=4, k=1, seed=20)
+  x, _, weights, w_in, w_out = make_inputs(case)
+  ids = jnp.zeros((6, 1), jnp.int32)  # C = ceil(0.5 * 6 / 4) = 1: tokens 1-5 are dropped
+  moe = jax.jit(functools.partial(all_to_all_moe, capacity_factor=0.5))
+  y = moe(x, ids, weights, w_in, w_out)
+  assert np.all(np.asarray(y)[1:] == 0) and np.all(np.asarray(y)[0] != 0)
+  np.testing.assert_array_equal(moe(x, ids, weights.at[3, 0].set(jnp.nan), w_in, w_out), y)
+
+
+def test_under_x64_the_same_results_without_warnings():
+  """With jax_enable_x64 the pair ranks' sums are int64; what is written into int32 arrays is
+  cast, not left to a scatter's implicit cast (a FutureWarning, an error to come)."""
+  case = Case(devices=2, tokens=6, k=2, seed=21)
+  inputs = make_inputs(case)
+  moe = functools.partial(all_to_all_moe, capacity_factor=1.0)
+  y = sharded(moe, case.devices)(*inputs)
+  with jax.enable_x64(True), warnings.catch_warnings():
+    warnings.simplefilter("error")
+    np.testing.assert_array_equal(sharded(moe, case.devices)(*inputs), y)
+

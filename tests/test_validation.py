@@ -182,7 +182,7 @@ def test_gpu_limits_are_the_kernels():
     assert re.search(rf"constexpr int {name} = (\d+);", config).group(1) == str(value), name
 
 
-@pytest.mark.parametrize("capacity_factor", [0.0, -1.25, float("nan")])
+@pytest.mark.parametrize("capacity_factor", [0.0, -1.25, float("nan"), True])
 def test_bad_capacity_factor(capacity_factor):
   with pytest.raises(ValueError, match="capacity_factor must be a positive float or None"):
     all_to_all_moe(**_replace(), capacity_factor=capacity_factor)
@@ -224,6 +224,12 @@ def test_all_to_all_bytes_needs_the_experts_split_evenly():
     all_to_all_bytes(8, 2, 10, 4, 16, 4)
   with pytest.raises(ValueError, match="num_devices must be a positive int, got 0"):
     all_to_all_bytes(8, 2, 8, 0, 16, 4)
+  for name, position, bad in [("tokens", 0, -4), ("tokens", 0, 4.5), ("k", 1, 0),
+                              ("hidden", 4, -1), ("itemsize", 5, True)]:
+    args = [8, 2, 8, 4, 16, 4]
+    args[position] = bad
+    with pytest.raises(ValueError, match=f"{name} must be a positive int, got {bad!r}"):
+      all_to_all_bytes(*args)
 
 
 @pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
