@@ -85,24 +85,76 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="the routers' scores")
   p.add_argument("--resume", action="store_true",
                  help="continue from the checkpoints in --out instead of starting afresh (with "
-                 "the same settings: the learning-rate schedule spans --steps)")
+                 "the same training settings, which is checked: the learning-rate schedule "
+                 "spans --steps)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = p.parse_args(argv)
-  if args.devices < 1:
-    p.error("--devices must be at least 1")
+  for name, least in (("devices", 1), ("experts", 1), ("steps", 1), ("layers", 1),
+                      ("hidden", 1), ("heads", 1), ("ffn", 1), ("seq_len", 1), ("batch", 1),
+                      ("checkpoint_every", 1), ("eval_batches", 1), ("sample_bytes", 0),
+                      ("replace_every", 0), ("temperature", 0)):
+    if getattr(args, name) < least:
+      p.error(f"--{name.replace('_', '-')} must be at least {least}")
+  if args.max_corpus_bytes is not None and args.max_corpus_bytes < 1:
+    p.error("--max-corpus-bytes must be at least 1")
+  if not args.lr > 0 or not args.bias_rate > 0:
+    p.error("--lr and --bias-rate must be positive")
+  if not args.prompt:
+    p.error("--prompt must hold at least one character (the sample starts from it)")
+  if args.out.exists() and not args.out.is_dir():
+    p.error(f"--out {args.out} is a file, not a folder")
+  try:
+    model_config(args, DISPATCHES[0])
+  except ValueError as error:
+    p.error(f"--heads, --experts or --k: {error}")
   if args.experts % args.devices:
     p.error(f"--experts {args.experts} must be divisible by --devices {args.devices}")
   if args.batch % args.devices:
     p.error(f"--batch {args.batch} must be divisible by --devices {args.devices}")
   if args.seq_len % args.devices:  # the sample's [1, seq_len] window splits over the devices
     p.error(f"--seq-len {args.seq_len} must be divisible by --devices {args.devices}")
-  if args.steps < 1:
-    p.error("--steps must be at least 1")
-  if args.replace_every < 0:
-    p.error("--replace-every must be 0 (never) or positive")
-  if args.bias_rate <= 0:
-    p.error("--bias-rate must be positive")
   return args
+
+
+def model_config(args, dispatch: str) -> LMConfig:
+  return LMConfig(seq_len=args.seq_len, hidden=args.hidden, heads=args.heads,
+                  layers=args.layers, ffn=args.ffn, num_experts=args.experts, k=args.k,
+                  dispatch=dispatch, reassign=args.reassign and dispatch == "fused",
+                  score=args.score, expert_bias=args.balance == "bias")
+
+
+# Settings that change neither the model nor its training: a resumed run may change them.
+_NOT_TRAINING = ("out", "resume", "no_progress", "checkpoint_every", "eval_batches", "prompt",
+                 "sample_bytes", "temperature")
+
+
+def claim_checkpoints(args) -> None:
+  """Readies `<out>/checkpoints` for this run: without `--resume` both paths' checkpoints are
+  deleted (a path's left from an earlier run would otherwise be resumed as this run's) and the
+  training settings recorded; with it, checkpoints of other training settings are refused
+  (another learning rate or step count restores as well, and trains on wrongly).
+
+  Raises:
+    ValueError: `--resume` over checkpoints of other settings, or of unknown ones.
+  """
+  directory = args.out / "checkpoints"
+  record = directory / "settings.json"
+  settings = {name: value for name, value in vars(args).items() if name not in _NOT_TRAINING}
+  if args.resume and directory.exists():
+    saved = json.loads(record.read_text()) if record.exists() else None
+    if saved is None:
+      raise ValueError(f"{directory} holds no record of the settings its checkpoints were "
+                       f"trained with ({record.name}): start afresh (without --resume)")
+    differ = [f"--{name.replace('_', '-')} {saved.get(name)!r} there, {value!r} here"
+              for name, value in settings.items() if saved.get(name) != value]
+    if differ:
+      raise ValueError(f"the checkpoints in {directory} were trained with other settings "
+                       f"({'; '.join(differ)}): resume with theirs, or start afresh (without "
+                       f"--resume)")
+    return
+  shutil.rmtree(directory, ignore_errors=True)
+  directory.mkdir(parents=True)
+  record.write_text(json.dumps(settings, indent=1))
 
 
 def run_path(dispatch: str, args, corpus, mesh) -> dict:
@@ -113,18 +165,13 @@ def run_path(dispatch: str, args, corpus, mesh) -> dict:
     validation cross-entropy, this session's training wall time (compilation included) and the
     trained model.
   """
-  config = LMConfig(seq_len=args.seq_len, hidden=args.hidden, heads=args.heads,
-                    layers=args.layers, ffn=args.ffn, num_experts=args.experts, k=args.k,
-                    dispatch=dispatch, reassign=args.reassign and dispatch == "fused",
-                    score=args.score, expert_bias=args.balance == "bias")
+  config = model_config(args, dispatch)
   train_config = TrainConfig(batch=args.batch, learning_rate=args.lr, total_steps=args.steps,
                              warmup_steps=min(20, args.steps // 5), seed=args.seed,
                              expert_bias_rate=args.bias_rate)
   if args.balance != "loss":
     train_config = dataclasses.replace(train_config, load_balancing_coef=0.0)
   directory = args.out / "checkpoints" / dispatch
-  if not args.resume:
-    shutil.rmtree(directory, ignore_errors=True)
   place = batch_placer(mesh, config.axis_name)
   with jax.set_mesh(mesh):
     model = MoeLM(config, rngs=nnx.Rngs(args.seed))
@@ -263,6 +310,7 @@ def main(argv=None) -> dict:
   # Before the first use of a backend, which creates the devices.
   jax.config.update("jax_num_cpu_devices", args.devices)
   args.out.mkdir(parents=True, exist_ok=True)
+  claim_checkpoints(args)
   mesh = jax.make_mesh((args.devices,), ("expert",), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:args.devices])
   corpus = load_corpus(max_bytes=args.max_corpus_bytes)

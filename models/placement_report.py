@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="read at most this much of the standard library")
   p.add_argument("--readme", action="store_true", help="write the table into README.md")
   args = p.parse_args(argv)
+  for name in ("devices", "experts", "k", "layers", "batch", "seq_len", "record_batches"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be at least 1")
+  if not args.time_limit > 0:
+    p.error("--time-limit must be positive")
+  if args.k > args.experts:
+    p.error(f"--k {args.k} must be at most --experts {args.experts}")
   if args.experts % args.devices or args.batch % args.devices:
     p.error(f"--experts and --batch must be divisible by --devices {args.devices}")
   if args.steps != sorted(set(args.steps)) or args.steps[0] < 1:
@@ -87,10 +94,12 @@ def table_rows(args, step: int, fitted: placement.RoutingStats,
     fit, out = placement.score(fitted, perms), placement.score(held_out, perms)
     timing = ("-" if solution is None else
               f"{sum(solution.seconds):.2f} s ({', '.join(sorted(set(solution.methods)))})")
+    # One layer has no transitions between layers.
+    crossing = lambda s: f"{s.cross_fraction.mean():.3f}" if s.cross_fraction.size else "-"
     lines.append(
         f"| {step} | {name} | {fit.remote_fraction.mean():.3f} | {fit.max_load.mean():.2f} | "
-        f"{fit.cross_fraction.mean():.3f} | {out.remote_fraction.mean():.3f} | "
-        f"{out.max_load.mean():.2f} | {out.cross_fraction.mean():.3f} | {timing} |")
+        f"{crossing(fit)} | {out.remote_fraction.mean():.3f} | "
+        f"{out.max_load.mean():.2f} | {crossing(out)} | {timing} |")
   return lines
 
 

@@ -1,5 +1,6 @@
 """The MoE LM and its training loop: the loss falls, the fused and all-to-all paths agree step by
-step, checkpoints round-trip and a resumed run continues identically, the demo CLI runs."""
+step, checkpoints round-trip and a resumed run continues identically, the demo CLI runs; the CLIs
+refuse settings they cannot finish with before training."""
 
 import dataclasses
 import json
@@ -153,11 +154,71 @@ def test_demo_cli(tmp_path):
     (["--devices", "4", "--seq-len", "30"], "--seq-len 30 must be divisible by --devices 4"),
     (["--devices", "0"], "--devices must be at least 1"),
     (["--devices", "4", "--batch", "6"], "--batch 6 must be divisible by --devices 4"),
+    (["--prompt="], "--prompt must hold at least one character"),
+    (["--experts", "0"], "--experts must be at least 1"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+    (["--eval-batches", "0"], "--eval-batches must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be at least 0"),
+    (["--heads", "3"], "hidden=64 is not divisible by heads=3"),
+    (["--k", "9"], "1 <= k=9 <= num_experts=8"),
 ])
 def test_demo_refuses_settings_it_cannot_finish_before_training(flags, message, capsys):
-  """A sequence length the devices do not split once trained both paths and then failed in the
-  sample, before metrics.json was written."""
+  """A sequence length the devices do not split, an empty prompt or no experts once trained both
+  paths and then failed in the sample or the summary, before metrics.json was written."""
   from models import demo
   with pytest.raises(SystemExit):
     demo.parse_args(flags)
   assert message in capsys.readouterr().err
+
+
+def test_demo_resumes_only_checkpoints_of_its_own_settings(tmp_path):
+  """Without --resume both paths' checkpoints go (a path's left from an earlier run was resumed
+  as this run's, trained at another learning rate); with it, other training settings are
+  refused, and settings that change no training are not."""
+  from models import demo
+  args = lambda *flags: demo.parse_args(["--out", str(tmp_path), *flags])
+  checkpoints = tmp_path / "checkpoints"
+  demo.claim_checkpoints(args("--lr", "0.05"))
+  (checkpoints / "all_to_all" / "4").mkdir(parents=True)  # an earlier run's, finished
+  demo.claim_checkpoints(args())
+  assert not (checkpoints / "all_to_all").exists()
+  (checkpoints / "fused" / "2").mkdir(parents=True)  # this run's, interrupted
+  demo.claim_checkpoints(args("--resume", "--temperature", "0", "--checkpoint-every", "5"))
+  assert (checkpoints / "fused" / "2").is_dir()
+  for flags, differ in ((["--lr", "0.05"], "--lr 0.01 there, 0.05 here"),
+                        (["--steps", "50"], "--steps 100 there, 50 here")):
+    with pytest.raises(ValueError, match=f"trained with other settings \\({differ}\\)"):
+      demo.claim_checkpoints(args("--resume", *flags))
+  assert (checkpoints / "fused" / "2").is_dir()
+  (checkpoints / "settings.json").unlink()  # checkpoints of unknown settings
+  with pytest.raises(ValueError, match="holds no record of the settings"):
+    demo.claim_checkpoints(args("--resume"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--devices", "0"], "--devices must be at least 1"),
+    (["--record-batches", "0"], "--record-batches must be at least 1"),
+    (["--time-limit", "-5"], "--time-limit must be positive"),
+    (["--k", "17"], "--k 17 must be at most --experts 16"),
+])
+def test_placement_report_refuses_settings_it_cannot_use(flags, message, capsys):
+  """--devices 0 divided by zero, and a negative time limit failed only after training."""
+  from models import placement_report
+  with pytest.raises(SystemExit):
+    placement_report.parse_args(flags)
+  assert message in capsys.readouterr().err
+
+
+def test_placement_report_rows_of_one_layer_have_no_transitions():
+  """One MoE layer has no transitions between layers: "-" where the means of none were nan."""
+  from jax_ccfuser import placement
+  from models import placement_report
+  args = placement_report.parse_args(["--devices", "2", "--experts", "4", "--layers", "1"])
+  ids = jax.random.randint(jax.random.key(0), (64, 2), 0, 4)
+  stats = placement.routing_stats([ids], num_experts=4, num_devices=2)
+  rows = placement_report.table_rows(args, 3, stats, stats)
+  assert len(rows) == 4 and not any("nan" in row for row in rows), rows
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "3" and cells[4] == cells[7] == "-", cells
+    assert 0 <= float(cells[2]) <= 1 and float(cells[3]) >= 1, cells
