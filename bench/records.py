@@ -9,8 +9,8 @@ import datetime
 import json
 import os
 import pathlib
-import shutil
 import subprocess
+import warnings
 
 RESULTS_DIR = pathlib.Path(__file__).parent / "results"
 
@@ -35,9 +35,9 @@ def platform() -> str:
   return jax.devices()[0].platform
 
 
-def device_description() -> str:
+def device_description(simulated: int | None = None) -> str:
   """What ran the benchmark, e.g. "NVIDIA H100 80GB HBM3" or "8 simulated CPU devices on 2
-  cores (AMD EPYC ...)"."""
+  cores (AMD EPYC ...)"; `simulated`: the CPU devices it used, where not all of them."""
   import jax
   dev = jax.devices()[0]
   if dev.platform != "cpu":
@@ -49,7 +49,8 @@ def device_description() -> str:
       if line.startswith("model name"):
         model = line.split(":", 1)[1].strip()
         break
-  return (f"{len(jax.devices())} simulated CPU devices on {len(os.sched_getaffinity(0))} "
+  return (f"{simulated or len(jax.devices())} simulated CPU devices on "
+          f"{len(os.sched_getaffinity(0))} "
           f"cores ({model})")
 
 
@@ -80,7 +81,8 @@ def check(record: dict) -> None:
 
 
 def write(records: list[dict], out_dir: pathlib.Path) -> pathlib.Path:
-  """Writes `<platform>-<date>-<commit>.json` and its copy `latest-<platform>.json`.
+  """Writes `<platform>-<date>-<commit>.json` (`-2`, `-3`, ... after it where an earlier run of
+  the day and commit wrote one) and its copy `latest-<platform>.json`.
 
   Returns:
     The dated file's path.
@@ -89,14 +91,17 @@ def write(records: list[dict], out_dir: pathlib.Path) -> pathlib.Path:
     check(r)
   first = records[0]
   out_dir.mkdir(parents=True, exist_ok=True)
-  name = f"{first['platform']}-{first['date'][:10]}-{first['commit'].split('+')[0]}.json"
-  path = out_dir / name
-  path.write_text(json.dumps(records, indent=1) + "\n")
-  shutil.copyfile(path, out_dir / f"latest-{first['platform']}.json")
+  stem = f"{first['platform']}-{first['date'][:10]}-{first['commit'].split('+')[0]}"
+  path, runs = out_dir / f"{stem}.json", 1
+  while path.exists():
+    runs += 1
+    path = out_dir / f"{stem}-{runs}.json"
+  write_whole(records, path)
+  write_whole(records, out_dir / f"latest-{first['platform']}.json")
   return path
 
 
-def write_whole(doc: dict, path: pathlib.Path) -> None:
+def write_whole(doc, path: pathlib.Path) -> None:
   """`doc` as JSON at `path`, written beside it and renamed into place: a run stopped by its
   time limit midway leaves the last whole document (the configurations it finished)."""
   partial = path.with_suffix(".partial")
@@ -105,9 +110,28 @@ def write_whole(doc: dict, path: pathlib.Path) -> None:
 
 
 def load_latest(out_dir: pathlib.Path = RESULTS_DIR) -> dict[str, list[dict]]:
-  """`{platform: records}` from every `latest-<platform>.json` in `out_dir`."""
-  return {p.stem.removeprefix("latest-"): json.loads(p.read_text())
-          for p in sorted(out_dir.glob("latest-*.json"))}
+  """`{platform: records}` from every `latest-<platform>.json` in `out_dir`.
+
+  Raises:
+    ValueError: a file that is not JSON, holds no records, a record that fails `check`, or a
+      configuration without a `fused` record (what the report compares against); naming it.
+  """
+  latest = {}
+  for path in sorted(out_dir.glob("latest-*.json")):
+    try:
+      recs = json.loads(path.read_text())
+      if not isinstance(recs, list) or not recs:
+        raise ValueError("it holds no records")
+      for r in recs:
+        check(r)
+      configs = {json.dumps(r["config"], sort_keys=True) for r in recs}
+      configs -= {json.dumps(r["config"], sort_keys=True) for r in recs if r["impl"] == "fused"}
+      if configs:
+        raise ValueError(f"no fused record for the configurations {sorted(configs)}")
+    except ValueError as error:  # json.JSONDecodeError is one
+      raise ValueError(f"{path}: {error}") from None
+    latest[path.stem.removeprefix("latest-")] = recs
+  return latest
 
 
 def newest_gpu_results(out_dir: pathlib.Path = RESULTS_DIR,
@@ -117,8 +141,12 @@ def newest_gpu_results(out_dir: pathlib.Path = RESULTS_DIR,
   dry run), with its document; None when there is none. Newest by the document's `date`."""
   found = []
   for path in out_dir.glob("gpu-*.json"):
-    doc = json.loads(path.read_text())
-    if doc.get("dry_run") or not doc.get("benchmark"):
+    try:
+      doc = json.loads(path.read_text())
+    except ValueError as error:  # half-written: the other files still count
+      warnings.warn(f"{path} is not a results file, left out: {error}", stacklevel=2)
+      continue
+    if not isinstance(doc, dict) or doc.get("dry_run") or not doc.get("benchmark"):
       continue
     if device in (doc.get("device") or doc["benchmark"].get("device") or ""):
       found.append((doc.get("date", ""), path.name, path, doc))

@@ -20,6 +20,7 @@ from bench import gpu_check, model, records  # noqa: E402
 README = pathlib.Path(__file__).parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 _FUSED, _ROOF = "fused", "roof"
+_CAPPED = "all_to_all_cf1.25"  # the baseline the CPU goal is set against
 _MIB = 2**20
 
 
@@ -146,12 +147,12 @@ def measured_section(plat: str, recs: list[dict]) -> str:
   ]
   if plat == "cpu":
     lines += [
-        "Eight simulated devices share two cores (and whatever else the machine runs), so "
-        "absolute times are noisy; the ratios compare implementations measured side by side "
-        "in the same rounds.",
+        "The simulated devices share the cores named above (and whatever else the machine "
+        "runs), so absolute times are noisy; the ratios compare implementations measured side "
+        "by side in the same rounds.",
         "",
     ]
-  f, cf = largest[_FUSED], largest.get(baselines[-1]) if baselines else None
+  f = largest[_FUSED]
   summary = (f"**Largest configuration** (T={lc['tokens']}, E={lc['experts']}, K={lc['k']}, "
              f"forward+backward): fused {f['fwd_bwd_ms']:.1f} ms, "
              f"{100 * f['roof_fraction']:.0f}% of the roof")
@@ -164,8 +165,8 @@ def measured_section(plat: str, recs: list[dict]) -> str:
               f"{100 * f['cpu_roof_fraction']:.0f}% of the roof, "
               + ", ".join(f"{_speedup(largest, b, 'fwd_bwd_cpu_ms'):.2f}x {b}"
                           for b in baselines if b in largest))
-  if plat == "cpu" and cf is not None:
-    met = [_speedup(largest, baselines[-1]) >= 1.2, f["roof_fraction"] >= 0.6,
+  if plat == "cpu" and _CAPPED in largest:
+    met = [_speedup(largest, _CAPPED) >= 1.2, f["roof_fraction"] >= 0.6,
            all(f["activation_bytes"] < largest[b]["activation_bytes"] for b in baselines
                if b in largest)]
     verdict = lambda ok: "met" if ok else "missed"

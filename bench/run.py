@@ -61,7 +61,7 @@ def _parse_args(argv):
                            "unless --out is given, and regenerates no plots or README")
   parser.add_argument("--sweeps", default=None,
                       help="comma-separated sweeps to run (tokens,experts,k,skew); default: all")
-  parser.add_argument("--tokens", default=None,
+  parser.add_argument("--tokens", type=_positive_ints, default=None,
                       help="comma-separated tokens per device for the tokens sweep")
   parser.add_argument("--min-samples", type=int, default=None,
                       help="timed samples kept per program, at least (default 3; quick 1)")
@@ -71,20 +71,30 @@ def _parse_args(argv):
                       help="seconds of timed calls per configuration after which sampling "
                            "stops once every program has --min-samples")
   parser.add_argument("--out", type=pathlib.Path, default=None,
-                      help=f"results directory (default {records.RESULTS_DIR})")
+                      help=f"results directory (default {records.RESULTS_DIR}); the plots and "
+                           "the README are regenerated only without it")
   parser.add_argument("--no-report", action="store_true",
                       help="do not regenerate the plots and the README table")
   args = parser.parse_args(argv)
   args.min_samples = args.min_samples or (1 if args.quick else 3)
   args.max_samples = max(args.min_samples, args.max_samples or (1 if args.quick else 10))
+  # The README shows bench/results: results written elsewhere leave it alone.
+  args.report = args.out is None and not (args.quick or args.no_report)
   if args.out is None:
     args.out = (pathlib.Path(tempfile.mkdtemp(prefix="ccf-bench-")) if args.quick
                 else records.RESULTS_DIR)
   return args
 
 
-def _csv(text, cast):
-  return None if text is None else tuple(cast(v) for v in text.split(","))
+def _positive_ints(text: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected positive whole numbers separated by commas, "
+                                     f"got {text!r}")
+  return values
 
 
 def _select(sweeps: dict, names) -> dict:
@@ -101,9 +111,9 @@ def _cpu_plan(args) -> dict[Config, list[str]]:
   base = _CPU_QUICK if args.quick else _CPU_BASE
   sweeps = dict(_CPU_QUICK_SWEEPS if args.quick else _CPU_SWEEPS)
   if args.tokens:
-    sweeps["tokens"] = ("tokens", _csv(args.tokens, int))
+    sweeps["tokens"] = ("tokens", args.tokens)
   plan = {}
-  for name, (field, values) in _select(sweeps, _csv(args.sweeps, str)).items():
+  for name, (field, values) in _select(sweeps, None if args.sweeps is None else args.sweeps.split(",")).items():
     for v in values:
       plan.setdefault(dataclasses.replace(base, **{field: v}), []).append(name)
   return plan
@@ -173,7 +183,8 @@ def main(argv=None) -> list[dict]:
   # Imported here: they build on the library, whose devices must come up after the lines above.
   from bench.programs import cpu_programs
   plan = _cpu_plan(args)
-  provenance = dict(platform=records.platform(), device=records.device_description(),
+  provenance = dict(platform=records.platform(),
+                    device=records.device_description(_CPU_BASE.devices),
                     commit=records.commit(), date=records.now())
   tqdm.write(f"{provenance['device']}, commit {provenance['commit']}: {len(plan)} "
              f"configurations")
@@ -188,7 +199,7 @@ def main(argv=None) -> list[dict]:
                           sweeps=sweeps, **f))
   path = records.write(results, args.out)
   tqdm.write(f"wrote {path}")
-  if not (args.quick or args.no_report):
+  if args.report:
     from bench import report
     report.regenerate(args.out)
   return results

@@ -43,6 +43,8 @@ def test_quick_run_writes_well_formed_records(quick_run):
     kept = config.useful_flop(True) * (1 - r["dropped_fraction"])
     assert r["fwd_bwd_gflops"] == pytest.approx(kept / r["fwd_bwd_ms"] / 1e6)
   assert any(r["dropped_fraction"] > 0 for r in recs)
+  # The devices a run used, where the process has more.
+  assert records.device_description(3).startswith("3 simulated CPU devices on ")
   (dated,) = [p for p in out.glob("cpu-*.json")]
   assert json.loads(dated.read_text()) == json.loads((out / "latest-cpu.json").read_text())
 
@@ -73,6 +75,56 @@ def test_records_check_rejects_missing_fields_and_bad_times():
     records.check(dict(good, config={k: v for k, v in good["config"].items() if k != "skew"}))
   with pytest.raises(ValueError, match="non-positive"):
     records.check(dict(good, fwd_bwd_ms=0.0))
+
+
+def test_only_runs_into_bench_results_rewrite_the_readme():
+  """`--out DIR` once rewrote the README from DIR: its GPU section, calibration and plots gone."""
+  assert run._parse_args([]).report
+  for flags in (["--out", "elsewhere"], ["--quick"], ["--no-report"]):
+    assert not run._parse_args(flags).report, flags
+
+
+@pytest.mark.parametrize("tokens", ["abc", "8,,16", "0", "8,-1"])
+def test_tokens_must_be_positive_whole_numbers(tokens, capsys):
+  with pytest.raises(SystemExit):
+    run._parse_args(["--tokens", tokens])
+  assert f"expected positive whole numbers separated by commas, got {tokens!r}" in \
+      capsys.readouterr().err
+  assert run._parse_args(["--tokens", "8,16"]).tokens == (8, 16)
+
+
+def test_a_second_run_of_the_day_keeps_the_first_runs_file(quick_run, tmp_path):
+  _, recs = quick_run
+  first = records.write(recs[:2], tmp_path)
+  second = records.write(recs, tmp_path)
+  assert second.name == first.name.replace(".json", "-2.json")
+  assert json.loads(first.read_text()) == recs[:2]
+  assert json.loads((tmp_path / "latest-cpu.json").read_text()) == recs
+  assert not list(tmp_path.glob("*.partial"))
+
+
+def test_results_that_cannot_be_reported_are_named(quick_run, tmp_path):
+  _, recs = quick_run
+  latest = tmp_path / "latest-cpu.json"
+  for content, why in (("[]", "it holds no records"), ('[{"impl": ', "Expecting value"),
+                       (json.dumps([r for r in recs if r["impl"] != "fused"]),
+                        "no fused record for the configurations")):
+    latest.write_text(content)
+    with pytest.raises(ValueError, match=f"latest-cpu.json: {why}"):
+      records.load_latest(tmp_path)
+  latest.unlink()
+  # A half-written GPU results file is left out, with a warning; the others still count.
+  (tmp_path / "gpu-2026-12-05-abc.json").write_text('{"device": "NVIDIA H2')
+  with pytest.warns(UserWarning, match="gpu-2026-12-05-abc.json is not a results file"):
+    assert records.newest_gpu_results(tmp_path) is None
+
+
+def test_the_cpu_goal_is_judged_against_capacity_1_25_only(quick_run):
+  _, recs = quick_run
+  assert "Goal: " in report.measured_section("cpu", recs)
+  without = [r for r in recs if r["impl"] != "all_to_all_cf1.25"]
+  assert "Goal: " not in report.measured_section("cpu", without)
+  assert "two cores" not in report.measured_section("cpu", recs)  # the device line says
 
 
 @pytest.mark.parametrize("ragged_dot", [jax.lax.ragged_dot, tokamax_ragged_dot],
