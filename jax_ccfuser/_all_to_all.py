@@ -110,7 +110,7 @@ def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None
     >>> w_in = jax.random.normal(ki, (16, 16, 64)) / 4
     >>> w_out = jax.random.normal(ko, (16, 32, 16)) / 6
     >>> moe = functools.partial(jax_ccfuser.all_to_all_moe, axis_name="ep", capacity_factor=1.25)
-    >>> y = jax.shard_map(moe, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))(
+    >>> y = jax.jit(jax.shard_map(moe, mesh=mesh, in_specs=P("ep"), out_specs=P("ep")))(
     ...     x, ids, weights, w_in, w_out)
     >>> computed = (y != 0).any(axis=1).reshape(8, 64)
     >>> computed.sum(axis=1).tolist(), bool(computed[:, :5].all())

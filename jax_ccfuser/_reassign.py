@@ -306,7 +306,8 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
     >>> def loads(ids):  # per device: ids [32, 2]
     ...   plan = jax_ccfuser.reassign(ids, 16, axis_name="ep")
     ...   return jax_ccfuser.plan_loads(plan)
-    >>> before, after = jax.shard_map(loads, mesh=mesh, in_specs=P("ep"), out_specs=P())(ids)
+    >>> before, after = jax.jit(jax.shard_map(loads, mesh=mesh, in_specs=P("ep"),
+    ...                                       out_specs=P()))(ids)
     >>> before.tolist(), after.tolist()
     ([288, 32, 32, 32, 32, 32, 32, 32], [64, 64, 64, 64, 64, 64, 64, 64])
 

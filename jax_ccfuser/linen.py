@@ -76,16 +76,16 @@ class MoE(nn.Module):
   Examples:
     >>> x = jax.random.normal(jax.random.key(1), (2, 5, 16))
     >>> layer = MoE(num_experts=4, ffn=32, axis_name=None)
-    >>> variables = layer.init(jax.random.key(0), x)
-    >>> y, aux = layer.apply(variables, x)
+    >>> variables = jax.jit(layer.init)(jax.random.key(0), x)
+    >>> y, aux = jax.jit(layer.apply)(variables, x)
     >>> y.shape, aux.counts.shape
     ((2, 5, 16), (4,))
 
     With the router's bias, moved after each step from the loads:
 
     >>> layer = MoE(num_experts=4, ffn=32, axis_name=None, expert_bias=True)
-    >>> variables = layer.init(jax.random.key(0), x)
-    >>> y, aux = layer.apply(variables, x)
+    >>> variables = jax.jit(layer.init)(jax.random.key(0), x)
+    >>> y, aux = jax.jit(layer.apply)(variables, x)
     >>> variables["expert_bias"]["expert_bias"] = jax_ccfuser.update_expert_bias(
     ...     variables["expert_bias"]["expert_bias"], aux.counts, rate=1e-3)
     >>> sorted(variables)
