@@ -274,6 +274,10 @@ def read_stages(state: pathlib.Path) -> list[dict]:
 
 _OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 _STARTED = re.compile(r"^(\S+::\S+) *$")
+# pytest-timeout's banner, on the line of the test it stopped; its thread method then ends the
+# process: no outcome, no short summary, no junit XML.
+_TIMED_OUT = re.compile(r"^(\S+::\S+) \++ Timeout \++")
+_COLLECTED = re.compile(r"\bcollected (\d+) items?\b")
 _SHORT_SUMMARY = re.compile(r"^(?:FAILED|ERROR) (\S+::\S+) - (.*)$")
 
 
@@ -282,8 +286,10 @@ def parse_pytest(junit: pathlib.Path, log: pathlib.Path) -> dict:
   writes no XML; the log then also names the test that was running).
 
   Returns:
-    `{"source", "passed", "failed", "errors", "skipped", "failures": [{"name", "message"}],
-    "slowest": [{"name", "seconds"}], "running_when_stopped"}`; None if neither file exists.
+    `{"source", "passed", "failed", "errors", "skipped", "not_run", "failures": [{"name",
+    "message"}], "slowest": [{"name", "seconds"}], "running_when_stopped"}`; None if neither
+    file exists. A test that pytest-timeout stopped counts as failed and as the one running;
+    `not_run`: collected tests with no outcome (None where the log names no collection).
   """
   if junit.is_file():
     try:
@@ -293,9 +299,15 @@ def parse_pytest(junit: pathlib.Path, log: pathlib.Path) -> dict:
   if not log.is_file():
     return None
   counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0, "XFAIL": 0, "XPASS": 0}
-  failures, last_started = {}, None
+  failures, last_started, collected = {}, None, None
   for line in log.read_text(errors="replace").splitlines():
-    if m := _OUTCOME.match(line):
+    if (m := _COLLECTED.search(line)) and collected is None:
+      collected = int(m[1])
+    if m := _TIMED_OUT.match(line):
+      counts["FAILED"] += 1
+      failures[m[1]] = "timed out (pytest-timeout stopped the run here)"
+      last_started = m[1]
+    elif m := _OUTCOME.match(line):
       counts[m[2]] += 1
       last_started = None
       if m[2] in ("FAILED", "ERROR"):
@@ -307,6 +319,7 @@ def parse_pytest(junit: pathlib.Path, log: pathlib.Path) -> dict:
   return {"source": "log", "passed": counts["PASSED"] + counts["XPASS"],
           "failed": counts["FAILED"], "errors": counts["ERROR"],
           "skipped": counts["SKIPPED"] + counts["XFAIL"],
+          "not_run": None if collected is None else collected - sum(counts.values()),
           "failures": [{"name": n, "message": m} for n, m in failures.items()], "slowest": [],
           "running_when_stopped": last_started}
 
@@ -334,15 +347,15 @@ def _parse_junit(path: pathlib.Path) -> dict:
     if kind in ("failed", "errors"):
       failures.append({"name": name, "message": message})
   times.sort(key=lambda t: -t["seconds"])
-  return {"source": "junit", **counts, "failures": failures, "slowest": times[:5],
-          "running_when_stopped": None}
+  return {"source": "junit", **counts, "not_run": 0, "failures": failures,
+          "slowest": times[:5], "running_when_stopped": None}
 
 
 def failed_tests(state: pathlib.Path) -> list[str]:
   """The tests stage's failed and erroring tests, and the one running when it was stopped."""
   found = parse_pytest(state / "junit.xml", state / _log_name("tests")) or {}
-  names = [f["name"] for f in found.get("failures", [])]
-  return names + ([found["running_when_stopped"]] if found.get("running_when_stopped") else [])
+  names = [f["name"] for f in found.get("failures", [])] + [found.get("running_when_stopped")]
+  return [name for name in dict.fromkeys(names) if name]
 
 
 def triage(state: pathlib.Path, stages: list[dict]) -> dict:
@@ -456,7 +469,7 @@ def _detail(stage: dict, doc: dict, state: pathlib.Path) -> str:
   if name == "tests" and doc["tests"]:
     t = doc["tests"]
     text = (f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
-            f"{t['skipped']} skipped")
+            f"{t['skipped']} skipped" + (f", {t['not_run']} not run" if t.get("not_run") else ""))
     return text + (f"; stopped in {t['running_when_stopped']}" if t["running_when_stopped"]
                    else "")
   if name.startswith(TRIAGE) and doc["triage"].get(name[len(TRIAGE):]):

@@ -78,8 +78,10 @@ def _source_phases(monkeypatch):
   """The GEMMs in source phases (the fetch of later sources' rows beside them), the harder
   sequence: the handler runs them only where an expert gets 512 or more rows from each source,
   which no shape here reaches. test_source_phases_leave_results_bitwise_alike checks the other
-  way, and the choice by shape, against it."""
-  monkeypatch.setenv("JAX_CCFUSER_SOURCE_PHASES", "1")
+  way, and the choice by shape, against it. Not where the environment chooses: the GPU check's
+  triage reruns failed tests with the phases off."""
+  if "JAX_CCFUSER_SOURCE_PHASES" not in os.environ:
+    monkeypatch.setenv("JAX_CCFUSER_SOURCE_PHASES", "1")
 
 
 def _reference_precision():
@@ -279,6 +281,8 @@ def _budget_for_chunk_tiles(case: Case, tiles: int) -> int:
   return budget
 
 
+@pytest.mark.skipif(_extension.cuda is None, reason="sizes its chunks with the CUDA handler's "
+                    "own sizing: needs the CUDA extension (this build has none)")
 def test_emulated_groups_carried_across_chunk_edges():
   """Weight gradients whose groups cross chunk edges, in chunks of two 128-row tiles: every
   token picks experts 0 and 2 (1 and 3 get no rows), so each of the two groups has 300 rows, three

@@ -201,7 +201,28 @@ def test_pytest_log_of_a_run_stopped_midway(tmp_path):
   assert tests["failures"] == [{"name": "tests/test_cuda.py::test_b",
                                 "message": "AssertionError: arrays differ"}]
   assert tests["running_when_stopped"] == "tests/test_cuda.py::test_d[every-device]"
+  assert tests["not_run"] is None  # the log names no collection
   assert gpu_check.parse_pytest(tmp_path / "junit.xml", tmp_path / "absent.log") is None
+
+
+def test_pytest_log_of_a_run_that_pytest_timeout_stopped(tmp_path):
+  """pytest-timeout's thread method ends the process in the test it stops: no outcome, no
+  summary, no XML. That test counts as failed and is triaged once; the rest count as not run."""
+  log = tmp_path / "tests.log"
+  log.write_text(
+      "collecting ... collected 5 items\n\n"
+      "tests/test_cuda.py::test_a PASSED                                       [ 20%]\n"
+      "tests/test_cuda.py::test_hang +++++++++++++++ Timeout +++++++++++++++\n"
+      "~~~~~~~~~~~~~~~~~~~~ Stack of MainThread (139768706874240) ~~~~~~~~~~~~~~~~~~~~~\n"
+      '  File "/x/tests/test_cuda.py", line 3, in test_hang\n'
+      "+++++++++++++++ Timeout +++++++++++++++\n")
+  tests = gpu_check.parse_pytest(tmp_path / "junit.xml", log)
+  assert (tests["passed"], tests["failed"], tests["not_run"]) == (1, 1, 3)
+  assert tests["failures"] == [{"name": "tests/test_cuda.py::test_hang",
+                                "message": "timed out (pytest-timeout stopped the run here)"}]
+  assert tests["running_when_stopped"] == "tests/test_cuda.py::test_hang"
+  (tmp_path / "tests.log").rename(tmp_path / gpu_check._log_name("tests"))
+  assert gpu_check.failed_tests(tmp_path) == ["tests/test_cuda.py::test_hang"]
 
 
 def test_racecheck_summary(tmp_path):
