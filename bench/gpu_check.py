@@ -74,11 +74,27 @@ def _travelling_files(root: pathlib.Path) -> list[str]:
   return sorted({f for f in out.decode().split("\0") if f and (root / f).is_file()})
 
 
+# What the CUDA extension is built from (jaxlib's FFI headers aside, which the image fixes).
+_EXTENSION_SOURCES = ("CMakeLists.txt", "common", "cuda", "xla_ffi")
+
+
+def _extension_sources(root: pathlib.Path) -> list[str]:
+  """The files the CUDA extension is built from, found on disk (the device has no git)."""
+  found = []
+  for name in _EXTENSION_SOURCES:
+    path = root / name
+    found += [str(p.relative_to(root)) for p in ([path] if path.is_file() else path.rglob("*"))
+              if p.is_file()]
+  return sorted(found)
+
+
 def stamp(path: pathlib.Path, root: pathlib.Path = REPO) -> dict:
-  """Writes the commit, the date and the travelling files' fingerprint to `path` (JSON)."""
+  """Writes the commit, the date, the travelling files' fingerprint (the tree the commit names)
+  and the extension sources' (what a carried extension was built from) to `path` (JSON)."""
   files = _travelling_files(root)
   doc = {"commit": records.commit(), "date": records.now(), "files": files,
-         "fingerprint": _fingerprint(root, files)}
+         "fingerprint": _fingerprint(root, files),
+         "extension_fingerprint": _fingerprint(root, _extension_sources(root))}
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(doc, indent=1) + "\n")
   return doc
@@ -91,8 +107,8 @@ def _matches(root: pathlib.Path, doc: dict) -> bool:
 
 def carried_extension(carry: pathlib.Path, arch: str, root: pathlib.Path = REPO):
   """The CUDA extension for this Python and `arch` that `make gpu-wheels` built into `carry`,
-  if the tree is still the one it was built from (`carry`/COMMIT, whether or not .git
-  travelled).
+  if its sources are still those it was built from (`carry`/COMMIT, whether or not .git
+  travelled): results, docs or tests changed since do not make the device build it again.
 
   Returns:
     `(path or None, why)`: why it is used or not, one line for the build's log.
@@ -104,8 +120,9 @@ def carried_extension(carry: pathlib.Path, arch: str, root: pathlib.Path = REPO)
   if not stamp_path.is_file():
     return None, f"{stamp_path.name} is missing: the carried one cannot be matched to the tree"
   doc = json.loads(stamp_path.read_text())
-  if not _matches(root, doc):
-    return None, f"the tree differs from the one it was built from ({doc['commit']})"
+  if _fingerprint(root, _extension_sources(root)) != doc.get("extension_fingerprint"):
+    return None, (f"the extension's sources differ from those it was built from "
+                  f"({doc['commit']})")
   return path, f"carried, built from {doc['commit']} on {doc['date']}"
 
 

@@ -33,6 +33,9 @@
 #   run  command: bash bench/gpu_check.sh
 #        carry:   [".whl"]
 #        timeout_s: 540
+#        kind:    nvidia-h200 (the earlier results' card; an H100's 60 GiB XLA pool cannot hold
+#                 the ragged_dot baseline's 64 GiB float32 expansion at Qwen3-30B-A3B, which is
+#                 then recorded as not compiled)
 # then copy the returned gpu-*.json and gpu-*.log from files_at into bench/results/.
 #
 # Environment: CCF_GPU_CHECK_DRY=1 rehearses on a machine without a GPU (the tests run on the

@@ -18,9 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}
-STATE=$(ls -dt /tmp/ccf-gpu-check.* 2>/dev/null | head -1)
+# `|| true`: with no check's state here (a fresh machine), ls fails, and pipefail would end the
+# script before it says why.
+STATE=$(ls -dt /tmp/ccf-gpu-check.* 2>/dev/null | head -1 || true)
 if [ -z "$STATE" ] || [ ! -d "$STATE/pkg" ]; then
-  echo "no package staged by bench/gpu_check.sh on this machine: run the check first" >&2
+  echo "no package staged by bench/gpu_check.sh on this machine: run the check first, in the" \
+    "same warm lease (a machine started afresh has none)" >&2
   exit 1
 fi
 source "$REPO/bench/gpu_build.sh"  # staged_python, install_wheels

@@ -282,14 +282,16 @@ def test_stamp_names_the_commit_while_the_tree_matches(tmp_path, monkeypatch):
   assert gpu_check.commit_of_tree(repo, repo / "absent")["commit"] == "def5678"
 
 
-def test_carried_extension_only_while_the_tree_matches_the_stamp(tmp_path, monkeypatch):
+def test_carried_extension_only_while_its_sources_match_the_stamp(tmp_path, monkeypatch):
   """The CUDA extension built with the wheels stands in for the device's own build only for the
-  tree it was built from, this Python and the architecture asked for."""
+  sources it was built from, this Python and the architecture asked for; results or docs
+  written since (a GPU check's results, copied in) do not make the device build it again."""
   repo = tmp_path / "repo"
-  repo.mkdir()
+  (repo / "cuda").mkdir(parents=True)
   subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
   (repo / ".gitignore").write_text("/.whl/\n")
-  (repo / "kernel.cu").write_text("// v1\n")
+  (repo / "cuda" / "kernel.cu").write_text("// v1\n")
+  (repo / "README.md").write_text("v1\n")
   carry = repo / ".whl"
   name = "_ccfuser_cuda" + sysconfig.get_config_var("EXT_SUFFIX")
   assert gpu_check.carried_extension(carry, "90a", repo)[0] is None  # nothing carried
@@ -302,9 +304,14 @@ def test_carried_extension_only_while_the_tree_matches_the_stamp(tmp_path, monke
   path, why = gpu_check.carried_extension(carry, "90a", repo)
   assert path == carry / "cuda-90a" / name and why.startswith("carried, built from abc1234")
   assert gpu_check.carried_extension(carry, "100a", repo)[0] is None  # another architecture
-  (repo / "kernel.cu").write_text("// v2\n")
+  (repo / "README.md").write_text("v2\n")
+  assert gpu_check.carried_extension(carry, "90a", repo)[0] == path
+  (repo / "cuda" / "kernel.cu").write_text("// v2\n")
   path, why = gpu_check.carried_extension(carry, "90a", repo)
-  assert path is None and "tree differs" in why
+  assert path is None and "the extension's sources differ" in why
+  (repo / "cuda" / "kernel.cu").write_text("// v1\n")
+  (repo / "cuda" / "new.cuh").write_text("// added\n")
+  assert gpu_check.carried_extension(carry, "90a", repo)[0] is None
 
 
 def test_dense_baselines_are_sized_before_compiling():
@@ -426,3 +433,15 @@ def test_kernel_profile_on_a_cpu_records_its_absence(tmp_path):
                          for kind in ("fwd", "fwd_bwd")}
   assert all(found == {"error": "no GPU kernel in the trace (no CUPTI, or not a GPU)"}
              for found in record.values())
+
+
+def test_tokamax_script_says_why_where_no_check_ran(tmp_path):
+  """On a machine started afresh no check's state is in /tmp: `ls` fails there, and under
+  pipefail the script once ended silently (rc 2) instead of saying why."""
+  ls = tmp_path / "ls"  # finds no state directory, as on a fresh machine
+  ls.write_text("#!/bin/sh\nexit 2\n")
+  ls.chmod(0o755)
+  done = subprocess.run(["bash", str(gpu_check.REPO / "bench" / "gpu_tokamax.sh")],
+                        capture_output=True, text=True, timeout=60,
+                        env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+  assert done.returncode == 1 and "run the check first" in done.stderr, done
