@@ -173,8 +173,10 @@ def _varying_alike(*args):
 
 
 def _result(like, shape, dtype):
-  """A custom-call result type: `shape`/`dtype`, varying over the same axes as `like`."""
-  return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype))
+  """A custom-call result type: `shape`/`dtype`, varying over the same axes as `like`; never
+  weak, as reference_moe's results are not (a weak x would make y and the weight gradients
+  weak, and y + a bfloat16 array bfloat16)."""
+  return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype), weak_type=False)
 
 
 def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: str,

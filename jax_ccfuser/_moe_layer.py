@@ -245,9 +245,10 @@ class MoESpec:
     # or whole on every device without one.
     tokens = tuple(a for a in mesh.axis_names if a == self.axis_name or mesh.shape[a] > 1)
     size = math.prod(mesh.shape[a] for a in tokens)
-    if math.prod(lead) % size:
+    # No tokens at all would make an empty shard_map, which XLA fails to compile.
+    if math.prod(lead) % size or not math.prod(lead):
       raise ValueError(f"{math.prod(lead)} tokens do not split evenly over the {size} devices of "
-                       f"mesh axes {tokens}")
+                       f"mesh axes {tokens} (at least one token each)")
     experts = P(self.axis_name) if self.axis_name else P()
     specs = (P(tokens), P(tokens), experts, experts, P(), P())
     explicit = AxisType.Explicit in mesh.axis_types

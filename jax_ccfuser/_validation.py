@@ -149,6 +149,8 @@ def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: st
   for name, a, rank in (("x", x, 2), ("expert_ids", expert_ids, 2),
                         ("expert_weights", expert_weights, 2), ("w_in", w_in, 3),
                         ("w_out", w_out, 3)):
+    if not hasattr(a, "dtype"):  # as jax.numpy, which takes no lists
+      raise ValueError(f"{name} must be an array (jax or numpy), got {type(a).__name__}")
     if np.ndim(a) != rank:
       raise ValueError(f"{name} must have rank {rank}, got shape {tuple(np.shape(a))}")
   if x.dtype not in _X_DTYPES:
@@ -164,6 +166,8 @@ def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: st
                        f"cast one side first (e.g. {name}.astype(x.dtype); the Flax layers "
                        f"cast to their `dtype`)")
   t, h = x.shape
+  if h < 1:
+    raise ValueError(f"x {tuple(x.shape)} has no features (H = 0)")
   if expert_ids.shape[0] != t:
     raise ValueError(f"expert_ids has {expert_ids.shape[0]} rows but x has {t} tokens")
   if expert_weights.shape != expert_ids.shape:

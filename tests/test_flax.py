@@ -275,6 +275,10 @@ def test_bad_options():
   with pytest.raises(ValueError, match="do not split evenly"):
     with jax.set_mesh(ep_mesh(DEVICES)):
       _layer()(_tokens(shape=(1, 3, HIDDEN)))
+  # No tokens: XLA failed to compile the empty shard_map with an internal error.
+  with pytest.raises(ValueError, match=r"0 tokens do not split evenly .* \(at least one token "):
+    with jax.set_mesh(ep_mesh(DEVICES)):
+      _layer()(_tokens(shape=(0, 8, HIDDEN)))
   # Before JAX places the weights (its IndivisibleError names no option of the layer).
   uneven = r"num_experts=6 does not split evenly over the mesh's expert axis 'ep' of size 4"
   with jax.set_mesh(ep_mesh(DEVICES)):

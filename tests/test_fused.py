@@ -114,6 +114,20 @@ def test_bf16_with_float32_weights_and_bf16_combine_weights():
     assert dw.dtype == wts.dtype
 
 
+def test_weak_typed_x_gives_strong_results_as_the_reference_does():
+  """A weak x (a Python scalar broadcast) once made y and every gradient weak: y + a bfloat16
+  array then turned bfloat16, where reference_moe's y keeps float32."""
+  x, ids, weights, w_in, w_out = make_inputs(Case(devices=1, tokens=6, seed=90))
+  weak_x = jnp.broadcast_to(0.5, x.shape)
+  assert jax.typeof(weak_x).weak_type
+  for moe_fn in (ccf.fused_moe, ccf.reference_moe):
+    loss = lambda *a: jnp.sum(moe_fn(*a))
+    y = jax.jit(moe_fn)(weak_x, ids, weights, w_in, w_out)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4)))(weak_x, ids, weights, w_in, w_out)
+    assert not any(jax.typeof(a).weak_type for a in (y, *grads)), moe_fn.__name__
+    assert (y + jnp.ones(x.shape, jnp.bfloat16)).dtype == jnp.float32
+
+
 def test_no_axis_name():
   case = Case(devices=1, experts_local=5, tokens=31, k=3, seed=4)
   x, ids, weights, w_in, w_out = make_inputs(case)

@@ -80,6 +80,12 @@ FAULTS = [
      r"no experts or an empty FFN"),
     ("empty_ffn", {"w_in": _array((2, 4, 0)), "w_out": _array((2, 0, 4))}, {},
      r"no experts or an empty FFN"),
+    # H = 0 reached the handlers, which divided by it (SIGFPE).
+    ("no_features", {"x": _array((3, 0)), "w_in": _array((2, 0, 10)), "w_out": _array((2, 5, 0))},
+     {}, r"x \(3, 0\) has no features \(H = 0\)"),
+    ("ids_list", {"expert_ids": [[0, 1]] * 3}, {},
+     r"expert_ids must be an array \(jax or numpy\), got list"),
+    ("x_list", {"x": [[0.0] * 4] * 3}, {}, r"x must be an array \(jax or numpy\), got list"),
     ("unbound_axis", {}, {"axis_name": "ep"},
      r"axis_name='ep' is not bound here: call this inside jax.shard_map"),
 ]

@@ -73,6 +73,9 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
       w_in.dimensions()[2] != d.gate_ffn || w_out.dimensions()[2] != d.hidden)
     return InvalidArgument("w_in " + ShapeString(w_in) + " and w_out " + ShapeString(w_out) +
                            " do not fit H=" + std::to_string(d.hidden) + " and the activation");
+  if (d.hidden < 1 || d.ffn < 1 || d.experts_local < 1)
+    return InvalidArgument("x " + ShapeString(x) + " and w_out " + ShapeString(w_out) +
+                           " must have H, F and E_local of at least 1");
   d.experts_total = attrs.num_experts;
   if (d.experts_total < d.group_experts())
     return InvalidArgument("num_experts " + std::to_string(d.experts_total) + " < the " +
@@ -89,7 +92,7 @@ namespace {
 bool StagingFits(const MoeDims& d, const CallAttrs& attrs, const ffi::AnyBuffer& x,
                  const Staging& staging) {
   const int64_t want =
-      InWorkspace(attrs, d) ? 1 : x.element_count() / d.hidden * d.slots * d.hidden;
+      InWorkspace(attrs, d) ? 1 : x.dimensions()[0] * d.slots * d.hidden;
   return static_cast<int64_t>(staging.element_count()) == want;
 }
 }  // namespace
