@@ -88,13 +88,13 @@ class Layer:
   skew: float = 0.0
 
 
-# DESIGN.md section 5: ~800 TFLOP/s bf16 measured on an 8192^3 product, ~3 TB/s HBM, NVLink 4
+# Nominal: ~800 TFLOP/s bf16 measured on an 8192^3 product, ~3 TB/s HBM, NVLink 4
 # at ~450 GB/s per direction of which DeepEP's intranode dispatch achieves ~150-160 GB/s.
 # Latencies are assumptions: ~1 us for a peer flag over NVLink, ~20 us for an all_to_all's
 # launch and synchronisation.
 H100 = Node(name="8xH100 SXM (NVLink 4)", devices=8, gemm_tflops=800.0, hbm_gbps=3000.0,
             link_gbps=155.0, link_latency_us=1.0, collective_latency_us=20.0,
-            basis="nominal: DESIGN.md section 5")
+            basis="nominal")
 # H200 SXM: the H100's chip (the same GEMM rate and links) with 4.8 TB/s of HBM3e by its
 # datasheet, scaled like the H100's (3000/3350).
 H200 = Node(name="8xH200 SXM (NVLink 4)", devices=8, gemm_tflops=800.0,

@@ -3,7 +3,7 @@
 This is what a JAX user writes today on one GPU holding all experts (MaxText's and Flax's
 "sparse matmul" MoE path). It is dropless and computes exactly the routed rows. The grouped
 matmul is `jax.lax.ragged_dot` (in jaxlib 0.10.x it expands its groups into zero-padded dense
-products, DESIGN.md section 5) or tokamax's `ragged_dot` (Pallas kernels: Mosaic GPU on
+products) or tokamax's `ragged_dot` (Pallas kernels: Mosaic GPU on
 Hopper, Triton elsewhere, XLA on CPU), which `tokamax_ragged_dot` imports only when traced.
 """
 

@@ -7,8 +7,8 @@ in the rendezvous of an XLA collective such as a `psum` holds its thread (`fused
 wait on threads of their own). A loop that dispatches far ahead without waiting (ordinary JAX) then fills the pool with
 blocked launches while a waiting execution's peers never get a thread: with 8 devices on 2
 cores, a jitted `psum` loop stops after about 50 calls and XLA aborts the process after 40 s.
-With 2 * D threads a step's D launches and D executions all fit, and it runs (bench and tests:
-500 training steps and 1,000 calls in flight).
+With 2 * D threads a step's D launches and D executions all fit, and it runs (the tests:
+200 training steps and 1,000 calls in flight).
 
 The pool is sized once, when JAX creates the CPU backend, from the environment variable
 `PJRT_NPROC`; so it is set at import, before any backend exists, unless the user set it.

@@ -1,4 +1,4 @@
-"""Entry points outside the API contract (DESIGN.md section 2); they may change between releases.
+"""Entry points outside the stable API; they may change between releases.
 
 `fused_moe_emulated` runs `fused_moe`'s handler and kernels for D emulated peers on one device:
 the remote-read path, exercised and timed without D devices.

@@ -23,7 +23,7 @@
 //     its bytes uses all of them, and each kernel's reach into a region stays inside it; so does
 //     every access to any other buffer.
 //   - Failures: for each n, the n-th call of the successful run (a launcher or a runtime call)
-//     fails. What cuda_launch.h's Launcher and DESIGN.md promise: the error is returned (for a
+//     fails. What cuda_launch.h's Launcher promises: the error is returned (for a
 //     real group the handler then marks the GPU broken, moe_cuda.cc's Finish); every device
 //     barrier of the successful run is still enqueued, with the same epoch and parameters, and
 //     each one after the failure behind a mark that the call aborted, so the members' counts stay

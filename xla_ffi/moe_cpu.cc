@@ -1,6 +1,6 @@
 // The fused MoE on the host: XLA FFI handlers for the simulated CPU devices of one process.
 //
-// Per call, on each device of the expert-parallel group (DESIGN.md section 4):
+// Per call, on each device of the expert-parallel group:
 //   publish  its buffers in the (call site, group) PeerGroup and meet the peers;
 //   plan     the rows it computes, read straight from every peer's expert_ids, in one fixed
 //            order, split between owners and helpers by the reassignment plan (work_list.h);

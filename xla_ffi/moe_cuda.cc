@@ -1,7 +1,7 @@
 // The fused MoE on NVIDIA GPUs: XLA FFI handlers "ccf_moe_fwd" / "ccf_moe_bwd" for platform
 // CUDA, with the same operands and attributes as the CPU handlers (moe_cpu.cc).
 //
-// A call on each GPU of the expert-parallel group (DESIGN.md section 4), top to bottom:
+// A call on each GPU of the expert-parallel group, top to bottom:
 //   decode   the operands and check them against the contract and the kernels' limits;
 //   device   this GPU's state, and a fault an earlier call recorded (cuda_device.h);
 //   scratch  from XLA's allocator, stream-ordered, before anything is published;
