@@ -4,7 +4,7 @@
 # on the GPU machine; `make gpu-wheels` runs it here, with the GPU image's Python
 # (.venv-gpu-image), to carry a CUDA extension built in advance in .whl/cuda-$CCF_CUDA_ARCH/: its
 # nvcc compile takes minutes the lease cannot spare, while the CPU extension builds there in
-# seconds. gpu_check.sh uses the carried one only while the tree still matches .whl/COMMIT, and
+# seconds. gpu_check.sh uses the carried one only while the extension's sources match .whl/COMMIT, and
 # builds its own when the carried one does not load on the image.
 #
 # Run as a program: PYTHON (default python3), CCF_CUDA_ARCH (default 90a); the build tree stays

@@ -11,7 +11,7 @@ document with its summary table.
                      triage stage to run again under each fallback switch
   carried CARRY --arch ARCH
                      (device) the CUDA extension `make gpu-wheels` built for this Python in
-                     CARRY, printed if the tree still matches the stamp; exit status 1 if not
+                     CARRY, printed if its sources still match the stamp; exit status 1 if not
   env PATH           (device) device, driver, jax, Python, packages, nvcc and commit, as JSON
   workload [--dtypes float32,...]
                      (device, under compute-sanitizer) a small emulated forward+backward
@@ -79,12 +79,13 @@ _EXTENSION_SOURCES = ("CMakeLists.txt", "common", "cuda", "xla_ffi")
 
 
 def _extension_sources(root: pathlib.Path) -> list[str]:
-  """The files the CUDA extension is built from, found on disk (the device has no git)."""
+  """The files the CUDA extension is built from, found on disk (the device has no git): its
+  sources and headers, not what a build leaves beside them."""
   found = []
   for name in _EXTENSION_SOURCES:
     path = root / name
     found += [str(p.relative_to(root)) for p in ([path] if path.is_file() else path.rglob("*"))
-              if p.is_file()]
+              if p.is_file() and (p.suffix in (".cc", ".cu", ".h", ".cuh") or p == path)]
   return sorted(found)
 
 
@@ -293,7 +294,8 @@ _OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
 _STARTED = re.compile(r"^(\S+::\S+) *$")
 # pytest-timeout's banner, on the line of the test it stopped; its thread method then ends the
 # process: no outcome, no short summary, no junit XML.
-_TIMED_OUT = re.compile(r"^(\S+::\S+) \++ Timeout \++")
+_TIMED_OUT = re.compile(r"^(\S+::\S+) (?:(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b.*?)?"
+                        r"\++ Timeout \++")
 _COLLECTED = re.compile(r"\bcollected (\d+) items?\b")
 _SHORT_SUMMARY = re.compile(r"^(?:FAILED|ERROR) (\S+::\S+) - (.*)$")
 
@@ -316,13 +318,19 @@ def parse_pytest(junit: pathlib.Path, log: pathlib.Path) -> dict:
   if not log.is_file():
     return None
   counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0, "XFAIL": 0, "XPASS": 0}
-  failures, last_started, collected = {}, None, None
+  failures, last_started, collected, ran = {}, None, None, set()
   for line in log.read_text(errors="replace").splitlines():
     if (m := _COLLECTED.search(line)) and collected is None:
       collected = int(m[1])
+    if m := _TIMED_OUT.match(line) or _OUTCOME.match(line):
+      ran.add(m[1])  # a test with a teardown error has two outcomes
     if m := _TIMED_OUT.match(line):
-      counts["FAILED"] += 1
-      failures[m[1]] = "timed out (pytest-timeout stopped the run here)"
+      # After an outcome, the stop came in the test's teardown: its call's outcome counts too.
+      if m[2]:
+        counts[m[2]] += 1
+      counts["ERROR" if m[2] else "FAILED"] += 1
+      failures[m[1]] = ("timed out in teardown" if m[2] else "timed out") + \
+          " (pytest-timeout stopped the run here)"
       last_started = m[1]
     elif m := _OUTCOME.match(line):
       counts[m[2]] += 1
@@ -336,7 +344,7 @@ def parse_pytest(junit: pathlib.Path, log: pathlib.Path) -> dict:
   return {"source": "log", "passed": counts["PASSED"] + counts["XPASS"],
           "failed": counts["FAILED"], "errors": counts["ERROR"],
           "skipped": counts["SKIPPED"] + counts["XFAIL"],
-          "not_run": None if collected is None else collected - sum(counts.values()),
+          "not_run": None if collected is None else collected - len(ran),
           "failures": [{"name": n, "message": m} for n, m in failures.items()], "slowest": [],
           "running_when_stopped": last_started}
 

@@ -8,7 +8,7 @@
 #   1 build      the carried wheels into a scratch site, the extensions with CMake (CUDA for
 #                $CCF_CUDA_ARCH, default 90a), staged beside a copy of the package; the CUDA
 #                extension that `make gpu-wheels` built is used instead of nvcc's minutes here
-#                while the tree matches .whl/COMMIT and it loads (bench/gpu_build.sh)
+#                while its sources match .whl/COMMIT and it loads (bench/gpu_build.sh)
 #   2 tests      pytest tests/test_cuda.py (junit XML, -v log; a per-test limit where
 #                pytest-timeout is installed)
 #   2b triage    only where tests failed: the failed ones again with each switch that turns off
@@ -183,8 +183,11 @@ triage() {  # VAR=VALUE: the tests stage's failed tests again with that switch s
   if [ "$DRY" = 1 ]; then
     export CCF_CUDA_TESTS_PLATFORM=cpu JAX_PLATFORMS=cpu
   fi
+  # A test that hung in stage 2 may hang again: stopped after 60 s, not the stage's whole limit.
+  local per_test=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=60 --timeout-method=thread)
   env "$1" XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -v -rA -p no:cacheprovider \
-    --junitxml="$STATE/junit-triage-$1.xml" "${ids[@]}"
+    --junitxml="$STATE/junit-triage-$1.xml" "${per_test[@]}" "${ids[@]}"
 }
 
 sanitize() {  # tool

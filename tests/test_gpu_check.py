@@ -223,6 +223,17 @@ def test_pytest_log_of_a_run_that_pytest_timeout_stopped(tmp_path):
   assert tests["running_when_stopped"] == "tests/test_cuda.py::test_hang"
   (tmp_path / "tests.log").rename(tmp_path / gpu_check._log_name("tests"))
   assert gpu_check.failed_tests(tmp_path) == ["tests/test_cuda.py::test_hang"]
+  # Stopped in a test's teardown, after its outcome: that test errs, it is not "passed" alone.
+  log.write_text(
+      "collecting ... collected 3 items\n\n"
+      "tests/test_cuda.py::test_a PASSED                                       [ 33%]\n"
+      "tests/test_cuda.py::test_b PASSED                [ 66%]+++++++ Timeout +++++++\n"
+      "+++++++ Timeout +++++++\n")
+  tests = gpu_check.parse_pytest(tmp_path / "junit.xml", log)
+  assert (tests["passed"], tests["errors"], tests["not_run"]) == (2, 1, 1)
+  assert tests["failures"] == [{"name": "tests/test_cuda.py::test_b", "message":
+                                "timed out in teardown (pytest-timeout stopped the run here)"}]
+  assert tests["running_when_stopped"] == "tests/test_cuda.py::test_b"
 
 
 def test_racecheck_summary(tmp_path):
@@ -305,6 +316,8 @@ def test_carried_extension_only_while_its_sources_match_the_stamp(tmp_path, monk
   assert path == carry / "cuda-90a" / name and why.startswith("carried, built from abc1234")
   assert gpu_check.carried_extension(carry, "100a", repo)[0] is None  # another architecture
   (repo / "README.md").write_text("v2\n")
+  (repo / "cuda" / "__pycache__").mkdir()  # what a build leaves, which does not travel
+  (repo / "cuda" / "__pycache__" / "x.pyc").write_bytes(b"\0")
   assert gpu_check.carried_extension(carry, "90a", repo)[0] == path
   (repo / "cuda" / "kernel.cu").write_text("// v2\n")
   path, why = gpu_check.carried_extension(carry, "90a", repo)
