@@ -11,8 +11,9 @@ interleaved sample by sample:
 forward and forward+backward, over sweeps of tokens per device, experts, K and routing skew.
 Each configuration prints one line per implementation (ms, useful GFLOP/s, % of the roof by
 wall clock and by process CPU time, XLA's per-device activation bytes) and the run writes `bench/results/<platform>-<date>-
-<commit>.json` plus `latest-<platform>.json`, then regenerates the plots and the README table
-(`bench.report`).
+<commit>.json` (`-2`, `-3`, ... after it for a later run of the day and commit) plus
+`latest-<platform>.json`, then regenerates the plots and the README table (`bench.report`);
+with `--out DIR` it writes there and leaves the plots and the README alone.
 
 It always measures the CPU path (it selects JAX's CPU backend, also on a GPU machine); the GPU
 benchmark is `python -m bench.gpu`, which `bench/gpu_check.sh` runs.

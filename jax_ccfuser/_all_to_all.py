@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_ccfuser._ffn import expert_ffn
 from jax_ccfuser._validation import check_moe_args
@@ -27,7 +28,7 @@ def _capacity(capacity_factor, *, tokens: int, k: int, num_experts: int) -> int:
   worst = tokens * k
   if capacity_factor is None:
     return worst
-  if isinstance(capacity_factor, bool) or not capacity_factor > 0:
+  if isinstance(capacity_factor, (bool, np.bool_)) or not capacity_factor > 0:
     raise ValueError(f"capacity_factor must be a positive float or None (dropless), "
                      f"got {capacity_factor!r}")
   # Beyond the worst case more capacity only adds padding rows (clamping c first keeps an

@@ -37,24 +37,35 @@ def _checked_transport(kind) -> str:
   return kind
 
 
+# The call attributes are int64 bytes and an int32 SM count.
+_MAX_BYTES, _MAX_SMS = 2**63 - 1, 2**31 - 1
+
+
 def _checked_residual_bytes(nbytes) -> int:
-  if not (_whole(nbytes) and nbytes >= 0):
-    raise ValueError(f"residual_budget must be a whole number of bytes >= 0, got {nbytes!r}")
+  if not (_whole(nbytes) and 0 <= nbytes <= _MAX_BYTES):
+    raise ValueError(f"residual_budget must be a whole number of bytes >= 0 (and below 2^63), "
+                     f"got {nbytes!r}")
   return int(nbytes)
 
 
 def _checked_scratch_bytes(nbytes) -> int:
-  if not (_whole(nbytes) and nbytes > 0):
-    raise ValueError(f"scratch_budget must be a whole number of bytes > 0, got {nbytes!r}")
+  if not (_whole(nbytes) and 0 < nbytes <= _MAX_BYTES):
+    raise ValueError(f"scratch_budget must be a whole number of bytes > 0 (and below 2^63), "
+                     f"got {nbytes!r}")
   return int(nbytes)
 
 
 def _checked_fetch_sms(count) -> int:
   if count is None:
     return AUTO_FETCH_SMS
-  if not (_whole(count) and count >= 0):
+  if not (_whole(count) and 0 <= count <= _MAX_SMS):
     raise ValueError(f"fetch_sms must be a whole number >= 0 or None, got {count!r}")
   return int(count)
+
+
+def _fetch_sms_from_environment(value: str) -> int:
+  """"auto" (or -1, the attribute's own value for it) is the default's one SM in eight."""
+  return AUTO_FETCH_SMS if value.strip() in ("auto", "-1") else _checked_fetch_sms(float(value))
 
 
 # Each setting's environment variable, default, and how a value of it is read and checked.
@@ -73,7 +84,7 @@ _SETTINGS = {
                        lambda v: _checked_residual_bytes(float(v))),
     "scratch_bytes": ("JAX_CCFUSER_SCRATCH_BUDGET", 2 << 30,
                       lambda v: _checked_scratch_bytes(float(v))),
-    "fetch_sms": ("JAX_CCFUSER_FETCH_SMS", AUTO_FETCH_SMS, lambda v: _checked_fetch_sms(float(v))),
+    "fetch_sms": ("JAX_CCFUSER_FETCH_SMS", AUTO_FETCH_SMS, _fetch_sms_from_environment),
 }
 
 
@@ -243,7 +254,8 @@ def fetch_sms(count: int | None):
   phases run on the other SMs, on all of them once the last rows are in. 0 runs every GEMM on
   every SM; None (the default) keeps one SM in eight, 16 of an H100's 132. Results are bitwise
   the same for every count. CPU calls ignore it. Fixed when a call is traced, like
-  `peer_timeout`. The environment variable `JAX_CCFUSER_FETCH_SMS` sets a process-wide count.
+  `peer_timeout`. The environment variable `JAX_CCFUSER_FETCH_SMS` sets a process-wide count
+  ("auto" for the default).
 
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device

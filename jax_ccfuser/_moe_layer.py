@@ -245,10 +245,12 @@ class MoESpec:
     # or whole on every device without one.
     tokens = tuple(a for a in mesh.axis_names if a == self.axis_name or mesh.shape[a] > 1)
     size = math.prod(mesh.shape[a] for a in tokens)
-    # No tokens at all would make an empty shard_map, which XLA fails to compile.
-    if math.prod(lead) % size or not math.prod(lead):
+    if math.prod(lead) % size:
       raise ValueError(f"{math.prod(lead)} tokens do not split evenly over the {size} devices of "
-                       f"mesh axes {tokens} (at least one token each)")
+                       f"mesh axes {tokens}")
+    if not math.prod(lead):  # an empty shard_map, which XLA fails to compile
+      raise ValueError(f"no tokens: on a mesh the layer needs at least one token for each of the "
+                       f"{size} devices of mesh axes {tokens}")
     experts = P(self.axis_name) if self.axis_name else P()
     specs = (P(tokens), P(tokens), experts, experts, P(), P())
     explicit = AxisType.Explicit in mesh.axis_types

@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       ("hidden", 1), ("heads", 1), ("ffn", 1), ("seq_len", 1), ("batch", 1),
                       ("checkpoint_every", 1), ("eval_batches", 1), ("sample_bytes", 0),
                       ("replace_every", 0), ("temperature", 0)):
-    if getattr(args, name) < least:
+    if not getattr(args, name) >= least:  # NaN too
       p.error(f"--{name.replace('_', '-')} must be at least {least}")
   if args.max_corpus_bytes is not None and args.max_corpus_bytes < 1:
     p.error("--max-corpus-bytes must be at least 1")
@@ -106,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   try:
     model_config(args, DISPATCHES[0])
   except ValueError as error:
-    p.error(f"--heads, --experts or --k: {error}")
+    p.error(f"--hidden, --heads, --experts or --k: {error}")
   if args.experts % args.devices:
     p.error(f"--experts {args.experts} must be divisible by --devices {args.devices}")
   if args.batch % args.devices:
@@ -307,10 +307,13 @@ def plot_report(path: pathlib.Path, runs: dict, metrics: dict, args) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  args.out.mkdir(parents=True, exist_ok=True)
+  try:
+    claim_checkpoints(args)
+  except ValueError as error:  # a command-line mistake, said as argparse says one
+    raise SystemExit(f"python -m models.demo: error: {error}") from None
   # Before the first use of a backend, which creates the devices.
   jax.config.update("jax_num_cpu_devices", args.devices)
-  args.out.mkdir(parents=True, exist_ok=True)
-  claim_checkpoints(args)
   mesh = jax.make_mesh((args.devices,), ("expert",), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:args.devices])
   corpus = load_corpus(max_bytes=args.max_corpus_bytes)

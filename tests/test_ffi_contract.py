@@ -73,7 +73,7 @@ def test_scratch_budget_is_fixed_at_trace_time():
       assert static().scratch_budget == 3
     assert static().scratch_budget == 1 << 20
   assert static().scratch_budget == default == 2 << 30
-  for bad in (0, -1, 0.5, float("nan")):
+  for bad in (0, -1, 0.5, float("nan"), 2**63):
     with pytest.raises(ValueError, match="scratch_budget must be a whole number of bytes > 0"):
       ccf.scratch_budget(bad)
 
@@ -98,6 +98,8 @@ def test_environment_settings_are_checked_as_the_settings_are():
                    "JAX_CCFUSER_FETCH_SMS": "24", "OTHER": "x"}) == {
       "seconds": 2.5, "transport": "collectives", "residual_bytes": 0,
       "scratch_bytes": 10**9, "fetch_sms": 24}
+  for auto in ("auto", "-1"):  # -1: the value the variable took before it was checked
+    assert defaults({"JAX_CCFUSER_FETCH_SMS": auto})["fetch_sms"] == ccf._config.AUTO_FETCH_SMS
   for variable, value, why in [
       ("JAX_CCFUSER_PEER_TIMEOUT", "inf", "peer_timeout must be positive"),
       ("JAX_CCFUSER_PEER_TIMEOUT", "5s", "could not convert"),
@@ -105,7 +107,9 @@ def test_environment_settings_are_checked_as_the_settings_are():
       ("JAX_CCFUSER_RESIDUAL_BUDGET", "-1", "residual_budget must be a whole number"),
       ("JAX_CCFUSER_SCRATCH_BUDGET", "0.5", "scratch_budget must be a whole number"),
       ("JAX_CCFUSER_SCRATCH_BUDGET", "2GiB", "could not convert"),
-      ("JAX_CCFUSER_FETCH_SMS", "-1", "fetch_sms must be a whole number >= 0"),
+      ("JAX_CCFUSER_SCRATCH_BUDGET", "1e300", "scratch_budget must be a whole number"),
+      ("JAX_CCFUSER_FETCH_SMS", "-2", "fetch_sms must be a whole number >= 0"),
+      ("JAX_CCFUSER_FETCH_SMS", "1e12", "fetch_sms must be a whole number >= 0"),
       ("JAX_CCFUSER_FETCH_SMS", "nan", "fetch_sms must be a whole number >= 0")]:
     with pytest.raises(ValueError, match=f"environment variable {variable}='{value}' is not a "
                                          f"valid setting: {why}"):
@@ -124,7 +128,7 @@ def test_fetch_sms_are_fixed_at_trace_time():
         assert static().fetch_sms == auto
     assert static().fetch_sms == 0
   assert static().fetch_sms == auto
-  for bad in (-1, 0.5, float("nan")):
+  for bad in (-1, 0.5, float("nan"), 2**31):
     with pytest.raises(ValueError, match="fetch_sms must be a whole number >= 0 or None"):
       ccf.fetch_sms(bad)
 

@@ -159,6 +159,7 @@ def test_demo_cli(tmp_path):
     (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
     (["--eval-batches", "0"], "--eval-batches must be at least 1"),
     (["--temperature", "-1"], "--temperature must be at least 0"),
+    (["--temperature", "nan"], "--temperature must be at least 0"),
     (["--heads", "3"], "hidden=64 is not divisible by heads=3"),
     (["--k", "9"], "1 <= k=9 <= num_experts=8"),
 ])
@@ -190,6 +191,9 @@ def test_demo_resumes_only_checkpoints_of_its_own_settings(tmp_path):
     with pytest.raises(ValueError, match=f"trained with other settings \\({differ}\\)"):
       demo.claim_checkpoints(args("--resume", *flags))
   assert (checkpoints / "fused" / "2").is_dir()
+  # The command line says so as argparse would, before any training.
+  with pytest.raises(SystemExit, match="python -m models.demo: error: the checkpoints in "):
+    demo.main(["--out", str(tmp_path), "--resume", "--lr", "0.05"])
   (checkpoints / "settings.json").unlink()  # checkpoints of unknown settings
   with pytest.raises(ValueError, match="holds no record of the settings"):
     demo.claim_checkpoints(args("--resume"))

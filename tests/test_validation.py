@@ -188,7 +188,7 @@ def test_gpu_limits_are_the_kernels():
     assert re.search(rf"constexpr int {name} = (\d+);", config).group(1) == str(value), name
 
 
-@pytest.mark.parametrize("capacity_factor", [0.0, -1.25, float("nan"), True])
+@pytest.mark.parametrize("capacity_factor", [0.0, -1.25, float("nan"), True, np.True_])
 def test_bad_capacity_factor(capacity_factor):
   with pytest.raises(ValueError, match="capacity_factor must be a positive float or None"):
     all_to_all_moe(**_replace(), capacity_factor=capacity_factor)
