@@ -205,35 +205,37 @@ def test_pytest_log_of_a_run_stopped_midway(tmp_path):
   assert gpu_check.parse_pytest(tmp_path / "junit.xml", tmp_path / "absent.log") is None
 
 
-def test_pytest_log_of_a_run_that_pytest_timeout_stopped(tmp_path):
-  """pytest-timeout's thread method ends the process in the test it stops: no outcome, no
-  summary, no XML. That test counts as failed and is triaged once; the rest count as not run."""
-  log = tmp_path / "tests.log"
-  log.write_text(
-      "collecting ... collected 5 items\n\n"
-      "tests/test_cuda.py::test_a PASSED                                       [ 20%]\n"
-      "tests/test_cuda.py::test_hang +++++++++++++++ Timeout +++++++++++++++\n"
-      "~~~~~~~~~~~~~~~~~~~~ Stack of MainThread (139768706874240) ~~~~~~~~~~~~~~~~~~~~~\n"
-      '  File "/x/tests/test_cuda.py", line 3, in test_hang\n'
-      "+++++++++++++++ Timeout +++++++++++++++\n")
+_TIMEOUT_LOGS = {
+    # In a test's call: no outcome, no summary, no XML; the rest of the collected tests never ran.
+    "call": ("collecting ... collected 5 items\n\n"
+             "tests/test_cuda.py::test_a PASSED                                       [ 20%]\n"
+             "tests/test_cuda.py::test_b +++++++++++++++ Timeout +++++++++++++++\n"
+             "~~~~~~~~~~~~~~~~~~~~ Stack of MainThread (139768706874240) ~~~~~~~~~~~~~~~~~~~~~\n"
+             '  File "/x/tests/test_cuda.py", line 3, in test_b\n'
+             "+++++++++++++++ Timeout +++++++++++++++\n",
+             {"passed": 1, "failed": 1, "errors": 0, "not_run": 3}, "timed out"),
+    # In its teardown, after its outcome: that test errs, it is not "passed" alone.
+    "teardown": ("collecting ... collected 3 items\n\n"
+                 "tests/test_cuda.py::test_a PASSED                                       [ 33%]\n"
+                 "tests/test_cuda.py::test_b PASSED                [ 66%]+++++++ Timeout +++++++\n"
+                 "+++++++ Timeout +++++++\n",
+                 {"passed": 2, "failed": 0, "errors": 1, "not_run": 1}, "timed out in teardown"),
+}
+
+
+@pytest.mark.parametrize("where", _TIMEOUT_LOGS)
+def test_pytest_log_of_a_run_that_pytest_timeout_stopped(tmp_path, where):
+  """pytest-timeout's thread method ends the process in the test it stops. That test counts as
+  failed (or as its teardown's error) and is triaged once; the tests after it count as not run."""
+  text, counts, message = _TIMEOUT_LOGS[where]
+  log = tmp_path / gpu_check._log_name("tests")
+  log.write_text(text)
   tests = gpu_check.parse_pytest(tmp_path / "junit.xml", log)
-  assert (tests["passed"], tests["failed"], tests["not_run"]) == (1, 1, 3)
-  assert tests["failures"] == [{"name": "tests/test_cuda.py::test_hang",
-                                "message": "timed out (pytest-timeout stopped the run here)"}]
-  assert tests["running_when_stopped"] == "tests/test_cuda.py::test_hang"
-  (tmp_path / "tests.log").rename(tmp_path / gpu_check._log_name("tests"))
-  assert gpu_check.failed_tests(tmp_path) == ["tests/test_cuda.py::test_hang"]
-  # Stopped in a test's teardown, after its outcome: that test errs, it is not "passed" alone.
-  log.write_text(
-      "collecting ... collected 3 items\n\n"
-      "tests/test_cuda.py::test_a PASSED                                       [ 33%]\n"
-      "tests/test_cuda.py::test_b PASSED                [ 66%]+++++++ Timeout +++++++\n"
-      "+++++++ Timeout +++++++\n")
-  tests = gpu_check.parse_pytest(tmp_path / "junit.xml", log)
-  assert (tests["passed"], tests["errors"], tests["not_run"]) == (2, 1, 1)
-  assert tests["failures"] == [{"name": "tests/test_cuda.py::test_b", "message":
-                                "timed out in teardown (pytest-timeout stopped the run here)"}]
+  assert {name: tests[name] for name in counts} == counts
+  assert tests["failures"] == [{"name": "tests/test_cuda.py::test_b",
+                                "message": f"{message} (pytest-timeout stopped the run here)"}]
   assert tests["running_when_stopped"] == "tests/test_cuda.py::test_b"
+  assert gpu_check.failed_tests(tmp_path) == ["tests/test_cuda.py::test_b"]
 
 
 def test_racecheck_summary(tmp_path):
