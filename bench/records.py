@@ -29,6 +29,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
   return parser
 
 
+def config_key(record: dict) -> tuple:
+  """The record's configuration, as a key: its `CONFIG_FIELDS` in order."""
+  return tuple(record["config"][f] for f in CONFIG_FIELDS)
+
+
 def platform() -> str:
   """"cpu" or "gpu" (XLA's name for CUDA), from the default backend's devices."""
   import jax
@@ -50,8 +55,7 @@ def device_description(simulated: int | None = None) -> str:
         model = line.split(":", 1)[1].strip()
         break
   return (f"{simulated or len(jax.devices())} simulated CPU devices on "
-          f"{len(os.sched_getaffinity(0))} "
-          f"cores ({model})")
+          f"{len(os.sched_getaffinity(0))} cores ({model})")
 
 
 def commit() -> str:
@@ -124,8 +128,8 @@ def load_latest(out_dir: pathlib.Path = RESULTS_DIR) -> dict[str, list[dict]]:
         raise ValueError("it holds no records")
       for r in recs:
         check(r)
-      configs = {json.dumps(r["config"], sort_keys=True) for r in recs}
-      configs -= {json.dumps(r["config"], sort_keys=True) for r in recs if r["impl"] == "fused"}
+      configs = {config_key(r) for r in recs} - {config_key(r) for r in recs
+                                                   if r["impl"] == "fused"}
       if configs:
         raise ValueError(f"no fused record for the configurations {sorted(configs)}")
     except ValueError as error:  # json.JSONDecodeError is one

@@ -24,15 +24,11 @@ _CAPPED = "all_to_all_cf1.25"  # the baseline the CPU goal is set against
 _MIB = 2**20
 
 
-def _key(record: dict) -> tuple:
-  return tuple(record["config"][f] for f in records.CONFIG_FIELDS)
-
-
 def _by_config(recs: list[dict]) -> dict[tuple, dict[str, dict]]:
   """`{config key: {impl: record}}`, in run order."""
   out = {}
   for r in recs:
-    out.setdefault(_key(r), {})[r["impl"]] = r
+    out.setdefault(records.config_key(r), {})[r["impl"]] = r
   return out
 
 

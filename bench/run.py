@@ -60,7 +60,7 @@ def _parse_args(argv):
   parser.add_argument("--quick", action="store_true",
                       help="tiny shapes and one sample each; writes to a temporary directory "
                            "unless --out is given, and regenerates no plots or README")
-  parser.add_argument("--sweeps", default=None,
+  parser.add_argument("--sweeps", type=lambda text: text.split(","), default=None,
                       help="comma-separated sweeps to run (tokens,experts,k,skew); default: all")
   parser.add_argument("--tokens", type=_positive_ints, default=None,
                       help="comma-separated tokens per device for the tokens sweep")
@@ -114,7 +114,7 @@ def _cpu_plan(args) -> dict[Config, list[str]]:
   if args.tokens:
     sweeps["tokens"] = ("tokens", args.tokens)
   plan = {}
-  for name, (field, values) in _select(sweeps, None if args.sweeps is None else args.sweeps.split(",")).items():
+  for name, (field, values) in _select(sweeps, args.sweeps).items():
     for v in values:
       plan.setdefault(dataclasses.replace(base, **{field: v}), []).append(name)
   return plan
