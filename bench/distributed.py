@@ -163,7 +163,7 @@ def plot(rec: dict, path) -> None:
   t = rec["fwd_bwd_ms"]
   names = [n for n in t if n != "roof"]
   fig, ax = plt.subplots(figsize=(6.4, 3.4))
-  ax.barh(names, [t[n] for n in names], color=["C0" if n.startswith("fused") else "C7"
+  ax.barh(names, [t[n] for n in names], color=["C0" if "fused" in n else "C7"
                                               for n in names])
   ax.axvline(t["roof"], color="k", ls="--", lw=1, label=f"roof {t['roof']:.0f} ms")
   for y, name in enumerate(names):
@@ -220,7 +220,7 @@ def section(rec: dict) -> str:
     busiest = rec["busiest_host"].get(name)
     lines.append(f"| {name} | {t[name]:.1f} | {t['skewed_fused'] / t[name]:.2f}x | {mib(name)} | "
                  f"{'-' if busiest is None else f'{busiest:.2f}'} |")
-  lines += ["", "Both processes share the machine's 2 cores, so these are ratios of one "
+  lines += ["", "Both processes share one machine's cores, so these are ratios of one "
             "machine's work, not of hosts with cores of their own."]
   return "\n".join(lines)
 
@@ -229,8 +229,8 @@ def main(argv=None) -> dict:
   from bench import records
   parser = records.parser(__doc__)
   parser.add_argument("--worker", nargs=4, metavar=("PROCESS", "PORT", "CONFIG", "SAMPLES"))
-  parser.add_argument("--samples", type=int, default=7)
-  parser.add_argument("--tokens", type=int, default=256)
+  parser.add_argument("--samples", type=records.positive_int, default=7)
+  parser.add_argument("--tokens", type=records.positive_int, default=256)
   args = parser.parse_args(argv)
   if args.worker:
     process, port, config_json, samples = args.worker

@@ -136,6 +136,9 @@ def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: flo
   run without compiling it: XLA's autotuner takes minutes to find out the same."""
   programs = gpu_programs(config, all_to_all=True)
   if impls is not None:
+    unknown = [name for name in impls if name not in programs]
+    if unknown:  # a typo once measured nothing and exited 0, on a GPU lease
+      raise SystemExit(f"unknown programs {unknown}; choose from {', '.join(programs)}")
     programs = {name: program for name, program in programs.items() if name in impls}
   runs, errors, peak = {}, {}, {}
   first_outputs = {}
@@ -157,6 +160,7 @@ def measure(config: Config, *, min_samples: int, max_samples: int, budget_s: flo
     except Exception as e:  # noqa: BLE001 (recorded: the other programs still run)
       errors[impl] = first_line(e)
       runs = {key: run for key, run in runs.items() if key[0] != impl}
+      first_outputs.pop(impl, None)  # its forward ran, but the program is reported not run
   times = interleaved_medians(runs, min_samples=min_samples, max_samples=max_samples,
                               budget_s=budget_s)
   useful = {short: config.useful_flop(short == "fwd_bwd") for short in _KINDS}

@@ -33,6 +33,9 @@ class Config:
   skew: float = 0.0  # share of tokens that all pick expert 0 (on device 0) first
 
   def __post_init__(self):
+    for name in ("devices", "tokens", "hidden", "ffn", "experts"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
     if self.experts % self.devices:
       raise ValueError(f"experts={self.experts} must split evenly over devices={self.devices}")
     if not 1 <= self.k <= self.experts:

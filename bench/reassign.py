@@ -131,7 +131,7 @@ def section(recs: list[dict]) -> str:
             "all-reduce and the planning; `plan / layer` against the layer without a plan). "
             "With the default options a plan leaves the busiest device within "
             "max(1.1 x mean, mean + 32) rows, 32 being the tile. The 8 simulated devices share "
-            "2 cores, so an idle "
+            "one machine's cores, so an idle "
             "device's time partly goes to the others: these speed-ups are not those of devices "
             "with cores or GPUs of their own."]
   return "\n".join(lines)

@@ -24,9 +24,40 @@ def parser(doc: str) -> argparse.ArgumentParser:
   """A measuring script's command line: `--out DIR` writes its results there and leaves the
   README alone; without it they go to bench/results and its README section is rewritten."""
   parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-  parser.add_argument("--out", type=pathlib.Path, default=None,
+  parser.add_argument("--out", type=folder, default=None,
                       help="results folder; the README is rewritten only without it")
   return parser
+
+
+def folder(text: str) -> pathlib.Path:
+  """A results folder from the command line, made now: a missing one once failed the write
+  after all the measuring."""
+  path = pathlib.Path(text)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise argparse.ArgumentTypeError(f"cannot make the folder {text!r}: {error}") from None
+  return path
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+  """Whole numbers of 1 or more, separated by commas, from the command line."""
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected positive whole numbers separated by commas, "
+                                     f"got {text!r}")
+  return values
+
+
+def positive_int(text: str) -> int:
+  """One whole number of 1 or more from the command line."""
+  values = positive_ints(text)
+  if len(values) != 1:
+    raise argparse.ArgumentTypeError(f"expected one positive whole number, got {text!r}")
+  return values[0]
 
 
 def config_key(record: dict) -> tuple:
@@ -108,6 +139,7 @@ def write(records: list[dict], out_dir: pathlib.Path) -> pathlib.Path:
 def write_whole(doc, path: pathlib.Path) -> None:
   """`doc` as JSON at `path`, written beside it and renamed into place: a run stopped by its
   time limit midway leaves the last whole document (the configurations it finished)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
   partial = path.with_suffix(".partial")
   partial.write_text(json.dumps(doc, indent=1) + "\n")
   partial.replace(path)

@@ -62,7 +62,7 @@ def _parse_args(argv):
                            "unless --out is given, and regenerates no plots or README")
   parser.add_argument("--sweeps", type=lambda text: text.split(","), default=None,
                       help="comma-separated sweeps to run (tokens,experts,k,skew); default: all")
-  parser.add_argument("--tokens", type=_positive_ints, default=None,
+  parser.add_argument("--tokens", type=records.positive_ints, default=None,
                       help="comma-separated tokens per device for the tokens sweep")
   parser.add_argument("--min-samples", type=int, default=None,
                       help="timed samples kept per program, at least (default 3; quick 1)")
@@ -85,17 +85,6 @@ def _parse_args(argv):
     args.out = (pathlib.Path(tempfile.mkdtemp(prefix="ccf-bench-")) if args.quick
                 else records.RESULTS_DIR)
   return args
-
-
-def _positive_ints(text: str) -> tuple[int, ...]:
-  try:
-    values = tuple(int(v) for v in text.split(","))
-  except ValueError:
-    values = ()
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(f"expected positive whole numbers separated by commas, "
-                                     f"got {text!r}")
-  return values
 
 
 def _select(sweeps: dict, names) -> dict:

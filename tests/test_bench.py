@@ -93,6 +93,24 @@ def test_tokens_must_be_positive_whole_numbers(tokens, capsys):
   assert run._parse_args(["--tokens", "8,16"]).tokens == (8, 16)
 
 
+def test_results_folders_are_made_and_counts_refused_on_the_command_line(tmp_path, capsys):
+  """A missing `--out` folder once failed the write after all the measuring; `bench.distributed
+  --samples 0` took the median of nothing after both workers had compiled everything."""
+  from bench import distributed
+  out = tmp_path / "new" / "folder"
+  assert records.parser(__doc__).parse_args(["--out", str(out)]).out == out and out.is_dir()
+  records.write_whole({"configs": {}}, tmp_path / "other" / "gpu.json")
+  assert json.loads((tmp_path / "other" / "gpu.json").read_text()) == {"configs": {}}
+  for flags in (["--samples", "0"], ["--tokens", "-3"], ["--tokens", "8,16"]):
+    with pytest.raises(SystemExit):
+      distributed.main(flags)
+    assert "positive whole number" in capsys.readouterr().err, flags
+  for field in ("devices", "tokens", "hidden", "ffn", "experts"):
+    sizes = dict(devices=2, tokens=4, hidden=8, ffn=8, experts=2, k=1) | {field: 0}
+    with pytest.raises(ValueError, match=f"{field}=0 must be at least 1"):
+      Config(**sizes)
+
+
 def test_a_second_run_of_the_day_keeps_the_first_runs_file(quick_run, tmp_path):
   _, recs = quick_run
   first = records.write(recs[:2], tmp_path)

@@ -2,11 +2,13 @@
 figures: nothing here was measured, and nothing is written outside a temporary directory), the
 commit stamp, the sanitizer's workload and bench/gpu.py's document, both run on the CPU."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sysconfig
 
+import jax
 import pytest
 
 from bench import gpu, gpu_check, kernels, records
@@ -403,6 +405,30 @@ def test_gpu_benchmark_document(tmp_path):
     assert scratch is None
   else:
     assert 0 < scratch["fwd"] < scratch["bwd"]
+
+
+def test_benchmark_programs_must_exist_and_one_that_failed_is_not_compared(monkeypatch):
+  """`--impls` with a typo once measured nothing and exited 0; a program whose forward ran but
+  whose forward+backward failed is reported not run, so its forward is compared with nothing."""
+  config = gpu.QUICK_CONFIGS["quick"]
+  with pytest.raises(SystemExit, match="unknown programs \\['fusd'\\]"):
+    gpu.measure(config, min_samples=1, max_samples=1, budget_s=0.0, impls=["fusd", "roof"])
+  made = gpu.gpu_programs
+
+  def one_backward_fails(config, **kwargs):
+    programs = made(config, **kwargs)
+    def fail(*args):
+      raise RuntimeError("RESOURCE_EXHAUSTED: made up for the test")
+    programs["ragged_dot"] = dataclasses.replace(programs["ragged_dot"],
+                                                 forward_backward=jax.jit(fail))
+    return programs
+
+  monkeypatch.setattr(gpu, "gpu_programs", one_backward_fails)
+  record = gpu.measure(config, min_samples=1, max_samples=1, budget_s=0.0,
+                       impls=["fused", "ragged_dot", "roof"])
+  assert "RESOURCE_EXHAUSTED" in record["impls"]["ragged_dot"]["error"]
+  assert "ragged_dot" not in record["fused_forward_relative_error_vs"]
+  assert record["impls"]["fused"]["fwd_ms"] > 0
 
 
 def test_benchmark_shapes_run_in_the_order_asked():
