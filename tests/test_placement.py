@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import flax.linen
 import pytest
 from flax import nnx
 
@@ -401,6 +402,48 @@ def test_apply_moves_a_model_held_by_its_optimizer_once():
     runs.append(model)
   np.testing.assert_allclose(runs[1].w_in[...], np.asarray(runs[0].w_in[...])[perm[0]],
                              rtol=RTOL, atol=ATOL)
+
+
+def test_apply_and_permute_keep_explicit_shardings():
+  """On an Explicit mesh (`jax.make_mesh`'s default) a gather along a sharded axis must name
+  its result's sharding: `apply` and `permute` once raised ShardingTypeError there."""
+  perm = np.array([[5, 2, 7, 0, 1, 6, 3, 4]])
+  mesh = jax.make_mesh((DEVICES,), ("ep",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:DEVICES])
+  x = jax.random.normal(jax.random.key(3), (24, 16))
+  with jax.set_mesh(mesh):
+    model = ccf_nnx.MoE(16, 32, 8, k=2, axis_name="ep", rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    _adam_steps(optimizer, model, (20,))
+    forward = nnx.jit(lambda m, x: m(x)[0])
+    y = forward(model, x)
+    before = nnx.to_pure_dict(nnx.state((model, optimizer)))
+    placement.apply(model, optimizer, perm)
+    np.testing.assert_allclose(forward(model, x), y, rtol=RTOL, atol=ATOL)
+    after = nnx.to_pure_dict(nnx.state((model, optimizer)))
+  assert model.w_in[...].sharding.spec == jax.sharding.PartitionSpec("ep", None, None)
+  moved = lambda leaf, path: np.asarray(leaf)[perm[0]] if path[-1] in ("w_in", "w_out") else (
+      np.asarray(leaf)[..., perm[0]] if path[-2:] == ("router", "kernel") else np.asarray(leaf))
+  for path, leaf in jax.tree_util.tree_flatten_with_path(before)[0]:
+    keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+    got = after
+    for k in keys:
+      got = got[k]
+    np.testing.assert_array_equal(got, moved(leaf, keys))
+  # Linen parameters made under the mesh (the router kernel sharded along its expert axis too).
+  linen = ccf_linen.MoE(num_experts=8, ffn=32, k=2, axis_name="ep", dispatch="reference")
+  with jax.set_mesh(mesh):
+    params = flax.linen.unbox(jax.jit(linen.init)(jax.random.key(1), x))
+    kernel = params["params"]["router"]["kernel"]
+    params["params"]["router"]["kernel"] = jax.sharding.reshard(
+        kernel, jax.sharding.PartitionSpec(None, "ep"))
+    permuted = placement.permute(params, perm, layers=[("params",)])
+  kernel = params["params"]["router"]["kernel"]
+  np.testing.assert_array_equal(permuted["params"]["router"]["kernel"],
+                                np.asarray(kernel)[:, perm[0]])
+  assert permuted["params"]["router"]["kernel"].sharding == kernel.sharding
+  np.testing.assert_array_equal(permuted["params"]["w_in"],
+                                np.asarray(params["params"]["w_in"])[perm[0]])
 
 
 def test_apply_refuses_a_factored_optimizer_state_and_moves_nothing():

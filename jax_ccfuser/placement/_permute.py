@@ -40,6 +40,17 @@ def layer_paths(layers: Sequence) -> list[tuple]:
   return [(layer,) if isinstance(layer, str) else tuple(layer) for layer in layers]
 
 
+def _take(leaf, order: np.ndarray, axis: int):
+  """`leaf` in `order` along `axis`. An array sharded over an Explicit mesh axis keeps its
+  sharding: JAX asks such a gather for its result's sharding (`jnp.take` cannot say it)."""
+  if isinstance(leaf, (jax.Array, jax.core.Tracer)):
+    sharding = jax.typeof(leaf).sharding
+    if jax.sharding.AxisType.Explicit in getattr(sharding.mesh, "axis_types", ()):
+      index = (slice(None),) * (axis % leaf.ndim) + (order,)
+      return leaf.at[index].get(out_sharding=sharding)
+  return jnp.take(leaf, order, axis=axis)
+
+
 def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple], others: Sequence = ()):
   """`permute`, also returning the set of (layer, parameter) pairs it moved. `others`: paths of
   MoE layers that stay as they are, whose leaves no layer of `layers` may take."""
@@ -81,7 +92,7 @@ def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple], others:
                        f"and its axis {axis} counts the {perms.shape[1]} experts (layers "
                        f"stacked on a leading axis, as by nnx.vmap or nnx.scan, are not taken)")
     moved.add((index, parameter))
-    return jnp.take(leaf, perms[index], axis=axis)
+    return _take(leaf, perms[index], axis)
 
   return jax.tree_util.tree_map_with_path(move, tree), moved
 
