@@ -85,7 +85,8 @@ class MoESpec:
       (`reference_moe`).
     capacity_factor: `None` (dropless) or a positive float; only for dispatch="all_to_all".
     axis_name: the expert-parallel mesh axis, or `None`.
-    renormalize: rescale each token's k router weights to sum to 1.
+    renormalize: rescale each token's k router weights to sum to 1; `None`: when k > 1
+      (`jax_ccfuser.route`'s default).
     reassign: let idle devices take over slices of hot experts (`jax_ccfuser.reassign`; fused
       dispatch only). The layer computes the same function either way.
     replicas: with `reassign`, the experts each device of a busy host may hand to the other
@@ -103,7 +104,7 @@ class MoESpec:
   dispatch: str
   capacity_factor: float | None
   axis_name: str | None
-  renormalize: bool
+  renormalize: bool | None
   reassign: bool = False
   replicas: int = 0
   residuals: str = "inputs"

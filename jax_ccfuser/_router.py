@@ -65,8 +65,8 @@ def _limit_to_top_groups(choice, num_groups: int, top_groups: int):
   return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
 
 
-def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: str = "softmax",
-          num_groups: int = 1, top_groups: int | None = None, scale=1.0,
+def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
+          score: str = "softmax", num_groups: int = 1, top_groups: int | None = None, scale=1.0,
           expert_bias=None):
   """Picks each token's top-k experts and computes the auxiliary losses.
 
@@ -99,6 +99,9 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
     logits: `[T, E]`, any float dtype; computed on in float32.
     k: experts per token, `1 <= k <= E` (and at most the experts of `top_groups` groups).
     renormalize: rescale each token's k weights to sum to 1; otherwise they are the raw scores.
+      `None` (the default): when `k > 1`. With `k = 1` a rescaled weight is 1 whatever the
+      router says, so no gradient of the layer's output reaches the router (only the auxiliary
+      losses train it); Switch Transformers keep the raw score there.
     axis_name: the mesh axis (or tuple of axes) of the enclosing `jax.shard_map` that splits
       the tokens, or `None`.
     score: "softmax" or "sigmoid".
@@ -160,7 +163,7 @@ def route(logits, k: int, *, renormalize: bool = True, axis_name=None, score: st
   expert_weights, expert_ids = jax.lax.top_k(choice, k)
   if choice is not scores:
     expert_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
-  if renormalize:
+  if k > 1 if renormalize is None else renormalize:  # None: Switch's raw score at k = 1
     expert_weights = jax.nn.softmax(jnp.take_along_axis(log_scores, expert_ids, axis=-1), axis=-1)
   expert_weights = expert_weights * jnp.asarray(scale, expert_weights.dtype)  # x * 1 is x
 

@@ -55,7 +55,8 @@ class MoE(nn.Module):
     dispatch: "fused", "all_to_all" or "reference".
     capacity_factor: for dispatch="all_to_all": `None` (dropless) or a positive float.
     axis_name: the expert-parallel mesh axis, or `None`.
-    renormalize: rescale each token's k router weights to sum to 1.
+    renormalize: rescale each token's k router weights to sum to 1; `None`: when k > 1
+      (`jax_ccfuser.route`'s default).
     reassign: let idle devices take over slices of hot experts (fused dispatch only).
     replicas: with `reassign` across hosts, the experts each device of a busy host hands to the
       other hosts per step (`jax_ccfuser.reassign`); 0: none.
@@ -98,7 +99,7 @@ class MoE(nn.Module):
   dispatch: str = "fused"
   capacity_factor: float | None = None
   axis_name: str | None = "expert"
-  renormalize: bool = True
+  renormalize: bool | None = None
   reassign: bool = False
   replicas: int = 0
   residuals: str = "inputs"

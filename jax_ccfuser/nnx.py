@@ -88,7 +88,8 @@ class MoE(nnx.Module):
       or "reference" (`jax_ccfuser.reference_moe`). The parameters do not depend on it.
     capacity_factor: for dispatch="all_to_all": `None` (dropless) or a positive float.
     axis_name: the expert-parallel mesh axis, or `None`.
-    renormalize: rescale each token's k router weights to sum to 1.
+    renormalize: rescale each token's k router weights to sum to 1; `None`: when k > 1
+      (`jax_ccfuser.route`'s default).
     reassign: let idle devices take over slices of hot experts (fused dispatch only); the
       layer computes the same function either way.
     replicas: with `reassign` and an expert axis spanning hosts, the experts each device of a
@@ -129,7 +130,7 @@ class MoE(nnx.Module):
   def __init__(self, hidden: int, ffn: int, num_experts: int, *, k: int = 2,
                activation: str = "swiglu", dispatch: str = "fused",
                capacity_factor: float | None = None, axis_name: str | None = "expert",
-               renormalize: bool = True, reassign: bool = False, replicas: int = 0,
+               renormalize: bool | None = None, reassign: bool = False, replicas: int = 0,
                residuals: str = "inputs",
                score: str = "softmax",
                num_groups: int = 1, top_groups: int | None = None, scale: float = 1.0,

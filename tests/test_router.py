@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from flax import nnx
 from jax.test_util import check_grads
 
+from jax_ccfuser import nnx as ccf_nnx
 from jax_ccfuser import route, update_expert_bias
 from moe_cases import ep_mesh
 
@@ -83,6 +85,24 @@ def test_bfloat16_logits_computed_in_float32():
   np.testing.assert_allclose(weights, want_weights, rtol=1e-5)
   np.testing.assert_allclose(aux.load_balancing_loss, want_lb, rtol=1e-5)
   np.testing.assert_allclose(aux.z_loss, want_z, rtol=1e-5)
+
+
+def test_one_expert_per_token_keeps_the_raw_score_so_the_output_trains_the_router():
+  """k = 1 rescaled gives every token the weight 1, whatever its logits: no gradient of the
+  layer's output reached the router (a top-1 model's router learnt from the auxiliary losses
+  alone). The default keeps the raw score there, as Switch Transformers do; k > 1 rescales."""
+  logits = jnp.asarray(_logits(6, 4, seed=5))
+  for k, rescaled in ((1, False), (2, True)):
+    ids, weights, _ = route(logits, k)
+    probs = np.asarray(jax.nn.softmax(logits))
+    raw = np.take_along_axis(probs, np.asarray(ids), axis=-1)
+    want = raw / raw.sum(-1, keepdims=True) if rescaled else raw
+    np.testing.assert_allclose(weights, want, rtol=1e-6)
+  np.testing.assert_array_equal(route(logits, 1, renormalize=True)[1], 1.0)
+  layer = ccf_nnx.MoE(8, 16, 4, k=1, axis_name=None, dispatch="reference", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (12, 8))
+  grads = nnx.grad(lambda m: jnp.sum(m(x)[0] ** 2))(layer)
+  assert np.abs(np.asarray(grads["router"]["kernel"][...])).max() > 1e-4
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
