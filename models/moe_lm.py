@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype
+from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser import update_expert_bias
 from jax_ccfuser.nnx import MoE
@@ -67,6 +68,9 @@ class LMConfig:
   dtype: Dtype = jnp.float32
 
   def __post_init__(self):
+    for name in ("vocab", "seq_len", "hidden", "heads", "layers", "ffn"):
+      if not getattr(self, name) >= 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
     if self.hidden % self.heads:
       raise ValueError(f"hidden={self.hidden} is not divisible by heads={self.heads}")
     if self.num_experts < 0 or (self.num_experts and not 1 <= self.k <= self.num_experts):
@@ -138,15 +142,19 @@ class MoeLM(nnx.Module):
     """Next-byte logits.
 
     Args:
-      tokens: `[B, S]` int32 bytes, `S <= seq_len`; with an expert axis in the mesh, `B * S`
-        divisible by its size.
+      tokens: `[B, S]` int32 bytes (below `vocab`: an embedding lookup out of range gives NaN),
+        `S <= seq_len`; with an expert axis in the mesh, `B * S` divisible by its size.
 
     Returns:
       `(logits, aux)`: logits `[B, S, vocab]` float32 (position s predicts byte s + 1) and one
       `RouterAux` per MoE block (an empty tuple for a dense model).
     """
     s = tokens.shape[1]
-    x = self.embed(tokens) + self.positions(jnp.arange(s))
+    if s > self.config.seq_len:  # the positions' lookup would give NaN, which spreads to all
+      raise ValueError(f"tokens {list(tokens.shape)} are longer than seq_len="
+                       f"{self.config.seq_len} (a [B, seq_len + 1] training window holds the "
+                       f"inputs and their targets)")
+    x = self._embed(tokens) + self.positions(jnp.arange(s))
     mask = nnx.make_causal_mask(tokens)
     auxes = []
     for block in self.blocks:
@@ -154,6 +162,16 @@ class MoeLM(nnx.Module):
       if aux is not None:
         auxes.append(aux)
     return self.head(self.norm(x)).astype(jnp.float32), tuple(auxes)
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    sharding = jax.typeof(tokens).sharding
+    if AxisType.Explicit not in getattr(sharding.mesh, "axis_types", ()):
+      return self.embed(tokens)
+    # Tokens split over an Explicit mesh axis: the lookup (a gather) must name its result's
+    # sharding, the tokens' own with the features whole.
+    table = self.embed.embedding[...].astype(self.config.dtype)
+    return table.at[tokens].get(out_sharding=P(*sharding.spec, None), mode="fill",
+                                fill_value=jnp.nan)
 
   def update_expert_bias(self, auxes: tuple, *, rate: float) -> None:
     """Steps every MoE block's expert bias from the load it reported (auxiliary-loss-free

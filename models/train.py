@@ -8,6 +8,7 @@ model uses.
 
 import dataclasses
 import functools
+import math
 import pathlib
 import sysconfig
 import time
@@ -87,8 +88,9 @@ class TrainConfig:
 
   Attributes:
     batch: sequences per step (divisible by the expert axis size: the batch is split over it).
-    learning_rate: peak learning rate (linear warm-up, then cosine decay to 10%).
-    warmup_steps: steps of the warm-up.
+    learning_rate: peak learning rate (linear warm-up from 0, then cosine decay to 10%; the
+      first step's rate is 0, so it only starts Adam's moments).
+    warmup_steps: steps of the warm-up, fewer than `total_steps` (the decay needs one).
     total_steps: length of the schedule (a resumed run keeps the same schedule).
     weight_decay: AdamW's decoupled weight decay.
     clip_norm: global gradient-norm clip.
@@ -110,8 +112,16 @@ class TrainConfig:
   seed: int = 0
 
   def __post_init__(self):
-    if self.batch < 1 or self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-      raise ValueError(f"need batch >= 1 and 0 <= warmup_steps <= total_steps, got {self}")
+    if self.batch < 1 or self.total_steps < 1 or not 0 <= self.warmup_steps < self.total_steps:
+      raise ValueError(f"need batch >= 1 and 0 <= warmup_steps < total_steps, got {self}")
+    # `not x > 0` refuses NaN too; an infinite rate or clip is no setting either.
+    for name, least_excluded in (("learning_rate", True), ("clip_norm", True),
+                                 ("weight_decay", False), ("load_balancing_coef", False),
+                                 ("z_loss_coef", False), ("expert_bias_rate", False)):
+      value = getattr(self, name)
+      if not (math.isfinite(value) and (value > 0 if least_excluded else value >= 0)):
+        raise ValueError(f"{name}={value} must be finite and "
+                         f"{'positive' if least_excluded else 'at least 0'}")
 
 
 # One transformation object per config: it is static in the optimizer's graph, so optimizers

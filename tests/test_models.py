@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 
 from models.moe_lm import LMConfig, MoeLM
 from models.train import (TrainConfig, batch_placer, checkpoint_manager, load_corpus,
@@ -35,9 +36,10 @@ def corpus():
   return load_corpus(max_bytes=400_000)
 
 
-def _run(dispatch, data, *, steps=STEPS, seed=0, checkpoints=None, restore_from=None):
+def _run(dispatch, data, *, steps=STEPS, seed=0, checkpoints=None, restore_from=None,
+         mesh=None):
   """Trains the tiny LM with `dispatch` up to `steps`; returns (model, optimizer, history)."""
-  mesh = ep_mesh(DEVICES)
+  mesh = mesh or ep_mesh(DEVICES)
   with jax.set_mesh(mesh):
     model = MoeLM(LMConfig(**{**vars(LM), "dispatch": dispatch}), rngs=nnx.Rngs(seed))
     optimizer = make_optimizer(model, TRAIN)
@@ -74,6 +76,30 @@ def test_fused_and_all_to_all_agree_step_by_step(corpus, fused_run):
                                 [r["expert_counts"] for r in fused_run[2]])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                _params(model), _params(fused_run[0]))
+
+
+def test_training_on_an_explicit_mesh_follows_the_auto_one(corpus, fused_run):
+  """`jax.make_mesh`'s default axes are Explicit: the embedding lookup of tokens split over one
+  once raised ShardingTypeError (a gather must name its result's sharding there)."""
+  mesh = jax.make_mesh((DEVICES,), ("ep",), axis_types=(AxisType.Explicit,),
+                       devices=jax.devices()[:DEVICES])
+  _, _, history = _run("fused", corpus.train, steps=3, mesh=mesh)
+  np.testing.assert_allclose(_losses(history), _losses(fused_run[2])[:3], rtol=LOSS_RTOL)
+
+
+def test_configs_refuse_what_cannot_train_and_inputs_past_the_context():
+  for fields, message in (({"warmup_steps": 12}, "warmup_steps < total_steps"),
+                          ({"learning_rate": float("nan")}, "learning_rate=nan must be finite"),
+                          ({"learning_rate": -1e-3}, "positive"),
+                          ({"clip_norm": 0.0}, "clip_norm=0.0 must be finite and positive"),
+                          ({"weight_decay": -1.0}, "weight_decay=-1.0 must be finite and at")):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      dataclasses.replace(TRAIN, **fields)
+  with pytest.raises(ValueError, match="heads=0 must be at least 1"):
+    dataclasses.replace(LM, heads=0)
+  model = MoeLM(dataclasses.replace(LM, axis_name=None), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"tokens \[2, 17\] are longer than seq_len=16"):
+    model(np.zeros((2, 17), np.int32))  # a training window ([B, seq_len + 1]) passed whole
 
 
 def test_checkpoint_round_trip_and_resume(corpus, fused_run, tmp_path):
