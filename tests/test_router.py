@@ -35,10 +35,11 @@ def _numpy_route(logits, k):
 
 def test_hand_computed_losses():
   # Equal logits: every probability is 1/4 and top-1 ties go to expert 0, so f = [1, 0, 0, 0],
-  # P = [1/4] * 4, load balancing = 4 * (1 * 1/4) = 1 and z = log(4 * e^2)^2 = (2 + log 4)^2.
+  # P = [1/4] * 4, load balancing = 4 * (1 * 1/4) = 1 and z = log(4 * e^2)^2 = (2 + log 4)^2;
+  # the weight is the raw 1/4 (k = 1 is not rescaled by default).
   ids, weights, aux = route(jnp.full((3, 4), 2.0), 1)
   np.testing.assert_array_equal(ids, np.zeros((3, 1)))
-  np.testing.assert_allclose(weights, 1.0)
+  np.testing.assert_allclose(weights, 0.25, rtol=1e-6)
   np.testing.assert_allclose(aux.load_balancing_loss, 1.0, rtol=1e-6)
   np.testing.assert_allclose(aux.z_loss, (2 + np.log(4)) ** 2, rtol=1e-6)
   np.testing.assert_array_equal(aux.counts, [3, 0, 0, 0])
