@@ -139,11 +139,16 @@ class MoE(nn.Module):
     def partitioned(init, sharding):
       if self.axis_name is None:
         return init
-      # Flax's box asserts its sharding (with_sharding_constraint), which under explicit mesh
-      # axes must already be the value's: the init places it there.
-      mesh = jax.sharding.get_abstract_mesh()
-      if AxisType.Explicit in getattr(mesh, "axis_types", ()):
+      # The box asserts its sharding only where it is unboxed (in a call), so the init places
+      # the value itself: under Explicit axes the assertion needs it there already, and under
+      # Auto ones the stored arrays (and an optimizer's state made from them) were otherwise
+      # whole on every device.
+      axis_types = getattr(jax.sharding.get_abstract_mesh(), "axis_types", ())
+      if AxisType.Explicit in axis_types:
         init = lambda *args, init=init: jax.sharding.reshard(init(*args), P(*sharding))
+      elif axis_types:
+        init = lambda *args, init=init: jax.lax.with_sharding_constraint(init(*args),
+                                                                         P(*sharding))
       return nn.with_partitioning(init, sharding)
 
     init = partitioned(self.kernel_init, spec.expert_sharding())

@@ -496,6 +496,8 @@ def test_linen_equals_nnx(on_mesh, options):
     assert (jax.tree.map(jnp.shape, linen_params) == jax.tree.map(jnp.shape, nnx_params))
     specs = nn.get_partition_spec(boxed)["params"]
     assert specs["w_in"] == specs["w_out"] == P("ep", None, None)
+    if on_mesh:  # stored split, not only once unboxed (every device once held every expert)
+      assert boxed["params"]["w_in"].value.sharding.spec == P("ep", None, None)
     variables = {"params": nnx_params}
     if options:
       assert specs["shared_w_in"] == specs["shared_w_out"] == P(None, None)
@@ -521,7 +523,8 @@ def test_linen_layer_on_an_explicit_mesh():
                          devices=jax.devices()[:DEVICES])
     with jax.set_mesh(mesh):
       boxed = jax.jit(twin.init)(jax.random.key(1), _tokens())
-      assert nn.unbox(boxed)["params"]["w_in"].sharding.spec == P("ep", None, None)
+      split = jax.sharding.NamedSharding(mesh, P("ep", None, None))
+      assert boxed["params"]["w_in"].value.sharding.is_equivalent_to(split, 3)
       results.append(jax.jit(twin.apply)(boxed, _tokens()))
   (y_auto, aux_auto), (y_explicit, aux_explicit) = results  # the same up to XLA's partitioning
   assert_close(y_explicit, y_auto, jnp.float32)
