@@ -26,7 +26,7 @@ import time
 
 import jax
 
-from jax_ccfuser import _extension
+from jax_ccfuser import _config, _extension
 from jax_ccfuser._topology import exchange, host_names, key_value_client
 
 _PREFIX = "jax_ccfuser."
@@ -55,9 +55,12 @@ def _alive(pid: int) -> bool:
 def sweep(own: bool = False) -> None:
   """Removes segment names whose creating process is gone (and this process's, with `own`).
 
-  Only names older than a minute: a process in another PID namespace sharing /dev/shm looks
-  dead from here, and its names live only for the seconds its chunk takes to set up.
+  Only names older than a chunk's set-up may take (two waits of the peer timeout, and a minute):
+  a process in another PID namespace sharing /dev/shm looks dead from here, and its names live
+  while its chunk is set up (a sweep after one minute once removed them from a live job whose
+  peers were still tracing).
   """
+  stale_s = _STALE_S + 2 * _config.peer_timeout_ms() / 1000
   if not os.path.isdir(_SHM):
     return
   for entry in os.scandir(_SHM):
@@ -68,7 +71,7 @@ def sweep(own: bool = False) -> None:
       age = time.time() - entry.stat().st_mtime
     except (ValueError, OSError):
       continue
-    if (own and pid == os.getpid()) or (age > _STALE_S and not _alive(pid)):
+    if (own and pid == os.getpid()) or (age > stale_s and not _alive(pid)):
       _extension.cpu.unlink_segment("/" + entry.name)
 
 
@@ -109,6 +112,14 @@ def _watch_exit() -> None:
     atexit.register(_depart_if_failing)
 
 
+def _build() -> str:
+  """This process's jax_ccfuser version and a fingerprint of its shared regions' layout (one
+  region's bytes for fixed sizes): processes must agree on both."""
+  import jax_ccfuser  # the package, initialised by the time a job is set up
+  layout = _extension.cpu.shared_region_bytes(3, 5, 2, 2, 4, 4, 2, 7, 4, 1, True)
+  return f"{jax_ccfuser.__version__}/{layout}"
+
+
 class _Job:
   """What every process of the job agrees on once: a name, process ids, who shares the host."""
 
@@ -116,6 +127,12 @@ class _Job:
     sweep()
     _watch_exit()
     self.name = exchange("job", _JOB_NAME, timeout_ms)[0]  # process 0's
+    builds = exchange(f"{self.name}/build", _build(), timeout_ms)
+    if len(set(builds)) > 1:
+      raise RuntimeError(
+          f"jax_ccfuser: the processes run different builds (version and shared-region layout, "
+          f"by process: {builds}): their calls would meet in memory laid out differently; "
+          f"install one build for every process")
     self.pids = [int(p) for p in exchange(f"{self.name}/pid", str(os.getpid()), timeout_ms)]
     hosts = host_names()
     mine = hosts[jax.process_index()]
@@ -212,7 +229,13 @@ class _Workspaces:
       self._barrier(chunk, "created", timeout_ms)
       for d in self._neighbour_devices():
         name = "/" + _name(self.job.pids[d.process_index], self.job.name, d.id, chunk)
-        _check(_extension.cpu.map_segment(name, nbytes, False, d.id, chunk))
+        error = _extension.cpu.map_segment(name, nbytes, False, d.id, chunk)
+        if error:
+          raise RuntimeError(
+              f"{error}: made by process {d.process_index}, which names its host as this one's "
+              f"({host_names()[d.process_index]!r}) but whose shared memory this process cannot "
+              f"see; set JAX_CCFUSER_HOST to tell the hosts apart, or use "
+              f"jax_ccfuser.transport('collectives')")
       self._barrier(chunk, "mapped", timeout_ms)
     finally:
       for name in created:

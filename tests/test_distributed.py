@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jax_ccfuser as ccf
-from jax_ccfuser import _extension
+from jax_ccfuser import _extension, _workspace
 from conftest import COMPILE_FLAGS
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
@@ -294,6 +294,24 @@ def test_segments_of_dead_processes_are_swept():
     stale.unlink(missing_ok=True)
 
 
+def test_names_of_a_chunk_still_being_set_up_are_not_swept():
+  """A process in another PID namespace looks dead from here, and its names live while its
+  chunk is set up: up to two waits of the peer timeout, not one minute."""
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  names = {age: SHM / f"jax_ccfuser.{dead.pid}.cafef00d.0.{age}" for age in (300, 3600)}
+  try:
+    for age, name in names.items():
+      name.write_bytes(b"\0" * 4096)
+      os.utime(name, (time.time() - age, time.time() - age))
+    with ccf.peer_timeout(300.0):
+      _workspace.sweep()
+    assert names[300].exists() and not names[3600].exists()
+  finally:
+    for name in names.values():
+      name.unlink(missing_ok=True)
+
+
 def test_transport_names_are_checked():
   with pytest.raises(ValueError, match="transport must be one of"):
     ccf.transport("nvlink")
@@ -392,7 +410,6 @@ def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
   """A chunk whose set-up failed after this process made its part (here: the other processes
   never reached the key-value barrier) fails every later growth with that cause: trying it
   again would meet its own half-made chunk ("already mapped") and none of the others'."""
-  from jax_ccfuser import _workspace
   monkeypatch.setattr(_workspace.jax, "local_devices",
                       lambda backend: [type("Device", (), {"id": 904})()])
   def barrier(self, *_):
@@ -409,11 +426,40 @@ def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
     workspaces.region("site", 4096, 10, "a call")
 
 
+def test_processes_of_different_builds_are_refused(monkeypatch):
+  """Processes whose shared regions are laid out differently (another build of the extension)
+  would meet in memory read two ways: they timed out at a barrier, blamed on the call order."""
+  monkeypatch.setattr(_workspace, "_watching", True)  # no exit hooks in the test process
+  monkeypatch.setattr(_workspace, "sweep", lambda own=False: None)
+  other = _workspace._build().replace("/", "/1")
+  answers = {"job": ["unit"], "unit/build": [_workspace._build(), other]}
+  monkeypatch.setattr(_workspace, "exchange", lambda key, value, timeout_ms: answers[key])
+  with pytest.raises(RuntimeError, match=re.escape(f"run different builds (version and "
+                                                   f"shared-region layout, by process: "
+                                                   f"['{_workspace._build()}', '{other}'])")):
+    _workspace._Job(10)
+
+
+def test_a_neighbour_whose_shared_memory_cannot_be_seen_is_named(monkeypatch):
+  """Two machines of one host name (or a wrong JAX_CCFUSER_HOST): the neighbour's segment is
+  not there to map; the error names the process, its host and what to do."""
+  device = lambda id, process: type("Device", (), {"id": id, "process_index": process})()
+  monkeypatch.setattr(_workspace.jax, "local_devices", lambda backend: [device(907, 0)])
+  monkeypatch.setattr(_workspace._Workspaces, "_barrier", lambda *_: None)
+  monkeypatch.setattr(_workspace._Workspaces, "_neighbour_devices", lambda _: [device(908, 1)])
+  monkeypatch.setattr(_workspace, "host_names", lambda: ("node", "node"))
+  job = type("Job", (), {"name": f"unit{os.getpid()}", "pids": [os.getpid(), 1],
+                         "neighbours": [1]})()
+  with pytest.raises(RuntimeError, match=r"made by process 1, which names its host as this "
+                                         r"one's \('node'\) .* JAX_CCFUSER_HOST"):
+    _workspace._Workspaces(job, "cpu")._grow_shared_memory(0, 4096, 10)
+  assert not list(SHM.glob(f"jax_ccfuser.{os.getpid()}.{job.name}.*"))
+
+
 def test_a_job_set_up_tried_again_installs_its_exit_hooks_once(monkeypatch):
   """A job whose set-up failed (the other processes never answered) is set up again on the next
   trace: its exit hooks are installed once, not once a try (each try wrapped the excepthook in
   one more layer and registered both atexit hooks again)."""
-  from jax_ccfuser import _workspace
   registered, seen = [], []
   monkeypatch.setattr(_workspace, "_job", None)
   monkeypatch.setattr(_workspace, "_watching", False)
