@@ -62,6 +62,24 @@ def test_stats_match_a_numpy_count():
   np.testing.assert_array_equal(step.rows, _numpy_stats(steps[0], np.arange(n) // (n // d), d, e)[0])
 
 
+def test_stats_refuse_the_default_source_on_a_mesh_with_a_data_axis():
+  """The layers split the tokens over every mesh axis: on a (data, ep) mesh token t is not on
+  expert-axis device t // (N / D), and the default once counted half the rows as remote where
+  none were."""
+  ids = [jnp.zeros((8, 2), jnp.int32)]
+  source = jnp.array([0, 0, 1, 1, 0, 0, 1, 1])  # the (data=2, ep=2) layer's split
+  mesh = jax.make_mesh((2, 2), ("data", "ep"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:4])
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match=r"over the axes \['data', 'ep'\].*pass source="):
+      placement.routing_stats(ids, num_experts=4, num_devices=2)
+    stats = placement.RoutingStats.zeros(1, 2, 4).update(ids, source=source)
+  np.testing.assert_array_equal(stats.rows[0, :, 0], [8, 8])
+  with jax.set_mesh(ep_mesh(2)):  # the expert axis alone: the default is the layer's split
+    np.testing.assert_array_equal(
+        placement.routing_stats(ids, num_experts=4, num_devices=2).rows, stats.rows)
+
+
 def test_stats_skip_out_of_range_ids():
   ids = [jnp.array([[0, -1], [3, 4]], jnp.int32)]
   stats = placement.routing_stats(ids, num_experts=4, num_devices=2)
@@ -208,9 +226,17 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="3 layers"):
     placement.RoutingStats.zeros(3, 2, 4).update([jnp.zeros((4, 2), jnp.int32)])
   for option in ({"balance_weight": float("nan")}, {"time_limit": float("nan")},
-                 {"sweeps": 1.5}, {"gap": -1.0}):
-    with pytest.raises(ValueError, match="need time_limit > 0 and a non-negative gap"):
+                 {"sweeps": 1.5}, {"gap": -1.0}, {"balance_weight": float("inf")},
+                 {"transition_weight": float("inf")}):
+    with pytest.raises(ValueError, match="need time_limit > 0, a non-negative gap, finite"):
       placement.solve(stats, 2, **option)
+  # Counts that are no counts: the ILP failed inside SciPy, greedy moved experts on NaN.
+  for bad in (float("nan"), float("inf"), 2.5):
+    for fn in (placement.score, lambda s: placement.solve(s, 2, method="greedy"),
+               lambda s: placement.solve(s, 2)):
+      with pytest.raises(ValueError, match="stats must hold whole counts"):
+        fn(placement.RoutingStats(jnp.asarray([[[1, 2, 3, bad], [4, 3, 2, 1]]]),
+                                  jnp.zeros((0, 4, 4))))
   with pytest.raises(ValueError, match="6 experts do not split evenly over 4 devices"):
     placement.score(placement.RoutingStats.zeros(1, 4, 6))
   # Totals that wrapped past 2**31 - 1, and transitions of another layer count or expert count.

@@ -32,8 +32,12 @@ def _moe_modules(model) -> list:
 def moe_layers(model) -> tuple[tuple, ...]:
   """Paths of the `jax_ccfuser.nnx.MoE` layers of an NNX model, in `nnx.iter_modules` order.
 
-  That is attribute and list order (for `models.moe_lm.MoeLM`, block 0 first), and the layer
-  order of `capture_expert_ids`, `apply` and the `layers` of `permute`.
+  That is sorted attribute names (as NNX visits a module's attributes: `down` before `up`,
+  `layer_10` before `layer_2`) and list order (for `models.moe_lm.MoeLM`, block 0 first), and
+  the layer order of `capture_expert_ids`, `apply` and the `layers` of `permute`. The
+  cross-layer transitions of `routing_stats` pair consecutive entries, so they describe the
+  model only where this is the order its layers run: keep the layers in an `nnx.List`, or name
+  them so that they sort in that order.
 
   Examples:
     >>> from flax import nnx

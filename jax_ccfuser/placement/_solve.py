@@ -35,6 +35,9 @@ def _counts(stats: RoutingStats) -> tuple[np.ndarray, np.ndarray]:
   if transitions.shape != (num_layers - 1, e, e):
     raise ValueError(f"stats.transitions must be [L - 1, E, E] = {[num_layers - 1, e, e]} for "
                      f"rows {list(rows.shape)}, got {list(transitions.shape)}")
+  if not (np.isfinite(rows).all() and np.isfinite(transitions).all()
+          and (rows == np.round(rows)).all() and (transitions == np.round(transitions)).all()):
+    raise ValueError("stats must hold whole counts (NaN, infinite or fractional ones found)")
   if (rows < 0).any() or (transitions < 0).any():
     raise ValueError("stats hold negative counts: an int32 total that passed 2**31 - 1 wraps "
                      "around (start new totals more often)")
@@ -247,7 +250,10 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
   program. Where it reaches `time_limit` first (a limit on each of a layer's programs: one per
   pass, so up to `L * (1 + sweeps)` of them in all), the layer gets HiGHS's best placement so far if
   that costs less than the greedy one, and the greedy one otherwise (also when HiGHS found
-  none); `Solution.methods` says which.
+  none); `Solution.methods` says which. A placement found within the time limit depends on
+  the machine's speed and load: in a job of several processes, solve on one and hand its
+  `perms` to the others (or use greedy, which depends on the counts alone), so that every
+  process moves the same experts.
 
   `method="greedy"` (CCFuser-style): hottest expert first, each onto the device with a free slot
   that sends it most rows (ties to the least loaded). It ignores the balance and cross-layer
@@ -291,10 +297,12 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
     raise ValueError(f"the statistics were recorded over {d} devices, not num_devices="
                      f"{num_devices}")
   experts_local = _experts_per_device(e, d)
-  # `not x >= 0` refuses NaN too.
-  if (not time_limit > 0 or not gap >= 0 or not balance_weight >= 0
-      or not transition_weight >= 0 or not isinstance(sweeps, (int, np.integer)) or sweeps < 0):
-    raise ValueError(f"need time_limit > 0 and a non-negative gap, weights and sweeps (an int), "
+  # `not x >= 0` refuses NaN too; an infinite weight leaves HiGHS no finite objective.
+  if (not time_limit > 0 or not gap >= 0 or not 0 <= balance_weight < np.inf
+      or not 0 <= transition_weight < np.inf or not isinstance(sweeps, (int, np.integer))
+      or sweeps < 0):
+    raise ValueError(f"need time_limit > 0, a non-negative gap, finite non-negative weights and "
+                     f"sweeps (an int), "
                      f"got time_limit={time_limit}, gap={gap}, balance_weight={balance_weight}, "
                      f"transition_weight={transition_weight}, sweeps={sweeps}")
   rows, transitions = _counts(stats)

@@ -93,7 +93,11 @@ def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devi
     num_experts: E.
     num_devices: D.
     source: `[N]` integer, the device each token lives on; `None`: token `t` on device
-      `t // (N / D)` (N divisible by D), the split of `jax_ccfuser.nnx.MoE` over its expert axis.
+      `t // (N / D)` (N divisible by D), the split of `jax_ccfuser.nnx.MoE` over a mesh whose
+      only axis of more than one device is the expert axis. Refused under a mesh with more
+      such axes (a data axis): there the layers split the tokens over every axis, and the
+      devices of the expert axis take them in another order; pass each token's index along
+      the expert axis.
 
   Returns:
     A `RoutingStats` with rows `[L, D, E]` and transitions `[L - 1, E, E]`, int32.
@@ -119,6 +123,12 @@ def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devi
   n, e, d = ids[0].shape[0], num_experts, num_devices
   ids = [_as_int32(i, e) for i in ids]
   if source is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    split = [] if mesh.empty else [a for a, size in zip(mesh.axis_names, mesh.axis_sizes)
+                                   if size > 1]
+    if len(split) > 1:
+      raise ValueError(f"the mesh splits the tokens over the axes {split}, not over the expert "
+                       f"axis alone: pass source= (each token's index along the expert axis)")
     if n % d:
       raise ValueError(f"{n} tokens do not split evenly over {d} devices; pass source=")
     source = jnp.arange(n, dtype=jnp.int32) // (n // d)
