@@ -194,36 +194,53 @@ def fused_ms(node: Node, layer: Layer, *, backward: bool = False) -> float:
   return 1e3 * seconds
 
 
-def calibrate(node: Node, results_dir: pathlib.Path) -> Node:
-  """`node` with rates measured on its GPU kind, where `results_dir` holds such a result.
+# GPUs whose SMs are the same chip's: the fused kernels' share of the roof carries between them.
+_SAME_SMS = (("H100", "H200"), ("A100",))
 
-  From the newest `gpu-*.json` (bench/gpu_check.py's results file) whose device names the
-  node's GPU (e.g. "H200"): the dense roof's median forward rate over the benchmark's shapes
-  becomes the GEMM rate, and the fused op's median forward rate over the roof's (with no SMs
-  kept for the fetch, `fused_fetch_sms0`, where the file has it) the fused efficiency. Link
-  bandwidth and latencies stay as stated (one GPU measures no link). Without such a file the
-  node is returned unchanged (nominal rates).
+
+def _efficiency(doc: dict) -> float | None:
+  """The fused GEMMs' share of the dense roof in a results file: per shape, fused's forward rate
+  (with no SMs kept for the fetch, `fused_fetch_sms0`, where the file has it: the model splits
+  the SMs itself) over the roof's; the median over the shapes."""
+  ratios = []
+  for config in doc["benchmark"]["configs"].values():
+    rate = lambda impl: config["impls"].get(impl, {}).get("fwd_tflops")
+    fused = rate("fused_fetch_sms0") or rate("fused")
+    if fused and rate("roof"):
+      ratios.append(fused / rate("roof"))
+  return min(statistics.median(ratios), 1.0) if ratios else None
+
+
+def calibrate(node: Node, results_dir: pathlib.Path) -> Node:
+  """`node` with what the newest GPU results file (bench/gpu_check.py's) in `results_dir` says.
+
+  From a file of the node's own GPU (e.g. "H200"): the dense roof's median forward rate over
+  the benchmark's shapes becomes the GEMM rate, and the fused GEMMs' share of it
+  (`_efficiency`) the fused efficiency. From a file of another GPU with the same SMs (H100 and
+  H200) only the efficiency, a property of the kernels on those SMs; the node keeps its stated
+  rates. Link bandwidth and latencies stay as stated (one GPU measures no link). Without such a
+  file the node keeps its stated rates and fused runs at the roof's rate, its best case, as the
+  baselines' GEMMs always do; its `basis` says which of the three it is.
   """
   gpu = node.name.split("x", 1)[1].split()[0]  # "8xH100 SXM ..." -> "H100"
-  found = records.newest_gpu_results(results_dir, device=gpu)
-  if found is None:
-    return node
-  path, doc = found
-  rates = {}
-  for config in doc["benchmark"]["configs"].values():
-    for impl in ("roof", "fused", "fused_fetch_sms0"):
-      tflops = config["impls"].get(impl, {}).get("fwd_tflops")
-      if tflops:
-        rates.setdefault(impl, []).append(tflops)
-  if "roof" not in rates:
-    return node
-  roof = statistics.median(rates["roof"])
-  # The fused efficiency is the GEMMs' on every SM: the model splits the SMs itself, so the run
-  # that kept none for the fetch is the one to take where the file has it.
-  fused_impl = "fused_fetch_sms0" if "fused_fetch_sms0" in rates else "fused"
-  fused = statistics.median(rates[fused_impl]) / roof if fused_impl in rates else 1.0
-  return dataclasses.replace(node, gemm_tflops=roof, fused_efficiency=min(fused, 1.0),
-                             basis=f"calibrated on {path.name}")
+  own = records.newest_gpu_results(results_dir, device=gpu)
+  if own is not None and _efficiency(own[1]) is not None:
+    path, doc = own
+    roofs = [c["impls"]["roof"]["fwd_tflops"] for c in doc["benchmark"]["configs"].values()
+             if c["impls"].get("roof", {}).get("fwd_tflops")]
+    return dataclasses.replace(node, gemm_tflops=statistics.median(roofs),
+                               fused_efficiency=_efficiency(doc),
+                               basis=f"calibrated on {path.name}")
+  family = next((names for names in _SAME_SMS if gpu in names), ())
+  kin = [found for other in family if other != gpu
+         for found in [records.newest_gpu_results(results_dir, device=other)] if found]
+  kin = [(doc.get("date", ""), path, doc) for path, doc in kin if _efficiency(doc) is not None]
+  if not kin:
+    return dataclasses.replace(node, basis=f"{node.basis} (no GPU results file to calibrate on)")
+  _, path, doc = max(kin, key=lambda item: item[:2])
+  return dataclasses.replace(
+      node, fused_efficiency=_efficiency(doc),
+      basis=f"{node.basis}; fused GEMM efficiency from {path.name} (the same SMs)")
 
 
 def table(nodes, shapes=SHAPES, skews=(0.0, 0.5)) -> list[dict]:

@@ -277,7 +277,9 @@ def _gpu_results(path, *, device, date, roof, fused, dry_run=False, fused_fetch_
 
 
 def test_model_calibrates_on_the_newest_gpu_results_file(tmp_path):
-  assert model.calibrate(model.H200, tmp_path) == model.H200  # no results: nominal
+  nominal = model.calibrate(model.H200, tmp_path)  # no results: the stated rates
+  assert nominal == dataclasses.replace(
+      model.H200, basis=f"{model.H200.basis} (no GPU results file to calibrate on)")
   _gpu_results(tmp_path / "gpu-2026-12-01-aaa.json", device="NVIDIA H200",
                date="2026-12-01T10:00:00+00:00", roof=300.0, fused=30.0)
   _gpu_results(tmp_path / "gpu-2026-12-02-bbb.json", device="NVIDIA H200",
@@ -288,11 +290,29 @@ def test_model_calibrates_on_the_newest_gpu_results_file(tmp_path):
   assert h200.gemm_tflops == pytest.approx(400.0) and h200.fused_efficiency == pytest.approx(0.5)
   assert h200.basis == "calibrated on gpu-2026-12-02-bbb.json"
   assert h200.link_gbps == model.H200.link_gbps  # one GPU measures no link
-  assert model.calibrate(model.H100, tmp_path) == model.H100  # no H100 results
+  # No H100 file: the H200's SMs are the H100's, so the kernels' share of the roof carries
+  # over (the H100 rows once ran fused at the roof's rate beside H200 rows at half of it).
+  h100 = model.calibrate(model.H100, tmp_path)
+  assert h100 == dataclasses.replace(
+      model.H100, fused_efficiency=0.5,
+      basis=f"{model.H100.basis}; fused GEMM efficiency from gpu-2026-12-02-bbb.json (the same "
+            f"SMs)")
+  assert model.calibrate(model.A100, tmp_path).fused_efficiency == 1.0  # other SMs
   # The GEMMs' efficiency on every SM, where the file times fused with none kept for the fetch.
   _gpu_results(tmp_path / "gpu-2026-12-04-ddd.json", device="NVIDIA H200",
                date="2026-12-04T10:00:00+00:00", roof=400.0, fused=200.0, fused_fetch_sms0=240.0)
   assert model.calibrate(model.H200, tmp_path).fused_efficiency == pytest.approx(0.6)
+  # Per shape, then the median: shapes' roofs differ (the ratio of medians mixed shapes).
+  doc = json.loads((tmp_path / "gpu-2026-12-04-ddd.json").read_text())
+  shapes = doc["benchmark"]["configs"]
+  for name, (roof, fused) in {"a": (400.0, 200.0), "b": (100.0, 80.0), "c": (300.0, 90.0)}.items():
+    shapes[name] = {"config": shapes["a"]["config"],
+                    "impls": {"roof": {"fwd_tflops": roof}, "fused": {"fwd_tflops": fused}}}
+  doc["date"] = "2026-12-05T10:00:00+00:00"
+  (tmp_path / "gpu-2026-12-05-eee.json").write_text(json.dumps(doc))
+  calibrated = model.calibrate(model.H200, tmp_path)
+  assert calibrated.fused_efficiency == pytest.approx(0.5)  # median of 0.5, 0.8, 0.3
+  assert calibrated.gemm_tflops == pytest.approx(300.0)
 
 def test_report_renders_the_newest_gpu_results_file(tmp_path):
   assert "No GPU results file yet" in report.gpu_section(tmp_path)
