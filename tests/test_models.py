@@ -10,14 +10,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
 from models.moe_lm import LMConfig, MoeLM
-from models.train import (TrainConfig, batch_placer, checkpoint_manager, load_corpus,
-                          make_optimizer, restore, save, train)
+from models.train import (TrainConfig, _next_logits, batch_placer, checkpoint_manager, dropless,
+                          load_corpus, make_optimizer, restore, save, train)
 from moe_cases import ep_mesh
 
 DEVICES = 4
@@ -100,6 +101,26 @@ def test_configs_refuse_what_cannot_train_and_inputs_past_the_context():
   model = MoeLM(dataclasses.replace(LM, axis_name=None), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"tokens \[2, 17\] are longer than seq_len=16"):
     model(np.zeros((2, 17), np.int32))  # a training window ([B, seq_len + 1]) passed whole
+
+
+def test_sampling_does_not_depend_on_the_padding_of_a_capacity_model():
+  """generate pads its window after the cursor; with capacity-capped experts the padding took
+  capacity from the real tokens, moving the cursor's logits by up to 1.4."""
+  config = dataclasses.replace(LM, dispatch="all_to_all", capacity_factor=1.0)
+  prompt = np.frombuffer(b"def ", np.uint8)  # 4 bytes: unpadded, they split over the devices
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    model = MoeLM(config, rngs=nnx.Rngs(0))
+    sampler = dropless(model)
+    assert sampler.config.capacity_factor is None and dropless(sampler) is sampler
+    logits = []
+    for pad in (0, 32, 101):
+      window = np.full((1, LM.seq_len), pad, np.int32)
+      window[0, :len(prompt)] = prompt
+      logits.append(np.asarray(_next_logits(sampler, jnp.asarray(window), len(prompt) - 1)))
+    reference = MoeLM(dataclasses.replace(config, capacity_factor=None), rngs=nnx.Rngs(0))
+    want = _next_logits(reference, jnp.asarray(prompt[None].astype(np.int32)), len(prompt) - 1)
+  for got in logits:
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_round_trip_and_resume(corpus, fused_run, tmp_path):
