@@ -393,6 +393,19 @@ def test_the_threshold_and_a_kept_plans_bound_are_exact():
   np.testing.assert_array_equal(second.loads_after, [6, 6])
 
 
+def test_a_plan_is_not_kept_once_it_does_worse_than_a_new_one():
+  """The hot expert cooled until every device held the mean: the kept slices still moved its
+  rows to helpers, leaving the busiest device above the mean where a new plan moves nothing."""
+  plan = functools.partial(_plan, split=Split(1, 4, False, ()), max_helpers=3, threshold=1.1,
+                           tile=1)
+  first = plan(jnp.int32([[40, 2, 6, 6, 6, 6, 6, 8]]), previous=None)
+  assert np.any(np.asarray(first.workers)[:, 1:] >= 0)
+  cooled = plan(jnp.int32([[1, 19, 10, 10, 10, 10, 10, 10]]), previous=first)
+  np.testing.assert_array_equal(cooled.loads_before, [20, 20, 20, 20])
+  np.testing.assert_array_equal(cooled.loads_after, [20, 20, 20, 20])
+  assert np.all(np.asarray(cooled.workers)[:, 1:] < 0)  # no helpers left computing 0 rows
+
+
 def test_a_plan_kept_over_drifting_routing_cuts_at_its_first_shares():
   """Kept over several steps whose counts drift, a plan cuts each step's rows at the shares it
   was made with (scaled and rounded), not at shares recomputed from the last step's cuts, which
