@@ -9,7 +9,8 @@ created by the process that runs the device and mapped by the other processes of
 On CPU a chunk is a POSIX shared-memory segment, unlinked as soon as every process has mapped
 it, so the kernel frees it when the last process exits, however it exits. Names carry the
 creating process id: one left behind by a process that died while a chunk was being set up is
-removed by the next process that sets one up, or exits. On GPU a chunk is device memory shared
+removed by the host's other processes as they find it gone (from the second chunk on: the
+first tells them), else by the next process that sets one up, or exits. On GPU a chunk is device memory shared
 through its CUDA IPC handle, which the key-value store carries.
 
 The same store checks the trace order: the n-th region, and the n-th call across processes (whose
@@ -36,6 +37,7 @@ _SHM = "/dev/shm"
 _ALIGN = 4096
 _MIN_CHUNK = 1 << 22
 _STALE_S = 60
+_POLL_MS = 200  # a set-up's wait between looks at whether a neighbour has exited
 
 
 def _name(pid: int, job: str, device: int, chunk: int) -> str:
@@ -197,14 +199,41 @@ class _Workspaces:
     return self.regions[key]
 
   def _barrier(self, chunk: int, step: str, timeout_ms: int) -> None:
-    try:
-      key_value_client().wait_at_barrier(
-          f"jax_ccfuser/{self.job.name}/{self.platform}/{chunk}/{step}", timeout_ms)
-    except jax.errors.JaxRuntimeError as error:
-      raise TimeoutError(
-          f"jax_ccfuser: not every process had {step} its part of shared workspace chunk {chunk} "
-          f"after {timeout_ms} ms: the processes must trace the same fused_moe calls, within the "
-          f"peer timeout of each other") from error
+    """Waits until every process of the host (they alone share the chunk) has done `step`,
+    in short waits between which it asks whether one has exited: a process that died while
+    the chunk was set up was otherwise waited for the whole timeout, and blamed on the trace
+    order. Its names of the chunk, which no one else would remove for a minute, go with it."""
+    client = key_value_client()
+    key = lambda p: f"jax_ccfuser/{self.job.name}/{self.platform}/{chunk}/{step}/{p}"
+    client.key_value_set(key(jax.process_index()), "done")
+    deadline = time.monotonic() + timeout_ms / 1000
+    for p in self.job.neighbours:
+      while True:
+        try:
+          client.blocking_key_value_get(key(p), _POLL_MS)
+          break
+        except jax.errors.JaxRuntimeError as error:
+          pid = self._exited(p)
+          if pid:
+            for d in self._neighbour_devices():
+              if d.process_index == p:
+                _extension.cpu.unlink_segment("/" + _name(pid, self.job.name, d.id, chunk))
+            raise RuntimeError(
+                f"jax_ccfuser: process {p} (pid {pid}) exited while shared workspace chunk "
+                f"{chunk} was set up (before it had {step} its part)") from error
+          if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"jax_ccfuser: process {p} had not {step} its part of shared workspace chunk "
+                f"{chunk} after {timeout_ms} ms: the processes must trace the same fused_moe "
+                f"calls, within the peer timeout of each other") from error
+
+  def _exited(self, process: int) -> int:
+    """The pid of `process` if it has exited, else 0; known once its workspaces' first chunk
+    is mapped here (its liveness page tells across PID namespaces too)."""
+    if self.platform != "cpu":
+      return 0
+    devices = [d for d in self._neighbour_devices() if d.process_index == process]
+    return next((pid for d in devices if (pid := _extension.cpu.exited_process(d.id))), 0)
 
   def _neighbour_devices(self):
     return [d for d in jax.devices(self.platform) if d.process_index in self.job.neighbours]

@@ -19,6 +19,9 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     calls' peer timeout is 60 s;
   fail_fast: the last process's devices skip one call and come back a moment later, then stop
     calling while the others queue 10 calls (a short peer timeout): their errors and times;
+  killed_in_set_up: after a call together, a call of more tokens grows the workspaces by a
+    chunk; the last process dies 3 s after tracing it (having made its part), the others trace
+    it 8 s in: their error, its time, and the names of the dead process left in /dev/shm;
   train: the demo LM (models/) takes a few Optax steps with dispatch "fused" and "all_to_all"
     from the same initialization; both loss curves;
   train_replicas: the same with hot experts replicated across hosts (routers skewed onto host
@@ -30,6 +33,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 
 import jax
@@ -311,6 +315,22 @@ def trace_order(mesh, case, forced=None):
   return out
 
 
+def killed_in_set_up(mesh, case):
+  """The killed_in_set_up scenario (see the module docstring)."""
+  jax.block_until_ready(layer(mesh)(*(global_array(mesh, a) for a in make_inputs(case))))
+  bigger = [global_array(mesh, a)
+            for a in make_inputs(dataclasses.replace(case, tokens=2048, hidden=256))]
+  if PROCESS == NUM_PROCESSES - 1:
+    print(json.dumps(dict(process=PROCESS, pid=os.getpid())), flush=True)
+    threading.Timer(3.0, lambda: os._exit(17)).start()
+    layer(mesh).lower(*bigger)
+    time.sleep(60)  # the timer ends it
+  time.sleep(8.0)
+  with ccf.peer_timeout(60.0):
+    error, waited = timed_error(lambda: layer(mesh).lower(*bigger))
+  return dict(error=error, waited_s=waited)
+
+
 def main():
   mesh = jax.make_mesh((NUM_PROCESSES * DEVICES,), ("ep",))
   case = Case(devices=NUM_PROCESSES * DEVICES, tokens=9, hidden=16, ffn=24, experts_local=2, k=2,
@@ -341,6 +361,10 @@ def main():
       out.update(trace_order(mesh, case))
     elif SCENARIO == "trace_transport":
       out.update(trace_order(mesh, case, forced="collectives"))
+    elif SCENARIO == "killed_in_set_up":
+      out.update(killed_in_set_up(mesh, case))
+      print(json.dumps(out), flush=True)
+      os._exit(0)  # the coordination service would wait for the dead process at shutdown
     elif SCENARIO in ("crash", "raise"):
       args = [global_array(mesh, a) for a in make_inputs(case)]
       with ccf.peer_timeout(3.0 if SCENARIO == "crash" else 60.0):

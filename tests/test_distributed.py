@@ -187,6 +187,21 @@ def test_a_process_leaving_on_an_exception_gives_the_others_an_error_at_once():
   assert survivor["waited_s"] < 5.0 and survivor["again_s"] < 1.0, survivor
 
 
+@pytest.mark.slow
+def test_a_process_killed_while_a_chunk_is_set_up_is_named_at_once():
+  """Process 1 dies after making its part of a new workspace chunk. Process 0 once waited out
+  its 60 s peer timeout at the set-up's barrier and blamed the trace order, and the dead
+  process's names stayed in /dev/shm; now it names the process within a moment and removes
+  them."""
+  (code0, survivor, err), (code1, dead, _) = run(["a", "a"], scenario="killed_in_set_up")
+  assert code0 == 0 and code1 == 17, err[-3000:]
+  assert survivor["error"].startswith(f"RuntimeError: jax_ccfuser: process 1 (pid "
+                                      f"{dead['pid']}) exited while shared workspace chunk 1 "
+                                      f"was set up"), survivor["error"]
+  assert survivor["waited_s"] < 10.0, survivor
+  assert not [s for s in _segments() if s.split(".")[1] == str(dead["pid"])]
+
+
 def _named(error):
   """The ranks a peer-timeout error names as never arrived, once per device that raised it."""
   return re.findall(r"never arrived:((?: \d+)+)\.", error or "")
