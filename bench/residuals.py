@@ -7,8 +7,9 @@ F: the exchange, the activation and the combine grow with H only) and a skewed r
 and with a reassignment plan (the busiest device keeps T*K rows and recomputes the rest; the
 plan brings it near T*K rows). Memory per device: the kept bytes from
 the shapes (`T * K * 2F * 4`, float32) and XLA's temp bytes of each program. Writes
-`bench/results/residuals-cpu.json` and `residuals-cpu.png` (or into `--out DIR`) and prints the
-table (no GPU figures: run it where the platform is CPU).
+`bench/results/residuals-cpu.json` and `residuals-cpu.png` and rewrites README.md between
+`<!-- residuals:start -->` and `<!-- residuals:end -->` (with `--out DIR`: the files there, the
+README untouched). No GPU figures: run it where the platform is CPU.
 """
 
 import dataclasses
@@ -24,7 +25,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_ccfuser as ccf  # noqa: E402
-from bench import records  # noqa: E402
+from bench import records, report  # noqa: E402
 from bench.problem import ACTIVATION, Config, make_inputs  # noqa: E402
 from bench.programs import _half_square_grad, _perturbed  # noqa: E402
 from bench.timing import compile_program, interleaved_medians  # noqa: E402
@@ -114,6 +115,7 @@ def plot(recs: list[dict], path) -> None:
   plt.close(fig)
 
 
+START, END = "<!-- residuals:start -->", "<!-- residuals:end -->"
 # The table's columns: (header, the cell of a record).
 _COLUMNS = (
     ("F", lambda r: r["config"]["ffn"]),
@@ -157,6 +159,8 @@ def main(argv=None) -> list[dict]:
   (out / "residuals-cpu.json").write_text(json.dumps(recs, indent=1))
   plot(recs, out / "residuals-cpu.png")
   print(section(recs))
+  if out == records.RESULTS_DIR:
+    report.write_section(section(recs), start=START, end=END, heading="Keep or recompute")
   return recs
 
 

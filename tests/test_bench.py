@@ -2,6 +2,7 @@
 the analytic model."""
 
 import dataclasses
+import importlib
 import itertools
 import json
 import subprocess
@@ -349,6 +350,19 @@ def test_report_renders_the_newest_gpu_results_file(tmp_path):
   assert "| 0.67 | 2.00 | 300 | 50% |  | 1.00 | 1.00 / 3.00 |" in rows[0]
   assert "| 4.00x |" in rows[1] and "not run: ModuleNotFoundError" in rows[2]
   assert report.plot_gpu(doc, tmp_path).stat().st_size > 0
+
+
+@pytest.mark.parametrize("module,results", [("residuals", "residuals-cpu.json"),
+                                            ("traffic", "traffic-cpu.json"),
+                                            ("reassign", "reassign-cpu.json"),
+                                            ("distributed", "distributed-cpu.json")])
+def test_the_readme_shows_the_committed_measurements(module, results):
+  """Each measuring script's README table is its results file's, as the script writes it (the
+  keep-or-recompute table was once pasted by hand, without its commit or date)."""
+  module = importlib.import_module(f"bench.{module}")
+  recs = json.loads((records.RESULTS_DIR / results).read_text())
+  shown = report.README.read_text().split(module.START, 1)[1].split(module.END, 1)[0]
+  assert shown.strip() == module.section(recs).strip()
 
 
 @pytest.mark.parametrize("module", ["report", "traffic", "reassign", "residuals", "distributed"])
