@@ -4,6 +4,7 @@ refuse settings they cannot finish with before training."""
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -195,6 +196,18 @@ def test_demo_cli(tmp_path):
   assert metrics["max_loss_diff"] < 1e-3
   assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (out / "checkpoints" / "fused" / "3").is_dir()
+
+
+def test_demo_asks_for_a_pool_that_holds_its_devices(monkeypatch):
+  from models import demo
+  for before, devices, after in (("16", 16, "32"), (None, 4, "8"), ("64", 16, "64"),
+                                 ("lots", 16, "32")):
+    if before is None:
+      monkeypatch.delenv("PJRT_NPROC", raising=False)
+    else:
+      monkeypatch.setenv("PJRT_NPROC", before)
+    demo.reserve_threads(devices)
+    assert os.environ["PJRT_NPROC"] == after, (before, devices)
 
 
 @pytest.mark.parametrize("flags,message", [
