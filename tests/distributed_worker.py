@@ -5,11 +5,14 @@
 Each process has DEVICES simulated CPU devices; together they form one expert-parallel axis.
 `JAX_CCFUSER_HOST` (set by the test) says which processes share a host. Prints one JSON line:
   check: the largest error of fused_moe against reference_moe (forward and every gradient)
-    relative to the dtype's tolerance (<= 1 passes), the collectives and shared-memory
-    workspaces the compiled program uses, the same check with a reassignment plan on skewed
-    routing, across hosts the same with hot experts replicated onto the other hosts (routing
-    skewed onto host 0's experts), and the errors of a call traced without the mesh set and of
-    an out-of-range expert id;
+    relative to the dtype's tolerance (<= 1 passes; scaled, as the suite's, by a quarter of an
+    output's largest value where that is above 1: a gradient sums many rows), the collectives
+    and shared-memory workspaces the compiled program uses, the same check with a reassignment
+    plan on skewed routing, across hosts the same with hot experts replicated onto the other
+    hosts (routing skewed onto host 0's experts), and the errors of a call traced without the
+    mesh set and of an out-of-range expert id;
+  check_bf16: the check and the check with a plan, in bfloat16;
+  check_only: the check alone;
   trace_order, trace_transport: after a call together, process 0 traces another call (or the
     same), then the last process traces the first again (under transport("collectives")): the
     error of each trace;
@@ -89,7 +92,8 @@ def check(mesh, case, moe=ccf.fused_moe, ids=None):
   worst = 0.0
   for got, want in zip(fused, (y_ref, *grads_ref)):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    worst = max(worst, float(np.max(np.abs(got - want) / (atol + rtol * np.abs(want)))))
+    scale = max(1.0, float(np.abs(want).max()) / 4)
+    worst = max(worst, float(np.max(np.abs(got - want) / (scale * (atol + rtol * np.abs(want))))))
   return dict(worst=worst, all_gather=hlo.count("all-gather"), all_to_all=hlo.count("all-to-all"),
               shared="workspace = 0" in hlo)
 
@@ -340,17 +344,19 @@ def main():
     out["losses"] = train_both()
   if SCENARIO == "train_replicas":
     out["losses"] = train_both(len(set(host_names())), replicas=1)
-  if SCENARIO.startswith("check"):
+  if SCENARIO == "check":
     # Traced without jax.set_mesh: fused_moe cannot tell where the devices live.
     out["no_mesh"] = error_of(layer(mesh), *(global_array(mesh, a) for a in make_inputs(case)))
   with jax.set_mesh(mesh):
     if SCENARIO.startswith("check"):
       out.update(check(mesh, case))
-      out["plan"] = with_plan(mesh, dataclasses.replace(case, skew=0.9))
+      if SCENARIO != "check_only":
+        out["plan"] = with_plan(mesh, dataclasses.replace(case, skew=0.9))
       num_hosts = len(set(host_names()))
-      if num_hosts > 1:
+      if SCENARIO == "check" and num_hosts > 1:
         out["replicated"] = replicated(mesh, case, num_hosts)
-      out["bad_id"] = bad_id(mesh, case)  # last: the failed call is not rerun
+      if SCENARIO == "check":
+        out["bad_id"] = bad_id(mesh, case)  # last: the failed call is not rerun
     elif SCENARIO == "fail_fast":
       out.update(fail_fast(mesh, case))
     elif SCENARIO == "withdrawn":

@@ -144,13 +144,18 @@ def test_optax_training_with_experts_replicated_across_hosts():
 
 @pytest.mark.slow
 def test_bfloat16_across_hosts_and_processes():
+  # With a plan on skewed routing too (the hot expert's weight gradient then sums most rows, up
+  # to 40 in bfloat16: the tolerance scales with it, as the suite's does; unscaled it was 3x).
   for r in _checked(run(["a", "a", "b", "b"], scenario="check_bf16")):
-    assert r["worst"] <= 1.0, r
+    assert r["worst"] <= 1.0 and r["plan"]["worst"] <= 1.0, r
+    unplanned, planned = r["plan"]["imbalance"]
+    assert unplanned > 1.5 and planned < unplanned, r
 
 
 @pytest.mark.slow
 def test_transport_can_be_forced():
-  for r in _checked(run(["a", "a"], env={"JAX_CCFUSER_TRANSPORT": "collectives"})):
+  for r in _checked(run(["a", "a"], scenario="check_only",
+                        env={"JAX_CCFUSER_TRANSPORT": "collectives"})):
     assert r["worst"] <= 1.0 and not r["shared"] and r["all_to_all"] > 0, r
   reports = run(["a", "b"], env={"JAX_CCFUSER_TRANSPORT": "shared_memory"})
   for code, _, err in reports:
