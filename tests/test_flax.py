@@ -105,13 +105,6 @@ def test_matches_reference_on_a_mesh(dispatch):
   np.testing.assert_array_equal(aux.device_loads, np.stack([owned, owned]))
 
 
-def test_fused_equals_all_to_all():
-  with jax.set_mesh(ep_mesh(DEVICES)):
-    fused, _ = _apply(_layer(dispatch="fused"), _tokens())
-    baseline, _ = _apply(_layer(dispatch="all_to_all"), _tokens())
-  assert_close(fused, baseline, jnp.float32)
-
-
 def test_router_options_and_shared_experts_match_reference():
   with jax.set_mesh(ep_mesh(DEVICES)):
     layer = _layer(**DEEPSEEK)

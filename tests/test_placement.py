@@ -400,14 +400,23 @@ def _small_layer(**options):
                      **options)
 
 
-def _adam_steps(optimizer, model, seeds):
-  loss = lambda m, x: jnp.mean(m(x)[0] ** 2)
+def _adam_step(optimizer, model, x):
+  grads = nnx.grad(lambda m: jnp.mean(m(x)[0] ** 2))(model)
+  if isinstance(optimizer, nnx.ModelAndOptimizer):  # it knows its model
+    optimizer.update(grads)
+  else:
+    optimizer.update(model, grads)
+
+
+_jitted_adam_step = nnx.jit(_adam_step)
+
+
+def _adam_steps(optimizer, model, seeds, *, jit=False):
+  """Adam steps on random tokens; jitted where several steps or a mesh make compiling pay (a
+  single eager step on one device runs faster than it compiles)."""
   for seed in seeds:
-    grads = nnx.grad(loss)(model, jax.random.normal(jax.random.key(seed), (24, 16)))
-    if isinstance(optimizer, nnx.ModelAndOptimizer):  # it knows its model
-      optimizer.update(grads)
-    else:
-      optimizer.update(model, grads)
+    (_jitted_adam_step if jit else _adam_step)(
+        optimizer, model, jax.random.normal(jax.random.key(seed), (24, 16)))
 
 
 def test_apply_moves_a_model_held_by_its_optimizer_once():
@@ -419,12 +428,12 @@ def test_apply_moves_a_model_held_by_its_optimizer_once():
   for moved in (False, True):
     model = _small_layer()
     optimizer = nnx.ModelAndOptimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-    _adam_steps(optimizer, model, (10, 11, 12))
+    _adam_steps(optimizer, model, (10, 11, 12), jit=True)
     w_in = np.asarray(model.w_in[...])
     if moved:
       placement.apply(model, optimizer, perm)
       np.testing.assert_array_equal(model.w_in[...], w_in[perm[0]])
-    _adam_steps(optimizer, model, (13, 14, 15))
+    _adam_steps(optimizer, model, (13, 14, 15), jit=True)
     runs.append(model)
   np.testing.assert_allclose(runs[1].w_in[...], np.asarray(runs[0].w_in[...])[perm[0]],
                              rtol=RTOL, atol=ATOL)
@@ -440,7 +449,7 @@ def test_apply_and_permute_keep_explicit_shardings():
   with jax.set_mesh(mesh):
     model = ccf_nnx.MoE(16, 32, 8, k=2, axis_name="ep", rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-    _adam_steps(optimizer, model, (20,))
+    _adam_steps(optimizer, model, (20,), jit=True)
     forward = nnx.jit(lambda m, x: m(x)[0])
     y = forward(model, x)
     before = nnx.to_pure_dict(nnx.state((model, optimizer)))
