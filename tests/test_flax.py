@@ -120,7 +120,10 @@ def test_router_options_and_shared_experts_match_reference():
   assert_close(y, want_y, jnp.float32)
   np.testing.assert_array_equal(aux.counts, want_aux.counts)
   np.testing.assert_allclose(aux.load_balancing_loss, want_aux.load_balancing_loss, rtol=1e-5)
-  # The options matter: without the shared experts or the bias the output differs.
+  # The options matter: without the bias other experts are chosen, and without the shared
+  # experts the output differs.
+  layer.expert_bias[...] = jnp.zeros_like(layer.expert_bias[...])
+  assert not np.array_equal(_expected(layer, _tokens())[1].counts, want_aux.counts)
   layer.shared_w_in[...] = jnp.zeros_like(layer.shared_w_in[...])
   assert float(jnp.abs(_expected(layer, _tokens())[0] - want_y).max()) > 1e-2
 

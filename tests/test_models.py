@@ -191,9 +191,11 @@ def test_demo_cli(tmp_path):
     m = metrics[dispatch]
     assert len(m["losses"]) == 3
     assert {"loss_first", "loss_last", "val_loss", "tokens_per_s"} <= m.keys()
-    assert np.asarray(m["expert_load"]).shape == (1, 4)
+    load = np.asarray(m["expert_load"])  # [L, E]: each expert's share of the assignments
+    assert load.shape == (1, 4) and np.allclose(load.sum(1), 1.0, atol=1e-3), load
     assert np.asarray(m["expert_imbalance"]).shape == (1, 2)
-  assert metrics["max_loss_diff"] < 1e-3
+  # The paths differ only in float32 summation order (the losses are about 5.5).
+  assert metrics["max_loss_diff"] < 1e-4
   assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert (out / "checkpoints" / "fused" / "3").is_dir()
 
