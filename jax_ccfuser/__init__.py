@@ -7,7 +7,7 @@ host through shared-memory workspaces, across hosts through XLA collectives.
 
 from jax_ccfuser import _cpu_threads
 
-_cpu_threads.reserve_pool()  # before anything starts a backend
+_cpu_threads.reserve_cpu_threads()  # before anything starts a backend
 
 from jax_ccfuser import _extension  # registers the FFI targets  # noqa: E402
 from jax_ccfuser import experimental

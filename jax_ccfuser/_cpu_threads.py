@@ -4,14 +4,17 @@ XLA:CPU runs the launches of a multi-device program and the devices' executions 
 `max(PJRT_NPROC or the cores, D)` threads. A launch blocks its thread while its device already
 has the most computations in flight that XLA allows, and an execution that waits for its peers
 in the rendezvous of an XLA collective such as a `psum` holds its thread (`fused_moe`'s handlers
-wait on threads of their own). A loop that dispatches far ahead without waiting (ordinary JAX) then fills the pool with
-blocked launches while a waiting execution's peers never get a thread: with 8 devices on 2
+wait on threads of their own). A loop that dispatches far ahead without waiting (ordinary JAX)
+then fills the pool with blocked launches while a waiting execution's peers never get a thread:
+with 8 devices on 2
 cores, a jitted `psum` loop stops after about 50 calls and XLA aborts the process after 40 s.
 With 2 * D threads a step's D launches and D executions all fit, and it runs (the tests:
 200 training steps and 1,000 calls in flight).
 
 The pool is sized once, when JAX creates the CPU backend, from the environment variable
-`PJRT_NPROC`; so it is set at import, before any backend exists, unless the user set it.
+`PJRT_NPROC`; so it is set at import, before any backend exists, unless the user set it, and
+`jax_ccfuser.experimental.reserve_cpu_threads` raises that setting for more devices until the
+backend starts.
 """
 
 import os
@@ -26,6 +29,7 @@ from jax_ccfuser import _jax_internals
 # devices are often configured after the import; a larger count is reported when traced).
 _USUAL_DEVICES = 8
 _warned = set()
+_reserved = None  # the PJRT_NPROC this module set, if it set one
 
 
 def _cores() -> int:
@@ -49,13 +53,19 @@ def _configured_devices() -> int:
   return int(found[1]) if found else 1
 
 
-def reserve_pool() -> None:
-  """Asks XLA:CPU for 2 threads per device before the backend exists (never overriding)."""
-  if _pool_setting() is not None or _jax_internals.backends_initialized():
+def reserve_cpu_threads(num_devices: int | None = None) -> None:
+  """Asks XLA:CPU for 2 threads per simulated CPU device, for `num_devices` of them (default: as
+  many as configured so far, at least 8); call it before the first use of a backend, which
+  sizes the pool once. A `PJRT_NPROC` (or `NPROC`) the user set is left as it is; the one
+  `import jax_ccfuser` set for 8 devices is raised."""
+  global _reserved
+  setting = _pool_setting()
+  if (setting is not None and setting != _reserved) or _jax_internals.backends_initialized():
     return
-  wanted = 2 * max(_configured_devices(), _USUAL_DEVICES)
-  if wanted > _cores():
+  wanted = 2 * max(num_devices or _configured_devices(), _USUAL_DEVICES)
+  if wanted > max(_cores(), setting or 0):
     os.environ["PJRT_NPROC"] = str(wanted)
+    _reserved = wanted
 
 
 def check_pool(num_devices: int) -> None:
@@ -67,6 +77,7 @@ def check_pool(num_devices: int) -> None:
   warnings.warn(
       f"XLA:CPU runs {num_devices} devices on a pool of {threads} threads: a loop that "
       f"dispatches many steps without waiting can stop (XLA's own collectives too). Set "
-      f"PJRT_NPROC={2 * num_devices} in the environment, or configure jax_num_cpu_devices "
-      f"before importing jax_ccfuser, so that JAX starts with {2 * num_devices} threads.",
+      f"PJRT_NPROC={2 * num_devices} in the environment, or call "
+      f"jax_ccfuser.experimental.reserve_cpu_threads({num_devices}) before the first use of a "
+      f"backend, so that JAX starts with {2 * num_devices} threads.",
       RuntimeWarning, stacklevel=3)

@@ -285,10 +285,11 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
     tile: the kernels' tile: all of an expert's slices but at most one are whole multiples of
       this many rows (splitting an expert adds no partial tile); a device may end up to
       `tile - 1` rows over the mean rounded up.
-    previous: a plan from an earlier step; its slices (as fractions of each expert's rows) are
-      kept while they hold every device within the bound above, while the routing still asks
-      for a plan (some device past the threshold) and while they leave the busiest device no
-      more rows than no plan would, so plans change only when the routing has moved. Kept for counts other than its own, its slices are those fractions of
+    previous: a plan from an earlier step; each host's slices (as fractions of each expert's
+      rows) are kept while they hold its devices within the bound above, while its routing
+      still asks for a plan (a device past the threshold) and while they leave its busiest
+      device no more rows than no plan would, so plans change only when the routing has
+      moved. Kept for counts other than its own, its slices are those fractions of
       the new counts, rounded: no longer whole tiles. Not with `replicas` across hosts
       (exports are chosen every step).
     replicas: R, the experts each device may export to the other hosts per step, from 0 (rows
@@ -382,16 +383,18 @@ def _plan(source_counts, split, *, max_helpers, threshold, tile, previous, repli
                        f"needed")
     kept = _kept_sizes(previous, counts)
     kept_loads = _device_loads(kept, owner, previous.workers, num_devices)
-    # Kept while every host's devices stay within `reassign`'s bound for that host, while the
-    # routing still asks for a plan (a new one would move rows), and never above no plan's
-    # busiest device: kept after the routing evened out, a plan once moved rows off devices at
-    # the mean, leaving the busiest above it.
-    moves = jnp.any(_device_loads(sizes, slot_owner, workers, num_devices) != loads_before)
-    kept_loads = kept_loads.reshape(num_hosts, -1)
+    # Each host's part is kept (its helpers are its own devices) while its devices stay within
+    # `reassign`'s bound for the host, while its routing still asks for a plan (a new one would
+    # move rows), and never above no plan's busiest device: kept after the routing evened out,
+    # a plan once moved rows off devices at the mean, leaving the busiest above it.
+    by_host = lambda loads: loads.reshape(num_hosts, per_host)
+    fresh, before, kept_loads = map(by_host, (
+        _device_loads(sizes, slot_owner, workers, num_devices), loads_before, kept_loads))
     total = kept_loads.sum(1, keepdims=True)
     bound = jnp.maximum(threshold * total / per_host, -(-total // per_host) + tile - 1)
-    reuse = (jnp.all(kept_loads <= bound) & moves
-             & (kept_loads.max() <= loads_before.max()))
+    reuse = (jnp.all(kept_loads <= bound, 1) & jnp.any(fresh != before, 1)
+             & (kept_loads.max(1) <= before.max(1)))
+    reuse = jnp.repeat(reuse, num_experts // num_hosts)[:, None]  # per expert (row), host-major
     workers = jnp.where(reuse, previous.workers, workers)
     sizes = jnp.where(reuse, kept, sizes)
   loads_after = _device_loads(sizes, slot_owner, workers, num_devices)

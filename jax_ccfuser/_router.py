@@ -163,7 +163,9 @@ def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
   expert_weights, expert_ids = jax.lax.top_k(choice, k)
   if choice is not scores:
     expert_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
-  if k > 1 if renormalize is None else renormalize:  # None: Switch's raw score at k = 1
+  if renormalize is None:  # Switch's raw score at k = 1, where a rescaled weight is always 1
+    renormalize = k > 1
+  if renormalize:
     expert_weights = jax.nn.softmax(jnp.take_along_axis(log_scores, expert_ids, axis=-1), axis=-1)
   expert_weights = expert_weights * jnp.asarray(scale, expert_weights.dtype)  # x * 1 is x
 

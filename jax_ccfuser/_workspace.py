@@ -9,9 +9,9 @@ created by the process that runs the device and mapped by the other processes of
 On CPU a chunk is a POSIX shared-memory segment, unlinked as soon as every process has mapped
 it, so the kernel frees it when the last process exits, however it exits. Names carry the
 creating process id: one left behind by a process that died while a chunk was being set up is
-removed by the host's other processes as they find it gone (from the second chunk on: the
-first tells them), else by the next process that sets one up, or exits. On GPU a chunk is device memory shared
-through its CUDA IPC handle, which the key-value store carries.
+removed by the host's other processes as they find it gone (once its first chunk is mapped,
+which tells them), else by the next process that sets one up, or exits. On GPU a chunk is
+device memory shared through its CUDA IPC handle, which the key-value store carries.
 
 The same store checks the trace order: the n-th region, and the n-th call across processes (whose
 rows meet in shared memory or XLA's collectives), must be the same call, taking the same path,
@@ -38,6 +38,8 @@ _ALIGN = 4096
 _MIN_CHUNK = 1 << 22
 _STALE_S = 60
 _POLL_MS = 200  # a set-up's wait between looks at whether a neighbour has exited
+_SAME_CALLS = ("the processes must trace the same fused_moe calls, within the peer timeout of "
+               "each other")
 
 
 def _name(pid: int, job: str, device: int, chunk: int) -> str:
@@ -115,11 +117,14 @@ def _watch_exit() -> None:
 
 
 def _build() -> str:
-  """This process's jax_ccfuser version and a fingerprint of its shared regions' layout (one
-  region's bytes for fixed sizes): processes must agree on both."""
+  """This process's jax_ccfuser version and a fingerprint of its shared regions' layouts (one
+  region's bytes for fixed sizes, in shared memory and, where built, in CUDA IPC workspaces):
+  processes must agree on all of them."""
   import jax_ccfuser  # the package, initialised by the time a job is set up
-  layout = _extension.cpu.shared_region_bytes(3, 5, 2, 2, 4, 4, 2, 7, 4, 1, True)
-  return f"{jax_ccfuser.__version__}/{layout}"
+  layouts = [_extension.cpu.shared_region_bytes(3, 5, 2, 2, 4, 4, 2, 7, 4, 1, True)]
+  if _extension.cuda is not None:
+    layouts.append(_extension.cuda.shared_region_bytes(3, 5, 2, 2, 4, 4, True))
+  return "/".join(map(str, [jax_ccfuser.__version__, *layouts]))
 
 
 class _Job:
@@ -198,38 +203,61 @@ class _Workspaces:
       self.used += nbytes
     return self.regions[key]
 
+  def _key(self, chunk: int, step: str, process: int) -> str:
+    return f"jax_ccfuser/{self.job.name}/{self.platform}/{chunk}/{step}/{process}"
+
   def _barrier(self, chunk: int, step: str, timeout_ms: int) -> None:
     """Waits until every process of the host (they alone share the chunk) has done `step`,
     in short waits between which it asks whether one has exited: a process that died while
-    the chunk was set up was otherwise waited for the whole timeout, and blamed on the trace
-    order. Its names of the chunk, which no one else would remove for a minute, go with it."""
+    the chunk was set up was otherwise waited for the whole timeout and blamed on the trace
+    order, and its names of the chunk, which no one else removes for minutes, go with it. A
+    process that gave up says so in its key (`_give_up`)."""
     client = key_value_client()
-    key = lambda p: f"jax_ccfuser/{self.job.name}/{self.platform}/{chunk}/{step}/{p}"
-    client.key_value_set(key(jax.process_index()), "done")
+    client.key_value_set(self._key(chunk, step, jax.process_index()), "done")
     deadline = time.monotonic() + timeout_ms / 1000
-    for p in self.job.neighbours:
-      while True:
-        try:
-          client.blocking_key_value_get(key(p), _POLL_MS)
-          break
-        except jax.errors.JaxRuntimeError as error:
-          pid = self._exited(p)
-          if pid:
+    waiting = list(self.job.neighbours)
+    while waiting:
+      try:
+        said = client.blocking_key_value_get(self._key(chunk, step, waiting[0]), _POLL_MS)
+      except jax.errors.JaxRuntimeError as error:
+        if "DEADLINE_EXCEEDED" not in str(error):
+          raise  # the key-value store itself failed: waiting on cannot help
+        for p in waiting:
+          if pid := self._exited(p):
             for d in self._neighbour_devices():
               if d.process_index == p:
                 _extension.cpu.unlink_segment("/" + _name(pid, self.job.name, d.id, chunk))
             raise RuntimeError(
                 f"jax_ccfuser: process {p} (pid {pid}) exited while shared workspace chunk "
                 f"{chunk} was set up (before it had {step} its part)") from error
-          if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"jax_ccfuser: process {p} had not {step} its part of shared workspace chunk "
-                f"{chunk} after {timeout_ms} ms: the processes must trace the same fused_moe "
-                f"calls, within the peer timeout of each other") from error
+        if time.monotonic() > deadline:
+          raise TimeoutError(
+              f"jax_ccfuser: process {waiting[0]} had not {step} its part of shared workspace "
+              f"chunk {chunk} after {timeout_ms} ms: {_SAME_CALLS}") from error
+        continue
+      self._check_not_given_up(waiting[0], chunk, said)
+      waiting.pop(0)
+
+  def _check_not_given_up(self, process: int, chunk: int, said: str) -> None:
+    if said != "done":
+      raise TimeoutError(f"jax_ccfuser: process {process} gave up on shared workspace chunk "
+                         f"{chunk} ({said}): {_SAME_CALLS}")
+
+  def _give_up(self, chunk: int, error: Exception) -> None:
+    """Tells the host's other processes that this one will not finish setting up `chunk`: one
+    that came late would otherwise find its "done" from a step before and map names it
+    has removed."""
+    try:
+      client = key_value_client()
+      for step in ("created", "mapped", "opened"):
+        client.key_value_set(self._key(chunk, step, jax.process_index()),
+                             f"failed: {type(error).__name__}: {error}", allow_overwrite=True)
+    except RuntimeError:  # no store, or it is gone: so are the processes that would read it
+      pass
 
   def _exited(self, process: int) -> int:
-    """The pid of `process` if it has exited, else 0; known once its workspaces' first chunk
-    is mapped here (its liveness page tells across PID namespaces too)."""
+    """The pid of `process` if it has exited, else 0; known once its first chunk is mapped here
+    (across PID namespaces only where it marked itself departed)."""
     if self.platform != "cpu":
       return 0
     devices = [d for d in self._neighbour_devices() if d.process_index == process]
@@ -260,12 +288,18 @@ class _Workspaces:
         name = "/" + _name(self.job.pids[d.process_index], self.job.name, d.id, chunk)
         error = _extension.cpu.map_segment(name, nbytes, False, d.id, chunk)
         if error:
+          # Its maker may have given up (and removed it) after saying it was made.
+          self._check_not_given_up(d.process_index, chunk, key_value_client().key_value_try_get(
+              self._key(chunk, "created", d.process_index)))
           raise RuntimeError(
               f"{error}: made by process {d.process_index}, which names its host as this one's "
               f"({host_names()[d.process_index]!r}) but whose shared memory this process cannot "
               f"see; set JAX_CCFUSER_HOST to tell the hosts apart, or use "
               f"jax_ccfuser.transport('collectives')")
       self._barrier(chunk, "mapped", timeout_ms)
+    except Exception as error:
+      self._give_up(chunk, error)  # before its names go, so no one maps them in between
+      raise
     finally:
       for name in created:
         _extension.cpu.unlink_segment(name)
@@ -273,22 +307,26 @@ class _Workspaces:
   def _grow_ipc(self, chunk: int, nbytes: int, timeout_ms: int) -> None:
     """CUDA IPC: the owner's allocation, its handle through the key-value store (compiled, not
     yet run on a GPU: see cuda/api.cuh)."""
-    local = jax.local_devices(backend=self.platform)
-    if len(local) != 1:
-      raise NotImplementedError(
-          "fused_moe across processes of a host on GPU needs one GPU per process (CUDA IPC "
-          f"workspaces); this process drives {len(local)}: use "
-          "jax_ccfuser.transport('collectives')")
-    cuda, client, mine = _extension.cuda, key_value_client(), local[0]
-    key = lambda device: f"jax_ccfuser/{self.job.name}/ipc/{chunk}/{device}"
-    handle, error = cuda.ipc_allocate(mine.local_hardware_id, nbytes, mine.id, chunk)
-    _check(error)
-    client.key_value_set_bytes(key(mine.id), handle)
-    for d in self._neighbour_devices():
-      _check(cuda.ipc_open(mine.local_hardware_id,
-                           client.blocking_key_value_get_bytes(key(d.id), timeout_ms), nbytes,
-                           d.id, chunk))
-    self._barrier(chunk, "opened", timeout_ms)
+    try:
+      local = jax.local_devices(backend=self.platform)
+      if len(local) != 1:
+        raise NotImplementedError(
+            "fused_moe across processes of a host on GPU needs one GPU per process (CUDA IPC "
+            f"workspaces); this process drives {len(local)}: use "
+            "jax_ccfuser.transport('collectives')")
+      cuda, client, mine = _extension.cuda, key_value_client(), local[0]
+      key = lambda device: f"jax_ccfuser/{self.job.name}/ipc/{chunk}/{device}"
+      handle, error = cuda.ipc_allocate(mine.local_hardware_id, nbytes, mine.id, chunk)
+      _check(error)
+      client.key_value_set_bytes(key(mine.id), handle)
+      for d in self._neighbour_devices():
+        _check(cuda.ipc_open(mine.local_hardware_id,
+                             client.blocking_key_value_get_bytes(key(d.id), timeout_ms), nbytes,
+                             d.id, chunk))
+      self._barrier(chunk, "opened", timeout_ms)
+    except Exception as error:
+      self._give_up(chunk, error)
+      raise
 
 
 def _check(error: str) -> None:

@@ -18,7 +18,6 @@ run prints how far the busiest expert is above the mean load early and late in t
 import argparse
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 import time
@@ -33,7 +32,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # the report is a file; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from jax_ccfuser import placement
+from jax_ccfuser import experimental, placement
 from models.moe_lm import LMConfig, MoeLM
 from models.placement_report import record
 from models.train import (TrainConfig, batch_placer, checkpoint_manager, evaluate, generate,
@@ -306,15 +305,6 @@ def plot_report(path: pathlib.Path, runs: dict, metrics: dict, args) -> None:
   plt.close(fig)
 
 
-def reserve_threads(devices: int) -> None:
-  """Asks XLA:CPU for 2 threads a device (PJRT_NPROC, read when the backend starts): the pool
-  jax_ccfuser asked for at import holds 8 devices' launches and executions, and `--devices 16`
-  warned that a loop could stop."""
-  threads = os.environ.get("PJRT_NPROC", "")
-  if not (threads.isdigit() and int(threads) >= 2 * devices):
-    os.environ["PJRT_NPROC"] = str(2 * devices)
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   args.out.mkdir(parents=True, exist_ok=True)
@@ -322,8 +312,9 @@ def main(argv=None) -> dict:
     claim_checkpoints(args)
   except ValueError as error:  # a command-line mistake, said as argparse says one
     raise SystemExit(f"python -m models.demo: error: {error}") from None
-  # Before the first use of a backend, which creates the devices and XLA:CPU's thread pool.
-  reserve_threads(args.devices)
+  # Before the first use of a backend, which creates the devices and XLA:CPU's thread pool (the
+  # pool `import jax_ccfuser` reserved holds 8 devices: --devices 16 warned that a loop could stop).
+  experimental.reserve_cpu_threads(args.devices)
   jax.config.update("jax_num_cpu_devices", args.devices)
   mesh = jax.make_mesh((args.devices,), ("expert",), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:args.devices])

@@ -88,8 +88,8 @@ class TrainConfig:
 
   Attributes:
     batch: sequences per step (divisible by the expert axis size: the batch is split over it).
-    learning_rate: peak learning rate (linear warm-up from 0, then cosine decay to 10%; the
-      first step's rate is 0, so it only starts Adam's moments).
+    learning_rate: peak learning rate (linear warm-up from 0, then cosine decay to 10%; with a
+      warm-up the first step's rate is 0, so that step only starts Adam's moments).
     warmup_steps: steps of the warm-up, fewer than `total_steps` (the decay needs one).
     total_steps: length of the schedule (a resumed run keeps the same schedule).
     weight_decay: AdamW's decoupled weight decay.

@@ -22,6 +22,8 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     calls' peer timeout is 60 s;
   fail_fast: the last process's devices skip one call and come back a moment later, then stop
     calling while the others queue 10 calls (a short peer timeout): their errors and times;
+  gave_up_in_set_up: after a call together, process 0 traces a call that grows the workspaces
+    with a 2 s peer timeout and gives up; the last process traces it 6 s later: its error;
   killed_in_set_up: after a call together, a call of more tokens grows the workspaces by a
     chunk; the last process dies 3 s after tracing it (having made its part), the others trace
     it 8 s in: their error, its time, and the names of the dead process left in /dev/shm;
@@ -319,6 +321,22 @@ def trace_order(mesh, case, forced=None):
   return out
 
 
+def gave_up_in_set_up(mesh, case):
+  """The gave_up_in_set_up scenario (see the module docstring)."""
+  jax.block_until_ready(layer(mesh)(*(global_array(mesh, a) for a in make_inputs(case))))
+  bigger = [global_array(mesh, a)
+            for a in make_inputs(dataclasses.replace(case, tokens=2048, hidden=256))]
+  if PROCESS == 0:
+    with ccf.peer_timeout(2.0):
+      error = error_of(lambda: layer(mesh).lower(*bigger))
+  else:
+    time.sleep(6.0)
+    with ccf.peer_timeout(60.0):
+      error = error_of(lambda: layer(mesh).lower(*bigger))
+  key_value_client().wait_at_barrier("gave_up/done", 120_000)  # process 0 holds the store
+  return dict(error=error)
+
+
 def killed_in_set_up(mesh, case):
   """The killed_in_set_up scenario (see the module docstring)."""
   jax.block_until_ready(layer(mesh)(*(global_array(mesh, a) for a in make_inputs(case))))
@@ -367,6 +385,8 @@ def main():
       out.update(trace_order(mesh, case))
     elif SCENARIO == "trace_transport":
       out.update(trace_order(mesh, case, forced="collectives"))
+    elif SCENARIO == "gave_up_in_set_up":
+      out.update(gave_up_in_set_up(mesh, case))
     elif SCENARIO == "killed_in_set_up":
       out.update(killed_in_set_up(mesh, case))
       print(json.dumps(out), flush=True)

@@ -44,6 +44,23 @@ def test_small_pool_warns(monkeypatch):
   _cpu_threads.check_pool(5)  # enough: no warning (pytest's filter turns one into an error)
 
 
+def test_more_devices_raise_the_pool_reserved_at_import_but_not_a_users(monkeypatch):
+  """`--devices 16` in the demo warned: the pool reserved at import holds 8 devices. The
+  reservation can be raised before the backend starts; a user's own setting never is."""
+  monkeypatch.setattr(_cpu_threads._jax_internals, "backends_initialized", lambda: False)
+  monkeypatch.setattr(_cpu_threads, "_cores", lambda: 2)
+  monkeypatch.delenv("NPROC", raising=False)
+  for users, reserved, devices, after in ((None, 16, 16, "32"), (None, None, 4, "16"),
+                                          ("12", None, 16, "12"), ("64", None, 16, "64")):
+    monkeypatch.setattr(_cpu_threads, "_reserved", reserved)
+    if users is None and reserved is None:
+      monkeypatch.delenv("PJRT_NPROC", raising=False)
+    else:
+      monkeypatch.setenv("PJRT_NPROC", users or str(reserved))
+    ccf.experimental.reserve_cpu_threads(devices)
+    assert os.environ["PJRT_NPROC"] == after, (users, reserved, devices)
+
+
 def _train(dispatch: str, steps: int, wait_every_step: bool):
   """An Optax loop of the NNX layer on 8 devices; returns its final parameters as numpy."""
   with jax.set_mesh(ep_mesh(DEVICES)):

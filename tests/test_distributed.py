@@ -224,6 +224,19 @@ def test_a_process_killed_while_a_chunk_is_set_up_is_named_at_once():
   assert not [s for s in _segments() if s.split(".")[1] == str(dead["pid"])]
 
 
+@pytest.mark.slow
+def test_a_process_that_gave_up_setting_up_a_chunk_says_so():
+  """Process 0 gives up on a new chunk (its peer timeout passed) and removes its names; process
+  1, late, once found its "created" from before, failed to map the removed names and was told
+  to set JAX_CCFUSER_HOST. It learns that process 0 gave up."""
+  early, late = _checked(run(["a", "a"], scenario="gave_up_in_set_up"))
+  assert early["error"].startswith("TimeoutError: jax_ccfuser: process 1 had not created its "
+                                   "part of shared workspace chunk 1"), early["error"]
+  assert late["error"].startswith("TimeoutError: jax_ccfuser: process 0 gave up on shared "
+                                  "workspace chunk 1 (failed: TimeoutError"), late["error"]
+  assert "JAX_CCFUSER_HOST" not in late["error"]
+
+
 def _named(error):
   """The ranks a peer-timeout error names as never arrived, once per device that raised it."""
   return re.findall(r"never arrived:((?: \d+)+)\.", error or "")
@@ -463,11 +476,21 @@ def test_a_neighbour_whose_shared_memory_cannot_be_seen_is_named(monkeypatch):
   monkeypatch.setattr(_workspace._Workspaces, "_barrier", lambda *_: None)
   monkeypatch.setattr(_workspace._Workspaces, "_neighbour_devices", lambda _: [device(908, 1)])
   monkeypatch.setattr(_workspace, "host_names", lambda: ("node", "node"))
+  said = {}  # the neighbour's "created" key, read again once its segment cannot be mapped
+  store = type("Store", (), {"key_value_try_get": lambda self, key: said["created"],
+                             "key_value_set": lambda self, *args, **kwargs: None})()
+  monkeypatch.setattr(_workspace, "key_value_client", lambda: store)
   job = type("Job", (), {"name": f"unit{os.getpid()}", "pids": [os.getpid(), 1],
                          "neighbours": [1]})()
+  said["created"] = "done"
   with pytest.raises(RuntimeError, match=r"made by process 1, which names its host as this "
                                          r"one's \('node'\) .* JAX_CCFUSER_HOST"):
     _workspace._Workspaces(job, "cpu")._grow_shared_memory(0, 4096, 10)
+  # A neighbour that gave up after saying "done" removed its names: that is what is said.
+  said["created"] = "failed: TimeoutError: no peer"
+  with pytest.raises(TimeoutError, match=r"process 1 gave up on shared workspace chunk 1 "
+                                         r"\(failed: TimeoutError: no peer\)"):
+    _workspace._Workspaces(job, "cpu")._grow_shared_memory(1, 4096, 10)
   assert not list(SHM.glob(f"jax_ccfuser.{os.getpid()}.{job.name}.*"))
 
 

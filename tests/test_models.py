@@ -200,18 +200,6 @@ def test_demo_cli(tmp_path):
   assert (out / "checkpoints" / "fused" / "3").is_dir()
 
 
-def test_demo_asks_for_a_pool_that_holds_its_devices(monkeypatch):
-  from models import demo
-  for before, devices, after in (("16", 16, "32"), (None, 4, "8"), ("64", 16, "64"),
-                                 ("lots", 16, "32")):
-    if before is None:
-      monkeypatch.delenv("PJRT_NPROC", raising=False)
-    else:
-      monkeypatch.setenv("PJRT_NPROC", before)
-    demo.reserve_threads(devices)
-    assert os.environ["PJRT_NPROC"] == after, (before, devices)
-
-
 @pytest.mark.parametrize("flags,message", [
     (["--devices", "4", "--seq-len", "30"], "--seq-len 30 must be divisible by --devices 4"),
     (["--devices", "0"], "--devices must be at least 1"),

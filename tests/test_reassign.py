@@ -404,6 +404,15 @@ def test_a_plan_is_not_kept_once_it_does_worse_than_a_new_one():
   np.testing.assert_array_equal(cooled.loads_before, [20, 20, 20, 20])
   np.testing.assert_array_equal(cooled.loads_after, [20, 20, 20, 20])
   assert np.all(np.asarray(cooled.workers)[:, 1:] < 0)  # no helpers left computing 0 rows
+  # Per host: host 0 cooled while host 1 is still hot; host 0's part goes, host 1's is kept.
+  hot, even = [40, 2, 6, 6, 6, 6, 6, 8], [1, 19, 10, 10, 10, 10, 10, 10]
+  two_hosts = functools.partial(_plan, split=Split(2, 4, False, ()), max_helpers=3,
+                                threshold=1.1, tile=1)
+  first = two_hosts(jnp.int32([hot + hot]), previous=None)
+  cooled = two_hosts(jnp.int32([even + hot]), previous=first)
+  np.testing.assert_array_equal(cooled.loads_after[:4], [20, 20, 20, 20])
+  assert np.all(np.asarray(cooled.workers)[:8, 1:] < 0)
+  np.testing.assert_array_equal(cooled.workers[8:], first.workers[8:])
 
 
 def test_a_plan_kept_over_drifting_routing_cuts_at_its_first_shares():
