@@ -6,8 +6,8 @@ has the most computations in flight that XLA allows, and an execution that waits
 in the rendezvous of an XLA collective such as a `psum` holds its thread (`fused_moe`'s handlers
 wait on threads of their own). A loop that dispatches far ahead without waiting (ordinary JAX)
 then fills the pool with blocked launches while a waiting execution's peers never get a thread:
-with 8 devices on 2
-cores, a jitted `psum` loop stops after about 50 calls and XLA aborts the process after 40 s.
+with 8 devices on 2 cores, a jitted `psum` loop stops after about 50 calls and XLA aborts the
+process after 40 s.
 With 2 * D threads a step's D launches and D executions all fit, and it runs (the tests:
 200 training steps and 1,000 calls in flight).
 
