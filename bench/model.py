@@ -224,22 +224,24 @@ def calibrate(node: Node, results_dir: pathlib.Path) -> Node:
   """
   gpu = node.name.split("x", 1)[1].split()[0]  # "8xH100 SXM ..." -> "H100"
   own = records.newest_gpu_results(results_dir, device=gpu)
-  if own is not None and _efficiency(own[1]) is not None:
+  efficiency = own and _efficiency(own[1])
+  if efficiency is not None:
     path, doc = own
     roofs = [c["impls"]["roof"]["fwd_tflops"] for c in doc["benchmark"]["configs"].values()
              if c["impls"].get("roof", {}).get("fwd_tflops")]
     return dataclasses.replace(node, gemm_tflops=statistics.median(roofs),
-                               fused_efficiency=_efficiency(doc),
-                               basis=f"calibrated on {path.name}")
+                               fused_efficiency=efficiency, basis=f"calibrated on {path.name}")
   family = next((names for names in _SAME_SMS if gpu in names), ())
-  kin = [found for other in family if other != gpu
-         for found in [records.newest_gpu_results(results_dir, device=other)] if found]
-  kin = [(doc.get("date", ""), path, doc) for path, doc in kin if _efficiency(doc) is not None]
+  kin = []  # (date, path, efficiency) of the newest file of each other GPU of the same SMs
+  for other in family:
+    found = records.newest_gpu_results(results_dir, device=other) if other != gpu else None
+    if found and (share := _efficiency(found[1])) is not None:
+      kin.append((found[1].get("date", ""), found[0], share))
   if not kin:
     return dataclasses.replace(node, basis=f"{node.basis} (no GPU results file to calibrate on)")
-  _, path, doc = max(kin, key=lambda item: item[:2])
+  _, path, efficiency = max(kin, key=lambda item: item[:2])
   return dataclasses.replace(
-      node, fused_efficiency=_efficiency(doc),
+      node, fused_efficiency=efficiency,
       basis=f"{node.basis}; fused GEMM efficiency from {path.name} (the same SMs)")
 
 
