@@ -22,6 +22,8 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     calls' peer timeout is 60 s;
   fail_fast: the last process's devices skip one call and come back a moment later, then stop
     calling while the others queue 10 calls (a short peer timeout): their errors and times;
+  silent: after a call together, the last process stops calling but stays alive while the
+    others make another call: their error and its time;
   gave_up_in_set_up: after a call together, process 0 traces a call that grows the workspaces
     with a 2 s peer timeout and gives up; the last process traces it 6 s later: its error;
   killed_in_set_up: after a call together, a call of more tokens grows the workspaces by a
@@ -277,6 +279,23 @@ def withdrawn(mesh, case):
   return out
 
 
+def silent(mesh, case):
+  """The silent scenario: after a call together the last process stops calling but stays alive
+  (at a key-value barrier) while the others make one more call: its error and seconds. Each
+  call is compiled before the processes meet, so the first runs together however loaded the
+  machine (the collectives' timeout, which the test sets short, counts from each one's start)."""
+  args = [global_array(mesh, a) for a in make_inputs(case)]
+  client = key_value_client()
+  out = {}
+  call = layer(mesh).lower(*args).compile()
+  client.wait_at_barrier("silent/compiled", 120_000)
+  jax.block_until_ready(call(*args))
+  if PROCESS != NUM_PROCESSES - 1:
+    out["error"], out["waited_s"] = timed_error(call, *args)
+  client.wait_at_barrier("silent/done", 120_000)  # the last process waits here, silent
+  return out
+
+
 def late_first_trace(mesh, case):
   """The late scenario: the last process traces its first call 2 s after the others, whose
   first trace gives up after a 1 s peer timeout with the error it got. Their next trace waits up
@@ -379,6 +398,8 @@ def main():
       out.update(fail_fast(mesh, case))
     elif SCENARIO == "withdrawn":
       out.update(withdrawn(mesh, case))
+    elif SCENARIO == "silent":
+      out.update(silent(mesh, case))
     elif SCENARIO == "late":
       out.update(late_first_trace(mesh, case))
     elif SCENARIO == "trace_order":

@@ -43,7 +43,7 @@ def run(hosts, scenario="check", devices=2, env=None, timeout=300):
   for p, host in enumerate(hosts):
     # Each worker sets its own device count: XLA_FLAGS from the caller's environment are not
     # for it.
-    penv = dict(os.environ, JAX_CCFUSER_HOST=host, XLA_FLAGS=COMPILE_FLAGS, **(env or {}))
+    penv = {**os.environ, "JAX_CCFUSER_HOST": host, "XLA_FLAGS": COMPILE_FLAGS, **(env or {})}
     procs.append(subprocess.Popen(
         [sys.executable, str(WORKER), str(p), str(len(hosts)), str(port), str(devices), scenario],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=penv,
@@ -325,6 +325,18 @@ def test_a_crashed_host_breaks_the_collectives_at_once():
   (code0, survivor, err), (code1, _, _) = run(["a", "b"], scenario="crash")
   assert code1 == 17 and code0 == 0, err[-3000:]
   assert "Gloo" in survivor["error"] and survivor["waited_s"] < 60
+
+
+def test_a_silent_host_is_given_up_on_after_xlas_collective_timeout():
+  """Across hosts a process that stops calling but stays alive holds its peers in XLA's
+  collectives, which `peer_timeout` does not reach: XLA's own limit for a CPU collective
+  (`--xla_cpu_collective_timeout_seconds`, here 5 s) ends the wait with gloo's error."""
+  flags = f"{COMPILE_FLAGS} --xla_cpu_collective_timeout_seconds=5"
+  (code0, waiting, err), (code1, _, err1) = run(["a", "b"], scenario="silent",
+                                                env={"XLA_FLAGS": flags})
+  assert code0 == 0 and code1 == 0, err[-3000:] + err1[-3000:]
+  assert "Gloo" in waiting["error"] and "Timed out waiting 5000ms" in waiting["error"], waiting
+  assert 5.0 <= waiting["waited_s"] < 60, waiting
 
 
 def test_names_of_a_chunk_still_being_set_up_are_not_swept():
