@@ -4,14 +4,18 @@ the README's Python blocks.
 Docstring examples are doctests with `jax`, `jnp`, `np` and `jax_ccfuser` in scope (as in JAX's
 own docstrings), on the 8 simulated devices of conftest.py. A README block runs unless the line
 before its fence is `<!-- fragment: why -->` (a part of a larger script); the others run in
-order in one namespace, as a reader pastes them one after another.
+order as one script in a fresh process, as a reader pastes them one after another.
 """
 
 import doctest
 import importlib
+import json
+import os
 import pathlib
 import pkgutil
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -74,11 +78,17 @@ def _readme_blocks():
 
 @pytest.mark.slow
 def test_readme_python_blocks_run_in_order():
+  """In a fresh process, as a reader pastes them into one script: the blocks set up their own
+  devices (this suite's eight are not theirs)."""
   runnable, fragments = _readme_blocks()
   assert len(runnable) >= 3 and fragments, (len(runnable), len(fragments))
-  scope = {"__name__": "readme"}
-  for index, code in enumerate(runnable):
-    exec(compile(code, f"README.md python block {index}", "exec"), scope)
-  y, loss = scope["y"], scope["loss"]
-  assert y.shape == (64, 32) and bool(jnp.all(jnp.isfinite(y)))
-  assert loss.shape == () and bool(jnp.isfinite(loss))
+  script = "".join(runnable) + (
+      "import json\n"
+      "print(json.dumps({'y': list(y.shape), 'y_finite': bool(jnp.all(jnp.isfinite(y))),\n"
+      "                  'loss': list(loss.shape), 'loss_finite': bool(jnp.isfinite(loss))}))\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "NPROC")}
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=600, env=env, cwd=README.parent)
+  assert done.returncode == 0, done.stderr[-3000:]
+  shown = json.loads(done.stdout.splitlines()[-1])
+  assert shown == {"y": [64, 32], "y_finite": True, "loss": [], "loss_finite": True}, shown
