@@ -105,6 +105,18 @@ def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
 
+def provenance(records: list[dict]) -> str:
+  """"Commit `c`, <date>" of a run's records; where a commit was made while it measured, each
+  commit with the number of records it holds, and the first and last date."""
+  counts = {}
+  for r in records:
+    counts[r["commit"]] = counts.get(r["commit"], 0) + 1
+  if len(counts) == 1:
+    return f"Commit `{records[0]['commit']}`, {records[0]['date']}"
+  commits = ", ".join(f"`{c}` ({n} row{'s' * (n > 1)})" for c, n in counts.items())
+  return f"Commits {commits}, {records[0]['date']} to {records[-1]['date']}"
+
+
 def check(record: dict) -> None:
   """Raises `ValueError` unless `record` has every required field and positive times."""
   missing = [f for f in REQUIRED_FIELDS if f not in record]

@@ -135,7 +135,7 @@ def measured_section(plat: str, recs: list[dict]) -> str:
   lines = [
       f"### Measured: {plat.upper()}, {first['device']}",
       "",
-      f"Commit `{first['commit']}`, {first['date']}; {lc['dtype']}, H={lc['hidden']}, "
+      f"{records.provenance(recs)}; {lc['dtype']}, H={lc['hidden']}, "
       f"F={lc['ffn']} (SwiGLU), D={lc['devices']}. Each cell is the median of at least "
       f"{min(r['samples'] for r in recs)} samples taken round-robin across the "
       "implementations after a dropped first one, with fresh inputs each time.",

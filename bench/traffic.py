@@ -80,7 +80,7 @@ def section(recs: list[dict]) -> str:
       "other devices in one forward+backward, and XLA's activation (temp) bytes of that "
       "program, per device._",
       "",
-      f"Commit `{recs[0]['commit']}`, {recs[0]['date']}; {recs[0]['device']}; float32, "
+      f"{records.provenance(recs)}; {recs[0]['device']}; float32, "
       f"T={recs[0]['config']['tokens']}, H={recs[0]['config']['hidden']}, "
       f"F={recs[0]['config']['ffn']}, D={recs[0]['config']['devices']}.",
       "",

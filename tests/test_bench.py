@@ -352,6 +352,15 @@ def test_report_renders_the_newest_gpu_results_file(tmp_path):
   assert report.plot_gpu(doc, tmp_path).stat().st_size > 0
 
 
+def test_provenance_names_every_commit_of_a_run():
+  """A commit made while a script measured gave its later rows another commit; the table's
+  sentence named the first only."""
+  rec = lambda commit, date: {"commit": commit, "date": date}
+  assert records.provenance([rec("a1", "d1"), rec("a1", "d2")]) == "Commit `a1`, d1"
+  assert (records.provenance([rec("a1", "d1"), rec("a1", "d2"), rec("b2", "d3")])
+          == "Commits `a1` (2 rows), `b2` (1 row), d1 to d3")
+
+
 @pytest.mark.parametrize("module,results", [("residuals", "residuals-cpu.json"),
                                             ("traffic", "traffic-cpu.json"),
                                             ("reassign", "reassign-cpu.json"),
