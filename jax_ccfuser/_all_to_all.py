@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ccfuser._ffn import expert_ffn
-from jax_ccfuser._validation import check_moe_args
+from jax_ccfuser._validation import check_moe_args, jax_operands
 
 
 def _capacity(capacity_factor, *, tokens: int, k: int, num_experts: int) -> int:
@@ -122,6 +122,8 @@ def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None
     True
   """
   del plan
+  x, expert_ids, expert_weights, w_in, w_out = jax_operands(x, expert_ids, expert_weights, w_in,
+                                                              w_out)
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
   t, h, k = dims.tokens, dims.hidden, dims.k

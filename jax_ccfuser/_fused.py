@@ -27,6 +27,7 @@ from jax_ccfuser._validation import check_count
 from jax_ccfuser._validation import check_gpu_group
 from jax_ccfuser._validation import check_gpu_limits
 from jax_ccfuser._validation import check_moe_args
+from jax_ccfuser._validation import jax_operands
 
 # Each traced call gets its own pair of sites (forward, backward): the key under which the
 # devices of one group find each other's buffers. Every device runs the same traced program,
@@ -390,6 +391,16 @@ def _plan_operands(plan, num_experts, num_devices):
     return identity_workers(num_experts, num_devices)
   if not isinstance(plan, Plan):
     raise ValueError(f"plan must come from jax_ccfuser.reassign, got {type(plan).__name__}")
+  names = ("workers", "bounds", "loads_before", "loads_after")
+  arrays = [getattr(plan, name) for name in names]
+  if ([np.ndim(a) for a in arrays] != [2, 2, 1, 1]
+      or any(np.dtype(a.dtype) != np.int32 for a in arrays)
+      or plan.bounds.shape != (plan.workers.shape[0], plan.workers.shape[1] + 1)):
+    got = ", ".join(f"{name} {np.dtype(a.dtype).name}{list(np.shape(a))}"
+                    for name, a in zip(names, arrays))
+    raise ValueError("plan must hold int32 workers [E, S + 1], bounds [E, S + 2] and loads [D] "
+                     "as reassign returns them (a tree-wide astype changes its integers too); "
+                     f"got {got}")
   if plan.workers.shape[0] != num_experts:
     raise ValueError(f"plan is for {plan.workers.shape[0]} experts, this call has {num_experts}")
   if plan.loads_before.shape[0] != num_devices:
@@ -482,6 +493,8 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     >>> dx.shape, dw_in.shape
     ((64, 16), (16, 16, 64))
   """
+  x, expert_ids, expert_weights, w_in, w_out = jax_operands(x, expert_ids, expert_weights, w_in,
+                                                              w_out)
   dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                         axis_name=axis_name)
   _topology.check_every_axis_manual(axis_name)
@@ -664,6 +677,8 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   device keeps its own `T * K` h rows under `residuals="hidden"`.
   """
   num_devices = check_count("num_devices", num_devices)
+  x, expert_ids, expert_weights, w_in, w_out = jax_operands(x, expert_ids, expert_weights, w_in,
+                                                              w_out)
   if x.shape[0] % num_devices or w_out.shape[0] % num_devices:
     raise ValueError(f"x rows {x.shape[0]} and experts {w_out.shape[0]} must split evenly over "
                      f"{num_devices} emulated devices")

@@ -119,7 +119,7 @@ class MoESpec:
                          top_groups=self.top_groups, scale=self.scale)
     if check_int("num_shared_experts", self.num_shared_experts) < 0:
       raise ValueError(f"num_shared_experts={self.num_shared_experts} must be 0 or positive")
-    if self.activation not in ACTIVATIONS:
+    if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}; expected one of "
                        f"{sorted(ACTIVATIONS)}")
     if self.dispatch not in DISPATCH:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ccfuser._ffn import expert_ffn, no_tokens
-from jax_ccfuser._validation import check_moe_args
+from jax_ccfuser._validation import check_moe_args, jax_operands
 
 
 def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
@@ -13,7 +13,7 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
 
   Inside `jax.shard_map` the experts' weights are gathered over `axis_name` (this is a checker,
   not a fast path). `plan` is accepted for signature parity and ignored: a plan never changes
-  results.
+  results. A token with an id outside `[0, E)` gets NaN (where `fused_moe` raises an error).
 
   Args:
     x: `[T, H]` float32/bfloat16/float16, this device's tokens.
@@ -41,7 +41,8 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
      [0.   0.5  0.  ]]
   """
   del plan
-  w_in, w_out = jnp.asarray(w_in), jnp.asarray(w_out)  # indexed by traced ids below
+  x, expert_ids, expert_weights, w_in, w_out = jax_operands(x, expert_ids, expert_weights, w_in,
+                                                              w_out)
   check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
                  axis_name=axis_name)
   if x.shape[0] == 0:
@@ -54,5 +55,10 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     return expert_ffn(xt[None], w_in[e], w_out[e], activation)[0]
 
   per_k = jax.vmap(jax.vmap(one_pair, in_axes=(0, None)), in_axes=(0, 0))(expert_ids, x)
+  # Indexing clamps an id outside [0, E) to an expert that exists, which a checker must not pass
+  # off as a result. NaN rather than an error: raising on one device would leave its peers
+  # waiting in the gathers above.
+  outside = (expert_ids < 0) | (expert_ids >= w_in.shape[0])
+  per_k = jnp.where(outside[..., None], jnp.nan, per_k)
   y = jnp.einsum("tk,tkh->th", expert_weights.astype(jnp.float32), per_k)
   return y.astype(x.dtype)

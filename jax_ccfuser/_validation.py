@@ -113,6 +113,13 @@ def check_gpu_group(num_devices: int, experts_local: int, plan_slots: int, *, em
       f"{smaller if plan_slots > 1 else 'use more devices or fewer experts'}")
 
 
+def jax_operands(*operands) -> tuple:
+  """NumPy operands as jax arrays, their dtypes canonical as `jax.jit` makes them (float64 is
+  float32 without x64), so a call takes the same operands eagerly as under jit; others as they
+  come (lists stay lists, for the checks to refuse)."""
+  return tuple(jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in operands)
+
+
 def _dtype_name(a) -> str:
   return np.dtype(a.dtype).name
 
@@ -143,7 +150,7 @@ def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: st
   Returns:
     The call's `MoeDims`.
   """
-  if activation not in ACTIVATIONS:
+  if not isinstance(activation, str) or activation not in ACTIVATIONS:
     raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
   gated = ACTIVATIONS[activation].gated
   for name, a, rank in (("x", x, 2), ("expert_ids", expert_ids, 2),

@@ -86,6 +86,8 @@ FAULTS = [
     ("ids_list", {"expert_ids": [[0, 1]] * 3}, {},
      r"expert_ids must be an array \(jax or numpy\), got list"),
     ("x_list", {"x": [[0.0] * 4] * 3}, {}, r"x must be an array \(jax or numpy\), got list"),
+    # A list was looked up in the activations' table: TypeError: unhashable type.
+    ("activation_list", {}, {"activation": ["swiglu"]}, r"unknown activation \['swiglu'\]"),
     ("unbound_axis", {}, {"axis_name": "ep"},
      r"axis_name='ep' is not bound here: call this inside jax.shard_map"),
 ]
@@ -97,6 +99,50 @@ FAULTS = [
 def test_bad_arguments(moe_fn, changes, options, match):
   with pytest.raises(ValueError, match=match):
     moe_fn(**_replace(**changes), **options)
+
+
+@pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
+def test_numpy_operands_are_taken_eagerly_as_under_jit(moe_fn):
+  """float64 and int64 NumPy operands were refused eagerly but taken under jit, which makes them
+  float32 and int32 (no x64); reference_moe took float64 weights eagerly where the others did not."""
+  args = _replace()
+  wide = {name: np.asarray(a, np.int64 if name == "expert_ids" else np.float64)
+          for name, a in args.items()}
+  eager, traced, narrow = moe_fn(**wide), jax.jit(moe_fn)(**wide), moe_fn(**args)
+  assert eager.dtype == traced.dtype == jnp.float32
+  np.testing.assert_array_equal(eager, narrow)
+  np.testing.assert_array_equal(traced, narrow)
+
+
+def test_reference_marks_an_out_of_range_id_nan_as_fused_moe_refuses_it():
+  """The ground truth indexed the experts with the id, which clamps: expert_ids = E computed
+  expert E - 1's FFN (and -1 wrapped to it) where fused_moe raises. Inside shard_map too."""
+  case = Case(devices=4, tokens=5)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  want = np.asarray(reference_moe(x, ids, weights, w_in, w_out))
+  for bad in (-1, case.num_experts, 2**31 - 1):
+    bad_ids = ids.at[7, 1].set(bad)
+    for got in (reference_moe(x, bad_ids, weights, w_in, w_out),
+                sharded(reference_moe, case.devices)(x, bad_ids, weights, w_in, w_out)):
+      got = np.asarray(got)
+      assert np.isnan(got[7]).all(), bad
+      np.testing.assert_allclose(np.delete(got, 7, 0), np.delete(want, 7, 0), rtol=1e-6,
+                                 atol=1e-6)
+
+
+def test_a_plan_of_other_dtypes_or_shapes_is_refused_at_trace_time():
+  """A plan cast tree-wide (mixed precision's astype) or cut passed the trace and failed in the
+  handler with an FFI decode error that never named the plan."""
+  x, ids, weights, w_in, w_out = make_inputs(_CASE)
+  plan = jax.jit(lambda i: reassign(i, 2))(ids)
+  bad_plans = {"float32": jax.tree.map(lambda a: a.astype(jnp.float32), plan),
+               "bounds": plan._replace(bounds=plan.bounds[:, :-1]),
+               "rank": plan._replace(workers=plan.workers[:, 0])}
+  for name, bad in bad_plans.items():
+    with pytest.raises(ValueError, match=r"plan must hold int32 workers \[E, S \+ 1\]"):
+      jax.jit(fused_moe).lower(x, ids, weights, w_in, w_out, plan=bad)
+  np.testing.assert_array_equal(fused_moe(x, ids, weights, w_in, w_out, plan=plan),
+                                fused_moe(x, ids, weights, w_in, w_out))
 
 
 @pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
