@@ -10,12 +10,12 @@ import jax
 # Without LLVM's optimisation passes the suite ran a fifth faster (the multi-process tests a
 # quarter); XLA:CPU's older loop emitters, Eigen's dots in place of XNNPACK's, its plain scheduler
 # and one codegen piece (not split over two busy cores) cut the backend compile to about a third
-# again (tests/test_flax.py: 117 s to 43 s; the suite from 21 to 11 minutes). None of them is what
-# the tests check: every result is compared with another computed under the same flags. Set before
-# any backend starts; the processes the tests start inherit it, the multi-process workers (whose
-# device count is their own) take COMPILE_FLAGS, and only the deadlock test's process keeps XLA's
-# defaults. Not where JAX may run on a GPU (its plugin installed, the CPU not forced): XLA's GPU
-# compiler reads the same flags.
+# again (tests/test_flax.py: 117 s to 43 s; the whole suite from 19-22 minutes to 11-15). None of
+# them is what the tests check: every result is compared with another computed under the same flags.
+# Set before any backend starts; the processes the tests start inherit it, the multi-process workers
+# (whose device count is their own) take COMPILE_FLAGS, and only the deadlock test's process keeps
+# XLA's defaults. Not where JAX may run on a GPU (its plugin installed, the CPU not forced): XLA's
+# GPU compiler reads the same flags.
 COMPILE_FLAGS = " ".join((
     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
     "--xla_cpu_use_xnnpack=false", "--xla_cpu_enable_concurrency_optimized_scheduler=false",
