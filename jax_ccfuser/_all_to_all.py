@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ccfuser._ffn import expert_ffn
-from jax_ccfuser._validation import check_moe_args, jax_operands
+from jax_ccfuser._validation import check_moe_args
 
 
 def _capacity(capacity_factor, *, tokens: int, k: int, num_experts: int) -> int:
@@ -122,10 +122,8 @@ def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None
     True
   """
   del plan
-  x, expert_ids, expert_weights, w_in, w_out = jax_operands(x, expert_ids, expert_weights, w_in,
-                                                              w_out)
-  dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
-                        axis_name=axis_name)
+  (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(
+      x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=axis_name)
   t, h, k = dims.tokens, dims.hidden, dims.k
   d, e_local, e = dims.num_devices, dims.experts_local, dims.num_experts
   c = _capacity(capacity_factor, tokens=t, k=k, num_experts=e)

@@ -27,7 +27,6 @@ from jax_ccfuser._validation import check_count
 from jax_ccfuser._validation import check_gpu_group
 from jax_ccfuser._validation import check_gpu_limits
 from jax_ccfuser._validation import check_moe_args
-from jax_ccfuser._validation import jax_operands
 
 # Each traced call gets its own pair of sites (forward, backward): the key under which the
 # devices of one group find each other's buffers. Every device runs the same traced program,
@@ -493,10 +492,8 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     >>> dx.shape, dw_in.shape
     ((64, 16), (16, 16, 64))
   """
-  x, expert_ids, expert_weights, w_in, w_out = jax_operands(x, expert_ids, expert_weights, w_in,
-                                                              w_out)
-  dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
-                        axis_name=axis_name)
+  (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(
+      x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=axis_name)
   _topology.check_every_axis_manual(axis_name)
   split = _topology.split(axis_name, dims.num_devices)
   platform = _topology.platform(split)
@@ -677,13 +674,11 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   device keeps its own `T * K` h rows under `residuals="hidden"`.
   """
   num_devices = check_count("num_devices", num_devices)
-  x, expert_ids, expert_weights, w_in, w_out = jax_operands(x, expert_ids, expert_weights, w_in,
-                                                              w_out)
-  if x.shape[0] % num_devices or w_out.shape[0] % num_devices:
-    raise ValueError(f"x rows {x.shape[0]} and experts {w_out.shape[0]} must split evenly over "
-                     f"{num_devices} emulated devices")
-  dims = check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
-                        axis_name=None)
+  (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(
+      x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=None)
+  if dims.tokens % num_devices or dims.experts_local % num_devices:
+    raise ValueError(f"x rows {dims.tokens} and experts {dims.experts_local} must split evenly "
+                     f"over {num_devices} emulated devices")
   platform = _topology.platform()
   if platform == "gpu":
     check_gpu_limits(dims, x.dtype)

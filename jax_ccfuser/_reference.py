@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ccfuser._ffn import expert_ffn, no_tokens
-from jax_ccfuser._validation import check_moe_args, jax_operands
+from jax_ccfuser._validation import check_moe_args
 
 
 def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
@@ -41,10 +41,8 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
      [0.   0.5  0.  ]]
   """
   del plan
-  x, expert_ids, expert_weights, w_in, w_out = jax_operands(x, expert_ids, expert_weights, w_in,
-                                                              w_out)
-  check_moe_args(x, expert_ids, expert_weights, w_in, w_out, activation=activation,
-                 axis_name=axis_name)
+  (x, expert_ids, expert_weights, w_in, w_out), _ = check_moe_args(
+      x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=axis_name)
   if x.shape[0] == 0:
     return no_tokens(x)
   if axis_name is not None:

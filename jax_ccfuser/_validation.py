@@ -113,13 +113,6 @@ def check_gpu_group(num_devices: int, experts_local: int, plan_slots: int, *, em
       f"{smaller if plan_slots > 1 else 'use more devices or fewer experts'}")
 
 
-def jax_operands(*operands) -> tuple:
-  """NumPy operands as jax arrays, their dtypes canonical as `jax.jit` makes them (float64 is
-  float32 without x64), so a call takes the same operands eagerly as under jit; others as they
-  come (lists stay lists, for the checks to refuse)."""
-  return tuple(jnp.asarray(a) if isinstance(a, np.ndarray) else a for a in operands)
-
-
 def _dtype_name(a) -> str:
   return np.dtype(a.dtype).name
 
@@ -144,12 +137,18 @@ def _check_whole(**operands) -> None:
 
 
 def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: str,
-                   axis_name) -> MoeDims:
+                   axis_name) -> tuple[tuple, MoeDims]:
   """Checks the arguments of `fused_moe`/`reference_moe`/`all_to_all_moe` (the API contract).
 
+  NumPy operands become jax arrays with the dtypes `jax.jit` gives them (float64 is float32
+  without x64), so a call takes the same operands eagerly as under jit.
+
   Returns:
-    The call's `MoeDims`.
+    The five operands so taken, and the call's `MoeDims`.
   """
+  x, expert_ids, expert_weights, w_in, w_out = (
+      jnp.asarray(a) if isinstance(a, np.ndarray) else a
+      for a in (x, expert_ids, expert_weights, w_in, w_out))
   if not isinstance(activation, str) or activation not in ACTIVATIONS:
     raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
   gated = ACTIVATIONS[activation].gated
@@ -196,5 +195,6 @@ def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: st
   if axis_name is None:
     _check_whole(x=x, expert_ids=expert_ids, expert_weights=expert_weights, w_in=w_in,
                  w_out=w_out)
-  return MoeDims(tokens=t, hidden=h, k=k, ffn=f, experts_local=e_local,
-                 num_devices=axis_size(axis_name), gated=gated)
+  dims = MoeDims(tokens=t, hidden=h, k=k, ffn=f, experts_local=e_local,
+                num_devices=axis_size(axis_name), gated=gated)
+  return (x, expert_ids, expert_weights, w_in, w_out), dims
