@@ -101,6 +101,24 @@ def test_bad_arguments(moe_fn, changes, options, match):
     moe_fn(**_replace(**changes), **options)
 
 
+@pytest.mark.parametrize("changes,options,match",
+                         [f[1:] for f in FAULTS if "axis_name" not in f[2]],
+                         ids=[f[0] for f in FAULTS if "axis_name" not in f[2]])
+def test_bad_arguments_emulated(changes, options, match):
+  """The emulated entry checks as the others do (a list x met its even-split check first:
+  AttributeError)."""
+  from jax_ccfuser.experimental import fused_moe_emulated
+  with pytest.raises(ValueError, match=match):
+    fused_moe_emulated(**_replace(**changes), **options, num_devices=1)
+
+
+def test_emulated_devices_must_split_tokens_and_experts_evenly():
+  from jax_ccfuser.experimental import fused_moe_emulated
+  with pytest.raises(ValueError, match=r"x rows 3 and experts 2 must split evenly over 2 "
+                                       r"emulated devices"):
+    fused_moe_emulated(**_replace(), num_devices=2)
+
+
 @pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
 def test_numpy_operands_are_taken_eagerly_as_under_jit(moe_fn):
   """float64 and int64 NumPy operands were refused eagerly but taken under jit, which makes them
