@@ -59,6 +59,37 @@ def test_other_activations(activation):
   _check_against_reference(Case(devices=4, activation=activation, seed=7))
 
 
+@pytest.mark.parametrize("activation", ["gelu", "geglu"])
+@pytest.mark.parametrize("gate", [-5.0, -7.0])
+def test_gelu_keeps_its_relative_accuracy_in_the_negative_tail(activation, gate):
+  """gelu(h) at h = -5 and -7 is -1.4e-6 and -9e-12: computed as 0.5 h (1 + erf(h / sqrt 2)) it
+  cancelled (2.5% off at -5, exactly 0 at -7), where jax.nn.gelu and the reference use erfc.
+  Every gate here is near `gate`, so outputs and gradients are that small and compared relative
+  to their own size."""
+  case = Case(devices=1, tokens=16, activation=activation, seed=41)
+  _, ids, weights, w_in, w_out = make_inputs(case)
+  rng = np.random.default_rng(case.seed)
+  x = jnp.asarray(1 + 0.05 * rng.standard_normal((case.tokens, case.hidden)), jnp.float32)
+  w_in = w_in * 0.02 + jnp.where(jnp.arange(w_in.shape[-1]) < case.ffn, gate / case.hidden, 0.0)
+  gates = jnp.einsum("th,ehf->tef", x, w_in[..., :case.ffn])
+  assert float(jnp.max(jnp.abs(gates - gate))) < 0.5
+  proj = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def run(moe_fn):  # y and the gradients of a random projection of it
+    layer = functools.partial(moe_fn, activation=activation)
+    y, vjp = jax.vjp(lambda x, weights, w_in, w_out: layer(x, ids, weights, w_in, w_out), x,
+                     weights, w_in, w_out)
+    return y, *vjp(proj)
+
+  for name, got, want in zip(("y", "dx", "d_weights", "dw_in", "dw_out"),
+                             jax.jit(lambda: run(ccf.fused_moe))(),
+                             jax.jit(lambda: run(ccf.reference_moe))()):
+    want = np.asarray(want)
+    assert np.max(np.abs(want)) > 0, name
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4,
+                               atol=1e-4 * np.max(np.abs(want)), err_msg=name)
+
+
 @pytest.mark.parametrize("k,experts_local", [(1, 1), (3, 2), (8, 4), (8, 1)])
 def test_k_and_experts(k, experts_local):
   _check_against_reference(Case(devices=4, k=k, experts_local=experts_local, tokens=29,
