@@ -668,10 +668,12 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   a `shard_map` over D devices would: x `[D*T, H]`, expert_ids/expert_weights `[D*T, K]`, w_in
   `[D*E_local, H, G*F]`, w_out `[D*E_local, F, H]`. The same handler and kernels run, with the
   peer table pointing into these blocks, so the remote-read path is exercised (and timed) on a
-  single device. Results equal `fused_moe` over D real devices, bitwise but for the weight
-  gradients on Hopper in 16-bit dtypes when the call runs in several chunks
+  single device. Results equal `fused_moe` over D real devices of one process, bitwise but for
+  the weight gradients on Hopper in 16-bit dtypes when the call runs in several chunks
   (`jax_ccfuser.scratch_budget`), whose edges then fall elsewhere in the work list; each emulated
-  device keeps its own `T * K` h rows under `residuals="hidden"`.
+  device keeps its own `T * K` h rows under `residuals="hidden"`. On CPU each emulated device
+  computes with a real one's share of the cores (a D-th, at least one), since the GEMMs' column
+  blocks, and so their rounding, follow it.
   """
   num_devices = check_count("num_devices", num_devices)
   (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(

@@ -183,6 +183,9 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
 ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, int32_t group,
                         const PeerBuffers& own, const PlanView& plan, Peers* peers) {
   if (attrs.emulated || d.num_devices == 1) {
+    // Each emulated device takes the share of the cores a real one gets: the GEMMs' column
+    // blocks follow it, and so do their bits.
+    peers->concurrent = d.num_devices;
     for (int dev = 0; dev < d.num_devices; ++dev) {
       peers->buffers.push_back(EmulatedPeer(own, d, dev));
       peers->ranks.push_back(dev);
@@ -263,7 +266,8 @@ ffi::Error PlanAndCompute(const Peers& peers, const MoeDims& d, const PlanView& 
   return ffi::Error::Success();
 }
 
-// This handler's share of the cores: the devices of a real group run at once and split them.
+// This handler's share of the cores: the devices of a real group run at once and split them
+// (emulated ones run one after another with the same share, to compute the same bits).
 Workers ShareOfCores(const Peers& peers) {
   HostThreads& pool = HostThreads::Get();
   return Workers(&pool, pool.num_threads() / std::max(1, peers.concurrent));
