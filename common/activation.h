@@ -91,4 +91,12 @@ CCF_HOST_DEVICE float ActDerivative(Activation a, float h) {
   }
 }
 
+// dy * act'(h), the gradient through act. Where relu is flat it is 0 whatever dy is, NaN and
+// infinities included, as jax.nn.relu's gradient selects it (0 * NaN would spread a token's
+// NaN combine weight over every unit of its experts' weight gradients).
+CCF_HOST_DEVICE float ActBackward(Activation a, float h, float dy) {
+  if (a == Activation::kRelu) return h > 0.0f ? dy : 0.0f;
+  return dy * ActDerivative(a, h);
+}
+
 }  // namespace ccf

@@ -93,11 +93,11 @@ __device__ __forceinline__ float activation_backward_row(const GemmParams& p, in
       if (p.gated) {
         const float act_gate = ActForward(act, gate.v[i]);
         a = act_gate * up.v[i];
-        d_gate.v[i] = da * up.v[i] * ActDerivative(act, gate.v[i]);
+        d_gate.v[i] = ActBackward(act, gate.v[i], da * up.v[i]);
         d_up.v[i] = da * act_gate;
       } else {
         a = ActForward(act, gate.v[i]);
-        d_gate.v[i] = da * ActDerivative(act, gate.v[i]);
+        d_gate.v[i] = ActBackward(act, gate.v[i], da);
       }
       const float a_rounded = static_cast<float>(T(a));
       a_w.v[i] = w * a_rounded;

@@ -155,11 +155,11 @@ void check(int activation, int f, std::mt19937& rng) {
       if (k.gated) {
         const float act_gate = ActForward(act, h[j]);
         a = act_gate * h[f + j];
-        ref.dh[row * k.gf + j] = T(da * h[f + j] * ActDerivative(act, h[j]));
+        ref.dh[row * k.gf + j] = T(ActBackward(act, h[j], da * h[f + j]));
         ref.dh[row * k.gf + f + j] = T(da * act_gate);
       } else {
         a = ActForward(act, h[j]);
-        ref.dh[row * k.gf + j] = T(da * ActDerivative(act, h[j]));
+        ref.dh[row * k.gf + j] = T(ActBackward(act, h[j], da));
       }
       const float rounded = static_cast<float>(T(a));
       ref.aw[row * f + j] = T(w * rounded);

@@ -38,11 +38,11 @@ void ActivationBackwardT(const MoeDims& d, int64_t m, const float* h, const floa
     if constexpr (IsGated(A)) {
       for (int64_t j = 0; j < d.ffn; ++j) {
         const float g = hi[j], u = hi[d.ffn + j];
-        dhi[j] = dai[j] * u * ActDerivative(A, g);
+        dhi[j] = ActBackward(A, g, dai[j] * u);
         dhi[d.ffn + j] = dai[j] * ActForward(A, g);
       }
     } else {
-      for (int64_t j = 0; j < d.ffn; ++j) dhi[j] = dai[j] * ActDerivative(A, hi[j]);
+      for (int64_t j = 0; j < d.ffn; ++j) dhi[j] = ActBackward(A, hi[j], dai[j]);
     }
   }
 }
