@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -373,6 +374,26 @@ def test_segments_refuse_what_they_cannot_do():
   finally:
     assert _extension.cpu.unlink_segment(name) == ""
   assert not (SHM / name[1:]).exists()
+
+
+def test_a_segment_past_dev_shms_room_is_refused_when_made():
+  """tmpfs counts a page when it is first written: a segment sized past /dev/shm's room mapped
+  fine, and the call that first wrote past it died of SIGBUS, in every process of the host (each
+  had checked the same free space before any wrote). Segments are now reserved when made. Run
+  where /dev/shm is a 16 MiB tmpfs of a private mount namespace (Docker's default is 64 MiB)."""
+  if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode:
+    pytest.skip("needs unprivileged user and mount namespaces (unshare -rm)")
+  script = ("from jax_ccfuser import _extension\n"
+            "name = '/jax_ccfuser.1.unit.0.0'\n"
+            "print(_extension.cpu.map_segment(name, 32 << 20, True, 0, 0) or 'mapped')\n"
+            "_extension.cpu.unlink_segment(name)\n")
+  out = subprocess.run(
+      ["unshare", "-rm", "sh", "-c",
+       f'mount -t tmpfs -o size=16m tmpfs /dev/shm && exec {sys.executable} -c "$0"', script],
+      capture_output=True, text=True, timeout=120)
+  assert ("cannot reserve 32 MiB of shared memory for segment /jax_ccfuser.1.unit.0.0: No space "
+          "left on device (in a container, raise /dev/shm's size" in out.stdout), (
+              out.stdout + out.stderr[-2000:])
 
 
 def _stat(pid):

@@ -102,11 +102,21 @@ std::string MapSegment(const std::string& name, int64_t bytes, bool create, int3
   }
   const int fd = shm_open(name.c_str(), create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
   if (fd < 0) return Failed(create ? "cannot create" : "cannot open", name);
-  if (create && ftruncate(fd, head + bytes) != 0) {
-    const std::string err = Failed("cannot size", name);
-    close(fd);
-    shm_unlink(name.c_str());
-    return err;
+  // Reserved, not only sized: tmpfs counts a page against its limit when it is first written,
+  // so a sparse segment past the limit maps fine and its first write past it kills the process
+  // with SIGBUS (every process of the host checked the same free space before any wrote).
+  if (create) {
+    if (const int st = posix_fallocate(fd, 0, head + bytes); st != 0) {
+      const std::string err =
+          "jax_ccfuser: cannot reserve " + std::to_string((head + bytes) >> 20) +
+          " MiB of shared memory for segment " + name + ": " + std::strerror(st) +
+          (st == ENOSPC ? " (in a container, raise /dev/shm's size, e.g. `docker run "
+                          "--shm-size`, or use jax_ccfuser.transport('collectives'))"
+                        : "");
+      close(fd);
+      shm_unlink(name.c_str());
+      return err;
+    }
   }
   struct stat st;
   if (fstat(fd, &st) != 0 || st.st_size < head + bytes) {
