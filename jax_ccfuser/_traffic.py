@@ -11,6 +11,9 @@ def peer_traffic(*, clear: bool = False) -> list[dict]:
   Each device reads every distinct (source, token) row its experts need once, however many of
   the token's K experts it holds, and writes back one float32 partial-sum row per such token.
 
+  The table keeps a site's rows until it is cleared, after its function is gone too: a program
+  that traces anew (a new jit, shapes that change) adds a site's rows each time.
+
   Args:
     clear: empty the table after reading it (e.g. before the call you want to measure).
 
