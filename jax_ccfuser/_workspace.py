@@ -190,7 +190,10 @@ class _Workspaces:
           raise RuntimeError(f"jax_ccfuser: the {self.platform} workspaces shared with this "
                              f"host's other processes could not grow earlier ({self.failed}); "
                              f"restart the processes")
-        size = max(nbytes, 2 * (self.chunks[-1] if self.chunks else 0), _MIN_CHUNK)
+        # Sized for the region alone, not doubled: a chunk's memory is taken whole when it is
+        # made (device memory on GPU, reserved shared memory on CPU), so the room doubling left
+        # at its end would be taken unused; small regions share 4 MiB chunks.
+        size = max(nbytes, _MIN_CHUNK)
         grow = self._grow_shared_memory if self.platform == "cpu" else self._grow_ipc
         try:
           grow(len(self.chunks), size, timeout_ms)

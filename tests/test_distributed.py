@@ -487,6 +487,26 @@ def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
     workspaces.region("site", 4096, 10, "a call")
 
 
+def test_workspace_chunks_are_sized_for_their_regions_not_doubled(monkeypatch):
+  """A chunk's memory is taken whole when it is made (reserved shared memory, device memory on
+  GPU). Chunks doubled each time: 200 retraces of a 104 KB region took 4 + 8 + 16 MiB a device
+  for 20 MiB of regions, and regions of 1 GiB took up to twice their sum."""
+  grown = []
+  monkeypatch.setattr(_workspace._Workspaces, "_grow_shared_memory",
+                      lambda self, chunk, nbytes, timeout_ms: grown.append(nbytes))
+  monkeypatch.setattr(_workspace, "_agree", lambda *_: None)  # no key-value store
+  job = type("Job", (), {"name": "unit", "pids": [], "neighbours": []})()
+  workspaces = _workspace._Workspaces(job, "cpu")
+  small, mib = 104 << 10, 1 << 20
+  for site in range(200):
+    workspaces.region(("small", site), small, 10, "a call")
+  assert grown == [4 * mib] * 6  # 39 regions a chunk
+  for site in range(3):
+    workspaces.region(("large", site), 1 << 30, 10, "a call")
+  assert grown[6:] == [1 << 30] * 3
+  assert workspaces.region(("small", 0), small, 10, "a call") == (0, 0)  # kept
+
+
 def test_processes_of_different_builds_are_refused(monkeypatch):
   """Processes whose shared regions are laid out differently (another build of the extension)
   would meet in memory read two ways: they timed out at a barrier, blamed on the call order."""
