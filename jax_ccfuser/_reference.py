@@ -14,6 +14,10 @@ def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   Inside `jax.shard_map` the experts' weights are gathered over `axis_name` (this is a checker,
   not a fast path). `plan` is accepted for signature parity and ignored: a plan never changes
   results. A token with an id outside `[0, E)` gets NaN (where `fused_moe` raises an error).
+  Products accumulate in float32, and the activations are rounded to the weights' dtype before
+  the second GEMM, as the GPU kernels feed their tensor cores (the CPU handlers keep float32
+  there): in 16-bit dtypes this is less exact than either, and in float16 activations past
+  65504 overflow. Give it float32 operands for a tighter check.
 
   Args:
     x: `[T, H]` float32/bfloat16/float16, this device's tokens.
