@@ -77,8 +77,8 @@ def make_inputs(config: Config, *, seed: int = 0):
   logits = rng.standard_normal((n, e), dtype=np.float32)
   logits[:, 0] += np.where(rng.uniform(size=n) < config.skew, _HOT_LOGIT, 0.0)
   # On the device first, as x and the weights are: initcheck's 1184 uninitialised reads on an
-  # H200 (5979eba, in XLA's input_reduce_fusion) match the workload's [148, 8] logits, the one
-  # operand a jitted call took from NumPy; those put by jnp.asarray gave none.
+  # H200 (5979eba, in XLA's input_reduce_fusion) are likely the [148, 8] float32 logits, the one
+  # operand the jitted route took from NumPy (to be confirmed by the next GPU check).
   expert_ids, expert_weights, _ = jax.jit(ccf.route, static_argnums=1)(jnp.asarray(logits),
                                                                        config.k)
   dtype = jnp.dtype(config.dtype)

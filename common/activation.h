@@ -69,8 +69,8 @@ CCF_HOST_DEVICE float ActForward(Activation a, float h) {
   switch (a) {
     case Activation::kRelu: return h < 0.0f ? 0.0f : h;  // NaN stays NaN, as in jax.nn.relu
     case Activation::kGelu:
-    // erfc, as jax.nn.gelu: 1 + erf(h) cancels for negative h (a 4% error at h = -5, and 0
-    // below about -5.9).
+    // erfc, as jax.nn.gelu: 1 + erf(h) cancels for negative h (4% off at h = -5, and 0 below
+    // about -5.5).
     case Activation::kGeglu: return 0.5f * h * erfcf(-h * kInvSqrt2);
     default: return h * Sigmoid(h);  // silu, swiglu
   }

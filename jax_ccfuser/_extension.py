@@ -8,7 +8,6 @@ import ctypes
 import importlib
 import importlib.util
 import os
-import re
 
 import jax
 import jaxlib.version
@@ -30,14 +29,17 @@ def _load_openblas() -> None:
   `--user` split them)."""
   try:
     import scipy_openblas32
-  except ImportError as e:
-    raise ImportError(f"jax_ccfuser needs scipy-openblas32 ({e}): pip install scipy-openblas32")
-  ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(),
-                           f"lib{scipy_openblas32.get_library()}.so"), mode=ctypes.RTLD_GLOBAL)
+    ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(),
+                             f"lib{scipy_openblas32.get_library()}.so"))
+  except (ImportError, OSError) as e:
+    raise ImportError(f"jax_ccfuser needs scipy-openblas32's library ({e}): "
+                      f"pip install scipy-openblas32") from e
 
 
 def _release(version: str) -> tuple:
-  return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0]))
+  """The release's numbers, as jax compares jaxlib's: a dev or rc build ranks with the release
+  it leads to, not after it ("0.11.0.dev20251201" -> (0, 11, 0); "0.5.0rc1" -> (0, 5))."""
+  return tuple(int(p) for p in version.split("+")[0].split(".") if p.isdigit())
 
 
 def _check_jaxlib(module: str, built: str, running: str) -> None:

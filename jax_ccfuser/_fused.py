@@ -673,13 +673,14 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   (`jax_ccfuser.scratch_budget`), whose edges then fall elsewhere in the work list; each emulated
   device keeps its own `T * K` h rows under `residuals="hidden"`. On CPU each emulated device
   computes with a real one's share of the cores (a D-th, at least one), since the GEMMs' column
-  blocks, and so their rounding, follow it.
+  blocks, and so their rounding, follow it: with D or more cores it takes up to D times as long
+  as the same work on every core.
   """
   num_devices = check_count("num_devices", num_devices)
   (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(
       x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=None)
-  if dims.tokens % num_devices or dims.experts_local % num_devices:
-    raise ValueError(f"x rows {dims.tokens} and experts {dims.experts_local} must split evenly "
+  if dims.tokens % num_devices or dims.num_experts % num_devices:
+    raise ValueError(f"x rows {dims.tokens} and experts {dims.num_experts} must split evenly "
                      f"over {num_devices} emulated devices")
   platform = _topology.platform()
   if platform == "gpu":

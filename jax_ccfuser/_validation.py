@@ -138,7 +138,8 @@ def _check_whole(**operands) -> None:
 
 def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: str,
                    axis_name) -> tuple[tuple, MoeDims]:
-  """Checks the arguments of `fused_moe`/`reference_moe`/`all_to_all_moe` (the API contract).
+  """Checks the arguments of `fused_moe`, `fused_moe_emulated`, `reference_moe` and
+  `all_to_all_moe` (the API contract).
 
   NumPy operands become jax arrays with the dtypes `jax.jit` gives them (float64 is float32
   without x64), so a call takes the same operands eagerly as under jit.

@@ -172,8 +172,8 @@ class _Workspaces:
 
   def __init__(self, job: _Job, platform: str):
     self.job, self.platform = job, platform
-    self.chunks = []  # bytes of each
-    self.used = 0     # of the last chunk
+    self.chunks = []   # bytes of each
+    self.shared = None  # the chunk small regions fill, and its bytes used
     self.regions = {}
     self.failed = None  # why a chunk could not be set up, if one could not
 
@@ -183,28 +183,34 @@ class _Workspaces:
     if key not in self.regions:
       _agree(self.job, f"{self.platform}/region", len(self.regions), call, timeout_ms)
       nbytes = -(-nbytes // _ALIGN) * _ALIGN
-      if not self.chunks or self.used + nbytes > self.chunks[-1]:
-        # A chunk that failed half set up (this process's part made and registered, the other
-        # processes' not, or the other way round) cannot be tried again in step with them.
-        if self.failed is not None:
-          raise RuntimeError(f"jax_ccfuser: the {self.platform} workspaces shared with this "
-                             f"host's other processes could not grow earlier ({self.failed}); "
-                             f"restart the processes")
-        # Sized for the region alone, not doubled: a chunk's memory is taken whole when it is
-        # made (device memory on GPU, reserved shared memory on CPU), so the room doubling left
-        # at its end would be taken unused; small regions share 4 MiB chunks.
-        size = max(nbytes, _MIN_CHUNK)
-        grow = self._grow_shared_memory if self.platform == "cpu" else self._grow_ipc
-        try:
-          grow(len(self.chunks), size, timeout_ms)
-        except Exception as error:
-          self.failed = f"{type(error).__name__}: {error}"
-          raise
-        self.chunks.append(size)
-        self.used = 0
-      self.regions[key] = (len(self.chunks) - 1, self.used)
-      self.used += nbytes
+      # A chunk's memory is taken whole when it is made (device memory on GPU, reserved shared
+      # memory on CPU): a region of 4 MiB or more gets a chunk of its size, smaller ones fill
+      # 4 MiB chunks in turn, and no chunk is made larger than what it holds.
+      if nbytes >= _MIN_CHUNK:
+        self.regions[key] = (self._grow(nbytes, timeout_ms), 0)
+      else:
+        if self.shared is None or self.shared[1] + nbytes > _MIN_CHUNK:
+          self.shared = [self._grow(_MIN_CHUNK, timeout_ms), 0]
+        self.regions[key] = tuple(self.shared)
+        self.shared[1] += nbytes
     return self.regions[key]
+
+  def _grow(self, nbytes: int, timeout_ms: int) -> int:
+    """Sets up a new chunk of `nbytes` with the host's other processes; returns its index."""
+    # A chunk that failed half set up (this process's part made and registered, the other
+    # processes' not, or the other way round) cannot be tried again in step with them.
+    if self.failed is not None:
+      raise RuntimeError(f"jax_ccfuser: the {self.platform} workspaces shared with this "
+                         f"host's other processes could not grow earlier ({self.failed}); "
+                         f"restart the processes")
+    grow = self._grow_shared_memory if self.platform == "cpu" else self._grow_ipc
+    try:
+      grow(len(self.chunks), nbytes, timeout_ms)
+    except Exception as error:
+      self.failed = f"{type(error).__name__}: {error}"
+      raise
+    self.chunks.append(nbytes)
+    return len(self.chunks) - 1
 
   def _key(self, chunk: int, step: str, process: int) -> str:
     return f"jax_ccfuser/{self.job.name}/{self.platform}/{chunk}/{step}/{process}"

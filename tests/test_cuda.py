@@ -518,6 +518,21 @@ def test_emulated_non_finite_token_stays_in_its_rows(where, value, dtype, budget
                                       where, value)
 
 
+def test_emulated_relu_passes_no_gradient_through_its_flat_side_even_a_nan():
+  """As tests/test_non_finite.py's relu test on the CPU path (ActBackward in
+  common/activation.h): a token's NaN combine weight is NaN only in the units of its experts'
+  dw_in the token switched on, as jax.nn.relu's gradient selects 0 elsewhere."""
+  case = Case(devices=4, tokens=16, k=2, activation="relu", seed=53)
+  x, ids, weights, w_in, w_out, dy = peer_args(case)
+  args = (x, ids, weights.at[case.tokens + 5, 0].set(np.nan), w_in, w_out, dy)
+  with _reference_precision():
+    want = jax.tree.leaves(forward_and_grads(ccf.reference_moe, 1, "relu")(*args))
+  got = jax.tree.leaves(_emulated_step(case.devices, "relu")(*args))
+  for name, a, b in zip(("y", "dx", "d_weights", "dw_in", "dw_out"), got, want, strict=True):
+    np.testing.assert_array_equal(np.isfinite(np.asarray(a)), np.isfinite(np.asarray(b)),
+                                  err_msg=name)
+
+
 def _input_sets(case: Case, count: int = 4):
   """`count` problems of one shape with their own routing and values: a call that read another
   call's rows or staging would give another set's result."""

@@ -490,21 +490,25 @@ def test_a_chunk_that_failed_half_set_up_is_not_tried_again(monkeypatch):
 def test_workspace_chunks_are_sized_for_their_regions_not_doubled(monkeypatch):
   """A chunk's memory is taken whole when it is made (reserved shared memory, device memory on
   GPU). Chunks doubled each time: 200 retraces of a 104 KB region took 4 + 8 + 16 MiB a device
-  for 20 MiB of regions, and regions of 1 GiB took up to twice their sum."""
+  for 20 MiB of regions, and regions of 1 GiB took up to twice their sum. Small regions fill
+  4 MiB chunks in turn, between large ones too; a large one gets a chunk of its size."""
   grown = []
   monkeypatch.setattr(_workspace._Workspaces, "_grow_shared_memory",
                       lambda self, chunk, nbytes, timeout_ms: grown.append(nbytes))
   monkeypatch.setattr(_workspace, "_agree", lambda *_: None)  # no key-value store
   job = type("Job", (), {"name": "unit", "pids": [], "neighbours": []})()
   workspaces = _workspace._Workspaces(job, "cpu")
-  small, mib = 104 << 10, 1 << 20
+  small, large, mib = 104 << 10, 6 << 20, 1 << 20
   for site in range(200):
     workspaces.region(("small", site), small, 10, "a call")
   assert grown == [4 * mib] * 6  # 39 regions a chunk
-  for site in range(3):
-    workspaces.region(("large", site), 1 << 30, 10, "a call")
-  assert grown[6:] == [1 << 30] * 3
+  for layer in range(48):  # a layer's forward region and its backward's, say
+    workspaces.region(("layer", layer), small, 10, "a call")
+    workspaces.region(("layer backward", layer), large, 10, "a call")
+  assert grown[6:].count(4 * mib) == 1 and grown[6:].count(large) == 48 and len(grown) == 55
   assert workspaces.region(("small", 0), small, 10, "a call") == (0, 0)  # kept
+  assert workspaces.region(("small", 39), small, 10, "a call") == (1, 0)
+  assert workspaces.region(("layer backward", 0), large, 10, "a call")[1] == 0
 
 
 def test_processes_of_different_builds_are_refused(monkeypatch):

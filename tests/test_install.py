@@ -42,8 +42,12 @@ def test_a_module_built_against_a_newer_jaxlib_is_refused_before_it_breaks_jax(t
           f"{_extension.cpu.jaxlib_version()}'s FFI headers, but jaxlib 0.0.1 runs here"
           in out.stdout), out.stdout + out.stderr[-2000:]
   assert "jax works: 3.0" in out.stdout, out.stderr[-2000:]
-  assert _extension._release("0.12.0.1") < _extension._release("0.12.1")
-  assert _extension._release("0.12.1") < _extension._release("0.13.0.dev20270101")
+  release = _extension._release
+  assert release("0.12.0.1") < release("0.12.1") and release("0.12.1+cuda12") < release("0.12.2")
+  # A dev or rc build ranks with its release, not after it (a module built against one loads
+  # under the release).
+  assert not release("0.11.0") < release("0.11.0.dev20251201")
+  assert not release("0.5.0") < release("0.5.0rc1")
 
 
 def test_the_installed_module_names_no_build_machine_path():

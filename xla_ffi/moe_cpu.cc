@@ -66,7 +66,7 @@ struct Peers {
   std::vector<PeerBuffers> buffers;
   std::vector<int> ranks;
   std::shared_ptr<Rendezvous> group;  // null unless peers live in other handler calls
-  int concurrent = 1;  // devices of this process running this call at once
+  int concurrent = 1;  // devices among which this call's share of the cores is taken
   bool shared = false;  // peers' buffers are their regions of the shared workspaces
   std::chrono::milliseconds timeout{0};
   std::string failure;  // this device's call failed after publishing: compute nothing

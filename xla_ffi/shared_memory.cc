@@ -106,13 +106,16 @@ std::string MapSegment(const std::string& name, int64_t bytes, bool create, int3
   // so a sparse segment past the limit maps fine and its first write past it kills the process
   // with SIGBUS (every process of the host checked the same free space before any wrote).
   if (create) {
-    if (const int st = posix_fallocate(fd, 0, head + bytes); st != 0) {
+    int failed;
+    do failed = posix_fallocate(fd, 0, head + bytes);
+    while (failed == EINTR);  // a signal arrived while tmpfs reserved the pages
+    if (failed != 0) {
       const std::string err =
           "jax_ccfuser: cannot reserve " + std::to_string((head + bytes) >> 20) +
-          " MiB of shared memory for segment " + name + ": " + std::strerror(st) +
-          (st == ENOSPC ? " (in a container, raise /dev/shm's size, e.g. `docker run "
-                          "--shm-size`, or use jax_ccfuser.transport('collectives'))"
-                        : "");
+          " MiB of shared memory for segment " + name + ": " + std::strerror(failed) +
+          (failed == ENOSPC ? " (in a container, raise /dev/shm's size, e.g. `docker run "
+                              "--shm-size`, or use jax_ccfuser.transport('collectives'))"
+                            : "");
       close(fd);
       shm_unlink(name.c_str());
       return err;
