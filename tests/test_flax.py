@@ -432,6 +432,43 @@ def test_stacked_layers_under_scan_equal_the_layers_one_by_one():
   assert_close(y, want, jnp.float32)
 
 
+def test_linen_layers_stacked_by_scan_with_remat_match_the_reference():
+  """Linen's way to stack layers: nn.scan over a rematerialised block, the experts' partitioning
+  metadata given its stacked axis (metadata_params). Loss and every gradient as the reference
+  dispatch gives them."""
+  layers_n = 2
+
+  class Block(nn.Module):
+    dispatch: str
+
+    @nn.compact
+    def __call__(self, x, _):
+      y, aux = ccf_linen.MoE(num_experts=EXPERTS, ffn=FFN, k=K, axis_name="ep",
+                             dispatch=self.dispatch, name="moe")(x)
+      return x + y, aux.load_balancing_loss
+
+  class Stack(nn.Module):
+    dispatch: str
+
+    @nn.compact
+    def __call__(self, x):
+      layers = nn.scan(nn.remat(Block), variable_axes={"params": 0},
+                       split_rngs={"params": True}, length=layers_n,
+                       metadata_params={nn.PARTITION_NAME: None})
+      x, aux = layers(self.dispatch, name="layers")(x, None)
+      return jnp.mean(x ** 2) + 1e-2 * jnp.sum(aux)
+
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    x = _tokens()
+    params = nn.meta.unbox(jax.jit(Stack("fused").init)(jax.random.key(0), x))
+    assert tuple(params["params"]["layers"]["moe"]["w_in"].sharding.spec)[:2] == (None, "ep")
+    got, want = (jax.jit(jax.value_and_grad(Stack(dispatch).apply))(params, x)
+                 for dispatch in ("fused", "reference"))
+  assert_close(got[0], want[0], jnp.float32)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+    assert_close(a, b, jnp.float32, max(1.0, float(jnp.max(jnp.abs(b))) / 4))
+
+
 def test_kept_residuals_change_nothing():
   # The layer's residuals option reaches fused_moe: keeping each row's hidden activation gives
   # bitwise the gradients of recomputing it, and the kept rows show up in the traced program.
