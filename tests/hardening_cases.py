@@ -146,3 +146,19 @@ def assert_non_finite_stays_in_its_rows(step, case: Case, where: str, value: flo
                           ("dw_out", dw_out[experts], dw_out0[experts])):
     assert np.all(np.isfinite(np.asarray(got, np.float32))), name
     np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def assert_relu_nan_as_reference(step, reference_step, case: Case):
+  """jax.nn.relu's gradient selects 0 where h <= 0, so one token's NaN combine weight is NaN
+  only in the dw_in units the token switched on, not in every unit of its experts (as a
+  multiply by relu'(h) = 0 gives): every output's non-finite entries are the reference's.
+  `step` and `reference_step` map `peer_args(case)` to `(y, (dx, d_weights, dw_in, dw_out))`."""
+  x, ids, weights, w_in, w_out, dy = peer_args(case)
+  token = case.tokens + 5  # device 1's token 5
+  args = (x, ids, weights.at[token, 0].set(np.nan), w_in, w_out, dy)
+  got, want = (jax.tree.leaves(jax.tree.map(lambda a: np.asarray(a, np.float32), fn(*args)))
+               for fn in (step, reference_step))
+  for name, a, b in zip(("y", "dx", "d_weights", "dw_in", "dw_out"), got, want, strict=True):
+    np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b), err_msg=name)
+  its_experts = np.isin(np.arange(case.num_experts), np.asarray(ids[token]))
+  assert 0 < np.sum(~np.isfinite(got[3])) < np.sum(its_experts) * w_in[0].size
