@@ -96,8 +96,8 @@ def _ep_mesh(devices: int):
 def _dense(a, b):
   """`a @ b` in a's dtype, as the layer returns y, so that the backward's GEMMs take a cotangent
   in that dtype too. A float32 product (even one cast back) hands them a float32 cotangent,
-  which XLA:GPU multiplies as float32 (TF32, half bfloat16's rate): the roof of every GPU check
-  up to 061ef87 did, 17.1 of its 23.9 ms forward+backward at Mixtral-8x7B's shape on an H200."""
+  which XLA:GPU multiplies as float32 (TF32, half bfloat16's rate): 17.1 of such a roof's
+  23.9 ms forward+backward at Mixtral-8x7B's shape on an H200."""
   return jnp.dot(a, b)
 
 

@@ -30,8 +30,8 @@ def parser(doc: str) -> argparse.ArgumentParser:
 
 
 def folder(text: str) -> pathlib.Path:
-  """A results folder from the command line, made now: a missing one once failed the write
-  after all the measuring."""
+  """A results folder from the command line, made now, so that a missing one fails before the
+  measuring and not at the write after it."""
   path = pathlib.Path(text)
   try:
     path.mkdir(parents=True, exist_ok=True)

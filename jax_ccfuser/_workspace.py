@@ -61,8 +61,7 @@ def sweep(own: bool = False) -> None:
 
   Only names older than a chunk's set-up may take (two waits of the peer timeout, and a minute):
   a process in another PID namespace sharing /dev/shm looks dead from here, and its names live
-  while its chunk is set up (a sweep after one minute once removed them from a live job whose
-  peers were still tracing).
+  while its chunk is set up (a live job's peers may still be tracing a minute later).
   """
   stale_s = _STALE_S + 2 * _config.peer_timeout_ms() / 1000
   if not os.path.isdir(_SHM):

@@ -7,7 +7,7 @@
 // call can be made to fail; a device barrier records its epoch, whether it went out and whether
 // the call's abort mark preceded it; copies and memsets move real bytes, so a fault travels from
 // the kernels (a stubbed count_pairs or end barrier writes it into the record) to the handler as
-// on a GPU. moe_cuda.cc's rule (issue 16): once a device has taken its place in a group, every
+// on a GPU. moe_cuda.cc's rule: once a device has taken its place in a group, every
 // path either enqueues both its barriers or stops that GPU for good (MarkBroken). Checked, each
 // call of a GPU's successful run failing in turn, on the GPUs' first call and on a later one:
 //   - Groups of 2 and 4 GPUs in this process, each member's call on a thread of its own: the

@@ -164,14 +164,14 @@ _BESIDE_COLLECTIVES = textwrap.dedent("""
 @pytest.mark.slow
 def test_calls_beside_independent_collectives_never_deadlock():
   """A fused call and an XLA collective that do not depend on each other may run in either
-  order on each device. When the handler waited for its peers on a thread of XLA's executor,
-  one device could wait there for a peer that waited in the collective, which the first device
-  ran only after the handler: XLA aborted the process after 40 s, within the first few hundred
-  steps of this loop (found by a review's random programs). The handler now waits on a thread
-  of its own. Run apart, with a deadline, so a deadlock fails this test and not the suite."""
+  order on each device. A handler waiting for its peers on a thread of XLA's executor could
+  wait there for a peer that waits in the collective, which the first device runs only after
+  the handler (XLA aborts the process after 40 s, within the first few hundred steps of this
+  loop): the handler waits on a thread of its own. Run apart, with a deadline, so a deadlock
+  fails this test and not the suite."""
   steps = 1500
-  # XLA's own compile flags (not the suite's): the interleavings that once deadlocked came from
-  # its optimised code's timing.
+  # XLA's own compile flags (not the suite's): the interleavings that can deadlock come from its
+  # optimised code's timing.
   env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "XLA_FLAGS")}
   done = subprocess.run([sys.executable, "-c", _BESIDE_COLLECTIVES.replace("STEPS", str(steps))],
                         capture_output=True, text=True, timeout=300, env=env)

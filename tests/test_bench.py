@@ -95,8 +95,8 @@ def test_tokens_must_be_positive_whole_numbers(tokens, capsys):
 
 
 def test_results_folders_are_made_and_counts_refused_on_the_command_line(tmp_path, capsys):
-  """A missing `--out` folder once failed the write after all the measuring; `bench.distributed
-  --samples 0` took the median of nothing after both workers had compiled everything."""
+  """A missing `--out` folder is made, and `bench.distributed --samples 0` refused, before
+  anything is measured or compiled, not at the write or the median after it."""
   from bench import distributed
   out = tmp_path / "new" / "folder"
   assert records.parser(__doc__).parse_args(["--out", str(out)]).out == out and out.is_dir()
@@ -292,7 +292,7 @@ def test_model_calibrates_on_the_newest_gpu_results_file(tmp_path):
   assert h200.basis == "calibrated on gpu-2026-12-02-bbb.json"
   assert h200.link_gbps == model.H200.link_gbps  # one GPU measures no link
   # No H100 file: the H200's SMs are the H100's, so the kernels' share of the roof carries
-  # over (the H100 rows once ran fused at the roof's rate beside H200 rows at half of it).
+  # over: the H100 rows do not run fused at the roof's rate beside the H200 rows at half of it.
   h100 = model.calibrate(model.H100, tmp_path)
   assert h100 == dataclasses.replace(
       model.H100, fused_efficiency=0.5,

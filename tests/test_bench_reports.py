@@ -9,8 +9,8 @@ TINY = Config(devices=4, tokens=16, hidden=16, ffn=16, experts=8, k=2, skew=0.9)
 
 def test_traffic_record():
   r = traffic.measure(TINY)
-  # The busiest device's forward and backward together: it once took the largest single record
-  # (one direction), about 60% of what the device moved.
+  # The busiest device's forward and backward together, not the largest single record (one
+  # direction), which is about 60% of what the device moves.
   records = ccf.peer_traffic()  # the fused program's, left by measure
   assert {rec["backward"] for rec in records} == {False, True}
   moved = lambda rec: rec["remote_bytes_read"] + rec["remote_bytes_written"]

@@ -212,10 +212,9 @@ def test_a_process_leaving_on_an_exception_gives_the_others_an_error_at_once():
 
 @pytest.mark.slow
 def test_a_process_killed_while_a_chunk_is_set_up_is_named_at_once():
-  """Process 1 dies after making its part of a new workspace chunk. Process 0 once waited out
-  its 60 s peer timeout at the set-up's barrier and blamed the trace order, and the dead
-  process's names stayed in /dev/shm; now it names the process within a moment and removes
-  them."""
+  """Process 1 dies after making its part of a new workspace chunk. Process 0 names the dead
+  process within a moment (not after its 60 s peer timeout at the set-up's barrier, blaming the
+  trace order) and removes its names from /dev/shm."""
   (code0, survivor, err), (code1, dead, _) = run(["a", "a"], scenario="killed_in_set_up")
   assert code0 == 0 and code1 == 17, err[-3000:]
   assert survivor["error"].startswith(f"RuntimeError: jax_ccfuser: process 1 (pid "
@@ -267,9 +266,9 @@ def _assert_queue_failed_fast(waiting):
 
 @pytest.mark.slow
 def test_a_peer_that_gave_up_waiting_and_fell_silent_is_gone_too():
-  """Process 1 calls alone, times out naming process 0's ranks and falls silent. Having come to
-  the barrier, its ranks 2 and 3 once kept process 0's 10 queued calls there waiting a whole
-  timeout each, naming no one; now they are gone as if they never came."""
+  """Process 1 calls alone, times out naming process 0's ranks and falls silent. Its ranks 2
+  and 3, which came to the barrier, are gone as if they never came: they do not keep process
+  0's 10 queued calls there waiting a whole timeout each, naming no one."""
   waiting, alone = _checked(run(["a", "a"], scenario="withdrawn"))
   assert set(_named(alone["alone"])) == {" 0 1"}, alone["alone"]
   _assert_queue_failed_fast(waiting)
@@ -279,9 +278,9 @@ def test_a_peer_that_gave_up_waiting_and_fell_silent_is_gone_too():
 def test_a_process_late_to_its_first_trace_is_waited_for_by_the_next_trace():
   """Process 1 traces its first call after process 0's peer timeout: process 0's trace raises an
   error that says so (not the key-value store's), and tracing again, with process 1 there, sets
-  up the job and runs, where it once raised that the job's keys already existed. The trace that
-  gave up took no place in the trace order: the calls after it pair alike (one had, and the
-  layer of another activation met the other process's check)."""
+  up the job and runs (the job's keys it left do not block it). The trace that gave up takes no
+  place in the trace order: the calls after it pair alike (else the layer of another activation
+  meets the other process's check)."""
   early, late = _checked(run(["a", "a"], scenario="late"))
   assert early["first"].startswith("TimeoutError: jax_ccfuser: process 1 has not shared its "), \
       early["first"]
@@ -379,7 +378,7 @@ def test_segments_refuse_what_they_cannot_do():
 def test_a_segment_past_dev_shms_room_is_refused_when_made():
   """tmpfs counts a page when it is first written: a segment sized past /dev/shm's room mapped
   fine, and the call that first wrote past it died of SIGBUS, in every process of the host (each
-  had checked the same free space before any wrote). Segments are now reserved when made. Run
+  had checked the same free space before any wrote): segments are reserved when made. Run
   where /dev/shm is a 16 MiB tmpfs of a private mount namespace (Docker's default is 64 MiB)."""
   if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode:
     pytest.skip("needs unprivileged user and mount namespaces (unshare -rm)")

@@ -158,8 +158,8 @@ def test_bf16_with_float32_weights_and_bf16_combine_weights():
 
 
 def test_weak_typed_x_gives_strong_results_as_the_reference_does():
-  """A weak x (a Python scalar broadcast) once made y and every gradient weak: y + a bfloat16
-  array then turned bfloat16, where reference_moe's y keeps float32."""
+  """A weak x (a Python scalar broadcast) makes neither y nor any gradient weak: else y + a
+  bfloat16 array turns bfloat16, where reference_moe's y keeps float32."""
   x, ids, weights, w_in, w_out = make_inputs(Case(devices=1, tokens=6, seed=90))
   weak_x = jnp.broadcast_to(0.5, x.shape)
   assert jax.typeof(weak_x).weak_type

@@ -176,7 +176,7 @@ def test_triage_says_which_switch_makes_each_failed_test_pass(failed_run, tmp_pa
 
 def test_a_run_without_failures_lists_none_for_triage(failed_run, capsys):
   """Every test passed: `failed` prints nothing, so gpu_check.sh's `grep -q .` skips stage 2b
-  (an empty line once made it rerun the whole suite under each switch)."""
+  (an empty line would rerun the whole suite under each switch)."""
   (failed_run / "junit.xml").write_text(_JUNIT.replace(
       '<failure message="AssertionError: Not equal to tolerance&#10;second line">trace</failure>',
       "").replace('<error message="failed on setup with &quot;RuntimeError: boom&quot;">trace'

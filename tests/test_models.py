@@ -82,7 +82,7 @@ def test_fused_and_all_to_all_agree_step_by_step(corpus, fused_run):
 
 def test_training_on_an_explicit_mesh_follows_the_auto_one(corpus, fused_run):
   """`jax.make_mesh`'s default axes are Explicit: the embedding lookup of tokens split over one
-  once raised ShardingTypeError (a gather must name its result's sharding there)."""
+  must name its result's sharding (a gather raises ShardingTypeError there otherwise)."""
   mesh = jax.make_mesh((DEVICES,), ("ep",), axis_types=(AxisType.Explicit,),
                        devices=jax.devices()[:DEVICES])
   _, _, history = _run("fused", corpus.train, steps=3, mesh=mesh)

@@ -441,7 +441,7 @@ def test_apply_moves_a_model_held_by_its_optimizer_once():
 
 def test_apply_and_permute_keep_explicit_shardings():
   """On an Explicit mesh (`jax.make_mesh`'s default) a gather along a sharded axis must name
-  its result's sharding: `apply` and `permute` once raised ShardingTypeError there."""
+  its result's sharding (else ShardingTypeError): `apply` and `permute` do."""
   perm = np.array([[5, 2, 7, 0, 1, 6, 3, 4]])
   mesh = jax.make_mesh((DEVICES,), ("ep",), axis_types=(jax.sharding.AxisType.Explicit,),
                        devices=jax.devices()[:DEVICES])

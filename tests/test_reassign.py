@@ -259,7 +259,8 @@ def _within_bound(loads, threshold=1.1, tile=32):
 
 
 def test_two_hot_experts_even_out_with_the_default_tile():
-  """Issue 19: 2/3 and 1/4 of the rows on experts of devices 0 and 1 left device 0 at 2.13x."""
+  """2/3 and 1/4 of the rows on experts of devices 0 and 1 even out within the bound with the
+  default tile (a greedy bound by the tile leaves device 0 at 2.13x the mean)."""
   counts = np.full(16, 3)
   counts[0], counts[2] = 700, 272
   counts[[1, 3, 4, 5, 6, 7, 8, 9, 10, 11]] += 1  # 1024 rows: 8 devices x 64 tokens x K=2
