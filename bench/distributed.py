@@ -61,7 +61,7 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
   import jax_ccfuser as ccf
   from bench import records
   from bench.problem import ACTIVATION, Config, make_inputs
-  from bench.programs import CAPACITY_FACTOR, _half_square_grad, _perturbed, _roof_operands
+  from bench.programs import CAPACITY_FACTOR, half_square_grad, perturbed, roof_operands
   from bench.timing import interleaved_medians
 
   config = Config(**json.loads(config_json))
@@ -72,8 +72,8 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
                              for a in map(np.asarray, arrays))
   layer = lambda moe: jax.shard_map(functools.partial(moe, axis_name="ep", activation=ACTIVATION),
                                     mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
-  inputs = _perturbed(put(make_inputs(config)), (0, 2))
-  skewed = _perturbed(put(make_inputs(dataclasses.replace(config, skew=SKEW))), (0, 2))
+  inputs = perturbed(put(make_inputs(config)), (0, 2))
+  skewed = perturbed(put(make_inputs(dataclasses.replace(config, skew=SKEW))), (0, 2))
 
   def planned(replicas):
     def moe(x, ids, *rest, axis_name, **kw):
@@ -95,24 +95,24 @@ def _worker(process: int, port: int, config_json: str, samples: int) -> None:
     for name, kind in (("fused_shared_memory", "shared_memory"),
                        ("fused_collectives", "collectives")):
       with ccf.transport(kind):
-        step = jax.jit(_half_square_grad(layer(ccf.fused_moe), (0, 2, 3, 4)))
+        step = jax.jit(half_square_grad(layer(ccf.fused_moe), (0, 2, 3, 4)))
         runs[name] = (step.lower(*inputs(0)).compile(), inputs)
     for name, cf in (("all_to_all", None), (f"all_to_all_cf{CAPACITY_FACTOR}", CAPACITY_FACTOR)):
-      step = jax.jit(_half_square_grad(layer(functools.partial(ccf.all_to_all_moe,
+      step = jax.jit(half_square_grad(layer(functools.partial(ccf.all_to_all_moe,
                                                                capacity_factor=cf)),
                                        (0, 2, 3, 4)))
       runs[name] = (step.lower(*inputs(0)).compile(), inputs)
     dense = jax.shard_map(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
                           mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
-    roof_inputs = _perturbed(put(_roof_operands(config, groups=config.devices)), (0,))
-    runs["roof"] = (jax.jit(_half_square_grad(dense, (0, 1))).lower(*roof_inputs(0)).compile(),
+    roof_inputs = perturbed(put(roof_operands(config, groups=config.devices)), (0,))
+    runs["roof"] = (jax.jit(half_square_grad(dense, (0, 1))).lower(*roof_inputs(0)).compile(),
                     roof_inputs)
     with ccf.transport("collectives"):
       for name, moe in (("skewed_fused", ccf.fused_moe), ("skewed_fused_plan", planned(0)),
                         ("skewed_fused_replicas", planned(REPLICAS)),
                         (f"skewed_all_to_all_cf{CAPACITY_FACTOR}",
                          functools.partial(ccf.all_to_all_moe, capacity_factor=CAPACITY_FACTOR))):
-        step = jax.jit(_half_square_grad(layer(moe), (0, 2, 3, 4)))
+        step = jax.jit(half_square_grad(layer(moe), (0, 2, 3, 4)))
         runs[name] = (step.lower(*skewed(0)).compile(), skewed)
       busiest = {"skewed_fused": host_rows(0)[0], "skewed_fused_plan": host_rows(0)[1],
                  "skewed_fused_replicas": host_rows(REPLICAS)[1]}

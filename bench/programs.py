@@ -51,7 +51,7 @@ class Program:
   dropped: float = 0.0        # share of routed rows the implementation drops
 
 
-def _half_square_grad(fn, argnums):
+def half_square_grad(fn, argnums):
   """`jax.grad` of `0.5 * sum(fn(*args)**2)` in float32 with respect to `argnums`."""
   def loss(*args):
     y = fn(*args).astype(jnp.float32)
@@ -59,7 +59,7 @@ def _half_square_grad(fn, argnums):
   return jax.grad(loss, argnums=argnums)
 
 
-def _perturbed(arrays, perturb_argnums):
+def perturbed(arrays, perturb_argnums):
   """`inputs(i)`: `arrays` with the ones at `perturb_argnums` scaled by `1 + 1e-3 * i`.
 
   Scaling keeps the routing and hence the work identical, while every sample gets new buffers.
@@ -85,7 +85,17 @@ def _dropped_share(expert_ids: np.ndarray, config: Config, capacity_factor: floa
   return float(np.maximum(counts - capacity, 0).sum() / config.pairs)
 
 
-def _ep_mesh(devices: int):
+def planned_layer(config: Config, planned: bool, **options):
+  """`fused_moe` over the "ep" axis, with `reassign`'s plan when `planned`; `options` go to
+  `fused_moe`."""
+  def body(x, ids, weights, w_in, w_out):
+    plan = ccf.reassign(ids, config.experts, axis_name="ep") if planned else None
+    return ccf.fused_moe(x, ids, weights, w_in, w_out, axis_name="ep", activation=ACTIVATION,
+                         plan=plan, **options)
+  return body
+
+
+def ep_mesh(devices: int):
   if len(jax.devices()) < devices:
     raise ValueError(f"{devices} devices asked for, {len(jax.devices())} present; on CPU set "
                      "jax_num_cpu_devices before jax starts")
@@ -101,7 +111,7 @@ def _dense(a, b):
   return jnp.dot(a, b)
 
 
-def _roof_operands(config: Config, *, groups: int):
+def roof_operands(config: Config, *, groups: int):
   """`a [groups*T*K, H]` and `b [groups*H, 3F]` (or `[H, 3F]` when `groups` is 1; `2F`
   ungated), unit scale."""
   rng = np.random.default_rng(1)
@@ -114,7 +124,7 @@ def _roof_operands(config: Config, *, groups: int):
 
 def cpu_programs(config: Config) -> dict[str, Program]:
   """`CPU_IMPLS` under `jax.shard_map` over the first `config.devices` devices."""
-  mesh = _ep_mesh(config.devices)
+  mesh = ep_mesh(config.devices)
   shard = NamedSharding(mesh, P("ep"))
   arrays = jax.device_put(make_inputs(config), shard)
 
@@ -133,14 +143,14 @@ def cpu_programs(config: Config) -> dict[str, Program]:
     layer = sharded(functools.partial(moe, axis_name="ep", activation=ACTIVATION))
     programs[name] = Program(
         forward=jax.jit(layer),
-        forward_backward=jax.jit(_half_square_grad(layer, (0, 2, 3, 4))),
-        inputs=_perturbed(arrays, (0, 2)),
+        forward_backward=jax.jit(half_square_grad(layer, (0, 2, 3, 4))),
+        inputs=perturbed(arrays, (0, 2)),
         dropped=dropped if "cf" in name else 0.0)
   dense = sharded(_dense)
-  roof_args = jax.device_put(_roof_operands(config, groups=config.devices), shard)
+  roof_args = jax.device_put(roof_operands(config, groups=config.devices), shard)
   programs["roof"] = Program(forward=jax.jit(dense),
-                             forward_backward=jax.jit(_half_square_grad(dense, (0, 1))),
-                             inputs=_perturbed(roof_args, (0,)))
+                             forward_backward=jax.jit(half_square_grad(dense, (0, 1))),
+                             inputs=perturbed(roof_args, (0,)))
   return programs
 
 
@@ -182,12 +192,12 @@ def gpu_programs(config: Config, *, all_to_all: bool = False) -> dict[str, Progr
     dropped[capped] = _dropped_share(np.asarray(arrays[1]), one_source, CAPACITY_FACTOR)
   programs = {
       name: Program(forward=jax.jit(fn),
-                    forward_backward=jax.jit(_half_square_grad(fn, (0, 2, 3, 4))),
-                    inputs=_perturbed(arrays, (0, 2)), dropped=dropped.get(name, 0.0))
+                    forward_backward=jax.jit(half_square_grad(fn, (0, 2, 3, 4))),
+                    inputs=perturbed(arrays, (0, 2)), dropped=dropped.get(name, 0.0))
       for name, fn in moe_fns.items()
   }
-  roof_args = jax.device_put(_roof_operands(config, groups=1), jax.devices()[0])
+  roof_args = jax.device_put(roof_operands(config, groups=1), jax.devices()[0])
   programs["roof"] = Program(forward=jax.jit(_dense),
-                             forward_backward=jax.jit(_half_square_grad(_dense, (0, 1))),
-                             inputs=_perturbed(roof_args, (0,)))
+                             forward_backward=jax.jit(half_square_grad(_dense, (0, 1))),
+                             inputs=perturbed(roof_args, (0,)))
   return programs

@@ -19,12 +19,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_ccfuser as ccf  # noqa: E402
 from bench import records, report  # noqa: E402
-from bench.problem import ACTIVATION, Config, make_inputs  # noqa: E402
-from bench.programs import _half_square_grad, _perturbed  # noqa: E402
+from bench.problem import Config, make_inputs  # noqa: E402
+from bench.programs import ep_mesh, half_square_grad, perturbed, planned_layer  # noqa: E402
 from bench.timing import interleaved_medians  # noqa: E402
 
 BASE = Config(devices=8, tokens=256, hidden=256, ffn=512, experts=16, k=2)
@@ -68,31 +68,23 @@ CONFIGS = [dataclasses.replace(BASE, skew=skew) for skew in (0.0, 0.5, 0.9)]
 START, END = "<!-- reassign:start -->", "<!-- reassign:end -->"
 
 
-def _layer(config, planned):
-  def body(x, ids, weights, w_in, w_out):
-    plan = ccf.reassign(ids, config.experts, axis_name="ep") if planned else None
-    return ccf.fused_moe(x, ids, weights, w_in, w_out, axis_name="ep", activation=ACTIVATION,
-                         plan=plan)
-  return body
-
-
 def measure(config: Config, routing: str | None = None) -> dict:
   """One record: `make_inputs(config)`, its expert_ids replaced by `ROUTINGS[routing]`'s."""
-  mesh = jax.make_mesh((config.devices,), ("ep",), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:config.devices])
+  mesh = ep_mesh(config.devices)
   arrays = make_inputs(config)
   if routing is not None:
     arrays = (arrays[0], ROUTINGS[routing][1](config, np.random.default_rng(1)), *arrays[2:])
   arrays = jax.device_put(arrays, NamedSharding(mesh, P("ep")))
   shard = functools.partial(jax.shard_map, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
-  inputs = _perturbed(arrays, (0, 2))
+  inputs = perturbed(arrays, (0, 2))
   plan_only = jax.jit(shard(lambda ids: jax.tree.map(
       lambda a: a[None], ccf.reassign(ids, config.experts, axis_name="ep"))))
+  layer = lambda planned: jax.jit(half_square_grad(shard(planned_layer(config, planned)),
+                                                   (0, 2, 3, 4)))
   runs = {
       "plan": (plan_only, lambda i: (inputs(i)[1],)),
-      "layer": (jax.jit(_half_square_grad(shard(_layer(config, False)), (0, 2, 3, 4))), inputs),
-      "layer_with_plan": (jax.jit(_half_square_grad(shard(_layer(config, True)), (0, 2, 3, 4))),
-                          inputs),
+      "layer": (layer(False), inputs),
+      "layer_with_plan": (layer(True), inputs),
   }
   timings = interleaved_medians(runs, min_samples=5, max_samples=9, budget_s=30)
   plan = jax.tree.map(lambda a: a[0], plan_only(arrays[1]))

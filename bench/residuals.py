@@ -22,12 +22,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_ccfuser as ccf  # noqa: E402
 from bench import records, report  # noqa: E402
-from bench.problem import ACTIVATION, Config, make_inputs  # noqa: E402
-from bench.programs import _half_square_grad, _perturbed  # noqa: E402
+from bench.problem import Config, make_inputs  # noqa: E402
+from bench.programs import ep_mesh, half_square_grad, perturbed, planned_layer  # noqa: E402
 from bench.timing import compile_program, interleaved_medians  # noqa: E402
 
 SETTINGS = ("inputs", "hidden")
@@ -43,29 +43,20 @@ def _kept_bytes(config: Config) -> int:
   return config.tokens * config.k * 2 * config.ffn * 4
 
 
-def _layer(config: Config, planned: bool, residuals: str):
-  def body(x, ids, weights, w_in, w_out):
-    plan = ccf.reassign(ids, config.experts, axis_name="ep") if planned else None
-    return ccf.fused_moe(x, ids, weights, w_in, w_out, axis_name="ep", activation=ACTIVATION,
-                         plan=plan, residuals=residuals)
-  return body
-
-
 def measure(config: Config, planned: bool) -> dict:
   """One record: forward+backward medians and memory per device of both settings."""
-  mesh = jax.make_mesh((config.devices,), ("ep",), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:config.devices])
+  mesh = ep_mesh(config.devices)
   arrays = make_inputs(config)
   arrays = jax.device_put(arrays, NamedSharding(mesh, P("ep")))
   shard = functools.partial(jax.shard_map, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
   loads = jax.jit(shard(lambda ids: jnp.stack(ccf.plan_loads(
       ccf.reassign(ids, config.experts, axis_name="ep")))[None]))(arrays[1])[0]
   busiest = int(loads[int(planned)].max())
-  inputs = _perturbed(arrays, (0, 2))
+  inputs = perturbed(arrays, (0, 2))
   runs, temp = {}, {}
   for residuals in SETTINGS:
-    layer = shard(_layer(config, planned, residuals))
-    compiled, memory = compile_program(jax.jit(_half_square_grad(layer, (0, 2, 3, 4))),
+    layer = shard(planned_layer(config, planned, residuals=residuals))
+    compiled, memory = compile_program(jax.jit(half_square_grad(layer, (0, 2, 3, 4))),
                                        inputs(0))
     runs[residuals] = (compiled, inputs)
     temp[residuals] = memory.temp

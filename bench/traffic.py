@@ -17,11 +17,12 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
-from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_ccfuser as ccf  # noqa: E402
 from bench import records, report  # noqa: E402
 from bench.problem import ACTIVATION, Config, make_inputs  # noqa: E402
+from bench.programs import ep_mesh  # noqa: E402
 from bench.timing import compile_program  # noqa: E402
 
 CONFIGS = [Config(devices=8, tokens=256, hidden=256, ffn=512, experts=e, k=k, skew=skew)
@@ -32,8 +33,7 @@ START, END = "<!-- traffic:start -->", "<!-- traffic:end -->"
 
 
 def _forward_backward(moe, config):
-  mesh = jax.make_mesh((config.devices,), ("ep",), axis_types=(AxisType.Auto,),
-                       devices=jax.devices()[:config.devices])
+  mesh = ep_mesh(config.devices)
   layer = jax.shard_map(functools.partial(moe, axis_name="ep", activation=ACTIVATION),
                         mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))
   loss = lambda x, ids, w, a, b: 0.5 * (layer(x, ids, w, a, b) ** 2).sum()

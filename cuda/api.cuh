@@ -59,8 +59,8 @@
 // Determinism: every output element is produced by one thread in a fixed order (no float
 // atomics); integer counts only decide positions.
 //
-// Reassignment plans (workers [E, S], bounds [E, S + 1] with S > 1, on the device): every
-// device builds the list over all E experts of the group, and `assign_plan` gives each pair the
+// Reassignment plans (workers [E, S + 1], bounds [E, S + 2] with S > 0 helpers, on the
+// device): every device builds the list over all E experts of the group, and `assign_plan` gives each pair the
 // device the plan names for its position in its expert's (source, token, k) order, and its
 // staging slot among the token's computing devices. The GEMMs walk groups, one per (expert,
 // plan slot) this device computes: a contiguous slice of the list. A helper reads the owner's

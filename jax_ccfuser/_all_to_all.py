@@ -19,18 +19,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ccfuser._expert_order import rank_within_expert
 from jax_ccfuser._ffn import expert_ffn
 from jax_ccfuser._validation import check_moe_args
 
 
+def check_capacity_factor(capacity_factor) -> None:
+  """`capacity_factor` must be None (dropless) or a positive number."""
+  if capacity_factor is not None and (isinstance(capacity_factor, (bool, np.bool_))
+                                      or not capacity_factor > 0):
+    raise ValueError(f"capacity_factor must be a positive float or None (dropless), "
+                     f"got {capacity_factor!r}")
+
+
 def _capacity(capacity_factor, *, tokens: int, k: int, num_experts: int) -> int:
   """Rows per (source device, expert): the worst case `T * K`, or `ceil(c * T * K / E)`."""
+  check_capacity_factor(capacity_factor)
   worst = tokens * k
   if capacity_factor is None:
     return worst
-  if isinstance(capacity_factor, (bool, np.bool_)) or not capacity_factor > 0:
-    raise ValueError(f"capacity_factor must be a positive float or None (dropless), "
-                     f"got {capacity_factor!r}")
   # Beyond the worst case more capacity only adds padding rows (clamping c first keeps an
   # infinite factor finite).
   return math.ceil(min(capacity_factor, num_experts) * worst / num_experts)
@@ -49,15 +56,10 @@ def _pair_slots(expert_ids: jax.Array, *, num_experts: int, capacity: int) -> ja
     `[E * C]` buffer, or `E * C` (one past the end) when the pair is dropped.
   """
   ids = expert_ids.T.reshape(-1)  # [K*T], priority order
-  n = ids.shape[0]
   valid = (ids >= 0) & (ids < num_experts)
   # Ids outside [0, E) sort after every real expert and are dropped, so no index leaves a buffer.
   key = jnp.where(valid, ids, num_experts)
-  order = jnp.argsort(key, stable=True)
-  counts = jnp.bincount(key, length=num_experts + 1).astype(jnp.int32)  # int64 under x64
-  starts = jnp.cumsum(counts) - counts
-  rank = jnp.zeros(n, jnp.int32).at[order].set(
-      jnp.arange(n, dtype=jnp.int32) - starts[key[order]])
+  rank = rank_within_expert(key)
   keep = valid & (rank < capacity)
   return jnp.where(keep, key * capacity + rank, num_experts * capacity)
 

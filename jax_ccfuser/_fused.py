@@ -18,6 +18,7 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import AxisType
 
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
+from jax_ccfuser._expert_order import rank_within_expert
 from jax_ccfuser._ffn import no_tokens
 from jax_ccfuser._jax_internals import varying_axes
 from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
@@ -52,7 +53,7 @@ class _Static(NamedTuple):
   # Peers in other processes: every group's devices [G * D]; () when they share this process.
   devices: tuple = ()
   platform: str = ""  # the platform the call is traced for ("cpu", "gpu")
-  plan_slots: int = 1  # S of the plan's workers [E, S]: room for helpers in shared memory
+  plan_slots: int = 1  # S + 1 of the plan's workers [E, S + 1]: room for helpers in shared memory
   kept_rows: int = 0  # C: rows of h each device keeps for the backward; 0 recomputes them all
   scratch_budget: int = 0  # bytes of GPU scratch per call (jax_ccfuser.scratch_budget)
   fetch_sms: int = 0  # SMs the GEMMs leave to the fetch (jax_ccfuser.fetch_sms; -1: auto)
@@ -179,6 +180,12 @@ def _result(like, shape, dtype):
   return jax.typeof(like).update(shape=tuple(shape), dtype=jnp.dtype(dtype), weak_type=False)
 
 
+def check_residuals(residuals) -> None:
+  """`residuals` must name one of RESIDUALS."""
+  if residuals not in RESIDUALS:
+    raise ValueError(f"residuals must be one of {RESIDUALS}, got {residuals!r}")
+
+
 def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: str,
                plan_slots: int) -> int:
   """C, the rows of h = x @ w_in each device keeps for the backward under `residuals`; none on
@@ -195,8 +202,7 @@ def _kept_rows(residuals: str, tokens: int, k: int, gate_ffn: int, *, platform: 
   in the same bytes, but moves G*F float32 per pair across the interconnect twice: for F = 4H
   that is 16 times the bfloat16 dispatch of x, more time on GPUs than the GEMM it saves.
   """
-  if residuals not in RESIDUALS:
-    raise ValueError(f"residuals must be one of {RESIDUALS}, got {residuals!r}")
+  check_residuals(residuals)
   rows = tokens * k
   if platform == "gpu" and plan_slots > 1:
     return 0
@@ -373,7 +379,7 @@ def _position(axis_name):
   if axis_name is None:
     return jnp.int32(0), jnp.int32(0)
   rank = jax.lax.axis_index(axis_name)
-  ep_axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  ep_axes = _topology.axis_names(axis_name)
   mesh = jax.sharding.get_abstract_mesh()
   group = jnp.int32(0)
   for name, kind in zip(mesh.axis_names, mesh.axis_types):
@@ -528,22 +534,6 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   return _fused(static, x, expert_ids, expert_weights, w_in, w_out, workers, bounds, rank, group)
 
 
-def _rank_within_expert(ids):
-  """Each pair's place among its source's pairs of the same expert, in (token, k) order.
-
-  Args:
-    ids: `[N, T*K]` int32, N sources' pairs.
-
-  Returns:
-    `[N, T*K]` int32.
-  """
-  order = jnp.argsort(ids, axis=1, stable=True)
-  ranked = jnp.take_along_axis(ids, order, 1)
-  first = jax.vmap(lambda a: jnp.searchsorted(a, a, side="left"))(ranked)
-  place = jnp.arange(ids.shape[1], dtype=jnp.int32) - first.astype(jnp.int32)
-  return jnp.zeros_like(ids).at[jnp.arange(ids.shape[0])[:, None], order].set(place)
-
-
 def _host_ids(ids, replication, *, block, place, per_host, experts_local):
   """The gathered pairs' ids as this host's fused call numbers its slots.
 
@@ -582,7 +572,8 @@ def _host_ids(ids, replication, *, block, place, per_host, experts_local):
     # The pair's place in its expert's rows over the whole group: (source, token, k) order.
     source = jnp.arange(n, dtype=jnp.int32)[:, None, None] * per_host + place
     offsets = replication.offsets.reshape(replication.offsets.shape[0], -1)
-    within = _rank_within_expert(jnp.where(valid, ids, num_experts).reshape(n, -1))
+    # Each source's pairs in (token, k) order.
+    within = jax.vmap(rank_within_expert)(jnp.where(valid, ids, num_experts).reshape(n, -1))
     order = offsets[source, xs] + within.reshape(ids.shape)
     shares = replication.shares.reshape(-1, n + 1)[xs]
     computing = jnp.sum(shares[..., 1:n] <= order[..., None], -1)
@@ -675,6 +666,37 @@ def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_device
   computes with a real one's share of the cores (a D-th, at least one), since the GEMMs' column
   blocks, and so their rounding, follow it: with D or more cores it takes up to D times as long
   as the same work on every core.
+
+  Args:
+    x: `[D*T, H]` float32/bfloat16/float16, the D devices' tokens, device d's in rows
+      `d*T ... (d+1)*T - 1`.
+    expert_ids: `[D*T, K]` int32, global expert ids in `[0, D * E_local)`.
+    expert_weights: `[D*T, K]`, x's dtype or float32: the combine weights.
+    w_in: `[D*E_local, H, G*F]` (G = 2 for gated activations), device d's experts in blocks of
+      E_local, as `fused_moe`'s global w_in.
+    w_out: `[D*E_local, F, H]`.
+    num_devices: D, the emulated devices; T and E_local must split evenly over them.
+    activation: as `fused_moe`'s.
+    plan: `None`, or the plan `jax_ccfuser.reassign` makes for these ids over D devices (the
+      same on each: one device's copy, from a `shard_map` or a `jax.vmap` over the D blocks
+      with an `axis_name`).
+    residuals: as `fused_moe`'s.
+
+  Returns:
+    `[D*T, H]`, x's dtype: `fused_moe`'s y of each device, stacked.
+
+  Examples:
+    Four emulated devices of one expert each; on one device it equals the reference:
+
+    >>> x = jax.random.normal(jax.random.key(0), (32, 16))
+    >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
+    >>> w_in = jax.random.normal(jax.random.key(1), (4, 16, 64)) / 4
+    >>> w_out = jax.random.normal(jax.random.key(2), (4, 32, 16)) / 6
+    >>> y = jax_ccfuser.experimental.fused_moe_emulated(x, ids, weights, w_in, w_out,
+    ...                                                 num_devices=4)
+    >>> y.shape, bool(jnp.allclose(y, jax_ccfuser.reference_moe(x, ids, weights, w_in, w_out),
+    ...                            atol=1e-5))
+    ((32, 16), True)
   """
   num_devices = check_count("num_devices", num_devices)
   (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(

@@ -7,7 +7,7 @@ JAX has no public spelling for these. Each was checked with jax 0.10.2 (requirem
 
 import jax
 
-CHECKED_WITH = "jax 0.10.2 and 0.12.0.1"
+CHECKED_WITH = "jax 0.10.2, 0.11.2 and 0.12.0.1"
 
 
 def _missing(what: str) -> RuntimeError:

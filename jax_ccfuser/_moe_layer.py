@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
-from jax_ccfuser._all_to_all import all_to_all_moe
+from jax_ccfuser._all_to_all import all_to_all_moe, check_capacity_factor
 from jax_ccfuser._ffn import ACTIVATIONS, expert_ffn
-from jax_ccfuser._fused import RESIDUALS, fused_moe
+from jax_ccfuser._fused import check_residuals, fused_moe
 from jax_ccfuser._jax_internals import checks_varying_axes, varying_axes
 from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import check_router_options, route
-from jax_ccfuser._validation import check_int, explicit_split_axes
+from jax_ccfuser._validation import check_activation, check_int, explicit_split_axes
 
 DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": reference_moe}
 
@@ -119,26 +119,21 @@ class MoESpec:
                          top_groups=self.top_groups, scale=self.scale)
     if check_int("num_shared_experts", self.num_shared_experts) < 0:
       raise ValueError(f"num_shared_experts={self.num_shared_experts} must be 0 or positive")
-    if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
-      raise ValueError(f"unknown activation {self.activation!r}; expected one of "
-                       f"{sorted(ACTIVATIONS)}")
+    check_activation(self.activation)
     if self.dispatch not in DISPATCH:
       raise ValueError(f"unknown dispatch {self.dispatch!r}; expected one of {sorted(DISPATCH)}")
     if self.reassign and self.dispatch != "fused":
       raise ValueError(f"reassign=True needs dispatch='fused', not {self.dispatch!r}")
     if self.replicas and not self.reassign:
       raise ValueError(f"replicas={self.replicas} needs reassign=True")
-    if self.residuals not in RESIDUALS:
-      raise ValueError(f"residuals must be one of {RESIDUALS}, got {self.residuals!r}")
+    check_residuals(self.residuals)
     if self.residuals != "inputs" and self.dispatch != "fused":
       raise ValueError(f"residuals={self.residuals!r} needs dispatch='fused', not "
                        f"{self.dispatch!r}")
     if self.capacity_factor is not None and self.dispatch != "all_to_all":
       raise ValueError(f"capacity_factor applies to dispatch='all_to_all' only, not "
                        f"{self.dispatch!r} (the fused and reference paths are dropless)")
-    if self.capacity_factor is not None and not self.capacity_factor > 0:
-      raise ValueError(f"capacity_factor must be a positive float or None (dropless), got "
-                       f"{self.capacity_factor!r}")
+    check_capacity_factor(self.capacity_factor)
     if self.replicas < 0:
       raise ValueError(f"replicas={self.replicas} must be 0 or positive")
 

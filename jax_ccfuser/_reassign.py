@@ -66,13 +66,12 @@ def identity_workers(num_experts: int, num_devices: int):
   return jnp.asarray(owner[:, None]), jnp.asarray(bounds)
 
 
-def _expert_counts(expert_ids, num_experts, axis_name):
-  """Global rows per expert, `[E]` int32; ids outside `[0, E)` are not counted."""
+def _expert_counts(expert_ids, num_experts):
+  """Rows per expert of these ids, `[E]` int32; ids outside `[0, E)` are not counted."""
   ids = expert_ids.reshape(-1)
   valid = (ids >= 0) & (ids < num_experts)
   counts = jnp.bincount(jnp.where(valid, ids, num_experts), length=num_experts + 1)[:-1]
-  counts = counts.astype(jnp.int32)
-  return counts if axis_name is None else jax.lax.psum(counts, axis_name)
+  return counts.astype(jnp.int32)
 
 
 def _device_loads(sizes, owner, workers, num_devices):
@@ -333,7 +332,7 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
                      f"got {replicas}")
   split = _topology.split(axis_name, num_devices)
   replicas = replicas if split.num_hosts > 1 else 0
-  counts = _expert_counts(expert_ids, num_experts, None)
+  counts = _expert_counts(expert_ids, num_experts)
   if axis_name is None:
     source = counts[None]
   elif replicas:

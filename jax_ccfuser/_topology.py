@@ -80,6 +80,11 @@ def _process_hosts(kind: str) -> np.ndarray:
   return np.unique(np.asarray(names), return_inverse=True)[1]
 
 
+def axis_names(axis_name) -> tuple:
+  """`axis_name` as a tuple of mesh axis names (one name or several, as `jax.lax` takes it)."""
+  return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
 def check_every_axis_manual(axis_name) -> None:
   """Refuses an `axis_name` that is no mesh axis (a `jax.vmap` axis), and a `shard_map` that
   leaves a mesh axis of size > 1 to XLA (`axis_names` short of the mesh's): a device's place in a
@@ -89,8 +94,7 @@ def check_every_axis_manual(axis_name) -> None:
   if axis_name is None:
     return
   abstract = jax.sharding.get_abstract_mesh()
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  unmeshed = [n for n in names if n not in abstract.axis_names]
+  unmeshed = [n for n in axis_names(axis_name) if n not in abstract.axis_names]
   if unmeshed:
     # A jax.vmap axis: its members are one device's batch, and each would wait for the others.
     raise ValueError(f"fused_moe's axis_name {unmeshed} is not a mesh axis here (bound by "
@@ -114,7 +118,7 @@ def _group_devices(axis_name) -> np.ndarray:
         "fused_moe across processes must know where each device of the mesh lives: trace it "
         "under `jax.set_mesh(mesh)` with the mesh of the enclosing shard_map")
   check_every_axis_manual(axis_name)
-  ep_axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  ep_axes = axis_names(axis_name)
   manual = [n for n, t in zip(abstract.axis_names, abstract.axis_types) if t == AxisType.Manual]
   # Groups are numbered over the other manual axes in mesh order, ranks over `axis_name`.
   others = [n for n in manual if n not in ep_axes]

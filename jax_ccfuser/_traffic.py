@@ -47,12 +47,32 @@ def peer_traffic(*, clear: bool = False) -> list[dict]:
 
 
 def all_to_all_bytes(tokens: int, k: int, num_experts: int, num_devices: int, hidden: int,
-                     itemsize: int, capacity_factor: float | None = None) -> int:
+                     itemsize: int, *, capacity_factor: float | None = None) -> int:
   """Bytes one device sends to other devices in `all_to_all_moe`'s forward (dispatch + combine).
 
   Its buffers have a fixed size whatever the routing: `[D, E_local, C, H]` each way, of which
   the `(D - 1) / D` addressed to other devices leaves the device; C is the baseline's capacity
   (`T * K` dropless).
+
+  Args:
+    tokens: T, tokens per device.
+    k: K, experts per token.
+    num_experts: E, all experts (a multiple of D).
+    num_devices: D, devices of the expert-parallel axis.
+    hidden: H.
+    itemsize: bytes per element of x (2 for bfloat16).
+    capacity_factor: `None` for dropless, or a positive float, as `all_to_all_moe` takes it.
+
+  Returns:
+    The bytes, an int: what `peer_traffic` counts for `fused_moe` to compare with.
+
+  Examples:
+    64 bfloat16 tokens of H = 1024 a device, top-2 of 64 experts over 8 devices, dropless:
+
+    >>> jax_ccfuser.all_to_all_bytes(64, 2, 64, 8, 1024, 2)
+    29360128
+    >>> jax_ccfuser.all_to_all_bytes(64, 2, 64, 8, 1024, 2, capacity_factor=1.25)
+    688128
   """
   experts_local = check_num_experts(num_experts, check_count("num_devices", num_devices))
   tokens, k, hidden, itemsize = (check_count(name, value) for name, value in (

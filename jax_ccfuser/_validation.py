@@ -58,6 +58,13 @@ def check_count(name: str, value) -> int:
   return int(value)
 
 
+def check_activation(activation) -> str:
+  """Returns `activation`, which must name one of ACTIVATIONS."""
+  if not isinstance(activation, str) or activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+  return activation
+
+
 def check_num_experts(num_experts: int, num_devices: int) -> int:
   """Returns experts per device; `num_experts` must split evenly over the devices."""
   num_experts = check_count("num_experts", num_experts)
@@ -150,9 +157,7 @@ def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: st
   x, expert_ids, expert_weights, w_in, w_out = (
       jnp.asarray(a) if isinstance(a, np.ndarray) else a
       for a in (x, expert_ids, expert_weights, w_in, w_out))
-  if not isinstance(activation, str) or activation not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-  gated = ACTIVATIONS[activation].gated
+  gated = ACTIVATIONS[check_activation(activation)].gated
   for name, a, rank in (("x", x, 2), ("expert_ids", expert_ids, 2),
                         ("expert_weights", expert_weights, 2), ("w_in", w_in, 3),
                         ("w_out", w_out, 3)):

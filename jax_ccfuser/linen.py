@@ -120,7 +120,7 @@ class MoE(nn.Module):
     """Runs the layer.
 
     Args:
-      x: `[..., H]` float32/bfloat16, the tokens.
+      x: `[..., H]` float32/bfloat16/float16, the tokens.
 
     Returns:
       `(y, aux)`: y `[..., H]` in the compute dtype and the layer's `MoEAux`.

@@ -175,7 +175,7 @@ class MoE(nnx.Module):
     """Runs the layer.
 
     Args:
-      x: `[..., H]` float32/bfloat16, the tokens.
+      x: `[..., H]` float32/bfloat16/float16, the tokens.
 
     Returns:
       `(y, aux)`: y `[..., H]` in the compute dtype; aux a `MoEAux` (see the class docstring).

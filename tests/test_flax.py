@@ -244,8 +244,9 @@ def test_bad_options():
   with pytest.raises(ValueError, match="hidden=16 and ffn=0 must both be at least 1"):
     ccf_linen.MoE(num_experts=EXPERTS, ffn=0, axis_name=None).init(jax.random.key(0), _tokens())
   # When the layer is built, not at its first call.
-  with pytest.raises(ValueError, match="capacity_factor must be a positive float or None"):
-    _layer(dispatch="all_to_all", capacity_factor=0.0)
+  for factor in (0.0, True):  # the op's own check: True is no capacity factor
+    with pytest.raises(ValueError, match="capacity_factor must be a positive float or None"):
+      _layer(dispatch="all_to_all", capacity_factor=factor)
   with pytest.raises(ValueError, match="replicas=-1 must be 0 or positive"):
     _layer(reassign=True, replicas=-1)
   with pytest.raises(ValueError, match="unknown score 'relu'"):

@@ -237,7 +237,8 @@ def test_bad_arguments():
       with pytest.raises(ValueError, match="stats must hold whole counts"):
         fn(placement.RoutingStats(jnp.asarray([[[1, 2, 3, bad], [4, 3, 2, 1]]]),
                                   jnp.zeros((0, 4, 4))))
-  with pytest.raises(ValueError, match="6 experts do not split evenly over 4 devices"):
+  with pytest.raises(ValueError,
+                     match="num_experts=6 is not divisible by the expert-parallel axis size 4"):
     placement.score(placement.RoutingStats.zeros(1, 4, 6))
   # Totals that wrapped past 2**31 - 1, and transitions of another layer count or expert count.
   wrapped = _stats([[[1, 2, 3, 4], [4, 3, 2, 1]], [[1, 2, 3, -2**31 + 5], [4, 3, 2, 1]]])

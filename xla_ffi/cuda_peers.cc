@@ -90,10 +90,10 @@ ffi::Error ConnectInProcess(const CallAttrs& attrs, DeviceState& me, const Scala
                              /*own_signals=*/true, stream, &place);
       err.failure())
     return err;
-  std::shared_ptr<PeerGroup> group = FindPeerGroup(attrs.site, place->group, d.num_devices);
-  if (!group)
-    return InvalidArgument("call site " + std::to_string(attrs.site) +
-                           " is already in use by a group of another size");
+  std::shared_ptr<PeerGroup> group;
+  if (ffi::Error err = FindPeerGroup(attrs.site, place->group, d.num_devices, &group);
+      err.failure())
+    return err;
   const auto timeout = std::chrono::milliseconds(attrs.timeout_ms);
   PeerBuffers published = own;
   published.signature = Signature(d);

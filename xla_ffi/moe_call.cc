@@ -23,6 +23,18 @@ ffi::Error InvalidArgument(const std::string& msg) {
   return ffi::Error::InvalidArgument("jax_ccfuser: " + msg);
 }
 
+std::string TypeName(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::F64: return "float64";
+    case ffi::DataType::S32: return "int32";
+    case ffi::DataType::S64: return "int64";
+    default: return "dtype " + std::to_string(static_cast<int>(type));
+  }
+}
+
 // Decodes and checks the operands shared by the forward and backward handlers. With
 // `emulated`, the leading dimension of every operand stacks the D devices' blocks.
 ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
@@ -30,7 +42,8 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
                       const ffi::AnyBuffer& w_out, const CallAttrs& attrs, MoeDims* dims) {
   const int32_t num_devices = attrs.num_devices, activation = attrs.activation;
   const bool emulated = attrs.emulated;
-  if (num_devices < 1) return InvalidArgument("num_devices must be >= 1");
+  if (num_devices < 1)
+    return InvalidArgument("num_devices must be >= 1, got " + std::to_string(num_devices));
   if (!IsValidActivation(activation))
     return InvalidArgument("unknown activation code " + std::to_string(activation));
   if (x.dimensions().size() != 2 || ids.dimensions().size() != 2 ||
@@ -40,14 +53,20 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
                            "w_in [E_local, H, G*F], w_out [E_local, F, H]; got x " +
                            ShapeString(x) + ", w_in " + ShapeString(w_in) + ", w_out " +
                            ShapeString(w_out));
-  for (const ffi::AnyBuffer* b : {&x, &weights, &w_in, &w_out})
+  const std::pair<const char*, const ffi::AnyBuffer*> floats[] = {
+      {"x", &x}, {"expert_weights", &weights}, {"w_in", &w_in}, {"w_out", &w_out}};
+  for (const auto& [name, b] : floats)
     if (!IsFloatType(b->element_type()))
-      return InvalidArgument("x, expert_weights, w_in and w_out must be float32, bfloat16 or "
-                             "float16");
+      return InvalidArgument(std::string(name) + " must be float32, bfloat16 or float16, got " +
+                             TypeName(b->element_type()));
   if (w_in.element_type() != x.element_type() || w_out.element_type() != x.element_type())
-    return InvalidArgument("w_in and w_out must have x's dtype");
+    return InvalidArgument("w_in and w_out must have x's dtype (" + TypeName(x.element_type()) +
+                           "), got " + TypeName(w_in.element_type()) + " and " +
+                           TypeName(w_out.element_type()));
   if (weights.element_type() != x.element_type() && weights.element_type() != ffi::DataType::F32)
-    return InvalidArgument("expert_weights must be float32 or x's dtype");
+    return InvalidArgument("expert_weights must be float32 or x's dtype (" +
+                           TypeName(x.element_type()) + "), got " +
+                           TypeName(weights.element_type()));
   const int64_t split = emulated ? num_devices : 1;
   MoeDims d;
   d.num_devices = num_devices;
@@ -64,7 +83,8 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
   d.slots = static_cast<int>(std::min<int64_t>(d.k, num_devices));
   if (x.dimensions()[0] % split || w_out.dimensions()[0] % split)
     return InvalidArgument("emulating " + std::to_string(num_devices) +
-                           " devices needs x and the weights stacked in equal blocks");
+                           " devices needs x and the weights stacked in equal blocks; got x " +
+                           ShapeString(x) + " and w_out " + ShapeString(w_out));
   if (ids.dimensions()[0] != x.dimensions()[0] || weights.dimensions()[0] != x.dimensions()[0] ||
       weights.dimensions()[1] != d.k || d.k < 1)
     return InvalidArgument("expert_ids and expert_weights must be [T, K] with x's T; got " +
@@ -81,6 +101,15 @@ ffi::Error DecodeDims(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
     return InvalidArgument("num_experts " + std::to_string(d.experts_total) + " < the " +
                            std::to_string(d.group_experts()) + " experts of this group");
   *dims = d;
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckPlanShape(const PlanArray& workers, const PlanArray& bounds, const MoeDims& d) {
+  const auto w = workers.dimensions(), b = bounds.dimensions();
+  if (w[0] != d.group_experts() || b[0] != d.group_experts() || w[1] < 1 || b[1] != w[1] + 1)
+    return InvalidArgument("plan arrays must be workers [E, S + 1] and bounds [E, S + 2] with "
+                           "E = " + std::to_string(d.group_experts()) + "; got " +
+                           ShapeString(workers) + " and " + ShapeString(bounds));
   return ffi::Error::Success();
 }
 
@@ -102,7 +131,10 @@ ffi::Error CheckForwardResults(const MoeDims& d, const CallAttrs& attrs, const f
   if (y.element_type() != d.x_type || y.element_count() != x.element_count() ||
       !StagingFits(d, attrs, x, staging))
     return InvalidArgument("outputs must be y [T, H] in x's dtype and staging [T, S, H] float32 "
-                           "([1, 1, 1] with a shared workspace)");
+                           "([1, 1, 1] with a shared workspace), S = " + std::to_string(d.slots) +
+                           "; got y " + TypedShape(y) + " and staging " +
+                           "float32" + ShapeString(staging) +
+                           " for x " + TypedShape(x));
   return ffi::Error::Success();
 }
 
@@ -116,7 +148,13 @@ ffi::Error CheckBackwardBuffers(const MoeDims& d, const CallAttrs& attrs, const 
       dw_in.element_type() != d.w_type || dw_out.element_type() != d.w_type ||
       dw_in.element_count() != w_in.element_count() ||
       dw_out.element_count() != w_out.element_count() || !StagingFits(d, attrs, x, staging))
-    return InvalidArgument("backward operands and outputs do not match the forward's");
+    return InvalidArgument(
+        "backward operands and outputs do not match the forward's: dy " + TypedShape(dy) +
+        ", dx " + TypedShape(dx) + ", d_weights " + TypedShape(d_weights) + ", dw_in " +
+        TypedShape(dw_in) + ", dw_out " + TypedShape(dw_out) + ", staging " +
+        "float32" + ShapeString(staging) + " for x " + TypedShape(x) +
+        ", w_in " + TypedShape(w_in) + ", w_out " + TypedShape(w_out) +
+        " and expert_weights of " + TypeName(d.weights_type));
   return ffi::Error::Success();
 }
 

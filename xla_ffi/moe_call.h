@@ -61,12 +61,25 @@ std::string ShapeString(const Buffer& b) {
   return s + "]";
 }
 
+// The dtype's name as jax spells it ("bfloat16").
+std::string TypeName(xla::ffi::DataType type);
+
+// A buffer's dtype and shape, as "bfloat16[8, 16]".
+inline std::string TypedShape(const xla::ffi::AnyBuffer& b) {
+  return TypeName(b.element_type()) + ShapeString(b);
+}
+
 // Decodes and checks the operands shared by the forward and backward handlers. With
 // `emulated`, the leading dimension of every operand stacks the D devices' blocks.
 xla::ffi::Error DecodeDims(const xla::ffi::AnyBuffer& x, const xla::ffi::Buffer<xla::ffi::S32>& ids,
                            const xla::ffi::AnyBuffer& weights, const xla::ffi::AnyBuffer& w_in,
                            const xla::ffi::AnyBuffer& w_out, const CallAttrs& attrs,
                            MoeDims* dims);
+
+// InvalidArgument unless the plan's arrays are workers [E, S + 1] and bounds [E, S + 2] for the
+// group's E experts and S >= 0 helpers.
+xla::ffi::Error CheckPlanShape(const PlanArray& workers, const PlanArray& bounds,
+                               const MoeDims& d);
 
 // Whether the call meets its peers in other processes in its region of the shared workspaces,
 // whose staging they write (its own staging result then holds nothing).
@@ -116,8 +129,8 @@ auto BindOperands(Binding&& binding) {
       .template Arg<xla::ffi::AnyBuffer>()                     // expert_weights [T, K]
       .template Arg<xla::ffi::AnyBuffer>()                     // w_in [E_local, H, G*F]
       .template Arg<xla::ffi::AnyBuffer>()                     // w_out [E_local, F, H]
-      .template Arg<PlanArray>()                               // plan workers [E, S]
-      .template Arg<PlanArray>();                              // plan bounds [E, S + 1]
+      .template Arg<PlanArray>()                               // plan workers [E, S + 1]
+      .template Arg<PlanArray>();                              // plan bounds [E, S + 2]
 }
 
 template <typename Binding>

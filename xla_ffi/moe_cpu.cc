@@ -96,10 +96,10 @@ int64_t SlotOf(const PlanView& plan, int64_t expert, int helper) {
 // Peers in this process: publishes `own` in the (site, group) PeerGroup and meets them.
 ffi::Error ConnectInProcess(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
                             int32_t group, const PeerBuffers& own, Peers* peers) {
-  std::shared_ptr<PeerGroup> peer_group = FindPeerGroup(attrs.site, group, d.num_devices);
-  if (!peer_group)
-    return InvalidArgument("call site " + std::to_string(attrs.site) +
-                           " is already in use by a group of another size");
+  std::shared_ptr<PeerGroup> peer_group;
+  if (ffi::Error err = FindPeerGroup(attrs.site, group, d.num_devices, &peer_group);
+      err.failure())
+    return err;
   peers->group = peer_group;
   peers->concurrent = d.num_devices;
   PeerBuffers published = own;
@@ -207,7 +207,7 @@ ffi::Error ConnectPeers(const CallAttrs& attrs, const MoeDims& d, int32_t rank, 
   return ffi::Error::Success();
 }
 
-// Decodes the operands both handlers share and the plan (workers [E, S], bounds [E, S + 1]).
+// Decodes the operands both handlers share and the plan.
 ffi::Error DecodeCall(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
                       const ffi::AnyBuffer& weights, const ffi::AnyBuffer& w_in,
                       const ffi::AnyBuffer& w_out, const PlanArray& workers,
@@ -216,12 +216,8 @@ ffi::Error DecodeCall(const ffi::AnyBuffer& x, const ffi::Buffer<ffi::S32>& ids,
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, dims); err.failure())
     return err;
   const MoeDims& d = *dims;
-  const auto w = workers.dimensions(), b = bounds.dimensions();
-  if (w[0] != d.group_experts() || b[0] != d.group_experts() || w[1] < 1 || b[1] != w[1] + 1)
-    return InvalidArgument("plan arrays must be workers [E, S] and bounds [E, S + 1] with E = " +
-                           std::to_string(d.group_experts()) + "; got " + ShapeString(workers) +
-                           " and " + ShapeString(bounds));
-  *plan = {workers.typed_data(), bounds.typed_data(), w[1]};
+  if (ffi::Error err = CheckPlanShape(workers, bounds, d); err.failure()) return err;
+  *plan = {workers.typed_data(), bounds.typed_data(), workers.dimensions()[1]};
   return CheckPlan(*plan, d);
 }
 

@@ -43,20 +43,21 @@ namespace ffi = xla::ffi;
 namespace ccf {
 namespace {
 
-// Whether every operand starts on 16 bytes, as the tiles' 16-byte vectors need.
-bool On16Bytes(std::initializer_list<const void*> vectors) {
-  return std::all_of(vectors.begin(), vectors.end(),
-                     [](const void* p) { return cuda::aligned_to(p, 16); });
+using NamedOperands = std::initializer_list<std::pair<const char*, const void*>>;
+
+// The first operand that does not start on 16 bytes, as the tiles' 16-byte vectors need, or
+// null.
+const char* Misaligned(NamedOperands operands) {
+  for (const auto& [name, data] : operands)
+    if (!cuda::aligned_to(data, 16)) return name;
+  return nullptr;
 }
 
 // What the CUDA kernels support beyond the contract's checks.
 ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanArray& workers,
-                           const PlanArray& bounds, std::initializer_list<const void*> vectors) {
-  const auto w = workers.dimensions(), b = bounds.dimensions();
-  if (w[0] != d.group_experts() || b[0] != d.group_experts() || w[1] < 1 || b[1] != w[1] + 1)
-    return InvalidArgument("plan arrays must be workers [E, S] and bounds [E, S + 1] with E = " +
-                           std::to_string(d.group_experts()) + "; got " + ShapeString(workers) +
-                           " and " + ShapeString(bounds));
+                           const PlanArray& bounds, NamedOperands vectors) {
+  if (ffi::Error err = CheckPlanShape(workers, bounds, d); err.failure()) return err;
+  const auto w = workers.dimensions();
   // The plan lives on the device: its helper slots are what the host can see of its helpers.
   const bool planned = w[1] > 1;
   if (planned && InWorkspace(attrs, d))
@@ -86,7 +87,9 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
     if (d.hidden % 8 || d.ffn % 8)
       return Unimplemented("bfloat16/float16 need H and F to be multiples of 8; got H=" +
                            std::to_string(d.hidden) + ", F=" + std::to_string(d.ffn));
-    if (!On16Bytes(vectors)) return InvalidArgument("operand buffers must be 16-byte aligned");
+    if (const char* name = Misaligned(vectors))
+      return InvalidArgument(std::string(name) + "'s buffer must start on 16 bytes for "
+                             "bfloat16/float16 tiles");
   }
   return ffi::Error::Success();
 }
@@ -97,7 +100,7 @@ ffi::Error CheckCudaLimits(const MoeDims& d, const CallAttrs& attrs, const PlanA
 // The forward and backward of a layer decide alike.
 bool Tf32(const MoeDims& d, const CallAttrs& attrs, const void* w_in, const void* w_out) {
   return attrs.tf32 != 0 && d.x_type == ffi::DataType::F32 && d.hidden % 4 == 0 &&
-         d.ffn % 4 == 0 && On16Bytes({w_in, w_out});
+         d.ffn % 4 == 0 && !Misaligned({{"w_in", w_in}, {"w_out", w_out}});
 }
 
 // Takes the call's scratch from XLA's allocator: stream-ordered, so the kernels enqueued here may
@@ -219,8 +222,9 @@ ffi::Error MoeForwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAllo
   if (ffi::Error err = DecodeDims(x, ids, weights, w_in, w_out, attrs, &call.d); err.failure())
     return err;
   if (ffi::Error err = CheckCudaLimits(call.d, attrs, plan_workers, plan_bounds,
-                                       {x.untyped_data(), w_in.untyped_data(),
-                                        w_out.untyped_data()});
+                                       {{"x", x.untyped_data()},
+                                        {"w_in", w_in.untyped_data()},
+                                        {"w_out", w_out.untyped_data()}});
       err.failure())
     return err;
   call.tf32 = Tf32(call.d, attrs, w_in.untyped_data(), w_out.untyped_data());
@@ -267,8 +271,10 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
     return err;
   const MoeDims& d = call.d;
   if (ffi::Error err = CheckCudaLimits(d, attrs, plan_workers, plan_bounds,
-                                       {x.untyped_data(), dy.untyped_data(), w_in.untyped_data(),
-                                        w_out.untyped_data()});
+                                       {{"x", x.untyped_data()},
+                                        {"dy", dy.untyped_data()},
+                                        {"w_in", w_in.untyped_data()},
+                                        {"w_out", w_out.untyped_data()}});
       err.failure())
     return err;
   call.tf32 = Tf32(d, attrs, w_in.untyped_data(), w_out.untyped_data());

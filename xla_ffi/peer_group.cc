@@ -242,13 +242,19 @@ std::map<std::pair<uint64_t, int32_t>, std::shared_ptr<PeerGroup>>& Registry() {
 }
 }  // namespace
 
-std::shared_ptr<PeerGroup> FindPeerGroup(uint64_t site, int32_t group, int num_devices) {
+xla::ffi::Error FindPeerGroup(uint64_t site, int32_t group, int num_devices,
+                              std::shared_ptr<PeerGroup>* found) {
   // Held only for the lookup: never while waiting at a barrier.
   std::lock_guard<std::mutex> lock(registry_mu);
   std::shared_ptr<PeerGroup>& slot = Registry()[{site, group}];
   if (!slot) slot = std::make_shared<PeerGroup>(group, num_devices);
-  if (slot->num_devices() != num_devices) return nullptr;
-  return slot;
+  if (slot->num_devices() != num_devices)
+    return xla::ffi::Error::InvalidArgument(
+        "jax_ccfuser: call site " + std::to_string(site) + " is already in use by a group of " +
+        std::to_string(slot->num_devices()) + " devices; this call has " +
+        std::to_string(num_devices));
+  *found = slot;
+  return xla::ffi::Error::Success();
 }
 
 namespace {

@@ -171,9 +171,10 @@ class PeerGroup final : public Rendezvous, private Silence {
   std::vector<Clock::time_point> gone_since_;  // guarded by gone_mu_
 };
 
-// The group of (call site, group index), created on first use. `num_devices` must agree with
-// the group's; otherwise returns nullptr.
-std::shared_ptr<PeerGroup> FindPeerGroup(uint64_t site, int32_t group, int num_devices);
+// The group of (call site, group index) in `found`, created on first use; InvalidArgument,
+// naming both sizes, where `num_devices` is not the group's.
+xla::ffi::Error FindPeerGroup(uint64_t site, int32_t group, int num_devices,
+                              std::shared_ptr<PeerGroup>* found);
 
 // Number of live groups, for tests that check the registry does not grow.
 int64_t PeerGroupCount();

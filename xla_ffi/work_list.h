@@ -15,11 +15,12 @@
 
 namespace ccf {
 
-// A reassignment plan: workers [E, S] (device ids, -1 unused), bounds [E, S + 1].
+// A reassignment plan of S helpers: workers [E, S + 1] (device ids, -1 unused), bounds
+// [E, S + 2].
 struct PlanView {
   const int32_t* workers;
   const int32_t* bounds;
-  int64_t num_slots;  // S
+  int64_t num_slots;  // S + 1
 
   int WorkerOf(const MoeDims& d, int64_t expert, int64_t position) const;
 };

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jax_ccfuser._validation import check_num_experts
 from jax_ccfuser.placement._permute import check_perms
 from jax_ccfuser.placement._stats import RoutingStats
 
@@ -55,12 +56,6 @@ def _share(part, whole, empty: float = 0.0) -> float:
   return float(part / whole) if whole else empty
 
 
-def _experts_per_device(num_experts: int, num_devices: int) -> int:
-  if num_experts % num_devices:
-    raise ValueError(f"{num_experts} experts do not split evenly over {num_devices} devices")
-  return num_experts // num_devices
-
-
 def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
   """Measures a placement on `stats`: remote rows, device load and separated transitions.
 
@@ -83,7 +78,7 @@ def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
   """
   rows, transitions = _counts(stats)
   num_layers, d, e = rows.shape
-  experts_local = _experts_per_device(e, d)
+  experts_local = check_num_experts(e, d)
   perms = (np.tile(np.arange(e), (num_layers, 1)) if perms is None
            else check_perms(perms, num_layers, e))
   devices = [_devices_of(p, experts_local) for p in perms]
@@ -296,7 +291,7 @@ def solve(stats: RoutingStats, num_devices: int, *, method: str = "ilp", time_li
   if num_devices != d:
     raise ValueError(f"the statistics were recorded over {d} devices, not num_devices="
                      f"{num_devices}")
-  experts_local = _experts_per_device(e, d)
+  experts_local = check_num_experts(e, d)
   # `not x >= 0` refuses NaN too; an infinite weight leaves HiGHS no finite objective.
   if (not time_limit > 0 or not gap >= 0 or not 0 <= balance_weight < np.inf
       or not 0 <= transition_weight < np.inf or not isinstance(sweeps, (int, np.integer))
