@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ccfuser._config import numpy_broadcasting
 from jax_ccfuser._expert_order import rank_within_expert
 from jax_ccfuser._ffn import expert_ffn
 from jax_ccfuser._validation import check_moe_args
@@ -64,6 +65,7 @@ def _pair_slots(expert_ids: jax.Array, *, num_experts: int, capacity: int) -> ja
   return jnp.where(keep, key * capacity + rank, num_experts * capacity)
 
 
+@numpy_broadcasting
 def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
                    activation="swiglu", plan=None, capacity_factor=None):
   """MoE layer the usual way: sort by expert, `all_to_all` dispatch, grouped FFN, `all_to_all` back.

@@ -21,8 +21,8 @@ from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
 from jax_ccfuser._expert_order import rank_within_expert
 from jax_ccfuser._ffn import no_tokens
 from jax_ccfuser._jax_internals import varying_axes
-from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
-                                 scratch_budget_bytes, tf32_in_force)
+from jax_ccfuser._config import (fetch_sms_in_force, numpy_broadcasting, peer_timeout_ms,
+                                 residual_budget_bytes, scratch_budget_bytes, tf32_in_force)
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_count
 from jax_ccfuser._validation import check_gpu_group
@@ -427,6 +427,7 @@ def _replication(plan, split):
   return replication
 
 
+@numpy_broadcasting
 def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
               activation="swiglu", plan=None, residuals="inputs"):
   """The MoE FFN with expert parallelism and no all-to-all.
@@ -651,6 +652,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
   return jnp.sum(back.astype(jnp.float32), axis=0).astype(x.dtype)
 
 
+@numpy_broadcasting
 def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_devices: int,
                        activation="swiglu", plan=None, residuals="inputs"):
   """`fused_moe` for `num_devices` emulated peers whose buffers all live on one device.

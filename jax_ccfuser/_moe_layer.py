@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser._all_to_all import all_to_all_moe, check_capacity_factor
+from jax_ccfuser._config import numpy_broadcasting
 from jax_ccfuser._ffn import ACTIVATIONS, expert_ffn
 from jax_ccfuser._fused import check_residuals, fused_moe
 from jax_ccfuser._jax_internals import checks_varying_axes, varying_axes
@@ -201,6 +202,7 @@ class MoESpec:
       y = (y + expert_ffn(x, *shared, self.activation)).astype(x.dtype)
     return y, MoEAux(*aux, device_loads=loads.astype(jnp.int32))
 
+  @numpy_broadcasting
   def __call__(self, x, logits, w_in, w_out, *, expert_bias=None, shared=None):
     """Routes every token and runs the experts.
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ccfuser import _topology
+from jax_ccfuser._config import numpy_broadcasting
 from jax_ccfuser._validation import axis_size, check_int, check_num_experts
 
 
@@ -49,6 +50,7 @@ class Replication(NamedTuple):
   bounds: jax.Array   # [N, P, (N - 1) R, S + 2] int32: ... and which
 
 
+@numpy_broadcasting
 def plan_loads(plan: Plan):
   """Rows each device computes without and with `plan`.
 
@@ -158,7 +160,8 @@ def _balance(counts, num_devices, max_helpers, threshold, tile):
   at = jnp.where(2 * (up - at) <= tile, up, jnp.maximum(up - tile, keep[e]))
   cut = jnp.where(cut < piece_end[-1], piece_start[i] + at - keep[e], piece_end[-1])
   start = jnp.concatenate([jnp.zeros(1, cut.dtype), cut[:-1]])
-  overlap = jnp.minimum(piece_end[:, None], cut) - jnp.maximum(piece_start[:, None], start)
+  overlap = (jnp.minimum(piece_end[:, None], cut[None, :])
+             - jnp.maximum(piece_start[:, None], start[None, :]))
   amount = jnp.zeros((e_total, num_devices), jnp.int32).at[pieces].set(
       jnp.maximum(overlap, 0).astype(jnp.int32))
 
@@ -242,6 +245,7 @@ def _replicate(source_counts, counts, split, replicas, threshold, tile):
                      empty, empty), slots
 
 
+@numpy_broadcasting
 def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int | None = None,
              threshold: float = 1.1, tile: int = 32, previous: Plan | None = None,
              replicas: int = 0) -> Plan:

@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 
+from jax_ccfuser._config import numpy_broadcasting
 from jax_ccfuser._ffn import expert_ffn, no_tokens
 from jax_ccfuser._validation import check_moe_args
 
 
+@numpy_broadcasting
 def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
                   activation="swiglu", plan=None):
   """`y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`, computed naively.

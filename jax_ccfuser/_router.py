@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_ccfuser._config import numpy_broadcasting
 from jax_ccfuser._validation import check_int
 
 SCORES = ("softmax", "sigmoid")
@@ -61,10 +62,11 @@ def _limit_to_top_groups(choice, num_groups: int, top_groups: int):
   grouped = choice.reshape(t, num_groups, e // num_groups)
   best = jax.lax.top_k(grouped, min(_GROUP_SCORE_EXPERTS, e // num_groups))[0]
   _, groups = jax.lax.top_k(best.sum(-1), top_groups)                       # [T, top_groups]
-  keep = jnp.any(groups[:, :, None] == jnp.arange(num_groups), axis=1)         # [T, G]
+  keep = jnp.any(groups[:, :, None] == jnp.arange(num_groups)[None, None], axis=1)  # [T, G]
   return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
 
 
+@numpy_broadcasting
 def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
           score: str = "softmax", num_groups: int = 1, top_groups: int | None = None, scale=1.0,
           expert_bias=None):
@@ -181,6 +183,7 @@ def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
   return expert_ids.astype(jnp.int32), expert_weights, aux
 
 
+@numpy_broadcasting
 def update_expert_bias(expert_bias, counts, *, rate: float):
   """One step of auxiliary-loss-free load balancing (DeepSeek-V3).
 

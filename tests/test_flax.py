@@ -586,3 +586,30 @@ def test_same_optax_loop_trains_dense_and_moe():
       assert counts.shape == (1, EXPERTS) and counts.sum() == 4 * 16 * K
     else:
       assert counts.size == 0
+
+
+@pytest.mark.parametrize("options", [dict(reassign=True, **DEEPSEEK), dict(dispatch="all_to_all"),
+                                     dict(dispatch="reference")],
+                         ids=["fused-reassign-deepseek", "all_to_all", "reference"])
+def test_strict_rank_promotion_is_the_users_alone(options):
+  """`jax_numpy_rank_promotion='raise'` governs the user's code: the library's broadcasts (the
+  router's groups and bias, reassign's cuts, the layer's own) trace as NumPy's, and the layer's
+  loss, gradients, aux and bias update are bitwise those under the default."""
+  x = _tokens()
+
+  def step(layer, x):
+    def loss(layer):
+      y, aux = layer(x)
+      return jnp.sum(y ** 2) + aux.load_balancing_loss, aux
+    (value, aux), grads = nnx.value_and_grad(loss, has_aux=True)(layer)
+    bias = update_expert_bias(jnp.zeros(EXPERTS), aux.counts, rate=1e-3)
+    ids = jnp.argsort(layer.router(x.reshape(-1, HIDDEN)), -1)[:, -K:].astype(jnp.int32)
+    stats = ccf.placement.routing_stats([ids, ids[:, ::-1]], num_experts=EXPERTS,
+                                        num_devices=DEVICES)
+    return value, grads, aux, bias, stats
+
+  results = []
+  for promotion in ("allow", "raise"):
+    with jax.set_mesh(ep_mesh(DEVICES)), jax.numpy_rank_promotion(promotion):
+      results.append(jax.tree.map(np.asarray, nnx.jit(step)(_layer(**options), x)))
+  jax.tree.map(np.testing.assert_array_equal, *results)

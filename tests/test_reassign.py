@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import jax_ccfuser as ccf
 from jax_ccfuser.experimental import fused_moe_emulated
-from jax_ccfuser._fused import _rank_within_expert
+from jax_ccfuser._expert_order import rank_within_expert
 from jax_ccfuser._reassign import _host_shares, _plan
 from jax_ccfuser._topology import Split
 from jax.sharding import PartitionSpec as P
@@ -630,7 +630,7 @@ def test_pairs_are_ranked_within_their_source_and_expert():
   """A pair's place among its source's pairs of its expert, in (token, k) order: where a host's
   share of an exported expert starts and ends."""
   ids = jnp.int32([[3, 1, 3, 3, 1], [0, 3, 2, 0, 3]])
-  np.testing.assert_array_equal(jax.jit(_rank_within_expert)(ids),
+  np.testing.assert_array_equal(jax.jit(jax.vmap(rank_within_expert))(ids),
                                 [[0, 0, 1, 2, 1], [0, 0, 0, 1, 1]])
 
 

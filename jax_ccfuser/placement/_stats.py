@@ -5,6 +5,8 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from jax_ccfuser._config import numpy_broadcasting
+
 
 class RoutingStats(NamedTuple):
   """Routing counts of L consecutive MoE layers, summed over the steps recorded so far.
@@ -78,6 +80,7 @@ def _as_int32(a, size: int):
   return a.astype(jnp.int32)
 
 
+@numpy_broadcasting
 def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devices: int,
                   source: jax.Array | None = None) -> RoutingStats:
   """Counts one step's routing: rows per (source device, expert) and cross-layer transitions.
