@@ -55,7 +55,15 @@ def expert_axis(axis_name):
     raise ValueError(f"the mesh in context has axes {mesh.axis_names}, not the expert axis "
                      f"{axis_name!r}; set a mesh with that axis or pass axis_name=None")
   kind = mesh.axis_types[mesh.axis_names.index(axis_name)]
-  return "manual" if kind == AxisType.Manual else "map"
+  if kind == AxisType.Manual:
+    return "manual"
+  if manual := tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual):
+    # The layer's own shard_map would bind those axes again, which XLA refuses.
+    raise ValueError(f"the layer is called inside a jax.shard_map that is manual over {manual} "
+                     f"but not over its expert axis {axis_name!r}: make that shard_map manual "
+                     f"over {axis_name!r} too (leave its axis_names unset), or call the layer "
+                     f"outside it")
+  return "map"
 
 
 def check_widths(hidden: int, ffn: int) -> None:
@@ -155,8 +163,14 @@ class MoESpec:
     """`expert_axis(axis_name)` where the layer runs now, the experts checked to split evenly
     over the mesh's expert axis (before JAX places the weights)."""
     mode = expert_axis(self.axis_name)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mode == "map" and len(set(mesh.axis_types)) > 1:
+      # Flax places parameters by one rule per mesh (NNX refuses mixed meshes itself).
+      kinds = {name: kind.name for name, kind in zip(mesh.axis_names, mesh.axis_types)}
+      raise ValueError(f"the layer takes a mesh whose axes are all Explicit or all Auto; got "
+                       f"{kinds}")
     if mode is not None and self.axis_name is not None:
-      size = jax.sharding.get_abstract_mesh().shape[self.axis_name]
+      size = mesh.shape[self.axis_name]
       if self.num_experts % size:
         raise ValueError(f"num_experts={self.num_experts} does not split evenly over the mesh's "
                          f"expert axis {self.axis_name!r} of size {size}")
@@ -256,6 +270,10 @@ class MoESpec:
       # Flattened straight into the token split, and y back as x came: x may come split along
       # any of its dimensions (the batch, the sequence), which a plain reshape cannot always keep.
       x_spec = jax.typeof(x).sharding.spec
+      # An operand not yet on the mesh (made outside it) goes there first: the reshapes' transposes
+      # need a mesh to reshard the cotangents on.
+      x, logits = (a if not jax.typeof(a).sharding.mesh.empty else jax.sharding.reshard(a, P())
+                   for a in (x, logits))
       x = jnp.reshape(x, (-1, h), out_sharding=specs[0])
       logits = jnp.reshape(logits, (-1, self.num_experts), out_sharding=specs[1])
       # shard_map takes explicitly sharded operands only as its specs say

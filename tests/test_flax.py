@@ -404,6 +404,54 @@ def test_explicit_axes_take_x_split_along_any_dimension_and_return_y_alike(dispa
     assert_close(residual, x + want_y, jnp.float32)
 
 
+def test_a_mesh_of_mixed_axis_types_is_refused_by_name():
+  """Explicit and Auto axes in one mesh: the Linen layer's init placed its weights by one rule
+  and failed inside JAX or Flax (NNX refuses such meshes in Flax itself)."""
+  auto, explicit = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit
+  for kinds in ((explicit, auto), (auto, explicit)):
+    mesh = jax.make_mesh((2, DEVICES), ("data", "ep"), axis_types=kinds)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="all Explicit or all Auto; got "
+                                                           r"\{'data': '\w+', 'ep': '\w+'\}"):
+      jax.jit(ccf_linen.MoE(num_experts=EXPERTS, ffn=FFN, k=K, axis_name="ep").init)(
+          jax.random.key(0), _tokens(shape=(16, HIDDEN)))
+
+
+def test_a_shard_map_manual_over_another_axis_only_is_refused_by_name():
+  """Inside a user's shard_map manual over the data axis alone the expert axis is left to the
+  layer, whose own shard_map would bind the data axis again: XLA's verifier refused it while
+  lowering; the layer says what to change."""
+  mesh = jax.make_mesh((2, DEVICES), ("data", "ep"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    layer = _layer()
+    graph, state = nnx.split(layer)
+    body = lambda state, x: nnx.merge(graph, state)(x)[0]
+    mapped = jax.shard_map(body, in_specs=(P(), P("data")), out_specs=P("data"),
+                           axis_names={"data"})
+    with pytest.raises(ValueError, match=r"manual over \('data',\) but not over its expert axis "
+                                         r"'ep': make that shard_map manual over 'ep' too"):
+      jax.jit(mapped)(state, _tokens(shape=(16, HIDDEN)))
+
+
+@pytest.mark.parametrize("dispatch", ["fused", "all_to_all"])
+def test_explicit_axes_differentiate_an_x_made_off_the_mesh(dispatch):
+  """An x made outside the mesh (a plain array) on explicit axes: the layer's reshapes, whose
+  transposes need it on the mesh, take it there, and the gradients of x and of every parameter
+  are one device's (the transpose raised ShardingTypeError)."""
+  explicit = jax.sharding.AxisType.Explicit
+  mesh = jax.make_mesh((2, 2), ("data", "ep"), axis_types=(explicit,) * 2,
+                       devices=jax.devices()[:DEVICES])
+  x = _tokens()
+  grad = nnx.jit(nnx.grad(_objective, argnums=(0, 1)))
+  with jax.set_mesh(mesh):
+    got = grad(_layer(dispatch=dispatch), x)
+  want = grad(ccf_nnx.MoE(HIDDEN, FFN, EXPERTS, k=K, dispatch="reference", axis_name=None,
+                          rngs=nnx.Rngs(0)), x)
+  for g, w in zip(jax.tree.leaves(nnx.to_pure_dict(got[0])) + [got[1]],
+                  jax.tree.leaves(nnx.to_pure_dict(want[0])) + [want[1]], strict=True):
+    assert float(jnp.abs(g).max()) > 0
+    assert_close(g, w, jnp.float32)
+
+
 def test_stacked_layers_under_scan_equal_the_layers_one_by_one():
   """Layers made by nnx.vmap (their experts split over the expert axis after the layer axis)
   and run by nnx.scan, as large models stack them, give what each layer gives on its own."""
