@@ -502,6 +502,11 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(
       x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=axis_name)
   _topology.check_every_axis_manual(axis_name)
+  shapes = [a.shape for a in (x, expert_ids, expert_weights, w_in, w_out)]
+  if axis_name is not None and not all(isinstance(d, int) for s in shapes for d in s):
+    # XLA's shape refinement crashes the process on such a call inside shard_map.
+    raise ValueError(f"fused_moe in a shard_map takes static shapes (jax.export with symbolic "
+                     f"dimensions cannot run it); got {shapes}")
   split = _topology.split(axis_name, dims.num_devices)
   platform = _topology.platform(split)
   if platform == "gpu":

@@ -394,3 +394,20 @@ def test_plan_partials_advice_fits_the_budget():
   _fused._check_plan_partials(static(1)._replace(platform="cpu"), w_in, w_out)
   # Peers in other processes: the handler refuses a plan with helpers there, whatever the budget.
   _fused._check_plan_partials(static(1)._replace(devices=tuple(range(8))), w_in, w_out)
+
+
+def test_symbolic_shapes_in_a_shard_map_are_refused_while_tracing():
+  """jax.export with a symbolic token count traced fused_moe in a shard_map, and XLA's shape
+  refinement then crashed the process compiling it (a segmentation fault)."""
+  from jax import export
+  t, = export.symbolic_shape("t")
+  case = Case(devices=4, tokens=4)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  specs = [jax.ShapeDtypeStruct((case.devices * t, *a.shape[1:]), a.dtype)
+           for a in (x, ids, weights)] + [jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                         for a in (w_in, w_out)]
+  layer = jax.jit(shard_ep(fused_moe, case.devices))
+  with pytest.raises(ValueError, match=r"fused_moe in a shard_map takes static shapes .*got "
+                                       r"\[\(t, 16\), \(t, 2\)"):
+    export.export(layer, disabled_checks=[export.DisabledSafetyCheck.custom_call(name)
+                                          for name in ("ccf_moe_fwd", "ccf_moe_bwd")])(*specs)

@@ -252,7 +252,8 @@ xla::ffi::Error FindPeerGroup(uint64_t site, int32_t group, int num_devices,
     return xla::ffi::Error::InvalidArgument(
         "jax_ccfuser: call site " + std::to_string(site) + " is already in use by a group of " +
         std::to_string(slot->num_devices()) + " devices; this call has " +
-        std::to_string(num_devices));
+        std::to_string(num_devices) + ". A function from jax.export keeps the call-site "
+        "numbers of the process that traced it: run it where fused_moe traces nothing else");
   *found = slot;
   return xla::ffi::Error::Success();
 }
