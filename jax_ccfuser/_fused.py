@@ -456,7 +456,10 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
     w_out: `[E_local, F, H]`.
     axis_name: the expert-parallel mesh axis of the enclosing `shard_map`, which must be manual
       over every mesh axis of size > 1 (the others number the groups), or `None` when one
-      device holds all experts.
+      device holds all experts. Each index of another axis of size > 1 runs a group of its
+      own, so y varies over those axes even where the operands do not (tokens replicated over
+      a tensor-parallel axis are computed once on each of its devices): name them in
+      `out_specs`, or split the tokens over them too.
     activation: "swiglu", "geglu", "gelu" (exact erf form), "relu" or "silu".
     plan: `None`, or a plan from `jax_ccfuser.reassign` for the same `expert_ids` (across
       hosts, one with `replicas` also computes hot experts on the other hosts).

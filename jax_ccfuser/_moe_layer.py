@@ -73,7 +73,11 @@ def check_widths(hidden: int, ffn: int) -> None:
 
 
 class MoEAux(NamedTuple):
-  """What an MoE layer reports besides its output (whole batch, identical on every device)."""
+  """What an MoE layer reports besides its output (whole batch, identical on every device).
+
+  Inside a user's `jax.shard_map` the batch is the tokens of every manual axis x varies over;
+  with `check_vma=False` JAX does not say which, and every manual axis of size > 1 counts, so
+  tokens replicated over one (a tensor-parallel axis) count once for each of its devices."""
   load_balancing_loss: jax.Array  # [] float32, Switch/GShard auxiliary loss, unscaled
   z_loss: jax.Array               # [] float32, router z-loss, unscaled
   counts: jax.Array               # [E] int32, (token, k) assignments per expert
