@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # What the editable install bakes in: the extensions, and the version from jax_ccfuser/__init__.py.
-INSTALLED := CMakeLists.txt pyproject.toml jax_ccfuser/__init__.py $(wildcard xla_ffi/*) \
-	$(wildcard cuda/*) $(wildcard common/*)
+INSTALLED := CMakeLists.txt pyproject.toml jax_ccfuser/__init__.py \
+	$(wildcard xla_ffi/*.* xla_ffi/*/*) $(wildcard cuda/*) $(wildcard common/*)
 
 .PHONY: all install test test-fast test-jax-latest test-jax-0.11 demo bench gpu-wheels \
 	gpu-tokamax-wheels gpu-check gpu-check-dry clean

@@ -1,7 +1,8 @@
 // Launchers of the CUDA kernels of jax_ccfuser's fused MoE, and the plain structs they take.
 //
-// This header is included by host C++ (xla_ffi/moe_cuda.cc, compiled without nvcc): it declares
-// no device code. A kernel and its launcher share a name; each stage lives in one .cu file.
+// This header is included by host C++ (xla_ffi/cuda/moe_cuda.cc, compiled without nvcc): it
+// declares no device code. A kernel and its launcher share a name; each stage lives in one .cu
+// file.
 //
 // Pipeline of one forward call on one device (the handler enqueues it on XLA's stream; the host
 // never waits for the device):
@@ -11,7 +12,7 @@
 //      in use whole and combine_slots reads no other. Peers
 //      in other processes of the host read no XLA buffer: each device first copies x, expert_ids,
 //      expert_weights (and dy) into its region of the call site in the CUDA IPC workspaces
-//      (xla_ffi/ipc_memory.h), where its staging, d_expert_weights and barrier flags live too.
+//      (xla_ffi/cuda/ipc_memory.h), where its staging, d_expert_weights and barrier flags live too.
 //   1. work_list.cu builds the device's work list from every source's expert_ids (read straight
 //      out of peer memory): `count_pairs` classifies each (source, token, k) pair (local expert?
 //      which staging slot? id in range?) and counts pairs per (expert, chunk of pairs);
@@ -25,7 +26,7 @@
 //      stream, the device's own rows first and then its peers' in ring order (emulated: from
 //      source 0), while the GEMMs of step 3 run in the same phases on XLA's stream, each
 //      waiting only for its source's rows (GemmParams::only_source; the tiles that span two
-//      sources last): the link and the tensor cores work at once (xla_ffi/cuda_launch.cc,
+//      sources last): the link and the tensor cores work at once (xla_ffi/cuda/cuda_launch.cc,
 //      SourcePhases).
 //   3. expert_gemm.cu runs the grouped GEMMs over that list (CuTe; persistent CTAs walk the tiles):
 //      GEMM1 multiplies the fetched rows by w_in[e] and applies the activation in its epilogue
@@ -42,15 +43,15 @@
 //   5. `barrier` again, then `combine_slots` sums this device's staging slots in slot order into y.
 //
 // The backward call fetches x and dy the same way and recomputes on the expert's device (no
-// dispatched rows are stored): h = x @ w_in (float32), unless the forward kept it (residuals="hidden": GEMM1's epilogue also
-// stores the float32 pre-activation of the first `kept_rows` pairs of each device's part of the
-// list, in the device's own buffer; the backward's h GEMM skips the tiles whose pairs are all
-// kept and reads their h from there); u = dy @ w_out^T with an epilogue that forms a = act(h), da = w * u,
-// dh = act'(h) * da (gated: d gate, d up), w * a for dW_out and per-tile partial dot(a, u) for
-// d_expert_weights; dW_out[e] = (w a)^T dy and dW_in[e] = x^T dh as grouped GEMMs whose reduction
-// runs over the fetched rows in work-list order; dx rows = dh @ w_in^T; `scatter_slots` sends
-// the dx rows to the sources' dx staging and d_expert_weights straight into the sources' output;
-// `barrier`; `combine_slots` sums the dx slots.
+// dispatched rows are stored): h = x @ w_in (float32), unless the forward kept it
+// (residuals="hidden": GEMM1's epilogue also stores the float32 pre-activation of the first
+// `kept_rows` pairs of each device's part of the list, in the device's own buffer; the backward's h
+// GEMM skips the tiles whose pairs are all kept and reads their h from there); u = dy @ w_out^T
+// with an epilogue that forms a = act(h), da = w * u, dh = act'(h) * da (gated: d gate, d up),
+// w * a for dW_out and per-tile partial dot(a, u) for d_expert_weights; dW_out[e] = (w a)^T dy and
+// dW_in[e] = x^T dh as grouped GEMMs whose reduction runs over the fetched rows in work-list order;
+// dx rows = dh @ w_in^T; `scatter_slots` sends the dx rows to the sources' dx staging and
+// d_expert_weights straight into the sources' output; `barrier`; `combine_slots` sums the dx slots.
 //
 // Single-GPU emulation of D devices uses the very same kernels with a peer table of D pointers
 // into stacked buffers and one work list over all D * E_local experts; stream order replaces the
@@ -59,16 +60,16 @@
 // Determinism: every output element is produced by one thread in a fixed order (no float
 // atomics); integer counts only decide positions.
 //
-// Reassignment plans (workers [E, S + 1], bounds [E, S + 2] with S > 0 helpers, on the
-// device): every device builds the list over all E experts of the group, and `assign_plan` gives each pair the
-// device the plan names for its position in its expert's (source, token, k) order, and its
-// staging slot among the token's computing devices. The GEMMs walk groups, one per (expert,
-// plan slot) this device computes: a contiguous slice of the list. A helper reads the owner's
-// weights through the peer table and writes its float32 weight-gradient partial of the slot
-// straight into the owner's scratch [E_local, S, H*G*F + F*H]; after the end barrier the owner's
-// `sum_partials` adds its slots in slot order and rounds once. Emulated devices run the same
-// groups and sums, so they match real devices bitwise. With a plan, no h rows are kept
-// (residuals="hidden" recomputes them), and peers in other processes refuse plans.
+// Reassignment plans (workers [E, S + 1], bounds [E, S + 2] with S > 0 helpers, on the device):
+// every device builds the list over all E experts of the group, and `assign_plan` gives each pair
+// the device the plan names for its position in its expert's (source, token, k) order, and its
+// staging slot among the token's computing devices. The GEMMs walk groups, one per (expert, plan
+// slot) this device computes: a contiguous slice of the list. A helper reads the owner's weights
+// through the peer table and writes its float32 weight-gradient partial of the slot straight into
+// the owner's scratch [E_local, S, H*G*F + F*H]; after the end barrier the owner's `sum_partials`
+// adds its slots in slot order and rounds once. Emulated devices run the same groups and sums, so
+// they match real devices bitwise. With a plan, no h rows are kept (residuals="hidden" recomputes
+// them), and peers in other processes refuse plans.
 //
 // Scratch: the rows ([rows, F] and [rows, H] forward, more backward) come from XLA's allocator,
 // at most as many as the call's scratch budget holds (jax_ccfuser.scratch_budget), a whole
@@ -110,7 +111,7 @@ enum class DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // ---------------------------------------------------------------------------------------------
 // Faults found on the device. The first one wins (atomicCAS on `code`); the handler copies the
-// record back asynchronously and reports it from a later call (see xla_ffi/moe_cuda.cc).
+// record back asynchronously and reports it from a later call (see xla_ffi/cuda/moe_cuda.cc).
 
 enum DeviceErrorCode : int32_t {
   kDeviceOk = 0,

@@ -1,4 +1,4 @@
-// Limits of the CUDA path, in one place. The handler (xla_ffi/moe_cuda.cc) checks every call
+// Limits of the CUDA path, in one place. The handler (xla_ffi/cuda/moe_cuda.cc) checks every call
 // against them before launching anything, so kernels may rely on them.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Checks, on the host, the CUDA handler above its launch sequence, which nothing else runs
-// without a GPU: xla_ffi/moe_cuda.cc's MoeForwardImpl and MoeBackwardImpl (Prepare, Finish) with
-// the device state and its fault record (cuda_device.cc), the peers (cuda_peers.cc: the real
+// without a GPU: xla_ffi/cuda/moe_cuda.cc's MoeForwardImpl and MoeBackwardImpl (Prepare, Finish)
+// with the device state and its fault record (cuda_device.cc), the peers (cuda_peers.cc: the real
 // PeerGroup meetings, the regions across processes) and the launches (cuda_launch.cc), against
 // stubs of the CUDA runtime, of the driver call it reaches, of the kernels' launchers and of
 // XLA's scratch allocator (the XLA_FFI_Api table ScratchAllocator calls through). Every stubbed
@@ -56,11 +56,11 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
-#include "xla_ffi/cuda_device.cc"
-#include "xla_ffi/cuda_launch.cc"
-#include "xla_ffi/cuda_peers.cc"
+#include "xla_ffi/cuda/cuda_device.cc"
+#include "xla_ffi/cuda/cuda_launch.cc"
+#include "xla_ffi/cuda/cuda_peers.cc"
 #include "xla_ffi/moe_call.cc"
-#include "xla_ffi/moe_cuda.cc"
+#include "xla_ffi/cuda/moe_cuda.cc"
 #include "xla_ffi/peer_group.cc"
 #include "xla_ffi/region_layout.cc"
 #include "xla_ffi/shared_memory.cc"

@@ -1,5 +1,5 @@
-// Checks, on the host, the launch sequence of xla_ffi/cuda_launch.cc, which nothing else checks
-// without a GPU (and on one, a missing event shows only as a rare wrong row). RunForward and
+// Checks, on the host, the launch sequence of xla_ffi/cuda/cuda_launch.cc, which nothing else
+// checks without a GPU (and on one, a missing event shows only as a rare wrong row). RunForward and
 // RunBackward run against stubs of the CUDA runtime calls and of the kernels' launchers: each
 // stub checks its launcher's preconditions and records its operation, its stream and the bytes
 // it reads and writes, as the kernel it stands for reaches them from the launch's own parameters
@@ -51,7 +51,7 @@
 
 #include <cuda_runtime.h>
 
-#include "xla_ffi/cuda_launch.cc"
+#include "xla_ffi/cuda/cuda_launch.cc"
 
 #include "cuda/gemm_config.cuh"
 

@@ -464,7 +464,7 @@ def _assert_bad_id_reported(layer, args, bad_args, row, message):
 
   The CPU path raises from the call itself. The CUDA path records the fault on the device and
   reports it from a later call on that GPU, once the faulty call's work has finished
-  (xla_ffi/moe_cuda.cc): the faulty call's outputs for the token are NaN and the next call
+  (xla_ffi/cuda/moe_cuda.cc): the faulty call's outputs for the token are NaN and the next call
   raises. Either way the fault is reported once, and the call after it is right.
   """
   try:

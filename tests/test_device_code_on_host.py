@@ -10,7 +10,7 @@ its exact sum), the combine's kernels (tests/slot_sums.cu: the staging's slots s
 promised order bitwise however the list runs, no slot read that the call never wrote), the
 device barrier's protocol between GPUs (tests/barrier_protocol.cu: its steps run by host
 threads, with members late, dead, out of step or giving up), the handler's launch sequence
-(tests/launch_order.cu: xla_ffi/cuda_launch.cc against stubs of the CUDA runtime and of the
+(tests/launch_order.cu: xla_ffi/cuda/cuda_launch.cc against stubs of the CUDA runtime and of the
 launchers, its two streams and the peers ordered by events and barriers, its scratch inside its
 regions, and its barriers kept in step through a failure at each of its calls) and the handler
 above it (tests/handler_paths.cu: MoeForwardImpl and MoeBackwardImpl with XLA's scratch

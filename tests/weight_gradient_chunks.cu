@@ -2,7 +2,7 @@
 // in chunks (cuda/gemm_units.cuh). Over random work lists (groups without rows, of one row, of
 // whole and partial M-tiles, groups another device computes, chunks past the list's end) and
 // chunks of 1 to 9 tiles, it replays one weight gradient's launches in the order
-// xla_ffi/cuda_launch.cc's LaunchWeightGradient enqueues them:
+// xla_ffi/cuda/cuda_launch.cc's LaunchWeightGradient enqueues them:
 //   - expert_gemm alone (the SM80 kernels, and any plan): CTAs walk their units (num_units,
 //     next_unit, decode_tile), each from the group's carried sum or zero;
 //   - Hopper's split (skip_rows): expert_gemm stores the zeros of the groups without rows in

@@ -11,8 +11,8 @@
 
 #include "cuda/api.cuh"
 #include "xla/ffi/api/ffi.h"
-#include "xla_ffi/cuda_device.h"
-#include "xla_ffi/cuda_peers.h"
+#include "xla_ffi/cuda/cuda_device.h"
+#include "xla_ffi/cuda/cuda_peers.h"
 #include "xla_ffi/moe_call.h"
 
 namespace ccf {

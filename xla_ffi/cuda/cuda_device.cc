@@ -1,4 +1,4 @@
-#include "xla_ffi/cuda_device.h"
+#include "xla_ffi/cuda/cuda_device.h"
 
 #include <cuda.h>  // CUpointer_attribute: the driver call is reached through the runtime
 

@@ -2,13 +2,13 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
-#include "xla_ffi/cpu_gemm.h"
+#include "xla_ffi/cpu/cpu_gemm.h"
 #include "xla_ffi/ffi_module.h"
-#include "xla_ffi/moe_cpu.h"
+#include "xla_ffi/cpu/moe_cpu.h"
 #include "xla_ffi/peer_group.h"
 #include "xla_ffi/region_layout.h"
 #include "xla_ffi/shared_memory.h"
-#include "xla_ffi/traffic.h"
+#include "xla_ffi/cpu/traffic.h"
 
 namespace nb = nanobind;
 

@@ -1,4 +1,4 @@
-#include "xla_ffi/traffic.h"
+#include "xla_ffi/cpu/traffic.h"
 
 #include <map>
 #include <mutex>

@@ -1,9 +1,9 @@
-#include "xla_ffi/expert_cpu.h"
+#include "xla_ffi/cpu/expert_cpu.h"
 
 #include <algorithm>
 
 #include "common/activation.h"
-#include "xla_ffi/host_dtype.h"
+#include "xla_ffi/cpu/host_dtype.h"
 
 namespace ccf {
 namespace {

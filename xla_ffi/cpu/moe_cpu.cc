@@ -25,19 +25,19 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "common/activation.h"
-#include "xla_ffi/cpu_gemm.h"
-#include "xla_ffi/expert_cpu.h"
-#include "xla_ffi/host_async.h"
-#include "xla_ffi/host_dtype.h"
+#include "xla_ffi/cpu/cpu_gemm.h"
+#include "xla_ffi/cpu/expert_cpu.h"
+#include "xla_ffi/cpu/host_async.h"
+#include "xla_ffi/cpu/host_dtype.h"
 #include "xla_ffi/moe_call.h"
-#include "xla_ffi/moe_cpu.h"
+#include "xla_ffi/cpu/moe_cpu.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
 #include "xla_ffi/region_layout.h"
-#include "xla_ffi/shared_group.h"
+#include "xla_ffi/cpu/shared_group.h"
 #include "xla_ffi/shared_memory.h"
-#include "xla_ffi/traffic.h"
-#include "xla_ffi/work_list.h"
+#include "xla_ffi/cpu/traffic.h"
+#include "xla_ffi/cpu/work_list.h"
 
 namespace ffi = xla::ffi;
 

@@ -1,4 +1,4 @@
-#include "xla_ffi/ipc_memory.h"
+#include "xla_ffi/cuda/ipc_memory.h"
 
 #include <functional>
 #include <thread>

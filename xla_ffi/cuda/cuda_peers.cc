@@ -1,4 +1,4 @@
-#include "xla_ffi/cuda_peers.h"
+#include "xla_ffi/cuda/cuda_peers.h"
 
 #include <chrono>
 #include <memory>

@@ -22,7 +22,7 @@
 
 #include "cuda/api.cuh"
 #include "xla/ffi/api/ffi.h"
-#include "xla_ffi/cuda_device.h"
+#include "xla_ffi/cuda/cuda_device.h"
 #include "xla_ffi/moe_call.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"

@@ -5,10 +5,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "xla_ffi/cpu_gemm.h"
+#include "xla_ffi/cpu/cpu_gemm.h"
 #include "xla_ffi/moe_dims.h"
 #include "xla_ffi/peer_group.h"
-#include "xla_ffi/work_list.h"
+#include "xla_ffi/cpu/work_list.h"
 
 namespace ccf {
 

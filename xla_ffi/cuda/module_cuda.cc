@@ -10,9 +10,9 @@
 #include <nanobind/stl/string.h>
 
 #include "xla/ffi/api/ffi.h"
-#include "xla_ffi/cuda_launch.h"
+#include "xla_ffi/cuda/cuda_launch.h"
 #include "xla_ffi/ffi_module.h"
-#include "xla_ffi/ipc_memory.h"
+#include "xla_ffi/cuda/ipc_memory.h"
 #include "xla_ffi/peer_group.h"
 #include "xla_ffi/region_layout.h"
 

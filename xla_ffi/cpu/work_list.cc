@@ -1,4 +1,4 @@
-#include "xla_ffi/work_list.h"
+#include "xla_ffi/cpu/work_list.h"
 
 #include <algorithm>
 

@@ -1,4 +1,4 @@
-#include "xla_ffi/shared_group.h"
+#include "xla_ffi/cpu/shared_group.h"
 
 #include <linux/futex.h>
 #include <sys/syscall.h>

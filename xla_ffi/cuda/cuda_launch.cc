@@ -1,4 +1,4 @@
-#include "xla_ffi/cuda_launch.h"
+#include "xla_ffi/cuda/cuda_launch.h"
 
 #include <algorithm>
 #include <cstdlib>
