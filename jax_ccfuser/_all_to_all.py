@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ccfuser._config import numpy_broadcasting
+from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._expert_order import rank_within_expert
 from jax_ccfuser._ffn import expert_ffn
 from jax_ccfuser._validation import check_moe_args

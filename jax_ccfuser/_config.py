@@ -6,21 +6,10 @@ Each of ours takes its process-wide value from an environment variable, read whe
 imported and checked as the setting's own values are: a bad one fails the import, naming it."""
 
 import contextlib
-import functools
 import os
 import threading
 
 import jax
-
-def numpy_broadcasting(fn):
-  """`fn` traced with rank promotion allowed: the library's jax.numpy code broadcasts as NumPy
-  does, whatever `jax_numpy_rank_promotion` the user set for their own code."""
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with jax.numpy_rank_promotion("allow"):
-      return fn(*args, **kwargs)
-  return wrapped
-
 
 AUTO_FETCH_SMS = -1  # the call attribute's "one SM in eight of the GPU's", which the handler knows
 TRANSPORTS = ("auto", "shared_memory", "collectives")

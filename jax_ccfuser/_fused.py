@@ -18,11 +18,12 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import AxisType
 
 from jax_ccfuser import _cpu_threads, _extension, _topology, _workspace
+from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._expert_order import rank_within_expert
 from jax_ccfuser._ffn import no_tokens
 from jax_ccfuser._jax_internals import varying_axes
-from jax_ccfuser._config import (fetch_sms_in_force, numpy_broadcasting, peer_timeout_ms,
-                                 residual_budget_bytes, scratch_budget_bytes, tf32_in_force)
+from jax_ccfuser._config import (fetch_sms_in_force, peer_timeout_ms, residual_budget_bytes,
+                                 scratch_budget_bytes, tf32_in_force)
 from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_count
 from jax_ccfuser._validation import check_gpu_group
@@ -219,9 +220,9 @@ def plan_partial_bytes(w_in, w_out, *, slots: int) -> int:
 
 
 def _check_plan_partials(static: _Static, w_in, w_out) -> None:
-  """On GPU, the backward under a plan with helper slots keeps S float32 weight gradients of each
+  """On GPU, the backward under a plan of S helpers keeps S + 1 float32 weight gradients of each
   of its experts in scratch (the owner's and each helper slot's, summed in slot order once the
-  helpers are done): E_local * S * (H*G*F + F*H) * 4 bytes, `D` times that emulated. They may take
+  helpers are done): E_local * (S + 1) * (H*G*F + F*H) * 4 bytes, `D` times that emulated. They may take
   half the scratch budget, leaving the other half to the chunks' rows; more is refused here
   rather than run in chunks of one M-tile, or past the budget. (Peers in other processes take no
   plan with helpers on GPU: check_gpu_group refuses it.)"""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jax_ccfuser._all_to_all import all_to_all_moe, check_capacity_factor
-from jax_ccfuser._config import numpy_broadcasting
+from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._ffn import ACTIVATIONS, expert_ffn
 from jax_ccfuser._fused import check_residuals, fused_moe
 from jax_ccfuser._jax_internals import checks_varying_axes, varying_axes
@@ -58,7 +58,8 @@ def expert_axis(axis_name):
   if kind == AxisType.Manual:
     return "manual"
   if manual := tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual):
-    # The layer's own shard_map would bind those axes again, which XLA refuses.
+    # The layer's own shard_map would bind those axes again, which XLA refuses (of size 1 too:
+    # there the forward runs, its gradient not).
     raise ValueError(f"the layer is called inside a jax.shard_map that is manual over {manual} "
                      f"but not over its expert axis {axis_name!r}: make that shard_map manual "
                      f"over {axis_name!r} too (leave its axis_names unset), or call the layer "

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ccfuser import _topology
-from jax_ccfuser._config import numpy_broadcasting
+from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._validation import axis_size, check_int, check_num_experts
 
 

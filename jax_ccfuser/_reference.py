@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from jax_ccfuser._config import numpy_broadcasting
+from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._ffn import expert_ffn, no_tokens
 from jax_ccfuser._validation import check_moe_args
 

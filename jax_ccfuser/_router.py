@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ccfuser._config import numpy_broadcasting
+from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._validation import check_int
 
 SCORES = ("softmax", "sigmoid")

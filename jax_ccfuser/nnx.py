@@ -13,6 +13,8 @@ Examples:
   >>> aux_loss = 1e-2 * aux.load_balancing_loss + 1e-3 * aux.z_loss  # added to the task loss
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,6 +22,7 @@ from flax.typing import Dtype, Initializer
 
 from jax_ccfuser._moe_layer import (MoEAux, MoESpec, check_widths, default_expert_init,
                                      default_shared_init)
+from jax_ccfuser._validation import explicit_split_axes
 
 
 @nnx.register_variable_name("expert_bias")
@@ -180,6 +183,14 @@ class MoE(nnx.Module):
     Returns:
       `(y, aux)`: y `[..., H]` in the compute dtype; aux a `MoEAux` (see the class docstring).
     """
+    placed = self.spec.axis_name is not None and self.w_in.get_metadata().get("eager_sharding")
+    if placed and jax.sharding.get_abstract_mesh().empty and not explicit_split_axes(self.w_in[...]):
+      # (Split over explicit axes, the layer refuses the call instead.)
+      warnings.warn(
+          f"this MoE layer's experts were placed over the mesh axis {self.spec.axis_name!r} "
+          f"when it was made, but it is called where no mesh is set: it runs as on one device, "
+          f"every device computing every expert for every token (XLA gathers the weights); "
+          f"call it under jax.set_mesh(mesh)", RuntimeWarning, stacklevel=2)
     logits = self.router(x)
     shared = () if self.shared_w_in is None else (self.shared_w_in[...], self.shared_w_out[...])
     x, w_in, w_out, *shared = nnx.nn.dtypes.promote_dtype(

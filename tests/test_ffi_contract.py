@@ -237,7 +237,27 @@ def test_handler_refuses_weights_of_a_third_dtype():
   another dtype (float16 weights for float32 x) is refused by the handler itself, not misread."""
   call, operands, attrs = _forward_by_hand(weights_dtype=jnp.float16)
   with pytest.raises(jax.errors.JaxRuntimeError,
-                     match="expert_weights must be float32 or x's dtype"):
+                     match=re.escape("expert_weights must be float32 or x's dtype (float32), "
+                                     "got float16")):
+    call(*operands, **attrs.as_ffi())[0].block_until_ready()
+
+
+def test_handler_errors_name_the_offending_values():
+  """What only a direct custom call can get wrong is refused by the handler with the values it
+  was given: the group size, an operand's dtype, the plan's shapes, the results' shapes."""
+  call, operands, attrs = _forward_by_hand()
+  refused = lambda message: pytest.raises(jax.errors.JaxRuntimeError, match=re.escape(message))
+  with refused("num_devices must be >= 1, got 0"):
+    call(*operands, **attrs._replace(num_devices=0).as_ffi())[0].block_until_ready()
+  with refused("plan arrays must be workers [E, S + 1] and bounds [E, S + 2] with E = 2; got "
+               "[2, 1] and [2, 3]"):
+    call(*operands[:6], jnp.zeros((2, 3), jnp.int32), *operands[7:],
+         **attrs.as_ffi())[0].block_until_ready()
+  with refused("w_in and w_out must have x's dtype (float32), got float16 and float32"):
+    call(*operands[:3], operands[3].astype(jnp.float16), *operands[4:],
+         **attrs.as_ffi())[0].block_until_ready()
+  call, operands, attrs = _forward_by_hand(staging_shape=(4, 2, 8))
+  with refused("S = min(K, D) = 1; got y float32[4, 8] and staging float32[4, 2, 8] for x float32[4, 8]"):
     call(*operands, **attrs.as_ffi())[0].block_until_ready()
 
 

@@ -7,6 +7,7 @@ weights, computed on one device without any mesh.
 
 import contextlib
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -291,6 +292,15 @@ def test_bad_options():
   with pytest.raises(ValueError, match=r"the layer's experts are split over the explicit mesh "
                                        r"axes \['ep'\] .*call the layer under that mesh too"):
     layer(_tokens())
+  # Made under an auto mesh, called without one: it runs as on one device, and says so.
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    layer = _layer()
+  with pytest.warns(RuntimeWarning, match=r"placed over the mesh axis 'ep' when it was made, but "
+                                          r"it is called where no mesh is set"):
+    nnx.jit(lambda layer, x: layer(x))(layer, _tokens())
+  with warnings.catch_warnings(), jax.set_mesh(ep_mesh(DEVICES)):
+    warnings.filterwarnings("error", message=".*called where no mesh is set")
+    nnx.jit(lambda layer, x: layer(x))(layer, _tokens())
 
 
 def _objective(layer, x):
@@ -436,7 +446,7 @@ def test_a_shard_map_manual_over_another_axis_only_is_refused_by_name():
 def test_explicit_axes_differentiate_an_x_made_off_the_mesh(dispatch):
   """An x made outside the mesh (a plain array) on explicit axes: the layer's reshapes, whose
   transposes need it on the mesh, take it there, and the gradients of x and of every parameter
-  are one device's (the transpose raised ShardingTypeError)."""
+  are one device's (without the layer taking it there, JAX's transpose failed)."""
   explicit = jax.sharding.AxisType.Explicit
   mesh = jax.make_mesh((2, 2), ("data", "ep"), axis_types=(explicit,) * 2,
                        devices=jax.devices()[:DEVICES])

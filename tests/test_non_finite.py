@@ -26,7 +26,8 @@ def test_non_finite_token_stays_in_its_rows(where, value):
 
 
 def test_relu_passes_no_gradient_through_its_flat_side_even_a_nan():
-  """The handlers multiplied by relu'(h) = 0 (NaN x 0 = NaN) where jax.nn.relu selects 0."""
+  """The CPU handlers select where jax.nn.relu's gradient does: a multiply by relu'(h) = 0 would
+  turn a NaN into NaN (NaN x 0)."""
   assert_relu_nan_as_reference(forward_and_grads(ccf.fused_moe, 4, "relu"),
                                forward_and_grads(ccf.reference_moe, 4, "relu"),
                                Case(devices=4, tokens=16, k=2, activation="relu", seed=53))

@@ -336,7 +336,7 @@ def test_a_call_with_no_tokens_is_checked_as_one_with_tokens(bad, match):
 
 def test_gpu_backward_under_a_plan_keeps_its_partials_within_half_the_scratch_budget(
     monkeypatch):
-  """On GPU a backward under a plan with helper slots keeps S float32 weight gradients of each of
+  """On GPU a backward under a plan of S helpers keeps S + 1 float32 weight gradients of each of
   its experts in scratch: past half the budget, tracing the gradient fails and says what to
   change, rather than running chunks of one M-tile. Traced for "gpu" by stubbing the platform
   lookup (the trace stops before any kernel); a forward alone, and the CPU, keep none."""

@@ -31,7 +31,7 @@ std::string TypeName(ffi::DataType type) {
     case ffi::DataType::F64: return "float64";
     case ffi::DataType::S32: return "int32";
     case ffi::DataType::S64: return "int64";
-    default: return "dtype " + std::to_string(static_cast<int>(type));
+    default: return "XLA dtype code " + std::to_string(static_cast<int>(type));
   }
 }
 
@@ -131,7 +131,8 @@ ffi::Error CheckForwardResults(const MoeDims& d, const CallAttrs& attrs, const f
   if (y.element_type() != d.x_type || y.element_count() != x.element_count() ||
       !StagingFits(d, attrs, x, staging))
     return InvalidArgument("outputs must be y [T, H] in x's dtype and staging [T, S, H] float32 "
-                           "([1, 1, 1] with a shared workspace), S = " + std::to_string(d.slots) +
+                           "([1, 1, 1] with a shared workspace), S = min(K, D) = " +
+                           std::to_string(d.slots) +
                            "; got y " + TypedShape(y) + " and staging " +
                            "float32" + ShapeString(staging) +
                            " for x " + TypedShape(x));

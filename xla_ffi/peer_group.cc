@@ -253,7 +253,8 @@ xla::ffi::Error FindPeerGroup(uint64_t site, int32_t group, int num_devices,
         "jax_ccfuser: call site " + std::to_string(site) + " is already in use by a group of " +
         std::to_string(slot->num_devices()) + " devices; this call has " +
         std::to_string(num_devices) + ". A function from jax.export keeps the call-site "
-        "numbers of the process that traced it: run it where fused_moe traces nothing else");
+        "numbers of the process that traced it: run it where fused_moe traces no call of another "
+        "group size");
   *found = slot;
   return xla::ffi::Error::Success();
 }

@@ -37,8 +37,9 @@ struct PeerBuffers {
   void* d_weights = nullptr;      // [T, K], backward only: peers write d expert_weights here
   const HelpedGradients* helped = nullptr;  // backward only: owners read them after compute
   // Backward with helpers: float32 partial weight gradients, where the helper in plan slot s of
-  // local expert e writes its own: [E_local, S - 1, H*G*F + F*H] from peers in other processes
-  // of the CPU path, [E_local, S, ...] on GPU (slot 0, the owner's, included).
+  // local expert e writes its own, for a plan of S helpers: [E_local, S, H*G*F + F*H] from peers
+  // in other processes of the CPU path, [E_local, S + 1, ...] on GPU (slot 0, the owner's,
+  // included).
   float* partials = nullptr;
   // (T, H, K, F, E_local, E, dtype codes, activation): every peer must agree, checked after
   // the barrier.

@@ -57,15 +57,15 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free &&
 struct RegionShape {
   int64_t tokens, hidden, k, slots, x_bytes, weights_bytes;
   int64_t experts_local, expert_elements, w_bytes;  // expert_elements: H * G*F + F * H
-  int64_t plan_slots;  // S of the reassignment plan: S > 1 reserves room for helpers
+  int64_t plan_slots;  // S + 1 of a plan of S helpers: S > 0 reserves room for helpers
   bool backward;
 };
 
 // CPU: byte offsets inside one device's region, after its RegionHeader; -1 where a section does
 // not exist. With a plan the owner stages its experts' weights for helpers to read (`w`: w_in
 // then w_out per expert), and backward the helpers write their float32 partial weight gradients
-// into the owner's region (`partials` [E_local, S - 1, expert_elements]), which the owner sums in
-// slot order.
+// into the owner's region (`partials` [E_local, S, expert_elements] for S helpers), which the owner
+// sums in slot order.
 struct RegionLayout {
   OperandOffsets operands;
   int64_t w, partials, bytes;

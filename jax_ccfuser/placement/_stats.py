@@ -5,7 +5,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from jax_ccfuser._config import numpy_broadcasting
+from jax_ccfuser._broadcasting import numpy_broadcasting
 
 
 class RoutingStats(NamedTuple):

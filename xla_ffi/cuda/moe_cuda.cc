@@ -130,9 +130,9 @@ float* Partials(const ForwardScratch&) { return nullptr; }
 float* Partials(const BackwardScratch& s) { return s.partials; }
 
 // Where the forward keeps h rows for the backward (`hidden`, checked against the kept_rows
-// attribute), and the plan's arrays once it has helper slots (S > 1); a one-slot plan is every
-// expert on its owner, the same as none. With a plan no h rows are kept: a device's pairs are no
-// longer one slice of the list, and the backward recomputes them all.
+// attribute), and the plan's arrays once it has helper slots (S > 0 helpers); a one-slot plan is
+// every expert on its owner, the same as none. With a plan no h rows are kept: a device's pairs are
+// no longer one slice of the list, and the backward recomputes them all.
 ffi::Error TakeKeptRowsAndPlan(const CallAttrs& attrs, const Hidden& hidden,
                                const PlanArray& workers, const PlanArray& bounds, Call* call) {
   if (ffi::Error err = CheckHidden(call->d, attrs, hidden); err.failure()) return err;
