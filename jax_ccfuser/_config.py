@@ -224,8 +224,9 @@ def scratch_budget(nbytes: int):
   one GEMM tile of rows (plus, in the backward, one expert's float32 weight gradients carried
   between chunks). A backward under a `reassign` plan with S helpers (`workers [E, S + 1]`,
   S > 0) also keeps S + 1 float32 weight gradients of each of the device's experts; tracing it
-  fails where they take more than half the budget. CPU calls ignore it. Fixed when a call is traced, like `peer_timeout`. The
-  process-wide default is 2 GiB or the environment variable `JAX_CCFUSER_SCRATCH_BUDGET` (bytes).
+  fails where they take more than half the budget. CPU calls ignore it. Fixed when a call is
+  traced, like `peer_timeout`. The process-wide default is 2 GiB or the environment variable
+  `JAX_CCFUSER_SCRATCH_BUDGET` (bytes).
 
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device

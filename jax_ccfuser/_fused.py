@@ -222,10 +222,10 @@ def plan_partial_bytes(w_in, w_out, *, slots: int) -> int:
 def _check_plan_partials(static: _Static, w_in, w_out) -> None:
   """On GPU, the backward under a plan of S helpers keeps S + 1 float32 weight gradients of each
   of its experts in scratch (the owner's and each helper slot's, summed in slot order once the
-  helpers are done): E_local * (S + 1) * (H*G*F + F*H) * 4 bytes, `D` times that emulated. They may take
-  half the scratch budget, leaving the other half to the chunks' rows; more is refused here
-  rather than run in chunks of one M-tile, or past the budget. (Peers in other processes take no
-  plan with helpers on GPU: check_gpu_group refuses it.)"""
+  helpers are done): E_local * (S + 1) * (H*G*F + F*H) * 4 bytes, `D` times that emulated. They
+  may take half the scratch budget, leaving the other half to the chunks' rows; more is refused
+  here rather than run in chunks of one M-tile, or past the budget. (Peers in other processes
+  take no plan with helpers on GPU: check_gpu_group refuses it.)"""
   if static.platform != "gpu" or static.devices or static.plan_slots <= 1:
     return
   per_slot, budget = plan_partial_bytes(w_in, w_out, slots=1), static.scratch_budget

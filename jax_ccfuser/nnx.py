@@ -184,7 +184,8 @@ class MoE(nnx.Module):
       `(y, aux)`: y `[..., H]` in the compute dtype; aux a `MoEAux` (see the class docstring).
     """
     placed = self.spec.axis_name is not None and self.w_in.get_metadata().get("eager_sharding")
-    if placed and jax.sharding.get_abstract_mesh().empty and not explicit_split_axes(self.w_in[...]):
+    no_mesh = jax.sharding.get_abstract_mesh().empty
+    if placed and no_mesh and not explicit_split_axes(self.w_in[...]):
       # (Split over explicit axes, the layer refuses the call instead.)
       warnings.warn(
           f"this MoE layer's experts were placed over the mesh axis {self.spec.axis_name!r} "

@@ -257,7 +257,8 @@ def test_handler_errors_name_the_offending_values():
     call(*operands[:3], operands[3].astype(jnp.float16), *operands[4:],
          **attrs.as_ffi())[0].block_until_ready()
   call, operands, attrs = _forward_by_hand(staging_shape=(4, 2, 8))
-  with refused("S = min(K, D) = 1; got y float32[4, 8] and staging float32[4, 2, 8] for x float32[4, 8]"):
+  with refused("S = min(K, D) = 1; got y float32[4, 8] and staging float32[4, 2, 8] for x "
+               "float32[4, 8]"):
     call(*operands, **attrs.as_ffi())[0].block_until_ready()
 
 
