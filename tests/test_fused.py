@@ -374,6 +374,30 @@ def test_mesh_with_data_axis_forms_independent_groups():
   assert_close(run(ccf.fused_moe), run(ccf.reference_moe), jnp.float32)
 
 
+def test_timeout_names_the_group_on_a_2d_mesh():
+  """Each group of a 2 x 2 (data, ep) mesh numbers its devices 0 and 1: the error says which
+  group's device 0 never came."""
+  case = Case(devices=4, tokens=6, seed=20)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  e = case.num_experts // 2
+  ids, w_in, w_out = ids % e, w_in[:e], w_out[:e]
+  mesh = jax.make_mesh((2, 2), ("data", "ep"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  spec_tok, spec_w = P(("data", "ep")), P("ep")
+
+  def body(x, ids, weights, w_in, w_out):
+    skip = (jax.lax.axis_index("data") == 1) & (jax.lax.axis_index("ep") == 0)
+    return jax.lax.cond(skip, lambda: x,
+                        lambda: ccf.fused_moe(x, ids, weights, w_in, w_out, axis_name="ep"))
+
+  f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(spec_tok,) * 3 + (spec_w,) * 2,
+                            out_specs=spec_tok))
+  with ccf.peer_timeout(1.0), pytest.raises(
+      jax.errors.JaxRuntimeError,
+      match=r"device 1 of 2 in group 1 waited 1000 ms at the publish barrier; these peers "
+            r"never arrived: 0\."):
+    jax.block_until_ready(f(x, ids, weights, w_in, w_out))
+
+
 def test_two_mesh_axes_as_one_expert_axis():
   """axis_name=("a", "b") over a 2 x 4 mesh: one group of 8 devices ranked a-major, as
   shard_map's P(("a", "b")) splits the tokens and experts; forward, gradients and a plan."""

@@ -104,7 +104,7 @@ xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::millisecon
     Devices().Left(group_, rank, opened_at);
     return xla::ffi::Error::Success();
   }
-  BarrierWait wait(*this, num_devices_, timeout);
+  BarrierWait wait(*this, group_, num_devices_, timeout);
   // In steps, so that a gone peer heard meanwhile extends the wait (BarrierWait::deadline).
   bool opened;
   for (;;) {
@@ -131,21 +131,22 @@ constexpr const char* kSameCalls =
     "limit with jax_ccfuser.peer_timeout(seconds) if peers are merely slow).";
 
 // How an error of a wait at a barrier of `members` begins.
-std::string Waited(int rank, int members, Phase phase, std::chrono::milliseconds waited) {
+std::string Waited(int32_t group, int rank, int members, Phase phase,
+                   std::chrono::milliseconds waited) {
   static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
   return "jax_ccfuser: device " + std::to_string(rank) + " of " + std::to_string(members) +
-         " waited " + std::to_string(waited.count()) + " ms at the " +
+         " in group " + std::to_string(group) + " waited " + std::to_string(waited.count()) + " ms at the " +
          kPhaseNames[static_cast<int>(phase)] + " barrier";
 }
 
 // The error of a barrier that did not open after waiting `waited`; `arrived[r]` says whether rank
 // r came, `why` ends the message.
-xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds waited,
-                               const std::vector<bool>& arrived,
+xla::ffi::Error BarrierTimeout(int32_t group, int rank, Phase phase,
+                               std::chrono::milliseconds waited, const std::vector<bool>& arrived,
                                const std::string& why = kSameCalls) {
   const int n = static_cast<int>(arrived.size());
   std::ostringstream msg;
-  msg << Waited(rank, n, phase, waited) << "; these peers never arrived:";
+  msg << Waited(group, rank, n, phase, waited) << "; these peers never arrived:";
   for (int r = 0; r < n; ++r)
     if (!arrived[r]) msg << ' ' << r;
   msg << '.' << why;
@@ -154,8 +155,10 @@ xla::ffi::Error BarrierTimeout(int rank, Phase phase, std::chrono::milliseconds 
 
 }  // namespace
 
-BarrierWait::BarrierWait(Silence& silence, int members, std::chrono::milliseconds timeout)
+BarrierWait::BarrierWait(Silence& silence, int32_t group, int members,
+                         std::chrono::milliseconds timeout)
     : silence_(silence),
+      group_(group),
       timeout_(timeout),
       start_(Clock::now()),
       deadline_(start_ + timeout),
@@ -208,7 +211,7 @@ xla::ffi::Error BarrierWait::Failed(int rank, Phase phase, std::vector<bool> cam
   }
   if (!pids.empty()) {
     const bool one = pids.size() == 1;
-    std::string msg = Waited(rank, static_cast<int>(exited_.size()), phase, waited) +
+    std::string msg = Waited(group_, rank, static_cast<int>(exited_.size()), phase, waited) +
                       " for devices" + ranks +
                       (one ? ", whose process (pid " : ", whose processes (pids ");
     for (size_t i = 0; i < pids.size(); ++i) msg += (i ? ", " : "") + std::to_string(pids[i]);
@@ -219,7 +222,7 @@ xla::ffi::Error BarrierWait::Failed(int rank, Phase phase, std::vector<bool> cam
   if (waited < timeout_) {
     std::vector<bool> here(gone_.size());
     for (size_t r = 0; r < gone_.size(); ++r) here[r] = !gone_[r];
-    return BarrierTimeout(rank, phase, waited, here,
+    return BarrierTimeout(group_, rank, phase, waited, here,
                           std::string(kSameCalls) +
                               " They have reached no barrier since an earlier call of this site "
                               "waited " + std::to_string(timeout_.count()) + " ms for them.");
@@ -231,7 +234,7 @@ xla::ffi::Error BarrierWait::Failed(int rank, Phase phase, std::vector<bool> cam
       silence_.SetGoneSince(static_cast<int>(r), Clock::now());
       came[r] = false;
     }
-  return BarrierTimeout(rank, phase, waited, came);
+  return BarrierTimeout(group_, rank, phase, waited, came);
 }
 
 namespace {

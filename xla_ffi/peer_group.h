@@ -99,8 +99,9 @@ class Silence {
 // whose process has exited ends the wait once it is seen, a step into it at most.
 class BarrierWait {
  public:
-  // Starts now, for a barrier of `members` ranks.
-  BarrierWait(Silence& silence, int members, std::chrono::milliseconds timeout);
+  // Starts now, for a barrier of `members` ranks of expert-parallel group `group` (its index over
+  // the mesh's other axes, named in the error: on a 2-D mesh each group numbers its ranks alike).
+  BarrierWait(Silence& silence, int32_t group, int members, std::chrono::milliseconds timeout);
 
   // When the wait ends: the timeout, or half a timeout after a gone peer was found gone while
   // it stays silent. A gone peer heard since (come back, or the caller's own sibling device
@@ -119,6 +120,7 @@ class BarrierWait {
 
  private:
   Silence& silence_;
+  const int32_t group_;
   const std::chrono::milliseconds timeout_;
   const Clock::time_point start_;
   Clock::time_point deadline_;

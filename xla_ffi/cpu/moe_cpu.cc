@@ -169,7 +169,7 @@ ffi::Error ConnectShared(const CallAttrs& attrs, const MoeDims& d, int32_t rank,
   mine.w_in = own.w_in;
   mine.w_out = own.w_out;
   headers[rank]->signature = Signature(d);
-  peers->group = std::make_shared<SharedGroup>(headers);
+  peers->group = std::make_shared<SharedGroup>(group, headers);
   peers->shared = true;
   if (ffi::Error err = peers->Arrive(Phase::kPublished); err.failure()) return err;
   std::vector<std::array<int64_t, 9>> signatures;

@@ -25,7 +25,8 @@ void FutexWakeAll(std::atomic<uint32_t>* word) {
 }
 }  // namespace
 
-SharedGroup::SharedGroup(std::vector<RegionHeader*> headers) : headers_(std::move(headers)) {
+SharedGroup::SharedGroup(int32_t group, std::vector<RegionHeader*> headers)
+    : group_(group), headers_(std::move(headers)) {
   for (RegionHeader* h : headers_) liveness_.push_back(LivenessAt(h));
 }
 
@@ -76,7 +77,7 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
       arrived[r] = headers_[r]->arrived_for[p].load(std::memory_order_relaxed) == generation + 1;
     return arrived;
   };
-  BarrierWait wait(*this, static_cast<int>(n), timeout);
+  BarrierWait wait(*this, group_, static_cast<int>(n), timeout);
   // A device waiting here shows it is alive by refreshing its time (`Heard`) at every step of
   // the wait rather than by a flag: a process that dies while waiting then falls silent, as one
   // that never came.

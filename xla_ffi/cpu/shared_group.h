@@ -16,8 +16,8 @@ namespace ccf {
 
 class SharedGroup final : public Rendezvous, private Silence {
  public:
-  // `headers[r]`: rank r's region header, mapped in this process.
-  explicit SharedGroup(std::vector<RegionHeader*> headers);
+  // `headers[r]`: rank r's region header, mapped in this process; `group`: which EP group.
+  SharedGroup(int32_t group, std::vector<RegionHeader*> headers);
 
   // Waits up to `timeout`, less where a peer is gone (`BarrierWait`).
   xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
@@ -31,6 +31,7 @@ class SharedGroup final : public Rendezvous, private Silence {
   int64_t Exited(int rank) override;
   void Heard(int rank, Clock::time_point when);
 
+  const int32_t group_;
   std::vector<RegionHeader*> headers_;
   std::vector<DeviceLiveness*> liveness_;  // per rank
 };
