@@ -2,10 +2,13 @@
 residual budget, the scratch budget, the SMs kept for the fetch, and (JAX's own setting) whether
 float32 GEMMs may run as TF32.
 
-Each of ours takes its process-wide value from an environment variable, read when jax_ccfuser is
-imported and checked as the setting's own values are: a bad one fails the import, naming it."""
+Ours are JAX user contexts (`jax.make_user_context`), thread-local and part of `jax.jit`'s cache
+key as JAX's own settings are: a jitted function called under another value traces again. Each
+takes its process-wide value from an environment variable, read when jax_ccfuser is imported and
+checked as the setting's own values are: a bad one fails the import, naming it."""
 
 import contextlib
+import numbers
 import os
 import threading
 
@@ -17,22 +20,29 @@ TRANSPORTS = ("auto", "shared_memory", "collectives")
 _MAX_TIMEOUT_SECONDS = 1e9
 
 
+def _number(setting: str, value, what: str):
+  """`value`, which must be a real number (not a bool: `True` bytes or seconds is a slip)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{setting} takes {what}, got {value!r}")
+  return value
+
+
 def _whole(value) -> bool:
   try:
     return value == int(value)
-  except (OverflowError, TypeError, ValueError):  # inf, NaN, not a number
+  except (OverflowError, ValueError):  # inf, NaN
     return False
 
 
 def _checked_timeout(seconds) -> float:
-  if not 0 < seconds <= _MAX_TIMEOUT_SECONDS:
+  if not 0 < _number("peer_timeout", seconds, "a number of seconds") <= _MAX_TIMEOUT_SECONDS:
     raise ValueError(f"peer_timeout must be positive and at most {_MAX_TIMEOUT_SECONDS:g} "
                      f"seconds, got {seconds}")
   return float(seconds)
 
 
 def _checked_transport(kind) -> str:
-  if kind not in TRANSPORTS:
+  if not isinstance(kind, str) or kind not in TRANSPORTS:
     raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
   return kind
 
@@ -42,14 +52,14 @@ _MAX_BYTES, _MAX_SMS = 2**63 - 1, 2**31 - 1
 
 
 def _checked_residual_bytes(nbytes) -> int:
-  if not (_whole(nbytes) and 0 <= nbytes <= _MAX_BYTES):
+  if not (_whole(_number("residual_budget", nbytes, "a number of bytes")) and 0 <= nbytes <= _MAX_BYTES):
     raise ValueError(f"residual_budget must be a whole number of bytes >= 0 (and below 2^63), "
                      f"got {nbytes!r}")
   return int(nbytes)
 
 
 def _checked_scratch_bytes(nbytes) -> int:
-  if not (_whole(nbytes) and 0 < nbytes <= _MAX_BYTES):
+  if not (_whole(_number("scratch_budget", nbytes, "a number of bytes")) and 0 < nbytes <= _MAX_BYTES):
     raise ValueError(f"scratch_budget must be a whole number of bytes > 0 (and below 2^63), "
                      f"got {nbytes!r}")
   return int(nbytes)
@@ -58,7 +68,8 @@ def _checked_scratch_bytes(nbytes) -> int:
 def _checked_fetch_sms(count) -> int:
   if count is None:
     return AUTO_FETCH_SMS
-  if not (_whole(count) and 0 <= count <= _MAX_SMS):
+  if not (_whole(_number("fetch_sms", count, "a number of SMs or None")) and
+          0 <= count <= _MAX_SMS):
     raise ValueError(f"fetch_sms must be a whole number >= 0 or None, got {count!r}")
   return int(count)
 
@@ -105,24 +116,31 @@ def process_defaults(environ) -> dict:
 
 
 _DEFAULTS = process_defaults(os.environ)
-_state = threading.local()
+# Made once, at import: JAX makes user contexts only where nothing else runs at once.
+_CONTEXTS = {name: jax.make_user_context(default) for name, default in _DEFAULTS.items()}
 
 
 def _current(name):
-  return getattr(_state, name, _DEFAULTS[name])
+  return _CONTEXTS[name].value
 
 
-@contextlib.contextmanager
-def _setting(name, value):
-  previous = getattr(_state, name, None)
-  setattr(_state, name, value)
-  try:
-    yield
-  finally:
-    if previous is None:
-      delattr(_state, name)
-    else:
-      setattr(_state, name, previous)
+class _Setting(contextlib.ContextDecorator):
+  """One setting's value for a block (or a decorated function): enterable again, nested and from
+  several threads at once, as JAX's own settings are."""
+
+  def __init__(self, name, value):
+    self._context, self._value = _CONTEXTS[name], value
+    self._entered = threading.local()  # per thread, the contexts this object entered
+
+  def __enter__(self):
+    context = self._context(self._value)
+    context.__enter__()
+    self._entered.__dict__.setdefault("stack", []).append(context)
+    return self
+
+  def __exit__(self, *exc):
+    self._entered.stack.pop().__exit__(*exc)
+    return False
 
 
 def peer_timeout_ms() -> int:
@@ -133,8 +151,9 @@ def peer_timeout_ms() -> int:
 def peer_timeout(seconds: float):
   """Sets how long `fused_moe` calls traced inside the block wait for a missing peer.
 
-  The value is fixed when a call is traced (it becomes an attribute of the custom call), so
-  wrap the tracing, e.g. the first call of a `jax.jit` function. The process-wide default is 300 s
+  The value is fixed when a call is traced (it becomes an attribute of the custom call). Like
+  JAX's own settings it is part of `jax.jit`'s cache key: a jitted function called under another
+  value traces (and compiles) again. Usable as a decorator too. The process-wide default is 300 s
   or the environment variable `JAX_CCFUSER_PEER_TIMEOUT` (seconds).
 
   Examples:
@@ -145,7 +164,7 @@ def peer_timeout(seconds: float):
     >>> with jax_ccfuser.peer_timeout(5.0):
     ...   y = step(x)  # traced here, so its calls wait up to 5 s for a missing peer
   """
-  return _setting("seconds", _checked_timeout(seconds))
+  return _Setting("seconds", _checked_timeout(seconds))
 
 
 def transport_in_force() -> str:
@@ -176,7 +195,7 @@ def transport(kind: str):
     >>> with jax_ccfuser.transport("collectives"):
     ...   y = step(x)  # across processes, through XLA collectives only
   """
-  return _setting("transport", _checked_transport(kind))
+  return _Setting("transport", _checked_transport(kind))
 
 
 def residual_budget_bytes() -> int:
@@ -203,7 +222,7 @@ def residual_budget(nbytes: int):
     >>> with jax_ccfuser.residual_budget(1 << 30):
     ...   grads = jax.jit(jax.grad(loss))(w_in)  # keeps h: 8 * 2 * 64 * 4 bytes fit
   """
-  return _setting("residual_bytes", _checked_residual_bytes(nbytes))
+  return _Setting("residual_bytes", _checked_residual_bytes(nbytes))
 
 
 def scratch_budget_bytes() -> int:
@@ -237,7 +256,7 @@ def scratch_budget(nbytes: int):
     >>> with jax_ccfuser.scratch_budget(512 << 20):
     ...   grads = jax.jit(jax.grad(loss))(w_in)  # on a GPU, in chunks of at most 512 MiB
   """
-  return _setting("scratch_bytes", _checked_scratch_bytes(nbytes))
+  return _Setting("scratch_bytes", _checked_scratch_bytes(nbytes))
 
 
 def fetch_sms_in_force() -> int:
@@ -266,7 +285,7 @@ def fetch_sms(count: int | None):
     >>> with jax_ccfuser.fetch_sms(0):
     ...   y = step(x)  # on a GPU, every GEMM on every SM
   """
-  return _setting("fetch_sms", _checked_fetch_sms(count))
+  return _Setting("fetch_sms", _checked_fetch_sms(count))
 
 
 # jax.default_matmul_precision's values that let float32 GEMMs run as TF32: TF32's own names and

@@ -55,7 +55,7 @@ def make_forward_and_grads(moe_fn, devices: int, activation: str = "swiglu",
                            with_plan: bool = False):
   """A jitted `(x, ids, weights, w_in, w_out, dy) -> (y, (dx, d_weights, dw_in, dw_out))`.
 
-  The peer timeout in force when it is first called stays with it (see `ccf.peer_timeout`).
+  It traces again where called under another peer timeout (see `ccf.peer_timeout`).
   """
   def moe(x, ids, weights, w_in, w_out, axis_name):
     plan = None

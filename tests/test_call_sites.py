@@ -112,9 +112,12 @@ def test_steps_from_two_threads_do_not_cross_talk():
 
   def run(thread):
     try:
-      for _ in range(15):
-        got = [step(*a) for step, a in zip(steps, inputs[thread])]
-        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), alone[thread])
+      # Each thread's own: the settings are thread-local (and keys of the steps' traces).
+      with ccf.peer_timeout(NO_HANG_S / 2):
+        for _ in range(15):
+          got = [step(*a) for step, a in zip(steps, inputs[thread])]
+          jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got),
+                       alone[thread])
     except Exception as e:  # noqa: BLE001 (reported below)
       failures.append((thread, e))
 

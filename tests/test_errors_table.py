@@ -124,7 +124,9 @@ checked while tracing (a `ValueError` from the call); values are checked by the 
 expert id raises `jax.errors.JaxRuntimeError` when the result is computed (every device checks
 every id before it computes anything). A device whose peer never arrives, or fails midway, stops
 waiting after the peer timeout (default 300 s, `JAX_CCFUSER_PEER_TIMEOUT`, or
-`with ccf.peer_timeout(seconds):` around the tracing) and raises `DEADLINE_EXCEEDED`; the caller gets
+`with ccf.peer_timeout(seconds):` around the call: like JAX's own settings, ours are
+thread-local and keys of `jax.jit`'s cache, so a jitted function traces again under another value)
+and raises `DEADLINE_EXCEEDED`; the caller gets
 one device's error (a failing device's own, when one failed). Nothing hangs, and the next call of
 the same function works. The settings' environment variables (`JAX_CCFUSER_PEER_TIMEOUT`,
 `_TRANSPORT`, `_RESIDUAL_BUDGET`, `_SCRATCH_BUDGET`, `_FETCH_SMS`) are checked when jax_ccfuser is

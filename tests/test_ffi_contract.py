@@ -7,6 +7,8 @@ exactly those, in both native modules.
 
 import functools
 import re
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +133,64 @@ def test_fetch_sms_are_fixed_at_trace_time():
   for bad in (-1, 0.5, float("nan"), 2**31):
     with pytest.raises(ValueError, match="fetch_sms must be a whole number >= 0 or None"):
       ccf.fetch_sms(bad)
+
+
+def _lowered_attribute(fn, name, *args) -> int:
+  """The value of the custom call attribute `name` in `fn` (jitted) lowered for `args`."""
+  return int(re.search(rf"{name} = (\d+)", fn.lower(*args).as_text())[1])
+
+
+def test_settings_are_keys_of_jit_caches_as_jaxs_own_are():
+  """A jitted function called under another value traces again, with that value, and under an
+  earlier value again hits that trace; the settings are thread-local, re-enterable, nestable and
+  decorate functions, as `jax.default_matmul_precision` does."""
+  x = jax.random.normal(jax.random.key(0), (8, 16))
+  ids, weights, _ = ccf.route(x[:, :4], 2)
+  w_in, w_out = jnp.ones((4, 16, 64)) / 16, jnp.ones((4, 32, 16)) / 32
+  traces = []
+
+  @jax.jit
+  def step(x):
+    traces.append(ccf._config.peer_timeout_ms())
+    return ccf.fused_moe(x, ids, weights, w_in, w_out)
+
+  expected = np.asarray(step(x))
+  short = ccf.peer_timeout(2.0)
+  for _ in range(2):  # entered again: the trace made under it is hit
+    with short:
+      np.testing.assert_array_equal(step(x), expected)
+  with short:
+    with ccf.peer_timeout(3.0):
+      with short:
+        assert _lowered_attribute(step, "timeout_ms", x) == 2000
+      assert _lowered_attribute(step, "timeout_ms", x) == 3000
+    assert _lowered_attribute(step, "timeout_ms", x) == 2000
+  assert traces == [300_000, 2000, 3000]  # one trace per value
+  with ccf.residual_budget(0):
+    assert _lowered_attribute(step, "kept_rows", x) == 0
+  assert ccf.scratch_budget(1 << 20)(lambda: ccf._config.scratch_budget_bytes())() == 1 << 20
+
+  seen = {}
+
+  def in_thread(seconds):
+    with ccf.peer_timeout(seconds):
+      time.sleep(0.05)  # while the other thread's block is open too
+      seen[seconds] = ccf._config.peer_timeout_ms()
+
+  threads = [threading.Thread(target=in_thread, args=(s,)) for s in (4.0, 5.0)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert seen == {4.0: 4000, 5.0: 5000} and ccf._config.peer_timeout_ms() == 300_000
+
+
+@pytest.mark.parametrize("setting, bad", [
+    (ccf.peer_timeout, True), (ccf.peer_timeout, "5"), (ccf.peer_timeout, None),
+    (ccf.residual_budget, True), (ccf.scratch_budget, "1GiB"), (ccf.fetch_sms, False)])
+def test_settings_refuse_values_of_another_type_by_name(setting, bad):
+  with pytest.raises(TypeError, match=rf"{setting.__name__} takes a number of .*got {bad!r}"):
+    setting(bad)
 
 
 def test_tf32_follows_jax_default_matmul_precision_at_trace_time():
