@@ -21,7 +21,7 @@ import numpy as np
 
 from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._expert_order import rank_within_expert
-from jax_ccfuser._ffn import expert_ffn
+from jax_ccfuser._ffn import expert_ffn, no_tokens
 from jax_ccfuser._validation import check_moe_args
 
 
@@ -129,6 +129,8 @@ def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None
   (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(
       x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=axis_name)
   t, h, k = dims.tokens, dims.hidden, dims.k
+  if t == 0:
+    return no_tokens(x)
   d, e_local, e = dims.num_devices, dims.experts_local, dims.num_experts
   c = _capacity(capacity_factor, tokens=t, k=k, num_experts=e)
 

@@ -52,14 +52,16 @@ _MAX_BYTES, _MAX_SMS = 2**63 - 1, 2**31 - 1
 
 
 def _checked_residual_bytes(nbytes) -> int:
-  if not (_whole(_number("residual_budget", nbytes, "a number of bytes")) and 0 <= nbytes <= _MAX_BYTES):
+  nbytes = _number("residual_budget", nbytes, "a number of bytes")
+  if not (_whole(nbytes) and 0 <= nbytes <= _MAX_BYTES):
     raise ValueError(f"residual_budget must be a whole number of bytes >= 0 (and below 2^63), "
                      f"got {nbytes!r}")
   return int(nbytes)
 
 
 def _checked_scratch_bytes(nbytes) -> int:
-  if not (_whole(_number("scratch_budget", nbytes, "a number of bytes")) and 0 < nbytes <= _MAX_BYTES):
+  nbytes = _number("scratch_budget", nbytes, "a number of bytes")
+  if not (_whole(nbytes) and 0 < nbytes <= _MAX_BYTES):
     raise ValueError(f"scratch_budget must be a whole number of bytes > 0 (and below 2^63), "
                      f"got {nbytes!r}")
   return int(nbytes)
@@ -68,8 +70,8 @@ def _checked_scratch_bytes(nbytes) -> int:
 def _checked_fetch_sms(count) -> int:
   if count is None:
     return AUTO_FETCH_SMS
-  if not (_whole(_number("fetch_sms", count, "a number of SMs or None")) and
-          0 <= count <= _MAX_SMS):
+  count = _number("fetch_sms", count, "a number of SMs or None")
+  if not (_whole(count) and 0 <= count <= _MAX_SMS):
     raise ValueError(f"fetch_sms must be a whole number >= 0 or None, got {count!r}")
   return int(count)
 

@@ -24,6 +24,7 @@ import warnings
 import jax
 
 from jax_ccfuser import _jax_internals
+from jax_ccfuser._validation import check_count
 
 # The simulated device count this library is used with when none is configured yet (the
 # devices are often configured after the import; a larger count is reported when traced).
@@ -57,10 +58,17 @@ def reserve_cpu_threads(num_devices: int | None = None) -> None:
   """Asks XLA:CPU for 2 threads per simulated CPU device, for `num_devices` of them (default: as
   many as configured so far, at least 8); call it before the first use of a backend, which
   sizes the pool once. A `PJRT_NPROC` (or `NPROC`) the user set is left as it is; the one
-  `import jax_ccfuser` set for 8 devices is raised."""
+  `import jax_ccfuser` set for 8 devices is raised. Called once a backend runs, it can only warn
+  where the pool is too small for `num_devices`."""
   global _reserved
+  if num_devices is not None:
+    num_devices = check_count("num_devices", num_devices)
+  if _jax_internals.backends_initialized():
+    if num_devices is not None:
+      check_pool(num_devices)
+    return
   setting = _pool_setting()
-  if (setting is not None and setting != _reserved) or _jax_internals.backends_initialized():
+  if setting is not None and setting != _reserved:
     return
   wanted = 2 * max(num_devices or _configured_devices(), _USUAL_DEVICES)
   if wanted > max(_cores(), setting or 0):

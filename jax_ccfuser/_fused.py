@@ -42,7 +42,8 @@ RESIDUALS = ("inputs", "hidden", "auto")
 
 
 class _Static(NamedTuple):
-  """What a traced call fixes; hashable, so it can be a `custom_jvp` static argument and a primitive parameter."""
+  """What a traced call fixes; hashable, so it can be a `custom_jvp` static argument and a
+  primitive parameter."""
   site: int
   num_devices: int
   emulated: bool

@@ -21,7 +21,8 @@ from jax_ccfuser._jax_internals import checks_varying_axes, varying_axes
 from jax_ccfuser._reassign import plan_loads, reassign
 from jax_ccfuser._reference import reference_moe
 from jax_ccfuser._router import check_router_options, route
-from jax_ccfuser._validation import check_activation, check_int, explicit_split_axes
+from jax_ccfuser._validation import (check_activation, check_count, check_int,
+                                     explicit_split_axes)
 
 DISPATCH = {"fused": fused_moe, "all_to_all": all_to_all_moe, "reference": reference_moe}
 
@@ -129,6 +130,7 @@ class MoESpec:
   num_shared_experts: int = 0
 
   def __post_init__(self):
+    check_count("num_experts", self.num_experts)
     check_router_options(self.num_experts, self.k, score=self.score, num_groups=self.num_groups,
                          top_groups=self.top_groups, scale=self.scale)
     if check_int("num_shared_experts", self.num_shared_experts) < 0:
@@ -148,7 +150,7 @@ class MoESpec:
       raise ValueError(f"capacity_factor applies to dispatch='all_to_all' only, not "
                        f"{self.dispatch!r} (the fused and reference paths are dropless)")
     check_capacity_factor(self.capacity_factor)
-    if self.replicas < 0:
+    if check_int("replicas", self.replicas) < 0:
       raise ValueError(f"replicas={self.replicas} must be 0 or positive")
 
   @property

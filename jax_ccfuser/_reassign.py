@@ -14,7 +14,8 @@ import numpy as np
 
 from jax_ccfuser import _topology
 from jax_ccfuser._broadcasting import numpy_broadcasting
-from jax_ccfuser._validation import axis_size, check_int, check_num_experts
+from jax_ccfuser._validation import (as_operand, axis_size, check_int, check_num_experts,
+                                     known_now)
 
 
 class Plan(NamedTuple):
@@ -321,6 +322,7 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   """
   num_devices = axis_size(axis_name)
   experts_local = check_num_experts(num_experts, num_devices)
+  expert_ids = as_operand("expert_ids", expert_ids)
   if expert_ids.ndim != 2 or expert_ids.dtype != jnp.int32:
     raise ValueError(f"expert_ids must be [T, K] int32, got {expert_ids.dtype} {expert_ids.shape}")
   max_helpers = num_devices - 1 if max_helpers is None else check_int("max_helpers", max_helpers)
@@ -329,8 +331,12 @@ def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int |
   if not 0 <= max_helpers <= num_devices - 1:
     raise ValueError(f"max_helpers must be in [0, {num_devices - 1}] (the other devices), "
                      f"got {max_helpers}")
-  if tile < 1 or not threshold >= 1.0:  # NaN too
-    raise ValueError(f"tile must be >= 1 and threshold >= 1.0, got {tile} and {threshold}")
+  # A traced threshold (scheduled) is the caller's to keep >= 1; the tile is an int32 row count.
+  known = known_now(threshold)
+  if (not 1 <= tile <= np.iinfo(np.int32).max or isinstance(threshold, bool) or
+      (known is not None and not (known.ndim == 0 and known >= 1.0))):  # NaN too
+    raise ValueError(f"tile must be in [1, 2^31) and threshold a number >= 1.0, got {tile} and "
+                     f"{threshold!r}")
   if not 0 <= replicas <= experts_local:
     raise ValueError(f"replicas must be in [0, {experts_local}] (a device's experts), "
                      f"got {replicas}")

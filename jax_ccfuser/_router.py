@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ccfuser._broadcasting import numpy_broadcasting
-from jax_ccfuser._validation import check_int
+from jax_ccfuser._validation import as_operand, check_int, known_now
 
 SCORES = ("softmax", "sigmoid")
 
@@ -48,22 +48,48 @@ def check_router_options(num_experts: int, k: int, *, score: str = "softmax",
   if np.ndim(scale) != 0:
     raise ValueError(f"scale must be a scalar, got shape {tuple(np.shape(scale))}")
   # A traced scale (learned, or scheduled) is the caller's to keep positive.
-  if not isinstance(scale, jax.core.Tracer) and not (np.isfinite(scale) and scale > 0):
+  known = known_now(scale)
+  if known is not None and not (np.isfinite(known) and known > 0):
     raise ValueError(f"scale={scale} must be a positive finite number")
 
 
-def _limit_to_top_groups(choice, num_groups: int, top_groups: int):
+def _top_k(choice, tiebreak, k: int):
+  """The `k` largest entries of `choice` along its last axis, as `jax.lax.top_k` picks them (NaN
+  first) but for ties, which the larger `tiebreak` breaks before the lower index: float32 scores
+  round equal where the logits differ (a sigmoid is 1.0 past a logit of about 17, a softmax 0
+  far below a row's largest logit).
+
+  Returns:
+    `(choice, tiebreak, indices)` of the chosen entries, `[..., k]` each, best first.
+  """
+  keys = [jnp.where(jnp.isnan(a), -jnp.inf, -a) for a in (choice, tiebreak)]  # ascending sort
+  index = jax.lax.broadcasted_iota(jnp.int32, choice.shape, choice.ndim - 1)
+  *_, index = jax.lax.sort((*keys, index), dimension=choice.ndim - 1, num_keys=3)
+  index = index[..., :k]
+  return (jnp.take_along_axis(choice, index, -1), jnp.take_along_axis(tiebreak, index, -1), index)
+
+
+def _limit_to_top_groups(choice, logits, score: str, num_groups: int, top_groups: int):
   """`choice` `[T, E]` with the experts outside each token's `top_groups` best groups at -inf.
 
   Groups are consecutive runs of `E / num_groups` experts; a group's score is the sum of its
   best two entries of `choice` (its best one when groups have a single expert).
   """
   t, e = choice.shape
-  grouped = choice.reshape(t, num_groups, e // num_groups)
-  best = jax.lax.top_k(grouped, min(_GROUP_SCORE_EXPERTS, e // num_groups))[0]
-  _, groups = jax.lax.top_k(best.sum(-1), top_groups)                       # [T, top_groups]
+  grouped = lambda a: a.reshape(t, num_groups, e // num_groups)
+  best, _, index = _top_k(grouped(choice), grouped(logits),
+                          min(_GROUP_SCORE_EXPERTS, e // num_groups))
+  # Sums of scores that round equal are ordered exactly by how far their scores are from where
+  # float32 rounds them: log(s) for softmax (0 far below), -log(1 - s) for sigmoid (1 above).
+  if score == "softmax":
+    far = jnp.take_along_axis(grouped(jax.nn.log_softmax(logits)), index, -1)
+    tiebreak = jax.nn.logsumexp(far, -1)                           # log(s_a + s_b)
+  else:
+    far = jnp.take_along_axis(grouped(jax.nn.softplus(logits)), index, -1)
+    tiebreak = -jax.nn.logsumexp(-far, -1)                         # -log(2 - s_a - s_b)
+  _, _, groups = _top_k(best.sum(-1), tiebreak, top_groups)                 # [T, top_groups]
   keep = jnp.any(groups[:, :, None] == jnp.arange(num_groups)[None, None], axis=1)  # [T, G]
-  return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
+  return jnp.where(keep[:, :, None], grouped(choice), -jnp.inf).reshape(t, e)
 
 
 @numpy_broadcasting
@@ -77,12 +103,13 @@ def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
   `s[t] + expert_bias` (the bias shifts the choice only): with `num_groups > 1` the experts are
   split into `num_groups` groups of consecutive ids, a group scores the sum of its two best
   biased scores (DeepSeek-V3's rule; its one score when a group has a single expert), and each
-  token picks among the experts of its `top_groups` best groups only (ties go to the lower
-  group). The combine weights are the chosen experts' unbiased scores, rescaled to sum to 1 when
-  `renormalize`, then times `scale` (the routed scaling factor). With `num_groups` the size of
-  the expert-parallel axis, a group is one device's experts and each token reaches at most
-  `top_groups` devices. `num_groups=1`, `top_groups=None`, `scale=1` and no bias route exactly
-  as plain softmax (or sigmoid) top-k.
+  token picks among the experts of its `top_groups` best groups only. Scores that tie in float32
+  (a sigmoid is 1.0 past a logit of about 17) are told apart by their logits (a group's sum by
+  its scores' distances to 0 or 1), then go to the lower id (group). The combine weights are the
+  chosen experts' unbiased scores, rescaled to sum to 1 when `renormalize`, then times `scale`
+  (the routed scaling factor). With `num_groups` the size of the expert-parallel axis, a group
+  is one device's experts and each token reaches at most `top_groups` devices. `num_groups=1`,
+  `top_groups=None`, `scale=1` and no bias route exactly as plain softmax (or sigmoid) top-k.
 
   With `N = T * K` assignments and `E` experts:
 
@@ -116,7 +143,7 @@ def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
 
   Returns:
     `(expert_ids, expert_weights, aux)`: expert_ids `[T, K]` int32 in decreasing biased score
-    (ties to the lower id), expert_weights `[T, K]` float32, and a `RouterAux`. Gradients reach
+    (ties as above), expert_weights `[T, K]` float32, and a `RouterAux`. Gradients reach
     `logits` through `expert_weights` and both losses.
 
   Examples:
@@ -139,6 +166,9 @@ def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
     >>> bool(jnp.allclose(weights.sum(-1), 2.5))
     True
   """
+  logits = as_operand("logits", logits)
+  if expert_bias is not None:
+    expert_bias = as_operand("expert_bias", expert_bias)
   if np.ndim(logits) != 2:
     raise ValueError(f"logits must have rank 2 ([T, E]), got shape {tuple(np.shape(logits))}")
   if not jnp.issubdtype(logits.dtype, jnp.floating):
@@ -156,15 +186,15 @@ def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
   log_scores = (jax.nn.log_softmax if score == "softmax" else jax.nn.log_sigmoid)(logits)
   scores = jnp.exp(log_scores)
   probs = jax.nn.softmax(log_scores, axis=-1)
-  choice = scores
+  # The choice moves no gradient; the bias is moved by `update_expert_bias` from the loads.
+  choice, exact = jax.lax.stop_gradient((scores, logits))
   if expert_bias is not None:
-    # The bias is moved by `update_expert_bias` from the loads, never by gradients.
     choice = choice + jax.lax.stop_gradient(expert_bias.astype(jnp.float32))
   if top_groups is not None and top_groups < num_groups:
-    choice = _limit_to_top_groups(choice, num_groups, top_groups)
-  expert_weights, expert_ids = jax.lax.top_k(choice, k)
-  if choice is not scores:
-    expert_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
+    choice = _limit_to_top_groups(choice, exact, score, num_groups, top_groups)
+  # Scores that round equal are told apart by their logits, which order them exactly.
+  _, _, expert_ids = _top_k(choice, exact, k)
+  expert_weights = jnp.take_along_axis(scores, expert_ids, axis=-1)
   if renormalize is None:  # Switch's raw score at k = 1, where a rescaled weight is always 1
     renormalize = k > 1
   if renormalize:
@@ -228,8 +258,8 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
     raise ValueError(f"expert_bias and counts must have one shape, [E] or [..., E], got "
                      f"{tuple(np.shape(expert_bias))} and {tuple(np.shape(counts))}")
   # A traced rate (scheduled) is the caller's to keep finite and non-negative.
-  if not isinstance(rate, jax.core.Tracer) and not (np.ndim(rate) == 0 and np.isfinite(rate)
-                                                    and rate >= 0):
+  known = known_now(rate)
+  if known is not None and not (known.ndim == 0 and np.isfinite(known) and known >= 0):
     raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
   counts = jnp.asarray(counts)
   if jnp.issubdtype(counts.dtype, jnp.integer):

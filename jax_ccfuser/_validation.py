@@ -44,8 +44,21 @@ def _is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def known_now(value):
+  """`value` as a NumPy value where it is known while tracing (a Python or NumPy number, or a
+  concrete `jax.Array`, on which jit would stage a comparison), or None for a Tracer."""
+  return None if isinstance(value, jax.core.Tracer) else np.asarray(value)
+
+
+def _check_not_traced(name: str, value) -> None:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be an int known while tracing, got the traced {value}: pass "
+                     f"it as a static argument (jax.jit(..., static_argnames={name!r}))")
+
+
 def check_int(name: str, value) -> int:
   """`value` as a Python int (see `_is_int`)."""
+  _check_not_traced(name, value)
   if not _is_int(value):
     raise ValueError(f"{name} must be an int, got {value!r}")
   return int(value)
@@ -53,6 +66,7 @@ def check_int(name: str, value) -> int:
 
 def check_count(name: str, value) -> int:
   """`value` as a positive Python int (a shape, a number of devices or experts)."""
+  _check_not_traced(name, value)
   if not _is_int(value) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
   return int(value)
@@ -143,26 +157,37 @@ def _check_whole(**operands) -> None:
           f"it on its own part), or reshard the operands whole (jax.sharding.reshard(a, P()))")
 
 
+def as_operand(name: str, a):
+  """`a` as an operand: a NumPy array becomes a jax array with the dtype `jax.jit` gives it
+  (float64 is float32 without x64), so a call takes the same operands eagerly as under jit, but
+  integers past int32 are refused rather than wrapped into range; jax arrays and tracers pass
+  as they are; anything else (a list) is refused, as `jax.numpy` refuses it."""
+  if isinstance(a, np.ndarray):
+    info = np.iinfo(np.int32)
+    if (np.issubdtype(a.dtype, np.integer) and a.size and
+        (a.min() < info.min or a.max() > info.max)):
+      raise ValueError(f"{name} holds values outside int32 ({a.min()} to {a.max()})")
+    return jnp.asarray(a)
+  if not hasattr(a, "dtype"):
+    raise ValueError(f"{name} must be an array (jax or numpy), got {type(a).__name__}")
+  return a
+
+
 def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: str,
                    axis_name) -> tuple[tuple, MoeDims]:
   """Checks the arguments of `fused_moe`, `fused_moe_emulated`, `reference_moe` and
   `all_to_all_moe` (the API contract).
 
-  NumPy operands become jax arrays with the dtypes `jax.jit` gives them (float64 is float32
-  without x64), so a call takes the same operands eagerly as under jit.
+  Operands are taken as `as_operand` takes them.
 
   Returns:
     The five operands so taken, and the call's `MoeDims`.
   """
+  names = ("x", "expert_ids", "expert_weights", "w_in", "w_out")
   x, expert_ids, expert_weights, w_in, w_out = (
-      jnp.asarray(a) if isinstance(a, np.ndarray) else a
-      for a in (x, expert_ids, expert_weights, w_in, w_out))
+      as_operand(name, a) for name, a in zip(names, (x, expert_ids, expert_weights, w_in, w_out)))
   gated = ACTIVATIONS[check_activation(activation)].gated
-  for name, a, rank in (("x", x, 2), ("expert_ids", expert_ids, 2),
-                        ("expert_weights", expert_weights, 2), ("w_in", w_in, 3),
-                        ("w_out", w_out, 3)):
-    if not hasattr(a, "dtype"):  # as jax.numpy, which takes no lists
-      raise ValueError(f"{name} must be an array (jax or numpy), got {type(a).__name__}")
+  for name, a, rank in zip(names, (x, expert_ids, expert_weights, w_in, w_out), (2, 2, 2, 3, 3)):
     if np.ndim(a) != rank:
       raise ValueError(f"{name} must have rank {rank}, got shape {tuple(np.shape(a))}")
   if x.dtype not in _X_DTYPES:

@@ -20,6 +20,8 @@ from flax import linen as nn
 from jax.sharding import AxisType, PartitionSpec as P
 from flax.typing import Dtype, Initializer
 
+# Registers the "expert_bias" collection's NNX type, for layers bridged with nnx.bridge.
+from jax_ccfuser import _expert_bias  # noqa: F401
 from jax_ccfuser._moe_layer import (MoEAux, MoESpec, check_widths, default_expert_init,
                                      default_shared_init)
 
@@ -134,7 +136,7 @@ class MoE(nn.Module):
                    top_groups=self.top_groups, scale=self.scale,
                    num_shared_experts=self.num_shared_experts)
     h, e, g = x.shape[-1], self.num_experts, 2 if spec.gated else 1
-    spec.placement()  # the experts split evenly over the mesh's expert axis, before init places them
+    spec.placement()  # the experts split evenly over the mesh's expert axis, before init puts them
 
     def partitioned(init, sharding):
       if self.axis_name is None:
@@ -167,3 +169,9 @@ class MoE(nn.Module):
                       kernel_init=self.router_init, name="router")(x)
     x, w_in, w_out, *shared = nn.dtypes.promote_dtype(x, w_in, w_out, *shared, dtype=self.dtype)
     return spec(x, logits, w_in, w_out, expert_bias=bias, shared=tuple(shared) or None)
+
+
+__all__ = [
+    "MoE",
+    "MoEAux",
+]

@@ -20,21 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
+from jax_ccfuser._expert_bias import ExpertBias
 from jax_ccfuser._moe_layer import (MoEAux, MoESpec, check_widths, default_expert_init,
                                      default_shared_init)
 from jax_ccfuser._validation import explicit_split_axes
-
-
-@nnx.register_variable_name("expert_bias")
-class ExpertBias(nnx.Variable):
-  """A router's per-expert bias (`[E]` float32): it shifts which experts are chosen, not the
-  combine weights (`jax_ccfuser.route`'s `expert_bias`).
-
-  Not an `nnx.Param`: `nnx.grad` and `nnx.Optimizer(..., wrt=nnx.Param)` leave it alone, and
-  `jax_ccfuser.update_expert_bias` moves it from the loads the layer reports. It is saved with the
-  model's state (`nnx.state(model)`); `nnx.state(model, ExpertBias)` selects every layer's bias.
-  The Linen twin keeps it in the `"expert_bias"` collection, the name registered here for it.
-  """
 
 
 class MoE(nnx.Module):
@@ -146,9 +135,9 @@ class MoE(nnx.Module):
     self.spec = MoESpec(
         num_experts=num_experts, k=k, activation=activation, dispatch=dispatch,
         capacity_factor=capacity_factor, axis_name=axis_name, renormalize=renormalize,
-        reassign=reassign, replicas=replicas, residuals=residuals, score=score, num_groups=num_groups,
-        top_groups=top_groups,
-        scale=scale, num_shared_experts=num_shared_experts)
+        reassign=reassign, replicas=replicas, residuals=residuals, score=score,
+        num_groups=num_groups, top_groups=top_groups, scale=scale,
+        num_shared_experts=num_shared_experts)
     self.dtype = dtype
     self.router = nnx.Linear(hidden, num_experts, use_bias=False, dtype=jnp.float32,
                              param_dtype=param_dtype, kernel_init=router_init, rngs=rngs)
@@ -198,3 +187,10 @@ class MoE(nnx.Module):
         (x, self.w_in[...], self.w_out[...], *shared), dtype=self.dtype)
     bias = None if self.expert_bias is None else self.expert_bias[...]
     return self.spec(x, logits, w_in, w_out, expert_bias=bias, shared=tuple(shared) or None)
+
+
+__all__ = [
+    "MoE",
+    "MoEAux",
+    "ExpertBias",
+]

@@ -61,6 +61,18 @@ def test_more_devices_raise_the_pool_reserved_at_import_but_not_a_users(monkeypa
     assert os.environ["PJRT_NPROC"] == after, (users, reserved, devices)
 
 
+def test_reserving_threads_once_the_backend_runs_warns_where_too_few():
+  """The pool is sized: a late call changes nothing, and says so where the pool is too small."""
+  jax.devices()  # the backend runs
+  before = os.environ.get("PJRT_NPROC")
+  with pytest.warns(RuntimeWarning, match="XLA:CPU runs 4099 devices on a pool of"):
+    ccf.experimental.reserve_cpu_threads(4099)
+  assert os.environ.get("PJRT_NPROC") == before
+  for bad in (0, 2.5, "8"):
+    with pytest.raises(ValueError, match="num_devices must be a positive int"):
+      ccf.experimental.reserve_cpu_threads(bad)
+
+
 def _train(dispatch: str, steps: int, wait_every_step: bool):
   """An Optax loop of the NNX layer on 8 devices; returns its final parameters as numpy."""
   with jax.set_mesh(ep_mesh(DEVICES)):

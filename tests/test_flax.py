@@ -250,6 +250,10 @@ def test_bad_options():
       _layer(dispatch="all_to_all", capacity_factor=factor)
   with pytest.raises(ValueError, match="replicas=-1 must be 0 or positive"):
     _layer(reassign=True, replicas=-1)
+  with pytest.raises(ValueError, match="replicas must be an int, got 1.0"):
+    _layer(reassign=True, replicas=1.0)
+  with pytest.raises(ValueError, match="num_experts must be a positive int, got 0"):
+    ccf_nnx.MoE(HIDDEN, FFN, 0, axis_name=None, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="unknown score 'relu'"):
     _layer(score="relu")
   with pytest.raises(ValueError, match="num_groups=3 must be positive and divide"):
@@ -671,3 +675,40 @@ def test_strict_rank_promotion_is_the_users_alone(options):
     with jax.set_mesh(ep_mesh(DEVICES)), jax.numpy_rank_promotion(promotion):
       results.append(jax.tree.map(np.asarray, nnx.jit(step)(_layer(**options), x)))
   jax.tree.map(np.testing.assert_array_equal, *results)
+
+
+_BRIDGED = """
+import sys
+import jax.numpy as jnp
+from flax import linen as nn, nnx
+from flax.nnx import bridge
+
+class Other(nn.Module):  # another library's collection of the same name, bridged first
+  @nn.compact
+  def __call__(self, x):
+    return x + self.variable("expert_bias", "b", jnp.zeros, ()).value
+
+bridge.lazy_init(bridge.ToNNX(Other(), rngs=nnx.Rngs(0)), jnp.ones(2))
+from jax_ccfuser import linen as ccf_linen
+layer = bridge.ToNNX(ccf_linen.MoE(num_experts=4, ffn=8, axis_name=None, expert_bias=True),
+                     rngs=nnx.Rngs(0))
+bridge.lazy_init(layer, jnp.ones((2, 16)))
+from jax_ccfuser import nnx as ccf_nnx, placement
+selected = nnx.to_flat_state(nnx.state(layer, ccf_nnx.ExpertBias))
+assert [path for path, _ in selected] == [("expert_bias",)], selected
+assert not nnx.state(layer, nnx.Param).get("expert_bias"), "a parameter: gradients would move it"
+assert callable(placement.moe_layers) and "moe_layers" in dir(placement)
+namespace = {}
+exec("from jax_ccfuser.nnx import *; from jax_ccfuser.linen import *", namespace)
+assert sorted(k for k in namespace if not k.startswith("__")) == ["ExpertBias", "MoE", "MoEAux"]
+"""
+
+
+def test_bridged_linen_bias_is_an_expert_bias_whatever_was_imported_first():
+  """`nnx.bridge` named the Linen layer's bias collection with a type of its own when only
+  `jax_ccfuser.linen` was imported (and a later `import jax_ccfuser.nnx` failed on the name
+  taken); in a fresh process, as import order is the point."""
+  import subprocess, sys
+  run = subprocess.run([sys.executable, "-c", _BRIDGED], capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]

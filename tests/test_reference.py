@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
-from jax_ccfuser import fused_moe, reference_moe
+from jax_ccfuser import all_to_all_moe, fused_moe, reference_moe
 from jax_ccfuser._ffn import expert_ffn
-from moe_cases import Case, assert_close, make_inputs, sharded
+from moe_cases import Case, assert_close, ep_mesh, make_inputs, sharded
 
 _NUMPY_ACTIVATIONS = {
     "swiglu": (lambda v: v / (1 + np.exp(-v)), True),
@@ -100,18 +101,29 @@ def test_check_grads():
 
 
 
-def test_zero_tokens_under_shard_map_differentiate():
-  """Devices with no tokens: an empty result and zero weight gradients, as fused_moe gives
-  (XLA fails to compile the gradient of the weights' gather with zero tokens under shard_map)."""
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_zero_tokens_under_shard_map_differentiate(check_vma):
+  """Devices with no tokens: an empty result and zero gradients for the weights and for a
+  router kernel the combine weights come from, as fused_moe gives (XLA fails to compile the
+  gradient of the weights' gather, or of all_to_all_moe's dispatch, with zero tokens under
+  shard_map)."""
   case = Case(devices=4, tokens=0, seed=8)
-  _, ids, weights, w_in, w_out = make_inputs(case)
+  _, ids, _, w_in, w_out = make_inputs(case)
   x = jnp.zeros((0, w_in.shape[1]))
+  kernel = jax.random.normal(jax.random.key(8), (w_in.shape[1], ids.shape[1]))
   grads = {}
-  for fn in (reference_moe, fused_moe):
-    layer = sharded(fn, case.devices)
-    y = layer(x, ids, weights, w_in, w_out)
+  for fn in (reference_moe, fused_moe, all_to_all_moe):
+    def body(x, ids, kernel, w_in, w_out, fn=fn):
+      return fn(x, ids, x @ kernel, w_in, w_out, axis_name="ep")
+
+    layer = jax.jit(jax.shard_map(body, mesh=ep_mesh(case.devices),
+                                  in_specs=(P("ep"), P("ep"), P(), P("ep"), P("ep")),
+                                  out_specs=P("ep"), check_vma=check_vma))
+    y = layer(x, ids, kernel, w_in, w_out)
     assert y.shape == (0, w_in.shape[1])
-    grads[fn] = jax.jit(jax.grad(lambda w_in, w_out: jnp.sum(layer(x, ids, weights, w_in, w_out))
-                                 + jnp.sum(w_in * w_out.mean()), (0, 1)))(w_in, w_out)
-  for want, got in zip(grads[fused_moe], grads[reference_moe]):
-    assert_close(got, want, jnp.float32)
+    loss = lambda kernel, w_in, w_out: (jnp.sum(layer(x, ids, kernel, w_in, w_out))
+                                        + jnp.sum(w_in * w_out.mean()) + jnp.sum(kernel ** 2))
+    grads[fn] = jax.jit(jax.grad(loss, (0, 1, 2)))(kernel, w_in, w_out)
+  for fn in (reference_moe, all_to_all_moe):
+    for want, got in zip(grads[fused_moe], grads[fn]):
+      assert_close(got, want, jnp.float32)

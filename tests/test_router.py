@@ -276,6 +276,29 @@ def test_router_options_match_numpy(score, num_groups, top_groups, scale, renorm
   assert np.any(unbiased != want_ids)
 
 
+@pytest.mark.parametrize("score,num_groups,top_groups,scale,renormalize,k", ROUTER_OPTIONS)
+def test_scores_that_round_equal_choose_by_their_logits(score, num_groups, top_groups, scale,
+                                                        renormalize, k):
+  """Logits of a live router past about 17 (sigmoid) or 104 below a row's largest (softmax):
+  their float32 scores tie at 1.0 (or 0), which handed the choice to the lowest ids; the
+  float64 oracle still tells them apart."""
+  tokens, experts = 24, 16
+  rng = np.random.default_rng(num_groups)
+  # Distinct logits in [18, 34] (float64 sigmoids differ there), or a row's largest then the
+  # rest spread 110-130 below it (float64 softmax scores differ, float32's are 0).
+  spread = np.stack([rng.permutation(np.linspace(18.0, 34.0, experts)) for _ in range(tokens)])
+  if score == "softmax":
+    spread = np.where(spread == spread.max(1, keepdims=True), 250.0, spread + 100.0)
+  logits = jnp.asarray(spread, jnp.float32)
+  options = dict(score=score, num_groups=num_groups, top_groups=top_groups, scale=scale,
+                 renormalize=renormalize)
+  ids, _, aux = jax.jit(lambda l: route(l, k, **options))(logits)
+  want_ids, _, _, want_counts = _numpy_route_with_options(logits, k, bias=np.zeros(experts),
+                                                          **options)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(aux.counts, want_counts)
+
+
 def test_neutral_options_change_nothing():
   # A zero bias, all groups kept and scale 1 take other code paths to bitwise the same routing.
   logits = _logits(9, 8, seed=7)
@@ -357,6 +380,36 @@ def test_update_expert_bias_by_hand():
   np.testing.assert_array_equal(stacked[0], new)
   np.testing.assert_array_equal(
       stacked[1], update_expert_bias(-bias, stacked_counts[1], rate=0.125))
+
+
+def test_options_given_as_concrete_jax_scalars_are_checked_under_jit():
+  """A `jnp.float32` made outside and closed over is known while tracing (jit would stage a
+  comparison on it): checked as a Python number is, not a TracerBoolConversionError."""
+  import jax_ccfuser as ccf
+  logits = _logits(8, 4, seed=11)
+  ids = jnp.stack([jnp.zeros(8, jnp.int32), jnp.arange(8, dtype=jnp.int32) % 4], 1)
+  scale, rate, threshold = jnp.float32(2.5), jnp.float32(0.125), jnp.float32(1.1)
+  bias, counts = jnp.zeros(4), jnp.array([5, 1, 3, 3], jnp.int32)
+  for with_jax_scalar, with_python in [
+      (lambda: route(logits, 2, scale=scale), lambda: route(logits, 2, scale=2.5)),
+      (lambda: update_expert_bias(bias, counts, rate=rate),
+       lambda: update_expert_bias(bias, counts, rate=0.125)),
+      (lambda: ccf.reassign(ids, 4, threshold=threshold, tile=1),
+       lambda: ccf.reassign(ids, 4, threshold=1.1, tile=1))]:
+    jax.tree.map(np.testing.assert_array_equal, jax.jit(with_jax_scalar)(),
+                 jax.jit(with_python)())
+  bad_scale, bad_rate, bad_threshold = jnp.float32(-1.0), jnp.float32(jnp.nan), jnp.float32(0.5)
+  for call, match in [
+      (lambda: route(logits, 2, scale=bad_scale), "scale=-1.0 must be a positive"),
+      (lambda: update_expert_bias(bias, counts, rate=bad_rate),
+       "rate must be a finite number >= 0"),
+      (lambda: ccf.reassign(ids, 4, threshold=bad_threshold), "threshold a number >= 1.0")]:
+    with pytest.raises(ValueError, match=match):
+      jax.jit(call)()
+  # An int option traced (jit's positional arguments are) says how to keep it static.
+  with pytest.raises(ValueError, match=r"k must be an int known while tracing, got the traced "
+                                       r".*static_argnames='k'"):
+    jax.jit(route)(logits, 2)
 
 
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])

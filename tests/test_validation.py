@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import jax_ccfuser as ccf
 from jax_ccfuser import all_to_all_moe, fused_moe, reassign, reference_moe
 from jax_ccfuser._validation import (GPU_MAX_EXPERTS_HERE, GPU_MAX_PEERS, GPU_MAX_TOP_K, axis_size,
                                      check_gpu_group, check_num_experts)
@@ -122,7 +123,8 @@ def test_emulated_devices_must_split_tokens_and_experts_evenly():
 @pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
 def test_numpy_operands_are_taken_eagerly_as_under_jit(moe_fn):
   """float64 and int64 NumPy operands were refused eagerly but taken under jit, which makes them
-  float32 and int32 (no x64); reference_moe took float64 weights eagerly where the others did not."""
+  float32 and int32 (no x64); reference_moe took float64 weights eagerly where the others did
+  not."""
   args = _replace()
   wide = {name: np.asarray(a, np.int64 if name == "expert_ids" else np.float64)
           for name, a in args.items()}
@@ -130,6 +132,35 @@ def test_numpy_operands_are_taken_eagerly_as_under_jit(moe_fn):
   assert eager.dtype == traced.dtype == jnp.float32
   np.testing.assert_array_equal(eager, narrow)
   np.testing.assert_array_equal(traced, narrow)
+
+
+@pytest.mark.parametrize("moe_fn", MOE_FNS, ids=lambda f: f.__name__)
+def test_numpy_ids_past_int32_are_refused_not_wrapped(moe_fn):
+  """An int64 id of 2^32 + 1 became expert 1 when cast to int32 (no error, while any other
+  out-of-range id raises). `jax.jit` itself casts its arguments before the call sees them."""
+  args = _replace()
+  wide = np.asarray(args["expert_ids"], np.int64)
+  wide[0, 0] = 2**32 + 1
+  with pytest.raises(ValueError,
+                     match=r"expert_ids holds values outside int32 \(0 to 4294967297\)"):
+    moe_fn(**{**args, "expert_ids": wide})
+
+
+def test_router_and_planner_take_operands_as_the_moe_ops_do():
+  ids = jnp.zeros((6, 2), jnp.int32)
+  for call, match in [
+      (lambda: ccf.route([[0.0, 1.0]], 1), r"logits must be an array \(jax or numpy\), got list"),
+      (lambda: ccf.route(jnp.zeros((3, 2)), 1, expert_bias=[0.0, 0.0]),
+       r"expert_bias must be an array \(jax or numpy\), got list"),
+      (lambda: ccf.reassign(ids.tolist(), 4),
+       r"expert_ids must be an array \(jax or numpy\), got list"),
+      (lambda: ccf.reassign(np.full((6, 2), 2**32 + 1), 4), "expert_ids holds values outside"),
+      (lambda: ccf.reassign(ids, 4, tile=2**31), r"tile must be in \[1, 2\^31\)"),
+      (lambda: ccf.reassign(ids, 4, threshold=True), "threshold a number >= 1.0, got 32 and True")]:
+    with pytest.raises(ValueError, match=match):
+      call()
+  plan = ccf.reassign(np.asarray(ids, np.int64), 4)  # int64 NumPy ids in range: as under jit
+  np.testing.assert_array_equal(ccf.plan_loads(plan), ccf.plan_loads(ccf.reassign(ids, 4)))
 
 
 def test_reference_marks_an_out_of_range_id_nan_as_fused_moe_refuses_it():

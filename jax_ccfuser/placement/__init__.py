@@ -61,6 +61,10 @@ def __getattr__(name: str):
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():  # dir() and help() list the names loaded on first use too
+  return sorted([*globals(), *_NNX_NAMES])
+
+
 __all__ = [
     "RoutingStats",
     "routing_stats",
