@@ -86,7 +86,7 @@ FAULTS = [
     _Fault("`axis_name` given outside `shard_map`", _outside_shard_map),
     _Fault("missing peer: device 0 takes another `lax.cond` branch", _missing_peer),
     _Fault("failing peer: device 1's call fails after publishing its buffers (the test hook "
-           "`fail_next_call_for_testing(1)`; device 0 times out at the compute barrier)",
+           "`fail_next_call_for_testing(1)`; it still meets its peers at the compute barrier)",
            lambda: _fused_on_fault_case(),
            arm=lambda: _extension.cpu.fail_next_call_for_testing(1)),
 ]

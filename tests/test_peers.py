@@ -3,9 +3,11 @@ hangs, the next call works."""
 
 import dataclasses
 import re
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -94,7 +96,8 @@ def test_failing_peer_in_forward(rank):
   assert isinstance(error, jax.errors.JaxRuntimeError)
   # The failing device still meets its peers at the compute barrier: they all learn its fault,
   # never a timeout.
-  assert re.match(rf"INTERNAL: .*jax_ccfuser: injected fault on device {rank}$", str(error)), str(error)
+  assert re.match(rf"INTERNAL: .*jax_ccfuser: injected fault on device {rank}$",
+                  str(error)), str(error)
   assert_matches_reference(following, following_args, 4, "swiglu", jnp.float32)
   assert_matches_reference(step(*args), args, 4, "swiglu", jnp.float32)
 
@@ -119,3 +122,32 @@ def test_failing_peer_in_backward():
   assert re.match(r"INTERNAL: .*jax_ccfuser: injected fault on device 2$", str(error)), str(error)
   assert_matches_reference((y, following), (*args[:5], following_dy), 4, "swiglu", jnp.float32)
   assert_matches_reference((y, pullback(dy)), args, 4, "swiglu", jnp.float32)
+
+
+def test_a_peer_computing_past_the_timeout_is_waited_for_at_the_compute_barrier():
+  """Every row goes to device 3's experts, whose compute outlasts the peer timeout many times
+  over. The others, done at once, gave up at the compute barrier and returned while device 3
+  still wrote their staging (which XLA then freed or reused); past the publish barrier they now
+  wait for it, and every call's result is bitwise the one the same layer computes under a long
+  timeout (fused_moe is deterministic; it matches reference_moe in the other tests)."""
+  case = dataclasses.replace(PEER_CASE, tokens=128, hidden=768, ffn=1536, k=8, seed=31)
+  x, ids, weights, w_in, w_out = peer_args(case)[:5]
+  e_local = w_out.shape[0] // case.devices
+  ids = 3 * e_local + ids % e_local  # device 3's experts only
+  layer = jax.jit(shard_ep(lambda *a, axis_name: ccf.fused_moe(*a, axis_name=axis_name), 4))
+  with ccf.peer_timeout(60.0):
+    want = np.asarray(layer(x, ids, weights, w_in, w_out))
+  timeout_s = 0.25
+  with ccf.peer_timeout(timeout_s):  # the same function, traced again under this timeout
+    jax.block_until_ready(layer(x, ids, weights, w_in, w_out))
+    start = time.monotonic()
+    outcomes = [error_of(y) or y for y in [layer(x, ids, weights, w_in, w_out) for _ in range(4)]]
+    per_call = (time.monotonic() - start) / len(outcomes)
+  assert per_call > 2 * timeout_s, f"device 3 computed in {per_call} s: no test of the wait"
+  failed = [o for o in outcomes if isinstance(o, Exception)]
+  for error in failed:  # a device late to the call may still miss the short first wait
+    assert "at the publish barrier" in str(error), str(error)
+  assert len(failed) < len(outcomes) / 2, failed
+  for y in outcomes:
+    if not isinstance(y, Exception):
+      np.testing.assert_array_equal(y, want)

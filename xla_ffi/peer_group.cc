@@ -105,13 +105,18 @@ xla::ffi::Error PeerGroup::Arrive(int rank, Phase phase, std::chrono::millisecon
     return xla::ffi::Error::Success();
   }
   BarrierWait wait(*this, group_, num_devices_, timeout);
+  // Past the publish barrier every device of this process is computing the same call and comes,
+  // however long it takes, while its peers' reads and writes of this device's buffers last: a
+  // device that stopped waiting would let XLA free buffers they still write (no timeout there).
+  const bool published = phase != Phase::kPublished;
   // In steps, so that a gone peer heard meanwhile extends the wait (BarrierWait::deadline).
   bool opened;
   for (;;) {
     opened = b.generation != generation;
     const Clock::time_point now = Clock::now(), end = wait.deadline();
-    if (opened || now >= end) break;
-    b.cv.wait_until(lock, std::min<Clock::time_point>(end, now + wait.step()));
+    if (opened || (now >= end && !published)) break;
+    b.cv.wait_until(lock, published ? now + wait.step()
+                                    : std::min<Clock::time_point>(end, now + wait.step()));
   }
   std::vector<bool> came = b.seen;
   // Withdraw, so this call does not count as an arrival in the next one.
@@ -135,8 +140,8 @@ std::string Waited(int32_t group, int rank, int members, Phase phase,
                    std::chrono::milliseconds waited) {
   static constexpr const char* kPhaseNames[] = {"publish", "compute", "release"};
   return "jax_ccfuser: device " + std::to_string(rank) + " of " + std::to_string(members) +
-         " in group " + std::to_string(group) + " waited " + std::to_string(waited.count()) + " ms at the " +
-         kPhaseNames[static_cast<int>(phase)] + " barrier";
+         " in group " + std::to_string(group) + " waited " + std::to_string(waited.count()) +
+         " ms at the " + kPhaseNames[static_cast<int>(phase)] + " barrier";
 }
 
 // The error of a barrier that did not open after waiting `waited`; `arrived[r]` says whether rank

@@ -144,7 +144,9 @@ class PeerGroup final : public Rendezvous, private Silence {
   void ReportFailure(const std::string& msg) override;
   std::string Failure() override;
 
-  // Waits up to `timeout`, less where a peer is gone (`BarrierWait`).
+  // Waits up to `timeout`, less where a peer is gone (`BarrierWait`), at the publish barrier;
+  // at the later ones, until every device comes: they all passed the publish barrier of this
+  // call in this process, so they come, and their peers use their buffers until then.
   xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
 
  private:
