@@ -24,6 +24,9 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     calling while the others queue 10 calls (a short peer timeout): their errors and times;
   silent: after a call together, the last process stops calling but stays alive while the
     others make another call: their error and its time;
+  slow_peer: every row goes to the last device's experts, whose compute outlasts the 0.2 s peer
+    timeout several times over: 3 calls' errors and whether their results are bitwise those under
+    a long timeout;
   gave_up_in_set_up: after a call together, process 0 traces a call that grows the workspaces
     with a 2 s peer timeout and gives up; the last process traces it 6 s later: its error;
   killed_in_set_up: after a call together, a call of more tokens grows the workspaces by a
@@ -296,6 +299,31 @@ def silent(mesh, case):
   return out
 
 
+def slow_peer(mesh, case):
+  """The slow_peer scenario (see the module docstring)."""
+  big = dataclasses.replace(case, tokens=128, hidden=768, ffn=1536, k=8)
+  x, ids, weights, w_in, w_out = make_inputs(big)
+  last = NUM_PROCESSES * DEVICES - 1
+  ids = last * big.experts_local + ids % big.experts_local  # the last device's experts only
+  args = [global_array(mesh, a) for a in (x, ids, weights, w_in, w_out)]
+  call = layer(mesh)
+  client = key_value_client()
+  with ccf.peer_timeout(60.0):
+    want = local(call(*args))
+  out = dict(errors=[], equal=[])
+  with ccf.peer_timeout(0.2):
+    call.lower(*args).compile()
+    for i in range(3):
+      client.wait_at_barrier(f"slow_peer/{i}", 60_000)  # the calls start together
+      start = time.monotonic()
+      y = call(*args)
+      error = error_of(lambda: y)
+      out["errors"].append(error)
+      out["equal"].append(error is None and local(y) == want)
+      out["seconds"] = time.monotonic() - start
+  return out
+
+
 def late_first_trace(mesh, case):
   """The late scenario: the last process traces its first call 2 s after the others, whose
   first trace gives up after a 1 s peer timeout with the error it got. Their next trace waits up
@@ -400,6 +428,8 @@ def main():
       out.update(withdrawn(mesh, case))
     elif SCENARIO == "silent":
       out.update(silent(mesh, case))
+    elif SCENARIO == "slow_peer":
+      out.update(slow_peer(mesh, case))
     elif SCENARIO == "late":
       out.update(late_first_trace(mesh, case))
     elif SCENARIO == "trace_order":

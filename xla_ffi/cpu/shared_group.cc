@@ -78,9 +78,12 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     return arrived;
   };
   BarrierWait wait(*this, group_, static_cast<int>(n), timeout);
+  const bool publish = phase == Phase::kPublished;
   // A device waiting here shows it is alive by refreshing its time (`Heard`) at every step of
   // the wait rather than by a flag: a process that dies while waiting then falls silent, as one
-  // that never came.
+  // that never came. Past the publish barrier every peer is computing this call and comes unless
+  // its process exits: the wait has no timeout then, since a device that returned would have
+  // the peers' late writes land in its region's next call.
   for (;;) {
     // The time is read before the barrier is seen still closed, so no word of this device is
     // dated after the barrier opened: its peers leave it then and may wait at the next one
@@ -89,8 +92,9 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     const Clock::time_point now = Clock::now();
     if (b.generation.load(std::memory_order_acquire) != generation) break;
     Heard(rank, now);
-    const auto left = wait.deadline() - now;
-    if (left <= std::chrono::nanoseconds(0)) break;
+    const auto end = wait.deadline();
+    if (now >= end && (publish || wait.exit_found())) break;
+    const auto left = publish || wait.exit_found() ? end - now : wait.step();
     // Woken by the last arrival; the cap also bounds a wake-up lost to a dying peer.
     FutexWait(&b.generation, generation, std::min<std::chrono::nanoseconds>(left, wait.step()));
   }

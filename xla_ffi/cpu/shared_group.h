@@ -19,7 +19,8 @@ class SharedGroup final : public Rendezvous, private Silence {
   // `headers[r]`: rank r's region header, mapped in this process; `group`: which EP group.
   SharedGroup(int32_t group, std::vector<RegionHeader*> headers);
 
-  // Waits up to `timeout`, less where a peer is gone (`BarrierWait`).
+  // Waits up to `timeout`, less where a peer is gone (`BarrierWait`), at the publish barrier;
+  // at the later ones, until every device comes or a peer's process is found exited.
   xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
   void ReportFailure(const std::string& msg) override;
   std::string Failure() override;
