@@ -158,6 +158,12 @@ def peer_timeout(seconds: float):
   value traces (and compiles) again. Usable as a decorator too. The process-wide default is 300 s
   or the environment variable `JAX_CCFUSER_PEER_TIMEOUT` (seconds).
 
+  Args:
+    seconds: how long a call waits for a missing peer, > 0 and at most 1e9 seconds.
+
+  Returns:
+    A context manager for a `with` block, also usable as a decorator.
+
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
     >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
@@ -189,6 +195,12 @@ def transport(kind: str):
   traced it first fails (that process waits out its peer timeout). Fixed when a call is traced,
   like `peer_timeout`.
 
+  Args:
+    kind: "auto", "shared_memory" or "collectives".
+
+  Returns:
+    A context manager for a `with` block, also usable as a decorator.
+
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
     >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
@@ -214,6 +226,12 @@ def residual_budget(nbytes: int):
   a model with L such layers keeps up to L times it. Fixed when a call is traced, like
   `peer_timeout`. The process-wide default is 256 MiB or the environment variable
   `JAX_CCFUSER_RESIDUAL_BUDGET` (bytes).
+
+  Args:
+    nbytes: bytes per device and call, a whole number >= 0.
+
+  Returns:
+    A context manager for a `with` block, also usable as a decorator.
 
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
@@ -249,6 +267,12 @@ def scratch_budget(nbytes: int):
   traced, like `peer_timeout`. The process-wide default is 2 GiB or the environment variable
   `JAX_CCFUSER_SCRATCH_BUDGET` (bytes).
 
+  Args:
+    nbytes: bytes per call, a whole number > 0.
+
+  Returns:
+    A context manager for a `with` block, also usable as a decorator.
+
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
     >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
@@ -278,6 +302,12 @@ def fetch_sms(count: int | None):
   the same for every count. CPU calls ignore it. Fixed when a call is traced, like
   `peer_timeout`. The environment variable `JAX_CCFUSER_FETCH_SMS` sets a process-wide count
   ("auto" for the default).
+
+  Args:
+    count: SMs, a whole number >= 0, or `None` for one in eight.
+
+  Returns:
+    A context manager for a `with` block, also usable as a decorator.
 
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device

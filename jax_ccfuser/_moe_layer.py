@@ -79,13 +79,20 @@ class MoEAux(NamedTuple):
 
   Inside a user's `jax.shard_map` the batch is the tokens of every manual axis x varies over;
   with `check_vma=False` JAX does not say which, and every manual axis of size > 1 counts, so
-  tokens replicated over one (a tensor-parallel axis) count once for each of its devices."""
-  load_balancing_loss: jax.Array  # [] float32, Switch/GShard auxiliary loss, unscaled
-  z_loss: jax.Array               # [] float32, router z-loss, unscaled
-  counts: jax.Array               # [E] int32, (token, k) assignments per expert
-  device_loads: jax.Array         # [2, D] int32, rows each device of the expert axis computes
-                                  # without / with the reassignment plan (equal rows when
-                                  # reassign=False), summed over the groups of other mesh axes
+  tokens replicated over one (a tensor-parallel axis) count once for each of its devices.
+
+  Attributes:
+    load_balancing_loss: `[]` float32, the Switch/GShard auxiliary loss, unscaled.
+    z_loss: `[]` float32, the router z-loss, unscaled.
+    counts: `[E]` int32, the (token, k) assignments per expert.
+    device_loads: `[2, D]` int32, the rows each device of the expert axis computes without and
+      with the reassignment plan (equal rows when `reassign=False`), summed over the groups of
+      other mesh axes.
+  """
+  load_balancing_loss: jax.Array
+  z_loss: jax.Array
+  counts: jax.Array
+  device_loads: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

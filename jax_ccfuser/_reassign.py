@@ -24,14 +24,23 @@ class Plan(NamedTuple):
   The rows of expert e are ordered (source device, token, k). Worker slot s of e computes rows
   `[bounds[e, s], bounds[e, s + 1])`; slot 0 is the owner, unused slots are -1. With
   `replication`, these are the rows of e its own host computes.
+
+  Attributes:
+    workers: `[E, S + 1]` int32, slot 0 the owner, then S helpers; -1 unused.
+    bounds: `[E, S + 2]` int32, the row boundaries of the slots.
+    shares: `[E, S + 1]` float32, each slot's fraction of e's rows (`reassign(previous=...)`).
+    counts: `[E]` int32, the rows per expert the plan was made for.
+    loads_before: `[D]` int32, the rows each device computes without the plan.
+    loads_after: `[D]` int32, the rows each device computes with it.
+    replication: hot experts computed on other hosts too (a `Replication`), or `None`.
   """
-  workers: jax.Array       # [E, S + 1] int32: slot 0 the owner, then helpers; -1 unused
-  bounds: jax.Array        # [E, S + 2] int32: row boundaries of the slots
-  shares: jax.Array        # [E, S + 1] float32: each slot's fraction of e's rows (for reuse)
-  counts: jax.Array        # [E] int32: rows per expert the plan was made for
-  loads_before: jax.Array  # [D] int32: rows each device computes without the plan
-  loads_after: jax.Array   # [D] int32: ... and with it
-  replication: "Replication | None" = None  # hot experts computed on other hosts too
+  workers: jax.Array
+  bounds: jax.Array
+  shares: jax.Array
+  counts: jax.Array
+  loads_before: jax.Array
+  loads_after: jax.Array
+  replication: "Replication | None" = None
 
 
 class Replication(NamedTuple):

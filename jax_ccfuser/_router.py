@@ -18,10 +18,16 @@ _GROUP_SCORE_EXPERTS = 2
 
 
 class RouterAux(NamedTuple):
-  """Router statistics and auxiliary losses (unscaled: multiply by your own coefficients)."""
-  load_balancing_loss: jax.Array  # [] float32
-  z_loss: jax.Array               # [] float32
-  counts: jax.Array               # [E] int32, (token, k) assignments per expert
+  """Router statistics and auxiliary losses (unscaled: multiply by your own coefficients).
+
+  Attributes:
+    load_balancing_loss: `[]` float32, the Switch/GShard auxiliary loss (`route` says how).
+    z_loss: `[]` float32, the router z-loss.
+    counts: `[E]` int32, the (token, k) assignments per expert.
+  """
+  load_balancing_loss: jax.Array
+  z_loss: jax.Array
+  counts: jax.Array
 
 
 def check_router_options(num_experts: int, k: int, *, score: str = "softmax",
