@@ -129,10 +129,10 @@ def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None
   (x, expert_ids, expert_weights, w_in, w_out), dims = check_moe_args(
       x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=axis_name)
   t, h, k = dims.tokens, dims.hidden, dims.k
-  if t == 0:
-    return no_tokens(x)
   d, e_local, e = dims.num_devices, dims.experts_local, dims.num_experts
   c = _capacity(capacity_factor, tokens=t, k=k, num_experts=e)
+  if t == 0:
+    return no_tokens(x)
 
   slots = _pair_slots(expert_ids, num_experts=e, capacity=c)  # [K*T]
   # Which token fills each buffer row; empty rows read the zero row appended at index T.

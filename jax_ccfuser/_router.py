@@ -68,10 +68,18 @@ def _top_k(choice, tiebreak, k: int):
   Returns:
     `(choice, tiebreak, indices)` of the chosen entries, `[..., k]` each, best first.
   """
-  keys = [jnp.where(jnp.isnan(a), -jnp.inf, -a) for a in (choice, tiebreak)]  # ascending sort
-  index = jax.lax.broadcasted_iota(jnp.int32, choice.shape, choice.ndim - 1)
-  *_, index = jax.lax.sort((*keys, index), dimension=choice.ndim - 1, num_keys=3)
-  index = index[..., :k]
+  def by_sort():
+    keys = [jnp.where(jnp.isnan(a), -jnp.inf, -a) for a in (choice, tiebreak)]  # ascending
+    index = jax.lax.broadcasted_iota(jnp.int32, choice.shape, choice.ndim - 1)
+    return jax.lax.sort((*keys, index), dimension=choice.ndim - 1, num_keys=3)[2][..., :k]
+
+  # top_k where none of the k + 1 best tie (a tie past them changes nothing): 10-20x less work
+  # than the sort, which runs only where they do. (Its values are gathered again: comparing
+  # top_k's own values kept XLA:CPU from its top-k kernel, which then sorted every row.)
+  index = jax.lax.top_k(choice, min(k + 1, choice.shape[-1]))[1]
+  best = jnp.take_along_axis(choice, index, -1)
+  tied = jnp.any(best[..., 1:] == best[..., :-1])
+  index = jax.lax.cond(tied, by_sort, lambda: index[..., :k])
   return (jnp.take_along_axis(choice, index, -1), jnp.take_along_axis(tiebreak, index, -1), index)
 
 

@@ -280,8 +280,8 @@ def test_router_options_match_numpy(score, num_groups, top_groups, scale, renorm
 def test_scores_that_round_equal_choose_by_their_logits(score, num_groups, top_groups, scale,
                                                         renormalize, k):
   """Logits of a live router past about 17 (sigmoid) or 104 below a row's largest (softmax):
-  their float32 scores tie at 1.0 (or 0), which handed the choice to the lowest ids; the
-  float64 oracle still tells them apart."""
+  their float32 scores tie at 1.0 (or 0), where the lowest ids would win the tie; the float64
+  oracle tells them apart, and so must the choice."""
   tokens, experts = 24, 16
   rng = np.random.default_rng(num_groups)
   # Distinct logits in [18, 34] (float64 sigmoids differ there), or a row's largest then the

@@ -118,9 +118,6 @@ class BarrierWait {
   // barrier. Records the peers silent throughout as gone.
   xla::ffi::Error Failed(int rank, Phase phase, std::vector<bool> came);
 
-  // Whether a missing peer's process was found exited (then `deadline` is now or past).
-  bool exit_found() const { return exit_found_ != Clock::time_point::max(); }
-
  private:
   Silence& silence_;
   const int32_t group_;

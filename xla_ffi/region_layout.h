@@ -43,6 +43,9 @@ struct RegionHeader {
   char failure[512];
   // Every rank's own.
   std::atomic<uint32_t> arrived_for[kPhases];  // 1 + the generation it last came to
+  // Set once the rank gave up waiting at a barrier after a call's publish barrier opened: a
+  // peer still computing that call may write its region later, so the site fails from then on.
+  std::atomic<uint32_t> gave_up_midway;
   std::array<int64_t, 9> signature;
   // When a timeout at this call site found the rank gone (BarrierWait), as DeviceLiveness
   // counts time; 0 while none did. Written by its peers.

@@ -51,8 +51,27 @@ void SharedGroup::SetGoneSince(int rank, Clock::time_point when) {
 
 int64_t SharedGroup::Exited(int rank) { return ExitedProcess(*liveness_[rank]); }
 
+int SharedGroup::GaveUpMidway() const {
+  for (size_t r = 0; r < headers_.size(); ++r)
+    if (headers_[r]->gave_up_midway.load(std::memory_order_acquire)) return static_cast<int>(r);
+  return -1;
+}
+
+xla::ffi::Error SharedGroup::Broken(int rank, int gave_up) const {
+  return xla::ffi::Error(
+      xla::ffi::ErrorCode::kFailedPrecondition,
+      "jax_ccfuser: device " + std::to_string(rank) + " of " + std::to_string(headers_.size()) +
+          " in group " + std::to_string(group_) + ": device " + std::to_string(gave_up) +
+          " gave up waiting for its peers in the middle of an earlier call of this site, whose "
+          "slow or stopped peer may still write into its shared region; so every call of the "
+          "site fails from then on. Restart the job (a longer jax_ccfuser.peer_timeout keeps a "
+          "merely slow peer from tripping it).");
+}
+
 xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) {
   Heard(rank, Clock::now());
+  const bool publish = phase == Phase::kPublished;
+  if (int gave_up = publish ? GaveUpMidway() : -1; gave_up >= 0) return Broken(rank, gave_up);
   const int p = static_cast<int>(phase);
   const uint32_t n = static_cast<uint32_t>(headers_.size());
   RegionHeader::Barrier& b = headers_[0]->barriers[p];
@@ -78,12 +97,10 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     return arrived;
   };
   BarrierWait wait(*this, group_, static_cast<int>(n), timeout);
-  const bool publish = phase == Phase::kPublished;
   // A device waiting here shows it is alive by refreshing its time (`Heard`) at every step of
   // the wait rather than by a flag: a process that dies while waiting then falls silent, as one
-  // that never came. Past the publish barrier every peer is computing this call and comes unless
-  // its process exits: the wait has no timeout then, since a device that returned would have
-  // the peers' late writes land in its region's next call.
+  // that never came.
+  int gave_up = -1;
   for (;;) {
     // The time is read before the barrier is seen still closed, so no word of this device is
     // dated after the barrier opened: its peers leave it then and may wait at the next one
@@ -92,9 +109,9 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     const Clock::time_point now = Clock::now();
     if (b.generation.load(std::memory_order_acquire) != generation) break;
     Heard(rank, now);
-    const auto end = wait.deadline();
-    if (now >= end && (publish || wait.exit_found())) break;
-    const auto left = publish || wait.exit_found() ? end - now : wait.step();
+    if (publish && (gave_up = GaveUpMidway()) >= 0) break;
+    const auto left = wait.deadline() - now;
+    if (left <= std::chrono::nanoseconds(0)) break;
     // Woken by the last arrival; the cap also bounds a wake-up lost to a dying peer.
     FutexWait(&b.generation, generation, std::min<std::chrono::nanoseconds>(left, wait.step()));
   }
@@ -104,6 +121,10 @@ xla::ffi::Error SharedGroup::Arrive(int rank, Phase phase, std::chrono::millisec
     if (static_cast<uint32_t>(s >> 32) != generation) return xla::ffi::Error::Success();
     if (b.state.compare_exchange_weak(s, s - 1, std::memory_order_acq_rel)) break;
   }
+  if (gave_up >= 0) return Broken(rank, gave_up);
+  // Unlike a process's own devices, a peer process may be gone without a trace (in another PID
+  // namespace) or stopped: past the publish barrier the wait still ends, and the site with it.
+  if (!publish) headers_[rank]->gave_up_midway.store(1, std::memory_order_release);
   return wait.Failed(rank, phase, came());
 }
 

@@ -19,8 +19,8 @@ class SharedGroup final : public Rendezvous, private Silence {
   // `headers[r]`: rank r's region header, mapped in this process; `group`: which EP group.
   SharedGroup(int32_t group, std::vector<RegionHeader*> headers);
 
-  // Waits up to `timeout`, less where a peer is gone (`BarrierWait`), at the publish barrier;
-  // at the later ones, until every device comes or a peer's process is found exited.
+  // Waits up to `timeout`, less where a peer is gone (`BarrierWait`). Giving up at a barrier
+  // after publish breaks the site: its later calls fail at once, in every process.
   xla::ffi::Error Arrive(int rank, Phase phase, std::chrono::milliseconds timeout) override;
   void ReportFailure(const std::string& msg) override;
   std::string Failure() override;
@@ -31,6 +31,9 @@ class SharedGroup final : public Rendezvous, private Silence {
   void SetGoneSince(int rank, Clock::time_point when) override;
   int64_t Exited(int rank) override;
   void Heard(int rank, Clock::time_point when);
+  // The first rank that gave up in the middle of a call of this site, or -1; its error.
+  int GaveUpMidway() const;
+  xla::ffi::Error Broken(int rank, int gave_up) const;
 
   const int32_t group_;
   std::vector<RegionHeader*> headers_;
