@@ -308,6 +308,21 @@ def test_neutral_options_change_nothing():
   jax.tree.map(np.testing.assert_array_equal, neutral, plain)
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_logits_alone_choose_as_the_scores_do_through_ties_zeros_and_infinities(score):
+  """With no bias and no groups, top_k of the logits picks; with a zero bias, the scores and
+  their tie-break do. They agree where logits tie, where a zero router gives 0.0 and -0.0
+  (equal, so the lower id wins), at +-inf and where float32 scores round equal."""
+  values = np.array([0.0, -0.0, 1e-8, 1.0, 17.0, 18.0, 30.0, -30.0, 200.0, -200.0, np.inf,
+                     -np.inf], np.float32)
+  logits = np.random.default_rng(3).choice(values, (2000, 8))
+  for k in (1, 2, 3, 8):
+    plain = jax.jit(lambda l: route(l, k, score=score)[0])(logits)
+    biased = jax.jit(lambda l: route(l, k, score=score, expert_bias=jnp.zeros(8))[0])(logits)
+    np.testing.assert_array_equal(plain, biased)
+  zero_router = np.where(np.arange(8) % 2, -0.0, 0.0).astype(np.float32)[None]
+  np.testing.assert_array_equal(route(zero_router, 3, score=score)[0], [[0, 1, 2]])
+
 def test_bias_gets_no_gradient_and_options_differentiate():
   logits = _logits(6, 8, seed=8)
   bias = jnp.asarray(np.random.default_rng(9).uniform(-0.2, 0.2, 8), jnp.float32)
