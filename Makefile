@@ -29,15 +29,16 @@ install: $(VENV)/.built
 test: install
 	$(PY) -m pytest -q --durations=15 tests
 
-# Everything but the soak and multi-process tests (`slow`); `make test` and CI run those too.
+# Everything but the tests marked `slow` (over ~15 s each: the multi-process runs, the soak, the
+# randomized sweeps, the training runs, the README's examples); `make test` and CI run those too.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 # Other JAX releases, each from requirements-NAME.lock in its own .venv-NAME with Python 3.12 (which
 # jax 0.11 and later need): `latest`, the newest release, and `0.11`, the line between the pinned
-# one and the newest. They run the fused op (residuals and asynchronous dispatch too), the Flax
-# layers and the router; the CUDA extension is left to `make test`'s build (the same sources
-# against another jaxlib's headers).
+# one and the newest. They run JAX_LINE_TESTS: the fused op (residuals and asynchronous dispatch
+# too), the Flax layers, the router, the reference, all_to_all and the call contract; the CUDA
+# extension is left to `make test`'s build (the same sources against another jaxlib's headers).
 PYTHON_LATEST ?= $(firstword $(foreach p,python3.12 python3.13 \
 	$(wildcard $(HOME)/.pyenv/versions/3.1[2-9]*/bin/python),\
 	$(shell $(p) -c "import sys; assert sys.version_info >= (3, 12)" 2>/dev/null && echo $(p))))

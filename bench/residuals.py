@@ -136,6 +136,9 @@ def section(recs: list[dict]) -> str:
       "Wall clock, and the process's CPU time (all threads: what other load on the machine "
       "disturbs least, but spin-waits count).",
       "",
+      "![forward+backward time and XLA temp memory, inputs or hidden rows kept]"
+      "(bench/results/residuals-cpu.png)",
+      "",
       row(header for header, _ in _COLUMNS),
       row("---" for _ in _COLUMNS),
       *(row(cell(r) for _, cell in _COLUMNS) for r in recs),

@@ -35,7 +35,8 @@
 //      GEMMs over pair rows are CUTLASS's grouped GEMMs instead (grouped_gemm_sm90.cu: TMA,
 //      wgmma, one problem per group): GEMM1 writes float32 h and activation.cu's pass forms `a`
 //      (the backward's u GEMM likewise), and the backward's weight gradients are grouped GEMMs
-//      too where a group's rows lie in one chunk and no plan asks for partials.
+//      too unless a plan asks for partials: in one piece where a group's rows lie in one chunk,
+//      else a chunk at a time into a float32 carry.
 //   4. combine.cu `scatter_slots` sums, for every source token with pairs here, its rows in
 //      scratch-row order times expert_weights and writes the sum into the SOURCE's
 //      staging[t, slot] (one remote row write per (token, destination device) and chunk: the

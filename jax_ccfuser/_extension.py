@@ -1,6 +1,7 @@
 """Loads the native extensions and registers their XLA FFI targets, once, at import.
 
-The CPU extension is required; the CUDA one is registered when it was built (nvcc present).
+The CPU extension is required; the CUDA one is registered when it was built (nvcc and the
+CUTLASS headers present).
 Each module's `registrations()` names its targets, so Python never spells a capsule name.
 """
 
@@ -37,8 +38,9 @@ def _load_openblas() -> None:
 
 
 def _release(version: str) -> tuple:
-  """The release's numbers, as jax compares jaxlib's: a dev or rc build ranks with the release
-  it leads to, not after it ("0.11.0.dev20251201" -> (0, 11, 0); "0.5.0rc1" -> (0, 5))."""
+  """The release's numbers, as jax compares jaxlib's: a dev build ranks with the release it
+  leads to ("0.11.0.dev20251201" -> (0, 11, 0)), an rc build just below it ("0.5.0rc1" ->
+  (0, 5))."""
   return tuple(int(p) for p in version.split("+")[0].split(".") if p.isdigit())
 
 
@@ -81,7 +83,8 @@ _register(cpu, "cpu")
 CALL_ATTRIBUTES = cpu.call_attributes()
 ACTIVATION_CODES = cpu.activation_codes()
 
-# Built only where nvcc was found; without it the CPU targets are all there is.
+# Built only where nvcc and the CUTLASS headers were found; without it the CPU targets are all
+# there is.
 cuda = None
 if importlib.util.find_spec("jax_ccfuser._ccfuser_cuda") is not None:
   cuda = _load("_ccfuser_cuda")

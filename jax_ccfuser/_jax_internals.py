@@ -67,8 +67,9 @@ def checks_varying_axes() -> bool:
 
 
 def varying_axes(a) -> frozenset:
-  """The manual mesh axes `a` varies over inside `jax.shard_map` (`.mat.varying` since JAX 0.10,
-  `.vma` before; empty where the shard_map checks no such types, `check_vma=False`)."""
-  aval = jax.typeof(a)
-  mat = getattr(aval, "mat", None)
-  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+  """The manual mesh axes `a` varies over inside `jax.shard_map` (its type's `.mat.varying`,
+  JAX 0.10 on; empty where the shard_map checks no such types, `check_vma=False`)."""
+  mat = getattr(jax.typeof(a), "mat", None)
+  if mat is None:
+    raise _missing("the mesh axes a value varies over (`jax.typeof(x).mat.varying`)")
+  return frozenset(mat.varying)

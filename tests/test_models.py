@@ -4,7 +4,6 @@ refuse settings they cannot finish with before training."""
 
 import dataclasses
 import json
-import os
 import pathlib
 import re
 import subprocess

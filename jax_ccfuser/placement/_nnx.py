@@ -106,7 +106,7 @@ def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> 
   entries of
   `optimizer`'s state (Adam's moments, ...), so the model computes exactly the same function and
   the next training step is the permuted image of the step it would have taken. What the layers
-  report per expert (`RouterAux.counts`, and ids from `capture_expert_ids`) is then in the new
+  report per expert (`MoEAux.counts`, and ids from `capture_expert_ids`) is then in the new
   order. Every array keeps its sharding: an expert whose slot moved to another device has its
   weights and moments copied there.
 

@@ -52,6 +52,11 @@ def _devices_of(perm: np.ndarray, experts_local: int) -> np.ndarray:
   return devices
 
 
+def _device_loads(devices: np.ndarray, load: np.ndarray, d: int) -> np.ndarray:
+  """`[D]`: the summed `load` `[E]` of each device's experts, at the placement `devices` `[E]`."""
+  return np.bincount(devices, weights=load, minlength=d)
+
+
 def _share(part, whole, empty: float = 0.0) -> float:
   return float(part / whole) if whole else empty
 
@@ -87,7 +92,7 @@ def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
     r = rows[layer]
     local = r[devices[layer], np.arange(e)].sum()
     remote.append(_share(r.sum() - local, r.sum()))
-    loads = np.bincount(devices[layer], weights=r.sum(axis=0), minlength=d)
+    loads = _device_loads(devices[layer], r.sum(axis=0), d)
     max_load.append(_share(loads.max(), loads.mean(), empty=1.0))
   for layer in range(num_layers - 1):
     separated = devices[layer][:, None] != devices[layer + 1][None, :]
@@ -121,7 +126,7 @@ def _objective(cost: np.ndarray, load: np.ndarray, devices: np.ndarray, *,
                balance_weight: float) -> float:
   """The ILP's objective (`_ilp`) at a placement `devices` `[E]`."""
   d = cost.shape[1]
-  busiest = np.bincount(devices, weights=load, minlength=d).max()
+  busiest = _device_loads(devices, load, d).max()
   return float(cost[np.arange(len(devices)), devices].sum() + balance_weight * d * busiest)
 
 
@@ -131,7 +136,7 @@ def _total(rows: np.ndarray, transitions: np.ndarray, devices: list, *, balance_
   d = rows.shape[1]
   total = 0.0
   for r, p in zip(rows, devices):
-    busiest = np.bincount(p, weights=r.sum(axis=0), minlength=d).max()
+    busiest = _device_loads(p, r.sum(axis=0), d).max()
     total += r.sum() - r[p, np.arange(len(p))].sum() + balance_weight * d * busiest
   for t, p, q in zip(transitions, devices, devices[1:]):
     total += transition_weight * t[p[:, None] != q[None, :]].sum()
@@ -195,7 +200,7 @@ def _no_worse(unmoved: np.ndarray, placed: np.ndarray, rows: np.ndarray, value,
     return value(unmoved) <= value(placed) * (1 + 1e-9)  # the objective is >= 0
   d = rows.shape[0]
   local = lambda p: rows[p, np.arange(len(p))].sum()
-  busiest = lambda p: np.bincount(p, weights=rows.sum(axis=0), minlength=d).max()
+  busiest = lambda p: _device_loads(p, rows.sum(axis=0), d).max()
   return (-local(unmoved), busiest(unmoved)) <= (-local(placed), busiest(placed))
 
 

@@ -4,7 +4,6 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <string>
-#include <vector>
 
 #include "common/activation.h"
 
