@@ -323,6 +323,7 @@ def test_logits_alone_choose_as_the_scores_do_through_ties_zeros_and_infinities(
   zero_router = np.where(np.arange(8) % 2, -0.0, 0.0).astype(np.float32)[None]
   np.testing.assert_array_equal(route(zero_router, 3, score=score)[0], [[0, 1, 2]])
 
+
 def test_bias_gets_no_gradient_and_options_differentiate():
   logits = _logits(6, 8, seed=8)
   bias = jnp.asarray(np.random.default_rng(9).uniform(-0.2, 0.2, 8), jnp.float32)
