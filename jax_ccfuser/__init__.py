@@ -20,6 +20,7 @@ from jax_ccfuser._config import scratch_budget
 from jax_ccfuser._config import transport
 from jax_ccfuser._fused import fused_moe
 from jax_ccfuser._reassign import Plan
+from jax_ccfuser._reassign import Replication
 from jax_ccfuser._reassign import plan_loads
 from jax_ccfuser._reassign import reassign
 from jax_ccfuser._reference import reference_moe
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "fused_moe",
     "Plan",
+    "Replication",
     "plan_loads",
     "reassign",
     "peer_timeout",

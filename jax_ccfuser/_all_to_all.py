@@ -70,7 +70,8 @@ def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None
                    activation="swiglu", plan=None, capacity_factor=None):
   """MoE layer the usual way: sort by expert, `all_to_all` dispatch, grouped FFN, `all_to_all` back.
 
-  Same contract as `fused_moe`: `y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`.
+  Same math as `fused_moe`, `y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`,
+  but for pairs it drops (below) and ids out of range, which it drops where `fused_moe` raises.
   Every (source device, expert) pair gets a fixed `C` rows in the exchanged buffers:
 
   - `capacity_factor=None` (dropless): `C = T * K`, the worst case (all of a device's pairs may

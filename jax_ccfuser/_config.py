@@ -130,9 +130,12 @@ class _Setting(contextlib.ContextDecorator):
   """One setting's value for a block (or a decorated function): enterable again, nested and from
   several threads at once, as JAX's own settings are."""
 
-  def __init__(self, name, value):
-    self._context, self._value = _CONTEXTS[name], value
+  def __init__(self, name, value, shown):
+    self._context, self._value, self._shown = _CONTEXTS[name], value, shown
     self._entered = threading.local()  # per thread, the contexts this object entered
+
+  def __repr__(self):
+    return f"jax_ccfuser.{self._shown}"
 
   def __enter__(self):
     context = self._context(self._value)
@@ -164,6 +167,10 @@ def peer_timeout(seconds: float):
   Returns:
     A context manager for a `with` block, also usable as a decorator.
 
+  Raises:
+    TypeError: for a value that is not a real number (a bool included).
+    ValueError: for one not in (0, 1e9].
+
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
     >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
@@ -172,7 +179,7 @@ def peer_timeout(seconds: float):
     >>> with jax_ccfuser.peer_timeout(5.0):
     ...   y = step(x)  # traced here, so its calls wait up to 5 s for a missing peer
   """
-  return _Setting("seconds", _checked_timeout(seconds))
+  return _Setting("seconds", _checked_timeout(seconds), f"peer_timeout({seconds!r})")
 
 
 def transport_in_force() -> str:
@@ -201,6 +208,9 @@ def transport(kind: str):
   Returns:
     A context manager for a `with` block, also usable as a decorator.
 
+  Raises:
+    ValueError: for another kind.
+
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
     >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
@@ -209,7 +219,7 @@ def transport(kind: str):
     >>> with jax_ccfuser.transport("collectives"):
     ...   y = step(x)  # across processes, through XLA collectives only
   """
-  return _Setting("transport", _checked_transport(kind))
+  return _Setting("transport", _checked_transport(kind), f"transport({kind!r})")
 
 
 def residual_budget_bytes() -> int:
@@ -233,6 +243,10 @@ def residual_budget(nbytes: int):
   Returns:
     A context manager for a `with` block, also usable as a decorator.
 
+  Raises:
+    TypeError: for a value that is not a real number (a bool included).
+    ValueError: for one that is not a whole number in [0, 2^63).
+
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
     >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
@@ -242,7 +256,8 @@ def residual_budget(nbytes: int):
     >>> with jax_ccfuser.residual_budget(1 << 30):
     ...   grads = jax.jit(jax.grad(loss))(w_in)  # keeps h: 8 * 2 * 64 * 4 bytes fit
   """
-  return _Setting("residual_bytes", _checked_residual_bytes(nbytes))
+  return _Setting("residual_bytes", _checked_residual_bytes(nbytes),
+                  f"residual_budget({nbytes!r})")
 
 
 def scratch_budget_bytes() -> int:
@@ -273,6 +288,10 @@ def scratch_budget(nbytes: int):
   Returns:
     A context manager for a `with` block, also usable as a decorator.
 
+  Raises:
+    TypeError: for a value that is not a real number (a bool included).
+    ValueError: for one that is not a whole number in (0, 2^63).
+
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
     >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
@@ -282,7 +301,7 @@ def scratch_budget(nbytes: int):
     >>> with jax_ccfuser.scratch_budget(512 << 20):
     ...   grads = jax.jit(jax.grad(loss))(w_in)  # on a GPU, in chunks of at most 512 MiB
   """
-  return _Setting("scratch_bytes", _checked_scratch_bytes(nbytes))
+  return _Setting("scratch_bytes", _checked_scratch_bytes(nbytes), f"scratch_budget({nbytes!r})")
 
 
 def fetch_sms_in_force() -> int:
@@ -309,6 +328,11 @@ def fetch_sms(count: int | None):
   Returns:
     A context manager for a `with` block, also usable as a decorator.
 
+  Raises:
+    TypeError: for a value that is neither a real number (a bool included) nor None.
+    ValueError: for one that is not a whole number >= 0; when a call is traced on a GPU, for
+      a count that leaves its GEMMs no SM.
+
   Examples:
     >>> x = jax.random.normal(jax.random.key(0), (8, 16))  # 8 tokens, 4 experts on one device
     >>> ids, weights, _ = jax_ccfuser.route(x[:, :4], 2)
@@ -317,7 +341,7 @@ def fetch_sms(count: int | None):
     >>> with jax_ccfuser.fetch_sms(0):
     ...   y = step(x)  # on a GPU, every GEMM on every SM
   """
-  return _Setting("fetch_sms", _checked_fetch_sms(count))
+  return _Setting("fetch_sms", _checked_fetch_sms(count), f"fetch_sms({count!r})")
 
 
 # jax.default_matmul_precision's values that let float32 GEMMs run as TF32: TF32's own names and

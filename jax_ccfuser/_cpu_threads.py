@@ -55,11 +55,11 @@ def _configured_devices() -> int:
 
 
 def reserve_cpu_threads(num_devices: int | None = None) -> None:
-  """Asks XLA:CPU for 2 threads per simulated CPU device, for `num_devices` of them (default: as
-  many as configured so far, at least 8); call it before the first use of a backend, which
-  sizes the pool once. A `PJRT_NPROC` (or `NPROC`) the user set is left as it is; the one
-  `import jax_ccfuser` set for 8 devices is raised. Called once a backend runs, it can only warn
-  where the pool is too small for `num_devices`."""
+  """Asks XLA:CPU for 2 threads per simulated CPU device, for `num_devices` devices (default: as
+  many as configured so far) but never fewer than 8 (16 threads); call it before the first use
+  of a backend, which sizes the pool once. A `PJRT_NPROC` (or `NPROC`) the user set is left as
+  it is; the one `import jax_ccfuser` set for 8 devices is raised. Called once a backend runs,
+  it can only warn where the pool is too small for `num_devices`."""
   global _reserved
   if num_devices is not None:
     num_devices = check_count("num_devices", num_devices)

@@ -15,6 +15,7 @@ def rank_within_expert(keys: jax.Array) -> jax.Array:
     `[N]` int32.
 
   Examples:
+    >>> from jax_ccfuser._expert_order import rank_within_expert
     >>> rank_within_expert(jnp.array([2, 0, 2, 2, 0]))
     Array([0, 0, 1, 2, 1], dtype=int32)
   """

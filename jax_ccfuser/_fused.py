@@ -441,8 +441,10 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
   `w_in` and `w_out`; the backward pass keeps no dispatched rows (its residuals are the inputs:
   x `[T, H]`, the routing `[T, K]` and the weights) and re-reads the rows from the peers. It
   recomputes each row's hidden activation `h = x @ w_in` unless asked to keep it
-  (`residuals`): keeping costs `T * K * G * F * 4` bytes per device, recomputing 22% more
-  FLOPs forward+backward (17% for non-gated activations); the results are the same bitwise.
+  (`residuals`): keeping costs `T * K * G * F * 4` bytes per device (G = 2 for gated
+  activations, else 1), recomputing adds 22% to the forward+backward FLOPs (17% for non-gated
+  activations); the results are the same bitwise. float32 GEMMs on a GPU run exact unless traced
+  under `jax.default_matmul_precision("tensorfloat32")` (or a lower precision): then as TF32.
 
   Across processes (`jax.distributed`), trace it under `jax.set_mesh(mesh)`: devices of one
   host meet in shared-memory workspaces, hosts exchange rows through XLA collectives (see
@@ -475,6 +477,15 @@ def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
 
   Returns:
     `[T, H]`, x's dtype.
+
+  Raises:
+    ValueError: when traced, for ranks, shapes, dtypes, an `activation`, `residuals` or `plan`
+      that do not fit, an `axis_name` no enclosing `shard_map` maps, or a `shard_map` that is
+      not manual over every mesh axis of size > 1.
+    TypeError: under forward-mode differentiation (`jax.jvp`, `jax.jacfwd`): reverse mode only.
+    jax.errors.JaxRuntimeError: when run, for an id out of range (INVALID_ARGUMENT, naming it
+      and its device) or a peer that does not make the call within `jax_ccfuser.peer_timeout`
+      (DEADLINE_EXCEEDED, naming the devices that never came); other errors name their cause.
 
   Examples:
     Eight devices, two of the 16 experts (H = 16, F = 32) and 8 of the 64 tokens on each:

@@ -27,7 +27,8 @@ class Plan(NamedTuple):
 
   Attributes:
     workers: `[E, S + 1]` int32, slot 0 the owner, then S helpers; -1 unused.
-    bounds: `[E, S + 2]` int32, the row boundaries of the slots.
+    bounds: `[E, S + 2]` int32, the row boundaries of the slots (an expert without rows, or
+      its unused slots, repeat a boundary: empty).
     shares: `[E, S + 1]` float32, each slot's fraction of e's rows (`reassign(previous=...)`).
     counts: `[E]` int32, the rows per expert the plan was made for.
     loads_before: `[D]` int32, the rows each device computes without the plan.
@@ -52,17 +53,30 @@ class Replication(NamedTuple):
   computes its share with the expert's weights gathered into a guest slot of the device with
   the same rank. N hosts of P devices; guest slot q of device (b, c) holds the expert exported
   by device (o, c) in slot q % R, o = (b + 1 + q // R) % N. Identical on every device.
+
+  Attributes:
+    experts: `[N, P, R]` int32, the expert device (o, c) exports in its slot s; -1: none.
+    shares: `[N, P, R, N + 1]` int32, host b computes that expert's rows
+      `[shares[o, c, s, b], shares[o, c, s, b + 1])`.
+    offsets: `[D, N, P, R]` int32, `offsets[d, o, c, s]` the exported expert's rows that come
+      from the source devices before d (where d's own rows start in its order).
+    workers: `[N, P, (N - 1) R, S + 1]` int32, who computes each guest slot's rows (as
+      `Plan.workers`).
+    bounds: `[N, P, (N - 1) R, S + 2]` int32, which of them each computes (as `Plan.bounds`).
   """
-  experts: jax.Array  # [N, P, R] int32: the expert device (o, c) exports in slot s; -1 none
-  shares: jax.Array   # [N, P, R, N + 1] int32: host b computes rows [shares[.., b], [.., b + 1])
-  offsets: jax.Array  # [D, N, P, R] int32: the exported expert's rows from sources before s
-  workers: jax.Array  # [N, P, (N - 1) R, S + 1] int32: who computes each guest slot's rows
-  bounds: jax.Array   # [N, P, (N - 1) R, S + 2] int32: ... and which
+  experts: jax.Array
+  shares: jax.Array
+  offsets: jax.Array
+  workers: jax.Array
+  bounds: jax.Array
 
 
 @numpy_broadcasting
 def plan_loads(plan: Plan):
   """Rows each device computes without and with `plan`.
+
+  Args:
+    plan: a `Plan` from `reassign`.
 
   Returns:
     `(loads_before, loads_after)`, each int32 `[D]`.

@@ -248,7 +248,8 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
   Args:
     expert_bias: `[..., E]` float32, the bias `route` adds to the scores to choose experts
       (`[L, E]` for L stacked layers).
-    counts: `[..., E]` int, the same shape: (token, k) assignments per expert at this step.
+    counts: `[..., E]`, the same shape: (token, k) assignments per expert at this step, int (or
+      float, such as loads averaged over steps).
     rate: the bias update speed (DeepSeek-V3 uses 1e-3).
 
   Returns:

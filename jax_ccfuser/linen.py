@@ -14,6 +14,8 @@ Examples:
   ('expert', None, None)
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -32,10 +34,15 @@ class MoE(nn.Module):
   Parameters, as in `jax_ccfuser.nnx.MoE`: `router/kernel` `[H, E]`, `w_in` `[E, H, 2F]` (gated,
   gate half first) or `[E, H, F]`, `w_out` `[E, F, H]`; H is read from the input. With an
   `axis_name` the expert weights are boxed as `nn.Partitioned` over `(axis_name, None, None)`
-  (`nn.get_partition_spec(variables)` gives their specs). Calls run exactly as the NNX layer's:
-  under `jax.shard_map` over the mesh (the tokens split over every mesh axis) when a mesh is
-  set (with that axis, or any with `axis_name=None`), directly inside a `shard_map` that maps it
-  already, and on one device otherwise. The router computes in float32.
+  (`nn.get_partition_spec(variables)` gives their specs). Calls run as the NNX layer's: under
+  `jax.shard_map` over the mesh (the tokens split over every mesh axis) when a mesh is set (with
+  that axis, or any with `axis_name=None`), directly inside a `shard_map` that maps it already,
+  and on one device otherwise; unlike the NNX layer, it cannot warn when weights placed over a
+  mesh are called where none is set (Linen's variables keep no record of the mesh they were made
+  under). The router computes in float32.
+
+  Every attribute is a keyword (`MoE(num_experts=16, ffn=128)`): the NNX layer takes
+  `(hidden, ffn, num_experts)` in that order, so positions copied from it would swap the widths.
 
   `__call__` returns `(y, aux)`: y `[..., H]` and a `MoEAux` (`load_balancing_loss`, `z_loss`:
   float32 scalars of the whole batch, unscaled; `counts`: `[E]` int32 expert load;
@@ -77,6 +84,7 @@ class MoE(nn.Module):
     shared_init: initializer of `shared_w_in` and `shared_w_out`.
 
   Examples:
+    >>> from jax_ccfuser.linen import MoE
     >>> x = jax.random.normal(jax.random.key(1), (2, 5, 16))
     >>> layer = MoE(num_experts=4, ffn=32, axis_name=None)
     >>> variables = jax.jit(layer.init)(jax.random.key(0), x)
@@ -94,6 +102,7 @@ class MoE(nn.Module):
     >>> sorted(variables)
     ['expert_bias', 'params']
   """
+  _: dataclasses.KW_ONLY
   num_experts: int
   ffn: int
   k: int = 2
@@ -126,6 +135,13 @@ class MoE(nn.Module):
 
     Returns:
       `(y, aux)`: y `[..., H]` in the compute dtype and the layer's `MoEAux`.
+
+    Raises:
+      ValueError: at the call, for a mesh that lacks `axis_name` (or mixes Explicit and Auto
+        axes), experts that do not split evenly over the expert axis, tokens that do not split
+        evenly over the mesh's devices (or none), or a `shard_map` in context that is manual
+        over some of the mesh's axes but not the expert axis; and what `jax_ccfuser.fused_moe`
+        raises (fused dispatch).
     """
     check_widths(x.shape[-1], self.ffn)
     spec = MoESpec(num_experts=self.num_experts, k=self.k, activation=self.activation,

@@ -45,7 +45,8 @@ class MoE(nnx.Module):
   tokens (split over every mesh axis); with no mesh set, one device runs the whole batch.
 
   The router computes in float32 whatever `dtype` is (the top-k choice and the z-loss are
-  sensitive to rounding); the experts compute in `dtype`.
+  sensitive to rounding); the experts compute in `dtype`. The options other than the widths,
+  dtypes and initializers are kept in `spec`, a frozen dataclass (static: it is no state).
 
   `__call__` returns `(y, aux)`: the router's auxiliary losses are returned rather than sown, so
   a loss function adds them without collecting state (`MoEAux`: `load_balancing_loss`
@@ -103,6 +104,8 @@ class MoE(nnx.Module):
     rngs: the `params` stream initializes the weights.
 
   Examples:
+    >>> from flax import nnx
+    >>> from jax_ccfuser.nnx import MoE
     >>> moe = MoE(16, 32, 4, k=2, axis_name=None, rngs=nnx.Rngs(0))
     >>> y, aux = moe(jax.random.normal(jax.random.key(1), (2, 5, 16)))
     >>> y.shape, aux.counts.shape, int(aux.counts.sum())  # 2 * 5 tokens, 2 experts each
@@ -171,6 +174,17 @@ class MoE(nnx.Module):
 
     Returns:
       `(y, aux)`: y `[..., H]` in the compute dtype; aux a `MoEAux` (see the class docstring).
+
+    Raises:
+      ValueError: at the call, for a mesh that lacks `axis_name` (or mixes Explicit and Auto
+        axes), experts that do not split evenly over the expert axis, tokens that do not split
+        evenly over the mesh's devices (or none), or a `shard_map` in context that is manual
+        over some of the mesh's axes but not the expert axis; and what `jax_ccfuser.fused_moe`
+        raises (fused dispatch).
+
+    Warns:
+      RuntimeWarning: when the experts were placed over a mesh at construction but no mesh is
+        set now (the layer would run as on one device, gathering every expert's weights).
     """
     placed = self.spec.axis_name is not None and self.w_in.get_metadata().get("eager_sharding")
     no_mesh = jax.sharding.get_abstract_mesh().empty

@@ -125,8 +125,10 @@ class MoeLM(nnx.Module):
     rngs: the `params` stream initializes every weight.
 
   Examples:
+    >>> from flax import nnx
+    >>> from models.moe_lm import LMConfig, MoeLM
     >>> model = MoeLM(LMConfig(axis_name=None), rngs=nnx.Rngs(0))
-    >>> logits, aux = model(jnp.zeros((2, 128), jnp.int32))  # [2, 128, 256]; one RouterAux a layer
+    >>> logits, aux = model(jnp.zeros((2, 128), jnp.int32))  # [2, 128, 256]; one MoEAux a layer
   """
 
   def __init__(self, config: LMConfig, *, rngs: nnx.Rngs):
@@ -147,7 +149,7 @@ class MoeLM(nnx.Module):
 
     Returns:
       `(logits, aux)`: logits `[B, S, vocab]` float32 (position s predicts byte s + 1) and one
-      `RouterAux` per MoE block (an empty tuple for a dense model).
+      `MoEAux` per MoE block (an empty tuple for a dense model).
     """
     s = tokens.shape[1]
     if s > self.config.seq_len:  # the positions' lookup would give NaN, which spreads to all

@@ -2,9 +2,11 @@
 the README's Python blocks.
 
 Docstring examples are doctests with `jax`, `jnp`, `np` and `jax_ccfuser` in scope (as in JAX's
-own docstrings), on the 8 simulated devices of conftest.py. A README block runs unless the line
-before its fence is `<!-- fragment: why -->` (a part of a larger script); the others run in
-order as one script in a fresh process, as a reader pastes them one after another.
+own docstrings) and nothing else, not their module's names: each imports what else it uses, as
+a reader who pastes it must. They run on the 8 simulated devices of conftest.py. A README
+block runs unless the line before its fence is `<!-- fragment: why -->` (a part of a larger
+script); the others run in order as one script in a fresh process, as a reader pastes them one
+after another.
 """
 
 import doctest
@@ -51,7 +53,7 @@ def test_docstring_examples_run_as_shown(name):
   module = importlib.import_module(name)
   scope = {"jax": jax, "jnp": jnp, "np": np, "jax_ccfuser": jax_ccfuser}
   runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-  for test in doctest.DocTestFinder(exclude_empty=True).find(module, name, extraglobs=scope):
+  for test in doctest.DocTestFinder(exclude_empty=True).find(module, name, globs=scope):
     runner.run(test)
   results = runner.summarize(verbose=False)
   assert results.attempted > 0

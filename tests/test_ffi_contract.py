@@ -194,6 +194,15 @@ def test_settings_refuse_values_of_another_type_by_name(setting, bad):
     setting(bad)
 
 
+def test_settings_print_as_they_were_made():
+  shown = [repr(s) for s in (ccf.peer_timeout(5.0), ccf.transport("collectives"),
+                             ccf.residual_budget(1 << 20), ccf.scratch_budget(2**30),
+                             ccf.fetch_sms(None))]
+  assert shown == ["jax_ccfuser.peer_timeout(5.0)", "jax_ccfuser.transport('collectives')",
+                   "jax_ccfuser.residual_budget(1048576)",
+                   "jax_ccfuser.scratch_budget(1073741824)", "jax_ccfuser.fetch_sms(None)"]
+
+
 def test_tf32_follows_jax_default_matmul_precision_at_trace_time():
   static = _static_traced_now
   assert not static().tf32  # exact float32 unless asked

@@ -607,6 +607,13 @@ def test_linen_equals_nnx(on_mesh, options):
   jax.tree.map(np.testing.assert_array_equal, aux_linen, aux_nnx)
 
 
+def test_linen_layer_takes_keywords_only():
+  """The NNX layer's positions are (hidden, ffn, num_experts): copied to the Linen layer they
+  would swap its two widths silently, so it refuses positions."""
+  with pytest.raises(TypeError, match="positional"):
+    ccf_linen.MoE(FFN, EXPERTS)
+
+
 def test_linen_layer_on_an_explicit_mesh():
   """jax.make_mesh's default axes are Explicit: there the Linen layer initialises with its
   experts split over the expert axis and computes what it does on an Auto mesh (Flax's boxes

@@ -9,8 +9,8 @@ Three steps, each usable on its own:
    `jax_ccfuser.nnx.MoE` layers inside a jitted training step.
 2. **Solve.** `solve` picks a permutation of each layer's experts, by an integer linear program
    over load balance, rows that leave their device and the cross-layer term (MoETuner), or
-   greedily, each expert near the devices that send it most rows (CCFuser). `score` measures any
-   placement on statistics.
+   greedily, each expert near the devices that send it most rows (CCFuser): `METHODS` names
+   the two. `score` measures any placement on statistics.
 3. **Apply.** `apply` moves the experts of a live NNX model and of its optimizer state, and the
    router's output columns with them, so the model computes exactly the same function; `permute`
    does the same to plain pytrees (Linen params, Optax states, `nnx.State`).

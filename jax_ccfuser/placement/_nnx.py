@@ -33,7 +33,7 @@ def moe_layers(model) -> tuple[tuple, ...]:
   """Paths of the `jax_ccfuser.nnx.MoE` layers of an NNX model, in `nnx.iter_modules` order.
 
   That is sorted attribute names (as NNX visits a module's attributes: `down` before `up`,
-  `layer_10` before `layer_2`) and list order (for `models.moe_lm.MoeLM`, block 0 first), and
+  `layer_10` before `layer_2`) and list order (blocks held in an `nnx.List`: block 0 first), and
   the layer order of `capture_expert_ids`, `apply` and the `layers` of `permute`. The
   cross-layer transitions of `routing_stats` pair consecutive entries, so they describe the
   model only where this is the order its layers run: keep the layers in an `nnx.List`, or name
@@ -115,6 +115,12 @@ def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> 
     optimizer: the model's `nnx.Optimizer` (or any NNX object holding its state), or `None`.
     perms: `[L, E]` integer, one permutation per layer of `layers` (`Solution.perms`).
     layers: paths of the MoE layers in `model`; `None`: `moe_layers(model)`.
+
+  Raises:
+    ValueError: with nothing moved, for layers with group-limited routing (their groups are
+      runs of expert ids), layers stacked on a leading axis (`nnx.vmap`), permutations that are
+      not one `[E]` permutation per layer, a layer missing its weights, or an optimizer state
+      that does not mirror the parameters' shapes (Adafactor's factored moments).
 
   Examples:
     >>> from flax import nnx

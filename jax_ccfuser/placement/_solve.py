@@ -13,18 +13,31 @@ METHODS = ("ilp", "greedy")
 
 
 class Solution(NamedTuple):
-  """A placement of every layer's experts, from `solve`."""
-  perms: np.ndarray             # [L, E] int32: perms[l, s] = the old expert that new slot s gets
-  methods: tuple[str, ...]      # [L] "ilp", "ilp (time limit)", "greedy" or "identity" (`solve`)
-  seconds: tuple[float, ...]    # [L] wall time spent placing each layer
+  """A placement of every layer's experts, from `solve`.
+
+  Attributes:
+    perms: `[L, E]` int32, `perms[l, s]` the old expert that new slot s of layer l gets.
+    methods: `L` strings, how each layer was placed: "ilp", "ilp (time limit)", "greedy" or
+      "identity" (see `solve`).
+    seconds: `L` floats, the wall time spent placing each layer.
+  """
+  perms: np.ndarray
+  methods: tuple[str, ...]
+  seconds: tuple[float, ...]
 
 
 class Score(NamedTuple):
   """How a placement fares on routing statistics, per layer (a layer without rows or
-  transitions: 0 remote and crossing, load 1)."""
-  remote_fraction: np.ndarray  # [L] float64: share of rows computed on another device than theirs
-  max_load: np.ndarray         # [L] float64: rows of the busiest device over the mean (1: even)
-  cross_fraction: np.ndarray   # [L - 1] float64: share of transitions that change device
+  transitions: 0 remote and crossing, load 1).
+
+  Attributes:
+    remote_fraction: `[L]` float64, the share of rows computed on another device than theirs.
+    max_load: `[L]` float64, the rows of the busiest device over the mean (1: even).
+    cross_fraction: `[L - 1]` float64, the share of transitions that change device.
+  """
+  remote_fraction: np.ndarray
+  max_load: np.ndarray
+  cross_fraction: np.ndarray
 
 
 def _counts(stats: RoutingStats) -> tuple[np.ndarray, np.ndarray]:

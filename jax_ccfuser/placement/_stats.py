@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ccfuser._broadcasting import numpy_broadcasting
+from jax_ccfuser._validation import check_count
 
 
 class RoutingStats(NamedTuple):
@@ -13,29 +14,47 @@ class RoutingStats(NamedTuple):
 
   A pytree of two int32 arrays (exact up to 2**31 - 1 per entry), so it can be carried through a
   jitted training loop and summed across steps with `update`.
+
+  Attributes:
+    rows: `[L, D, E]` int32, the (token, k) rows source device d sent to expert e in layer l.
+    transitions: `[L - 1, E, E]` int32, the (token, k, k') pairs of a token's expert i in layer
+      l and j in layer l + 1.
   """
-  rows: jax.Array         # [L, D, E] int32: (token, k) rows source device d sent to expert e
-  transitions: jax.Array  # [L - 1, E, E] int32: (token, k, k') pairs, expert i in l, j in l + 1
+  rows: jax.Array
+  transitions: jax.Array
 
   @classmethod
   def zeros(cls, num_layers: int, num_devices: int, num_experts: int) -> "RoutingStats":
-    """Empty totals for `num_layers` layers of `num_experts` experts over `num_devices` devices."""
-    if num_layers < 1 or num_devices < 1 or num_experts < 1:
-      raise ValueError(f"need at least one layer, device and expert, got num_layers="
-                       f"{num_layers}, num_devices={num_devices}, num_experts={num_experts}")
+    """Empty totals for `num_layers` layers of `num_experts` experts over `num_devices` devices.
+
+    Args:
+      num_layers: L, positive int.
+      num_devices: D, positive int.
+      num_experts: E, positive int.
+
+    Returns:
+      A `RoutingStats` of zeros: rows `[L, D, E]`, transitions `[L - 1, E, E]`.
+    """
+    num_layers, num_devices, num_experts = (
+        check_count(name, value) for name, value in (("num_layers", num_layers),
+                                                     ("num_devices", num_devices),
+                                                     ("num_experts", num_experts)))
     return cls(rows=jnp.zeros((num_layers, num_devices, num_experts), jnp.int32),
                transitions=jnp.zeros((num_layers - 1, num_experts, num_experts), jnp.int32))
 
   @property
   def num_layers(self) -> int:
+    """L, the layers these counts cover."""
     return self.rows.shape[0]
 
   @property
   def num_devices(self) -> int:
+    """D, the source devices."""
     return self.rows.shape[1]
 
   @property
   def num_experts(self) -> int:
+    """E, the experts of each layer."""
     return self.rows.shape[2]
 
   def update(self, expert_ids: Sequence[jax.Array], *,
@@ -53,6 +72,7 @@ class RoutingStats(NamedTuple):
       The updated `RoutingStats`.
 
     Examples:
+      >>> from jax_ccfuser.placement import RoutingStats
       >>> stats = RoutingStats.zeros(2, 4, 8)  # 2 layers, 4 devices, 8 experts
       >>> ids_layer0 = jnp.arange(16).reshape(8, 2) % 8  # [N, K]: 2 tokens a device
       >>> stats = stats.update([ids_layer0, (ids_layer0 + 1) % 8])
@@ -106,6 +126,7 @@ def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devi
     A `RoutingStats` with rows `[L, D, E]` and transitions `[L - 1, E, E]`, int32.
 
   Examples:
+    >>> from jax_ccfuser.placement import routing_stats
     >>> ids = [jnp.array([[0, 1], [2, 3]]), jnp.array([[1, 2], [3, 0]])]
     >>> s = routing_stats(ids, num_experts=4, num_devices=2)
     >>> s.rows[0].tolist()  # device 0 sent experts 0 and 1 a row each
