@@ -22,7 +22,8 @@ import numpy as np
 from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._expert_order import rank_within_expert
 from jax_ccfuser._ffn import expert_ffn, no_tokens
-from jax_ccfuser._validation import check_moe_args
+from jax_ccfuser._reassign import Plan
+from jax_ccfuser._validation import Operand, check_moe_args
 
 
 def check_capacity_factor(capacity_factor) -> None:
@@ -66,8 +67,10 @@ def _pair_slots(expert_ids: jax.Array, *, num_experts: int, capacity: int) -> ja
 
 
 @numpy_broadcasting
-def all_to_all_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
-                   activation="swiglu", plan=None, capacity_factor=None):
+def all_to_all_moe(x: Operand, expert_ids: Operand, expert_weights: Operand,
+                   w_in: Operand, w_out: Operand, *, axis_name: str | None = None,
+                   activation: str = "swiglu", plan: Plan | None = None,
+                   capacity_factor: float | None = None) -> jax.Array:
   """MoE layer the usual way: sort by expert, `all_to_all` dispatch, grouped FFN, `all_to_all` back.
 
   Same math as `fused_moe`, `y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`,

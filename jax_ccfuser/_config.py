@@ -11,6 +11,7 @@ import contextlib
 import numbers
 import os
 import threading
+from typing import Literal
 
 import jax
 
@@ -137,13 +138,13 @@ class _Setting(contextlib.ContextDecorator):
   def __repr__(self):
     return f"jax_ccfuser.{self._shown}"
 
-  def __enter__(self):
+  def __enter__(self) -> "_Setting":
     context = self._context(self._value)
     context.__enter__()
     self._entered.__dict__.setdefault("stack", []).append(context)
     return self
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc: object) -> Literal[False]:
     self._entered.stack.pop().__exit__(*exc)
     return False
 
@@ -153,7 +154,7 @@ def peer_timeout_ms() -> int:
   return max(1, round(1000 * _current("seconds")))
 
 
-def peer_timeout(seconds: float):
+def peer_timeout(seconds: float) -> _Setting:
   """Sets how long `fused_moe` calls traced inside the block wait for a missing peer.
 
   The value is fixed when a call is traced (it becomes an attribute of the custom call). Like
@@ -187,7 +188,7 @@ def transport_in_force() -> str:
   return _current("transport")
 
 
-def transport(kind: str):
+def transport(kind: str) -> _Setting:
   """Forces how `fused_moe` calls traced inside the block reach devices of other processes.
 
   - "auto" (the default, or the environment variable `JAX_CCFUSER_TRANSPORT`): processes that
@@ -227,7 +228,7 @@ def residual_budget_bytes() -> int:
   return _current("residual_bytes")
 
 
-def residual_budget(nbytes: int):
+def residual_budget(nbytes: int) -> _Setting:
   """Sets how many bytes per device `fused_moe(..., residuals="auto")` may keep for the backward.
 
   A call traced inside the block keeps its hidden activations (`residuals="hidden"`) when they
@@ -265,7 +266,7 @@ def scratch_budget_bytes() -> int:
   return _current("scratch_bytes")
 
 
-def scratch_budget(nbytes: int):
+def scratch_budget(nbytes: int) -> _Setting:
   """Sets how many bytes of scratch one `fused_moe` call may take from XLA on a GPU.
 
   The rows a GPU computes depend on the routing, up to every pair of the group (`D * T * K`
@@ -309,7 +310,7 @@ def fetch_sms_in_force() -> int:
   return _current("fetch_sms")
 
 
-def fetch_sms(count: int | None):
+def fetch_sms(count: int | None) -> _Setting:
   """Sets how many SMs a GPU's GEMMs leave free while peers' rows are still being fetched.
 
   A GPU fetches the rows its peers send it source by source, on a stream of its own, while its

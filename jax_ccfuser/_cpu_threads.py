@@ -34,7 +34,9 @@ _reserved = None  # the PJRT_NPROC this module set, if it set one
 
 
 def _cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1  # None where the count is unknown
 
 
 def _pool_setting():

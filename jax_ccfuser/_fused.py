@@ -28,7 +28,7 @@ from jax_ccfuser._reassign import Plan, identity_workers
 from jax_ccfuser._validation import check_count
 from jax_ccfuser._validation import check_gpu_group
 from jax_ccfuser._validation import check_gpu_limits
-from jax_ccfuser._validation import check_moe_args
+from jax_ccfuser._validation import Operand, check_moe_args
 
 # Each traced call gets its own pair of sites (forward, backward): the key under which the
 # devices of one group find each other's buffers. Every device runs the same traced program,
@@ -430,8 +430,9 @@ def _replication(plan, split):
 
 
 @numpy_broadcasting
-def fused_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
-              activation="swiglu", plan=None, residuals="inputs"):
+def fused_moe(x: Operand, expert_ids: Operand, expert_weights: Operand, w_in: Operand,
+              w_out: Operand, *, axis_name: str | None = None, activation: str = "swiglu",
+              plan: Plan | None = None, residuals: str = "inputs") -> jax.Array:
   """The MoE FFN with expert parallelism and no all-to-all.
 
   `y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`. Inside `jax.shard_map`
@@ -674,8 +675,10 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
 
 
 @numpy_broadcasting
-def fused_moe_emulated(x, expert_ids, expert_weights, w_in, w_out, *, num_devices: int,
-                       activation="swiglu", plan=None, residuals="inputs"):
+def fused_moe_emulated(x: Operand, expert_ids: Operand, expert_weights: Operand,
+                       w_in: Operand, w_out: Operand, *, num_devices: int,
+                       activation: str = "swiglu", plan: Plan | None = None,
+                       residuals: str = "inputs") -> jax.Array:
   """`fused_moe` for `num_devices` emulated peers whose buffers all live on one device.
 
   The operands stack the D devices' blocks along their leading axis, as the global arrays of

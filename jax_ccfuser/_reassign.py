@@ -14,7 +14,7 @@ import numpy as np
 
 from jax_ccfuser import _topology
 from jax_ccfuser._broadcasting import numpy_broadcasting
-from jax_ccfuser._validation import (as_operand, axis_size, check_int, check_num_experts,
+from jax_ccfuser._validation import (Operand, as_operand, axis_size, check_int, check_num_experts,
                                      known_now)
 
 
@@ -72,7 +72,7 @@ class Replication(NamedTuple):
 
 
 @numpy_broadcasting
-def plan_loads(plan: Plan):
+def plan_loads(plan: Plan) -> tuple[jax.Array, jax.Array]:
   """Rows each device computes without and with `plan`.
 
   Args:
@@ -270,9 +270,9 @@ def _replicate(source_counts, counts, split, replicas, threshold, tile):
 
 
 @numpy_broadcasting
-def reassign(expert_ids, num_experts: int, *, axis_name=None, max_helpers: int | None = None,
-             threshold: float = 1.1, tile: int = 32, previous: Plan | None = None,
-             replicas: int = 0) -> Plan:
+def reassign(expert_ids: Operand, num_experts: int, *, axis_name: str | None = None,
+             max_helpers: int | None = None, threshold: float | jax.Array = 1.1, tile: int = 32,
+             previous: Plan | None = None, replicas: int = 0) -> Plan:
   """Plans which devices compute which rows of each expert so device loads even out.
 
   Call it where `fused_moe` is called (inside the same `shard_map`), with the same

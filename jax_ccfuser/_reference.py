@@ -5,12 +5,14 @@ import jax.numpy as jnp
 
 from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._ffn import expert_ffn, no_tokens
-from jax_ccfuser._validation import check_moe_args
+from jax_ccfuser._reassign import Plan
+from jax_ccfuser._validation import Operand, check_moe_args
 
 
 @numpy_broadcasting
-def reference_moe(x, expert_ids, expert_weights, w_in, w_out, *, axis_name=None,
-                  activation="swiglu", plan=None):
+def reference_moe(x: Operand, expert_ids: Operand, expert_weights: Operand,
+                  w_in: Operand, w_out: Operand, *, axis_name: str | None = None,
+                  activation: str = "swiglu", plan: Plan | None = None) -> jax.Array:
   """`y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`, computed naively.
 
   Inside `jax.shard_map` the experts' weights are gathered over `axis_name` (this is a checker,

@@ -7,9 +7,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jax_ccfuser._broadcasting import numpy_broadcasting
-from jax_ccfuser._validation import as_operand, check_int, known_now
+from jax_ccfuser._validation import Operand, as_operand, check_int, known_now
 
 SCORES = ("softmax", "sigmoid")
 
@@ -32,7 +33,7 @@ class RouterAux(NamedTuple):
 
 def check_router_options(num_experts: int, k: int, *, score: str = "softmax",
                          num_groups: int = 1, top_groups: int | None = None,
-                         scale: float = 1.0) -> None:
+                         scale: float | jax.Array = 1.0) -> None:
   """Raises a ValueError naming the offending values when the router options do not fit."""
   for name, value in (("k", k), ("num_groups", num_groups), ("top_groups", top_groups)):
     if value is not None:
@@ -107,9 +108,10 @@ def _limit_to_top_groups(choice, logits, score: str, num_groups: int, top_groups
 
 
 @numpy_broadcasting
-def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
-          score: str = "softmax", num_groups: int = 1, top_groups: int | None = None, scale=1.0,
-          expert_bias=None):
+def route(logits: Operand, k: int, *, renormalize: bool | None = None,
+          axis_name: str | None = None, score: str = "softmax", num_groups: int = 1,
+          top_groups: int | None = None, scale: float | jax.Array = 1.0,
+          expert_bias: Operand | None = None) -> tuple[jax.Array, jax.Array, RouterAux]:
   """Picks each token's top-k experts and computes the auxiliary losses.
 
   Scores `s[t, e]` (float32) are `softmax(logits[t])[e]` (`score="softmax"`) or
@@ -234,7 +236,8 @@ def route(logits, k: int, *, renormalize: bool | None = None, axis_name=None,
 
 
 @numpy_broadcasting
-def update_expert_bias(expert_bias, counts, *, rate: float):
+def update_expert_bias(expert_bias: Operand, counts: ArrayLike, *,
+                       rate: float | jax.Array) -> jax.Array:
   """One step of auxiliary-loss-free load balancing (DeepSeek-V3).
 
   `expert_bias + rate * sign(mean(counts) - counts)`: an overloaded expert's bias falls by
@@ -300,4 +303,4 @@ def update_expert_bias(expert_bias, counts, *, rate: float):
     # sign(sum - E * c), not of a rounded mean: counts at the mean (averaged loads) stay put.
     counts = counts.astype(jnp.float32)
     sign = jnp.sign(jnp.sum(counts, axis=-1, keepdims=True) - counts.shape[-1] * counts)
-  return expert_bias + (rate * sign.astype(jnp.float32)).astype(expert_bias.dtype)
+  return jnp.asarray(expert_bias) + (rate * sign.astype(jnp.float32)).astype(expert_bias.dtype)

@@ -157,7 +157,12 @@ def _check_whole(**operands) -> None:
           f"it on its own part), or reshard the operands whole (jax.sharding.reshard(a, P()))")
 
 
-def as_operand(name: str, a):
+# What the MoE ops take as operands (`as_operand`): jax arrays, tracers included, and NumPy
+# arrays; not Python scalars or lists.
+Operand = jax.Array | np.ndarray
+
+
+def as_operand(name: str, a: Operand) -> jax.Array:
   """`a` as an operand: a NumPy array becomes a jax array with the dtype `jax.jit` gives it
   (float64 is float32 without x64), so a call takes the same operands eagerly as under jit, but
   integers past int32 are refused rather than wrapped into range; jax arrays and tracers pass
@@ -174,7 +179,7 @@ def as_operand(name: str, a):
 
 
 def check_moe_args(x, expert_ids, expert_weights, w_in, w_out, *, activation: str,
-                   axis_name) -> tuple[tuple, MoeDims]:
+                   axis_name) -> tuple[tuple[jax.Array, ...], MoeDims]:
   """Checks the arguments of `fused_moe`, `fused_moe_emulated`, `reference_moe` and
   `all_to_all_moe` (the API contract).
 

@@ -214,7 +214,8 @@ def train(model: nnx.Module, optimizer: nnx.Optimizer, data: np.ndarray, config:
 
   Returns:
     The history: one record per step, `{"step", "loss", "aux_loss", "expert_counts" ([L][E]),
-    "device_loads" ([L][2][D]), "seconds"}`; `seconds` is `None` for the first step of a session (it includes compilation).
+    "device_loads" ([L][2][D]), "seconds"}`; `seconds` is `None` for the first step of a
+    session (it includes compilation).
   """
   history = [] if history is None else history
   start = int(optimizer.step[...])

@@ -40,6 +40,8 @@ neither Flax nor SciPy (the ILP imports SciPy when it runs); `_nnx` (the NNX mod
 imports Flax and is loaded on first use of `moe_layers`, `capture_expert_ids` or `apply`.
 """
 
+from typing import TYPE_CHECKING
+
 from jax_ccfuser.placement._permute import permute
 from jax_ccfuser.placement._solve import METHODS
 from jax_ccfuser.placement._solve import Score
@@ -54,14 +56,17 @@ from jax_ccfuser.placement._stats import routing_stats
 _NNX_NAMES = ("apply", "capture_expert_ids", "moe_layers")
 
 
-def __getattr__(name: str):
-  if name in _NNX_NAMES:
-    from jax_ccfuser.placement import _nnx
-    return getattr(_nnx, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if TYPE_CHECKING:  # type checkers see the names and their signatures; a typo is an error
+  from jax_ccfuser.placement._nnx import apply, capture_expert_ids, moe_layers
+else:
+  def __getattr__(name: str) -> object:
+    if name in _NNX_NAMES:
+      from jax_ccfuser.placement import _nnx
+      return getattr(_nnx, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def __dir__():  # dir() and help() list the names loaded on first use too
+def __dir__() -> list[str]:  # dir() and help() list the names loaded on first use too
   return sorted([*globals(), *_NNX_NAMES])
 
 

@@ -7,6 +7,7 @@ its names is used.
 from typing import Callable, Sequence
 
 import jax
+import numpy.typing as npt
 from flax import nnx
 
 from jax_ccfuser.nnx import MoE
@@ -98,7 +99,8 @@ def capture_expert_ids(fn: Callable) -> Callable:
   return wrapped
 
 
-def apply(model, optimizer, perms, *, layers: Sequence[tuple] | None = None) -> None:
+def apply(model, optimizer, perms: npt.ArrayLike, *,
+          layers: Sequence[str | tuple] | None = None) -> None:
   """Moves the experts of a live NNX model, and of its optimizer state, to a new placement.
 
   In place: each MoE layer's `w_in`, `w_out`, router output columns (kernel, and bias when

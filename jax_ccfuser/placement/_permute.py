@@ -1,10 +1,11 @@
 """Applying a placement to plain pytrees: parameters and optimizer state, Linen, Optax or NNX."""
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 # The variables of an MoE layer that are indexed by expert, relative to the layer's path: the
 # axis of each that counts experts (the expert weights and the expert bias along their first,
@@ -51,7 +52,8 @@ def _take(leaf, order: np.ndarray, axis: int):
   return jnp.take(leaf, order, axis=axis)
 
 
-def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple], others: Sequence = ()):
+def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[str | tuple],
+                       others: Sequence = ()):
   """`permute`, also returning the set of (layer, parameter) pairs it moved. `others`: paths of
   MoE layers that stay as they are, whose leaves no layer of `layers` may take."""
   layers = layer_paths(layers)
@@ -97,7 +99,7 @@ def permute_with_moves(tree, perms: np.ndarray, layers: Sequence[tuple], others:
   return jax.tree_util.tree_map_with_path(move, tree), moved
 
 
-def permute(tree, perms, *, layers: Sequence[tuple]):
+def permute(tree: Any, perms: npt.ArrayLike, *, layers: Sequence[str | tuple]) -> Any:
   """Permutes the experts of MoE layers in any pytree of parameters or of optimizer state.
 
   Every leaf whose key path contains `layers[l] + ("w_in",)`, `("w_out",)` or `("expert_bias",)`

@@ -4,6 +4,7 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from jax_ccfuser._validation import check_num_experts
 from jax_ccfuser.placement._permute import check_perms
@@ -74,7 +75,7 @@ def _share(part, whole, empty: float = 0.0) -> float:
   return float(part / whole) if whole else empty
 
 
-def score(stats: RoutingStats, perms: np.ndarray | None = None) -> Score:
+def score(stats: RoutingStats, perms: npt.ArrayLike | None = None) -> Score:
   """Measures a placement on `stats`: remote rows, device load and separated transitions.
 
   Args:

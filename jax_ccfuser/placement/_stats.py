@@ -4,6 +4,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jax_ccfuser._broadcasting import numpy_broadcasting
 from jax_ccfuser._validation import check_count
@@ -57,8 +58,8 @@ class RoutingStats(NamedTuple):
     """E, the experts of each layer."""
     return self.rows.shape[2]
 
-  def update(self, expert_ids: Sequence[jax.Array], *,
-             source: jax.Array | None = None) -> "RoutingStats":
+  def update(self, expert_ids: Sequence[ArrayLike], *,
+             source: ArrayLike | None = None) -> "RoutingStats":
     """These totals plus the counts of one step (`routing_stats`); jittable.
 
     Args:
@@ -91,7 +92,7 @@ class RoutingStats(NamedTuple):
     return RoutingStats(rows=self.rows + step.rows, transitions=self.transitions + step.transitions)
 
 
-def _as_int32(a, size: int):
+def _as_int32(a: jax.Array, size: int) -> jax.Array:
   """Integer `a` as int32, in which the bins are counted (in a narrower type, uint8 ids at
   E = 256, they would wrap), entries of a wider type clipped to [-1, size]: out of range
   either way."""
@@ -101,8 +102,8 @@ def _as_int32(a, size: int):
 
 
 @numpy_broadcasting
-def routing_stats(expert_ids: Sequence[jax.Array], *, num_experts: int, num_devices: int,
-                  source: jax.Array | None = None) -> RoutingStats:
+def routing_stats(expert_ids: Sequence[ArrayLike], *, num_experts: int, num_devices: int,
+                  source: ArrayLike | None = None) -> RoutingStats:
   """Counts one step's routing: rows per (source device, expert) and cross-layer transitions.
 
   Every (token, k) assignment of layer l adds one to `rows[l, source[token], expert]`; every pair
