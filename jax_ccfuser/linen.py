@@ -137,11 +137,8 @@ class MoE(nn.Module):
       `(y, aux)`: y `[..., H]` in the compute dtype and the layer's `MoEAux`.
 
     Raises:
-      ValueError: at the call, for a mesh that lacks `axis_name` (or mixes Explicit and Auto
-        axes), experts that do not split evenly over the expert axis, tokens that do not split
-        evenly over the mesh's devices (or none), or a `shard_map` in context that is manual
-        over some of the mesh's axes but not the expert axis; and what `jax_ccfuser.fused_moe`
-        raises (fused dispatch).
+      ValueError: as `jax_ccfuser.nnx.MoE.__call__` raises it (the mesh, the split of experts
+        and tokens, an enclosing `shard_map`), and what `jax_ccfuser.fused_moe` raises.
     """
     check_widths(x.shape[-1], self.ffn)
     spec = MoESpec(num_experts=self.num_experts, k=self.k, activation=self.activation,
