@@ -445,7 +445,8 @@ def fused_moe(x: Operand, expert_ids: Operand, expert_weights: Operand, w_in: Op
   (`residuals`): keeping costs `T * K * G * F * 4` bytes per device (G = 2 for gated
   activations, else 1), recomputing adds 22% to the forward+backward FLOPs (17% for non-gated
   activations); the results are the same bitwise. float32 GEMMs on a GPU run exact unless traced
-  under `jax.default_matmul_precision("tensorfloat32")` (or a lower precision): then as TF32.
+  under `jax.default_matmul_precision` set to "tensorfloat32", "high", "bfloat16" or another of
+  the README's TF32 list (not "default"): then as TF32.
 
   Across processes (`jax.distributed`), trace it under `jax.set_mesh(mesh)`: devices of one
   host meet in shared-memory workspaces, hosts exchange rows through XLA collectives (see

@@ -303,4 +303,5 @@ def update_expert_bias(expert_bias: Operand, counts: ArrayLike, *,
     # sign(sum - E * c), not of a rounded mean: counts at the mean (averaged loads) stay put.
     counts = counts.astype(jnp.float32)
     sign = jnp.sign(jnp.sum(counts, axis=-1, keepdims=True) - counts.shape[-1] * counts)
-  return jnp.asarray(expert_bias) + (rate * sign.astype(jnp.float32)).astype(expert_bias.dtype)
+  bias = jnp.asarray(expert_bias)
+  return bias + (rate * sign.astype(jnp.float32)).astype(bias.dtype)

@@ -42,7 +42,8 @@ class MoE(nn.Module):
   under). The router computes in float32.
 
   Every attribute is a keyword (`MoE(num_experts=16, ffn=128)`): the NNX layer takes
-  `(hidden, ffn, num_experts)` in that order, so positions copied from it would swap the widths.
+  `(hidden, ffn, num_experts)` in that order, so its positions copied here would silently make
+  `hidden` the expert count and the expert count `k`.
 
   `__call__` returns `(y, aux)`: y `[..., H]` and a `MoEAux` (`load_balancing_loss`, `z_loss`:
   float32 scalars of the whole batch, unscaled; `counts`: `[E]` int32 expert load;

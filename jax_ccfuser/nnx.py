@@ -46,7 +46,8 @@ class MoE(nnx.Module):
 
   The router computes in float32 whatever `dtype` is (the top-k choice and the z-loss are
   sensitive to rounding); the experts compute in `dtype`. The options other than the widths,
-  dtypes and initializers are kept in `spec`, a frozen dataclass (static: it is no state).
+  dtypes, initializers and `expert_bias` (a variable) are kept in `spec`, a frozen dataclass
+  (static: it is no state).
 
   `__call__` returns `(y, aux)`: the router's auxiliary losses are returned rather than sown, so
   a loss function adds them without collecting state (`MoEAux`: `load_balancing_loss`
@@ -179,12 +180,14 @@ class MoE(nnx.Module):
       ValueError: at the call, for a mesh that lacks `axis_name` (or mixes Explicit and Auto
         axes), experts that do not split evenly over the expert axis, tokens that do not split
         evenly over the mesh's devices (or none), or a `shard_map` in context that is manual
-        over some of the mesh's axes but not the expert axis; and what `jax_ccfuser.fused_moe`
-        raises (fused dispatch).
+        over some of the mesh's axes but not the expert axis, or experts split over Explicit
+        mesh axes called where no mesh is set; and what `jax_ccfuser.fused_moe` raises (fused
+        dispatch).
 
     Warns:
-      RuntimeWarning: when the experts were placed over a mesh at construction but no mesh is
-        set now (the layer would run as on one device, gathering every expert's weights).
+      RuntimeWarning: when the experts were placed over Auto mesh axes at construction but no
+        mesh is set now (the layer would run as on one device, gathering every expert's
+        weights).
     """
     placed = self.spec.axis_name is not None and self.w_in.get_metadata().get("eager_sharding")
     no_mesh = jax.sharding.get_abstract_mesh().empty

@@ -608,10 +608,11 @@ def test_linen_equals_nnx(on_mesh, options):
 
 
 def test_linen_layer_takes_keywords_only():
-  """The NNX layer's positions are (hidden, ffn, num_experts): copied to the Linen layer they
-  would swap its two widths silently, so it refuses positions."""
+  """The NNX layer's positions are (hidden, ffn, num_experts): copied to the Linen layer's old
+  (num_experts, ffn, k) they made hidden the expert count and the expert count k, silently, so
+  it refuses positions."""
   with pytest.raises(TypeError, match="positional"):
-    ccf_linen.MoE(FFN, EXPERTS)
+    ccf_linen.MoE(HIDDEN, FFN, EXPERTS)
 
 
 def test_linen_layer_on_an_explicit_mesh():

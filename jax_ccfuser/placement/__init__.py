@@ -65,6 +65,8 @@ else:
       return getattr(_nnx, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+del TYPE_CHECKING  # dir() lists the module's globals; this one is not its name
+
 
 def __dir__() -> list[str]:  # dir() and help() list the names loaded on first use too
   return sorted([*globals(), *_NNX_NAMES])
