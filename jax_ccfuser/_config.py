@@ -131,12 +131,13 @@ class _Setting(contextlib.ContextDecorator):
   """One setting's value for a block (or a decorated function): enterable again, nested and from
   several threads at once, as JAX's own settings are."""
 
-  def __init__(self, name, value, shown):
-    self._context, self._value, self._shown = _CONTEXTS[name], value, shown
+  def __init__(self, name, value, made_by, argument):
+    self._context, self._value = _CONTEXTS[name], value
+    self._made = f"jax_ccfuser.{made_by}({argument!r})"  # as the user wrote it
     self._entered = threading.local()  # per thread, the contexts this object entered
 
   def __repr__(self):
-    return f"jax_ccfuser.{self._shown}"
+    return self._made
 
   def __enter__(self) -> "_Setting":
     context = self._context(self._value)
@@ -180,7 +181,7 @@ def peer_timeout(seconds: float) -> _Setting:
     >>> with jax_ccfuser.peer_timeout(5.0):
     ...   y = step(x)  # traced here, so its calls wait up to 5 s for a missing peer
   """
-  return _Setting("seconds", _checked_timeout(seconds), f"peer_timeout({seconds!r})")
+  return _Setting("seconds", _checked_timeout(seconds), "peer_timeout", seconds)
 
 
 def transport_in_force() -> str:
@@ -220,7 +221,7 @@ def transport(kind: str) -> _Setting:
     >>> with jax_ccfuser.transport("collectives"):
     ...   y = step(x)  # across processes, through XLA collectives only
   """
-  return _Setting("transport", _checked_transport(kind), f"transport({kind!r})")
+  return _Setting("transport", _checked_transport(kind), "transport", kind)
 
 
 def residual_budget_bytes() -> int:
@@ -257,8 +258,8 @@ def residual_budget(nbytes: int) -> _Setting:
     >>> with jax_ccfuser.residual_budget(1 << 30):
     ...   grads = jax.jit(jax.grad(loss))(w_in)  # keeps h: 8 * 2 * 64 * 4 bytes fit
   """
-  return _Setting("residual_bytes", _checked_residual_bytes(nbytes),
-                  f"residual_budget({nbytes!r})")
+  return _Setting("residual_bytes", _checked_residual_bytes(nbytes), "residual_budget",
+                  nbytes)
 
 
 def scratch_budget_bytes() -> int:
@@ -302,7 +303,7 @@ def scratch_budget(nbytes: int) -> _Setting:
     >>> with jax_ccfuser.scratch_budget(512 << 20):
     ...   grads = jax.jit(jax.grad(loss))(w_in)  # on a GPU, in chunks of at most 512 MiB
   """
-  return _Setting("scratch_bytes", _checked_scratch_bytes(nbytes), f"scratch_budget({nbytes!r})")
+  return _Setting("scratch_bytes", _checked_scratch_bytes(nbytes), "scratch_budget", nbytes)
 
 
 def fetch_sms_in_force() -> int:
@@ -342,7 +343,7 @@ def fetch_sms(count: int | None) -> _Setting:
     >>> with jax_ccfuser.fetch_sms(0):
     ...   y = step(x)  # on a GPU, every GEMM on every SM
   """
-  return _Setting("fetch_sms", _checked_fetch_sms(count), f"fetch_sms({count!r})")
+  return _Setting("fetch_sms", _checked_fetch_sms(count), "fetch_sms", count)
 
 
 # jax.default_matmul_precision's values that let float32 GEMMs run as TF32: TF32's own names and

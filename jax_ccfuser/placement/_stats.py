@@ -36,10 +36,9 @@ class RoutingStats(NamedTuple):
     Returns:
       A `RoutingStats` of zeros: rows `[L, D, E]`, transitions `[L - 1, E, E]`.
     """
-    num_layers, num_devices, num_experts = (
-        check_count(name, value) for name, value in (("num_layers", num_layers),
-                                                     ("num_devices", num_devices),
-                                                     ("num_experts", num_experts)))
+    num_layers = check_count("num_layers", num_layers)
+    num_devices = check_count("num_devices", num_devices)
+    num_experts = check_count("num_experts", num_experts)
     return cls(rows=jnp.zeros((num_layers, num_devices, num_experts), jnp.int32),
                transitions=jnp.zeros((num_layers - 1, num_experts, num_experts), jnp.int32))
 
