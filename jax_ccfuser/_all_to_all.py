@@ -34,7 +34,7 @@ def check_capacity_factor(capacity_factor) -> None:
                      f"got {capacity_factor!r}")
 
 
-def _capacity(capacity_factor, *, tokens: int, k: int, num_experts: int) -> int:
+def expert_capacity(capacity_factor, *, tokens: int, k: int, num_experts: int) -> int:
   """Rows per (source device, expert): the worst case `T * K`, or `ceil(c * T * K / E)`."""
   check_capacity_factor(capacity_factor)
   worst = tokens * k
@@ -134,7 +134,7 @@ def all_to_all_moe(x: Operand, expert_ids: Operand, expert_weights: Operand,
       x, expert_ids, expert_weights, w_in, w_out, activation=activation, axis_name=axis_name)
   t, h, k = dims.tokens, dims.hidden, dims.k
   d, e_local, e = dims.num_devices, dims.experts_local, dims.num_experts
-  c = _capacity(capacity_factor, tokens=t, k=k, num_experts=e)
+  c = expert_capacity(capacity_factor, tokens=t, k=k, num_experts=e)
   if t == 0:
     return no_tokens(x)
 

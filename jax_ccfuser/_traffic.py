@@ -1,7 +1,7 @@
 """What `fused_moe` moved between devices, as recorded by its handlers."""
 
 from jax_ccfuser import _extension
-from jax_ccfuser._all_to_all import _capacity
+from jax_ccfuser._all_to_all import expert_capacity
 from jax_ccfuser._validation import check_count, check_num_experts
 
 
@@ -77,6 +77,6 @@ def all_to_all_bytes(tokens: int, k: int, num_experts: int, num_devices: int, hi
   experts_local = check_num_experts(num_experts, check_count("num_devices", num_devices))
   tokens, k, hidden, itemsize = (check_count(name, value) for name, value in (
       ("tokens", tokens), ("k", k), ("hidden", hidden), ("itemsize", itemsize)))
-  capacity = _capacity(capacity_factor, tokens=tokens, k=k, num_experts=num_experts)
+  capacity = expert_capacity(capacity_factor, tokens=tokens, k=k, num_experts=num_experts)
   per_direction = (num_devices - 1) * experts_local * capacity * hidden * itemsize
   return 2 * per_direction
