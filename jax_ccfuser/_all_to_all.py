@@ -67,6 +67,7 @@ def _pair_slots(expert_ids: jax.Array, *, num_experts: int, capacity: int) -> ja
 
 
 @numpy_broadcasting
+@jax.named_call
 def all_to_all_moe(x: Operand, expert_ids: Operand, expert_weights: Operand,
                    w_in: Operand, w_out: Operand, *, axis_name: str | None = None,
                    activation: str = "swiglu", plan: Plan | None = None,

@@ -430,6 +430,7 @@ def _replication(plan, split):
 
 
 @numpy_broadcasting
+@jax.named_call
 def fused_moe(x: Operand, expert_ids: Operand, expert_weights: Operand, w_in: Operand,
               w_out: Operand, *, axis_name: str | None = None, activation: str = "swiglu",
               plan: Plan | None = None, residuals: str = "inputs") -> jax.Array:
@@ -676,6 +677,7 @@ def _across_hosts(x, expert_ids, expert_weights, w_in, w_out, workers, bounds, r
 
 
 @numpy_broadcasting
+@jax.named_call
 def fused_moe_emulated(x: Operand, expert_ids: Operand, expert_weights: Operand,
                        w_in: Operand, w_out: Operand, *, num_devices: int,
                        activation: str = "swiglu", plan: Plan | None = None,

@@ -227,7 +227,8 @@ class MoESpec:
     y = DISPATCH[self.dispatch](x, ids, weights, w_in, w_out, axis_name=axis_name,
                                 activation=self.activation, **options)
     if shared is not None:
-      y = (y + expert_ffn(x, *shared, self.activation)).astype(x.dtype)
+      with jax.named_scope("shared_experts"):
+        y = (y + expert_ffn(x, *shared, self.activation)).astype(x.dtype)
     return y, MoEAux(*aux, device_loads=loads.astype(jnp.int32))
 
   @numpy_broadcasting

@@ -270,6 +270,7 @@ def _replicate(source_counts, counts, split, replicas, threshold, tile):
 
 
 @numpy_broadcasting
+@jax.named_call
 def reassign(expert_ids: Operand, num_experts: int, *, axis_name: str | None = None,
              max_helpers: int | None = None, threshold: float | jax.Array = 1.1, tile: int = 32,
              previous: Plan | None = None, replicas: int = 0) -> Plan:

@@ -10,6 +10,7 @@ from jax_ccfuser._validation import Operand, check_moe_args
 
 
 @numpy_broadcasting
+@jax.named_call
 def reference_moe(x: Operand, expert_ids: Operand, expert_weights: Operand,
                   w_in: Operand, w_out: Operand, *, axis_name: str | None = None,
                   activation: str = "swiglu", plan: Plan | None = None) -> jax.Array:

@@ -108,6 +108,7 @@ def _limit_to_top_groups(choice, logits, score: str, num_groups: int, top_groups
 
 
 @numpy_broadcasting
+@jax.named_call
 def route(logits: Operand, k: int, *, renormalize: bool | None = None,
           axis_name: str | None = None, score: str = "softmax", num_groups: int = 1,
           top_groups: int | None = None, scale: float | jax.Array = 1.0,
@@ -236,6 +237,7 @@ def route(logits: Operand, k: int, *, renormalize: bool | None = None,
 
 
 @numpy_broadcasting
+@jax.named_call
 def update_expert_bias(expert_bias: Operand, counts: ArrayLike, *,
                        rate: float | jax.Array) -> jax.Array:
   """One step of auxiliary-loss-free load balancing (DeepSeek-V3).

@@ -7,6 +7,7 @@ weights, computed on one device without any mesh.
 
 import contextlib
 import functools
+import re
 import warnings
 
 import jax
@@ -335,6 +336,33 @@ def test_gradients_reach_router_and_experts(dispatch, options):
                                                                           path, want)
     assert float(jnp.abs(g).max()) > 0, path
     assert_close(g, w, jnp.float32)
+
+
+def _op_names(hlo: str, opcode: str) -> list[str]:
+  """The `op_name`s (what profilers show) of a compiled program's instructions of `opcode`."""
+  return re.findall(rf" {opcode}\(.*op_name=\"([^\"]+)\"", hlo)
+
+
+@pytest.mark.parametrize("dispatch", ["fused", "all_to_all"])
+def test_profiles_name_the_layers_parts(dispatch):
+  # In a profile of a many-layer model the custom calls and GEMMs are otherwise anonymous:
+  # `.../shard_map/ffi_call` forward and backward alike.
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    layer = _layer(dispatch=dispatch, **DEEPSEEK)
+    graph, state = nnx.split(layer)
+    step = jax.jit(lambda state, x: nnx.grad(_objective)(nnx.merge(graph, state), x))
+    hlo = step.lower(state, _tokens()).compile().as_text()
+  calls, dots = _op_names(hlo, "custom-call"), _op_names(hlo, "dot")
+  if dispatch == "fused":  # its GEMMs run inside its custom calls
+    assert {n for n in calls if "ffi_call" in n} == {
+        "jit(<lambda>)/jvp()/shard_map/fused_moe/ffi_call",
+        "jit(<lambda>)/transpose(jvp())/shard_map/fused_moe/ffi_call"}, calls
+  else:
+    assert any("/jvp()/shard_map/all_to_all_moe/" in n for n in dots), dots
+    assert any("/transpose(jvp())/shard_map/all_to_all_moe/" in n for n in dots), dots
+  assert any("/shared_experts/" in n for n in dots), dots
+  assert [n for n in calls if n.endswith("top_k")] and all(
+      "/route/" in n for n in calls if n.endswith("top_k")), calls
 
 
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
