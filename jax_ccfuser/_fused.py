@@ -14,6 +14,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.interpreters import ad, batching, mlir
 from jax.sharding import AxisType
 
@@ -354,6 +355,10 @@ ad.primitive_transposes[_linear_p] = _linear_transpose
 batching.primitive_batchers[_linear_p] = _linear_batched
 
 
+# The kept h rows' name for `jax.checkpoint` policies (`save_only_these_names`).
+_KEPT_ROWS_NAME = "fused_moe_kept_rows"
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _fused(static, *operands):
   """The op every entry point calls: y `[T, H]`."""
@@ -362,10 +367,17 @@ def _fused(static, *operands):
 
 @_fused.defjvp
 def _fused_jvp(static, primals, tangents):
-  # What reverse mode keeps are the inputs and the kept h rows (one unused row under
-  # residuals="inputs"): no dispatched rows or expert outputs; the backward call re-reads the rows
-  # from the peers.
-  y, hidden = _forward_call(static, True, *primals)
+  # What reverse mode keeps are the inputs and the kept h rows: no dispatched rows or expert
+  # outputs; the backward call re-reads the rows from the peers. Keeping none, its one unused row
+  # is made here, not by the forward call: a backward that rematerialises the forward
+  # (`jax.checkpoint`, `nnx.remat`) then has no need to run the call, and its exchange, again.
+  if static.kept_rows:
+    y, hidden = _forward_call(static, True, *primals)
+    # A remat policy that saves this name keeps them through a rematerialised forward too.
+    hidden = checkpoint_name(hidden, _KEPT_ROWS_NAME)
+  else:
+    y = _forward_call(static, False, *primals)[0]
+    hidden = jnp.zeros(_hidden_shape(static, 0, primals[3].shape[2]), jnp.float32)
   y_dot = _linear_p.bind(
       *_varying_alike(*primals, hidden, *(tangents[i] for i in _DIFFERENTIABLE)),
       static=static)
@@ -476,7 +488,11 @@ def fused_moe(x: Operand, expert_ids: Operand, expert_weights: Operand, w_in: Op
       recomputes the rest). "auto": "hidden" when those `T * K * G * F * 4` bytes fit the budget
       in force (`jax_ccfuser.residual_budget`, 256 MiB per device by default), else "inputs".
       Decided when the call is traced; a forward that is not differentiated keeps nothing, nor
-      does one on GPU with a `reassign` plan that has helper slots.
+      does one on GPU with a `reassign` plan that has helper slots. Under `jax.checkpoint`
+      (`nnx.remat`, `nn.remat`) a backward that keeps nothing runs no forward call again;
+      kept rows it rematerialises by running the call again (and its exchange), unless the
+      policy saves them by their name, "fused_moe_kept_rows"
+      (`jax.checkpoint_policies.save_only_these_names("fused_moe_kept_rows")`).
 
   Returns:
     `[T, H]`, x's dtype.

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import jax_ccfuser as ccf
 from jax_ccfuser import _fused
 from jax_ccfuser.experimental import fused_moe_emulated
 from hardening_cases import make_forward_and_grads
-from moe_cases import Case, assert_close, make_inputs, sharded
+from moe_cases import Case, assert_close, make_inputs, shard_ep, sharded
 
 
 def _forward_and_grads(path: str, case: Case, residuals: str, with_plan: bool = False):
@@ -183,6 +184,44 @@ def test_nothing_kept_passes_nothing_zero_sized():
     assert len(shapes) > 20, shapes  # the residuals and both calls' operands
     assert all(0 not in shape for shape in shapes), (residuals, shapes)
     assert (kept, 2 * case.ffn) in shapes, (residuals, shapes)
+
+
+@pytest.mark.parametrize("residuals,saved,forward_calls", [
+    ("inputs", None, 1), ("hidden", None, 2), ("hidden", "fused_moe_kept_rows", 1)])
+def test_rematerialised_layers_run_the_forward_call_as_needed(residuals, saved, forward_calls):
+  """Layers under `jax.checkpoint` (in a scan over layers, as `nnx.remat` and `nn.remat` make
+  them): the backward rematerialises only what it reads. Keeping nothing, that is no forward
+  call, which would otherwise run (with its exchange with the peers) twice a step; kept rows
+  are read, so the call runs again unless a policy saves them by their name."""
+  case = Case(devices=4, seed=11)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  w_ins, w_outs = jnp.stack([w_in, -0.5 * w_in]), jnp.stack([w_out, 0.7 * w_out])  # 2 layers
+  policy = saved and jax.checkpoint_policies.save_only_these_names(saved)
+
+  def grads(moe, remat: bool):
+    def layers(x, ids, weights, w_ins, w_outs, *, axis_name):
+      def layer(x, w):
+        return moe(x, ids, weights, *w, axis_name=axis_name), None
+      return jax.lax.scan(jax.checkpoint(layer, policy=policy) if remat else layer, x,
+                          (w_ins, w_outs))[0]
+    body = shard_ep(layers, case.devices, in_specs=(P("ep"),) * 3 + (P(None, "ep"),) * 2)
+    loss = lambda x, weights, w_ins, w_outs: jnp.sum(jnp.sin(body(x, ids, weights, w_ins,
+                                                                  w_outs)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+  fused = functools.partial(ccf.fused_moe, residuals=residuals)
+  step = grads(fused, remat=True)
+  hlo = step.lower(x, weights, w_ins, w_outs).compile().as_text()
+  assert hlo.count('custom_call_target="ccf_moe_fwd"') == forward_calls
+  assert hlo.count('custom_call_target="ccf_moe_bwd"') == 1
+  got = step(x, weights, w_ins, w_outs)
+  for a, b in zip(got, grads(fused, remat=False)(x, weights, w_ins, w_outs)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with jax.default_matmul_precision("highest"):
+    want = grads(ccf.reference_moe, remat=True)(x, weights, w_ins, w_outs)
+  for a, b in zip(got, want):
+    assert float(jnp.abs(a).max()) > 0
+    assert_close(a, b, case.dtype)
 
 
 def test_auto_keeps_what_fits_the_budget():
