@@ -490,8 +490,8 @@ def fused_moe(x: Operand, expert_ids: Operand, expert_weights: Operand, w_in: Op
       Decided when the call is traced; a forward that is not differentiated keeps nothing, nor
       does one on GPU with a `reassign` plan that has helper slots. Under `jax.checkpoint`
       (`nnx.remat`, `nn.remat`) a backward that keeps nothing runs no forward call again;
-      kept rows it rematerialises by running the call again (and its exchange), unless the
-      policy saves them by their name, "fused_moe_kept_rows"
+      kept rows it rematerialises by running the call again (and its exchange: more work than
+      "inputs"), unless the policy saves them by their name, "fused_moe_kept_rows"
       (`jax.checkpoint_policies.save_only_these_names("fused_moe_kept_rows")`).
 
   Returns:

@@ -91,6 +91,7 @@ class MoE(nnx.Module):
     residuals: "inputs" (the backward recomputes each row's hidden activation), "hidden" (the
       forward keeps it: less compute, `T * K * G * F * 4` bytes per device) or "auto" (keeps
       within `jax_ccfuser.residual_budget`); fused dispatch only, the same results either way.
+      Under `nnx.remat` keep "inputs", or save the kept rows by name (`fused_moe`'s docstring).
     score: the router's scores, "softmax" or "sigmoid".
     num_groups: groups of consecutive experts for group-limited routing (divides E); 1: none.
     top_groups: groups each token may use; `None`: all.
