@@ -78,6 +78,7 @@ class _CallAttrs(NamedTuple):
   fetch_sms: int
   tf32: int
   kept_rows: int
+  weight_grads: int
 
   def as_ffi(self) -> dict:
     """`ffi_call`'s keyword attributes, typed as the native module declares them."""
@@ -124,9 +125,11 @@ def _describe(direction: str, activation: str, where: str, plan_slots: int, x, i
           f"w_in {list(w_in.shape)}, w_out {list(w_out.shape)}")
 
 
-def _call_attrs(static: _Static, backward: bool, region, kept_rows: int) -> _CallAttrs:
+def _call_attrs(static: _Static, backward: bool, region, kept_rows: int,
+                weight_grads: bool = False) -> _CallAttrs:
   """The attributes of `static`'s forward or backward call, whose region `_reserve_region` gave,
-  with `kept_rows` h rows kept per device."""
+  with `kept_rows` h rows kept per device (and for a backward, whether it computes the weight
+  gradients)."""
   workspace, offset = region
   return _CallAttrs(site=2 * static.site + backward, num_devices=static.num_devices,
                     emulated=int(static.emulated),
@@ -134,7 +137,8 @@ def _call_attrs(static: _Static, backward: bool, region, kept_rows: int) -> _Cal
                     timeout_ms=static.timeout_ms, num_experts=static.num_experts,
                     workspace=workspace, workspace_offset=offset,
                     devices=static.devices or (-1,), scratch_budget=static.scratch_budget,
-                    fetch_sms=static.fetch_sms, tf32=int(static.tf32), kept_rows=kept_rows)
+                    fetch_sms=static.fetch_sms, tf32=int(static.tf32), kept_rows=kept_rows,
+                    weight_grads=int(weight_grads))
 
 
 def _staging_shape(static: _Static, region, x, ids) -> tuple:
@@ -290,11 +294,12 @@ def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, r
   return y, hidden
 
 
-@_reverse_only(nondiff_argnums=(0,))
-def _backward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, group, hidden,
-                   dy):
+@_reverse_only(nondiff_argnums=(0, 1))
+def _backward_call(static, weight_grads, x, ids, weights, w_in, w_out, workers, bounds, rank,
+                   group, hidden, dy):
   """`(dx, dweights, dw_in, dw_out)` for the cotangent `dy` `[T, H]` of y, from the inputs and
-  the h rows the forward kept."""
+  the h rows the forward kept. Without `weight_grads` dw_in and dw_out are not wanted: the CPU
+  handler skips their GEMMs and returns zeros (the CUDA one still computes them)."""
   if dy.shape != x.shape:
     raise ValueError(f"cotangent shape {dy.shape} != output shape {x.shape}")
   expected = _hidden_shape(static, static.kept_rows, w_in.shape[2])
@@ -313,7 +318,7 @@ def _backward_call(static, x, ids, weights, w_in, w_out, workers, bounds, rank, 
        _result(like, _staging_shape(static, region, x, ids), jnp.float32)),
       vmap_method="sequential")
   dx, dweights, dw_in, dw_out, _ = call(
-      *args, **_call_attrs(static, True, region, static.kept_rows).as_ffi())
+      *args, **_call_attrs(static, True, region, static.kept_rows, weight_grads).as_ffi())
   return dx, dweights, dw_in, dw_out
 
 
@@ -332,7 +337,9 @@ def _linear_transpose(dy, *operands, static):
   inputs, tangents = operands[:-len(_DIFFERENTIABLE)], operands[-len(_DIFFERENTIABLE):]
   if type(dy) is ad.Zero:
     return [None] * len(operands)
-  grads = _backward_call(static, *inputs, dy)
+  # Frozen experts (no cotangent wanted for w_in or w_out) skip the weight-gradient GEMMs.
+  weight_grads = any(map(ad.is_undefined_primal, tangents[2:]))
+  grads = _backward_call(static, weight_grads, *inputs, dy)
   return [None] * len(inputs) + [g if ad.is_undefined_primal(t) else None
                                  for g, t in zip(grads, tangents)]
 
@@ -448,18 +455,19 @@ def fused_moe(x: Operand, expert_ids: Operand, expert_weights: Operand, w_in: Op
               plan: Plan | None = None, residuals: str = "inputs") -> jax.Array:
   """The MoE FFN with expert parallelism and no all-to-all.
 
-  `y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`. Inside `jax.shard_map`
-  over `axis_name` (size D), each device computes the rows routed to its own experts by reading
-  them straight out of the other devices' `x`, and each device sums the K contributions to its
-  tokens in a fixed order (deterministic, dropless). Gradients flow to `x`, `expert_weights`,
-  `w_in` and `w_out`; the backward pass keeps no dispatched rows (its residuals are the inputs:
+  `y[t] = sum_k expert_weights[t, k] * FFN_{expert_ids[t, k]}(x[t])`. Inside `jax.shard_map` over
+  `axis_name` (size D), each device computes the rows routed to its own experts by reading them
+  straight out of the other devices' `x`, and each device sums the K contributions to its tokens
+  in a fixed order (deterministic, dropless). Gradients flow to `x`, `expert_weights`, `w_in` and
+  `w_out` (on CPU, a backward wanting none for `w_in` and `w_out`, as with frozen experts, skips
+  their GEMMs); the backward pass keeps no dispatched rows (its residuals are the inputs:
   x `[T, H]`, the routing `[T, K]` and the weights) and re-reads the rows from the peers. It
   recomputes each row's hidden activation `h = x @ w_in` unless asked to keep it
   (`residuals`): keeping costs `T * K * G * F * 4` bytes per device (G = 2 for gated
   activations, else 1), recomputing adds 22% to the forward+backward FLOPs (17% for non-gated
-  activations); the results are the same bitwise. float32 GEMMs on a GPU run exact unless traced
-  under `jax.default_matmul_precision` set to "tensorfloat32", "high", "bfloat16" or another of
-  the README's TF32 list (not "default"): then as TF32.
+  activations); the results are the same bitwise. float32 GEMMs on a GPU run exact unless
+  traced under `jax.default_matmul_precision` set to "tensorfloat32", "high", "bfloat16" or
+  another of the README's TF32 list (not "default"): then as TF32.
 
   Across processes (`jax.distributed`), trace it under `jax.set_mesh(mesh)`: devices of one
   host meet in shared-memory workspaces, hosts exchange rows through XLA collectives (see

@@ -30,7 +30,7 @@ def test_python_attribute_record_is_the_natives(module):
       "site": "uint64", "num_devices": "int32", "emulated": "int32", "activation": "int32",
       "timeout_ms": "int64", "num_experts": "int64", "workspace": "int32",
       "workspace_offset": "int64", "devices": "int32[]", "scratch_budget": "int64",
-      "fetch_sms": "int32", "tf32": "int32", "kept_rows": "int64"}
+      "fetch_sms": "int32", "tf32": "int32", "kept_rows": "int64", "weight_grads": "int32"}
 
 
 @pytest.mark.parametrize("module", NATIVE, ids=lambda m: m.__name__)
@@ -45,7 +45,7 @@ def test_attributes_are_typed_as_declared():
   static = _fused._Static(site=7, num_devices=2, emulated=True, activation="geglu",
                           timeout_ms=1234, num_experts=8, scratch_budget=5 << 30,
                           fetch_sms=20, tf32=True)
-  attrs = _fused._call_attrs(static, True, (-1, 0), 13)
+  attrs = _fused._call_attrs(static, True, (-1, 0), 13, weight_grads=True)
   ffi = attrs.as_ffi()
   assert list(ffi) == list(_extension.CALL_ATTRIBUTES)
   for name, kind in _extension.CALL_ATTRIBUTES.items():
@@ -58,6 +58,7 @@ def test_attributes_are_typed_as_declared():
   assert ffi["fetch_sms"] == 20
   assert ffi["tf32"] == 1
   assert ffi["kept_rows"] == 13
+  assert ffi["weight_grads"] == 1
 
 
 def _static_traced_now():

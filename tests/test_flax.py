@@ -338,6 +338,28 @@ def test_gradients_reach_router_and_experts(dispatch, options):
     assert_close(g, w, jnp.float32)
 
 
+def test_router_alone_trained_skips_the_experts_weight_gradients():
+  """Fine-tuning the router of frozen experts (`nnx.DiffState` of the router's parameters):
+  the fused backward computes no expert weight gradients, and the router's gradient is the
+  full backward's, bitwise."""
+  with jax.set_mesh(ep_mesh(DEVICES)):
+    layer = _layer()
+    graph, state = nnx.split(layer)
+    router = nnx.DiffState(0, nnx.All(nnx.Param, nnx.PathContains("router")))
+
+    def grads(wrt):
+      return jax.jit(lambda state, x: nnx.grad(_objective, argnums=wrt)(nnx.merge(graph, state),
+                                                                         x))
+    frozen, full = grads(router), grads(0)
+    text = frozen.lower(state, _tokens()).as_text()
+    assert re.findall(r"@ccf_moe_bwd\(.*weight_grads = (\d+)", text) == ["0"]
+    got, want = nnx.to_pure_dict(frozen(state, _tokens())), nnx.to_pure_dict(full(state,
+                                                                                  _tokens()))
+  assert set(got) == {"router"}
+  np.testing.assert_array_equal(got["router"]["kernel"], want["router"]["kernel"])
+  assert float(jnp.abs(want["router"]["kernel"]).max()) > 0
+
+
 def _op_names(hlo: str, opcode: str) -> list[str]:
   """The `op_name`s (what profilers show) of a compiled program's instructions of `opcode`."""
   return re.findall(rf" {opcode}\(.*op_name=\"([^\"]+)\"", hlo)

@@ -229,6 +229,40 @@ def test_deterministic_bitwise():
     jax.tree.map(np.testing.assert_array_equal, again, first)
 
 
+def _backward_weight_grads(lowered_text: str) -> list[int]:
+  """The `weight_grads` attribute of each backward custom call in a lowered module's text."""
+  return [int(v) for v in re.findall(r"@ccf_moe_bwd\(.*weight_grads = (\d+)", lowered_text)]
+
+
+@pytest.mark.parametrize("with_plan", [False, True])
+def test_frozen_experts_skip_their_weight_gradients(with_plan):
+  """Differentiating x and the combine weights alone (frozen experts: fine-tuning the router or
+  what lies around the layer) tells the backward call that dw_in and dw_out are not wanted; dx
+  and d expert_weights are bitwise those of the full backward."""
+  case = Case(devices=8, tokens=40, k=4, skew=0.7, seed=12)
+  x, ids, weights, w_in, w_out = make_inputs(case)
+  proj = jnp.asarray(np.random.default_rng(13).standard_normal(x.shape), jnp.float32)
+
+  def planned(moe):
+    def layer(x, ids, weights, w_in, w_out, *, axis_name):
+      plan = (ccf.reassign(ids, case.num_experts, axis_name=axis_name, tile=4) if with_plan
+              else None)
+      return moe(x, ids, weights, w_in, w_out, axis_name=axis_name, plan=plan)
+    return _loss(layer, case.devices)
+
+  args = (x, ids, weights, w_in, w_out, proj)
+  full, frozen = (jax.jit(jax.grad(planned(ccf.fused_moe), argnums))
+                  for argnums in ((0, 2, 3, 4), (0, 2)))
+  assert _backward_weight_grads(full.lower(*args).as_text()) == [1]
+  assert _backward_weight_grads(frozen.lower(*args).as_text()) == [0]
+  got, want = frozen(*args), full(*args)
+  for name, a, b in zip(("dx", "d_weights"), got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+  reference = jax.grad(planned(ccf.reference_moe), (0, 2))(*args)
+  for a, b in zip(got, reference):
+    assert_close(a, b, case.dtype, max(1.0, float(jnp.max(jnp.abs(b))) / 4))
+
+
 def test_hlo_has_no_all_to_all_or_all_gather():
   args = make_inputs(Case(devices=4))
 

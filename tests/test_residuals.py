@@ -106,7 +106,7 @@ def _one_device_call(case: Case, residuals: str):
                                   platform="cpu", plan_slots=1))
   operands = (x, ids, weights, w_in, w_out, workers, bounds, jnp.int32(0), jnp.int32(0))
   return (jax.jit(functools.partial(_fused._forward_call, static, True)),
-          jax.jit(functools.partial(_fused._backward_call, static)), operands)
+          jax.jit(functools.partial(_fused._backward_call, static, True)), operands)
 
 
 def test_backward_reads_the_kept_rows():

@@ -43,7 +43,8 @@ using Hidden = xla::ffi::Buffer<xla::ffi::F32, 2>;
   X(int64_t, scratch_budget) SEP                /* GPU scratch bytes (SizeChunks) */      \
   X(int32_t, fetch_sms) SEP                     /* SMs kept for the fetch; -1: SMs / 8 */ \
   X(int32_t, tf32) SEP                          /* float32 GEMMs may run as TF32 */       \
-  X(int64_t, kept_rows)                         /* C: h rows kept per device */
+  X(int64_t, kept_rows) SEP                     /* C: h rows kept per device */           \
+  X(int32_t, weight_grads)                      /* backward: dw_in, dw_out wanted */
 
 struct CallAttrs {
 #define CCF_CALL_ATTR_FIELD(type, name) type name;

@@ -156,7 +156,7 @@ void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers
 void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                     const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
                     const float* x_rows, const float* dy_rows, const KeptHidden& kept,
-                    int64_t position, float* dw_in, float* dw_out) {
+                    int64_t position, bool weight_grads, float* dw_in, float* dw_out) {
   TileHidden hid(d);
   std::vector<float> g(kTileRows * d.hidden), da(kTileRows * d.ffn), dh(kTileRows * d.gate_ffn),
       dx(kTileRows * d.hidden);
@@ -182,11 +182,13 @@ void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peer
       float* gi = g.data() + i * d.hidden;
       for (int64_t j = 0; j < d.hidden; ++j) gi[j] *= s;                      // g = w * dy
     }
-    Gemm(workers, true, false, d.ffn, d.hidden, m, 1.0f, hid.a.data(), d.ffn, g.data(), d.hidden,
-         1.0f, dw_out, d.hidden);                                                // (F, H)
+    if (weight_grads)
+      Gemm(workers, true, false, d.ffn, d.hidden, m, 1.0f, hid.a.data(), d.ffn, g.data(),
+           d.hidden, 1.0f, dw_out, d.hidden);                                    // (F, H)
     ActivationBackward(d, m, hid.h, da.data(), dh.data());               // (m, G*F)
-    Gemm(workers, true, false, d.hidden, d.gate_ffn, m, 1.0f, hid.x.data(), d.hidden, dh.data(),
-         d.gate_ffn, 1.0f, dw_in, d.gate_ffn);                                   // (H, G*F)
+    if (weight_grads)
+      Gemm(workers, true, false, d.hidden, d.gate_ffn, m, 1.0f, hid.x.data(), d.hidden,
+           dh.data(), d.gate_ffn, 1.0f, dw_in, d.gate_ffn);                      // (H, G*F)
     Gemm(workers, false, true, m, d.hidden, d.gate_ffn, 1.0f, dh.data(), d.gate_ffn, w.w_in(),
          d.gate_ffn, 0.0f, dx.data(), d.hidden);                                 // (m, H)
     AccumulateIntoSources(peers, d, tile, m, dx.data(), nullptr);

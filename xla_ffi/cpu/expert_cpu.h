@@ -56,10 +56,11 @@ void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers
 
 // Backward: takes each row's hidden activation from `kept` or recomputes it from the fetched x;
 // writes d_weights[src][token, k]; accumulates dx partial sums into staging[src][token, slot]
-// and the weight gradients, in row order, into dw_in [H, G*F] and dw_out [F, H].
+// and, where `weight_grads` (a frozen expert's are not wanted: two of its five GEMMs), the weight
+// gradients, in row order, into dw_in [H, G*F] and dw_out [F, H].
 void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                     const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
                     const float* x_rows, const float* dy_rows, const KeptHidden& kept,
-                    int64_t position, float* dw_in, float* dw_out);
+                    int64_t position, bool weight_grads, float* dw_in, float* dw_out);
 
 }  // namespace ccf

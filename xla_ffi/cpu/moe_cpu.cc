@@ -403,12 +403,12 @@ ffi::Error MoeBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
             acc_out = mine.experts.back().dw_out.data();
           }
           ExpertBackward(workers, peers.buffers, d, ew, w, x_rows.data(), dy_rows.data(), kept,
-                         position, acc_in, acc_out);
+                         position, attrs.weight_grads != 0, acc_in, acc_out);
           position += static_cast<int64_t>(ew.rows.size());
         }
         Record(attrs.site, me, /*backward=*/true, d, work, 2);
       });
-  if (status.success()) {
+  if (status.success() && attrs.weight_grads) {
     // Owners add their helpers' partial weight gradients, in plan slot order.
     for (int me : peers.ranks) {
       for (int64_t local = 0; local < d.experts_local; ++local) {
