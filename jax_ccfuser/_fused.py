@@ -298,8 +298,8 @@ def _forward_call(static, keep, x, ids, weights, w_in, w_out, workers, bounds, r
 def _backward_call(static, weight_grads, x, ids, weights, w_in, w_out, workers, bounds, rank,
                    group, hidden, dy):
   """`(dx, dweights, dw_in, dw_out)` for the cotangent `dy` `[T, H]` of y, from the inputs and
-  the h rows the forward kept. Without `weight_grads` dw_in and dw_out are not wanted: the CPU
-  handler skips their GEMMs and returns zeros (the CUDA one still computes them)."""
+  the h rows the forward kept. Without `weight_grads` dw_in and dw_out are not wanted: the
+  handlers skip their GEMMs and return zeros."""
   if dy.shape != x.shape:
     raise ValueError(f"cotangent shape {dy.shape} != output shape {x.shape}")
   expected = _hidden_shape(static, static.kept_rows, w_in.shape[2])
@@ -459,8 +459,8 @@ def fused_moe(x: Operand, expert_ids: Operand, expert_weights: Operand, w_in: Op
   `axis_name` (size D), each device computes the rows routed to its own experts by reading them
   straight out of the other devices' `x`, and each device sums the K contributions to its tokens
   in a fixed order (deterministic, dropless). Gradients flow to `x`, `expert_weights`, `w_in` and
-  `w_out` (on CPU, a backward wanting none for `w_in` and `w_out`, as with frozen experts, skips
-  their GEMMs); the backward pass keeps no dispatched rows (its residuals are the inputs:
+  `w_out` (a backward wanting none for `w_in` and `w_out`, as with frozen experts, skips their
+  GEMMs); the backward pass keeps no dispatched rows (its residuals are the inputs:
   x `[T, H]`, the routing `[T, K]` and the weights) and re-reads the rows from the peers. It
   recomputes each row's hidden activation `h = x @ w_in` unless asked to keep it
   (`residuals`): keeping costs `T * K * G * F * 4` bytes per device (G = 2 for gated

@@ -875,6 +875,7 @@ struct Setting {
   const char* phases;  // JAX_CCFUSER_SOURCE_PHASES, or null: unset
   int64_t tokens, experts_local;
   const char* family;  // a shape past the matrix, or null
+  bool frozen = false;  // a backward wanting no weight gradients (Call::weight_grads)
 
   std::string Name() const {
     return std::string(backward ? "backward, " : "forward, ") + group->name + ", " +
@@ -882,7 +883,7 @@ struct Setting {
            kResidualNames[static_cast<int>(residuals)] + ", " +
            kBudgetNames[static_cast<int>(budget)] + ", T=" + std::to_string(tokens) +
            ", E_local=" + std::to_string(experts_local) + ", source phases " +
-           (phases == nullptr ? "unset" : phases);
+           (phases == nullptr ? "unset" : phases) + (frozen ? ", frozen experts" : "");
   }
 };
 
@@ -903,6 +904,7 @@ class Case {
   void CheckScratch();
   // The successful run's trace and barriers are what each failing run is held to.
   void CheckSuccess();
+  void CheckWeightGradients();
   void CheckFailure(int fail_at);
   int calls() const { return calls_; }
 
@@ -985,6 +987,7 @@ Case::Case(const Setting& s) : s_(s) {
   }
   c_.own_experts = static_cast<int32_t>(emulating ? experts : d.experts_local);
   c_.experts_here = planned ? static_cast<int32_t>(experts) : c_.own_experts;
+  c_.weight_grads = !s.frozen;
   c_.grouped_gemms = s.kernels == Kernels::kBf16Grouped;
   c_.num_sms = kSms;
   c_.fetching_sms = std::max(1, kSms - kSms / 8);
@@ -1410,7 +1413,28 @@ void Case::CheckSuccess() {
       (waits > 0) != pipelined_)
     fail("source phases " + std::string(pipelined_ ? "expected" : "not expected") + ", but " +
          std::to_string(fetches) + " fetches on the side stream");
+  if (s_.backward) CheckWeightGradients();
   CheckBarriers();
+}
+
+void Case::CheckWeightGradients() {
+  // Wanted, the GEMMs write them; not wanted, one memset each zeroes them and nothing else does.
+  for (void* out : {dw_in_, dw_out_}) {
+    const Buffer* b = memory_.Find(out);
+    int64_t zeroed = 0, written_otherwise = 0;
+    for (const Op& op : trace.ops)
+      for (size_t i = op.first; i < op.end; ++i) {
+        const Access& a = trace.accesses[i];
+        if (!a.write || memory_.Find(a.at) != b) continue;
+        (std::string(op.name) == "cudaMemsetAsync" ? zeroed : written_otherwise) += a.bytes;
+      }
+    if (s_.frozen && (zeroed != b->bytes || written_otherwise != 0))
+      fail(b->name + " of frozen experts: " + std::to_string(zeroed) + " of its " +
+           std::to_string(b->bytes) + " bytes zeroed, " + std::to_string(written_otherwise) +
+           " written otherwise");
+    if (!s_.frozen && (zeroed != 0 || written_otherwise == 0))
+      fail(b->name + ": not computed");
+  }
 }
 
 void Case::CheckFailure(int fail_at) {
@@ -1465,6 +1489,15 @@ int main() {
     for (Kernels kernels : {Kernels::kF32, Kernels::kBf16Grouped})
       settings.push_back({backward, &kGroups[0], kernels, Residuals::kRecompute,
                           Budget::kOneChunk, "0", 700, 64, "many experts"});
+  // A backward whose weight gradients are not wanted, in one and in several chunks.
+  for (const Group& g : kGroups)
+    for (Kernels kernels : {Kernels::kF32, Kernels::kBf16Grouped})
+      for (Residuals residuals : {Residuals::kRecompute, Residuals::kPlan})
+        for (Budget budget : {Budget::kOneChunk, Budget::kOneTile}) {
+          if (residuals == Residuals::kPlan && g.across_processes) continue;
+          settings.push_back({true, &g, kernels, residuals, budget, "1", g.tokens,
+                              g.experts_local, "frozen experts", true});
+        }
 
   int64_t cases = 0, injected = 0;
   for (size_t i = 0; i < settings.size();) {

@@ -442,6 +442,33 @@ def test_every_device_with_plan_matches_reference():
   _check(out, args, case.activation, case.dtype)
 
 
+@pytest.mark.parametrize("devices,with_plan,chunked", [(8, False, False), (2, True, True)],
+                         ids=["D8", "D2-plan-chunked"])
+def test_emulated_frozen_experts_keep_dx_and_d_weights_bitwise(devices, with_plan, chunked):
+  """A backward wanting no gradient of w_in or w_out (frozen experts) skips their GEMMs; dx
+  and d expert_weights are bitwise the full backward's."""
+  case = Case(devices=devices, tokens=40, skew=0.7, dtype=jnp.bfloat16, seed=64)
+  args = _args(case)
+  budget = _least_budget(case, with_plan) if chunked else None
+  if with_plan:
+    _assert_plan_has_helpers(emulated_plan(args[1], case.num_experts, devices))
+
+  @jax.jit
+  def frozen(x, ids, weights, w_in, w_out, dy):
+    plan = emulated_plan(ids, w_out.shape[0], devices) if with_plan else None
+    layer = functools.partial(fused_moe_emulated, num_devices=devices,
+                              activation=case.activation, plan=plan)
+    with contextlib.ExitStack() as settings:
+      if budget is not None:
+        settings.enter_context(ccf.scratch_budget(budget))
+      y, pullback = jax.vjp(lambda x, w: layer(x, ids, w, w_in, w_out), x, weights)
+      return y, pullback(dy.astype(y.dtype))
+
+  y, (dx, d_weights, _, _) = _emulated_step(devices, case.activation, with_plan=with_plan,
+                                            scratch_budget=budget)(*args)
+  _assert_bitwise(frozen(*args), (y, (dx, d_weights)))
+
+
 def _assert_bitwise_repeatable(step, args, runs=4):
   first = jax.tree.map(np.asarray, step(*args))
   for _ in range(runs - 1):

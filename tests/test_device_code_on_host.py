@@ -164,12 +164,13 @@ def test_device_barrier_protocol_keeps_members_in_step_and_reports_each_fault(ou
 def test_launch_sequence_orders_its_streams_and_keeps_its_barriers_through_each_failure(output):
   verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # Forward and backward: for each of seven ways of meeting the peers, and for the phases the
-  # shape decides and a work list of many experts.
-  assert len(verdicts) == 2 * 7 + 2 * 2, output
+  # shape decides and a work list of many experts; a backward of frozen experts.
+  assert len(verdicts) == 2 * 7 + 2 * 2 + 1, output
   configurations, injected = map(int, re.search(
       r"^configurations: (\d+), failures injected: (\d+)$", output, flags=re.M).groups())
-  # The matrix (no plans across processes), then the shapes past it: four and two a direction.
-  assert configurations == 2 * (5 * 54 + 2 * 36) + 2 * 4 + 2 * 2, output
+  # The matrix (no plans across processes), then the shapes past it: four and two a direction,
+  # and frozen experts' backward (each way of meeting, 2 kernels, plan or not, 2 budgets).
+  assert configurations == 2 * (5 * 54 + 2 * 36) + 2 * 4 + 2 * 2 + (5 * 8 + 2 * 4), output
   # Each configuration makes dozens of calls, each made to fail in a run of its own.
   assert injected > 20 * configurations, output
 

@@ -624,8 +624,10 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
       LaunchPairRows("u = dy @ w_out^T", c, me, sms, cuda::Major::kK, u_gemm, s.u,
                      s.gemm_workspace, stream, launcher);
     });
-    LaunchWeightGradient("dw_out", c, me, dw_out_gemm, s.gemm_workspace, stream, launcher);
-    LaunchWeightGradient("dw_in", c, me, dw_in_gemm, s.gemm_workspace, stream, launcher);
+    if (c.weight_grads) {
+      LaunchWeightGradient("dw_out", c, me, dw_out_gemm, s.gemm_workspace, stream, launcher);
+      LaunchWeightGradient("dw_in", c, me, dw_in_gemm, s.gemm_workspace, stream, launcher);
+    }
     LaunchPairRows("dx = dh @ w_in^T", c, me, c.num_sms, cuda::Major::kK, dx_gemm, nullptr,
                    s.gemm_workspace, stream, launcher);
     cuda::ScatterParams scatter = ScatterOver(c, s.list, chunk, s.rows);
@@ -635,7 +637,18 @@ void RunBackward(const Call& c, DeviceState& me, const BackwardScratch& s, const
     Scatter(c, scatter, stream, launcher);
   }
   CloseCall(c, s.list, me, dx, c.own_d_weights, stream, launcher);
-  if (c.plan.workers != nullptr) SumPartials(c, me, s, dw_in, dw_out, stream, launcher);
+  if (!c.weight_grads) {
+    // Not wanted: zeros rather than memory no one wrote (jax_debug_nans reads every output).
+    const size_t width = ffi::ByteWidth(d.w_type);
+    launcher.Run("zeroing dw_in", [&] {
+      return cudaMemsetAsync(dw_in, 0, width * c.own_experts * h * gf, stream);
+    });
+    launcher.Run("zeroing dw_out", [&] {
+      return cudaMemsetAsync(dw_out, 0, width * c.own_experts * f * h, stream);
+    });
+  } else if (c.plan.workers != nullptr) {
+    SumPartials(c, me, s, dw_in, dw_out, stream, launcher);
+  }
   if (c.own_d_weights != d_weights)  // peers wrote them into this device's region
     launcher.Run("copying d_expert_weights out of the region", [&] {
       return cudaMemcpyAsync(d_weights, c.own_d_weights,

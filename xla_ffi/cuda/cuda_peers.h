@@ -67,6 +67,9 @@ struct Call {
   int fetching_sms = 0;
   // float32 GEMMs as TF32 (cuda::GemmParams::tf32; the handler's Tf32).
   bool tf32 = false;
+  // Backward: dw_in and dw_out are wanted (the weight_grads attribute); else they are zeroed and
+  // their GEMMs skipped (frozen experts).
+  bool weight_grads = true;
   // Peers in other processes: this device's operands, copied into its region (where they read
   // them) ahead of the start barrier.
   struct Staged {

@@ -278,6 +278,7 @@ ffi::Error MoeBackwardImpl(cudaStream_t stream, int32_t ordinal, ffi::ScratchAll
       err.failure())
     return err;
   call.tf32 = Tf32(d, attrs, w_in.untyped_data(), w_out.untyped_data());
+  call.weight_grads = attrs.weight_grads != 0;
   if (ffi::Error err = CheckBackwardBuffers(d, attrs, x, w_in, w_out, dy, *dx, *d_weights, *dw_in,
                                             *dw_out, *staging);
       err.failure())
