@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -90,3 +91,8 @@ def assert_close(actual, expected, dtype, scale=1.0):
   rtol, atol = TOLERANCES[dtype]
   np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
                              rtol=rtol * scale, atol=atol * scale)
+
+
+def backward_weight_grads(lowered_text: str) -> list[int]:
+  """The `weight_grads` attribute of each backward custom call in a lowered module's text."""
+  return [int(v) for v in re.findall(r"@ccf_moe_bwd\(.*weight_grads = (\d+)", lowered_text)]

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 import jax_ccfuser as ccf
 from jax_ccfuser import _extension
 from jax_ccfuser.experimental import fused_moe_emulated
-from moe_cases import Case, assert_close, ep_mesh, make_inputs, sharded
+from moe_cases import (Case, assert_close, backward_weight_grads, ep_mesh, make_inputs,
+                        sharded)
 
 
 def _loss(moe_fn, devices, **kwargs):
@@ -229,11 +230,6 @@ def test_deterministic_bitwise():
     jax.tree.map(np.testing.assert_array_equal, again, first)
 
 
-def _backward_weight_grads(lowered_text: str) -> list[int]:
-  """The `weight_grads` attribute of each backward custom call in a lowered module's text."""
-  return [int(v) for v in re.findall(r"@ccf_moe_bwd\(.*weight_grads = (\d+)", lowered_text)]
-
-
 @pytest.mark.parametrize("with_plan", [False, True])
 def test_frozen_experts_skip_their_weight_gradients(with_plan):
   """Differentiating x and the combine weights alone (frozen experts: fine-tuning the router or
@@ -253,8 +249,8 @@ def test_frozen_experts_skip_their_weight_gradients(with_plan):
   args = (x, ids, weights, w_in, w_out, proj)
   full, frozen = (jax.jit(jax.grad(planned(ccf.fused_moe), argnums))
                   for argnums in ((0, 2, 3, 4), (0, 2)))
-  assert _backward_weight_grads(full.lower(*args).as_text()) == [1]
-  assert _backward_weight_grads(frozen.lower(*args).as_text()) == [0]
+  assert backward_weight_grads(full.lower(*args).as_text()) == [1]
+  assert backward_weight_grads(frozen.lower(*args).as_text()) == [0]
   got, want = frozen(*args), full(*args)
   for name, a, b in zip(("dx", "d_weights"), got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
