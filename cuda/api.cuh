@@ -205,7 +205,7 @@ struct WorkList {
   int32_t* pair_row;       // [P] scratch row (place_rows), local pairs only
   int32_t* chunk_counts;   // [E_here, num_chunks] counts, then exclusive offsets within expert
   int32_t* expert_count;   // [E_here]
-  int32_t* expert_offset;  // [E_here + 1] first position of each expert's pairs
+  int32_t* expert_offset;  // [E_here + 1] first position of each expert's pairs (plans only)
   WorkItem* items;         // [P] in (expert, source, token, k) order
   int32_t tile_m;          // the M tile of the GEMMs that walk it (expert_gemm_tile_m)
   // What the GEMMs walk: groups of consecutive positions [group_begin[g], group_end[g]) of
@@ -391,7 +391,7 @@ struct GemmParams {
 
   // kActivationBackward.
   const float* h;       // [pairs, G*F] the recomputed x @ w_in
-  void* aw;             // [pairs, F] w * act(h), input dtype
+  void* aw;             // [pairs, F] w * act(h), input dtype; null: dW_out is not wanted
   void* dh;             // [pairs, G*F] input dtype
   float* dot_partial;   // [pairs, num_partials] partial dot(a, u) of each N tile
   int32_t num_partials;  // the N tiles of F the handler sized it for: checked against the kernel's

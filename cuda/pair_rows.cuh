@@ -63,8 +63,9 @@ __device__ __forceinline__ void activate_row(const GemmParams& p, int32_t group,
 }
 
 // The backward's u = dy @ w_out^T, columns [j_begin, j_end) of pair `pos`'s row: with a = act(h)
-// from the kept or the recomputed h, writes w*a and dh, and returns the lane's part of the
-// row's dot(a, u) (a rounded to the input dtype, as the forward multiplies it into w_out).
+// from the kept or the recomputed h, writes dh and w*a (where dW_out wants it), and returns the
+// lane's part of the row's dot(a, u) (a rounded to the input dtype, as the forward multiplies it
+// into w_out).
 template <class T, int kVector, class At>
 __device__ __forceinline__ float activation_backward_row(const GemmParams& p, int32_t group,
                                                          int64_t pos, int64_t srow,
@@ -79,7 +80,7 @@ __device__ __forceinline__ float activation_backward_row(const GemmParams& p, in
   const int64_t kept = kept_index(p, group, pos);
   const float* h = kept >= 0 ? p.kept + kept * gf : p.h + srow * gf;
   T* dh = static_cast<T*>(p.dh) + srow * gf;
-  T* aw = static_cast<T*>(p.aw) + srow * f;
+  T* aw = p.aw != nullptr ? static_cast<T*>(p.aw) + srow * f : nullptr;
   float dot = 0.0f;
   for (int32_t j = j_begin + lane * kVector; j < j_end; j += 32 * kVector) {
     const Floats<kVector> u = at(j);
@@ -105,7 +106,7 @@ __device__ __forceinline__ float activation_backward_row(const GemmParams& p, in
     }
     d_gate.template store_as<T>(dh + j);
     if (p.gated) d_up.template store_as<T>(dh + f + j);
-    a_w.template store_as<T>(aw + j);
+    if (aw != nullptr) a_w.template store_as<T>(aw + j);
   }
   return dot;
 }

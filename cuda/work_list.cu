@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kListThreads)
     for (int j = 0; j < kItems; ++j) {
       const int32_t e = threadIdx.x * kItems + j;
       if (e < experts) {
-        list.expert_offset[e] = values[j];
+        if (!groups) list.expert_offset[e] = values[j];
         const int32_t count = list.expert_count[e];
         if (groups) {
           list.group_begin[e] = values[j];
@@ -173,8 +173,8 @@ __global__ void __launch_bounds__(kListThreads)
       if (e < experts) list.tile_offset[e] = values[j];
     }
     if (threadIdx.x == 0) {
-      list.expert_offset[experts] = total;
       if (groups) list.tile_offset[experts] = total_tiles;
+      else list.expert_offset[experts] = total;
     }
   }
   __syncthreads();

@@ -20,8 +20,9 @@
 //     each chunk of the worst case in turn; a weight gradient's carry goes from one chunk's
 //     kBegun part to the next chunk's kContinued (cuda::GemmParams::carry).
 //   - Scratch: SizeChunks takes the most M-tiles the budget holds (one at least), the carve over
-//     its bytes uses all of them, and each kernel's reach into a region stays inside it; so does
-//     every access to any other buffer.
+//     its bytes uses all of them, each kernel's reach into a region stays inside it (so does
+//     every access to any other buffer), and some operation reads each region (frozen experts'
+//     backward takes none of the weight gradients' scratch).
 //   - Failures: for each n, the n-th call of the successful run (a launcher or a runtime call)
 //     fails. What cuda_launch.h's Launcher promises: the error is returned (for a
 //     real group the handler then marks the GPU broken, moe_cuda.cc's Finish); every device
@@ -355,7 +356,7 @@ void EpilogueRows(DType dtype, const GemmParams& p, uint32_t part, int64_t rows)
   if (p.kept != nullptr) Read(p.kept, KeptBytes(p, gf));
   ReadWeights(p.weights, p.weights_f32 ? 4 : w, p.only_source);
   Write(p.dh, rows * gf * w, part);
-  Write(p.aw, rows * p.n * w, part);
+  if (p.aw != nullptr) Write(p.aw, rows * p.n * w, part);
   Write(p.dot_partial, rows * p.num_partials * 4, part);
 }
 
@@ -568,7 +569,7 @@ cudaError_t fill_work_list(const Routing& r, const WorkList& list, cudaStream_t 
   Read(list.expert_count, 4 * experts);
   Read(list.chunk_counts, 4 * experts * work_list_chunks(pairs));
   Read(list.pair_code, 4 * pairs);
-  Write(list.expert_offset, 4 * (experts + 1));
+  if (r.plan.workers != nullptr) Write(list.expert_offset, 4 * (experts + 1));
   Write(list.items, sizeof(WorkItem) * pairs);
   Write(list.pair_pos, 4 * pairs);
   if (r.plan.workers == nullptr) WriteGroupTable(list, experts);
@@ -728,7 +729,9 @@ cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& p, void* 
   if (!reduction && p.only_source == kSpanningSources) return cudaSuccess;
   Push(name, Kind::kKernel, StreamOf(stream), p.only_source, p.chunk.index);
   const int64_t rows = p.chunk.rows(p.tile_m), w = Width(dtype);
+  // The problem arrays and CUTLASS's own, written then read.
   Write(workspace, grouped_gemm_workspace_bytes(p.num_groups, num_sms));
+  Read(workspace, grouped_gemm_workspace_bytes(p.num_groups, num_sms));
   ReadGroups(p, !reduction);
   if (!reduction) {
     const uint32_t part = SourceRows(p.only_source);
@@ -918,6 +921,7 @@ class Case {
   void DescribePeers();
   void CheckOrder(int64_t side_ops);
   void CheckWrittenBeforeRead();
+  void CheckScratchRead();
   void CheckBarriers();
   int64_t Unjoined() const { return trace.streams[kSide][kSide] - trace.streams[kXla][kSide]; }
 
@@ -930,6 +934,7 @@ class Case {
   ccf::ForwardScratch forward_{};
   ccf::BackwardScratch backward_{};
   char* scratch_ = nullptr;
+  std::vector<Buffer> regions_;  // the carve's, named
   int64_t budget_ = 0, bytes_ = 0, worst_tiles_ = 0;
   bool pipelined_ = false;
   void *out_ = nullptr, *d_weights_ = nullptr, *dw_in_ = nullptr, *dw_out_ = nullptr;
@@ -1299,6 +1304,7 @@ void Case::NameScratch() {
       continue;
     }
     memory_.Name(std::string("scratch: ") + regions[i].second, at, end - at);
+    regions_.push_back({regions[i].second, at, end - at});
   }
 }
 
@@ -1357,6 +1363,17 @@ void Case::CheckWrittenBeforeRead() {
     }
 }
 
+// Every region the carve takes is read by some operation: else the call holds scratch (fewer
+// rows a chunk) for nothing.
+void Case::CheckScratchRead() {
+  for (const Buffer& region : regions_) {
+    bool read = false;
+    for (const Access& a : trace.accesses)
+      read |= !a.write && a.at < region.at + region.bytes && region.at < a.at + a.bytes;
+    if (!read) fail("nothing reads the scratch region of " + region.name);
+  }
+}
+
 // The barriers the call asked for, enqueued or not: the group's two (start, end) with their
 // epochs, or none when emulating.
 void Case::CheckBarriers() {
@@ -1381,6 +1398,7 @@ void Case::CheckSuccess() {
   expect(!launcher.failed() && trace.reported == cudaSuccess, "the call reports a failure");
   CheckOrder(trace.streams[kSide][kSide]);
   CheckWrittenBeforeRead();
+  CheckScratchRead();
   if (Unjoined() > 0)
     fail(std::to_string(Unjoined()) + " operations of the side stream are not joined");
   expect(!trace.stale_wait, "a wait for an event this call never recorded");

@@ -2,7 +2,8 @@
 // four columns a lane: for every activation, gated or not, with some pairs keeping their h and
 // a last slice shorter than the others, each output must hold the same bytes as at one column a
 // lane (the SM80 epilogue's, which runs the GEMMs' tests on a GPU) and as the formula evaluated
-// element by element; the kept rows must hold h; each slice's dot must match a float64 sum.
+// element by element; the kept rows must hold h; each slice's dot must match a float64 sum;
+// without w * a (frozen experts), dh and the dots are the same bytes and nothing else is written.
 // Lanes run one after another. Prints each case and the number of errors; exits 1 on any.
 #include <cmath>
 #include <cstdio>
@@ -100,16 +101,17 @@ struct Backward {
   std::vector<float> dots;  // [rows, slices]
 };
 
+// Without `aw` (frozen experts: no dW_out reads w * a), r.aw stays empty.
 template <int kVector>
-Backward backward(Case& k) {
+Backward backward(Case& k, bool aw = true) {
   const int slices = (k.f + kColumns - 1) / kColumns;
-  Backward r{std::vector<T>(kRows * k.gf), std::vector<T>(kRows * k.f),
+  Backward r{std::vector<T>(kRows * k.gf), std::vector<T>(aw ? kRows * k.f : 0),
              std::vector<float>(kRows * slices, 0.0f)};
   GemmParams p = k.params(Epilogue::kActivationBackward);
   p.h = k.h.data();
   p.kept = k.kept_h.data();
   p.dh = r.dh.data();
-  p.aw = r.aw.data();
+  p.aw = aw ? r.aw.data() : nullptr;
   for (int row = 0; row < kRows; ++row) {
     const float* u = k.u.data() + row * k.f;
     for (int s = 0; s < slices; ++s)
@@ -144,6 +146,10 @@ void check(int activation, int f, std::mt19937& rng) {
   const Backward b1 = backward<1>(k), b4 = backward<4>(k);
   expect(same_bytes(b1.dh, b4.dh), "dh differs between 1 and 4 columns a lane", activation, f);
   expect(same_bytes(b1.aw, b4.aw), "w * a differs between 1 and 4 columns a lane", activation, f);
+  const Backward frozen = backward<4>(k, /*aw=*/false);
+  expect(same_bytes(frozen.dh, b4.dh) &&
+             std::memcmp(frozen.dots.data(), b4.dots.data(), b4.dots.size() * 4) == 0,
+         "dh or dot(a, u) differs without w * a", activation, f);
   Backward ref{std::vector<T>(kRows * k.gf), std::vector<T>(kRows * f), {}};
   for (int row = 0; row < kRows; ++row) {
     const float* h = (row < kKeptRows ? k.kept_h.data() : k.h.data()) + row * k.gf;

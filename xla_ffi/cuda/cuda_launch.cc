@@ -50,7 +50,7 @@ cuda::WorkList CarveWorkList(const Call& c, Arena& arena) {
   w.pair_row = arena.Take<int32_t>(pairs);
   w.chunk_counts = arena.Take<int32_t>(c.experts_here * chunks);
   w.expert_count = arena.Take<int32_t>(c.experts_here);
-  w.expert_offset = arena.Take<int32_t>(c.experts_here + 1);
+  w.expert_offset = planned ? arena.Take<int32_t>(c.experts_here + 1) : nullptr;
   w.items = arena.Take<cuda::WorkItem>(pairs);
   w.tile_m = TileM(c);
   w.num_groups = static_cast<int32_t>(NumGroups(c));
@@ -533,17 +533,19 @@ BackwardScratch CarveBackward(const Call& c, Arena& arena) {
   s.x = arena.Take<char>(rows * c.d.hidden * width);
   s.dy = arena.Take<char>(rows * c.d.hidden * width);
   s.h = arena.Take<float>(rows * c.d.gate_ffn);
-  s.aw = arena.Take<char>(rows * c.d.ffn * width);
+  // What only the weight gradients read: w*a rows, the carry, the plan's partials (so frozen
+  // experts' scratch holds more rows a chunk, and their helpers write nothing).
+  if (c.weight_grads) s.aw = arena.Take<char>(rows * c.d.ffn * width);
   s.dh = arena.Take<char>(rows * c.d.gate_ffn * width);
   s.dot_partial = arena.Take<float>(rows * s.num_partials);
   s.rows = arena.Take<float>(rows * c.d.hidden);
-  if (NumChunks(c) > 1) s.carry = arena.Take<float>(c.d.expert_elements());
+  if (c.weight_grads && NumChunks(c) > 1) s.carry = arena.Take<float>(c.d.expert_elements());
   if (c.grouped_gemms) {
     s.u = arena.Take<float>(rows * c.d.ffn);
     s.gemm_workspace = arena.Take<char>(cuda::grouped_gemm_workspace_bytes(
         static_cast<int32_t>(NumGroups(c)), c.num_sms));
   }
-  if (c.plan.workers != nullptr)
+  if (c.weight_grads && c.plan.workers != nullptr)
     s.partials = arena.Take<float>(static_cast<int64_t>(c.own_experts) * c.plan.slots *
                                    c.d.expert_elements());
   return s;

@@ -82,7 +82,7 @@ struct BackwardScratch {
   void* x;              // [rows, H] the pairs' x rows, fetched from their sources
   void* dy;             // [rows, H] and their dy rows
   float* h;             // [rows, G*F] x @ w_in, recomputed where not kept
-  void* aw;             // [rows, F] w * act(h), x's dtype
+  void* aw = nullptr;   // [rows, F] w * act(h), x's dtype, where weight gradients are wanted
   void* dh;             // [rows, G*F] x's dtype
   float* dot_partial;   // [rows, F tiles]
   float* rows;          // [rows, H] dh @ w_in^T
@@ -91,11 +91,12 @@ struct BackwardScratch {
   // workspace; else null.
   float* u = nullptr;
   void* gemm_workspace = nullptr;
-  // With several chunks: [H*G*F + F*H] float32, the weight-gradient sums of the group that a
-  // chunk ends in the middle of (cuda::GemmParams::carry); else null.
+  // With several chunks and weight gradients wanted: [H*G*F + F*H] float32, the sums of the
+  // group that a chunk ends in the middle of (cuda::GemmParams::carry); else null.
   float* carry = nullptr;
-  // With a plan: [own experts, S, H*G*F + F*H] float32, where the device computing plan slot s
-  // of an expert writes its weight-gradient partial (helpers through peer memory); else null.
+  // With a plan and weight gradients wanted: [own experts, S, H*G*F + F*H] float32, where the
+  // device computing plan slot s of an expert writes its weight-gradient partial (helpers
+  // through peer memory); else null.
   float* partials = nullptr;
 };
 BackwardScratch CarveBackward(const Call& c, Arena& arena);
