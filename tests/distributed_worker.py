@@ -8,7 +8,8 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     relative to the dtype's tolerance (<= 1 passes; scaled, as the suite's, by a quarter of an
     output's largest value where that is above 1: a gradient sums many rows), the collectives
     and shared-memory workspaces the compiled program uses, the same check with a reassignment
-    plan on skewed routing, across hosts the same with hot experts replicated onto the other
+    plan on skewed routing (and its frozen experts' dx and d expert_weights bitwise the full
+    backward's, none of their weight gradients asked for), across hosts the same with hot experts replicated onto the other
     hosts (routing skewed onto host 0's experts), and the errors of a call traced without the
     mesh set and of an out-of-range expert id;
   check_bf16: the check and the check with a plan, in bfloat16;
@@ -61,7 +62,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 import jax_ccfuser as ccf  # noqa: E402
 from jax_ccfuser._topology import host_names, key_value_client  # noqa: E402
-from moe_cases import TOLERANCES, Case, make_inputs  # noqa: E402
+from moe_cases import TOLERANCES, Case, backward_weight_grads, make_inputs  # noqa: E402
 
 
 def global_array(mesh, a):
@@ -69,12 +70,12 @@ def global_array(mesh, a):
   return jax.make_array_from_callback(a.shape, NamedSharding(mesh, P("ep")), lambda i: a[i])
 
 
-def loss_and_grads(moe, mesh, case):
+def loss_and_grads(moe, mesh, case, argnums=(0, 1, 2, 3)):
   def loss(x, weights, w_in, w_out, ids, cotangent):
     y = jax.shard_map(lambda *a: moe(*a, axis_name="ep", activation=case.activation),
                       mesh=mesh, in_specs=P("ep"), out_specs=P("ep"))(x, ids, weights, w_in, w_out)
     return jnp.sum(y.astype(jnp.float32) * cotangent), y
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+  return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
 
 
 @functools.partial(jax.jit, static_argnums=6)
@@ -84,7 +85,9 @@ def reference_loss_and_grads(x, weights, w_in, w_out, ids, cotangent, activation
   return jnp.sum(y.astype(jnp.float32) * cotangent), y
 
 
-def check(mesh, case, moe=ccf.fused_moe, ids=None):
+def check(mesh, case, moe=ccf.fused_moe, ids=None, frozen=False):
+  """With `frozen`, also whether the step of frozen experts (gradients of x and expert_weights
+  only) asks its backward for no weight gradients and gets that pair bitwise."""
   x, case_ids, weights, w_in, w_out = make_inputs(case)
   ids = case_ids if ids is None else ids
   cot = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
@@ -101,8 +104,15 @@ def check(mesh, case, moe=ccf.fused_moe, ids=None):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     scale = max(1.0, float(np.abs(want).max()) / 4)
     worst = max(worst, float(np.max(np.abs(got - want) / (scale * (atol + rtol * np.abs(want))))))
-  return dict(worst=worst, all_gather=hlo.count("all-gather"), all_to_all=hlo.count("all-to-all"),
-              shared="workspace = 0" in hlo)
+  out = dict(worst=worst, all_gather=hlo.count("all-gather"), all_to_all=hlo.count("all-to-all"),
+             shared="workspace = 0" in hlo)
+  if frozen:
+    lowered = loss_and_grads(moe, mesh, case, argnums=(0, 1)).lower(*args)
+    _, frozen_grads = lowered.compile()(*args)
+    out["frozen"] = dict(weight_grads=backward_weight_grads(lowered.as_text()), bitwise=all(
+        np.array_equal(multihost_utils.process_allgather(a, tiled=True), b)
+        for a, b in zip(frozen_grads, fused[1:3])))
+  return out
 
 
 def error_of(fn, *args):
@@ -129,7 +139,8 @@ def with_plan(mesh, case):
   before, after = multihost_utils.process_allgather(
       loads(global_array(mesh, make_inputs(case)[1])), tiled=True)[:2]
   return dict(imbalance=[float(v.max() / v.mean()) for v in (before, after)],
-              worst=check(mesh, case, moe)["worst"])
+              **{k: v for k, v in check(mesh, case, moe, frozen=True).items()
+                 if k in ("worst", "frozen")})
 
 
 def host_hot_ids(case, num_hosts):

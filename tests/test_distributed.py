@@ -110,6 +110,8 @@ def test_matches_reference_in_every_grouping(hosts, paths):
     # helpers read the owners' weights and hand back partial gradients: still the reference.
     assert unplanned > 1.5 and planned < unplanned, r
     assert r["plan"]["worst"] <= 1.0, r
+    # Frozen experts: no helper sums a partial, the owners wait for none.
+    assert r["plan"]["frozen"] == {"weight_grads": [0], "bitwise": True}, r
     if "collectives" in paths:
       _assert_replication_balances_hosts(r["replicated"], len(set(hosts)))
     e = 2 * 2 * len(hosts)  # experts: 2 per device, 2 devices per process
@@ -166,6 +168,7 @@ def test_bfloat16_across_hosts_and_processes():
   # to 40 in bfloat16: the tolerance scales with it, as the suite's does; unscaled it was 3x).
   for r in _checked(run(["a", "a", "b", "b"], scenario="check_bf16")):
     assert r["worst"] <= 1.0 and r["plan"]["worst"] <= 1.0, r
+    assert r["plan"]["frozen"] == {"weight_grads": [0], "bitwise": True}, r
     unplanned, planned = r["plan"]["imbalance"]
     assert unplanned > 1.5 and planned < unplanned, r
 
