@@ -369,10 +369,20 @@ ffi::Error MoeBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
     return err;
   if (!peers.group)
     for (int dev = 0; dev < d.num_devices; ++dev) peers.buffers[dev].helped = &helped[dev];
-  // Weight gradients accumulate in float32 here, then round once into the outputs.
+  // Weight gradients accumulate in float32: in the outputs where those are float32, else here,
+  // then round once into them. Not wanted (frozen experts), the outputs are zeros.
   const int64_t n_in = d.hidden * d.gate_ffn, n_out = d.ffn * d.hidden;
-  std::vector<float> dw_in_acc(w_in.element_count(), 0.0f);
-  std::vector<float> dw_out_acc(w_out.element_count(), 0.0f);
+  const bool wanted = attrs.weight_grads != 0, in_outputs = d.w_type == ffi::DataType::F32;
+  std::vector<float> dw_in_acc(wanted && !in_outputs ? w_in.element_count() : 0, 0.0f);
+  std::vector<float> dw_out_acc(wanted && !in_outputs ? w_out.element_count() : 0, 0.0f);
+  if (in_outputs || !wanted) {
+    std::memset(dw_in->untyped_data(), 0, dw_in->size_bytes());
+    std::memset(dw_out->untyped_data(), 0, dw_out->size_bytes());
+  }
+  float* const acc_in_all = in_outputs ? static_cast<float*>(dw_in->untyped_data())
+                                       : dw_in_acc.data();
+  float* const acc_out_all = in_outputs ? static_cast<float*>(dw_out->untyped_data())
+                                        : dw_out_acc.data();
   const Workers workers = ShareOfCores(peers);
   ffi::Error status = PlanAndCompute(
       peers, d, plan, [&](int me, const HostWorkList& work) {
@@ -386,29 +396,29 @@ ffi::Error MoeBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
           const int owner = d.owner(ew.expert);
           const int64_t local = ew.expert % d.experts_local;
           const ExpertWeights w(peers.buffers[owner], d, local);
-          float *acc_in, *acc_out;
-          if (owner == me) {
+          float *acc_in = nullptr, *acc_out = nullptr;  // stay null for frozen experts
+          if (wanted && owner == me) {
             // Emulated devices' accumulators are stacked like the outputs.
             const int64_t block = (peers.group ? 0 : me) * d.experts_local + local;
-            acc_in = dw_in_acc.data() + block * n_in;
-            acc_out = dw_out_acc.data() + block * n_out;
-          } else if (peers.shared) {
+            acc_in = acc_in_all + block * n_in;
+            acc_out = acc_out_all + block * n_out;
+          } else if (wanted && peers.shared) {
             acc_in = HelperPartial(peers.buffers[owner], d, plan, ew.expert,
                                    SlotOf(plan, ew.expert, me));
             acc_out = acc_in + n_in;
-          } else {
+          } else if (wanted) {
             mine.experts.push_back({ew.expert, std::vector<float>(n_in, 0.0f),
                                     std::vector<float>(n_out, 0.0f)});
             acc_in = mine.experts.back().dw_in.data();
             acc_out = mine.experts.back().dw_out.data();
           }
           ExpertBackward(workers, peers.buffers, d, ew, w, x_rows.data(), dy_rows.data(), kept,
-                         position, attrs.weight_grads != 0, acc_in, acc_out);
+                         position, wanted, acc_in, acc_out);
           position += static_cast<int64_t>(ew.rows.size());
         }
         Record(attrs.site, me, /*backward=*/true, d, work, 2);
       });
-  if (status.success() && attrs.weight_grads) {
+  if (status.success() && wanted) {
     // Owners add their helpers' partial weight gradients, in plan slot order.
     for (int me : peers.ranks) {
       for (int64_t local = 0; local < d.experts_local; ++local) {
@@ -427,8 +437,8 @@ ffi::Error MoeBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
             part_in = part->dw_in.data();
             part_out = part->dw_out.data();
           }
-          for (int64_t i = 0; i < n_in; ++i) dw_in_acc[block * n_in + i] += part_in[i];
-          for (int64_t i = 0; i < n_out; ++i) dw_out_acc[block * n_out + i] += part_out[i];
+          for (int64_t i = 0; i < n_in; ++i) acc_in_all[block * n_in + i] += part_in[i];
+          for (int64_t i = 0; i < n_out; ++i) acc_out_all[block * n_out + i] += part_out[i];
         }
       }
     }
@@ -443,8 +453,10 @@ ffi::Error MoeBackwardImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::S32> ids,
   if (peers.shared)  // peers wrote d expert_weights into this device's region
     std::memcpy(d_weights->untyped_data(), peers.buffers[peers.ranks[0]].d_weights,
                 d_weights->size_bytes());
-  StoreFloats(dw_in_acc.data(), dw_in_acc.size(), dw_in->untyped_data(), d.w_type, 0);
-  StoreFloats(dw_out_acc.data(), dw_out_acc.size(), dw_out->untyped_data(), d.w_type, 0);
+  if (wanted && !in_outputs) {
+    StoreFloats(dw_in_acc.data(), dw_in_acc.size(), dw_in->untyped_data(), d.w_type, 0);
+    StoreFloats(dw_out_acc.data(), dw_out_acc.size(), dw_out->untyped_data(), d.w_type, 0);
+  }
   return ffi::Error::Success();
 }
 
