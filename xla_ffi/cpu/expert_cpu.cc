@@ -12,6 +12,10 @@ namespace {
 // panel's activations stay in cache between the two GEMMs.
 constexpr int64_t kTileRows = 128;
 
+// The rows a panel's buffers hold for an expert's `n` rows: an expert with a few rows (a small
+// batch spread over many experts) zeroes and touches no more than those.
+int64_t TileBufferRows(int64_t n) { return std::min(kTileRows, n); }
+
 // a[i, j] = act(h[i, j]) (gated: act(h[i, j]) * h[i, F + j]); h [m, G*F] -> a [m, F].
 // The activation is a template argument so each inner loop is branch-free and vectorises.
 template <Activation A>
@@ -95,8 +99,8 @@ void AccumulateIntoSources(const std::vector<PeerBuffers>& peers, const MoeDims&
 struct TileHidden {
   std::vector<float> x, h_computed, a;
   const float* h = nullptr;  // (m, G*F): h_computed, or the kept rows
-  explicit TileHidden(const MoeDims& d)
-      : x(kTileRows * d.hidden), h_computed(kTileRows * d.gate_ffn), a(kTileRows * d.ffn) {}
+  TileHidden(const MoeDims& d, int64_t rows)
+      : x(rows * d.hidden), h_computed(rows * d.gate_ffn), a(rows * d.ffn) {}
 
   void Run(const Workers& workers, const MoeDims& d, const ExpertWeights& w,
            const float* x_rows, const WorkRow* tile, int64_t m, const float* kept_h) {
@@ -138,9 +142,10 @@ void FetchTokens(const std::vector<PeerBuffers>& peers, const void* PeerBuffers:
 void ExpertForward(const Workers& workers, const std::vector<PeerBuffers>& peers,
                    const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
                    const float* x_rows, const KeptHidden& kept, int64_t position) {
-  TileHidden hid(d);
-  std::vector<float> y(kTileRows * d.hidden), scale(kTileRows);
   const int64_t n = static_cast<int64_t>(work.rows.size());
+  const int64_t rows = TileBufferRows(n);
+  TileHidden hid(d, rows);
+  std::vector<float> y(rows * d.hidden), scale(rows);
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t m = std::min(kTileRows, n - r0);
     const WorkRow* tile = work.rows.data() + r0;
@@ -157,10 +162,11 @@ void ExpertBackward(const Workers& workers, const std::vector<PeerBuffers>& peer
                     const MoeDims& d, const ExpertWork& work, const ExpertWeights& w,
                     const float* x_rows, const float* dy_rows, const KeptHidden& kept,
                     int64_t position, bool weight_grads, float* dw_in, float* dw_out) {
-  TileHidden hid(d);
-  std::vector<float> g(kTileRows * d.hidden), da(kTileRows * d.ffn), dh(kTileRows * d.gate_ffn),
-      dx(kTileRows * d.hidden);
   const int64_t n = static_cast<int64_t>(work.rows.size());
+  const int64_t rows = TileBufferRows(n);
+  TileHidden hid(d, rows);
+  std::vector<float> g(rows * d.hidden), da(rows * d.ffn), dh(rows * d.gate_ffn),
+      dx(rows * d.hidden);
   for (int64_t r0 = 0; r0 < n; r0 += kTileRows) {
     const int64_t m = std::min(kTileRows, n - r0);
     const WorkRow* tile = work.rows.data() + r0;
