@@ -279,10 +279,10 @@ def scratch_budget(nbytes: int) -> _Setting:
   budget). A small budget costs a few launches per chunk, and one chunk always holds at least
   one GEMM tile of rows (plus, in the backward, one expert's float32 weight gradients carried
   between chunks). A backward under a `reassign` plan with S helpers (`workers [E, S + 1]`,
-  S > 0) also keeps S + 1 float32 weight gradients of each of the device's experts; tracing it
-  fails where they take more than half the budget. CPU calls ignore it. Fixed when a call is
-  traced, like `peer_timeout`. The process-wide default is 2 GiB or the environment variable
-  `JAX_CCFUSER_SCRATCH_BUDGET` (bytes).
+  S > 0) also keeps S + 1 float32 weight gradients of each of the device's experts (unless no
+  weight gradient is wanted); tracing it fails where they take more than half the budget. CPU
+  calls ignore it. Fixed when a call is traced, like `peer_timeout`. The process-wide default
+  is 2 GiB or the environment variable `JAX_CCFUSER_SCRATCH_BUDGET` (bytes).
 
   Args:
     nbytes: bytes per call, a whole number > 0.

@@ -226,12 +226,13 @@ def plan_partial_bytes(w_in, w_out, *, slots: int) -> int:
 
 
 def _check_plan_partials(static: _Static, w_in, w_out) -> None:
-  """On GPU, the backward under a plan of S helpers keeps S + 1 float32 weight gradients of each
-  of its experts in scratch (the owner's and each helper slot's, summed in slot order once the
-  helpers are done): E_local * (S + 1) * (H*G*F + F*H) * 4 bytes, `D` times that emulated. They
-  may take half the scratch budget, leaving the other half to the chunks' rows; more is refused
-  here rather than run in chunks of one M-tile, or past the budget. (Peers in other processes
-  take no plan with helpers on GPU: check_gpu_group refuses it.)"""
+  """On GPU, the backward under a plan of S helpers that wants weight gradients keeps S + 1
+  float32 weight gradients of each of its experts in scratch (the owner's and each helper
+  slot's, summed in slot order once the helpers are done): E_local * (S + 1) * (H*G*F + F*H) * 4
+  bytes, `D` times that emulated. They may take half the scratch budget, leaving the other half
+  to the chunks' rows; more is refused here rather than run in chunks of one M-tile, or past
+  the budget. (Peers in other processes take no plan with helpers on GPU: check_gpu_group
+  refuses it.)"""
   if static.platform != "gpu" or static.devices or static.plan_slots <= 1:
     return
   per_slot, budget = plan_partial_bytes(w_in, w_out, slots=1), static.scratch_budget
@@ -306,7 +307,8 @@ def _backward_call(static, weight_grads, x, ids, weights, w_in, w_out, workers, 
   if hidden.shape != expected or hidden.dtype != jnp.float32:
     raise ValueError(f"kept hidden rows {hidden.shape} {hidden.dtype} do not fit this call: "
                      f"expected {list(expected)} float32")
-  _check_plan_partials(static, w_in, w_out)
+  if weight_grads:  # frozen experts' backward takes no partials
+    _check_plan_partials(static, w_in, w_out)
   args = _varying_alike(x, ids, weights, w_in, w_out, workers, bounds, dy.astype(x.dtype),
                         hidden, rank, group)
   like = args[0]

@@ -370,7 +370,8 @@ def test_gpu_backward_under_a_plan_keeps_its_partials_within_half_the_scratch_bu
   """On GPU a backward under a plan of S helpers keeps S + 1 float32 weight gradients of each of
   its experts in scratch: past half the budget, tracing the gradient fails and says what to
   change, rather than running chunks of one M-tile. Traced for "gpu" by stubbing the platform
-  lookup (the trace stops before any kernel); a forward alone, and the CPU, keep none."""
+  lookup (the trace stops before any kernel); a forward alone, a backward of frozen experts
+  (no weight gradient wanted) and the CPU keep none."""
   import jax_ccfuser as ccf
   from jax_ccfuser import _topology
   from jax_ccfuser.experimental import fused_moe_emulated
@@ -388,13 +389,14 @@ def test_gpu_backward_under_a_plan_keeps_its_partials_within_half_the_scratch_bu
   # Per device, 2 experts x 2 slots x (16 * 16 + 8 * 16) floats: 6144 bytes, twice emulated.
   for fn, partials in ((shard_ep(layer, case.devices), 6144), (emulated, 2 * 6144)):
     # A new jit each time: the budget is fixed when a call is traced, and jit keeps its traces.
-    trace_grad = lambda: jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2),
-                                          argnums=(0, 3, 4))).trace(*args)
+    trace_grad = lambda argnums=(0, 3, 4): jax.jit(jax.grad(
+        lambda *a: jnp.sum(fn(*a) ** 2), argnums=argnums)).trace(*args)
     monkeypatch.setattr(_topology, "platform", lambda split=None: "gpu")
     with ccf.scratch_budget(2 * partials):
       trace_grad()
     with ccf.scratch_budget(2 * partials - 1):
       jax.jit(fn).trace(*args)
+      trace_grad(argnums=(0, 2))
       with pytest.raises(ValueError, match=(
           rf"plan with 2 slots keeps float32 weight gradients of each of its "
           rf"{partials // 3072} experts once per slot, {partials:,} bytes of scratch: more than "
