@@ -178,8 +178,8 @@ def measured_section(plat: str, recs: list[dict]) -> str:
       "Activation: XLA's temp bytes per device of the forward+backward program "
       "(`memory_analysis().temp_size_in_bytes`: intermediates, exchange buffers, residuals), "
       "MiB. XLA cannot see what a custom call allocates on the host heap by itself: the fused "
-      "handler's scratch (gathered rows, tile panels, float32 weight-gradient accumulators) "
-      "comes on top of its figure.",
+      "handler's scratch (gathered rows, tile panels; for 16-bit weights, float32 "
+      "weight-gradient accumulators) comes on top of its figure.",
       "",
       "| T | E | K | skew | " + " | ".join(impls) + f" | {speedup_heads} | fused % roof | fused % roof (CPU) | "
       "activation " + " / ".join(i for i in impls if i != _ROOF) + " | drops (cf) |",
