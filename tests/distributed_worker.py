@@ -9,9 +9,9 @@ Each process has DEVICES simulated CPU devices; together they form one expert-pa
     output's largest value where that is above 1: a gradient sums many rows), the collectives
     and shared-memory workspaces the compiled program uses, the same check with a reassignment
     plan on skewed routing (and its frozen experts' dx and d expert_weights bitwise the full
-    backward's, none of their weight gradients asked for), across hosts the same with hot experts replicated onto the other
-    hosts (routing skewed onto host 0's experts), and the errors of a call traced without the
-    mesh set and of an out-of-range expert id;
+    backward's, none of their weight gradients asked for), across hosts the same with hot
+    experts replicated onto the other hosts (routing skewed onto host 0's experts), and the
+    errors of a call traced without the mesh set and of an out-of-range expert id;
   check_bf16: the check and the check with a plan, in bfloat16;
   check_only: the check alone;
   trace_order, trace_transport: after a call together, process 0 traces another call (or the

@@ -13,11 +13,12 @@ threads, with members late, dead, out of step or giving up), the handler's launc
 (tests/launch_order.cu: xla_ffi/cuda/cuda_launch.cc against stubs of the CUDA runtime and of the
 launchers, its two streams and the peers ordered by events and barriers, its scratch inside its
 regions and each region read, and its barriers kept in step through a failure at each of its
-calls) and the handler above it (tests/handler_paths.cu: MoeForwardImpl and MoeBackwardImpl with XLA's scratch
-allocator, the device state and its fault record, the peers met on host threads, in this process
-and across processes, each GPU either enqueueing both its barriers or stopped for good through a
-failure at each of its calls, and a fault an earlier call found reported once). Kernels with
-warp collectives run a warp's 32 lanes as fibers (tests/warp_lanes.h).
+calls) and the handler above it (tests/handler_paths.cu: MoeForwardImpl and MoeBackwardImpl
+with XLA's scratch allocator, the device state and its fault record, the peers met on host
+threads, in this process and across processes, each GPU either enqueueing both its barriers or
+stopped for good through a failure at each of its calls, and a fault an earlier call found
+reported once). Kernels with warp collectives run a warp's 32 lanes as fibers
+(tests/warp_lanes.h).
 
 The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
 would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
