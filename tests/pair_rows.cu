@@ -147,8 +147,7 @@ void check(int activation, int f, std::mt19937& rng) {
   expect(same_bytes(b1.dh, b4.dh), "dh differs between 1 and 4 columns a lane", activation, f);
   expect(same_bytes(b1.aw, b4.aw), "w * a differs between 1 and 4 columns a lane", activation, f);
   const Backward frozen = backward<4>(k, /*aw=*/false);
-  expect(same_bytes(frozen.dh, b4.dh) &&
-             std::memcmp(frozen.dots.data(), b4.dots.data(), b4.dots.size() * 4) == 0,
+  expect(same_bytes(frozen.dh, b4.dh) && same_bytes(frozen.dots, b4.dots),
          "dh or dot(a, u) differs without w * a", activation, f);
   Backward ref{std::vector<T>(kRows * k.gf), std::vector<T>(kRows * f), {}};
   for (int row = 0; row < kRows; ++row) {
