@@ -263,6 +263,24 @@ def test_gpu_scratch_stays_within_its_budget(sizes, backward):
   assert taken == sorted(taken)
 
 
+
+@pytest.mark.skipif(_extension.cuda is None, reason="built without the CUDA extension")
+@pytest.mark.parametrize("sizes", _SIZES, ids=["emulated", "one-of-8"])
+def test_gpu_frozen_backward_takes_no_weight_gradient_scratch(sizes):
+  """A backward without the expert weights' gradients (frozen experts) carves neither the w*a
+  rows `[rows, F]` nor, in chunks, the float32 carry `H*2F + F*H`: fewer bytes whole, and more
+  rows a chunk under the budget that holds one tile of the full backward."""
+  full = functools.partial(_extension.cuda.scratch_bytes, **sizes, backward=True)
+  frozen = functools.partial(full, weight_grads=False)
+  pairs = sizes["num_devices"] * sizes["tokens"] * sizes["k"]
+  width = 4 if sizes["float32"] else 2
+  whole = 1 << 50
+  assert full(scratch_budget=whole) - frozen(scratch_budget=whole) >= pairs * sizes["ffn"] * width
+  carry = 3 * sizes["hidden"] * sizes["ffn"] * 4
+  assert full(scratch_budget=1) - frozen(scratch_budget=1) > carry
+  one_full_tile = full(scratch_budget=1)
+  assert frozen(scratch_budget=1) < frozen(scratch_budget=one_full_tile) <= one_full_tile
+
 def test_no_region_without_peers_in_other_processes():
   # Peers in this process meet in the registry: nothing is reserved, nothing waits.
   static = _fused._Static(site=1, num_devices=4, emulated=False, activation="swiglu",

@@ -72,7 +72,7 @@ NB_MODULE(_ccfuser_cuda, m) {
       "scratch_bytes",
       [](int num_devices, int64_t tokens, int64_t hidden, int64_t ffn, int64_t k,
          int64_t experts_local, bool gated, bool float32, bool emulated, bool backward,
-         int64_t scratch_budget, bool grouped_gemms, int num_sms) {
+         int64_t scratch_budget, bool grouped_gemms, int num_sms, bool weight_grads) {
         ccf::Call call;
         call.d.num_devices = num_devices;
         call.d.tokens = tokens;
@@ -86,14 +86,15 @@ NB_MODULE(_ccfuser_cuda, m) {
                                                           : experts_local);
         call.grouped_gemms = grouped_gemms && !float32;
         call.num_sms = num_sms;
+        call.weight_grads = weight_grads;
         return ccf::SizeChunks(&call, scratch_budget, backward);
       },
       nb::arg("num_devices"), nb::arg("tokens"), nb::arg("hidden"), nb::arg("ffn"), nb::arg("k"),
       nb::arg("experts_local"), nb::arg("gated"), nb::arg("float32"), nb::arg("emulated"),
       nb::arg("backward"), nb::arg("scratch_budget"), nb::arg("grouped_gemms") = false,
-      nb::arg("num_sms") = 132,
+      nb::arg("num_sms") = 132, nb::arg("weight_grads") = true,
       "Bytes of scratch one forward or backward call takes from XLA's allocator on one GPU "
       "under a scratch budget (no reassignment plan; float32 or a 16-bit dtype; with the grouped "
-      "GEMMs' float32 rows and workspace on `num_sms` SMs or without), as the handler sizes its "
-      "chunks.");
+      "GEMMs' float32 rows and workspace on `num_sms` SMs or without; a backward with the expert "
+      "weights' gradients or, frozen, without), as the handler sizes its chunks.");
 }
