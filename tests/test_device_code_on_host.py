@@ -4,6 +4,8 @@ every copy moves each element where its kernel expects it, ldmatrix's exchange b
 simulated as PTX defines it), the activation passes' row functions (tests/pair_rows.cu: four
 columns a lane give the bytes one column a lane and the formula give) and the passes themselves
 (tests/row_passes.cu: their one-wave walk visits each row of the pass once and writes no other),
+the work list the kernels build from every source's ids (tests/work_list.cu: the CPU handler's
+list of the same call, however the blocks run, with plans, bad ids and an aborted barrier),
 the weight gradients' sums over a work list in chunks (tests/weight_gradient_chunks.cu:
 expert_gemm's units and the grouped GEMMs' problems and carries, each element written once with
 its exact sum), the combine's kernels (tests/slot_sums.cu: the staging's slots summed in the
@@ -17,8 +19,8 @@ calls) and the handler above it (tests/handler_paths.cu: MoeForwardImpl and MoeB
 with XLA's scratch allocator, the device state and its fault record, the peers met on host
 threads, in this process and across processes, each GPU either enqueueing both its barriers or
 stopped for good through a failure at each of its calls, and a fault an earlier call found
-reported once). Kernels with warp collectives run a warp's 32 lanes as fibers
-(tests/warp_lanes.h).
+reported once). Kernels with warp collectives or block barriers run a warp's 32 lanes or a
+block's threads as fibers (tests/warp_lanes.h).
 
 The checks are host code only, so the host compiler builds them from the toolkit's headers: nvcc
 would add a device pass over every CuTe template they instantiate (155 s against 65 s on 2
@@ -64,17 +66,18 @@ def _cutlass_include():
   return include if (include / "cute" / "tensor.hpp").is_file() else None
 
 
-def host_check(name, optimize="-O0", xla_ffi=False):
+def host_check(name, optimize="-O0", xla_ffi=False, first_includes=()):
   """Marks a test as one of tests/<name>.cu, built as host C++ at `optimize` (with `xla_ffi`,
-  against XLA's FFI headers too, as the handler's files are); the test's `output` is what the
-  program printed, which ends in its count of errors."""
+  against XLA's FFI headers too, as the handler's files are; `first_includes`, folders of the
+  repository searched before the toolkit's); the test's `output` is what the program printed,
+  which ends in its count of errors."""
   def mark(test):
-    test.host_check = (name, optimize, xla_ffi)
+    test.host_check = (name, optimize, xla_ffi, first_includes)
     return test
   return mark
 
 
-def _build(name, optimize, xla_ffi, folder):
+def _build(name, optimize, xla_ffi, first_includes, folder):
   cuda, include, cxx = _cuda_includes(), _cutlass_include(), shutil.which("c++")
   if not cuda or include is None or cxx is None:
     pytest.skip("needs a C++ compiler, the CUDA toolkit's and the nvidia-cutlass headers, as "
@@ -84,7 +87,8 @@ def _build(name, optimize, xla_ffi, folder):
     import jax
     xla = [f"-I{jax.ffi.include_dir()}"]
   binary = folder / name
-  subprocess.run([cxx, "-std=c++17", optimize, "-x", "c++", f"-I{REPO}", f"-I{include}",
+  subprocess.run([cxx, "-std=c++17", optimize, "-x", "c++", f"-I{REPO}",
+                  *(f"-I{REPO / path}" for path in first_includes), f"-I{include}",
                   *(f"-I{path}" for path in cuda), *xla, "-o", str(binary),
                   str(REPO / "tests" / f"{name}.cu")], check=True, capture_output=True)
   return binary
@@ -98,8 +102,8 @@ def _binaries(request, tmp_path_factory):
   checks = dict.fromkeys(item.function.host_check for item in request.session.items
                          if item.module is request.module)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    yield {name: pool.submit(_build, name, optimize, xla_ffi, folder)
-           for name, optimize, xla_ffi in checks}
+    yield {name: pool.submit(_build, name, optimize, xla_ffi, first_includes, folder)
+           for name, optimize, xla_ffi, first_includes in checks}
 
 
 @pytest.fixture
@@ -134,6 +138,15 @@ def test_activation_passes_visit_each_row_of_the_pass_once_and_write_no_other(ou
   # The walk at three M tiles, its stop at the list's end (lowered, and in a chunk of 2^30
   # tiles), and the two kernels in six cases (every activation, bfloat16 and float16).
   assert len(verdicts) == 3 + 2 + 6, output
+
+
+# cub's block scans as tests/host_cub's (cub's own are PTX); -O1: 5 s a run against 7 s at -O0.
+@host_check("work_list", optimize="-O1", xla_ffi=True, first_includes=("tests/host_cub",))
+def test_work_list_lists_each_pair_as_the_cpu_handler_does_however_the_blocks_run(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
+  # One device and emulated, K of 1 to 8, 1024 experts, more chunks than threads, bad ids
+  # (three ways), an aborted barrier; plans for three devices, emulated, with bad ids, aborted.
+  assert len(verdicts) == 15, output
 
 
 # Optimised: its float sums over random lists take a minute unoptimised, 4 s optimised.

@@ -1,0 +1,396 @@
+// Checks, on the host, the device-built work list of cuda/work_list.cuh: the kernels the GPU runs
+// before every call's GEMMs, built as host C++ with each block's threads as fibers
+// (tests/warp_lanes.h: their matches, ballots and barriers as on the GPU; cub's block scans as
+// tests/host_cub's), against the CPU handler's list of the same call (BuildHostWorkList,
+// xla_ffi/cpu/work_list.cc), over random routings: one device of a group and every device
+// emulated; K = 1, 2, 4 and 8; lists of part of one chunk to many blocks; 1024 experts a device;
+// M tiles of 8, 64 and 128; ids of another group's experts (a hierarchical call); reassignment
+// plans with random helpers and bounds (unused slots, empty and overlong slices) for each device
+// and emulated; out-of-range ids; an aborted barrier. In each case:
+//   - each pair that the device computes is listed once, in its expert's (source, token, k)
+//     order, each group of the list is computed by one device (the CPU list's for its pairs),
+//     and each pair's staging slot is the CPU list's; no other pair is listed;
+//   - positions, the groups' bounds and tile offsets, and each pair's scratch row (place_rows)
+//     are what the GEMMs read: a tile's rows in one group, no row shared, none past the tiles;
+//   - an out-of-range id is the fault recorded (of the recorded source only) and gets no work;
+//     after an aborted barrier no id is read and the list is empty;
+//   - the same bytes whether the blocks run in order or in reverse, and nothing written past the
+//     list (nor through the null expert_offset and pair_device of a call without a plan).
+// Prints each case and the number of errors; exits 1 on any.
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "tests/warp_lanes.h"
+
+#include "cuda/api.cuh"
+
+// Shared memory: one copy for the fibers of the block running (blocks run one at a time).
+#undef __shared__
+#define __shared__ thread_local
+
+namespace ccf::cuda {
+
+thread_local int32_t s_counts[kListWarps * kMaxExpertsHere];
+thread_local int32_t s_run[kListWarps * kMaxExpertsHere];
+
+// exception.cuh's, which it defines for nvcc alone: the first fault wins.
+void record_device_error(DeviceError* error, int32_t code, int32_t source, int32_t token,
+                         int32_t k, int64_t value, int64_t limit) {
+  if (error->code != kDeviceOk) return;
+  *error = DeviceError{code, source, token, k, error->aborted, error->signalled, value, limit};
+}
+
+}  // namespace ccf::cuda
+
+using std::max;  // the kernels' min and max of int: CUDA's, which nvcc alone declares
+using std::min;
+
+#include "cuda/work_list.cuh"
+#include "xla_ffi/cpu/work_list.cc"
+#include "xla_ffi/moe_call.cc"
+
+using namespace ccf;
+using namespace ccf::cuda;
+
+namespace {
+
+int errors = 0;
+
+void expect(bool ok, const std::string& where, const std::string& what) {
+  if (!ok && errors++ < 30) std::printf("  %s: %s\n", where.c_str(), what.c_str());
+}
+
+constexpr int32_t kPoison = 0x7f7f7f7f;
+
+struct Case {
+  const char* name;
+  int D, T, K, E_local;
+  int me;            // the device whose list it is; -1: every device's (emulated)
+  int other_groups;  // ids of experts past the group's D * E_local, valid
+  int slots;         // a plan's slots S + 1 (0: no plan)
+  int tile_m;
+  int bad_ids;
+  int recorded_source;
+  bool aborted;
+};
+
+// What the kernels write, with the buffers the handler carves.
+struct Lists {
+  std::vector<int32_t> pair_code, pair_pos, pair_row, chunk_counts, expert_count, expert_offset,
+      group_begin, group_end, group_expert, tile_offset, pair_device;
+  std::vector<WorkItem> items;
+  DeviceError error{};
+
+  bool operator==(const Lists& o) const {
+    const auto same_items = std::equal(items.begin(), items.end(), o.items.begin(),
+                                       o.items.end(), [](const WorkItem& a, const WorkItem& b) {
+                                         return a.source == b.source && a.token == b.token &&
+                                                a.k == b.k;
+                                       });
+    return std::tie(pair_code, pair_pos, pair_row, expert_count, expert_offset, group_begin,
+                    group_end, group_expert, tile_offset, pair_device) ==
+               std::tie(o.pair_code, o.pair_pos, o.pair_row, o.expert_count, o.expert_offset,
+                        o.group_begin, o.group_end, o.group_expert, o.tile_offset,
+                        o.pair_device) &&
+           same_items && error.code == o.error.code && error.source == o.error.source &&
+           error.token == o.error.token && error.k == o.error.k;
+  }
+};
+
+// A grid of `blocks` blocks of kListThreads, in order or in reverse.
+void launch(int blocks, bool reverse, const std::string& where,
+            const std::function<void()>& kernel) {
+  lanes::grid = dim3(blocks);
+  for (int i = 0; i < blocks; ++i) {
+    const unsigned b = reverse ? blocks - 1 - i : i;
+    expect(lanes::run_block(make_uint3(b, 0, 0), kListThreads, kernel), where,
+           "a block's threads part at a collective");
+  }
+}
+
+int blocks_for(int64_t threads) { return static_cast<int>((threads + kListThreads - 1) /
+                                                          kListThreads); }
+
+// The handler's launch sequence of the list (cuda_launch.cc's LaunchWorkList), with the grids
+// work_list.cu's launchers give.
+Lists build(const Routing& r, int32_t tile_m, bool reverse, const std::string& where) {
+  const int64_t pairs = int64_t{r.num_sources} * r.num_tokens * r.top_k;
+  const int32_t chunks = static_cast<int32_t>((pairs + kPairsPerChunk - 1) / kPairsPerChunk);
+  const bool planned = r.plan.workers != nullptr;
+  const int32_t groups = r.num_experts_here * (planned ? r.plan.slots : 1);
+  Lists l;
+  l.pair_code.assign(pairs, kPoison);
+  l.pair_pos.assign(pairs, kPoison);
+  l.pair_row.assign(pairs, kPoison);
+  l.chunk_counts.assign(int64_t{r.num_experts_here} * chunks, kPoison);
+  l.expert_count.assign(r.num_experts_here, kPoison);
+  if (planned) l.expert_offset.assign(r.num_experts_here + 1, kPoison);
+  l.items.assign(pairs, WorkItem{kPoison, kPoison, kPoison});
+  l.group_begin.assign(groups, kPoison);
+  l.group_end.assign(groups, kPoison);
+  l.group_expert.assign(groups, kPoison);
+  l.tile_offset.assign(groups + 1, kPoison);
+  if (planned) l.pair_device.assign(pairs, kPoison);
+  const WorkList list{l.pair_code.data(),    l.pair_pos.data(),
+                      l.pair_row.data(),     l.chunk_counts.data(),
+                      l.expert_count.data(), planned ? l.expert_offset.data() : nullptr,
+                      l.items.data(),        tile_m,
+                      groups,                l.group_begin.data(),
+                      l.group_end.data(),    l.group_expert.data(),
+                      l.tile_offset.data(),  planned ? l.pair_device.data() : nullptr};
+  const int list_blocks = (chunks + kListWarps - 1) / kListWarps;
+  launch(list_blocks, reverse, where + ", count_pairs",
+         [&] { count_pairs(r, list, chunks, &l.error); });
+  launch(r.num_experts_here, reverse, where + ", scan_counts", [&] { scan_counts(list, chunks); });
+  launch(list_blocks, reverse, where + ", fill_work_list",
+         [&] { fill_work_list(r, list, chunks); });
+  if (planned) {
+    launch(blocks_for(int64_t{r.num_sources} * r.num_tokens), reverse, where + ", assign_plan",
+           [&] { assign_plan_pairs(r, list); });
+    launch(1, reverse, where + ", assign_plan", [&] { assign_plan_groups(r, list); });
+  }
+  if (pairs > 0) launch(blocks_for(pairs), reverse, where + ", place_rows",
+                        [&] { place_rows(r, list); });
+  return l;
+}
+
+// The CPU handler's rows of every device in scope: (source, token, k) -> (device, slot, expert).
+struct HostRow {
+  int device, slot;
+  int64_t expert;
+};
+
+std::map<std::tuple<int, int, int>, HostRow> host_rows(const Case& c,
+                                                       const std::vector<int32_t>& ids,
+                                                       const std::vector<int32_t>& workers,
+                                                       const std::vector<int32_t>& bounds,
+                                                       const std::string& where) {
+  MoeDims d{};
+  d.tokens = c.T;
+  d.k = c.K;
+  d.experts_local = c.E_local;
+  d.num_devices = c.D;
+  // Out-of-range ids (which the CPU handler refuses) as the first expert of another group: the
+  // GPU gives them no work and no slot, as it does another group's.
+  d.experts_total = int64_t{c.D} * c.E_local * (c.other_groups + 1) + 1;
+  std::vector<int32_t> valid = ids;
+  for (int32_t& id : valid)
+    if (id < 0 || id >= int64_t{c.D} * c.E_local * (c.other_groups + 1))
+      id = static_cast<int32_t>(d.group_experts());
+  std::vector<PeerBuffers> peers(c.D);
+  for (int s = 0; s < c.D; ++s) peers[s].ids = valid.data() + int64_t{s} * c.T * c.K;
+  const ccf::PlanView plan{workers.data(), bounds.data(), static_cast<int64_t>(workers.size()) /
+                                                         d.group_experts()};
+  expect(CheckPlan(plan, d).success(), where, "the case's plan is one the handlers take");
+  std::map<std::tuple<int, int, int>, HostRow> rows;
+  for (int dev = 0; dev < c.D; ++dev) {
+    if (c.me >= 0 && dev != c.me) continue;
+    HostWorkList work;
+    expect(BuildHostWorkList(peers, d, plan, dev, &work).success(), where, "the CPU list");
+    for (const ExpertWork& e : work.experts)
+      for (const WorkRow& row : e.rows)
+        rows[{row.src, row.token, row.k}] = HostRow{dev, row.slot, e.expert};
+  }
+  return rows;
+}
+
+void check(const Case& c, uint32_t seed) {
+  const std::string where = std::string(c.name) + " (seed " + std::to_string(seed) + ")";
+  std::mt19937 rng(seed);
+  const int group_experts = c.D * c.E_local;
+  const int64_t valid = int64_t{group_experts} * (c.other_groups + 1);
+  const bool planned = c.slots > 0;
+
+  // Routing skewed towards a few hot experts, so some get several tiles and some none.
+  std::vector<int32_t> ids(int64_t{c.D} * c.T * c.K);
+  std::uniform_int_distribution<int64_t> any(0, valid - 1);
+  std::uniform_int_distribution<int> hot(0, std::min(3, group_experts - 1));
+  for (int32_t& id : ids) id = static_cast<int32_t>(rng() % 3 == 0 ? hot(rng) : any(rng));
+  std::set<int64_t> bad;
+  while (static_cast<int>(bad.size()) < c.bad_ids)
+    bad.insert(std::uniform_int_distribution<int64_t>(0, ids.size() - 1)(rng));
+  for (int64_t i : bad) ids[i] = rng() % 2 ? -1 - static_cast<int32_t>(rng() % 5)
+                                           : static_cast<int32_t>(valid + rng() % 5);
+
+  // A plan: slot 0 the owner from row 0, then helpers (or an unused slot) with ascending bounds,
+  // some past the expert's rows; the identity plan of one slot for the CPU list without one.
+  const int slots = planned ? c.slots : 1;
+  std::vector<int32_t> workers(int64_t{group_experts} * slots, -1);
+  std::vector<int32_t> bounds(int64_t{group_experts} * (slots + 1), 0);
+  for (int e = 0; e < group_experts; ++e) {
+    workers[int64_t{e} * slots] = e / c.E_local;
+    int32_t bound = 0;
+    const int32_t rows = 2 * c.T * c.K / std::max(1, c.E_local);
+    for (int s = 1; s < slots; ++s) {
+      workers[int64_t{e} * slots + s] = rng() % 4 == 0 ? -1 : static_cast<int32_t>(rng() % c.D);
+      bound += static_cast<int32_t>(rng() % (rows + 1));
+      bounds[int64_t{e} * (slots + 1) + s] = bound;
+    }
+    bounds[int64_t{e} * (slots + 1) + slots] = INT32_MAX;
+  }
+
+  int32_t aborted = c.aborted;
+  Routing r{};
+  for (int s = 0; s < c.D; ++s)  // after an aborted barrier no id may be read
+    r.ids[s] = c.aborted ? nullptr : ids.data() + int64_t{s} * c.T * c.K;
+  r.num_sources = c.D;
+  r.num_tokens = c.T;
+  r.top_k = c.K;
+  r.experts_per_device = c.E_local;
+  r.first_expert = planned || c.me < 0 ? 0 : c.me * c.E_local;
+  r.num_experts_here = planned || c.me < 0 ? group_experts : c.E_local;
+  r.experts_total = valid;
+  r.aborted = &aborted;
+  if (planned) r.plan = cuda::PlanView{workers.data(), bounds.data(), slots};
+  r.me = c.me;
+  r.recorded_source = c.recorded_source;
+
+  const Lists l = build(r, c.tile_m, false, where);
+  expect(build(r, c.tile_m, true, where) == l, where, "blocks in reverse give other bytes");
+
+  // The fault record: a bad id of a recorded source, or none.
+  bool recordable = false;
+  for (int64_t i : bad)
+    recordable |= c.recorded_source < 0 || i / (int64_t{c.T} * c.K) == c.recorded_source;
+  recordable &= !c.aborted;
+  const int64_t faulted =
+      (int64_t{l.error.source} * c.T + l.error.token) * c.K + l.error.k;
+  expect(recordable ? l.error.code == kBadExpertId && bad.count(faulted) &&
+                          l.error.value == ids[faulted] && l.error.limit == valid &&
+                          (c.recorded_source < 0 || l.error.source == c.recorded_source)
+                    : l.error.code == kDeviceOk,
+         where, "the fault record");
+
+  // The pairs listed, against the CPU handler's.
+  const auto rows = c.aborted ? std::map<std::tuple<int, int, int>, HostRow>{}
+                              : host_rows(c, ids, workers, bounds, where);
+  const int64_t pairs = static_cast<int64_t>(ids.size());
+  int64_t here = 0;
+  for (int64_t i = 0; i < pairs; ++i) {
+    const int s = static_cast<int>(i / (c.T * c.K)), t = static_cast<int>(i / c.K % c.T),
+              k = static_cast<int>(i % c.K);
+    const auto row = rows.find({s, t, k});
+    const std::string pair = where + ", pair " + std::to_string(i);
+    if (row == rows.end()) {
+      expect(l.pair_code[i] == -1 && l.pair_row[i] == kPoison, pair, "listed, not the CPU's");
+      continue;
+    }
+    ++here;
+    const int32_t code = l.pair_code[i], pos = l.pair_pos[i];
+    expect(code >= 0 && code / kMaxPeers == row->second.expert - r.first_expert &&
+               code % kMaxPeers == row->second.slot,
+           pair, "its expert or staging slot");
+    if (code < 0 || pos < 0 || pos >= pairs) continue;
+    const WorkItem item = l.items[pos];
+    expect(item.source == s && item.token == t && item.k == k, pair, "its item");
+    if (planned) expect(l.pair_device[i] == row->second.device, pair, "its device");
+    // Its group: the one holding its position, computed here, of its expert.
+    int g = 0;
+    while (g < l.group_begin.size() &&
+           !(l.group_expert[g] >= 0 && l.group_begin[g] <= pos && pos < l.group_end[g]))
+      ++g;
+    if (g == l.group_begin.size()) {
+      expect(false, pair, "in no group computed here");
+      continue;
+    }
+    expect(l.group_expert[g] == (planned ? row->second.expert
+                                         : r.first_expert + code / kMaxPeers),
+           pair, "its group's expert");
+    expect(l.pair_row[i] == int64_t{l.tile_offset[g]} * c.tile_m + (pos - l.group_begin[g]),
+           pair, "its scratch row");
+  }
+  expect(here == static_cast<int64_t>(rows.size()), where, "pairs of the CPU's not listed");
+
+  // The groups as the GEMMs walk them: in list order, each within its expert's positions, its
+  // tiles from its tile offset, one device's pairs each; no item listed past the list's end.
+  const int32_t groups = static_cast<int32_t>(l.group_begin.size());
+  int64_t total = 0;
+  for (int32_t e = 0; e < r.num_experts_here; ++e) total += l.expert_count[e];
+  int32_t tiles = 0, last_end = 0;
+  std::set<int32_t> scratch_rows;
+  for (int32_t g = 0; g < groups; ++g) {
+    const std::string group = where + ", group " + std::to_string(g);
+    expect(l.tile_offset[g] == tiles, group, "its tile offset");
+    // Without a plan the groups are the experts, end to end.
+    expect(l.group_begin[g] <= l.group_end[g] && l.group_end[g] <= total &&
+               (planned || l.group_begin[g] == (g ? l.group_end[g - 1] : 0)),
+           group, "its bounds");
+    if (l.group_expert[g] < 0) {
+      expect(l.group_begin[g] == l.group_end[g], group, "rows in a group not computed here");
+      continue;
+    }
+    expect(l.group_begin[g] >= last_end, group, "overlaps the group before");
+    last_end = l.group_end[g];
+    tiles += (l.group_end[g] - l.group_begin[g] + c.tile_m - 1) / c.tile_m;
+    std::set<int> devices;
+    for (int32_t pos = l.group_begin[g]; pos < l.group_end[g]; ++pos) {
+      const WorkItem& item = l.items[pos];
+      const auto row = rows.find({item.source, item.token, item.k});
+      if (row == rows.end()) {
+        expect(false, group, "lists a pair the CPU does not");
+        continue;
+      }
+      devices.insert(row->second.device);
+      if (pos > l.group_begin[g]) {
+        const WorkItem& before = l.items[pos - 1];
+        expect(std::tie(before.source, before.token, before.k) <
+                   std::tie(item.source, item.token, item.k),
+               group, "not in (source, token, k) order");
+      }
+      const int64_t i = (int64_t{item.source} * c.T + item.token) * c.K + item.k;
+      expect(scratch_rows.insert(l.pair_row[i]).second, group, "a scratch row twice");
+    }
+    expect(devices.size() <= 1, group, "pairs of two devices");
+  }
+  expect(l.tile_offset[groups] == tiles, where, "the list's tiles");
+  expect(scratch_rows.empty() || *scratch_rows.rbegin() < int64_t{tiles} * c.tile_m, where,
+         "a scratch row past the tiles");
+  for (int64_t pos = total; pos < pairs; ++pos)
+    expect(l.items[pos].source == kPoison, where, "an item past the list's end");
+  // After an aborted barrier nothing is here, not even an empty group of a plan (whose zero
+  // weight-gradient partial would still go to its owner).
+  if (c.aborted)
+    expect(total == 0 && tiles == 0 &&
+               (!planned || std::all_of(l.group_expert.begin(), l.group_expert.end(),
+                                        [](int32_t e) { return e == -1; })),
+           where, "a list after an aborted barrier");
+}
+
+}  // namespace
+
+int main() {
+  const Case cases[] = {
+      {"one device of 4, K=2, part of one block", 4, 37, 2, 3, 2, 0, 0, 8, 0, 2, false},
+      {"8 emulated, K=8, many blocks", 8, 300, 8, 4, -1, 0, 0, 128, 0, -1, false},
+      {"K=1, whole chunks", 8, 256, 1, 1, 5, 0, 0, 128, 0, 5, false},
+      {"more chunks than a block has threads", 8, 600, 8, 2, 6, 0, 0, 128, 0, 6, false},
+      {"1024 experts a device, emulated", 2, 64, 8, 512, -1, 0, 0, 8, 0, -1, false},
+      {"hierarchical, bad ids of the recorded source", 2, 100, 4, 8, 1, 1, 0, 64, 5, 1, false},
+      {"bad ids, every source recorded", 4, 64, 2, 2, 0, 0, 0, 8, 3, -1, false},
+      {"bad ids, one source records", 4, 64, 2, 2, 0, 0, 0, 8, 6, 0, false},
+      {"an aborted barrier", 4, 50, 2, 2, 1, 0, 0, 8, 2, 1, true},
+      {"plan, device 0", 4, 200, 4, 2, 0, 0, 3, 8, 0, 0, false},
+      {"plan, device 1", 4, 200, 4, 2, 1, 0, 3, 8, 0, 1, false},
+      {"plan, device 3, K=8", 4, 100, 8, 2, 3, 0, 4, 64, 0, 3, false},
+      {"plan, emulated", 4, 200, 4, 2, -1, 0, 3, 8, 0, -1, false},
+      {"plan, hierarchical, bad ids", 4, 100, 2, 2, 3, 1, 2, 8, 4, 3, false},
+      {"plan, an aborted barrier", 4, 50, 2, 2, 0, 0, 3, 8, 0, 0, true},
+  };
+  for (const Case& c : cases) {
+    const int before = errors;
+    for (uint32_t seed = 1; seed <= 3; ++seed) check(c, seed);
+    std::printf("%s: %s\n", c.name, errors == before ? "ok" : "errors");
+  }
+  std::printf("errors: %d\n", errors);
+  return errors ? 1 : 0;
+}
