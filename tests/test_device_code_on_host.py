@@ -5,7 +5,9 @@ simulated as PTX defines it), the activation passes' row functions (tests/pair_r
 columns a lane give the bytes one column a lane and the formula give) and the passes themselves
 (tests/row_passes.cu: their one-wave walk visits each row of the pass once and writes no other),
 the work list the kernels build from every source's ids (tests/work_list.cu: the CPU handler's
-list of the same call, however the blocks run, with plans, bad ids and an aborted barrier),
+list of the same call, however the blocks run, with plans, bad ids and an aborted barrier), the
+dispatch's fetch of the rows (tests/fetch_rows.cu: each pair's scratch row holds its source's
+row, on every grid the launcher gives, and no other row is written),
 the weight gradients' sums over a work list in chunks (tests/weight_gradient_chunks.cu:
 expert_gemm's units and the grouped GEMMs' problems and carries, each element written once with
 its exact sum), the combine's kernels (tests/slot_sums.cu: the staging's slots summed in the
@@ -138,6 +140,13 @@ def test_activation_passes_visit_each_row_of_the_pass_once_and_write_no_other(ou
   # The walk at three M tiles, its stop at the list's end (lowered, and in a chunk of 2^30
   # tiles), and the two kernels in six cases (every activation, bfloat16 and float16).
   assert len(verdicts) == 3 + 2 + 6, output
+
+
+@host_check("fetch_rows")
+def test_fetch_puts_each_pairs_source_row_at_its_scratch_row_and_writes_no_other(output):
+  verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
+  # 16-byte vectors (K = 8 and K = 1) and 4-byte words.
+  assert len(verdicts) == 3, output
 
 
 # cub's block scans as tests/host_cub's (cub's own are PTX); -O1: 5 s a run against 7 s at -O0.

@@ -7,7 +7,7 @@
 // and run_block report. Include it before the device code's header: it defines the warp
 // intrinsics, __syncthreads, threadIdx, blockIdx and gridDim as the running thread's, and
 // __launch_bounds__ (the toolkit's headers define it for nvcc alone). Used by tests/slot_sums.cu,
-// tests/row_passes.cu and tests/work_list.cu, host programs that
+// tests/row_passes.cu, tests/work_list.cu and tests/fetch_rows.cu, host programs that
 // tests/test_device_code_on_host.py builds.
 #pragma once
 
