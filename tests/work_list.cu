@@ -15,7 +15,10 @@
 //   - an out-of-range id is the fault recorded (of the recorded source only) and gets no work;
 //     after an aborted barrier no id is read and the list is empty;
 //   - the same bytes whether the blocks run in order or in reverse, and nothing written past the
-//     list (nor through the null expert_offset and pair_device of a call without a plan).
+//     list (nor through the null expert_offset and pair_device of a call without a plan);
+//   - and for plans as no handler checks them on the GPU (workers outside the group, bounds in
+//     any order and out of range): every pair of the group listed by one device, which all the
+//     lists agree on, with the staging slot the source side counts, and lists the GEMMs can walk.
 // Prints each case and the number of errors; exits 1 on any.
 #include <algorithm>
 #include <cstdint>
@@ -204,23 +207,105 @@ std::map<std::tuple<int, int, int>, HostRow> host_rows(const Case& c,
   return rows;
 }
 
+// The group computed here that holds list position `pos`, or -1.
+int group_of(const Lists& l, int32_t pos) {
+  for (int g = 0; g < static_cast<int>(l.group_begin.size()); ++g)
+    if (l.group_expert[g] >= 0 && l.group_begin[g] <= pos && pos < l.group_end[g]) return g;
+  return -1;
+}
+
+// The list as the GEMMs walk it, whatever the routing and plan: groups in list order without
+// overlap (without a plan, the experts end to end), each within the list, a group not computed
+// here without rows, tiles from each group's tile offset; each listed pair's scratch row in its
+// group's tiles at its index there, no row twice, none past the tiles, no item past the list.
+void check_walk(const Lists& l, int32_t tile_m, bool planned, const std::string& where) {
+  const int32_t groups = static_cast<int32_t>(l.group_begin.size());
+  const int64_t pairs = static_cast<int64_t>(l.pair_code.size());
+  int64_t total = 0;
+  for (int32_t count : l.expert_count) total += count;
+  int32_t tiles = 0, last_end = 0;
+  for (int32_t g = 0; g < groups; ++g) {
+    const std::string group = where + ", group " + std::to_string(g);
+    expect(l.tile_offset[g] == tiles, group, "its tile offset");
+    expect(l.group_begin[g] <= l.group_end[g] && l.group_end[g] <= total &&
+               (planned || l.group_begin[g] == (g ? l.group_end[g - 1] : 0)),
+           group, "its bounds");
+    if (l.group_expert[g] < 0) {
+      expect(l.group_begin[g] == l.group_end[g], group, "rows in a group not computed here");
+      continue;
+    }
+    expect(l.group_begin[g] >= last_end, group, "overlaps the group before");
+    last_end = l.group_end[g];
+    tiles += (l.group_end[g] - l.group_begin[g] + tile_m - 1) / tile_m;
+  }
+  expect(l.tile_offset[groups] == tiles, where, "the list's tiles");
+  std::set<int32_t> scratch_rows;
+  for (int64_t i = 0; i < pairs; ++i) {
+    if (l.pair_code[i] < 0) continue;
+    const std::string pair = where + ", pair " + std::to_string(i);
+    const int32_t pos = l.pair_pos[i];
+    const int g = pos >= 0 && pos < total ? group_of(l, pos) : -1;
+    if (g < 0) {
+      expect(false, pair, "in no group computed here");
+      continue;
+    }
+    expect(l.pair_row[i] == int64_t{l.tile_offset[g]} * tile_m + (pos - l.group_begin[g]), pair,
+           "its scratch row");
+    expect(scratch_rows.insert(l.pair_row[i]).second, pair, "a scratch row twice");
+  }
+  expect(scratch_rows.empty() || *scratch_rows.rbegin() < int64_t{tiles} * tile_m, where,
+         "a scratch row past the tiles");
+  for (int64_t pos = total; pos < pairs; ++pos)
+    expect(l.items[pos].source == kPoison, where, "an item past the list's end");
+}
+
+// The ids `[D, T, K]` of a case: skewed towards a few hot experts, so some get several tiles and
+// some none, with c.bad_ids of them (their indices into `bad`) out of range.
+std::vector<int32_t> random_ids(const Case& c, std::mt19937& rng, std::set<int64_t>* bad) {
+  const int group_experts = c.D * c.E_local;
+  const int64_t valid = int64_t{group_experts} * (c.other_groups + 1);
+  std::vector<int32_t> ids(int64_t{c.D} * c.T * c.K);
+  std::uniform_int_distribution<int64_t> any(0, valid - 1);
+  std::uniform_int_distribution<int> hot(0, std::min(3, group_experts - 1));
+  for (int32_t& id : ids) id = static_cast<int32_t>(rng() % 3 == 0 ? hot(rng) : any(rng));
+  while (static_cast<int>(bad->size()) < c.bad_ids)
+    bad->insert(std::uniform_int_distribution<int64_t>(0, ids.size() - 1)(rng));
+  for (int64_t i : *bad) ids[i] = rng() % 2 ? -1 - static_cast<int32_t>(rng() % 5)
+                                            : static_cast<int32_t>(valid + rng() % 5);
+  return ids;
+}
+
+// The routing the handler gives the kernels for the case's device (cuda_launch.cc's MakeRouting).
+Routing routing_of(const Case& c, const std::vector<int32_t>& ids,
+                   const std::vector<int32_t>& workers, const std::vector<int32_t>& bounds,
+                   const int32_t* aborted) {
+  const bool planned = c.slots > 0;
+  const int group_experts = c.D * c.E_local;
+  Routing r{};
+  for (int s = 0; s < c.D; ++s)  // after an aborted barrier no id may be read
+    r.ids[s] = c.aborted ? nullptr : ids.data() + int64_t{s} * c.T * c.K;
+  r.num_sources = c.D;
+  r.num_tokens = c.T;
+  r.top_k = c.K;
+  r.experts_per_device = c.E_local;
+  r.first_expert = planned || c.me < 0 ? 0 : c.me * c.E_local;
+  r.num_experts_here = planned || c.me < 0 ? group_experts : c.E_local;
+  r.experts_total = int64_t{group_experts} * (c.other_groups + 1);
+  r.aborted = aborted;
+  if (planned) r.plan = cuda::PlanView{workers.data(), bounds.data(), c.slots};
+  r.me = c.me;
+  r.recorded_source = c.recorded_source;
+  return r;
+}
+
 void check(const Case& c, uint32_t seed) {
   const std::string where = std::string(c.name) + " (seed " + std::to_string(seed) + ")";
   std::mt19937 rng(seed);
   const int group_experts = c.D * c.E_local;
   const int64_t valid = int64_t{group_experts} * (c.other_groups + 1);
   const bool planned = c.slots > 0;
-
-  // Routing skewed towards a few hot experts, so some get several tiles and some none.
-  std::vector<int32_t> ids(int64_t{c.D} * c.T * c.K);
-  std::uniform_int_distribution<int64_t> any(0, valid - 1);
-  std::uniform_int_distribution<int> hot(0, std::min(3, group_experts - 1));
-  for (int32_t& id : ids) id = static_cast<int32_t>(rng() % 3 == 0 ? hot(rng) : any(rng));
   std::set<int64_t> bad;
-  while (static_cast<int>(bad.size()) < c.bad_ids)
-    bad.insert(std::uniform_int_distribution<int64_t>(0, ids.size() - 1)(rng));
-  for (int64_t i : bad) ids[i] = rng() % 2 ? -1 - static_cast<int32_t>(rng() % 5)
-                                           : static_cast<int32_t>(valid + rng() % 5);
+  const std::vector<int32_t> ids = random_ids(c, rng, &bad);
 
   // A plan: slot 0 the owner from row 0, then helpers (or an unused slot) with ascending bounds,
   // some past the expert's rows; the identity plan of one slot for the CPU list without one.
@@ -239,21 +324,8 @@ void check(const Case& c, uint32_t seed) {
     bounds[int64_t{e} * (slots + 1) + slots] = INT32_MAX;
   }
 
-  int32_t aborted = c.aborted;
-  Routing r{};
-  for (int s = 0; s < c.D; ++s)  // after an aborted barrier no id may be read
-    r.ids[s] = c.aborted ? nullptr : ids.data() + int64_t{s} * c.T * c.K;
-  r.num_sources = c.D;
-  r.num_tokens = c.T;
-  r.top_k = c.K;
-  r.experts_per_device = c.E_local;
-  r.first_expert = planned || c.me < 0 ? 0 : c.me * c.E_local;
-  r.num_experts_here = planned || c.me < 0 ? group_experts : c.E_local;
-  r.experts_total = valid;
-  r.aborted = &aborted;
-  if (planned) r.plan = cuda::PlanView{workers.data(), bounds.data(), slots};
-  r.me = c.me;
-  r.recorded_source = c.recorded_source;
+  const int32_t aborted = c.aborted;
+  const Routing r = routing_of(c, ids, workers, bounds, &aborted);
 
   const Lists l = build(r, c.tile_m, false, where);
   expect(build(r, c.tile_m, true, where) == l, where, "blocks in reverse give other bytes");
@@ -294,44 +366,21 @@ void check(const Case& c, uint32_t seed) {
     const WorkItem item = l.items[pos];
     expect(item.source == s && item.token == t && item.k == k, pair, "its item");
     if (planned) expect(l.pair_device[i] == row->second.device, pair, "its device");
-    // Its group: the one holding its position, computed here, of its expert.
-    int g = 0;
-    while (g < l.group_begin.size() &&
-           !(l.group_expert[g] >= 0 && l.group_begin[g] <= pos && pos < l.group_end[g]))
-      ++g;
-    if (g == l.group_begin.size()) {
-      expect(false, pair, "in no group computed here");
-      continue;
-    }
-    expect(l.group_expert[g] == (planned ? row->second.expert
-                                         : r.first_expert + code / kMaxPeers),
+    const int g = group_of(l, pos);  // check_walk: there is one
+    expect(g < 0 || l.group_expert[g] == (planned ? row->second.expert
+                                                  : r.first_expert + code / kMaxPeers),
            pair, "its group's expert");
-    expect(l.pair_row[i] == int64_t{l.tile_offset[g]} * c.tile_m + (pos - l.group_begin[g]),
-           pair, "its scratch row");
   }
   expect(here == static_cast<int64_t>(rows.size()), where, "pairs of the CPU's not listed");
 
-  // The groups as the GEMMs walk them: in list order, each within its expert's positions, its
-  // tiles from its tile offset, one device's pairs each; no item listed past the list's end.
-  const int32_t groups = static_cast<int32_t>(l.group_begin.size());
+  // Each group's pairs in (source, token, k) order, one device's.
+  check_walk(l, c.tile_m, planned, where);
   int64_t total = 0;
-  for (int32_t e = 0; e < r.num_experts_here; ++e) total += l.expert_count[e];
-  int32_t tiles = 0, last_end = 0;
-  std::set<int32_t> scratch_rows;
-  for (int32_t g = 0; g < groups; ++g) {
+  for (int32_t count : l.expert_count) total += count;
+  const int32_t tiles = l.tile_offset.back();
+  for (int32_t g = 0; g < static_cast<int32_t>(l.group_begin.size()); ++g) {
+    if (l.group_expert[g] < 0) continue;
     const std::string group = where + ", group " + std::to_string(g);
-    expect(l.tile_offset[g] == tiles, group, "its tile offset");
-    // Without a plan the groups are the experts, end to end.
-    expect(l.group_begin[g] <= l.group_end[g] && l.group_end[g] <= total &&
-               (planned || l.group_begin[g] == (g ? l.group_end[g - 1] : 0)),
-           group, "its bounds");
-    if (l.group_expert[g] < 0) {
-      expect(l.group_begin[g] == l.group_end[g], group, "rows in a group not computed here");
-      continue;
-    }
-    expect(l.group_begin[g] >= last_end, group, "overlaps the group before");
-    last_end = l.group_end[g];
-    tiles += (l.group_end[g] - l.group_begin[g] + c.tile_m - 1) / c.tile_m;
     std::set<int> devices;
     for (int32_t pos = l.group_begin[g]; pos < l.group_end[g]; ++pos) {
       const WorkItem& item = l.items[pos];
@@ -347,16 +396,9 @@ void check(const Case& c, uint32_t seed) {
                    std::tie(item.source, item.token, item.k),
                group, "not in (source, token, k) order");
       }
-      const int64_t i = (int64_t{item.source} * c.T + item.token) * c.K + item.k;
-      expect(scratch_rows.insert(l.pair_row[i]).second, group, "a scratch row twice");
     }
     expect(devices.size() <= 1, group, "pairs of two devices");
   }
-  expect(l.tile_offset[groups] == tiles, where, "the list's tiles");
-  expect(scratch_rows.empty() || *scratch_rows.rbegin() < int64_t{tiles} * c.tile_m, where,
-         "a scratch row past the tiles");
-  for (int64_t pos = total; pos < pairs; ++pos)
-    expect(l.items[pos].source == kPoison, where, "an item past the list's end");
   // After an aborted barrier nothing is here, not even an empty group of a plan (whose zero
   // weight-gradient partial would still go to its owner).
   if (c.aborted)
@@ -364,6 +406,56 @@ void check(const Case& c, uint32_t seed) {
                (!planned || std::all_of(l.group_expert.begin(), l.group_expert.end(),
                                         [](int32_t e) { return e == -1; })),
            where, "a list after an aborted barrier");
+}
+
+// A plan as no handler checks it on the GPU (device arrays): workers inside and outside the
+// group, bounds in any order and out of range. Whatever it holds, every pair of the group is
+// computed by one device (each device's list and the emulated one agree which, and list it
+// there alone) with the staging slot the source side counts; no other pair is listed.
+void check_any_plan(uint32_t seed) {
+  const std::string where = "any plan (seed " + std::to_string(seed) + ")";
+  Case c{"any plan", 4, 100, 4, 2, -1, 1, 4, 8, 3, -1, false};
+  std::mt19937 rng(seed);
+  std::set<int64_t> bad;
+  const std::vector<int32_t> ids = random_ids(c, rng, &bad);
+  const int group_experts = c.D * c.E_local;
+  std::vector<int32_t> workers(int64_t{group_experts} * c.slots);
+  std::vector<int32_t> bounds(int64_t{group_experts} * (c.slots + 1));
+  for (int32_t& w : workers) w = static_cast<int32_t>(rng() % (c.D + 6)) - 3;
+  for (int32_t& b : bounds) b = static_cast<int32_t>(rng() % 400) - 50;
+  const int32_t aborted = 0;
+  std::vector<Lists> lists;  // emulated, then device 0, 1, ...
+  for (int me = -1; me < c.D; ++me) {
+    c.me = me;
+    const std::string list = where + ", device " + std::to_string(me);
+    lists.push_back(build(routing_of(c, ids, workers, bounds, &aborted), c.tile_m, false, list));
+    check_walk(lists.back(), c.tile_m, true, list);
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(ids.size()); ++i) {
+    const std::string pair = where + ", pair " + std::to_string(i);
+    const bool in_group = ids[i] >= 0 && ids[i] < group_experts;
+    int listed = 0, device = -1;
+    for (int me = 0; me < c.D; ++me) {
+      if (lists[me + 1].pair_code[i] < 0) continue;
+      ++listed;
+      device = me;
+    }
+    expect(listed == (in_group ? 1 : 0), pair, "listed by no device, or by two");
+    for (const Lists& l : lists)
+      expect(l.pair_device[i] == device, pair, "the devices' lists disagree on its device");
+    if (device < 0) continue;
+    expect(lists[0].pair_code[i] == lists[device + 1].pair_code[i], pair,
+           "the emulated list gives it another expert or slot");
+    // Its slot: the rank of its device among the token's distinct computing devices.
+    const int64_t first = i - i % c.K;
+    std::set<int32_t> below;
+    for (int k = 0; k < c.K; ++k) {
+      const int32_t d = lists[0].pair_device[first + k];
+      if (d >= 0 && d < device) below.insert(d);
+    }
+    expect(lists[0].pair_code[i] % kMaxPeers == static_cast<int32_t>(below.size()), pair,
+           "its staging slot");
+  }
 }
 
 }  // namespace
@@ -391,6 +483,9 @@ int main() {
     for (uint32_t seed = 1; seed <= 3; ++seed) check(c, seed);
     std::printf("%s: %s\n", c.name, errors == before ? "ok" : "errors");
   }
+  const int before = errors;
+  for (uint32_t seed = 1; seed <= 3; ++seed) check_any_plan(seed);
+  std::printf("any plan: %s\n", errors == before ? "ok" : "errors");
   std::printf("errors: %d\n", errors);
   return errors ? 1 : 0;
 }
