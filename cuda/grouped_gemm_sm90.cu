@@ -180,16 +180,6 @@ __device__ void store_strides(const GemmParams& p, const GroupArrays<G>& w, int3
   w.stride_d[g] = row_pitch<typename G::StrideD>(d_ld);
 }
 
-// First position in [lo, hi) whose pair comes from a source >= `source` (a group's pairs are in
-// (source, token, k) order).
-__device__ int32_t first_from(const WorkItem* items, int32_t lo, int32_t hi, int32_t source) {
-  while (lo < hi) {
-    const int32_t mid = lo + (hi - lo) / 2;
-    if (items[mid].source < source) lo = mid + 1; else hi = mid;
-  }
-  return lo;
-}
-
 // The problems of a pair-row GEMM. One thread per group: its problem in this launch (M = 0 when
 // it has none) and its operands.
 template <class G>
@@ -199,23 +189,10 @@ __global__ void __launch_bounds__(128) build_problems(const __grid_constant__ Ge
   const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= p.num_groups) return;
   const int32_t expert = p.group_expert[g];
-  int32_t lo = p.group_begin[g], hi = expert >= 0 ? p.group_end[g] : lo;
-  if (p.only_source >= 0) {
-    lo = first_from(p.items, lo, hi, p.only_source);
-    hi = first_from(p.items, lo, hi, p.only_source + 1);
-  }
-  if (p.skip_kept && p.kept != nullptr)
-    lo = static_cast<int32_t>(max(static_cast<int64_t>(lo), min(kept_end(p, g), int64_t{hi})));
-  // Positions -> the chunk's scratch rows.
-  const int64_t chunk_row = p.chunk.first_row(p.tile_m);
-  const int64_t group_row = static_cast<int64_t>(p.tile_offset[g]) * p.tile_m - p.group_begin[g];
-  const int64_t r0 = max(lo + group_row, chunk_row);
-  const int64_t r1 = min(hi + group_row, p.chunk.end_row(p.tile_m));
-  const int32_t rows = static_cast<int32_t>(max(r1 - r0, int64_t{0}));
-  w.problems[g] = Problem(rows, p.n, p.k);
-  const int64_t first = rows > 0 ? r0 - chunk_row : 0;
-  w.a[g] = static_cast<const T*>(p.a.data) + first * p.a.ld;
-  w.d[g] = static_cast<float*>(p.out) + first * p.out_ld;
+  const ChunkRows rows = group_rows_in_chunk(p, g);
+  w.problems[g] = Problem(rows.rows, p.n, p.k);
+  w.a[g] = static_cast<const T*>(p.a.data) + rows.first * p.a.ld;
+  w.d[g] = static_cast<float*>(p.out) + rows.first * p.out_ld;
   w.b[g] = expert >= 0 ? static_cast<const T*>(p.b.peers[expert / p.experts_per_device]) +
                              (expert % p.experts_per_device) * p.b.expert_stride
                        : static_cast<const T*>(p.b.peers[0]);

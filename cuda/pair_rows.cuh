@@ -7,6 +7,7 @@
 // Host code runs them as well: tests/pair_rows.cu checks four columns a lane against one.
 #pragma once
 
+#include <algorithm>  // std::min and std::max: constexpr, so device code calls them too
 #include <cstdint>
 
 #include "common/activation.h"
@@ -33,6 +34,43 @@ __device__ __forceinline__ int64_t kept_index(const GemmParams& p, int32_t group
   if (p.kept == nullptr) return -1;
   const int64_t index = pos - device_part_begin(p, group);
   return index < p.kept_rows ? group / p.experts_per_device * p.kept_rows + index : -1;
+}
+
+// First position in [lo, hi) whose pair comes from a source >= `source` (a group's pairs are in
+// (source, token, k) order).
+__device__ __forceinline__ int32_t first_from(const WorkItem* items, int32_t lo, int32_t hi,
+                                              int32_t source) {
+  while (lo < hi) {
+    const int32_t mid = lo + (hi - lo) / 2;
+    if (items[mid].source < source) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// The scratch rows of group `group` that a pair-row launch computes as one problem (Hopper's
+// grouped GEMMs, where a tile may hold another source's or a kept row): its pairs from the
+// launch's source (every source's: kAllSources), past the kept ones under `skip_kept`, in the
+// launch's chunk; `rows` of them from `first`, counted from the chunk's first row (none: 0).
+struct ChunkRows {
+  int64_t first;
+  int32_t rows;
+};
+
+__device__ __forceinline__ ChunkRows group_rows_in_chunk(const GemmParams& p, int32_t group) {
+  int32_t lo = p.group_begin[group], hi = p.group_expert[group] >= 0 ? p.group_end[group] : lo;
+  if (p.only_source >= 0) {
+    lo = first_from(p.items, lo, hi, p.only_source);
+    hi = first_from(p.items, lo, hi, p.only_source + 1);
+  }
+  if (p.skip_kept && p.kept != nullptr)
+    lo = static_cast<int32_t>(std::max<int64_t>(lo, std::min<int64_t>(kept_end(p, group), hi)));
+  // Positions -> the chunk's scratch rows.
+  const int64_t chunk_row = p.chunk.first_row(p.tile_m);
+  const int64_t group_row = int64_t{p.tile_offset[group]} * p.tile_m - p.group_begin[group];
+  const int64_t r0 = std::max(lo + group_row, chunk_row);
+  const int64_t r1 = std::min(hi + group_row, p.chunk.end_row(p.tile_m));
+  const int32_t rows = static_cast<int32_t>(std::max(r1 - r0, int64_t{0}));
+  return {rows > 0 ? r0 - chunk_row : 0, rows};
 }
 
 // GEMM1: a = act(h) (gated: act(gate) * up, gate column j and up column n_split + j of h) into

@@ -7,6 +7,9 @@
 //     its body once for each (scratch row, slice) of the pass, with the row's group and list
 //     position, and for nothing else; it stops at the list's end (tile_offset[num_groups]) where
 //     the groups' tables would still give pairs, and returns there in a chunk of 2^30 tiles;
+//   - the rows of the grouped GEMMs' problem for each group (pair_rows.cuh's
+//     group_rows_in_chunk), with kept rows skipped or none: exactly the group's rows of the pass
+//     that keep no h, so the GEMMs write the rows the passes read;
 //   - activate_rows and activation_backward_rows, a warp's 32 lanes as fibers (tests/warp_lanes.h:
 //     warp_sum's shuffles exchange values, and every lane must reach them), in chunks of three
 //     8-row tiles on grids of 1, 3 and a block per four items, at one and four columns a lane
@@ -26,6 +29,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -272,6 +276,51 @@ void check_walk_returns(std::mt19937& rng) {
     std::printf("walk over a chunk of 2^30 tiles returns at the list's end: ok\n");
 }
 
+// The grouped GEMMs' problems (group_rows_in_chunk): each group's rows of the chunk from the
+// launch's source, less the pairs that keep their h under skip_kept, are one run of scratch
+// rows, which the problem holds exactly. The groups' pairs in (source, token, k) order, as the
+// work list gives them; kept rows at 0, 2 and 5 a device of two groups.
+void check_group_rows(std::mt19937& rng) {
+  const int before = errors;
+  for (int32_t tile_m : {4, 8}) {
+    for (int trial = 0; trial < 20; ++trial) {
+      List l = make_list(rng, tile_m, trial % 2 == 1, trial % 9 == 0);
+      for (int32_t g = 0; g < l.groups(); ++g)
+        std::sort(l.items.begin() + l.begin[g], l.items.begin() + l.end[g],
+                  [](const WorkItem& a, const WorkItem& b) {
+                    return std::tie(a.source, a.token, a.k) < std::tie(b.source, b.token, b.k);
+                  });
+      float kept_h = 0;  // only its address is read: whether anything is kept
+      for (int32_t chunk_tiles : {1, 3, 64})
+        for (int32_t index = 0; index <= l.tiles() / chunk_tiles + 1; ++index)
+          for (int32_t only_source : {kAllSources, 0, 1, 2})
+            for (int32_t kept_rows : {0, 2, 5}) {
+              const Chunk chunk{chunk_tiles, index};
+              GemmParams p = params_of(l, chunk, only_source, 32);
+              p.kept = kept_rows > 0 ? &kept_h : nullptr;
+              p.kept_rows = kept_rows;
+              p.experts_per_device = 2;
+              p.skip_kept = 1;
+              const std::vector<Pair> rows = pass_rows(l, chunk, only_source, l.tiles());
+              for (int32_t g = 0; g < l.groups(); ++g) {
+                const ChunkRows got = group_rows_in_chunk(p, g);
+                bool exact = got.rows >= 0 && got.first >= 0 &&
+                             got.first + got.rows <= chunk.rows(tile_m);
+                for (int64_t row = 0; row < chunk.rows(tile_m) && exact; ++row) {
+                  const bool wanted = rows[row].group == g && kept_index(p, g, rows[row].pos) < 0;
+                  exact = wanted == (row >= got.first && row < got.first + got.rows);
+                }
+                expect(exact, "group " + std::to_string(g) + " kept " +
+                                  std::to_string(kept_rows) + ", " +
+                                  describe(l, chunk, only_source, 1),
+                       "the problem's rows are not the group's rows of the launch");
+              }
+            }
+    }
+  }
+  if (errors == before) std::printf("grouped GEMMs' problems hold their groups' rows: ok\n");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The kernels.
 
@@ -484,6 +533,7 @@ int main() {
   check_walk(rng);
   check_walk_stops_at_the_end(rng);
   check_walk_returns(rng);
+  check_group_rows(rng);
   // F past one slice, its last shorter (200 = 128 + 72, 264 = 2 * 128 + 8); slices narrower than
   // a lane span at four columns a lane (64, 32); one slice wider than F (36); F % 4 != 0 (18).
   const Case cases[] = {
