@@ -52,15 +52,6 @@ struct ColumnMap {
   }
 };
 
-// The source of a kPairRows tile's rows, or kSpanningSources: a group's rows are in (source,
-// token, k) order, so its first and last row name them all.
-template <int kTileM>
-__device__ __forceinline__ int32_t tile_source(const GemmParams& p, const GemmTile& tile) {
-  const int32_t first = p.items[tile.pair_begin + tile.m0].source;
-  const int32_t last = p.items[tile.pair_begin + min(tile.m0 + kTileM, tile.m_extent) - 1].source;
-  return first == last ? first : kSpanningSources;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Operand loads.
 
@@ -148,17 +139,6 @@ struct RowMap {
   __device__ __forceinline__ bool valid(int m) const { return base + m < extent; }
   __device__ __forceinline__ int64_t index(int m) const { return base + m; }
 };
-
-// ---------------------------------------------------------------------------------------------
-// Kept h rows (GemmParams::kept).
-
-// Whether every pair of a kPairRows tile keeps its h (its last pair does: a device's kept pairs
-// are the first of its part of the list, and a tile never spans two experts).
-template <int kTileM>
-__device__ __forceinline__ bool tile_kept(const GemmParams& p, const GemmTile& tile) {
-  const int32_t last = min(tile.m0 + kTileM, tile.m_extent) - 1;
-  return kept_index(p, tile.group, static_cast<int64_t>(tile.pair_begin) + last) >= 0;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Epilogues: one warp per tile row, lanes over columns, reading the float32 tile from smem.
@@ -347,9 +327,7 @@ __global__ void __launch_bounds__(Config::kThreads)
   for (int64_t unit = next_unit<kTileM, kTileN>(p, blockIdx.x, units, gridDim.x); unit < units;
        unit = next_unit<kTileM, kTileN>(p, unit + gridDim.x, units, gridDim.x)) {
     const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
-    if (tile.expert < 0) continue;  // another device's group: the same for the whole CTA
-    if (p.only_source != kAllSources && tile_source<kTileM>(p, tile) != p.only_source) continue;
-    if (p.skip_kept && tile_kept<kTileM>(p, tile)) continue;
+    if (!tile_in_launch<kTileM>(p, tile)) continue;  // the same for the whole CTA
     const RowMap a_rows{tile.m0, tile.m_extent};
     ColumnMap b_cols;
     b_cols.half = columns_per_tile<kTileN>(p);

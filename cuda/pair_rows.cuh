@@ -73,6 +73,35 @@ __device__ __forceinline__ ChunkRows group_rows_in_chunk(const GemmParams& p, in
   return {rows > 0 ? r0 - chunk_row : 0, rows};
 }
 
+// The source of a kPairRows tile's rows, or kSpanningSources: a group's rows are in (source,
+// token, k) order, so its first and last row name them all.
+template <int kTileM>
+__device__ __forceinline__ int32_t tile_source(const GemmParams& p, const GemmTile& tile) {
+  const int32_t first = p.items[tile.pair_begin + tile.m0].source;
+  const int32_t last =
+      p.items[tile.pair_begin + std::min(tile.m0 + kTileM, tile.m_extent) - 1].source;
+  return first == last ? first : kSpanningSources;
+}
+
+// Whether every pair of a kPairRows tile keeps its h (its last pair does: a device's kept pairs
+// are the first of its part of the list, and a tile never spans two experts).
+template <int kTileM>
+__device__ __forceinline__ bool tile_kept(const GemmParams& p, const GemmTile& tile) {
+  const int32_t last = std::min(tile.m0 + kTileM, tile.m_extent) - 1;
+  return kept_index(p, tile.group, int64_t{tile.pair_begin} + last) >= 0;
+}
+
+// Whether expert_gemm computes kPairRows tile `tile` in its launch: a tile of a group computed
+// here whose rows all come from the launch's source (a source phase; kSpanningSources: the tiles
+// whose rows span sources; kAllSources: any), and not every pair kept under `skip_kept`. Across
+// a call's phases each tile is computed once.
+template <int kTileM>
+__device__ __forceinline__ bool tile_in_launch(const GemmParams& p, const GemmTile& tile) {
+  if (tile.expert < 0) return false;  // another device's group
+  if (p.only_source != kAllSources && tile_source<kTileM>(p, tile) != p.only_source) return false;
+  return !(p.skip_kept && tile_kept<kTileM>(p, tile));
+}
+
 // GEMM1: a = act(h) (gated: act(gate) * up, gate column j and up column n_split + j of h) into
 // out[srow, j] in the input dtype, and h itself into the kept rows where the pair keeps it.
 template <class T, int kVector, class At>

@@ -10,6 +10,9 @@
 //   - the rows of the grouped GEMMs' problem for each group (pair_rows.cuh's
 //     group_rows_in_chunk), with kept rows skipped or none: exactly the group's rows of the pass
 //     that keep no h, so the GEMMs write the rows the passes read;
+//   - expert_gemm's tiles across a call's source phases (pair_rows.cuh's tile_in_launch): each
+//     tile computed once, by the phase of the one source its rows come from or the spanning
+//     phase, as one launch over every source computes them (all but the tiles wholly kept);
 //   - activate_rows and activation_backward_rows, a warp's 32 lanes as fibers (tests/warp_lanes.h:
 //     warp_sum's shuffles exchange values, and every lane must reach them), in chunks of three
 //     8-row tiles on grids of 1, 3 and a block per four items, at one and four columns a lane
@@ -28,6 +31,7 @@
 #include <cstring>
 #include <functional>
 #include <random>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -321,6 +325,74 @@ void check_group_rows(std::mt19937& rng) {
   if (errors == before) std::printf("grouped GEMMs' problems hold their groups' rows: ok\n");
 }
 
+// expert_gemm's tiles over a call's source phases (tile_in_launch): each source's phase computes
+// the tiles whose rows all come from it (and reads no other source's) and the spanning phase
+// the others, so across the phases each M-tile (and N-tile) of the chunk is computed once, as in
+// one launch over every source, which computes each tile of a group here but those whose pairs
+// all keep their h.
+template <int kTileM>
+void check_phase_tiles(std::mt19937& rng) {
+  constexpr int kTileN = 16;
+  for (int trial = 0; trial < 20; ++trial) {
+    List l = make_list(rng, kTileM, trial % 2 == 1, trial % 9 == 0);
+    for (int32_t g = 0; g < l.groups(); ++g)
+      std::sort(l.items.begin() + l.begin[g], l.items.begin() + l.end[g],
+                [](const WorkItem& a, const WorkItem& b) {
+                  return std::tie(a.source, a.token, a.k) < std::tie(b.source, b.token, b.k);
+                });
+    float kept_h = 0;  // only its address is read: whether anything is kept
+    for (int32_t chunk_tiles : {1, 3, 64})
+      for (int32_t index = 0; index <= l.tiles() / chunk_tiles + 1; ++index)
+        for (int32_t kept_rows : {0, 2, 5}) {
+          const Chunk chunk{chunk_tiles, index};
+          GemmParams p = params_of(l, chunk, kAllSources, 2 * kTileN);
+          p.kept = kept_rows > 0 ? &kept_h : nullptr;
+          p.kept_rows = kept_rows;
+          p.experts_per_device = 2;
+          p.skip_kept = 1;
+          const std::string where = "kept " + std::to_string(kept_rows) + ", " +
+                                    describe(l, chunk, kAllSources, 1);
+          const int64_t units = num_units<kTileM, kTileN>(p);
+          const int64_t tiles = std::max<int64_t>(
+              std::min<int64_t>(l.tiles(), chunk.end_tile()) - chunk.first_tile(), 0);
+          expect(units == 2 * tiles, where, "the launch's units are not the chunk's tiles");
+          // A source's phase runs once that source's rows are in: it may read no other's.
+          std::vector<int> computed(units, 0);
+          for (int32_t phase = 0; phase <= kSources; ++phase) {  // as cuda_launch.cc's phases
+            p.only_source = phase < kSources ? phase : kSpanningSources;
+            for (int64_t unit = 0; unit < units; ++unit) {
+              const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
+              if (!tile_in_launch<kTileM>(p, tile)) continue;
+              ++computed[unit];
+              std::set<int32_t> sources;
+              for (int32_t m = tile.m0; m < std::min(tile.m0 + kTileM, tile.m_extent); ++m)
+                sources.insert(l.items[tile.pair_begin + m].source);
+              expect(phase < kSources ? sources == std::set<int32_t>{phase} : sources.size() > 1,
+                     where + ", unit " + std::to_string(unit),
+                     "a phase computes a tile with rows of a source not its own");
+            }
+          }
+          p.only_source = kAllSources;
+          for (int64_t unit = 0; unit < units; ++unit) {
+            // The tile's group and pairs, from the list.
+            const int64_t tile = chunk.first_tile() + unit / 2;
+            int32_t g = 0;
+            while (l.tile_offset[g + 1] <= tile) ++g;
+            const int32_t first =
+                l.begin[g] + static_cast<int32_t>(tile - l.tile_offset[g]) * kTileM;
+            const int32_t last = std::min(first + kTileM, l.end[g]) - 1;
+            const bool all_kept = kept_rows > 0 && last - l.begin[g / 2 * 2] < kept_rows;
+            const bool wanted = l.expert[g] >= 0 && !all_kept;
+            const bool whole = tile_in_launch<kTileM>(p, decode_tile<kTileM, kTileN>(p, unit));
+            expect(whole == wanted, where + ", unit " + std::to_string(unit),
+                   "one launch over every source computes another set of tiles");
+            expect(computed[unit] == (wanted ? 1 : 0), where + ", unit " + std::to_string(unit),
+                   "the source phases compute a tile twice, or not at all");
+          }
+        }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The kernels.
 
@@ -534,6 +606,12 @@ int main() {
   check_walk_stops_at_the_end(rng);
   check_walk_returns(rng);
   check_group_rows(rng);
+  {
+    const int before = errors;
+    check_phase_tiles<4>(rng);
+    check_phase_tiles<8>(rng);
+    if (errors == before) std::printf("expert_gemm's tiles, each once across the phases: ok\n");
+  }
   // F past one slice, its last shorter (200 = 128 + 72, 264 = 2 * 128 + 8); slices narrower than
   // a lane span at four columns a lane (64, 32); one slice wider than F (36); F % 4 != 0 (18).
   const Case cases[] = {

@@ -121,8 +121,9 @@ void launch(int blocks, bool reverse, const std::string& where,
   }
 }
 
-int blocks_for(int64_t threads) { return static_cast<int>((threads + kListThreads - 1) /
-                                                          kListThreads); }
+int blocks_for(int64_t threads) {
+  return static_cast<int>((threads + kListThreads - 1) / kListThreads);
+}
 
 // The handler's launch sequence of the list (cuda_launch.cc's LaunchWorkList), with the grids
 // work_list.cu's launchers give.
