@@ -1,10 +1,12 @@
-// What the GEMMs over pair rows share: where a pair keeps its h, and what GEMM1 and the
-// backward's u GEMM do with one pair's float32 row. The row functions serve expert_gemm.cu
-// (fused, reading the accumulator tile in shared memory) and activation.cu (a pass over the
-// float32 rows Hopper's grouped GEMMs wrote), so both round alike. One warp per row, kVector
-// consecutive columns a lane at a time: `at(j)` reads columns [j, j + kVector) of the row's C as
-// Floats<kVector>, and [j_begin, j_end) is whole vectors (Floats' alignment too).
-// Host code runs them as well: tests/pair_rows.cu checks four columns a lane against one.
+// What the GEMMs over pair rows share: which rows (the grouped GEMMs) or tiles (expert_gemm) of
+// the list a launch computes, where a pair keeps its h, and what GEMM1 and the backward's u GEMM
+// do with one pair's float32 row. The row functions serve expert_gemm.cu (fused, reading the
+// accumulator tile in shared memory) and activation.cu (a pass over the float32 rows Hopper's
+// grouped GEMMs wrote), so both round alike. One warp per row, kVector consecutive columns a
+// lane at a time: `at(j)` reads columns [j, j + kVector) of the row's C as Floats<kVector>, and
+// [j_begin, j_end) is whole vectors (Floats' alignment too).
+// Host code runs them as well: tests/pair_rows.cu checks four columns a lane against one, and
+// tests/row_passes.cu a launch's rows and tiles against the passes'.
 #pragma once
 
 #include <algorithm>  // std::min and std::max: constexpr, so device code calls them too
