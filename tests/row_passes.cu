@@ -280,6 +280,29 @@ void check_walk_returns(std::mt19937& rng) {
     std::printf("walk over a chunk of 2^30 tiles returns at the list's end: ok\n");
 }
 
+// A random list (trial's kind of make_list) whose groups hold their pairs in (source, token, k)
+// order, as the work list gives them: what a launch of one source's rows relies on.
+List make_ordered_list(std::mt19937& rng, int32_t tile_m, int trial) {
+  List l = make_list(rng, tile_m, trial % 2 == 1, trial % 9 == 0);
+  for (int32_t g = 0; g < l.groups(); ++g)
+    std::sort(l.items.begin() + l.begin[g], l.items.begin() + l.end[g],
+              [](const WorkItem& a, const WorkItem& b) {
+                return std::tie(a.source, a.token, a.k) < std::tie(b.source, b.token, b.k);
+              });
+  return l;
+}
+
+// `p` skipping the rows whose h is kept: the first `kept_rows` pairs of each device of two
+// groups (none: 0). Only the kept rows' address is read, for whether anything is kept.
+GemmParams skipping_kept(GemmParams p, int32_t kept_rows) {
+  static float kept_h;
+  p.kept = kept_rows > 0 ? &kept_h : nullptr;
+  p.kept_rows = kept_rows;
+  p.experts_per_device = 2;
+  p.skip_kept = 1;
+  return p;
+}
+
 // The grouped GEMMs' problems (group_rows_in_chunk): each group's rows of the chunk from the
 // launch's source, less the pairs that keep their h under skip_kept, are one run of scratch
 // rows, which the problem holds exactly. The groups' pairs in (source, token, k) order, as the
@@ -288,23 +311,13 @@ void check_group_rows(std::mt19937& rng) {
   const int before = errors;
   for (int32_t tile_m : {4, 8}) {
     for (int trial = 0; trial < 20; ++trial) {
-      List l = make_list(rng, tile_m, trial % 2 == 1, trial % 9 == 0);
-      for (int32_t g = 0; g < l.groups(); ++g)
-        std::sort(l.items.begin() + l.begin[g], l.items.begin() + l.end[g],
-                  [](const WorkItem& a, const WorkItem& b) {
-                    return std::tie(a.source, a.token, a.k) < std::tie(b.source, b.token, b.k);
-                  });
-      float kept_h = 0;  // only its address is read: whether anything is kept
+      const List l = make_ordered_list(rng, tile_m, trial);
       for (int32_t chunk_tiles : {1, 3, 64})
         for (int32_t index = 0; index <= l.tiles() / chunk_tiles + 1; ++index)
           for (int32_t only_source : {kAllSources, 0, 1, 2})
             for (int32_t kept_rows : {0, 2, 5}) {
               const Chunk chunk{chunk_tiles, index};
-              GemmParams p = params_of(l, chunk, only_source, 32);
-              p.kept = kept_rows > 0 ? &kept_h : nullptr;
-              p.kept_rows = kept_rows;
-              p.experts_per_device = 2;
-              p.skip_kept = 1;
+              const GemmParams p = skipping_kept(params_of(l, chunk, only_source, 32), kept_rows);
               const std::vector<Pair> rows = pass_rows(l, chunk, only_source, l.tiles());
               for (int32_t g = 0; g < l.groups(); ++g) {
                 const ChunkRows got = group_rows_in_chunk(p, g);
@@ -334,22 +347,12 @@ template <int kTileM>
 void check_phase_tiles(std::mt19937& rng) {
   constexpr int kTileN = 16;
   for (int trial = 0; trial < 20; ++trial) {
-    List l = make_list(rng, kTileM, trial % 2 == 1, trial % 9 == 0);
-    for (int32_t g = 0; g < l.groups(); ++g)
-      std::sort(l.items.begin() + l.begin[g], l.items.begin() + l.end[g],
-                [](const WorkItem& a, const WorkItem& b) {
-                  return std::tie(a.source, a.token, a.k) < std::tie(b.source, b.token, b.k);
-                });
-    float kept_h = 0;  // only its address is read: whether anything is kept
+    const List l = make_ordered_list(rng, kTileM, trial);
     for (int32_t chunk_tiles : {1, 3, 64})
       for (int32_t index = 0; index <= l.tiles() / chunk_tiles + 1; ++index)
         for (int32_t kept_rows : {0, 2, 5}) {
           const Chunk chunk{chunk_tiles, index};
-          GemmParams p = params_of(l, chunk, kAllSources, 2 * kTileN);
-          p.kept = kept_rows > 0 ? &kept_h : nullptr;
-          p.kept_rows = kept_rows;
-          p.experts_per_device = 2;
-          p.skip_kept = 1;
+          GemmParams p = skipping_kept(params_of(l, chunk, kAllSources, 2 * kTileN), kept_rows);
           const std::string where = "kept " + std::to_string(kept_rows) + ", " +
                                     describe(l, chunk, kAllSources, 1);
           const int64_t units = num_units<kTileM, kTileN>(p);
