@@ -55,6 +55,7 @@ struct Shape {
 
 template <class Vector>
 void check(const Shape& s, const char* name, std::mt19937& rng) {
+  const int before = errors;
   const int64_t pairs = int64_t{s.D} * s.T * s.K;
   // The work list: about half the pairs here, on scratch rows in a random order.
   std::vector<int32_t> code(pairs), row(pairs, -1);
@@ -130,7 +131,7 @@ void check(const Shape& s, const char* name, std::mt19937& rng) {
       }
     }
   }
-  std::printf("%s: %s\n", name, errors ? "errors" : "ok");
+  std::printf("%s: %s\n", name, errors == before ? "ok" : "errors");
 }
 
 }  // namespace

@@ -130,23 +130,23 @@ inline bool run_threads(uint3 b, int first, int n, const std::function<void()>& 
     pass(&scheduler, -1);  // a round: every thread on to its next collective, or its end
     const auto ended = [](const Lane& l) { return l.done; };
     if (std::all_of(lane, lane + n, ended)) return true;
-    bool moved = false, parted = false;
+    bool at_warp_ops = false, parted = false;
     for (int w = 0; w < n / 32; ++w) {
       const Lane* warp = lane + 32 * w;
-      const bool at_warp_op = std::any_of(warp, warp + 32, [](const Lane& l) {
-        return !l.done && l.waiting && l.op != kBlockSync;
-      });
-      if (at_warp_op) (complete_warp(w) ? moved : parted) = true;
-    }
-    if (!moved && !parted) {
-      // Only barriers are waited at: every running thread of the block is at __syncthreads.
-      for (int l = 0; l < n; ++l) lane[l].waiting = false;
-      moved = true;
+      if (std::none_of(warp, warp + 32, [](const Lane& l) {
+            return !l.done && l.waiting && l.op != kBlockSync;
+          }))
+        continue;
+      at_warp_ops = true;
+      parted |= !complete_warp(w);
     }
     if (parted) {
       start_lanes(started);
       return false;
     }
+    // Only barriers are waited at: every running thread of the block is at __syncthreads.
+    if (!at_warp_ops)
+      for (int l = 0; l < n; ++l) lane[l].waiting = false;
   }
 }
 
