@@ -225,7 +225,9 @@ struct WorkList {
 };
 
 // Chunks of pairs the work-list kernels split P pairs into.
-int work_list_chunks(int64_t num_pairs);
+inline int work_list_chunks(int64_t num_pairs) {
+  return static_cast<int>((num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
+}
 
 cudaError_t count_pairs(const Routing& routing, const WorkList& list, DeviceError* error,
                         cudaStream_t stream);

@@ -1,29 +1,23 @@
 // The dispatch's launches: the kernel is in fetch_rows.cuh.
-#include <algorithm>
 #include <cstdint>
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/fetch_rows.cuh"
-#include "cuda/token_grid.cuh"
 
 namespace ccf::cuda {
 
 namespace {
 
-// Threads of a block that holds an SM for the fetch: as many warps as it keeps busy reading.
-constexpr int kSmFetchThreads = 1024;
-
 template <class Vector>
 cudaError_t launch_fetch(const FetchParams& p, cudaStream_t stream) {
   const int64_t tokens = static_cast<int64_t>(p.end_source - p.first_source) * p.pairs.num_tokens;
   if (tokens == 0) return cudaSuccess;
-  if (p.max_sms > 0) {
-    const int blocks = std::min(token_blocks(tokens, kSmFetchThreads / 32), p.max_sms);
+  const int blocks = fetch_blocks(tokens, p.max_sms);
+  if (p.max_sms > 0)
     fetch_rows<Vector, kSmFetchThreads><<<blocks, kSmFetchThreads, 0, stream>>>(p);
-  } else {
-    fetch_rows<Vector, kTokenThreads><<<token_blocks(tokens), kTokenThreads, 0, stream>>>(p);
-  }
+  else
+    fetch_rows<Vector, kTokenThreads><<<blocks, kTokenThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -11,12 +11,23 @@
 // pair's scratch row holds its source's row, and that no other row is written.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/api.cuh"
 #include "cuda/token_grid.cuh"
 
 namespace ccf::cuda {
+
+// Threads of a block that holds an SM for the fetch: as many warps as it keeps busy reading.
+constexpr int kSmFetchThreads = 1024;
+
+// The fetch's blocks over `tokens` (source, token) rows: a warp per token in blocks of
+// kTokenThreads, or (max_sms > 0) at most max_sms blocks of kSmFetchThreads that stay.
+inline int fetch_blocks(int64_t tokens, int max_sms) {
+  if (max_sms == 0) return token_blocks(tokens);
+  return std::min(token_blocks(tokens, kSmFetchThreads / 32), max_sms);
+}
 
 // The (source, token) row `g` = source * T + token, by one warp.
 template <class Vector>
@@ -52,7 +63,7 @@ __device__ inline void fetch_row(const FetchParams& p, int32_t g, int32_t lane) 
 }
 
 // Each warp takes the rows g, g + every warp of the grid, ...: a grid of a warp per token, or
-// (FetchParams::max_sms) one of a few whole-SM blocks that stay for the launch.
+// (FetchParams::max_sms) one of a few whole-SM blocks that stay for the launch (fetch_blocks).
 template <class Vector, int kThreads>
 __global__ void __launch_bounds__(kThreads) fetch_rows(const __grid_constant__ FetchParams p) {
   constexpr int32_t kWarps = kThreads / 32;

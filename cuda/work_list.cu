@@ -3,13 +3,7 @@
 
 namespace ccf::cuda {
 
-int work_list_chunks(int64_t num_pairs) {
-  return static_cast<int>((num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
-}
-
 namespace {
-
-int list_blocks(int num_chunks) { return (num_chunks + kListWarps - 1) / kListWarps; }
 
 size_t run_bytes(const Routing& r) {
   return sizeof(int32_t) * static_cast<size_t>(kListWarps) * r.num_experts_here;
@@ -24,7 +18,7 @@ cudaError_t count_pairs(const Routing& routing, const WorkList& list, DeviceErro
   CCF_HOST_ASSERT(routing.aborted != nullptr);
   const int num_chunks = work_list_chunks(static_cast<int64_t>(routing.num_sources) *
                                           routing.num_tokens * routing.top_k);
-  count_pairs<<<list_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
+  count_pairs<<<chunk_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
       routing, list, num_chunks, error);
   return cudaGetLastError();
 }
@@ -41,7 +35,7 @@ cudaError_t fill_work_list(const Routing& routing, const WorkList& list, cudaStr
   CCF_HOST_ASSERT(routing.plan.workers != nullptr || list.num_groups == routing.num_experts_here);
   const int num_chunks = work_list_chunks(static_cast<int64_t>(routing.num_sources) *
                                           routing.num_tokens * routing.top_k);
-  fill_work_list<<<list_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
+  fill_work_list<<<chunk_blocks(num_chunks), kListThreads, run_bytes(routing), stream>>>(
       routing, list, num_chunks);
   return cudaGetLastError();
 }
@@ -51,8 +45,7 @@ cudaError_t assign_plan(const Routing& routing, const WorkList& list, cudaStream
   CCF_HOST_ASSERT(list.num_groups == routing.num_experts_here * routing.plan.slots &&
                   list.num_groups <= kMaxExpertsHere && list.pair_device != nullptr);
   const int64_t tokens = static_cast<int64_t>(routing.num_sources) * routing.num_tokens;
-  assign_plan_pairs<<<static_cast<unsigned>((tokens + kListThreads - 1) / kListThreads),
-                      kListThreads, 0, stream>>>(routing, list);
+  assign_plan_pairs<<<item_blocks(tokens), kListThreads, 0, stream>>>(routing, list);
   CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   assign_plan_groups<<<1, kListThreads, 0, stream>>>(routing, list);
   return cudaGetLastError();
@@ -62,8 +55,7 @@ cudaError_t place_rows(const Routing& routing, const WorkList& list, cudaStream_
   const int64_t pairs =
       static_cast<int64_t>(routing.num_sources) * routing.num_tokens * routing.top_k;
   if (pairs == 0) return cudaSuccess;
-  place_rows<<<static_cast<unsigned>((pairs + kListThreads - 1) / kListThreads), kListThreads, 0,
-               stream>>>(routing, list);
+  place_rows<<<item_blocks(pairs), kListThreads, 0, stream>>>(routing, list);
   return cudaGetLastError();
 }
 

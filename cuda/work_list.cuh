@@ -27,6 +27,14 @@ namespace ccf::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Blocks of a warp per chunk (count_pairs, fill_work_list).
+inline int chunk_blocks(int num_chunks) { return (num_chunks + kListWarps - 1) / kListWarps; }
+
+// Blocks of a thread per item (assign_plan_pairs: a (source, token); place_rows: a pair).
+inline unsigned item_blocks(int64_t items) {
+  return static_cast<unsigned>((items + kListThreads - 1) / kListThreads);
+}
+
 struct PairIndex {
   int32_t source, token, k;
 };

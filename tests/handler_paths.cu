@@ -314,10 +314,6 @@ int expert_gemm_tile_m(DType) { return 64; }
 int expert_gemm_tile_n(DType) { return 64; }
 int64_t grouped_gemm_workspace_bytes(int32_t, int) { return 4096; }
 
-int work_list_chunks(int64_t num_pairs) {
-  return static_cast<int>((num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
-}
-
 // A planted fault of `code`, written into the (clear) record as the kernel that finds it would.
 void Record(DeviceError* error, int32_t code) {
   if (self->plant.code == code) *error = std::exchange(self->plant, {});

@@ -509,11 +509,6 @@ int expert_gemm_tile_n(DType dtype) {
                               : TensorCoreConfig<bfloat16_t, Major::kK, Major::kK>::kTileN;
 }
 
-// work_list.cu's.
-int work_list_chunks(int64_t num_pairs) {
-  return static_cast<int>((num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
-}
-
 // grouped_gemm_sm90.cu's size needs CUTLASS's sm90 kernels; any size that grows with both
 // arguments does here, the carve and each launch asking the same function.
 int64_t grouped_gemm_workspace_bytes(int32_t num_groups, int num_sms) {

@@ -8,7 +8,8 @@ grouped GEMMs' problems hold the rows the passes read, and expert_gemm's source 
 tile once), the work list the kernels build from every source's ids (tests/work_list.cu: the CPU
 handler's list of the same call, however the blocks run, with plans of any content, bad ids and an
 aborted barrier), the dispatch's fetch of the rows (tests/fetch_rows.cu: each pair's scratch row
-holds its source's row, on every grid the launcher gives, and no other row is written), the weight
+holds its source's row, on every grid the launcher gives, each needed source row is read once and
+no other row read or written), the weight
 gradients' sums over a work list in chunks (tests/weight_gradient_chunks.cu: expert_gemm's units
 and the grouped GEMMs' problems and carries, each element written once with its exact sum), the
 combine's kernels (tests/slot_sums.cu: the staging's slots summed in the promised order bitwise
@@ -144,7 +145,7 @@ def test_activation_passes_visit_each_row_of_the_pass_once_and_write_no_other(ou
 
 
 @host_check("fetch_rows")
-def test_fetch_puts_each_pairs_source_row_at_its_scratch_row_and_writes_no_other(output):
+def test_fetch_reads_each_needed_row_once_into_its_pairs_scratch_rows_and_no_other(output):
   verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # 16-byte vectors (K = 8 and K = 1) and 4-byte words.
   assert len(verdicts) == 3, output

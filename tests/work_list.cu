@@ -121,15 +121,11 @@ void launch(int blocks, bool reverse, const std::string& where,
   }
 }
 
-int blocks_for(int64_t threads) {
-  return static_cast<int>((threads + kListThreads - 1) / kListThreads);
-}
-
 // The handler's launch sequence of the list (cuda_launch.cc's LaunchWorkList), with the grids
 // work_list.cu's launchers give.
 Lists build(const Routing& r, int32_t tile_m, bool reverse, const std::string& where) {
   const int64_t pairs = int64_t{r.num_sources} * r.num_tokens * r.top_k;
-  const int32_t chunks = static_cast<int32_t>((pairs + kPairsPerChunk - 1) / kPairsPerChunk);
+  const int32_t chunks = work_list_chunks(pairs);
   const bool planned = r.plan.workers != nullptr;
   const int32_t groups = r.num_experts_here * (planned ? r.plan.slots : 1);
   Lists l;
@@ -152,18 +148,17 @@ Lists build(const Routing& r, int32_t tile_m, bool reverse, const std::string& w
                       groups,                l.group_begin.data(),
                       l.group_end.data(),    l.group_expert.data(),
                       l.tile_offset.data(),  planned ? l.pair_device.data() : nullptr};
-  const int list_blocks = (chunks + kListWarps - 1) / kListWarps;
-  launch(list_blocks, reverse, where + ", count_pairs",
+  launch(chunk_blocks(chunks), reverse, where + ", count_pairs",
          [&] { count_pairs(r, list, chunks, &l.error); });
   launch(r.num_experts_here, reverse, where + ", scan_counts", [&] { scan_counts(list, chunks); });
-  launch(list_blocks, reverse, where + ", fill_work_list",
+  launch(chunk_blocks(chunks), reverse, where + ", fill_work_list",
          [&] { fill_work_list(r, list, chunks); });
   if (planned) {
-    launch(blocks_for(int64_t{r.num_sources} * r.num_tokens), reverse, where + ", assign_plan",
+    launch(item_blocks(int64_t{r.num_sources} * r.num_tokens), reverse, where + ", assign_plan",
            [&] { assign_plan_pairs(r, list); });
     launch(1, reverse, where + ", assign_plan", [&] { assign_plan_groups(r, list); });
   }
-  if (pairs > 0) launch(blocks_for(pairs), reverse, where + ", place_rows",
+  if (pairs > 0) launch(item_blocks(pairs), reverse, where + ", place_rows",
                         [&] { place_rows(r, list); });
   return l;
 }
