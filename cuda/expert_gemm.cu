@@ -6,7 +6,8 @@
 // Every operand is a row-major matrix in memory: an expert's weight matrix (its owner's, which
 // is a peer's for a helper of a reassignment plan) or the pairs' rows in work-list order (the
 // fetched x and dy, dispatch.cu, or an earlier GEMM's output). The gmem->smem copy looks up its
-// rows once per tile (operand_rows); everything after it is a plain CuTe tile pipeline.
+// rows once per tile (operand_rows); everything after it is a plain CuTe tile pipeline, whose
+// ends (the operands' row and column maps, the epilogues) are in gemm_tile_io.cuh.
 //
 // A persistent grid walks the tiles: (M-tile of a group's pairs, N-tile) for GemmShape::
 // kPairRows, whose count is only known on the device (work_list.cu's tile_offset), and
@@ -15,11 +16,6 @@
 // reassignment plan one plan slot of an expert. A launch covers one chunk of the list's M-tiles
 // (GemmParams::chunk), whose rows the scratch holds; a weight gradient whose group runs on into
 // the next chunk leaves its float32 sum in `carry` and goes on from there.
-//
-// The epilogue goes through shared memory: the accumulator tile is stored as float32, then each
-// warp owns one row at a time and its lanes walk the columns, so stores are coalesced, gated
-// activations find the gate and up halves of a row side by side, and row reductions (the
-// d_expert_weights partial dot) have a fixed order.
 #include <algorithm>
 #include <type_traits>
 
@@ -28,6 +24,7 @@
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/gemm_config.cuh"
+#include "cuda/gemm_tile_io.cuh"
 #include "cuda/gemm_units.cuh"
 #include "cuda/kernel_residency.cuh"
 #include "cuda/pair_rows.cuh"
@@ -39,33 +36,10 @@ using namespace cute;
 using namespace gemm_config;
 
 // ---------------------------------------------------------------------------------------------
-// Tiles.
-
-// C columns of a tile -> B's N index. Gated GEMM1 puts gate columns j in the first half of the
-// tile and up columns n_split + j in the second; otherwise the map is n_tile * BN + n.
-struct ColumnMap {
-  int32_t half, base, split, extent;
-
-  __device__ __forceinline__ bool valid(int n) const { return base + n % half < extent; }
-  __device__ __forceinline__ int64_t index(int n) const {
-    return base + n % half + static_cast<int64_t>(n / half) * split;
-  }
-};
-
-// ---------------------------------------------------------------------------------------------
 // Operand loads.
 
 // A valid, aligned global address for predicated-off cp.async (which then reads 0 bytes).
 __device__ uint4 zero_fill_source;
-
-template <class T>
-__device__ __forceinline__ const T* operand_row(const GemmOperand& op, const GemmParams& p,
-                                                const GemmTile& tile, int64_t row) {
-  if (op.source == RowSource::kExpert)
-    return static_cast<const T*>(op.peers[tile.expert / p.experts_per_device]) +
-           (tile.expert % p.experts_per_device) * op.expert_stride + row * op.ld;
-  return static_cast<const T*>(op.data) + (tile.row_begin + row) * op.ld;
-}
 
 // Where a thread's vectors of one operand come from during one tile, worked out when the tile
 // starts: looked up per 16-byte vector and k-tile (row source, peer table), it left the k-loop
@@ -129,114 +103,6 @@ __device__ __forceinline__ void load_operand(const GemmParams& p, const GemmOper
       }
       Config::G2SOp::copy(*static_cast<const Vector*>(src),
                           *reinterpret_cast<Vector*>(&tXsX(0, i, j)), valid);
-    }
-  }
-}
-
-// Row indices of A: m0 + m, valid below the tile's M extent.
-struct RowMap {
-  int32_t base, extent;
-  __device__ __forceinline__ bool valid(int m) const { return base + m < extent; }
-  __device__ __forceinline__ int64_t index(int m) const { return base + m; }
-};
-
-// ---------------------------------------------------------------------------------------------
-// Epilogues: one warp per tile row, lanes over columns, reading the float32 tile from smem.
-
-// kPairReduction: the tile of the group's float32 sum that an earlier chunk left in `carry`,
-// into sC (zeros outside the output, whose accumulators are never stored).
-template <class Config, class SmemC>
-__device__ void load_carry(const GemmParams& p, const GemmTile& tile, SmemC& sC) {
-  constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN, kWarps = Config::kThreads / 32;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int r = warp; r < kTileM; r += kWarps) {
-    const int32_t row = tile.m0 + r;
-    for (int c = lane; c < kTileN; c += 32) {
-      const int32_t j = tile.n_tile * kTileN + c;
-      sC(r, c) = row < p.m && j < p.n ? p.carry[static_cast<int64_t>(row) * p.n + j] : 0.0f;
-    }
-  }
-}
-
-// The epilogues each operand layout serves, so that a kernel compiles only its own: the forward
-// GEMMs and the backward recompute of h are (K, MN), the backward u and dx GEMMs (K, K), the
-// weight gradients (MN, MN).
-template <Major kAMajor, Major kBMajor>
-constexpr bool serves(Epilogue e) {
-  if (kAMajor == Major::kMN) return e == Epilogue::kStoreExpert;
-  if (kBMajor == Major::kK) return e == Epilogue::kActivationBackward || e == Epilogue::kStoreF32;
-  return e == Epilogue::kActivation || e == Epilogue::kStoreF32;
-}
-
-// Tile row r's columns, as they are (NaN with `nan`), into out[j] (j = the columns' N index),
-// cast to Out.
-template <int kTileN, class Out, class SmemC>
-__device__ __forceinline__ void store_row(Out* out, const GemmParams& p, const GemmTile& tile,
-                                          const SmemC& sC, int r, int lane, bool nan = false) {
-  for (int c = lane; c < kTileN; c += 32) {
-    const int32_t j = tile.n_tile * kTileN + c;
-    if (j >= p.n) break;
-    out[j] = Out(nan ? NAN : sC(r, c));
-  }
-}
-
-template <class Config, class SmemC>
-__device__ void epilogue(const GemmParams& p, const GemmTile& tile, const SmemC& sC) {
-  using T = typename Config::Element;
-  constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN, kWarps = Config::kThreads / 32;
-  constexpr Major kA = Config::kAMajor, kB = Config::kBMajor;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int r = warp; r < kTileM; r += kWarps) {
-    const int32_t row = tile.m0 + r;
-    if (row >= tile.m_extent) break;  // rows ascend with r
-    // kPairRows: the row's pair in the list, and its row in the chunk's scratch.
-    const int64_t pos = static_cast<int64_t>(tile.pair_begin) + row;
-    const int64_t srow = tile.row_begin + row;
-    switch (p.epilogue) {
-      case Epilogue::kActivation:
-        if constexpr (serves<kA, kB>(Epilogue::kActivation)) {
-          // Gate column j at tile column j - base, up column n_split + j beside it, cols on.
-          const int32_t cols = columns_per_tile<kTileN>(p), base = tile.n_tile * cols;
-          activate_row<T, 1>(p, tile.group, pos, srow, base, min(base + cols, p.n), lane,
-                             [&](int32_t j) {
-                               return Floats<1>{{p.n_split != 0 && j >= p.n_split
-                                                     ? sC(r, j - p.n_split - base + cols)
-                                                     : sC(r, j - base)}};
-                             });
-        }
-        break;
-      case Epilogue::kStoreF32:
-        if constexpr (serves<kA, kB>(Epilogue::kStoreF32)) {
-          store_row<kTileN>(static_cast<float*>(p.out) + srow * p.out_ld, p, tile, sC, r, lane);
-        }
-        break;
-      case Epilogue::kActivationBackward:
-        if constexpr (serves<kA, kB>(Epilogue::kActivationBackward)) {
-          const int32_t base = tile.n_tile * kTileN;
-          const float dot = warp_sum(activation_backward_row<T, 1>(
-              p, tile.group, pos, srow, base, min(base + kTileN, p.n), lane,
-              [&](int32_t j) { return Floats<1>{{sC(r, j - base)}}; }));
-          if (lane == 0) p.dot_partial[srow * p.num_partials + tile.n_tile] = dot;
-        }
-        break;
-      case Epilogue::kStoreExpert:
-        if constexpr (serves<kA, kB>(Epilogue::kStoreExpert)) {
-          if (tile.store_carry) {  // the group goes on in a later chunk
-            store_row<kTileN>(p.carry + static_cast<int64_t>(row) * p.n, p, tile, sC, r, lane);
-          } else if (p.partials[0] != nullptr) {  // a plan: float32 into the slot's partial
-            const int32_t local = tile.expert % p.experts_per_device;
-            float* out = p.partials[tile.expert / p.experts_per_device] +
-                         (static_cast<int64_t>(local) * p.plan_slots +
-                          tile.group % p.plan_slots) * p.partial_stride +
-                         p.partial_offset + static_cast<int64_t>(row) * p.out_ld;
-            store_row<kTileN>(out, p, tile, sC, r, lane);
-          } else {  // after an aborted barrier no group has rows: NaN, not zeros that look summed
-            store_row<kTileN>(static_cast<T*>(p.out) + tile.group * p.out_expert_stride +
-                                  static_cast<int64_t>(row) * p.out_ld,
-                              p, tile, sC, r, lane, p.aborted != nullptr && *p.aborted != 0);
-          }
-        }
-        break;
     }
   }
 }

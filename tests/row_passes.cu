@@ -20,7 +20,12 @@
 //     row functions give at one column a lane for the row's group and list position (a, the kept
 //     h, dh, w * a), and each slice's dot as the lanes' parts summed in warp_sum's butterfly; every
 //     other row, the columns of `out` past F and the kept rows of pairs that keep none hold their
-//     poison.
+//     poison;
+//   - expert_gemm's epilogues (gemm_tile_io.cuh) over every tile of the launch, a block's threads
+//     as fibers, each tile's product as the kernel's loads index it (RowMap, ColumnMap,
+//     operand_row): GEMM1's activation and the backward's u epilogue write the bytes the passes
+//     write (an N tile's dot a slice's), and the float32 stores each row of the pass its product's
+//     row and no other.
 // tests/pair_rows.cu checks the row functions themselves (four columns a lane against one and
 // the formula). Prints each case and the number of errors; exits 1 on any.
 #include <signal.h>
@@ -42,6 +47,7 @@
 
 using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declares
 
+#include "cuda/gemm_tile_io.cuh"
 #include "cuda/row_passes.cuh"
 
 using namespace ccf;
@@ -439,6 +445,62 @@ void launch(int blocks, const std::string& where, const std::function<void()>& k
              "a warp's lanes part at a collective");
 }
 
+// expert_gemm's configuration as its epilogues read it: the list's M tile, an N tile, 4 warps,
+// operand layouts whose epilogues include the pass's (gemm_tile_io.cuh's `serves`).
+template <class T, int kN, Major kB>
+struct TileConfig {
+  using Element = T;
+  static constexpr int kTileM = 8, kTileN = kN, kThreads = 128;
+  static constexpr Major kAMajor = Major::kK, kBMajor = kB;
+};
+
+// The float32 accumulator tile in shared memory, as the kernel's sC is read.
+template <int kN>
+struct TileC {
+  std::vector<float> v;
+  float& operator()(int r, int c) { return v[r * kN + c]; }
+  float operator()(int r, int c) const { return v[r * kN + c]; }
+};
+
+// expert_gemm's epilogue over every tile of `q.gemm`'s launch (decode_tile, tile_in_launch), a
+// block a tile: its C the rows of `q.rows` (the GEMM's product, [chunk rows, n + n_split]) that
+// the kernel's loads take for the tile's M and N indices (RowMap and operand_row for A's rows,
+// ColumnMap for B's columns), and poison where they take none.
+template <class Config>
+void run_tiles(const RowPass& q, const std::string& where) {
+  constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN;
+  const GemmParams& p = q.gemm;
+  GemmOperand product{};  // C as a pair-row operand: its rows are A's
+  product.source = RowSource::kPair;
+  product.data = q.rows;
+  product.ld = p.n + p.n_split;
+  lanes::grid = dim3(1);
+  for (int64_t unit = 0; unit < num_units<kTileM, kTileN>(p); ++unit) {
+    const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
+    if (!tile_in_launch<kTileM>(p, tile)) continue;
+    const RowMap rows{tile.m0, tile.m_extent};
+    const int32_t half = columns_per_tile<kTileN>(p);
+    const ColumnMap columns{half, tile.n_tile * half, p.n_split, p.n};
+    TileC<kTileN> sC{std::vector<float>(kTileM * kTileN, poison_float())};
+    for (int r = 0; r < kTileM; ++r)
+      for (int c = 0; c < kTileN; ++c)
+        if (rows.valid(r) && columns.valid(c))
+          sC(r, c) = operand_row<float>(product, p, tile, rows.index(r))[columns.index(c)];
+    expect(lanes::run_block(make_uint3(0, 0, 0), Config::kThreads,
+                            [&] { epilogue<Config>(p, tile, sC); }),
+           where, "a block's threads part at a collective");
+  }
+}
+
+// run_tiles on the configuration of N tile `columns` (the kernel's: 64 or 128) and B layout `b`.
+template <class T>
+void run_epilogue(int32_t columns, Major b, const RowPass& q, const std::string& where) {
+  if (columns == 64 && b == Major::kK) run_tiles<TileConfig<T, 64, Major::kK>>(q, where);
+  if (columns == 64 && b == Major::kMN) run_tiles<TileConfig<T, 64, Major::kMN>>(q, where);
+  if (columns == 128 && b == Major::kK) run_tiles<TileConfig<T, 128, Major::kK>>(q, where);
+  if (columns == 128 && b == Major::kMN) run_tiles<TileConfig<T, 128, Major::kMN>>(q, where);
+}
+
 // What a pass writes, poisoned; `kept` holds poison for the forward (which writes it) and the
 // kept h for the backward (which reads it).
 template <class T>
@@ -594,6 +656,40 @@ void check_kernels(const Case& c, std::mt19937& rng) {
           expect(same_bytes(bwd.dots, ref_dots[vector == 4]), where,
                  "a slice's dot is not its lanes' parts in warp_sum's order, at its index");
           expect(same_bytes(bwd.kept, kept_h), where, "the backward wrote the kept h");
+        }
+      }
+
+      // expert_gemm's epilogues over the chunk's tiles, an N tile a slice (its N tiles are 64
+      // and 128 columns): the passes' bytes at one column a lane, an N tile's dot a slice's.
+      // Only the launch over every source: a source phase of expert_gemm computes the tiles
+      // wholly of its source (the spanning phase the rest), not the pass's rows of that source.
+      if (only_source == kAllSources && c.columns % 64 == 0) {
+        const std::string where = std::string(c.name) + ", " +
+                                  describe(l, chunk, only_source, 1) + ", expert_gemm's epilogues";
+        Outputs<T> fwd = fresh(true), bwd = fresh(false);
+        run_epilogue<T>(c.columns, Major::kMN, forward(fwd), where);
+        run_epilogue<T>(c.columns, Major::kK, backward(bwd), where);
+        expect(same_bytes(fwd.kept, ref_fwd.kept), where, "the kept rows are not the passes'");
+        expect(same_bytes(fwd.out, ref_fwd.out), where, "a is not the passes'");
+        expect(same_bytes(bwd.dh, ref_bwd.dh), where, "dh is not the passes'");
+        expect(same_bytes(bwd.aw, ref_bwd.aw), where, "w * a is not the passes'");
+        expect(same_bytes(bwd.dots, ref_dots[0]), where, "an N tile's dot is not its slice's");
+        expect(same_bytes(bwd.kept, kept_h), where, "the backward wrote the kept h");
+
+        // kStoreF32 (GEMM2's y and the recomputed h, (K, MN); the backward's dx, (K, K)): each
+        // row of the pass its product's row, every other row and column past F its poison.
+        for (const Major b : {Major::kMN, Major::kK}) {
+          std::vector<float> out(rows * out_ld, poison_f);
+          RowPass q{p, u_rows.data()};
+          q.gemm.epilogue = Epilogue::kStoreF32;
+          q.gemm.out = out.data();
+          run_epilogue<T>(c.columns, b, q, where);
+          std::vector<float> want_out(rows * out_ld, poison_f);
+          for (int64_t row = 0; row < rows; ++row)
+            if (want[row].group >= 0)
+              std::copy_n(u_rows.data() + row * f, f, want_out.data() + row * out_ld);
+          expect(same_bytes(out, want_out), where,
+                 "a float32 row stored is not the product's, or a row outside the pass written");
         }
       }
     }

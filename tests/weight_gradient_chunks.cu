@@ -4,21 +4,33 @@
 // chunks of 1 to 9 tiles, it replays one weight gradient's launches in the order
 // xla_ffi/cuda/cuda_launch.cc's LaunchWeightGradient enqueues them:
 //   - expert_gemm alone (the SM80 kernels, and any plan): CTAs walk their units (num_units,
-//     next_unit, decode_tile), each from the group's carried sum or zero;
+//     next_unit, decode_tile), each from the group's carried sum (gemm_tile_io.cuh's load_carry)
+//     or zero, its MMAs modelled as float sums, and store it through the kernel's epilogue (into
+//     carry, or the gradient of its group), a block's threads as fibers (tests/warp_lanes.h);
 //   - Hopper's split (skip_rows): expert_gemm stores the zeros of the groups without rows in
 //     chunk 0, and grouped GEMMs sum the rest: the groups the chunk holds whole, then the carried
 //     ones (group_whole_in_chunk, carried, reduction_rows), CUTLASS modelled as
 //     D = A^T B + beta C with C unread where beta is 0, then finish_carry's group
 //     (finished_carry).
-// Every element of each computed group's gradient must be written once and equal its exact sum
+// Every element of each computed group's gradient must be written once (its stores are counted)
+// and equal its exact sum
 // (small integers: float sums are exact in any order); no launch reads a padding row (NaN) or a
 // row outside its chunk; no grouped problem has rows but K = 0, and a carried launch has at most
 // one problem. Prints each configuration kind and the number of errors; exits 1 on any.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <random>
 #include <vector>
 
+#include <cuda_runtime.h>
+
+#include "tests/warp_lanes.h"
+
+using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declares
+
+#include "cuda/gemm_tile_io.cuh"
 #include "cuda/gemm_units.cuh"
 
 using namespace ccf::cuda;
@@ -27,6 +39,35 @@ namespace {
 
 constexpr int kTileM = 128, kTileN = 64;
 int errors = 0;
+
+// An element of a gradient that counts the stores into it (the epilogue's `out[j] = T(sum)`).
+struct Stored {
+  float value = NAN;
+  int stores = 0;
+  Stored() = default;
+  explicit Stored(float v) : value(v) {}
+  Stored(const Stored&) = default;
+  Stored& operator=(const Stored& other) {
+    value = other.value;
+    ++stores;
+    return *this;
+  }
+};
+
+// expert_gemm's weight-gradient configuration as its epilogues read it: both operands MN-major,
+// its M and N tiles, 4 warps; the gradients' elements counted.
+struct WeightGradientConfig {
+  using Element = Stored;
+  static constexpr int kTileM = 128, kTileN = 64, kThreads = 128;
+  static constexpr Major kAMajor = Major::kMN, kBMajor = Major::kMN;
+};
+
+// The float32 accumulator tile in shared memory, as the kernel's sC is read.
+struct TileC {
+  std::vector<float> v = std::vector<float>(kTileM * kTileN, 0.0f);
+  float& operator()(int r, int c) { return v[r * kTileN + c]; }
+  float operator()(int r, int c) const { return v[r * kTileN + c]; }
+};
 
 void expect(bool ok, const char* what, int g) {
   if (!ok && errors++ < 20) std::printf("  group %d: %s\n", g, what);
@@ -54,7 +95,7 @@ List make_list(std::mt19937& rng, bool planned) {
     if (elsewhere) rows = 0;
     l.begin.push_back(pos);
     l.end.push_back(pos + rows);
-    l.expert.push_back(elsewhere ? -1 : g);
+    l.expert.push_back(elsewhere ? -1 : groups + g);  // device 1 of a group: ids from `groups` on
     l.tile_offset.push_back(tile);
     pos += rows;
     tile += (rows + kTileM - 1) / kTileM;
@@ -83,8 +124,8 @@ List make_list(std::mt19937& rng, bool planned) {
 struct Run {
   const List& l;
   GemmParams p{};
-  std::vector<float> chunk_a, chunk_b, carry, out;
-  std::vector<int> writes;  // per output element
+  std::vector<float> chunk_a, chunk_b, carry;
+  std::vector<Stored> out;  // [groups, m, n]
 
   explicit Run(const List& list) : l(list) {}
 
@@ -93,12 +134,18 @@ struct Run {
     return row >= 0 && row < p.chunk.rows(kTileM) ? chunk[row * width + col] : NAN;
   }
   void store(int32_t g, int r, int c, float value) {
-    const int64_t i = (int64_t{g} * l.m + r) * l.n + c;
-    out[i] = value;
-    ++writes[i];
+    out[(int64_t{g} * l.m + r) * l.n + c] = Stored(value);
   }
 
-  // expert_gemm's CTAs over the chunk (its MMAs as float sums, k ascending).
+  // A CTA's threads through `body` (gemm_tile_io.cuh's carry load or epilogue), as fibers.
+  void block(int64_t cta, int32_t g, const std::function<void()>& body) {
+    expect(lanes::run_block(make_uint3(static_cast<unsigned>(cta), 0, 0),
+                            WeightGradientConfig::kThreads, body),
+           "a block's threads part at a collective", g);
+  }
+
+  // expert_gemm's CTAs over the chunk: from the carry (load_carry) or zeros, its MMAs as float
+  // sums, k ascending, then the epilogue's stores into carry or the gradient.
   void sm80(ReductionPart part, int64_t grid) {
     p.part = part;
     const int64_t units = num_units<kTileM, kTileN>(p);
@@ -109,14 +156,14 @@ struct Run {
         if (t.expert < 0) continue;
         expect(!p.skip_rows || l.tile_offset[t.group] == l.tile_offset[t.group + 1],
                "expert_gemm summed a group with rows under skip_rows", t.group);
+        TileC sC;
+        if (t.load_carry) block(cta, t.group, [&] { load_carry<WeightGradientConfig>(p, t, sC); });
         for (int r = t.m0; r < std::min(t.m0 + kTileM, l.m); ++r)
-          for (int c = t.n_tile * kTileN; c < std::min((t.n_tile + 1) * kTileN, l.n); ++c) {
-            float sum = t.load_carry ? carry[r * l.n + c] : 0.0f;
+          for (int c = t.n_tile * kTileN; c < std::min((t.n_tile + 1) * kTileN, l.n); ++c)
             for (int k = 0; k < t.k_extent; ++k)
-              sum += at(chunk_a, l.m, t.row_begin + k, r) * at(chunk_b, l.n, t.row_begin + k, c);
-            if (t.store_carry) carry[r * l.n + c] = sum;
-            else store(t.group, r, c, sum);
-          }
+              sC(r - t.m0, c - t.n_tile * kTileN) +=
+                  at(chunk_a, l.m, t.row_begin + k, r) * at(chunk_b, l.n, t.row_begin + k, c);
+        block(cta, t.group, [&] { epilogue<WeightGradientConfig>(p, t, sC); });
       }
   }
 
@@ -164,8 +211,12 @@ struct Run {
     const int64_t chunks = (l.worst_tiles + chunk_tiles - 1) / chunk_tiles;
     const bool carrying = chunks > 1;
     carry.assign(int64_t{l.m} * l.n, NAN);
-    out.assign(int64_t{groups} * l.m * l.n, NAN);
-    writes.assign(out.size(), 0);
+    out.assign(int64_t{groups} * l.m * l.n, Stored());
+    p.epilogue = Epilogue::kStoreExpert;
+    p.out = out.data();
+    p.out_ld = l.n;
+    p.out_expert_stride = int64_t{l.m} * l.n;
+    p.carry = carrying ? carry.data() : nullptr;
     for (int32_t index = 0; index < chunks; ++index) {
       p.chunk = {chunk_tiles, index};
       const int64_t first = p.chunk.first_row(kTileM), rows = p.chunk.rows(kTileM);
@@ -196,8 +247,8 @@ struct Run {
       const int want = l.expert[g] >= 0 ? 1 : 0;
       bool once = true, equal = true;
       for (int64_t i = 0; i < elements; ++i) {
-        once = once && writes[base + i] == want;
-        equal = equal && (want == 0 || out[base + i] == static_cast<float>(l.exact[base + i]));
+        once = once && out[base + i].stores == want;
+        equal = equal && (want == 0 || out[base + i].value == static_cast<float>(l.exact[base + i]));
       }
       expect(once, want ? "an element written other than once" : "another device's group written",
              g);
