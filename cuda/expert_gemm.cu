@@ -6,8 +6,8 @@
 // Every operand is a row-major matrix in memory: an expert's weight matrix (its owner's, which
 // is a peer's for a helper of a reassignment plan) or the pairs' rows in work-list order (the
 // fetched x and dy, dispatch.cu, or an earlier GEMM's output). The gmem->smem copy looks up its
-// rows once per tile (operand_rows); everything after it is a plain CuTe tile pipeline, whose
-// ends (the operands' row and column maps, the epilogues) are in gemm_tile_io.cuh.
+// rows once per tile (operand_rows, gemm_loads.cuh, by gemm_units.cuh's row and column maps);
+// everything after it is a plain CuTe tile pipeline up to the epilogues (gemm_epilogues.cuh).
 //
 // A persistent grid walks the tiles: (M-tile of a group's pairs, N-tile) for GemmShape::
 // kPairRows, whose count is only known on the device (work_list.cu's tile_offset), and
@@ -24,90 +24,16 @@
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
 #include "cuda/gemm_config.cuh"
-#include "cuda/gemm_tile_io.cuh"
+#include "cuda/gemm_loads.cuh"
+#include "cuda/gemm_epilogues.cuh"
 #include "cuda/gemm_units.cuh"
 #include "cuda/kernel_residency.cuh"
 #include "cuda/pair_rows.cuh"
 
 namespace ccf::cuda {
-namespace {
 
 using namespace cute;
 using namespace gemm_config;
-
-// ---------------------------------------------------------------------------------------------
-// Operand loads.
-
-// A valid, aligned global address for predicated-off cp.async (which then reads 0 bytes).
-__device__ uint4 zero_fill_source;
-
-// Where a thread's vectors of one operand come from during one tile, worked out when the tile
-// starts: looked up per 16-byte vector and k-tile (row source, peer table), it left the k-loop
-// issue-bound. A K-major vector keeps its memory row for the whole tile; an MN-major operand's
-// memory row is the k index, one stride from the tile's first.
-template <class T, Major kMajor, int kRows>
-struct OperandRows {
-  const T* row[kRows];  // the memory row of the thread's i-th vector; null outside the tile
-};
-
-template <class T, int kRows>
-struct OperandRows<T, Major::kMN, kRows> {
-  const T* base;  // row k at base + k * ld
-};
-
-template <class Config, Major kMajor, class MnMap, class CoordTensor>
-__device__ __forceinline__ auto operand_rows(const GemmParams& p, const GemmOperand& op,
-                                             const GemmTile& tile, const MnMap& mn,
-                                             const CoordTensor& tXcX) {
-  using T = typename Config::Element;
-  constexpr int kRows = decltype(size<1>(tXcX))::value;
-  OperandRows<T, kMajor, kRows> rows;
-  if constexpr (kMajor == Major::kK) {
-    CUTE_UNROLL
-    for (int i = 0; i < kRows; ++i) {
-      const int32_t at = get<0>(tXcX(0, i, 0));  // the same for every vector along k
-      rows.row[i] = mn.valid(at) ? operand_row<T>(op, p, tile, mn.index(at)) : nullptr;
-    }
-  } else {
-    rows.base = operand_row<T>(op, p, tile, 0);
-  }
-  return rows;
-}
-
-// Issues the cp.async of one k-tile of one operand into one pipeline stage. `tXsX` and `tXcX`
-// are the thread's (CPY,CPY_MN,CPY_K) partitions of the smem stage and of the tile's (mn, k)
-// coordinates; `mn` maps tile-relative M/N indices to operand indices, `rows` is what
-// operand_rows found for the tile.
-template <class Config, Major kMajor, class MnMap, class Rows, class SmemTensor,
-          class CoordTensor>
-__device__ __forceinline__ void load_operand(const GemmParams& p, const GemmOperand& op,
-                                             const GemmTile& tile, const MnMap& mn,
-                                             const Rows& rows, int32_t k0, SmemTensor&& tXsX,
-                                             const CoordTensor& tXcX) {
-  using T = typename Config::Element;
-  using Vector = typename Config::G2SVector;
-  CUTE_UNROLL
-  for (int i = 0; i < size<1>(tXsX); ++i) {
-    CUTE_UNROLL
-    for (int j = 0; j < size<2>(tXsX); ++j) {
-      const auto coord = tXcX(0, i, j);  // (mn, k) of the vector's first element
-      const int32_t k = k0 + get<1>(coord);
-      const void* src = &zero_fill_source;
-      bool valid;
-      if constexpr (kMajor == Major::kK) {
-        valid = rows.row[i] != nullptr && k < tile.k_extent;
-        if (valid) src = rows.row[i] + k;
-      } else {
-        valid = mn.valid(get<0>(coord)) && k < tile.k_extent;
-        if (valid) src = rows.base + k * op.ld + mn.index(get<0>(coord));
-      }
-      Config::G2SOp::copy(*static_cast<const Vector*>(src),
-                          *reinterpret_cast<Vector*>(&tXsX(0, i, j)), valid);
-    }
-  }
-}
-
-}  // namespace
 
 // TF32 operands: each float32 rounded to the nearest TF32 (the tensor cores would drop its low 13
 // bits, a bias toward zero). Other operand types pass as they are.

@@ -1,8 +1,9 @@
-// How the GEMMs over a work list split into units of work, and which launch reduces which of a
-// group's rows into a weight gradient when the list runs in chunks. expert_gemm.cu walks the
-// units (persistent CTAs, a grid-stride over them); grouped_gemm_sm90.cu builds its problems from
-// the same chunk windows and parts. Host code runs them as well: tests/weight_gradient_chunks.cu
-// replays a backward's weight-gradient launches chunk by chunk over random work lists.
+// How the GEMMs over a work list split into units of work, where a tile's rows and columns lie in
+// its operands, and which launch reduces which of a group's rows into a weight gradient when the
+// list runs in chunks. expert_gemm.cu walks the units (persistent CTAs, a grid-stride over them);
+// grouped_gemm_sm90.cu builds its problems from the same chunk windows and parts. Host code runs
+// them as well: tests/weight_gradient_chunks.cu replays a backward's weight-gradient launches
+// chunk by chunk over random work lists, tests/gemm_layouts.cu loads tiles through the maps.
 #pragma once
 
 #include <algorithm>  // std::min and std::max: constexpr, so device code calls them too
@@ -42,6 +43,36 @@ struct GemmTile {
 template <int kTileN>
 __host__ __device__ __forceinline__ int32_t columns_per_tile(const GemmParams& p) {
   return p.n_split != 0 ? kTileN / 2 : kTileN;
+}
+
+// Row indices of A: m0 + m, valid below the tile's M extent.
+struct RowMap {
+  int32_t base, extent;
+  __host__ __device__ __forceinline__ bool valid(int m) const { return base + m < extent; }
+  __host__ __device__ __forceinline__ int64_t index(int m) const { return base + m; }
+};
+
+// C columns of a tile -> B's N index. Gated GEMM1 puts gate columns j in the first half of the
+// tile and up columns n_split + j in the second; otherwise the map is n_tile * BN + n.
+struct ColumnMap {
+  int32_t half, base, split, extent;
+
+  __host__ __device__ __forceinline__ bool valid(int n) const { return base + n % half < extent; }
+  __host__ __device__ __forceinline__ int64_t index(int n) const {
+    return base + n % half + static_cast<int64_t>(n / half) * split;
+  }
+};
+
+// The memory row of `op` that the tile's M or N index `row` (RowMap's or ColumnMap's index)
+// reads: an expert's weight row, or a pair row of the chunk's scratch.
+template <class T>
+__host__ __device__ __forceinline__ const T* operand_row(const GemmOperand& op,
+                                                         const GemmParams& p, const GemmTile& tile,
+                                                         int64_t row) {
+  if (op.source == RowSource::kExpert)
+    return static_cast<const T*>(op.peers[tile.expert / p.experts_per_device]) +
+           (tile.expert % p.experts_per_device) * op.expert_stride + row * op.ld;
+  return static_cast<const T*>(op.data) + (tile.row_begin + row) * op.ld;
 }
 
 template <int kTileM, int kTileN>

@@ -3,14 +3,21 @@
 // swizzle, copy layout or MMA tile would show: the gmem -> smem copies must write each stage's
 // elements once, as whole vectors along the operand's contiguous dimension; the smem ->
 // register copies, with ldmatrix's exchange between lanes simulated as PTX defines it, must hand
-// every MMA fragment register the (mn, k) element the MMA reads there. Prints each check and the
-// number of errors; exits 1 on any.
+// every MMA fragment register the (mn, k) element the MMA reads there. And the loads themselves
+// (cuda/gemm_loads.cuh, a host copy in place of cp.async): a stage loaded from pair rows and from
+// an expert's weights on its owner (the other devices' tables null), from the tile's first and
+// last, partial k-tile, at partial M and N extents and with GEMM1's gate and up halves, holds at
+// each (mn, k) the operand's element its layout (api.cuh's GemmOperand) puts there, and zeros
+// past the extents. Prints each check and the number of errors; exits 1 on any.
 #include <cstdio>
+#include <cstring>
+#include <random>
 #include <set>
 #include <utility>
 #include <vector>
 
 #include "cuda/gemm_config.cuh"
+#include "cuda/gemm_loads.cuh"
 
 using namespace ccf::cuda;
 using namespace ccf::cuda::gemm_config;
@@ -67,6 +74,121 @@ void check_g2s(const char* config) {
     for (int mn = 0; mn < kRows; ++mn)
       for (int k = 0; k < kK; ++k) ++image[smem(mn, k, s)];
   expect(written == image, config, "the tile's smem elements are not each written once", -1);
+}
+
+// gemm_loads.cuh's loads of `Config`, a host copy in place of cp.async: a vector's bytes, or
+// zeros where the load is predicated off (cp.async's zero fill).
+template <class Config>
+struct HostLoads : Config {
+  struct G2SOp {
+    template <class Vector>
+    static void copy(const Vector& src, Vector& dst, bool valid) {
+      if (valid) std::memcpy(&dst, &src, sizeof(Vector));
+      else std::memset(&dst, 0, sizeof(Vector));
+    }
+  };
+};
+
+// One operand of one tile, loaded a k-tile at a time into a stage by every thread's partitions
+// (operand_rows once, load_operand a k-tile), against the operand's layout: (mn, k) is memory row
+// `mn_map.index(mn)` and column k (K-major) or row k and column `mn_map.index(mn)` (MN-major),
+// from data + row_begin rows (RowSource::kPair) or from the expert's matrix on its owner; zero
+// where mn is past the map's extent or k past the tile's.
+template <class Config, Major kMajor, class SmemLayout, class G2SCopy, class MnMap>
+void check_loads(const char* config, const char* what, RowSource source, const MnMap& mn_map,
+                 int64_t mn_memory, int32_t k_extent, std::mt19937& rng) {
+  using T = typename Config::Element;
+  constexpr int kRows = size<0>(SmemLayout{}), kK = Config::kTileK, kStage = 1;
+  constexpr int kVector = int(sizeof(typename Config::G2SVector) / sizeof(T));
+  // Memory rows and their length, whole vectors along the contiguous dimension, then a gap.
+  const int64_t rows = kMajor == Major::kK ? mn_memory : k_extent;
+  const int64_t ld = ((kMajor == Major::kK ? k_extent : mn_memory) + kVector - 1) / kVector *
+                     kVector + kVector;
+  constexpr int kExpertsHere = 3, kExpert = 5;  // device 1's third
+  const int64_t expert_stride = rows * ld + kVector, row_begin = 5;
+  auto random = [&](int64_t size) {
+    std::vector<T> v(size);
+    for (T& x : v) {
+      uint32_t bits = rng() | 1u << 7;  // never zero: a zero fill shows
+      std::memcpy(&x, &bits, sizeof(T));
+    }
+    return v;
+  };
+  const std::vector<T> pairs = random((row_begin + rows) * ld),
+                       weights = random(kExpertsHere * expert_stride);
+  GemmParams p{};
+  p.experts_per_device = kExpertsHere;
+  GemmOperand op{};
+  op.source = source;
+  op.data = pairs.data();
+  op.peers[1] = weights.data();  // devices 0 and 2 null: a read of theirs crashes
+  op.ld = ld;
+  op.expert_stride = expert_stride;
+  GemmTile tile{};
+  tile.expert = kExpert;
+  tile.row_begin = row_begin;
+  tile.k_extent = k_extent;
+  const T* base = source == RowSource::kPair
+                      ? pairs.data() + row_begin * ld
+                      : weights.data() + (kExpert % kExpertsHere) * expert_stride;
+
+  const SmemLayout smem;
+  std::vector<T> stage(cosize(smem));
+  const auto s_tensor = make_tensor(stage.data(), smem);
+  G2SCopy copy;
+  const int k_tiles = (k_extent + kK - 1) / kK;
+  for (const int k_tile : {0, k_tiles - 1}) {
+    std::memset(stage.data(), 0x5a, stage.size() * sizeof(T));
+    for (int t = 0; t < Config::kThreads; ++t) {
+      const auto thread = copy.get_thread_slice(t);
+      const auto tXsX = thread.partition_D(s_tensor);                                       // (CPY,MN,K,PIPE)
+      const auto tXcX = thread.partition_D(make_identity_tensor(Shape<Int<kRows>, Int<kK>>{}));  // (CPY,MN,K)
+      const auto from = operand_rows<HostLoads<Config>, kMajor>(p, op, tile, mn_map, tXcX);
+      load_operand<HostLoads<Config>, kMajor>(p, op, tile, mn_map, from, k_tile * kK,
+                                              tXsX(_, _, _, kStage), tXcX);
+    }
+    bool right = true;
+    for (int mn = 0; mn < kRows; ++mn)
+      for (int k = 0; k < kK; ++k) {
+        const int32_t kk = k_tile * kK + k;
+        T want{};
+        std::memset(&want, 0, sizeof(T));
+        if (mn_map.valid(mn) && kk < k_extent)
+          want = kMajor == Major::kK ? base[mn_map.index(mn) * ld + kk]
+                                     : base[kk * ld + mn_map.index(mn)];
+        right = right && std::memcmp(&stage[smem(mn, k, kStage)], &want, sizeof(T)) == 0;
+      }
+    char where[160];
+    std::snprintf(where, sizeof(where), "%s, k-tile %d of %d", what, k_tile + 1, k_tiles);
+    expect(right, config, where, -1);
+  }
+}
+
+// The loads of A (RowMap: a second M-tile, partial) and B (ColumnMap: a second N-tile, partial,
+// plain and GEMM1's gate and up halves) from either source.
+template <class Config>
+void check_operand_loads(const char* config, std::mt19937& rng) {
+  constexpr Major kA = Config::kAMajor, kB = Config::kBMajor;
+  constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN, kK = Config::kTileK;
+  constexpr int kVector = int(sizeof(typename Config::G2SVector) / sizeof(typename Config::Element));
+  // A partial last k-tile of whole vectors, and partial M and N extents of whole vectors.
+  const int32_t k_extent = 2 * kK + kK / 2 + kVector;
+  const RowMap rows{kTileM, kTileM + kTileM / 2 + kVector};
+  const int32_t half = kTileN / 2, f = 3 * half - kVector;  // gated: F columns of gate, then up
+  const ColumnMap plain{kTileN, kTileN, 0, kTileN + kTileN / 2 + kVector};
+  const ColumnMap gated{half, half, f, f};  // the second N-tile: gate [half, 2 half), up beside
+  for (const RowSource source : {RowSource::kPair, RowSource::kExpert}) {
+    const bool pair = source == RowSource::kPair;
+    check_loads<Config, kA, typename Config::SmemLayoutA, typename Config::G2SCopyA>(
+        config, pair ? "A from pair rows" : "A from an expert", source, rows, rows.extent + 3,
+        k_extent, rng);
+    check_loads<Config, kB, typename Config::SmemLayoutB, typename Config::G2SCopyB>(
+        config, pair ? "B from pair rows" : "B from an expert", source, plain, plain.extent + 3,
+        k_extent, rng);
+    check_loads<Config, kB, typename Config::SmemLayoutB, typename Config::G2SCopyB>(
+        config, pair ? "B's gate and up from pair rows" : "B's gate and up from an expert",
+        source, gated, 2 * f, k_extent, rng);
+  }
 }
 
 // The smem element each destination value of an ldmatrix .x4 (U32x4_LDSM_N, U16x8_LDSM_T)
@@ -162,6 +284,8 @@ void check_config(const char* name) {
   check_g2s<Config, kB, typename Config::SmemLayoutB, typename Config::G2SCopyB>(config);
   check_s2r<Config, true, kA, typename Config::SmemLayoutA, typename Config::S2RAtomA>(config);
   check_s2r<Config, false, kB, typename Config::SmemLayoutB, typename Config::S2RAtomB>(config);
+  std::mt19937 rng(11);
+  check_operand_loads<Config>(config, rng);
   std::printf("%s: %s\n", config, errors == before ? "ok" : "ERRORS");
 }
 

@@ -21,7 +21,7 @@
 //     h, dh, w * a), and each slice's dot as the lanes' parts summed in warp_sum's butterfly; every
 //     other row, the columns of `out` past F and the kept rows of pairs that keep none hold their
 //     poison;
-//   - expert_gemm's epilogues (gemm_tile_io.cuh) over every tile of the launch, a block's threads
+//   - expert_gemm's epilogues (gemm_epilogues.cuh) over every tile of the launch, a block's threads
 //     as fibers, each tile's product as the kernel's loads index it (RowMap, ColumnMap,
 //     operand_row): GEMM1's activation and the backward's u epilogue write the bytes the passes
 //     write (an N tile's dot a slice's), and the float32 stores each row of the pass its product's
@@ -47,7 +47,7 @@
 
 using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declares
 
-#include "cuda/gemm_tile_io.cuh"
+#include "cuda/gemm_epilogues.cuh"
 #include "cuda/row_passes.cuh"
 
 using namespace ccf;
@@ -446,7 +446,7 @@ void launch(int blocks, const std::string& where, const std::function<void()>& k
 }
 
 // expert_gemm's configuration as its epilogues read it: the list's M tile, an N tile, 4 warps,
-// operand layouts whose epilogues include the pass's (gemm_tile_io.cuh's `serves`).
+// operand layouts whose epilogues include the pass's (gemm_epilogues.cuh's `serves`).
 template <class T, int kN, Major kB>
 struct TileConfig {
   using Element = T;

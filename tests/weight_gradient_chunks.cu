@@ -4,7 +4,7 @@
 // chunks of 1 to 9 tiles, it replays one weight gradient's launches in the order
 // xla_ffi/cuda/cuda_launch.cc's LaunchWeightGradient enqueues them:
 //   - expert_gemm alone (the SM80 kernels, and any plan): CTAs walk their units (num_units,
-//     next_unit, decode_tile), each from the group's carried sum (gemm_tile_io.cuh's load_carry)
+//     next_unit, decode_tile), each from the group's carried sum (gemm_epilogues.cuh's load_carry)
 //     or zero, its MMAs modelled as float sums, and store it through the kernel's epilogue (into
 //     carry, or the gradient of its group), a block's threads as fibers (tests/warp_lanes.h);
 //   - Hopper's split (skip_rows): expert_gemm stores the zeros of the groups without rows in
@@ -30,7 +30,7 @@
 
 using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declares
 
-#include "cuda/gemm_tile_io.cuh"
+#include "cuda/gemm_epilogues.cuh"
 #include "cuda/gemm_units.cuh"
 
 using namespace ccf::cuda;
@@ -137,7 +137,7 @@ struct Run {
     out[(int64_t{g} * l.m + r) * l.n + c] = Stored(value);
   }
 
-  // A CTA's threads through `body` (gemm_tile_io.cuh's carry load or epilogue), as fibers.
+  // A CTA's threads through `body` (gemm_epilogues.cuh's carry load or epilogue), as fibers.
   void block(int64_t cta, int32_t g, const std::function<void()>& body) {
     expect(lanes::run_block(make_uint3(static_cast<unsigned>(cta), 0, 0),
                             WeightGradientConfig::kThreads, body),
@@ -247,8 +247,9 @@ struct Run {
       const int want = l.expert[g] >= 0 ? 1 : 0;
       bool once = true, equal = true;
       for (int64_t i = 0; i < elements; ++i) {
-        once = once && out[base + i].stores == want;
-        equal = equal && (want == 0 || out[base + i].value == static_cast<float>(l.exact[base + i]));
+        const Stored& element = out[base + i];
+        once = once && element.stores == want;
+        equal = equal && (want == 0 || element.value == static_cast<float>(l.exact[base + i]));
       }
       expect(once, want ? "an element written other than once" : "another device's group written",
              g);

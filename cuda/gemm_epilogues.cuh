@@ -1,17 +1,15 @@
-// expert_gemm's tile at its two ends, outside CuTe's pipeline: which operand rows and columns
-// its loads read (the maps from the tile's M and N indices, an operand's memory row), and where
-// its float32 results go (the epilogues).
+// expert_gemm's epilogues: where a tile's float32 results go.
 //
 // The epilogue goes through shared memory: the accumulator tile is stored as float32, then each
 // warp owns one row at a time and its lanes walk the columns, so stores are coalesced, gated
 // activations find the gate and up halves of a row side by side, and row reductions (the
 // d_expert_weights partial dot) have a fixed order.
 //
-// A header so that host code runs it as well: tests/row_passes.cu checks over random work lists
-// that the epilogues of the pair-row GEMMs, on the C the maps give, write the bytes the
-// activation passes write (which Hopper's grouped GEMMs use instead), and
-// tests/weight_gradient_chunks.cu that the weight gradients' carries and stores leave each
-// element its exact sum, written once.
+// A header so that host code runs them as well: tests/row_passes.cu checks over random work
+// lists that the epilogues of the pair-row GEMMs, on the product the loads index (gemm_units.cuh's
+// maps), write the bytes the activation passes write (which Hopper's grouped GEMMs use
+// instead), and tests/weight_gradient_chunks.cu that the weight gradients' carries and stores
+// leave each element its exact sum, written once.
 #pragma once
 
 #include <cmath>
@@ -22,41 +20,6 @@
 #include "cuda/pair_rows.cuh"
 
 namespace ccf::cuda {
-
-// ---------------------------------------------------------------------------------------------
-// The tile's rows and columns in the operands.
-
-// Row indices of A: m0 + m, valid below the tile's M extent.
-struct RowMap {
-  int32_t base, extent;
-  __device__ __forceinline__ bool valid(int m) const { return base + m < extent; }
-  __device__ __forceinline__ int64_t index(int m) const { return base + m; }
-};
-
-// C columns of a tile -> B's N index. Gated GEMM1 puts gate columns j in the first half of the
-// tile and up columns n_split + j in the second; otherwise the map is n_tile * BN + n.
-struct ColumnMap {
-  int32_t half, base, split, extent;
-
-  __device__ __forceinline__ bool valid(int n) const { return base + n % half < extent; }
-  __device__ __forceinline__ int64_t index(int n) const {
-    return base + n % half + static_cast<int64_t>(n / half) * split;
-  }
-};
-
-// The memory row of `op` that the tile's M or N index `row` (RowMap's or ColumnMap's index)
-// reads: an expert's weight row, or a pair row of the chunk's scratch.
-template <class T>
-__device__ __forceinline__ const T* operand_row(const GemmOperand& op, const GemmParams& p,
-                                                const GemmTile& tile, int64_t row) {
-  if (op.source == RowSource::kExpert)
-    return static_cast<const T*>(op.peers[tile.expert / p.experts_per_device]) +
-           (tile.expert % p.experts_per_device) * op.expert_stride + row * op.ld;
-  return static_cast<const T*>(op.data) + (tile.row_begin + row) * op.ld;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Epilogues: one warp per tile row, lanes over columns, reading the float32 tile from smem.
 
 // kPairReduction: the tile of the group's float32 sum that an earlier chunk left in `carry`,
 // into sC (zeros outside the output, whose accumulators are never stored).
