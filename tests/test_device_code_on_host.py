@@ -167,8 +167,9 @@ def test_work_list_lists_each_pair_as_the_cpu_handler_does_however_the_blocks_ru
 @host_check("weight_gradient_chunks", optimize="-O2")
 def test_weight_gradients_in_chunks_sum_each_group_once_exactly(output):
   verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
-  # expert_gemm alone (and under plans), and the grouped GEMMs beside it.
-  assert len(verdicts) == 2, output
+  # expert_gemm alone (and under plans, into the owners' partials), the grouped GEMMs beside it,
+  # and NaN stored once after an aborted barrier.
+  assert len(verdicts) == 3, output
 
 
 @host_check("slot_sums")

@@ -13,13 +13,15 @@
 //     D = A^T B + beta C with C unread where beta is 0, then finish_carry's group
 //     (finished_carry).
 // Every element of each computed group's gradient must be written once (its stores are counted)
-// and equal its exact sum
-// (small integers: float sums are exact in any order); no launch reads a padding row (NaN) or a
-// row outside its chunk; no grouped problem has rows but K = 0, and a carried launch has at most
+// and equal its exact sum (small integers: float sums are exact in any order); with a plan, in
+// its expert's owner's partial of its slot, and nothing else of the partials written; after an
+// aborted barrier (no group with rows), NaN. No launch reads a padding row (NaN) or a row
+// outside its chunk; no grouped problem has rows but K = 0, and a carried launch has at most
 // one problem. Prints each configuration kind and the number of errors; exits 1 on any.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <vector>
@@ -73,7 +75,14 @@ void expect(bool ok, const char* what, int g) {
   if (!ok && errors++ < 20) std::printf("  group %d: %s\n", g, what);
 }
 
+// With a plan: groups are (expert, slot) pairs of kSlots slots, experts from 1 on, kExpertsHere
+// to a device; each group's sums go to its expert's owner's partials, [kExpertsHere, kSlots,
+// stride] float32, this gradient's part of each from kPartialOffset on (after the other's).
+constexpr int kSlots = 2, kExpertsHere = 2, kDevices = 4, kPartialOffset = 5;
+constexpr uint32_t kUnwritten = 0x7fc0beef;  // a NaN no sum is
+
 struct List {
+  bool planned;
   int m, n;                      // the gradient's shape, [m, n] per group
   std::vector<int32_t> begin, end, expert, tile_offset;
   std::vector<float> a, b;       // every tile's rows, [rows, m] and [rows, n]: pairs, else NaN
@@ -81,21 +90,24 @@ struct List {
   int64_t worst_tiles;           // what the handler sizes chunks for
 };
 
-List make_list(std::mt19937& rng, bool planned) {
+// `empty`: no group has rows, as after an aborted start barrier.
+List make_list(std::mt19937& rng, bool planned, bool empty = false) {
   List l;
-  const int groups = 1 + rng() % 12;
+  l.planned = planned;
+  const int groups = 1 + rng() % 12;  // with a plan, experts 1 to 6: devices 0 to 3
   l.m = 1 + rng() % 160;  // past one M-tile at times
   l.n = 1 + rng() % 100;  // and past one N-tile
   int32_t pos = 0, tile = 0;
   for (int g = 0; g < groups; ++g) {
     const int kind = rng() % 5;
-    int rows = kind == 0 ? 0 : kind == 1 ? 1 : kind == 2 ? 1 + rng() % 300
+    int rows = kind == 0 || empty ? 0 : kind == 1 ? 1 : kind == 2 ? 1 + rng() % 300
              : kind == 3 ? kTileM * (1 + rng() % 3) : 200 + rng() % 200;
     const bool elsewhere = planned && rng() % 4 == 0;  // a plan slot another device computes
     if (elsewhere) rows = 0;
     l.begin.push_back(pos);
     l.end.push_back(pos + rows);
-    l.expert.push_back(elsewhere ? -1 : groups + g);  // device 1 of a group: ids from `groups` on
+    // Without a plan, device 1's experts: ids from `groups` on.
+    l.expert.push_back(elsewhere ? -1 : planned ? 1 + g / kSlots : groups + g);
     l.tile_offset.push_back(tile);
     pos += rows;
     tile += (rows + kTileM - 1) / kTileM;
@@ -126,6 +138,7 @@ struct Run {
   GemmParams p{};
   std::vector<float> chunk_a, chunk_b, carry;
   std::vector<Stored> out;  // [groups, m, n]
+  std::vector<std::vector<float>> partials;  // with a plan, each device's
 
   explicit Run(const List& list) : l(list) {}
 
@@ -196,7 +209,11 @@ struct Run {
   }
 
   // LaunchWeightGradient's launches in each chunk.
-  void all_chunks(int32_t chunk_tiles, bool skip_rows, int64_t grid) {
+  // `aborted`: the call's start barrier aborted (DeviceError::aborted set), so the gradients
+  // are NaN, stored once each.
+  void all_chunks(int32_t chunk_tiles, bool skip_rows, int64_t grid, bool aborted = false) {
+    const int32_t aborted_flag = aborted;
+    p.aborted = &aborted_flag;
     const int32_t groups = static_cast<int32_t>(l.begin.size());
     p.shape = GemmShape::kPairReduction;
     p.m = l.m;
@@ -217,6 +234,18 @@ struct Run {
     p.out_ld = l.n;
     p.out_expert_stride = int64_t{l.m} * l.n;
     p.carry = carrying ? carry.data() : nullptr;
+    const int64_t elements = int64_t{l.m} * l.n;
+    if (l.planned) {
+      float unwritten;
+      std::memcpy(&unwritten, &kUnwritten, sizeof(float));
+      p.plan_slots = kSlots;
+      p.experts_per_device = kExpertsHere;
+      p.partial_offset = kPartialOffset;
+      p.partial_stride = kPartialOffset + elements + 3;
+      partials.assign(kDevices, std::vector<float>(kExpertsHere * kSlots * p.partial_stride,
+                                                   unwritten));
+      for (int d = 0; d < kDevices; ++d) p.partials[d] = partials[d].data();
+    }
     for (int32_t index = 0; index < chunks; ++index) {
       p.chunk = {chunk_tiles, index};
       const int64_t first = p.chunk.first_row(kTileM), rows = p.chunk.rows(kTileM);
@@ -242,19 +271,36 @@ struct Run {
         grouped(ReductionPart::kBegun);
       }
     }
+    int64_t in_partials = 0;  // elements the groups' sums fill in the partials
     for (int32_t g = 0; g < groups; ++g) {
-      const int64_t elements = int64_t{l.m} * l.n, base = g * elements;
-      const int want = l.expert[g] >= 0 ? 1 : 0;
+      const int64_t base = g * elements;
+      const int32_t e = l.expert[g];
+      const int want = e >= 0 && !l.planned ? 1 : 0;
       bool once = true, equal = true;
       for (int64_t i = 0; i < elements; ++i) {
         const Stored& element = out[base + i];
         once = once && element.stores == want;
-        equal = equal && (want == 0 || element.value == static_cast<float>(l.exact[base + i]));
+        equal = equal && (want == 0 || (aborted ? std::isnan(element.value)
+                                                : element.value == static_cast<float>(
+                                                                       l.exact[base + i])));
       }
-      expect(once, want ? "an element written other than once" : "another device's group written",
+      if (e >= 0 && l.planned) {  // the owner's partial of the expert's slot
+        const float* partial = partials[e / kExpertsHere].data() +
+                               ((e % kExpertsHere) * kSlots + g % kSlots) * p.partial_stride +
+                               kPartialOffset;
+        for (int64_t i = 0; i < elements; ++i)
+          equal = equal && partial[i] == static_cast<float>(l.exact[base + i]);
+        in_partials += elements;
+      }
+      expect(once, want ? "an element written other than once"
+                        : "an element written of another device's group, or with a plan",
              g);
       expect(equal, "a sum other than the exact one", g);
     }
+    int64_t written = 0;
+    for (const std::vector<float>& device : partials)
+      for (const float& x : device) written += std::memcmp(&x, &kUnwritten, sizeof(float)) != 0;
+    expect(written == in_partials, "a partial written outside its group's sums", -1);
   }
 };
 
@@ -273,6 +319,16 @@ int main() {
     }
     std::printf("%s: %s\n", skip_rows ? "grouped GEMMs beside expert_gemm" : "expert_gemm alone",
                 errors == before ? "ok" : "FAILED");
+  }
+  {
+    const int before = errors;
+    for (int i = 0; i < 20; ++i) {
+      const List list = make_list(rng, /*planned=*/false, /*empty=*/true);
+      Run(list).all_chunks(1 + rng() % 9, /*skip_rows=*/i % 2 == 1, 1 + rng() % 9,
+                           /*aborted=*/true);
+      ++lists;
+    }
+    std::printf("after an aborted barrier, NaN: %s\n", errors == before ? "ok" : "FAILED");
   }
   std::printf("work lists: %d\nerrors: %d\n", lists, errors);
   return errors != 0;
