@@ -32,10 +32,15 @@ void expect(bool ok, const char* config, const char* what, int thread) {
 
 using Coord = std::pair<int, int>;  // (mn, k) in the tile
 
+// Elements of one gmem -> smem vector of `Config` (16 bytes; float32 on CUDA cores, 4).
+template <class Config>
+constexpr int kVectorOf =
+    int(sizeof(typename Config::G2SVector) / sizeof(typename Config::Element));
+
 template <class Config, Major kMajor, class SmemLayout, class G2SCopy>
 void check_g2s(const char* config) {
   constexpr int kRows = size<0>(SmemLayout{}), kK = Config::kTileK, kStages = Config::kStages;
-  constexpr int kVector = int(sizeof(typename Config::G2SVector) / sizeof(typename Config::Element));
+  constexpr int kVector = kVectorOf<Config>;
   const SmemLayout smem;
   std::vector<int> offsets(cosize(smem));
   for (size_t i = 0; i < offsets.size(); ++i) offsets[i] = int(i);
@@ -99,7 +104,7 @@ void check_loads(const char* config, const char* what, RowSource source, const M
                  int64_t mn_memory, int32_t k_extent, std::mt19937& rng) {
   using T = typename Config::Element;
   constexpr int kRows = size<0>(SmemLayout{}), kK = Config::kTileK, kStage = 1;
-  constexpr int kVector = int(sizeof(typename Config::G2SVector) / sizeof(T));
+  constexpr int kVector = kVectorOf<Config>;
   // Memory rows and their length, whole vectors along the contiguous dimension, then a gap.
   const int64_t rows = kMajor == Major::kK ? mn_memory : k_extent;
   const int64_t ld = ((kMajor == Major::kK ? k_extent : mn_memory) + kVector - 1) / kVector *
@@ -170,7 +175,7 @@ template <class Config>
 void check_operand_loads(const char* config, std::mt19937& rng) {
   constexpr Major kA = Config::kAMajor, kB = Config::kBMajor;
   constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN, kK = Config::kTileK;
-  constexpr int kVector = int(sizeof(typename Config::G2SVector) / sizeof(typename Config::Element));
+  constexpr int kVector = kVectorOf<Config>;
   // A partial last k-tile of whole vectors, and partial M and N extents of whole vectors.
   const int32_t k_extent = 2 * kK + kK / 2 + kVector;
   const RowMap rows{kTileM, kTileM + kTileM / 2 + kVector};

@@ -475,7 +475,8 @@ void run_tiles(const RowPass& q, const std::string& where) {
   product.data = q.rows;
   product.ld = p.n + p.n_split;
   lanes::grid = dim3(1);
-  for (int64_t unit = 0; unit < num_units<kTileM, kTileN>(p); ++unit) {
+  const int64_t units = num_units<kTileM, kTileN>(p);
+  for (int64_t unit = 0; unit < units; ++unit) {
     const GemmTile tile = decode_tile<kTileM, kTileN>(p, unit);
     if (!tile_in_launch<kTileM>(p, tile)) continue;
     const RowMap rows{tile.m0, tile.m_extent};

@@ -227,14 +227,14 @@ struct Run {
     p.skip_rows = skip_rows;
     const int64_t chunks = (l.worst_tiles + chunk_tiles - 1) / chunk_tiles;
     const bool carrying = chunks > 1;
-    carry.assign(int64_t{l.m} * l.n, NAN);
-    out.assign(int64_t{groups} * l.m * l.n, Stored());
+    const int64_t elements = int64_t{l.m} * l.n;  // of one group's gradient
+    carry.assign(elements, NAN);
+    out.assign(groups * elements, Stored());
     p.epilogue = Epilogue::kStoreExpert;
     p.out = out.data();
     p.out_ld = l.n;
-    p.out_expert_stride = int64_t{l.m} * l.n;
+    p.out_expert_stride = elements;
     p.carry = carrying ? carry.data() : nullptr;
-    const int64_t elements = int64_t{l.m} * l.n;
     if (l.planned) {
       float unwritten;
       std::memcpy(&unwritten, &kUnwritten, sizeof(float));
