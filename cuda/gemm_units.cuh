@@ -1,7 +1,7 @@
 // How the GEMMs over a work list split into units of work, where a tile's rows and columns lie in
 // its operands, and which launch reduces which of a group's rows into a weight gradient when the
 // list runs in chunks. expert_gemm.cu walks the units (persistent CTAs, a grid-stride over them);
-// grouped_gemm_sm90.cu builds its problems from the same chunk windows and parts. Host code runs
+// grouped_problems.cuh builds its problems from the same chunk windows and parts. Host code runs
 // them as well: tests/weight_gradient_chunks.cu replays a backward's weight-gradient launches
 // chunk by chunk over random work lists, tests/gemm_layouts.cu loads tiles through the maps.
 #pragma once

@@ -12,6 +12,7 @@
 //     sum so far comes in through the epilogue), finished into the expert's output by the chunk
 //     its rows end in. A plan's partials and the zeros of a group without rows stay on
 //     expert_gemm.cu (GemmParams::skip_rows).
+// The problems, their operands and strides come from grouped_problems.cuh's kernels.
 //
 // The kernels run from the sm_90a part of the build only (grouped_gemms_available).
 #include <algorithm>
@@ -23,21 +24,17 @@
 #include <cutlass/epilogue/collective/collective_builder.hpp>
 #include <cutlass/gemm/collective/collective_builder.hpp>
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/group_array_problem_shape.hpp>
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 
 #include "cuda/api.cuh"
 #include "cuda/exception.cuh"
-#include "cuda/gemm_units.cuh"
+#include "cuda/grouped_problems.cuh"
 #include "cuda/kernel_residency.cuh"
-#include "cuda/pair_rows.cuh"
 
 namespace ccf::cuda {
 namespace {
 
 using namespace cute;
-using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
-using Problem = ProblemShape::UnderlyingProblemShape;
 
 // 128x256 output tiles: per 64-deep k step a CTA reads 48 KiB of operands for 4.2 MFLOP, where
 // 128x128 tiles read 32 KiB for 2.1 MFLOP. At 128x128 the forward's grouped GEMMs ran at about
@@ -45,7 +42,7 @@ using Problem = ProblemShape::UnderlyingProblemShape;
 // against cuBLAS's 813 on the dense GEMM of the same FLOPs.
 using TileShape = Shape<_128, _256, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
-using LayoutD = cutlass::layout::RowMajor;
+using LayoutD = cutlass::layout::RowMajor;  // GroupedOperands::LayoutD
 
 // D: [M, N] rows of ElementD = acc + beta * C, C (void: none) rows laid out as D's.
 template <class ElementD, class ElementC = void>
@@ -72,34 +69,25 @@ constexpr int epilogue_smem() {
   else return kEpilogueSmemF16;
 }
 
-// A: [M, K], K-major (Major::kK, cutlass's RowMajor A: pair rows) or M-major (Major::kMN,
-// ColumnMajor: pair rows read as their transpose). B: [K, N], N-major (Major::kMN, RowMajor: an
-// expert's weights as stored, or pair rows) or K-major (Major::kK, ColumnMajor: the weights
-// transposed).
+// A grouped GEMM of GroupedOperands' layouts: its pipeline's stages fill what shared memory its
+// epilogue leaves.
 template <class T, Major kAMajor, Major kBMajor, class ElementD, class ElementC = void>
-struct GroupedGemm {
-  using Element = T;
-  using Output = ElementD;
-  static constexpr bool kReadsC = !std::is_void_v<ElementC>;
-  // K-major A is pair rows by M (the pair-row GEMMs), M-major A by K (the weight gradients).
-  static constexpr GemmShape kShape =
-      kAMajor == Major::kK ? GemmShape::kPairRows : GemmShape::kPairReduction;
-  using LayoutA = std::conditional_t<kAMajor == Major::kK, cutlass::layout::RowMajor,
-                                     cutlass::layout::ColumnMajor>;
-  using LayoutB = std::conditional_t<kBMajor == Major::kMN, cutlass::layout::RowMajor,
-                                     cutlass::layout::ColumnMajor>;
+struct GroupedGemm : GroupedOperands<T, kAMajor, kBMajor, ElementD, ElementC> {
+  using Operands = GroupedOperands<T, kAMajor, kBMajor, ElementD, ElementC>;
   static constexpr int kAlignment = 16 / sizeof(T);
   using Epilogue = EpilogueTo<ElementD, ElementC>;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutA*, kAlignment, T, LayoutB*,
-      kAlignment, float, TileShape, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, typename Operands::LayoutA*,
+      kAlignment, T, typename Operands::LayoutB*, kAlignment, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<epilogue_smem<ElementD, ElementC>()>,
       cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<GroupedProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-  using StrideA = typename Kernel::InternalStrideA;
-  using StrideB = typename Kernel::InternalStrideB;
-  using StrideD = typename Kernel::InternalStrideD;
+  // build_problems writes the strides GroupedOperands names: they must be the kernel's.
+  static_assert(std::is_same_v<typename Kernel::InternalStrideA, typename Operands::StrideA> &&
+                    std::is_same_v<typename Kernel::InternalStrideB, typename Operands::StrideB> &&
+                    std::is_same_v<typename Kernel::InternalStrideD, typename Operands::StrideD>,
+                "the problem arrays' strides are not the kernel's");
 };
 
 // The pair-row GEMMs: float32 rows out.
@@ -112,134 +100,6 @@ using ReductionGemm = GroupedGemm<T, Major::kMN, Major::kMN, T>;
 // carry = acc + beta * carry.
 template <class T>
 using CarryGemm = GroupedGemm<T, Major::kMN, Major::kMN, float, float>;
-
-// The per-group arrays the kernel reads, carved from the front of the workspace; the CUTLASS
-// kernel's own workspace follows.
-template <class G>
-struct GroupArrays {
-  static_assert(sizeof(typename G::StrideA) == 8 && sizeof(typename G::StrideB) == 8 &&
-                    sizeof(typename G::StrideD) == 8,
-                "strides of one dynamic int64 mode");
-  Problem* problems;
-  const typename G::Element** a;
-  const typename G::Element** b;
-  typename G::Output** d;
-  const typename G::Output** c;  // CarryGemm's C: D's rows (in place)
-  typename G::StrideA* stride_a;
-  typename G::StrideB* stride_b;
-  typename G::StrideD* stride_d;
-  void* kernel_workspace;
-
-  static int64_t bytes(int32_t groups) {
-    const int64_t per_group = sizeof(Problem) + 4 * sizeof(void*) + sizeof(typename G::StrideA) +
-                              sizeof(typename G::StrideB) + sizeof(typename G::StrideD);
-    return (per_group * groups + kWorkspaceAlignment - 1) / kWorkspaceAlignment *
-           kWorkspaceAlignment;
-  }
-
-  static GroupArrays carve(void* workspace, int32_t groups) {
-    char* at = static_cast<char*>(workspace);
-    auto take = [&](auto* type, int64_t count) {
-      auto* p = reinterpret_cast<std::remove_pointer_t<decltype(type)>*>(at);
-      at += sizeof(*p) * count;
-      return p;
-    };
-    GroupArrays w;
-    // 8-byte elements first (pointers, strides of one int64), the int triples last: every
-    // array stays aligned to its element.
-    w.a = take(static_cast<const typename G::Element**>(nullptr), groups);
-    w.b = take(static_cast<const typename G::Element**>(nullptr), groups);
-    w.d = take(static_cast<typename G::Output**>(nullptr), groups);
-    w.c = take(static_cast<const typename G::Output**>(nullptr), groups);
-    w.stride_a = take(static_cast<typename G::StrideA*>(nullptr), groups);
-    w.stride_b = take(static_cast<typename G::StrideB*>(nullptr), groups);
-    w.stride_d = take(static_cast<typename G::StrideD*>(nullptr), groups);
-    w.problems = take(static_cast<Problem*>(nullptr), groups);
-    w.kernel_workspace = static_cast<char*>(workspace) + bytes(groups);
-    return w;
-  }
-};
-
-// An operand's stride: its one dynamic mode, the pitch of its rows in memory, is `ld`.
-template <class Stride>
-__device__ Stride row_pitch(int64_t ld) {
-  Stride s{};
-  if constexpr (is_static<std::remove_cv_t<std::remove_reference_t<decltype(get<0>(s))>>>::value)
-    get<1>(s) = ld;
-  else
-    get<0>(s) = ld;
-  return s;
-}
-
-// Group g's operand strides: A's, B's and D's row pitches, the same for every group.
-template <class G>
-__device__ void store_strides(const GemmParams& p, const GroupArrays<G>& w, int32_t g,
-                              int64_t d_ld) {
-  w.stride_a[g] = row_pitch<typename G::StrideA>(p.a.ld);
-  w.stride_b[g] = row_pitch<typename G::StrideB>(p.b.ld);
-  w.stride_d[g] = row_pitch<typename G::StrideD>(d_ld);
-}
-
-// The problems of a pair-row GEMM. One thread per group: its problem in this launch (M = 0 when
-// it has none) and its operands.
-template <class G>
-__global__ void __launch_bounds__(128) build_problems(const __grid_constant__ GemmParams p,
-                                                      GroupArrays<G> w) {
-  using T = typename G::Element;
-  const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= p.num_groups) return;
-  const int32_t expert = p.group_expert[g];
-  const ChunkRows rows = group_rows_in_chunk(p, g);
-  w.problems[g] = Problem(rows.rows, p.n, p.k);
-  w.a[g] = static_cast<const T*>(p.a.data) + rows.first * p.a.ld;
-  w.d[g] = static_cast<float*>(p.out) + rows.first * p.out_ld;
-  w.b[g] = expert >= 0 ? static_cast<const T*>(p.b.peers[expert / p.experts_per_device]) +
-                             (expert % p.experts_per_device) * p.b.expert_stride
-                       : static_cast<const T*>(p.b.peers[0]);
-  store_strides(p, w, g, p.out_ld);
-}
-
-// The problems of a weight gradient: a^T b over a group's rows in the chunk, for the groups of
-// the launch's part. ReductionGemm (kEveryGroup): each group whose rows all lie in the chunk,
-// into its expert's output. CarryGemm (kContinued, kBegun): the one group whose sum is carried,
-// into carry. M = 0 for the others (the groups without rows are expert_gemm's). wgmma would
-// store an uninitialised accumulator for K = 0, and no problem here has one: a group of the part
-// has a tile, so a row, in the chunk.
-template <class G>
-__global__ void __launch_bounds__(128) build_reduction_problems(
-    const __grid_constant__ GemmParams p, GroupArrays<G> w) {
-  using T = typename G::Element;
-  const int32_t g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= p.num_groups) return;
-  const ReductionRows rows = reduction_rows(p, g);  // CarryGemm's launches are the carried parts
-  w.problems[g] =
-      rows.rows > 0 ? Problem(p.m, p.n, static_cast<int>(rows.rows)) : Problem(0, p.n, 0);
-  w.a[g] = static_cast<const T*>(p.a.data) + rows.first * p.a.ld;
-  w.b[g] = static_cast<const T*>(p.b.data) + rows.first * p.b.ld;
-  if constexpr (G::kReadsC) {
-    w.d[g] = p.carry;
-    w.c[g] = p.carry;
-    store_strides(p, w, g, p.n);
-  } else {
-    w.d[g] = static_cast<T*>(p.out) + g * p.out_expert_stride;
-    store_strides(p, w, g, p.out_ld);
-  }
-}
-
-// After kContinued's GEMM: where its group's rows end in this chunk, its sum, now whole in
-// carry, into the expert's output in the input dtype.
-template <class T>
-__global__ void __launch_bounds__(256) finish_carry(const __grid_constant__ GemmParams p) {
-  const int32_t g = finished_carry(p);
-  if (g < 0) return;
-  T* out = static_cast<T*>(p.out) + g * p.out_expert_stride;
-  // A block a row at a time: coalesced both sides, and no division per element.
-  for (int64_t row = blockIdx.x; row < p.m; row += gridDim.x) {
-    const float* from = p.carry + row * p.n;
-    T* to = out + row * p.out_ld;
-    for (int32_t col = threadIdx.x; col < p.n; col += blockDim.x) to[col] = T(from[col]);
-  }
-}
 
 template <class G>
 typename G::Gemm::Arguments arguments(const GroupArrays<G>& w, int32_t groups, int device,
@@ -282,12 +142,13 @@ cudaError_t run(const GemmParams& p, void* workspace, int device, int num_sms,
                     aligned_to(p.out, 16));
   CCF_HOST_ASSERT(p.b.source != RowSource::kPair || aligned_to(p.b.data, 16));
   const GroupArrays<G> w = GroupArrays<G>::carve(workspace, p.num_groups);
-  const unsigned blocks = static_cast<unsigned>((p.num_groups + 127) / 128);
+  const unsigned blocks =
+      static_cast<unsigned>((p.num_groups + kProblemThreads - 1) / kProblemThreads);
   CCF_HOST_ASSERT(p.shape == G::kShape);
   if constexpr (G::kShape == GemmShape::kPairRows)
-    build_problems<G><<<blocks, 128, 0, stream>>>(p, w);
+    build_problems<G><<<blocks, kProblemThreads, 0, stream>>>(p, w);
   else
-    build_reduction_problems<G><<<blocks, 128, 0, stream>>>(p, w);
+    build_reduction_problems<G><<<blocks, kProblemThreads, 0, stream>>>(p, w);
   CCF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   // kContinued adds to the group's sum so far; kBegun starts it (C unread).
   const float beta = G::kReadsC && p.part == ReductionPart::kContinued ? 1.0f : 0.0f;
@@ -361,7 +222,7 @@ cudaError_t grouped_gemm(DType dtype, Major b_major, const GemmParams& params, v
       if (!carried) return run<ReductionGemm<T>>(params, workspace, device, num_sms, stream);
       CCF_CUDA_RETURN_IF_ERROR(run<CarryGemm<T>>(params, workspace, device, num_sms, stream));
       if (params.part == ReductionPart::kBegun) return cudaSuccess;
-      finish_carry<T><<<4 * num_sms, 256, 0, stream>>>(params);
+      finish_carry<T><<<4 * num_sms, kFinishThreads, 0, stream>>>(params);
       return cudaGetLastError();
     };
     switch (dtype) {

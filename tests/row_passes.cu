@@ -7,9 +7,12 @@
 //     its body once for each (scratch row, slice) of the pass, with the row's group and list
 //     position, and for nothing else; it stops at the list's end (tile_offset[num_groups]) where
 //     the groups' tables would still give pairs, and returns there in a chunk of 2^30 tiles;
-//   - the rows of the grouped GEMMs' problem for each group (pair_rows.cuh's
-//     group_rows_in_chunk), with kept rows skipped or none: exactly the group's rows of the pass
-//     that keep no h, so the GEMMs write the rows the passes read;
+//   - Hopper's grouped GEMMs over a launch: build_problems' problems (grouped_problems.cuh, each
+//     group's rows from pair_rows.cuh's group_rows_in_chunk, its expert's weights on its owner,
+//     the operands' row pitches) and a model of CUTLASS's GEMM over them
+//     (tests/grouped_gemm_model.h), with kept rows skipped or none, for weights as stored and
+//     transposed: each of the pass's rows that keep no h gets its pair row times its expert's
+//     weights, and no other row is written, so the GEMMs write the rows the passes read;
 //   - expert_gemm's tiles across a call's source phases (pair_rows.cuh's tile_in_launch): each
 //     tile computed once, by the phase of the one source its rows come from or the spanning
 //     phase, as one launch over every source computes them (all but the tiles wholly kept);
@@ -48,7 +51,9 @@
 using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declares
 
 #include "cuda/gemm_epilogues.cuh"
+#include "cuda/grouped_problems.cuh"
 #include "cuda/row_passes.cuh"
+#include "tests/grouped_gemm_model.h"
 
 using namespace ccf;
 using namespace ccf::cuda;
@@ -74,10 +79,12 @@ struct List {
 };
 
 // `others`: some groups are other devices' (as with a plan). `empty`: no group has rows.
-List make_list(std::mt19937& rng, int32_t tile_m, bool others, bool empty = false) {
+// `groups`: how many (0: 1 to 9).
+List make_list(std::mt19937& rng, int32_t tile_m, bool others, bool empty = false,
+               int groups = 0) {
   List l;
   l.tile_m = tile_m;
-  const int groups = 1 + rng() % 9;
+  if (groups == 0) groups = 1 + rng() % 9;
   int32_t pos = 0, tiles = 0;
   for (int g = 0; g < groups; ++g) {
     const int kind = rng() % 5;
@@ -288,8 +295,8 @@ void check_walk_returns(std::mt19937& rng) {
 
 // A random list (trial's kind of make_list) whose groups hold their pairs in (source, token, k)
 // order, as the work list gives them: what a launch of one source's rows relies on.
-List make_ordered_list(std::mt19937& rng, int32_t tile_m, int trial) {
-  List l = make_list(rng, tile_m, trial % 2 == 1, trial % 9 == 0);
+List make_ordered_list(std::mt19937& rng, int32_t tile_m, int trial, int groups = 0) {
+  List l = make_list(rng, tile_m, trial % 2 == 1, trial % 9 == 0, groups);
   for (int32_t g = 0; g < l.groups(); ++g)
     std::sort(l.items.begin() + l.begin[g], l.items.begin() + l.end[g],
               [](const WorkItem& a, const WorkItem& b) {
@@ -309,39 +316,98 @@ GemmParams skipping_kept(GemmParams p, int32_t kept_rows) {
   return p;
 }
 
-// The grouped GEMMs' problems (group_rows_in_chunk): each group's rows of the chunk from the
-// launch's source, less the pairs that keep their h under skip_kept, are one run of scratch
-// rows, which the problem holds exactly. The groups' pairs in (source, token, k) order, as the
-// work list gives them; kept rows at 0, 2 and 5 a device of two groups.
-void check_group_rows(std::mt19937& rng) {
+constexpr uint32_t kPoisonFloat = 0x7fc0dead;  // a NaN no pass computes
+
+float poison_float() {
+  float x;
+  std::memcpy(&x, &kPoisonFloat, 4);
+  return x;
+}
+
+// Hopper's grouped GEMMs over a launch's rows: build_problems' problems (grouped_problems.cuh,
+// each group's rows of the chunk from group_rows_in_chunk) and CUTLASS's GEMM over them
+// (tests/grouped_gemm_model.h), for the weights as stored (N-major) and transposed (K-major).
+// Each group's rows of the chunk from the launch's source, less the pairs that keep their h
+// under skip_kept, must hold their pair row times their expert's weights, read from the expert's
+// device; every other row, and the columns past N, keep their poison. The operands' row pitches
+// differ from their extents; the groups' pairs are in (source, token, k) order, as the work list
+// gives them; kept rows at 0, 2 and 5 a device of two groups.
+template <Major kB>
+void check_grouped_gemm(std::mt19937& rng) {
+  using G = GroupedOperands<float, Major::kK, kB, float>;
+  constexpr int32_t kN = 5, kK = 3, kOutLd = kN + 2, kALd = kK + 1;
+  constexpr int64_t kBLd = kB == Major::kMN ? kN + 1 : kK + 2, kExpertStride = kK * kN + 11;
   const int before = errors;
+  std::uniform_int_distribution<int> small(-3, 3);
   for (int32_t tile_m : {4, 8}) {
-    for (int trial = 0; trial < 20; ++trial) {
-      const List l = make_ordered_list(rng, tile_m, trial);
-      for (int32_t chunk_tiles : {1, 3, 64})
+    for (int trial = 0; trial <= 20; ++trial) {
+      // The last: more groups than build_problems' blocks have threads (in chunks of 64 tiles).
+      const List l =
+          make_ordered_list(rng, tile_m, trial, trial < 20 ? 0 : 2 * kProblemThreads + 5);
+      // Each device's experts' weights (two a device, more where the list has more groups than
+      // 8 devices hold); an expert's (k, n) at k * ld + n, or n * ld + k.
+      const int32_t per_device = std::max(2, (l.groups() + kMaxPeers - 1) / kMaxPeers);
+      std::vector<std::vector<float>> weights(kMaxPeers);
+      for (std::vector<float>& device : weights) {
+        device.resize(per_device * kExpertStride);
+        for (float& x : device) x = small(rng);
+      }
+      const auto weight = [&](int32_t expert, int k, int n) {
+        return weights[expert / per_device][expert % per_device * kExpertStride +
+                                            (kB == Major::kMN ? k * kBLd + n : n * kBLd + k)];
+      };
+      const std::vector<int32_t> chunk_sizes =
+          trial < 20 ? std::vector<int32_t>{1, 3, 64} : std::vector<int32_t>{64};
+      for (int32_t chunk_tiles : chunk_sizes)
         for (int32_t index = 0; index <= l.tiles() / chunk_tiles + 1; ++index)
           for (int32_t only_source : {kAllSources, 0, 1, 2})
             for (int32_t kept_rows : {0, 2, 5}) {
               const Chunk chunk{chunk_tiles, index};
-              const GemmParams p = skipping_kept(params_of(l, chunk, only_source, 32), kept_rows);
-              const std::vector<Pair> rows = pass_rows(l, chunk, only_source, l.tiles());
-              for (int32_t g = 0; g < l.groups(); ++g) {
-                const ChunkRows got = group_rows_in_chunk(p, g);
-                bool exact = got.rows >= 0 && got.first >= 0 &&
-                             got.first + got.rows <= chunk.rows(tile_m);
-                for (int64_t row = 0; row < chunk.rows(tile_m) && exact; ++row) {
-                  const bool wanted = rows[row].group == g && kept_index(p, g, rows[row].pos) < 0;
-                  exact = wanted == (row >= got.first && row < got.first + got.rows);
+              const std::string where = "kept " + std::to_string(kept_rows) + ", " +
+                                        describe(l, chunk, only_source, 1);
+              GemmParams p = skipping_kept(params_of(l, chunk, only_source, kN), kept_rows);
+              const int64_t rows = chunk.rows(tile_m);
+              std::vector<float> a(rows * kALd), out(rows * kOutLd, poison_float());
+              for (float& x : a) x = small(rng);
+              p.experts_per_device = per_device;
+              p.k = kK;
+              p.a.data = a.data();
+              p.a.ld = kALd;
+              for (int d = 0; d < kMaxPeers; ++d) p.b.peers[d] = weights[d].data();
+              p.b.ld = kBLd;
+              p.b.expert_stride = kExpertStride;
+              p.out = out.data();
+              p.out_ld = kOutLd;
+              std::vector<unsigned char> workspace(GroupArrays<G>::bytes(l.groups()));
+              const GroupArrays<G> w = GroupArrays<G>::carve(workspace.data(), l.groups());
+              lanes::grid = dim3((l.groups() + kProblemThreads - 1) / kProblemThreads);
+              for (unsigned b = 0; b < lanes::grid.x; ++b)
+                expect(lanes::run_block(make_uint3(b, 0, 0), kProblemThreads,
+                                        [&] { build_problems<G>(p, w); }),
+                       where, "build_problems' threads part at a collective");
+              grouped_gemm_model(w, l.groups(), 0.0f);
+              const std::vector<Pair> pass = pass_rows(l, chunk, only_source, l.tiles());
+              bool exact = true;
+              for (int64_t row = 0; row < rows; ++row) {
+                const Pair& pair = pass[row];
+                const bool wanted = pair.group >= 0 && kept_index(p, pair.group, pair.pos) < 0;
+                for (int32_t n = 0; n < kOutLd; ++n) {
+                  float want = poison_float();
+                  if (wanted && n < kN) {
+                    want = 0.0f;
+                    for (int32_t k = 0; k < kK; ++k)
+                      want += a[row * kALd + k] * weight(l.expert[pair.group], k, n);
+                  }
+                  exact &= std::memcmp(&out[row * kOutLd + n], &want, sizeof(float)) == 0;
                 }
-                expect(exact, "group " + std::to_string(g) + " kept " +
-                                  std::to_string(kept_rows) + ", " +
-                                  describe(l, chunk, only_source, 1),
-                       "the problem's rows are not the group's rows of the launch");
               }
+              expect(exact, where, "a row other than its pair row times its expert's weights");
             }
     }
   }
-  if (errors == before) std::printf("grouped GEMMs' problems hold their groups' rows: ok\n");
+  if (errors == before)
+    std::printf("grouped GEMMs' problems give their groups' rows, weights %s: ok\n",
+                kB == Major::kMN ? "as stored" : "transposed");
 }
 
 // expert_gemm's tiles over a call's source phases (tile_in_launch): each source's phase computes
@@ -405,15 +471,8 @@ void check_phase_tiles(std::mt19937& rng) {
 // ---------------------------------------------------------------------------------------------
 // The kernels.
 
-constexpr uint32_t kPoisonFloat = 0x7fc0dead;  // a NaN no pass computes
 constexpr uint16_t kPoisonHalf = 0x7fa1;       // a NaN in bfloat16 and in float16 alike
 constexpr int32_t kKeptRows = 3, kExpertsPerDevice = 2;
-
-float poison_float() {
-  float x;
-  std::memcpy(&x, &kPoisonFloat, 4);
-  return x;
-}
 
 template <class V>
 bool same_bytes(const std::vector<V>& a, const std::vector<V>& b) {
@@ -705,7 +764,8 @@ int main() {
   check_walk(rng);
   check_walk_stops_at_the_end(rng);
   check_walk_returns(rng);
-  check_group_rows(rng);
+  check_grouped_gemm<Major::kMN>(rng);
+  check_grouped_gemm<Major::kK>(rng);
   {
     const int before = errors;
     check_phase_tiles<4>(rng);

@@ -9,15 +9,16 @@
 //     carry, or the gradient of its group), a block's threads as fibers (tests/warp_lanes.h);
 //   - Hopper's split (skip_rows): expert_gemm stores the zeros of the groups without rows in
 //     chunk 0, and grouped GEMMs sum the rest: the groups the chunk holds whole, then the carried
-//     ones (group_whole_in_chunk, carried, reduction_rows), CUTLASS modelled as
-//     D = A^T B + beta C with C unread where beta is 0, then finish_carry's group
-//     (finished_carry).
+//     ones, each launch's problems as grouped_problems.cuh's build_reduction_problems writes
+//     them (into a workspace of the size GroupArrays claims), CUTLASS's GEMM over them modelled
+//     (tests/grouped_gemm_model.h: CuTe tensors of the arrays' pointers and strides, C unread
+//     where beta is 0, K = 0 stores NaN), then finish_carry's stores.
 // Every element of each computed group's gradient must be written once (its stores are counted)
 // and equal its exact sum (small integers: float sums are exact in any order); with a plan, in
 // its expert's owner's partial of its slot, and nothing else of the partials written; after an
 // aborted barrier (no group with rows), NaN. No launch reads a padding row (NaN) or a row
-// outside its chunk; no grouped problem has rows but K = 0, and a carried launch has at most
-// one problem. Prints each configuration kind and the number of errors; exits 1 on any.
+// outside its chunk, and a carried launch has at most one problem. Prints each configuration
+// kind and the number of errors; exits 1 on any.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -34,6 +35,8 @@ using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declare
 
 #include "cuda/gemm_epilogues.cuh"
 #include "cuda/gemm_units.cuh"
+#include "cuda/grouped_problems.cuh"
+#include "tests/grouped_gemm_model.h"
 
 using namespace ccf::cuda;
 
@@ -94,9 +97,15 @@ struct List {
 List make_list(std::mt19937& rng, bool planned, bool empty = false) {
   List l;
   l.planned = planned;
-  const int groups = 1 + rng() % 12;  // with a plan, experts 1 to 6: devices 0 to 3
-  l.m = 1 + rng() % 160;  // past one M-tile at times
-  l.n = 1 + rng() % 100;  // and past one N-tile
+  // Gradients past one M-tile at times, and past one N-tile; or past finish_carry's block of
+  // columns (kFinishThreads), then a few rows; or, without a plan, small ones of more groups
+  // than the problems' blocks have threads (kProblemThreads). With a plan, experts 1 to 6:
+  // devices 0 to 3.
+  const int kind = rng() % 8;
+  const bool wide = kind == 0, many = kind == 1 && !planned;
+  const int groups = many ? kProblemThreads + 1 + rng() % 20 : 1 + rng() % 12;
+  l.m = wide ? 1 + rng() % 4 : many ? 1 + rng() % 8 : 1 + rng() % 160;
+  l.n = wide ? kFinishThreads + 1 + rng() % 64 : many ? 1 + rng() % 8 : 1 + rng() % 100;
   int32_t pos = 0, tile = 0;
   for (int g = 0; g < groups; ++g) {
     const int kind = rng() % 5;
@@ -180,32 +189,57 @@ struct Run {
       }
   }
 
-  // build_reduction_problems and a grouped GEMM over its problems; then finish_carry.
-  void grouped(ReductionPart part) {
-    p.part = part;
-    const bool carrying = part != ReductionPart::kEveryGroup;
+  // A grid of `blocks` blocks of `threads`, each block's threads as fibers.
+  void launch(int64_t blocks, int threads, const std::function<void()>& kernel) {
+    lanes::grid = dim3(static_cast<unsigned>(blocks));
+    for (int64_t b = 0; b < blocks; ++b)
+      expect(lanes::run_block(make_uint3(static_cast<unsigned>(b), 0, 0), threads, kernel),
+             "a block's threads part at a collective", -1);
+  }
+
+  // One grouped GEMM of the launch's part (G: the reduction's or the carry's): its problems as
+  // build_reduction_problems writes them into a workspace of the size it claims, then the GEMM
+  // over them (tests/grouped_gemm_model.h).
+  template <class G>
+  void grouped_gemm(float beta) {
+    const int32_t groups = p.num_groups;
+    const int64_t bytes = GroupArrays<G>::bytes(groups);
+    std::vector<unsigned char> workspace(bytes + kWorkspaceAlignment, 0xa5);
+    const GroupArrays<G> w = GroupArrays<G>::carve(workspace.data(), groups);
+    launch((groups + kProblemThreads - 1) / kProblemThreads, kProblemThreads,
+           [&] { build_reduction_problems<G>(p, w); });
+    expect(std::all_of(workspace.begin() + bytes, workspace.end(),
+                       [](unsigned char byte) { return byte == 0xa5; }),
+           "the problems written past the arrays' bytes", -1);
     int problems = 0;
-    for (int32_t g = 0; g < p.num_groups; ++g) {
-      const ReductionRows rows = reduction_rows(p, g);
-      if (rows.rows == 0) continue;
+    for (int32_t g = 0; g < groups; ++g) {
+      const int k = cute::get<2>(w.problems[g]);
+      if (cute::get<0>(w.problems[g]) == 0) continue;
       ++problems;
-      expect(rows.first >= 0 && rows.first + rows.rows <= p.chunk.rows(kTileM),
-             "rows outside the chunk", g);
-      const float beta = part == ReductionPart::kContinued ? 1.0f : 0.0f;
-      for (int r = 0; r < l.m; ++r)
-        for (int c = 0; c < l.n; ++c) {
-          float sum = 0.0f;
-          for (int64_t k = 0; k < rows.rows; ++k)
-            sum += at(chunk_a, l.m, rows.first + k, r) * at(chunk_b, l.n, rows.first + k, c);
-          if (!carrying) store(g, r, c, sum);
-          else carry[r * l.n + c] = beta != 0.0f ? sum + beta * carry[r * l.n + c] : sum;
-        }
+      // The problem's rows within the chunk's operands.
+      const int64_t first = w.a[g] - chunk_a.data();
+      expect(first % l.m == 0 && w.b[g] - chunk_b.data() == first / l.m * l.n &&
+                 first >= 0 && first / l.m + k <= p.chunk.rows(kTileM),
+             "a problem's rows outside the chunk", g);
     }
-    if (carrying) expect(problems <= 1, "several carried problems in one launch", -1);
-    if (part != ReductionPart::kContinued) return;
-    if (const int32_t g = finished_carry(p); g >= 0)
-      for (int r = 0; r < l.m; ++r)
-        for (int c = 0; c < l.n; ++c) store(g, r, c, carry[r * l.n + c]);
+    if (G::kReadsC) expect(problems <= 1, "several carried problems in one launch", -1);
+    grouped_gemm_model(w, groups, beta);
+  }
+
+  // A grouped launch of the weight gradient (cuda/grouped_gemm_sm90.cu's, with the dtype's
+  // elements for floats that count their stores): the reduction or the carry's GEMM; after
+  // kContinued's, finish_carry.
+  void grouped(ReductionPart part, int64_t grid) {
+    p.part = part;
+    if (part == ReductionPart::kEveryGroup) {
+      grouped_gemm<GroupedOperands<float, Major::kMN, Major::kMN, Stored>>(0.0f);
+      return;
+    }
+    // kContinued adds to the group's sum so far; kBegun starts it (C unread).
+    using Carry = GroupedOperands<float, Major::kMN, Major::kMN, float, float>;
+    grouped_gemm<Carry>(part == ReductionPart::kContinued ? 1.0f : 0.0f);
+    if (part == ReductionPart::kContinued)
+      launch(grid, kFinishThreads, [&] { finish_carry<Stored>(p); });
   }
 
   // LaunchWeightGradient's launches in each chunk.
@@ -255,6 +289,10 @@ struct Run {
         std::copy_n(&l.a[(first + r) * l.m], l.m, &chunk_a[r * l.m]);
         std::copy_n(&l.b[(first + r) * l.n], l.n, &chunk_b[r * l.n]);
       }
+      p.a.data = chunk_a.data();  // the pairs' rows, [rows, m]: A M-major
+      p.a.ld = l.m;
+      p.b.data = chunk_b.data();
+      p.b.ld = l.n;
       if (!skip_rows) {
         if (carrying) {
           sm80(ReductionPart::kContinued, grid);
@@ -265,10 +303,10 @@ struct Run {
         continue;
       }
       if (index == 0) sm80(carrying ? ReductionPart::kBegun : ReductionPart::kEveryGroup, grid);
-      grouped(ReductionPart::kEveryGroup);
+      grouped(ReductionPart::kEveryGroup, grid);
       if (carrying) {
-        grouped(ReductionPart::kContinued);
-        grouped(ReductionPart::kBegun);
+        grouped(ReductionPart::kContinued, grid);
+        grouped(ReductionPart::kBegun, grid);
       }
     }
     int64_t in_partials = 0;  // elements the groups' sums fill in the partials
