@@ -23,7 +23,7 @@ NOT_SOURCE = {"build", "demo_out"}
 TEST_PROGRAMS = {"tests/gemm_layouts.cu", "tests/pair_rows.cu", "tests/barrier_protocol.cu",
                  "tests/weight_gradient_chunks.cu", "tests/slot_sums.cu", "tests/row_passes.cu",
                  "tests/launch_order.cu", "tests/handler_paths.cu", "tests/activation_values.cc",
-                 "tests/work_list.cu", "tests/fetch_rows.cu"}
+                 "tests/work_list.cu", "tests/fetch_rows.cu", "tests/expert_gemm_tiles.cu"}
 NATIVE_FILE = re.compile(r'"([\w./-]+\.(?:cc|cu|h|cuh))"')
 
 

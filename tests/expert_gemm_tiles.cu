@@ -1,0 +1,423 @@
+// Runs, on the host, cuda/expert_gemm.cuh's kernel whole, for every configuration of
+// cuda/gemm_config.cuh (bfloat16, float16 and TF32 on tensor cores, float32 on CUDA cores, each
+// for its three operand layouts): its persistent walk over the units, the loads into the
+// pipeline's stages, the main loop's stages and k-tiles, the smem -> register copies, the MMAs,
+// the carried sum's round trip and the epilogues' stores. A block's threads run as fibers
+// (tests/warp_lanes.h), each block after the other, with host stand-ins for the PTX:
+//   - cp.async: a synchronous copy of the vector, zeros where predicated off (so the order its
+//     commit groups and waits keep is not modelled: the loads land at once);
+//   - ldmatrix (.x4, and .trans for 16-bit MN-major tiles): each lane posts the address of the
+//     16-byte row it points at, and takes from its warp's rows what PTX defines;
+//   - mma.sync: each lane posts its registers, and computes its accumulators from its warp's,
+//     each register's (m, k), (n, k) and (m, n) as CuTe's MMA_Traits lay them out; float sums,
+//     exact for the small integers here in any order.
+// The GEMMs over pair rows (K-major A; B an expert's weights as stored and transposed, on its
+// owner) store float32 rows (kStoreF32); the weight gradients (both MN-major) store each group's
+// gradient (kStoreExpert), over the list in one chunk and in chunks of one M-tile (the sum of a
+// group that crosses a chunk edge carried in float32). The extents leave partial M and N tiles
+// and a partial last k-tile after more k-tiles than the pipeline has stages; the operands' row
+// pitches exceed their extents. Each output element must equal its exact value (in the dtype's
+// rounding), and no other element be written. Prints each configuration's verdict and the
+// number of errors; exits 1 on any.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "tests/warp_lanes.h"
+
+// The kernel's dynamic shared memory: one copy for the fibers of the block running (blocks run
+// one at a time).
+#undef __shared__
+#define __shared__
+
+namespace ccf::cuda {
+constexpr int kSmemCapacity = 128 * 1024;
+alignas(128) uint8_t smem[kSmemCapacity];
+}  // namespace ccf::cuda
+
+using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declares
+
+#include "cuda/expert_gemm.cuh"
+
+using namespace ccf::cuda;
+using namespace ccf::cuda::gemm_config;
+
+// ---------------------------------------------------------------------------------------------
+// The host's stand-ins for the kernel's PTX.
+
+namespace host {
+
+// What each thread of the running block posts to its warp: an ldmatrix row's address, or its
+// MMA registers.
+inline const void* posted[lanes::kMaxThreads];
+
+// ldmatrix .x4: lanes 8j..8j+7 point at the rows of matrix j; lane l's register j holds word
+// l % 4 of row l / 4 of matrix j, or with .trans (16-bit elements) the elements in column l / 4
+// of rows 2 (l % 4) and 2 (l % 4) + 1.
+template <class Op, bool kTrans>
+struct Ldmatrix : Op {
+  static void copy(const cute::uint128_t& row, uint32_t& d0, uint32_t& d1, uint32_t& d2,
+                   uint32_t& d3) {
+    const int t = threadIdx.x, lane = t % 32, warp = t - lane;
+    posted[t] = &row;
+    __syncwarp();
+    uint32_t* d[4] = {&d0, &d1, &d2, &d3};
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (kTrans) {
+        const auto* lo = static_cast<const uint16_t*>(posted[warp + 8 * j + 2 * (lane % 4)]);
+        const auto* hi = static_cast<const uint16_t*>(posted[warp + 8 * j + 2 * (lane % 4) + 1]);
+        *d[j] = uint32_t{lo[lane / 4]} | uint32_t{hi[lane / 4]} << 16;
+      } else {
+        *d[j] = static_cast<const uint32_t*>(posted[warp + 8 * j + lane / 4])[lane % 4];
+      }
+    }
+    __syncwarp();  // the rows stay posted until every lane has read them
+  }
+};
+
+// mma.sync of the m16n8 shapes here: four accumulators, four A and two B registers a lane.
+template <class Op>
+struct Mma : Op {
+  using Traits = cute::MMA_Traits<Op>;
+  using TA = typename Traits::ValTypeA;
+  using TB = typename Traits::ValTypeB;
+  static constexpr int kM = cute::size<0>(typename Traits::Shape_MNK{});
+  static constexpr int kN = cute::size<1>(typename Traits::Shape_MNK{});
+  static constexpr int kK = cute::size<2>(typename Traits::Shape_MNK{});
+  static constexpr int kValuesA = 4 * 4 / int(sizeof(TA)), kValuesB = 2 * 4 / int(sizeof(TB));
+  static_assert(sizeof(typename Op::ARegisters) == 16 && sizeof(typename Op::BRegisters) == 8 &&
+                    sizeof(typename Op::CRegisters) == 16,
+                "the m16n8 register counts");
+
+  struct Registers {
+    uint32_t a[4], b[2];
+  };
+
+  // The (lane, value) that holds each element of A (M, K) and B (N, K).
+  struct Owners {
+    std::pair<int, int> a[kM][kK], b[kN][kK];
+    Owners() {
+      for (int t = 0; t < 32; ++t) {
+        for (int v = 0; v < kValuesA; ++v) {
+          const int i = typename Traits::ALayout{}(t, v);
+          a[i % kM][i / kM] = {t, v};
+        }
+        for (int v = 0; v < kValuesB; ++v) {
+          const int i = typename Traits::BLayout{}(t, v);
+          b[i % kN][i / kN] = {t, v};
+        }
+      }
+    }
+  };
+
+  static void fma(float& d0, float& d1, float& d2, float& d3, const uint32_t& a0,
+                  const uint32_t& a1, const uint32_t& a2, const uint32_t& a3, const uint32_t& b0,
+                  const uint32_t& b1, const float& c0, const float& c1, const float& c2,
+                  const float& c3) {
+    static const Owners owners;
+    const int t = threadIdx.x, lane = t % 32, warp = t - lane;
+    const Registers mine{{a0, a1, a2, a3}, {b0, b1}};
+    posted[t] = &mine;
+    __syncwarp();
+    const auto a = [&](int m, int k) {
+      const auto [from, v] = owners.a[m][k];
+      return float(reinterpret_cast<const TA*>(
+          static_cast<const Registers*>(posted[warp + from])->a)[v]);
+    };
+    const auto b = [&](int n, int k) {
+      const auto [from, v] = owners.b[n][k];
+      return float(reinterpret_cast<const TB*>(
+          static_cast<const Registers*>(posted[warp + from])->b)[v]);
+    };
+    const float c[4] = {c0, c1, c2, c3};
+    float d[4];
+    for (int v = 0; v < 4; ++v) {
+      const int i = typename Traits::CLayout{}(lane, v);
+      d[v] = c[v];
+      for (int k = 0; k < kK; ++k) d[v] += a(i % kM, k) * b(i / kM, k);
+    }
+    __syncwarp();  // every lane has read the registers posted
+    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+  }
+};
+
+template <class Op>
+struct OnHostMma {
+  using type = Mma<Op>;
+};
+template <class... Types>
+struct OnHostMma<cute::UniversalFMA<Types...>> {  // plain C++ already
+  using type = cute::UniversalFMA<Types...>;
+};
+
+template <class Atom>
+struct OnHostCopy {
+  using type = Atom;  // UniversalCopy: plain C++ already
+};
+template <class T>
+struct OnHostCopy<cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, T>> {
+  using type = cute::Copy_Atom<Ldmatrix<cute::SM75_U32x4_LDSM_N, false>, T>;
+};
+template <class T>
+struct OnHostCopy<cute::Copy_Atom<cute::SM75_U16x8_LDSM_T, T>> {
+  using type = cute::Copy_Atom<Ldmatrix<cute::SM75_U16x8_LDSM_T, true>, T>;
+};
+
+template <class TiledMma>
+struct OnHostTiledMma;
+template <class Op, class Atoms, class Permutation>
+struct OnHostTiledMma<cute::TiledMMA<cute::MMA_Atom<Op>, Atoms, Permutation>> {
+  using type = cute::TiledMMA<cute::MMA_Atom<typename OnHostMma<Op>::type>, Atoms, Permutation>;
+};
+
+// `Config` with the stand-ins: the same tiles, layouts and partitions.
+template <class Config>
+struct OnHost : Config {
+  struct G2SOp {  // cp.async with its zero fill
+    template <class Vector>
+    static void copy(const Vector& src, Vector& dst, bool valid) {
+      if (valid) std::memcpy(&dst, &src, sizeof(Vector));
+      else std::memset(&dst, 0, sizeof(Vector));
+    }
+  };
+  using TiledMma = typename OnHostTiledMma<typename Config::TiledMma>::type;
+  using S2RAtomA = typename OnHostCopy<typename Config::S2RAtomA>::type;
+  using S2RAtomB = typename OnHostCopy<typename Config::S2RAtomB>::type;
+};
+
+}  // namespace host
+
+namespace cute {
+template <class Op>
+struct MMA_Traits<host::Mma<Op>> : MMA_Traits<Op> {};
+template <class Op, bool kTrans>
+struct Copy_Traits<host::Ldmatrix<Op, kTrans>> : Copy_Traits<Op> {};
+}  // namespace cute
+
+// ---------------------------------------------------------------------------------------------
+// The check.
+
+namespace {
+
+int errors = 0;
+
+void expect(bool ok, const std::string& where, const char* what) {
+  if (!ok && errors++ < 20) std::printf("  %s: %s\n", where.c_str(), what);
+}
+
+// A work list of four groups: one row, a whole M-tile and two more rows, none, and a partial
+// tile; their experts (2 to 5) are devices 1 and 2's, two a device. Pairs lie in scratch rows
+// from their group's first tile on.
+struct List {
+  static constexpr int kGroups = 4;
+  int32_t begin[kGroups], end[kGroups], expert[kGroups], tile_offset[kGroups + 1];
+  int64_t rows;  // the scratch rows of every tile
+
+  explicit List(int tile_m) {
+    const int32_t sizes[kGroups] = {1, tile_m + 2, 0, tile_m / 3};
+    int32_t pos = 0, tile = 0;
+    for (int g = 0; g < kGroups; ++g) {
+      begin[g] = pos;
+      end[g] = pos + sizes[g];
+      expert[g] = 2 + g;
+      tile_offset[g] = tile;
+      pos += sizes[g];
+      tile += (sizes[g] + tile_m - 1) / tile_m;
+    }
+    tile_offset[kGroups] = tile;
+    rows = int64_t{tile} * tile_m;
+  }
+  // The scratch row of group g's i-th pair.
+  int64_t row(int tile_m, int g, int i) const { return int64_t{tile_offset[g]} * tile_m + i; }
+};
+
+constexpr int kExpertsPerDevice = 2, kDevices = 3;
+
+template <class T>
+std::vector<T> random_values(std::mt19937& rng, int64_t count) {
+  std::uniform_int_distribution<int> small(-2, 2);
+  std::vector<T> v(count);
+  for (T& x : v) x = T(float(small(rng)));
+  return v;
+}
+
+template <class T>
+uint64_t bits(T x) {
+  uint64_t b = 0;
+  std::memcpy(&b, &x, sizeof(T));
+  return b;
+}
+
+GemmParams list_params(const List& l, int tile_m) {
+  GemmParams p{};
+  p.group_begin = l.begin;
+  p.group_end = l.end;
+  p.group_expert = l.expert;
+  p.tile_offset = l.tile_offset;
+  p.num_groups = List::kGroups;
+  p.tile_m = tile_m;
+  p.only_source = kAllSources;
+  p.experts_per_device = kExpertsPerDevice;
+  p.part = ReductionPart::kEveryGroup;
+  return p;
+}
+
+template <class Config>
+void launch(const GemmParams& p, int grid, const std::string& where) {
+  static_assert(GemmTraits<Config>::kSmemBytes <= kSmemCapacity);
+  lanes::grid = dim3(grid);
+  for (int b = 0; b < grid; ++b)
+    expect(lanes::run_block(make_uint3(b, 0, 0), Config::kThreads,
+                            [&] { expert_gemm<host::OnHost<Config>>(p); }),
+           where, "a block's threads part at a collective");
+}
+
+// GEMM1's shape over pair rows: x [pairs, k] times an expert's [k, n] weights (kMN: as stored,
+// row k at k * ld; kK: transposed, row n at n * ld), float32 rows out.
+template <class Config>
+void check_pair_rows(std::mt19937& rng, const std::string& where) {
+  using T = typename Config::Element;
+  constexpr int kTileM = Config::kTileM;
+  constexpr bool kStored = Config::kBMajor == Major::kMN;
+  const List l(kTileM);
+  // Past one N-tile, and past the pipeline's stages of k-tiles to a partial one; whole 16-byte
+  // vectors (CUDA cores' vectors are one element).
+  constexpr int kK = Config::kTileK;
+  const int n = Config::kTileN + 8, k = kK > 8 ? Config::kStages * kK + 8 : 4 * kK + 3;
+  const int64_t a_ld = k + 8, b_ld = (kStored ? n : k) + 8, out_ld = n + 4;
+  const int64_t expert_stride = (kStored ? k : n) * b_ld + 16;
+  const std::vector<T> a = random_values<T>(rng, l.rows * a_ld);
+  std::vector<std::vector<T>> weights(kDevices);
+  for (auto& device : weights) device = random_values<T>(rng, kExpertsPerDevice * expert_stride);
+  const auto weight = [&](int32_t expert, int kk, int nn) {
+    return float(weights[expert / kExpertsPerDevice][expert % kExpertsPerDevice * expert_stride +
+                                                     (kStored ? kk * b_ld + nn : nn * b_ld + kk)]);
+  };
+  const float poison = std::nanf("7");
+  std::vector<float> out(l.rows * out_ld, poison);
+  GemmParams p = list_params(l, kTileM);
+  p.shape = GemmShape::kPairRows;
+  p.n = n;
+  p.k = k;
+  p.a.source = RowSource::kPair;
+  p.a.data = a.data();
+  p.a.ld = a_ld;
+  p.b.source = RowSource::kExpert;
+  for (int d = 0; d < kDevices; ++d) p.b.peers[d] = weights[d].data();
+  p.b.ld = b_ld;
+  p.b.expert_stride = expert_stride;
+  p.chunk = {64, 0};
+  p.epilogue = Epilogue::kStoreF32;
+  p.out = out.data();
+  p.out_ld = out_ld;
+  launch<Config>(p, 3, where);
+  std::vector<float> want(out.size(), poison);
+  for (int g = 0; g < List::kGroups; ++g)
+    for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
+      const int64_t row = l.row(kTileM, g, i);
+      for (int c = 0; c < n; ++c) {
+        float sum = 0.0f;
+        for (int kk = 0; kk < k; ++kk) sum += float(a[row * a_ld + kk]) * weight(l.expert[g], kk, c);
+        want[row * out_ld + c] = sum;
+      }
+    }
+  expect(std::memcmp(out.data(), want.data(), out.size() * sizeof(float)) == 0, where,
+         "float32 rows other than each pair row times its expert's weights");
+}
+
+// The weight gradients: each group's a^T b over its pairs ([m, n] in the dtype), a [pairs, m]
+// and b [pairs, n], in chunks of `chunk_tiles` M-tiles as cuda_launch.cc's
+// LaunchWeightGradient runs them (the group that began in an earlier chunk, then those that
+// begin in this one).
+template <class Config>
+void check_weight_gradients(std::mt19937& rng, int32_t chunk_tiles, const std::string& where) {
+  using T = typename Config::Element;
+  constexpr int kTileM = Config::kTileM;
+  const List l(kTileM);
+  const int m = kTileM + 8, n = Config::kTileN / 2 + 8;
+  const int64_t a_ld = m + 8, b_ld = n + 8, elements = int64_t{m} * n;
+  const std::vector<T> a = random_values<T>(rng, l.rows * a_ld);
+  const std::vector<T> b = random_values<T>(rng, l.rows * b_ld);
+  const T poison = T(std::nanf("7"));
+  std::vector<T> out(List::kGroups * elements, poison);
+  std::vector<float> carry(elements, std::nanf("7"));
+  GemmParams p = list_params(l, kTileM);
+  p.shape = GemmShape::kPairReduction;
+  p.m = m;
+  p.n = n;
+  p.a.source = p.b.source = RowSource::kPair;
+  p.a.ld = a_ld;
+  p.b.ld = b_ld;
+  p.epilogue = Epilogue::kStoreExpert;
+  p.out = out.data();
+  p.out_ld = n;
+  p.out_expert_stride = elements;
+  const int64_t tiles = l.tile_offset[List::kGroups];
+  const bool carrying = chunk_tiles < tiles;
+  for (int32_t index = 0; index * int64_t{chunk_tiles} < tiles; ++index) {
+    p.chunk = {chunk_tiles, index};
+    p.a.data = a.data() + p.chunk.first_row(kTileM) * a_ld;
+    p.b.data = b.data() + p.chunk.first_row(kTileM) * b_ld;
+    p.carry = carrying ? carry.data() : nullptr;
+    if (!carrying) {
+      launch<Config>(p, 2, where);
+      continue;
+    }
+    for (ReductionPart part : {ReductionPart::kContinued, ReductionPart::kBegun}) {
+      p.part = part;
+      launch<Config>(p, 2, where);
+    }
+  }
+  std::vector<T> want(out.size());
+  for (int g = 0; g < List::kGroups; ++g)
+    for (int r = 0; r < m; ++r)
+      for (int c = 0; c < n; ++c) {
+        float sum = 0.0f;
+        for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
+          const int64_t row = l.row(kTileM, g, i);
+          sum += float(a[row * a_ld + r]) * float(b[row * b_ld + c]);
+        }
+        want[g * elements + r * n + c] = T(sum);
+      }
+  bool equal = true;
+  for (size_t i = 0; i < out.size(); ++i) equal &= bits(out[i]) == bits(want[i]);
+  expect(equal, where, "a gradient other than each group's exact sum in the dtype");
+}
+
+template <template <Major, Major> class Configs>
+void check_configs(const char* name, std::mt19937& rng) {
+  const auto run = [&](auto config, const char* layouts, auto check) {
+    const int before = errors;
+    const std::string where = std::string(name) + ", " + layouts;
+    check(config, where);
+    std::printf("%s: %s\n", where.c_str(), errors == before ? "ok" : "ERRORS");
+  };
+  run(Configs<Major::kK, Major::kMN>{}, "pair rows times weights as stored",
+      [&](auto c, const std::string& w) { check_pair_rows<decltype(c)>(rng, w); });
+  run(Configs<Major::kK, Major::kK>{}, "pair rows times weights transposed",
+      [&](auto c, const std::string& w) { check_pair_rows<decltype(c)>(rng, w); });
+  run(Configs<Major::kMN, Major::kMN>{}, "weight gradients, one chunk and chunks of a tile",
+      [&](auto c, const std::string& w) {
+        check_weight_gradients<decltype(c)>(rng, 64, w);
+        check_weight_gradients<decltype(c)>(rng, 1, w + " in chunks");
+      });
+}
+
+}  // namespace
+
+int main() {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // what it printed, should a bug crash it
+  std::mt19937 rng(17);
+  check_configs<Bf16Config>("bfloat16", rng);
+  check_configs<F16Config>("float16", rng);
+  check_configs<Tf32Config>("float32 as TF32", rng);
+  check_configs<SimtConfig>("float32 on CUDA cores", rng);
+  std::printf("errors: %d\n", errors);
+  return errors != 0;
+}
