@@ -12,13 +12,14 @@
 //     each register's (m, k), (n, k) and (m, n) as CuTe's MMA_Traits lay them out; float sums,
 //     exact for the small integers here in any order.
 // The GEMMs over pair rows (K-major A; B an expert's weights as stored and transposed, on its
-// owner) store float32 rows (kStoreF32); the weight gradients (both MN-major) store each group's
-// gradient (kStoreExpert), over the list in one chunk and in chunks of one M-tile (the sum of a
-// group that crosses a chunk edge carried in float32). The extents leave partial M and N tiles
-// and a partial last k-tile after more k-tiles than the pipeline has stages; the operands' row
-// pitches exceed their extents. Each output element must equal its exact value (in the dtype's
-// rounding), and no other element be written. Prints each configuration's verdict and the
-// number of errors; exits 1 on any.
+// owner) store float32 rows (kStoreF32), in one launch and in source phases; the weight
+// gradients (both MN-major) store each group's gradient (kStoreExpert), over the list in one
+// chunk and in chunks of one M-tile (the sum of a group that crosses a chunk edge carried in
+// float32). The extents leave partial M and N tiles and a partial last k-tile after more k-tiles
+// than the pipeline has stages; the operands' row pitches exceed their extents. Each output
+// element must equal its exact value (in the dtype's rounding), and no other element be
+// written. Prints each configuration's verdict and the number of errors; exits 1 on any.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -213,10 +214,12 @@ void expect(bool ok, const std::string& where, const char* what) {
 
 // A work list of four groups: one row, a whole M-tile and two more rows, none, and a partial
 // tile; their experts (2 to 5) are devices 1 and 2's, two a device. Pairs lie in scratch rows
-// from their group's first tile on.
+// from their group's first tile on. A group's pairs come from sources 0, 1 and 2 in turn (a
+// third each), so one tile's rows come from one source and others' from several.
 struct List {
-  static constexpr int kGroups = 4;
+  static constexpr int kGroups = 4, kSources = 3;
   int32_t begin[kGroups], end[kGroups], expert[kGroups], tile_offset[kGroups + 1];
+  std::vector<WorkItem> items;
   int64_t rows;  // the scratch rows of every tile
 
   explicit List(int tile_m) {
@@ -227,6 +230,7 @@ struct List {
       end[g] = pos + sizes[g];
       expert[g] = 2 + g;
       tile_offset[g] = tile;
+      for (int32_t i = 0; i < sizes[g]; ++i) items.push_back({i * kSources / sizes[g], i, 0});
       pos += sizes[g];
       tile += (sizes[g] + tile_m - 1) / tile_m;
     }
@@ -256,6 +260,7 @@ uint64_t bits(T x) {
 
 GemmParams list_params(const List& l, int tile_m) {
   GemmParams p{};
+  p.items = l.items.data();
   p.group_begin = l.begin;
   p.group_end = l.end;
   p.group_expert = l.expert;
@@ -279,9 +284,11 @@ void launch(const GemmParams& p, int grid, const std::string& where) {
 }
 
 // GEMM1's shape over pair rows: x [pairs, k] times an expert's [k, n] weights (kMN: as stored,
-// row k at k * ld; kK: transposed, row n at n * ld), float32 rows out.
+// row k at k * ld; kK: transposed, row n at n * ld), float32 rows out; in one launch, or in
+// source phases (one launch for each source's tiles once its rows are in, then one for the tiles
+// spanning sources, as cuda_launch.cc runs them while peers' rows arrive).
 template <class Config>
-void check_pair_rows(std::mt19937& rng, const std::string& where) {
+void check_pair_rows(std::mt19937& rng, bool phases, const std::string& where) {
   using T = typename Config::Element;
   constexpr int kTileM = Config::kTileM;
   constexpr bool kStored = Config::kBMajor == Major::kMN;
@@ -316,7 +323,19 @@ void check_pair_rows(std::mt19937& rng, const std::string& where) {
   p.epilogue = Epilogue::kStoreF32;
   p.out = out.data();
   p.out_ld = out_ld;
-  launch<Config>(p, 3, where);
+  if (!phases) launch<Config>(p, 3, where);
+  // The rows arrive a source at a time, each before its phase: until then they are NaN, which a
+  // tile computed too early would carry into its output.
+  std::vector<T> arrived(a.size(), T(std::nanf("")));
+  if (phases) p.a.data = arrived.data();
+  for (int32_t source = 0; phases && source <= List::kSources; ++source) {
+    for (int g = 0; g < List::kGroups; ++g)
+      for (int i = 0; i < l.end[g] - l.begin[g]; ++i)
+        if (l.items[l.begin[g] + i].source == source)
+          std::copy_n(&a[l.row(kTileM, g, i) * a_ld], a_ld, &arrived[l.row(kTileM, g, i) * a_ld]);
+    p.only_source = source < List::kSources ? source : kSpanningSources;
+    launch<Config>(p, 3, where);
+  }
   std::vector<float> want(out.size(), poison);
   for (int g = 0; g < List::kGroups; ++g)
     for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
@@ -398,10 +417,12 @@ void check_configs(const char* name, std::mt19937& rng) {
     check(config, where);
     std::printf("%s: %s\n", where.c_str(), errors == before ? "ok" : "ERRORS");
   };
-  run(Configs<Major::kK, Major::kMN>{}, "pair rows times weights as stored",
-      [&](auto c, const std::string& w) { check_pair_rows<decltype(c)>(rng, w); });
-  run(Configs<Major::kK, Major::kK>{}, "pair rows times weights transposed",
-      [&](auto c, const std::string& w) { check_pair_rows<decltype(c)>(rng, w); });
+  const auto pair_rows = [&](auto c, const std::string& w) {
+    check_pair_rows<decltype(c)>(rng, false, w);
+    check_pair_rows<decltype(c)>(rng, true, w + " in source phases");
+  };
+  run(Configs<Major::kK, Major::kMN>{}, "pair rows times weights as stored", pair_rows);
+  run(Configs<Major::kK, Major::kK>{}, "pair rows times weights transposed", pair_rows);
   run(Configs<Major::kMN, Major::kMN>{}, "weight gradients, one chunk and chunks of a tile",
       [&](auto c, const std::string& w) {
         check_weight_gradients<decltype(c)>(rng, 64, w);
