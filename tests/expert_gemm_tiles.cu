@@ -12,7 +12,9 @@
 //     each register's (m, k), (n, k) and (m, n) as CuTe's MMA_Traits lay them out; float sums,
 //     exact for the small integers here in any order.
 // The GEMMs over pair rows (K-major A; B an expert's weights as stored and transposed, on its
-// owner) store float32 rows (kStoreF32), in one launch and in source phases; the weight
+// owner) store float32 rows (kStoreF32), in one launch and in source phases; GEMM1 stores its
+// activation (kActivation, gated and not: the bytes pair_rows.cuh's activate_row writes from the
+// exact product); the weight
 // gradients (both MN-major) store each group's gradient (kStoreExpert), over the list in one
 // chunk and in chunks of one M-tile (the sum of a group that crosses a chunk edge carried in
 // float32). The extents leave partial M and N tiles and a partial last k-tile after more k-tiles
@@ -46,6 +48,7 @@ using std::min;  // the kernels' min(int, int): CUDA's, which nvcc alone declare
 
 #include "cuda/expert_gemm.cuh"
 
+using namespace ccf;
 using namespace ccf::cuda;
 using namespace ccf::cuda::gemm_config;
 
@@ -350,6 +353,64 @@ void check_pair_rows(std::mt19937& rng, bool phases, const std::string& where) {
          "float32 rows other than each pair row times its expert's weights");
 }
 
+// GEMM1 with its activation epilogue: x [pairs, k] times an expert's w_in [k, (gated: 2) f]
+// (gated: gate columns j and up columns f + j, which one tile holds side by side), a = act(h)
+// [pairs, f] out in the dtype: the bytes pair_rows.cuh's activate_row writes from the exact h.
+template <class Config>
+void check_gemm1(std::mt19937& rng, Activation act, const std::string& where) {
+  using T = typename Config::Element;
+  constexpr int kTileM = Config::kTileM;
+  const bool gated = IsGated(act);
+  const List l(kTileM);
+  // Past one N-tile of a's columns (half a tile where gated), whole 16-byte vectors.
+  const int f = Config::kTileN / (gated ? 2 : 1) + 8, n = gated ? 2 * f : f;
+  const int k = Config::kStages * Config::kTileK + 8;
+  const int64_t a_ld = k + 8, b_ld = n + 8, out_ld = f + 4, expert_stride = k * b_ld + 16;
+  const std::vector<T> x = random_values<T>(rng, l.rows * a_ld);
+  std::vector<std::vector<T>> weights(kDevices);
+  for (auto& device : weights) device = random_values<T>(rng, kExpertsPerDevice * expert_stride);
+  const T poison = T(std::nanf("7"));
+  std::vector<T> out(l.rows * out_ld, poison), want(out.size(), poison);
+  GemmParams p = list_params(l, kTileM);
+  p.shape = GemmShape::kPairRows;
+  p.n = f;
+  p.n_split = gated ? f : 0;
+  p.k = k;
+  p.a.source = RowSource::kPair;
+  p.a.data = x.data();
+  p.a.ld = a_ld;
+  p.b.source = RowSource::kExpert;
+  for (int d = 0; d < kDevices; ++d) p.b.peers[d] = weights[d].data();
+  p.b.ld = b_ld;
+  p.b.expert_stride = expert_stride;
+  p.chunk = {64, 0};
+  p.epilogue = Epilogue::kActivation;
+  p.activation = static_cast<int32_t>(act);
+  p.gated = gated;
+  p.out = out.data();
+  p.out_ld = out_ld;
+  launch<Config>(p, 3, where);
+  GemmParams reference = p;
+  reference.out = want.data();
+  std::vector<float> h(n);
+  for (int g = 0; g < List::kGroups; ++g)
+    for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
+      const int64_t row = l.row(kTileM, g, i);
+      const T* w = weights[l.expert[g] / kExpertsPerDevice].data() +
+                   l.expert[g] % kExpertsPerDevice * expert_stride;
+      for (int c = 0; c < n; ++c) {
+        h[c] = 0.0f;
+        for (int kk = 0; kk < k; ++kk) h[c] += float(x[row * a_ld + kk]) * float(w[kk * b_ld + c]);
+      }
+      for (int lane = 0; lane < 32; ++lane)
+        activate_row<T, 1>(reference, g, l.begin[g] + i, row, 0, f, lane,
+                           [&](int32_t j) { return Floats<1>{{h[j]}}; });
+    }
+  bool equal = true;
+  for (size_t i = 0; i < out.size(); ++i) equal &= bits(out[i]) == bits(want[i]);
+  expect(equal, where, "activations other than activate_row's of each pair's exact h");
+}
+
 // The weight gradients: each group's a^T b over its pairs ([m, n] in the dtype), a [pairs, m]
 // and b [pairs, n], in chunks of `chunk_tiles` M-tiles as cuda_launch.cc's
 // LaunchWeightGradient runs them (the group that began in an earlier chunk, then those that
@@ -422,6 +483,11 @@ void check_configs(const char* name, std::mt19937& rng) {
     check_pair_rows<decltype(c)>(rng, true, w + " in source phases");
   };
   run(Configs<Major::kK, Major::kMN>{}, "pair rows times weights as stored", pair_rows);
+  run(Configs<Major::kK, Major::kMN>{}, "GEMM1 with swiglu and with relu",
+      [&](auto c, const std::string& w) {
+        check_gemm1<decltype(c)>(rng, Activation::kSwiglu, w + ", swiglu");
+        check_gemm1<decltype(c)>(rng, Activation::kRelu, w + ", relu");
+      });
   run(Configs<Major::kK, Major::kK>{}, "pair rows times weights transposed", pair_rows);
   run(Configs<Major::kMN, Major::kMN>{}, "weight gradients, one chunk and chunks of a tile",
       [&](auto c, const std::string& w) {
