@@ -14,7 +14,8 @@
 // The GEMMs over pair rows (K-major A; B an expert's weights as stored and transposed, on its
 // owner) store float32 rows (kStoreF32), in one launch and in source phases; GEMM1 stores its
 // activation (kActivation, gated and not: the bytes pair_rows.cuh's activate_row writes from the
-// exact product); the weight
+// exact product); the backward's u GEMM its dh, w * a and dots (kActivationBackward, against
+// activation_backward_row from the exact u); the weight
 // gradients (both MN-major) store each group's gradient (kStoreExpert), over the list in one
 // chunk and in chunks of one M-tile (the sum of a group that crosses a chunk edge carried in
 // float32). The extents leave partial M and N tiles and a partial last k-tile after more k-tiles
@@ -345,7 +346,8 @@ void check_pair_rows(std::mt19937& rng, bool phases, const std::string& where) {
       const int64_t row = l.row(kTileM, g, i);
       for (int c = 0; c < n; ++c) {
         float sum = 0.0f;
-        for (int kk = 0; kk < k; ++kk) sum += float(a[row * a_ld + kk]) * weight(l.expert[g], kk, c);
+        for (int kk = 0; kk < k; ++kk)
+          sum += float(a[row * a_ld + kk]) * weight(l.expert[g], kk, c);
         want[row * out_ld + c] = sum;
       }
     }
@@ -409,6 +411,89 @@ void check_gemm1(std::mt19937& rng, Activation act, const std::string& where) {
   bool equal = true;
   for (size_t i = 0; i < out.size(); ++i) equal &= bits(out[i]) == bits(want[i]);
   expect(equal, where, "activations other than activate_row's of each pair's exact h");
+}
+
+// The backward's u GEMM with its epilogue: u = dy [pairs, k] times an expert's w_out^T (w_out
+// [f, k] as stored, so B is K-major), and from u, the recomputed h [pairs, (gated: 2) f] and the
+// pair's combine weight, dh and w * a in the dtype and each N-tile's part of dot(a, u): the bytes
+// pair_rows.cuh's activation_backward_row writes from the exact u, the parts summed as warp_sum's
+// butterfly sums the lanes'.
+template <class Config>
+void check_u_gemm(std::mt19937& rng, Activation act, const std::string& where) {
+  using T = typename Config::Element;
+  constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN;
+  const bool gated = IsGated(act);
+  const List l(kTileM);
+  const int f = kTileN + 8, gf = gated ? 2 * f : f, k = Config::kStages * Config::kTileK + 8;
+  const int partials = (f + kTileN - 1) / kTileN;
+  const int64_t a_ld = k + 8, b_ld = k + 8, expert_stride = f * b_ld + 16;
+  const std::vector<T> dy = random_values<T>(rng, l.rows * a_ld);
+  std::vector<std::vector<T>> weights(kDevices);
+  for (auto& device : weights) device = random_values<T>(rng, kExpertsPerDevice * expert_stride);
+  const std::vector<float> h = random_values<float>(rng, l.rows * gf);
+  std::vector<std::vector<T>> combine(List::kSources);  // each source's [tokens, 1]
+  for (auto& source : combine) source = random_values<T>(rng, l.rows);
+  const T poison = T(std::nanf("7"));
+  std::vector<T> dh(l.rows * gf, poison), aw(l.rows * f, poison);
+  std::vector<float> dot(l.rows * partials, std::nanf("7"));
+  GemmParams p = list_params(l, kTileM);
+  p.shape = GemmShape::kPairRows;
+  p.n = f;
+  p.k = k;
+  p.a.source = RowSource::kPair;
+  p.a.data = dy.data();
+  p.a.ld = a_ld;
+  p.b.source = RowSource::kExpert;
+  for (int d = 0; d < kDevices; ++d) p.b.peers[d] = weights[d].data();
+  p.b.ld = b_ld;
+  p.b.expert_stride = expert_stride;
+  p.chunk = {64, 0};
+  p.epilogue = Epilogue::kActivationBackward;
+  p.activation = static_cast<int32_t>(act);
+  p.gated = gated;
+  p.h = h.data();
+  p.dh = dh.data();
+  p.aw = aw.data();
+  p.dot_partial = dot.data();
+  p.num_partials = partials;
+  for (int s = 0; s < List::kSources; ++s) p.weights[s] = combine[s].data();
+  p.top_k = 1;
+  launch<Config>(p, 3, where);
+  std::vector<T> want_dh(dh.size(), poison), want_aw(aw.size(), poison);
+  std::vector<float> want_dot(dot.size(), std::nanf("7"));
+  GemmParams reference = p;
+  reference.dh = want_dh.data();
+  reference.aw = want_aw.data();
+  std::vector<float> u(f);
+  for (int g = 0; g < List::kGroups; ++g)
+    for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
+      const int64_t row = l.row(kTileM, g, i);
+      const T* w = weights[l.expert[g] / kExpertsPerDevice].data() +
+                   l.expert[g] % kExpertsPerDevice * expert_stride;
+      for (int c = 0; c < f; ++c) {
+        u[c] = 0.0f;
+        for (int kk = 0; kk < k; ++kk) u[c] += float(dy[row * a_ld + kk]) * float(w[c * b_ld + kk]);
+      }
+      for (int n_tile = 0; n_tile < partials; ++n_tile) {
+        float lanes[32];
+        for (int lane = 0; lane < 32; ++lane)
+          lanes[lane] = activation_backward_row<T, 1>(
+              reference, g, l.begin[g] + i, row, n_tile * kTileN,
+              std::min((n_tile + 1) * kTileN, f), lane,
+              [&](int32_t j) { return Floats<1>{{u[j]}}; });
+        for (int offset = 16; offset > 0; offset /= 2) {  // warp_sum's butterfly
+          float sums[32];
+          for (int lane = 0; lane < 32; ++lane) sums[lane] = lanes[lane] + lanes[lane ^ offset];
+          std::copy_n(sums, 32, lanes);
+        }
+        want_dot[row * partials + n_tile] = lanes[0];
+      }
+    }
+  bool equal = std::memcmp(dot.data(), want_dot.data(), dot.size() * sizeof(float)) == 0;
+  for (size_t i = 0; i < dh.size(); ++i) equal &= bits(dh[i]) == bits(want_dh[i]);
+  for (size_t i = 0; i < aw.size(); ++i) equal &= bits(aw[i]) == bits(want_aw[i]);
+  expect(equal, where,
+         "dh, w * a or the dots other than activation_backward_row's from the exact u");
 }
 
 // The weight gradients: each group's a^T b over its pairs ([m, n] in the dtype), a [pairs, m]
@@ -489,6 +574,11 @@ void check_configs(const char* name, std::mt19937& rng) {
         check_gemm1<decltype(c)>(rng, Activation::kRelu, w + ", relu");
       });
   run(Configs<Major::kK, Major::kK>{}, "pair rows times weights transposed", pair_rows);
+  run(Configs<Major::kK, Major::kK>{}, "the backward's u GEMM with swiglu and with relu",
+      [&](auto c, const std::string& w) {
+        check_u_gemm<decltype(c)>(rng, Activation::kSwiglu, w + ", swiglu");
+        check_u_gemm<decltype(c)>(rng, Activation::kRelu, w + ", relu");
+      });
   run(Configs<Major::kMN, Major::kMN>{}, "weight gradients, one chunk and chunks of a tile",
       [&](auto c, const std::string& w) {
         check_weight_gradients<decltype(c)>(rng, 64, w);

@@ -4,24 +4,24 @@ every copy moves each element where its kernel expects it, ldmatrix's exchange b
 simulated as PTX defines it, and its loads, from pair rows and experts' weights with partial tiles,
 put each operand element where its layout says) and its kernel whole (tests/expert_gemm_tiles.cu:
 every configuration's products over a work list, pair rows times an expert's weights (in source
-phases too), GEMM1's activation and weight gradients in chunks, exact, with host stand-ins for
-cp.async, ldmatrix and mma.sync), the activation passes' row functions (tests/pair_rows.cu: four
-columns a lane give the bytes one column a lane and the formula give) and the passes themselves
-(tests/row_passes.cu: their one-wave walk visits each row of the pass once and writes no other, the
-grouped GEMMs' problems, as their kernel writes them and a model of CUTLASS's GEMM runs them, give
-the rows the passes read, expert_gemm's source phases compute each tile once, and its epilogues, on
-the product its loads index, write what the passes write), the work list the kernels build from
-every source's ids (tests/work_list.cu: the CPU handler's list of the same call, however the blocks
-run, with plans of any content, bad ids and an aborted barrier), the dispatch's fetch of the rows
-(tests/fetch_rows.cu: each pair's scratch row holds its source's row, on every grid the launcher
-gives, each needed source row is read once and no other row read or written), the weight gradients'
-sums over a work list in chunks (tests/weight_gradient_chunks.cu: expert_gemm's units, carry loads
-and epilogue stores, and the grouped GEMMs' problems as their kernel writes them, the modelled GEMM
-over them and the carries' final stores, each element written once with its exact sum), the
-combine's kernels (tests/slot_sums.cu: the staging's slots summed in the promised order bitwise
-however the list runs, no slot read that the call never wrote), the device barrier's protocol
-between GPUs (tests/barrier_protocol.cu: its steps run by host threads, with members late, dead, out
-of step or giving up), the handler's launch sequence (tests/launch_order.cu:
+phases too), GEMM1's activation, the backward's u GEMM and weight gradients in chunks, exact, with
+host stand-ins for cp.async, ldmatrix and mma.sync), the activation passes' row functions
+(tests/pair_rows.cu: four columns a lane give the bytes one column a lane and the formula give) and
+the passes themselves (tests/row_passes.cu: their one-wave walk visits each row of the pass once and
+writes no other, the grouped GEMMs' problems, as their kernel writes them and a model of CUTLASS's
+GEMM runs them, give the rows the passes read, expert_gemm's source phases compute each tile once,
+and its epilogues, on the product its loads index, write what the passes write), the work list the
+kernels build from every source's ids (tests/work_list.cu: the CPU handler's list of the same call,
+however the blocks run, with plans of any content, bad ids and an aborted barrier), the dispatch's
+fetch of the rows (tests/fetch_rows.cu: each pair's scratch row holds its source's row, on every
+grid the launcher gives, each needed source row is read once and no other row read or written), the
+weight gradients' sums over a work list in chunks (tests/weight_gradient_chunks.cu: expert_gemm's
+units, carry loads and epilogue stores, and the grouped GEMMs' problems as their kernel writes them,
+the modelled GEMM over them and the carries' final stores, each element written once with its exact
+sum), the combine's kernels (tests/slot_sums.cu: the staging's slots summed in the promised order
+bitwise however the list runs, no slot read that the call never wrote), the device barrier's
+protocol between GPUs (tests/barrier_protocol.cu: its steps run by host threads, with members late,
+dead, out of step or giving up), the handler's launch sequence (tests/launch_order.cu:
 xla_ffi/cuda/cuda_launch.cc against stubs of the CUDA runtime and of the launchers, its two streams
 and the peers ordered by events and barriers, its scratch inside its regions and each region read,
 and its barriers kept in step through a failure at each of its calls) and the handler above it
@@ -140,9 +140,9 @@ def test_every_configuration_moves_each_element_where_its_mma_reads_it(output):
 def test_expert_gemm_computes_every_configurations_products_whole(output):
   verdicts = [line for line in output.splitlines() if line.endswith(": ok")]
   # bfloat16, float16, float32 as TF32 and float32: pair rows times weights as stored and
-  # transposed (each in one launch and in source phases), GEMM1's activation (swiglu, relu), and
-  # the weight gradients (in one chunk and in chunks of one tile).
-  assert len(verdicts) == 4 * 4, output
+  # transposed (each in one launch and in source phases), GEMM1's activation and the backward's
+  # u GEMM (swiglu, relu), and the weight gradients (in one chunk and in chunks of one tile).
+  assert len(verdicts) == 4 * 5, output
 
 
 @host_check("pair_rows")
