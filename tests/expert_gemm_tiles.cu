@@ -255,11 +255,9 @@ std::vector<T> random_values(std::mt19937& rng, int64_t count) {
   return v;
 }
 
-template <class T>
-uint64_t bits(T x) {
-  uint64_t b = 0;
-  std::memcpy(&b, &x, sizeof(T));
-  return b;
+template <class V>
+bool same_bytes(const std::vector<V>& a, const std::vector<V>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(V)) == 0;
 }
 
 GemmParams list_params(const List& l, int tile_m) {
@@ -287,6 +285,50 @@ void launch(const GemmParams& p, int grid, const std::string& where) {
            where, "a block's threads part at a collective");
 }
 
+// A pair-row GEMM's operands: pair rows [rows, k] and each device's experts' weights, an
+// expert's (k, n) at k * ld + n (kMN: as stored) or n * ld + k (kK: transposed); row pitches past
+// the extents.
+template <class T, Major kB>
+struct PairRowOperands {
+  static constexpr bool kStored = kB == Major::kMN;
+  int n, k;
+  int64_t a_ld, b_ld, expert_stride;
+  std::vector<T> rows;
+  std::vector<std::vector<T>> weights;
+
+  PairRowOperands(std::mt19937& rng, const List& l, int n, int k)
+      : n(n), k(k), a_ld(k + 8), b_ld((kStored ? n : k) + 8),
+        expert_stride((kStored ? k : n) * b_ld + 16), rows(random_values<T>(rng, l.rows * a_ld)),
+        weights(kDevices) {
+    for (auto& device : weights) device = random_values<T>(rng, kExpertsPerDevice * expert_stride);
+  }
+
+  // A launch over these operands: their shape, extents and tables.
+  void set(GemmParams& p) const {
+    p.shape = GemmShape::kPairRows;
+    p.n = n;
+    p.k = k;
+    p.a.source = RowSource::kPair;
+    p.a.data = rows.data();
+    p.a.ld = a_ld;
+    p.b.source = RowSource::kExpert;
+    for (int d = 0; d < kDevices; ++d) p.b.peers[d] = weights[d].data();
+    p.b.ld = b_ld;
+    p.b.expert_stride = expert_stride;
+    p.chunk = {64, 0};
+  }
+
+  // Column c of scratch row `row` times `expert`'s weights, exact.
+  float product(int64_t row, int32_t expert, int c) const {
+    const T* w = weights[expert / kExpertsPerDevice].data() +
+                 expert % kExpertsPerDevice * expert_stride;
+    float sum = 0.0f;
+    for (int kk = 0; kk < k; ++kk)
+      sum += float(rows[row * a_ld + kk]) * float(w[kStored ? kk * b_ld + c : c * b_ld + kk]);
+    return sum;
+  }
+};
+
 // GEMM1's shape over pair rows: x [pairs, k] times an expert's [k, n] weights (kMN: as stored,
 // row k at k * ld; kK: transposed, row n at n * ld), float32 rows out; in one launch, or in
 // source phases (one launch for each source's tiles once its rows are in, then one for the tiles
@@ -295,48 +337,32 @@ template <class Config>
 void check_pair_rows(std::mt19937& rng, bool phases, const std::string& where) {
   using T = typename Config::Element;
   constexpr int kTileM = Config::kTileM;
-  constexpr bool kStored = Config::kBMajor == Major::kMN;
   const List l(kTileM);
   // Past one N-tile, and past the pipeline's stages of k-tiles to a partial one; whole 16-byte
   // vectors (CUDA cores' vectors are one element).
   constexpr int kK = Config::kTileK;
   const int n = Config::kTileN + 8, k = kK > 8 ? Config::kStages * kK + 8 : 4 * kK + 3;
-  const int64_t a_ld = k + 8, b_ld = (kStored ? n : k) + 8, out_ld = n + 4;
-  const int64_t expert_stride = (kStored ? k : n) * b_ld + 16;
-  const std::vector<T> a = random_values<T>(rng, l.rows * a_ld);
-  std::vector<std::vector<T>> weights(kDevices);
-  for (auto& device : weights) device = random_values<T>(rng, kExpertsPerDevice * expert_stride);
-  const auto weight = [&](int32_t expert, int kk, int nn) {
-    return float(weights[expert / kExpertsPerDevice][expert % kExpertsPerDevice * expert_stride +
-                                                     (kStored ? kk * b_ld + nn : nn * b_ld + kk)]);
-  };
+  const PairRowOperands<T, Config::kBMajor> x(rng, l, n, k);
+  const int64_t out_ld = n + 4;
   const float poison = std::nanf("7");
   std::vector<float> out(l.rows * out_ld, poison);
   GemmParams p = list_params(l, kTileM);
-  p.shape = GemmShape::kPairRows;
-  p.n = n;
-  p.k = k;
-  p.a.source = RowSource::kPair;
-  p.a.data = a.data();
-  p.a.ld = a_ld;
-  p.b.source = RowSource::kExpert;
-  for (int d = 0; d < kDevices; ++d) p.b.peers[d] = weights[d].data();
-  p.b.ld = b_ld;
-  p.b.expert_stride = expert_stride;
-  p.chunk = {64, 0};
+  x.set(p);
   p.epilogue = Epilogue::kStoreF32;
   p.out = out.data();
   p.out_ld = out_ld;
   if (!phases) launch<Config>(p, 3, where);
   // The rows arrive a source at a time, each before its phase: until then they are NaN, which a
   // tile computed too early would carry into its output.
-  std::vector<T> arrived(a.size(), T(std::nanf("")));
+  std::vector<T> arrived(x.rows.size(), T(std::nanf("")));
   if (phases) p.a.data = arrived.data();
   for (int32_t source = 0; phases && source <= List::kSources; ++source) {
     for (int g = 0; g < List::kGroups; ++g)
       for (int i = 0; i < l.end[g] - l.begin[g]; ++i)
-        if (l.items[l.begin[g] + i].source == source)
-          std::copy_n(&a[l.row(kTileM, g, i) * a_ld], a_ld, &arrived[l.row(kTileM, g, i) * a_ld]);
+        if (l.items[l.begin[g] + i].source == source) {
+          const int64_t at = l.row(kTileM, g, i) * x.a_ld;
+          std::copy_n(&x.rows[at], x.a_ld, &arrived[at]);
+        }
     p.only_source = source < List::kSources ? source : kSpanningSources;
     launch<Config>(p, 3, where);
   }
@@ -344,14 +370,9 @@ void check_pair_rows(std::mt19937& rng, bool phases, const std::string& where) {
   for (int g = 0; g < List::kGroups; ++g)
     for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
       const int64_t row = l.row(kTileM, g, i);
-      for (int c = 0; c < n; ++c) {
-        float sum = 0.0f;
-        for (int kk = 0; kk < k; ++kk)
-          sum += float(a[row * a_ld + kk]) * weight(l.expert[g], kk, c);
-        want[row * out_ld + c] = sum;
-      }
+      for (int c = 0; c < n; ++c) want[row * out_ld + c] = x.product(row, l.expert[g], c);
     }
-  expect(std::memcmp(out.data(), want.data(), out.size() * sizeof(float)) == 0, where,
+  expect(same_bytes(out, want), where,
          "float32 rows other than each pair row times its expert's weights");
 }
 
@@ -366,26 +387,14 @@ void check_gemm1(std::mt19937& rng, Activation act, const std::string& where) {
   const List l(kTileM);
   // Past one N-tile of a's columns (half a tile where gated), whole 16-byte vectors.
   const int f = Config::kTileN / (gated ? 2 : 1) + 8, n = gated ? 2 * f : f;
-  const int k = Config::kStages * Config::kTileK + 8;
-  const int64_t a_ld = k + 8, b_ld = n + 8, out_ld = f + 4, expert_stride = k * b_ld + 16;
-  const std::vector<T> x = random_values<T>(rng, l.rows * a_ld);
-  std::vector<std::vector<T>> weights(kDevices);
-  for (auto& device : weights) device = random_values<T>(rng, kExpertsPerDevice * expert_stride);
+  const PairRowOperands<T, Major::kMN> x(rng, l, n, Config::kStages * Config::kTileK + 8);
+  const int64_t out_ld = f + 4;
   const T poison = T(std::nanf("7"));
   std::vector<T> out(l.rows * out_ld, poison), want(out.size(), poison);
   GemmParams p = list_params(l, kTileM);
-  p.shape = GemmShape::kPairRows;
+  x.set(p);
   p.n = f;
   p.n_split = gated ? f : 0;
-  p.k = k;
-  p.a.source = RowSource::kPair;
-  p.a.data = x.data();
-  p.a.ld = a_ld;
-  p.b.source = RowSource::kExpert;
-  for (int d = 0; d < kDevices; ++d) p.b.peers[d] = weights[d].data();
-  p.b.ld = b_ld;
-  p.b.expert_stride = expert_stride;
-  p.chunk = {64, 0};
   p.epilogue = Epilogue::kActivation;
   p.activation = static_cast<int32_t>(act);
   p.gated = gated;
@@ -398,19 +407,13 @@ void check_gemm1(std::mt19937& rng, Activation act, const std::string& where) {
   for (int g = 0; g < List::kGroups; ++g)
     for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
       const int64_t row = l.row(kTileM, g, i);
-      const T* w = weights[l.expert[g] / kExpertsPerDevice].data() +
-                   l.expert[g] % kExpertsPerDevice * expert_stride;
-      for (int c = 0; c < n; ++c) {
-        h[c] = 0.0f;
-        for (int kk = 0; kk < k; ++kk) h[c] += float(x[row * a_ld + kk]) * float(w[kk * b_ld + c]);
-      }
+      for (int c = 0; c < n; ++c) h[c] = x.product(row, l.expert[g], c);
       for (int lane = 0; lane < 32; ++lane)
         activate_row<T, 1>(reference, g, l.begin[g] + i, row, 0, f, lane,
                            [&](int32_t j) { return Floats<1>{{h[j]}}; });
     }
-  bool equal = true;
-  for (size_t i = 0; i < out.size(); ++i) equal &= bits(out[i]) == bits(want[i]);
-  expect(equal, where, "activations other than activate_row's of each pair's exact h");
+  expect(same_bytes(out, want), where,
+         "activations other than activate_row's of each pair's exact h");
 }
 
 // The backward's u GEMM with its epilogue: u = dy [pairs, k] times an expert's w_out^T (w_out
@@ -424,12 +427,8 @@ void check_u_gemm(std::mt19937& rng, Activation act, const std::string& where) {
   constexpr int kTileM = Config::kTileM, kTileN = Config::kTileN;
   const bool gated = IsGated(act);
   const List l(kTileM);
-  const int f = kTileN + 8, gf = gated ? 2 * f : f, k = Config::kStages * Config::kTileK + 8;
-  const int partials = (f + kTileN - 1) / kTileN;
-  const int64_t a_ld = k + 8, b_ld = k + 8, expert_stride = f * b_ld + 16;
-  const std::vector<T> dy = random_values<T>(rng, l.rows * a_ld);
-  std::vector<std::vector<T>> weights(kDevices);
-  for (auto& device : weights) device = random_values<T>(rng, kExpertsPerDevice * expert_stride);
+  const int f = kTileN + 8, gf = gated ? 2 * f : f, partials = (f + kTileN - 1) / kTileN;
+  const PairRowOperands<T, Major::kK> dy(rng, l, f, Config::kStages * Config::kTileK + 8);
   const std::vector<float> h = random_values<float>(rng, l.rows * gf);
   std::vector<std::vector<T>> combine(List::kSources);  // each source's [tokens, 1]
   for (auto& source : combine) source = random_values<T>(rng, l.rows);
@@ -437,17 +436,7 @@ void check_u_gemm(std::mt19937& rng, Activation act, const std::string& where) {
   std::vector<T> dh(l.rows * gf, poison), aw(l.rows * f, poison);
   std::vector<float> dot(l.rows * partials, std::nanf("7"));
   GemmParams p = list_params(l, kTileM);
-  p.shape = GemmShape::kPairRows;
-  p.n = f;
-  p.k = k;
-  p.a.source = RowSource::kPair;
-  p.a.data = dy.data();
-  p.a.ld = a_ld;
-  p.b.source = RowSource::kExpert;
-  for (int d = 0; d < kDevices; ++d) p.b.peers[d] = weights[d].data();
-  p.b.ld = b_ld;
-  p.b.expert_stride = expert_stride;
-  p.chunk = {64, 0};
+  dy.set(p);
   p.epilogue = Epilogue::kActivationBackward;
   p.activation = static_cast<int32_t>(act);
   p.gated = gated;
@@ -468,12 +457,7 @@ void check_u_gemm(std::mt19937& rng, Activation act, const std::string& where) {
   for (int g = 0; g < List::kGroups; ++g)
     for (int i = 0; i < l.end[g] - l.begin[g]; ++i) {
       const int64_t row = l.row(kTileM, g, i);
-      const T* w = weights[l.expert[g] / kExpertsPerDevice].data() +
-                   l.expert[g] % kExpertsPerDevice * expert_stride;
-      for (int c = 0; c < f; ++c) {
-        u[c] = 0.0f;
-        for (int kk = 0; kk < k; ++kk) u[c] += float(dy[row * a_ld + kk]) * float(w[c * b_ld + kk]);
-      }
+      for (int c = 0; c < f; ++c) u[c] = dy.product(row, l.expert[g], c);
       for (int n_tile = 0; n_tile < partials; ++n_tile) {
         float lanes[32];
         for (int lane = 0; lane < 32; ++lane)
@@ -489,10 +473,7 @@ void check_u_gemm(std::mt19937& rng, Activation act, const std::string& where) {
         want_dot[row * partials + n_tile] = lanes[0];
       }
     }
-  bool equal = std::memcmp(dot.data(), want_dot.data(), dot.size() * sizeof(float)) == 0;
-  for (size_t i = 0; i < dh.size(); ++i) equal &= bits(dh[i]) == bits(want_dh[i]);
-  for (size_t i = 0; i < aw.size(); ++i) equal &= bits(aw[i]) == bits(want_aw[i]);
-  expect(equal, where,
+  expect(same_bytes(dot, want_dot) && same_bytes(dh, want_dh) && same_bytes(aw, want_aw), where,
          "dh, w * a or the dots other than activation_backward_row's from the exact u");
 }
 
@@ -550,9 +531,7 @@ void check_weight_gradients(std::mt19937& rng, int32_t chunk_tiles, const std::s
         }
         want[g * elements + r * n + c] = T(sum);
       }
-  bool equal = true;
-  for (size_t i = 0; i < out.size(); ++i) equal &= bits(out[i]) == bits(want[i]);
-  expect(equal, where, "a gradient other than each group's exact sum in the dtype");
+  expect(same_bytes(out, want), where, "a gradient other than each group's exact sum in the dtype");
 }
 
 template <template <Major, Major> class Configs>
