@@ -1,7 +1,6 @@
 // expert_gemm.cuh's kernels launched: the configuration of a dtype and its operand layouts, a
 // persistent grid of as many CTAs as fit.
 #include <algorithm>
-#include <type_traits>
 
 #include <cute/tensor.hpp>
 
